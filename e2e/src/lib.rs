@@ -1,0 +1,1 @@
+//! Test-bed access for the end-to-end tests.

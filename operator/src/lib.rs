@@ -1,0 +1,4 @@
+//! The Sealed OTA operator: custom resources, the campaign controller and
+//! the MQTT side of the manager. The binary in `main.rs` only wires these
+//! together.
+#![forbid(unsafe_code)]
