@@ -2,3 +2,8 @@
 //! the MQTT side of the manager. The binary in `main.rs` only wires these
 //! together.
 #![forbid(unsafe_code)]
+
+pub mod crd;
+pub mod crdgen;
+pub mod rollout;
+pub mod status;

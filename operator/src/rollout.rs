@@ -1,0 +1,627 @@
+//! Pure rollout decisions: waves and canary, in-flight limit, timeouts and retries with backoff,
+//! the failure threshold, pause and abort.
+//!
+//! Everything here is a function of its inputs (including `now`): no clock, no I/O, no Kubernetes or
+//! MQTT types. The controller feeds it what the resources and the in-memory sessions record and acts on
+//! the returned [`Decision`].
+
+use crate::crd::{CampaignPhase, DeviceCounts, RolloutSpec};
+
+/// A count ("3") or a percentage of the selected devices ("10%").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Amount {
+    /// An absolute number of devices.
+    Count(u32),
+    /// A percentage (0-100) of the selected devices, rounded up.
+    Percent(u32),
+}
+
+/// A rollout field that the apiserver let through but that does not parse (older CRD, hand edits).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("spec.rollout.{field}: {value:?} is neither a count nor a percentage such as \"10%\"")]
+pub struct AmountError {
+    /// The field name under spec.rollout.
+    pub field: &'static str,
+    /// The offending value.
+    pub value: String,
+}
+
+impl Amount {
+    /// Parse "N" or "N%" (percentages up to 100).
+    pub fn parse(field: &'static str, value: &str) -> Result<Self, AmountError> {
+        let err = || AmountError {
+            field,
+            value: value.to_owned(),
+        };
+        if let Some(p) = value.strip_suffix('%') {
+            let p: u32 = p.parse().map_err(|_| err())?;
+            if p > 100 {
+                return Err(err());
+            }
+            Ok(Amount::Percent(p))
+        } else {
+            value.parse().map(Amount::Count).map_err(|_| err())
+        }
+    }
+
+    /// The number of devices this amount means out of `total`.
+    pub fn resolve(self, total: u32) -> u32 {
+        match self {
+            Amount::Count(n) => n.min(total),
+            Amount::Percent(p) => ((u64::from(total) * u64::from(p)).div_ceil(100)) as u32,
+        }
+    }
+}
+
+/// Validated rollout parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RolloutParams {
+    /// Canary size, if any.
+    pub canary: Option<Amount>,
+    /// Size of each later wave.
+    pub wave_size: Amount,
+    /// Most devices in flight at once.
+    pub max_in_flight: u32,
+    /// Seconds one attempt may take.
+    pub timeout_secs: u64,
+    /// Extra attempts after a timeout.
+    pub retries: u32,
+    /// Base backoff before a retry, doubled per further attempt.
+    pub backoff_secs: u64,
+    /// Failures tolerated before the campaign fails.
+    pub failure_threshold: Option<Amount>,
+}
+
+impl RolloutParams {
+    /// Validate the spec (pure).
+    pub fn from_spec(spec: &RolloutSpec) -> Result<Self, AmountError> {
+        Ok(Self {
+            canary: spec
+                .canary
+                .as_deref()
+                .map(|v| Amount::parse("canary", v))
+                .transpose()?,
+            wave_size: spec
+                .wave_size
+                .as_deref()
+                .map(|v| Amount::parse("waveSize", v))
+                .transpose()?
+                .unwrap_or(Amount::Percent(100)),
+            max_in_flight: spec.max_in_flight.max(1),
+            timeout_secs: u64::from(spec.device_timeout_seconds.max(1)),
+            retries: spec.retries,
+            backoff_secs: u64::from(spec.retry_backoff_seconds.max(1)),
+            failure_threshold: spec
+                .failure_threshold
+                .as_deref()
+                .map(|v| Amount::parse("failureThreshold", v))
+                .transpose()?,
+        })
+    }
+
+    /// Backoff before attempt `next_attempt` (2 is the first retry).
+    pub fn backoff(&self, next_attempt: u32) -> u64 {
+        let doublings = next_attempt.saturating_sub(2).min(16);
+        self.backoff_secs.saturating_mul(1 << doublings)
+    }
+}
+
+/// Cumulative end index of each wave over `total` devices sorted by name. Wave 0 is the canary when
+/// there is one. Empty when there are no devices.
+pub fn wave_cutoffs(total: u32, params: &RolloutParams) -> Vec<u32> {
+    let mut cutoffs = Vec::new();
+    if total == 0 {
+        return cutoffs;
+    }
+    let mut end = 0;
+    if let Some(canary) = params.canary {
+        let c = canary.resolve(total);
+        if c > 0 {
+            end = c.min(total);
+            cutoffs.push(end);
+        }
+    }
+    let step = params.wave_size.resolve(total).max(1);
+    while end < total {
+        end = end.saturating_add(step).min(total);
+        cutoffs.push(end);
+    }
+    cutoffs
+}
+
+/// Where one device is in the campaign, as far as the controller knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Not started yet.
+    NotStarted,
+    /// A session is running; it times out at `deadline`.
+    InFlight {
+        /// Unix seconds after which the attempt counts as timed out.
+        deadline: u64,
+        /// Attempt number, 1-based.
+        attempt: u32,
+    },
+    /// Waiting to retry.
+    Backoff {
+        /// Unix seconds when the next attempt may start.
+        until: u64,
+        /// Attempts made so far.
+        attempt: u32,
+    },
+    /// Signed receipt received.
+    Succeeded,
+    /// Refused or out of attempts.
+    Failed {
+        /// Machine-readable reason.
+        reason: String,
+    },
+}
+
+impl Progress {
+    fn is_terminal(&self) -> bool {
+        matches!(self, Progress::Succeeded | Progress::Failed { .. })
+    }
+}
+
+/// Everything [`decide`] looks at.
+#[derive(Clone, Debug)]
+pub struct DecideInput<'a> {
+    /// Unix seconds.
+    pub now: u64,
+    /// Progress of each selected device, in wave order (sorted by name).
+    pub devices: &'a [Progress],
+    /// Validated rollout parameters.
+    pub params: &'a RolloutParams,
+    /// spec.paused.
+    pub paused: bool,
+    /// spec.abort.
+    pub abort: bool,
+    /// Phase recorded on the status (terminal phases stick).
+    pub previous_phase: CampaignPhase,
+    /// Wave recorded on the status (waves never go back).
+    pub previous_wave: u32,
+}
+
+/// What happens to a device whose attempt timed out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TimeoutOutcome {
+    /// Retry after a backoff.
+    Retry {
+        /// Index of the device.
+        index: usize,
+        /// When the retry may start.
+        until: u64,
+        /// Attempts made so far.
+        attempt: u32,
+    },
+    /// Out of attempts: the device failed with reason `Timeout`.
+    Fail {
+        /// Index of the device.
+        index: usize,
+        /// Attempts made.
+        attempts: u32,
+    },
+}
+
+/// The reconciler's marching orders for one pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Campaign phase after this pass.
+    pub phase: CampaignPhase,
+    /// Current wave after this pass.
+    pub current_wave: u32,
+    /// Number of waves.
+    pub total_waves: u32,
+    /// Attempts that timed out, and what becomes of each.
+    pub timed_out: Vec<TimeoutOutcome>,
+    /// Devices to start now: (index, attempt number).
+    pub start: Vec<(usize, u32)>,
+    /// Device counts after this pass (timeouts and starts applied).
+    pub counts: DeviceCounts,
+    /// Whether the failure threshold is exceeded.
+    pub threshold_exceeded: bool,
+    /// Earliest time something becomes due (deadline or backoff), for the requeue.
+    pub next_due: Option<u64>,
+}
+
+/// Decide one pass of the rollout.
+pub fn decide(input: &DecideInput<'_>) -> Decision {
+    let params = input.params;
+    let mut devices: Vec<Progress> = input.devices.to_vec();
+    let total = devices.len() as u32;
+
+    // 1. Timeouts (even when paused or aborted, so counts stay true).
+    let mut timed_out = Vec::new();
+    for (index, p) in devices.iter_mut().enumerate() {
+        if let Progress::InFlight { deadline, attempt } = *p {
+            if deadline <= input.now {
+                if attempt <= params.retries {
+                    let until = input.now + params.backoff(attempt + 1);
+                    timed_out.push(TimeoutOutcome::Retry {
+                        index,
+                        until,
+                        attempt,
+                    });
+                    *p = Progress::Backoff { until, attempt };
+                } else {
+                    timed_out.push(TimeoutOutcome::Fail {
+                        index,
+                        attempts: attempt,
+                    });
+                    *p = Progress::Failed {
+                        reason: "Timeout".into(),
+                    };
+                }
+            }
+        }
+    }
+
+    let failed = devices
+        .iter()
+        .filter(|p| matches!(p, Progress::Failed { .. }))
+        .count() as u32;
+    let threshold_exceeded = params
+        .failure_threshold
+        .is_some_and(|t| failed > t.resolve(total));
+
+    let cutoffs = wave_cutoffs(total, params);
+    let total_waves = cutoffs.len() as u32;
+    let mut current_wave = input.previous_wave.min(total_waves.saturating_sub(1));
+    while (current_wave as usize) + 1 < cutoffs.len()
+        && devices[..cutoffs[current_wave as usize] as usize]
+            .iter()
+            .all(Progress::is_terminal)
+        && !threshold_exceeded
+    {
+        current_wave += 1;
+    }
+
+    let all_done = total > 0 && devices.iter().all(Progress::is_terminal);
+    let phase = if input.previous_phase.is_terminal() {
+        input.previous_phase
+    } else if input.abort {
+        CampaignPhase::Aborted
+    } else if threshold_exceeded {
+        CampaignPhase::Failed
+    } else if all_done {
+        CampaignPhase::Succeeded
+    } else if input.paused {
+        CampaignPhase::Paused
+    } else if total == 0 {
+        CampaignPhase::Pending
+    } else {
+        CampaignPhase::Progressing
+    };
+
+    // 2. Starts: only while progressing, inside the current wave, under the in-flight limit.
+    let mut start = Vec::new();
+    if phase == CampaignPhase::Progressing {
+        let in_flight = devices
+            .iter()
+            .filter(|p| matches!(p, Progress::InFlight { .. }))
+            .count() as u32;
+        let mut budget = params.max_in_flight.saturating_sub(in_flight);
+        let eligible = cutoffs.get(current_wave as usize).copied().unwrap_or(0) as usize;
+        for (index, p) in devices.iter_mut().enumerate().take(eligible) {
+            if budget == 0 {
+                break;
+            }
+            let attempt = match *p {
+                Progress::NotStarted => 1,
+                Progress::Backoff { until, attempt } if until <= input.now => attempt + 1,
+                _ => continue,
+            };
+            start.push((index, attempt));
+            *p = Progress::InFlight {
+                deadline: input.now + params.timeout_secs,
+                attempt,
+            };
+            budget -= 1;
+        }
+    }
+
+    let next_due = if phase.is_terminal() {
+        None
+    } else {
+        devices
+            .iter()
+            .filter_map(|p| match *p {
+                Progress::InFlight { deadline, .. } => Some(deadline),
+                Progress::Backoff { until, .. } => Some(until),
+                _ => None,
+            })
+            .min()
+    };
+
+    Decision {
+        phase,
+        current_wave,
+        total_waves,
+        timed_out,
+        start,
+        counts: count(&devices),
+        threshold_exceeded,
+        next_due,
+    }
+}
+
+/// Count devices per phase.
+pub fn count(devices: &[Progress]) -> DeviceCounts {
+    let mut c = DeviceCounts {
+        selected: devices.len() as u32,
+        ..DeviceCounts::default()
+    };
+    for p in devices {
+        match p {
+            Progress::NotStarted | Progress::Backoff { .. } => c.pending += 1,
+            Progress::InFlight { .. } => c.in_progress += 1,
+            Progress::Succeeded => c.succeeded += 1,
+            Progress::Failed { .. } => c.failed += 1,
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> RolloutParams {
+        RolloutParams::from_spec(&RolloutSpec::default()).unwrap()
+    }
+
+    fn input<'a>(devices: &'a [Progress], params: &'a RolloutParams) -> DecideInput<'a> {
+        DecideInput {
+            now: 1000,
+            devices,
+            params,
+            paused: false,
+            abort: false,
+            previous_phase: CampaignPhase::Pending,
+            previous_wave: 0,
+        }
+    }
+
+    #[test]
+    fn amounts_parse_and_resolve() {
+        assert_eq!(Amount::parse("canary", "3"), Ok(Amount::Count(3)));
+        assert_eq!(Amount::parse("canary", "10%"), Ok(Amount::Percent(10)));
+        assert!(Amount::parse("canary", "101%").is_err());
+        assert!(Amount::parse("canary", "x").is_err());
+        assert_eq!(Amount::Percent(10).resolve(15), 2, "rounded up");
+        assert_eq!(Amount::Percent(0).resolve(15), 0);
+        assert_eq!(Amount::Count(30).resolve(15), 15, "capped at total");
+    }
+
+    #[test]
+    fn waves_with_canary_then_fixed_size() {
+        let mut p = params();
+        p.canary = Some(Amount::Count(2));
+        p.wave_size = Amount::Percent(25);
+        assert_eq!(wave_cutoffs(10, &p), vec![2, 5, 8, 10]);
+        p.canary = None;
+        p.wave_size = Amount::Percent(100);
+        assert_eq!(wave_cutoffs(10, &p), vec![10]);
+        assert!(wave_cutoffs(0, &p).is_empty());
+        p.canary = Some(Amount::Percent(100));
+        assert_eq!(
+            wave_cutoffs(4, &p),
+            vec![4],
+            "canary covering all is one wave"
+        );
+    }
+
+    #[test]
+    fn starts_respect_in_flight_limit_and_wave() {
+        let mut p = params();
+        p.max_in_flight = 3;
+        p.canary = Some(Amount::Count(2));
+        let devices = vec![Progress::NotStarted; 10];
+        let d = decide(&input(&devices, &p));
+        assert_eq!(d.phase, CampaignPhase::Progressing);
+        assert_eq!(d.start, vec![(0, 1), (1, 1)], "only the canary starts");
+        assert_eq!(d.counts.in_progress, 2);
+        assert_eq!(d.next_due, Some(1000 + 300));
+
+        // Canary done: wave 1 opens, limited to 3 in flight.
+        let mut devices = devices;
+        devices[0] = Progress::Succeeded;
+        devices[1] = Progress::Succeeded;
+        let d = decide(&input(&devices, &p));
+        assert_eq!(d.current_wave, 1);
+        assert_eq!(d.start, vec![(2, 1), (3, 1), (4, 1)]);
+    }
+
+    #[test]
+    fn in_flight_devices_use_up_the_budget() {
+        let mut p = params();
+        p.max_in_flight = 2;
+        let devices = vec![
+            Progress::InFlight {
+                deadline: 2000,
+                attempt: 1,
+            },
+            Progress::NotStarted,
+            Progress::NotStarted,
+        ];
+        let d = decide(&input(&devices, &p));
+        assert_eq!(d.start, vec![(1, 1)]);
+    }
+
+    #[test]
+    fn timeout_retries_with_backoff_then_fails() {
+        let mut p = params();
+        p.retries = 1;
+        p.backoff_secs = 10;
+        let devices = vec![Progress::InFlight {
+            deadline: 1000,
+            attempt: 1,
+        }];
+        let d = decide(&input(&devices, &p));
+        assert_eq!(
+            d.timed_out,
+            vec![TimeoutOutcome::Retry {
+                index: 0,
+                until: 1010,
+                attempt: 1
+            }]
+        );
+        assert!(d.start.is_empty(), "backoff not over yet");
+        assert_eq!(d.next_due, Some(1010));
+
+        let devices = vec![Progress::Backoff {
+            until: 1000,
+            attempt: 1,
+        }];
+        let d = decide(&input(&devices, &p));
+        assert_eq!(d.start, vec![(0, 2)], "retry is attempt 2");
+
+        let devices = vec![Progress::InFlight {
+            deadline: 999,
+            attempt: 2,
+        }];
+        let d = decide(&input(&devices, &p));
+        assert_eq!(
+            d.timed_out,
+            vec![TimeoutOutcome::Fail {
+                index: 0,
+                attempts: 2
+            }]
+        );
+        assert_eq!(
+            d.phase,
+            CampaignPhase::Succeeded,
+            "all finished, no threshold"
+        );
+        assert_eq!(d.counts.failed, 1);
+    }
+
+    #[test]
+    fn backoff_doubles() {
+        let mut p = params();
+        p.backoff_secs = 10;
+        assert_eq!(p.backoff(2), 10);
+        assert_eq!(p.backoff(3), 20);
+        assert_eq!(p.backoff(4), 40);
+    }
+
+    #[test]
+    fn failure_threshold_fails_the_campaign_and_stops_starts() {
+        let mut p = params();
+        p.failure_threshold = Some(Amount::Count(1));
+        let fail = || Progress::Failed {
+            reason: "NotNewer".into(),
+        };
+        let devices = vec![fail(), Progress::NotStarted, Progress::NotStarted];
+        let d = decide(&input(&devices, &p));
+        assert_eq!(
+            d.phase,
+            CampaignPhase::Progressing,
+            "one failure is tolerated"
+        );
+        let devices = vec![fail(), fail(), Progress::NotStarted];
+        let d = decide(&input(&devices, &p));
+        assert_eq!(d.phase, CampaignPhase::Failed);
+        assert!(d.threshold_exceeded);
+        assert!(d.start.is_empty());
+        assert_eq!(d.next_due, None);
+    }
+
+    #[test]
+    fn threshold_holds_the_wave() {
+        let mut p = params();
+        p.canary = Some(Amount::Count(1));
+        p.failure_threshold = Some(Amount::Count(0));
+        let devices = vec![
+            Progress::Failed {
+                reason: "Timeout".into(),
+            },
+            Progress::NotStarted,
+        ];
+        let d = decide(&input(&devices, &p));
+        assert_eq!(d.current_wave, 0);
+        assert_eq!(d.phase, CampaignPhase::Failed);
+    }
+
+    #[test]
+    fn pause_holds_new_devices_back_but_counts_timeouts() {
+        let p = params();
+        let devices = vec![
+            Progress::InFlight {
+                deadline: 5000,
+                attempt: 1,
+            },
+            Progress::NotStarted,
+        ];
+        let mut i = input(&devices, &p);
+        i.paused = true;
+        let d = decide(&i);
+        assert_eq!(d.phase, CampaignPhase::Paused);
+        assert!(d.start.is_empty());
+        assert_eq!(d.counts.in_progress, 1);
+        i.paused = false;
+        assert_eq!(decide(&i).start, vec![(1, 1)], "resume starts it");
+    }
+
+    #[test]
+    fn abort_wins_and_terminal_phases_stick() {
+        let p = params();
+        let devices = vec![Progress::NotStarted];
+        let mut i = input(&devices, &p);
+        i.abort = true;
+        i.paused = true;
+        let d = decide(&i);
+        assert_eq!(d.phase, CampaignPhase::Aborted);
+        assert!(d.start.is_empty());
+
+        i.abort = false;
+        i.previous_phase = CampaignPhase::Succeeded;
+        let d = decide(&i);
+        assert_eq!(
+            d.phase,
+            CampaignPhase::Succeeded,
+            "a new device does not reopen it"
+        );
+        assert!(d.start.is_empty());
+    }
+
+    #[test]
+    fn no_devices_is_pending() {
+        let p = params();
+        let d = decide(&input(&[], &p));
+        assert_eq!(d.phase, CampaignPhase::Pending);
+        assert_eq!(d.total_waves, 0);
+        assert!(d.start.is_empty());
+    }
+
+    #[test]
+    fn joining_device_in_open_wave_starts() {
+        let p = params();
+        let devices = vec![
+            Progress::Succeeded,
+            Progress::Succeeded,
+            Progress::NotStarted,
+        ];
+        let mut i = input(&devices, &p);
+        i.previous_phase = CampaignPhase::Progressing;
+        let d = decide(&i);
+        assert_eq!(d.start, vec![(2, 1)]);
+        assert_eq!(d.counts.succeeded, 2);
+    }
+
+    #[test]
+    fn waves_never_go_back() {
+        let mut p = params();
+        p.canary = Some(Amount::Count(1));
+        let devices = vec![
+            Progress::Succeeded,
+            Progress::NotStarted,
+            Progress::NotStarted,
+        ];
+        let mut i = input(&devices, &p);
+        i.previous_wave = 1;
+        let d = decide(&i);
+        assert_eq!(d.current_wave, 1);
+        assert_eq!(d.start, vec![(1, 1), (2, 1)]);
+    }
+}
