@@ -6,5 +6,30 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod codec;
+pub mod crypto;
+pub mod device;
+pub mod error;
+pub mod identity;
+pub mod manager;
+pub mod manifest;
+pub mod merkle;
+pub mod mqtt;
+pub mod topics;
+pub mod wire;
+
+pub use device::{
+    Bitmap, DeviceConfig, DeviceEvent, DeviceOutput, DeviceSession, DeviceState, TransferState,
+};
+pub use error::{IdentityError, ProtocolError, TopicError};
+pub use identity::{CertificateAuthority, Identity, PeerCertificate, Role, TrustAnchor};
+pub use manager::{
+    CampaignPayload, CampaignSpec, DeviceTarget, ManagerConfig, ManagerEvent, ManagerOutput,
+    ManagerSession, ManagerState, PreparedCampaign, RotationMode,
+};
+pub use manifest::{Manifest, PayloadKind, RejectReason};
+pub use mqtt::{Action, Inbound, Outbound, Properties};
+pub use topics::{TopicKind, TopicTree};
+
 /// Version of the wire format spoken by this crate.
 pub const WIRE_VERSION: u8 = 1;

@@ -1,0 +1,164 @@
+//! CBOR encoding helpers (ciborium) with bounded, non-panicking decoding, and serde adapters that
+//! encode byte fields as CBOR byte strings (not arrays of integers).
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::ProtocolError;
+
+/// Maximum nesting depth accepted by every decoder.
+pub const MAX_DEPTH: usize = 16;
+
+/// Encode as CBOR.
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Writing into a Vec cannot fail for our types (no maps with non-string keys, no I/O).
+    if ciborium::ser::into_writer(value, &mut out).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// Decode CBOR of at most `max` bytes, with bounded recursion and no trailing bytes.
+pub(crate) fn decode<T: DeserializeOwned>(
+    bytes: &[u8],
+    message: &'static str,
+    max: usize,
+) -> Result<T, ProtocolError> {
+    if bytes.len() > max {
+        return Err(ProtocolError::TooLarge {
+            message,
+            size: bytes.len(),
+            max,
+        });
+    }
+    let mut reader = bytes;
+    let value: T =
+        ciborium::de::from_reader_with_recursion_limit(&mut reader, MAX_DEPTH).map_err(|e| {
+            ProtocolError::Decode {
+                message,
+                detail: short(&e),
+            }
+        })?;
+    if !reader.is_empty() {
+        return Err(ProtocolError::Decode {
+            message,
+            detail: "trailing bytes".into(),
+        });
+    }
+    Ok(value)
+}
+
+fn short<E: std::fmt::Debug>(e: &E) -> String {
+    let s = format!("{e:?}");
+    s.chars().take(120).collect()
+}
+
+/// serde adapter: `Vec<u8>` as a CBOR byte string.
+pub(crate) mod bytes {
+    use serde::{de, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(BytesVisitor)
+    }
+
+    pub(crate) struct BytesVisitor;
+
+    impl<'de> de::Visitor<'de> for BytesVisitor {
+        type Value = Vec<u8>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a byte string")
+        }
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<u8>, E> {
+            // JSON (persisted DeviceState) carries bytes as hex strings.
+            hex::decode(v).map_err(E::custom)
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(b) = seq.next_element::<u8>()? {
+                if out.len() >= 1 << 24 {
+                    return Err(de::Error::custom("byte sequence too long"));
+                }
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// serde adapter: `Option<Vec<u8>>` as an optional CBOR byte string.
+pub(crate) mod opt_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_some(&serde_bytes_ref(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    struct Wrap(Vec<u8>);
+    impl<'de> Deserialize<'de> for Wrap {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            super::bytes::deserialize(d).map(Wrap)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+    }
+
+    struct Ref<'a>(&'a [u8]);
+    impl serde::Serialize for Ref<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(self.0)
+        }
+    }
+    fn serde_bytes_ref(b: &[u8]) -> Ref<'_> {
+        Ref(b)
+    }
+}
+
+/// serde adapter: `[u8; N]` as a CBOR byte string of exactly N bytes.
+pub(crate) mod array {
+    use serde::{de, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer, const N: usize>(v: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+        d: D,
+    ) -> Result<[u8; N], D::Error> {
+        let v = d.deserialize_byte_buf(super::bytes::BytesVisitor)?;
+        v.try_into()
+            .map_err(|v: Vec<u8>| de::Error::invalid_length(v.len(), &"a fixed-size byte string"))
+    }
+}
+
+/// serde adapter: `Vec<[u8; 32]>` as an array of 32-byte strings.
+pub(crate) mod hashes {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct H(#[serde(with = "super::array")] [u8; 32]);
+
+    pub fn serialize<S: Serializer>(v: &[[u8; 32]], s: S) -> Result<S::Ok, S::Error> {
+        let w: Vec<H> = v.iter().map(|h| H(*h)).collect();
+        w.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<[u8; 32]>, D::Error> {
+        Ok(Vec::<H>::deserialize(d)?.into_iter().map(|h| h.0).collect())
+    }
+}

@@ -1,0 +1,297 @@
+//! Key schedule and AEAD of the inner channel, built only from maintained primitives (p256 ECDH and
+//! ECDSA, HKDF-SHA256, AES-256-GCM). Owns labels and nonce rules; must not hold protocol state.
+//!
+//! ⚠️ Nonce rules: session messages use a random 96-bit nonce under a key that is fresh per session
+//! (derived from fresh ephemeral keys and nonces), so a nonce never repeats under a key, also across
+//! restarts. Chunks use a nonce derived from the chunk index, which is safe ONLY because the content
+//! key is a fresh random 256-bit key for every prepared campaign and each index is encrypted once.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use hkdf::Hkdf;
+use p256::ecdsa::signature::{Signer, Verifier};
+use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
+use rand_core::{OsRng, RngCore};
+use sha2::{Digest, Sha256};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+/// Label prefixed to every signed body: `sealed-ota/v1/sig/` then the one-byte message type.
+pub const SIG_LABEL: &[u8] = b"sealed-ota/v1/sig/";
+/// Label of the transcript hash.
+pub const TRANSCRIPT_LABEL: &[u8] = b"sealed-ota/v1/transcript";
+/// HKDF info of the manager-to-device key.
+pub const INFO_M2D: &[u8] = b"sealed-ota/v1/key/manager-to-device";
+/// HKDF info of the device-to-manager key.
+pub const INFO_D2M: &[u8] = b"sealed-ota/v1/key/device-to-manager";
+/// AAD label of chunk encryption.
+pub const CHUNK_AAD_LABEL: &[u8] = b"sealed-ota/v1/chunk";
+
+/// Everything the session keys are bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transcript<'a> {
+    /// Manager id.
+    pub manager_id: &'a str,
+    /// Device id.
+    pub device_id: &'a str,
+    /// Campaign id.
+    pub campaign_id: &'a str,
+    /// Session id chosen by the manager.
+    pub session_id: &'a [u8; 16],
+    /// Manager nonce.
+    pub manager_nonce: &'a [u8; 32],
+    /// Device nonce.
+    pub device_nonce: &'a [u8; 32],
+    /// Manager ephemeral public key (SEC1 uncompressed).
+    pub manager_ephemeral: &'a [u8],
+    /// Device ephemeral public key (SEC1 uncompressed).
+    pub device_ephemeral: &'a [u8],
+    /// SHA-256 of the manager certificate.
+    pub manager_cert_fingerprint: &'a [u8; 32],
+    /// SHA-256 of the device certificate.
+    pub device_cert_fingerprint: &'a [u8; 32],
+}
+
+impl Transcript<'_> {
+    /// SHA-256 over the label, the wire version and every field, each length-prefixed (u32 BE).
+    pub fn hash(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(TRANSCRIPT_LABEL);
+        h.update([crate::WIRE_VERSION]);
+        let fields: [&[u8]; 10] = [
+            self.manager_id.as_bytes(),
+            self.device_id.as_bytes(),
+            self.campaign_id.as_bytes(),
+            self.session_id,
+            self.manager_nonce,
+            self.device_nonce,
+            self.manager_ephemeral,
+            self.device_ephemeral,
+            self.manager_cert_fingerprint,
+            self.device_cert_fingerprint,
+        ];
+        for f in fields {
+            h.update((f.len() as u32).to_be_bytes());
+            h.update(f);
+        }
+        h.finalize().into()
+    }
+}
+
+/// The two directional session keys. Zeroized on drop; never printed.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct SessionKeys {
+    /// Manager to device (update message).
+    pub m2d: [u8; 32],
+    /// Device to manager (status reports).
+    pub d2m: [u8; 32],
+}
+
+impl std::fmt::Debug for SessionKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionKeys(<redacted>)")
+    }
+}
+
+/// HKDF-SHA256(salt = transcript hash, ikm = ECDH(eph, eph) || ECDH(static, static),
+/// info = direction label).
+pub fn derive_session_keys(
+    transcript_hash: &[u8; 32],
+    ephemeral_shared: &[u8; 32],
+    static_shared: &[u8; 32],
+) -> SessionKeys {
+    let mut ikm = Zeroizing::new([0u8; 64]);
+    ikm[..32].copy_from_slice(ephemeral_shared);
+    ikm[32..].copy_from_slice(static_shared);
+    let hk = Hkdf::<Sha256>::new(Some(transcript_hash), &ikm[..]);
+    let mut keys = SessionKeys {
+        m2d: [0; 32],
+        d2m: [0; 32],
+    };
+    // 32 bytes is far below HKDF-SHA256's 255*32 limit: expand cannot fail.
+    let _ = hk.expand(INFO_M2D, &mut keys.m2d);
+    let _ = hk.expand(INFO_D2M, &mut keys.d2m);
+    keys
+}
+
+/// Raw ECDH x-coordinate (only ever used as HKDF input).
+pub fn ecdh(secret: &p256::SecretKey, public: &p256::PublicKey) -> Zeroizing<[u8; 32]> {
+    let shared = p256::ecdh::diffie_hellman(secret.to_nonzero_scalar(), public.as_affine());
+    let mut out = Zeroizing::new([0u8; 32]);
+    out.copy_from_slice(shared.raw_secret_bytes());
+    out
+}
+
+/// SEC1 uncompressed encoding of a public key (65 bytes).
+pub fn public_bytes(public: &p256::PublicKey) -> Vec<u8> {
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    public.to_encoded_point(false).as_bytes().to_vec()
+}
+
+/// Parse a SEC1 public key (rejects the identity and off-curve points).
+pub fn parse_public(bytes: &[u8]) -> Option<p256::PublicKey> {
+    p256::PublicKey::from_sec1_bytes(bytes).ok()
+}
+
+fn sig_input(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIG_LABEL.len() + 1 + body.len());
+    m.extend_from_slice(SIG_LABEL);
+    m.push(kind);
+    m.extend_from_slice(body);
+    m
+}
+
+/// ECDSA P-256 / SHA-256 signature (64 bytes r||s) over `SIG_LABEL || kind || body`.
+pub fn sign(secret: &p256::SecretKey, kind: u8, body: &[u8]) -> [u8; 64] {
+    let key = SigningKey::from(secret);
+    let sig: Signature = key.sign(&sig_input(kind, body));
+    sig.to_bytes().into()
+}
+
+/// Verify a signature made by [`sign`].
+pub fn verify(public: &p256::PublicKey, kind: u8, body: &[u8], sig: &[u8]) -> bool {
+    let Ok(sig) = Signature::from_slice(sig) else {
+        return false;
+    };
+    VerifyingKey::from(public)
+        .verify(&sig_input(kind, body), &sig)
+        .is_ok()
+}
+
+/// AES-256-GCM with a fresh random 96-bit nonce. Returns (nonce, ciphertext||tag).
+pub fn seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> ([u8; 12], Vec<u8>) {
+    let mut nonce = [0u8; 12];
+    OsRng.fill_bytes(&mut nonce);
+    let ct = seal_with_nonce(key, &nonce, aad, plaintext);
+    (nonce, ct)
+}
+
+/// AES-256-GCM with an explicit nonce (callers guarantee uniqueness under the key).
+pub fn seal_with_nonce(key: &[u8; 32], nonce: &[u8; 12], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    let cipher = Aes256Gcm::new(key.into());
+    // Encryption only fails for plaintexts beyond 64 GiB, far above every bound of this crate.
+    cipher
+        .encrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
+        .unwrap_or_default()
+}
+
+/// Authenticated decryption; opaque failure.
+pub fn open(key: &[u8; 32], nonce: &[u8; 12], aad: &[u8], ct: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    let cipher = Aes256Gcm::new(key.into());
+    cipher
+        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
+        .ok()
+        .map(Zeroizing::new)
+}
+
+/// Chunk nonce: 4 zero bytes then the index as u64 BE. Unique because the content key is fresh
+/// random per prepared campaign and each index is encrypted exactly once under it.
+pub fn chunk_nonce(index: u32) -> [u8; 12] {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&u64::from(index).to_be_bytes());
+    n
+}
+
+/// Chunk AAD: label, campaign id (length-prefixed), index, count.
+pub fn chunk_aad(campaign_id: &str, index: u32, count: u32) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(CHUNK_AAD_LABEL.len() + campaign_id.len() + 12);
+    aad.extend_from_slice(CHUNK_AAD_LABEL);
+    aad.extend_from_slice(&(campaign_id.len() as u32).to_be_bytes());
+    aad.extend_from_slice(campaign_id.as_bytes());
+    aad.extend_from_slice(&index.to_be_bytes());
+    aad.extend_from_slice(&count.to_be_bytes());
+    aad
+}
+
+/// Encrypt one chunk under the campaign content key.
+pub fn encrypt_chunk(
+    content_key: &[u8; 32],
+    campaign_id: &str,
+    index: u32,
+    count: u32,
+    plaintext: &[u8],
+) -> Vec<u8> {
+    seal_with_nonce(
+        content_key,
+        &chunk_nonce(index),
+        &chunk_aad(campaign_id, index, count),
+        plaintext,
+    )
+}
+
+/// Decrypt one chunk; opaque failure.
+pub fn decrypt_chunk(
+    content_key: &[u8; 32],
+    campaign_id: &str,
+    index: u32,
+    count: u32,
+    ct: &[u8],
+) -> Option<Zeroizing<Vec<u8>>> {
+    open(
+        content_key,
+        &chunk_nonce(index),
+        &chunk_aad(campaign_id, index, count),
+        ct,
+    )
+}
+
+/// AAD of a session message: label, transcript hash, extra (e.g. sequence number).
+pub fn session_aad(label: &[u8], transcript_hash: &[u8; 32], extra: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(label.len() + 32 + extra.len());
+    aad.extend_from_slice(label);
+    aad.extend_from_slice(transcript_hash);
+    aad.extend_from_slice(extra);
+    aad
+}
+
+/// Fresh random bytes.
+pub fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    OsRng.fill_bytes(&mut b);
+    b
+}
+
+/// SHA-256.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_open_and_tamper() {
+        let key = random::<32>();
+        let (n, mut ct) = seal(&key, b"aad", b"hello");
+        assert_eq!(&open(&key, &n, b"aad", &ct).unwrap()[..], b"hello");
+        assert!(open(&key, &n, b"aae", &ct).is_none());
+        ct[0] ^= 1;
+        assert!(open(&key, &n, b"aad", &ct).is_none());
+    }
+
+    #[test]
+    fn ecdh_is_symmetric_and_keys_differ_by_direction() {
+        let a = p256::SecretKey::random(&mut OsRng);
+        let b = p256::SecretKey::random(&mut OsRng);
+        assert_eq!(*ecdh(&a, &b.public_key()), *ecdh(&b, &a.public_key()));
+        let k = derive_session_keys(&[1; 32], &[2; 32], &[3; 32]);
+        assert_ne!(k.m2d, k.d2m);
+        assert!(!format!("{k:?}").contains('1'));
+    }
+
+    #[test]
+    fn signatures_are_domain_separated() {
+        let a = p256::SecretKey::random(&mut OsRng);
+        let s = sign(&a, 1, b"body");
+        assert!(verify(&a.public_key(), 1, b"body", &s));
+        assert!(!verify(&a.public_key(), 2, b"body", &s));
+        assert!(!verify(&a.public_key(), 1, b"bodx", &s));
+        assert!(!verify(&a.public_key(), 1, b"body", &s[..63]));
+    }
+}

@@ -1,0 +1,966 @@
+//! Device side: one sans-IO session answering notifies, decrypting the update, checking the signed
+//! manifest (anti-rollback, expiry), pulling chunks in bounded windows, and sending signed status
+//! reports. Plaintext chunks are handed out as events, never buffered whole. No I/O here.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::crypto::{self, SessionKeys, Transcript};
+use crate::error::ProtocolError;
+use crate::identity::{generate_csr, Identity, PeerCertificate, Role, TrustAnchor};
+use crate::manager::{check_hints, STATUS_AAD_LABEL, UPDATE_AAD_LABEL};
+use crate::manifest::{Manifest, PayloadKind, RejectReason};
+use crate::merkle::{leaf_hash, verify_proof};
+use crate::mqtt::{Action, Inbound, Outbound, Properties, CONTENT_TYPE, VERSION_PROPERTY};
+use crate::topics::{TopicKind, TopicTree};
+use crate::wire::{self, Have, ReadyBody, SignedEnvelope, StatusBody, StatusMsg, UpdateBody};
+use crate::WIRE_VERSION;
+
+/// Campaigns remembered as finished (so a retained notify is not answered again).
+pub const MAX_COMPLETED: usize = 32;
+/// Default seconds to wait for a chunk window (or for the update after ready) before asking again.
+pub const DEFAULT_WINDOW_TIMEOUT: u64 = 30;
+
+/// Received-chunk bitmap, persisted as hex in JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bitmap {
+    bits: u32,
+    #[serde(with = "hex_bytes")]
+    words: Vec<u8>,
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Bitmap {
+    /// All clear, `bits` long.
+    pub fn new(bits: u32) -> Self {
+        Self {
+            bits,
+            words: vec![0; (bits as usize).div_ceil(8)],
+        }
+    }
+    /// Length in bits.
+    pub fn len(&self) -> u32 {
+        self.bits
+    }
+    /// Whether zero-length.
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0
+    }
+    /// Bit `i` (false beyond the end).
+    pub fn get(&self, i: u32) -> bool {
+        i < self.bits
+            && self
+                .words
+                .get(i as usize / 8)
+                .is_some_and(|b| b & (1 << (i % 8)) != 0)
+    }
+    /// Set bit `i`; returns whether it was newly set.
+    pub fn set(&mut self, i: u32) -> bool {
+        if i >= self.bits || self.get(i) {
+            return false;
+        }
+        if let Some(b) = self.words.get_mut(i as usize / 8) {
+            *b |= 1 << (i % 8);
+        }
+        true
+    }
+    /// Number of set bits.
+    pub fn count(&self) -> u32 {
+        self.words.iter().map(|b| b.count_ones()).sum()
+    }
+    fn consistent(&self) -> bool {
+        self.words.len() == (self.bits as usize).div_ceil(8)
+    }
+}
+
+/// A partially received image, persisted so that a restarted device resumes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferState {
+    /// Campaign.
+    pub campaign_id: String,
+    /// Signed manifest content.
+    pub manifest: Manifest,
+    /// Chunks stored.
+    pub received: Bitmap,
+}
+
+/// Device state persisted by the caller (JSON) between runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DeviceState {
+    /// Firmware version running.
+    pub running_version: String,
+    /// Finished campaigns (bounded to [`MAX_COMPLETED`], oldest dropped).
+    pub completed_campaigns: Vec<String>,
+    /// Partial transfer.
+    pub transfer: Option<TransferState>,
+}
+
+impl DeviceState {
+    /// Fresh state for a device running `version`.
+    pub fn new(version: &str) -> Self {
+        Self {
+            running_version: version.to_string(),
+            ..Self::default()
+        }
+    }
+    fn complete(&mut self, campaign: &str) {
+        if !self.completed_campaigns.iter().any(|c| c == campaign) {
+            if self.completed_campaigns.len() >= MAX_COMPLETED {
+                self.completed_campaigns.remove(0);
+            }
+            self.completed_campaigns.push(campaign.to_string());
+        }
+    }
+}
+
+/// Device configuration.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    /// Device identity.
+    pub identity: Arc<Identity>,
+    /// CA trust anchor.
+    pub trust: Arc<TrustAnchor>,
+    /// Topic tree.
+    pub topics: Arc<TopicTree>,
+    /// Manager id expected in notifies (and its certificate name).
+    pub manager_id: String,
+    /// MQTT Maximum Packet Size this device accepts (0 = no limit).
+    pub max_packet_size: u32,
+    /// Chunk topics subscribed at once (at least 1).
+    pub window: u32,
+}
+
+/// Result of feeding a message.
+#[derive(Debug, Default)]
+pub struct DeviceOutput {
+    /// What to do on the connection.
+    pub actions: Vec<Action>,
+    /// What happened.
+    pub events: Vec<DeviceEvent>,
+}
+
+/// Things the device application reacts to.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DeviceEvent {
+    /// A signed manifest was accepted; chunks follow.
+    UpdateOffered {
+        /// The manifest.
+        manifest: Manifest,
+    },
+    /// Plaintext chunk: write at `offset`.
+    Chunk {
+        /// Index.
+        index: u32,
+        /// Byte offset in the image.
+        offset: u64,
+        /// Plaintext.
+        data: Vec<u8>,
+    },
+    /// Every chunk arrived: hash what was stored, then call `finish_install`.
+    ImageComplete {
+        /// The manifest.
+        manifest: Manifest,
+    },
+    /// New credentials, validated (chain to the CA, names this device, key matches). The signed
+    /// Installed status has already been sent.
+    CredentialsDelivered {
+        /// New certificate.
+        cert_pem: String,
+        /// New private key (PKCS#8 PEM).
+        key_pem: Zeroizing<String>,
+    },
+    /// The device refused (a signed Rejected status has been sent).
+    Rejected {
+        /// Why.
+        reason: RejectReason,
+    },
+}
+
+impl std::fmt::Debug for DeviceEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceEvent::UpdateOffered { manifest } => f
+                .debug_struct("UpdateOffered")
+                .field("manifest", manifest)
+                .finish(),
+            DeviceEvent::Chunk {
+                index,
+                offset,
+                data,
+            } => f
+                .debug_struct("Chunk")
+                .field("index", index)
+                .field("offset", offset)
+                .field("len", &data.len())
+                .finish(),
+            DeviceEvent::ImageComplete { manifest } => f
+                .debug_struct("ImageComplete")
+                .field("manifest", manifest)
+                .finish(),
+            DeviceEvent::CredentialsDelivered { .. } => {
+                f.write_str("CredentialsDelivered(<redacted>)")
+            }
+            DeviceEvent::Rejected { reason } => {
+                f.debug_struct("Rejected").field("reason", reason).finish()
+            }
+        }
+    }
+}
+
+struct Handshake {
+    session_id: [u8; 16],
+    campaign_id: String,
+    kind: PayloadKind,
+    issued_at: u64,
+    manager_nonce: [u8; 32],
+    manager: PeerCertificate,
+    transcript: [u8; 32],
+    keys: SessionKeys,
+    ready: Outbound,
+    ready_sent_at: u64,
+    update_received: bool,
+    seq: u32,
+    csr_key: Option<Zeroizing<Vec<u8>>>,
+    finished: bool,
+}
+
+/// Device half of the protocol.
+pub struct DeviceSession {
+    config: DeviceConfig,
+    state: DeviceState,
+    hs: Option<Handshake>,
+    content_key: Option<Zeroizing<[u8; 32]>>,
+    window: Vec<u32>,
+    window_deadline: u64,
+    window_timeout: u64,
+    image_complete: bool,
+}
+
+impl std::fmt::Debug for DeviceSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceSession")
+            .field("device", &self.config.identity.name())
+            .field("state", &self.state)
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceSession {
+    /// Returns the subscription to this device's notify and update topics.
+    pub fn new(config: DeviceConfig, state: DeviceState) -> (Self, Vec<Action>) {
+        let mut state = state;
+        if state
+            .transfer
+            .as_ref()
+            .is_some_and(|t| !t.received.consistent() || t.received.len() != t.manifest.chunk_count)
+        {
+            state.transfer = None; // corrupt persisted bitmap: start over
+        }
+        let s = Self {
+            config,
+            state,
+            hs: None,
+            content_key: None,
+            window: Vec::new(),
+            window_deadline: 0,
+            window_timeout: DEFAULT_WINDOW_TIMEOUT,
+            image_complete: false,
+        };
+        let actions = vec![s.base_subscribe()];
+        (s, actions)
+    }
+
+    /// Change the window timeout (seconds).
+    pub fn set_window_timeout(&mut self, secs: u64) {
+        self.window_timeout = secs.max(1);
+    }
+
+    fn me(&self) -> &str {
+        self.config.identity.name()
+    }
+
+    fn base_subscribe(&self) -> Action {
+        let me = self.me();
+        Action::Subscribe(vec![
+            self.config.topics.notify(me),
+            self.config.topics.update(me),
+        ])
+    }
+
+    /// Persistable state.
+    pub fn state(&self) -> &DeviceState {
+        &self.state
+    }
+
+    /// Chunk indices currently subscribed.
+    pub fn window(&self) -> &[u32] {
+        &self.window
+    }
+
+    /// Replace the identity (after a credential rotation was persisted). Takes effect for the next
+    /// handshake.
+    pub fn set_identity(&mut self, identity: Arc<Identity>) {
+        self.config.identity = identity;
+    }
+
+    /// Feed a message from notify, update or a chunk topic.
+    pub fn handle(&mut self, msg: &Inbound, now: u64) -> Result<DeviceOutput, ProtocolError> {
+        let kind = self.config.topics.parse(&msg.topic)?;
+        let me = self.me().to_string();
+        match kind {
+            TopicKind::Notify { device } | TopicKind::Update { device } if device != me => {
+                Err(ProtocolError::WrongDevice {
+                    expected: me,
+                    got: device,
+                })
+            }
+            TopicKind::Notify { .. } => self.handle_notify(msg, now),
+            TopicKind::Update { .. } => self.handle_update(msg, now),
+            TopicKind::Chunk { campaign, index } => self.handle_chunk(msg, &campaign, index, now),
+            _ => Err(ProtocolError::UnexpectedMessage {
+                message: "publish",
+                state: "device",
+            }),
+        }
+    }
+
+    fn handle_notify(&mut self, msg: &Inbound, now: u64) -> Result<DeviceOutput, ProtocolError> {
+        if msg.payload.is_empty() {
+            return Ok(DeviceOutput::default()); // retained notify cleared
+        }
+        let (env, body) = wire::decode_notify(&msg.payload)?;
+        let me = self.me().to_string();
+        if body.device_id != me {
+            return Err(ProtocolError::WrongDevice {
+                expected: me,
+                got: body.device_id,
+            });
+        }
+        if body.manager_id != self.config.manager_id
+            || body.manager_id != self.config.topics.manager_id()
+        {
+            return Err(ProtocolError::WrongManager {
+                expected: self.config.manager_id.clone(),
+                got: body.manager_id,
+            });
+        }
+        let manager = self.config.trust.verify(
+            &body.manager_cert,
+            Role::Manager,
+            &self.config.manager_id,
+            now,
+        )?;
+        env.verify(&manager.public_key, "notify")?;
+        check_hints(
+            &msg.properties,
+            Some(&self.config.topics.ready(&me)),
+            &body.session_id,
+        )?;
+        if now >= body.expires_at {
+            return Err(ProtocolError::Expired);
+        }
+        if self
+            .state
+            .completed_campaigns
+            .iter()
+            .any(|c| c == &body.campaign_id)
+        {
+            return Ok(DeviceOutput::default()); // already finished: retained notify seen again
+        }
+        if let Some(hs) = &mut self.hs {
+            if hs.session_id == body.session_id && hs.manager_nonce == body.nonce {
+                if hs.update_received || hs.finished {
+                    return Ok(DeviceOutput::default());
+                }
+                hs.ready_sent_at = now;
+                return Ok(DeviceOutput {
+                    actions: vec![Action::Publish(hs.ready.clone())],
+                    events: vec![],
+                });
+            }
+            if body.issued_at < hs.issued_at {
+                return Err(ProtocolError::Replay);
+            }
+        }
+        let manager_eph = crypto::parse_public(&body.ephemeral).ok_or(ProtocolError::Decode {
+            message: "notify",
+            detail: "ephemeral key".into(),
+        })?;
+        // A new session replaces any previous one.
+        self.drop_window();
+        self.content_key = None;
+        self.image_complete = false;
+        let mut actions = Vec::new();
+        if let Some(old) = self.window_unsubscribe() {
+            actions.push(old);
+        }
+
+        let eph = p256::SecretKey::random(&mut rand_core::OsRng);
+        let eph_pub = crypto::public_bytes(&eph.public_key());
+        let nonce: [u8; 32] = crypto::random();
+        let (csr_key, csr) = if body.kind == PayloadKind::CredentialsCsr {
+            let (k, c) = generate_csr(Role::Device, &me)?;
+            (Some(k), Some(c))
+        } else {
+            (None, None)
+        };
+        let have = self
+            .state
+            .transfer
+            .as_ref()
+            .filter(|t| t.campaign_id == body.campaign_id)
+            .map(|t| Have {
+                campaign_id: t.campaign_id.clone(),
+                merkle_root: t.manifest.merkle_root,
+                received: t.received.count(),
+            });
+        let ready_body = ReadyBody {
+            v: WIRE_VERSION,
+            session_id: body.session_id,
+            manager_id: body.manager_id.clone(),
+            device_id: me.clone(),
+            campaign_id: body.campaign_id.clone(),
+            device_cert: self.config.identity.cert_der().to_vec(),
+            ephemeral: eph_pub.clone(),
+            nonce,
+            manager_nonce: body.nonce,
+            running_version: self.state.running_version.clone(),
+            max_packet_size: self.config.max_packet_size,
+            csr,
+            have,
+        };
+        let env_r = SignedEnvelope::sign(
+            self.config.identity.secret(),
+            wire::TYPE_READY,
+            wire::encode_msg(&ready_body),
+        );
+        let transcript = Transcript {
+            manager_id: &body.manager_id,
+            device_id: &me,
+            campaign_id: &body.campaign_id,
+            session_id: &body.session_id,
+            manager_nonce: &body.nonce,
+            device_nonce: &nonce,
+            manager_ephemeral: &body.ephemeral,
+            device_ephemeral: &eph_pub,
+            manager_cert_fingerprint: &manager.fingerprint,
+            device_cert_fingerprint: &self.config.identity.fingerprint(),
+        }
+        .hash();
+        let ee = crypto::ecdh(&eph, &manager_eph);
+        let ss = crypto::ecdh(self.config.identity.secret(), &manager.public_key);
+        let keys = crypto::derive_session_keys(&transcript, &ee, &ss);
+        let ready = Outbound {
+            topic: self.config.topics.ready(&me),
+            payload: env_r.encode(),
+            retain: false,
+            properties: Properties {
+                response_topic: Some(self.config.topics.update(&me)),
+                correlation_data: Some(body.session_id.to_vec()),
+                user_properties: vec![(VERSION_PROPERTY.to_string(), WIRE_VERSION.to_string())],
+                content_type: Some(CONTENT_TYPE.to_string()),
+            },
+        };
+        actions.push(Action::Publish(ready.clone()));
+        self.hs = Some(Handshake {
+            session_id: body.session_id,
+            campaign_id: body.campaign_id,
+            kind: body.kind,
+            issued_at: body.issued_at,
+            manager_nonce: body.nonce,
+            manager,
+            transcript,
+            keys,
+            ready,
+            ready_sent_at: now,
+            update_received: false,
+            seq: 0,
+            csr_key,
+            finished: false,
+        });
+        Ok(DeviceOutput {
+            actions,
+            events: vec![],
+        })
+    }
+
+    fn status(&mut self, body: &StatusBody) -> Option<Action> {
+        let me = self.me().to_string();
+        let hs = self.hs.as_mut()?;
+        hs.seq += 1;
+        let aad = crypto::session_aad(STATUS_AAD_LABEL, &hs.transcript, &hs.seq.to_be_bytes());
+        let plain = Zeroizing::new(wire::encode_msg(body));
+        let (nonce, ct) = crypto::seal(&hs.keys.d2m, &aad, &plain);
+        let sm = StatusMsg {
+            v: WIRE_VERSION,
+            session_id: hs.session_id,
+            seq: hs.seq,
+            nonce,
+            ct,
+        };
+        let env = SignedEnvelope::sign(
+            self.config.identity.secret(),
+            wire::TYPE_STATUS,
+            wire::encode_msg(&sm),
+        );
+        Some(Action::Publish(Outbound {
+            topic: self.config.topics.status(&me),
+            payload: env.encode(),
+            retain: false,
+            properties: Properties {
+                response_topic: None,
+                correlation_data: Some(hs.session_id.to_vec()),
+                user_properties: vec![(VERSION_PROPERTY.to_string(), WIRE_VERSION.to_string())],
+                content_type: Some(CONTENT_TYPE.to_string()),
+            },
+        }))
+    }
+
+    fn reject(&mut self, reason: RejectReason, out: &mut DeviceOutput) {
+        if let Some(a) = self.status(&StatusBody::Rejected {
+            reason: reason.clone(),
+        }) {
+            out.actions.push(a);
+        }
+        if let Some(a) = self.window_unsubscribe() {
+            out.actions.push(a);
+        }
+        self.drop_window();
+        self.content_key = None;
+        if let Some(hs) = &mut self.hs {
+            hs.finished = true;
+            if !reason.is_transient() {
+                let c = hs.campaign_id.clone();
+                self.state.complete(&c);
+            }
+        }
+        self.state.transfer = None;
+        out.events.push(DeviceEvent::Rejected { reason });
+    }
+
+    fn handle_update(&mut self, msg: &Inbound, now: u64) -> Result<DeviceOutput, ProtocolError> {
+        if msg.payload.is_empty() {
+            return Ok(DeviceOutput::default());
+        }
+        let m = wire::decode_update(&msg.payload)?;
+        let Some(hs) = &self.hs else {
+            return Err(ProtocolError::WrongSession);
+        };
+        if m.session_id != hs.session_id {
+            return Err(ProtocolError::WrongSession);
+        }
+        if hs.update_received || hs.finished {
+            return Ok(DeviceOutput::default()); // duplicate of an update already processed
+        }
+        check_hints(
+            &msg.properties,
+            Some(&self.config.topics.status(self.me())),
+            &hs.session_id,
+        )?;
+        let aad = crypto::session_aad(UPDATE_AAD_LABEL, &hs.transcript, &[]);
+        let plain = crypto::open(&hs.keys.m2d, &m.nonce, &aad, &m.ct)
+            .ok_or(ProtocolError::Decrypt { message: "update" })?;
+        let body = wire::decode_update_body(&plain)?;
+        let manifest_bytes = match &body {
+            UpdateBody::Firmware { manifest, .. } | UpdateBody::Credentials { manifest, .. } => {
+                manifest
+            }
+        };
+        let (menv, manifest) = wire::decode_manifest(manifest_bytes)?;
+        menv.verify(&hs.manager.public_key, "manifest")?;
+        let me = self.me().to_string();
+        if manifest.device_id != me {
+            return Err(ProtocolError::WrongDevice {
+                expected: me,
+                got: manifest.device_id,
+            });
+        }
+        if manifest.campaign_id != hs.campaign_id {
+            return Err(ProtocolError::WrongCampaign {
+                expected: hs.campaign_id.clone(),
+                got: manifest.campaign_id,
+            });
+        }
+        let body_kind_ok = matches!(
+            (&body, manifest.kind),
+            (UpdateBody::Firmware { .. }, PayloadKind::Firmware)
+                | (
+                    UpdateBody::Credentials { key: Some(_), .. },
+                    PayloadKind::CredentialsDeliverKey
+                )
+                | (
+                    UpdateBody::Credentials { key: None, .. },
+                    PayloadKind::CredentialsCsr
+                )
+        );
+        if !body_kind_ok || manifest.kind != hs.kind {
+            return Err(ProtocolError::Decode {
+                message: "update",
+                detail: "payload kind differs from the notify".into(),
+            });
+        }
+        if manifest.kind == PayloadKind::Firmware
+            && (manifest.chunk_count == 0
+                || manifest.chunk_size == 0
+                || manifest.chunk_size > wire::MAX_CHUNK_SIZE
+                || manifest.chunk_count > wire::MAX_CHUNK_COUNT
+                || u64::from(manifest.chunk_count)
+                    != manifest.size.div_ceil(u64::from(manifest.chunk_size)))
+        {
+            return Err(ProtocolError::Decode {
+                message: "manifest",
+                detail: "inconsistent chunking".into(),
+            });
+        }
+        // Authenticated from here on: the update is for this device, this session.
+        if let Some(hs) = &mut self.hs {
+            hs.update_received = true;
+        }
+        let mut out = DeviceOutput::default();
+        if let Err(reason) = manifest.check(&self.state.running_version, now) {
+            self.reject(reason, &mut out);
+            return Ok(out);
+        }
+        match &body {
+            UpdateBody::Firmware { content_key, .. } => {
+                let content_key = *content_key;
+                let needed = self.chunk_packet_bound(&manifest);
+                if self.config.max_packet_size != 0 && needed > self.config.max_packet_size {
+                    self.reject(
+                        RejectReason::PacketTooLarge {
+                            max_packet_size: self.config.max_packet_size,
+                            needed,
+                        },
+                        &mut out,
+                    );
+                    return Ok(out);
+                }
+                self.content_key = Some(Zeroizing::new(content_key));
+                let resume = self.state.transfer.as_ref().is_some_and(|t| {
+                    t.campaign_id == manifest.campaign_id && t.manifest == manifest
+                });
+                if !resume {
+                    self.state.transfer = Some(TransferState {
+                        campaign_id: manifest.campaign_id.clone(),
+                        manifest: manifest.clone(),
+                        received: Bitmap::new(manifest.chunk_count),
+                    });
+                }
+                let received = self
+                    .state
+                    .transfer
+                    .as_ref()
+                    .map(|t| t.received.count())
+                    .unwrap_or(0);
+                out.events.push(DeviceEvent::UpdateOffered { manifest });
+                if let Some(a) = self.status(&StatusBody::Accepted { received }) {
+                    out.actions.push(a);
+                }
+                self.advance_window(now, &mut out);
+            }
+            UpdateBody::Credentials { cert, key, .. } => {
+                let key_der = match (key, self.hs.as_mut().and_then(|h| h.csr_key.take())) {
+                    (Some(k), _) => Zeroizing::new(k.clone()),
+                    (None, Some(k)) => k,
+                    (None, None) => {
+                        self.reject(
+                            RejectReason::BadCredentials(
+                                "no key for the delivered certificate".into(),
+                            ),
+                            &mut out,
+                        );
+                        return Ok(out);
+                    }
+                };
+                if crypto::sha256(cert) != manifest.sha256 {
+                    self.reject(
+                        RejectReason::BadCredentials(
+                            "certificate hash differs from the manifest".into(),
+                        ),
+                        &mut out,
+                    );
+                    return Ok(out);
+                }
+                let checked = Identity::from_der(cert, &key_der).and_then(|id| {
+                    self.config
+                        .trust
+                        .verify(cert, Role::Device, &me, now)
+                        .map(|_| id)
+                });
+                match checked {
+                    Ok(id) => {
+                        let version = manifest.version.clone();
+                        if let Some(a) = self.status(&StatusBody::Installed {
+                            version,
+                            sha256: manifest.sha256,
+                        }) {
+                            out.actions.push(a);
+                        }
+                        if let Some(hs) = &mut self.hs {
+                            hs.finished = true;
+                        }
+                        self.state.complete(&manifest.campaign_id);
+                        out.events.push(DeviceEvent::CredentialsDelivered {
+                            cert_pem: id.cert_pem(),
+                            key_pem: id.key_pem(),
+                        });
+                    }
+                    Err(e) => self.reject(RejectReason::BadCredentials(e.to_string()), &mut out),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn chunk_packet_bound(&self, m: &Manifest) -> u32 {
+        // Chunk message: ciphertext (+16 tag) + proof (33 bytes per level) + campaign id + fixed
+        // CBOR overhead; plus topic and MQTT header. An upper bound, conservative.
+        let levels = 32 - m.chunk_count.leading_zeros();
+        let payload =
+            u64::from(m.chunk_size) + 16 + u64::from(levels) * 34 + m.campaign_id.len() as u64 + 64;
+        let topic = self
+            .config
+            .topics
+            .chunk(&m.campaign_id, m.chunk_count.saturating_sub(1))
+            .len() as u64;
+        (payload + topic + crate::manager::PUBLISH_OVERHEAD as u64).min(u64::from(u32::MAX)) as u32
+    }
+
+    fn window_unsubscribe(&self) -> Option<Action> {
+        let t = self.state.transfer.as_ref()?;
+        if self.window.is_empty() {
+            return None;
+        }
+        Some(Action::Unsubscribe(
+            self.window
+                .iter()
+                .map(|&i| self.config.topics.chunk(&t.campaign_id, i))
+                .collect(),
+        ))
+    }
+
+    fn drop_window(&mut self) {
+        self.window.clear();
+    }
+
+    /// If the current window is done, unsubscribe it and subscribe the next; or report completion.
+    fn advance_window(&mut self, now: u64, out: &mut DeviceOutput) {
+        let Some(t) = &self.state.transfer else {
+            return;
+        };
+        if self.window.iter().any(|&i| !t.received.get(i)) {
+            return;
+        }
+        if let Some(a) = self.window_unsubscribe() {
+            out.actions.push(a);
+        }
+        let n = self.config.window.max(1) as usize;
+        let next: Vec<u32> = (0..t.manifest.chunk_count)
+            .filter(|&i| !t.received.get(i))
+            .take(n)
+            .collect();
+        if next.is_empty() {
+            self.window.clear();
+            if !self.image_complete {
+                self.image_complete = true;
+                out.events.push(DeviceEvent::ImageComplete {
+                    manifest: t.manifest.clone(),
+                });
+            }
+            return;
+        }
+        out.actions.push(Action::Subscribe(
+            next.iter()
+                .map(|&i| self.config.topics.chunk(&t.campaign_id, i))
+                .collect(),
+        ));
+        self.window = next;
+        self.window_deadline = now.saturating_add(self.window_timeout);
+    }
+
+    fn handle_chunk(
+        &mut self,
+        msg: &Inbound,
+        campaign: &str,
+        index: u32,
+        now: u64,
+    ) -> Result<DeviceOutput, ProtocolError> {
+        if msg.payload.is_empty() {
+            return Ok(DeviceOutput::default()); // retained chunk cleared
+        }
+        let c = wire::decode_chunk(&msg.payload)?;
+        if c.campaign_id != campaign || c.index != index {
+            return Err(ProtocolError::HintMismatch { field: "topic" });
+        }
+        let (Some(t), Some(key)) = (self.state.transfer.as_mut(), self.content_key.as_ref()) else {
+            return Err(ProtocolError::UnexpectedMessage {
+                message: "chunk",
+                state: "no transfer",
+            });
+        };
+        if c.campaign_id != t.campaign_id {
+            return Err(ProtocolError::WrongCampaign {
+                expected: t.campaign_id.clone(),
+                got: c.campaign_id,
+            });
+        }
+        let count = t.manifest.chunk_count;
+        if c.index >= count || c.count != count {
+            return Err(ProtocolError::ChunkOutOfRange {
+                index: c.index,
+                count,
+            });
+        }
+        if t.received.get(c.index) {
+            return Ok(DeviceOutput::default()); // duplicate
+        }
+        if !verify_proof(
+            &t.manifest.merkle_root,
+            c.index,
+            count,
+            leaf_hash(c.index, &c.ct),
+            &c.proof,
+        ) {
+            return Err(ProtocolError::BadProof { index: c.index });
+        }
+        let plain = crypto::decrypt_chunk(key, &c.campaign_id, c.index, count, &c.ct)
+            .ok_or(ProtocolError::Decrypt { message: "chunk" })?;
+        let expected = t.manifest.chunk_len(c.index).unwrap_or(0);
+        if plain.len() as u64 != expected {
+            return Err(ProtocolError::ChunkOutOfRange {
+                index: c.index,
+                count,
+            });
+        }
+        t.received.set(c.index);
+        let offset = u64::from(c.index) * u64::from(t.manifest.chunk_size);
+        let mut out = DeviceOutput::default();
+        out.events.push(DeviceEvent::Chunk {
+            index: c.index,
+            offset,
+            data: plain.to_vec(),
+        });
+        self.advance_window(now, &mut out);
+        Ok(out)
+    }
+
+    /// After `ImageComplete`: the caller hashed what it stored; `Ok` sends the signed Installed
+    /// status, `Err` a signed Rejected (InstallFailed). Does nothing when no image is complete.
+    pub fn finish_install(&mut self, result: Result<(), String>, now: u64) -> Vec<Action> {
+        let _ = now;
+        if !self.image_complete {
+            return Vec::new();
+        }
+        let Some(t) = self.state.transfer.clone() else {
+            return Vec::new();
+        };
+        self.image_complete = false;
+        let mut out = DeviceOutput::default();
+        match result {
+            Ok(()) => {
+                let body = StatusBody::Installed {
+                    version: t.manifest.version.clone(),
+                    sha256: t.manifest.sha256,
+                };
+                if let Some(a) = self.status(&body) {
+                    out.actions.push(a);
+                }
+                self.state.running_version = t.manifest.version.clone();
+                self.state.complete(&t.campaign_id);
+                self.state.transfer = None;
+                self.content_key = None;
+                if let Some(hs) = &mut self.hs {
+                    hs.finished = true;
+                }
+            }
+            Err(msg) => {
+                let reason =
+                    if msg.contains("sha256") || msg.contains("SHA-256") || msg.contains("hash") {
+                        RejectReason::ImageHashMismatch
+                    } else {
+                        RejectReason::InstallFailed(msg.chars().take(256).collect())
+                    };
+                self.reject(reason, &mut out);
+            }
+        }
+        out.actions
+    }
+
+    /// Refuse the offered update with a reason (signed Rejected status).
+    pub fn decline(&mut self, reason: &str, now: u64) -> Vec<Action> {
+        let _ = now;
+        if self.hs.as_ref().is_none_or(|h| h.finished) {
+            return Vec::new();
+        }
+        let mut out = DeviceOutput::default();
+        self.reject(
+            RejectReason::DeclinedByDevice(reason.chars().take(256).collect()),
+            &mut out,
+        );
+        out.actions
+    }
+
+    /// Reconnected: resubscribe and re-request the current chunk window.
+    pub fn on_reconnect(&mut self, now: u64) -> Vec<Action> {
+        let mut actions = vec![self.base_subscribe()];
+        if let Some(t) = &self.state.transfer {
+            if !self.window.is_empty() && self.content_key.is_some() {
+                actions.push(Action::Subscribe(
+                    self.window
+                        .iter()
+                        .map(|&i| self.config.topics.chunk(&t.campaign_id, i))
+                        .collect(),
+                ));
+                self.window_deadline = now.saturating_add(self.window_timeout);
+            }
+        }
+        actions
+    }
+
+    /// Timers: re-send ready when no update came, ask the manager to republish chunks of a window
+    /// that did not arrive in time.
+    pub fn poll(&mut self, now: u64) -> Vec<Action> {
+        let timeout = self.window_timeout;
+        if let Some(hs) = &mut self.hs {
+            if !hs.update_received
+                && !hs.finished
+                && now >= hs.ready_sent_at.saturating_add(timeout)
+            {
+                hs.ready_sent_at = now;
+                return vec![Action::Publish(hs.ready.clone())];
+            }
+        }
+        if self.window.is_empty() || now < self.window_deadline || self.content_key.is_none() {
+            return Vec::new();
+        }
+        let Some(t) = &self.state.transfer else {
+            return Vec::new();
+        };
+        let missing: Vec<u32> = self
+            .window
+            .iter()
+            .copied()
+            .filter(|&i| !t.received.get(i))
+            .collect();
+        if missing.is_empty() {
+            return Vec::new();
+        }
+        self.window_deadline = now.saturating_add(timeout);
+        self.status(&StatusBody::ChunksRequested { indices: missing })
+            .into_iter()
+            .collect()
+    }
+}

@@ -1,0 +1,947 @@
+//! Manager side: campaign preparation (encrypt once, Merkle tree) and one sans-IO session per
+//! device (notify → ready → update → status). Owns the manager's half of the handshake and the
+//! acceptance of signed status reports. It performs no I/O: actions are returned to the caller.
+
+use std::sync::Arc;
+
+use zeroize::Zeroizing;
+
+use crate::crypto::{self, SessionKeys, Transcript};
+use crate::error::ProtocolError;
+use crate::identity::{CertificateAuthority, Identity, PeerCertificate, Role, TrustAnchor};
+use crate::manifest::{check_version, Manifest, PayloadKind, RejectReason};
+use crate::merkle::{leaf_hash, MerkleTree};
+use crate::mqtt::{Action, Inbound, Outbound, Properties, CONTENT_TYPE, VERSION_PROPERTY};
+use crate::topics::{validate_id, TopicKind, TopicTree};
+use crate::wire::{self, ChunkMsg, NotifyBody, SignedEnvelope, StatusBody, UpdateBody, UpdateMsg};
+use crate::WIRE_VERSION;
+
+/// AAD label of the update message.
+pub const UPDATE_AAD_LABEL: &[u8] = b"sealed-ota/v1/update";
+/// AAD label of status messages.
+pub const STATUS_AAD_LABEL: &[u8] = b"sealed-ota/v1/status";
+/// Bytes an MQTT 5 PUBLISH adds around topic and payload, at most: fixed header (1) + remaining
+/// length (4) + topic length (2) + packet id (2) + property length (1) + our properties.
+pub const PUBLISH_OVERHEAD: usize = 10;
+/// Validity of certificates issued by rotations when the spec says 0.
+pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
+
+/// What a campaign delivers.
+#[derive(Clone)]
+pub enum CampaignPayload {
+    /// A firmware image.
+    Firmware {
+        /// The image bytes.
+        image: Vec<u8>,
+    },
+    /// New credentials issued by `ca`.
+    RotateCredentials {
+        /// Key delivery mode.
+        mode: RotationMode,
+        /// The CA that issues the new certificates.
+        ca: Arc<CertificateAuthority>,
+        /// Validity of the new certificates.
+        validity_days: u32,
+    },
+}
+
+impl std::fmt::Debug for CampaignPayload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CampaignPayload::Firmware { image } => write!(f, "Firmware({} bytes)", image.len()),
+            CampaignPayload::RotateCredentials {
+                mode,
+                validity_days,
+                ..
+            } => {
+                write!(f, "RotateCredentials({mode:?}, {validity_days} days)")
+            }
+        }
+    }
+}
+
+/// Credential rotation mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RotationMode {
+    /// Manager issues key + certificate; the PKCS#8 key travels encrypted under the session key.
+    DeliverKey,
+    /// Device generates the key and sends a CSR; only the certificate travels.
+    Csr,
+}
+
+/// A campaign as specified by the operator.
+#[derive(Debug, Clone)]
+pub struct CampaignSpec {
+    /// Campaign id (1-63 chars of `[a-z0-9-]`).
+    pub campaign_id: String,
+    /// Target version (semver).
+    pub target_version: String,
+    /// What to deliver.
+    pub payload: CampaignPayload,
+    /// Expiry, Unix seconds.
+    pub expires_at: u64,
+    /// Plaintext chunk size in bytes (1..=1 MiB).
+    pub chunk_size: u32,
+}
+
+/// Encrypted once, shared by every device session of the campaign.
+pub struct PreparedCampaign {
+    campaign_id: String,
+    target_version: String,
+    expires_at: u64,
+    chunk_size: u32,
+    kind: PayloadKind,
+    image_size: u64,
+    image_sha256: [u8; 32],
+    merkle_root: [u8; 32],
+    content_key: Zeroizing<[u8; 32]>,
+    chunk_payloads: Vec<Vec<u8>>,
+    max_chunk_payload: usize,
+    rotation: Option<(RotationMode, Arc<CertificateAuthority>, u32)>,
+}
+
+impl std::fmt::Debug for PreparedCampaign {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedCampaign")
+            .field("campaign_id", &self.campaign_id)
+            .field("target_version", &self.target_version)
+            .field("kind", &self.kind)
+            .field("chunk_count", &self.chunk_payloads.len())
+            .field("content_key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl PreparedCampaign {
+    /// Validate the spec, draw a fresh random content key, encrypt and chunk the image once and
+    /// build the Merkle tree over the encrypted chunks.
+    pub fn prepare(spec: CampaignSpec) -> Result<Self, ProtocolError> {
+        let invalid = |m: String| ProtocolError::InvalidCampaign(m);
+        validate_id(&spec.campaign_id).map_err(|e| invalid(e.to_string()))?;
+        semver::Version::parse(&spec.target_version)
+            .map_err(|e| invalid(format!("target version {:?}: {e}", spec.target_version)))?;
+        if spec.chunk_size == 0 || spec.chunk_size > wire::MAX_CHUNK_SIZE {
+            return Err(invalid(format!(
+                "chunk size {} outside 1..={}",
+                spec.chunk_size,
+                wire::MAX_CHUNK_SIZE
+            )));
+        }
+        // Fresh per prepared campaign: this is what makes index-derived chunk nonces safe.
+        let content_key = Zeroizing::new(crypto::random::<32>());
+        let mut c = Self {
+            campaign_id: spec.campaign_id,
+            target_version: spec.target_version,
+            expires_at: spec.expires_at,
+            chunk_size: spec.chunk_size,
+            kind: PayloadKind::Firmware,
+            image_size: 0,
+            image_sha256: [0; 32],
+            merkle_root: [0; 32],
+            content_key,
+            chunk_payloads: Vec::new(),
+            max_chunk_payload: 0,
+            rotation: None,
+        };
+        match spec.payload {
+            CampaignPayload::Firmware { image } => {
+                let count = image.len().div_ceil(spec.chunk_size as usize);
+                if count == 0 {
+                    return Err(invalid("empty image".into()));
+                }
+                if count > wire::MAX_CHUNK_COUNT as usize {
+                    return Err(invalid(format!(
+                        "{count} chunks exceed {}",
+                        wire::MAX_CHUNK_COUNT
+                    )));
+                }
+                let count = count as u32;
+                let cts: Vec<Vec<u8>> = image
+                    .chunks(spec.chunk_size as usize)
+                    .enumerate()
+                    .map(|(i, p)| {
+                        crypto::encrypt_chunk(&c.content_key, &c.campaign_id, i as u32, count, p)
+                    })
+                    .collect();
+                let tree = MerkleTree::from_leaves(
+                    cts.iter()
+                        .enumerate()
+                        .map(|(i, ct)| leaf_hash(i as u32, ct))
+                        .collect(),
+                );
+                c.chunk_payloads = cts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, ct)| {
+                        wire::encode_msg(&ChunkMsg {
+                            v: WIRE_VERSION,
+                            campaign_id: c.campaign_id.clone(),
+                            index: i as u32,
+                            count,
+                            ct,
+                            proof: tree.proof(i as u32),
+                        })
+                    })
+                    .collect();
+                c.max_chunk_payload = c.chunk_payloads.iter().map(Vec::len).max().unwrap_or(0);
+                c.merkle_root = tree.root();
+                c.image_size = image.len() as u64;
+                c.image_sha256 = crypto::sha256(&image);
+            }
+            CampaignPayload::RotateCredentials {
+                mode,
+                ca,
+                validity_days,
+            } => {
+                c.kind = match mode {
+                    RotationMode::DeliverKey => PayloadKind::CredentialsDeliverKey,
+                    RotationMode::Csr => PayloadKind::CredentialsCsr,
+                };
+                let days = if validity_days == 0 {
+                    DEFAULT_VALIDITY_DAYS
+                } else {
+                    validity_days
+                };
+                c.rotation = Some((mode, ca, days));
+            }
+        }
+        Ok(c)
+    }
+
+    /// Campaign id.
+    pub fn campaign_id(&self) -> &str {
+        &self.campaign_id
+    }
+    /// Target version.
+    pub fn target_version(&self) -> &str {
+        &self.target_version
+    }
+    /// Payload kind.
+    pub fn kind(&self) -> PayloadKind {
+        self.kind
+    }
+    /// Number of chunks (0 for rotations).
+    pub fn chunk_count(&self) -> u32 {
+        self.chunk_payloads.len() as u32
+    }
+    /// SHA-256 of the plaintext image.
+    pub fn image_sha256(&self) -> [u8; 32] {
+        self.image_sha256
+    }
+    /// Image size.
+    pub fn image_size(&self) -> u64 {
+        self.image_size
+    }
+    /// Merkle root over the encrypted chunks.
+    pub fn merkle_root(&self) -> [u8; 32] {
+        self.merkle_root
+    }
+    /// Expiry.
+    pub fn expires_at(&self) -> u64 {
+        self.expires_at
+    }
+    /// Total bytes of all chunk payloads (what publishing every chunk once costs).
+    pub fn chunk_bytes(&self) -> u64 {
+        self.chunk_payloads.iter().map(|p| p.len() as u64).sum()
+    }
+
+    /// Largest MQTT packet a chunk publish of this campaign needs under `topics`.
+    pub fn max_chunk_packet(&self, topics: &TopicTree) -> u32 {
+        if self.chunk_payloads.is_empty() {
+            return 0;
+        }
+        let topic = topics
+            .chunk(&self.campaign_id, self.chunk_count().saturating_sub(1))
+            .len();
+        (self.max_chunk_payload + topic + PUBLISH_OVERHEAD) as u32
+    }
+
+    /// The retained publish of chunk `index`. For an index beyond the count the payload is empty
+    /// and `retain` false, which a broker treats as an ordinary empty message (harmless).
+    pub fn chunk_publish(&self, topics: &TopicTree, index: u32) -> Outbound {
+        let topic = topics.chunk(&self.campaign_id, index);
+        match self.chunk_payloads.get(index as usize) {
+            Some(p) => Outbound {
+                topic,
+                payload: p.clone(),
+                retain: true,
+                properties: Properties::default(),
+            },
+            None => Outbound {
+                topic,
+                payload: Vec::new(),
+                retain: false,
+                properties: Properties::default(),
+            },
+        }
+    }
+
+    /// Every chunk publish (retained), index order.
+    pub fn chunk_publishes(&self, topics: &TopicTree) -> Vec<Outbound> {
+        (0..self.chunk_count())
+            .map(|i| self.chunk_publish(topics, i))
+            .collect()
+    }
+
+    /// Empty retained publishes clearing every chunk (campaign ended).
+    pub fn clear_chunks(&self, topics: &TopicTree) -> Vec<Outbound> {
+        (0..self.chunk_count())
+            .map(|i| Outbound {
+                topic: topics.chunk(&self.campaign_id, i),
+                payload: Vec::new(),
+                retain: true,
+                properties: Properties::default(),
+            })
+            .collect()
+    }
+
+    fn manifest_for(&self, target: &DeviceTarget, size: u64, sha256: [u8; 32]) -> Manifest {
+        Manifest {
+            campaign_id: self.campaign_id.clone(),
+            device_id: target.device_id.clone(),
+            version: self.target_version.clone(),
+            size,
+            sha256,
+            chunk_size: self.chunk_size,
+            chunk_count: self.chunk_count(),
+            merkle_root: self.merkle_root,
+            expires_at: self.expires_at,
+            allow_downgrade: target.allow_downgrade,
+            kind: self.kind,
+        }
+    }
+}
+
+/// Manager configuration shared by all sessions.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Manager identity.
+    pub identity: Arc<Identity>,
+    /// CA trust anchor.
+    pub trust: Arc<TrustAnchor>,
+    /// Topic tree.
+    pub topics: Arc<TopicTree>,
+}
+
+/// One device of a campaign.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceTarget {
+    /// Device id.
+    pub device_id: String,
+    /// Expected certificate fingerprint (SHA-256 of DER), if pinned.
+    pub pinned_fingerprint: Option<[u8; 32]>,
+    /// Whether this device may install a version not newer than its running one.
+    pub allow_downgrade: bool,
+}
+
+/// Result of feeding a message.
+#[derive(Debug, Default)]
+pub struct ManagerOutput {
+    /// What to do on the connection.
+    pub actions: Vec<Action>,
+    /// What happened.
+    pub events: Vec<ManagerEvent>,
+}
+
+/// Things the operator reacts to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManagerEvent {
+    /// Device authenticated; update sent.
+    HandshakeCompleted {
+        /// Device certificate fingerprint.
+        device_cert_fingerprint: [u8; 32],
+        /// Device certificate expiry.
+        device_cert_not_after: u64,
+        /// Version the device runs.
+        running_version: String,
+    },
+    /// Device accepted the manifest / reported progress.
+    Progress {
+        /// Chunks the device holds.
+        chunks_received: u32,
+        /// Total.
+        chunk_count: u32,
+    },
+    /// The device could not get these chunks: republish them.
+    ChunksRequested {
+        /// Indices.
+        indices: Vec<u32>,
+    },
+    /// Signed end-to-end receipt: the only success.
+    Installed {
+        /// Installed version.
+        version: String,
+        /// The signed status message, kept as proof.
+        receipt: Vec<u8>,
+    },
+    /// The device refused (signed).
+    Rejected {
+        /// Why.
+        reason: RejectReason,
+    },
+}
+
+/// Session state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManagerState {
+    /// Notify published, waiting for ready.
+    NotifySent,
+    /// Update sent; transfer under way.
+    Transferring {
+        /// Chunks the device reported.
+        chunks_received: u32,
+    },
+    /// Signed Installed receipt received.
+    Installed,
+    /// Refused by the manager (packet size) or the device (signed).
+    Rejected(RejectReason),
+}
+
+impl ManagerState {
+    fn name(&self) -> &'static str {
+        match self {
+            ManagerState::NotifySent => "NotifySent",
+            ManagerState::Transferring { .. } => "Transferring",
+            ManagerState::Installed => "Installed",
+            ManagerState::Rejected(_) => "Rejected",
+        }
+    }
+}
+
+struct Established {
+    device: PeerCertificate,
+    device_nonce: [u8; 32],
+    transcript: [u8; 32],
+    keys: SessionKeys,
+    update_payload: Vec<u8>,
+    last_seq: u32,
+}
+
+const MAX_SEEN_NONCES: usize = 16;
+
+/// Manager half of one device session.
+pub struct ManagerSession {
+    identity: Arc<Identity>,
+    trust: Arc<TrustAnchor>,
+    topics: Arc<TopicTree>,
+    campaign: Arc<PreparedCampaign>,
+    target: DeviceTarget,
+    session_id: [u8; 16],
+    ephemeral: p256::SecretKey,
+    ephemeral_pub: Vec<u8>,
+    nonce: [u8; 32],
+    state: ManagerState,
+    established: Option<Established>,
+    seen_device_nonces: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for ManagerSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagerSession")
+            .field("device", &self.target.device_id)
+            .field("campaign", &self.campaign.campaign_id)
+            .field("session_id", &hex::encode(self.session_id))
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hint_properties(response_topic: Option<String>, session_id: &[u8; 16]) -> Properties {
+    Properties {
+        response_topic,
+        correlation_data: Some(session_id.to_vec()),
+        user_properties: vec![(VERSION_PROPERTY.to_string(), WIRE_VERSION.to_string())],
+        content_type: Some(CONTENT_TYPE.to_string()),
+    }
+}
+
+/// Compare broker-alterable hints with authenticated values; a present but different hint is a
+/// typed error. Absent hints are fine (a broker may strip properties).
+pub(crate) fn check_hints(
+    props: &Properties,
+    expected_response_topic: Option<&str>,
+    session_id: &[u8; 16],
+) -> Result<(), ProtocolError> {
+    if let (Some(got), Some(exp)) = (props.response_topic.as_deref(), expected_response_topic) {
+        if got != exp {
+            return Err(ProtocolError::HintMismatch {
+                field: "response_topic",
+            });
+        }
+    }
+    if let Some(cd) = &props.correlation_data {
+        if cd.as_slice() != session_id {
+            return Err(ProtocolError::HintMismatch {
+                field: "correlation_data",
+            });
+        }
+    }
+    for (k, v) in &props.user_properties {
+        if k == VERSION_PROPERTY && v != &WIRE_VERSION.to_string() {
+            return Err(ProtocolError::HintMismatch {
+                field: "user_property sealed-ota-version",
+            });
+        }
+    }
+    Ok(())
+}
+
+impl ManagerSession {
+    /// Fresh ephemeral key, nonce and session id; returns the retained notify publish.
+    pub fn start(
+        config: &ManagerConfig,
+        campaign: Arc<PreparedCampaign>,
+        target: DeviceTarget,
+        now: u64,
+    ) -> Result<(Self, Vec<Action>), ProtocolError> {
+        validate_id(&target.device_id)?;
+        if config.identity.role() != Role::Manager {
+            return Err(ProtocolError::Identity(crate::IdentityError::WrongRole {
+                expected: Role::Manager,
+                got: config.identity.role(),
+            }));
+        }
+        if config.identity.name() != config.topics.manager_id() {
+            return Err(ProtocolError::WrongManager {
+                expected: config.topics.manager_id().to_string(),
+                got: config.identity.name().to_string(),
+            });
+        }
+        if now >= campaign.expires_at {
+            return Err(ProtocolError::Expired);
+        }
+        let ephemeral = p256::SecretKey::random(&mut rand_core::OsRng);
+        let ephemeral_pub = crypto::public_bytes(&ephemeral.public_key());
+        let s = Self {
+            identity: config.identity.clone(),
+            trust: config.trust.clone(),
+            topics: config.topics.clone(),
+            campaign,
+            target,
+            session_id: crypto::random(),
+            ephemeral,
+            ephemeral_pub,
+            nonce: crypto::random(),
+            state: ManagerState::NotifySent,
+            established: None,
+            seen_device_nonces: Vec::new(),
+        };
+        let action = Action::Publish(s.notify_publish(now));
+        Ok((s, vec![action]))
+    }
+
+    fn notify_publish(&self, now: u64) -> Outbound {
+        let body = NotifyBody {
+            v: WIRE_VERSION,
+            session_id: self.session_id,
+            manager_id: self.topics.manager_id().to_string(),
+            device_id: self.target.device_id.clone(),
+            campaign_id: self.campaign.campaign_id.clone(),
+            manager_cert: self.identity.cert_der().to_vec(),
+            ephemeral: self.ephemeral_pub.clone(),
+            nonce: self.nonce,
+            issued_at: now,
+            expires_at: self.campaign.expires_at,
+            kind: self.campaign.kind,
+        };
+        let env = SignedEnvelope::sign(
+            self.identity.secret(),
+            wire::TYPE_NOTIFY,
+            wire::encode_msg(&body),
+        );
+        Outbound {
+            topic: self.topics.notify(&self.target.device_id),
+            payload: env.encode(),
+            retain: true,
+            properties: hint_properties(
+                Some(self.topics.ready(&self.target.device_id)),
+                &self.session_id,
+            ),
+        }
+    }
+
+    /// Session state.
+    pub fn state(&self) -> &ManagerState {
+        &self.state
+    }
+    /// Device id.
+    pub fn device_id(&self) -> &str {
+        &self.target.device_id
+    }
+    /// Session id (Correlation Data of this session's messages).
+    pub fn session_id(&self) -> [u8; 16] {
+        self.session_id
+    }
+    /// The campaign.
+    pub fn campaign(&self) -> &Arc<PreparedCampaign> {
+        &self.campaign
+    }
+
+    /// Empty retained publish on this device's notify topic (campaign ended / deleted).
+    pub fn clear_notify(&self) -> Outbound {
+        Outbound {
+            topic: self.topics.notify(&self.target.device_id),
+            payload: Vec::new(),
+            retain: true,
+            properties: Properties::default(),
+        }
+    }
+
+    /// Feed a message whose topic parsed as Ready or Status for this device. On error the state is
+    /// unchanged.
+    pub fn handle(&mut self, msg: &Inbound, now: u64) -> Result<ManagerOutput, ProtocolError> {
+        match self.topics.parse(&msg.topic)? {
+            TopicKind::Ready { device } => {
+                self.check_device(&device)?;
+                self.handle_ready(msg, now)
+            }
+            TopicKind::Status { device } => {
+                self.check_device(&device)?;
+                self.handle_status(msg)
+            }
+            _ => Err(ProtocolError::UnexpectedMessage {
+                message: "publish",
+                state: self.state.name(),
+            }),
+        }
+    }
+
+    fn check_device(&self, device: &str) -> Result<(), ProtocolError> {
+        if device != self.target.device_id {
+            return Err(ProtocolError::WrongDevice {
+                expected: self.target.device_id.clone(),
+                got: device.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn handle_ready(&mut self, msg: &Inbound, now: u64) -> Result<ManagerOutput, ProtocolError> {
+        if matches!(
+            self.state,
+            ManagerState::Installed | ManagerState::Rejected(_)
+        ) {
+            return Err(ProtocolError::UnexpectedMessage {
+                message: "ready",
+                state: self.state.name(),
+            });
+        }
+        let (env, body) = wire::decode_ready(&msg.payload)?;
+        if body.device_id != self.target.device_id {
+            return Err(ProtocolError::WrongDevice {
+                expected: self.target.device_id.clone(),
+                got: body.device_id,
+            });
+        }
+        if body.manager_id != self.topics.manager_id() {
+            return Err(ProtocolError::WrongManager {
+                expected: self.topics.manager_id().to_string(),
+                got: body.manager_id,
+            });
+        }
+        if body.session_id != self.session_id || body.manager_nonce != self.nonce {
+            return Err(ProtocolError::WrongSession);
+        }
+        if body.campaign_id != self.campaign.campaign_id {
+            return Err(ProtocolError::WrongCampaign {
+                expected: self.campaign.campaign_id.clone(),
+                got: body.campaign_id,
+            });
+        }
+        let device =
+            self.trust
+                .verify(&body.device_cert, Role::Device, &self.target.device_id, now)?;
+        if let Some(pin) = self.target.pinned_fingerprint {
+            if pin != device.fingerprint {
+                return Err(crate::IdentityError::PinMismatch.into());
+            }
+        }
+        env.verify(&device.public_key, "ready")?;
+        check_hints(
+            &msg.properties,
+            Some(&self.topics.update(&self.target.device_id)),
+            &self.session_id,
+        )?;
+        // Same ready again (QoS 1 duplicate, or the device re-sent it because the update was
+        // lost): send the same update again.
+        if let Some(est) = &self.established {
+            if est.device_nonce == body.nonce {
+                return Ok(ManagerOutput {
+                    actions: vec![Action::Publish(
+                        self.update_publish(est.update_payload.clone()),
+                    )],
+                    events: vec![],
+                });
+            }
+        }
+        if self.seen_device_nonces.contains(&body.nonce) {
+            return Err(ProtocolError::Replay);
+        }
+        if now >= self.campaign.expires_at {
+            return Err(ProtocolError::Expired);
+        }
+        let device_eph = crypto::parse_public(&body.ephemeral).ok_or(ProtocolError::Decode {
+            message: "ready",
+            detail: "ephemeral key".into(),
+        })?;
+        let transcript = Transcript {
+            manager_id: self.topics.manager_id(),
+            device_id: &self.target.device_id,
+            campaign_id: &self.campaign.campaign_id,
+            session_id: &self.session_id,
+            manager_nonce: &self.nonce,
+            device_nonce: &body.nonce,
+            manager_ephemeral: &self.ephemeral_pub,
+            device_ephemeral: &body.ephemeral,
+            manager_cert_fingerprint: &self.identity.fingerprint(),
+            device_cert_fingerprint: &device.fingerprint,
+        }
+        .hash();
+        let ee = crypto::ecdh(&self.ephemeral, &device_eph);
+        let ss = crypto::ecdh(self.identity.secret(), &device.public_key);
+        let keys = crypto::derive_session_keys(&transcript, &ee, &ss);
+
+        let mut out = ManagerOutput::default();
+        // Packet size: a manager-side rejection with a clear reason.
+        let max = if body.max_packet_size == 0 {
+            u32::MAX
+        } else {
+            body.max_packet_size
+        };
+        let needed = self.campaign.max_chunk_packet(&self.topics);
+        if needed > max {
+            let reason = RejectReason::PacketTooLarge {
+                max_packet_size: max,
+                needed,
+            };
+            self.remember_nonce(body.nonce);
+            self.state = ManagerState::Rejected(reason.clone());
+            out.events.push(ManagerEvent::Rejected { reason });
+            return Ok(out);
+        }
+        let update_body = self.build_update_body(&body, now)?;
+        let plain = Zeroizing::new(wire::encode_msg(&update_body));
+        let aad = crypto::session_aad(UPDATE_AAD_LABEL, &transcript, &[]);
+        let (nonce, ct) = crypto::seal(&keys.m2d, &aad, &plain);
+        let payload = wire::encode_msg(&UpdateMsg {
+            v: WIRE_VERSION,
+            session_id: self.session_id,
+            nonce,
+            ct,
+        });
+        let update_len = payload.len()
+            + self.topics.update(&self.target.device_id).len()
+            + PUBLISH_OVERHEAD
+            + 64;
+        if update_len as u64 > u64::from(max) {
+            let reason = RejectReason::PacketTooLarge {
+                max_packet_size: max,
+                needed: update_len as u32,
+            };
+            self.remember_nonce(body.nonce);
+            self.state = ManagerState::Rejected(reason.clone());
+            out.events.push(ManagerEvent::Rejected { reason });
+            return Ok(out);
+        }
+        out.actions
+            .push(Action::Publish(self.update_publish(payload.clone())));
+        out.events.push(ManagerEvent::HandshakeCompleted {
+            device_cert_fingerprint: device.fingerprint,
+            device_cert_not_after: device.not_after,
+            running_version: body.running_version.clone(),
+        });
+        self.remember_nonce(body.nonce);
+        self.established = Some(Established {
+            device,
+            device_nonce: body.nonce,
+            transcript,
+            keys,
+            update_payload: payload,
+            last_seq: 0,
+        });
+        let received = body
+            .have
+            .as_ref()
+            .filter(|h| {
+                h.campaign_id == self.campaign.campaign_id
+                    && h.merkle_root == self.campaign.merkle_root
+            })
+            .map(|h| h.received.min(self.campaign.chunk_count()))
+            .unwrap_or(0);
+        self.state = ManagerState::Transferring {
+            chunks_received: received,
+        };
+        Ok(out)
+    }
+
+    fn remember_nonce(&mut self, n: [u8; 32]) {
+        if self.seen_device_nonces.len() >= MAX_SEEN_NONCES {
+            self.seen_device_nonces.remove(0);
+        }
+        self.seen_device_nonces.push(n);
+    }
+
+    fn build_update_body(
+        &self,
+        ready: &wire::ReadyBody,
+        now: u64,
+    ) -> Result<UpdateBody, ProtocolError> {
+        let sign_manifest = |m: &Manifest| {
+            SignedEnvelope::sign(
+                self.identity.secret(),
+                wire::TYPE_MANIFEST,
+                wire::encode_msg(m),
+            )
+            .encode()
+        };
+        match &self.campaign.rotation {
+            None => {
+                let m = self.campaign.manifest_for(
+                    &self.target,
+                    self.campaign.image_size,
+                    self.campaign.image_sha256,
+                );
+                Ok(UpdateBody::Firmware {
+                    manifest: sign_manifest(&m),
+                    content_key: *self.campaign.content_key,
+                })
+            }
+            Some((mode, ca, days)) => {
+                let (cert, key) = match mode {
+                    RotationMode::DeliverKey => {
+                        let id = ca.issue(Role::Device, &self.target.device_id, now, *days)?;
+                        (id.cert_der().to_vec(), Some(id.key_pkcs8_der().to_vec()))
+                    }
+                    RotationMode::Csr => {
+                        let csr = ready.csr.as_ref().ok_or(ProtocolError::Decode {
+                            message: "ready",
+                            detail: "CSR rotation but no CSR".into(),
+                        })?;
+                        (
+                            ca.issue_for_csr(
+                                csr,
+                                Role::Device,
+                                &self.target.device_id,
+                                now,
+                                *days,
+                            )?,
+                            None,
+                        )
+                    }
+                };
+                let m = self.campaign.manifest_for(
+                    &self.target,
+                    cert.len() as u64,
+                    crypto::sha256(&cert),
+                );
+                Ok(UpdateBody::Credentials {
+                    manifest: sign_manifest(&m),
+                    cert,
+                    key,
+                })
+            }
+        }
+    }
+
+    fn update_publish(&self, payload: Vec<u8>) -> Outbound {
+        Outbound {
+            topic: self.topics.update(&self.target.device_id),
+            payload,
+            retain: false,
+            properties: hint_properties(
+                Some(self.topics.status(&self.target.device_id)),
+                &self.session_id,
+            ),
+        }
+    }
+
+    fn handle_status(&mut self, msg: &Inbound) -> Result<ManagerOutput, ProtocolError> {
+        let state_name = self.state.name();
+        let Some(est) = self.established.as_mut() else {
+            return Err(ProtocolError::UnexpectedMessage {
+                message: "status",
+                state: state_name,
+            });
+        };
+        if matches!(
+            self.state,
+            ManagerState::Installed | ManagerState::Rejected(_)
+        ) {
+            return Err(ProtocolError::UnexpectedMessage {
+                message: "status",
+                state: state_name,
+            });
+        }
+        let (env, sm) = wire::decode_status(&msg.payload)?;
+        env.verify(&est.device.public_key, "status")?;
+        if sm.session_id != self.session_id {
+            return Err(ProtocolError::WrongSession);
+        }
+        let aad = crypto::session_aad(STATUS_AAD_LABEL, &est.transcript, &sm.seq.to_be_bytes());
+        let plain = crypto::open(&est.keys.d2m, &sm.nonce, &aad, &sm.ct)
+            .ok_or(ProtocolError::Decrypt { message: "status" })?;
+        if sm.seq <= est.last_seq {
+            return Err(ProtocolError::Replay);
+        }
+        let body = wire::decode_status_body(&plain)?;
+        let count = self.campaign.chunk_count();
+        let mut out = ManagerOutput::default();
+        match body {
+            StatusBody::Accepted { received } => {
+                let received = received.min(count);
+                out.events.push(ManagerEvent::Progress {
+                    chunks_received: received,
+                    chunk_count: count,
+                });
+                self.state = ManagerState::Transferring {
+                    chunks_received: received,
+                };
+            }
+            StatusBody::ChunksRequested { indices } => {
+                if let Some(&bad) = indices.iter().find(|&&i| i >= count) {
+                    return Err(ProtocolError::ChunkOutOfRange { index: bad, count });
+                }
+                out.events.push(ManagerEvent::ChunksRequested { indices });
+            }
+            StatusBody::Installed { version, sha256 } => {
+                let expected_sha = match self.campaign.kind {
+                    PayloadKind::Firmware => Some(self.campaign.image_sha256),
+                    _ => None,
+                };
+                if version != self.campaign.target_version
+                    || expected_sha.is_some_and(|s| s != sha256)
+                {
+                    return Err(ProtocolError::Decode {
+                        message: "status",
+                        detail: "installed version or hash differs from the campaign".into(),
+                    });
+                }
+                out.events.push(ManagerEvent::Installed {
+                    version,
+                    receipt: msg.payload.clone(),
+                });
+                self.state = ManagerState::Installed;
+            }
+            StatusBody::Rejected { reason } => {
+                out.events.push(ManagerEvent::Rejected {
+                    reason: reason.clone(),
+                });
+                self.state = ManagerState::Rejected(reason);
+            }
+        }
+        est.last_seq = sm.seq;
+        Ok(out)
+    }
+
+    /// Whether `running` would accept this campaign's target version (a hint for the operator; the
+    /// device decides).
+    pub fn would_accept(&self, running: &str) -> bool {
+        self.campaign.kind != PayloadKind::Firmware
+            || check_version(
+                running,
+                &self.campaign.target_version,
+                self.target.allow_downgrade,
+            )
+            .is_ok()
+    }
+}

@@ -1,0 +1,415 @@
+//! Wire format v1: CBOR (ciborium) structures of every message, and their bounded decoders. Signed
+//! messages travel in an envelope carrying the exact body bytes plus the signature, so nothing is
+//! ever re-encoded before verification (no canonicalization issue). Every decoder checks a maximum
+//! size first, limits nesting, rejects trailing bytes and never panics.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{decode, encode};
+use crate::error::ProtocolError;
+use crate::manifest::{PayloadKind, RejectReason};
+use crate::WIRE_VERSION;
+
+/// Message type byte: notify (manager → device, signed).
+pub const TYPE_NOTIFY: u8 = 1;
+/// Message type byte: ready (device → manager, signed).
+pub const TYPE_READY: u8 = 2;
+/// Message type byte: manifest (signed by the manager, inside the update).
+pub const TYPE_MANIFEST: u8 = 3;
+/// Message type byte: status (device → manager, signed, body encrypted).
+pub const TYPE_STATUS: u8 = 4;
+/// Message type byte: update (manager → device, encrypted), used in its AAD.
+pub const TYPE_UPDATE: u8 = 5;
+
+/// Bound of a notify payload.
+pub const MAX_NOTIFY: usize = 16 * 1024;
+/// Bound of a ready payload (certificate + CSR).
+pub const MAX_READY: usize = 16 * 1024;
+/// Bound of an update payload.
+pub const MAX_UPDATE: usize = 32 * 1024;
+/// Bound of a status payload.
+pub const MAX_STATUS: usize = 64 * 1024;
+/// Bound of a manifest body.
+pub const MAX_MANIFEST: usize = 4 * 1024;
+/// Largest chunk size a campaign may use.
+pub const MAX_CHUNK_SIZE: u32 = 1024 * 1024;
+/// Bound of a chunk payload.
+pub const MAX_CHUNK_MSG: usize = MAX_CHUNK_SIZE as usize + 4 * 1024;
+/// Most chunks a campaign may have.
+pub const MAX_CHUNK_COUNT: u32 = 1 << 22;
+/// Most indices one chunk request may name.
+pub const MAX_REQUESTED: usize = 4096;
+
+/// Signed envelope: the exact body bytes, their type and an ECDSA P-256 signature over
+/// `"sealed-ota/v1/sig/" || type || body`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedEnvelope {
+    /// Wire version.
+    pub v: u8,
+    /// Message type.
+    pub t: u8,
+    /// Body bytes (CBOR).
+    #[serde(with = "crate::codec::bytes")]
+    pub body: Vec<u8>,
+    /// Signature, 64 bytes r||s.
+    #[serde(with = "crate::codec::bytes")]
+    pub sig: Vec<u8>,
+}
+
+impl SignedEnvelope {
+    /// Sign `body` as message type `t`.
+    pub fn sign(secret: &p256::SecretKey, t: u8, body: Vec<u8>) -> Self {
+        let sig = crate::crypto::sign(secret, t, &body).to_vec();
+        Self {
+            v: WIRE_VERSION,
+            t,
+            body,
+            sig,
+        }
+    }
+
+    /// Encode.
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Decode an envelope of type `t` (signature not yet checked).
+    pub fn decode(
+        bytes: &[u8],
+        t: u8,
+        message: &'static str,
+        max: usize,
+    ) -> Result<Self, ProtocolError> {
+        let env: SignedEnvelope = decode(bytes, message, max)?;
+        if env.v != WIRE_VERSION {
+            return Err(ProtocolError::Version(env.v));
+        }
+        if env.t != t {
+            return Err(ProtocolError::Decode {
+                message,
+                detail: format!("message type {}", env.t),
+            });
+        }
+        if env.sig.len() != 64 {
+            return Err(ProtocolError::Decode {
+                message,
+                detail: "signature length".into(),
+            });
+        }
+        Ok(env)
+    }
+
+    /// Verify the signature with `public`.
+    pub fn verify(
+        &self,
+        public: &p256::PublicKey,
+        message: &'static str,
+    ) -> Result<(), ProtocolError> {
+        if crate::crypto::verify(public, self.t, &self.body, &self.sig) {
+            Ok(())
+        } else {
+            Err(ProtocolError::BadSignature { message })
+        }
+    }
+}
+
+/// Notify body (retained, on `notify`), signed by the manager's static key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyBody {
+    /// Wire version.
+    pub v: u8,
+    /// Session id (also sent as Correlation Data).
+    #[serde(with = "crate::codec::array")]
+    pub session_id: [u8; 16],
+    /// Manager id.
+    pub manager_id: String,
+    /// Device id.
+    pub device_id: String,
+    /// Campaign id.
+    pub campaign_id: String,
+    /// Manager certificate DER.
+    #[serde(with = "crate::codec::bytes")]
+    pub manager_cert: Vec<u8>,
+    /// Manager ephemeral public key (SEC1 uncompressed).
+    #[serde(with = "crate::codec::bytes")]
+    pub ephemeral: Vec<u8>,
+    /// Manager nonce.
+    #[serde(with = "crate::codec::array")]
+    pub nonce: [u8; 32],
+    /// Issued at, Unix seconds.
+    pub issued_at: u64,
+    /// Expires at, Unix seconds.
+    pub expires_at: u64,
+    /// Payload kind.
+    pub kind: PayloadKind,
+}
+
+/// Resume summary a device sends in its ready message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Have {
+    /// Campaign of the stored partial transfer.
+    pub campaign_id: String,
+    /// Its Merkle root.
+    #[serde(with = "crate::codec::array")]
+    pub merkle_root: [u8; 32],
+    /// Chunks already stored.
+    pub received: u32,
+}
+
+/// Ready body (on `ready`), signed by the device's static key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyBody {
+    /// Wire version.
+    pub v: u8,
+    /// Echo of the session id.
+    #[serde(with = "crate::codec::array")]
+    pub session_id: [u8; 16],
+    /// Manager id.
+    pub manager_id: String,
+    /// Device id.
+    pub device_id: String,
+    /// Campaign id.
+    pub campaign_id: String,
+    /// Device certificate DER.
+    #[serde(with = "crate::codec::bytes")]
+    pub device_cert: Vec<u8>,
+    /// Device ephemeral public key.
+    #[serde(with = "crate::codec::bytes")]
+    pub ephemeral: Vec<u8>,
+    /// Device nonce.
+    #[serde(with = "crate::codec::array")]
+    pub nonce: [u8; 32],
+    /// Echo of the manager nonce.
+    #[serde(with = "crate::codec::array")]
+    pub manager_nonce: [u8; 32],
+    /// Running firmware version.
+    pub running_version: String,
+    /// MQTT Maximum Packet Size the device accepts (0 = no limit).
+    pub max_packet_size: u32,
+    /// PKCS#10 CSR (CSR rotation mode).
+    #[serde(with = "crate::codec::opt_bytes", default)]
+    pub csr: Option<Vec<u8>>,
+    /// Partial transfer already stored.
+    #[serde(default)]
+    pub have: Option<Have>,
+}
+
+/// Update message (on `update`): AES-256-GCM under the manager-to-device key, random nonce,
+/// AAD = `"sealed-ota/v1/update" || transcript hash`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateMsg {
+    /// Wire version.
+    pub v: u8,
+    /// Session id.
+    #[serde(with = "crate::codec::array")]
+    pub session_id: [u8; 16],
+    /// AEAD nonce.
+    #[serde(with = "crate::codec::array")]
+    pub nonce: [u8; 12],
+    /// Ciphertext of an [`UpdateBody`].
+    #[serde(with = "crate::codec::bytes")]
+    pub ct: Vec<u8>,
+}
+
+/// Plaintext of the update message.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UpdateBody {
+    /// Firmware: signed manifest and the wrapped (here: session-encrypted) content key.
+    Firmware {
+        /// Signed manifest envelope.
+        #[serde(with = "crate::codec::bytes")]
+        manifest: Vec<u8>,
+        /// Campaign content key.
+        #[serde(with = "crate::codec::array")]
+        content_key: [u8; 32],
+    },
+    /// Credentials: signed manifest, new certificate and (DeliverKey) the new PKCS#8 key.
+    Credentials {
+        /// Signed manifest envelope.
+        #[serde(with = "crate::codec::bytes")]
+        manifest: Vec<u8>,
+        /// New certificate DER.
+        #[serde(with = "crate::codec::bytes")]
+        cert: Vec<u8>,
+        /// New PKCS#8 private key DER (DeliverKey mode only).
+        #[serde(with = "crate::codec::opt_bytes", default)]
+        key: Option<Vec<u8>>,
+    },
+}
+
+impl std::fmt::Debug for UpdateBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpdateBody::Firmware { .. } => f.write_str("UpdateBody::Firmware(<redacted>)"),
+            UpdateBody::Credentials { .. } => f.write_str("UpdateBody::Credentials(<redacted>)"),
+        }
+    }
+}
+
+impl Drop for UpdateBody {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        match self {
+            UpdateBody::Firmware { content_key, .. } => content_key.zeroize(),
+            UpdateBody::Credentials { key, .. } => {
+                if let Some(k) = key {
+                    k.zeroize()
+                }
+            }
+        }
+    }
+}
+
+/// Status envelope body (signed by the device): session id, sequence number and the encrypted
+/// [`StatusBody`] under the device-to-manager key, AAD = `"sealed-ota/v1/status" || transcript hash
+/// || seq u32 BE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusMsg {
+    /// Wire version.
+    pub v: u8,
+    /// Session id.
+    #[serde(with = "crate::codec::array")]
+    pub session_id: [u8; 16],
+    /// Sequence number, strictly increasing within a session, starting at 1.
+    pub seq: u32,
+    /// AEAD nonce.
+    #[serde(with = "crate::codec::array")]
+    pub nonce: [u8; 12],
+    /// Ciphertext.
+    #[serde(with = "crate::codec::bytes")]
+    pub ct: Vec<u8>,
+}
+
+/// What a device reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StatusBody {
+    /// Manifest accepted; chunks already stored (resume).
+    Accepted {
+        /// Chunks stored.
+        received: u32,
+    },
+    /// These chunks did not arrive in time: please republish.
+    ChunksRequested {
+        /// Indices.
+        indices: Vec<u32>,
+    },
+    /// Installed (the only success).
+    Installed {
+        /// Installed version.
+        version: String,
+        /// SHA-256 of what was installed.
+        #[serde(with = "crate::codec::array")]
+        sha256: [u8; 32],
+    },
+    /// Refused or failed.
+    Rejected {
+        /// Why.
+        reason: RejectReason,
+    },
+}
+
+/// Chunk message (retained, on `_chunks/<campaign>/<index>`). Authenticated by its Merkle proof
+/// (checked first, against the signed root) and by AES-256-GCM under the content key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkMsg {
+    /// Wire version.
+    pub v: u8,
+    /// Campaign id.
+    pub campaign_id: String,
+    /// Index.
+    pub index: u32,
+    /// Chunk count.
+    pub count: u32,
+    /// Ciphertext||tag.
+    #[serde(with = "crate::codec::bytes")]
+    pub ct: Vec<u8>,
+    /// Merkle proof, leaf to root.
+    #[serde(with = "crate::codec::hashes")]
+    pub proof: Vec<[u8; 32]>,
+}
+
+fn check_v(v: u8) -> Result<(), ProtocolError> {
+    if v == WIRE_VERSION {
+        Ok(())
+    } else {
+        Err(ProtocolError::Version(v))
+    }
+}
+
+/// Decode a notify envelope and its body (signature NOT checked: that needs the certificate inside).
+pub fn decode_notify(bytes: &[u8]) -> Result<(SignedEnvelope, NotifyBody), ProtocolError> {
+    let env = SignedEnvelope::decode(bytes, TYPE_NOTIFY, "notify", MAX_NOTIFY)?;
+    let body: NotifyBody = decode(&env.body, "notify", MAX_NOTIFY)?;
+    check_v(body.v)?;
+    Ok((env, body))
+}
+
+/// Decode a ready envelope and its body (signature NOT checked).
+pub fn decode_ready(bytes: &[u8]) -> Result<(SignedEnvelope, ReadyBody), ProtocolError> {
+    let env = SignedEnvelope::decode(bytes, TYPE_READY, "ready", MAX_READY)?;
+    let body: ReadyBody = decode(&env.body, "ready", MAX_READY)?;
+    check_v(body.v)?;
+    Ok((env, body))
+}
+
+/// Decode an update message (not decrypted).
+pub fn decode_update(bytes: &[u8]) -> Result<UpdateMsg, ProtocolError> {
+    let m: UpdateMsg = decode(bytes, "update", MAX_UPDATE)?;
+    check_v(m.v)?;
+    Ok(m)
+}
+
+/// Decode a decrypted update body.
+pub fn decode_update_body(bytes: &[u8]) -> Result<UpdateBody, ProtocolError> {
+    decode(bytes, "update body", MAX_UPDATE)
+}
+
+/// Decode a manifest envelope and its body (signature NOT checked).
+pub fn decode_manifest(
+    bytes: &[u8],
+) -> Result<(SignedEnvelope, crate::manifest::Manifest), ProtocolError> {
+    let env = SignedEnvelope::decode(bytes, TYPE_MANIFEST, "manifest", MAX_MANIFEST)?;
+    let m: crate::manifest::Manifest = decode(&env.body, "manifest", MAX_MANIFEST)?;
+    Ok((env, m))
+}
+
+/// Decode a status envelope and its outer body (signature NOT checked, body not decrypted).
+pub fn decode_status(bytes: &[u8]) -> Result<(SignedEnvelope, StatusMsg), ProtocolError> {
+    let env = SignedEnvelope::decode(bytes, TYPE_STATUS, "status", MAX_STATUS)?;
+    let m: StatusMsg = decode(&env.body, "status", MAX_STATUS)?;
+    check_v(m.v)?;
+    Ok((env, m))
+}
+
+/// Decode a decrypted status body.
+pub fn decode_status_body(bytes: &[u8]) -> Result<StatusBody, ProtocolError> {
+    let b: StatusBody = decode(bytes, "status body", MAX_STATUS)?;
+    if let StatusBody::ChunksRequested { indices } = &b {
+        if indices.len() > MAX_REQUESTED {
+            return Err(ProtocolError::TooLarge {
+                message: "chunk request",
+                size: indices.len(),
+                max: MAX_REQUESTED,
+            });
+        }
+    }
+    Ok(b)
+}
+
+/// Decode a chunk message.
+pub fn decode_chunk(bytes: &[u8]) -> Result<ChunkMsg, ProtocolError> {
+    let m: ChunkMsg = decode(bytes, "chunk", MAX_CHUNK_MSG)?;
+    check_v(m.v)?;
+    if m.proof.len() > crate::merkle::MAX_PROOF_LEN {
+        return Err(ProtocolError::Decode {
+            message: "chunk",
+            detail: "proof too long".into(),
+        });
+    }
+    Ok(m)
+}
+
+/// Encode any wire structure.
+pub fn encode_msg<T: Serialize>(m: &T) -> Vec<u8> {
+    encode(m)
+}
