@@ -964,3 +964,318 @@ impl DeviceSession {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Crafted updates and chunks that only an insider (holder of some key) could build.
+    use super::*;
+    use crate::identity::CertificateAuthority;
+    use crate::manager::{
+        CampaignPayload, CampaignSpec, DeviceTarget, ManagerConfig, ManagerSession,
+        PreparedCampaign,
+    };
+    use crate::wire::{ChunkMsg, UpdateMsg};
+
+    const NOW: u64 = 1_800_000_000;
+
+    struct Setup {
+        manager_id: Arc<Identity>,
+        campaign: Arc<PreparedCampaign>,
+        topics: Arc<TopicTree>,
+        dev: DeviceSession,
+        update: Inbound,
+    }
+
+    fn setup(image_len: usize, chunk: u32) -> Setup {
+        let ca = CertificateAuthority::generate("ca", NOW, 10).unwrap();
+        let trust = Arc::new(ca.trust_anchor());
+        let topics = Arc::new(TopicTree::new("iot", "p1").unwrap());
+        let manager_id = Arc::new(ca.issue(Role::Manager, "p1", NOW, 10).unwrap());
+        let campaign = Arc::new(
+            PreparedCampaign::prepare(CampaignSpec {
+                campaign_id: "c1".into(),
+                target_version: "2.0.0".into(),
+                payload: CampaignPayload::Firmware {
+                    image: vec![7u8; image_len],
+                },
+                expires_at: NOW + 100,
+                chunk_size: chunk,
+            })
+            .unwrap(),
+        );
+        let cfg = ManagerConfig {
+            identity: manager_id.clone(),
+            trust: trust.clone(),
+            topics: topics.clone(),
+        };
+        let target = DeviceTarget {
+            device_id: "s1".into(),
+            pinned_fingerprint: None,
+            allow_downgrade: false,
+        };
+        let (mut ms, a) = ManagerSession::start(&cfg, campaign.clone(), target, NOW).unwrap();
+        let (mut dev, _) = DeviceSession::new(
+            DeviceConfig {
+                identity: Arc::new(ca.issue(Role::Device, "s1", NOW, 10).unwrap()),
+                trust,
+                topics: topics.clone(),
+                manager_id: "p1".into(),
+                max_packet_size: 0,
+                window: 2,
+            },
+            DeviceState::new("1.0.0"),
+        );
+        let Action::Publish(notify) = &a[0] else {
+            panic!("notify")
+        };
+        let out = dev.handle(&notify.to_inbound(), NOW).unwrap();
+        let Action::Publish(ready) = &out.actions[0] else {
+            panic!("ready")
+        };
+        let out = ms.handle(&ready.to_inbound(), NOW).unwrap();
+        let Action::Publish(update) = &out.actions[0] else {
+            panic!("update")
+        };
+        Setup {
+            manager_id,
+            campaign,
+            topics,
+            dev,
+            update: update.to_inbound(),
+        }
+    }
+
+    fn craft(dev: &DeviceSession, body: &UpdateBody) -> Inbound {
+        let hs = dev.hs.as_ref().unwrap();
+        let aad = crypto::session_aad(UPDATE_AAD_LABEL, &hs.transcript, &[]);
+        let (nonce, ct) = crypto::seal(&hs.keys.m2d, &aad, &wire::encode_msg(body));
+        Inbound {
+            topic: "iot/p1/s1/update".into(),
+            payload: wire::encode_msg(&UpdateMsg {
+                v: WIRE_VERSION,
+                session_id: hs.session_id,
+                nonce,
+                ct,
+            }),
+            properties: Properties::default(),
+        }
+    }
+
+    fn genuine(s: &Setup) -> (Vec<u8>, Manifest, [u8; 32]) {
+        let hs = s.dev.hs.as_ref().unwrap();
+        let m = wire::decode_update(&s.update.payload).unwrap();
+        let aad = crypto::session_aad(UPDATE_AAD_LABEL, &hs.transcript, &[]);
+        let plain = crypto::open(&hs.keys.m2d, &m.nonce, &aad, &m.ct).unwrap();
+        match &wire::decode_update_body(&plain).unwrap() {
+            UpdateBody::Firmware {
+                manifest,
+                content_key,
+            } => {
+                let (_, mf) = wire::decode_manifest(manifest).unwrap();
+                (manifest.clone(), mf, *content_key)
+            }
+            _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn tampered_manifest_signature_is_rejected() {
+        let mut s = setup(300, 100);
+        let (menv, _, key) = genuine(&s);
+        let (mut env, mut mf) = wire::decode_manifest(&menv).unwrap();
+        mf.allow_downgrade = true; // change a field, keep the old signature
+        env.body = wire::encode_msg(&mf);
+        let body = UpdateBody::Firmware {
+            manifest: env.encode(),
+            content_key: key,
+        };
+        let msg = craft(&s.dev, &body);
+        assert_eq!(
+            s.dev.handle(&msg, NOW).unwrap_err(),
+            ProtocolError::BadSignature {
+                message: "manifest"
+            }
+        );
+        // The genuine update still works afterwards (state unchanged).
+        let out = s.dev.handle(&s.update, NOW).unwrap();
+        assert!(matches!(out.events[0], DeviceEvent::UpdateOffered { .. }));
+    }
+
+    #[test]
+    fn manifest_for_another_device_is_rejected() {
+        let mut s = setup(300, 100);
+        let (_, mut mf, key) = genuine(&s);
+        mf.device_id = "s2".into();
+        let env = SignedEnvelope::sign(
+            s.manager_id.secret(),
+            wire::TYPE_MANIFEST,
+            wire::encode_msg(&mf),
+        );
+        let msg = craft(
+            &s.dev,
+            &UpdateBody::Firmware {
+                manifest: env.encode(),
+                content_key: key,
+            },
+        );
+        assert!(matches!(
+            s.dev.handle(&msg, NOW),
+            Err(ProtocolError::WrongDevice { .. })
+        ));
+    }
+
+    #[test]
+    fn tampered_wrap_makes_chunks_fail_opaquely() {
+        let mut s = setup(300, 100);
+        let (menv, _, mut key) = genuine(&s);
+        key[0] ^= 1;
+        let msg = craft(
+            &s.dev,
+            &UpdateBody::Firmware {
+                manifest: menv,
+                content_key: key,
+            },
+        );
+        s.dev.handle(&msg, NOW).unwrap();
+        let chunk = s.campaign.chunk_publish(&s.topics, 0).to_inbound();
+        assert_eq!(
+            s.dev.handle(&chunk, NOW).unwrap_err(),
+            ProtocolError::Decrypt { message: "chunk" }
+        );
+        assert_eq!(s.dev.state().transfer.as_ref().unwrap().received.count(), 0);
+    }
+
+    #[test]
+    fn insider_forged_chunk_fails_merkle_proof() {
+        // A compromised device knows the content key and can produce chunks that decrypt fine,
+        // but it cannot make them match the Merkle root in the manager-signed manifest.
+        let mut s = setup(300, 100);
+        s.dev.handle(&s.update, NOW).unwrap();
+        let (_, _, key) = genuine(&s);
+        let ct = crypto::encrypt_chunk(&key, "c1", 1, 3, &[0x66; 100]);
+        let genuine_chunk =
+            wire::decode_chunk(&s.campaign.chunk_publish(&s.topics, 1).payload).unwrap();
+        let forged = ChunkMsg {
+            ct,
+            ..genuine_chunk
+        };
+        let msg = Inbound {
+            topic: s.topics.chunk("c1", 1),
+            payload: wire::encode_msg(&forged),
+            properties: Properties::default(),
+        };
+        assert_eq!(
+            s.dev.handle(&msg, NOW).unwrap_err(),
+            ProtocolError::BadProof { index: 1 }
+        );
+    }
+
+    #[test]
+    fn chunk_beyond_declared_size_is_rejected() {
+        // The manager signs a manifest declaring a smaller image than the chunks carry.
+        let mut s = setup(300, 100);
+        let (_, mut mf, key) = genuine(&s);
+        mf.size = 250; // last chunk should be 50 bytes, the published one has 100
+        let env = SignedEnvelope::sign(
+            s.manager_id.secret(),
+            wire::TYPE_MANIFEST,
+            wire::encode_msg(&mf),
+        );
+        let msg = craft(
+            &s.dev,
+            &UpdateBody::Firmware {
+                manifest: env.encode(),
+                content_key: key,
+            },
+        );
+        s.dev.handle(&msg, NOW).unwrap();
+        let last = s.campaign.chunk_publish(&s.topics, 2).to_inbound();
+        assert_eq!(
+            s.dev.handle(&last, NOW).unwrap_err(),
+            ProtocolError::ChunkOutOfRange { index: 2, count: 3 }
+        );
+        // Chunking inconsistent with the size is refused up front.
+        let mut s = setup(300, 100);
+        let (_, mut mf, key) = genuine(&s);
+        mf.size = 10_000;
+        let env = SignedEnvelope::sign(
+            s.manager_id.secret(),
+            wire::TYPE_MANIFEST,
+            wire::encode_msg(&mf),
+        );
+        let msg = craft(
+            &s.dev,
+            &UpdateBody::Firmware {
+                manifest: env.encode(),
+                content_key: key,
+            },
+        );
+        assert!(matches!(
+            s.dev.handle(&msg, NOW),
+            Err(ProtocolError::Decode {
+                message: "manifest",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn payload_kind_mismatch_is_rejected() {
+        let mut s = setup(300, 100);
+        let (menv, _, _) = genuine(&s);
+        let msg = craft(
+            &s.dev,
+            &UpdateBody::Credentials {
+                manifest: menv,
+                cert: vec![1],
+                key: None,
+            },
+        );
+        assert!(matches!(
+            s.dev.handle(&msg, NOW),
+            Err(ProtocolError::Decode {
+                message: "update",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn garbage_update_body_is_a_decode_error() {
+        let mut s = setup(300, 100);
+        let hs = s.dev.hs.as_ref().unwrap();
+        let aad = crypto::session_aad(UPDATE_AAD_LABEL, &hs.transcript, &[]);
+        let (nonce, ct) = crypto::seal(&hs.keys.m2d, &aad, b"\xff\x00garbage");
+        let msg = Inbound {
+            topic: "iot/p1/s1/update".into(),
+            payload: wire::encode_msg(&UpdateMsg {
+                v: WIRE_VERSION,
+                session_id: hs.session_id,
+                nonce,
+                ct,
+            }),
+            properties: Properties::default(),
+        };
+        assert!(matches!(
+            s.dev.handle(&msg, NOW),
+            Err(ProtocolError::Decode { .. })
+        ));
+    }
+
+    #[test]
+    fn bitmap_basics_and_persisted_state_round_trip() {
+        let mut b = Bitmap::new(10);
+        assert!(b.set(3));
+        assert!(!b.set(3));
+        assert!(!b.set(10));
+        assert!(b.get(3) && !b.get(4) && !b.get(99));
+        assert_eq!(b.count(), 1);
+        let st = DeviceState {
+            running_version: "1.0.0".into(),
+            completed_campaigns: vec!["a".into()],
+            transfer: None,
+        };
+        let json = serde_json::to_string(&st).unwrap();
+        assert_eq!(serde_json::from_str::<DeviceState>(&json).unwrap(), st);
+    }
+}

@@ -413,3 +413,299 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<ChunkMsg, ProtocolError> {
 pub fn encode_msg<T: Serialize>(m: &T) -> Vec<u8> {
     encode(m)
 }
+
+/// Every decoder of the wire format, for fuzzing and corpus replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoder {
+    /// [`decode_notify`]
+    Notify,
+    /// [`decode_ready`]
+    Ready,
+    /// [`decode_update`]
+    Update,
+    /// [`decode_update_body`]
+    UpdateBody,
+    /// [`decode_manifest`]
+    Manifest,
+    /// [`decode_status`]
+    Status,
+    /// [`decode_status_body`]
+    StatusBody,
+    /// [`decode_chunk`]
+    Chunk,
+}
+
+impl Decoder {
+    /// All decoders.
+    pub const ALL: [Decoder; 8] = [
+        Decoder::Notify,
+        Decoder::Ready,
+        Decoder::Update,
+        Decoder::UpdateBody,
+        Decoder::Manifest,
+        Decoder::Status,
+        Decoder::StatusBody,
+        Decoder::Chunk,
+    ];
+
+    /// Lower-case name (fuzz target and corpus directory name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Decoder::Notify => "notify",
+            Decoder::Ready => "ready",
+            Decoder::Update => "update",
+            Decoder::UpdateBody => "update_body",
+            Decoder::Manifest => "manifest",
+            Decoder::Status => "status",
+            Decoder::StatusBody => "status_body",
+            Decoder::Chunk => "chunk",
+        }
+    }
+
+    /// Size bound of this decoder's input.
+    pub fn max(self) -> usize {
+        match self {
+            Decoder::Notify => MAX_NOTIFY,
+            Decoder::Ready => MAX_READY,
+            Decoder::Update | Decoder::UpdateBody => MAX_UPDATE,
+            Decoder::Manifest => MAX_MANIFEST,
+            Decoder::Status | Decoder::StatusBody => MAX_STATUS,
+            Decoder::Chunk => MAX_CHUNK_MSG,
+        }
+    }
+
+    /// Run the decoder, discarding the value.
+    pub fn decode(self, bytes: &[u8]) -> Result<(), ProtocolError> {
+        match self {
+            Decoder::Notify => decode_notify(bytes).map(drop),
+            Decoder::Ready => decode_ready(bytes).map(drop),
+            Decoder::Update => decode_update(bytes).map(drop),
+            Decoder::UpdateBody => decode_update_body(bytes).map(drop),
+            Decoder::Manifest => decode_manifest(bytes).map(drop),
+            Decoder::Status => decode_status(bytes).map(drop),
+            Decoder::StatusBody => decode_status_body(bytes).map(drop),
+            Decoder::Chunk => decode_chunk(bytes).map(drop),
+        }
+    }
+}
+
+/// A valid encoding for each decoder, built from fixed inputs (deterministic except signatures,
+/// which are RFC 6979 deterministic too). Used by tests, vectors and the fuzz corpus.
+pub fn sample(decoder: Decoder) -> Vec<u8> {
+    use crate::manifest::Manifest;
+    let secret = p256::SecretKey::from_bytes(&[0x11; 32].into()).expect("valid scalar");
+    let eph = crate::crypto::public_bytes(&secret.public_key());
+    let manifest = Manifest {
+        campaign_id: "c1".into(),
+        device_id: "s1".into(),
+        version: "2.0.0".into(),
+        size: 1000,
+        sha256: [0xaa; 32],
+        chunk_size: 512,
+        chunk_count: 2,
+        merkle_root: [0xbb; 32],
+        expires_at: 1_800_003_600,
+        allow_downgrade: false,
+        kind: PayloadKind::Firmware,
+    };
+    let signed_manifest = SignedEnvelope::sign(&secret, TYPE_MANIFEST, encode(&manifest)).encode();
+    match decoder {
+        Decoder::Notify => SignedEnvelope::sign(
+            &secret,
+            TYPE_NOTIFY,
+            encode(&NotifyBody {
+                v: WIRE_VERSION,
+                session_id: [1; 16],
+                manager_id: "p1".into(),
+                device_id: "s1".into(),
+                campaign_id: "c1".into(),
+                manager_cert: vec![0x30, 0x03, 0x02, 0x01, 0x01],
+                ephemeral: eph,
+                nonce: [2; 32],
+                issued_at: 1_800_000_000,
+                expires_at: 1_800_003_600,
+                kind: PayloadKind::Firmware,
+            }),
+        )
+        .encode(),
+        Decoder::Ready => SignedEnvelope::sign(
+            &secret,
+            TYPE_READY,
+            encode(&ReadyBody {
+                v: WIRE_VERSION,
+                session_id: [1; 16],
+                manager_id: "p1".into(),
+                device_id: "s1".into(),
+                campaign_id: "c1".into(),
+                device_cert: vec![0x30, 0x03, 0x02, 0x01, 0x01],
+                ephemeral: eph,
+                nonce: [3; 32],
+                manager_nonce: [2; 32],
+                running_version: "1.0.0".into(),
+                max_packet_size: 65536,
+                csr: Some(vec![0x30, 0x00]),
+                have: Some(Have {
+                    campaign_id: "c1".into(),
+                    merkle_root: [0xbb; 32],
+                    received: 1,
+                }),
+            }),
+        )
+        .encode(),
+        Decoder::Update => encode(&UpdateMsg {
+            v: WIRE_VERSION,
+            session_id: [1; 16],
+            nonce: [4; 12],
+            ct: vec![5; 48],
+        }),
+        Decoder::UpdateBody => encode(&UpdateBody::Firmware {
+            manifest: signed_manifest,
+            content_key: [6; 32],
+        }),
+        Decoder::Manifest => signed_manifest,
+        Decoder::Status => SignedEnvelope::sign(
+            &secret,
+            TYPE_STATUS,
+            encode(&StatusMsg {
+                v: WIRE_VERSION,
+                session_id: [1; 16],
+                seq: 1,
+                nonce: [7; 12],
+                ct: vec![8; 40],
+            }),
+        )
+        .encode(),
+        Decoder::StatusBody => encode(&StatusBody::ChunksRequested {
+            indices: vec![0, 1, 70000],
+        }),
+        Decoder::Chunk => encode(&ChunkMsg {
+            v: WIRE_VERSION,
+            campaign_id: "c1".into(),
+            index: 1,
+            count: 2,
+            ct: vec![9; 64],
+            proof: vec![[0xcc; 32]],
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_decode() {
+        for d in Decoder::ALL {
+            d.decode(&sample(d))
+                .unwrap_or_else(|e| panic!("{}: {e}", d.name()));
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        for d in Decoder::ALL {
+            let s = sample(d);
+            for n in 0..s.len() {
+                assert!(d.decode(&s[..n]).is_err(), "{} truncated to {n}", d.name());
+            }
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_and_oversize_are_errors() {
+        for d in Decoder::ALL {
+            let mut s = sample(d);
+            s.push(0);
+            assert!(
+                matches!(d.decode(&s), Err(ProtocolError::Decode { .. })),
+                "{}",
+                d.name()
+            );
+            let big = vec![0u8; d.max() + 1];
+            assert!(
+                matches!(d.decode(&big), Err(ProtocolError::TooLarge { .. })),
+                "{}",
+                d.name()
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_never_a_panic() {
+        // Deterministic pseudo-random garbage plus single-byte flips of valid samples.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for d in Decoder::ALL {
+            for len in [1usize, 2, 7, 64, 300, 5000] {
+                let g: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                assert!(d.decode(&g).is_err(), "{} garbage {len}", d.name());
+            }
+            let s = sample(d);
+            for i in 0..s.len() {
+                let mut t = s.clone();
+                t[i] ^= 0xff;
+                let _ = d.decode(&t); // may or may not decode; must not panic
+            }
+        }
+    }
+
+    #[test]
+    fn nesting_and_huge_declared_lengths_are_bounded() {
+        // 10,000 nested arrays.
+        let deep = vec![0x81u8; 10_000];
+        for d in Decoder::ALL {
+            assert!(d.decode(&deep).is_err());
+        }
+        // A byte string declaring 2^63 bytes, and an array declaring 2^32 elements.
+        let huge = [
+            0xa1, 0x61, 0x76, 0x5b, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ];
+        let many = [0x9a, 0xff, 0xff, 0xff, 0xff, 0x00];
+        for d in Decoder::ALL {
+            assert!(d.decode(&huge).is_err());
+            assert!(d.decode(&many).is_err());
+        }
+    }
+
+    #[test]
+    fn wrong_version_and_type_are_rejected() {
+        let s = sample(Decoder::Notify);
+        let mut env: SignedEnvelope = decode(&s, "t", MAX_NOTIFY).unwrap();
+        env.v = 2;
+        assert_eq!(
+            decode_notify(&env.encode()).unwrap_err(),
+            ProtocolError::Version(2)
+        );
+        env.v = 1;
+        env.t = TYPE_READY;
+        assert!(matches!(
+            decode_notify(&env.encode()),
+            Err(ProtocolError::Decode { .. })
+        ));
+        let mut c = decode_chunk(&sample(Decoder::Chunk)).unwrap();
+        c.v = 9;
+        assert_eq!(
+            decode_chunk(&encode(&c)).unwrap_err(),
+            ProtocolError::Version(9)
+        );
+        c.v = 1;
+        c.proof = vec![[0; 32]; 33];
+        assert!(matches!(
+            decode_chunk(&encode(&c)),
+            Err(ProtocolError::Decode { .. })
+        ));
+        let req = StatusBody::ChunksRequested {
+            indices: vec![0; MAX_REQUESTED + 1],
+        };
+        assert!(matches!(
+            decode_status_body(&encode(&req)),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+    }
+}
