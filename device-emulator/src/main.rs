@@ -1,6 +1,404 @@
-//! Entry point of the `sealed-ota-device-emulator` binary.
+//! Command line of `sealed-ota-device-emulator`:
+//!
+//! - `pki-init`: create (or load) the CA, issue the manager identity, write PEM files and the
+//!   manager / CA Secrets (applied to Kubernetes, or written as YAML);
+//! - `enroll`: issue N device identities into a fleet directory and describe them as `Device`
+//!   resources (applied, or written as YAML);
+//! - `run`: run the enrolled devices against a broker until interrupted, a deadline, or a
+//!   condition, with a live progress line and a final summary (text, or JSON with `--json`).
 
-fn main() {
-    eprintln!("sealed-ota-device-emulator: the emulator arrives with the emulator issue");
-    std::process::exit(2);
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sealed_ota_device_emulator::device::unix_now;
+use sealed_ota_device_emulator::enroll::{self, CaSource, EnrollRequest, SecretNames};
+use sealed_ota_device_emulator::faults::{parse_duration, FaultSpec};
+use sealed_ota_device_emulator::fleet::{FleetOptions, RunningFleet};
+use sealed_ota_device_emulator::mqtt_io::BrokerEndpoint;
+use sealed_ota_device_emulator::stats::{self, Outcome};
+use sealed_ota_device_emulator::store::{FleetDir, FleetSettings};
+use sealed_ota_device_emulator::{Error, Result};
+
+#[derive(Debug, Parser)]
+#[command(name = "sealed-ota-device-emulator", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or load the CA, issue the manager identity, and produce the manager and CA Secrets.
+    PkiInit(PkiInitArgs),
+    /// Issue device identities into a fleet directory and produce their `Device` resources.
+    Enroll(EnrollArgs),
+    /// Run the enrolled devices against a broker.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct CaArgs {
+    /// Existing CA certificate (PEM). Without it a new CA is generated.
+    #[arg(long, requires = "ca_key", env = "SEALED_OTA_CA_FILE")]
+    ca_cert: Option<PathBuf>,
+    /// Existing CA private key (PEM).
+    #[arg(long, requires = "ca_cert", env = "SEALED_OTA_CA_KEY_FILE")]
+    ca_key: Option<PathBuf>,
+    /// Certificate validity in days.
+    #[arg(long, default_value_t = 365)]
+    validity_days: u32,
+}
+
+impl CaArgs {
+    fn source(&self) -> CaSource {
+        match (&self.ca_cert, &self.ca_key) {
+            (Some(cert), Some(key)) => CaSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => CaSource::Generate {
+                common_name: "sealed-ota-ca".into(),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct KubeOutputArgs {
+    /// Namespace of the Kubernetes objects.
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    /// Apply the objects to the cluster of the current kubeconfig (server-side apply).
+    #[arg(long)]
+    apply: bool,
+    /// Write the objects as multi-document YAML to this file ("-" for stdout).
+    #[arg(long)]
+    yaml: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct PkiInitArgs {
+    #[command(flatten)]
+    ca: CaArgs,
+    /// Directory for ca.crt, ca.key (new CA only), manager.crt, manager.key.
+    #[arg(long, default_value = "pki")]
+    out: PathBuf,
+    /// Manager id (the manager certificate's name).
+    #[arg(long, default_value = "manager")]
+    manager_id: String,
+    /// Name of the manager Secret (type kubernetes.io/tls: tls.crt, tls.key, ca.crt).
+    #[arg(long, default_value = "sealed-ota-manager")]
+    manager_secret: String,
+    /// Name of the CA Secret (type kubernetes.io/tls: tls.crt, tls.key), for rotation campaigns.
+    #[arg(long, default_value = "sealed-ota-ca")]
+    ca_secret: String,
+    #[command(flatten)]
+    output: KubeOutputArgs,
+}
+
+#[derive(Debug, Args)]
+struct EnrollArgs {
+    #[command(flatten)]
+    ca: CaArgs,
+    /// Fleet directory (created).
+    #[arg(long, default_value = "fleet")]
+    fleet: PathBuf,
+    /// Number of devices.
+    #[arg(long, default_value_t = 100)]
+    count: u32,
+    /// Index of the first device.
+    #[arg(long, default_value_t = 0)]
+    first_index: u32,
+    /// Device ids are <prefix>-<5-digit index>.
+    #[arg(long, default_value = "dev")]
+    id_prefix: String,
+    /// Label put on every Device (repeatable): key=value.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Manager id the devices expect.
+    #[arg(long, default_value = "manager")]
+    manager_id: String,
+    /// MQTT topic prefix.
+    #[arg(long, default_value = "iot")]
+    topic_prefix: String,
+    /// Version a freshly enrolled device runs.
+    #[arg(long, default_value = "1.0.0")]
+    initial_version: String,
+    #[command(flatten)]
+    output: KubeOutputArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ExitWhen {
+    /// Every device has connected once (measures connect time and memory).
+    Connected,
+    /// Every device has installed, rejected or failed its campaign.
+    Settled,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Fleet directory written by `enroll`.
+    #[arg(long, default_value = "fleet")]
+    fleet: PathBuf,
+    /// Broker URL, mqtts://host:port (client certificates) or mqtt://host:port.
+    #[arg(long, env = "SEALED_OTA_MQTTS_URL")]
+    broker: String,
+    /// CA that signed the broker's server certificate (default: the fleet's CA).
+    #[arg(long)]
+    broker_ca: Option<PathBuf>,
+    /// Manager id (default: the one recorded at enrollment).
+    #[arg(long)]
+    manager_id: Option<String>,
+    /// Topic prefix (default: the one recorded at enrollment).
+    #[arg(long)]
+    topic_prefix: Option<String>,
+    /// Run only the first N enrolled devices.
+    #[arg(long)]
+    devices: Option<usize>,
+    /// Connection attempts per second (first connects and reconnects).
+    #[arg(long, default_value_t = 500.0)]
+    connect_rate: f64,
+    /// TLS + MQTT handshakes in flight at once.
+    #[arg(long, default_value_t = 64)]
+    max_connecting: usize,
+    /// Fault switch (repeatable), KIND[:key=value,...][@SELECTOR]; see the README.
+    #[arg(long = "fault")]
+    faults: Vec<String>,
+    /// Maximum Packet Size the devices advertise (bytes).
+    #[arg(long, default_value_t = 256 * 1024)]
+    max_packet_size: u32,
+    /// Chunk topics a device subscribes at once.
+    #[arg(long, default_value_t = 8)]
+    window: u32,
+    /// Seconds before a device asks again for chunks that did not arrive.
+    #[arg(long, default_value_t = 30)]
+    window_timeout: u64,
+    /// Save device state every N chunks.
+    #[arg(long, default_value_t = 16)]
+    save_every_chunks: u32,
+    /// Stop after this long (e.g. 90s, 10m).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Stop when this condition holds.
+    #[arg(long, value_enum)]
+    exit_when: Option<ExitWhen>,
+    /// Print the final summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No live progress line (it is shown only when stderr is a terminal anyway).
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn parse_label(text: &str) -> std::result::Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {text:?} is not key=value"))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::PkiInit(args) => pki_init(args).await,
+            Command::Enroll(args) => enroll_devices(args).await,
+            Command::Run(args) => run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn pki_init(args: PkiInitArgs) -> Result<()> {
+    sealed_ota_device_emulator::install_crypto_provider();
+    let now = unix_now();
+    let source = args.ca.source();
+    let ca = enroll::load_ca(&source, now, args.ca.validity_days)?;
+    let names = SecretNames {
+        namespace: args.output.namespace.clone(),
+        manager: args.manager_secret,
+        ca: args.ca_secret,
+    };
+    let generated = matches!(source, CaSource::Generate { .. });
+    let bundle = enroll::pki_init(
+        &ca,
+        &args.manager_id,
+        &args.out,
+        generated,
+        &names,
+        now,
+        args.ca.validity_days,
+    )?;
+    let secrets = [&bundle.manager_secret, &bundle.ca_secret];
+    ship(&args.output, &secrets, |client| async move {
+        enroll::apply_secrets(&client, &secrets).await
+    })
+    .await?;
+    eprintln!(
+        "pki: manager {} issued; files in {}; Secrets {}/{} and {}/{}",
+        args.manager_id,
+        args.out.display(),
+        names.namespace,
+        names.manager,
+        names.namespace,
+        names.ca
+    );
+    Ok(())
+}
+
+async fn enroll_devices(args: EnrollArgs) -> Result<()> {
+    sealed_ota_device_emulator::install_crypto_provider();
+    let now = unix_now();
+    let ca = enroll::load_ca(&args.ca.source(), now, args.ca.validity_days)?;
+    let fleet = FleetDir::new(&args.fleet);
+    let settings = FleetSettings {
+        manager_id: args.manager_id,
+        topic_prefix: args.topic_prefix,
+        initial_version: args.initial_version,
+    };
+    let request = EnrollRequest {
+        id_prefix: args.id_prefix,
+        first_index: args.first_index,
+        count: args.count,
+        labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        namespace: args.output.namespace.clone(),
+        validity_days: args.ca.validity_days,
+    };
+    let devices =
+        tokio::task::block_in_place(|| enroll::enroll(&ca, &fleet, &settings, &request, now))?;
+    let devices_ref = &devices;
+    ship(&args.output, &devices, |client| async move {
+        enroll::apply_devices(&client, devices_ref, 32).await
+    })
+    .await?;
+    eprintln!(
+        "enroll: {} devices in {}",
+        devices.len(),
+        fleet.root().display()
+    );
+    Ok(())
+}
+
+/// Writes `objects` as YAML and/or applies them, as the output flags ask.
+async fn ship<T, F, Fut>(output: &KubeOutputArgs, objects: &[T], apply: F) -> Result<()>
+where
+    T: serde::Serialize,
+    F: FnOnce(kube::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    if let Some(path) = &output.yaml {
+        let yaml = enroll::to_yaml_stream(objects)?;
+        if path.as_os_str() == "-" {
+            print!("{yaml}");
+        } else {
+            std::fs::write(path, yaml).map_err(|e| Error::io("writing", path, e))?;
+        }
+    }
+    if output.apply {
+        apply(enroll::kube_client().await?).await?;
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let fleet = FleetDir::new(&args.fleet);
+    let broker_ca_path = args.broker_ca.unwrap_or_else(|| fleet.ca_cert_path());
+    let broker_ca = if args.broker.starts_with("mqtts") || args.broker.starts_with("ssl") {
+        Some(std::fs::read(&broker_ca_path).map_err(|e| Error::io("reading", &broker_ca_path, e))?)
+    } else {
+        None
+    };
+    let endpoint = BrokerEndpoint::parse(&args.broker, broker_ca)?;
+    let faults = args
+        .faults
+        .iter()
+        .map(|text| text.parse::<FaultSpec>())
+        .collect::<Result<Vec<_>>>()?;
+    let mut options = FleetOptions::new(fleet, endpoint);
+    options.manager_id = args.manager_id;
+    options.topic_prefix = args.topic_prefix;
+    options.device_limit = args.devices;
+    options.connect_rate = args.connect_rate;
+    options.max_connecting = args.max_connecting;
+    options.faults = faults;
+    options.max_packet_size = args.max_packet_size;
+    options.window = args.window;
+    options.window_timeout = args.window_timeout;
+    options.save_every_chunks = args.save_every_chunks;
+    let running = RunningFleet::start(options)?;
+    let stats = std::sync::Arc::clone(running.stats());
+    let progress = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {
+        stats::spawn_progress_display(std::sync::Arc::clone(&stats), Duration::from_millis(250))
+    });
+    let deadline = async {
+        match args.duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    let condition = async {
+        let Some(exit_when) = args.exit_when else {
+            return std::future::pending().await;
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            let total = stats.devices();
+            let reached = match exit_when {
+                ExitWhen::Connected => stats.ever_connected() == total,
+                ExitWhen::Settled => {
+                    stats.count(Outcome::Installed)
+                        + stats.count(Outcome::Rejected)
+                        + stats.count(Outcome::Failed)
+                        == total
+                }
+            };
+            if reached {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = deadline => {}
+        _ = condition => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    let (summary, _) = running.stop().await;
+    if let Some(progress) = progress {
+        progress.abort();
+        eprintln!("\r{}\x1b[K", stats.progress_line());
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).expect("the summary serializes")
+        );
+    } else {
+        eprint!("{}", summary.render_text());
+    }
+    Ok(())
 }

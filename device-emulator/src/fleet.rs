@@ -1,0 +1,203 @@
+//! Starting and stopping a fleet: reads the enrolled devices, resolves each one's faults,
+//! spawns one task per device sharing a pacer and the counters, and on stop collects every
+//! device's report into the summary. Used by the `run` command and by the e2e tests, which
+//! start, stop and restart fleets in-process.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sealed_ota_protocol::{TopicTree, TrustAnchor};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::device::{Device, DeviceReport, FleetContext};
+use crate::error::{Error, Result};
+use crate::faults::{DeviceFaults, FaultSpec};
+use crate::mqtt_io::BrokerEndpoint;
+use crate::pacing::ConnectPacer;
+use crate::stats::{FleetStats, Summary};
+use crate::store::FleetDir;
+
+/// Everything `run` needs.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// The enrolled fleet.
+    pub fleet: FleetDir,
+    /// The broker.
+    pub endpoint: BrokerEndpoint,
+    /// Manager id, when not the one in `fleet.json`.
+    pub manager_id: Option<String>,
+    /// Topic prefix, when not the one in `fleet.json`.
+    pub topic_prefix: Option<String>,
+    /// Run only the first N devices (sorted by id).
+    pub device_limit: Option<usize>,
+    /// Connection attempts per second.
+    pub connect_rate: f64,
+    /// Concurrent TLS/MQTT handshakes.
+    pub max_connecting: usize,
+    /// Fault switches.
+    pub faults: Vec<FaultSpec>,
+    /// Maximum Packet Size advertised.
+    pub max_packet_size: u32,
+    /// Chunk topics subscribed at once.
+    pub window: u32,
+    /// Seconds before a missing chunk window is requested again.
+    pub window_timeout: u64,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// State saved every N chunks.
+    pub save_every_chunks: u32,
+}
+
+impl FleetOptions {
+    /// Defaults for everything but the fleet and the broker.
+    pub fn new(fleet: FleetDir, endpoint: BrokerEndpoint) -> Self {
+        FleetOptions {
+            fleet,
+            endpoint,
+            manager_id: None,
+            topic_prefix: None,
+            device_limit: None,
+            connect_rate: 500.0,
+            max_connecting: 64,
+            faults: Vec::new(),
+            max_packet_size: 256 * 1024,
+            window: 8,
+            window_timeout: 30,
+            keep_alive: Duration::from_secs(60),
+            save_every_chunks: 16,
+        }
+    }
+}
+
+/// A fleet whose devices are running.
+#[derive(Debug)]
+pub struct RunningFleet {
+    stats: Arc<FleetStats>,
+    shutdown: watch::Sender<bool>,
+    devices: JoinSet<DeviceReport>,
+}
+
+impl RunningFleet {
+    /// Spawns one task per device. Must be called inside a tokio runtime.
+    pub fn start(options: FleetOptions) -> Result<Self> {
+        crate::install_crypto_provider();
+        let settings = options.fleet.settings()?;
+        let manager_id = options.manager_id.unwrap_or(settings.manager_id);
+        let prefix = options.topic_prefix.unwrap_or(settings.topic_prefix);
+        let topics = TopicTree::new(&prefix, &manager_id).map_err(|source| Error::Topics {
+            manager_id: manager_id.clone(),
+            source,
+        })?;
+        let ca_path = options.fleet.ca_cert_path();
+        let ca_pem =
+            std::fs::read_to_string(&ca_path).map_err(|e| Error::io("reading", &ca_path, e))?;
+        let trust = TrustAnchor::from_pem(&ca_pem).map_err(|source| Error::Identity {
+            subject: "CA".into(),
+            source,
+        })?;
+        let mut ids = options.fleet.device_ids()?;
+        if let Some(limit) = options.device_limit {
+            if limit > ids.len() {
+                return Err(Error::Config(format!(
+                    "--devices {limit}: only {} devices are enrolled in {}",
+                    ids.len(),
+                    options.fleet.root().display()
+                )));
+            }
+            ids.truncate(limit);
+        }
+        if ids.is_empty() {
+            return Err(Error::Config(format!(
+                "no device enrolled in {}",
+                options.fleet.root().display()
+            )));
+        }
+        check_open_file_limit(ids.len())?;
+        let stats = Arc::new(FleetStats::new(ids.len() as u64));
+        let ctx = Arc::new(FleetContext {
+            endpoint: options.endpoint,
+            trust: Arc::new(trust),
+            topics: Arc::new(topics),
+            initial_version: settings.initial_version,
+            max_packet_size: options.max_packet_size,
+            window: options.window,
+            window_timeout: options.window_timeout,
+            keep_alive: options.keep_alive,
+            poll_interval: Duration::from_secs(1),
+            save_every_chunks: options.save_every_chunks.max(1),
+            pacer: ConnectPacer::new(options.connect_rate, options.max_connecting),
+            stats: Arc::clone(&stats),
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut devices = JoinSet::new();
+        for (position, id) in ids.into_iter().enumerate() {
+            let faults = DeviceFaults::for_device(&options.faults, &id, position);
+            let dir = options.fleet.device(&id);
+            let device = Device::new(Arc::clone(&ctx), id, dir, faults, shutdown_rx.clone());
+            devices.spawn(device.run());
+        }
+        Ok(RunningFleet {
+            stats,
+            shutdown,
+            devices,
+        })
+    }
+
+    /// The live counters.
+    pub fn stats(&self) -> &Arc<FleetStats> {
+        &self.stats
+    }
+
+    /// Asks every device to save its state and disconnect, waits for them, and summarises.
+    pub async fn stop(mut self) -> (Summary, Vec<DeviceReport>) {
+        let _ = self.shutdown.send(true);
+        let mut reports = Vec::new();
+        while let Some(joined) = self.devices.join_next().await {
+            if let Ok(report) = joined {
+                reports.push(report);
+            }
+        }
+        reports.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        let mut versions = BTreeMap::new();
+        for report in &reports {
+            *versions.entry(report.running_version.clone()).or_insert(0) += 1;
+        }
+        (self.stats.summary(versions), reports)
+    }
+}
+
+/// Fails early, with the fix, when the process may not open a socket per device.
+fn check_open_file_limit(devices: usize) -> Result<()> {
+    let Some(limit) = open_file_soft_limit() else {
+        return Ok(());
+    };
+    let needed = devices as u64 + 256;
+    if limit < needed {
+        return Err(Error::Config(format!(
+            "{devices} devices need about {needed} open files but the limit is {limit}: \
+             raise it (`ulimit -n {needed}`) or run fewer devices"
+        )));
+    }
+    Ok(())
+}
+
+/// The soft `RLIMIT_NOFILE` from `/proc/self/limits` (Linux).
+fn open_file_soft_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_open_file_limit() {
+        assert!(open_file_soft_limit().unwrap() > 0);
+        let err = check_open_file_limit(usize::MAX / 2).unwrap_err();
+        assert!(err.to_string().contains("ulimit -n"), "{err}");
+    }
+}

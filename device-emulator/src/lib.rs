@@ -1,0 +1,25 @@
+//! The Sealed OTA device emulator: thousands of devices in one tokio process, each a real
+//! MQTT 5 client over TLS with its own identity, running the protocol crate's `DeviceSession`,
+//! with its state in a directory of its own and fault switches per device or per fraction of
+//! the fleet. The protocol crate makes every protocol decision; this crate owns the sockets,
+//! the disk, pacing, faults and reporting. The binary's CLI is in `main.rs`.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod device;
+pub mod enroll;
+pub mod error;
+pub mod faults;
+pub mod fleet;
+pub mod mqtt_io;
+pub mod pacing;
+pub mod stats;
+pub mod store;
+
+pub use error::{Error, Result};
+
+/// Installs ring as the process-wide rustls crypto provider (the workspace builds rustls
+/// without a default one). Harmless when already installed.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,0 +1,371 @@
+//! Fleet-wide counters, the live one-line progress display and the final summary (text or
+//! JSON). Devices update lock-free atomics; one task renders them. Memory is read from
+//! `/proc/self/status`, so the per-device cost is measured, not estimated.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+/// Where a device stands in the campaign it last saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// No campaign seen in this run.
+    Idle,
+    /// An update was offered and the image is arriving.
+    Transferring,
+    /// The image was verified and installed, or new credentials were stored.
+    Installed,
+    /// The device refused the update (fault switch, rollback, expiry, packet size...).
+    Rejected,
+    /// The install failed (hash mismatch, storage).
+    Failed,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 5] = [
+        Outcome::Idle,
+        Outcome::Transferring,
+        Outcome::Installed,
+        Outcome::Rejected,
+        Outcome::Failed,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Lower-case name, as in the JSON summary.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Idle => "idle",
+            Outcome::Transferring => "transferring",
+            Outcome::Installed => "installed",
+            Outcome::Rejected => "rejected",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// Counters shared by every device of the fleet.
+#[derive(Debug)]
+pub struct FleetStats {
+    started: Instant,
+    devices: u64,
+    connected: AtomicU64,
+    ever_connected: AtomicU64,
+    connect_attempts: AtomicU64,
+    connect_failures: AtomicU64,
+    chunks_received: AtomicU64,
+    bytes_received: AtomicU64,
+    messages_rejected: AtomicU64,
+    outcomes: [AtomicU64; 5],
+    all_connected_after: Mutex<Option<Duration>>,
+    rss_before_devices: u64,
+    rss_all_connected: AtomicU64,
+}
+
+impl FleetStats {
+    /// Counters for `devices` devices, all idle; reads the memory baseline now.
+    pub fn new(devices: u64) -> Self {
+        let outcomes = [0, 0, 0, 0, 0].map(AtomicU64::new);
+        outcomes[Outcome::Idle.index()].store(devices, Ordering::Relaxed);
+        FleetStats {
+            started: Instant::now(),
+            devices,
+            connected: AtomicU64::new(0),
+            ever_connected: AtomicU64::new(0),
+            connect_attempts: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            chunks_received: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            messages_rejected: AtomicU64::new(0),
+            outcomes,
+            all_connected_after: Mutex::new(None),
+            rss_before_devices: resident_set_bytes().unwrap_or(0),
+            rss_all_connected: AtomicU64::new(0),
+        }
+    }
+
+    /// A connection attempt starts.
+    pub fn connect_attempt(&self) {
+        self.connect_attempts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection attempt failed.
+    pub fn connect_failed(&self) {
+        self.connect_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A device got its CONNACK; `first` on its first connection of the run. When the last
+    /// device connects for the first time, the time and the memory are recorded.
+    pub fn connected(&self, first: bool) {
+        self.connected.fetch_add(1, Ordering::Relaxed);
+        if first && self.ever_connected.fetch_add(1, Ordering::Relaxed) + 1 == self.devices {
+            *self.all_connected_after.lock().expect("not poisoned") = Some(self.started.elapsed());
+            self.rss_all_connected
+                .store(resident_set_bytes().unwrap_or(0), Ordering::Relaxed);
+        }
+    }
+
+    /// A connected device lost or dropped its connection.
+    pub fn disconnected(&self) {
+        self.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A message of `bytes` payload bytes arrived.
+    pub fn received(&self, bytes: usize) {
+        self.bytes_received
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// A firmware chunk was accepted.
+    pub fn chunk(&self) {
+        self.chunks_received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The protocol rejected a message (forged, tampered, replayed, stale).
+    pub fn message_rejected(&self) {
+        self.messages_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A device moved from one outcome to another.
+    pub fn transition(&self, from: Outcome, to: Outcome) {
+        if from != to {
+            self.outcomes[from.index()].fetch_sub(1, Ordering::Relaxed);
+            self.outcomes[to.index()].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Devices currently at `outcome`.
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        self.outcomes[outcome.index()].load(Ordering::Relaxed)
+    }
+
+    /// Devices in the fleet.
+    pub fn devices(&self) -> u64 {
+        self.devices
+    }
+
+    /// Devices currently connected.
+    pub fn connected_now(&self) -> u64 {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Devices connected at least once.
+    pub fn ever_connected(&self) -> u64 {
+        self.ever_connected.load(Ordering::Relaxed)
+    }
+
+    /// Messages the protocol rejected so far.
+    pub fn messages_rejected(&self) -> u64 {
+        self.messages_rejected.load(Ordering::Relaxed)
+    }
+
+    /// The live progress line.
+    pub fn progress_line(&self) -> String {
+        format!(
+            "[{:>7.1}s] connected {}/{}  idle {}  transferring {}  installed {}  rejected {}  \
+             failed {}  chunks {}  {:.1} MiB  rejected msgs {}",
+            self.started.elapsed().as_secs_f64(),
+            self.connected_now(),
+            self.devices,
+            self.count(Outcome::Idle),
+            self.count(Outcome::Transferring),
+            self.count(Outcome::Installed),
+            self.count(Outcome::Rejected),
+            self.count(Outcome::Failed),
+            self.chunks_received.load(Ordering::Relaxed),
+            self.bytes_received.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0),
+            self.messages_rejected(),
+        )
+    }
+
+    /// The final summary; `versions` counts the running version of every device.
+    pub fn summary(&self, versions: BTreeMap<String, u64>) -> Summary {
+        let rss_all_connected = self.rss_all_connected.load(Ordering::Relaxed);
+        let connected_after = *self.all_connected_after.lock().expect("not poisoned");
+        let per_device = match (connected_after, self.devices) {
+            (Some(_), devices) if devices > 0 && rss_all_connected > 0 => {
+                Some(rss_all_connected.saturating_sub(self.rss_before_devices) / devices)
+            }
+            _ => None,
+        };
+        Summary {
+            devices: self.devices,
+            elapsed_seconds: self.started.elapsed().as_secs_f64(),
+            all_connected_seconds: connected_after.map(|d| d.as_secs_f64()),
+            connected_at_end: self.connected_now(),
+            connect_attempts: self.connect_attempts.load(Ordering::Relaxed),
+            connect_failures: self.connect_failures.load(Ordering::Relaxed),
+            outcomes: Outcome::ALL
+                .iter()
+                .map(|o| (o.name().to_string(), self.count(*o)))
+                .collect(),
+            running_versions: versions,
+            chunks_received: self.chunks_received.load(Ordering::Relaxed),
+            bytes_received: self.bytes_received.load(Ordering::Relaxed),
+            messages_rejected: self.messages_rejected(),
+            rss_before_devices_bytes: self.rss_before_devices,
+            rss_all_connected_bytes: (rss_all_connected > 0).then_some(rss_all_connected),
+            memory_per_device_bytes: per_device,
+        }
+    }
+}
+
+/// What a run did, printed at the end (text, or JSON with `--json`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    /// Devices in the run.
+    pub devices: u64,
+    /// Wall time of the run.
+    pub elapsed_seconds: f64,
+    /// Time until every device had connected once.
+    pub all_connected_seconds: Option<f64>,
+    /// Devices connected when the run ended.
+    pub connected_at_end: u64,
+    /// Connection attempts (first connects and reconnects).
+    pub connect_attempts: u64,
+    /// Failed connection attempts.
+    pub connect_failures: u64,
+    /// Devices by outcome of the last campaign they saw.
+    pub outcomes: BTreeMap<String, u64>,
+    /// Devices by running version.
+    pub running_versions: BTreeMap<String, u64>,
+    /// Firmware chunks accepted.
+    pub chunks_received: u64,
+    /// Payload bytes received from the broker.
+    pub bytes_received: u64,
+    /// Messages the protocol rejected (tampered, forged, replayed).
+    pub messages_rejected: u64,
+    /// Resident memory before any device started.
+    pub rss_before_devices_bytes: u64,
+    /// Resident memory when the last device connected.
+    pub rss_all_connected_bytes: Option<u64>,
+    /// (RSS when all connected - RSS before) / devices.
+    pub memory_per_device_bytes: Option<u64>,
+}
+
+impl Summary {
+    /// Human-readable multi-line summary.
+    pub fn render_text(&self) -> String {
+        let mut text = format!(
+            "devices: {}  elapsed: {:.1} s  all connected after: {}\n",
+            self.devices,
+            self.elapsed_seconds,
+            self.all_connected_seconds
+                .map(|s| format!("{s:.2} s"))
+                .unwrap_or_else(|| "never".into()),
+        );
+        text += &format!(
+            "connections: {} attempts, {} failed, {} connected at the end\n",
+            self.connect_attempts, self.connect_failures, self.connected_at_end
+        );
+        let outcomes: Vec<String> = self
+            .outcomes
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        text += &format!("outcomes: {}\n", outcomes.join(", "));
+        let versions: Vec<String> = self
+            .running_versions
+            .iter()
+            .map(|(k, v)| format!("{k} x{v}"))
+            .collect();
+        text += &format!("running versions: {}\n", versions.join(", "));
+        text += &format!(
+            "received: {} chunks, {:.2} MiB; messages rejected by the protocol: {}\n",
+            self.chunks_received,
+            self.bytes_received as f64 / (1024.0 * 1024.0),
+            self.messages_rejected
+        );
+        text += &format!(
+            "memory: RSS {:.1} MiB before devices, {} when all connected, {} per device\n",
+            self.rss_before_devices_bytes as f64 / (1024.0 * 1024.0),
+            self.rss_all_connected_bytes
+                .map(|b| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0)))
+                .unwrap_or_else(|| "n/a".into()),
+            self.memory_per_device_bytes
+                .map(|b| format!("{:.1} KiB", b as f64 / 1024.0))
+                .unwrap_or_else(|| "n/a".into()),
+        );
+        text
+    }
+}
+
+/// Redraws the progress line on stderr every `every` until the returned handle is aborted.
+pub fn spawn_progress_display(
+    stats: std::sync::Arc<FleetStats>,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(every);
+        loop {
+            ticker.tick().await;
+            let mut err = std::io::stderr().lock();
+            // \r + clear to end of line: one line, redrawn in place.
+            let _ = write!(err, "\r{}\x1b[K", stats.progress_line());
+            let _ = err.flush();
+        }
+    })
+}
+
+/// Resident set size of this process, from `/proc/self/status` (Linux).
+pub fn resident_set_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn outcomes_move_devices_between_buckets() {
+        let stats = FleetStats::new(3);
+        stats.transition(Outcome::Idle, Outcome::Transferring);
+        stats.transition(Outcome::Idle, Outcome::Transferring);
+        stats.transition(Outcome::Transferring, Outcome::Installed);
+        stats.transition(Outcome::Transferring, Outcome::Transferring);
+        assert_eq!(stats.count(Outcome::Idle), 1);
+        assert_eq!(stats.count(Outcome::Transferring), 1);
+        assert_eq!(stats.count(Outcome::Installed), 1);
+        let summary = stats.summary(BTreeMap::from([("1.0.0".into(), 3)]));
+        assert_eq!(summary.outcomes["installed"], 1);
+        assert_eq!(summary.outcomes.values().sum::<u64>(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_last_first_connection_records_time_and_memory() {
+        let stats = FleetStats::new(2);
+        stats.connected(true);
+        assert!(stats
+            .summary(BTreeMap::new())
+            .all_connected_seconds
+            .is_none());
+        stats.disconnected();
+        stats.connected(false);
+        stats.connected(true);
+        let summary = stats.summary(BTreeMap::new());
+        assert!(summary.all_connected_seconds.is_some());
+        assert!(summary.rss_all_connected_bytes.unwrap() > 0);
+        assert!(summary.memory_per_device_bytes.is_some());
+        assert_eq!(summary.connected_at_end, 2);
+        let json = serde_json::to_value(&summary).unwrap();
+        assert!(json["memoryPerDeviceBytes"].is_u64());
+        assert!(summary.render_text().contains("per device"));
+    }
+
+    #[test]
+    fn reads_its_own_rss() {
+        assert!(resident_set_bytes().unwrap() > 1024 * 1024);
+    }
+}

@@ -1,0 +1,552 @@
+//! On-disk state of an emulated fleet: one directory per device holding its identity, the
+//! protocol state the session asks to persist, the image being received and the installed
+//! image. It owns file layout and crash safety (every replacement is write-then-rename), and
+//! the install step: the received image is hashed and compared with the signed manifest before
+//! it becomes the installed image. It makes no protocol decision.
+//!
+//! Layout:
+//! ```text
+//! <fleet>/fleet.json                     manager id, topic prefix, initial version
+//! <fleet>/ca.crt                         trust anchor (inner channel, and broker TLS by default)
+//! <fleet>/devices/<id>/cert.pem          device certificate (CN = id)
+//! <fleet>/devices/<id>/key.pem           device private key (PKCS#8, mode 0600)
+//! <fleet>/devices/<id>/state.json        the protocol's DeviceState
+//! <fleet>/devices/<id>/download.part     image being received, written at chunk offsets
+//! <fleet>/devices/<id>/firmware.bin      installed image
+//! <fleet>/devices/<id>/firmware.json     version and SHA-256 of firmware.bin
+//! ```
+//! Small files are written with blocking `std::fs` calls from async tasks on purpose: they go
+//! to the page cache in microseconds, and a `spawn_blocking` per chunk would cost more.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Settings shared by every device of a fleet, written at enrollment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetSettings {
+    /// Manager id the devices expect (topic level and certificate name).
+    pub manager_id: String,
+    /// MQTT topic prefix.
+    pub topic_prefix: String,
+    /// Version a freshly enrolled device runs.
+    pub initial_version: String,
+}
+
+/// The root directory of an enrolled fleet.
+#[derive(Debug, Clone)]
+pub struct FleetDir {
+    root: PathBuf,
+}
+
+impl FleetDir {
+    /// A fleet rooted at `root` (not checked until read).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        FleetDir { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Path of the CA certificate the devices trust.
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.root.join("ca.crt")
+    }
+
+    fn settings_path(&self) -> PathBuf {
+        self.root.join("fleet.json")
+    }
+
+    fn devices_root(&self) -> PathBuf {
+        self.root.join("devices")
+    }
+
+    /// Writes `fleet.json` and `ca.crt`, creating the directories.
+    pub fn initialise(&self, settings: &FleetSettings, ca_cert_pem: &str) -> Result<()> {
+        create_dir(&self.devices_root())?;
+        write_json_atomic(&self.settings_path(), settings)?;
+        write_atomic(&self.ca_cert_path(), ca_cert_pem.as_bytes(), false)
+    }
+
+    /// Reads `fleet.json`.
+    pub fn settings(&self) -> Result<FleetSettings> {
+        read_json(&self.settings_path())?.ok_or_else(|| {
+            Error::Config(format!(
+                "{} is not an enrolled fleet (no fleet.json): run `enroll` first",
+                self.root.display()
+            ))
+        })
+    }
+
+    /// The directory of device `id`.
+    pub fn device(&self, id: &str) -> DeviceDir {
+        DeviceDir {
+            root: self.devices_root().join(id),
+        }
+    }
+
+    /// Ids of every enrolled device, sorted.
+    pub fn device_ids(&self) -> Result<Vec<String>> {
+        let root = self.devices_root();
+        let entries = fs::read_dir(&root).map_err(|e| Error::io("listing", &root, e))?;
+        let mut ids = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("listing", &root, e))?;
+            if entry.path().join("cert.pem").is_file() {
+                ids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+}
+
+/// Record of the installed image, next to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InstalledImage {
+    /// Version of the image.
+    pub version: String,
+    /// SHA-256 of `firmware.bin`, hex.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Why an install did not happen. The device reports it, signed, through the protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The received image does not hash to the manifest's SHA-256.
+    #[error("image SHA-256 mismatch: manifest {expected}, received {actual}")]
+    HashMismatch {
+        /// Hex SHA-256 from the signed manifest.
+        expected: String,
+        /// Hex SHA-256 of what was received.
+        actual: String,
+    },
+    /// The received image has the wrong size.
+    #[error("image size mismatch: manifest {expected} bytes, received {actual}")]
+    SizeMismatch {
+        /// Size from the manifest.
+        expected: u64,
+        /// Size received.
+        actual: u64,
+    },
+    /// The disk failed.
+    #[error(transparent)]
+    Storage(#[from] Error),
+}
+
+/// The directory of one device.
+#[derive(Debug, Clone)]
+pub struct DeviceDir {
+    root: PathBuf,
+}
+
+impl DeviceDir {
+    /// A device directory at `root` (for tests and tools; fleets use [`FleetDir::device`]).
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        DeviceDir { root: root.into() }
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn cert_path(&self) -> PathBuf {
+        self.root.join("cert.pem")
+    }
+    fn key_path(&self) -> PathBuf {
+        self.root.join("key.pem")
+    }
+    fn state_path(&self) -> PathBuf {
+        self.root.join("state.json")
+    }
+    fn download_path(&self) -> PathBuf {
+        self.root.join("download.part")
+    }
+    fn staging_path(&self) -> PathBuf {
+        self.root.join("firmware.staging")
+    }
+    /// Path of the installed image.
+    pub fn firmware_path(&self) -> PathBuf {
+        self.root.join("firmware.bin")
+    }
+    fn firmware_record_path(&self) -> PathBuf {
+        self.root.join("firmware.json")
+    }
+
+    /// Writes the device's certificate and key, replacing any previous pair. The key file is
+    /// written mode 0600; the certificate goes last, so a crash in between leaves the old
+    /// certificate with a key that does not match it rather than a half-written key.
+    pub fn write_credentials(&self, cert_pem: &str, key_pem: &str) -> Result<()> {
+        create_dir(&self.root)?;
+        write_atomic(&self.key_path(), key_pem.as_bytes(), true)?;
+        write_atomic(&self.cert_path(), cert_pem.as_bytes(), false)
+    }
+
+    /// Reads the certificate and key (PEM); the key is zeroized on drop.
+    pub fn read_credentials(&self) -> Result<(String, zeroize::Zeroizing<String>)> {
+        let cert = read_string(&self.cert_path())?;
+        let key = zeroize::Zeroizing::new(read_string(&self.key_path())?);
+        Ok((cert, key))
+    }
+
+    /// Loads the persisted protocol state, `None` for a device that never saved one.
+    pub fn load_state<S: DeserializeOwned>(&self) -> Result<Option<S>> {
+        read_json(&self.state_path())
+    }
+
+    /// Persists the protocol state (write-then-rename).
+    pub fn save_state<S: Serialize>(&self, state: &S) -> Result<()> {
+        write_json_atomic(&self.state_path(), state)
+    }
+
+    /// Writes received plaintext at `offset` of the image being received.
+    pub fn write_chunk(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let path = self.download_path();
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("opening", &path, e))?;
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.write_all(data))
+            .map_err(|e| Error::io("writing", &path, e))
+    }
+
+    /// Removes the image being received (a new campaign starts from zero).
+    pub fn discard_download(&self) -> Result<()> {
+        remove_if_present(&self.download_path())
+    }
+
+    /// Cleans what a crash can leave behind: a half-written staging image.
+    pub fn recover_after_crash(&self) -> Result<()> {
+        remove_if_present(&self.staging_path())
+    }
+
+    /// Starts an install and stops half-way, as a device that loses power while writing its
+    /// flash: half the received image lands in the staging slot, nothing is switched.
+    pub fn interrupt_install(&self) -> Result<()> {
+        let download = self.download_path();
+        let bytes = fs::read(&download).map_err(|e| Error::io("reading", &download, e))?;
+        write_atomic(&self.staging_path(), &bytes[..bytes.len() / 2], false)
+    }
+
+    /// Installs the received image: checks its size and SHA-256 against the signed manifest,
+    /// then moves it to `firmware.bin` and records its version. Only after this returns `Ok`
+    /// may the caller switch the running version.
+    pub fn install(
+        &self,
+        version: &str,
+        expected_size: u64,
+        expected_sha256: &[u8; 32],
+    ) -> Result<InstalledImage, InstallError> {
+        let download = self.download_path();
+        let (actual_size, actual_sha256) = hash_file(&download)?;
+        if actual_size != expected_size {
+            return Err(InstallError::SizeMismatch {
+                expected: expected_size,
+                actual: actual_size,
+            });
+        }
+        if &actual_sha256 != expected_sha256 {
+            return Err(InstallError::HashMismatch {
+                expected: hex::encode(expected_sha256),
+                actual: hex::encode(actual_sha256),
+            });
+        }
+        let staging = self.staging_path();
+        fs::rename(&download, &staging).map_err(|e| Error::io("staging", &download, e))?;
+        let firmware = self.firmware_path();
+        fs::rename(&staging, &firmware).map_err(|e| Error::io("installing", &firmware, e))?;
+        let record = InstalledImage {
+            version: version.to_string(),
+            sha256: hex::encode(actual_sha256),
+            size: actual_size,
+        };
+        write_json_atomic(&self.firmware_record_path(), &record)?;
+        Ok(record)
+    }
+
+    /// The installed image's record, if any.
+    pub fn installed_image(&self) -> Result<Option<InstalledImage>> {
+        read_json(&self.firmware_record_path())
+    }
+
+    /// Flips one bit of the image being received at `offset` (the storage bit-flip fault:
+    /// the SHA-256 check at install must catch it).
+    pub fn flip_stored_bit(&self, offset: u64, bit: u8) -> Result<()> {
+        let path = self.download_path();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("opening", &path, e))?;
+        let mut byte = [0u8; 1];
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.read_exact(&mut byte))
+            .map_err(|e| Error::io("reading", &path, e))?;
+        byte[0] ^= 1 << (bit % 8);
+        file.seek(SeekFrom::Start(offset))
+            .and_then(|_| file.write_all(&byte))
+            .map_err(|e| Error::io("writing", &path, e))
+    }
+}
+
+fn hash_file(path: &Path) -> Result<(u64, [u8; 32])> {
+    let mut file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut size = 0u64;
+    loop {
+        let read = file
+            .read(&mut buffer)
+            .map_err(|e| Error::io("reading", path, e))?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+        size += read as u64;
+    }
+    Ok((size, hasher.finalize().into()))
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    fs::create_dir_all(path).map_err(|e| Error::io("creating directory", path, e))
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("removing", path, e)),
+    }
+}
+
+fn read_string(path: &Path) -> Result<String> {
+    fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("reading", path, e)),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    write_atomic(path, &bytes, false)
+}
+
+/// Writes `bytes` to a temporary file next to `path` and renames it over `path`, so readers
+/// see the old or the new content, never a mix.
+fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut options = OpenOptions::new();
+    options.create(true).truncate(true).write(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut file = options
+        .open(&tmp)
+        .map_err(|e| Error::io("creating", &tmp, e))?;
+    file.write_all(bytes)
+        .map_err(|e| Error::io("writing", &tmp, e))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(|e| Error::io("renaming into", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha256(bytes: &[u8]) -> [u8; 32] {
+        Sha256::digest(bytes).into()
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct ExampleState {
+        running_version: String,
+        received: Vec<u32>,
+    }
+
+    #[test]
+    fn state_round_trips_and_is_absent_before_the_first_save() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DeviceDir::at(tmp.path().join("dev-1"));
+        dir.write_credentials("CERT", "KEY").unwrap();
+        assert_eq!(dir.load_state::<ExampleState>().unwrap(), None);
+        let state = ExampleState {
+            running_version: "1.0.0".into(),
+            received: vec![0, 2],
+        };
+        dir.save_state(&state).unwrap();
+        assert_eq!(dir.load_state::<ExampleState>().unwrap(), Some(state));
+        assert!(!tmp.path().join("dev-1/state.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_an_error_naming_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DeviceDir::at(tmp.path());
+        fs::write(tmp.path().join("state.json"), b"{not json").unwrap();
+        let err = dir.load_state::<ExampleState>().unwrap_err();
+        assert!(err.to_string().contains("state.json"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_key_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DeviceDir::at(tmp.path().join("d"));
+        dir.write_credentials("CERT", "KEY").unwrap();
+        let mode = fs::metadata(tmp.path().join("d/key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (cert, key) = dir.read_credentials().unwrap();
+        assert_eq!((cert.as_str(), key.as_str()), ("CERT", "KEY"));
+    }
+
+    #[test]
+    fn chunks_written_out_of_order_install_when_the_hash_matches() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DeviceDir::at(tmp.path());
+        let image: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        dir.write_chunk(4096, &image[4096..8192]).unwrap();
+        dir.write_chunk(8192, &image[8192..]).unwrap();
+        dir.write_chunk(0, &image[..4096]).unwrap();
+        // A duplicate chunk rewrites the same bytes: harmless.
+        dir.write_chunk(4096, &image[4096..8192]).unwrap();
+        let record = dir
+            .install("1.1.0", image.len() as u64, &sha256(&image))
+            .unwrap();
+        assert_eq!(record.version, "1.1.0");
+        assert_eq!(fs::read(dir.firmware_path()).unwrap(), image);
+        assert_eq!(dir.installed_image().unwrap(), Some(record));
+        assert!(!tmp.path().join("download.part").exists());
+    }
+
+    #[test]
+    fn a_flipped_bit_fails_the_install_and_keeps_the_old_firmware() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DeviceDir::at(tmp.path());
+        let old = b"old firmware".to_vec();
+        dir.write_chunk(0, &old).unwrap();
+        dir.install("1.0.0", old.len() as u64, &sha256(&old))
+            .unwrap();
+        let new = vec![7u8; 3000];
+        dir.write_chunk(0, &new).unwrap();
+        dir.flip_stored_bit(1234, 3).unwrap();
+        let err = dir
+            .install("1.1.0", new.len() as u64, &sha256(&new))
+            .unwrap_err();
+        assert!(matches!(err, InstallError::HashMismatch { .. }), "{err}");
+        assert_eq!(fs::read(dir.firmware_path()).unwrap(), old);
+        assert_eq!(dir.installed_image().unwrap().unwrap().version, "1.0.0");
+    }
+
+    #[test]
+    fn a_short_image_is_a_size_mismatch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DeviceDir::at(tmp.path());
+        let image = vec![1u8; 100];
+        dir.write_chunk(0, &image[..50]).unwrap();
+        let err = dir.install("2.0.0", 100, &sha256(&image)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                InstallError::SizeMismatch {
+                    expected: 100,
+                    actual: 50
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_interrupted_install_leaves_staging_that_recovery_removes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DeviceDir::at(tmp.path());
+        let image = vec![9u8; 1000];
+        dir.write_chunk(0, &image).unwrap();
+        dir.interrupt_install().unwrap();
+        assert_eq!(
+            fs::read(tmp.path().join("firmware.staging")).unwrap().len(),
+            500
+        );
+        assert!(!dir.firmware_path().exists(), "nothing was switched");
+        dir.recover_after_crash().unwrap();
+        assert!(!tmp.path().join("firmware.staging").exists());
+        // The download survived the crash: the install can be redone.
+        dir.install("1.1.0", 1000, &sha256(&image)).unwrap();
+    }
+
+    #[test]
+    fn rotated_credentials_replace_the_old_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DeviceDir::at(tmp.path());
+        dir.write_credentials("OLD CERT", "OLD KEY").unwrap();
+        dir.write_credentials("NEW CERT", "NEW KEY").unwrap();
+        let (cert, key) = dir.read_credentials().unwrap();
+        assert_eq!((cert.as_str(), key.as_str()), ("NEW CERT", "NEW KEY"));
+    }
+
+    #[test]
+    fn fleet_lists_enrolled_devices_sorted_and_reads_settings() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fleet = FleetDir::new(tmp.path());
+        let settings = FleetSettings {
+            manager_id: "manager".into(),
+            topic_prefix: "iot".into(),
+            initial_version: "1.0.0".into(),
+        };
+        fleet.initialise(&settings, "CA").unwrap();
+        for id in ["dev-2", "dev-10", "dev-1"] {
+            fleet.device(id).write_credentials("C", "K").unwrap();
+        }
+        fs::create_dir_all(tmp.path().join("devices/not-enrolled")).unwrap();
+        assert_eq!(fleet.device_ids().unwrap(), ["dev-1", "dev-10", "dev-2"]);
+        assert_eq!(fleet.settings().unwrap(), settings);
+        assert_eq!(fs::read_to_string(fleet.ca_cert_path()).unwrap(), "CA");
+    }
+
+    #[test]
+    fn an_unenrolled_directory_says_to_enroll() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = FleetDir::new(tmp.path()).settings().unwrap_err();
+        assert!(err.to_string().contains("enroll"), "{err}");
+    }
+}
