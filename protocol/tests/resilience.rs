@@ -1,0 +1,227 @@
+//! Loss, duplication, reordering, reconnects and device restarts through the in-memory broker.
+
+mod common;
+
+use common::*;
+use sealed_ota_protocol::*;
+
+#[test]
+fn duplicated_and_reordered_deliveries_are_harmless() {
+    let image = firmware(6000);
+    let mut w = World::new(Pki::new(), campaign(image.clone(), 256));
+    w.publish_chunks();
+    w.add_device("s1", "1.0.0", 8);
+    w.start(target("s1"));
+    // Deliver everything twice, in reverse order of each batch.
+    let mut rounds = 0;
+    while !w.broker.queue.is_empty() {
+        rounds += 1;
+        assert!(rounds < 10_000);
+        let batch: Vec<_> = w.broker.queue.drain(..).collect();
+        for (c, m) in batch.iter().rev() {
+            w.deliver(c, m.clone());
+            w.deliver(c, m.clone());
+        }
+    }
+    let d = &w.devices["s1"];
+    assert!(d.installed, "{:?}", d.errors);
+    assert_eq!(d.image, image);
+    assert_eq!(w.manager_state("s1"), &ManagerState::Installed);
+    assert_eq!(w.installed_events(), 1);
+}
+
+#[test]
+fn lost_chunks_are_requested_and_republished() {
+    let image = firmware(5000);
+    let mut w = World::new(Pki::new(), campaign(image.clone(), 256));
+    // Chunks are NOT published up front: every chunk the device asks for is published on request.
+    w.add_device("s1", "1.0.0", 5);
+    w.start(target("s1"));
+    for _ in 0..20 {
+        w.run();
+        if w.devices["s1"].installed {
+            break;
+        }
+        w.now += 31;
+        w.poll_devices();
+    }
+    assert!(w.devices["s1"].installed);
+    assert_eq!(w.devices["s1"].image, image);
+    let requests = w
+        .manager
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, ManagerEvent::ChunksRequested { .. }))
+        .count();
+    assert!(requests >= 4, "{requests}");
+}
+
+#[test]
+fn lost_update_is_recovered_by_ready_retry() {
+    let mut w = World::new(Pki::new(), campaign(firmware(1000), 256));
+    w.publish_chunks();
+    w.add_device("s1", "1.0.0", 4);
+    w.start(target("s1"));
+    let mut dropped = false;
+    w.hook = Some(Box::new(move |client, msg| {
+        if client == "s1" && msg.topic.ends_with("/update") && !dropped {
+            dropped = true;
+            return Verdict::Drop;
+        }
+        Verdict::Deliver
+    }));
+    w.run();
+    assert!(!w.devices["s1"].installed);
+    w.now += 31;
+    w.poll_devices(); // re-sends the same ready; manager re-sends the same update
+    w.run();
+    assert!(w.devices["s1"].installed);
+    assert_eq!(w.manager_state("s1"), &ManagerState::Installed);
+}
+
+#[test]
+fn device_restart_mid_transfer_resumes_from_persisted_state() {
+    let image = firmware(8000);
+    let mut w = World::new(Pki::new(), campaign(image.clone(), 500));
+    w.publish_chunks();
+    let id = std::sync::Arc::new(w.pki.ca.issue(Role::Device, "s1", NOW, 30).unwrap());
+    let (s, a) = w.pki.device_with(id.clone(), DeviceState::new("1.0.0"), 4);
+    w.add_device_session("s1", s, a);
+    w.start(target("s1"));
+    // Stop delivering chunks to the device after 6 of them.
+    let mut seen = 0;
+    w.hook = Some(Box::new(move |client, msg| {
+        if client == "s1" && msg.topic.contains("/_chunks/") {
+            seen += 1;
+            if seen > 6 {
+                return Verdict::Drop;
+            }
+        }
+        Verdict::Deliver
+    }));
+    w.run();
+    let persisted = w.devices["s1"].session.state().clone();
+    let stored = w.devices["s1"].image.clone();
+    let t = persisted.transfer.as_ref().expect("transfer persisted");
+    assert_eq!(t.received.count(), 6);
+    // Persist as JSON and "reboot": new DeviceSession, same identity, state from JSON.
+    let json = serde_json::to_string(&persisted).unwrap();
+    let restored: DeviceState = serde_json::from_str(&json).unwrap();
+    w.hook = None;
+    w.broker.subs.remove("s1");
+    let (s, a) = w.pki.device_with(id, restored, 4);
+    w.add_device_session("s1", s, a);
+    w.devices.get_mut("s1").unwrap().image = stored;
+    w.run();
+    let d = &w.devices["s1"];
+    assert!(d.installed, "{:?}", d.errors);
+    assert_eq!(d.image, image);
+    // Only the 10 missing chunks were delivered as events after the restart.
+    let n = d
+        .events
+        .iter()
+        .filter(|e| matches!(e, DeviceEvent::Chunk { .. }))
+        .count();
+    assert_eq!(n, 16 - 6);
+    // The ready carried the resume summary.
+    let ready = w
+        .broker
+        .published
+        .iter()
+        .rev()
+        .find(|(f, o)| f == "s1" && o.topic.ends_with("/ready"))
+        .unwrap();
+    let (_, body) = wire::decode_ready(&ready.1.payload).unwrap();
+    assert_eq!(body.have.unwrap().received, 6);
+    assert_eq!(w.manager_state("s1"), &ManagerState::Installed);
+}
+
+#[test]
+fn reconnect_resubscribes_window() {
+    let image = firmware(3000);
+    let mut w = World::new(Pki::new(), campaign(image.clone(), 500));
+    w.publish_chunks();
+    w.add_device("s1", "1.0.0", 3);
+    w.start(target("s1"));
+    // The connection drops when the first window is subscribed: its retained chunks never arrive.
+    w.hook = Some(Box::new(|client, msg| {
+        if client == "s1" && msg.topic.contains("/_chunks/") {
+            Verdict::Drop
+        } else {
+            Verdict::Deliver
+        }
+    }));
+    w.run();
+    assert_eq!(w.devices["s1"].session.window(), &[0, 1, 2]);
+    w.hook = None;
+    w.broker.subs.remove("s1"); // clean session
+    let now = w.now;
+    let a = w.devices.get_mut("s1").unwrap().session.on_reconnect(now);
+    w.broker.apply("s1", a);
+    w.run();
+    assert!(w.devices["s1"].installed);
+    assert_eq!(w.devices["s1"].image, image);
+}
+
+#[test]
+fn retained_notify_after_completion_is_ignored_and_declines_are_signed() {
+    let mut w = World::new(Pki::new(), campaign(firmware(600), 256));
+    w.publish_chunks();
+    w.add_device("s1", "1.0.0", 4);
+    w.start(target("s1"));
+    w.run();
+    assert!(w.devices["s1"].installed);
+    // Reconnect: the retained notify comes again and is ignored (campaign completed).
+    let now = w.now;
+    let before = w.broker.published.len();
+    let a = w.devices.get_mut("s1").unwrap().session.on_reconnect(now);
+    w.broker.apply("s1", a);
+    w.run();
+    assert_eq!(w.broker.published.len(), before);
+    assert!(w.devices["s1"].errors.is_empty());
+
+    // Decline path.
+    let mut w = World::new(Pki::new(), campaign(firmware(600), 256));
+    w.add_device("s1", "1.0.0", 4);
+    w.start(target("s1"));
+    w.run();
+    let now = w.now;
+    let a = w
+        .devices
+        .get_mut("s1")
+        .unwrap()
+        .session
+        .decline("maintenance window", now);
+    assert!(!a.is_empty());
+    w.broker.apply("s1", a);
+    w.run();
+    assert_eq!(
+        w.manager_state("s1"),
+        &ManagerState::Rejected(RejectReason::DeclinedByDevice("maintenance window".into()))
+    );
+}
+
+#[test]
+fn image_hash_mismatch_is_reported() {
+    let mut w = World::new(Pki::new(), campaign(firmware(600), 256));
+    w.publish_chunks();
+    w.add_device("s1", "1.0.0", 4);
+    w.start(target("s1"));
+    // The application "stores" badly: corrupt its buffer after the first chunk.
+    w.hook = Some(Box::new(|_, _| Verdict::Deliver));
+    let mut steps = 0;
+    while let Some((c, m)) = w.broker.queue.pop_front() {
+        steps += 1;
+        if c == "s1" && m.topic.ends_with("/_chunks/c1/1") {
+            w.deliver(&c, m);
+            w.devices.get_mut("s1").unwrap().image[0] ^= 1;
+            continue;
+        }
+        w.deliver(&c, m);
+        assert!(steps < 10_000);
+    }
+    assert_eq!(
+        w.manager_state("s1"),
+        &ManagerState::Rejected(RejectReason::ImageHashMismatch)
+    );
+}

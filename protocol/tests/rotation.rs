@@ -1,0 +1,185 @@
+//! Credential rotation end to end, both modes: DeliverKey (the paper's flow, the PKCS#8 key travels
+//! encrypted under the session key) and Csr (only the certificate travels).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use sealed_ota_protocol::*;
+
+fn rotation(pki: &Pki, mode: RotationMode) -> Arc<PreparedCampaign> {
+    Arc::new(
+        PreparedCampaign::prepare(CampaignSpec {
+            campaign_id: "rot1".into(),
+            target_version: "1.0.0".into(),
+            payload: CampaignPayload::RotateCredentials {
+                mode,
+                ca: pki.ca.clone(),
+                validity_days: 90,
+            },
+            expires_at: NOW + 3600,
+            chunk_size: 1024,
+        })
+        .unwrap(),
+    )
+}
+
+fn run_rotation(mode: RotationMode) -> World {
+    let pki = Pki::new();
+    let c = rotation(&pki, mode);
+    assert_eq!(c.chunk_count(), 0);
+    let mut w = World::new(pki, c);
+    w.add_device("s1", "1.0.0", 4);
+    w.add_device("s2", "1.0.0", 4);
+    w.start(target("s1"));
+    w.start(target("s2"));
+    w.run();
+    w
+}
+
+fn private_scalar(id: &Identity) -> Vec<u8> {
+    use p256::pkcs8::DecodePrivateKey;
+    p256::SecretKey::from_pkcs8_der(&id.key_pkcs8_der())
+        .unwrap()
+        .to_bytes()
+        .to_vec()
+}
+
+fn check_delivered(w: &World, name: &str) -> Identity {
+    let d = &w.devices[name];
+    assert!(d.errors.is_empty(), "{:?}", d.errors);
+    let (cert, key) = d.credentials.clone().expect("credentials delivered");
+    let id = Identity::from_pem(&cert, &key).unwrap();
+    assert_eq!(id.name(), name);
+    assert_eq!(id.role(), Role::Device);
+    w.pki
+        .trust
+        .verify(id.cert_der(), Role::Device, name, NOW)
+        .unwrap();
+    assert_eq!(w.manager_state(name), &ManagerState::Installed);
+    assert!(d
+        .session
+        .state()
+        .completed_campaigns
+        .contains(&"rot1".to_string()));
+    id
+}
+
+#[test]
+fn deliver_key_mode_end_to_end() {
+    let w = run_rotation(RotationMode::DeliverKey);
+    let a = check_delivered(&w, "s1");
+    let b = check_delivered(&w, "s2");
+    assert_ne!(a.fingerprint(), b.fingerprint());
+    assert_eq!(w.installed_events(), 2);
+    // The private key never appears in clear on the wire.
+    let needle = &private_scalar(&a)[..];
+    for (_, o) in &w.broker.published {
+        assert!(!o.payload.windows(needle.len()).any(|win| win == needle));
+    }
+}
+
+#[test]
+fn csr_mode_end_to_end() {
+    let w = run_rotation(RotationMode::Csr);
+    let a = check_delivered(&w, "s1");
+    check_delivered(&w, "s2");
+    // The ready message carried a CSR and the update carried no key.
+    let ready = w
+        .broker
+        .published
+        .iter()
+        .find(|(f, o)| f == "s1" && o.topic.ends_with("/ready"))
+        .unwrap();
+    let (_, body) = wire::decode_ready(&ready.1.payload).unwrap();
+    assert!(body.csr.is_some());
+    // The key was generated on the device: it is nowhere on the wire.
+    let needle = &private_scalar(&a)[..];
+    for (_, o) in &w.broker.published {
+        assert!(!o.payload.windows(needle.len()).any(|win| win == needle));
+    }
+}
+
+#[test]
+fn rotated_identity_is_usable_for_the_next_campaign() {
+    let w = run_rotation(RotationMode::Csr);
+    let id = Arc::new(check_delivered(&w, "s1"));
+    let pki = w.pki;
+    let mut w2 = World::new(pki, campaign(firmware(700), 256));
+    w2.publish_chunks();
+    let (s, a) = w2.pki.device_with(id.clone(), DeviceState::new("1.0.0"), 2);
+    w2.add_device_session("s1", s, a);
+    w2.start(DeviceTarget {
+        pinned_fingerprint: Some(id.fingerprint()),
+        ..target("s1")
+    });
+    w2.run();
+    assert!(w2.devices["s1"].installed);
+}
+
+#[test]
+fn csr_mode_without_csr_is_rejected_by_manager() {
+    let pki = Pki::new();
+    let c = rotation(&pki, RotationMode::Csr);
+    let mut w = World::new(pki, c);
+    w.add_device("s1", "1.0.0", 4);
+    w.start(target("s1"));
+    // The broker cannot strip the CSR without breaking the device signature.
+    w.hook = Some(Box::new(|client, msg| {
+        if client == "manager" && msg.topic.ends_with("/ready") {
+            let (mut env, mut body) = wire::decode_ready(&msg.payload).unwrap();
+            body.csr = None;
+            env.body = wire::encode_msg(&body);
+            msg.payload = env.encode();
+        }
+        Verdict::Deliver
+    }));
+    w.run();
+    assert!(matches!(
+        w.manager.errors.as_slice(),
+        [(_, ProtocolError::BadSignature { message: "ready" })]
+    ));
+    assert!(w.devices["s1"].credentials.is_none());
+}
+
+#[test]
+fn credentials_for_another_device_are_refused() {
+    // A manager bug (or compromised CA use) issues s2's certificate into s1's session: the device
+    // checks the name before reporting Installed.
+    let pki = Pki::new();
+    let c = rotation(&pki, RotationMode::DeliverKey);
+    let other_ca = Arc::new(CertificateAuthority::generate("other", NOW, 30).unwrap());
+    // A rotation campaign whose CA is not the one devices trust.
+    let bad = Arc::new(
+        PreparedCampaign::prepare(CampaignSpec {
+            campaign_id: "rot1".into(),
+            target_version: "1.0.0".into(),
+            payload: CampaignPayload::RotateCredentials {
+                mode: RotationMode::DeliverKey,
+                ca: other_ca,
+                validity_days: 90,
+            },
+            expires_at: NOW + 3600,
+            chunk_size: 1024,
+        })
+        .unwrap(),
+    );
+    drop(c);
+    let mut w = World::new(pki, bad);
+    w.add_device("s1", "1.0.0", 4);
+    w.start(target("s1"));
+    w.run();
+    let d = &w.devices["s1"];
+    assert!(d.credentials.is_none());
+    assert!(matches!(
+        d.events.as_slice(),
+        [DeviceEvent::Rejected {
+            reason: RejectReason::BadCredentials(_)
+        }]
+    ));
+    assert!(matches!(
+        w.manager_state("s1"),
+        ManagerState::Rejected(RejectReason::BadCredentials(_))
+    ));
+}
