@@ -1,9 +1,261 @@
 //! The Sealed OTA operator: custom resources, the campaign controller and
 //! the MQTT side of the manager. The binary in `main.rs` only wires these
-//! together.
+//! together; tests run the same [`run`] in-process.
 #![forbid(unsafe_code)]
 
+pub mod config;
+pub mod controller;
 pub mod crd;
 pub mod crdgen;
+pub mod engine;
+pub mod error;
+pub mod inputs;
+pub mod metrics;
+pub mod mqtt;
 pub mod rollout;
 pub mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+use kube_lease_manager::LeaseManagerBuilder;
+use sealed_ota_protocol::TopicTree;
+use tokio::sync::mpsc;
+
+pub use config::Config;
+pub use error::Error;
+pub use metrics::Metrics;
+
+use crate::mqtt::{BrokerSettings, MqttSession, TlsMaterial};
+
+fn read_file(path: &std::path::Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|source| Error::File {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+async fn secret_data(client: &Client, ns: &str, name: &str) -> Result<Secret, Error> {
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .get(name)
+        .await
+        .map_err(Error::kube("reading a broker Secret"))
+}
+
+fn key_of(secret: &Secret, key: &str) -> Result<Vec<u8>, Error> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|v| v.0.clone())
+        .ok_or_else(|| {
+            Error::MqttConfig(format!(
+                "Secret {} has no key {key:?}",
+                secret.metadata.name.as_deref().unwrap_or_default()
+            ))
+        })
+}
+
+/// Build the broker settings from flags, files and Secrets (in the operator namespace).
+pub async fn broker_settings(config: &Config, client: &Client) -> Result<BrokerSettings, Error> {
+    let (tls, host, port) = mqtt::parse_broker_url(&config.broker_url)?;
+    let tls = if !tls {
+        None
+    } else if let Some(name) = &config.broker_tls_secret {
+        let s = secret_data(client, &config.operator_namespace, name).await?;
+        let client_pair = match (key_of(&s, "tls.crt"), key_of(&s, "tls.key")) {
+            (Ok(c), Ok(k)) => Some((c, zeroize::Zeroizing::new(k))),
+            _ => None,
+        };
+        Some(TlsMaterial {
+            ca_pem: key_of(&s, "ca.crt")?,
+            client: client_pair,
+        })
+    } else {
+        let ca_file = config.broker_ca_file.as_ref().ok_or_else(|| {
+            Error::MqttConfig("mqtts:// needs --broker-ca-file or --broker-tls-secret".into())
+        })?;
+        let client_pair = match (&config.broker_cert_file, &config.broker_key_file) {
+            (Some(c), Some(k)) => Some((read_file(c)?, zeroize::Zeroizing::new(read_file(k)?))),
+            (None, None) => None,
+            _ => {
+                return Err(Error::MqttConfig(
+                    "--broker-cert-file and --broker-key-file go together".into(),
+                ))
+            }
+        };
+        Some(TlsMaterial {
+            ca_pem: read_file(ca_file)?,
+            client: client_pair,
+        })
+    };
+    let credentials = if let Some(name) = &config.broker_credentials_secret {
+        let s = secret_data(client, &config.operator_namespace, name).await?;
+        let user = String::from_utf8_lossy(&key_of(&s, "username")?).into_owned();
+        let pass = String::from_utf8_lossy(&key_of(&s, "password")?).into_owned();
+        Some((user, pass))
+    } else {
+        config.broker_username.as_ref().map(|u| {
+            (
+                u.clone(),
+                config
+                    .broker_password
+                    .as_ref()
+                    .map(|p| p.0.clone())
+                    .unwrap_or_default(),
+            )
+        })
+    };
+    Ok(BrokerSettings {
+        host,
+        port,
+        tls,
+        credentials,
+        client_id: format!("sealed-ota-manager-{}", config.manager_id),
+    })
+}
+
+/// Run the operator until `shutdown` completes: metrics listener, leader election, and while leader
+/// the MQTT session, the engine and one controller per watched namespace.
+pub async fn run(
+    config: Config,
+    client: Client,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    // One TLS crypto provider for the process (kube and rumqttc both use rustls with ring). A second
+    // install attempt (tests run several operators) fails harmlessly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let metrics = Metrics::new();
+    let (listener, addr) = metrics.bind(&config.metrics_addr).await?;
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    let server = tokio::spawn(metrics.clone().serve(listener));
+    let result = run_with_metrics(config, client, metrics, shutdown).await;
+    server.abort();
+    result
+}
+
+async fn run_with_metrics(
+    config: Config,
+    client: Client,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    tokio::pin!(shutdown);
+    if !config.leader_election {
+        metrics.set_ready(true);
+        metrics.leader.set(1);
+        return active(&config, &client, &metrics, shutdown).await;
+    }
+    let identity = config.replica_identity();
+    let lease = LeaseManagerBuilder::new(client.clone(), config.lease_name.clone())
+        .with_namespace(config.operator_namespace.clone())
+        .with_identity(identity.clone())
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await
+        .map_err(|e| Error::Lease(e.to_string()))?;
+    let (mut leader, lease_task) = lease.watch().await;
+    metrics.set_ready(true);
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            changed = leader.wait_for(|l| *l) => {
+                if changed.is_err() {
+                    break Err(Error::Lease("lease watcher stopped".into()));
+                }
+            }
+        }
+        tracing::info!(%identity, lease = %config.lease_name, "became leader");
+        metrics.leader.set(1);
+        let mut lost = leader.clone();
+        let lost = async move {
+            let _ = lost.wait_for(|l| !*l).await;
+        };
+        let outcome = tokio::select! {
+            _ = &mut shutdown => Some(Ok(())),
+            r = active(&config, &client, &metrics, lost) => match r {
+                Ok(()) => None,
+                Err(e) => Some(Err(e)),
+            },
+        };
+        metrics.leader.set(0);
+        if let Some(r) = outcome {
+            break r;
+        }
+        tracing::warn!(%identity, "lost the leader lease; stopped publishing");
+    };
+    // Dropping the receiver releases the lease so a standby replica takes over at once.
+    drop(leader);
+    let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
+    result
+}
+
+/// The leader's work: MQTT session, engine, device-status writer, controllers. Returns when `stop`
+/// completes (shutdown or lost lease); everything it started is stopped.
+async fn active(
+    config: &Config,
+    client: &Client,
+    metrics: &Metrics,
+    stop: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let topics = Arc::new(TopicTree::new(&config.topic_prefix, &config.manager_id)?);
+    let settings = broker_settings(config, client).await?;
+    tracing::info!(broker = ?settings, manager = %config.manager_id, "starting MQTT session");
+    let (inbound_tx, mut inbound_rx) = mpsc::channel(16 * 1024);
+    let (mqtt, mqtt_task) = MqttSession::start(
+        settings,
+        vec![topics.ready_filter(), topics.status_filter()],
+        inbound_tx,
+        metrics.clone(),
+    );
+    let (write_tx, write_rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(engine::run_device_writer(
+        client.clone(),
+        write_rx,
+        metrics.clone(),
+    ));
+    let engine = Arc::new(engine::Engine::new(
+        topics,
+        mqtt.clone(),
+        metrics.clone(),
+        write_tx,
+    ));
+    let dispatcher = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = inbound_rx.recv().await {
+                engine.handle_inbound(msg).await;
+            }
+        })
+    };
+    let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().cloned().map(Some).collect()
+    };
+    let instance = config.replica_identity();
+    let controllers = futures::future::join_all(namespaces.into_iter().map(|ns| {
+        controller::run(
+            client.clone(),
+            ns,
+            engine.clone(),
+            config.manager_id.clone(),
+            instance.clone(),
+        )
+    }));
+    tokio::select! {
+        _ = stop => {}
+        _ = controllers => {}
+    }
+    dispatcher.abort();
+    // Let queued Device status writes land before stopping (bounded).
+    drop(engine);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    mqtt.disconnect().await;
+    mqtt_task.abort();
+    Ok(())
+}
