@@ -16,6 +16,7 @@ pub mod manifest;
 pub mod merkle;
 pub mod mqtt;
 pub mod topics;
+pub mod vectors;
 pub mod wire;
 
 pub use device::{
