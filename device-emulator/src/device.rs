@@ -15,7 +15,7 @@ use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use sealed_ota_protocol::{
     Action, DeviceConfig, DeviceEvent, DeviceSession, DeviceState, Identity, Manifest, PayloadKind,
-    TopicTree, TrustAnchor,
+    TopicKind, TopicTree, TrustAnchor,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -387,9 +387,14 @@ impl Device {
         }
         let mut inbound = mqtt_io::inbound_from(&publish);
         drop(publish);
-        if self
-            .faults
-            .tamper_received(&mut inbound.payload, &mut rand::thread_rng())
+        let is_chunk = matches!(
+            self.ctx.topics.parse(&inbound.topic),
+            Ok(TopicKind::Chunk { .. })
+        );
+        if is_chunk
+            && self
+                .faults
+                .tamper_received(&mut inbound.payload, &mut rand::thread_rng())
         {
             debug!(device = %self.id, topic = %inbound.topic, "flipped a bit of a received message (fault switch)");
         }

@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | `offline` | `after=K` chunks, `for=T` | drop the connection after K chunks, reconnect after T (once) |
 //! | `slow` | `rate=BYTES_PER_SECOND` (`k`/`m` suffixes) | hold each received message len/rate |
-//! | `bitflip` | `p=PROBABILITY`, `where=wire\|storage` | flip one bit of a received message, or of a stored chunk |
+//! | `bitflip` | `p=PROBABILITY`, `where=wire\|storage` | flip one bit of a firmware chunk as received, or as stored |
 //! | `refuse` | `reason=TEXT` | decline every offered update (signed rejection) |
 //! | `crash-install` | `restart-after=T` | power loss half-way through installing, restart from disk (once) |
 //! | `clock-skew` | `seconds=N` (may be negative) | the device's clock is off by N seconds |
@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 /// Where a bit flip happens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlipPlace {
-    /// In a message as it arrives from the broker (the protocol must reject it).
+    /// In a firmware chunk message as it arrives from the broker (the protocol must reject it).
     Wire,
     /// In a decrypted chunk after it was written to disk (the install's SHA-256 check must fail).
     Storage,

@@ -104,6 +104,9 @@ impl BrokerEndpoint {
     }
 }
 
+/// QoS 1 publishes a device may have unacknowledged at once.
+pub const OUTGOING_INFLIGHT: u16 = 16;
+
 /// Connection options of one device: client id = device id, clean start, the device's own
 /// certificate for TLS client authentication, and the Maximum Packet Size it advertises (which
 /// rumqttc also enforces on incoming packets).
@@ -119,6 +122,9 @@ pub fn device_options(
     options.set_clean_start(true);
     options.set_max_packet_size(Some(max_packet_size));
     options.set_connection_timeout(30);
+    // rumqttc preallocates one slot per in-flight packet id (65,536 by default, ~10 MiB per
+    // client); a device has a handful of publishes in flight at most.
+    options.set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT);
     if let Some(config) = tls {
         options.set_transport(Transport::Tls(TlsConfiguration::Rustls(config)));
     }
@@ -247,6 +253,10 @@ mod tests {
         let options = device_options(&endpoint, "dev-00001", tls, 4096, Duration::from_secs(30));
         assert_eq!(options.client_id(), "dev-00001");
         assert_eq!(options.max_packet_size(), Some(4096));
+        assert_eq!(
+            options.get_outgoing_inflight_upper_limit(),
+            Some(OUTGOING_INFLIGHT)
+        );
         assert!(matches!(
             options.transport(),
             Transport::Tls(TlsConfiguration::Rustls(_))
