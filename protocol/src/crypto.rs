@@ -171,7 +171,7 @@ pub fn seal_with_nonce(key: &[u8; 32], nonce: &[u8; 12], aad: &[u8], plaintext: 
     // Encryption only fails for plaintexts beyond 64 GiB, far above every bound of this crate.
     cipher
         .encrypt(
-            Nonce::from_slice(nonce),
+            &Nonce::from(*nonce),
             Payload {
                 msg: plaintext,
                 aad,
@@ -184,7 +184,7 @@ pub fn seal_with_nonce(key: &[u8; 32], nonce: &[u8; 12], aad: &[u8], plaintext: 
 pub fn open(key: &[u8; 32], nonce: &[u8; 12], aad: &[u8], ct: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     let cipher = Aes256Gcm::new(key.into());
     cipher
-        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
+        .decrypt(&Nonce::from(*nonce), Payload { msg: ct, aad })
         .ok()
         .map(Zeroizing::new)
 }
