@@ -1,1 +1,286 @@
-//! Test-bed access for the end-to-end tests.
+//! Access to the running test bed for the end-to-end tests: it finds the test bed that
+//! `e2e/testbed up` started (or starts one), hands out kube clients and MQTT connection
+//! settings, and gives every test a namespace of its own. It starts no server itself: the
+//! `e2e/testbed` script owns every process, so `e2e/testbed down` stops them all.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use rand::Rng;
+
+/// Label put on every namespace a test creates, so they can be found and removed together.
+pub const TEST_NAMESPACE_LABEL: &str = "e2e.sealed-ota.dev/test";
+
+/// The running test bed: where its apiserver, brokers and PKI are.
+#[derive(Debug, Clone)]
+pub struct TestBed {
+    /// State directory of the test bed (`target/testbed` by default).
+    pub state_dir: PathBuf,
+    /// Kubeconfig with the admin identity (group `system:masters`).
+    pub kubeconfig: PathBuf,
+    /// Plain MQTT listener, `mqtt://127.0.0.1:PORT` (anonymous allowed).
+    pub mqtt_url: String,
+    /// TLS MQTT listener, `mqtts://127.0.0.1:PORT` (client certificate required; CN is the username).
+    pub mqtts_url: String,
+    /// The test CA (EC P-256, PEM) that signed every certificate of the test bed.
+    pub ca_file: PathBuf,
+    /// The test CA's private key (PKCS#8 PEM), so tests can issue client certificates Mosquitto accepts.
+    pub ca_key_file: PathBuf,
+    /// A client certificate Mosquitto's TLS listener accepts (CN `testbed-client`).
+    pub client_cert: PathBuf,
+    /// The key of `client_cert`.
+    pub client_key: PathBuf,
+}
+
+static TESTBED: OnceLock<std::result::Result<TestBed, String>> = OnceLock::new();
+
+impl TestBed {
+    /// The test bed for this test process: the one `e2e/testbed` already runs, or a new one
+    /// started through it. Started ones are left running for the next test process; `make test`
+    /// and `e2e/testbed down` take them down.
+    pub fn get() -> Result<&'static TestBed> {
+        TESTBED
+            .get_or_init(|| Self::discover().map_err(|e| format!("{e:#}")))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("test bed unavailable: {e}"))
+    }
+
+    fn discover() -> Result<TestBed> {
+        let script = repo_root().join("e2e/testbed");
+        let exports = match run_script(&script, "env") {
+            Ok(out) => out,
+            Err(_) => {
+                run_script(&script, "up").context("starting the test bed with `e2e/testbed up`")?;
+                run_script(&script, "env")?
+            }
+        };
+        Self::from_exports(&exports)
+    }
+
+    /// Builds the description from the `export NAME='value'` lines `e2e/testbed env` prints.
+    pub fn from_exports(text: &str) -> Result<TestBed> {
+        let vars: HashMap<&str, &str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k, v.trim_matches('\'')))
+            .collect();
+        let var = |name: &str| -> Result<String> {
+            vars.get(name)
+                .map(|v| v.to_string())
+                .with_context(|| format!("`e2e/testbed env` did not print {name}"))
+        };
+        Ok(TestBed {
+            state_dir: var("SEALED_OTA_TESTBED_DIR")?.into(),
+            kubeconfig: var("KUBECONFIG")?.into(),
+            mqtt_url: var("SEALED_OTA_MQTT_URL")?,
+            mqtts_url: var("SEALED_OTA_MQTTS_URL")?,
+            ca_file: var("SEALED_OTA_CA_FILE")?.into(),
+            ca_key_file: var("SEALED_OTA_CA_KEY_FILE")?.into(),
+            client_cert: var("SEALED_OTA_CLIENT_CERT")?.into(),
+            client_key: var("SEALED_OTA_CLIENT_KEY")?.into(),
+        })
+    }
+
+    /// A kube client with the admin identity.
+    pub async fn client(&self) -> Result<Client> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)
+            .with_context(|| format!("reading {}", self.kubeconfig.display()))?;
+        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .context("loading the test bed kubeconfig")?;
+        Client::try_from(config).context("building a kube client")
+    }
+
+    /// A fresh namespace for one test, removed when the guard drops after the test passed and
+    /// kept for inspection when the test panicked.
+    pub async fn namespace(&self, prefix: &str) -> Result<TestNamespace> {
+        let client = self.client().await?;
+        let suffix: u32 = rand::thread_rng().gen_range(0..0xff_ffff);
+        let name = format!("{prefix}-{suffix:06x}");
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some([(TEST_NAMESPACE_LABEL.to_string(), "true".to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+        Ok(TestNamespace {
+            name,
+            client,
+            kubeconfig: self.kubeconfig.clone(),
+        })
+    }
+
+    /// Host and port of an `mqtt://` or `mqtts://` URL of the test bed.
+    pub fn host_port(url: &str) -> Result<(String, u16)> {
+        let rest = url
+            .split_once("://")
+            .map(|(_, r)| r)
+            .with_context(|| format!("not a URL: {url}"))?;
+        let (host, port) = rest
+            .rsplit_once(':')
+            .with_context(|| format!("no port in {url}"))?;
+        Ok((host.to_string(), port.parse().context("port")?))
+    }
+
+    /// rumqttc v5 options for the TLS listener, authenticated with `cert`/`key` (PEM files).
+    pub fn mqtts_options(
+        &self,
+        client_id: &str,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<rumqttc::v5::MqttOptions> {
+        let (host, port) = Self::host_port(&self.mqtts_url)?;
+        let mut options = rumqttc::v5::MqttOptions::new(client_id, host, port);
+        let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Simple {
+                ca: read(&self.ca_file)?,
+                alpn: None,
+                client_auth: Some((read(cert)?, read(key)?)),
+            },
+        ));
+        options.set_keep_alive(Duration::from_secs(30));
+        Ok(options)
+    }
+
+    /// rumqttc v5 options for the plain listener.
+    pub fn mqtt_options(&self, client_id: &str) -> Result<rumqttc::v5::MqttOptions> {
+        let (host, port) = Self::host_port(&self.mqtt_url)?;
+        let mut options = rumqttc::v5::MqttOptions::new(client_id, host, port);
+        options.set_keep_alive(Duration::from_secs(30));
+        Ok(options)
+    }
+}
+
+/// A namespace owned by one test.
+pub struct TestNamespace {
+    /// The namespace's name.
+    pub name: String,
+    /// An admin client.
+    pub client: Client,
+    kubeconfig: PathBuf,
+}
+
+impl std::fmt::Debug for TestNamespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestNamespace").field("name", &self.name).finish()
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "e2e: test failed; namespace {} kept for inspection (KUBECONFIG={})",
+                self.name,
+                self.kubeconfig.display()
+            );
+            return;
+        }
+        // Drop cannot await: delete on a thread with its own runtime. Without a
+        // kube-controller-manager the namespace stays Terminating, which is harmless.
+        let name = self.name.clone();
+        let client = self.client.clone();
+        let deleted = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                Api::<Namespace>::all(client)
+                    .delete(&name, &DeleteParams::default())
+                    .await
+                    .map(|_| ())
+                    .map_err(anyhow::Error::from)
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = deleted {
+            eprintln!("e2e: could not delete namespace {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// The repository root (the parent of this crate).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e crate lives in the workspace")
+        .to_path_buf()
+}
+
+fn run_script(script: &Path, verb: &str) -> Result<String> {
+    let out = Command::new(script)
+        .arg(verb)
+        .output()
+        .with_context(|| format!("running {} {verb}", script.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} {verb} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `check` every 200 ms until it yields `Some`, failing after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            match last_error {
+                Some(e) => bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}"),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_exports_that_testbed_env_prints() {
+        let text = "export SEALED_OTA_TESTBED_DIR='/t'\nexport KUBECONFIG='/t/kubeconfig'\n\
+            export SEALED_OTA_MQTT_URL='mqtt://127.0.0.1:1883'\n\
+            export SEALED_OTA_MQTTS_URL='mqtts://127.0.0.1:8883'\n\
+            export SEALED_OTA_CA_FILE='/t/pki/ca.crt'\nexport SEALED_OTA_CA_KEY_FILE='/t/pki/ca.key'\n\
+            export SEALED_OTA_CLIENT_CERT='/t/pki/c.crt'\nexport SEALED_OTA_CLIENT_KEY='/t/pki/c.key'\n";
+        let bed = TestBed::from_exports(text).unwrap();
+        assert_eq!(bed.kubeconfig, PathBuf::from("/t/kubeconfig"));
+        assert_eq!(TestBed::host_port(&bed.mqtts_url).unwrap(), ("127.0.0.1".into(), 8883));
+    }
+
+    #[test]
+    fn a_missing_export_is_named() {
+        let err = TestBed::from_exports("export KUBECONFIG='/k'\n").unwrap_err();
+        assert!(err.to_string().contains("SEALED_OTA_TESTBED_DIR"), "{err}");
+    }
+}

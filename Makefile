@@ -1,0 +1,41 @@
+# Sealed OTA — developer entry points. See README.md.
+SHELL := /bin/bash
+CARGO ?= cargo
+TESTBED := e2e/testbed
+
+.PHONY: test lint unit e2e testbed testbed-down demo bench crds
+
+## make test: formatting, lints, unit tests, then the e2e tests on a test bed this target
+## brings up and takes down itself (a failure still takes it down).
+test: lint unit e2e
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --locked --lib --bins --examples
+	$(CARGO) test -p sealed-ota-protocol --locked --tests --benches
+
+e2e:
+	$(CARGO) build --workspace --locked --bins
+	$(TESTBED) up
+	set -o pipefail; eval "$$($(TESTBED) env)"; \
+	  $(CARGO) test -p sealed-ota-e2e --locked --tests -- --test-threads=2; rc=$$?; \
+	  $(TESTBED) down; exit $$rc
+
+## make testbed: bring the test bed up and print the exports that point at it.
+testbed:
+	$(TESTBED) up
+	$(TESTBED) env
+
+testbed-down:
+	$(TESTBED) down
+
+demo:
+	@echo "make demo: not built yet — it arrives with the e2e/demo issue (see README, 'Not finished')." >&2
+	@exit 1
+
+bench:
+	@echo "make bench: not built yet — it arrives with the benchmark issue (see README, 'Not finished')." >&2
+	@exit 1
