@@ -13,15 +13,16 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+## Unit tests: every crate's lib and bin tests (no server needed).
 unit:
-	$(CARGO) test --workspace --locked --lib --bins --examples
-	$(CARGO) test -p sealed-ota-protocol --locked --tests --benches
+	$(CARGO) test --workspace --locked --lib --bins
 
+## Integration and e2e tests (every crate's tests/ directory) against a real test bed.
 e2e:
-	$(CARGO) build --workspace --locked --bins
+	$(CARGO) build --workspace --locked --bins --tests
 	$(TESTBED) up
-	set -o pipefail; eval "$$($(TESTBED) env)"; \
-	  $(CARGO) test -p sealed-ota-e2e --locked --tests -- --test-threads=2; rc=$$?; \
+	eval "$$($(TESTBED) env)"; \
+	  $(CARGO) test --workspace --locked --test '*'; rc=$$?; \
 	  $(TESTBED) down; exit $$rc
 
 ## make testbed: bring the test bed up and print the exports that point at it.

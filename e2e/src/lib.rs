@@ -178,7 +178,9 @@ pub struct TestNamespace {
 
 impl std::fmt::Debug for TestNamespace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestNamespace").field("name", &self.name).finish()
+        f.debug_struct("TestNamespace")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -192,20 +194,25 @@ impl Drop for TestNamespace {
             );
             return;
         }
-        // Drop cannot await: delete on a thread with its own runtime. Without a
-        // kube-controller-manager the namespace stays Terminating, which is harmless.
+        // Drop cannot await, and the test's runtime is blocked here (the test's client drives
+        // its connections on it): delete with a new client on a thread with its own runtime.
+        // Without a kube-controller-manager the namespace stays Terminating, which is harmless.
         let name = self.name.clone();
-        let client = self.client.clone();
+        let kubeconfig = self.kubeconfig.clone();
         let deleted = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             runtime.block_on(async {
-                Api::<Namespace>::all(client)
+                let config = Config::from_custom_kubeconfig(
+                    Kubeconfig::read_from(&kubeconfig)?,
+                    &KubeConfigOptions::default(),
+                )
+                .await?;
+                Api::<Namespace>::all(Client::try_from(config)?)
                     .delete(&name, &DeleteParams::default())
-                    .await
-                    .map(|_| ())
-                    .map_err(anyhow::Error::from)
+                    .await?;
+                Ok::<_, anyhow::Error>(())
             })
         })
         .join();
@@ -254,7 +261,9 @@ where
         }
         if tokio::time::Instant::now() >= deadline {
             match last_error {
-                Some(e) => bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}"),
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}")
+                }
                 None => bail!("timed out after {timeout:?} waiting for {what}"),
             }
         }
@@ -275,7 +284,10 @@ mod tests {
             export SEALED_OTA_CLIENT_CERT='/t/pki/c.crt'\nexport SEALED_OTA_CLIENT_KEY='/t/pki/c.key'\n";
         let bed = TestBed::from_exports(text).unwrap();
         assert_eq!(bed.kubeconfig, PathBuf::from("/t/kubeconfig"));
-        assert_eq!(TestBed::host_port(&bed.mqtts_url).unwrap(), ("127.0.0.1".into(), 8883));
+        assert_eq!(
+            TestBed::host_port(&bed.mqtts_url).unwrap(),
+            ("127.0.0.1".into(), 8883)
+        );
     }
 
     #[test]
