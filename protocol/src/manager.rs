@@ -427,7 +427,8 @@ pub struct ManagerSession {
     campaign: Arc<PreparedCampaign>,
     target: DeviceTarget,
     session_id: [u8; 16],
-    ephemeral: p256::SecretKey,
+    /// Dropped (and zeroized) once the session reached Installed or Rejected.
+    ephemeral: Option<p256::SecretKey>,
     ephemeral_pub: Vec<u8>,
     nonce: [u8; 32],
     state: ManagerState,
@@ -519,7 +520,7 @@ impl ManagerSession {
             campaign,
             target,
             session_id: crypto::random(),
-            ephemeral,
+            ephemeral: Some(ephemeral),
             ephemeral_pub,
             nonce: crypto::random(),
             state: ManagerState::NotifySent,
@@ -697,7 +698,13 @@ impl ManagerSession {
             device_cert_fingerprint: &device.fingerprint,
         }
         .hash();
-        let ee = crypto::ecdh(&self.ephemeral, &device_eph);
+        let Some(ephemeral) = self.ephemeral.as_ref() else {
+            return Err(ProtocolError::UnexpectedMessage {
+                message: "ready",
+                state: self.state.name(),
+            });
+        };
+        let ee = crypto::ecdh(ephemeral, &device_eph);
         let ss = crypto::ecdh(self.identity.secret(), &device.public_key);
         let keys = crypto::derive_session_keys(&transcript, &ee, &ss);
 
@@ -716,6 +723,7 @@ impl ManagerSession {
             };
             self.remember_nonce(body.nonce);
             self.state = ManagerState::Rejected(reason.clone());
+            self.ephemeral = None;
             out.events.push(ManagerEvent::Rejected { reason });
             return Ok(out);
         }
@@ -740,6 +748,7 @@ impl ManagerSession {
             };
             self.remember_nonce(body.nonce);
             self.state = ManagerState::Rejected(reason.clone());
+            self.ephemeral = None;
             out.events.push(ManagerEvent::Rejected { reason });
             return Ok(out);
         }
@@ -921,12 +930,14 @@ impl ManagerSession {
                     receipt: msg.payload.clone(),
                 });
                 self.state = ManagerState::Installed;
+                self.ephemeral = None;
             }
             StatusBody::Rejected { reason } => {
                 out.events.push(ManagerEvent::Rejected {
                     reason: reason.clone(),
                 });
                 self.state = ManagerState::Rejected(reason);
+                self.ephemeral = None;
             }
         }
         est.last_seq = sm.seq;
