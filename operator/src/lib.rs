@@ -31,6 +31,17 @@ pub use metrics::Metrics;
 
 use crate::mqtt::{BrokerSettings, MqttSession, TlsMaterial};
 
+/// Aborts a spawned task when dropped, so that dropping [`run`]'s future (a killed operator in a test,
+/// a lost lease) stops everything it started: no orphaned MQTT connection or lease renewal.
+#[derive(Debug)]
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn read_file(path: &std::path::Path) -> Result<Vec<u8>, Error> {
     std::fs::read(path).map_err(|source| Error::File {
         path: path.display().to_string(),
@@ -131,10 +142,8 @@ pub async fn run(
     let metrics = Metrics::new();
     let (listener, addr) = metrics.bind(&config.metrics_addr).await?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-    let server = tokio::spawn(metrics.clone().serve(listener));
-    let result = run_with_metrics(config, client, metrics, shutdown).await;
-    server.abort();
-    result
+    let _server = AbortOnDrop(tokio::spawn(metrics.clone().serve(listener)));
+    run_with_metrics(config, client, metrics, shutdown).await
 }
 
 async fn run_with_metrics(
@@ -159,6 +168,7 @@ async fn run_with_metrics(
         .await
         .map_err(|e| Error::Lease(e.to_string()))?;
     let (mut leader, lease_task) = lease.watch().await;
+    let mut lease_task = AbortOnDrop(lease_task);
     metrics.set_ready(true);
     let result = loop {
         tokio::select! {
@@ -190,7 +200,7 @@ async fn run_with_metrics(
     };
     // Dropping the receiver releases the lease so a standby replica takes over at once.
     drop(leader);
-    let _ = tokio::time::timeout(Duration::from_secs(5), lease_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), &mut lease_task.0).await;
     result
 }
 
@@ -212,12 +222,13 @@ async fn active(
         inbound_tx,
         metrics.clone(),
     );
+    let _mqtt_task = AbortOnDrop(mqtt_task);
     let (write_tx, write_rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(engine::run_device_writer(
+    let mut writer = AbortOnDrop(tokio::spawn(engine::run_device_writer(
         client.clone(),
         write_rx,
         metrics.clone(),
-    ));
+    )));
     let engine = Arc::new(engine::Engine::new(
         topics,
         mqtt.clone(),
@@ -226,11 +237,11 @@ async fn active(
     ));
     let dispatcher = {
         let engine = engine.clone();
-        tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(async move {
             while let Some(msg) = inbound_rx.recv().await {
                 engine.handle_inbound(msg).await;
             }
-        })
+        }))
     };
     let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
         vec![None]
@@ -251,11 +262,10 @@ async fn active(
         _ = stop => {}
         _ = controllers => {}
     }
-    dispatcher.abort();
+    drop(dispatcher);
     // Let queued Device status writes land before stopping (bounded).
     drop(engine);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer.0).await;
     mqtt.disconnect().await;
-    mqtt_task.abort();
     Ok(())
 }

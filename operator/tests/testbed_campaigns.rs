@@ -1,0 +1,881 @@
+//! The operator against the real test bed (kube-apiserver + etcd + Mosquitto, from `e2e/testbed`).
+//!
+//! Each test gets its own namespace, manager id and in-process operator (`sealed_ota_operator::run`),
+//! and drives its devices with the protocol crate's `DeviceSession` over real rumqttc connections.
+//! Every wait has a timeout; a failed test keeps its namespace for inspection.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::ByteString;
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Client, CustomResourceExt};
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event};
+use sealed_ota_e2e::{wait_for, TestBed, TestNamespace};
+use sealed_ota_operator::config::{Config, LogFormat};
+use sealed_ota_operator::crd::{CampaignPhase, Device, DevicePhase, UpdateCampaign};
+use sealed_ota_protocol::{
+    Action, CertificateAuthority, DeviceConfig, DeviceEvent, DeviceSession, DeviceState, Inbound,
+    Properties, Role, TopicTree, TrustAnchor,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Apply the CRDs (idempotent, shared by every test) and wait until they are established.
+async fn install_crds(client: &Client) -> Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in [Device::crd(), UpdateCampaign::crd()] {
+        let name = crd.metadata.name.clone().unwrap();
+        api.patch(
+            &name,
+            &PatchParams::apply("sealed-ota-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .with_context(|| format!("applying CRD {name}"))?;
+        wait_for(&format!("CRD {name} established"), WAIT, || {
+            let api = api.clone();
+            let name = name.clone();
+            async move {
+                let c = api.get(&name).await?;
+                let ok = c
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                Ok(ok.then_some(()))
+            }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// How a simulated device behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Behavior {
+    /// Installs whatever valid update it is offered.
+    Install,
+    /// Refuses every update (signed Rejected).
+    Decline,
+}
+
+/// A device simulated inside the test.
+struct SimDevice {
+    offers: Arc<AtomicU32>,
+    installs: Arc<AtomicU32>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for SimDevice {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Harness {
+    bed: &'static TestBed,
+    ns: TestNamespace,
+    manager_id: String,
+    ca: Arc<CertificateAuthority>,
+    trust: Arc<TrustAnchor>,
+}
+
+struct Operator {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), sealed_ota_operator::Error>>,
+    metrics_addr: String,
+}
+
+impl Operator {
+    /// Graceful stop (lease released).
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.task).await;
+    }
+
+    /// Abrupt stop, as if the process were killed: nothing is released.
+    fn kill(self) {
+        self.task.abort();
+    }
+
+    async fn metric(&self, name: &str) -> Result<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&self.metrics_addr).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+impl Harness {
+    async fn new(prefix: &str) -> Result<Self> {
+        let bed = TestBed::get()?;
+        let ns = bed.namespace(prefix).await?;
+        install_crds(&ns.client).await?;
+        let ca = CertificateAuthority::from_pem(
+            &std::fs::read_to_string(&bed.ca_file)?,
+            &std::fs::read_to_string(&bed.ca_key_file)?,
+        )?;
+        let trust = Arc::new(ca.trust_anchor());
+        Ok(Self {
+            manager_id: ns.name.clone(),
+            bed,
+            ns,
+            ca: Arc::new(ca),
+            trust,
+        })
+    }
+
+    fn client(&self) -> Client {
+        self.ns.client.clone()
+    }
+
+    fn topics(&self) -> Arc<TopicTree> {
+        Arc::new(TopicTree::new("iot", &self.manager_id).unwrap())
+    }
+
+    fn start_operator(&self, identity: &str, tls: bool) -> Result<Operator> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let metrics_addr = format!("127.0.0.1:{port}");
+        let config = Config {
+            broker_url: if tls {
+                self.bed.mqtts_url.clone()
+            } else {
+                self.bed.mqtt_url.clone()
+            },
+            broker_ca_file: tls.then(|| self.bed.ca_file.clone()),
+            broker_cert_file: tls.then(|| self.bed.client_cert.clone()),
+            broker_key_file: tls.then(|| self.bed.client_key.clone()),
+            broker_tls_secret: None,
+            broker_username: None,
+            broker_password: None,
+            broker_credentials_secret: None,
+            operator_namespace: self.ns.name.clone(),
+            topic_prefix: "iot".into(),
+            manager_id: self.manager_id.clone(),
+            namespaces: vec![self.ns.name.clone()],
+            metrics_addr: metrics_addr.clone(),
+            log_format: LogFormat::Text,
+            leader_election: true,
+            lease_name: "sealed-ota-operator".into(),
+            identity: Some(identity.into()),
+        };
+        let (tx, rx) = oneshot::channel();
+        let client = self.client();
+        let task = tokio::spawn(async move {
+            sealed_ota_operator::run(config, client, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        Ok(Operator {
+            stop: Some(tx),
+            task,
+            metrics_addr,
+        })
+    }
+
+    async fn manager_secret(&self, name: &str) -> Result<()> {
+        let id = self
+            .ca
+            .issue(Role::Manager, &self.manager_id, now() - 60, 2)?;
+        let data: BTreeMap<String, ByteString> = [
+            ("tls.crt", id.cert_pem()),
+            ("tls.key", id.key_pem().to_string()),
+            ("ca.crt", self.ca.cert_pem()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
+        .collect();
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(data),
+            ..Default::default()
+        };
+        Api::<Secret>::namespaced(self.client(), &self.ns.name)
+            .create(&PostParams::default(), &secret)
+            .await?;
+        Ok(())
+    }
+
+    async fn firmware(&self, name: &str, image: &[u8]) -> Result<String> {
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            binary_data: Some([("image".to_string(), ByteString(image.to_vec()))].into()),
+            ..Default::default()
+        };
+        Api::<ConfigMap>::namespaced(self.client(), &self.ns.name)
+            .create(&PostParams::default(), &cm)
+            .await?;
+        Ok(hex::encode(Sha256::digest(image)))
+    }
+
+    async fn device(&self, name: &str, fleet: &str) -> Result<()> {
+        let d: Device = serde_json::from_value(serde_json::json!({
+            "apiVersion": "ota.sealed-ota.dev/v1alpha1",
+            "kind": "Device",
+            "metadata": {"name": name, "labels": {"fleet": fleet}},
+            "spec": {}
+        }))?;
+        Api::<Device>::namespaced(self.client(), &self.ns.name)
+            .create(&PostParams::default(), &d)
+            .await?;
+        Ok(())
+    }
+
+    async fn campaign(&self, name: &str, spec: serde_json::Value) -> Result<()> {
+        let c: UpdateCampaign = serde_json::from_value(serde_json::json!({
+            "apiVersion": "ota.sealed-ota.dev/v1alpha1",
+            "kind": "UpdateCampaign",
+            "metadata": {"name": name},
+            "spec": spec
+        }))?;
+        Api::<UpdateCampaign>::namespaced(self.client(), &self.ns.name)
+            .create(&PostParams::default(), &c)
+            .await?;
+        Ok(())
+    }
+
+    async fn patch_campaign(&self, name: &str, spec: serde_json::Value) -> Result<()> {
+        Api::<UpdateCampaign>::namespaced(self.client(), &self.ns.name)
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "spec": spec })),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn wait_campaign(
+        &self,
+        name: &str,
+        what: &str,
+        pred: impl Fn(&UpdateCampaign) -> bool,
+    ) -> Result<UpdateCampaign> {
+        let api = Api::<UpdateCampaign>::namespaced(self.client(), &self.ns.name);
+        let pred = &pred;
+        wait_for(&format!("campaign {name}: {what}"), WAIT, || {
+            let api = api.clone();
+            async move {
+                let c = api.get(name).await?;
+                Ok(pred(&c).then_some(c))
+            }
+        })
+        .await
+    }
+
+    async fn get_device(&self, name: &str) -> Result<Device> {
+        Ok(Api::<Device>::namespaced(self.client(), &self.ns.name)
+            .get(name)
+            .await?)
+    }
+
+    /// Run a device over a real MQTT connection (plain listener) with the protocol's DeviceSession.
+    fn spawn_device(&self, id: &str, version: &str, behavior: Behavior) -> Result<SimDevice> {
+        let identity = Arc::new(self.ca.issue(Role::Device, id, now() - 60, 2)?);
+        let mut opts = self
+            .bed
+            .mqtt_options(&format!("{}-{id}", self.manager_id))?;
+        opts.set_max_packet_size(Some(4 * 1024 * 1024));
+        let config = DeviceConfig {
+            identity,
+            trust: self.trust.clone(),
+            topics: self.topics(),
+            manager_id: self.manager_id.clone(),
+            max_packet_size: 4 * 1024 * 1024,
+            window: 8,
+        };
+        let offers = Arc::new(AtomicU32::new(0));
+        let installs = Arc::new(AtomicU32::new(0));
+        let (o, i) = (offers.clone(), installs.clone());
+        let state = DeviceState::new(version);
+        let task = tokio::spawn(async move {
+            if let Err(e) = device_loop(opts, config, state, behavior, o, i).await {
+                eprintln!("sim device stopped: {e:#}");
+            }
+        });
+        Ok(SimDevice {
+            offers,
+            installs,
+            task,
+        })
+    }
+}
+
+async fn execute(client: &AsyncClient, actions: Vec<Action>) -> Result<()> {
+    for a in actions {
+        match a {
+            Action::Publish(o) => {
+                let props = PublishProperties {
+                    response_topic: o.properties.response_topic.clone(),
+                    correlation_data: o.properties.correlation_data.clone().map(Into::into),
+                    user_properties: o.properties.user_properties.clone(),
+                    content_type: o.properties.content_type.clone(),
+                    ..Default::default()
+                };
+                client
+                    .publish_with_properties(o.topic, QoS::AtLeastOnce, o.retain, o.payload, props)
+                    .await?;
+            }
+            Action::Subscribe(fs) => {
+                for f in fs {
+                    client.subscribe(f, QoS::AtLeastOnce).await?;
+                }
+            }
+            Action::Unsubscribe(fs) => {
+                for f in fs {
+                    client.unsubscribe(f).await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn device_loop(
+    opts: rumqttc::v5::MqttOptions,
+    config: DeviceConfig,
+    state: DeviceState,
+    behavior: Behavior,
+    offers: Arc<AtomicU32>,
+    installs: Arc<AtomicU32>,
+) -> Result<()> {
+    let (client, mut el) = AsyncClient::new(opts, 1024);
+    let (mut session, initial) = DeviceSession::new(config, state);
+    let mut pending = initial;
+    let mut connected_once = false;
+    let mut image: Vec<u8> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let actions = tokio::select! {
+            ev = el.poll() => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let mut a = std::mem::take(&mut pending);
+                    if connected_once {
+                        a.extend(session.on_reconnect(now()));
+                    }
+                    connected_once = true;
+                    a
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let msg = Inbound {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.to_vec(),
+                        properties: p.properties.map(|pp| Properties {
+                            response_topic: pp.response_topic,
+                            correlation_data: pp.correlation_data.map(|b| b.to_vec()),
+                            user_properties: pp.user_properties,
+                            content_type: pp.content_type,
+                        }).unwrap_or_default(),
+                    };
+                    let Ok(out) = session.handle(&msg, now()) else { continue };
+                    let mut a = out.actions;
+                    for e in out.events {
+                        match e {
+                            DeviceEvent::UpdateOffered { manifest } => {
+                                offers.fetch_add(1, Ordering::SeqCst);
+                                image = vec![0; manifest.size as usize];
+                                if behavior == Behavior::Decline {
+                                    a.extend(session.decline("test device declines", now()));
+                                }
+                            }
+                            DeviceEvent::Chunk { offset, data, .. } => {
+                                let o = offset as usize;
+                                if o + data.len() <= image.len() {
+                                    image[o..o + data.len()].copy_from_slice(&data);
+                                }
+                            }
+                            DeviceEvent::ImageComplete { manifest } => {
+                                let ok = <[u8; 32]>::from(Sha256::digest(&image)) == manifest.sha256;
+                                let r = if ok { Ok(()) } else { Err("hash mismatch".to_string()) };
+                                a.extend(session.finish_install(r, now()));
+                                if ok {
+                                    installs.fetch_add(1, Ordering::SeqCst);
+                                }
+                            }
+                            DeviceEvent::CredentialsDelivered { .. } => {
+                                installs.fetch_add(1, Ordering::SeqCst);
+                            }
+                            DeviceEvent::Rejected { .. } => {}
+                        }
+                    }
+                    a
+                }
+                Ok(_) => continue,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    continue;
+                }
+            },
+            _ = tick.tick() => session.poll(now()),
+        };
+        if connected_once {
+            execute(&client, actions).await?;
+        } else {
+            pending.extend(actions);
+        }
+    }
+}
+
+fn fw_spec(fleet: &str, version: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut spec = serde_json::json!({
+        "selector": {"matchLabels": {"fleet": fleet}},
+        "targetVersion": version,
+        "payload": {"firmware": {"configMapKeyRef": {"name": "fw", "key": "image"}}},
+        "managerSecretName": "manager",
+        "rollout": {"maxInFlight": 2, "deviceTimeoutSeconds": 30, "retries": 1, "retryBackoffSeconds": 1}
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    spec
+}
+
+fn condition<'a>(
+    c: &'a UpdateCampaign,
+    t: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    c.status.as_ref()?.conditions.iter().find(|x| x.type_ == t)
+}
+
+fn phase(c: &UpdateCampaign) -> CampaignPhase {
+    c.status.as_ref().map(|s| s.phase).unwrap_or_default()
+}
+
+fn image(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn campaign_updates_every_device_over_tls_and_records_status() -> Result<()> {
+    let h = Harness::new("op-happy").await?;
+    h.manager_secret("manager").await?;
+    let digest = h.firmware("fw", &image(100_000)).await?;
+    let names = ["dev-a", "dev-b", "dev-c"];
+    let mut sims = Vec::new();
+    for n in names {
+        h.device(n, "blue").await?;
+        sims.push(h.spawn_device(n, "1.0.0", Behavior::Install)?);
+    }
+    let op = h.start_operator("replica-1", true)?;
+    let mut spec = fw_spec("blue", "1.1.0", serde_json::json!({}));
+    spec["payload"]["firmware"]["sha256"] = serde_json::json!(digest);
+    spec["rollout"]["canary"] = serde_json::json!("1");
+    h.campaign("rollout", spec).await?;
+    let c = h
+        .wait_campaign("rollout", "Succeeded", |c| {
+            phase(c) == CampaignPhase::Succeeded
+        })
+        .await?;
+    let st = c.status.clone().unwrap();
+    assert_eq!(st.devices.succeeded, 3);
+    assert_eq!(st.devices.failed, 0);
+    assert_eq!(st.progress.as_deref(), Some("3/3"));
+    assert_eq!(st.total_waves, 2, "canary + one wave");
+    let ready = condition(&c, "Ready").context("Ready condition")?;
+    assert_eq!(ready.status, "True");
+    assert_eq!(ready.observed_generation, c.metadata.generation);
+    for (n, sim) in names.iter().zip(&sims) {
+        let d = h.get_device(n).await?;
+        let s = d.status.context("device status")?;
+        assert_eq!(s.running_version.as_deref(), Some("1.1.0"), "{n}");
+        let rec = s.campaign.context("campaign record")?;
+        assert_eq!(rec.phase, DevicePhase::Succeeded);
+        assert_eq!(rec.attempts, 1);
+        assert_eq!(s.certificate_fingerprint.map(|f| f.len()), Some(64));
+        assert!(s.certificate_not_after.is_some());
+        assert_eq!(sim.installs.load(Ordering::SeqCst), 1, "{n} installed once");
+    }
+    // The apiserver writes this campaign cost, read from the operator's own counters.
+    let device_writes = op
+        .metric("sealed_ota_operator_status_writes_total{kind=\"device\"}")
+        .await?;
+    let campaign_writes = op
+        .metric("sealed_ota_operator_status_writes_total{kind=\"campaign\"}")
+        .await?;
+    eprintln!(
+        "apiserver status writes for 3 devices: device={device_writes} campaign={campaign_writes}"
+    );
+    assert_eq!(
+        device_writes, 6.0,
+        "two Device status writes per device (Transferring, Succeeded)"
+    );
+    assert!(
+        campaign_writes <= 12.0,
+        "campaign status writes bounded: {campaign_writes}"
+    );
+    assert!(op.metric("sealed_ota_operator_handshakes_total").await? >= 3.0);
+
+    // Events a person reads.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(h.client(), &h.ns.name);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(reasons.iter().any(|r| r == "Succeeded"), "{reasons:?}");
+
+    // Retained messages are cleared when the campaign ends: a fresh subscriber gets none.
+    let retained = retained_messages(&h, &format!("iot/{}/#", h.manager_id)).await?;
+    assert_eq!(retained, 0, "retained notify/chunks left behind");
+    op.stop().await;
+    Ok(())
+}
+
+/// Count retained messages with a payload under `filter`, as seen by a fresh subscriber.
+async fn retained_messages(h: &Harness, filter: &str) -> Result<usize> {
+    let (client, mut el) =
+        AsyncClient::new(h.bed.mqtt_options(&format!("{}-probe", h.manager_id))?, 64);
+    client.subscribe(filter, QoS::AtLeastOnce).await?;
+    let mut count = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(ev) = tokio::time::timeout_at(deadline, el.poll()).await {
+        if let Ok(Event::Incoming(Packet::Publish(p))) = ev {
+            if p.retain && !p.payload.is_empty() {
+                count += 1;
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+    Ok(count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pause_holds_devices_back_and_resume_finishes() -> Result<()> {
+    let h = Harness::new("op-pause").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(20_000)).await?;
+    let mut sims = Vec::new();
+    for n in ["p-1", "p-2"] {
+        h.device(n, "green").await?;
+        sims.push(h.spawn_device(n, "1.0.0", Behavior::Install)?);
+    }
+    let op = h.start_operator("replica-1", false)?;
+    h.campaign(
+        "paused",
+        fw_spec("green", "2.0.0", serde_json::json!({"paused": true})),
+    )
+    .await?;
+    let c = h
+        .wait_campaign("paused", "Paused", |c| phase(c) == CampaignPhase::Paused)
+        .await?;
+    assert_eq!(
+        condition(&c, "Paused").map(|c| c.status.as_str()),
+        Some("True")
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        sims.iter().all(|s| s.offers.load(Ordering::SeqCst) == 0),
+        "a paused campaign offered an update"
+    );
+    assert_eq!(
+        h.get_device("p-1").await?.status.and_then(|s| s.campaign),
+        None
+    );
+
+    h.patch_campaign("paused", serde_json::json!({"paused": false}))
+        .await?;
+    let c = h
+        .wait_campaign("paused", "Succeeded after resume", |c| {
+            phase(c) == CampaignPhase::Succeeded
+        })
+        .await?;
+    assert_eq!(c.status.unwrap().devices.succeeded, 2);
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn abort_stops_the_campaign_and_cannot_be_undone() -> Result<()> {
+    let h = Harness::new("op-abort").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(10_000)).await?;
+    // Devices exist but are offline: the campaign stays in flight until aborted.
+    for n in ["a-1", "a-2", "a-3"] {
+        h.device(n, "red").await?;
+    }
+    let op = h.start_operator("replica-1", false)?;
+    h.campaign("stopme", fw_spec("red", "2.0.0", serde_json::json!({})))
+        .await?;
+    h.wait_campaign("stopme", "Progressing with devices in flight", |c| {
+        c.status
+            .as_ref()
+            .is_some_and(|s| s.devices.in_progress == 2)
+    })
+    .await?;
+    h.patch_campaign("stopme", serde_json::json!({"abort": true}))
+        .await?;
+    let c = h
+        .wait_campaign("stopme", "Aborted", |c| phase(c) == CampaignPhase::Aborted)
+        .await?;
+    assert_eq!(
+        condition(&c, "Ready").map(|c| c.reason.as_str()),
+        Some("Aborted")
+    );
+    let retained = retained_messages(&h, &format!("iot/{}/#", h.manager_id)).await?;
+    assert_eq!(retained, 0, "abort clears retained notify and chunks");
+    // spec.abort is one-way: the apiserver refuses to unset it and names the field.
+    let err = h
+        .patch_campaign("stopme", serde_json::json!({"abort": false}))
+        .await
+        .expect_err("abort must not be unset");
+    assert!(format!("{err:#}").contains("spec.abort"), "{err:#}");
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failure_threshold_fails_the_campaign_after_the_canary() -> Result<()> {
+    let h = Harness::new("op-thresh").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(10_000)).await?;
+    let mut sims = Vec::new();
+    for n in ["f-1", "f-2", "f-3"] {
+        h.device(n, "amber").await?;
+        sims.push(h.spawn_device(n, "1.0.0", Behavior::Decline)?);
+    }
+    let op = h.start_operator("replica-1", false)?;
+    let mut spec = fw_spec("amber", "2.0.0", serde_json::json!({}));
+    spec["rollout"]["canary"] = serde_json::json!("1");
+    spec["rollout"]["failureThreshold"] = serde_json::json!("0");
+    h.campaign("risky", spec).await?;
+    let c = h
+        .wait_campaign("risky", "Failed", |c| phase(c) == CampaignPhase::Failed)
+        .await?;
+    let st = c.status.clone().unwrap();
+    assert_eq!(st.devices.failed, 1, "only the canary ran");
+    assert_eq!(st.failures.len(), 1);
+    assert_eq!(st.failures[0].device, "f-1");
+    assert_eq!(st.failures[0].reason, "declined");
+    assert_eq!(
+        condition(&c, "Failed").map(|c| c.status.as_str()),
+        Some("True")
+    );
+    assert_eq!(
+        sims[1].offers.load(Ordering::SeqCst),
+        0,
+        "wave after a failed canary never starts"
+    );
+    let d = h.get_device("f-1").await?;
+    assert_eq!(
+        d.status.and_then(|s| s.campaign).map(|c| c.phase),
+        Some(DevicePhase::Failed)
+    );
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn missing_manager_secret_is_reported_and_recovers() -> Result<()> {
+    let h = Harness::new("op-secret").await?;
+    h.firmware("fw", &image(5_000)).await?;
+    let op = h.start_operator("replica-1", false)?;
+    // No device yet either: the selector matches nothing.
+    h.campaign("waiting", fw_spec("violet", "2.0.0", serde_json::json!({})))
+        .await?;
+    let c = h
+        .wait_campaign("waiting", "ManagerSecretMissing", |c| {
+            condition(c, "Ready").is_some_and(|r| r.reason == "ManagerSecretMissing")
+        })
+        .await?;
+    let msg = &condition(&c, "Ready").unwrap().message;
+    assert!(
+        msg.contains("spec.managerSecretName") && msg.contains("create"),
+        "{msg}"
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(h.client(), &h.ns.name);
+    wait_for("a ManagerSecretMissing event", WAIT, || {
+        let events = events.clone();
+        async move {
+            let l = events.list(&ListParams::default()).await?;
+            Ok(l.items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("ManagerSecretMissing"))
+                .then_some(()))
+        }
+    })
+    .await?;
+
+    h.manager_secret("manager").await?;
+    h.wait_campaign("waiting", "NoDevicesSelected", |c| {
+        condition(c, "Ready").is_some_and(|r| r.reason == "NoDevicesSelected")
+    })
+    .await?;
+    // A device that starts matching joins the running campaign.
+    h.device("late", "violet").await?;
+    let _sim = h.spawn_device("late", "1.0.0", Behavior::Install)?;
+    let c = h
+        .wait_campaign("waiting", "Succeeded", |c| {
+            phase(c) == CampaignPhase::Succeeded
+        })
+        .await?;
+    assert_eq!(c.status.unwrap().devices.succeeded, 1);
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_operator_resumes_without_redoing_finished_devices() -> Result<()> {
+    let h = Harness::new("op-restart").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(20_000)).await?;
+    let names = ["r-1", "r-2", "r-3", "r-4"];
+    for n in names {
+        h.device(n, "teal").await?;
+    }
+    // Only the first two devices are online at first.
+    let early: Vec<SimDevice> = names[..2]
+        .iter()
+        .map(|n| h.spawn_device(n, "1.0.0", Behavior::Install))
+        .collect::<Result<_>>()?;
+    let op = h.start_operator("replica-1", false)?;
+    let mut spec = fw_spec("teal", "3.0.0", serde_json::json!({}));
+    spec["rollout"]["maxInFlight"] = serde_json::json!(4);
+    spec["rollout"]["deviceTimeoutSeconds"] = serde_json::json!(300);
+    h.campaign("resume", spec).await?;
+    h.wait_campaign("resume", "two devices succeeded", |c| {
+        c.status.as_ref().is_some_and(|s| s.devices.succeeded == 2)
+    })
+    .await?;
+    op.kill();
+
+    let late: Vec<SimDevice> = names[2..]
+        .iter()
+        .map(|n| h.spawn_device(n, "1.0.0", Behavior::Install))
+        .collect::<Result<_>>()?;
+    // A second replica: takes the lease once the killed one's expires, resumes from the resources.
+    let op2 = h.start_operator("replica-2", false)?;
+    let c = h
+        .wait_campaign("resume", "Succeeded after restart", |c| {
+            phase(c) == CampaignPhase::Succeeded
+        })
+        .await?;
+    assert_eq!(c.status.unwrap().devices.succeeded, 4);
+    for s in &early {
+        assert_eq!(
+            s.offers.load(Ordering::SeqCst),
+            1,
+            "a finished device was offered the update again"
+        );
+        assert_eq!(s.installs.load(Ordering::SeqCst), 1);
+    }
+    for s in &late {
+        assert_eq!(s.installs.load(Ordering::SeqCst), 1);
+    }
+    for n in names {
+        let rec = h
+            .get_device(n)
+            .await?
+            .status
+            .and_then(|s| s.campaign)
+            .context("record")?;
+        assert_eq!(rec.phase, DevicePhase::Succeeded, "{n}");
+    }
+    op2.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_resources_are_refused_with_the_field_named() -> Result<()> {
+    let h = Harness::new("op-invalid").await?;
+    let cases = [
+        (
+            serde_json::json!({
+                "selector": {"matchLabels": {"a": "b"}}, "targetVersion": "1.0.0", "managerSecretName": "m",
+                "payload": {"firmware": {"configMapKeyRef": {"name": "x", "key": "y"}},
+                            "rotateCredentials": {"mode": "Csr", "caSecretName": "ca"}}
+            }),
+            "spec.payload must set exactly one",
+        ),
+        (
+            serde_json::json!({
+                "selector": {"matchLabels": {"a": "b"}}, "targetVersion": "v1", "managerSecretName": "m",
+                "payload": {"firmware": {"configMapKeyRef": {"name": "x", "key": "y"}}}
+            }),
+            "spec.targetVersion",
+        ),
+        (
+            serde_json::json!({
+                "selector": {}, "targetVersion": "1.0.0", "managerSecretName": "m",
+                "payload": {"firmware": {"configMapKeyRef": {"name": "x", "key": "y"}}}
+            }),
+            "spec.selector must set matchLabels or matchExpressions",
+        ),
+        (
+            serde_json::json!({
+                "selector": {"matchLabels": {"a": "b"}}, "targetVersion": "1.0.0", "managerSecretName": "m",
+                "payload": {"firmware": {"url": {"url": "ftp://x/y", "sha256": "0".repeat(64)}}}
+            }),
+            "spec.payload.firmware.url.url must start with https://",
+        ),
+        (
+            serde_json::json!({
+                "selector": {"matchLabels": {"a": "b"}}, "targetVersion": "1.0.0", "managerSecretName": "m",
+                "payload": {"firmware": {"configMapKeyRef": {"name": "x", "key": "y"}}},
+                "rollout": {"canary": "150%"}
+            }),
+            "spec.rollout.canary",
+        ),
+    ];
+    for (i, (spec, needle)) in cases.into_iter().enumerate() {
+        let err = match h.campaign(&format!("bad-{i}"), spec).await {
+            Ok(()) => bail!("case {i} was accepted; expected a refusal naming {needle:?}"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains(needle), "case {i}: {err}");
+    }
+    let bad_device: Device = serde_json::from_value(serde_json::json!({
+        "apiVersion": "ota.sealed-ota.dev/v1alpha1", "kind": "Device",
+        "metadata": {"name": "bad"}, "spec": {"certificateFingerprint": "Z".repeat(64)}
+    }))?;
+    let err = Api::<Device>::namespaced(h.client(), &h.ns.name)
+        .create(&PostParams::default(), &bad_device)
+        .await
+        .expect_err("bad fingerprint must be refused");
+    assert!(
+        err.to_string().contains("spec.certificateFingerprint"),
+        "{err}"
+    );
+    Ok(())
+}
