@@ -241,60 +241,70 @@ fn main() {
     criterion_benches(&mut c, &fx);
     c.final_summary();
 
-    // Ratio table, all measured now, one core.
-    let min = Duration::from_millis(700);
-    let raw = raw_costs(min);
-    let n = 200;
-    let mgr = manager_handshakes(&fx, n).as_secs_f64() / n as f64;
-    let dev = device_handshakes(&fx, n).as_secs_f64() / n as f64;
+    // Ratio table, all measured now, one core. Other processes share this machine, so each metric
+    // is measured in several interleaved rounds and the best (least disturbed) round is kept.
+    let min = Duration::from_millis(300);
+    let rounds = 5;
+    let key = [9u8; 32];
+    let count = (IMAGE / CHUNK as usize) as u32;
+    let mut image = vec![0x5au8; IMAGE];
+    let spec = |img: Vec<u8>| CampaignSpec {
+        campaign_id: "c1".into(),
+        target_version: "2.0.0".into(),
+        payload: CampaignPayload::Firmware { image: img },
+        expires_at: NOW + 3600,
+        chunk_size: CHUNK,
+    };
+    let inf = f64::INFINITY;
+    let (mut keygen, mut ecdh, mut sign, mut verify) = (inf, inf, inf, inf);
+    let (mut mgr, mut dev, mut gcm_t, mut enc_t, mut prep_t, mut sha_t) =
+        (inf, inf, inf, inf, inf, inf);
+    for _ in 0..rounds {
+        let raw = raw_costs(min);
+        keygen = keygen.min(raw.keygen);
+        ecdh = ecdh.min(raw.ecdh);
+        sign = sign.min(raw.sign);
+        verify = verify.min(raw.verify);
+        let n = 60;
+        mgr = mgr.min(manager_handshakes(&fx, n).as_secs_f64() / n as f64);
+        dev = dev.min(device_handshakes(&fx, n).as_secs_f64() / n as f64);
+        gcm_t = gcm_t.min(IMAGE as f64 / raw_gcm_bytes_per_sec(&mut image, min));
+        enc_t = enc_t.min(per_op(
+            || {
+                let cipher = crypto::ChunkCipher::new(&key);
+                for (i, c) in image.chunks(CHUNK as usize).enumerate() {
+                    black_box(cipher.encrypt("c1", i as u32, count, c));
+                }
+            },
+            min,
+        ));
+        sha_t = sha_t.min(per_op(
+            || {
+                black_box(crypto::sha256(&image));
+            },
+            min,
+        ));
+        let img = image.clone();
+        let t0 = Instant::now();
+        black_box(PreparedCampaign::prepare(spec(img)).unwrap());
+        prep_t = prep_t.min(t0.elapsed().as_secs_f64());
+    }
     // Primitive work one handshake needs on each side:
     // manager: keygen (ephemeral) + 2 ECDH + 2 sign (notify, manifest) + 2 verify (device cert
     //          chain signature, ready signature);
     // device:  keygen + 2 ECDH + 1 sign (ready) + 3 verify (manager cert chain, notify, manifest).
-    let raw_mgr = raw.keygen + 2.0 * raw.ecdh + 2.0 * raw.sign + 2.0 * raw.verify;
-    let raw_dev = raw.keygen + 2.0 * raw.ecdh + raw.sign + 3.0 * raw.verify;
-
-    let mut image = vec![0x5au8; IMAGE];
-    let gcm = raw_gcm_bytes_per_sec(&mut image, min);
-    let key = [9u8; 32];
-    let count = (IMAGE / CHUNK as usize) as u32;
-    let enc = {
-        let t = per_op(
-            || {
-                for (i, c) in image.chunks(CHUNK as usize).enumerate() {
-                    black_box(crypto::encrypt_chunk(&key, "c1", i as u32, count, c));
-                }
-            },
-            min,
-        );
-        IMAGE as f64 / t
-    };
-    let prep = {
-        let img = vec![0x5au8; IMAGE];
-        let t0 = Instant::now();
-        let reps = 5;
-        for _ in 0..reps {
-            black_box(
-                PreparedCampaign::prepare(CampaignSpec {
-                    campaign_id: "c1".into(),
-                    target_version: "2.0.0".into(),
-                    payload: CampaignPayload::Firmware { image: img.clone() },
-                    expires_at: NOW + 3600,
-                    chunk_size: CHUNK,
-                })
-                .unwrap(),
-            );
-        }
-        IMAGE as f64 * reps as f64 / t0.elapsed().as_secs_f64()
-    };
-    println!("\n=== sealed-ota-protocol budget ratios (same run, one core) ===");
+    let raw_mgr = keygen + 2.0 * ecdh + 2.0 * sign + 2.0 * verify;
+    let raw_dev = keygen + 2.0 * ecdh + sign + 3.0 * verify;
+    let mbs = |t: f64| IMAGE as f64 / t / 1e6;
+    println!("\n=== sealed-ota-protocol budget ratios (same run, one core, best of {rounds}) ===");
     println!(
-        "raw: keygen {:.1} us, ECDH {:.1} us, sign {:.1} us, verify {:.1} us, aes-256-gcm {:.0} MB/s",
-        raw.keygen * 1e6,
-        raw.ecdh * 1e6,
-        raw.sign * 1e6,
-        raw.verify * 1e6,
-        gcm / 1e6
+        "raw: keygen {:.1} us, ECDH {:.1} us, sign {:.1} us, verify {:.1} us, aes-256-gcm {:.0} MB/s, sha-256 {:.0} MB/s",
+        keygen * 1e6,
+        ecdh * 1e6,
+        sign * 1e6,
+        verify * 1e6,
+        mbs(gcm_t),
+        mbs(sha_t)
     );
     println!(
         "manager handshake: {:.0} us ({:.0}/s); raw crypto {:.0} us; ratio {:.2} (budget >= 0.8)",
@@ -312,12 +322,13 @@ fn main() {
     );
     println!(
         "chunk encryption: {:.0} MB/s; ratio vs raw aes-gcm {:.2} (budget >= 0.8)",
-        enc / 1e6,
-        enc / gcm
+        mbs(enc_t),
+        gcm_t / enc_t
     );
     println!(
-        "full prepare (encrypt + SHA-256 + Merkle + encode): {:.0} MB/s; ratio vs raw aes-gcm {:.2}",
-        prep / 1e6,
-        prep / gcm
+        "full prepare (encrypt + SHA-256 of image and ciphertexts + Merkle + encode): {:.0} MB/s; ratio vs raw aes-gcm {:.2}, vs raw aes-gcm + 2 x sha-256 {:.2}",
+        mbs(prep_t),
+        gcm_t / prep_t,
+        (gcm_t + 2.0 * sha_t) / prep_t
     );
 }

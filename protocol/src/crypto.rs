@@ -208,6 +208,58 @@ pub fn chunk_aad(campaign_id: &str, index: u32, count: u32) -> Vec<u8> {
     aad
 }
 
+/// The content-key cipher, keyed once and reused for every chunk of a campaign.
+pub struct ChunkCipher {
+    cipher: Aes256Gcm,
+}
+
+impl std::fmt::Debug for ChunkCipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChunkCipher(<redacted>)")
+    }
+}
+
+impl ChunkCipher {
+    /// Key the cipher.
+    pub fn new(content_key: &[u8; 32]) -> Self {
+        Self {
+            cipher: Aes256Gcm::new(content_key.into()),
+        }
+    }
+
+    /// Encrypt chunk `index` of `count` (see [`chunk_nonce`], [`chunk_aad`]).
+    pub fn encrypt(&self, campaign_id: &str, index: u32, count: u32, plaintext: &[u8]) -> Vec<u8> {
+        let aad = chunk_aad(campaign_id, index, count);
+        self.cipher
+            .encrypt(
+                &Nonce::from(chunk_nonce(index)),
+                Payload {
+                    msg: plaintext,
+                    aad: &aad,
+                },
+            )
+            .unwrap_or_default()
+    }
+
+    /// Decrypt chunk `index` of `count`; opaque failure.
+    pub fn decrypt(
+        &self,
+        campaign_id: &str,
+        index: u32,
+        count: u32,
+        ct: &[u8],
+    ) -> Option<Zeroizing<Vec<u8>>> {
+        let aad = chunk_aad(campaign_id, index, count);
+        self.cipher
+            .decrypt(
+                &Nonce::from(chunk_nonce(index)),
+                Payload { msg: ct, aad: &aad },
+            )
+            .ok()
+            .map(Zeroizing::new)
+    }
+}
+
 /// Encrypt one chunk under the campaign content key.
 pub fn encrypt_chunk(
     content_key: &[u8; 32],

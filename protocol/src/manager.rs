@@ -156,12 +156,11 @@ impl PreparedCampaign {
                     )));
                 }
                 let count = count as u32;
+                let cipher = crypto::ChunkCipher::new(&c.content_key);
                 let cts: Vec<Vec<u8>> = image
                     .chunks(spec.chunk_size as usize)
                     .enumerate()
-                    .map(|(i, p)| {
-                        crypto::encrypt_chunk(&c.content_key, &c.campaign_id, i as u32, count, p)
-                    })
+                    .map(|(i, p)| cipher.encrypt(&c.campaign_id, i as u32, count, p))
                     .collect();
                 let tree = MerkleTree::from_leaves(
                     cts.iter()
