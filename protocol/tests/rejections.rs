@@ -753,3 +753,64 @@ fn wrong_topic_is_rejected() {
         Err(ProtocolError::WrongDevice { .. })
     ));
 }
+
+#[test]
+fn older_notify_and_status_from_an_older_session_are_rejected() {
+    let mut w = single("1.0.0");
+    // Session 1: handshake and Accepted, then the chunks are withheld.
+    w.hook = Some(Box::new(|client, msg| {
+        if client == "s1" && msg.topic.contains("/_chunks/") {
+            Verdict::Drop
+        } else {
+            Verdict::Deliver
+        }
+    }));
+    w.start(target("s1"));
+    w.run();
+    let notify1 = last_from(&w, "manager", "/notify").to_inbound();
+    let status1 = last_from(&w, "s1", "/update/status").to_inbound();
+    // The operator restarts: session 2, issued later.
+    w.now += 5;
+    w.start(target("s1"));
+    w.run();
+    assert!(matches!(
+        w.manager_state("s1"),
+        ManagerState::Transferring { .. }
+    ));
+    // The broker replays the older notify to the device.
+    let d = w.devices.get_mut("s1").unwrap();
+    assert_eq!(
+        d.session.handle(&notify1, w.now).unwrap_err(),
+        ProtocolError::Replay
+    );
+    // And session 1's signed status to the manager's session 2.
+    let s = w.manager.sessions.get_mut("s1").unwrap();
+    let mut st = status1.clone();
+    st.properties = Properties::default();
+    assert_eq!(
+        s.handle(&st, w.now).unwrap_err(),
+        ProtocolError::WrongSession
+    );
+}
+
+#[test]
+fn debug_output_never_shows_secrets() {
+    let pki = Pki::new();
+    let id = pki.ca.issue(Role::Device, "s1", NOW, 30).unwrap();
+    let pem = id.key_pem();
+    let body = pem.lines().nth(1).unwrap().to_string();
+    let c = campaign(firmware(100), 64);
+    let ev = DeviceEvent::CredentialsDelivered {
+        cert_pem: id.cert_pem(),
+        key_pem: pem.clone(),
+    };
+    for s in [
+        format!("{id:?}"),
+        format!("{:?}", pki.ca),
+        format!("{c:?}"),
+        format!("{ev:?}"),
+    ] {
+        assert!(!s.contains(&body), "{s}");
+        assert!(!s.contains("PRIVATE"), "{s}");
+    }
+}
