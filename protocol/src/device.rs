@@ -339,7 +339,21 @@ impl DeviceSession {
 
     fn handle_notify(&mut self, msg: &Inbound, now: u64) -> Result<DeviceOutput, ProtocolError> {
         if msg.payload.is_empty() {
-            return Ok(DeviceOutput::default()); // retained notify cleared
+            // The manager cleared the retained notify: the campaign ended or was aborted. Stop
+            // retrying (ready, chunk requests) and release the window; the persisted transfer is
+            // kept so that a restarted campaign resumes. (A broker could fake this; it can always
+            // withhold messages anyway, so this only lets it do what it already can.)
+            let mut out = DeviceOutput::default();
+            if self.hs.is_some() {
+                if let Some(a) = self.window_unsubscribe() {
+                    out.actions.push(a);
+                }
+                self.drop_window();
+                self.content_key = None;
+                self.image_complete = false;
+                self.hs = None;
+            }
+            return Ok(out);
         }
         let (env, body) = wire::decode_notify(&msg.payload)?;
         let me = self.me().to_string();
@@ -400,13 +414,13 @@ impl DeviceSession {
             detail: "ephemeral key".into(),
         })?;
         // A new session replaces any previous one.
-        self.drop_window();
-        self.content_key = None;
-        self.image_complete = false;
         let mut actions = Vec::new();
         if let Some(old) = self.window_unsubscribe() {
             actions.push(old);
         }
+        self.drop_window();
+        self.content_key = None;
+        self.image_complete = false;
 
         let eph = p256::SecretKey::random(&mut rand_core::OsRng);
         let eph_pub = crypto::public_bytes(&eph.public_key());

@@ -225,3 +225,26 @@ fn image_hash_mismatch_is_reported() {
         &ManagerState::Rejected(RejectReason::ImageHashMismatch)
     );
 }
+
+#[test]
+fn cleared_notify_stops_retries_and_keeps_resume_state() {
+    let image = firmware(3000);
+    let mut w = World::new(Pki::new(), campaign(image.clone(), 500));
+    w.add_device("s1", "1.0.0", 2);
+    w.start(target("s1"));
+    // Chunks are never published: the device waits on its first window.
+    w.run();
+    assert_eq!(w.devices["s1"].session.window(), &[0, 1]);
+    // The campaign is aborted: the operator clears the notify.
+    let clear = w.manager.sessions["s1"].clear_notify();
+    w.broker.publish("manager", clear);
+    w.run();
+    assert!(w.devices["s1"].session.window().is_empty());
+    assert!(w.devices["s1"].session.state().transfer.is_some());
+    // No more chunk requests or ready retries.
+    w.now += 100;
+    let a = w.devices.get_mut("s1").unwrap().session.poll(w.now);
+    assert!(a.is_empty());
+    // Unsubscribed from the window.
+    assert!(!w.broker.subs["s1"].iter().any(|f| f.contains("/_chunks/")));
+}

@@ -86,9 +86,8 @@ impl Broker {
                 self.retained.insert(o.topic.clone(), o.to_inbound());
             }
         }
-        if o.retain && o.payload.is_empty() {
-            return;
-        }
+        // MQTT 5 3.3.1.3: an empty retained PUBLISH clears the retained message and is still
+        // forwarded to current subscribers.
         let mut targets: Vec<String> = self
             .subs
             .iter()
