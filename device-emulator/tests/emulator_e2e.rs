@@ -213,3 +213,94 @@ async fn fault_switches_show_end_to_end() -> Result<()> {
     assert!(std::fs::read(fleet.device(&ids[2]).firmware_path())? == image);
     manager.clean_up().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_credentials_replace_the_old_ones_and_the_next_connection_uses_them() -> Result<()>
+{
+    use sealed_ota_device_emulator::device::unix_now;
+    use sealed_ota_protocol::{CampaignPayload, CampaignSpec, Identity, RotationMode};
+
+    let bed = TestBed::get()?;
+    let ca = std::sync::Arc::new(testbed_ca(bed)?);
+    let tmp = tempfile::tempdir()?;
+    let manager_id = unique("mgr");
+    let (fleet, ids) = enroll_fleet(&ca, &tmp.path().join("fleet"), &unique("r"), &manager_id, 4)?;
+    let fingerprint = |id: &str| -> Result<[u8; 32]> {
+        let (cert, key) = fleet.device(id).read_credentials()?;
+        Ok(Identity::from_pem(&cert, &key)?.fingerprint())
+    };
+    let mut manager = TestManager::connect(bed, &ca, &manager_id, tmp.path()).await?;
+    let running = RunningFleet::start(fleet_options(bed, fleet.clone())?)?;
+    let stats = std::sync::Arc::clone(running.stats());
+
+    for (round, mode) in [RotationMode::DeliverKey, RotationMode::Csr]
+        .into_iter()
+        .enumerate()
+    {
+        let before: Vec<[u8; 32]> = ids
+            .iter()
+            .map(|id| fingerprint(id))
+            .collect::<Result<_>>()?;
+        let spec = CampaignSpec {
+            campaign_id: unique("rot"),
+            target_version: format!("2.{round}.0"),
+            payload: CampaignPayload::RotateCredentials {
+                mode,
+                ca: std::sync::Arc::clone(&ca),
+                validity_days: 1,
+            },
+            expires_at: unix_now() + 3600,
+            chunk_size: 4096,
+        };
+        manager.start_campaign(spec, &ids).await?;
+        manager
+            .serve_until(Duration::from_secs(60), "every device rotated", |m| {
+                m.installed.len() == ids.len()
+            })
+            .await?;
+        // Every device stores its new certificate, then connects to Mosquitto again with it.
+        let expected_attempts = 4 * (round as u64 + 2);
+        sealed_ota_e2e::wait_for(
+            "devices reconnected with new credentials",
+            Duration::from_secs(30),
+            || {
+                let stats = std::sync::Arc::clone(&stats);
+                let rotated = ids
+                    .iter()
+                    .zip(&before)
+                    .all(|(id, old)| fingerprint(id).is_ok_and(|new| &new != old));
+                async move {
+                    let attempts = stats.summary(Default::default()).connect_attempts;
+                    Ok(
+                        (rotated && attempts >= expected_attempts && stats.connected_now() == 4)
+                            .then_some(()),
+                    )
+                }
+            },
+        )
+        .await?;
+        for id in &ids {
+            let cert = fleet.device(id).read_credentials()?.0;
+            ca.trust_anchor().verify(
+                &pem_to_der(&cert),
+                sealed_ota_protocol::Role::Device,
+                id,
+                unix_now(),
+            )?;
+        }
+    }
+    let (summary, _) = running.stop().await;
+    assert_eq!(
+        summary.connect_failures, 0,
+        "Mosquitto accepted every rotated certificate"
+    );
+    assert_eq!(summary.outcomes["installed"], 4);
+    manager.clean_up().await
+}
+
+fn pem_to_der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("a PEM certificate")
+        .to_vec()
+}

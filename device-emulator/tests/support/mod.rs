@@ -212,19 +212,33 @@ impl TestManager {
         chunk_size: u32,
         devices: &[String],
     ) -> Result<Arc<PreparedCampaign>> {
-        let campaign = Arc::new(PreparedCampaign::prepare(CampaignSpec {
+        let spec = CampaignSpec {
             campaign_id: campaign_id.into(),
             target_version: version.into(),
             payload: CampaignPayload::Firmware { image },
             expires_at: unix_now() + 3600,
             chunk_size,
-        })?);
+        };
+        self.start_campaign(spec, devices).await
+    }
+
+    /// Starts a campaign: its chunks (retained, if any) and one notify per device. Outcomes of
+    /// an earlier campaign are forgotten.
+    pub async fn start_campaign(
+        &mut self,
+        spec: CampaignSpec,
+        devices: &[String],
+    ) -> Result<Arc<PreparedCampaign>> {
+        let campaign = Arc::new(PreparedCampaign::prepare(spec)?);
         let chunks = campaign
             .chunk_publishes(&self.topics)
             .into_iter()
             .map(Action::Publish)
             .collect();
         self.perform(chunks).await?;
+        self.installed.clear();
+        self.rejected.clear();
+        self.sessions.clear();
         for device in devices {
             let target = DeviceTarget {
                 device_id: device.clone(),
