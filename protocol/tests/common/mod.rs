@@ -39,6 +39,8 @@ pub struct Broker {
     pub queue: VecDeque<(String, Inbound)>,
     pub published: Vec<(String, Outbound)>,
     pub packets: HashMap<String, usize>,
+    /// Most chunk topic filters a client held at once (bounded in-flight data).
+    pub max_chunk_subs: HashMap<String, usize>,
 }
 
 impl Broker {
@@ -66,6 +68,12 @@ impl Broker {
                             self.queue.push_back((client.to_string(), m));
                         }
                     }
+                    let n = self.subs[client]
+                        .iter()
+                        .filter(|f| f.contains("/_chunks/"))
+                        .count();
+                    let max = self.max_chunk_subs.entry(client.to_string()).or_default();
+                    *max = (*max).max(n);
                 }
                 Action::Unsubscribe(filters) => {
                     if let Some(list) = self.subs.get_mut(client) {
