@@ -940,6 +940,13 @@ impl ManagerSession {
             }
         }
         est.last_seq = sm.seq;
+        if matches!(
+            self.state,
+            ManagerState::Installed | ManagerState::Rejected(_)
+        ) {
+            // Terminal: drop the session keys (zeroized) and the stored update, keep ~nothing.
+            self.established = None;
+        }
         Ok(out)
     }
 
