@@ -1,0 +1,277 @@
+//! GitOps health: the Argo CD custom health check (`deploy/argocd/updatecampaign-health.lua`) run in
+//! Lua 5.1, as Argo CD's gopher-lua runs it, against sample statuses in the shape the operator writes
+//! (operator/src/status.rs: phase, observedGeneration, progress, Ready/Progressing/Failed/Paused
+//! conditions). `chart_install` runs it on a real Succeeded status as well.
+
+mod chart_support;
+
+use std::collections::BTreeSet;
+
+use anyhow::{Context, Result};
+use chart_support::{argocd_health, argocd_health_script};
+use sealed_ota_e2e::repo_root;
+use serde_json::{json, Value};
+
+/// A campaign with the status `operator/src/status.rs::compute` writes for this phase and Ready reason.
+fn campaign(
+    generation: i64,
+    observed: i64,
+    phase: &str,
+    ready: (&str, &str, &str),
+    progress: &str,
+) -> Value {
+    let (ready_status, reason, message) = ready;
+    let cond = |type_: &str, status: bool, reason: &str, message: &str| {
+        json!({
+            "type": type_,
+            "status": if status { "True" } else { "False" },
+            "reason": reason,
+            "message": message,
+            "observedGeneration": observed,
+            "lastTransitionTime": "2026-11-24T10:00:00Z",
+        })
+    };
+    json!({
+        "apiVersion": "ota.sealed-ota.dev/v1alpha1",
+        "kind": "UpdateCampaign",
+        "metadata": {"name": "c", "namespace": "fleet", "generation": generation},
+        "status": {
+            "phase": phase,
+            "observedGeneration": observed,
+            "progress": progress,
+            "devices": {"selected": 3, "pending": 0, "inProgress": 0, "succeeded": 3, "failed": 0},
+            "currentWave": 0,
+            "totalWaves": 1,
+            "conditions": [
+                cond("Ready", ready_status == "True", reason, message),
+                cond("Progressing", phase == "Progressing", "Progressing", "wave 1 of 1"),
+                cond("Failed", phase == "Failed", if phase == "Failed" { "FailureThresholdExceeded" } else { "NoFailureThreshold" }, "0 devices failed"),
+                cond("Paused", phase == "Paused", if phase == "Paused" { "Paused" } else { "NotPaused" }, "spec.paused"),
+            ],
+        },
+    })
+}
+
+fn health(obj: &Value) -> Result<(String, String)> {
+    argocd_health(&argocd_health_script()?, obj)
+}
+
+#[test]
+fn health_follows_the_campaign_phase() -> Result<()> {
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (
+            campaign(
+                1,
+                1,
+                "Succeeded",
+                (
+                    "True",
+                    "Succeeded",
+                    "3 of 3 devices installed the update, 0 failed",
+                ),
+                "3/3",
+            ),
+            "Healthy",
+            "3 of 3 devices installed",
+        ),
+        (
+            campaign(
+                1,
+                1,
+                "Progressing",
+                ("False", "Progressing", "1 of 3 devices finished"),
+                "1/3",
+            ),
+            "Progressing",
+            "1 of 3 devices finished",
+        ),
+        (
+            campaign(
+                1,
+                1,
+                "Pending",
+                (
+                    "False",
+                    "NoDevicesSelected",
+                    "spec.selector matches no Device",
+                ),
+                "0/0",
+            ),
+            "Progressing",
+            "matches no Device",
+        ),
+        (
+            campaign(
+                1,
+                1,
+                "Progressing",
+                ("False", "BrokerUnavailable", "not connected to the broker"),
+                "1/3",
+            ),
+            "Progressing",
+            "not connected",
+        ),
+        (
+            campaign(
+                2,
+                2,
+                "Paused",
+                ("False", "Paused", "spec.paused is set"),
+                "1/3",
+            ),
+            "Suspended",
+            "paused",
+        ),
+        (
+            campaign(
+                1,
+                1,
+                "Failed",
+                (
+                    "False",
+                    "FailureThresholdExceeded",
+                    "2 devices failed, more than spec.rollout.failureThreshold allows",
+                ),
+                "3/3",
+            ),
+            "Degraded",
+            "2 devices failed",
+        ),
+        (
+            campaign(
+                2,
+                2,
+                "Aborted",
+                (
+                    "False",
+                    "Aborted",
+                    "spec.abort is set: the campaign stopped",
+                ),
+                "1/3",
+            ),
+            "Degraded",
+            "spec.abort",
+        ),
+        (
+            campaign(
+                1,
+                1,
+                "Pending",
+                (
+                    "False",
+                    "ManagerSecretMissing",
+                    "Secret manager (spec.managerSecretName) not found",
+                ),
+                "0/3",
+            ),
+            "Degraded",
+            "ManagerSecretMissing: Secret manager",
+        ),
+        (
+            campaign(
+                1,
+                1,
+                "Pending",
+                ("False", "FirmwareUnreadable", "ConfigMap fw not found"),
+                "0/3",
+            ),
+            "Degraded",
+            "FirmwareUnreadable",
+        ),
+    ];
+    for (obj, status, message) in cases {
+        let (got, msg) = health(&obj)?;
+        assert_eq!(got, status, "{obj}: {msg}");
+        assert!(msg.contains(message), "{got}: {msg:?} lacks {message:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_status_that_does_not_describe_the_current_generation_is_progressing() -> Result<()> {
+    // Succeeded for generation 1, but the spec changed (generation 2) and the operator has not
+    // caught up yet: not Healthy.
+    let stale = campaign(2, 1, "Succeeded", ("True", "Succeeded", "done"), "3/3");
+    assert_eq!(
+        health(&stale)?,
+        (
+            "Progressing".into(),
+            "Waiting for the operator to observe generation 2".into()
+        )
+    );
+    // No status at all (just created) and a status without observedGeneration.
+    let fresh = json!({"metadata": {"name": "c", "generation": 1}, "spec": {}});
+    assert_eq!(health(&fresh)?.0, "Progressing");
+    let mut partial = campaign(1, 1, "Succeeded", ("True", "Succeeded", "done"), "3/3");
+    partial["status"]
+        .as_object_mut()
+        .context("status")?
+        .remove("observedGeneration");
+    assert_eq!(health(&partial)?.0, "Progressing");
+    // No conditions: the phase alone decides.
+    let bare = json!({"metadata": {"generation": 3}, "status": {"phase": "Succeeded", "observedGeneration": 3, "progress": "5/5"}});
+    assert_eq!(
+        health(&bare)?,
+        (
+            "Healthy".into(),
+            "Campaign succeeded (5/5 devices finished)".into()
+        )
+    );
+    Ok(())
+}
+
+/// Ready reasons the operator can set, read from its source (`reason: "X"` and `const R: &str = "X"`).
+fn operator_reasons() -> Result<BTreeSet<String>> {
+    let mut reasons = BTreeSet::new();
+    for file in ["controller.rs", "inputs.rs"] {
+        let src = std::fs::read_to_string(repo_root().join("operator/src").join(file))?;
+        for marker in ["reason: \"", "const R: &str = \""] {
+            for part in src.split(marker).skip(1) {
+                if let Some(r) = part.split('"').next() {
+                    reasons.insert(r.to_string());
+                }
+            }
+        }
+    }
+    Ok(reasons)
+}
+
+/// Every blocker the operator can report is classified: transient ones stay Progressing, the rest
+/// (a person must act) are Degraded. A new reason in operator/src fails here until it is classified.
+#[test]
+fn every_operator_blocker_reason_is_classified() -> Result<()> {
+    let transient: BTreeSet<&str> = ["BrokerUnavailable"].into();
+    let script = argocd_health_script()?;
+    let reasons = operator_reasons()?;
+    assert!(reasons.contains("ManagerSecretMissing"), "{reasons:?}");
+    for reason in &reasons {
+        let obj = campaign(1, 1, "Pending", ("False", reason, "m"), "0/1");
+        let (status, msg) = argocd_health(&script, &obj)?;
+        let expected = if transient.contains(reason.as_str()) {
+            "Progressing"
+        } else {
+            "Degraded"
+        };
+        assert_eq!(
+            status, expected,
+            "reason {reason}: {msg} (classify it in deploy/argocd/updatecampaign-health.lua)"
+        );
+    }
+    Ok(())
+}
+
+/// The ConfigMap patch users apply embeds exactly the tested script.
+#[test]
+fn argocd_cm_patch_embeds_the_tested_script() -> Result<()> {
+    let text = std::fs::read_to_string(repo_root().join("deploy/argocd/argocd-cm-patch.yaml"))?;
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text)?;
+    let embedded = doc["data"]["resource.customizations.health.ota.sealed-ota.dev_UpdateCampaign"]
+        .as_str()
+        .context("health key in argocd-cm-patch.yaml")?;
+    assert_eq!(
+        embedded,
+        argocd_health_script()?,
+        "regenerate deploy/argocd/argocd-cm-patch.yaml (see deploy/README.md)"
+    );
+    Ok(())
+}

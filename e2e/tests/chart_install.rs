@@ -1,0 +1,637 @@
+//! The chart installed into the test bed with `helm install`, and its RBAC proven with the real
+//! token of the chart's ServiceAccount (TokenRequest):
+//!
+//! - every API call the operator makes is allowed (SelfSubjectAccessReview), and the actions outside
+//!   the chart's RBAC (a Secret in another namespace, another Secret of its own namespace, deleting a
+//!   campaign, cluster-wide reads) are denied, by review and by real API calls;
+//! - the operator binary, configured from the Deployment the chart installed (its env) and
+//!   authenticated only with that token, completes a firmware campaign for emulated devices over
+//!   Mosquitto TLS, and logs no authorization failure.
+//!
+//! The test bed has no kubelet, so the Deployment's pods never run; the test runs the same binary
+//! as a local process with the pod's configuration instead. The CRDs are applied from `crds/` with
+//! the field manager the other test-bed tests use (the chart's CRD rendering is checked by
+//! `chart_render`); the release installs with `crds.enabled=false` so it never takes ownership of
+//! the shared cluster-scoped CRDs.
+
+mod chart_support;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use chart_support::{apply_crds, argocd_health, argocd_health_script, chart_dir, helm};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
+use k8s_openapi::ByteString;
+use kube::api::{
+    ApiResource, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams, PostParams,
+};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use sealed_ota_e2e::{repo_root, wait_for, TestBed};
+
+const RELEASE: &str = "sota";
+const FULLNAME: &str = "sota-sealed-ota";
+const DEVICES: u32 = 3;
+const WAIT: Duration = Duration::from_secs(180);
+
+/// A child process killed (by its own pid) when the test ends, pass or fail.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        eprintln!("chart_install: stopped {}", self.name);
+    }
+}
+
+/// A workspace binary, built beforehand (`make chart-test` builds them; see charts/README.md).
+fn binary(name: &str) -> Result<PathBuf> {
+    let var = format!(
+        "SEALED_OTA_{}_BIN",
+        name.trim_start_matches("sealed-ota-")
+            .replace('-', "_")
+            .to_uppercase()
+    );
+    if let Ok(p) = std::env::var(&var) {
+        return Ok(PathBuf::from(p));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    for profile in ["debug", "release"] {
+        let p = target.join(profile).join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "{name} is not built under {}: run `cargo build -p sealed-ota-operator -p sealed-ota-device-emulator --bins` \
+         with the same CARGO_TARGET_DIR first, or point {var} at it",
+        target.display()
+    )
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A kubeconfig for the same apiserver that authenticates with `token` only.
+fn token_kubeconfig(admin: &Path, token: &str, out: &Path) -> Result<()> {
+    let admin: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(admin)?)?;
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(
+        "apiVersion: v1\nkind: Config\nusers: [{name: sa, user: {}}]\n\
+         contexts: [{name: sa, context: {user: sa}}]\ncurrent-context: sa\n",
+    )?;
+    let cluster = admin["clusters"][0].clone();
+    doc["contexts"][0]["context"]["cluster"] = cluster["name"].clone();
+    doc["clusters"] = serde_yaml::Value::Sequence(vec![cluster]);
+    doc["users"][0]["user"]["token"] = token.into();
+    std::fs::write(out, serde_yaml::to_string(&doc)?)?;
+    Ok(())
+}
+
+async fn client_from(kubeconfig: &Path) -> Result<Client> {
+    let k = Kubeconfig::read_from(kubeconfig)?;
+    let config = Config::from_custom_kubeconfig(k, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// One question for SelfSubjectAccessReview: verb, group, resource (with /subresource), namespace, name.
+type Access<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, Option<&'a str>);
+
+async fn allowed(client: &Client, (verb, group, resource, ns, name): Access<'_>) -> Result<bool> {
+    let (resource, subresource) = match resource.split_once('/') {
+        Some((r, s)) => (r, Some(s.to_string())),
+        None => (resource, None),
+    };
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                subresource,
+                namespace: ns.map(str::to_string),
+                name: name.map(str::to_string),
+                ..ResourceAttributes::default()
+            }),
+            ..SelfSubjectAccessReviewSpec::default()
+        },
+        ..SelfSubjectAccessReview::default()
+    };
+    let out = Api::<SelfSubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .context("SelfSubjectAccessReview")?;
+    Ok(out.status.context("review status")?.allowed)
+}
+
+fn is_forbidden<T: std::fmt::Debug>(r: kube::Result<T>) -> bool {
+    matches!(r, Err(kube::Error::Api(ref s)) if s.code == 403)
+}
+
+fn secret(name: &str, data: &[(&str, Vec<u8>)]) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.clone())))
+                .collect(),
+        ),
+        ..Secret::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
+    let operator_bin = binary("sealed-ota-operator")?;
+    let emulator_bin = binary("sealed-ota-device-emulator")?;
+    let bed = TestBed::get()?;
+    apply_crds(&bed.kubeconfig)?;
+    let op = bed.namespace("chart-op").await?;
+    let fleet = bed.namespace("chart-fleet").await?;
+    let other = bed.namespace("chart-other").await?;
+    let admin = op.client.clone();
+    let work = repo_root().join("target/chart-tests").join(&op.name);
+    std::fs::create_dir_all(&work)?;
+    let manager_id = format!("mgr-{}", op.name.rsplit('-').next().unwrap_or("x"));
+
+    // PKI (the test bed's CA signs the manager and the devices), the manager Secret in the fleet
+    // namespace, and the broker TLS Secret (manager certificate as MQTT client) in the operator's.
+    let pki = work.join("pki");
+    run(
+        Command::new(&emulator_bin)
+            .env("KUBECONFIG", &bed.kubeconfig)
+            .args(["pki-init", "--ca-cert"])
+            .arg(&bed.ca_file)
+            .arg("--ca-key")
+            .arg(&bed.ca_key_file)
+            .arg("--out")
+            .arg(&pki)
+            .args(["--manager-id", &manager_id, "-n", &fleet.name, "--apply"]),
+        "device emulator pki-init",
+    )?;
+    let secrets_op: Api<Secret> = Api::namespaced(admin.clone(), &op.name);
+    secrets_op
+        .create(
+            &PostParams::default(),
+            &secret(
+                "broker-tls",
+                &[
+                    ("ca.crt", std::fs::read(&bed.ca_file)?),
+                    ("tls.crt", std::fs::read(pki.join("manager.crt"))?),
+                    ("tls.key", std::fs::read(pki.join("manager.key"))?),
+                ],
+            ),
+        )
+        .await?;
+    secrets_op
+        .create(
+            &PostParams::default(),
+            &secret("unrelated", &[("k", b"v".to_vec())]),
+        )
+        .await?;
+    Api::<Secret>::namespaced(admin.clone(), &other.name)
+        .create(
+            &PostParams::default(),
+            &secret("private", &[("k", b"v".to_vec())]),
+        )
+        .await?;
+
+    // helm install, watching only the fleet namespace.
+    let chart = chart_dir();
+    let watch = format!("watchNamespaces={{{}}}", fleet.name);
+    let url = format!("broker.url={}", bed.mqtts_url);
+    let manager = format!("manager.id={manager_id}");
+    let out = helm(
+        &[
+            "install",
+            RELEASE,
+            chart.to_str().context("chart path")?,
+            "--namespace",
+            &op.name,
+            "--set",
+            &url,
+            "--set",
+            "broker.tls.secretName=broker-tls",
+            "--set",
+            &watch,
+            "--set",
+            &manager,
+            "--set",
+            "crds.enabled=false",
+            "--set",
+            "replicas=2",
+        ],
+        Some(&bed.kubeconfig),
+    )?;
+    assert!(out.contains("STATUS: deployed"), "{out}");
+    assert!(
+        out.contains(&format!("Watching:   {}", fleet.name)),
+        "NOTES.txt: {out}"
+    );
+    let status = helm(
+        &["status", RELEASE, "--namespace", &op.name],
+        Some(&bed.kubeconfig),
+    )?;
+    assert!(status.contains("STATUS: deployed"), "{status}");
+
+    // A real token of the chart's ServiceAccount.
+    let token = Api::<ServiceAccount>::namespaced(admin.clone(), &op.name)
+        .create_token_request(
+            FULLNAME,
+            &PostParams::default(),
+            &TokenRequest {
+                spec: TokenRequestSpec {
+                    audiences: vec![],
+                    expiration_seconds: Some(3600),
+                    ..TokenRequestSpec::default()
+                },
+                ..TokenRequest::default()
+            },
+        )
+        .await
+        .context("TokenRequest for the chart's ServiceAccount")?
+        .status
+        .context("token status")?
+        .token;
+    let sa_kubeconfig = work.join("kubeconfig-sa");
+    token_kubeconfig(&bed.kubeconfig, &token, &sa_kubeconfig)?;
+    let sa = client_from(&sa_kubeconfig).await?;
+
+    // Every call the operator makes (operator/src: controller watches, finalizer and status
+    // patches, input reads, Recorder, leader Lease, broker Secret) is allowed.
+    let (f, o) = (Some(fleet.name.as_str()), Some(op.name.as_str()));
+    let group = "ota.sealed-ota.dev";
+    let must_allow: Vec<Access> = vec![
+        ("list", group, "updatecampaigns", f, None),
+        ("watch", group, "updatecampaigns", f, None),
+        ("patch", group, "updatecampaigns", f, Some("c")),
+        ("patch", group, "updatecampaigns/status", f, Some("c")),
+        ("list", group, "devices", f, None),
+        ("watch", group, "devices", f, None),
+        ("patch", group, "devices/status", f, Some("d")),
+        ("get", "", "secrets", f, Some("sealed-ota-manager")),
+        ("list", "", "secrets", f, None),
+        ("watch", "", "secrets", f, None),
+        ("get", "", "configmaps", f, Some("firmware")),
+        ("list", "", "configmaps", f, None),
+        ("watch", "", "configmaps", f, None),
+        ("create", "events.k8s.io", "events", f, None),
+        ("patch", "events.k8s.io", "events", f, Some("e")),
+        ("create", "coordination.k8s.io", "leases", o, None),
+        (
+            "get",
+            "coordination.k8s.io",
+            "leases",
+            o,
+            Some("sealed-ota-operator"),
+        ),
+        (
+            "patch",
+            "coordination.k8s.io",
+            "leases",
+            o,
+            Some("sealed-ota-operator"),
+        ),
+        ("get", "", "secrets", o, Some("broker-tls")),
+    ];
+    let must_deny: Vec<Access> = vec![
+        (
+            "get",
+            "",
+            "secrets",
+            Some(other.name.as_str()),
+            Some("private"),
+        ),
+        ("list", "", "secrets", Some(other.name.as_str()), None),
+        ("list", "", "secrets", None, None),
+        ("get", "", "secrets", o, Some("unrelated")),
+        ("list", "", "secrets", o, None),
+        (
+            "list",
+            group,
+            "updatecampaigns",
+            Some(other.name.as_str()),
+            None,
+        ),
+        ("list", group, "updatecampaigns", None, None),
+        ("delete", group, "updatecampaigns", f, Some("c")),
+        ("update", group, "updatecampaigns", f, Some("c")),
+        ("create", group, "updatecampaigns", f, None),
+        ("create", group, "devices", f, None),
+        ("patch", group, "devices", f, Some("d")),
+        ("delete", group, "devices", f, Some("d")),
+        ("create", "", "secrets", f, None),
+        ("update", "", "secrets", f, Some("sealed-ota-manager")),
+        ("delete", "", "secrets", f, Some("sealed-ota-manager")),
+        ("patch", "", "configmaps", f, Some("firmware")),
+        (
+            "get",
+            "coordination.k8s.io",
+            "leases",
+            o,
+            Some("someone-else"),
+        ),
+        (
+            "delete",
+            "coordination.k8s.io",
+            "leases",
+            o,
+            Some("sealed-ota-operator"),
+        ),
+        ("list", "", "pods", f, None),
+        ("list", "", "namespaces", None, None),
+        (
+            "get",
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            None,
+            Some("updatecampaigns.ota.sealed-ota.dev"),
+        ),
+        ("create", "", "events", f, None),
+    ];
+    for a in &must_allow {
+        assert!(
+            allowed(&sa, *a).await?,
+            "the chart's ServiceAccount may not {a:?}"
+        );
+    }
+    for a in &must_deny {
+        assert!(
+            !allowed(&sa, *a).await?,
+            "the chart's ServiceAccount may {a:?}"
+        );
+    }
+
+    // The same with real API calls under that token.
+    let sa_secrets_op: Api<Secret> = Api::namespaced(sa.clone(), &op.name);
+    assert!(sa_secrets_op.get("broker-tls").await.is_ok());
+    assert!(is_forbidden(sa_secrets_op.get("unrelated").await));
+    assert!(is_forbidden(
+        sa_secrets_op.list(&ListParams::default()).await
+    ));
+    let sa_secrets_other: Api<Secret> = Api::namespaced(sa.clone(), &other.name);
+    assert!(is_forbidden(sa_secrets_other.get("private").await));
+    assert!(is_forbidden(
+        sa_secrets_other.list(&ListParams::default()).await
+    ));
+    assert!(is_forbidden(
+        Api::<Secret>::all(sa.clone())
+            .list(&ListParams::default())
+            .await
+    ));
+    let campaigns = ApiResource {
+        group: group.into(),
+        version: "v1alpha1".into(),
+        api_version: format!("{group}/v1alpha1"),
+        kind: "UpdateCampaign".into(),
+        plural: "updatecampaigns".into(),
+    };
+    let sa_campaigns: Api<DynamicObject> =
+        Api::namespaced_with(sa.clone(), &fleet.name, &campaigns);
+    assert!(sa_campaigns.list(&ListParams::default()).await.is_ok());
+    let sa_other_campaigns: Api<DynamicObject> =
+        Api::namespaced_with(sa.clone(), &other.name, &campaigns);
+    assert!(is_forbidden(
+        sa_other_campaigns.list(&ListParams::default()).await
+    ));
+
+    // The operator's configuration is the Deployment the chart installed.
+    let deployment = Api::<Deployment>::namespaced(admin.clone(), &op.name)
+        .get(FULLNAME)
+        .await?;
+    let container = deployment
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|p| p.containers)
+        .and_then(|c| c.into_iter().next())
+        .context("operator container")?;
+    assert_eq!(container.args.as_deref(), Some(&["run".to_string()][..]));
+    let metrics_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    for e in container.env.unwrap_or_default() {
+        let value = match (e.value, e.value_from) {
+            (Some(v), _) => v,
+            (None, Some(from)) => match from.field_ref.map(|f| f.field_path).as_deref() {
+                Some("metadata.namespace") => op.name.clone(),
+                Some("metadata.name") => format!("{FULLNAME}-local-0"),
+                other => bail!("unexpected fieldRef {other:?} in the chart's env"),
+            },
+            (None, None) => String::new(),
+        };
+        env.insert(e.name, value);
+    }
+    // The pod's port 8080 is the local process's free port.
+    env.insert(
+        "SEALED_OTA_METRICS_ADDR".into(),
+        format!("127.0.0.1:{metrics_port}"),
+    );
+    assert_eq!(env.get("SEALED_OTA_WATCH_NAMESPACES"), Some(&fleet.name));
+    let operator_log = work.join("operator.log");
+    let _operator = Proc {
+        name: "operator",
+        child: Command::new(&operator_bin)
+            .arg("run")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(&env)
+            .env("KUBECONFIG", &sa_kubeconfig)
+            .stdout(File::create(&operator_log)?)
+            .stderr(File::create(work.join("operator.stderr.log"))?)
+            .spawn()
+            .context("starting the operator")?,
+    };
+
+    // Devices, firmware and a campaign in the fleet namespace.
+    let fleet_dir = work.join("fleet");
+    let label = format!("chart-test={}", fleet.name);
+    run(
+        Command::new(&emulator_bin)
+            .env("KUBECONFIG", &bed.kubeconfig)
+            .args(["enroll", "--ca-cert"])
+            .arg(&bed.ca_file)
+            .arg("--ca-key")
+            .arg(&bed.ca_key_file)
+            .arg("--fleet")
+            .arg(&fleet_dir)
+            .args([
+                "--count",
+                &DEVICES.to_string(),
+                "--label",
+                &label,
+                "--manager-id",
+                &manager_id,
+            ])
+            .args(["-n", &fleet.name, "--apply"]),
+        "device emulator enroll",
+    )?;
+    let image: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    Api::<ConfigMap>::namespaced(admin.clone(), &fleet.name)
+        .create(
+            &PostParams::default(),
+            &ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some("firmware".into()),
+                    ..ObjectMeta::default()
+                },
+                binary_data: Some([("image.bin".to_string(), ByteString(image))].into()),
+                ..ConfigMap::default()
+            },
+        )
+        .await?;
+    let emulator_log = work.join("emulator.log");
+    let mut emulator = Proc {
+        name: "device emulator",
+        child: Command::new(&emulator_bin)
+            .args(["run", "--fleet"])
+            .arg(&fleet_dir)
+            .args(["--broker", &bed.mqtts_url, "--broker-ca"])
+            .arg(&bed.ca_file)
+            .args([
+                "--exit-when",
+                "settled",
+                "--duration",
+                "170s",
+                "--no-progress",
+                "--json",
+            ])
+            .stdout(File::create(work.join("emulator.json"))?)
+            .stderr(File::create(&emulator_log)?)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting the device emulator")?,
+    };
+    let api_campaigns: Api<DynamicObject> =
+        Api::namespaced_with(admin.clone(), &fleet.name, &campaigns);
+    let campaign: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": format!("{group}/v1alpha1"),
+        "kind": "UpdateCampaign",
+        "metadata": {"name": "chart-campaign"},
+        "spec": {
+            "selector": {"matchLabels": {"chart-test": fleet.name}},
+            "targetVersion": "1.1.0",
+            "payload": {"firmware": {"configMapKeyRef": {"name": "firmware", "key": "image.bin"}}},
+            "managerSecretName": "sealed-ota-manager",
+            "rollout": {"maxInFlight": 3, "deviceTimeoutSeconds": 60}
+        }
+    }))?;
+    api_campaigns
+        .patch(
+            "chart-campaign",
+            &PatchParams::apply("chart-test"),
+            &Patch::Apply(&campaign),
+        )
+        .await?;
+
+    let done = wait_for(
+        "the campaign to succeed under the chart's ServiceAccount",
+        WAIT,
+        || {
+            let api = api_campaigns.clone();
+            async move {
+                let c = api.get("chart-campaign").await?;
+                let phase = c.data["status"]["phase"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                match phase.as_str() {
+                    "Succeeded" => Ok(Some(c)),
+                    "Failed" | "Aborted" => bail!("campaign ended {phase}: {}", c.data["status"]),
+                    _ => Ok(None),
+                }
+            }
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(&operator_log).unwrap_or_default();
+    let done = match done {
+        Ok(c) => c,
+        Err(e) => {
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            bail!(
+                "{e:#}\noperator log (last lines, newest first):\n{}",
+                tail.join("\n")
+            );
+        }
+    };
+
+    // kstatus reads Ready with observedGeneration: both must describe the current generation.
+    let generation = done.metadata.generation.context("generation")?;
+    let status = &done.data["status"];
+    assert_eq!(status["observedGeneration"], generation, "{status}");
+    assert_eq!(
+        status["progress"],
+        format!("{DEVICES}/{DEVICES}"),
+        "{status}"
+    );
+    let ready = status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+        .context("Ready condition")?;
+    assert_eq!(ready["status"], "True", "{ready}");
+    assert_eq!(ready["observedGeneration"], generation, "{ready}");
+    // The Argo CD health check reads the real status as Healthy.
+    let live = serde_json::json!({"metadata": done.metadata, "status": status});
+    let (health, message) = argocd_health(&argocd_health_script()?, &live)?;
+    assert_eq!(health, "Healthy", "{message}: {live}");
+
+    // The operator ran into no authorization failure, and it really was leader and connected.
+    for needle in ["forbidden", "Forbidden", "403"] {
+        assert!(
+            !log.contains(needle),
+            "operator log mentions {needle:?}:\n{log}"
+        );
+    }
+    assert!(log.contains("became leader"), "{log}");
+    // The emulator exits by itself once every device settled.
+    let settled = wait_for("the emulator to exit", Duration::from_secs(60), || {
+        let exited = emulator.child.try_wait().map(|s| s.is_some());
+        async move { Ok(exited?.then_some(())) }
+    })
+    .await;
+    settled.with_context(|| std::fs::read_to_string(&emulator_log).unwrap_or_default())?;
+
+    drop(_operator);
+    let out = helm(
+        &["uninstall", RELEASE, "--namespace", &op.name],
+        Some(&bed.kubeconfig),
+    )?;
+    assert!(out.contains("uninstalled"), "{out}");
+    assert!(Api::<ServiceAccount>::namespaced(admin.clone(), &op.name)
+        .get_opt(FULLNAME)
+        .await?
+        .is_none());
+    Ok(())
+}
