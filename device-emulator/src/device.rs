@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use sealed_ota_protocol::{
-    Action, DeviceConfig, DeviceEvent, DeviceSession, DeviceState, Identity, Manifest, PayloadKind,
-    TopicKind, TopicTree, TrustAnchor,
+    Action, DeviceConfig, DeviceEvent, DeviceSession, DeviceState, Identity, Inbound, Manifest,
+    PayloadKind, TopicKind, TopicTree, TrustAnchor,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -79,6 +79,7 @@ enum IncarnationEnd {
 }
 
 /// How a connection ended.
+#[derive(Debug, PartialEq, Eq)]
 enum ConnectionEnd {
     Shutdown,
     Crash(Duration),
@@ -87,6 +88,24 @@ enum ConnectionEnd {
     Offline(Duration),
     /// The link failed or the broker refused; try again after a backoff.
     Lost,
+}
+
+/// A freshly booted device.
+struct Boot {
+    session: DeviceSession,
+    /// The session's first actions (subscriptions).
+    actions: Vec<Action>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    max_packet_size: u32,
+}
+
+/// What one received message leads to.
+#[derive(Default)]
+struct Step {
+    /// To send, in order.
+    actions: Vec<Action>,
+    /// Set when the connection must end.
+    end: Option<ConnectionEnd>,
 }
 
 /// What the connection task reports.
@@ -215,8 +234,9 @@ impl Device {
         self.dir.save_state(session.state())
     }
 
-    /// Boots from disk and runs connections until shutdown, crash or credential change.
-    async fn incarnation(&mut self) -> Result<IncarnationEnd> {
+    /// Power on: clean what a crash left, load identity and state from the directory, and
+    /// start a protocol session (its first actions subscribe to notify and update).
+    fn boot(&mut self) -> Result<Boot> {
         self.dir.recover_after_crash()?;
         let (cert_pem, key_pem) = self.dir.read_credentials()?;
         let identity =
@@ -243,8 +263,24 @@ impl Device {
             max_packet_size,
             window: self.ctx.window,
         };
-        let (mut session, mut first_actions) = DeviceSession::new(config, state);
+        let (mut session, actions) = DeviceSession::new(config, state);
         session.set_window_timeout(self.ctx.window_timeout);
+        Ok(Boot {
+            session,
+            actions,
+            tls,
+            max_packet_size,
+        })
+    }
+
+    /// Boots from disk and runs connections until shutdown, crash or credential change.
+    async fn incarnation(&mut self) -> Result<IncarnationEnd> {
+        let Boot {
+            mut session,
+            actions: mut first_actions,
+            tls,
+            max_packet_size,
+        } = self.boot()?;
         let mut resumed_connection = false;
         loop {
             if *self.shutdown.borrow() {
@@ -373,7 +409,8 @@ impl Device {
         }
     }
 
-    /// Feeds one received message to the session and acts on what comes out.
+    /// Receives one message: the slow-link fault, then [`Device::process`], then the actions go
+    /// out (unless the device crashed: a power loss sends nothing).
     async fn on_message(
         &mut self,
         session: &mut DeviceSession,
@@ -385,8 +422,22 @@ impl Device {
             // Not reading meanwhile: the broker's queue and TCP window fill, as on a slow link.
             tokio::time::sleep(delay).await;
         }
-        let mut inbound = mqtt_io::inbound_from(&publish);
+        let inbound = mqtt_io::inbound_from(&publish);
         drop(publish);
+        let step = self.process(session, inbound)?;
+        if matches!(step.end, Some(ConnectionEnd::Crash(_))) {
+            return Ok(step.end);
+        }
+        if mqtt_io::perform(client, step.actions).await.is_err() {
+            return Ok(Some(ConnectionEnd::Lost));
+        }
+        Ok(step.end)
+    }
+
+    /// Feeds one message to the session (after the wire bit-flip fault) and acts on its events:
+    /// stores chunks, installs, stores credentials, plays the faults. Returns what to send and
+    /// whether the connection ends. No network I/O, so tests drive it with an in-memory broker.
+    fn process(&mut self, session: &mut DeviceSession, mut inbound: Inbound) -> Result<Step> {
         let is_chunk = matches!(
             self.ctx.topics.parse(&inbound.topic),
             Ok(TopicKind::Chunk { .. })
@@ -396,7 +447,7 @@ impl Device {
                 .faults
                 .tamper_received(&mut inbound.payload, &mut rand::thread_rng())
         {
-            debug!(device = %self.id, topic = %inbound.topic, "flipped a bit of a received message (fault switch)");
+            debug!(device = %self.id, topic = %inbound.topic, "flipped a bit of a received chunk (fault switch)");
         }
         let now = self.now();
         let output = match session.handle(&inbound, now) {
@@ -404,7 +455,7 @@ impl Device {
             Err(e) => {
                 self.ctx.stats.message_rejected();
                 debug!(device = %self.id, topic = %inbound.topic, error = %e, kind = e.metric_label(), "message rejected by the protocol");
-                return Ok(None);
+                return Ok(Step::default());
             }
         };
         let refused_offer = self.faults.refusal().is_some()
@@ -412,27 +463,38 @@ impl Device {
                 .events
                 .iter()
                 .any(|e| matches!(e, DeviceEvent::UpdateOffered { .. }));
-        if !refused_offer {
-            // A refusing device sends neither the acceptance nor the chunk subscription.
-            if mqtt_io::perform(client, output.actions).await.is_err() {
-                return Ok(Some(ConnectionEnd::Lost));
-            }
-        }
+        // A refusing device sends neither the acceptance nor the chunk subscription.
+        let mut step = Step {
+            actions: if refused_offer {
+                Vec::new()
+            } else {
+                output.actions
+            },
+            end: None,
+        };
+        // Every event is handled even when one ends the connection (going offline on the last
+        // chunk must not lose the ImageComplete that follows it); only a crash stops at once.
         for event in output.events {
-            if let Some(end) = self.on_event(session, client, event, now).await? {
-                return Ok(Some(end));
+            let (actions, end) = self.on_event(session, event, now)?;
+            step.actions.extend(actions);
+            match end {
+                Some(ConnectionEnd::Crash(down_for)) => {
+                    step.end = Some(ConnectionEnd::Crash(down_for));
+                    break;
+                }
+                Some(end) if step.end.is_none() => step.end = Some(end),
+                _ => {}
             }
         }
-        Ok(None)
+        Ok(step)
     }
 
-    async fn on_event(
+    fn on_event(
         &mut self,
         session: &mut DeviceSession,
-        client: &AsyncClient,
         event: DeviceEvent,
         now: u64,
-    ) -> Result<Option<ConnectionEnd>> {
+    ) -> Result<(Vec<Action>, Option<ConnectionEnd>)> {
         let mut actions = Vec::new();
         let mut end = None;
         match event {
@@ -470,7 +532,7 @@ impl Device {
                 if let Some(down_for) = self.faults.crash_on_install() {
                     // Power loss half-way through writing the image: nothing else is saved.
                     self.dir.interrupt_install()?;
-                    return Ok(Some(ConnectionEnd::Crash(down_for)));
+                    return Ok((Vec::new(), Some(ConnectionEnd::Crash(down_for))));
                 }
                 let installed =
                     self.dir
@@ -507,10 +569,7 @@ impl Device {
                 self.save(session)?;
             }
         }
-        if mqtt_io::perform(client, actions).await.is_err() {
-            return Ok(Some(ConnectionEnd::Lost));
-        }
-        Ok(end)
+        Ok((actions, end))
     }
 
     /// An update was accepted: a fresh transfer starts from an empty image file, a resumed one
@@ -569,4 +628,454 @@ async fn finish_connection(client: &AsyncClient, mut pump: JoinHandle<()>, crash
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut pump).await;
     }
     pump.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    //! The device's handling of a campaign and of each fault switch, against a manager session
+    //! and a broker in memory (retained messages, exact-topic subscriptions): the same
+    //! `Device::process` the connection loop uses, without sockets.
+
+    use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+    use rand::Rng;
+    use sealed_ota_protocol::{
+        CampaignPayload, CampaignSpec, CertificateAuthority, DeviceTarget, ManagerConfig,
+        ManagerEvent, ManagerSession, Outbound, PreparedCampaign, RejectReason, Role, RotationMode,
+    };
+
+    use super::*;
+    use crate::faults::FaultSpec;
+
+    const CHUNK: u32 = 1024;
+    const CHUNKS: u32 = 10;
+    const DEVICE: &str = "dev-00000";
+
+    struct World {
+        _tmp: tempfile::TempDir,
+        ctx: Arc<FleetContext>,
+        dir: DeviceDir,
+        device: Device,
+        session: DeviceSession,
+        manager: ManagerSession,
+        campaign: Arc<PreparedCampaign>,
+        retained: BTreeMap<String, Outbound>,
+        subscribed: BTreeSet<String>,
+        to_device: VecDeque<Inbound>,
+        manager_events: Vec<ManagerEvent>,
+        image: Vec<u8>,
+        _shutdown: watch::Sender<bool>,
+    }
+
+    /// What the world's campaign delivers.
+    #[derive(Clone, Copy)]
+    enum Delivers {
+        Firmware,
+        Credentials(RotationMode),
+    }
+
+    impl World {
+        fn new(faults: &[&str]) -> Self {
+            Self::with(faults, 1, Delivers::Firmware)
+        }
+
+        fn with(faults: &[&str], save_every_chunks: u32, delivers: Delivers) -> Self {
+            let now = unix_now();
+            let tmp = tempfile::tempdir().unwrap();
+            let ca = Arc::new(CertificateAuthority::generate("test-ca", now, 1).unwrap());
+            let topics = Arc::new(TopicTree::new("iot", "manager").unwrap());
+            let dir = DeviceDir::at(tmp.path().join(DEVICE));
+            let identity = ca.issue(Role::Device, DEVICE, now, 1).unwrap();
+            dir.write_credentials(&identity.cert_pem(), &identity.key_pem())
+                .unwrap();
+            let ctx = Arc::new(FleetContext {
+                endpoint: BrokerEndpoint::parse("mqtt://127.0.0.1:1883", None).unwrap(),
+                trust: Arc::new(ca.trust_anchor()),
+                topics: Arc::clone(&topics),
+                initial_version: "1.0.0".into(),
+                max_packet_size: 64 * 1024,
+                window: 4,
+                window_timeout: 30,
+                keep_alive: Duration::from_secs(60),
+                poll_interval: Duration::from_secs(1),
+                save_every_chunks,
+                pacer: ConnectPacer::new(1000.0, 10),
+                stats: Arc::new(FleetStats::new(1)),
+            });
+            let specs: Vec<FaultSpec> = faults.iter().map(|f| f.parse().unwrap()).collect();
+            let (shutdown, shutdown_rx) = watch::channel(false);
+            let mut device = Device::new(
+                Arc::clone(&ctx),
+                DEVICE.into(),
+                dir.clone(),
+                DeviceFaults::for_device(&specs, DEVICE, 0),
+                shutdown_rx,
+            );
+            let mut image = vec![0u8; (CHUNK * CHUNKS - 100) as usize];
+            rand::thread_rng().fill(&mut image[..]);
+            let payload = match delivers {
+                Delivers::Firmware => CampaignPayload::Firmware {
+                    image: image.clone(),
+                },
+                Delivers::Credentials(mode) => CampaignPayload::RotateCredentials {
+                    mode,
+                    ca: Arc::clone(&ca),
+                    validity_days: 1,
+                },
+            };
+            let campaign = Arc::new(
+                PreparedCampaign::prepare(CampaignSpec {
+                    campaign_id: "fw-1".into(),
+                    target_version: "1.1.0".into(),
+                    payload,
+                    expires_at: now + 3600,
+                    chunk_size: CHUNK,
+                })
+                .unwrap(),
+            );
+            let manager_config = ManagerConfig {
+                identity: Arc::new(ca.issue(Role::Manager, "manager", now, 1).unwrap()),
+                trust: Arc::new(ca.trust_anchor()),
+                topics: Arc::clone(&topics),
+            };
+            let target = DeviceTarget {
+                device_id: DEVICE.into(),
+                pinned_fingerprint: None,
+                allow_downgrade: false,
+            };
+            let (manager, notify) =
+                ManagerSession::start(&manager_config, Arc::clone(&campaign), target, now).unwrap();
+            let boot = device.boot().unwrap();
+            let mut world = World {
+                _tmp: tmp,
+                ctx,
+                dir,
+                device,
+                session: boot.session,
+                manager,
+                campaign,
+                retained: BTreeMap::new(),
+                subscribed: BTreeSet::new(),
+                to_device: VecDeque::new(),
+                manager_events: Vec::new(),
+                image,
+                _shutdown: shutdown,
+            };
+            let chunks = world.campaign.chunk_publishes(&world.ctx.topics);
+            chunks.into_iter().for_each(|c| world.publish(c));
+            world.route_manager_actions(notify);
+            world.route_device_actions(boot.actions);
+            world
+        }
+
+        fn publish(&mut self, out: Outbound) {
+            if out.retain {
+                if out.payload.is_empty() {
+                    self.retained.remove(&out.topic);
+                } else {
+                    self.retained.insert(out.topic.clone(), out.clone());
+                }
+            }
+            if self.subscribed.contains(&out.topic) {
+                self.to_device.push_back(out.to_inbound());
+            }
+        }
+
+        fn route_manager_actions(&mut self, actions: Vec<Action>) {
+            for action in actions {
+                if let Action::Publish(out) = action {
+                    self.publish(out);
+                }
+            }
+        }
+
+        fn route_device_actions(&mut self, actions: Vec<Action>) {
+            for action in actions {
+                match action {
+                    Action::Subscribe(topics) => {
+                        for topic in topics {
+                            if let Some(retained) = self.retained.get(&topic) {
+                                self.to_device.push_back(retained.to_inbound());
+                            }
+                            self.subscribed.insert(topic);
+                        }
+                    }
+                    Action::Unsubscribe(topics) => {
+                        topics.iter().for_each(|t| {
+                            self.subscribed.remove(t);
+                        });
+                    }
+                    Action::Publish(out) => {
+                        let Ok(output) = self.manager.handle(&out.to_inbound(), unix_now()) else {
+                            continue;
+                        };
+                        self.route_manager_actions(output.actions);
+                        for event in output.events {
+                            if let ManagerEvent::ChunksRequested { indices } = &event {
+                                for &index in indices {
+                                    let chunk =
+                                        self.campaign.chunk_publish(&self.ctx.topics, index);
+                                    self.publish(chunk);
+                                }
+                            }
+                            self.manager_events.push(event);
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Delivers queued messages until none is left, the connection ends, or `stop` holds.
+        fn run_until(&mut self, stop: impl Fn(&World) -> bool) -> Option<ConnectionEnd> {
+            while let Some(message) = self.to_device.pop_front() {
+                let step = self.device.process(&mut self.session, message).unwrap();
+                if !matches!(step.end, Some(ConnectionEnd::Crash(_))) {
+                    self.route_device_actions(step.actions);
+                }
+                if step.end.is_some() {
+                    return step.end;
+                }
+                if stop(self) {
+                    return None;
+                }
+            }
+            None
+        }
+
+        fn run(&mut self) -> Option<ConnectionEnd> {
+            self.run_until(|_| false)
+        }
+
+        /// The connection drops; the same session continues on a new one.
+        fn reconnect(&mut self) {
+            self.subscribed.clear();
+            self.to_device.clear();
+            let actions = self.session.on_reconnect(unix_now());
+            self.route_device_actions(actions);
+        }
+
+        /// The device loses power (or the emulator is killed) and boots from its directory.
+        fn reboot(&mut self) {
+            self.subscribed.clear();
+            self.to_device.clear();
+            let boot = self.device.boot().unwrap();
+            self.session = boot.session;
+            self.route_device_actions(boot.actions);
+        }
+
+        fn chunks(&self) -> u64 {
+            self.ctx.stats.summary(Default::default()).chunks_received
+        }
+
+        fn installed(&self) -> bool {
+            self.manager_events
+                .iter()
+                .any(|e| matches!(e, ManagerEvent::Installed { version, .. } if version == "1.1.0"))
+        }
+
+        fn rejection(&self) -> Option<RejectReason> {
+            self.manager_events.iter().find_map(|e| match e {
+                ManagerEvent::Rejected { reason } => Some(reason.clone()),
+                _ => None,
+            })
+        }
+
+        fn state_on_disk(&self) -> DeviceState {
+            self.dir.load_state().unwrap().expect("state saved")
+        }
+    }
+
+    #[test]
+    fn installs_only_after_the_hash_check_then_switches_the_version() {
+        let mut world = World::new(&[]);
+        assert_eq!(world.run(), None);
+        assert!(world.installed(), "{:?}", world.manager_events);
+        assert_eq!(world.chunks(), u64::from(CHUNKS));
+        assert_eq!(
+            std::fs::read(world.dir.firmware_path()).unwrap(),
+            world.image
+        );
+        let state = world.state_on_disk();
+        assert_eq!(state.running_version, "1.1.0");
+        assert!(state.transfer.is_none());
+        assert_eq!(world.device.outcome, Outcome::Installed);
+        // The retained notify seen again after a reboot does not start the campaign over.
+        world.reboot();
+        assert_eq!(world.run(), None);
+        assert_eq!(world.chunks(), u64::from(CHUNKS));
+    }
+
+    #[test]
+    fn a_rebooted_device_resumes_with_the_chunks_it_saved() {
+        let mut world = World::new(&[]);
+        world.run_until(|w| w.chunks() == 6);
+        let saved = world.state_on_disk().transfer.unwrap().received.count();
+        assert_eq!(saved, 6);
+        world.reboot();
+        assert_eq!(world.run(), None);
+        assert!(world.installed());
+        assert_eq!(
+            world.chunks(),
+            u64::from(CHUNKS),
+            "no chunk travelled twice"
+        );
+        assert_eq!(
+            std::fs::read(world.dir.firmware_path()).unwrap(),
+            world.image
+        );
+    }
+
+    #[test]
+    fn state_saved_less_often_than_chunks_lags_the_data_never_leads_it() {
+        let mut world = World::with(&[], 4, Delivers::Firmware);
+        world.run_until(|w| w.chunks() == 6);
+        assert_eq!(world.state_on_disk().transfer.unwrap().received.count(), 4);
+        world.reboot();
+        assert_eq!(world.run(), None);
+        assert!(world.installed());
+        assert_eq!(
+            world.chunks(),
+            u64::from(CHUNKS) + 2,
+            "two chunks fetched again"
+        );
+        assert_eq!(
+            std::fs::read(world.dir.firmware_path()).unwrap(),
+            world.image
+        );
+    }
+
+    #[test]
+    fn refuse_sends_a_signed_decline_and_takes_no_chunk() {
+        let mut world = World::new(&["refuse:reason=maintenance"]);
+        world.run();
+        assert_eq!(
+            world.rejection(),
+            Some(RejectReason::DeclinedByDevice("maintenance".into()))
+        );
+        assert_eq!(world.chunks(), 0);
+        assert_eq!(world.device.outcome, Outcome::Rejected);
+        assert_eq!(world.state_on_disk().running_version, "1.0.0");
+    }
+
+    #[test]
+    fn storage_bitflip_fails_the_install_and_keeps_the_running_version() {
+        let mut world = World::new(&["bitflip:p=1,where=storage"]);
+        world.run();
+        assert_eq!(world.rejection(), Some(RejectReason::ImageHashMismatch));
+        assert_eq!(world.device.outcome, Outcome::Failed);
+        assert_eq!(world.state_on_disk().running_version, "1.0.0");
+        assert!(!world.dir.firmware_path().exists());
+    }
+
+    #[test]
+    fn wire_bitflip_chunks_are_refused_and_requested_again() {
+        let mut world = World::new(&["bitflip:p=1,where=wire"]);
+        world.run();
+        assert_eq!(world.chunks(), 0, "no tampered chunk is accepted");
+        assert_eq!(
+            world.ctx.stats.messages_rejected(),
+            4,
+            "the whole window refused"
+        );
+        // After the window timeout the device asks for the chunks again.
+        let actions = world.session.poll(unix_now() + 31);
+        world.route_device_actions(actions);
+        assert!(world
+            .manager_events
+            .iter()
+            .any(|e| matches!(e, ManagerEvent::ChunksRequested { indices } if indices.len() == 4)));
+        world.run();
+        assert_eq!(world.ctx.stats.messages_rejected(), 8);
+        assert!(!world.installed());
+    }
+
+    #[test]
+    fn offline_after_k_chunks_ends_the_connection_and_the_session_resumes() {
+        let mut world = World::new(&["offline:after=3,for=1s"]);
+        assert_eq!(
+            world.run(),
+            Some(ConnectionEnd::Offline(Duration::from_secs(1)))
+        );
+        assert_eq!(world.chunks(), 3);
+        world.reconnect();
+        assert_eq!(world.run(), None, "offline fires once");
+        assert!(world.installed());
+        assert_eq!(world.chunks(), u64::from(CHUNKS));
+    }
+
+    #[test]
+    fn offline_on_the_last_chunk_still_completes_the_image() {
+        let mut world = World::new(&[&format!("offline:after={CHUNKS},for=1s")]);
+        assert_eq!(
+            world.run(),
+            Some(ConnectionEnd::Offline(Duration::from_secs(1)))
+        );
+        assert!(
+            world.installed(),
+            "the install went out before going offline"
+        );
+    }
+
+    #[test]
+    fn crash_during_install_keeps_the_old_version_and_installs_after_reboot() {
+        let mut world = World::new(&["crash-install:restart-after=1s"]);
+        assert_eq!(
+            world.run(),
+            Some(ConnectionEnd::Crash(Duration::from_secs(1)))
+        );
+        assert!(world.dir.root().join("firmware.staging").exists());
+        assert_eq!(world.state_on_disk().running_version, "1.0.0");
+        assert!(!world.installed());
+        world.reboot();
+        assert!(!world.dir.root().join("firmware.staging").exists());
+        assert_eq!(world.run(), None);
+        assert!(world.installed());
+        assert_eq!(
+            std::fs::read(world.dir.firmware_path()).unwrap(),
+            world.image
+        );
+    }
+
+    #[test]
+    fn a_small_maximum_packet_size_refuses_the_update() {
+        let mut world = World::new(&["max-packet:bytes=1024"]);
+        world.run();
+        assert!(
+            matches!(
+                world.rejection(),
+                Some(RejectReason::PacketTooLarge {
+                    max_packet_size: 1024,
+                    ..
+                })
+            ),
+            "{:?}",
+            world.manager_events
+        );
+        assert_eq!(world.chunks(), 0);
+    }
+
+    #[test]
+    fn a_clock_past_the_campaign_expiry_refuses_the_notify() {
+        let mut world = World::new(&["clock-skew:seconds=7200"]);
+        world.run();
+        assert_eq!(world.ctx.stats.messages_rejected(), 1);
+        assert!(world.manager_events.is_empty(), "no ready was sent");
+    }
+
+    #[test]
+    fn rotated_credentials_replace_the_old_ones_and_trigger_a_reconnect() {
+        for mode in [RotationMode::DeliverKey, RotationMode::Csr] {
+            let mut world = World::with(&[], 1, Delivers::Credentials(mode));
+            let (old_cert, _) = world.dir.read_credentials().unwrap();
+            assert_eq!(world.run(), Some(ConnectionEnd::Reload), "{mode:?}");
+            assert!(world.installed(), "{mode:?}: {:?}", world.manager_events);
+            let (new_cert, new_key) = world.dir.read_credentials().unwrap();
+            assert_ne!(new_cert, old_cert);
+            let identity = Identity::from_pem(&new_cert, &new_key).unwrap();
+            assert_eq!(identity.name(), DEVICE);
+            // The next boot uses them.
+            world.reboot();
+            assert_eq!(world.run(), None);
+        }
+    }
 }
