@@ -114,7 +114,7 @@ impl RunningFleet {
                 options.fleet.root().display()
             )));
         }
-        check_open_file_limit(ids.len())?;
+        ensure_open_file_limit(ids.len())?;
         let stats = Arc::new(FleetStats::new(ids.len() as u64));
         let ctx = Arc::new(FleetContext {
             endpoint: options.endpoint,
@@ -168,26 +168,30 @@ impl RunningFleet {
     }
 }
 
-/// Fails early, with the fix, when the process may not open a socket per device.
-fn check_open_file_limit(devices: usize) -> Result<()> {
-    let Some(limit) = open_file_soft_limit() else {
-        return Ok(());
-    };
+/// Makes room for a socket per device: raises the soft open-file limit up to the hard limit
+/// when needed, and fails early, with the fix, when even that is too low.
+fn ensure_open_file_limit(devices: usize) -> Result<()> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let needed = devices as u64 + 256;
-    if limit < needed {
-        return Err(Error::Config(format!(
-            "{devices} devices need about {needed} open files but the limit is {limit}: \
-             raise it (`ulimit -n {needed}`) or run fewer devices"
-        )));
+    let limit = getrlimit(Resource::Nofile);
+    let soft = limit.current.unwrap_or(u64::MAX);
+    if soft >= needed {
+        return Ok(());
     }
-    Ok(())
-}
-
-/// The soft `RLIMIT_NOFILE` from `/proc/self/limits` (Linux).
-fn open_file_soft_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line.split_whitespace().nth(3)?.parse().ok()
+    let hard = limit.maximum.unwrap_or(u64::MAX);
+    if hard >= needed {
+        let raised = Rlimit {
+            current: Some(needed.max(soft)),
+            maximum: limit.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(Error::Config(format!(
+        "{devices} devices need about {needed} open files but the limit is {soft} (hard {hard}): \
+         raise it (`ulimit -n {needed}`) or run fewer devices"
+    )))
 }
 
 #[cfg(test)]
@@ -195,9 +199,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_the_open_file_limit() {
-        assert!(open_file_soft_limit().unwrap() > 0);
-        let err = check_open_file_limit(usize::MAX / 2).unwrap_err();
+    fn the_open_file_limit_is_raised_when_needed_and_a_hopeless_one_explained() {
+        use rustix::process::{getrlimit, Resource};
+        let limit = getrlimit(Resource::Nofile);
+        let soft = limit.current.expect("a finite soft limit");
+        ensure_open_file_limit(soft.saturating_sub(256) as usize).unwrap();
+        if limit.maximum.is_none_or(|hard| hard >= soft + 256) {
+            // Room below the hard limit: the soft limit is raised.
+            ensure_open_file_limit(soft as usize).unwrap();
+            assert!(getrlimit(Resource::Nofile).current.unwrap() >= soft + 256);
+        }
+        let err = ensure_open_file_limit(usize::MAX / 2).unwrap_err();
         assert!(err.to_string().contains("ulimit -n"), "{err}");
     }
 }
