@@ -425,6 +425,7 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         previous_phase: previous.phase,
         previous_wave: previous.current_wave,
     });
+    tracing::debug!(campaign = %key.1, phase = ?decision.phase, counts = ?decision.counts, starts = decision.start.len(), blocked = ?blocker.as_ref().map(|b| b.reason), "decided");
     let mut phase = decision.phase;
     if blocker.is_some() && phase == CampaignPhase::Progressing {
         phase = CampaignPhase::Pending;
@@ -518,7 +519,8 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
     emit_events(ctx, &c, &previous, &status, blocker.as_ref()).await;
 
     if phase.is_terminal() {
-        return Ok(Requeue::await_change());
+        // A changed status held back by the rate limit still has to be written once.
+        return Ok(wait.map_or_else(Requeue::await_change, Requeue::requeue));
     }
     let due = decision
         .next_due

@@ -136,6 +136,11 @@ impl Operator {
 
 impl Harness {
     async fn new(prefix: &str) -> Result<Self> {
+        // Operator logs for failed tests (RUST_LOG=info to see them); a second init is a no-op.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let bed = TestBed::get()?;
         let ns = bed.namespace(prefix).await?;
         install_crds(&ns.client).await?;
