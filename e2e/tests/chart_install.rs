@@ -457,6 +457,10 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
         format!("127.0.0.1:{metrics_port}"),
     );
     assert_eq!(env.get("SEALED_OTA_WATCH_NAMESPACES"), Some(&fleet.name));
+    // A log filter for debugging this test (the chart's logLevel is what a pod gets).
+    if let Ok(filter) = std::env::var("SEALED_OTA_CHART_TEST_RUST_LOG") {
+        env.insert("RUST_LOG".into(), filter);
+    }
     let operator_log = work.join("operator.log");
     let _operator = Proc {
         name: "operator",
