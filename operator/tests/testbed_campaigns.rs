@@ -167,19 +167,32 @@ impl Harness {
     }
 
     fn start_operator(&self, identity: &str, tls: bool) -> Result<Operator> {
+        let plain = self.bed.mqtt_url.clone();
+        self.start_operator_with(identity, move |c| {
+            if !tls {
+                c.broker_url = plain;
+                c.broker_ca_file = None;
+                c.broker_cert_file = None;
+                c.broker_key_file = None;
+            }
+        })
+    }
+
+    /// Start an operator over TLS with the test bed's client certificate, after `edit`.
+    fn start_operator_with(
+        &self,
+        identity: &str,
+        edit: impl FnOnce(&mut Config),
+    ) -> Result<Operator> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let metrics_addr = format!("127.0.0.1:{port}");
-        let config = Config {
-            broker_url: if tls {
-                self.bed.mqtts_url.clone()
-            } else {
-                self.bed.mqtt_url.clone()
-            },
-            broker_ca_file: tls.then(|| self.bed.ca_file.clone()),
-            broker_cert_file: tls.then(|| self.bed.client_cert.clone()),
-            broker_key_file: tls.then(|| self.bed.client_key.clone()),
+        let mut config = Config {
+            broker_url: self.bed.mqtts_url.clone(),
+            broker_ca_file: Some(self.bed.ca_file.clone()),
+            broker_cert_file: Some(self.bed.client_cert.clone()),
+            broker_key_file: Some(self.bed.client_key.clone()),
             broker_tls_secret: None,
             broker_username: None,
             broker_password: None,
@@ -194,6 +207,7 @@ impl Harness {
             lease_name: "sealed-ota-operator".into(),
             identity: Some(identity.into()),
         };
+        edit(&mut config);
         let (tx, rx) = oneshot::channel();
         let client = self.client();
         let task = tokio::spawn(async move {
@@ -883,4 +897,218 @@ async fn invalid_resources_are_refused_with_the_field_named() -> Result<()> {
         "{err}"
     );
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_inputs_get_a_condition_while_other_campaigns_run() -> Result<()> {
+    let h = Harness::new("op-badin").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(8_000)).await?;
+    h.device("ok-1", "lime").await?;
+    let _sim = h.spawn_device("ok-1", "1.0.0", Behavior::Install)?;
+    let op = h.start_operator("replica-1", false)?;
+    // Digest that does not match the image.
+    let mut bad = fw_spec("lime", "2.0.0", serde_json::json!({}));
+    bad["payload"]["firmware"]["sha256"] = serde_json::json!("0".repeat(64));
+    h.campaign("bad-digest", bad).await?;
+    // URL sources are not fetched by this operator version: said so, not silently ignored.
+    let mut url = fw_spec("lime", "2.0.0", serde_json::json!({}));
+    url["payload"] = serde_json::json!({"firmware": {"url": {"url": "https://example.invalid/fw.bin", "sha256": "1".repeat(64)}}});
+    h.campaign("by-url", url).await?;
+    // Missing firmware ConfigMap.
+    let mut missing = fw_spec("lime", "2.0.0", serde_json::json!({}));
+    missing["payload"]["firmware"]["configMapKeyRef"]["name"] = serde_json::json!("nope");
+    h.campaign("no-fw", missing).await?;
+    // And a good one, served meanwhile.
+    h.campaign("good", fw_spec("lime", "2.0.0", serde_json::json!({})))
+        .await?;
+    for (name, reason, needle) in [
+        (
+            "bad-digest",
+            "FirmwareDigestMismatch",
+            "spec.payload.firmware.sha256",
+        ),
+        ("by-url", "UrlSourceUnsupported", "configMapKeyRef"),
+        ("no-fw", "FirmwareUnreadable", "ConfigMap nope"),
+    ] {
+        let c = h
+            .wait_campaign(name, reason, |c| {
+                condition(c, "Ready").is_some_and(|r| r.reason == reason)
+            })
+            .await?;
+        let msg = &condition(&c, "Ready").unwrap().message;
+        assert!(msg.contains(needle), "{name}: {msg}");
+        assert_eq!(phase(&c), CampaignPhase::Pending);
+    }
+    h.wait_campaign("good", "Succeeded", |c| {
+        phase(c) == CampaignPhase::Succeeded
+    })
+    .await?;
+    op.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_broker_connection_is_a_condition() -> Result<()> {
+    let h = Harness::new("op-broker").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(1_000)).await?;
+    h.device("x-1", "gray").await?;
+    // A port where nothing listens: every connection attempt is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config_op = h.start_operator_with("replica-1", |c| {
+        c.broker_url = format!("mqtt://127.0.0.1:{closed}");
+    })?;
+    h.campaign("nobroker", fw_spec("gray", "2.0.0", serde_json::json!({})))
+        .await?;
+    let c = h
+        .wait_campaign("nobroker", "BrokerUnavailable", |c| {
+            condition(c, "Ready").is_some_and(|r| r.reason == "BrokerUnavailable")
+        })
+        .await?;
+    let msg = &condition(&c, "Ready").unwrap().message;
+    assert!(msg.contains("--broker-url"), "{msg}");
+    assert_eq!(
+        config_op
+            .metric("sealed_ota_operator_mqtt_connected")
+            .await?,
+        0.0
+    );
+    config_op.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_never_lead_at_once_and_hand_over() -> Result<()> {
+    let h = Harness::new("op-leader").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(4_000)).await?;
+    let a = h.start_operator("replica-a", false)?;
+    let b = h.start_operator("replica-b", false)?;
+    let leaders = |a: &Operator, b: &Operator| {
+        let (a, b) = (a.metrics_addr.clone(), b.metrics_addr.clone());
+        async move {
+            let ga = metric_at(&a, "sealed_ota_operator_leader")
+                .await
+                .unwrap_or(0.0);
+            let gb = metric_at(&b, "sealed_ota_operator_leader")
+                .await
+                .unwrap_or(0.0);
+            (ga, gb)
+        }
+    };
+    wait_for("one leader", WAIT, || async {
+        let (ga, gb) = leaders(&a, &b).await;
+        Ok((ga + gb == 1.0).then_some(()))
+    })
+    .await?;
+    for _ in 0..10 {
+        let (ga, gb) = leaders(&a, &b).await;
+        assert!(ga + gb <= 1.0, "two leaders at once: {ga} {gb}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ga, _) = leaders(&a, &b).await;
+    let (leader, standby) = if ga == 1.0 { (a, b) } else { (b, a) };
+    // The campaign runs under the leader only.
+    h.device("l-1", "cyan").await?;
+    let sim = h.spawn_device("l-1", "1.0.0", Behavior::Install)?;
+    h.campaign("led", fw_spec("cyan", "2.0.0", serde_json::json!({})))
+        .await?;
+    h.wait_campaign("led", "Succeeded", |c| phase(c) == CampaignPhase::Succeeded)
+        .await?;
+    assert_eq!(
+        sim.offers.load(Ordering::SeqCst),
+        1,
+        "exactly one manager offered the update"
+    );
+    assert_eq!(
+        metric_at(
+            &standby.metrics_addr,
+            "sealed_ota_operator_mqtt_published_messages_total"
+        )
+        .await?,
+        0.0,
+        "the standby published"
+    );
+    // A graceful stop releases the lease: the standby takes over.
+    leader.stop().await;
+    let addr = standby.metrics_addr.clone();
+    wait_for("standby takes over", WAIT, || {
+        let addr = addr.clone();
+        async move { Ok((metric_at(&addr, "sealed_ota_operator_leader").await? == 1.0).then_some(())) }
+    })
+    .await?;
+    standby.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credential_rotation_delivers_new_keys() -> Result<()> {
+    let h = Harness::new("op-rotate").await?;
+    h.manager_secret("manager").await?;
+    // The CA Secret the rotation signs with (the test CA).
+    let ca = Secret {
+        metadata: ObjectMeta {
+            name: Some("ota-ca".into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(
+            [
+                (
+                    "tls.crt".to_string(),
+                    ByteString(h.ca.cert_pem().into_bytes()),
+                ),
+                (
+                    "tls.key".to_string(),
+                    ByteString(h.ca.key_pem().as_bytes().to_vec()),
+                ),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(h.client(), &h.ns.name)
+        .create(&PostParams::default(), &ca)
+        .await?;
+    let mut sims = Vec::new();
+    for n in ["k-1", "k-2"] {
+        h.device(n, "plum").await?;
+        sims.push(h.spawn_device(n, "1.0.0", Behavior::Install)?);
+    }
+    let op = h.start_operator("replica-1", false)?;
+    let mut spec = fw_spec("plum", "1.0.1", serde_json::json!({}));
+    spec["payload"] = serde_json::json!({"rotateCredentials": {"mode": "DeliverKey", "caSecretName": "ota-ca", "validityDays": 30}});
+    h.campaign("rotate", spec).await?;
+    let c = h
+        .wait_campaign("rotate", "Succeeded", |c| {
+            phase(c) == CampaignPhase::Succeeded
+        })
+        .await?;
+    assert_eq!(c.status.unwrap().devices.succeeded, 2);
+    for s in &sims {
+        assert_eq!(
+            s.installs.load(Ordering::SeqCst),
+            1,
+            "new credentials delivered once"
+        );
+    }
+    op.stop().await;
+    Ok(())
+}
+
+async fn metric_at(addr: &str, name: &str) -> Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
 }
