@@ -6,7 +6,10 @@
 //!   campaign, cluster-wide reads) are denied, by review and by real API calls;
 //! - the operator binary, configured from the Deployment the chart installed (its env) and
 //!   authenticated only with that token, completes a firmware campaign for emulated devices over
-//!   Mosquitto TLS, and logs no authorization failure.
+//!   Mosquitto TLS, and logs no authorization failure; run as two replicas (the chart's
+//!   `replicas=2`), one leads, and the other takes the Lease over when the leader dies;
+//! - in cluster-wide mode (`watchNamespaces` empty) the ClusterRole grants the same rules everywhere
+//!   and nothing else, and `helm uninstall` removes it.
 //!
 //! The test bed has no kubelet, so the Deployment's pods never run; the test runs the same binary
 //! as a local process with the pod's configuration instead. The CRDs are applied from `crds/` with
@@ -434,47 +437,70 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
         .and_then(|c| c.into_iter().next())
         .context("operator container")?;
     assert_eq!(container.args.as_deref(), Some(&["run".to_string()][..]));
-    let metrics_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?.port()
-    };
     let mut env: BTreeMap<String, String> = BTreeMap::new();
     for e in container.env.unwrap_or_default() {
         let value = match (e.value, e.value_from) {
             (Some(v), _) => v,
             (None, Some(from)) => match from.field_ref.map(|f| f.field_path).as_deref() {
                 Some("metadata.namespace") => op.name.clone(),
-                Some("metadata.name") => format!("{FULLNAME}-local-0"),
+                Some("metadata.name") => String::new(), // set per replica below
                 other => bail!("unexpected fieldRef {other:?} in the chart's env"),
             },
             (None, None) => String::new(),
         };
         env.insert(e.name, value);
     }
-    // The pod's port 8080 is the local process's free port.
-    env.insert(
-        "SEALED_OTA_METRICS_ADDR".into(),
-        format!("127.0.0.1:{metrics_port}"),
-    );
     assert_eq!(env.get("SEALED_OTA_WATCH_NAMESPACES"), Some(&fleet.name));
     // A log filter for debugging this test (the chart's logLevel is what a pod gets).
     if let Ok(filter) = std::env::var("SEALED_OTA_CHART_TEST_RUST_LOG") {
         env.insert("RUST_LOG".into(), filter);
     }
-    let operator_log = work.join("operator.log");
-    let _operator = Proc {
-        name: "operator",
-        child: Command::new(&operator_bin)
-            .arg("run")
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .envs(&env)
-            .env("KUBECONFIG", &sa_kubeconfig)
-            .stdout(File::create(&operator_log)?)
-            .stderr(File::create(work.join("operator.stderr.log"))?)
-            .spawn()
-            .context("starting the operator")?,
+    // Two replicas, like the chart's replicas=2: each with its own pod name and metrics port.
+    let start_operator = |replica: u32| -> Result<Proc> {
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        Ok(Proc {
+            name: if replica == 0 {
+                "operator replica 0"
+            } else {
+                "operator replica 1"
+            },
+            child: Command::new(&operator_bin)
+                .arg("run")
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .envs(&env)
+                .env("POD_NAME", format!("{FULLNAME}-local-{replica}"))
+                // The pod's 0.0.0.0:8080 is a free local port here.
+                .env(
+                    "SEALED_OTA_METRICS_ADDR",
+                    format!("127.0.0.1:{metrics_port}"),
+                )
+                .env("KUBECONFIG", &sa_kubeconfig)
+                .stdout(File::create(work.join(format!("operator-{replica}.log")))?)
+                .stderr(File::create(
+                    work.join(format!("operator-{replica}.stderr.log")),
+                )?)
+                .spawn()
+                .context("starting the operator")?,
+        })
     };
+    let read_log = |replica: u32| {
+        std::fs::read_to_string(work.join(format!("operator-{replica}.log"))).unwrap_or_default()
+    };
+    let replica0 = start_operator(0)?;
+    wait_for(
+        "replica 0 to become leader",
+        Duration::from_secs(60),
+        || {
+            let log = read_log(0);
+            async move { Ok(log.contains("became leader").then_some(())) }
+        },
+    )
+    .await?;
+    let _replica1 = start_operator(1)?;
+    let operator_log = work.join("operator-0.log");
 
     // Devices, firmware and a campaign in the fleet namespace.
     let fleet_dir = work.join("fleet");
@@ -611,14 +637,22 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
     let (health, message) = argocd_health(&argocd_health_script()?, &live)?;
     assert_eq!(health, "Healthy", "{message}: {live}");
 
-    // The operator ran into no authorization failure, and it really was leader and connected.
-    for needle in ["forbidden", "Forbidden", "403"] {
-        assert!(
-            !log.contains(needle),
-            "operator log mentions {needle:?}:\n{log}"
-        );
+    // The operator ran into no authorization failure, and only replica 0 was leader.
+    for replica in [0, 1] {
+        let log = read_log(replica);
+        for needle in ["forbidden", "Forbidden", "403"] {
+            assert!(
+                !log.contains(needle),
+                "replica {replica}'s log mentions {needle:?}:\n{log}"
+            );
+        }
     }
     assert!(log.contains("became leader"), "{log}");
+    assert!(
+        !read_log(1).contains("became leader"),
+        "two leaders:\n{}",
+        read_log(1)
+    );
     // The emulator exits by itself once every device settled.
     let settled = wait_for("the emulator to exit", Duration::from_secs(60), || {
         let exited = emulator.child.try_wait().map(|s| s.is_some());
@@ -627,7 +661,26 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
     .await;
     settled.with_context(|| std::fs::read_to_string(&emulator_log).unwrap_or_default())?;
 
-    drop(_operator);
+    // Fail-over under the same RBAC: replica 0 dies without releasing the Lease; replica 1 takes it
+    // over once it expires (15 s), reading and patching the Lease by name.
+    drop(replica0);
+    wait_for(
+        "replica 1 to take over the Lease",
+        Duration::from_secs(60),
+        || {
+            let log = read_log(1);
+            async move { Ok(log.contains("became leader").then_some(())) }
+        },
+    )
+    .await?;
+    let log1 = read_log(1);
+    for needle in ["forbidden", "Forbidden", "403"] {
+        assert!(
+            !log1.contains(needle),
+            "replica 1's log mentions {needle:?}:\n{log1}"
+        );
+    }
+    drop(_replica1);
     let out = helm(
         &["uninstall", RELEASE, "--namespace", &op.name],
         Some(&bed.kubeconfig),
@@ -637,5 +690,101 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
         .get_opt(FULLNAME)
         .await?
         .is_none());
+    Ok(())
+}
+
+/// With `watchNamespaces` empty the chart grants the campaign rules cluster-wide (a ClusterRole, the
+/// documented price of watching every namespace) and still nothing else; uninstall removes the
+/// cluster-scoped objects.
+#[tokio::test]
+async fn cluster_wide_mode_grants_campaign_rules_everywhere_and_nothing_else() -> Result<()> {
+    let bed = TestBed::get()?;
+    let op = bed.namespace("chart-cw").await?;
+    let any = bed.namespace("chart-cw-any").await?;
+    let admin = op.client.clone();
+    let release = format!("cw-{}", op.name.rsplit('-').next().unwrap_or("x"));
+    let fullname = format!("{release}-sealed-ota");
+    let chart = chart_dir();
+    let out = helm(
+        &[
+            "install",
+            &release,
+            chart.to_str().context("chart path")?,
+            "--namespace",
+            &op.name,
+            "--set",
+            "broker.url=mqtt://127.0.0.1:1883",
+            "--set",
+            "broker.credentials.secretName=broker-login",
+            "--set",
+            "crds.enabled=false",
+        ],
+        Some(&bed.kubeconfig),
+    )?;
+    assert!(out.contains("all namespaces"), "NOTES.txt: {out}");
+    let token = Api::<ServiceAccount>::namespaced(admin.clone(), &op.name)
+        .create_token_request(&fullname, &PostParams::default(), &TokenRequest::default())
+        .await?
+        .status
+        .context("token")?
+        .token;
+    let work = repo_root().join("target/chart-tests").join(&op.name);
+    std::fs::create_dir_all(&work)?;
+    let kubeconfig = work.join("kubeconfig-sa");
+    token_kubeconfig(&bed.kubeconfig, &token, &kubeconfig)?;
+    let sa = client_from(&kubeconfig).await?;
+    let group = "ota.sealed-ota.dev";
+    let (a, o) = (Some(any.name.as_str()), Some(op.name.as_str()));
+    for access in [
+        ("list", group, "updatecampaigns", None, None),
+        ("watch", group, "devices", None, None),
+        ("patch", group, "updatecampaigns/status", a, Some("c")),
+        ("get", "", "secrets", a, Some("manager")),
+        ("list", "", "configmaps", None, None),
+        ("create", "events.k8s.io", "events", a, None),
+        ("get", "", "secrets", o, Some("broker-login")),
+        (
+            "patch",
+            "coordination.k8s.io",
+            "leases",
+            o,
+            Some("sealed-ota-operator"),
+        ),
+    ] {
+        assert!(allowed(&sa, access).await?, "may not {access:?}");
+    }
+    for access in [
+        ("delete", group, "updatecampaigns", a, Some("c")),
+        ("create", group, "devices", a, None),
+        ("create", "", "secrets", a, None),
+        ("list", "", "pods", None, None),
+        ("create", "coordination.k8s.io", "leases", a, None),
+        (
+            "patch",
+            "coordination.k8s.io",
+            "leases",
+            o,
+            Some("another-lease"),
+        ),
+        ("list", "", "namespaces", None, None),
+    ] {
+        assert!(!allowed(&sa, access).await?, "may {access:?}");
+    }
+    let out = helm(
+        &["uninstall", &release, "--namespace", &op.name],
+        Some(&bed.kubeconfig),
+    )?;
+    assert!(out.contains("uninstalled"), "{out}");
+    let roles = ApiResource {
+        group: "rbac.authorization.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "rbac.authorization.k8s.io/v1".into(),
+        kind: "ClusterRole".into(),
+        plural: "clusterroles".into(),
+    };
+    let left = Api::<DynamicObject>::all_with(admin.clone(), &roles)
+        .get_opt(&fullname)
+        .await?;
+    assert!(left.is_none(), "the ClusterRole outlived helm uninstall");
     Ok(())
 }
