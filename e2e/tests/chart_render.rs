@@ -435,3 +435,63 @@ async fn rendered_manifests_pass_server_side_dry_run() -> Result<()> {
     }
     Ok(())
 }
+
+fn leaf_paths(prefix: &str, v: &Value, out: &mut Vec<String>) {
+    match v.as_mapping() {
+        Some(m) if !m.is_empty() => {
+            for (k, child) in m {
+                let key = k.as_str().unwrap_or_default();
+                let path = if prefix.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                leaf_paths(&path, child, out);
+            }
+        }
+        _ => out.push(prefix.to_string()),
+    }
+}
+
+/// Every value is documented in the chart README's table (itself or a parent such as `resources`),
+/// and the table documents no value that does not exist.
+#[test]
+fn every_value_is_documented() -> Result<()> {
+    let values: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml"))?)?;
+    let readme = std::fs::read_to_string(chart_dir().join("README.md"))?;
+    let documented: BTreeSet<String> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(str::to_string)
+        .collect();
+    let mut leaves = Vec::new();
+    leaf_paths("", &values, &mut leaves);
+    assert!(leaves.len() > 30, "{leaves:?}");
+    for leaf in &leaves {
+        let mut path = leaf.as_str();
+        let found = loop {
+            if documented.contains(path) {
+                break true;
+            }
+            match path.rsplit_once('.') {
+                Some((parent, _)) => path = parent,
+                None => break false,
+            }
+        };
+        assert!(
+            found,
+            "value {leaf} is not documented in charts/sealed-ota/README.md"
+        );
+    }
+    for key in &documented {
+        assert!(
+            leaves
+                .iter()
+                .any(|l| l == key || l.starts_with(&format!("{key}."))),
+            "README documents {key}, which values.yaml does not have"
+        );
+    }
+    Ok(())
+}
