@@ -21,12 +21,12 @@ mod chart_support;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use chart_support::{apply_crds, argocd_health, argocd_health_script, chart_dir, helm};
+use chart_support::{apply_crds, argocd_health, argocd_health_script, binary, chart_dir, helm};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::authorization::v1::{
@@ -60,33 +60,6 @@ impl Drop for Proc {
         let _ = self.child.wait();
         eprintln!("chart_install: stopped {}", self.name);
     }
-}
-
-/// A workspace binary, built beforehand (`make chart-test` builds them; see charts/README.md).
-fn binary(name: &str) -> Result<PathBuf> {
-    let var = format!(
-        "SEALED_OTA_{}_BIN",
-        name.trim_start_matches("sealed-ota-")
-            .replace('-', "_")
-            .to_uppercase()
-    );
-    if let Ok(p) = std::env::var(&var) {
-        return Ok(PathBuf::from(p));
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
-    for profile in ["debug", "release"] {
-        let p = target.join(profile).join(name);
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!(
-        "{name} is not built under {}: run `cargo build -p sealed-ota-operator -p sealed-ota-device-emulator --bins` \
-         with the same CARGO_TARGET_DIR first, or point {var} at it",
-        target.display()
-    )
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<String> {
@@ -150,6 +123,26 @@ async fn allowed(client: &Client, (verb, group, resource, ns, name): Access<'_>)
         .await
         .context("SelfSubjectAccessReview")?;
     Ok(out.status.context("review status")?.allowed)
+}
+
+/// A plain HTTP/1.0 GET on 127.0.0.1 (what the kubelet's httpGet probe does): status code and body.
+fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("not an HTTP response: {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
 }
 
 fn is_forbidden<T: std::fmt::Debug>(r: kube::Result<T>) -> bool {
@@ -456,11 +449,11 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
         env.insert("RUST_LOG".into(), filter);
     }
     // Two replicas, like the chart's replicas=2: each with its own pod name and metrics port.
-    let start_operator = |replica: u32| -> Result<Proc> {
+    let start_operator = |replica: u32| -> Result<(Proc, u16)> {
         let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        Ok(Proc {
+        let proc = Proc {
             name: if replica == 0 {
                 "operator replica 0"
             } else {
@@ -484,12 +477,13 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
                 )?)
                 .spawn()
                 .context("starting the operator")?,
-        })
+        };
+        Ok((proc, metrics_port))
     };
     let read_log = |replica: u32| {
         std::fs::read_to_string(work.join(format!("operator-{replica}.log"))).unwrap_or_default()
     };
-    let replica0 = start_operator(0)?;
+    let (replica0, port0) = start_operator(0)?;
     wait_for(
         "replica 0 to become leader",
         Duration::from_secs(60),
@@ -499,7 +493,34 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
         },
     )
     .await?;
-    let _replica1 = start_operator(1)?;
+    let (_replica1, port1) = start_operator(1)?;
+    // The Deployment's probes: both replicas are live and ready (the standby too, so a rollout
+    // with maxUnavailable 0 proceeds); only the leader reports the leader gauge as 1.
+    for (port, leader) in [(port0, 1), (port1, 0)] {
+        let metrics = wait_for(
+            "the probes to answer",
+            Duration::from_secs(30),
+            || async move {
+                if !matches!(http_get(port, "/healthz"), Ok((200, _))) {
+                    return Ok(None);
+                }
+                match http_get(port, "/readyz") {
+                    Ok((200, _)) => Ok(Some(http_get(port, "/metrics")?.1)),
+                    _ => Ok(None),
+                }
+            },
+        )
+        .await?;
+        let gauge = metrics
+            .lines()
+            .find(|l| l.starts_with("sealed_ota_operator_leader "))
+            .with_context(|| format!("no leader gauge in:\n{metrics}"))?;
+        assert_eq!(
+            gauge,
+            format!("sealed_ota_operator_leader {leader}"),
+            "port {port}"
+        );
+    }
     let operator_log = work.join("operator-0.log");
 
     // Devices, firmware and a campaign in the fleet namespace.

@@ -530,3 +530,74 @@ async fn kind_mosquitto_config_runs_and_its_acl_isolates_devices() -> Result<()>
     );
     Ok(())
 }
+
+/// `--flag` names of a subcommand, from the real binary's `--help`.
+fn help_flags(bin: &Path, sub: &str) -> Result<Vec<String>> {
+    let out = Command::new(bin).args([sub, "--help"]).output()?;
+    assert!(out.status.success(), "{} {sub} --help", bin.display());
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with("--"))
+        .map(|w| {
+            w.trim_end_matches([',', '.', ']'])
+                .split(['=', '<', '['])
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect())
+}
+
+/// Every flag the kind path passes to the emulator exists (a renamed flag fails here, not in kind).
+#[test]
+fn kind_path_uses_real_emulator_flags() -> Result<()> {
+    let bin = chart_support::binary("sealed-ota-device-emulator")?;
+    let text = std::fs::read_to_string(kind_dir().join("manifests/devices.yaml"))?;
+    let docs = documents(&text)?;
+    let pod = &of_kind(&docs, "Deployment")[0]["spec"]["template"]["spec"];
+    let mut checked = 0;
+    for list in ["initContainers", "containers"] {
+        for c in pod[list].as_sequence().context("containers")? {
+            let args: Vec<&str> = c["args"]
+                .as_sequence()
+                .context("args")?
+                .iter()
+                .filter_map(|a| a.as_str())
+                .collect();
+            let known = help_flags(&bin, args[0])?;
+            for flag in &args[1..] {
+                let name = flag.split('=').next().unwrap_or_default();
+                assert!(
+                    known.iter().any(|k| k == name),
+                    "{} {name}: not a flag ({known:?})",
+                    args[0]
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 10, "{checked}");
+    // kind.sh's pki-init line.
+    let script = std::fs::read_to_string(kind_dir().join("kind.sh"))?;
+    let line = script
+        .lines()
+        .find(|l| l.contains("pki-init --ca-cert"))
+        .context("pki-init in kind.sh")?;
+    let next = script
+        .lines()
+        .skip_while(|l| !l.contains("pki-init --ca-cert"))
+        .nth(1)
+        .unwrap_or_default();
+    let known = help_flags(&bin, "pki-init")?;
+    for flag in line
+        .split_whitespace()
+        .chain(next.split_whitespace())
+        .filter(|w| w.starts_with("--"))
+    {
+        assert!(
+            known.iter().any(|k| k == flag),
+            "pki-init {flag}: not a flag ({known:?})"
+        );
+    }
+    Ok(())
+}

@@ -239,3 +239,30 @@ pub fn apply_crds(kubeconfig: &Path) -> Result<()> {
     )?;
     Ok(())
 }
+
+/// A workspace binary, built beforehand (`make chart-test` builds them; see charts/README.md).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let var = format!(
+        "SEALED_OTA_{}_BIN",
+        name.trim_start_matches("sealed-ota-")
+            .replace('-', "_")
+            .to_uppercase()
+    );
+    if let Ok(p) = std::env::var(&var) {
+        return Ok(PathBuf::from(p));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    for profile in ["debug", "release"] {
+        let p = target.join(profile).join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "{name} is not built under {}: run `cargo build -p sealed-ota-operator -p sealed-ota-device-emulator --bins` \
+         with the same CARGO_TARGET_DIR first, or point {var} at it",
+        target.display()
+    )
+}
