@@ -872,7 +872,9 @@ impl DeviceSession {
     }
 
     /// After `ImageComplete`: the caller hashed what it stored; `Ok` sends the signed Installed
-    /// status, `Err` a signed Rejected (InstallFailed). Does nothing when no image is complete.
+    /// status, `Err` a signed Rejected: `ImageHashMismatch` when the message mentions a hash
+    /// ("hash", "sha256", "SHA-256"), `InstallFailed(message)` otherwise. Does nothing when no
+    /// image is complete.
     pub fn finish_install(&mut self, result: Result<(), String>, now: u64) -> Vec<Action> {
         let _ = now;
         if !self.image_complete {
