@@ -44,6 +44,7 @@ struct Ctx {
     recorder: Recorder,
     devices: Store<Device>,
     written: Mutex<HashMap<CampaignKey, (Instant, UpdateCampaignStatus)>>,
+    cleaned: Mutex<std::collections::HashSet<String>>,
 }
 
 fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
@@ -117,6 +118,7 @@ pub async fn run(
         recorder,
         devices: device_store,
         written: Mutex::new(HashMap::new()),
+        cleaned: Mutex::new(Default::default()),
     });
     let controller = Controller::new(
         api::<UpdateCampaign>(&client, ns),
@@ -439,6 +441,10 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
     if phase.is_terminal() {
         if ctx.engine.has_run(&key, &uid) {
             actions.extend(ctx.engine.end_run(&key));
+        } else if lock(&ctx.cleaned).insert(uid.clone()) {
+            // Ended under an earlier process (or before a restart): clear what the resources say it
+            // may have left retained, once per process.
+            actions.extend(recorded_clears(&c, ctx, &uid));
         }
     } else if blocker.is_none() && phase == CampaignPhase::Progressing && !decision.start.is_empty()
     {
@@ -542,7 +548,7 @@ async fn write_status(
     ctx: &Ctx,
 ) -> Result<Option<Duration>, Error> {
     {
-        let written = ctx.written.lock().unwrap_or_else(|e| e.into_inner());
+        let written = lock(&ctx.written);
         let stored = c.status.as_ref();
         match written.get(key) {
             Some((_, last)) if last == status => return Ok(None),
@@ -571,10 +577,7 @@ async fn write_status(
         .status_writes
         .with_label_values(&["campaign"])
         .inc();
-    ctx.written
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key.clone(), (Instant::now(), status.clone()));
+    lock(&ctx.written).insert(key.clone(), (Instant::now(), status.clone()));
     Ok(None)
 }
 
@@ -646,23 +649,14 @@ async fn emit_events(
     }
 }
 
-/// Finalizer clean-up: clear the campaign's retained messages. Needs the broker; retried until done.
-async fn cleanup(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
-    let key = key_of(&c)?;
-    let uid = c.uid().unwrap_or_default();
-    if ctx.engine.mqtt.state() != ConnState::Connected
-        && !ctx.engine.mqtt.wait_connected(Duration::from_secs(5)).await
-    {
-        return Err(Error::BrokerUnavailable(
-            "cannot clear the campaign's retained messages".into(),
-        ));
-    }
-    let mut actions = ctx.engine.remove_run(&key);
-    // Whatever a previous process published: chunks by index, notify of devices that recorded this
-    // campaign. Clearing an absent retained message is harmless.
+/// Clears of whatever a campaign may have left retained, from what the resources record: chunks by
+/// index (status.chunkCount), notify of the devices that recorded this campaign. Clearing an absent
+/// retained message is harmless.
+fn recorded_clears(c: &UpdateCampaign, ctx: &Ctx, uid: &str) -> Vec<Action> {
     let topics = &ctx.engine.topics;
+    let mut actions = Vec::new();
     if let Some(n) = c.status.as_ref().and_then(|s| s.chunk_count) {
-        actions.extend((0..n).map(|i| Action::Publish(clear_retained(topics.chunk(&uid, i)))));
+        actions.extend((0..n).map(|i| Action::Publish(clear_retained(topics.chunk(uid, i)))));
     }
     for d in ctx.devices.state() {
         let recorded = d
@@ -676,11 +670,28 @@ async fn cleanup(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
             )));
         }
     }
+    actions
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Finalizer clean-up: clear the campaign's retained messages. Needs the broker; retried until done.
+async fn cleanup(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
+    let key = key_of(&c)?;
+    let uid = c.uid().unwrap_or_default();
+    if ctx.engine.mqtt.state() != ConnState::Connected
+        && !ctx.engine.mqtt.wait_connected(Duration::from_secs(5)).await
+    {
+        return Err(Error::BrokerUnavailable(
+            "cannot clear the campaign's retained messages".into(),
+        ));
+    }
+    let mut actions = ctx.engine.remove_run(&key);
+    actions.extend(recorded_clears(&c, ctx, &uid));
     ctx.engine.mqtt.execute(actions).await?;
-    ctx.written
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&key);
+    lock(&ctx.written).remove(&key);
     tracing::info!(campaign = %key.1, "retained messages cleared on delete");
     Ok(Requeue::await_change())
 }

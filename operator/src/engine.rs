@@ -163,7 +163,7 @@ pub struct Engine {
     pub metrics: Metrics,
     runs: Mutex<HashMap<CampaignKey, CampaignRun>>,
     routes: Mutex<HashMap<String, CampaignKey>>,
-    writes: mpsc::UnboundedSender<DeviceWrite>,
+    writes: DeviceWrites,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -218,7 +218,7 @@ impl Engine {
         topics: Arc<TopicTree>,
         mqtt: MqttSession,
         metrics: Metrics,
-        writes: mpsc::UnboundedSender<DeviceWrite>,
+        writes: DeviceWrites,
     ) -> Self {
         Self {
             topics,
@@ -413,7 +413,7 @@ impl Engine {
                 );
                 let status =
                     device_status(dr.base.as_ref(), dr.handshake.as_ref(), None, record, now);
-                let _ = self.writes.send(DeviceWrite {
+                self.writes.send(DeviceWrite {
                     namespace: key.0.clone(),
                     name: name.clone(),
                     status,
@@ -475,7 +475,7 @@ impl Engine {
         };
         let (actions, write) = self.dispatch(&device, &msg, now);
         if let Some(w) = write {
-            let _ = self.writes.send(w);
+            self.writes.send(w);
         }
         if let Err(e) = self.mqtt.execute(actions).await {
             tracing::warn!(device = %device, error = %e, "publishing session output failed");
@@ -633,8 +633,40 @@ pub fn clear_retained(topic: String) -> Outbound {
     }
 }
 
-/// Write Device statuses in order (one writer, so a device's transitions never overtake each other).
-pub async fn run_device_writer(
+/// Senders to the Device status writers. A device always goes to the same writer, so its transitions
+/// land in order, while different devices are written in parallel.
+#[derive(Clone, Debug)]
+pub struct DeviceWrites(Vec<mpsc::UnboundedSender<DeviceWrite>>);
+
+impl DeviceWrites {
+    /// Start `shards` writer tasks; returns the senders and the tasks.
+    pub fn spawn(
+        client: &Client,
+        metrics: &Metrics,
+        shards: usize,
+    ) -> (Self, Vec<tokio::task::JoinHandle<()>>) {
+        let (senders, tasks): (Vec<_>, Vec<_>) = (0..shards.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let task = tokio::spawn(run_device_writer(client.clone(), rx, metrics.clone()));
+                (tx, task)
+            })
+            .unzip();
+        (Self(senders), tasks)
+    }
+
+    /// Queue a write on the device's writer.
+    pub fn send(&self, w: DeviceWrite) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&w.namespace, &w.name).hash(&mut h);
+        let shard = (h.finish() % self.0.len() as u64) as usize;
+        let _ = self.0[shard].send(w);
+    }
+}
+
+/// Write Device statuses in order for the devices of one shard.
+async fn run_device_writer(
     client: Client,
     mut rx: mpsc::UnboundedReceiver<DeviceWrite>,
     metrics: Metrics,

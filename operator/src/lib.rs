@@ -223,17 +223,14 @@ async fn active(
         metrics.clone(),
     );
     let _mqtt_task = AbortOnDrop(mqtt_task);
-    let (write_tx, write_rx) = mpsc::unbounded_channel();
-    let mut writer = AbortOnDrop(tokio::spawn(engine::run_device_writer(
-        client.clone(),
-        write_rx,
-        metrics.clone(),
-    )));
+    // Device status writes: 8 ordered shards, so 10,000 devices do not queue behind one writer.
+    let (writes, writer_tasks) = engine::DeviceWrites::spawn(client, metrics, 8);
+    let mut writers: Vec<_> = writer_tasks.into_iter().map(AbortOnDrop).collect();
     let engine = Arc::new(engine::Engine::new(
         topics,
         mqtt.clone(),
         metrics.clone(),
-        write_tx,
+        writes,
     ));
     let dispatcher = {
         let engine = engine.clone();
@@ -265,7 +262,11 @@ async fn active(
     drop(dispatcher);
     // Let queued Device status writes land before stopping (bounded).
     drop(engine);
-    let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer.0).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        futures::future::join_all(writers.iter_mut().map(|w| &mut w.0)),
+    )
+    .await;
     mqtt.disconnect().await;
     Ok(())
 }

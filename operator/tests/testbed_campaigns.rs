@@ -584,16 +584,20 @@ async fn campaign_updates_every_device_over_tls_and_records_status() -> Result<(
 
 /// Count retained messages with a payload under `filter`, as seen by a fresh subscriber.
 async fn retained_messages(h: &Harness, filter: &str) -> Result<usize> {
-    let (client, mut el) =
-        AsyncClient::new(h.bed.mqtt_options(&format!("{}-probe", h.manager_id))?, 64);
+    let mut opts = h.bed.mqtt_options(&format!("{}-probe", h.manager_id))?;
+    // Chunks are larger than rumqttc's default incoming packet limit.
+    opts.set_max_packet_size(Some(4 * 1024 * 1024));
+    let (client, mut el) = AsyncClient::new(opts, 64);
     client.subscribe(filter, QoS::AtLeastOnce).await?;
     let mut count = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     while let Ok(ev) = tokio::time::timeout_at(deadline, el.poll()).await {
-        if let Ok(Event::Incoming(Packet::Publish(p))) = ev {
-            if p.retain && !p.payload.is_empty() {
-                count += 1;
+        match ev {
+            Ok(Event::Incoming(Packet::Publish(p))) if p.retain && !p.payload.is_empty() => {
+                count += 1
             }
+            Ok(_) => {}
+            Err(e) => bail!("probe subscriber failed: {e}"),
         }
     }
     let _ = client.disconnect().await;
@@ -1111,4 +1115,49 @@ async fn metric_at(addr: &str, name: &str) -> Result<f64> {
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_a_running_campaign_clears_its_retained_messages() -> Result<()> {
+    let h = Harness::new("op-delete").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(40_000)).await?;
+    for n in ["z-1", "z-2"] {
+        h.device(n, "navy").await?; // offline: the campaign stays in flight
+    }
+    let op = h.start_operator("replica-1", false)?;
+    h.campaign("gone", fw_spec("navy", "2.0.0", serde_json::json!({})))
+        .await?;
+    let c = h
+        .wait_campaign("gone", "in flight", |c| {
+            c.status
+                .as_ref()
+                .is_some_and(|s| s.devices.in_progress == 2)
+        })
+        .await?;
+    assert!(c
+        .metadata
+        .finalizers
+        .unwrap_or_default()
+        .iter()
+        .any(|f| f == sealed_ota_operator::crd::FINALIZER));
+    let filter = format!("iot/{}/#", h.manager_id);
+    assert!(
+        retained_messages(&h, &filter).await? >= 3,
+        "notify x2 + chunks are retained while running"
+    );
+    let api = Api::<UpdateCampaign>::namespaced(h.client(), &h.ns.name);
+    api.delete("gone", &Default::default()).await?;
+    wait_for("campaign deleted", WAIT, || {
+        let api = api.clone();
+        async move { Ok(api.get_opt("gone").await?.is_none().then_some(())) }
+    })
+    .await?;
+    assert_eq!(
+        retained_messages(&h, &filter).await?,
+        0,
+        "retained messages left after delete"
+    );
+    op.stop().await;
+    Ok(())
 }
