@@ -275,3 +275,111 @@ fn argocd_cm_patch_embeds_the_tested_script() -> Result<()> {
     );
     Ok(())
 }
+
+/// Flux's health checks (kstatus) on the same statuses: Ready=True for the current generation is
+/// Current; anything older or not Ready is InProgress. A Failed campaign as the operator writes it
+/// today (Ready=False, Failed=True, no Stalled) is InProgress, so Flux waits for its timeout; with a
+/// `Stalled=True` condition kstatus would report Failed at once (recommended to the operator).
+#[test]
+fn flux_kstatus_reads_the_campaign_conditions() -> Result<()> {
+    let named = |name: &str, mut obj: Value| {
+        obj["metadata"]["name"] = json!(name);
+        obj
+    };
+    let mut stalled = campaign(
+        1,
+        1,
+        "Failed",
+        ("False", "FailureThresholdExceeded", "2 devices failed"),
+        "3/3",
+    );
+    stalled["status"]["conditions"]
+        .as_array_mut()
+        .context("conditions")?
+        .push(json!({"type": "Stalled", "status": "True", "reason": "FailureThresholdExceeded", "message": "2 devices failed", "observedGeneration": 1, "lastTransitionTime": "2026-11-24T10:00:00Z"}));
+    let objects = vec![
+        named(
+            "succeeded",
+            campaign(
+                1,
+                1,
+                "Succeeded",
+                (
+                    "True",
+                    "Succeeded",
+                    "3 of 3 devices installed the update, 0 failed",
+                ),
+                "3/3",
+            ),
+        ),
+        named(
+            "progressing",
+            campaign(
+                1,
+                1,
+                "Progressing",
+                ("False", "Progressing", "1 of 3 devices finished"),
+                "1/3",
+            ),
+        ),
+        named(
+            "stale",
+            campaign(2, 1, "Succeeded", ("True", "Succeeded", "done"), "3/3"),
+        ),
+        named(
+            "paused",
+            campaign(
+                1,
+                1,
+                "Paused",
+                ("False", "Paused", "spec.paused is set"),
+                "1/3",
+            ),
+        ),
+        named(
+            "blocked",
+            campaign(
+                1,
+                1,
+                "Pending",
+                ("False", "ManagerSecretMissing", "Secret manager not found"),
+                "0/3",
+            ),
+        ),
+        named(
+            "failed",
+            campaign(
+                1,
+                1,
+                "Failed",
+                ("False", "FailureThresholdExceeded", "2 devices failed"),
+                "3/3",
+            ),
+        ),
+        named("failed-stalled", stalled),
+    ];
+    let got = chart_support::kstatus(&objects)?;
+    let status: std::collections::BTreeMap<&str, &str> = got
+        .iter()
+        .map(|(n, s, _)| (n.as_str(), s.as_str()))
+        .collect();
+    let expected = [
+        ("succeeded", "Current"),
+        ("progressing", "InProgress"),
+        ("stale", "InProgress"),
+        ("paused", "InProgress"),
+        ("blocked", "InProgress"),
+        ("failed", "InProgress"),
+        ("failed-stalled", "Failed"),
+    ];
+    for (name, want) in expected {
+        assert_eq!(status.get(name).copied(), Some(want), "{name}: {got:?}");
+    }
+    let stale_message = &got
+        .iter()
+        .find(|(n, _, _)| n == "stale")
+        .context("stale")?
+        .2;
+    assert!(stale_message.contains("generation is 2"), "{stale_message}");
+    Ok(())
+}

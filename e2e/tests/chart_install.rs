@@ -657,6 +657,12 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
     let live = serde_json::json!({"metadata": done.metadata, "status": status});
     let (health, message) = argocd_health(&argocd_health_script()?, &live)?;
     assert_eq!(health, "Healthy", "{message}: {live}");
+    // And Flux's kstatus reads it as Current.
+    let mut live = live;
+    live["apiVersion"] = serde_json::json!(format!("{group}/v1alpha1"));
+    live["kind"] = serde_json::json!("UpdateCampaign");
+    let flux = chart_support::kstatus(&[live])?;
+    assert_eq!(flux[0].1, "Current", "{flux:?}");
 
     // The operator ran into no authorization failure, and only replica 0 was leader.
     for replica in [0, 1] {

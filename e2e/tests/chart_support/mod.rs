@@ -266,3 +266,54 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         target.display()
     )
 }
+
+/// Flux's view (kstatus, `sigs.k8s.io/cli-utils/pkg/kstatus`) of `objects`: (name, status, message)
+/// per object, computed by the Go helper in deploy/flux/kstatus-check (built with the Go toolchain
+/// the test bed needs anyway).
+pub fn kstatus(objects: &[serde_json::Value]) -> Result<Vec<(String, String, String)>> {
+    use std::io::Write;
+    use std::process::Stdio;
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    let bin = BUILT
+        .get_or_init(|| {
+            let out_dir = repo_root().join("target/chart-tests");
+            std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+            let bin = out_dir.join("kstatus-check");
+            let out = Command::new("go")
+                .args(["build", "-o"])
+                .arg(&bin)
+                .arg(".")
+                .current_dir(repo_root().join("deploy/flux/kstatus-check"))
+                .output()
+                .map_err(|e| format!("running go build (is Go installed?): {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "go build kstatus-check: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(bin)
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let mut child = Command::new(&bin)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut input = child.stdin.take().context("stdin")?;
+    input.write_all(&serde_json::to_vec(objects)?)?;
+    drop(input);
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("kstatus-check: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+            Ok((s("name"), s("status"), s("message")))
+        })
+        .collect()
+}
