@@ -1161,3 +1161,91 @@ async fn deleting_a_running_campaign_clears_its_retained_messages() -> Result<()
     op.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_timed_out_device_is_retried_with_backoff() -> Result<()> {
+    let h = Harness::new("op-retry").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(6_000)).await?;
+    h.device("slow", "olive").await?;
+    let op = h.start_operator("replica-1", false)?;
+    let mut spec = fw_spec("olive", "2.0.0", serde_json::json!({}));
+    spec["rollout"]["deviceTimeoutSeconds"] = serde_json::json!(5);
+    spec["rollout"]["retries"] = serde_json::json!(3);
+    spec["rollout"]["retryBackoffSeconds"] = serde_json::json!(1);
+    h.campaign("retry", spec).await?;
+    h.wait_campaign("retry", "first attempt in flight", |c| {
+        c.status
+            .as_ref()
+            .is_some_and(|s| s.devices.in_progress == 1)
+    })
+    .await?;
+    // The device comes online only after the first attempt timed out.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let sim = h.spawn_device("slow", "1.0.0", Behavior::Install)?;
+    h.wait_campaign("retry", "Succeeded", |c| {
+        phase(c) == CampaignPhase::Succeeded
+    })
+    .await?;
+    let rec = h
+        .get_device("slow")
+        .await?
+        .status
+        .and_then(|s| s.campaign)
+        .context("record")?;
+    assert_eq!(rec.phase, DevicePhase::Succeeded);
+    assert!(rec.attempts >= 2, "the success came on a retry: {rec:?}");
+    assert_eq!(sim.installs.load(Ordering::SeqCst), 1);
+    op.stop().await;
+    Ok(())
+}
+
+/// The apiserver writes a campaign costs: two Device status writes per device (Transferring,
+/// Succeeded) and campaign status writes bounded by one per second. 20 devices by default;
+/// `SEALED_OTA_WRITE_BUDGET_DEVICES=N` measures a larger fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_writes_stay_within_budget() -> Result<()> {
+    let n: usize = std::env::var("SEALED_OTA_WRITE_BUDGET_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let h = Harness::new("op-writes").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(50_000)).await?;
+    let mut sims = Vec::new();
+    for i in 0..n {
+        let n = format!("w-{i:02}");
+        h.device(&n, "gold").await?;
+        sims.push(h.spawn_device(&n, "1.0.0", Behavior::Install)?);
+    }
+    let op = h.start_operator("replica-1", false)?;
+    let started = std::time::Instant::now();
+    let mut spec = fw_spec("gold", "2.0.0", serde_json::json!({}));
+    spec["rollout"]["maxInFlight"] = serde_json::json!(5);
+    spec["rollout"]["canary"] = serde_json::json!("10%");
+    spec["rollout"]["waveSize"] = serde_json::json!("50%");
+    h.campaign("budget", spec).await?;
+    let c = h
+        .wait_campaign("budget", "Succeeded", |c| {
+            phase(c) == CampaignPhase::Succeeded
+        })
+        .await?;
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(c.status.as_ref().unwrap().devices.succeeded, n as u32);
+    // Let the last queued writes land before reading the counters.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let device = op
+        .metric("sealed_ota_operator_status_writes_total{kind=\"device\"}")
+        .await?;
+    let campaign = op
+        .metric("sealed_ota_operator_status_writes_total{kind=\"campaign\"}")
+        .await?;
+    eprintln!("{n} devices in {secs:.1}s: device status writes={device}, campaign status writes={campaign}");
+    assert_eq!(device, 2.0 * n as f64);
+    assert!(
+        campaign <= secs.ceil() + 3.0,
+        "campaign writes {campaign} in {secs:.1}s"
+    );
+    op.stop().await;
+    Ok(())
+}
