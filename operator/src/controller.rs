@@ -45,6 +45,7 @@ struct Ctx {
     devices: Store<Device>,
     written: Mutex<HashMap<CampaignKey, (Instant, UpdateCampaignStatus)>>,
     cleaned: Mutex<std::collections::HashSet<String>>,
+    failures: Mutex<HashMap<CampaignKey, u32>>,
 }
 
 fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
@@ -119,6 +120,7 @@ pub async fn run(
         devices: device_store,
         written: Mutex::new(HashMap::new()),
         cleaned: Mutex::new(Default::default()),
+        failures: Mutex::new(HashMap::new()),
     });
     let controller = Controller::new(
         api::<UpdateCampaign>(&client, ns),
@@ -172,28 +174,45 @@ pub async fn run(
     futures::join!(device_reflector, controller);
 }
 
+/// Delay before retrying after `failures` consecutive reconcile errors: 1 s doubling to 5 min.
+fn error_backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(8)).min(Duration::from_secs(300))
+}
+
 fn error_policy(c: Arc<UpdateCampaign>, e: &Error, ctx: Arc<Ctx>) -> Requeue {
     ctx.engine
         .metrics
         .reconcile_errors
         .with_label_values(&[e.metric_label()])
         .inc();
-    tracing::warn!(campaign = %c.name_any(), error = %e, "reconcile failed");
-    Requeue::requeue(Duration::from_secs(5))
+    let failures = key_of(&c).ok().map_or(1, |key| {
+        let mut f = lock(&ctx.failures);
+        let n = f.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    });
+    let delay = error_backoff(failures);
+    tracing::warn!(campaign = %c.name_any(), error = %e, retry_in = ?delay, "reconcile failed");
+    Requeue::requeue(delay)
 }
 
 async fn reconcile(c: Arc<UpdateCampaign>, ctx: Arc<Ctx>) -> Result<Requeue, Error> {
     ctx.engine.metrics.reconciliations.inc();
     let ns = c.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+    let key = key_of(&c)?;
     let api: Api<UpdateCampaign> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, c, |ev| async {
+    let result = finalizer(&api, FINALIZER, c, |ev| async {
         match ev {
             FinalizerEvent::Apply(c) => apply(c, &ctx).await,
             FinalizerEvent::Cleanup(c) => cleanup(c, &ctx).await,
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if result.is_ok() {
+        lock(&ctx.failures).remove(&key);
+    }
+    result
 }
 
 fn key_of(c: &UpdateCampaign) -> Result<CampaignKey, Error> {
@@ -724,6 +743,14 @@ mod tests {
                 .collect(),
         );
         d
+    }
+
+    #[test]
+    fn error_backoff_doubles_and_caps() {
+        assert_eq!(error_backoff(1), Duration::from_secs(1));
+        assert_eq!(error_backoff(2), Duration::from_secs(2));
+        assert_eq!(error_backoff(5), Duration::from_secs(16));
+        assert_eq!(error_backoff(50), Duration::from_secs(256));
     }
 
     #[test]
