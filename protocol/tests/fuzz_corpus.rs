@@ -63,6 +63,9 @@ fn corpus_replays_through_a_device_session() {
     let seeds = corpus("device_session");
     assert!(!seeds.is_empty());
     for (name, data) in seeds {
+        if data.len() < 2 {
+            continue; // the fuzz target ignores these too
+        }
         let (mut s, _) = DeviceSession::new(config.clone(), DeviceState::new("1.0.0"));
         let topic = match data[0] % 3 {
             0 => "iot/p1/s1/notify",
@@ -74,8 +77,13 @@ fn corpus_replays_through_a_device_session() {
             payload: data[1..].to_vec(),
             properties: Properties::default(),
         };
-        // The seeds are signed by a test key, not by a manager of this CA: always a typed error.
-        assert!(s.handle(&msg, now).is_err(), "{name}");
+        // No seed carries a message signed by a manager of this CA: never accepted.
+        let r = s.handle(&msg, now);
+        assert!(
+            r.as_ref()
+                .map_or(true, |o| o.actions.is_empty() && o.events.is_empty()),
+            "{name}: {r:?}"
+        );
         assert!(s.poll(now + 100).is_empty());
     }
 }
