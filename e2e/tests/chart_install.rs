@@ -667,7 +667,7 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
     // The operator ran into no authorization failure, and only replica 0 was leader.
     for replica in [0, 1] {
         let log = read_log(replica);
-        for needle in ["forbidden", "Forbidden", "403"] {
+        for needle in ["forbidden", "Forbidden", "code: 403"] {
             assert!(
                 !log.contains(needle),
                 "replica {replica}'s log mentions {needle:?}:\n{log}"
@@ -701,7 +701,7 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
     )
     .await?;
     let log1 = read_log(1);
-    for needle in ["forbidden", "Forbidden", "403"] {
+    for needle in ["forbidden", "Forbidden", "code: 403"] {
         assert!(
             !log1.contains(needle),
             "replica 1's log mentions {needle:?}:\n{log1}"
@@ -797,6 +797,35 @@ async fn cluster_wide_mode_grants_campaign_rules_everywhere_and_nothing_else() -
     ] {
         assert!(!allowed(&sa, access).await?, "may {access:?}");
     }
+    // helm upgrade with changed values rolls the Deployment's configuration.
+    let out = helm(
+        &[
+            "upgrade",
+            &release,
+            chart.to_str().context("chart path")?,
+            "--namespace",
+            &op.name,
+            "--reuse-values",
+            "--set",
+            "logFormat=json",
+            "--set",
+            "replicas=2",
+        ],
+        Some(&bed.kubeconfig),
+    )?;
+    assert!(out.contains("has been upgraded"), "{out}");
+    let d = Api::<Deployment>::namespaced(admin.clone(), &op.name)
+        .get(&fullname)
+        .await?;
+    let spec = d.spec.context("spec")?;
+    assert_eq!(spec.replicas, Some(2));
+    let env = spec.template.spec.context("pod")?.containers[0]
+        .env
+        .clone()
+        .unwrap_or_default();
+    assert!(env
+        .iter()
+        .any(|e| e.name == "SEALED_OTA_LOG_FORMAT" && e.value.as_deref() == Some("json")));
     let out = helm(
         &["uninstall", &release, "--namespace", &op.name],
         Some(&bed.kubeconfig),

@@ -601,3 +601,116 @@ fn kind_path_uses_real_emulator_flags() -> Result<()> {
     }
     Ok(())
 }
+
+/// Whether `path` (relative, `/`-separated) is left out of a Docker build context by `patterns`
+/// (the subset of .dockerignore syntax the files in docker/ use: `dir/`, `**/dir/`, `**/*.ext`,
+/// and `!` exceptions; the last matching pattern wins).
+fn docker_ignored(path: &str, patterns: &[&str]) -> bool {
+    let matches = |pattern: &str| -> bool {
+        let p = pattern.trim_end_matches('/');
+        if let Some(rest) = p.strip_prefix("**/") {
+            if let Some(ext) = rest.strip_prefix('*') {
+                return path.ends_with(ext);
+            }
+            return path == rest
+                || path.starts_with(&format!("{rest}/"))
+                || path.ends_with(&format!("/{rest}"))
+                || path.contains(&format!("/{rest}/"));
+        }
+        path == p || path.starts_with(&format!("{p}/"))
+    };
+    let mut ignored = false;
+    for pattern in patterns {
+        match pattern.strip_prefix('!') {
+            Some(exception) if matches(exception) => ignored = false,
+            None if matches(pattern) => ignored = true,
+            _ => {}
+        }
+    }
+    ignored
+}
+
+/// The build context each Dockerfile sees (repository files minus its .dockerignore) holds a whole
+/// workspace: `cargo metadata --locked --offline` resolves in a copy of it.
+#[test]
+fn docker_build_context_holds_the_workspace() -> Result<()> {
+    let out = Command::new("git")
+        .args(["ls-files", "--cached", "--others", "--exclude-standard"])
+        .current_dir(repo_root())
+        .output()?;
+    assert!(out.status.success());
+    let files = String::from_utf8_lossy(&out.stdout).into_owned();
+    for dockerfile in [
+        "docker/operator.Dockerfile",
+        "docker/device-emulator.Dockerfile",
+    ] {
+        let ignore =
+            std::fs::read_to_string(repo_root().join(format!("{dockerfile}.dockerignore")))?;
+        let patterns: Vec<&str> = ignore
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        let context = repo_root()
+            .join("target/chart-tests")
+            .join(format!("docker-context-{}", std::process::id()))
+            .join(dockerfile.trim_start_matches("docker/"));
+        let _ = std::fs::remove_dir_all(&context);
+        let mut copied = 0;
+        for file in files.lines().filter(|f| !docker_ignored(f, &patterns)) {
+            let from = repo_root().join(file);
+            if !from.is_file() {
+                continue; // deleted in the work tree
+            }
+            let to = context.join(file);
+            std::fs::create_dir_all(to.parent().context("parent")?)?;
+            std::fs::copy(&from, &to)?;
+            copied += 1;
+        }
+        assert!(
+            copied > 20,
+            "{dockerfile}: only {copied} files in the context"
+        );
+        // (`!**/README.md` brings READMEs back from ignored directories, as Docker does.)
+        assert!(
+            !context.join("target").exists()
+                && !context.join("charts/sealed-ota/templates").exists()
+        );
+        let meta = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+            .env_remove("CARGO_TARGET_DIR")
+            .current_dir(&context)
+            .output()?;
+        assert!(
+            meta.status.success(),
+            "{dockerfile}: the workspace does not resolve in its build context: {}",
+            String::from_utf8_lossy(&meta.stderr)
+        );
+        std::fs::remove_dir_all(&context)?;
+    }
+    let _ = std::fs::remove_dir(
+        repo_root()
+            .join("target/chart-tests")
+            .join(format!("docker-context-{}", std::process::id())),
+    );
+    Ok(())
+}
+
+#[test]
+fn docker_ignore_matching_follows_the_patterns() {
+    let p = [
+        "target/",
+        "**/target/",
+        ".git/",
+        "**/*.md",
+        "!**/README.md",
+        "docs/",
+    ];
+    assert!(docker_ignored("target/debug/x", &p));
+    assert!(docker_ignored("protocol/fuzz/target/x", &p));
+    assert!(docker_ignored("docs/a.txt", &p));
+    assert!(docker_ignored("operator/NOTES.md", &p));
+    assert!(!docker_ignored("operator/README.md", &p));
+    assert!(!docker_ignored("operator/src/lib.rs", &p));
+    assert!(!docker_ignored("Cargo.lock", &p));
+}
