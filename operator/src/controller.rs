@@ -293,10 +293,17 @@ async fn prepare_run(c: &UpdateCampaign, ctx: &Ctx) -> Result<Result<CampaignRun
                     message: format!("Secret {} (spec.payload.firmware.secretKeyRef) not found; create it with the image under key {:?}", r.name, r.key),
                 }),
             }
+        } else if let Some(u) = &fw.url {
+            crate::fetch::fetch(&u.url, Duration::from_secs(120))
+                .await
+                .map_err(|e| Blocker {
+                    reason: "FirmwareUnreadable",
+                    message: format!("downloading spec.payload.firmware.url failed: {e}; make the image reachable from the operator or use configMapKeyRef/secretKeyRef"),
+                })
         } else {
             Err(Blocker {
-                reason: "UrlSourceUnsupported",
-                message: "spec.payload.firmware.url is not fetched by this operator version; put the image in a ConfigMap (binaryData) or Secret and use configMapKeyRef or secretKeyRef".into(),
+                reason: "FirmwareUnreadable",
+                message: "spec.payload.firmware names no source; set configMapKeyRef, secretKeyRef or url".into(),
             })
         };
         let image = match image.and_then(|img| {

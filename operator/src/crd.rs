@@ -271,8 +271,8 @@ pub struct FirmwareSource {
     /// A key of a Secret in this namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_key_ref: Option<KeyRef>,
-    /// An HTTP(S) URL with the image's SHA-256 (not fetched by this version of the operator: the
-    /// campaign reports reason UrlSourceUnsupported).
+    /// An HTTP(S) URL with the image's SHA-256, downloaded by the operator (system trust roots, no
+    /// redirects, at most 256 MiB) and checked before anything is published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<UrlSource>,
     /// Expected SHA-256 (hex) of the image; required for url, optional for key references, checked

@@ -9,6 +9,7 @@ pub mod crd;
 pub mod crdgen;
 pub mod engine;
 pub mod error;
+pub mod fetch;
 pub mod inputs;
 pub mod metrics;
 pub mod mqtt;

@@ -915,9 +915,10 @@ async fn bad_inputs_get_a_condition_while_other_campaigns_run() -> Result<()> {
     let mut bad = fw_spec("lime", "2.0.0", serde_json::json!({}));
     bad["payload"]["firmware"]["sha256"] = serde_json::json!("0".repeat(64));
     h.campaign("bad-digest", bad).await?;
-    // URL sources are not fetched by this operator version: said so, not silently ignored.
+    // A URL nothing answers at.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let mut url = fw_spec("lime", "2.0.0", serde_json::json!({}));
-    url["payload"] = serde_json::json!({"firmware": {"url": {"url": "https://example.invalid/fw.bin", "sha256": "1".repeat(64)}}});
+    url["payload"] = serde_json::json!({"firmware": {"url": {"url": format!("http://{closed}/fw.bin"), "sha256": "1".repeat(64)}}});
     h.campaign("by-url", url).await?;
     // Missing firmware ConfigMap.
     let mut missing = fw_spec("lime", "2.0.0", serde_json::json!({}));
@@ -932,7 +933,7 @@ async fn bad_inputs_get_a_condition_while_other_campaigns_run() -> Result<()> {
             "FirmwareDigestMismatch",
             "spec.payload.firmware.sha256",
         ),
-        ("by-url", "UrlSourceUnsupported", "configMapKeyRef"),
+        ("by-url", "FirmwareUnreadable", "spec.payload.firmware.url"),
         ("no-fw", "FirmwareUnreadable", "ConfigMap nope"),
     ] {
         let c = h
@@ -1246,6 +1247,61 @@ async fn status_writes_stay_within_budget() -> Result<()> {
         campaign <= secs.ceil() + 3.0,
         "campaign writes {campaign} in {secs:.1}s"
     );
+    op.stop().await;
+    Ok(())
+}
+
+/// Serve `body` over plain HTTP on a loopback port; returns the URL.
+async fn http_server(body: Vec<u8>) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&body).await;
+            });
+        }
+    });
+    Ok(format!("http://{addr}/firmware.bin"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn firmware_from_a_url_is_downloaded_and_checked() -> Result<()> {
+    let h = Harness::new("op-url").await?;
+    h.manager_secret("manager").await?;
+    let img = image(70_000);
+    let digest = hex::encode(Sha256::digest(&img));
+    let url = http_server(img).await?;
+    h.device("u-1", "sand").await?;
+    let sim = h.spawn_device("u-1", "1.0.0", Behavior::Install)?;
+    let op = h.start_operator("replica-1", false)?;
+    let mut spec = fw_spec("sand", "2.0.0", serde_json::json!({}));
+    spec["payload"] =
+        serde_json::json!({"firmware": {"url": {"url": url.clone(), "sha256": digest}}});
+    h.campaign("from-url", spec).await?;
+    // Same URL, wrong digest, no devices: refused before anything is published.
+    let mut wrong = fw_spec("nobody", "2.0.0", serde_json::json!({}));
+    wrong["payload"] =
+        serde_json::json!({"firmware": {"url": {"url": url, "sha256": "2".repeat(64)}}});
+    h.campaign("wrong-digest", wrong).await?;
+    h.wait_campaign("from-url", "Succeeded", |c| {
+        phase(c) == CampaignPhase::Succeeded
+    })
+    .await?;
+    assert_eq!(sim.installs.load(Ordering::SeqCst), 1);
+    h.wait_campaign("wrong-digest", "FirmwareDigestMismatch", |c| {
+        condition(c, "Ready").is_some_and(|r| r.reason == "FirmwareDigestMismatch")
+    })
+    .await?;
     op.stop().await;
     Ok(())
 }
