@@ -11,7 +11,12 @@ pub const MAX_DEPTH: usize = 16;
 
 /// Encode as CBOR.
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = Vec::new();
+    encode_with_capacity(value, 256)
+}
+
+/// Encode as CBOR into a buffer pre-sized for `capacity` bytes (avoids regrowing large payloads).
+pub(crate) fn encode_with_capacity<T: Serialize>(value: &T, capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity);
     // Writing into a Vec cannot fail for our types (no maps with non-string keys, no I/O).
     if ciborium::ser::into_writer(value, &mut out).is_err() {
         out.clear();

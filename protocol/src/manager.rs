@@ -172,14 +172,18 @@ impl PreparedCampaign {
                     .into_iter()
                     .enumerate()
                     .map(|(i, ct)| {
-                        wire::encode_msg(&ChunkMsg {
-                            v: WIRE_VERSION,
-                            campaign_id: c.campaign_id.clone(),
-                            index: i as u32,
-                            count,
-                            ct,
-                            proof: tree.proof(i as u32),
-                        })
+                        let capacity = ct.len() + c.campaign_id.len() + 34 * 33 + 96;
+                        crate::codec::encode_with_capacity(
+                            &ChunkMsg {
+                                v: WIRE_VERSION,
+                                campaign_id: c.campaign_id.clone(),
+                                index: i as u32,
+                                count,
+                                ct,
+                                proof: tree.proof(i as u32),
+                            },
+                            capacity,
+                        )
                     })
                     .collect();
                 c.max_chunk_payload = c.chunk_payloads.iter().map(Vec::len).max().unwrap_or(0);
