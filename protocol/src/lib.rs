@@ -3,6 +3,19 @@
 //! agreement, manifests and chunked transfer; it never touches a socket,
 //! a clock or a Kubernetes API: callers feed messages and time in and
 //! carry the produced publishes out.
+//!
+//! The specification (sequence diagrams, wire format, key schedule, security argument) is
+//! `docs/protocol.md`; the API contract with the operator and the device emulator is
+//! `docs/protocol-api.md`.
+//!
+//! Typical use, manager side: [`PreparedCampaign::prepare`] once per campaign (encrypts the image
+//! once), publish [`PreparedCampaign::chunk_publishes`], subscribe [`TopicTree::ready_filter`] and
+//! [`TopicTree::status_filter`], then one [`ManagerSession::start`] per device and feed it the
+//! ready/status messages of that device. Device side: [`DeviceSession::new`], feed every message of
+//! its notify, update and chunk topics to [`DeviceSession::handle`], call
+//! [`DeviceSession::poll`] on a timer, [`DeviceSession::on_reconnect`] after a reconnect and
+//! [`DeviceSession::finish_install`] after [`DeviceEvent::ImageComplete`]; persist
+//! [`DeviceSession::state`].
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
