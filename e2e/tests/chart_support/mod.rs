@@ -208,35 +208,36 @@ pub fn kubectl(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Result<
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Applies crds/ (server-side, the field manager the other test-bed tests use) and waits until the
-/// CRDs are established. The chart's own CRD rendering is checked by `chart_render` with a dry run,
-/// so that no test replaces the shared CRDs with the chart's copy.
+/// Makes sure the CRDs exist (applying crds/ server-side, with the field manager the other test-bed
+/// tests use, only when one is missing) and waits until they are established. A CRD that exists is
+/// left alone: another engineer's test may have applied a newer schema from the Rust types. The
+/// chart's own CRD rendering is checked by `chart_render` with a dry run instead.
 pub fn apply_crds(kubeconfig: &Path) -> Result<()> {
-    let crds = repo_root().join("crds");
-    let crds = crds.to_str().context("crds path")?;
-    kubectl(
-        kubeconfig,
-        &[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=sealed-ota-tests",
-            "-f",
-            crds,
-        ],
-        None,
-    )?;
-    kubectl(
-        kubeconfig,
-        &[
-            "wait",
-            "--for=condition=established",
-            "--timeout=60s",
-            "crd/devices.ota.sealed-ota.dev",
-            "crd/updatecampaigns.ota.sealed-ota.dev",
-        ],
-        None,
-    )?;
+    let names = [
+        "crd/devices.ota.sealed-ota.dev",
+        "crd/updatecampaigns.ota.sealed-ota.dev",
+    ];
+    let missing = names
+        .iter()
+        .any(|name| kubectl(kubeconfig, &["get", name, "-o", "name"], None).is_err());
+    if missing {
+        let crds = repo_root().join("crds");
+        let crds = crds.to_str().context("crds path")?;
+        kubectl(
+            kubeconfig,
+            &[
+                "apply",
+                "--server-side",
+                "--field-manager=sealed-ota-tests",
+                "-f",
+                crds,
+            ],
+            None,
+        )?;
+    }
+    let mut wait = vec!["wait", "--for=condition=established", "--timeout=60s"];
+    wait.extend(names);
+    kubectl(kubeconfig, &wait, None)?;
     Ok(())
 }
 
