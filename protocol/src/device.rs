@@ -740,17 +740,12 @@ impl DeviceSession {
     }
 
     fn chunk_packet_bound(&self, m: &Manifest) -> u32 {
-        // Chunk message: ciphertext (+16 tag) + proof (33 bytes per level) + campaign id + fixed
-        // CBOR overhead; plus topic and MQTT header. An upper bound, conservative.
-        let levels = 32 - m.chunk_count.leading_zeros();
-        let payload =
-            u64::from(m.chunk_size) + 16 + u64::from(levels) * 34 + m.campaign_id.len() as u64 + 64;
-        let topic = self
-            .config
-            .topics
-            .chunk(&m.campaign_id, m.chunk_count.saturating_sub(1))
-            .len() as u64;
-        (payload + topic + crate::manager::PUBLISH_OVERHEAD as u64).min(u64::from(u32::MAX)) as u32
+        crate::wire::chunk_packet_bound(
+            &self.config.topics,
+            &m.campaign_id,
+            m.chunk_size,
+            m.chunk_count,
+        )
     }
 
     fn window_unsubscribe(&self) -> Option<Action> {

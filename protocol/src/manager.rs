@@ -256,7 +256,16 @@ impl PreparedCampaign {
         let topic = topics
             .chunk(&self.campaign_id, self.chunk_count().saturating_sub(1))
             .len();
-        (self.max_chunk_payload + topic + PUBLISH_OVERHEAD) as u32
+        let actual = (self.max_chunk_payload + topic + PUBLISH_OVERHEAD) as u32;
+        // The device only knows the manifest, so it checks a bound computed from it; use the same
+        // bound here so both sides always agree (it is never below the actual size).
+        let bound = wire::chunk_packet_bound(
+            topics,
+            &self.campaign_id,
+            self.chunk_size,
+            self.chunk_count(),
+        );
+        actual.max(bound)
     }
 
     /// The retained publish of chunk `index`. For an index beyond the count the payload is empty

@@ -328,6 +328,26 @@ pub struct ChunkMsg {
     pub proof: Vec<[u8; 32]>,
 }
 
+/// Upper bound of the MQTT PUBLISH packet carrying any chunk of a campaign, computed from the
+/// manifest alone: ciphertext (chunk size + 16-byte tag), Merkle proof (34 bytes per level), campaign
+/// id, 64 bytes of CBOR framing, the longest chunk topic and the PUBLISH header
+/// ([`crate::manager::PUBLISH_OVERHEAD`]). Manager and device compare the same value with the
+/// device's Maximum Packet Size.
+pub fn chunk_packet_bound(
+    topics: &crate::topics::TopicTree,
+    campaign_id: &str,
+    chunk_size: u32,
+    chunk_count: u32,
+) -> u32 {
+    let levels = 32 - chunk_count.saturating_sub(1).leading_zeros();
+    let payload =
+        u64::from(chunk_size) + 16 + u64::from(levels) * 34 + campaign_id.len() as u64 + 64;
+    let topic = topics
+        .chunk(campaign_id, chunk_count.saturating_sub(1))
+        .len() as u64;
+    (payload + topic + crate::manager::PUBLISH_OVERHEAD as u64).min(u64::from(u32::MAX)) as u32
+}
+
 fn check_v(v: u8) -> Result<(), ProtocolError> {
     if v == WIRE_VERSION {
         Ok(())
@@ -592,6 +612,28 @@ pub fn sample(decoder: Decoder) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_bound_covers_real_chunk_messages() {
+        let topics = crate::topics::TopicTree::new("iot", "p1").unwrap();
+        for (count, size) in [(1u32, 10u32), (2, 100), (3, 64), (1000, 17), (70_000, 1)] {
+            let levels = 32 - (count - 1).leading_zeros();
+            let m = ChunkMsg {
+                v: WIRE_VERSION,
+                campaign_id: "campaign-x".into(),
+                index: count - 1,
+                count,
+                ct: vec![0; size as usize + 16],
+                proof: vec![[0; 32]; levels as usize],
+            };
+            let actual = encode(&m).len() + topics.chunk("campaign-x", count - 1).len() + 10;
+            let bound = chunk_packet_bound(&topics, "campaign-x", size, count) as usize;
+            assert!(
+                bound >= actual && bound <= actual + 100,
+                "{count} {size}: {bound} vs {actual}"
+            );
+        }
+    }
 
     #[test]
     fn samples_decode() {
