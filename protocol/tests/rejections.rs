@@ -710,6 +710,40 @@ fn altered_hints_are_typed_errors() {
             w.devices["s1"].errors
         );
     }
+    // The same on the ready (to the manager) and on the update (to the device).
+    let mut w = single("1.0.0");
+    w.start(target("s1"));
+    w.hook = Some(Box::new(|client, msg| {
+        if client == "manager" && msg.topic.ends_with("/ready") {
+            msg.properties.response_topic = Some("iot/p1/s2/update".into());
+        }
+        Verdict::Deliver
+    }));
+    w.run();
+    assert!(matches!(
+        w.manager.errors.as_slice(),
+        [(
+            _,
+            ProtocolError::HintMismatch {
+                field: "response_topic"
+            }
+        )]
+    ));
+    let mut w = single("1.0.0");
+    w.start(target("s1"));
+    w.hook = Some(Box::new(|client, msg| {
+        if client == "s1" && msg.topic.ends_with("/update") {
+            msg.properties.response_topic = Some("iot/p1/s2/update/status".into());
+        }
+        Verdict::Deliver
+    }));
+    w.run();
+    assert_eq!(
+        w.devices["s1"].errors,
+        vec![ProtocolError::HintMismatch {
+            field: "response_topic"
+        }]
+    );
     // Stripped hints are fine (a broker may drop properties).
     let mut w = single("1.0.0");
     w.start(target("s1"));
