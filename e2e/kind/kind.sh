@@ -70,7 +70,8 @@ cmd_up() {
   mkdir -p "$STATE/logs"
   if ! kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
     log "creating kind cluster $CLUSTER"
-    kind create cluster --name "$CLUSTER" --config "$HERE/kind-config.yaml" --wait 120s
+    kind create cluster --name "$CLUSTER" --config "$HERE/kind-config.yaml" --wait 120s \
+      ${SEALED_OTA_KIND_NODE_IMAGE:+--image "$SEALED_OTA_KIND_NODE_IMAGE"}
   fi
   mkdir -p "$STATE/testbed"
   kind get kubeconfig --name "$CLUSTER" >"$STATE/kubeconfig"
@@ -147,8 +148,8 @@ start_port_forward() {
   if pid_alive "$pf"; then return; fi
   kctl -n "$MQTT_NS" port-forward svc/mosquitto :1883 :8884 >"$STATE/logs/port-forward.log" 2>&1 &
   echo $! >"$pf"
-  local i
-  for i in $(seq 1 50); do
+
+  for _ in $(seq 1 50); do
     if (($(grep -c '^Forwarding from 127.0.0.1' "$STATE/logs/port-forward.log" || true) >= 2)); then break; fi
     sleep 0.2
   done
@@ -166,7 +167,8 @@ cmd_test() {
   log "running the e2e suite against kind cluster $CLUSTER (KUBECONFIG=$KUBECONFIG)"
   cd "$REPO"
   cargo build --locked -p sealed-ota-operator -p sealed-ota-device-emulator --bins
-  cargo test --locked -p sealed-ota-e2e -- --test-threads=2
+  # Every crate's integration tests (tests/ directories), as `make e2e` runs them on the test bed.
+  cargo test --workspace --locked --test '*' -- --test-threads=2
 }
 
 # --- down ----------------------------------------------------------------------------------------

@@ -21,9 +21,12 @@ fn kind_dir() -> PathBuf {
     repo_root().join("e2e/kind")
 }
 
+/// The scripts parse (`bash -n`), and pass shellcheck at warning level where it is installed
+/// (Debian package `shellcheck`).
 #[test]
 fn scripts_parse() -> Result<()> {
-    for script in ["e2e/kind/kind.sh", "scripts/helm-install.sh"] {
+    let scripts = ["e2e/kind/kind.sh", "scripts/helm-install.sh"];
+    for script in scripts {
         let out = Command::new("bash")
             .arg("-n")
             .arg(repo_root().join(script))
@@ -33,6 +36,20 @@ fn scripts_parse() -> Result<()> {
             "{script}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+    if let Ok(out) = Command::new("shellcheck")
+        .args(["-S", "warning"])
+        .args(scripts)
+        .current_dir(repo_root())
+        .output()
+    {
+        assert!(
+            out.status.success(),
+            "shellcheck: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    } else {
+        eprintln!("shellcheck not installed: only `bash -n` checked");
     }
     Ok(())
 }
