@@ -111,3 +111,34 @@ fn handshake_and_update_message_counts() {
     // campaign by `publish_chunks`, which bypasses the counter; subscriptions are shared).
     assert_eq!(w.broker.packets["manager"] - before, 2);
 }
+
+#[test]
+fn egress_is_image_plus_n_small_wraps() {
+    // DESIGN budget: bytes the manager publishes <= 1.05 x (image + N x wrap).
+    let image = firmware(256 * 1024);
+    let mut w = World::new(Pki::new(), campaign(image.clone(), 32 * 1024));
+    w.publish_chunks();
+    let n = 8;
+    for i in 0..n {
+        let name = format!("d{i}");
+        w.add_device(&name, "1.0.0", 4);
+        w.start(target(&name));
+    }
+    w.run();
+    assert_eq!(w.installed_events(), n);
+    let sent: usize = w
+        .broker
+        .published
+        .iter()
+        .filter(|(f, _)| f == "manager")
+        .map(|(_, o)| o.payload.len())
+        .sum();
+    let chunks = w.manager.campaign.chunk_bytes() as usize;
+    let wraps = sent - chunks; // notify + update per device
+    let wrap = wraps / n;
+    assert!(wrap < 2048, "wrap {wrap} bytes");
+    let budget = 1.05 * (image.len() + wraps) as f64;
+    assert!((sent as f64) <= budget, "{sent} > {budget}");
+    // The paper's per-device encryption would publish N x image.
+    assert!(sent < 2 * image.len());
+}
