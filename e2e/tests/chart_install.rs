@@ -664,6 +664,27 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
     let flux = chart_support::kstatus(&[live])?;
     assert_eq!(flux[0].1, "Current", "{flux:?}");
 
+    // The operator's Events (events.k8s.io, created under the token) are there.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(admin.clone(), &fleet.name);
+    let ours = wait_for("the operator's Events", Duration::from_secs(30), || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&ListParams::default()).await?;
+            let ours: Vec<_> = list
+                .items
+                .into_iter()
+                .filter(|e| e.reporting_controller.as_deref() == Some("sealed-ota-operator"))
+                .collect();
+            Ok((!ours.is_empty()).then_some(ours))
+        }
+    })
+    .await?;
+    assert!(
+        ours.iter().any(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("chart-campaign")),
+        "{ours:?}"
+    );
+
     // The operator ran into no authorization failure, and only replica 0 was leader.
     for replica in [0, 1] {
         let log = read_log(replica);
