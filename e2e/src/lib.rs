@@ -3,6 +3,8 @@
 //! settings, and gives every test a namespace of its own. It starts no server itself: the
 //! `e2e/testbed` script owns every process, so `e2e/testbed down` stops them all.
 
+pub mod product;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

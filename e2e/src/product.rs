@@ -1,0 +1,581 @@
+//! The whole product as real processes, for the end-to-end tests: a namespace with the CRDs,
+//! the PKI in Secrets, an enrolled fleet, the `sealed-ota-operator` binary and the
+//! `sealed-ota-device-emulator` binary, all against the test bed (or a broker of the test's own
+//! that it may stop and restart). Everything a test started stops when its `Product` drops;
+//! the working directory (logs, fleet, PKI) stays under `target/e2e-runs/` for inspection.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use k8s_openapi::api::core::v1::{ConfigMap, Event as KubeEvent};
+use k8s_openapi::ByteString;
+use kube::api::{ListParams, ObjectMeta, PostParams};
+use kube::Api;
+use rand::Rng;
+use sealed_ota_operator::crd::{Device, UpdateCampaign};
+
+use crate::{repo_root, wait_for, TestBed, TestNamespace};
+
+/// A private Mosquitto for tests that stop and restart the broker: TLS with client
+/// certificates from the test bed's CA, like the test bed's own listener.
+#[derive(Debug)]
+pub struct PrivateBroker {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateBroker {
+    /// Starts Mosquitto on a free loopback port with persistence in `dir`.
+    pub fn start(bed: &TestBed, dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let pki = bed.state_dir.join("pki");
+        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+        std::fs::write(
+            dir.join("mosquitto.conf"),
+            format!(
+                "per_listener_settings false\nuser {user}\nallow_anonymous false\npersistence true\n\
+                 persistence_location {d}/\nlog_dest file {d}/mosquitto.log\n\
+                 listener {port} 127.0.0.1\ncafile {p}/ca.crt\ncertfile {p}/mosquitto.crt\n\
+                 keyfile {p}/mosquitto.key\nrequire_certificate true\nuse_identity_as_username true\n",
+                d = dir.display(),
+                p = pki.display(),
+            ),
+        )?;
+        let mut broker = PrivateBroker {
+            dir: dir.to_path_buf(),
+            port,
+            child: None,
+        };
+        broker.restart()?;
+        Ok(broker)
+    }
+
+    /// `mqtts://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtts://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the broker without warning (SIGKILL): what it had not saved is lost.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port and persistence directory.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .context("mosquitto not installed (e2e/testbed up installs it)")?;
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(self.dir.join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting mosquitto")?;
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "private mosquitto not listening on {} after 10 s",
+                    self.port
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One product installation in its own namespace.
+pub struct Product {
+    /// The test bed.
+    pub bed: &'static TestBed,
+    /// The namespace of every object of this product.
+    pub ns: TestNamespace,
+    /// Working directory: `pki/`, `fleet/`, logs.
+    pub dir: PathBuf,
+    /// Manager id (unique per product, so products share the broker without crosstalk).
+    pub manager_id: String,
+    /// Ids of the enrolled devices.
+    pub device_ids: Vec<String>,
+    /// Broker URL the operator and devices use.
+    pub broker_url: String,
+    /// Address of the operator's metrics listener.
+    pub metrics_addr: String,
+    operator: Option<Child>,
+    emulator: Option<Child>,
+    operator_starts: u32,
+    emulator_starts: u32,
+}
+
+impl std::fmt::Debug for Product {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Product")
+            .field("ns", &self.ns.name)
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+impl Product {
+    /// A namespace with the CRDs installed, the manager and CA Secrets, and `devices` enrolled
+    /// devices labelled `fleet=<namespace>` (Device resources applied), using the test bed's broker.
+    pub async fn new(prefix: &str, devices: u32) -> Result<Self> {
+        let bed = TestBed::get()?;
+        Self::with_broker(prefix, devices, bed.mqtts_url.clone()).await
+    }
+
+    /// Like `new`, against another broker (for example a `PrivateBroker`).
+    pub async fn with_broker(prefix: &str, devices: u32, broker_url: String) -> Result<Self> {
+        let bed = TestBed::get()?;
+        build_binaries()?;
+        install_crds(bed)?;
+        let ns = bed.namespace(prefix).await?;
+        let dir = repo_root().join("target/e2e-runs").join(&ns.name);
+        std::fs::create_dir_all(&dir)?;
+        let tag: u32 = rand::thread_rng().gen_range(0..0xff_ffff);
+        let manager_id = format!("m{tag:06x}");
+        let id_prefix = format!("d{tag:06x}");
+        let product = Product {
+            bed,
+            ns,
+            dir,
+            manager_id,
+            device_ids: (0..devices)
+                .map(|i| format!("{id_prefix}-{i:05}"))
+                .collect(),
+            broker_url,
+            metrics_addr: format!("127.0.0.1:{}", free_port()?),
+            operator: None,
+            emulator: None,
+            operator_starts: 0,
+            emulator_starts: 0,
+        };
+        let ca = [
+            "--ca-cert",
+            path_str(&bed.ca_file)?,
+            "--ca-key",
+            path_str(&bed.ca_key_file)?,
+        ];
+        let pki = product.dir.join("pki");
+        let mut args = vec!["pki-init"];
+        args.extend(ca);
+        args.extend([
+            "--out",
+            path_str(&pki)?,
+            "--manager-id",
+            &product.manager_id,
+        ]);
+        args.extend(["-n", &product.ns.name, "--apply"]);
+        product.emulator_cli(&args)?;
+        let fleet = product.dir.join("fleet");
+        let count = devices.to_string();
+        let label = format!("fleet={}", product.ns.name);
+        let mut args = vec!["enroll"];
+        args.extend(ca);
+        args.extend(["--fleet", path_str(&fleet)?, "--count", &count]);
+        args.extend([
+            "--id-prefix",
+            &id_prefix,
+            "--manager-id",
+            &product.manager_id,
+        ]);
+        args.extend(["--label", &label, "-n", &product.ns.name, "--apply"]);
+        product.emulator_cli(&args)?;
+        Ok(product)
+    }
+
+    /// The label selector value every enrolled device carries (`fleet=<this>`).
+    pub fn fleet_label(&self) -> &str {
+        &self.ns.name
+    }
+
+    /// The fleet directory of device `id` (its `firmware.bin`, `cert.pem`, `key.pem`, ...).
+    pub fn device_dir(&self, id: &str) -> PathBuf {
+        self.dir.join("fleet/devices").join(id)
+    }
+
+    fn emulator_cli(&self, args: &[&str]) -> Result<()> {
+        let out = Command::new(binary("sealed-ota-device-emulator"))
+            .args(args)
+            .env("KUBECONFIG", &self.bed.kubeconfig)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "sealed-ota-device-emulator {} failed: {}",
+                args[0],
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts the operator binary (leader election on, Lease in this namespace).
+    pub fn start_operator(&mut self) -> Result<()> {
+        self.stop_operator();
+        self.operator_starts += 1;
+        let log = std::fs::File::create(
+            self.dir
+                .join(format!("operator-{}.log", self.operator_starts)),
+        )?;
+        let pki = self.dir.join("pki");
+        let child = Command::new(binary("sealed-ota-operator"))
+            .args(["run", "--broker-url", &self.broker_url])
+            .arg("--broker-ca-file")
+            .arg(&self.bed.ca_file)
+            .arg("--broker-cert-file")
+            .arg(pki.join("manager.crt"))
+            .arg("--broker-key-file")
+            .arg(pki.join("manager.key"))
+            .args(["--manager-id", &self.manager_id])
+            .args(["--operator-namespace", &self.ns.name])
+            .args(["--namespace", &self.ns.name])
+            .args(["--metrics-addr", &self.metrics_addr])
+            .env("KUBECONFIG", &self.bed.kubeconfig)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting sealed-ota-operator")?;
+        self.operator = Some(child);
+        Ok(())
+    }
+
+    /// Kills the operator at once (SIGKILL), as a crash would.
+    pub fn kill_operator(&mut self) {
+        if let Some(mut child) = self.operator.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn stop_operator(&mut self) {
+        if let Some(child) = self.operator.take() {
+            terminate(child);
+        }
+    }
+
+    /// Starts the emulated fleet (every enrolled device) with extra `run` arguments, such as
+    /// `--fault ...`. Its JSON summary goes to `emulator-N.json`.
+    pub fn start_emulator(&mut self, extra: &[&str]) -> Result<()> {
+        self.stop_emulator();
+        self.emulator_starts += 1;
+        let n = self.emulator_starts;
+        let stdout = std::fs::File::create(self.dir.join(format!("emulator-{n}.json")))?;
+        let stderr = std::fs::File::create(self.dir.join(format!("emulator-{n}.log")))?;
+        let child = Command::new(binary("sealed-ota-device-emulator"))
+            .args(["run", "--broker", &self.broker_url])
+            .arg("--broker-ca")
+            .arg(&self.bed.ca_file)
+            .arg("--fleet")
+            .arg(self.dir.join("fleet"))
+            .args(["--no-progress", "--json", "--window-timeout", "3"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .context("starting sealed-ota-device-emulator")?;
+        self.emulator = Some(child);
+        Ok(())
+    }
+
+    /// Stops the emulated fleet (SIGTERM: devices save their state).
+    pub fn stop_emulator(&mut self) {
+        if let Some(child) = self.emulator.take() {
+            terminate(child);
+        }
+    }
+
+    /// Runs the fleet until every device has connected once and returns the JSON summary.
+    pub fn connect_fleet_once(&self) -> Result<serde_json::Value> {
+        let out = Command::new(binary("sealed-ota-device-emulator"))
+            .args(["run", "--broker", &self.broker_url])
+            .arg("--broker-ca")
+            .arg(&self.bed.ca_file)
+            .arg("--fleet")
+            .arg(self.dir.join("fleet"))
+            .args(["--no-progress", "--json", "--exit-when", "connected"])
+            .args(["--duration", "60s"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "emulator run --exit-when connected failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("emulator JSON summary")
+    }
+
+    /// Stores `image` as key `image.bin` of ConfigMap `name`.
+    pub async fn firmware_configmap(&self, name: &str, image: &[u8]) -> Result<()> {
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            binary_data: Some([("image.bin".to_string(), ByteString(image.to_vec()))].into()),
+            ..ConfigMap::default()
+        };
+        Api::<ConfigMap>::namespaced(self.ns.client.clone(), &self.ns.name)
+            .create(&PostParams::default(), &cm)
+            .await?;
+        Ok(())
+    }
+
+    /// A firmware campaign spec over this fleet, from ConfigMap `configmap`, merged with `extra`
+    /// (a JSON object whose keys replace the defaults, e.g. `{"rollout": {...}}`).
+    pub fn firmware_spec(
+        &self,
+        version: &str,
+        configmap: &str,
+        extra: serde_json::Value,
+    ) -> serde_json::Value {
+        let mut spec = serde_json::json!({
+            "selector": {"matchLabels": {"fleet": self.fleet_label()}},
+            "targetVersion": version,
+            "payload": {"firmware": {"configMapKeyRef": {"name": configmap, "key": "image.bin"}}},
+            "managerSecretName": "sealed-ota-manager",
+            "chunkSize": 4096,
+            "rollout": {"maxInFlight": 50, "deviceTimeoutSeconds": 60, "retries": 2,
+                        "retryBackoffSeconds": 1},
+        });
+        if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                spec.insert(k.clone(), v.clone());
+            }
+        }
+        spec
+    }
+
+    /// Applies a campaign with `kubectl apply -f -`, as a user would.
+    pub fn apply_campaign(&self, name: &str, spec: serde_json::Value) -> Result<()> {
+        let manifest = serde_json::json!({
+            "apiVersion": "ota.sealed-ota.dev/v1alpha1",
+            "kind": "UpdateCampaign",
+            "metadata": {"name": name, "namespace": self.ns.name},
+            "spec": spec,
+        });
+        self.kubectl_stdin(&["apply", "-f", "-"], &manifest.to_string())
+            .map(|_| ())
+    }
+
+    /// Runs kubectl against the test bed; returns stdout, or an error carrying stderr.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.kubectl_stdin(args, "")
+    }
+
+    fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .args(["-n", &self.ns.name])
+            .args(args)
+            .env("KUBECONFIG", &self.bed.kubeconfig)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl")?;
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(stdin.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The campaign, as the apiserver has it.
+    pub async fn campaign(&self, name: &str) -> Result<UpdateCampaign> {
+        Ok(
+            Api::<UpdateCampaign>::namespaced(self.ns.client.clone(), &self.ns.name)
+                .get(name)
+                .await?,
+        )
+    }
+
+    /// Waits until `check` accepts the campaign; the error says what the campaign last looked like.
+    pub async fn wait_campaign(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&UpdateCampaign) -> bool,
+    ) -> Result<UpdateCampaign> {
+        let api = Api::<UpdateCampaign>::namespaced(self.ns.client.clone(), &self.ns.name);
+        let result = wait_for(what, timeout, || async {
+            let c = api.get(name).await?;
+            Ok(check(&c).then_some(c))
+        })
+        .await;
+        match result {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                let last = api.get(name).await.ok().and_then(|c| c.status);
+                bail!(
+                    "{e:#}; campaign status: {last:?}; logs in {}",
+                    self.dir.display()
+                )
+            }
+        }
+    }
+
+    /// Every Device of this product.
+    pub async fn devices(&self) -> Result<Vec<Device>> {
+        Ok(
+            Api::<Device>::namespaced(self.ns.client.clone(), &self.ns.name)
+                .list(&ListParams::default())
+                .await?
+                .items,
+        )
+    }
+
+    /// Reasons of the Events recorded in this namespace, with their messages.
+    pub async fn events(&self) -> Result<Vec<(String, String)>> {
+        Ok(
+            Api::<KubeEvent>::namespaced(self.ns.client.clone(), &self.ns.name)
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Product {
+    fn drop(&mut self) {
+        self.stop_emulator();
+        self.stop_operator();
+        if std::thread::panicking() {
+            eprintln!("e2e: product files kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL after 5 s.
+fn terminate(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    for _ in 0..50 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .with_context(|| format!("path {} is not UTF-8", p.display()))
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"))
+}
+
+/// Path of a workspace binary (built by `build_binaries`).
+pub fn binary(name: &str) -> PathBuf {
+    target_dir().join("debug").join(name)
+}
+
+static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+
+/// Builds the operator and emulator binaries once per test process (a no-op when fresh).
+pub fn build_binaries() -> Result<()> {
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .current_dir(repo_root())
+                .args(["build", "--workspace", "--bins"])
+                .status()
+                .map_err(|e| format!("running cargo build: {e}"))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!("cargo build of the binaries failed: {status}"))
+            }
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+static CRDS: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+
+/// Applies `crds/` with kubectl and waits until both CRDs are established (once per process).
+pub fn install_crds(bed: &TestBed) -> Result<()> {
+    CRDS.get_or_init(|| {
+        let run = |args: &[&str]| -> std::result::Result<(), String> {
+            let out = Command::new("kubectl")
+                .args(args)
+                .env("KUBECONFIG", &bed.kubeconfig)
+                .output()
+                .map_err(|e| format!("running kubectl: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "kubectl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        };
+        let crds = repo_root().join("crds");
+        run(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            crds.to_str().unwrap_or("crds"),
+        ])?;
+        run(&[
+            "wait",
+            "--for",
+            "condition=established",
+            "--timeout=60s",
+            "crd/devices.ota.sealed-ota.dev",
+            "crd/updatecampaigns.ota.sealed-ota.dev",
+        ])
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!(e))
+}
