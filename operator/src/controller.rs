@@ -427,7 +427,7 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
     if blocker.is_none() && !stopping && !ctx.engine.has_run(&key, &uid) {
         match prepare_run(&c, ctx).await? {
             Ok(run) => {
-                tracing::info!(campaign = %key.1, chunks = run.prepared.chunk_count(), "campaign prepared");
+                tracing::info!(campaign = %key.1, chunks = run.chunk_count(), "campaign prepared");
                 ctx.engine.insert_run(key.clone(), run);
             }
             Err(b) => blocker = Some(b),

@@ -116,8 +116,9 @@ pub struct CampaignRun {
     pub uid: String,
     /// Version delivered.
     pub target_version: String,
-    /// The encrypted-once payload.
-    pub prepared: Arc<PreparedCampaign>,
+    /// The encrypted-once payload; released when the run ends (only its chunk count is kept).
+    prepared: Option<Arc<PreparedCampaign>>,
+    chunk_count: u32,
     /// Manager identity, trust anchor, topics.
     pub manager: ManagerConfig,
     /// spec.allowDowngrade.
@@ -141,7 +142,8 @@ impl CampaignRun {
         Self {
             uid,
             target_version,
-            prepared,
+            chunk_count: prepared.chunk_count(),
+            prepared: Some(prepared),
             manager,
             allow_downgrade,
             devices: HashMap::new(),
@@ -197,6 +199,11 @@ struct RunIds {
 }
 
 impl CampaignRun {
+    /// Chunks of the prepared payload.
+    pub fn chunk_count(&self) -> u32 {
+        self.chunk_count
+    }
+
     fn ids(&self) -> RunIds {
         RunIds {
             uid: self.uid.clone(),
@@ -305,7 +312,10 @@ impl Engine {
         match runs.get_mut(key) {
             Some(run) if !run.chunks_published => {
                 run.chunks_published = true;
-                run.prepared.chunk_publishes(&self.topics)
+                run.prepared
+                    .as_ref()
+                    .map(|p| p.chunk_publishes(&self.topics))
+                    .unwrap_or_default()
             }
             _ => Vec::new(),
         }
@@ -337,8 +347,10 @@ impl Engine {
             pinned_fingerprint,
             allow_downgrade: run.allow_downgrade,
         };
-        let (session, actions) =
-            ManagerSession::start(&run.manager, run.prepared.clone(), target, now)?;
+        let Some(prepared) = run.prepared.clone() else {
+            return Ok(Vec::new());
+        };
+        let (session, actions) = ManagerSession::start(&run.manager, prepared, target, now)?;
         let base = run
             .devices
             .get(&name)
@@ -445,12 +457,15 @@ impl Engine {
             }
             routes.remove(&dr.device_id);
         }
-        actions.extend(
-            run.prepared
-                .clear_chunks(&self.topics)
-                .into_iter()
-                .map(Action::Publish),
-        );
+        // The encrypted image is no longer needed: release it.
+        if let Some(prepared) = run.prepared.take() {
+            actions.extend(
+                prepared
+                    .clear_chunks(&self.topics)
+                    .into_iter()
+                    .map(Action::Publish),
+            );
+        }
         actions
     }
 
@@ -463,7 +478,7 @@ impl Engine {
 
     /// Chunks of the run's prepared payload.
     pub fn chunk_count(&self, key: &CampaignKey) -> Option<u32> {
-        lock(&self.runs).get(key).map(|r| r.prepared.chunk_count())
+        lock(&self.runs).get(key).map(|r| r.chunk_count)
     }
 
     /// Feed one inbound message to the session it belongs to and carry out what follows.
@@ -503,7 +518,9 @@ impl Engine {
         let Some(name) = run.by_id.get(device).cloned() else {
             return (Vec::new(), None);
         };
-        let prepared = run.prepared.clone();
+        let Some(prepared) = run.prepared.clone() else {
+            return (Vec::new(), None);
+        };
         let ids = run.ids();
         let Some(dr) = run.devices.get_mut(&name) else {
             return (Vec::new(), None);
