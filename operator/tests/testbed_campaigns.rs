@@ -1305,3 +1305,50 @@ async fn firmware_from_a_url_is_downloaded_and_checked() -> Result<()> {
     op.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_tls_material_can_come_from_a_secret() -> Result<()> {
+    let h = Harness::new("op-brokersecret").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(3_000)).await?;
+    let data: BTreeMap<String, ByteString> = [
+        ("ca.crt", &h.bed.ca_file),
+        ("tls.crt", &h.bed.client_cert),
+        ("tls.key", &h.bed.client_key),
+    ]
+    .into_iter()
+    .map(|(k, p)| Ok((k.to_string(), ByteString(std::fs::read(p)?))))
+    .collect::<Result<_>>()?;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("broker-tls".into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(data),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(h.client(), &h.ns.name)
+        .create(&PostParams::default(), &secret)
+        .await?;
+    h.device("s-1", "rose").await?;
+    let _sim = h.spawn_device("s-1", "1.0.0", Behavior::Install)?;
+    let op = h.start_operator_with("replica-1", |c| {
+        c.broker_ca_file = None;
+        c.broker_cert_file = None;
+        c.broker_key_file = None;
+        c.broker_tls_secret = Some("broker-tls".into());
+    })?;
+    h.campaign(
+        "via-secret",
+        fw_spec("rose", "2.0.0", serde_json::json!({})),
+    )
+    .await?;
+    h.wait_campaign("via-secret", "Succeeded", |c| {
+        phase(c) == CampaignPhase::Succeeded
+    })
+    .await?;
+    assert_eq!(op.metric("sealed_ota_operator_mqtt_connected").await?, 1.0);
+    op.stop().await;
+    Ok(())
+}
