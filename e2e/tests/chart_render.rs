@@ -383,6 +383,25 @@ fn rbac_is_least_privilege_and_commented() -> Result<()> {
 }
 
 #[test]
+fn pod_disruption_budget_is_optional_and_selects_the_operator() -> Result<()> {
+    let off = documents(&render("ota", BASE)?)?;
+    assert!(of_kind(&off, "PodDisruptionBudget").is_empty());
+    let on = documents(&render(
+        "ota",
+        &with(&["replicas=2", "podDisruptionBudget.enabled=true"]),
+    )?)?;
+    let pdb = of_kind(&on, "PodDisruptionBudget");
+    assert_eq!(pdb.len(), 1);
+    assert_eq!(pdb[0]["spec"]["maxUnavailable"], 1);
+    let deployment = of_kind(&on, "Deployment")[0];
+    assert_eq!(
+        pdb[0]["spec"]["selector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    Ok(())
+}
+
+#[test]
 fn service_monitor_is_optional() -> Result<()> {
     let off = documents(&render("ota", BASE)?)?;
     assert!(of_kind(&off, "ServiceMonitor").is_empty());
@@ -409,7 +428,12 @@ async fn rendered_manifests_pass_server_side_dry_run() -> Result<()> {
     let watch = format!("watchNamespaces={{{}}}", team.name);
     for sets in [
         with(&[]),
-        with(&[&watch, "replicas=2", "broker.credentials.secretName=login"]),
+        with(&[
+            &watch,
+            "replicas=2",
+            "broker.credentials.secretName=login",
+            "podDisruptionBudget.enabled=true",
+        ]),
         vec!["broker.url=mqtt://m:1883", "leaderElection.enabled=false"],
     ] {
         let text = render(&op.name, &sets)?;
