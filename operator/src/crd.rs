@@ -102,6 +102,11 @@ pub struct DeviceStatus {
     /// The last campaign that addressed this device and its result there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub campaign: Option<DeviceCampaignStatus>,
+    /// `Ready`: True when the last campaign installed (signed receipt), False when it failed, Unknown
+    /// while an update is in progress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    pub conditions: Vec<Condition>,
 }
 
 /// The result of one campaign on one device.

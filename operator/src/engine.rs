@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
@@ -77,6 +77,49 @@ pub fn device_status(
 ) -> DeviceStatus {
     let base = base.cloned().unwrap_or_default();
     let seen = handshake.is_some() || installed_version.is_some();
+    let (status, reason, message) = match campaign.phase {
+        DevicePhase::Succeeded => (
+            "True",
+            "UpToDate".to_owned(),
+            format!(
+                "installed {} (campaign {})",
+                campaign.target_version, campaign.name
+            ),
+        ),
+        DevicePhase::Failed => (
+            "False",
+            campaign
+                .reason
+                .clone()
+                .unwrap_or_else(|| "UpdateFailed".into()),
+            campaign
+                .message
+                .clone()
+                .unwrap_or_else(|| format!("campaign {} failed", campaign.name)),
+        ),
+        DevicePhase::Transferring | DevicePhase::Pending => (
+            "Unknown",
+            "Updating".to_owned(),
+            format!(
+                "campaign {} is updating the device to {}",
+                campaign.name, campaign.target_version
+            ),
+        ),
+    };
+    let last_transition_time = base
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| k8s_time(now));
+    let ready = Condition {
+        type_: "Ready".into(),
+        status: status.into(),
+        reason,
+        message: crate::status::bounded(&message, 1024),
+        observed_generation: None,
+        last_transition_time,
+    };
     DeviceStatus {
         running_version: installed_version
             .map(str::to_owned)
@@ -94,6 +137,7 @@ pub fn device_status(
             .map(|h| k8s_time(h.not_after))
             .or(base.certificate_not_after),
         campaign: Some(campaign),
+        conditions: vec![ready],
     }
 }
 
@@ -738,6 +782,7 @@ mod tests {
             certificate_fingerprint: Some("aa".into()),
             certificate_not_after: Some(k8s_time(99)),
             campaign: None,
+            conditions: vec![],
         };
         // Timeout without a handshake: nothing new was seen; keep what we had.
         let s = device_status(Some(&base), None, None, record(DevicePhase::Failed), 500);
@@ -762,6 +807,24 @@ mod tests {
         assert_eq!(s.last_seen, Some(k8s_time(600)));
         assert_eq!(s.certificate_fingerprint, Some(hex::encode([1u8; 32])));
         assert_eq!(s.certificate_not_after, Some(k8s_time(1000)));
+        let ready = &s.conditions[0];
+        assert_eq!(
+            (ready.type_.as_str(), ready.status.as_str()),
+            ("Ready", "True")
+        );
+        assert_eq!(ready.last_transition_time, k8s_time(600));
+        // Same status again: the transition time stays.
+        let again = device_status(
+            Some(&s),
+            Some(&hs),
+            Some("2.0.0"),
+            record(DevicePhase::Succeeded),
+            900,
+        );
+        assert_eq!(again.conditions[0].last_transition_time, k8s_time(600));
+        let failed = device_status(Some(&s), None, None, record(DevicePhase::Failed), 950);
+        assert_eq!(failed.conditions[0].status, "False");
+        assert_eq!(failed.conditions[0].reason, "UpdateFailed");
     }
 
     #[test]

@@ -542,6 +542,15 @@ async fn campaign_updates_every_device_over_tls_and_records_status() -> Result<(
         assert_eq!(rec.attempts, 1);
         assert_eq!(s.certificate_fingerprint.map(|f| f.len()), Some(64));
         assert!(s.certificate_not_after.is_some());
+        let ready = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .context("Device Ready")?;
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "UpToDate")
+        );
         assert_eq!(sim.installs.load(Ordering::SeqCst), 1, "{n} installed once");
     }
     // The apiserver writes this campaign cost, read from the operator's own counters.
