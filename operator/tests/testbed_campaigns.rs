@@ -1361,3 +1361,59 @@ async fn broker_tls_material_can_come_from_a_secret() -> Result<()> {
     op.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mqtt_session_reconnects_and_resubscribes() -> Result<()> {
+    let h = Harness::new("op-reconnect").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(3_000)).await?;
+    let op = h.start_operator("replica-1", false)?;
+    wait_for("operator connected", WAIT, || async {
+        Ok((op.metric("sealed_ota_operator_mqtt_connected").await? == 1.0).then_some(()))
+    })
+    .await?;
+    // A client with the operator's client id takes its session over: the broker drops the operator.
+    let (thief, mut el) = AsyncClient::new(
+        h.bed
+            .mqtt_options(&format!("sealed-ota-manager-{}", h.manager_id))?,
+        16,
+    );
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Event::Incoming(Packet::ConnAck(_)) = el.poll().await? {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+    })
+    .await
+    .context("takeover CONNACK")??;
+    let _ = thief.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
+    drop(el);
+    wait_for(
+        "operator saw the disconnect and reconnected",
+        WAIT,
+        || async {
+            let lost = op
+                .metric("sealed_ota_operator_mqtt_disconnects_total")
+                .await?;
+            let up = op.metric("sealed_ota_operator_mqtt_connected").await?;
+            Ok((lost >= 1.0 && up == 1.0).then_some(()))
+        },
+    )
+    .await?;
+    // Ready/status only reach the operator if it resubscribed on the new (clean) session.
+    h.device("rc-1", "ash").await?;
+    let _sim = h.spawn_device("rc-1", "1.0.0", Behavior::Install)?;
+    h.campaign(
+        "after-reconnect",
+        fw_spec("ash", "2.0.0", serde_json::json!({})),
+    )
+    .await?;
+    h.wait_campaign("after-reconnect", "Succeeded", |c| {
+        phase(c) == CampaignPhase::Succeeded
+    })
+    .await?;
+    op.stop().await;
+    Ok(())
+}
