@@ -138,7 +138,7 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
             if phase == CampaignPhase::Failed {
                 "FailureThresholdExceeded"
             } else {
-                "NoFailureThreshold"
+                "WithinFailureThreshold"
             },
             format!("{} devices failed", counts.failed),
         ),
