@@ -4,9 +4,10 @@
 //! that it may stop and restart). Everything a test started stops when its `Product` drops;
 //! the working directory (logs, fleet, PKI) stays under `target/e2e-runs/` for inspection.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -15,6 +16,9 @@ use k8s_openapi::ByteString;
 use kube::api::{ListParams, ObjectMeta, PostParams};
 use kube::Api;
 use rand::Rng;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event};
 use sealed_ota_operator::crd::{Device, UpdateCampaign};
 
 use crate::{repo_root, wait_for, TestBed, TestNamespace};
@@ -101,6 +105,73 @@ impl Drop for PrivateBroker {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Everything the broker relayed to a subscriber of `#`, payload bytes concatenated.
+pub struct Spy {
+    seen: Arc<Mutex<Vec<u8>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Spy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let bytes = self.seen.lock().map(|s| s.len()).unwrap_or(0);
+        f.debug_struct("Spy").field("bytes_seen", &bytes).finish()
+    }
+}
+
+impl Spy {
+    /// Subscribes to `#` on the plain listener and returns once the broker acknowledged it.
+    pub async fn start(bed: &TestBed, id: &str) -> Result<Self> {
+        let mut options = bed.mqtt_options(&format!("spy-{id}"))?;
+        // Retained messages of other tests arrive too: accept any size the broker relays.
+        options.set_max_packet_size(Some(256 * 1024 * 1024));
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        let sink = seen.clone();
+        let task = tokio::spawn(async move {
+            let mut ready_tx = Some(ready_tx);
+            loop {
+                match eventloop.poll().await {
+                    // (Re)subscribe on every new connection: a reconnect starts a clean session.
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = client.subscribe("#", QoS::AtLeastOnce).await;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = ready_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        sink.lock().unwrap().extend_from_slice(&p.payload);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .context("spy: no SUBACK")??;
+        Ok(Spy { seen, task })
+    }
+
+    /// Stops recording and returns what was seen.
+    pub fn stop(self) -> Vec<u8> {
+        self.task.abort();
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
+/// 32-byte windows of `image` at every 16-byte offset found anywhere in `seen`.
+pub fn leaked_windows(seen: &[u8], image: &[u8]) -> usize {
+    let windows: HashSet<&[u8]> = (0..image.len().saturating_sub(32))
+        .step_by(16)
+        .map(|i| &image[i..i + 32])
+        .collect();
+    let found: HashSet<&[u8]> = seen.windows(32).filter(|w| windows.contains(w)).collect();
+    found.len()
 }
 
 /// One product installation in its own namespace.
@@ -268,7 +339,7 @@ impl Product {
 
     fn stop_operator(&mut self) {
         if let Some(child) = self.operator.take() {
-            terminate(child);
+            terminate(child, "-TERM");
         }
     }
 
@@ -297,10 +368,11 @@ impl Product {
         Ok(())
     }
 
-    /// Stops the emulated fleet (SIGTERM: devices save their state).
+    /// Stops the emulated fleet (SIGINT, as Ctrl-C: devices save their state and the JSON
+    /// summary is written).
     pub fn stop_emulator(&mut self) {
         if let Some(child) = self.emulator.take() {
-            terminate(child);
+            terminate(child, "-INT");
         }
     }
 
@@ -478,10 +550,10 @@ impl Drop for Product {
     }
 }
 
-/// SIGTERM, then SIGKILL after 5 s.
-fn terminate(mut child: Child) {
+/// `signal` (e.g. "-TERM"), then SIGKILL after 5 s.
+fn terminate(mut child: Child, signal: &str) {
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status();
     for _ in 0..50 {
         if let Ok(Some(_)) = child.try_wait() {

@@ -4,71 +4,13 @@
 //! no private key.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use p256::pkcs8::DecodePrivateKey;
 use rand::RngCore;
-use rumqttc::v5::mqttbytes::v5::Packet;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event};
-use sealed_ota_e2e::product::Product;
-use sealed_ota_e2e::TestBed;
+use sealed_ota_e2e::product::{leaked_windows, Product, Spy};
 use sealed_ota_operator::crd::CampaignPhase;
-
-/// Everything the broker relayed to a subscriber of `#`, payload bytes concatenated.
-struct Spy {
-    seen: Arc<Mutex<Vec<u8>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Spy {
-    async fn start(bed: &TestBed, id: &str) -> Result<Self> {
-        let (client, mut eventloop) = AsyncClient::new(bed.mqtt_options(&format!("spy-{id}"))?, 64);
-        client.subscribe("#", QoS::AtLeastOnce).await?;
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready) = tokio::sync::oneshot::channel();
-        let sink = seen.clone();
-        let task = tokio::spawn(async move {
-            let _keep_client = client;
-            let mut ready_tx = Some(ready_tx);
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(tx) = ready_tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        sink.lock().unwrap().extend_from_slice(&p.payload);
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(10), ready)
-            .await
-            .context("spy: no SUBACK")??;
-        Ok(Spy { seen, task })
-    }
-
-    fn stop(self) -> Vec<u8> {
-        self.task.abort();
-        std::mem::take(&mut *self.seen.lock().unwrap())
-    }
-}
-
-/// 32-byte windows of `image` at every 16-byte offset found anywhere in `seen`.
-fn leaked_windows(seen: &[u8], image: &[u8]) -> usize {
-    let windows: HashSet<&[u8]> = (0..image.len().saturating_sub(32))
-        .step_by(16)
-        .map(|i| &image[i..i + 32])
-        .collect();
-    let found: HashSet<&[u8]> = seen.windows(32).filter(|w| windows.contains(w)).collect();
-    found.len()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn firmware_campaign_to_50_devices_under_a_curious_broker() -> Result<()> {
