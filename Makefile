@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESTBED := e2e/testbed
 
-.PHONY: test lint unit e2e testbed testbed-down demo bench crds
+.PHONY: test lint unit e2e testbed testbed-down demo bench crds chart images kind kind-down
 
 ## make test: formatting, lints, unit tests, then the e2e tests on a test bed this target
 ## brings up and takes down itself (a failure still takes it down).
@@ -40,3 +40,24 @@ demo:
 bench:
 	@echo "make bench: not built yet — it arrives with the benchmark issue (see README, 'Not finished')." >&2
 	@exit 1
+
+## make crds: regenerate crds/ (and the chart's copy) from the Rust types.
+crds:
+	$(CARGO) run --locked -q -p sealed-ota-operator -- crdgen --out crds
+	cp crds/*.yaml charts/sealed-ota/files/crds/
+
+## make chart: lint the Helm chart and run the GitOps health-check tests (no test bed needed).
+chart:
+	$$(scripts/helm-install.sh) lint charts/sealed-ota --strict --set broker.url=mqtts://broker:8883 --set broker.tls.secretName=broker-tls
+	$(CARGO) test --locked -p sealed-ota-e2e --test chart_gitops
+
+## make images: operator and device-emulator images (needs Docker with BuildKit).
+images:
+	docker build -f docker/operator.Dockerfile -t sealed-ota/sealed-ota-operator:dev .
+	docker build -f docker/device-emulator.Dockerfile -t sealed-ota/sealed-ota-device-emulator:dev .
+
+## make kind: the whole product on a kind cluster (needs Docker and kind), then the e2e suite.
+kind:
+	e2e/kind/kind.sh all
+kind-down:
+	e2e/kind/kind.sh down
