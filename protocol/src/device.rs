@@ -105,6 +105,49 @@ pub struct DeviceState {
     pub completed_campaigns: Vec<String>,
     /// Partial transfer.
     pub transfer: Option<TransferState>,
+    /// How the most recent campaign ended on this device and which session ended it, so that a
+    /// *new* session of that campaign (a restarted manager that never got the receipt) is answered
+    /// instead of ignored. Absent in state saved by older versions (such a campaign stays ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_completion: Option<Completion>,
+}
+
+/// The end of the most recent campaign on a device (persisted in [`DeviceState`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completion {
+    /// Campaign.
+    pub campaign_id: String,
+    /// Session that completed it (its retained notify seen again is ignored).
+    #[serde(with = "hex_array")]
+    pub session_id: [u8; 16],
+    /// `issued_at` of that session's notify (an older notify of the campaign is ignored).
+    pub issued_at: u64,
+    /// What was installed, for a firmware campaign that succeeded (`None`: refused, or credentials).
+    pub installed: Option<InstalledImage>,
+}
+
+/// A firmware image the device installed (from the signed manifest it verified).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledImage {
+    /// Version.
+    pub version: String,
+    /// SHA-256 of the image.
+    #[serde(with = "hex_array")]
+    pub sha256: [u8; 32],
+}
+
+mod hex_array {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer, const N: usize>(v: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+        d: D,
+    ) -> Result<[u8; N], D::Error> {
+        let s = String::deserialize(d)?;
+        let v = hex::decode(s).map_err(serde::de::Error::custom)?;
+        <[u8; N]>::try_from(v).map_err(|_| serde::de::Error::custom("wrong length"))
+    }
 }
 
 impl DeviceState {
@@ -392,7 +435,19 @@ impl DeviceSession {
             .iter()
             .any(|c| c == &body.campaign_id)
         {
-            return Ok(DeviceOutput::default()); // already finished: retained notify seen again
+            // Already finished. The retained notify of the session that finished it (or an older
+            // one) is ignored; a newer session of the campaign this device completed last means the
+            // manager never got the result (it restarted): answer it, and the update is answered
+            // with a fresh receipt (firmware already installed) or handled again (see
+            // `handle_update`).
+            let new_session_of_last = self.state.last_completion.as_ref().is_some_and(|c| {
+                c.campaign_id == body.campaign_id
+                    && c.session_id != body.session_id
+                    && body.issued_at >= c.issued_at
+            });
+            if !new_session_of_last {
+                return Ok(DeviceOutput::default());
+            }
         }
         if let Some(hs) = &mut self.hs {
             if hs.session_id == body.session_id && hs.manager_nonce == body.nonce {
@@ -556,10 +611,9 @@ impl DeviceSession {
         self.content_key = None;
         if let Some(hs) = &mut self.hs {
             hs.finished = true;
-            if !reason.is_transient() {
-                let c = hs.campaign_id.clone();
-                self.state.complete(&c);
-            }
+        }
+        if !reason.is_transient() {
+            self.record_completion(None);
         }
         self.state.transfer = None;
         out.events.push(DeviceEvent::Rejected { reason });
@@ -644,6 +698,29 @@ impl DeviceSession {
             hs.update_received = true;
         }
         let mut out = DeviceOutput::default();
+        if manifest.kind == PayloadKind::Firmware && self.already_installed(&manifest) {
+            // A new session of a campaign whose image this device already verified and installed
+            // (the manager restarted before the receipt reached it): a fresh signed receipt bound
+            // to this session; no download, no reinstall.
+            if now >= manifest.expires_at {
+                self.reject(RejectReason::Expired, &mut out);
+                return Ok(out);
+            }
+            if let Some(a) = self.status(&StatusBody::Installed {
+                version: manifest.version.clone(),
+                sha256: manifest.sha256,
+            }) {
+                out.actions.push(a);
+            }
+            self.record_completion(Some(InstalledImage {
+                version: manifest.version.clone(),
+                sha256: manifest.sha256,
+            }));
+            if let Some(hs) = &mut self.hs {
+                hs.finished = true;
+            }
+            return Ok(out);
+        }
         if let Err(reason) = manifest.check(&self.state.running_version, now) {
             self.reject(reason, &mut out);
             return Ok(out);
@@ -726,6 +803,9 @@ impl DeviceSession {
                         if let Some(hs) = &mut self.hs {
                             hs.finished = true;
                         }
+                        // A later session of this rotation (manager restarted before the
+                        // receipt) is answered by rotating again: see docs/protocol.md.
+                        self.record_completion(None);
                         self.state.complete(&manifest.campaign_id);
                         out.events.push(DeviceEvent::CredentialsDelivered {
                             cert_pem: id.cert_pem(),
@@ -737,6 +817,33 @@ impl DeviceSession {
             }
         }
         Ok(out)
+    }
+
+    /// Whether `m` is exactly what the last completed campaign installed and the device still runs.
+    fn already_installed(&self, m: &Manifest) -> bool {
+        self.state.completed_campaigns.contains(&m.campaign_id)
+            && self.state.running_version == m.version
+            && self.state.last_completion.as_ref().is_some_and(|c| {
+                c.campaign_id == m.campaign_id
+                    && c.installed
+                        .as_ref()
+                        .is_some_and(|i| i.version == m.version && i.sha256 == m.sha256)
+            })
+    }
+
+    /// Remember that the current session completed its campaign (and what it installed).
+    fn record_completion(&mut self, installed: Option<InstalledImage>) {
+        let Some(hs) = &self.hs else {
+            return;
+        };
+        let campaign_id = hs.campaign_id.clone();
+        self.state.last_completion = Some(Completion {
+            campaign_id: campaign_id.clone(),
+            session_id: hs.session_id,
+            issued_at: hs.issued_at,
+            installed,
+        });
+        self.state.complete(&campaign_id);
     }
 
     fn chunk_packet_bound(&self, m: &Manifest) -> u32 {
@@ -890,6 +997,10 @@ impl DeviceSession {
                     out.actions.push(a);
                 }
                 self.state.running_version = t.manifest.version.clone();
+                self.record_completion(Some(InstalledImage {
+                    version: t.manifest.version.clone(),
+                    sha256: t.manifest.sha256,
+                }));
                 self.state.complete(&t.campaign_id);
                 self.state.transfer = None;
                 self.content_key = None;
@@ -1285,7 +1396,22 @@ mod tests {
             running_version: "1.0.0".into(),
             completed_campaigns: vec!["a".into()],
             transfer: None,
+            last_completion: Some(Completion {
+                campaign_id: "a".into(),
+                session_id: [7; 16],
+                issued_at: 5,
+                installed: Some(InstalledImage {
+                    version: "1.0.0".into(),
+                    sha256: [9; 32],
+                }),
+            }),
         };
+        // State saved by an older version (no last_completion) still loads.
+        let old: DeviceState = serde_json::from_str(
+            r#"{"running_version":"1.0.0","completed_campaigns":["a"],"transfer":null}"#,
+        )
+        .unwrap();
+        assert_eq!(old.last_completion, None);
         let json = serde_json::to_string(&st).unwrap();
         assert_eq!(serde_json::from_str::<DeviceState>(&json).unwrap(), st);
     }

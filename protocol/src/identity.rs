@@ -168,6 +168,11 @@ fn read_cert(der: &[u8]) -> Result<CertFacts, IdentityError> {
     })
 }
 
+/// Expiry (Unix seconds) of a certificate this crate can read (not a trust decision).
+pub(crate) fn cert_not_after(der: &[u8]) -> Result<u64, IdentityError> {
+    read_cert(der).map(|f| f.not_after)
+}
+
 fn decode_pem_cert(pem: &str) -> Result<Vec<u8>, IdentityError> {
     let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
         .map_err(|e| parse_err("certificate PEM", e))?;

@@ -33,13 +33,14 @@ pub mod vectors;
 pub mod wire;
 
 pub use device::{
-    Bitmap, DeviceConfig, DeviceEvent, DeviceOutput, DeviceSession, DeviceState, TransferState,
+    Bitmap, Completion, DeviceConfig, DeviceEvent, DeviceOutput, DeviceSession, DeviceState,
+    InstalledImage, TransferState,
 };
 pub use error::{IdentityError, ProtocolError, TopicError};
 pub use identity::{CertificateAuthority, Identity, PeerCertificate, Role, TrustAnchor};
 pub use manager::{
-    CampaignPayload, CampaignSpec, DeviceTarget, ManagerConfig, ManagerEvent, ManagerOutput,
-    ManagerSession, ManagerState, PreparedCampaign, RotationMode,
+    CampaignPayload, CampaignSpec, DeviceTarget, IssuedCertificate, ManagerConfig, ManagerEvent,
+    ManagerOutput, ManagerSession, ManagerState, PreparedCampaign, RotationMode,
 };
 pub use manifest::{Manifest, PayloadKind, RejectReason};
 pub use mqtt::{Action, Inbound, Outbound, Properties};

@@ -446,6 +446,17 @@ pub struct ManagerSession {
     state: ManagerState,
     established: Option<Established>,
     seen_device_nonces: Vec<[u8; 32]>,
+    issued: Option<IssuedCertificate>,
+}
+
+/// The certificate a rotation session issued to its device (kept after the session ends, so the
+/// caller can record what the device now holds once its signed receipt arrived).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IssuedCertificate {
+    /// SHA-256 of the certificate DER (the manifest's `sha256`).
+    pub fingerprint: [u8; 32],
+    /// Expiry, Unix seconds.
+    pub not_after: u64,
 }
 
 impl std::fmt::Debug for ManagerSession {
@@ -538,6 +549,7 @@ impl ManagerSession {
             state: ManagerState::NotifySent,
             established: None,
             seen_device_nonces: Vec::new(),
+            issued: None,
         };
         let action = Action::Publish(s.notify_publish(now));
         Ok((s, vec![action]))
@@ -588,6 +600,11 @@ impl ManagerSession {
     /// The campaign.
     pub fn campaign(&self) -> &Arc<PreparedCampaign> {
         &self.campaign
+    }
+    /// For a rotation: the certificate issued to the device in this session's update (the one the
+    /// device holds once `Installed` was received). `None` for firmware or before the update.
+    pub fn issued_certificate(&self) -> Option<IssuedCertificate> {
+        self.issued
     }
 
     /// Empty retained publish on this device's notify topic (campaign ended / deleted).
@@ -740,6 +757,13 @@ impl ManagerSession {
             return Ok(out);
         }
         let update_body = self.build_update_body(&body, now)?;
+        let issued = match &update_body {
+            UpdateBody::Credentials { cert, .. } => Some(IssuedCertificate {
+                fingerprint: crypto::sha256(cert),
+                not_after: crate::identity::cert_not_after(cert)?,
+            }),
+            UpdateBody::Firmware { .. } => None,
+        };
         let plain = Zeroizing::new(wire::encode_msg(&update_body));
         let aad = crypto::session_aad(UPDATE_AAD_LABEL, &transcript, &[]);
         let (nonce, ct) = crypto::seal(&keys.m2d, &aad, &plain);
@@ -772,6 +796,7 @@ impl ManagerSession {
             running_version: body.running_version.clone(),
         });
         self.remember_nonce(body.nonce);
+        self.issued = issued;
         self.established = Some(Established {
             device,
             device_nonce: body.nonce,

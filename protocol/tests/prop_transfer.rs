@@ -55,6 +55,8 @@ fn scenario(
                     let state: DeviceState = serde_json::from_str(&json).unwrap();
                     let stored = w.devices["s1"].image.clone();
                     let old_events = std::mem::take(&mut w.devices.get_mut("s1").unwrap().events);
+                    // The application's "installed" flag survives the reboot (it is on disk).
+                    let installed = w.devices["s1"].installed;
                     w.broker.subs.remove("s1");
                     w.broker.queue.retain(|(c, _)| c != "s1");
                     let (s, a) = w.pki.device_with(id.clone(), state, window);
@@ -62,6 +64,7 @@ fn scenario(
                     let d = w.devices.get_mut("s1").unwrap();
                     d.image = stored;
                     d.events = old_events;
+                    d.installed = installed;
                     continue;
                 }
             }

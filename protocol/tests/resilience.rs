@@ -248,3 +248,124 @@ fn cleared_notify_stops_retries_and_keeps_resume_state() {
     // Unsubscribed from the window.
     assert!(!w.broker.subs["s1"].iter().any(|f| f.contains("/_chunks/")));
 }
+
+/// A manager that restarted after the device installed (its receipt lost with the old process)
+/// starts a new session of the same campaign: the device answers the new notify and, as the signed
+/// manifest matches what it installed, sends a fresh receipt bound to the new session: no chunk,
+/// no reinstall. Also after a device reboot (state from JSON).
+#[test]
+fn new_session_of_a_completed_campaign_gets_a_fresh_receipt_without_download() {
+    let image = firmware(3000);
+    let mut w = World::new(Pki::new(), campaign(image.clone(), 500));
+    w.publish_chunks();
+    let id = std::sync::Arc::new(w.pki.ca.issue(Role::Device, "s1", NOW, 30).unwrap());
+    let (s, a) = w.pki.device_with(id.clone(), DeviceState::new("1.0.0"), 4);
+    w.add_device_session("s1", s, a);
+    w.start(target("s1"));
+    w.run();
+    assert!(w.devices["s1"].installed);
+    let first_session = w.manager.sessions["s1"].session_id();
+    let completion = w.devices["s1"]
+        .session
+        .state()
+        .last_completion
+        .clone()
+        .expect("completion recorded");
+    assert_eq!(completion.session_id, first_session);
+
+    for reboot in [false, true] {
+        if reboot {
+            let json = serde_json::to_string(w.devices["s1"].session.state()).unwrap();
+            let restored: DeviceState = serde_json::from_str(&json).unwrap();
+            w.broker.subs.remove("s1");
+            let (s, a) = w.pki.device_with(id.clone(), restored, 4);
+            w.add_device_session("s1", s, a);
+        }
+        // "Restarted manager": a new session (new notify replaces the retained one).
+        w.now += 10;
+        let events_before = w.manager.events.len();
+        let published_before = w.broker.published.len();
+        let device_events_before = w.devices["s1"].events.len();
+        w.start(target("s1"));
+        w.run();
+        assert_eq!(
+            w.manager_state("s1"),
+            &ManagerState::Installed,
+            "reboot={reboot}"
+        );
+        assert_ne!(w.manager.sessions["s1"].session_id(), first_session);
+        let new_events: Vec<_> = w.manager.events[events_before..].to_vec();
+        assert!(
+            matches!(new_events.last(), Some((_, ManagerEvent::Installed { version, .. })) if version == "2.0.0"),
+            "{new_events:?}"
+        );
+        assert!(
+            !new_events
+                .iter()
+                .any(|(_, e)| matches!(e, ManagerEvent::Progress { .. })),
+            "no Accepted: nothing to transfer"
+        );
+        // The device sent exactly ready + Installed: no chunk subscription, no chunk events.
+        let from_device: Vec<_> = w.broker.published[published_before..]
+            .iter()
+            .filter(|(f, _)| f == "s1")
+            .map(|(_, o)| o.topic.clone())
+            .collect();
+        assert_eq!(
+            from_device,
+            vec![
+                "iot/p1/s1/ready".to_string(),
+                "iot/p1/s1/update/status".to_string()
+            ],
+            "reboot={reboot}"
+        );
+        assert!(w.devices["s1"].events[device_events_before..].is_empty());
+        assert!(
+            w.devices["s1"].errors.is_empty(),
+            "{:?}",
+            w.devices["s1"].errors
+        );
+        assert_eq!(w.devices["s1"].session.state().running_version, "2.0.0");
+        assert_eq!(
+            w.devices["s1"]
+                .session
+                .state()
+                .last_completion
+                .as_ref()
+                .unwrap()
+                .session_id,
+            w.manager.sessions["s1"].session_id()
+        );
+    }
+
+    // The retained notify of the session that completed is still ignored on reconnect.
+    let before = w.broker.published.len();
+    let now = w.now;
+    let a = w.devices.get_mut("s1").unwrap().session.on_reconnect(now);
+    w.broker.apply("s1", a);
+    w.run();
+    assert_eq!(w.broker.published.len(), before);
+}
+
+/// Same campaign id, but the manifest differs from what was installed (another image): the device
+/// does not claim it; the ordinary checks apply (here: not newer than the running version).
+#[test]
+fn new_session_with_a_different_image_is_not_answered_with_a_receipt() {
+    let mut w = World::new(Pki::new(), campaign(firmware(3000), 500));
+    w.publish_chunks();
+    w.add_device("s1", "1.0.0", 4);
+    w.start(target("s1"));
+    w.run();
+    assert!(w.devices["s1"].installed);
+    let mut other = firmware(3000);
+    other[0] ^= 0xff;
+    w.manager.campaign = campaign(other, 500);
+    w.now += 10;
+    w.start(target("s1"));
+    w.run();
+    assert!(matches!(
+        w.manager_state("s1"),
+        ManagerState::Rejected(RejectReason::NotNewer { .. })
+    ));
+    assert_eq!(w.installed_events(), 1);
+}

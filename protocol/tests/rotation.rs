@@ -183,3 +183,36 @@ fn credentials_for_another_device_are_refused() {
         ManagerState::Rejected(RejectReason::BadCredentials(_))
     ));
 }
+
+/// A rotation the device completed, then a new session of the same campaign (the manager restarted
+/// before the receipt reached it): the device rotates again (fresh certificate, fresh receipt bound
+/// to the new session), and the manager reports the certificate it issued.
+#[test]
+fn new_session_of_a_completed_rotation_rotates_again() {
+    for mode in [RotationMode::DeliverKey, RotationMode::Csr] {
+        let mut w = run_rotation(mode);
+        let first = check_delivered(&w, "s1");
+        let issued = w.manager.sessions["s1"].issued_certificate().unwrap();
+        assert_eq!(issued.fingerprint, first.fingerprint());
+        assert_eq!(issued.not_after, first.not_after());
+        // The device now uses the new credentials.
+        w.devices
+            .get_mut("s1")
+            .unwrap()
+            .session
+            .set_identity(Arc::new(first));
+        w.now += 10;
+        w.start(target("s1"));
+        w.run();
+        let second = check_delivered(&w, "s1");
+        assert_ne!(second.fingerprint(), issued.fingerprint, "{mode:?}");
+        assert_eq!(
+            w.manager.sessions["s1"]
+                .issued_certificate()
+                .unwrap()
+                .fingerprint,
+            second.fingerprint()
+        );
+        assert_eq!(w.installed_events(), 3, "{mode:?}");
+    }
+}
