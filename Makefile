@@ -22,7 +22,7 @@ e2e:
 	$(CARGO) build --workspace --locked --bins --tests
 	$(TESTBED) up
 	eval "$$($(TESTBED) env)"; \
-	  $(CARGO) test --workspace --locked --test '*'; rc=$$?; \
+	  $(CARGO) test --workspace --locked --no-fail-fast --test '*'; rc=$$?; \
 	  $(TESTBED) down; exit $$rc
 
 ## make testbed: bring the test bed up and print the exports that point at it.

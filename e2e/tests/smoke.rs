@@ -78,7 +78,9 @@ async fn mqtt5_properties_survive_the_tls_listener() -> Result<()> {
     .await
     .context("no PUBLISH within 10 s")??;
     assert_eq!(&received.payload[..], b"hello");
-    let props = received.properties.context("publish arrived without properties")?;
+    let props = received
+        .properties
+        .context("publish arrived without properties")?;
     assert_eq!(props.response_topic.as_deref(), Some("iot/smoke/ready"));
     assert_eq!(props.correlation_data.as_deref(), Some(&b"campaign-7"[..]));
     assert_eq!(
