@@ -199,7 +199,8 @@ impl Device {
         }
     }
 
-    /// Exponential backoff with jitter, 1 s to 60 s.
+    /// Exponential backoff with up to 1 s of jitter: 2 s after the first failure, doubling, at
+    /// most 60 s.
     fn backoff(&mut self) -> Duration {
         use rand::Rng;
         self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);

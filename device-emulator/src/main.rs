@@ -385,7 +385,7 @@ async fn run(args: RunArgs) -> Result<()> {
     tokio::select! {
         _ = deadline => {}
         _ = condition => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = shutdown_signal() => {}
     }
     let (summary, _) = running.stop().await;
     if let Some(progress) = progress {
@@ -401,4 +401,28 @@ async fn run(args: RunArgs) -> Result<()> {
         eprint!("{}", summary.render_text());
     }
     Ok(())
+}
+
+/// Completes on Ctrl-C (SIGINT) or, on Unix, SIGTERM (what Kubernetes sends to a pod): both stop
+/// the fleet cleanly (state saved, summary printed).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -93,7 +93,7 @@ pub fn firmware(len: usize) -> Vec<u8> {
 /// The manager of one campaign, talking to the devices through the test bed's Mosquitto.
 pub struct TestManager {
     client: AsyncClient,
-    inbound: mpsc::Receiver<sealed_ota_protocol::Inbound>,
+    inbound: mpsc::UnboundedReceiver<sealed_ota_protocol::Inbound>,
     topics: Arc<TopicTree>,
     config: ManagerConfig,
     sessions: HashMap<String, ManagerSession>,
@@ -126,6 +126,9 @@ impl TestManager {
         let mut options = bed.mqtts_options(manager_id, &cert, &key)?;
         options.set_max_packet_size(Some(1024 * 1024));
         options.set_outgoing_inflight_upper_limit(100);
+        // Mosquitto queues at most 1,000 messages per client and drops the rest: with thousands
+        // of devices answering at once, the manager must let them all be in flight instead.
+        options.set_receive_maximum(Some(u16::MAX));
         let (client, mut eventloop) = AsyncClient::new(options, 4096);
         let topics = Arc::new(TopicTree::new("iot", manager_id)?);
         client
@@ -134,7 +137,9 @@ impl TestManager {
                 Filter::new(topics.status_filter(), QoS::AtLeastOnce),
             ])
             .await?;
-        let (tx, inbound) = mpsc::channel(4096);
+        // Unbounded: while the test publishes thousands of notifies it is not reading, and a
+        // bounded channel would stop the event loop that carries those publishes.
+        let (tx, inbound) = mpsc::unbounded_channel();
         let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let mut subscribed_tx = Some(subscribed_tx);
@@ -146,7 +151,7 @@ impl TestManager {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if tx.send(mqtt_io::inbound_from(&p)).await.is_err() {
+                        if tx.send(mqtt_io::inbound_from(&p)).is_err() {
                             return;
                         }
                     }
