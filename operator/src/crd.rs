@@ -74,7 +74,10 @@ pub struct DeviceSpec {
     #[x_kube(validation = Rule::new("self == oldSelf").message("spec.deviceId is immutable: create a new Device instead"))]
     pub device_id: Option<String>,
     /// Pinned SHA-256 fingerprint of the device certificate DER (64 lowercase hex characters). When set,
-    /// a device presenting any other certificate (even one the CA signed) is refused.
+    /// a device presenting any other certificate (even one the CA signed) is refused, except the
+    /// certificate the operator itself issued to this device in a credential rotation that succeeded
+    /// (status.rotatedCertificateFingerprint), so that the campaigns after a rotation keep working
+    /// without editing this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(equal = 64))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("spec.certificateFingerprint must be 64 lowercase hex characters (SHA-256 of the certificate DER)"))]
@@ -92,13 +95,20 @@ pub struct DeviceStatus {
     /// Time of the last authenticated message from the device (written on transitions only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<Time>,
-    /// SHA-256 fingerprint (hex) of the certificate the device presented in its last handshake.
+    /// SHA-256 fingerprint (hex) of the device's certificate: the one it presented in its last
+    /// handshake, or after a credential rotation succeeded, the new certificate the operator issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub certificate_fingerprint: Option<String>,
-    /// Expiry (notAfter) of the certificate the device presented in its last handshake.
+    /// Expiry (notAfter) of that certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_not_after: Option<Time>,
+    /// SHA-256 fingerprint (hex) of the certificate the operator issued to the device in the last
+    /// credential rotation that succeeded (signed receipt). Accepted in addition to
+    /// spec.certificateFingerprint when that pin is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub rotated_certificate_fingerprint: Option<String>,
     /// The last campaign that addressed this device and its result there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub campaign: Option<DeviceCampaignStatus>,
@@ -478,7 +488,8 @@ pub struct UpdateCampaignStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
     pub failures: Vec<DeviceFailure>,
-    /// Ready, Progressing, Failed and Paused conditions (kstatus-compatible with observedGeneration).
+    /// Ready, Progressing, Failed, Stalled and Paused conditions (kstatus-compatible with
+    /// observedGeneration; Stalled is True when the phase is Failed or Aborted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub conditions: Vec<Condition>,

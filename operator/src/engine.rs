@@ -15,8 +15,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use sealed_ota_protocol::{
-    Action, DeviceTarget, Inbound, ManagerConfig, ManagerEvent, ManagerSession, Outbound,
-    PreparedCampaign, Properties, ProtocolError, TopicKind, TopicTree,
+    Action, DeviceTarget, Inbound, IssuedCertificate, ManagerConfig, ManagerEvent, ManagerSession,
+    Outbound, PreparedCampaign, Properties, ProtocolError, TopicKind, TopicTree,
 };
 use tokio::sync::mpsc;
 
@@ -136,9 +136,40 @@ pub fn device_status(
         certificate_not_after: handshake
             .map(|h| k8s_time(h.not_after))
             .or(base.certificate_not_after),
+        rotated_certificate_fingerprint: base.rotated_certificate_fingerprint,
         campaign: Some(campaign),
         conditions: vec![ready],
     }
+}
+
+/// After the signed receipt of a credential rotation (pure): the device now holds the certificate
+/// the operator issued in that session, so its fingerprint and expiry replace the handshake's (the
+/// old certificate), and the fingerprint is remembered as one the pin accepts.
+pub fn record_rotation(mut status: DeviceStatus, issued: &IssuedCertificate) -> DeviceStatus {
+    let fingerprint = hex::encode(issued.fingerprint);
+    status.certificate_fingerprint = Some(fingerprint.clone());
+    status.certificate_not_after = Some(k8s_time(issued.not_after));
+    status.rotated_certificate_fingerprint = Some(fingerprint);
+    status
+}
+
+/// Fingerprints a device certificate may have (pure): `spec.certificateFingerprint` (the pin, if
+/// set) and the certificate the operator issued in a rotation it completed
+/// (`status.rotatedCertificateFingerprint`).
+pub fn pinned_fingerprints(device: &Device) -> (Option<[u8; 32]>, Option<[u8; 32]>) {
+    let parse = |h: Option<&str>| {
+        h.and_then(|h| hex::decode(h).ok())
+            .and_then(|v| <[u8; 32]>::try_from(v).ok())
+    };
+    (
+        parse(device.spec.certificate_fingerprint.as_deref()),
+        parse(
+            device
+                .status
+                .as_ref()
+                .and_then(|s| s.rotated_certificate_fingerprint.as_deref()),
+        ),
+    )
 }
 
 /// One device inside a run.
@@ -376,12 +407,7 @@ impl Engine {
     ) -> Result<Vec<Action>, ProtocolError> {
         let name = device.metadata.name.clone().unwrap_or_default();
         let device_id = device.device_id();
-        let pinned_fingerprint = device
-            .spec
-            .certificate_fingerprint
-            .as_deref()
-            .and_then(|h| hex::decode(h).ok())
-            .and_then(|v| <[u8; 32]>::try_from(v).ok());
+        let (pinned_fingerprint, rotated) = pinned_fingerprints(device);
         let mut runs = lock(&self.runs);
         let Some(run) = runs.get_mut(key) else {
             return Ok(Vec::new());
@@ -394,7 +420,12 @@ impl Engine {
         let Some(prepared) = run.prepared.clone() else {
             return Ok(Vec::new());
         };
-        let (session, actions) = ManagerSession::start(&run.manager, prepared, target, now)?;
+        let (mut session, actions) = ManagerSession::start(&run.manager, prepared, target, now)?;
+        if let Some(fp) = rotated {
+            // The certificate this operator issued in a rotation that succeeded: accepted like the
+            // pin (which still names the certificate from before the rotation).
+            session.also_accept_fingerprint(fp);
+        }
         let base = run
             .devices
             .get(&name)
@@ -584,6 +615,7 @@ impl Engine {
                 return (Vec::new(), None);
             }
         };
+        let issued = session.issued_certificate();
         let mut actions = out.actions;
         let mut result: Option<Outcome> = None;
         for ev in out.events {
@@ -619,6 +651,7 @@ impl Engine {
                     dr.progress = Progress::Succeeded;
                     result = Some(Outcome {
                         version: Some(version),
+                        issued,
                         ..Outcome::phase(DevicePhase::Succeeded)
                     });
                 }
@@ -649,16 +682,20 @@ impl Engine {
         let write = result.map(|o| {
             let version = o.version;
             let record = campaign_record(&key, &ids, o.phase, attempts, o.reason, o.message);
+            let mut status = device_status(
+                dr.base.as_ref(),
+                dr.handshake.as_ref(),
+                version.as_deref(),
+                record,
+                now,
+            );
+            if let Some(issued) = &o.issued {
+                status = record_rotation(status, issued);
+            }
             DeviceWrite {
                 namespace: key.0.clone(),
                 name: name.clone(),
-                status: device_status(
-                    dr.base.as_ref(),
-                    dr.handshake.as_ref(),
-                    version.as_deref(),
-                    record,
-                    now,
-                ),
+                status,
             }
         });
         (actions, write)
@@ -671,6 +708,8 @@ struct Outcome {
     version: Option<String>,
     reason: Option<String>,
     message: Option<String>,
+    /// For the receipt of a rotation: the certificate the device now holds.
+    issued: Option<IssuedCertificate>,
 }
 
 impl Outcome {
@@ -680,6 +719,7 @@ impl Outcome {
             version: None,
             reason: None,
             message: None,
+            issued: None,
         }
     }
 }
@@ -781,6 +821,7 @@ mod tests {
             last_seen: Some(k8s_time(10)),
             certificate_fingerprint: Some("aa".into()),
             certificate_not_after: Some(k8s_time(99)),
+            rotated_certificate_fingerprint: None,
             campaign: None,
             conditions: vec![],
         };
@@ -825,6 +866,54 @@ mod tests {
         let failed = device_status(Some(&s), None, None, record(DevicePhase::Failed), 950);
         assert_eq!(failed.conditions[0].status, "False");
         assert_eq!(failed.conditions[0].reason, "UpdateFailed");
+    }
+
+    #[test]
+    fn a_rotation_receipt_records_the_new_certificate_and_it_stays_accepted() {
+        let hs = Handshake {
+            fingerprint: [1; 32],
+            not_after: 1000,
+            running_version: "1.0.0".into(),
+        };
+        let issued = IssuedCertificate {
+            fingerprint: [2; 32],
+            not_after: 5000,
+        };
+        // The handshake saw the old certificate; the receipt says the device holds the new one.
+        let s = record_rotation(
+            device_status(
+                None,
+                Some(&hs),
+                Some("1.0.0"),
+                record(DevicePhase::Succeeded),
+                600,
+            ),
+            &issued,
+        );
+        assert_eq!(s.certificate_fingerprint, Some(hex::encode([2u8; 32])));
+        assert_eq!(s.certificate_not_after, Some(k8s_time(5000)));
+        assert_eq!(
+            s.rotated_certificate_fingerprint,
+            Some(hex::encode([2u8; 32]))
+        );
+        // A later campaign keeps it (server-side apply would drop an owned field left out).
+        let later = device_status(Some(&s), None, None, record(DevicePhase::Transferring), 700);
+        assert_eq!(
+            later.rotated_certificate_fingerprint,
+            Some(hex::encode([2u8; 32]))
+        );
+
+        // The pin names the old certificate; the rotated one is accepted too.
+        let mut d = Device::new(
+            "d",
+            serde_json::from_value(serde_json::json!({
+                "certificateFingerprint": hex::encode([1u8; 32])
+            }))
+            .unwrap(),
+        );
+        assert_eq!(pinned_fingerprints(&d), (Some([1; 32]), None));
+        d.status = Some(later);
+        assert_eq!(pinned_fingerprints(&d), (Some([1; 32]), Some([2; 32])));
     }
 
     #[test]

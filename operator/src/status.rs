@@ -1,5 +1,5 @@
 //! Pure computation of an `UpdateCampaign` status: phase, counts, progress, bounded failure list and
-//! kstatus-style conditions (`Ready`, `Progressing`, `Failed`, `Paused`) with `observedGeneration`.
+//! kstatus-style conditions (`Ready`, `Progressing`, `Failed`, `Stalled`, `Paused`) with `observedGeneration`.
 //!
 //! A condition's `lastTransitionTime` changes only when its status changes, so an unchanged campaign
 //! produces an identical status and the controller skips the write. No I/O here.
@@ -120,6 +120,7 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         ),
     };
     let progressing = phase == CampaignPhase::Progressing && blocker.is_none();
+    let stalled = matches!(phase, CampaignPhase::Failed | CampaignPhase::Aborted);
     let desired = [
         ("Ready", ready, ready_reason, ready_message),
         (
@@ -141,6 +142,25 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
                 "WithinFailureThreshold"
             },
             format!("{} devices failed", counts.failed),
+        ),
+        // kstatus (Flux, `kubectl wait`): Stalled=True means the resource will not make progress
+        // on its own, so tools report Failed at once instead of waiting for their timeout.
+        (
+            "Stalled",
+            stalled,
+            match phase {
+                CampaignPhase::Failed => "FailureThresholdExceeded",
+                CampaignPhase::Aborted => "Aborted",
+                _ => "NotStalled",
+            },
+            match phase {
+                CampaignPhase::Failed => format!(
+                    "{} devices failed, more than spec.rollout.failureThreshold allows; the campaign will not continue",
+                    counts.failed
+                ),
+                CampaignPhase::Aborted => "spec.abort is set; the campaign will not continue".to_owned(),
+                _ => "the campaign can still make progress".to_owned(),
+            },
         ),
         (
             "Paused",
@@ -292,6 +312,47 @@ mod tests {
         i.phase = CampaignPhase::Paused;
         let s = compute(i);
         assert_eq!(cond(&s, "Paused").status, "True");
+    }
+
+    #[test]
+    fn stalled_is_true_exactly_for_failed_and_aborted() {
+        // kstatus reads Stalled=True as "Failed" at once (Flux stops waiting for its timeout).
+        for phase in [
+            CampaignPhase::Pending,
+            CampaignPhase::Progressing,
+            CampaignPhase::Paused,
+            CampaignPhase::Succeeded,
+            CampaignPhase::Failed,
+            CampaignPhase::Aborted,
+        ] {
+            let mut i = base(None, 1);
+            i.phase = phase;
+            let s = compute(i);
+            let stalled = cond(&s, "Stalled");
+            let expected = matches!(phase, CampaignPhase::Failed | CampaignPhase::Aborted);
+            assert_eq!(stalled.status == "True", expected, "{phase:?}");
+            assert_eq!(stalled.status == "False", !expected, "{phase:?}");
+            assert_eq!(stalled.observed_generation, Some(3));
+            assert_eq!(s.observed_generation, Some(3));
+            // Ready keeps its meaning: True only for Succeeded.
+            assert_eq!(
+                cond(&s, "Ready").status == "True",
+                phase == CampaignPhase::Succeeded
+            );
+        }
+        let mut i = base(None, 1);
+        i.phase = CampaignPhase::Aborted;
+        assert_eq!(cond(&compute(i), "Stalled").reason, "Aborted");
+        let mut i = base(None, 1);
+        i.phase = CampaignPhase::Failed;
+        assert_eq!(
+            cond(&compute(i), "Stalled").reason,
+            "FailureThresholdExceeded"
+        );
+        // Unchanged phase: the transition time stays.
+        let first = compute(base(None, 100));
+        let second = compute(base(Some(&first), 200));
+        assert_eq!(cond(&second, "Stalled").last_transition_time, time(100));
     }
 
     #[test]

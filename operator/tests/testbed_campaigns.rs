@@ -1109,6 +1109,21 @@ async fn credential_rotation_delivers_new_keys() -> Result<()> {
             "new credentials delivered once"
         );
     }
+    // The Device status names the NEW certificate (issued for 30 days), not the one the device
+    // presented in the handshake (valid 2 days), and remembers it as accepted by the pin.
+    for n in ["k-1", "k-2"] {
+        let st = h.get_device(n).await?.status.context("device status")?;
+        let fp = st.certificate_fingerprint.clone().context("fingerprint")?;
+        assert_eq!(
+            st.rotated_certificate_fingerprint.as_deref(),
+            Some(fp.as_str())
+        );
+        let not_after = st.certificate_not_after.context("notAfter")?.0.as_second() as u64;
+        assert!(
+            not_after > now() + 20 * 86_400,
+            "{n}: certificateNotAfter is the old certificate's"
+        );
+    }
     op.stop().await;
     Ok(())
 }

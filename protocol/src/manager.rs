@@ -447,6 +447,7 @@ pub struct ManagerSession {
     established: Option<Established>,
     seen_device_nonces: Vec<[u8; 32]>,
     issued: Option<IssuedCertificate>,
+    also_pinned: Vec<[u8; 32]>,
 }
 
 /// The certificate a rotation session issued to its device (kept after the session ends, so the
@@ -550,6 +551,7 @@ impl ManagerSession {
             established: None,
             seen_device_nonces: Vec::new(),
             issued: None,
+            also_pinned: Vec::new(),
         };
         let action = Action::Publish(s.notify_publish(now));
         Ok((s, vec![action]))
@@ -601,6 +603,15 @@ impl ManagerSession {
     pub fn campaign(&self) -> &Arc<PreparedCampaign> {
         &self.campaign
     }
+    /// When the target pins a fingerprint, also accept a device certificate with this one (for
+    /// example the certificate this manager issued to the device in a rotation it completed).
+    /// Without a pin every certificate that verifies is accepted anyway.
+    pub fn also_accept_fingerprint(&mut self, fingerprint: [u8; 32]) {
+        if !self.also_pinned.contains(&fingerprint) {
+            self.also_pinned.push(fingerprint);
+        }
+    }
+
     /// For a rotation: the certificate issued to the device in this session's update (the one the
     /// device holds once `Installed` was received). `None` for firmware or before the update.
     pub fn issued_certificate(&self) -> Option<IssuedCertificate> {
@@ -682,7 +693,7 @@ impl ManagerSession {
             self.trust
                 .verify(&body.device_cert, Role::Device, &self.target.device_id, now)?;
         if let Some(pin) = self.target.pinned_fingerprint {
-            if pin != device.fingerprint {
+            if pin != device.fingerprint && !self.also_pinned.contains(&device.fingerprint) {
                 return Err(crate::IdentityError::PinMismatch.into());
             }
         }

@@ -118,6 +118,55 @@ fn rotated_identity_is_usable_for_the_next_campaign() {
     assert!(w2.devices["s1"].installed);
 }
 
+/// The pin still names the certificate from before the rotation: refused, unless the manager also
+/// accepts the certificate it issued in the rotation.
+#[test]
+fn old_pin_plus_the_issued_certificate_accepts_the_rotated_device() {
+    let w = run_rotation(RotationMode::DeliverKey);
+    let issued = w.manager.sessions["s1"].issued_certificate().unwrap();
+    let id = Arc::new(check_delivered(&w, "s1"));
+    let old_pin = w
+        .pki
+        .ca
+        .issue(Role::Device, "s1", NOW, 30)
+        .unwrap()
+        .fingerprint();
+    let pki = w.pki;
+    for accept_issued in [false, true] {
+        let pki = Pki {
+            ca: pki.ca.clone(),
+            trust: pki.trust.clone(),
+            topics: pki.topics.clone(),
+            manager: pki.manager.clone(),
+        };
+        let mut w2 = World::new(pki, campaign(firmware(700), 256));
+        w2.publish_chunks();
+        let (s, a) = w2.pki.device_with(id.clone(), DeviceState::new("1.0.0"), 2);
+        w2.add_device_session("s1", s, a);
+        w2.start(DeviceTarget {
+            pinned_fingerprint: Some(old_pin),
+            ..target("s1")
+        });
+        if accept_issued {
+            w2.manager
+                .sessions
+                .get_mut("s1")
+                .unwrap()
+                .also_accept_fingerprint(issued.fingerprint);
+        }
+        w2.run();
+        if accept_issued {
+            assert!(w2.devices["s1"].installed);
+        } else {
+            assert!(!w2.devices["s1"].installed);
+            assert!(matches!(
+                w2.manager.errors.as_slice(),
+                [(_, ProtocolError::Identity(IdentityError::PinMismatch))]
+            ));
+        }
+    }
+}
+
 #[test]
 fn csr_mode_without_csr_is_rejected_by_manager() {
     let pki = Pki::new();
