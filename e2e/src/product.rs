@@ -15,11 +15,12 @@ use k8s_openapi::api::core::v1::{ConfigMap, Event as KubeEvent};
 use k8s_openapi::ByteString;
 use kube::api::{ListParams, ObjectMeta, PostParams};
 use kube::Api;
-use rand::Rng;
+use rand::{Rng, RngCore};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
 use sealed_ota_operator::crd::{Device, UpdateCampaign};
+use sha2::{Digest, Sha256};
 
 use crate::{repo_root, wait_for, TestBed, TestNamespace};
 
@@ -449,6 +450,20 @@ impl Product {
             .map(|_| ())
     }
 
+    /// `kubectl patch updatecampaign NAME --type merge -p {"spec": SPEC}`, as a person would.
+    pub fn patch_spec(&self, name: &str, spec: serde_json::Value) -> Result<String> {
+        let patch = serde_json::json!({ "spec": spec }).to_string();
+        self.kubectl(&[
+            "patch",
+            "updatecampaign",
+            name,
+            "--type",
+            "merge",
+            "-p",
+            &patch,
+        ])
+    }
+
     /// Runs kubectl against the test bed; returns stdout, or an error carrying stderr.
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
         self.kubectl_stdin(args, "")
@@ -650,4 +665,29 @@ pub fn install_crds(bed: &TestBed) -> Result<()> {
     })
     .clone()
     .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// `len` random bytes: a firmware image that no other run shares.
+pub fn random_image(len: usize) -> Vec<u8> {
+    let mut image = vec![0u8; len];
+    rand::thread_rng().fill_bytes(&mut image);
+    image
+}
+
+/// SHA-256 (lowercase hex) of the DER of the first certificate in `pem`.
+pub fn certificate_fingerprint(pem: &str) -> Result<String> {
+    use base64::Engine;
+    let b64: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .context("certificate PEM is not base64")?;
+    Ok(Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }

@@ -14,16 +14,9 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Event as KubeEvent;
 use kube::api::ListParams;
 use kube::Api;
-use rand::RngCore;
-use sealed_ota_e2e::product::Product;
+use sealed_ota_e2e::product::{random_image, Product};
 use sealed_ota_e2e::wait_for;
 use sealed_ota_operator::crd::{CampaignPhase, DevicePhase, UpdateCampaign};
-
-fn image(len: usize) -> Vec<u8> {
-    let mut image = vec![0u8; len];
-    rand::thread_rng().fill_bytes(&mut image);
-    image
-}
 
 /// Applies `manifest` with `kubectl apply -f FILE`; the error carries kubectl's stderr.
 fn apply(product: &Product, file: &str, manifest: &serde_json::Value) -> Result<()> {
@@ -299,8 +292,8 @@ async fn invalid_resources_are_refused_at_apply_naming_the_field() -> Result<()>
 async fn unusable_inputs_become_conditions_and_events_while_a_good_campaign_succeeds() -> Result<()>
 {
     let mut product = Product::new("badin", 5).await?;
-    let good_image = image(32 * 1024);
-    let later_image = image(32 * 1024);
+    let good_image = random_image(32 * 1024);
+    let later_image = random_image(32 * 1024);
     product.firmware_configmap("fw", &good_image).await?;
     product.kubectl(&[
         "create",

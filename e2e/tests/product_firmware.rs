@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use p256::pkcs8::DecodePrivateKey;
-use rand::RngCore;
-use sealed_ota_e2e::product::{leaked_windows, Product, Spy};
+use sealed_ota_e2e::product::{leaked_windows, random_image, Product, Spy};
 use sealed_ota_operator::crd::CampaignPhase;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -17,8 +16,7 @@ async fn firmware_campaign_to_50_devices_under_a_curious_broker() -> Result<()> 
     let mut product = Product::new("fw50", 50).await?;
     let spy = Spy::start(product.bed, &product.ns.name).await?;
 
-    let mut image = vec![0u8; 192 * 1024];
-    rand::thread_rng().fill_bytes(&mut image);
+    let image = random_image(192 * 1024);
     product.firmware_configmap("fw-1-1-0", &image).await?;
     product.start_operator()?;
     product.start_emulator(&[])?;

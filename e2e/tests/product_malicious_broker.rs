@@ -19,15 +19,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use rand::RngCore;
+use anyhow::{Context, Result};
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
-use sealed_ota_e2e::product::Product;
+use sealed_ota_e2e::product::{certificate_fingerprint, random_image, Product};
 use sealed_ota_e2e::{wait_for, TestBed};
 use sealed_ota_operator::crd::{CampaignPhase, Device, DevicePhase, UpdateCampaignStatus};
-use sha2::{Digest, Sha256};
 
 // ---------------------------------------------------------------------------------------------
 // The rogue broker client, and small readers of what the product exposes.
@@ -187,12 +185,6 @@ async fn retained(bed: &TestBed, filter: &str) -> Result<BTreeMap<String, Vec<u8
         .collect())
 }
 
-fn image(len: usize) -> Vec<u8> {
-    let mut image = vec![0u8; len];
-    rand::thread_rng().fill_bytes(&mut image);
-    image
-}
-
 /// Every device holds exactly `image` as its installed firmware.
 fn assert_all_hold(product: &Product, image: &[u8], what: &str) -> Result<()> {
     for id in &product.device_ids {
@@ -271,46 +263,6 @@ fn number(summary: &serde_json::Value, key: &str) -> Result<u64> {
         .with_context(|| format!("emulator summary has no {key}: {summary}"))
 }
 
-/// SHA-256 (lowercase hex) of the DER of the certificate in `pem`.
-fn fingerprint(pem: &str) -> Result<String> {
-    let b64: String = pem
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    let der = base64(&b64)?;
-    Ok(Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
-
-fn base64(text: &str) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in text
-        .bytes()
-        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
-    {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => bail!("not base64: {c}"),
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Ok(out)
-}
-
 fn device<'a>(devices: &'a [Device], id: &str) -> Result<&'a Device> {
     devices
         .iter()
@@ -336,7 +288,7 @@ async fn altered_chunks_are_rejected_and_only_the_source_image_is_installed() ->
     let mut product = Product::new("mitm-chunks", 6).await?;
     let m = product.manager_id.clone();
     let rogue = Rogue::start(product.bed, &product.ns.name, &format!("iot/{m}/_chunks/#")).await?;
-    let image = image(64 * 1024);
+    let image = random_image(64 * 1024);
     product.firmware_configmap("fw", &image).await?;
     product.start_operator()?;
     // The devices are still offline: the operator publishes the retained chunks and notifies.
@@ -461,8 +413,8 @@ async fn an_older_campaign_replayed_into_a_newer_one_is_refused() -> Result<()> 
     let mut product = Product::new("mitm-replay", N as u32).await?;
     let m = product.manager_id.clone();
     let rogue = Rogue::start(product.bed, &product.ns.name, &format!("iot/{m}/#")).await?;
-    let image_a = image(64 * 1024);
-    let image_b = image(64 * 1024);
+    let image_a = random_image(64 * 1024);
+    let image_b = random_image(64 * 1024);
     product.firmware_configmap("fw-a", &image_a).await?;
     product.firmware_configmap("fw-b", &image_b).await?;
     product.start_operator()?;
@@ -686,7 +638,7 @@ async fn another_devices_ready_on_a_devices_topic_is_refused() -> Result<()> {
     let m = product.manager_id.clone();
     let (y, x) = (product.device_ids[0].clone(), product.device_ids[4].clone());
     let rogue = Rogue::start(product.bed, &product.ns.name, &format!("iot/{m}/+/ready")).await?;
-    let image = image(32 * 1024);
+    let image = random_image(32 * 1024);
     product.firmware_configmap("fw", &image).await?;
     product.start_operator()?;
     // X (the last device) stays offline for now: its session waits for its ready.
@@ -759,7 +711,10 @@ async fn another_devices_ready_on_a_devices_topic_is_refused() -> Result<()> {
     );
     let x_cert = std::fs::read_to_string(product.device_dir(&x).join("cert.pem"))?;
     let y_cert = std::fs::read_to_string(product.device_dir(&y).join("cert.pem"))?;
-    let (x_fp, y_fp) = (fingerprint(&x_cert)?, fingerprint(&y_cert)?);
+    let (x_fp, y_fp) = (
+        certificate_fingerprint(&x_cert)?,
+        certificate_fingerprint(&y_cert)?,
+    );
     assert_ne!(x_fp, y_fp);
     let devices = product.devices().await?;
     let xs = device(&devices, &x)?.status.clone().unwrap_or_default();
@@ -819,8 +774,8 @@ async fn another_devices_ready_on_a_devices_topic_is_refused() -> Result<()> {
 async fn a_downgrade_is_refused_with_not_newer_and_devices_keep_their_version() -> Result<()> {
     const N: u32 = 5;
     let mut product = Product::new("mitm-down", N).await?;
-    let newer = image(32 * 1024);
-    let older = image(32 * 1024);
+    let newer = random_image(32 * 1024);
+    let older = random_image(32 * 1024);
     product.firmware_configmap("fw-newer", &newer).await?;
     product.firmware_configmap("fw-older", &older).await?;
     product.start_operator()?;

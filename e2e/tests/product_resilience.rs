@@ -6,16 +6,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use rand::RngCore;
-use sealed_ota_e2e::product::{PrivateBroker, Product};
+use sealed_ota_e2e::product::{random_image, PrivateBroker, Product};
 use sealed_ota_e2e::TestBed;
 use sealed_ota_operator::crd::{CampaignPhase, DevicePhase};
-
-fn image(len: usize) -> Vec<u8> {
-    let mut image = vec![0u8; len];
-    rand::thread_rng().fill_bytes(&mut image);
-    image
-}
 
 fn assert_all_hold(product: &Product, image: &[u8]) -> Result<()> {
     for id in &product.device_ids {
@@ -41,7 +34,7 @@ async fn finished(product: &Product, name: &str, timeout: Duration) -> Result<Ca
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn devices_offline_mid_transfer_resume_when_back() -> Result<()> {
     let mut product = Product::new("offline", 8).await?;
-    let image = image(96 * 1024);
+    let image = random_image(96 * 1024);
     product.firmware_configmap("fw", &image).await?;
     product.start_operator()?;
     // Half the fleet drops its connection after 5 chunks and comes back 4 s later.
@@ -80,7 +73,7 @@ async fn the_broker_killed_and_restarted_mid_campaign() -> Result<()> {
         sealed_ota_e2e::repo_root().join(format!("target/e2e-runs/broker-{}", std::process::id()));
     let mut broker = PrivateBroker::start(bed, &run.join("mosquitto"))?;
     let mut product = Product::with_broker("brokerkill", 6, broker.url()).await?;
-    let image = image(128 * 1024);
+    let image = random_image(128 * 1024);
     product.firmware_configmap("fw", &image).await?;
     product.start_operator()?;
     // A slow link keeps the transfer going long enough to kill the broker in the middle.
@@ -111,7 +104,7 @@ async fn the_broker_killed_and_restarted_mid_campaign() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_operator_killed_mid_campaign_finishes_without_redoing_devices() -> Result<()> {
     let mut product = Product::new("opkill", 10).await?;
-    let image = image(64 * 1024);
+    let image = random_image(64 * 1024);
     product.firmware_configmap("fw", &image).await?;
     product.start_operator()?;
     product.start_emulator(&["--fault", "slow:rate=24k@50%"])?;

@@ -5,15 +5,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rand::RngCore;
-use sealed_ota_e2e::product::Product;
+use sealed_ota_e2e::product::{random_image, Product};
 use sealed_ota_operator::crd::{CampaignPhase, Device};
-
-fn image(len: usize) -> Vec<u8> {
-    let mut image = vec![0u8; len];
-    rand::thread_rng().fill_bytes(&mut image);
-    image
-}
 
 fn attempted(device: &Device, campaign: &str) -> bool {
     device
@@ -35,7 +28,9 @@ fn condition(c: &sealed_ota_operator::crd::UpdateCampaign, kind: &str) -> Option
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pause_resume_and_abort_with_kubectl_patch() -> Result<()> {
     let mut product = Product::new("steer", 8).await?;
-    product.firmware_configmap("fw", &image(32 * 1024)).await?;
+    product
+        .firmware_configmap("fw", &random_image(32 * 1024))
+        .await?;
     product.start_operator()?;
     product.start_emulator(&["--fault", "slow:rate=8k"])?;
     // One device at a time, so pausing leaves most of the fleet untouched.
@@ -53,15 +48,7 @@ async fn pause_resume_and_abort_with_kubectl_patch() -> Result<()> {
             c.status.as_ref().is_some_and(|s| s.devices.in_progress > 0)
         })
         .await?;
-    product.kubectl(&[
-        "patch",
-        "updatecampaign",
-        "fw",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"paused":true}}"#,
-    ])?;
+    product.patch_spec("fw", serde_json::json!({"paused": true}))?;
     let paused = product
         .wait_campaign("fw", "phase Paused", Duration::from_secs(60), |c| {
             c.status.as_ref().map(|s| s.phase) == Some(CampaignPhase::Paused)
@@ -91,15 +78,7 @@ async fn pause_resume_and_abort_with_kubectl_patch() -> Result<()> {
         "the whole fleet started before the pause took effect"
     );
 
-    product.kubectl(&[
-        "patch",
-        "updatecampaign",
-        "fw",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"paused":false}}"#,
-    ])?;
+    product.patch_spec("fw", serde_json::json!({"paused": false}))?;
     product
         .wait_campaign(
             "fw",
@@ -114,15 +93,7 @@ async fn pause_resume_and_abort_with_kubectl_patch() -> Result<()> {
         )
         .await?;
 
-    product.kubectl(&[
-        "patch",
-        "updatecampaign",
-        "fw",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"abort":true}}"#,
-    ])?;
+    product.patch_spec("fw", serde_json::json!({"abort": true}))?;
     let aborted = product
         .wait_campaign("fw", "phase Aborted", Duration::from_secs(60), |c| {
             c.status.as_ref().map(|s| s.phase) == Some(CampaignPhase::Aborted)
@@ -135,15 +106,7 @@ async fn pause_resume_and_abort_with_kubectl_patch() -> Result<()> {
     );
     // Abort cannot be undone: the apiserver refuses it, naming the field.
     let err = product
-        .kubectl(&[
-            "patch",
-            "updatecampaign",
-            "fw",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"abort":false}}"#,
-        ])
+        .patch_spec("fw", serde_json::json!({"abort": false}))
         .expect_err("un-aborting must be refused");
     assert!(err.to_string().contains("spec.abort"), "{err}");
     Ok(())
@@ -152,7 +115,9 @@ async fn pause_resume_and_abort_with_kubectl_patch() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failing_canaries_stop_the_campaign_before_the_fleet() -> Result<()> {
     let mut product = Product::new("canary", 8).await?;
-    product.firmware_configmap("fw", &image(16 * 1024)).await?;
+    product
+        .firmware_configmap("fw", &random_image(16 * 1024))
+        .await?;
     product.start_operator()?;
     // Every device refuses this update (a signed refusal): the canaries fail.
     product.start_emulator(&["--fault", "refuse:reason=battery-low"])?;

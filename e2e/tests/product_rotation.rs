@@ -9,50 +9,15 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use p256::pkcs8::DecodePrivateKey;
-use sealed_ota_e2e::product::{Product, Spy};
+use sealed_ota_e2e::product::{certificate_fingerprint, Product, Spy};
 use sealed_ota_operator::crd::CampaignPhase;
-use sha2::{Digest, Sha256};
-
-fn fingerprint_of(pem: &str) -> Result<String> {
-    let b64: String = pem
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END"))
-        .collect();
-    let der = base64_decode(&b64)?;
-    Ok(hex(&Sha256::digest(der)))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn base64_decode(text: &str) -> Result<Vec<u8>> {
-    let out = std::process::Command::new("base64")
-        .arg("-d")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(text.as_bytes())?;
-            child.wait_with_output()
-        })?;
-    anyhow::ensure!(out.status.success(), "base64 -d failed");
-    Ok(out.stdout)
-}
 
 async fn rotate(mode: &str) -> Result<()> {
     let mut product = Product::new(&format!("rot-{}", mode.to_lowercase()), 6).await?;
     let mut before = BTreeMap::new();
     for id in &product.device_ids {
         let pem = std::fs::read_to_string(product.device_dir(id).join("cert.pem"))?;
-        before.insert(id.clone(), fingerprint_of(&pem)?);
+        before.insert(id.clone(), certificate_fingerprint(&pem)?);
     }
     let spy = Spy::start(product.bed, &product.ns.name).await?;
     product.start_operator()?;
@@ -86,7 +51,7 @@ async fn rotate(mode: &str) -> Result<()> {
     for id in &product.device_ids {
         let dir = product.device_dir(id);
         let pem = std::fs::read_to_string(dir.join("cert.pem"))?;
-        let now = fingerprint_of(&pem)?;
+        let now = certificate_fingerprint(&pem)?;
         assert_ne!(now, before[id], "{id} still has its old certificate");
         let device = devices
             .iter()
