@@ -129,18 +129,24 @@ seen = b"".join(bytes.fromhex(line.split(" ", 1)[1].strip()) for line in open(sp
 image = open(image_path, "rb").read()
 # Any 32-byte window of the image, at every 16-byte offset, and the readable marker.
 windows = {image[i:i + 32] for i in range(0, len(image) - 32, 16)}
-leaks = [w for w in windows if w in seen] if len(seen) < 64 * 1024 * 1024 else []
+leaks = [w for w in windows if w in seen]
 if b"SEALED-OTA FIRMWARE" in seen:
     leaks.append(b"marker")
-# Private keys: the raw 32-byte scalars of the manager's and every device's key.
+# Private keys: the raw 32-byte scalars of the manager's and every device's key. A key that
+# cannot be read makes the scan fail rather than silently checking nothing.
 keys = glob.glob(f"{pki}/*.key") + glob.glob(f"{fleet}/devices/*/key.pem")
-key_leaks = 0
+key_leaks, parsed = 0, 0
 for k in keys:
     text = subprocess.run(["openssl", "pkey", "-in", k, "-noout", "-text"], capture_output=True, text=True).stdout
-    hexpriv = "".join(text.split("priv:")[1].split("pub:")[0].split()).replace(":", "") if "priv:" in text else ""
-    raw = bytes.fromhex(hexpriv)[-32:] if hexpriv else b""
-    if raw and raw in seen:
-        key_leaks += 1
+    if "priv:" not in text:
+        continue
+    hexpriv = "".join(text.split("priv:")[1].split("pub:")[0].split()).replace(":", "")
+    raw = bytes.fromhex(hexpriv)[-32:]
+    if len(raw) == 32:
+        parsed += 1
+        key_leaks += raw in seen
+if parsed != len(keys) or not keys:
+    key_leaks = -1
 print(f"{len(seen)} {len(leaks)} {len(keys)} {key_leaks}")
 EOF
 )
@@ -148,5 +154,6 @@ read -r SEEN_BYTES PLAINTEXT_LEAKS KEYS_CHECKED KEY_LEAKS <<<"$SCAN"
 say "spy saw $SEEN_BYTES bytes; image windows found: $PLAINTEXT_LEAKS; private keys checked: $KEYS_CHECKED, found: $KEY_LEAKS"
 ((SEEN_BYTES > IMAGE_KIB * 1024)) || fail "the spy saw only $SEEN_BYTES bytes: it did not observe the transfer"
 ((mismatched == 0)) || fail "$mismatched devices hold an image that differs from the source"
+((KEY_LEAKS >= 0)) || fail "could not read every private key to scan for it"
 ((PLAINTEXT_LEAKS == 0 && KEY_LEAKS == 0)) || fail "the broker saw plaintext ($PLAINTEXT_LEAKS image windows, $KEY_LEAKS keys)"
 echo "demo: $UPDATED/$DEVICES devices updated to $VERSION in $ELAPSED s; broker saw no plaintext"

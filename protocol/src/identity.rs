@@ -185,6 +185,13 @@ fn decode_pem_cert(pem: &str) -> Result<Vec<u8>, IdentityError> {
     Ok(p.contents)
 }
 
+/// PKCS#8 PEM of a P-256 key, shared by the CA and identities (encoding a valid key does not fail).
+fn pkcs8_pem(secret: &p256::SecretKey) -> Zeroizing<String> {
+    secret
+        .to_pkcs8_pem(LineEnding::LF)
+        .unwrap_or_else(|_| Zeroizing::new(String::new()))
+}
+
 fn der_to_pem(der: &[u8]) -> String {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
@@ -295,9 +302,7 @@ impl CertificateAuthority {
 
     /// CA private key, PKCS#8 PEM.
     pub fn key_pem(&self) -> Zeroizing<String> {
-        self.secret
-            .to_pkcs8_pem(LineEnding::LF)
-            .unwrap_or_else(|_| Zeroizing::new(String::new()))
+        pkcs8_pem(&self.secret)
     }
 
     /// Issue a certificate and a fresh P-256 key for `name` in `role`.
@@ -419,9 +424,7 @@ impl Identity {
     }
     /// Private key, PKCS#8 PEM.
     pub fn key_pem(&self) -> Zeroizing<String> {
-        self.secret
-            .to_pkcs8_pem(LineEnding::LF)
-            .unwrap_or_else(|_| Zeroizing::new(String::new()))
+        pkcs8_pem(&self.secret)
     }
     /// Private key, PKCS#8 DER.
     pub fn key_pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
