@@ -68,6 +68,9 @@ pub struct FleetStats {
     all_connected_after: Mutex<Option<Duration>>,
     rss_before_devices: u64,
     rss_all_connected: AtomicU64,
+    /// Microseconds after `started` of the first and the latest accepted chunk (any device).
+    first_chunk_micros: AtomicU64,
+    last_chunk_micros: AtomicU64,
 }
 
 impl FleetStats {
@@ -89,6 +92,8 @@ impl FleetStats {
             all_connected_after: Mutex::new(None),
             rss_before_devices: resident_set_bytes().unwrap_or(0),
             rss_all_connected: AtomicU64::new(0),
+            first_chunk_micros: AtomicU64::new(u64::MAX),
+            last_chunk_micros: AtomicU64::new(0),
         }
     }
 
@@ -127,6 +132,16 @@ impl FleetStats {
     /// A firmware chunk was accepted.
     pub fn chunk(&self) {
         self.chunks_received.fetch_add(1, Ordering::Relaxed);
+        let now = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+        self.first_chunk_micros.fetch_min(now, Ordering::Relaxed);
+        self.last_chunk_micros.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// Seconds from the first chunk any device accepted to the last one: the fleet's data phase.
+    fn data_phase_seconds(&self) -> Option<f64> {
+        let first = self.first_chunk_micros.load(Ordering::Relaxed);
+        let last = self.last_chunk_micros.load(Ordering::Relaxed);
+        (first <= last).then(|| (last - first) as f64 / 1e6)
     }
 
     /// The protocol rejected a message (forged, tampered, replayed, stale).
@@ -211,6 +226,7 @@ impl FleetStats {
             chunks_received: self.chunks_received.load(Ordering::Relaxed),
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
             messages_rejected: self.messages_rejected(),
+            data_phase_seconds: self.data_phase_seconds(),
             rss_before_devices_bytes: self.rss_before_devices,
             rss_all_connected_bytes: (rss_all_connected > 0).then_some(rss_all_connected),
             memory_per_device_bytes: per_device,
@@ -244,6 +260,9 @@ pub struct Summary {
     pub bytes_received: u64,
     /// Messages the protocol rejected (tampered, forged, replayed).
     pub messages_rejected: u64,
+    /// Seconds from the first chunk any device accepted to the last chunk any device accepted
+    /// (absent when no chunk arrived).
+    pub data_phase_seconds: Option<f64>,
     /// Resident memory before any device started.
     pub rss_before_devices_bytes: u64,
     /// Resident memory when the last device connected.
@@ -362,6 +381,22 @@ mod tests {
         let json = serde_json::to_value(&summary).unwrap();
         assert!(json["memoryPerDeviceBytes"].is_u64());
         assert!(summary.render_text().contains("per device"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_data_phase_spans_the_first_to_the_last_chunk() {
+        let stats = FleetStats::new(2);
+        assert_eq!(stats.summary(BTreeMap::new()).data_phase_seconds, None);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        stats.chunk();
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        stats.chunk();
+        stats.chunk();
+        let summary = stats.summary(BTreeMap::new());
+        assert_eq!(summary.data_phase_seconds, Some(1.5));
+        assert_eq!(summary.chunks_received, 3);
+        let json = serde_json::to_value(&summary).unwrap();
+        assert_eq!(json["dataPhaseSeconds"], 1.5);
     }
 
     #[test]

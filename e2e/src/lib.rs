@@ -3,6 +3,7 @@
 //! settings, and gives every test a namespace of its own. It starts no server itself: the
 //! `e2e/testbed` script owns every process, so `e2e/testbed down` stops them all.
 
+pub mod bench;
 pub mod product;
 
 use std::collections::HashMap;

@@ -191,6 +191,9 @@ pub struct Product {
     pub broker_url: String,
     /// Address of the operator's metrics listener.
     pub metrics_addr: String,
+    /// The emulator's `--window-timeout` in seconds: short (3) by default so tests recover
+    /// quickly from dropped windows; benchmarks set the product default (30).
+    pub window_timeout_seconds: u32,
     operator: Option<Child>,
     emulator: Option<Child>,
     operator_starts: u32,
@@ -235,6 +238,7 @@ impl Product {
                 .collect(),
             broker_url,
             metrics_addr: format!("127.0.0.1:{}", free_port()?),
+            window_timeout_seconds: 3,
             operator: None,
             emulator: None,
             operator_starts: 0,
@@ -330,6 +334,11 @@ impl Product {
         Ok(())
     }
 
+    /// Process id of the running operator, if one runs.
+    pub fn operator_pid(&self) -> Option<u32> {
+        self.operator.as_ref().map(Child::id)
+    }
+
     /// Kills the operator at once (SIGKILL), as a crash would.
     pub fn kill_operator(&mut self) {
         if let Some(mut child) = self.operator.take() {
@@ -358,7 +367,8 @@ impl Product {
             .arg(&self.bed.ca_file)
             .arg("--fleet")
             .arg(self.dir.join("fleet"))
-            .args(["--no-progress", "--json", "--window-timeout", "3"])
+            .args(["--no-progress", "--json", "--window-timeout"])
+            .arg(self.window_timeout_seconds.to_string())
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(stdout)
@@ -598,21 +608,37 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target"))
 }
 
+/// The cargo profile this process was built with, and so the one its binaries are built in:
+/// tests run debug binaries, the release-built benchmark runs release binaries.
+fn profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
 /// Path of a workspace binary (built by `build_binaries`).
 pub fn binary(name: &str) -> PathBuf {
-    target_dir().join("debug").join(name)
+    target_dir().join(profile()).join(name)
 }
 
 static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
 
-/// Builds the operator and emulator binaries once per test process (a no-op when fresh).
+/// Builds the operator and emulator binaries once per process, in this process's profile (a
+/// no-op when fresh).
 pub fn build_binaries() -> Result<()> {
     BUILT
         .get_or_init(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
+            let mut build = Command::new(cargo);
+            build
                 .current_dir(repo_root())
-                .args(["build", "--workspace", "--bins"])
+                .args(["build", "--workspace", "--bins"]);
+            if profile() == "release" {
+                build.arg("--release");
+            }
+            let status = build
                 .status()
                 .map_err(|e| format!("running cargo build: {e}"))?;
             if status.success() {

@@ -1,0 +1,564 @@
+//! The baselines and probes of `make bench` (DESIGN.md section 5): a fleet of plain MQTT 5
+//! subscribers built with the emulator's own client stack (rumqttc v5 over rustls, the same
+//! connection options and pacing) that measures how long Mosquitto takes to relay bytes with no
+//! crypto and no Kubernetes, and the paper's scheme (the whole image encrypted per device and
+//! published to each device's topic); plus the probes that read the product's figures (the
+//! operator's Prometheus metrics, a process's resident memory) and the budget table with its
+//! JSON summary. The benchmark binary `sealed-ota-bench` strings them together.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use sealed_ota_device_emulator::mqtt_io::{device_options, BrokerEndpoint};
+use sealed_ota_device_emulator::pacing::ConnectPacer;
+use sealed_ota_protocol::crypto::{sha256, ChunkCipher};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::TestBed;
+
+/// The emulator's defaults (`run --connect-rate 500 --connect-concurrency 64`), so the
+/// baseline fleet connects the way the product's devices do.
+const CONNECT_RATE: f64 = 500.0;
+const CONNECT_CONCURRENCY: usize = 64;
+/// The emulator's default Maximum Packet Size (`run --max-packet-size`).
+const MAX_PACKET_SIZE: u32 = 256 * 1024;
+/// How long one relay round may take before its missing messages count as lost.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What one relay round measured.
+#[derive(Debug, Clone)]
+pub struct RelayRound {
+    /// Seconds from the first message any subscriber received (or, with `from_publish`, from
+    /// the first publish) to the moment the last subscriber had all of its messages.
+    pub seconds: f64,
+    /// Payload bytes the publisher sent.
+    pub published_bytes: u64,
+    /// Messages that never arrived before the round's timeout (summed over subscribers).
+    pub lost_messages: u64,
+    /// Messages whose decryption failed (paper round only).
+    pub corrupt_messages: u64,
+}
+
+/// Where one round stands; subscriber tasks update it lock-free.
+#[derive(Debug)]
+struct Round {
+    /// Topic prefix this round publishes under.
+    prefix: String,
+    /// Messages each subscriber must receive.
+    expected: u64,
+    /// Per-device keys (paper round): subscribers decrypt what they get, as devices would.
+    paper: Option<PaperKeys>,
+    received: Vec<AtomicU64>,
+    corrupt: AtomicU64,
+    first: Mutex<Option<Instant>>,
+    last: Mutex<Option<Instant>>,
+    completed: AtomicU64,
+    done: Notify,
+}
+
+#[derive(Debug, Clone)]
+struct PaperKeys {
+    tag: String,
+    chunk_count: u32,
+}
+
+impl PaperKeys {
+    /// Device `i`'s key: both sides derive it, so no handshake muddies the relay figure.
+    fn key(&self, i: usize) -> [u8; 32] {
+        sha256(format!("{}/{i}", self.tag).as_bytes())
+    }
+}
+
+impl Round {
+    fn new(prefix: String, expected: u64, subscribers: usize, paper: Option<PaperKeys>) -> Self {
+        Round {
+            prefix,
+            expected,
+            paper,
+            received: (0..subscribers).map(|_| AtomicU64::new(0)).collect(),
+            corrupt: AtomicU64::new(0),
+            first: Mutex::new(None),
+            last: Mutex::new(None),
+            completed: AtomicU64::new(0),
+            done: Notify::new(),
+        }
+    }
+
+    /// Subscriber `i` received `payload` on `topic`.
+    fn deliver(&self, i: usize, topic: &str, payload: &[u8]) {
+        let Some(rest) = topic.strip_prefix(self.prefix.as_str()) else {
+            return;
+        };
+        lock(&self.first).get_or_insert_with(Instant::now);
+        if let Some(paper) = &self.paper {
+            // rest = "<device>/<chunk>"
+            let index = rest.rsplit('/').next().and_then(|s| s.parse::<u32>().ok());
+            let plain = index.and_then(|index| {
+                ChunkCipher::new(&paper.key(i)).decrypt(
+                    &paper.tag,
+                    index,
+                    paper.chunk_count,
+                    payload,
+                )
+            });
+            if plain.is_none() {
+                self.corrupt.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        if self.received[i].fetch_add(1, Ordering::Relaxed) + 1 == self.expected {
+            *lock(&self.last) = Some(Instant::now());
+            if self.completed.fetch_add(1, Ordering::Relaxed) + 1 == self.received.len() as u64 {
+                self.done.notify_one();
+            }
+        }
+    }
+
+    fn lost(&self) -> u64 {
+        self.received
+            .iter()
+            .map(|r| self.expected.saturating_sub(r.load(Ordering::Relaxed)))
+            .sum()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `n` plain subscribers and one publisher on the test bed's TLS listener.
+#[derive(Debug)]
+pub struct RelayFleet {
+    tag: String,
+    subscribers: usize,
+    publisher: AsyncClient,
+    round: Arc<RwLock<Option<Arc<Round>>>>,
+    tasks: Vec<JoinHandle<()>>,
+    /// Seconds until every subscriber had its CONNACK and SUBACK.
+    pub connect_seconds: f64,
+}
+
+impl RelayFleet {
+    /// Connects `n` subscribers (paced like the emulator's devices, each subscribed to the
+    /// shared topic and to its own) and a publisher with the operator's connection options.
+    pub async fn connect(bed: &TestBed, n: usize) -> Result<RelayFleet> {
+        let tag = format!("bench-{:08x}", rand::random::<u32>());
+        let ca = std::fs::read(&bed.ca_file).context("reading the test bed CA")?;
+        let endpoint = BrokerEndpoint::parse(&bed.mqtts_url, Some(ca))?;
+        let cert = std::fs::read_to_string(&bed.client_cert)?;
+        let key = std::fs::read_to_string(&bed.client_key)?;
+        let tls = endpoint.device_tls("bench", &cert, &key)?;
+        let round: Arc<RwLock<Option<Arc<Round>>>> = Arc::new(RwLock::new(None));
+        let pacer = Arc::new(ConnectPacer::new(CONNECT_RATE, CONNECT_CONCURRENCY));
+        let ready = Arc::new(AtomicU64::new(0));
+        let all_ready = Arc::new(Notify::new());
+        let started = Instant::now();
+        let mut tasks = Vec::with_capacity(n + 1);
+        for i in 0..n {
+            let options = device_options(
+                &endpoint,
+                &format!("{tag}-s{i:05}"),
+                tls.clone(),
+                MAX_PACKET_SIZE,
+                Duration::from_secs(60),
+            );
+            let filters = vec![format!("{tag}/shared/+"), format!("{tag}/own/{i}/+")];
+            tasks.push(tokio::spawn(subscriber(
+                i,
+                options,
+                filters,
+                Arc::clone(&pacer),
+                Arc::clone(&round),
+                Arc::clone(&ready),
+                Arc::clone(&all_ready),
+                n as u64,
+            )));
+        }
+        let mut options = device_options(
+            &endpoint,
+            &format!("{tag}-publisher"),
+            tls.clone(),
+            16 * 1024 * 1024,
+            Duration::from_secs(60),
+        );
+        // The operator's client keeps rumqttc's default outgoing in-flight window.
+        options.set_outgoing_inflight_upper_limit(u16::MAX);
+        let (publisher, mut eventloop) = AsyncClient::new(options, 1024);
+        tasks.push(tokio::spawn(async move {
+            loop {
+                if eventloop.poll().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }));
+        let wait = all_ready.notified();
+        if ready.load(Ordering::Relaxed) < n as u64
+            && tokio::time::timeout(Duration::from_secs(300), wait)
+                .await
+                .is_err()
+        {
+            bail!(
+                "only {}/{n} relay subscribers connected and subscribed within 300 s",
+                ready.load(Ordering::Relaxed)
+            );
+        }
+        Ok(RelayFleet {
+            tag,
+            subscribers: n,
+            publisher,
+            round,
+            tasks,
+            connect_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Mosquitto relaying `payloads` (published once each, QoS 1, on one topic per payload) to
+    /// every subscriber: no crypto on either side, no Kubernetes. Timed from the first delivery
+    /// to the last subscriber's last message, as the emulator times the product's data phase.
+    pub async fn shared_round(&self, name: &str, payloads: &[Vec<u8>]) -> Result<RelayRound> {
+        let prefix = format!("{}/shared/", self.tag);
+        let round = self.begin(prefix.clone(), payloads.len() as u64, None);
+        let mut published = 0;
+        for (j, payload) in payloads.iter().enumerate() {
+            published += payload.len() as u64;
+            self.publisher
+                .publish(
+                    format!("{prefix}{j}"),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload.clone(),
+                )
+                .await
+                .with_context(|| format!("{name}: publishing"))?;
+        }
+        self.finish(round, None, published).await
+    }
+
+    /// The paper's scheme: the whole image encrypted under each device's own key (AES-256-GCM,
+    /// `chunk` bytes per message) and published to each device's topic; every subscriber
+    /// decrypts what it gets. Timed from the first publish (per-device encryption is on the
+    /// critical path) to the last subscriber's last chunk.
+    pub async fn paper_round(&self, image: &[u8], chunk: usize) -> Result<RelayRound> {
+        let chunk_count = image.len().div_ceil(chunk) as u32;
+        let paper = PaperKeys {
+            tag: format!("{}-paper", self.tag),
+            chunk_count,
+        };
+        let prefix = format!("{}/own/", self.tag);
+        let round = self.begin(prefix.clone(), u64::from(chunk_count), Some(paper.clone()));
+        let started = Instant::now();
+        let mut published = 0;
+        for device in 0..self.subscribers {
+            let cipher = ChunkCipher::new(&paper.key(device));
+            for (j, plain) in image.chunks(chunk).enumerate() {
+                let ct = cipher.encrypt(&paper.tag, j as u32, chunk_count, plain);
+                published += ct.len() as u64;
+                self.publisher
+                    .publish(format!("{prefix}{device}/{j}"), QoS::AtLeastOnce, false, ct)
+                    .await
+                    .context("paper baseline: publishing")?;
+            }
+        }
+        self.finish(round, Some(started), published).await
+    }
+
+    fn begin(&self, prefix: String, expected: u64, paper: Option<PaperKeys>) -> Arc<Round> {
+        let round = Arc::new(Round::new(prefix, expected, self.subscribers, paper));
+        *self.round.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&round));
+        round
+    }
+
+    async fn finish(
+        &self,
+        round: Arc<Round>,
+        from: Option<Instant>,
+        published_bytes: u64,
+    ) -> Result<RelayRound> {
+        let wait = round.done.notified();
+        if round.completed.load(Ordering::Relaxed) < self.subscribers as u64 {
+            // A timeout is a result (messages lost), not an error.
+            let _ = tokio::time::timeout(ROUND_TIMEOUT, wait).await;
+        }
+        *self.round.write().unwrap_or_else(|e| e.into_inner()) = None;
+        let first = from.or(*lock(&round.first));
+        let last = *lock(&round.last);
+        let seconds = match (first, last) {
+            (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
+            _ => f64::NAN,
+        };
+        Ok(RelayRound {
+            seconds,
+            published_bytes,
+            lost_messages: round.lost(),
+            corrupt_messages: round.corrupt.load(Ordering::Relaxed),
+        })
+    }
+}
+
+impl Drop for RelayFleet {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// One subscriber: connect when the pacer allows, subscribe, then hand every PUBLISH to the
+/// current round.
+#[allow(clippy::too_many_arguments)]
+async fn subscriber(
+    i: usize,
+    options: MqttOptions,
+    filters: Vec<String>,
+    pacer: Arc<ConnectPacer>,
+    round: Arc<RwLock<Option<Arc<Round>>>>,
+    ready: Arc<AtomicU64>,
+    all_ready: Arc<Notify>,
+    n: u64,
+) {
+    let permit = pacer.acquire().await;
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    let mut permit = Some(permit);
+    let mut subscribed = false;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                permit = None;
+                for filter in &filters {
+                    // The request channel is drained by this same loop: try_ is enough.
+                    let _ = client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) if !subscribed => {
+                subscribed = true;
+                if ready.fetch_add(1, Ordering::Relaxed) + 1 == n {
+                    all_ready.notify_one();
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let current = round.read().unwrap_or_else(|e| e.into_inner()).clone();
+                if let (Some(current), Ok(topic)) = (current, std::str::from_utf8(&p.topic)) {
+                    current.deliver(i, topic, &p.payload);
+                }
+            }
+            Ok(_) => {}
+            Err(_) => {
+                drop(permit.take());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// The operator's metrics (`GET http://ADDR/metrics`), as `name{labels}` -> value.
+pub async fn scrape_metrics(addr: &str) -> Result<BTreeMap<String, f64>> {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to the operator's metrics at {addr}"))?;
+    stream
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .context("metrics response without a body")?;
+    Ok(parse_metrics(body))
+}
+
+/// Parses the Prometheus text format (comments skipped).
+pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A field of `/proc/<pid>/status` in bytes (`VmRSS`, `VmHWM`).
+pub fn process_memory(pid: u32, field: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    memory_field(&status, field).with_context(|| format!("{field} in {path}"))
+}
+
+fn memory_field(status: &str, field: &str) -> Option<u64> {
+    let line = status
+        .lines()
+        .find(|l| l.split(':').next() == Some(field))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// One row of the budget table.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    /// The summary key.
+    pub key: &'static str,
+    /// The measured figure.
+    pub value: f64,
+    /// The budget, in words (`<= 1.25`).
+    pub budget: String,
+    /// Whether the figure meets it (None: no budget, reported for comparison).
+    pub met: Option<bool>,
+    /// How it was measured.
+    pub how: String,
+}
+
+impl Budget {
+    /// A figure that must be at most `limit`.
+    pub fn at_most(key: &'static str, value: f64, limit: f64, how: String) -> Self {
+        Budget {
+            key,
+            value,
+            budget: format!("<= {limit}"),
+            met: Some(value <= limit),
+            how,
+        }
+    }
+
+    /// A figure that must be at least `limit`.
+    pub fn at_least(key: &'static str, value: f64, limit: f64, how: String) -> Self {
+        Budget {
+            key,
+            value,
+            budget: format!(">= {limit}"),
+            met: Some(value >= limit),
+            how,
+        }
+    }
+
+    /// A figure reported without a budget.
+    pub fn report(key: &'static str, value: f64, how: String) -> Self {
+        Budget {
+            key,
+            value,
+            budget: "-".into(),
+            met: None,
+            how,
+        }
+    }
+}
+
+/// The table `make bench` prints.
+pub fn render_table(rows: &[Budget]) -> String {
+    let mut out = format!(
+        "{:<36} {:>14}  {:<10} {:<5}  {}\n",
+        "figure", "value", "budget", "met", "how"
+    );
+    for row in rows {
+        let met = match row.met {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "",
+        };
+        out += &format!(
+            "{:<36} {:>14}  {:<10} {:<5}  {}\n",
+            row.key,
+            format_value(row.value),
+            row.budget,
+            met,
+            row.how
+        );
+    }
+    out
+}
+
+fn format_value(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Writes `summary` as pretty JSON to `path` (parent directories created).
+pub fn write_json(path: &Path, summary: &serde_json::Value) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_vec_pretty(summary)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_prometheus_text() {
+        let m = parse_metrics(
+            "# HELP x y\n# TYPE x counter\nsealed_ota_operator_status_writes_total{kind=\"device\"} 2000\nsealed_ota_operator_mqtt_published_bytes_total 1.5e6\n",
+        );
+        assert_eq!(
+            m["sealed_ota_operator_status_writes_total{kind=\"device\"}"],
+            2000.0
+        );
+        assert_eq!(m["sealed_ota_operator_mqtt_published_bytes_total"], 1.5e6);
+        assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn reads_memory_fields() {
+        let status = "Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n";
+        assert_eq!(memory_field(status, "VmRSS"), Some(1024 * 1024));
+        assert_eq!(memory_field(status, "VmHWM"), Some(2048 * 1024));
+        assert_eq!(memory_field(status, "VmSwap"), None);
+        assert!(process_memory(std::process::id(), "VmRSS").unwrap() > 1024 * 1024);
+    }
+
+    #[test]
+    fn budgets_say_whether_they_are_met() {
+        let rows = [
+            Budget::at_most("fanout_ratio", 1.3, 1.25, "x".into()),
+            Budget::at_least("crypto_ratio", 0.9, 0.8, "y".into()),
+            Budget::report("paper_egress_bytes", 1e9, "z".into()),
+        ];
+        assert_eq!(rows.map(|r| r.met), [Some(false), Some(true), None]);
+        let table = render_table(&rows);
+        assert!(table.contains("fanout_ratio"));
+        assert!(table.contains("NO"));
+        assert!(table.contains("1000000000"));
+    }
+
+    #[test]
+    fn a_round_completes_when_every_subscriber_has_everything() {
+        let round = Round::new("t/shared/".into(), 2, 2, None);
+        round.deliver(0, "t/shared/0", b"a");
+        round.deliver(0, "other/0", b"ignored");
+        round.deliver(0, "t/shared/1", b"b");
+        round.deliver(1, "t/shared/0", b"a");
+        assert_eq!(round.completed.load(Ordering::Relaxed), 1);
+        assert_eq!(round.lost(), 1);
+        round.deliver(1, "t/shared/1", b"b");
+        assert_eq!(round.completed.load(Ordering::Relaxed), 2);
+        assert_eq!(round.lost(), 0);
+    }
+
+    #[test]
+    fn the_paper_round_decrypts_with_each_devices_key() {
+        let paper = PaperKeys {
+            tag: "p".into(),
+            chunk_count: 1,
+        };
+        let round = Round::new("t/own/".into(), 1, 2, Some(paper.clone()));
+        let for_device_1 = ChunkCipher::new(&paper.key(1)).encrypt("p", 0, 1, b"image");
+        // Device 0 cannot open device 1's chunk.
+        round.deliver(0, "t/own/0/0", &for_device_1);
+        assert_eq!(round.corrupt.load(Ordering::Relaxed), 1);
+        round.deliver(1, "t/own/1/0", &for_device_1);
+        assert_eq!(round.lost(), 1);
+    }
+}

@@ -1,0 +1,490 @@
+//! `make bench`: the budgets of DESIGN.md section 5, each measured beside its baseline in the
+//! same run, on the test bed (`e2e/testbed`), with the release-built operator and emulator as
+//! real processes. It runs a firmware campaign to `--devices` emulated devices and the two
+//! relay baselines (plain Mosquitto fan-out, the paper's per-device encryption) with the same
+//! client stack, then a `--scale-devices` campaign for the Kubernetes and memory figures, merges
+//! the protocol benchmark's ratios (`--protocol-json`), prints a table and writes
+//! `summary.json`. Exit status 0 when every figure was measured, whatever the budgets say.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use sealed_ota_e2e::bench::{
+    process_memory, render_table, scrape_metrics, write_json, Budget, RelayFleet,
+};
+use sealed_ota_e2e::product::{random_image, Product};
+use sealed_ota_e2e::TestBed;
+use sealed_ota_operator::crd::CampaignPhase;
+use sealed_ota_protocol::crypto::sha256;
+use sealed_ota_protocol::manager::{CampaignPayload, CampaignSpec, PreparedCampaign};
+use sealed_ota_protocol::topics::TopicTree;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sealed-ota-bench",
+    about = "Sealed OTA budgets (DESIGN.md section 5)"
+)]
+struct Args {
+    /// Devices of the fan-out campaign and of the relay baselines.
+    #[arg(long, default_value_t = 1000)]
+    devices: u32,
+    /// Image size of the fan-out campaign, bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    image_bytes: usize,
+    /// Chunk size (spec.chunkSize), bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    chunk_bytes: u32,
+    /// Devices of the scale campaign (Kubernetes writes, campaign size, operator memory); 0 skips it.
+    #[arg(long, default_value_t = 10_000)]
+    scale_devices: u32,
+    /// Image size of the scale campaign, bytes.
+    #[arg(long, default_value_t = 16 * 1024)]
+    scale_image_bytes: usize,
+    /// The protocol benchmark's ratios (written by `cargo bench -p sealed-ota-protocol` with
+    /// SEALED_OTA_BENCH_JSON); absent figures are reported as not measured.
+    #[arg(long, default_value = "target/bench/protocol.json")]
+    protocol_json: PathBuf,
+    /// Where summary.json goes.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+/// What a product campaign measured.
+#[derive(Debug)]
+struct CampaignRun {
+    devices: u32,
+    wall_seconds: f64,
+    data_phase_seconds: f64,
+    published_bytes: f64,
+    device_status_writes: f64,
+    campaign_status_writes: f64,
+    chunks_expected: u64,
+    chunks_received: u64,
+    installed: u64,
+    campaign_object_bytes: usize,
+    rss_idle: u64,
+    rss_peak: u64,
+    emulator: Value,
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    sealed_ota_device_emulator::install_crypto_provider();
+    let args = Args::parse();
+    let started = Instant::now();
+    let bed = TestBed::get()?;
+    let protocol: Value = match std::fs::read(&args.protocol_json) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing {}", args.protocol_json.display()))?,
+        Err(e) => {
+            eprintln!(
+                "bench: no protocol ratios ({}: {e}); run `make bench` for them",
+                args.protocol_json.display()
+            );
+            Value::Null
+        }
+    };
+
+    let image = random_image(args.image_bytes);
+    let payloads = chunk_payloads(&image, args.chunk_bytes)?;
+    let n = args.devices as usize;
+
+    eprintln!("bench: relay baseline: connecting {n} plain subscribers");
+    let relay = RelayFleet::connect(bed, n).await?;
+    let baseline_before = relay.shared_round("relay baseline", &payloads).await?;
+    eprintln!("bench: relay baseline {:.3} s", baseline_before.seconds);
+    let paper = relay.paper_round(&image, args.chunk_bytes as usize).await?;
+    eprintln!(
+        "bench: paper baseline {:.3} s, {} bytes published",
+        paper.seconds, paper.published_bytes
+    );
+    drop(relay);
+
+    eprintln!("bench: firmware campaign to {n} devices");
+    let fanout = run_campaign("bench", args.devices, &image, args.chunk_bytes).await?;
+    eprintln!(
+        "bench: campaign {:.1} s, data phase {:.3} s",
+        fanout.wall_seconds, fanout.data_phase_seconds
+    );
+
+    let relay = RelayFleet::connect(bed, n).await?;
+    let baseline_after = relay.shared_round("relay baseline", &payloads).await?;
+    eprintln!(
+        "bench: relay baseline again {:.3} s",
+        baseline_after.seconds
+    );
+    drop(relay);
+    // The faster baseline: the stricter ratio for the product.
+    let baseline = if baseline_after.seconds < baseline_before.seconds {
+        &baseline_after
+    } else {
+        &baseline_before
+    };
+
+    let scale = if args.scale_devices > 0 {
+        eprintln!("bench: scale campaign to {} devices", args.scale_devices);
+        let image = random_image(args.scale_image_bytes);
+        Some(run_campaign("scale", args.scale_devices, &image, args.chunk_bytes).await?)
+    } else {
+        None
+    };
+
+    let wrap = protocol["wrap_bytes"].as_f64();
+    let mut rows = Vec::new();
+    let fanout_ratio = fanout.data_phase_seconds / baseline.seconds;
+    rows.push(Budget::at_most(
+        "fanout_ratio",
+        fanout_ratio,
+        1.25,
+        format!(
+            "data phase {:.3} s (first to last chunk, {} devices, {} KiB image) / plain relay {:.3} s",
+            fanout.data_phase_seconds,
+            n,
+            image.len() / 1024,
+            baseline.seconds
+        ),
+    ));
+    if let Some(wrap) = wrap {
+        let ideal = image.len() as f64 + n as f64 * wrap;
+        rows.push(Budget::at_most(
+            "egress_ratio",
+            fanout.published_bytes / ideal,
+            1.05,
+            format!(
+                "{} bytes published / (image + {n} x {wrap} wrap bytes)",
+                fanout.published_bytes
+            ),
+        ));
+    }
+    for (key, how) in [
+        (
+            "handshake_ratio",
+            "manager handshakes/s, one core / raw keygen + ECDH + sign + verify rate",
+        ),
+        (
+            "crypto_ratio",
+            "chunk encryption in the product's path / raw aes-gcm, one core",
+        ),
+    ] {
+        if let Some(v) = protocol[key].as_f64() {
+            rows.push(Budget::at_least(key, v, 0.8, how.into()));
+        }
+    }
+    if let Some(v) = protocol["prepare_ratio"].as_f64() {
+        rows.push(Budget::report(
+            "prepare_ratio",
+            v,
+            "whole campaign preparation (encrypt + image SHA-256 + Merkle) / raw aes-gcm".into(),
+        ));
+    }
+    if let Some(v) = protocol["mqtt_interactions_per_device_phase"].as_f64() {
+        rows.push(Budget::at_most(
+            "mqtt_interactions_per_device_phase",
+            v,
+            6.0,
+            format!(
+                "largest control count of one phase (sans-IO sessions); transfer: {}",
+                protocol["mqtt_interactions"]
+            ),
+        ));
+    }
+    let lost = fanout
+        .chunks_expected
+        .saturating_sub(fanout.chunks_received);
+    rows.push(Budget::at_most(
+        "lost_chunks",
+        lost as f64,
+        0.0,
+        format!(
+            "{} of {} device-chunks never delivered (Mosquitto defaults, max_queued_messages 1000)",
+            lost, fanout.chunks_expected
+        ),
+    ));
+    if let Some(scale) = &scale {
+        let writes = scale.device_status_writes / f64::from(scale.devices);
+        rows.push(Budget::at_most(
+            "k8s_writes_per_device",
+            writes,
+            2.0,
+            format!(
+                "Device status writes / {} devices (2 phase changes a user sees: InProgress, Succeeded)",
+                scale.devices
+            ),
+        ));
+        rows.push(Budget::at_most(
+            "campaign_status_writes_per_second",
+            scale.campaign_status_writes / scale.wall_seconds,
+            1.0,
+            format!(
+                "{} campaign status writes in {:.1} s",
+                scale.campaign_status_writes, scale.wall_seconds
+            ),
+        ));
+        rows.push(Budget::at_most(
+            "campaign_status_bytes",
+            scale.campaign_object_bytes as f64,
+            65536.0,
+            format!("UpdateCampaign JSON at {} devices", scale.devices),
+        ));
+        let per_device =
+            scale.rss_peak.saturating_sub(scale.rss_idle) as f64 / f64::from(scale.devices);
+        rows.push(Budget::at_most(
+            "rss_bytes_per_device",
+            per_device,
+            2048.0,
+            format!(
+                "(operator peak RSS {} MiB - idle {} MiB, Devices cached) / {}",
+                scale.rss_peak >> 20,
+                scale.rss_idle >> 20,
+                scale.devices
+            ),
+        ));
+    }
+    rows.push(Budget::report(
+        "paper_egress_ratio",
+        paper.published_bytes as f64 / fanout.published_bytes,
+        format!(
+            "paper's per-device encryption published {} bytes / ours {}",
+            paper.published_bytes, fanout.published_bytes
+        ),
+    ));
+    rows.push(Budget::report(
+        "paper_wall_ratio",
+        paper.seconds / fanout.data_phase_seconds,
+        format!(
+            "paper's data phase {:.3} s (per-device encryption + relay, no handshakes) / ours {:.3} s",
+            paper.seconds, fanout.data_phase_seconds
+        ),
+    ));
+
+    println!("{}", render_table(&rows));
+    let mut summary = json!({
+        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)},
+        "config": {
+            "devices": n, "image_bytes": image.len(), "chunk_bytes": args.chunk_bytes,
+            "scale_devices": args.scale_devices, "scale_image_bytes": args.scale_image_bytes,
+        },
+        "fanout": campaign_json(&fanout),
+        "relay_baseline_seconds": [baseline_before.seconds, baseline_after.seconds],
+        "relay_baseline_lost_messages": baseline_before.lost_messages + baseline_after.lost_messages,
+        "paper_baseline": {
+            "egress_bytes": paper.published_bytes,
+            "wall_seconds": paper.seconds,
+            "lost_messages": paper.lost_messages,
+            "corrupt_messages": paper.corrupt_messages,
+        },
+        "scale": scale.as_ref().map(campaign_json),
+        "scale_mode": if scale.is_some() { "full: every device connected over TLS" } else { "skipped" },
+        "protocol": protocol,
+        "budgets": rows.iter().map(|r| json!({
+            "key": r.key, "value": r.value, "budget": r.budget, "met": r.met, "how": r.how,
+        })).collect::<Vec<_>>(),
+        "seconds": started.elapsed().as_secs_f64(),
+        "reproduce": "make bench (BENCH_ARGS='--devices N --image-bytes B ...' to change the sizes)",
+    });
+    for row in &rows {
+        summary[row.key] = json!(row.value);
+    }
+    let path = args.out.join("summary.json");
+    write_json(&path, &summary)?;
+    let unmet: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.met == Some(false))
+        .map(|r| r.key)
+        .collect();
+    println!(
+        "bench: {} figures in {:.0} s; {} budgets not met{}; {}",
+        rows.len(),
+        started.elapsed().as_secs_f64(),
+        unmet.len(),
+        if unmet.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", unmet.join(", "))
+        },
+        path.display()
+    );
+    Ok(())
+}
+
+/// The chunk publishes the product makes for `image` (their exact payloads), so the relay
+/// baseline moves the same bytes as the campaign.
+fn chunk_payloads(image: &[u8], chunk_bytes: u32) -> Result<Vec<Vec<u8>>> {
+    let prepared = PreparedCampaign::prepare(CampaignSpec {
+        campaign_id: "bench".into(),
+        target_version: "2.0.0".into(),
+        payload: CampaignPayload::Firmware {
+            image: image.to_vec(),
+        },
+        expires_at: u64::MAX / 2,
+        chunk_size: chunk_bytes,
+    })?;
+    let topics = TopicTree::new("iot", "bench")?;
+    Ok(prepared
+        .chunk_publishes(&topics)
+        .into_iter()
+        .map(|o| o.payload)
+        .collect())
+}
+
+/// One firmware campaign to `devices` emulated devices, from an image served over HTTP.
+async fn run_campaign(
+    prefix: &str,
+    devices: u32,
+    image: &[u8],
+    chunk_bytes: u32,
+) -> Result<CampaignRun> {
+    let mut product = Product::new(prefix, devices).await?;
+    product.window_timeout_seconds = 30;
+    let server = ImageServer::start(image.to_vec()).await?;
+    product.start_operator()?;
+    wait_ready(&product.metrics_addr).await?;
+    // Idle: leader, caches synced with every Device, no campaign.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pid = product.operator_pid().context("operator not running")?;
+    let rss_idle = process_memory(pid, "VmRSS")?;
+    product.start_emulator(&[])?;
+    let name = "bench-2-0-0";
+    product.apply_campaign(
+        name,
+        json!({
+            "selector": {"matchLabels": {"fleet": product.fleet_label()}},
+            "targetVersion": "2.0.0",
+            "payload": {"firmware": {"url": {"url": server.url(), "sha256": hex(&sha256(image))}}},
+            "managerSecretName": "sealed-ota-manager",
+            "chunkSize": chunk_bytes,
+            "rollout": {"maxInFlight": devices, "deviceTimeoutSeconds": 900, "retries": 2,
+                        "retryBackoffSeconds": 5},
+        }),
+    )?;
+    let applied = Instant::now();
+    let campaign = product
+        .wait_campaign(name, "campaign finished", Duration::from_secs(1500), |c| {
+            c.status.as_ref().map(|s| s.phase.is_terminal()) == Some(true)
+        })
+        .await?;
+    let wall_seconds = applied.elapsed().as_secs_f64();
+    let rss_peak = process_memory(pid, "VmHWM")?;
+    let status = campaign.status.clone().context("campaign status")?;
+    if status.phase != CampaignPhase::Succeeded {
+        bail!("campaign ended {:?}: {:?}", status.phase, status.failures);
+    }
+    let metrics = scrape_metrics(&product.metrics_addr).await?;
+    let metric = |k: &str| metrics.get(k).copied().unwrap_or(0.0);
+    let campaign_object_bytes = product
+        .kubectl(&["get", "updatecampaign", name, "-o", "json"])?
+        .len();
+    product.stop_emulator();
+    let emulator_json = product.dir.join("emulator-1.json");
+    let emulator: Value = serde_json::from_slice(
+        &std::fs::read(&emulator_json)
+            .with_context(|| format!("reading {}", emulator_json.display()))?,
+    )
+    .context("emulator JSON summary")?;
+    let chunk_count = image.len().div_ceil(chunk_bytes as usize) as u64;
+    Ok(CampaignRun {
+        devices,
+        wall_seconds,
+        data_phase_seconds: emulator["dataPhaseSeconds"]
+            .as_f64()
+            .context("the emulator saw no chunk")?,
+        published_bytes: metric("sealed_ota_operator_mqtt_published_bytes_total"),
+        device_status_writes: metric("sealed_ota_operator_status_writes_total{kind=\"device\"}"),
+        campaign_status_writes: metric(
+            "sealed_ota_operator_status_writes_total{kind=\"campaign\"}",
+        ),
+        chunks_expected: chunk_count * u64::from(devices),
+        chunks_received: emulator["chunksReceived"].as_u64().unwrap_or(0),
+        installed: emulator["outcomes"]["installed"].as_u64().unwrap_or(0),
+        campaign_object_bytes,
+        rss_idle,
+        rss_peak,
+        emulator,
+    })
+}
+
+fn campaign_json(run: &CampaignRun) -> Value {
+    json!({
+        "devices": run.devices,
+        "wall_seconds": run.wall_seconds,
+        "data_phase_seconds": run.data_phase_seconds,
+        "published_bytes": run.published_bytes,
+        "device_status_writes": run.device_status_writes,
+        "campaign_status_writes": run.campaign_status_writes,
+        "chunks_expected": run.chunks_expected,
+        "chunks_received": run.chunks_received,
+        "installed": run.installed,
+        "campaign_object_bytes": run.campaign_object_bytes,
+        "operator_rss_idle_bytes": run.rss_idle,
+        "operator_rss_peak_bytes": run.rss_peak,
+        "emulator": run.emulator,
+    })
+}
+
+/// Waits for the operator's /readyz (leader elected, caches synced).
+async fn wait_ready(addr: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await?;
+            let mut response = String::new();
+            let _ = s.read_to_string(&mut response).await;
+            if response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200") {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the operator at {addr} was not ready within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Serves one image over HTTP on loopback (the campaign's `payload.firmware.url`).
+struct ImageServer {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ImageServer {
+    async fn start(image: Vec<u8>) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let image = std::sync::Arc::new(image);
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let image = std::sync::Arc::clone(&image);
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = stream.read(&mut request).await;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+                        image.len()
+                    );
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.write_all(&image).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        Ok(ImageServer { addr, task })
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/firmware.bin", self.addr)
+    }
+}
+
+impl Drop for ImageServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
