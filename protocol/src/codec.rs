@@ -1,5 +1,6 @@
-//! CBOR encoding helpers (ciborium) with bounded, non-panicking decoding, and serde adapters that
-//! encode byte fields as CBOR byte strings (not arrays of integers).
+//! CBOR encoding helpers (ciborium) with bounded, non-panicking decoding, serde adapters that
+//! encode byte fields as CBOR byte strings (not arrays of integers), and the few raw CBOR heads the
+//! chunk encoder writes itself so that ciphertexts are encrypted in place inside their message.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -22,6 +23,43 @@ pub(crate) fn encode_with_capacity<T: Serialize>(value: &T, capacity: usize) -> 
         out.clear();
     }
     out
+}
+
+/// CBOR major type: unsigned integer.
+pub(crate) const MAJOR_UINT: u8 = 0;
+/// CBOR major type: byte string.
+pub(crate) const MAJOR_BYTES: u8 = 2;
+/// CBOR major type: text string.
+pub(crate) const MAJOR_TEXT: u8 = 3;
+/// CBOR major type: array.
+pub(crate) const MAJOR_ARRAY: u8 = 4;
+/// CBOR major type: map.
+pub(crate) const MAJOR_MAP: u8 = 5;
+
+/// Append a CBOR head (RFC 8949 §3) in its shortest form, as ciborium writes it: an unsigned
+/// integer's value, or the length of a string, array or map.
+pub(crate) fn write_head(out: &mut Vec<u8>, major: u8, n: u64) {
+    let m = major << 5;
+    if n < 24 {
+        out.push(m | n as u8);
+    } else if let Ok(b) = u8::try_from(n) {
+        out.extend_from_slice(&[m | 24, b]);
+    } else if let Ok(h) = u16::try_from(n) {
+        out.push(m | 25);
+        out.extend_from_slice(&h.to_be_bytes());
+    } else if let Ok(w) = u32::try_from(n) {
+        out.push(m | 26);
+        out.extend_from_slice(&w.to_be_bytes());
+    } else {
+        out.push(m | 27);
+        out.extend_from_slice(&n.to_be_bytes());
+    }
+}
+
+/// Append a CBOR text string.
+pub(crate) fn write_text(out: &mut Vec<u8>, text: &str) {
+    write_head(out, MAJOR_TEXT, text.len() as u64);
+    out.extend_from_slice(text.as_bytes());
 }
 
 /// Decode CBOR of at most `max` bytes, with bounded recursion and no trailing bytes.

@@ -6,7 +6,7 @@
 //! restarts. Chunks use a nonce derived from the chunk index, which is safe ONLY because the content
 //! key is a fresh random 256-bit key for every prepared campaign and each index is encrypted once.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use hkdf::Hkdf;
 use p256::ecdsa::signature::{Signer, Verifier};
@@ -25,6 +25,8 @@ pub const INFO_M2D: &[u8] = b"sealed-ota/v1/key/manager-to-device";
 pub const INFO_D2M: &[u8] = b"sealed-ota/v1/key/device-to-manager";
 /// AAD label of chunk encryption.
 pub const CHUNK_AAD_LABEL: &[u8] = b"sealed-ota/v1/chunk";
+/// Bytes of the AES-256-GCM tag appended to every ciphertext.
+pub const TAG_LEN: usize = 16;
 
 /// Everything the session keys are bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,18 +229,37 @@ impl ChunkCipher {
         }
     }
 
-    /// Encrypt chunk `index` of `count` (see [`chunk_nonce`], [`chunk_aad`]).
+    /// Encrypt chunk `index` of `count` (see [`chunk_nonce`], [`chunk_aad`]): ciphertext||tag.
     pub fn encrypt(&self, campaign_id: &str, index: u32, count: u32, plaintext: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(plaintext.len() + TAG_LEN);
+        self.encrypt_into(campaign_id, index, count, plaintext, &mut out);
+        out
+    }
+
+    /// Append the ciphertext||tag of chunk `index` of `count` to `out` (the plaintext is copied
+    /// once, then encrypted in place): the same bytes as [`ChunkCipher::encrypt`], written where
+    /// the caller wants them, e.g. right after the CBOR header of the chunk message.
+    pub fn encrypt_into(
+        &self,
+        campaign_id: &str,
+        index: u32,
+        count: u32,
+        plaintext: &[u8],
+        out: &mut Vec<u8>,
+    ) {
         let aad = chunk_aad(campaign_id, index, count);
-        self.cipher
-            .encrypt(
-                &Nonce::from(chunk_nonce(index)),
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
-            )
-            .unwrap_or_default()
+        let start = out.len();
+        out.extend_from_slice(plaintext);
+        // Encryption only fails for plaintexts beyond 64 GiB, far above every bound of this
+        // crate; never leave plaintext behind if it did.
+        match self.cipher.encrypt_in_place_detached(
+            &Nonce::from(chunk_nonce(index)),
+            &aad,
+            &mut out[start..],
+        ) {
+            Ok(tag) => out.extend_from_slice(&tag),
+            Err(_) => out.truncate(start),
+        }
     }
 
     /// Decrypt chunk `index` of `count`; opaque failure.
@@ -335,6 +356,25 @@ mod tests {
         let k = derive_session_keys(&[1; 32], &[2; 32], &[3; 32]);
         assert_ne!(k.m2d, k.d2m);
         assert!(!format!("{k:?}").contains('1'));
+    }
+
+    #[test]
+    fn chunk_cipher_writes_what_the_one_shot_functions_write() {
+        let key = random::<32>();
+        let cipher = ChunkCipher::new(&key);
+        for len in [0usize, 1, 15, 16, 17, 4096] {
+            let pt: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let one_shot = encrypt_chunk(&key, "c1", 2, 5, &pt);
+            assert_eq!(one_shot.len(), len + TAG_LEN);
+            assert_eq!(cipher.encrypt("c1", 2, 5, &pt), one_shot);
+            let mut out = b"head".to_vec();
+            cipher.encrypt_into("c1", 2, 5, &pt, &mut out);
+            assert_eq!(&out[..4], b"head");
+            assert_eq!(&out[4..], &one_shot[..]);
+            let back = cipher.decrypt("c1", 2, 5, &out[4..]).unwrap();
+            assert_eq!(&back[..], &pt[..]);
+            assert!(decrypt_chunk(&key, "c1", 3, 5, &out[4..]).is_none());
+        }
     }
 
     #[test]

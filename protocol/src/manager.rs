@@ -2,8 +2,10 @@
 //! device (notify → ready → update → status). Owns the manager's half of the handshake and the
 //! acceptance of signed status reports. It performs no I/O: actions are returned to the caller.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::crypto::{self, SessionKeys, Transcript};
@@ -112,9 +114,119 @@ impl std::fmt::Debug for PreparedCampaign {
     }
 }
 
+/// Images smaller than this are prepared on the calling thread alone (spawning threads would cost
+/// more than it saves).
+const PARALLEL_MIN_BYTES: usize = 256 * 1024;
+/// Most threads preparation uses. The SHA-256 of the whole image is one sequential chain of about a
+/// third of the work, so beyond ~3 threads the others only wait for it.
+pub const MAX_PREPARE_THREADS: usize = 4;
+
+/// One encrypted chunk before its Merkle proof is known: the CBOR encoding of its message up to
+/// and including the ciphertext, and its Merkle leaf.
+struct SealedChunk {
+    payload: Vec<u8>,
+    leaf: [u8; 32],
+}
+
+/// Encrypt chunk `index` straight into its message buffer and hash the ciphertext for its Merkle
+/// leaf while it is still in cache. The buffer is sized for the whole message, proof included.
+fn seal_chunk(
+    cipher: &crypto::ChunkCipher,
+    campaign_id: &str,
+    index: u32,
+    count: u32,
+    plaintext: &[u8],
+) -> SealedChunk {
+    let ct_len = plaintext.len() + crypto::TAG_LEN;
+    let bound = wire::chunk_payload_bound(campaign_id, plaintext.len() as u64, count);
+    let mut payload = Vec::with_capacity(usize::try_from(bound).unwrap_or(usize::MAX));
+    ChunkMsg::encode_head(&mut payload, campaign_id, index, count, ct_len);
+    let start = payload.len();
+    cipher.encrypt_into(campaign_id, index, count, plaintext, &mut payload);
+    let leaf = leaf_hash(index, &payload[start..]);
+    SealedChunk { payload, leaf }
+}
+
+/// What preparation derives from an image: every chunk message, the Merkle root over the
+/// ciphertexts and the SHA-256 of the plaintext.
+struct SealedImage {
+    payloads: Vec<Vec<u8>>,
+    merkle_root: [u8; 32],
+    image_sha256: [u8; 32],
+}
+
+/// Encrypt every chunk of a non-empty `image` (at most `MAX_CHUNK_COUNT` chunks, checked by the
+/// caller), build the Merkle tree and finish every chunk message with its proof, and compute the
+/// SHA-256 of the whole image, on `threads` threads: the calling thread hashes the image (one
+/// sequential SHA-256 chain) while the others seal chunks, then it seals chunks too; each thread
+/// takes the next unsealed index. Every chunk depends only on its index, so the result is the same
+/// for any number of threads and any scheduling.
+fn seal_image(
+    content_key: &[u8; 32],
+    campaign_id: &str,
+    image: &[u8],
+    chunk_size: usize,
+    threads: usize,
+) -> SealedImage {
+    let cipher = crypto::ChunkCipher::new(content_key);
+    let chunks: Vec<&[u8]> = image.chunks(chunk_size).collect();
+    let count = chunks.len() as u32;
+    let seal = |i: usize| seal_chunk(&cipher, campaign_id, i as u32, count, chunks[i]);
+    let (mut sealed, image_sha256): (Vec<SealedChunk>, [u8; 32]) = if threads.min(chunks.len()) <= 1
+    {
+        // One pass per chunk: hash the plaintext for the image digest, then copy, encrypt
+        // and leaf-hash it while it is in cache.
+        let mut image_hash = Sha256::new();
+        let sealed = (0..chunks.len())
+            .map(|i| {
+                image_hash.update(chunks[i]);
+                seal(i)
+            })
+            .collect();
+        (sealed, image_hash.finalize().into())
+    } else {
+        let next = AtomicUsize::new(0);
+        let work = || {
+            let mut done = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= chunks.len() {
+                    return done;
+                }
+                done.push((i, seal(i)));
+            }
+        };
+        let (digest, mut done) = std::thread::scope(|scope| {
+            let workers: Vec<_> = (1..threads.min(chunks.len()))
+                .map(|_| scope.spawn(work))
+                .collect();
+            let digest = crypto::sha256(image);
+            let mut done = work();
+            for w in workers {
+                // A worker panics only on a bug: propagate it.
+                done.extend(w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            }
+            (digest, done)
+        });
+        done.sort_unstable_by_key(|(i, _)| *i);
+        (done.into_iter().map(|(_, s)| s).collect(), digest)
+    };
+    let tree = MerkleTree::from_leaves(sealed.iter().map(|s| s.leaf).collect());
+    for (i, s) in sealed.iter_mut().enumerate() {
+        ChunkMsg::encode_tail(&mut s.payload, &tree.proof(i as u32));
+    }
+    SealedImage {
+        payloads: sealed.into_iter().map(|s| s.payload).collect(),
+        merkle_root: tree.root(),
+        image_sha256,
+    }
+}
+
 impl PreparedCampaign {
     /// Validate the spec, draw a fresh random content key, encrypt and chunk the image once and
-    /// build the Merkle tree over the encrypted chunks.
+    /// build the Merkle tree over the encrypted chunks. Images of 256 KiB or more are prepared on
+    /// up to `std::thread::available_parallelism()` threads (at most 4; scoped, all joined before
+    /// this returns); the result does not depend on the number of threads.
     pub fn prepare(spec: CampaignSpec) -> Result<Self, ProtocolError> {
         let invalid = |m: String| ProtocolError::InvalidCampaign(m);
         validate_id(&spec.campaign_id).map_err(|e| invalid(e.to_string()))?;
@@ -155,41 +267,25 @@ impl PreparedCampaign {
                         wire::MAX_CHUNK_COUNT
                     )));
                 }
-                let count = count as u32;
-                let cipher = crypto::ChunkCipher::new(&c.content_key);
-                let cts: Vec<Vec<u8>> = image
-                    .chunks(spec.chunk_size as usize)
-                    .enumerate()
-                    .map(|(i, p)| cipher.encrypt(&c.campaign_id, i as u32, count, p))
-                    .collect();
-                let tree = MerkleTree::from_leaves(
-                    cts.iter()
-                        .enumerate()
-                        .map(|(i, ct)| leaf_hash(i as u32, ct))
-                        .collect(),
+                let threads = if image.len() < PARALLEL_MIN_BYTES {
+                    1
+                } else {
+                    std::thread::available_parallelism()
+                        .map_or(1, usize::from)
+                        .min(MAX_PREPARE_THREADS)
+                };
+                let sealed = seal_image(
+                    &c.content_key,
+                    &c.campaign_id,
+                    &image,
+                    spec.chunk_size as usize,
+                    threads,
                 );
-                c.chunk_payloads = cts
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, ct)| {
-                        let capacity = ct.len() + c.campaign_id.len() + 34 * 33 + 96;
-                        crate::codec::encode_with_capacity(
-                            &ChunkMsg {
-                                v: WIRE_VERSION,
-                                campaign_id: c.campaign_id.clone(),
-                                index: i as u32,
-                                count,
-                                ct,
-                                proof: tree.proof(i as u32),
-                            },
-                            capacity,
-                        )
-                    })
-                    .collect();
+                c.chunk_payloads = sealed.payloads;
                 c.max_chunk_payload = c.chunk_payloads.iter().map(Vec::len).max().unwrap_or(0);
-                c.merkle_root = tree.root();
+                c.merkle_root = sealed.merkle_root;
                 c.image_size = image.len() as u64;
-                c.image_sha256 = crypto::sha256(&image);
+                c.image_sha256 = sealed.image_sha256;
             }
             CampaignPayload::RotateCredentials {
                 mode,
@@ -1009,5 +1105,85 @@ impl ManagerSession {
                 self.target.allow_downgrade,
             )
             .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Preparation against a plain reference built from the primitives, one step after the other.
+    use super::*;
+    use crate::codec::encode;
+
+    /// The one-shot primitives pinned by `tests/vectors/chunk_encryption.json`, ciborium for the
+    /// encoding.
+    fn reference(key: &[u8; 32], id: &str, image: &[u8], chunk: usize) -> SealedImage {
+        let count = image.len().div_ceil(chunk) as u32;
+        let cts: Vec<Vec<u8>> = image
+            .chunks(chunk)
+            .enumerate()
+            .map(|(i, p)| crypto::encrypt_chunk(key, id, i as u32, count, p))
+            .collect();
+        let tree = MerkleTree::from_leaves(
+            cts.iter()
+                .enumerate()
+                .map(|(i, ct)| leaf_hash(i as u32, ct))
+                .collect(),
+        );
+        let payloads = cts
+            .into_iter()
+            .enumerate()
+            .map(|(i, ct)| {
+                encode(&ChunkMsg {
+                    v: WIRE_VERSION,
+                    campaign_id: id.into(),
+                    index: i as u32,
+                    count,
+                    ct,
+                    proof: tree.proof(i as u32),
+                })
+            })
+            .collect();
+        SealedImage {
+            payloads,
+            merkle_root: tree.root(),
+            image_sha256: crypto::sha256(image),
+        }
+    }
+
+    #[test]
+    fn sealing_is_the_same_for_any_thread_count_and_matches_the_reference() {
+        let key = [0x42u8; 32];
+        let image: Vec<u8> = (0..300_001usize).map(|i| (i * 7 % 253) as u8).collect();
+        for (len, chunk) in [
+            (1, 1024),
+            (1000, 1000),
+            (1001, 1000),
+            (300_001, 65_536),
+            (70_000, 7),
+        ] {
+            let want = reference(&key, "camp-1", &image[..len], chunk);
+            for threads in [1, 2, 3, 8] {
+                let got = seal_image(&key, "camp-1", &image[..len], chunk, threads);
+                assert_eq!(
+                    got.image_sha256, want.image_sha256,
+                    "{len}/{chunk} x{threads}"
+                );
+                assert_eq!(
+                    got.merkle_root, want.merkle_root,
+                    "{len}/{chunk} x{threads}"
+                );
+                assert!(got.payloads == want.payloads, "{len}/{chunk} x{threads}");
+                // Each buffer was sized for its whole message (no regrowth, no slack beyond the
+                // bound the device also checks).
+                for p in &got.payloads {
+                    let bound = wire::chunk_payload_bound(
+                        "camp-1",
+                        chunk as u64,
+                        want.payloads.len() as u32,
+                    );
+                    assert!(p.len() as u64 <= bound && p.capacity() as u64 <= bound);
+                }
+            }
+        }
     }
 }

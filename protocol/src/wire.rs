@@ -5,7 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{decode, encode};
+use crate::codec::{
+    decode, encode, write_head, write_text, MAJOR_ARRAY, MAJOR_BYTES, MAJOR_MAP, MAJOR_UINT,
+};
 use crate::error::ProtocolError;
 use crate::manifest::{PayloadKind, RejectReason};
 use crate::WIRE_VERSION;
@@ -328,6 +330,54 @@ pub struct ChunkMsg {
     pub proof: Vec<[u8; 32]>,
 }
 
+impl ChunkMsg {
+    /// Append the CBOR encoding of a chunk message up to and including the head of its `ct` byte
+    /// string of `ct_len` bytes; the ciphertext follows, then [`ChunkMsg::encode_tail`]. Together
+    /// they write exactly what `encode_msg(&ChunkMsg { .. })` writes (a test pins it), without a
+    /// second copy of the ciphertext.
+    pub(crate) fn encode_head(
+        out: &mut Vec<u8>,
+        campaign_id: &str,
+        index: u32,
+        count: u32,
+        ct_len: usize,
+    ) {
+        write_head(out, MAJOR_MAP, 6);
+        write_text(out, "v");
+        write_head(out, MAJOR_UINT, u64::from(WIRE_VERSION));
+        write_text(out, "campaign_id");
+        write_text(out, campaign_id);
+        write_text(out, "index");
+        write_head(out, MAJOR_UINT, u64::from(index));
+        write_text(out, "count");
+        write_head(out, MAJOR_UINT, u64::from(count));
+        write_text(out, "ct");
+        write_head(out, MAJOR_BYTES, ct_len as u64);
+    }
+
+    /// Append the rest of a chunk message after its ciphertext: the Merkle proof.
+    pub(crate) fn encode_tail(out: &mut Vec<u8>, proof: &[[u8; 32]]) {
+        write_text(out, "proof");
+        write_head(out, MAJOR_ARRAY, proof.len() as u64);
+        for h in proof {
+            write_head(out, MAJOR_BYTES, 32);
+            out.extend_from_slice(h);
+        }
+    }
+}
+
+/// Upper bound of the CBOR encoding (the PUBLISH payload) of any chunk message with
+/// `plaintext_len` plaintext bytes in a `chunk_count`-chunk campaign: ciphertext (plaintext +
+/// 16-byte tag), Merkle proof (34 bytes per level), campaign id and 64 bytes of CBOR framing.
+pub(crate) fn chunk_payload_bound(campaign_id: &str, plaintext_len: u64, chunk_count: u32) -> u64 {
+    let levels = 32 - chunk_count.saturating_sub(1).leading_zeros();
+    plaintext_len
+        + crate::crypto::TAG_LEN as u64
+        + u64::from(levels) * 34
+        + campaign_id.len() as u64
+        + 64
+}
+
 /// Upper bound of the MQTT PUBLISH packet carrying any chunk of a campaign, computed from the
 /// manifest alone: ciphertext (chunk size + 16-byte tag), Merkle proof (34 bytes per level), campaign
 /// id, 64 bytes of CBOR framing, the longest chunk topic and the PUBLISH header
@@ -339,9 +389,7 @@ pub fn chunk_packet_bound(
     chunk_size: u32,
     chunk_count: u32,
 ) -> u32 {
-    let levels = 32 - chunk_count.saturating_sub(1).leading_zeros();
-    let payload =
-        u64::from(chunk_size) + 16 + u64::from(levels) * 34 + campaign_id.len() as u64 + 64;
+    let payload = chunk_payload_bound(campaign_id, u64::from(chunk_size), chunk_count);
     let topic = topics
         .chunk(campaign_id, chunk_count.saturating_sub(1))
         .len() as u64;
@@ -632,6 +680,42 @@ mod tests {
                 bound >= actual && bound <= actual + 100,
                 "{count} {size}: {bound} vs {actual}"
             );
+        }
+    }
+
+    #[test]
+    fn chunk_head_and_tail_write_what_ciborium_writes() {
+        // Every CBOR head width (1, 2, 3, 5 bytes) for the id, index, count, ciphertext and proof.
+        for id in [
+            "c",
+            "campaign-with-a-23-char",
+            "campaign-with-a-24-chars",
+            &"x".repeat(63),
+        ] {
+            for (index, count) in [(0u32, 1u32), (23, 24), (255, 256), (65_535, 65_536)] {
+                for ct_len in [0usize, 16, 23, 24, 255, 256, 65_535, 65_552] {
+                    for proof_len in [0usize, 1, 23, 24, 32] {
+                        let ct: Vec<u8> = (0..ct_len).map(|i| i as u8).collect();
+                        let proof: Vec<[u8; 32]> = (0..proof_len).map(|i| [i as u8; 32]).collect();
+                        let mut out = Vec::new();
+                        ChunkMsg::encode_head(&mut out, id, index, count, ct.len());
+                        out.extend_from_slice(&ct);
+                        ChunkMsg::encode_tail(&mut out, &proof);
+                        let reference = encode(&ChunkMsg {
+                            v: WIRE_VERSION,
+                            campaign_id: id.into(),
+                            index,
+                            count,
+                            ct,
+                            proof,
+                        });
+                        assert!(
+                            out == reference,
+                            "{id} {index}/{count} {ct_len} {proof_len}"
+                        );
+                    }
+                }
+            }
         }
     }
 
