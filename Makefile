@@ -37,9 +37,20 @@ testbed-down:
 demo:
 	e2e/demo.sh
 
+## make bench: the budgets of DESIGN.md section 5, each beside its baseline in one run, on a test
+## bed of its own (target/bench/testbed); prints a table and writes target/bench/summary.json.
+## BENCH_ARGS passes options, e.g. BENCH_ARGS='--devices 200 --scale-devices 0'.
+BENCH_ARGS ?=
+BENCH_BED := $(CURDIR)/target/bench/testbed
 bench:
-	@echo "make bench: not built yet — it arrives with the benchmark issue (see README, 'Not finished')." >&2
-	@exit 1
+	mkdir -p target/bench
+	SEALED_OTA_BENCH_RATIOS_ONLY=1 SEALED_OTA_BENCH_JSON=$(CURDIR)/target/bench/protocol.json \
+	  $(CARGO) bench --locked -p sealed-ota-protocol --bench protocol
+	$(CARGO) build --release --locked --workspace --bins
+	SEALED_OTA_TESTBED_DIR=$(BENCH_BED) $(TESTBED) up
+	export SEALED_OTA_TESTBED_DIR=$(BENCH_BED); eval "$$($(TESTBED) env)"; \
+	  target/release/sealed-ota-bench --out target/bench --protocol-json target/bench/protocol.json $(BENCH_ARGS); \
+	  rc=$$?; $(TESTBED) down; exit $$rc
 
 ## make crds: regenerate crds/ (and the chart's copy) from the Rust types.
 crds:

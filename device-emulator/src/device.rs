@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::barrier::TransferBarrier;
 use crate::error::{Error, Result};
 use crate::faults::DeviceFaults;
 use crate::mqtt_io::{self, BrokerEndpoint};
@@ -55,6 +56,8 @@ pub struct FleetContext {
     pub pacer: ConnectPacer,
     /// Counters.
     pub stats: Arc<FleetStats>,
+    /// `run --transfer-barrier`: first chunk windows wait until the whole fleet was offered.
+    pub transfer_barrier: Option<TransferBarrier>,
 }
 
 /// How a device ended the run.
@@ -106,6 +109,8 @@ struct Step {
     actions: Vec<Action>,
     /// Set when the connection must end.
     end: Option<ConnectionEnd>,
+    /// A firmware transfer starts with this step (its chunk-window subscription is in `actions`).
+    transfer_starts: bool,
 }
 
 /// What the connection task reports.
@@ -136,6 +141,8 @@ pub struct Device {
     chunks_this_run: u32,
     chunks_since_save: u32,
     failures_in_a_row: u32,
+    /// Counted once at the fleet's transfer barrier (when there is one).
+    arrived_at_barrier: bool,
 }
 
 impl std::fmt::Debug for Device {
@@ -168,6 +175,7 @@ impl Device {
             chunks_this_run: 0,
             chunks_since_save: 0,
             failures_in_a_row: 0,
+            arrived_at_barrier: false,
         }
     }
 
@@ -429,7 +437,28 @@ impl Device {
         if matches!(step.end, Some(ConnectionEnd::Crash(_))) {
             return Ok(step.end);
         }
-        if mqtt_io::perform(client, step.actions).await.is_err() {
+        let mut actions = step.actions;
+        if let (true, Some(barrier)) = (step.transfer_starts, &self.ctx.transfer_barrier) {
+            if !self.arrived_at_barrier {
+                self.arrived_at_barrier = true;
+                barrier.arrive();
+            }
+            // The window subscription waits for the fleet; the connection keeps being served.
+            let (windows, now): (Vec<Action>, Vec<Action>) = actions
+                .into_iter()
+                .partition(|a| matches!(a, Action::Subscribe(_)));
+            actions = now;
+            let ctx = Arc::clone(&self.ctx);
+            let client = client.clone();
+            tokio::spawn(async move {
+                if let Some(barrier) = &ctx.transfer_barrier {
+                    barrier.wait().await;
+                }
+                // A lost connection shows in the device's own loop, which resubscribes.
+                let _ = mqtt_io::perform(&client, windows).await;
+            });
+        }
+        if mqtt_io::perform(client, actions).await.is_err() {
             return Ok(Some(ConnectionEnd::Lost));
         }
         Ok(step.end)
@@ -464,6 +493,10 @@ impl Device {
                 .events
                 .iter()
                 .any(|e| matches!(e, DeviceEvent::UpdateOffered { .. }));
+        let transfer_starts = !refused_offer
+            && output.events.iter().any(|e| {
+                matches!(e, DeviceEvent::UpdateOffered { manifest } if manifest.kind == PayloadKind::Firmware)
+            });
         // A refusing device sends neither the acceptance nor the chunk subscription.
         let mut step = Step {
             actions: if refused_offer {
@@ -472,6 +505,7 @@ impl Device {
                 output.actions
             },
             end: None,
+            transfer_starts,
         };
         // Every event is handled even when one ends the connection (going offline on the last
         // chunk must not lose the ImageComplete that follows it); only a crash stops at once.
@@ -702,6 +736,7 @@ mod tests {
                 save_every_chunks,
                 pacer: ConnectPacer::new(1000.0, 10),
                 stats: Arc::new(FleetStats::new(1)),
+                transfer_barrier: None,
             });
             let specs: Vec<FaultSpec> = faults.iter().map(|f| f.parse().unwrap()).collect();
             let (shutdown, shutdown_rx) = watch::channel(false);

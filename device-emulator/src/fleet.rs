@@ -11,6 +11,7 @@ use sealed_ota_protocol::{TopicTree, TrustAnchor};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::barrier::TransferBarrier;
 use crate::device::{Device, DeviceReport, FleetContext};
 use crate::error::{Error, Result};
 use crate::faults::{DeviceFaults, FaultSpec};
@@ -48,6 +49,9 @@ pub struct FleetOptions {
     pub keep_alive: Duration,
     /// State saved every N chunks.
     pub save_every_chunks: u32,
+    /// Hold first chunk windows until every device of this run was offered the update
+    /// (benchmarks: the data phase then times the transfer alone).
+    pub transfer_barrier: bool,
 }
 
 impl FleetOptions {
@@ -67,6 +71,7 @@ impl FleetOptions {
             window_timeout: 30,
             keep_alive: Duration::from_secs(60),
             save_every_chunks: 16,
+            transfer_barrier: false,
         }
     }
 }
@@ -129,6 +134,9 @@ impl RunningFleet {
             save_every_chunks: options.save_every_chunks.max(1),
             pacer: ConnectPacer::new(options.connect_rate, options.max_connecting),
             stats: Arc::clone(&stats),
+            transfer_barrier: options
+                .transfer_barrier
+                .then(|| TransferBarrier::new(ids.len() as u64)),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut devices = JoinSet::new();

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod barrier;
 pub mod device;
 pub mod enroll;
 pub mod error;

@@ -178,6 +178,10 @@ struct RunArgs {
     /// Seconds before a device asks again for chunks that did not arrive.
     #[arg(long, default_value_t = 30)]
     window_timeout: u64,
+    /// Benchmarks: every device accepts at once but starts pulling chunks only when the whole
+    /// fleet was offered the update, so the summary's dataPhaseSeconds times the transfer alone.
+    #[arg(long)]
+    transfer_barrier: bool,
     /// Save device state every N chunks.
     #[arg(long, default_value_t = 16)]
     save_every_chunks: u32,
@@ -348,6 +352,7 @@ async fn run(args: RunArgs) -> Result<()> {
     options.max_packet_size = args.max_packet_size;
     options.window = args.window;
     options.window_timeout = args.window_timeout;
+    options.transfer_barrier = args.transfer_barrier;
     options.save_every_chunks = args.save_every_chunks;
     let running = RunningFleet::start(options)?;
     let stats = std::sync::Arc::clone(running.stats());

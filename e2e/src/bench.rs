@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use sealed_ota_device_emulator::mqtt_io::{device_options, BrokerEndpoint};
 use sealed_ota_device_emulator::pacing::ConnectPacer;
 use sealed_ota_protocol::crypto::{sha256, ChunkCipher};
@@ -57,6 +57,8 @@ struct Round {
     expected: u64,
     /// Per-device keys (paper round): subscribers decrypt what they get, as devices would.
     paper: Option<PaperKeys>,
+    /// Windowed pull of retained messages (pull round): chunk topics per subscription.
+    window: Option<u64>,
     received: Vec<AtomicU64>,
     corrupt: AtomicU64,
     first: Mutex<Option<Instant>>,
@@ -78,12 +80,20 @@ impl PaperKeys {
     }
 }
 
+/// What a pulling subscriber does after a window completed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NextWindow {
+    unsubscribe: Vec<String>,
+    subscribe: Vec<String>,
+}
+
 impl Round {
     fn new(prefix: String, expected: u64, subscribers: usize, paper: Option<PaperKeys>) -> Self {
         Round {
             prefix,
             expected,
             paper,
+            window: None,
             received: (0..subscribers).map(|_| AtomicU64::new(0)).collect(),
             corrupt: AtomicU64::new(0),
             first: Mutex::new(None),
@@ -93,11 +103,18 @@ impl Round {
         }
     }
 
-    /// Subscriber `i` received `payload` on `topic`.
-    fn deliver(&self, i: usize, topic: &str, payload: &[u8]) {
-        let Some(rest) = topic.strip_prefix(self.prefix.as_str()) else {
-            return;
-        };
+    /// Topics `from..from + window` (capped at the expected count) of a pull round.
+    fn window_topics(&self, from: u64) -> Vec<String> {
+        let window = self.window.unwrap_or(self.expected);
+        (from..(from + window).min(self.expected))
+            .map(|j| format!("{}{j}", self.prefix))
+            .collect()
+    }
+
+    /// Subscriber `i` received `payload` on `topic`; in a pull round, the window to move to
+    /// when this message completed one.
+    fn deliver(&self, i: usize, topic: &str, payload: &[u8]) -> Option<NextWindow> {
+        let rest = topic.strip_prefix(self.prefix.as_str())?;
         lock(&self.first).get_or_insert_with(Instant::now);
         if let Some(paper) = &self.paper {
             // rest = "<device>/<chunk>"
@@ -112,15 +129,21 @@ impl Round {
             });
             if plain.is_none() {
                 self.corrupt.fetch_add(1, Ordering::Relaxed);
-                return;
+                return None;
             }
         }
-        if self.received[i].fetch_add(1, Ordering::Relaxed) + 1 == self.expected {
+        let received = self.received[i].fetch_add(1, Ordering::Relaxed) + 1;
+        if received == self.expected {
             *lock(&self.last) = Some(Instant::now());
             if self.completed.fetch_add(1, Ordering::Relaxed) + 1 == self.received.len() as u64 {
                 self.done.notify_one();
             }
         }
+        let window = self.window?;
+        (received % window == 0 || received == self.expected).then(|| NextWindow {
+            unsubscribe: self.window_topics(received.saturating_sub(1) / window * window),
+            subscribe: self.window_topics(received),
+        })
     }
 
     fn lost(&self) -> u64 {
@@ -141,6 +164,7 @@ pub struct RelayFleet {
     tag: String,
     subscribers: usize,
     publisher: AsyncClient,
+    subscriber_clients: Vec<AsyncClient>,
     round: Arc<RwLock<Option<Arc<Round>>>>,
     tasks: Vec<JoinHandle<()>>,
     /// Seconds until every subscriber had its CONNACK and SUBACK.
@@ -163,6 +187,7 @@ impl RelayFleet {
         let all_ready = Arc::new(Notify::new());
         let started = Instant::now();
         let mut tasks = Vec::with_capacity(n + 1);
+        let mut subscriber_clients = Vec::with_capacity(n);
         for i in 0..n {
             let options = device_options(
                 &endpoint,
@@ -172,9 +197,12 @@ impl RelayFleet {
                 Duration::from_secs(60),
             );
             let filters = vec![format!("{tag}/shared/+"), format!("{tag}/own/{i}/+")];
+            let (client, eventloop) = AsyncClient::new(options, 64);
+            subscriber_clients.push(client.clone());
             tasks.push(tokio::spawn(subscriber(
                 i,
-                options,
+                client,
+                eventloop,
                 filters,
                 Arc::clone(&pacer),
                 Arc::clone(&round),
@@ -215,6 +243,7 @@ impl RelayFleet {
             tag,
             subscribers: n,
             publisher,
+            subscriber_clients,
             round,
             tasks,
             connect_seconds: started.elapsed().as_secs_f64(),
@@ -241,6 +270,60 @@ impl RelayFleet {
                 .with_context(|| format!("{name}: publishing"))?;
         }
         self.finish(round, None, published).await
+    }
+
+    /// The product's transport without its crypto: `payloads` published once, retained, one topic
+    /// each; every subscriber pulls them `window` topics at a time (SUBSCRIBE the window, receive
+    /// the retained messages, UNSUBSCRIBE, next window), as the devices do. Timed like
+    /// [`RelayFleet::shared_round`]: it tells the cost of the windowed pull apart from the
+    /// product's crypto and Kubernetes.
+    pub async fn pull_round(&self, payloads: &[Vec<u8>], window: u32) -> Result<RelayRound> {
+        let prefix = format!("{}/pull/", self.tag);
+        let mut round = Round::new(
+            prefix.clone(),
+            payloads.len() as u64,
+            self.subscribers,
+            None,
+        );
+        round.window = Some(u64::from(window.max(1)));
+        let round = Arc::new(round);
+        let mut published = 0;
+        for (j, payload) in payloads.iter().enumerate() {
+            published += payload.len() as u64;
+            self.publisher
+                .publish(
+                    format!("{prefix}{j}"),
+                    QoS::AtLeastOnce,
+                    true,
+                    payload.clone(),
+                )
+                .await
+                .context("pull baseline: publishing")?;
+        }
+        // Retained messages are stored once the broker has them; a short pause covers the
+        // publisher's in-flight window before anyone subscribes.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        *self.round.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&round));
+        let first = round.window_topics(0);
+        for client in &self.subscriber_clients {
+            client
+                .subscribe_many(
+                    first
+                        .iter()
+                        .map(|t| Filter::new(t.clone(), QoS::AtLeastOnce)),
+                )
+                .await
+                .context("pull baseline: subscribing")?;
+        }
+        let result = self.finish(round, None, published).await;
+        for j in 0..payloads.len() {
+            // Clear the retained messages (empty retained payload).
+            self.publisher
+                .publish(format!("{prefix}{j}"), QoS::AtLeastOnce, true, Vec::new())
+                .await
+                .context("pull baseline: clearing")?;
+        }
+        result
     }
 
     /// The paper's scheme: the whole image encrypted under each device's own key (AES-256-GCM,
@@ -317,7 +400,8 @@ impl Drop for RelayFleet {
 #[allow(clippy::too_many_arguments)]
 async fn subscriber(
     i: usize,
-    options: MqttOptions,
+    client: AsyncClient,
+    mut eventloop: EventLoop,
     filters: Vec<String>,
     pacer: Arc<ConnectPacer>,
     round: Arc<RwLock<Option<Arc<Round>>>>,
@@ -325,9 +409,7 @@ async fn subscriber(
     all_ready: Arc<Notify>,
     n: u64,
 ) {
-    let permit = pacer.acquire().await;
-    let (client, mut eventloop) = AsyncClient::new(options, 16);
-    let mut permit = Some(permit);
+    let mut permit = Some(pacer.acquire().await);
     let mut subscribed = false;
     loop {
         match eventloop.poll().await {
@@ -346,8 +428,22 @@ async fn subscriber(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let current = round.read().unwrap_or_else(|e| e.into_inner()).clone();
-                if let (Some(current), Ok(topic)) = (current, std::str::from_utf8(&p.topic)) {
-                    current.deliver(i, topic, &p.payload);
+                let Some(current) = current else { continue };
+                let Ok(topic) = std::str::from_utf8(&p.topic) else {
+                    continue;
+                };
+                if let Some(next) = current.deliver(i, topic, &p.payload) {
+                    // As the emulator does: one UNSUBSCRIBE per topic, one SUBSCRIBE per window.
+                    for t in next.unsubscribe {
+                        let _ = client.try_unsubscribe(t);
+                    }
+                    if !next.subscribe.is_empty() {
+                        let filters = next
+                            .subscribe
+                            .into_iter()
+                            .map(|t| Filter::new(t, QoS::AtLeastOnce));
+                        let _ = client.try_subscribe_many(filters);
+                    }
                 }
             }
             Ok(_) => {}
@@ -526,7 +622,8 @@ mod tests {
             Budget::at_least("crypto_ratio", 0.9, 0.8, "y".into()),
             Budget::report("paper_egress_bytes", 1e9, "z".into()),
         ];
-        assert_eq!(rows.map(|r| r.met), [Some(false), Some(true), None]);
+        let met: Vec<Option<bool>> = rows.iter().map(|r| r.met).collect();
+        assert_eq!(met, [Some(false), Some(true), None]);
         let table = render_table(&rows);
         assert!(table.contains("fanout_ratio"));
         assert!(table.contains("NO"));
@@ -544,6 +641,31 @@ mod tests {
         assert_eq!(round.lost(), 1);
         round.deliver(1, "t/shared/1", b"b");
         assert_eq!(round.completed.load(Ordering::Relaxed), 2);
+        assert_eq!(round.lost(), 0);
+    }
+
+    #[test]
+    fn a_pull_round_moves_window_by_window() {
+        let mut round = Round::new("t/pull/".into(), 5, 1, None);
+        round.window = Some(2);
+        assert_eq!(round.window_topics(0), ["t/pull/0", "t/pull/1"]);
+        assert_eq!(round.deliver(0, "t/pull/0", b"a"), None);
+        assert_eq!(
+            round.deliver(0, "t/pull/1", b"b"),
+            Some(NextWindow {
+                unsubscribe: vec!["t/pull/0".into(), "t/pull/1".into()],
+                subscribe: vec!["t/pull/2".into(), "t/pull/3".into()],
+            })
+        );
+        round.deliver(0, "t/pull/2", b"c");
+        round.deliver(0, "t/pull/3", b"d");
+        assert_eq!(
+            round.deliver(0, "t/pull/4", b"e"),
+            Some(NextWindow {
+                unsubscribe: vec!["t/pull/4".into()],
+                subscribe: vec![],
+            })
+        );
         assert_eq!(round.lost(), 0);
     }
 
