@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
@@ -455,6 +455,83 @@ async fn subscriber(
     }
 }
 
+/// The bytes the manager publishes for one device of a firmware campaign besides the shared
+/// chunks (the notify with its certificate and ephemeral key, the update with the signed
+/// manifest and the wrapped content key): the "wrap" of the egress budget. Measured by running
+/// the protocol's own sessions with the run's real identifiers, whose lengths are in the bytes.
+pub fn wrap_bytes(
+    manager_id: &str,
+    device_id: &str,
+    campaign_id: &str,
+    image: &[u8],
+    chunk_bytes: u32,
+) -> Result<u64> {
+    use sealed_ota_protocol::{
+        CampaignPayload, CampaignSpec, CertificateAuthority, DeviceConfig, DeviceSession,
+        DeviceState, DeviceTarget, ManagerConfig, ManagerSession, PreparedCampaign, Role,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let ca = CertificateAuthority::generate("bench-ca", now, 10)?;
+    let trust = Arc::new(ca.trust_anchor());
+    let topics = Arc::new(sealed_ota_protocol::TopicTree::new("iot", manager_id)?);
+    let manager = ManagerConfig {
+        identity: Arc::new(ca.issue(Role::Manager, manager_id, now, 10)?),
+        trust: Arc::clone(&trust),
+        topics: Arc::clone(&topics),
+    };
+    let device = DeviceConfig {
+        identity: Arc::new(ca.issue(Role::Device, device_id, now, 10)?),
+        trust,
+        topics,
+        manager_id: manager_id.into(),
+        max_packet_size: MAX_PACKET_SIZE,
+        window: 8,
+    };
+    let campaign = Arc::new(PreparedCampaign::prepare(CampaignSpec {
+        campaign_id: campaign_id.into(),
+        target_version: "2.0.0".into(),
+        payload: CampaignPayload::Firmware {
+            image: image.to_vec(),
+        },
+        expires_at: now + 3600,
+        chunk_size: chunk_bytes,
+    })?);
+    let target = DeviceTarget {
+        device_id: device_id.into(),
+        pinned_fingerprint: None,
+        allow_downgrade: false,
+    };
+    let published =
+        |actions: &[sealed_ota_protocol::Action]| -> Vec<sealed_ota_protocol::Outbound> {
+            actions
+                .iter()
+                .filter_map(|a| match a {
+                    sealed_ota_protocol::Action::Publish(o) => Some(o.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+    let (mut session, actions) = ManagerSession::start(&manager, campaign, target, now)?;
+    let notify = published(&actions);
+    let (mut device_session, _) = DeviceSession::new(device, DeviceState::new("1.0.0"));
+    let ready = notify
+        .iter()
+        .find_map(|n| {
+            let out = device_session.handle(&n.to_inbound(), now).ok()?;
+            published(&out.actions).into_iter().next()
+        })
+        .context("the device session did not answer the notify")?;
+    let update = published(&session.handle(&ready.to_inbound(), now)?.actions);
+    ensure!(!update.is_empty(), "the manager session sent no update");
+    Ok(notify
+        .iter()
+        .chain(&update)
+        .map(|o| o.payload.len() as u64)
+        .sum())
+}
+
 /// The operator's metrics (`GET http://ADDR/metrics`), as `name{labels}` -> value.
 pub async fn scrape_metrics(addr: &str) -> Result<BTreeMap<String, f64>> {
     let mut stream = tokio::net::TcpStream::connect(addr)
@@ -496,6 +573,35 @@ fn memory_field(status: &str, field: &str) -> Option<u64> {
         .find(|l| l.split(':').next() == Some(field))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
+pub fn process_cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    cpu_seconds(&stat, clock_ticks_per_second()).with_context(|| format!("parsing {path}"))
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line, in seconds. The command name (field 2) may hold
+/// spaces and parentheses, so fields are counted after its closing parenthesis.
+fn cpu_seconds(stat: &str, ticks_per_second: f64) -> Option<f64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // after_name starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / ticks_per_second)
+}
+
+/// USER_HZ; 100 on every Linux this runs on (`getconf CLK_TCK`), read once from getconf.
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 /// One row of the budget table.
@@ -594,6 +700,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_wrap_is_small_and_grows_with_the_identifiers() {
+        let image = vec![7u8; 100_000];
+        let short = wrap_bytes("m1", "d1", "c1", &image, 16384).unwrap();
+        let long = wrap_bytes("m1", "d1", &"c".repeat(36), &image, 16384).unwrap();
+        assert!(short > 500 && short < 4096, "{short}");
+        assert!(long > short, "{long} <= {short}");
+    }
+
+    #[test]
     fn parses_prometheus_text() {
         let m = parse_metrics(
             "# HELP x y\n# TYPE x counter\nsealed_ota_operator_status_writes_total{kind=\"device\"} 2000\nsealed_ota_operator_mqtt_published_bytes_total 1.5e6\n",
@@ -613,6 +728,14 @@ mod tests {
         assert_eq!(memory_field(status, "VmHWM"), Some(2048 * 1024));
         assert_eq!(memory_field(status, "VmSwap"), None);
         assert!(process_memory(std::process::id(), "VmRSS").unwrap() > 1024 * 1024);
+    }
+
+    #[test]
+    fn reads_cpu_seconds_past_a_command_name_with_spaces() {
+        let stat = "42 (my (odd) cmd) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0";
+        assert_eq!(cpu_seconds(stat, 100.0), Some(3.0));
+        assert_eq!(cpu_seconds("42 (x) S 1", 100.0), None);
+        assert!(process_cpu_seconds(std::process::id()).unwrap() >= 0.0);
     }
 
     #[test]

@@ -339,6 +339,11 @@ impl Product {
         self.operator.as_ref().map(Child::id)
     }
 
+    /// Process id of the running emulator, if one runs.
+    pub fn emulator_pid(&self) -> Option<u32> {
+        self.emulator.as_ref().map(Child::id)
+    }
+
     /// Kills the operator at once (SIGKILL), as a crash would.
     pub fn kill_operator(&mut self) {
         if let Some(mut child) = self.operator.take() {
@@ -349,7 +354,7 @@ impl Product {
 
     fn stop_operator(&mut self) {
         if let Some(child) = self.operator.take() {
-            terminate(child, "-TERM");
+            terminate(child, "-TERM", Duration::from_secs(5));
         }
     }
 
@@ -383,7 +388,8 @@ impl Product {
     /// summary is written).
     pub fn stop_emulator(&mut self) {
         if let Some(child) = self.emulator.take() {
-            terminate(child, "-INT");
+            // Thousands of devices take a while to save their state and say goodbye.
+            terminate(child, "-INT", Duration::from_secs(120));
         }
     }
 
@@ -575,12 +581,12 @@ impl Drop for Product {
     }
 }
 
-/// `signal` (e.g. "-TERM"), then SIGKILL after 5 s.
-fn terminate(mut child: Child, signal: &str) {
+/// `signal` (e.g. "-TERM"), then SIGKILL when the process is still there after `grace`.
+fn terminate(mut child: Child, signal: &str, grace: Duration) {
     let _ = Command::new("kill")
         .args([signal, &child.id().to_string()])
         .status();
-    for _ in 0..50 {
+    for _ in 0..grace.as_millis() / 100 {
         if let Ok(Some(_)) = child.try_wait() {
             return;
         }

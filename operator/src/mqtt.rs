@@ -128,6 +128,9 @@ fn from_properties(p: Option<PublishProperties>) -> Properties {
     }
 }
 
+/// Receive Maximum the manager announces in CONNECT (the protocol's largest).
+pub const MANAGER_RECEIVE_MAXIMUM: u16 = u16::MAX;
+
 impl MqttSession {
     /// Start the session task. Inbound PUBLISHes go to `inbound`; `filters` are (re)subscribed on
     /// every connection.
@@ -145,6 +148,12 @@ impl MqttSession {
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_clean_start(true);
         opts.set_max_packet_size(Some(16 * 1024 * 1024));
+        // MQTT 5 Receive Maximum: the broker may have this many QoS 1 messages in flight towards
+        // the manager. Thousands of devices answer at once; with the broker's default window
+        // (Mosquitto: 20) the rest wait in the manager's queue there, and past
+        // max_queued_messages (1,000) Mosquitto silently drops them (a lost receipt then costs a
+        // device timeout). In-flight messages do not count towards that queue.
+        opts.set_receive_maximum(Some(MANAGER_RECEIVE_MAXIMUM));
         if let Some((user, pass)) = &settings.credentials {
             opts.set_credentials(user.clone(), pass.clone());
         }
