@@ -60,8 +60,9 @@ where
 }
 
 fn selects(c: &UpdateCampaign, d: &Device) -> bool {
-    c.namespace() == d.namespace()
-        && Selector::try_from(c.spec.selector.clone()).is_ok_and(|s| s.matches(&d.labels()))
+    c.metadata.namespace == d.metadata.namespace
+        && Selector::try_from(c.spec.selector.clone())
+            .is_ok_and(|s| s.matches(ResourceExt::labels(d)))
 }
 
 fn references_secret(c: &UpdateCampaign, name: &str) -> bool {
@@ -225,7 +226,8 @@ fn key_of(c: &UpdateCampaign) -> Result<CampaignKey, Error> {
     ))
 }
 
-/// Devices the campaign selects, sorted by name (the wave order).
+/// Devices the campaign selects, sorted by name (the wave order). It runs on every Device event
+/// of a campaign, so it compares and sorts in place rather than cloning names and labels.
 fn selected_devices(
     c: &UpdateCampaign,
     store: &Store<Device>,
@@ -234,13 +236,13 @@ fn selected_devices(
         reason: "InvalidSelector",
         message: format!("spec.selector is not a valid label selector: {e}"),
     })?;
-    let ns = c.namespace();
+    let ns = &c.metadata.namespace;
     let mut devices: Vec<_> = store
         .state()
         .into_iter()
-        .filter(|d| d.namespace() == ns && selector.matches(&d.labels()))
+        .filter(|d| &d.metadata.namespace == ns && selector.matches(ResourceExt::labels(&**d)))
         .collect();
-    devices.sort_by_key(|d| d.name_any());
+    devices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     Ok(devices)
 }
 

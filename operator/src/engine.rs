@@ -341,8 +341,8 @@ impl Engine {
         devices
             .iter()
             .map(|d| {
-                let name = d.metadata.name.clone().unwrap_or_default();
-                if let Some(dr) = run.as_ref().and_then(|r| r.devices.get(&name)) {
+                let name = d.metadata.name.as_deref().unwrap_or_default();
+                if let Some(dr) = run.as_ref().and_then(|r| r.devices.get(name)) {
                     return dr.progress.clone();
                 }
                 let recorded = d
@@ -365,7 +365,7 @@ impl Engine {
                 if progress.clone() != Progress::NotStarted {
                     if let Some(r) = run.as_mut() {
                         r.devices.insert(
-                            name,
+                            name.to_owned(),
                             DeviceRun {
                                 device_id: d.device_id(),
                                 progress: progress.clone(),
