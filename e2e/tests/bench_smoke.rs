@@ -43,6 +43,7 @@ fn the_benchmark_measures_a_small_fleet() -> Result<()> {
         "lost_chunks",
         "k8s_writes_per_device",
         "campaign_status_writes_per_second",
+        "device_status_lag_seconds",
         "campaign_status_bytes",
         "rss_bytes_per_device",
         "pull_baseline_ratio",

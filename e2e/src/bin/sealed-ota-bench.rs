@@ -74,6 +74,8 @@ struct CampaignRun {
     rss_idle: u64,
     rss_peak: u64,
     rss_end: u64,
+    /// Seconds from the campaign's end until the last Device status write landed.
+    device_writes_lag_seconds: f64,
     /// Per-device manager bytes besides the shared chunks, with this run's identifiers.
     wrap_bytes: u64,
     /// CPU seconds each process used from the campaign's apply to its end.
@@ -232,6 +234,14 @@ async fn main() -> Result<()> {
             2.0,
             format!(
                 "Device status writes / {} devices (2 phase changes a user sees: InProgress, Succeeded)",
+                scale.devices
+            ),
+        ));
+        rows.push(Budget::report(
+            "device_status_lag_seconds",
+            scale.device_writes_lag_seconds,
+            format!(
+                "the last Device status write landed this long after the campaign's own status said done ({} devices)",
                 scale.devices
             ),
         ));
@@ -419,6 +429,9 @@ async fn run_campaign(
     if status.phase != CampaignPhase::Succeeded {
         bail!("campaign ended {:?}: {:?}", status.phase, status.failures);
     }
+    // Device status writes queue behind the apiserver; the campaign can finish first. Count
+    // them once they stopped (and report how long after the campaign the last one landed).
+    let (metrics, device_writes_lag_seconds) = drained_metrics(&product.metrics_addr).await?;
     let rss_end = process_memory(pid, "VmRSS")?;
     let uid = campaign.metadata.uid.clone().context("campaign uid")?;
     let wrap_bytes = wrap_bytes(
@@ -428,7 +441,6 @@ async fn run_campaign(
         image,
         chunk_bytes,
     )?;
-    let metrics = scrape_metrics(&product.metrics_addr).await?;
     let metric = |k: &str| metrics.get(k).copied().unwrap_or(0.0);
     let campaign_object_bytes = product
         .kubectl(&["get", "updatecampaign", name, "-o", "json"])?
@@ -462,6 +474,7 @@ async fn run_campaign(
         rss_idle,
         rss_peak,
         rss_end,
+        device_writes_lag_seconds,
         wrap_bytes,
         cpu_seconds,
         emulator,
@@ -507,10 +520,32 @@ fn campaign_json(run: &CampaignRun) -> Value {
         "operator_rss_idle_bytes": run.rss_idle,
         "operator_rss_peak_bytes": run.rss_peak,
         "operator_rss_end_bytes": run.rss_end,
+        "device_writes_lag_seconds": run.device_writes_lag_seconds,
         "wrap_bytes": run.wrap_bytes,
         "cpu_seconds": run.cpu_seconds,
         "emulator": run.emulator,
     })
+}
+
+/// The operator's metrics once its Device status writes stopped (unchanged for 5 s, at most
+/// 10 minutes), and how long after the call the last write landed.
+async fn drained_metrics(addr: &str) -> Result<(BTreeMap<String, f64>, f64)> {
+    const DEVICE_WRITES: &str = "sealed_ota_operator_status_writes_total{kind=\"device\"}";
+    let started = Instant::now();
+    let mut metrics = scrape_metrics(addr).await?;
+    let mut last_change = started;
+    while last_change.elapsed() < Duration::from_secs(5) {
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("Device status writes still running 10 minutes after the campaign ended");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = scrape_metrics(addr).await?;
+        if now.get(DEVICE_WRITES) != metrics.get(DEVICE_WRITES) {
+            last_change = Instant::now();
+        }
+        metrics = now;
+    }
+    Ok((metrics, last_change.duration_since(started).as_secs_f64()))
 }
 
 /// Waits for the operator's /readyz (leader elected, caches synced).
