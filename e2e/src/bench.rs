@@ -256,19 +256,10 @@ impl RelayFleet {
     pub async fn shared_round(&self, name: &str, payloads: &[Vec<u8>]) -> Result<RelayRound> {
         let prefix = format!("{}/shared/", self.tag);
         let round = self.begin(prefix.clone(), payloads.len() as u64, None);
-        let mut published = 0;
-        for (j, payload) in payloads.iter().enumerate() {
-            published += payload.len() as u64;
-            self.publisher
-                .publish(
-                    format!("{prefix}{j}"),
-                    QoS::AtLeastOnce,
-                    false,
-                    payload.clone(),
-                )
-                .await
-                .with_context(|| format!("{name}: publishing"))?;
-        }
+        let published = self
+            .publish_all(&prefix, payloads.iter().cloned(), false)
+            .await
+            .with_context(|| format!("{name}: publishing"))?;
         self.finish(round, None, published).await
     }
 
@@ -287,19 +278,10 @@ impl RelayFleet {
         );
         round.window = Some(u64::from(window.max(1)));
         let round = Arc::new(round);
-        let mut published = 0;
-        for (j, payload) in payloads.iter().enumerate() {
-            published += payload.len() as u64;
-            self.publisher
-                .publish(
-                    format!("{prefix}{j}"),
-                    QoS::AtLeastOnce,
-                    true,
-                    payload.clone(),
-                )
-                .await
-                .context("pull baseline: publishing")?;
-        }
+        let published = self
+            .publish_all(&prefix, payloads.iter().cloned(), true)
+            .await
+            .context("pull baseline: publishing")?;
         // Retained messages are stored once the broker has them; a short pause covers the
         // publisher's in-flight window before anyone subscribes.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -316,13 +298,10 @@ impl RelayFleet {
                 .context("pull baseline: subscribing")?;
         }
         let result = self.finish(round, None, published).await;
-        for j in 0..payloads.len() {
-            // Clear the retained messages (empty retained payload).
-            self.publisher
-                .publish(format!("{prefix}{j}"), QoS::AtLeastOnce, true, Vec::new())
-                .await
-                .context("pull baseline: clearing")?;
-        }
+        // Clear the retained messages (an empty retained payload each).
+        self.publish_all(&prefix, payloads.iter().map(|_| Vec::new()), true)
+            .await
+            .context("pull baseline: clearing")?;
         result
     }
 
@@ -352,6 +331,23 @@ impl RelayFleet {
             }
         }
         self.finish(round, Some(started), published).await
+    }
+
+    /// Publishes `payloads` at QoS 1 on `<prefix><index>`; returns the payload bytes sent.
+    async fn publish_all(
+        &self,
+        prefix: &str,
+        payloads: impl Iterator<Item = Vec<u8>>,
+        retain: bool,
+    ) -> Result<u64> {
+        let mut published = 0;
+        for (j, payload) in payloads.enumerate() {
+            published += payload.len() as u64;
+            self.publisher
+                .publish(format!("{prefix}{j}"), QoS::AtLeastOnce, retain, payload)
+                .await?;
+        }
+        Ok(published)
     }
 
     fn begin(&self, prefix: String, expected: u64, paper: Option<PaperKeys>) -> Arc<Round> {
