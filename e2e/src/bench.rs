@@ -545,6 +545,32 @@ pub async fn scrape_metrics(addr: &str) -> Result<BTreeMap<String, f64>> {
     Ok(parse_metrics(body))
 }
 
+/// The operator's metrics once its Device status writes stopped (no new one for `quiet`, at
+/// most `limit`), and how long after the call the last write landed. Device status writes queue
+/// behind the apiserver, so they can land after the campaign's own status says it ended.
+pub async fn drained_metrics(
+    addr: &str,
+    quiet: Duration,
+    limit: Duration,
+) -> Result<(BTreeMap<String, f64>, f64)> {
+    const DEVICE_WRITES: &str = "sealed_ota_operator_status_writes_total{kind=\"device\"}";
+    let started = Instant::now();
+    let mut metrics = scrape_metrics(addr).await?;
+    let mut last_change = started;
+    while last_change.elapsed() < quiet {
+        if started.elapsed() > limit {
+            bail!("Device status writes still running {limit:?} after the campaign ended");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = scrape_metrics(addr).await?;
+        if now.get(DEVICE_WRITES) != metrics.get(DEVICE_WRITES) {
+            last_change = Instant::now();
+        }
+        metrics = now;
+    }
+    Ok((metrics, last_change.duration_since(started).as_secs_f64()))
+}
+
 /// Parses the Prometheus text format (comments skipped).
 pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
     text.lines()

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use sealed_ota_e2e::bench::{
-    process_cpu_seconds, process_memory, render_table, scrape_metrics, wrap_bytes, write_json,
+    drained_metrics, process_cpu_seconds, process_memory, render_table, wrap_bytes, write_json,
     Budget, RelayFleet,
 };
 use sealed_ota_e2e::product::{random_image, Product};
@@ -431,7 +431,12 @@ async fn run_campaign(
     }
     // Device status writes queue behind the apiserver; the campaign can finish first. Count
     // them once they stopped (and report how long after the campaign the last one landed).
-    let (metrics, device_writes_lag_seconds) = drained_metrics(&product.metrics_addr).await?;
+    let (metrics, device_writes_lag_seconds) = drained_metrics(
+        &product.metrics_addr,
+        Duration::from_secs(5),
+        Duration::from_secs(600),
+    )
+    .await?;
     let rss_end = process_memory(pid, "VmRSS")?;
     let uid = campaign.metadata.uid.clone().context("campaign uid")?;
     let wrap_bytes = wrap_bytes(
@@ -525,27 +530,6 @@ fn campaign_json(run: &CampaignRun) -> Value {
         "cpu_seconds": run.cpu_seconds,
         "emulator": run.emulator,
     })
-}
-
-/// The operator's metrics once its Device status writes stopped (unchanged for 5 s, at most
-/// 10 minutes), and how long after the call the last write landed.
-async fn drained_metrics(addr: &str) -> Result<(BTreeMap<String, f64>, f64)> {
-    const DEVICE_WRITES: &str = "sealed_ota_operator_status_writes_total{kind=\"device\"}";
-    let started = Instant::now();
-    let mut metrics = scrape_metrics(addr).await?;
-    let mut last_change = started;
-    while last_change.elapsed() < Duration::from_secs(5) {
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("Device status writes still running 10 minutes after the campaign ended");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = scrape_metrics(addr).await?;
-        if now.get(DEVICE_WRITES) != metrics.get(DEVICE_WRITES) {
-            last_change = Instant::now();
-        }
-        metrics = now;
-    }
-    Ok((metrics, last_change.duration_since(started).as_secs_f64()))
 }
 
 /// Waits for the operator's /readyz (leader elected, caches synced).
