@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -61,7 +61,7 @@ struct Round {
     window: Option<u64>,
     received: Vec<AtomicU64>,
     corrupt: AtomicU64,
-    first: Mutex<Option<Instant>>,
+    first: OnceLock<Instant>,
     last: Mutex<Option<Instant>>,
     completed: AtomicU64,
     done: Notify,
@@ -96,7 +96,7 @@ impl Round {
             window: None,
             received: (0..subscribers).map(|_| AtomicU64::new(0)).collect(),
             corrupt: AtomicU64::new(0),
-            first: Mutex::new(None),
+            first: OnceLock::new(),
             last: Mutex::new(None),
             completed: AtomicU64::new(0),
             done: Notify::new(),
@@ -115,7 +115,7 @@ impl Round {
     /// when this message completed one.
     fn deliver(&self, i: usize, topic: &str, payload: &[u8]) -> Option<NextWindow> {
         let rest = topic.strip_prefix(self.prefix.as_str())?;
-        lock(&self.first).get_or_insert_with(Instant::now);
+        self.first.get_or_init(Instant::now);
         if let Some(paper) = &self.paper {
             // rest = "<device>/<chunk>"
             let index = rest.rsplit('/').next().and_then(|s| s.parse::<u32>().ok());
@@ -167,8 +167,6 @@ pub struct RelayFleet {
     subscriber_clients: Vec<AsyncClient>,
     round: Arc<RwLock<Option<Arc<Round>>>>,
     tasks: Vec<JoinHandle<()>>,
-    /// Seconds until every subscriber had its CONNACK and SUBACK.
-    pub connect_seconds: f64,
 }
 
 impl RelayFleet {
@@ -185,7 +183,6 @@ impl RelayFleet {
         let pacer = Arc::new(ConnectPacer::new(CONNECT_RATE, CONNECT_CONCURRENCY));
         let ready = Arc::new(AtomicU64::new(0));
         let all_ready = Arc::new(Notify::new());
-        let started = Instant::now();
         let mut tasks = Vec::with_capacity(n + 1);
         let mut subscriber_clients = Vec::with_capacity(n);
         for i in 0..n {
@@ -246,7 +243,6 @@ impl RelayFleet {
             subscriber_clients,
             round,
             tasks,
-            connect_seconds: started.elapsed().as_secs_f64(),
         })
     }
 
@@ -368,7 +364,7 @@ impl RelayFleet {
             let _ = tokio::time::timeout(ROUND_TIMEOUT, wait).await;
         }
         *self.round.write().unwrap_or_else(|e| e.into_inner()) = None;
-        let first = from.or(*lock(&round.first));
+        let first = from.or(round.first.get().copied());
         let last = *lock(&round.last);
         let seconds = match (first, last) {
             (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
@@ -615,15 +611,18 @@ fn cpu_seconds(stat: &str, ticks_per_second: f64) -> Option<f64> {
     Some((utime + stime) / ticks_per_second)
 }
 
-/// USER_HZ; 100 on every Linux this runs on (`getconf CLK_TCK`), read once from getconf.
+/// USER_HZ (`getconf CLK_TCK`, 100 on every Linux this runs on), asked once per process.
 fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// One row of the budget table.

@@ -1,8 +1,9 @@
 //! `make bench` in miniature: the benchmark binary against the test bed with a small fleet, so the
 //! measurement machinery (relay baselines, campaign probes, summary) cannot rot between bench runs.
-//! The figures of a run this small say nothing about the budgets; what is asserted holds at any
-//! size: every chunk delivered, at most two Device status writes per device, the paper's
-//! per-device encryption publishing more than the product, and every key of the summary present.
+//! The figures of a run this small say nothing about most budgets; what is asserted holds at any
+//! size: every chunk delivered, chunks published once for the fleet (egress within 1.05x), at
+//! most two Device status writes per device, the paper's per-device encryption publishing more
+//! than the product, and every key of the summary present.
 
 use std::process::Command;
 
@@ -40,6 +41,7 @@ fn the_benchmark_measures_a_small_fleet() -> Result<()> {
     )?;
     for key in [
         "fanout_ratio",
+        "egress_ratio",
         "lost_chunks",
         "k8s_writes_per_device",
         "campaign_status_writes_per_second",
@@ -62,6 +64,9 @@ fn the_benchmark_measures_a_small_fleet() -> Result<()> {
         .as_f64()
         .unwrap_or(f64::MAX);
     ensure!(writes <= 2.0, "{writes} Device status writes per device");
+    // Chunks go out once for the fleet, not once per device.
+    let egress = summary["egress_ratio"].as_f64().unwrap_or(f64::MAX);
+    ensure!(egress <= 1.05, "egress ratio {egress}: {summary:#}");
     let paper = summary["paper_egress_ratio"].as_f64().unwrap_or(0.0);
     ensure!(
         paper > 1.0,
