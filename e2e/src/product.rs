@@ -536,17 +536,6 @@ impl Product {
         })
         .await;
         match result {
-            Ok(c) if c.status.as_ref().is_some_and(|s| s.phase.is_terminal()) => {
-                // Device status writes may still be landing; what the caller reads next is
-                // the settled state. (No operator running: nothing is landing.)
-                let _ = crate::bench::drained_metrics(
-                    &self.metrics_addr,
-                    Duration::from_secs(1),
-                    Duration::from_secs(60),
-                )
-                .await;
-                Ok(c)
-            }
             Ok(c) => Ok(c),
             Err(e) => {
                 let last = api.get(name).await.ok().and_then(|c| c.status);

@@ -460,6 +460,14 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
     if blocker.is_some() && phase == CampaignPhase::Progressing {
         phase = CampaignPhase::Pending;
     }
+    // The campaign says it ended only once the Device statuses it wrote have landed, so whoever
+    // reads a finished campaign reads its devices' final records too.
+    let settling = phase.is_terminal()
+        && !previous.phase.is_terminal()
+        && ctx.engine.device_writes_pending() > 0;
+    if settling {
+        phase = CampaignPhase::Progressing;
+    }
 
     // act
     let names: Vec<String> = selected.iter().map(|d| d.name_any()).collect();
@@ -561,6 +569,9 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         .map(|t| Duration::from_secs(t.saturating_sub(now).max(1)))
         .unwrap_or(Duration::from_secs(30));
     let mut after = due.min(Duration::from_secs(if blocker.is_some() { 10 } else { 5 }));
+    if settling {
+        after = after.min(Duration::from_secs(1));
+    }
     if let Some(w) = wait {
         after = after.min(w);
     }

@@ -7,6 +7,7 @@
 //! refusal, never on a broker acknowledgement. Locks are never held across an `.await`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -310,6 +311,11 @@ impl Engine {
             routes: Mutex::new(HashMap::new()),
             writes,
         }
+    }
+
+    /// Device status writes queued or in progress (all campaigns).
+    pub fn device_writes_pending(&self) -> usize {
+        self.writes.pending()
     }
 
     /// Whether a run exists for the campaign (with this uid).
@@ -737,7 +743,11 @@ pub fn clear_retained(topic: String) -> Outbound {
 /// Senders to the Device status writers. A device always goes to the same writer, so its transitions
 /// land in order, while different devices are written in parallel.
 #[derive(Clone, Debug)]
-pub struct DeviceWrites(Vec<mpsc::UnboundedSender<DeviceWrite>>);
+pub struct DeviceWrites {
+    shards: Vec<mpsc::UnboundedSender<DeviceWrite>>,
+    /// Writes sent and not yet finished (written, or given up after the retries).
+    pending: Arc<AtomicUsize>,
+}
 
 impl DeviceWrites {
     /// Start `shards` writer tasks; returns the senders and the tasks.
@@ -746,14 +756,31 @@ impl DeviceWrites {
         metrics: &Metrics,
         shards: usize,
     ) -> (Self, Vec<tokio::task::JoinHandle<()>>) {
+        let pending = Arc::new(AtomicUsize::new(0));
         let (senders, tasks): (Vec<_>, Vec<_>) = (0..shards.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::unbounded_channel();
-                let task = tokio::spawn(run_device_writer(client.clone(), rx, metrics.clone()));
+                let task = tokio::spawn(run_device_writer(
+                    client.clone(),
+                    rx,
+                    metrics.clone(),
+                    Arc::clone(&pending),
+                ));
                 (tx, task)
             })
             .unzip();
-        (Self(senders), tasks)
+        (
+            Self {
+                shards: senders,
+                pending,
+            },
+            tasks,
+        )
+    }
+
+    /// Writes sent and not yet finished.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
     }
 
     /// Queue a write on the device's writer.
@@ -761,8 +788,12 @@ impl DeviceWrites {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (&w.namespace, &w.name).hash(&mut h);
-        let shard = (h.finish() % self.0.len() as u64) as usize;
-        let _ = self.0[shard].send(w);
+        let shard = (h.finish() % self.shards.len() as u64) as usize;
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if self.shards[shard].send(w).is_err() {
+            // The writer is gone (shutting down): nothing will finish this write.
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -771,6 +802,7 @@ async fn run_device_writer(
     client: Client,
     mut rx: mpsc::UnboundedReceiver<DeviceWrite>,
     metrics: Metrics,
+    pending: Arc<AtomicUsize>,
 ) {
     while let Some(w) = rx.recv().await {
         let api: Api<Device> = Api::namespaced(client.clone(), &w.namespace);
@@ -795,6 +827,7 @@ async fn run_device_writer(
                 }
             }
         }
+        pending.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -835,23 +835,15 @@ async fn killed_operator_resumes_without_redoing_finished_devices() -> Result<()
     for s in &late {
         assert_eq!(s.installs.load(Ordering::SeqCst), 1);
     }
-    // Device status writes are queued behind the apiserver and may land after the campaign's
-    // own status says Succeeded; each record must get there.
+    // A campaign says Succeeded only once its Device status writes have landed.
     for n in names {
-        wait_for(
-            &format!("{n}'s record says Succeeded"),
-            Duration::from_secs(30),
-            || async {
-                let phase = h
-                    .get_device(n)
-                    .await?
-                    .status
-                    .and_then(|s| s.campaign)
-                    .map(|rec| rec.phase);
-                Ok((phase == Some(DevicePhase::Succeeded)).then_some(()))
-            },
-        )
-        .await?;
+        let rec = h
+            .get_device(n)
+            .await?
+            .status
+            .and_then(|s| s.campaign)
+            .context("record")?;
+        assert_eq!(rec.phase, DevicePhase::Succeeded, "{n}");
     }
     op2.stop().await;
     Ok(())
