@@ -271,6 +271,7 @@ impl Device {
             manager_id: self.ctx.topics.manager_id().to_string(),
             max_packet_size,
             window: self.ctx.window,
+            release_keys: Vec::new(),
         };
         let (mut session, actions) = DeviceSession::new(config, state);
         session.set_window_timeout(self.ctx.window_timeout);
@@ -597,6 +598,10 @@ impl Device {
                 self.save(session)?;
                 end = Some(ConnectionEnd::Reload);
             }
+            DeviceEvent::Aborted { campaign_id } => {
+                info!(device = %self.id, campaign = %campaign_id, "the manager aborted the session (signed abort)");
+                self.save(session)?;
+            }
             DeviceEvent::Rejected { reason } => {
                 info!(device = %self.id, %reason, "update rejected by the device");
                 self.set_outcome(Outcome::Rejected);
@@ -766,6 +771,7 @@ mod tests {
                     payload,
                     expires_at: now + 3600,
                     chunk_size: CHUNK,
+                    release: None,
                 })
                 .unwrap(),
             );
@@ -911,7 +917,7 @@ mod tests {
 
         fn rejection(&self) -> Option<RejectReason> {
             self.manager_events.iter().find_map(|e| match e {
-                ManagerEvent::Rejected { reason } => Some(reason.clone()),
+                ManagerEvent::Rejected { reason, .. } => Some(reason.clone()),
                 _ => None,
             })
         }

@@ -353,6 +353,7 @@ async fn prepare_run(c: &UpdateCampaign, ctx: &Ctx) -> Result<Result<CampaignRun
         payload,
         expires_at: unix_now() + u64::from(spec.expires_after_seconds),
         chunk_size: spec.chunk_size,
+        release: None,
     };
     // Encrypting a large image is CPU work: keep it off the async workers.
     let prepared = tokio::task::spawn_blocking(move || PreparedCampaign::prepare(cspec))

@@ -661,7 +661,24 @@ impl Engine {
                         ..Outcome::phase(DevicePhase::Succeeded)
                     });
                 }
-                ManagerEvent::Rejected { reason } => {
+                ManagerEvent::RolledBack {
+                    version, reason, ..
+                } => {
+                    self.metrics
+                        .device_failures
+                        .with_label_values(&["RolledBack"])
+                        .inc();
+                    tracing::warn!(campaign = %key.1, device = %device, version = %version, reason = %reason, "device rolled back after install");
+                    dr.progress = Progress::Failed {
+                        reason: "RolledBack".to_owned(),
+                    };
+                    result = Some(Outcome {
+                        reason: Some("RolledBack".to_owned()),
+                        message: Some(format!("installed {version}, then rolled back: {reason}")),
+                        ..Outcome::phase(DevicePhase::Failed)
+                    });
+                }
+                ManagerEvent::Rejected { reason, .. } => {
                     let label = reason.metric_label();
                     self.metrics
                         .device_failures

@@ -340,6 +340,7 @@ impl Harness {
             manager_id: self.manager_id.clone(),
             max_packet_size: 4 * 1024 * 1024,
             window: 8,
+            release_keys: Vec::new(),
         };
         let offers = Arc::new(AtomicU32::new(0));
         let installs = Arc::new(AtomicU32::new(0));
@@ -452,7 +453,7 @@ async fn device_loop(
                             DeviceEvent::CredentialsDelivered { .. } => {
                                 installs.fetch_add(1, Ordering::SeqCst);
                             }
-                            DeviceEvent::Rejected { .. } => {}
+                            DeviceEvent::Rejected { .. } | DeviceEvent::Aborted { .. } => {}
                         }
                     }
                     a

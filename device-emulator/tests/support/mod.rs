@@ -223,6 +223,7 @@ impl TestManager {
             payload: CampaignPayload::Firmware { image },
             expires_at: unix_now() + 3600,
             chunk_size,
+            release: None,
         };
         self.start_campaign(spec, devices).await
     }
@@ -306,7 +307,7 @@ impl TestManager {
                 ManagerEvent::Installed { .. } => {
                     self.installed.insert(device.clone());
                 }
-                ManagerEvent::Rejected { reason } => {
+                ManagerEvent::Rejected { reason, .. } => {
                     self.rejected.insert(device.clone(), reason);
                 }
                 ManagerEvent::ChunksRequested { indices } => {
@@ -316,7 +317,9 @@ impl TestManager {
                         actions.push(Action::Publish(campaign.chunk_publish(&self.topics, index)));
                     }
                 }
-                ManagerEvent::HandshakeCompleted { .. } | ManagerEvent::Progress { .. } => {}
+                ManagerEvent::HandshakeCompleted { .. }
+                | ManagerEvent::Progress { .. }
+                | ManagerEvent::RolledBack { .. } => {}
             }
         }
         self.perform(actions).await

@@ -362,6 +362,7 @@ fn chunk_payloads(image: &[u8], chunk_bytes: u32) -> Result<Vec<Vec<u8>>> {
         },
         expires_at: u64::MAX / 2,
         chunk_size: chunk_bytes,
+        release: None,
     })?;
     let topics = TopicTree::new("iot", "bench")?;
     Ok(prepared
