@@ -57,6 +57,7 @@ pub fn enroll_fleet(
         manager_id: manager_id.into(),
         topic_prefix: "iot".into(),
         initial_version: "1.0.0".into(),
+        release_keys: Vec::new(),
     };
     let request = EnrollRequest {
         id_prefix: id_prefix.into(),
