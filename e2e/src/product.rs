@@ -24,8 +24,10 @@ use sha2::{Digest, Sha256};
 
 use crate::{repo_root, wait_for, TestBed, TestNamespace};
 
-/// A private Mosquitto for tests that stop and restart the broker: TLS with client
-/// certificates from the test bed's CA, like the test bed's own listener.
+/// A private Mosquitto for tests that stop and restart the broker, or that make it drop
+/// messages: TLS with client certificates from the test bed's CA, like the test bed's own
+/// listener, optionally with an ACL file (`acl_file`, keyed on the certificate's CN as username)
+/// the test rewrites and makes Mosquitto reload while it runs.
 #[derive(Debug)]
 pub struct PrivateBroker {
     dir: PathBuf,
@@ -36,15 +38,28 @@ pub struct PrivateBroker {
 impl PrivateBroker {
     /// Starts Mosquitto on a free loopback port with persistence in `dir`.
     pub fn start(bed: &TestBed, dir: &Path) -> Result<Self> {
+        Self::start_with_acl(bed, dir, None)
+    }
+
+    /// Like `start`, with `acl` as Mosquitto's ACL file (every publish and delivery it does not
+    /// allow is dropped by the broker, as a malicious broker would drop it).
+    pub fn start_with_acl(bed: &TestBed, dir: &Path, acl: Option<&str>) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let port = free_port()?;
         let pki = bed.state_dir.join("pki");
         let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+        let acl_line = match acl {
+            Some(text) => {
+                std::fs::write(dir.join("acl"), text)?;
+                format!("acl_file {}/acl\n", dir.display())
+            }
+            None => String::new(),
+        };
         std::fs::write(
             dir.join("mosquitto.conf"),
             format!(
                 "per_listener_settings false\nuser {user}\nallow_anonymous false\npersistence true\n\
-                 persistence_location {d}/\nlog_dest file {d}/mosquitto.log\n\
+                 persistence_location {d}/\nlog_dest file {d}/mosquitto.log\n{acl_line}\
                  listener {port} 127.0.0.1\ncafile {p}/ca.crt\ncertfile {p}/mosquitto.crt\n\
                  keyfile {p}/mosquitto.key\nrequire_certificate true\nuse_identity_as_username true\n",
                 d = dir.display(),
@@ -63,6 +78,21 @@ impl PrivateBroker {
     /// `mqtts://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("mqtts://127.0.0.1:{}", self.port)
+    }
+
+    /// Replaces the ACL file and makes the running broker reload it (SIGHUP).
+    pub fn set_acl(&self, acl: &str) -> Result<()> {
+        std::fs::write(self.dir.join("acl"), acl)?;
+        let child = self.child.as_ref().context("the broker is not running")?;
+        let status = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -HUP {} failed", child.id());
+        }
+        // Mosquitto reloads on its next loop iteration.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
     }
 
     /// Kills the broker without warning (SIGKILL): what it had not saved is lost.
@@ -165,6 +195,25 @@ impl Spy {
     }
 }
 
+/// The labels of the secrets any 32-byte window of which appears anywhere in `seen`: what a
+/// broker that recorded everything could read of them (session and content keys are 32 bytes; a
+/// delivered private key is its PKCS#8 DER, which holds the 32-byte scalar). One pass over `seen`.
+pub fn leaked_secrets<'a>(seen: &[u8], secrets: &'a [(String, Vec<u8>)]) -> Vec<&'a str> {
+    let mut windows: std::collections::HashMap<&[u8], &str> = std::collections::HashMap::new();
+    for (label, secret) in secrets {
+        for w in secret.windows(32) {
+            windows.insert(w, label.as_str());
+        }
+    }
+    let mut found: Vec<&str> = seen
+        .windows(32)
+        .filter_map(|w| windows.get(w).copied())
+        .collect();
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
 /// 32-byte windows of `image` at every 16-byte offset found anywhere in `seen`.
 pub fn leaked_windows(seen: &[u8], image: &[u8]) -> usize {
     let windows: HashSet<&[u8]> = (0..image.len().saturating_sub(32))
@@ -219,6 +268,16 @@ impl Product {
 
     /// Like `new`, against another broker (for example a `PrivateBroker`).
     pub async fn with_broker(prefix: &str, devices: u32, broker_url: String) -> Result<Self> {
+        Self::with_enrollment(prefix, devices, broker_url, &[]).await
+    }
+
+    /// Like `with_broker`, with extra `enroll` arguments (for example `--release-key FILE`).
+    pub async fn with_enrollment(
+        prefix: &str,
+        devices: u32,
+        broker_url: String,
+        enroll_args: &[&str],
+    ) -> Result<Self> {
         let bed = TestBed::get()?;
         build_binaries()?;
         install_crds(bed)?;
@@ -274,8 +333,33 @@ impl Product {
             &product.manager_id,
         ]);
         args.extend(["--label", &label, "-n", &product.ns.name, "--apply"]);
+        args.extend(enroll_args);
         product.emulator_cli(&args)?;
         Ok(product)
+    }
+
+    /// Runs `sealed-ota` (the release CLI) with `args`; returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(binary("sealed-ota")).args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "sealed-ota {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Where the emulator logs the secrets its devices handle (`run --key-log`, tests only).
+    pub fn key_log(&self) -> PathBuf {
+        self.dir.join("keys.log")
+    }
+
+    /// Every content key, session key and delivered private key the devices handled so far, as
+    /// the emulator logged them: (label, secret).
+    pub fn logged_secrets(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(sealed_ota_device_emulator::keylog::read(&self.key_log())?)
     }
 
     /// The label selector value every enrolled device carries (`fleet=<this>`).
@@ -374,6 +458,8 @@ impl Product {
             .arg(self.dir.join("fleet"))
             .args(["--no-progress", "--json", "--window-timeout"])
             .arg(self.window_timeout_seconds.to_string())
+            .arg("--key-log")
+            .arg(self.key_log())
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(stdout)

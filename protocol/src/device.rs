@@ -307,7 +307,8 @@ pub struct DeviceConfig {
 /// for them (as rustls's `KeyLog`). ⚠️ Never set one in production: it exposes every session key,
 /// content key and delivered private key.
 pub trait KeyLog: Send + Sync + std::fmt::Debug {
-    /// `label`: `session-m2d`, `session-d2m`, `content-key` or `delivered-key`.
+    /// `label`: `session-m2d`, `session-d2m`, `content-key` or `delivered-key` (the delivered
+    /// private key's 32-byte scalar).
     fn log(&self, label: &str, session_id: &[u8; 16], secret: &[u8]);
 }
 
@@ -1057,7 +1058,10 @@ impl DeviceSession {
                     }
                 };
                 if key.is_some() {
-                    self.log_secret("delivered-key", &session_id, &key_der);
+                    use p256::pkcs8::DecodePrivateKey;
+                    if let Ok(k) = p256::SecretKey::from_pkcs8_der(&key_der) {
+                        self.log_secret("delivered-key", &session_id, &k.to_bytes());
+                    }
                 }
                 if crypto::sha256(cert) != manifest.sha256 {
                     self.reject(
