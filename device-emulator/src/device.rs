@@ -428,7 +428,14 @@ impl Device {
                     None => return Ok(ConnectionEnd::Lost),
                 },
                 _ = timers.tick() => {
-                    let actions = session.poll(self.now());
+                    let now = self.now();
+                    let output = session.poll_output(now);
+                    let mut actions = output.actions;
+                    for event in output.events {
+                        // Only the end of a session at the campaign's expiry (Rejected): nothing
+                        // here ends the connection.
+                        actions.extend(self.on_event(session, event, now)?.0);
+                    }
                     if mqtt_io::perform(client, actions).await.is_err() {
                         return Ok(ConnectionEnd::Lost);
                     }

@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod product;
+pub mod rogue;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -195,6 +195,16 @@ impl Spy {
     }
 }
 
+/// Sum of the series of `name` whose labels contain `label` (for example `reason="wrong_device"`).
+pub fn metric(series: &[(String, f64)], name: &str, label: Option<&str>) -> f64 {
+    series
+        .iter()
+        .filter(|(k, _)| k == name || k.starts_with(&format!("{name}{{")))
+        .filter(|(k, _)| label.is_none_or(|l| k.contains(l)))
+        .map(|(_, v)| v)
+        .sum()
+}
+
 /// The labels of the secrets any 32-byte window of which appears anywhere in `seen`: what a
 /// broker that recorded everything could read of them (session and content keys are 32 bytes; a
 /// delivered private key is its PKCS#8 DER, which holds the 32-byte scalar). One pass over `seen`.
@@ -445,6 +455,13 @@ impl Product {
     /// Starts the emulated fleet (every enrolled device) with extra `run` arguments, such as
     /// `--fault ...`. Its JSON summary goes to `emulator-N.json`.
     pub fn start_emulator(&mut self, extra: &[&str]) -> Result<()> {
+        let fleet = self.dir.join("fleet");
+        self.start_emulator_with_fleet(&fleet, extra)
+    }
+
+    /// Like `start_emulator`, running the devices of another fleet directory (for example a copy
+    /// of this fleet's old credentials, as a thief would hold them).
+    pub fn start_emulator_with_fleet(&mut self, fleet: &Path, extra: &[&str]) -> Result<()> {
         self.stop_emulator();
         self.emulator_starts += 1;
         let n = self.emulator_starts;
@@ -455,7 +472,7 @@ impl Product {
             .arg("--broker-ca")
             .arg(&self.bed.ca_file)
             .arg("--fleet")
-            .arg(self.dir.join("fleet"))
+            .arg(fleet)
             .args(["--no-progress", "--json", "--window-timeout"])
             .arg(self.window_timeout_seconds.to_string())
             .arg("--key-log")
@@ -468,6 +485,12 @@ impl Product {
             .context("starting sealed-ota-device-emulator")?;
         self.emulator = Some(child);
         Ok(())
+    }
+
+    /// The log of the emulator run started last (`emulator-N.log`).
+    pub fn emulator_log(&self) -> PathBuf {
+        self.dir
+            .join(format!("emulator-{}.log", self.emulator_starts))
     }
 
     /// Stops the emulated fleet (SIGINT, as Ctrl-C: devices save their state and the JSON
@@ -641,6 +664,42 @@ impl Product {
                 .await?
                 .items,
         )
+    }
+
+    /// Waits until the campaign is terminal and returns its status.
+    pub async fn finished(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<sealed_ota_operator::crd::UpdateCampaignStatus> {
+        let c = self
+            .wait_campaign(name, &format!("campaign {name} finished"), timeout, |c| {
+                c.status.as_ref().map(|s| s.phase.is_terminal()) == Some(true)
+            })
+            .await?;
+        c.status.context("campaign status")
+    }
+
+    /// The operator's /metrics, as (series with labels, value).
+    pub async fn metrics(&self) -> Result<Vec<(String, f64)>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(&self.metrics_addr)
+            .await
+            .with_context(|| format!("connecting to the metrics listener {}", self.metrics_addr))?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut text))
+            .await
+            .context("reading /metrics")??;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        Ok(body
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
+            .collect())
     }
 
     /// Reasons of the Events recorded in this namespace, with their messages.

@@ -1503,14 +1503,27 @@ impl DeviceSession {
 
     /// Timers: end the session at the campaign's expiry (a signed `Rejected(Expired)` when it was
     /// still live), re-send ready when no update came, ask the manager to republish chunks of a
-    /// window that did not arrive in time.
+    /// window that did not arrive in time. The actions of [`DeviceSession::poll_output`].
     pub fn poll(&mut self, now: u64) -> Vec<Action> {
+        self.poll_output(now).actions
+    }
+
+    /// Like [`DeviceSession::poll`], with the events: `Rejected { Expired }` when the timers
+    /// ended a live session at the campaign's expiry.
+    pub fn poll_output(&mut self, now: u64) -> DeviceOutput {
         if self.session_expired(now) && self.state.pending_install.is_none() {
             let mut out = DeviceOutput::default();
             self.reject(RejectReason::Expired, &mut out);
             self.end_session(&mut out);
-            return out.actions;
+            return out;
         }
+        DeviceOutput {
+            actions: self.poll_timers(now),
+            events: Vec::new(),
+        }
+    }
+
+    fn poll_timers(&mut self, now: u64) -> Vec<Action> {
         if self
             .hs
             .as_ref()

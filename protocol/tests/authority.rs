@@ -170,7 +170,14 @@ fn the_device_session_ends_at_the_expiry() {
     // At the expiry the session ends with a signed Rejected(Expired): no more requests, the
     // window is released.
     w.now = EXPIRES;
-    w.poll_devices();
+    let out = w.devices.get_mut("s1").unwrap().session.poll_output(w.now);
+    assert_eq!(
+        out.events,
+        vec![DeviceEvent::Rejected {
+            reason: RejectReason::Expired
+        }]
+    );
+    w.broker.apply("s1", out.actions);
     w.run();
     assert!(w.devices["s1"].session.state().transfer.is_none());
     assert_eq!(
