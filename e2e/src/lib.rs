@@ -130,14 +130,8 @@ impl TestBed {
 
     /// Host and port of an `mqtt://` or `mqtts://` URL of the test bed.
     pub fn host_port(url: &str) -> Result<(String, u16)> {
-        let rest = url
-            .split_once("://")
-            .map(|(_, r)| r)
-            .with_context(|| format!("not a URL: {url}"))?;
-        let (host, port) = rest
-            .rsplit_once(':')
-            .with_context(|| format!("no port in {url}"))?;
-        Ok((host.to_string(), port.parse().context("port")?))
+        let url = sealed_ota_mqtt::BrokerUrl::parse(url)?;
+        Ok((url.host, url.port))
     }
 
     /// rumqttc v5 options for the TLS listener, authenticated with `cert`/`key` (PEM files).
@@ -150,13 +144,9 @@ impl TestBed {
         let (host, port) = Self::host_port(&self.mqtts_url)?;
         let mut options = rumqttc::v5::MqttOptions::new(client_id, host, port);
         let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        options.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Simple {
-                ca: read(&self.ca_file)?,
-                alpn: None,
-                client_auth: Some((read(cert)?, read(key)?)),
-            },
-        ));
+        let roots = sealed_ota_mqtt::tls::roots_from_pem(&read(&self.ca_file)?)?;
+        let config = sealed_ota_mqtt::tls::client_config(roots, Some((&read(cert)?, &read(key)?)))?;
+        options.set_transport(sealed_ota_mqtt::tls::transport(config));
         options.set_keep_alive(Duration::from_secs(30));
         Ok(options)
     }

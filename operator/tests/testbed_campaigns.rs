@@ -15,7 +15,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::ByteString;
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, CustomResourceExt};
-use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
 use sealed_ota_e2e::{wait_for, TestBed, TestNamespace};
@@ -359,33 +359,7 @@ impl Harness {
 }
 
 async fn execute(client: &AsyncClient, actions: Vec<Action>) -> Result<()> {
-    for a in actions {
-        match a {
-            Action::Publish(o) => {
-                let props = PublishProperties {
-                    response_topic: o.properties.response_topic.clone(),
-                    correlation_data: o.properties.correlation_data.clone().map(Into::into),
-                    user_properties: o.properties.user_properties.clone(),
-                    content_type: o.properties.content_type.clone(),
-                    ..Default::default()
-                };
-                client
-                    .publish_with_properties(o.topic, QoS::AtLeastOnce, o.retain, o.payload, props)
-                    .await?;
-            }
-            Action::Subscribe(fs) => {
-                for f in fs {
-                    client.subscribe(f, QoS::AtLeastOnce).await?;
-                }
-            }
-            Action::Unsubscribe(fs) => {
-                for f in fs {
-                    client.unsubscribe(f).await?;
-                }
-            }
-        }
-    }
-    Ok(())
+    Ok(sealed_ota_mqtt::perform(client, actions).await?)
 }
 
 async fn device_loop(
