@@ -10,6 +10,7 @@ pub mod crdgen;
 pub mod engine;
 pub mod error;
 pub mod fetch;
+pub mod http;
 pub mod inputs;
 pub mod metrics;
 pub mod mqtt;
