@@ -22,7 +22,7 @@ use rumqttc::v5::{AsyncClient, Event};
 use sealed_ota_operator::crd::{Device, UpdateCampaign};
 use sha2::{Digest, Sha256};
 
-use crate::{repo_root, wait_for, TestBed, TestNamespace};
+use crate::{repo_root, TestBed, TestNamespace};
 
 /// A private Mosquitto for tests that stop and restart the broker, or that make it drop
 /// messages: TLS with client certificates from the test bed's CA, like the test bed's own
@@ -290,8 +290,8 @@ impl Product {
     ) -> Result<Self> {
         let bed = TestBed::get()?;
         build_binaries()?;
-        install_crds(bed)?;
         let ns = bed.namespace(prefix).await?;
+        crate::install_crds(&ns.client).await?;
         let dir = repo_root().join("target/e2e-runs").join(&ns.name);
         std::fs::create_dir_all(&dir)?;
         let tag: u32 = rand::thread_rng().gen_range(0..0xff_ffff);
@@ -630,7 +630,8 @@ impl Product {
         )
     }
 
-    /// Waits until `check` accepts the campaign; the error says what the campaign last looked like.
+    /// Waits until `check` accepts the campaign; the error says what the campaign last looked
+    /// like and where the logs are.
     pub async fn wait_campaign(
         &self,
         name: &str,
@@ -638,22 +639,16 @@ impl Product {
         timeout: Duration,
         check: impl Fn(&UpdateCampaign) -> bool,
     ) -> Result<UpdateCampaign> {
-        let api = Api::<UpdateCampaign>::namespaced(self.ns.client.clone(), &self.ns.name);
-        let result = wait_for(what, timeout, || async {
-            let c = api.get(name).await?;
-            Ok(check(&c).then_some(c))
-        })
-        .await;
-        match result {
-            Ok(c) => Ok(c),
-            Err(e) => {
-                let last = api.get(name).await.ok().and_then(|c| c.status);
-                bail!(
-                    "{e:#}; campaign status: {last:?}; logs in {}",
-                    self.dir.display()
-                )
-            }
-        }
+        self.ns
+            .wait_campaign(name, what, timeout, check)
+            .await
+            .with_context(|| format!("logs in {}", self.dir.display()))
+    }
+
+    /// The test passed: its namespace is deleted and its files removed when the product drops
+    /// (otherwise both are kept for inspection).
+    pub fn pass(&self) {
+        self.ns.pass();
     }
 
     /// Every Device of this product.
@@ -682,24 +677,8 @@ impl Product {
 
     /// The operator's /metrics, as (series with labels, value).
     pub async fn metrics(&self) -> Result<Vec<(String, f64)>> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(&self.metrics_addr)
-            .await
-            .with_context(|| format!("connecting to the metrics listener {}", self.metrics_addr))?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut text = String::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut text))
-            .await
-            .context("reading /metrics")??;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        Ok(body
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.rsplit_once(' '))
-            .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
-            .collect())
+        let text = crate::http::get(&format!("http://{}/metrics", self.metrics_addr)).await?;
+        Ok(crate::http::samples(&text))
     }
 
     /// Reasons of the Events recorded in this namespace, with their messages.
@@ -720,7 +699,9 @@ impl Drop for Product {
     fn drop(&mut self) {
         self.stop_emulator();
         self.stop_operator();
-        if std::thread::panicking() {
+        if self.ns.passed() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
             eprintln!("e2e: product files kept in {}", self.dir.display());
         }
     }
@@ -800,48 +781,6 @@ pub fn build_binaries() -> Result<()> {
         })
         .clone()
         .map_err(|e| anyhow::anyhow!(e))
-}
-
-static CRDS: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-
-/// Applies `crds/` with kubectl and waits until both CRDs are established (once per process).
-pub fn install_crds(bed: &TestBed) -> Result<()> {
-    CRDS.get_or_init(|| {
-        let run = |args: &[&str]| -> std::result::Result<(), String> {
-            let out = Command::new("kubectl")
-                .args(args)
-                .env("KUBECONFIG", &bed.kubeconfig)
-                .output()
-                .map_err(|e| format!("running kubectl: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "kubectl {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr)
-                ))
-            }
-        };
-        let crds = repo_root().join("crds");
-        run(&[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            crds.to_str().unwrap_or("crds"),
-        ])?;
-        run(&[
-            "wait",
-            "--for",
-            "condition=established",
-            "--timeout=60s",
-            "crd/devices.ota.sealed-ota.dev",
-            "crd/updatecampaigns.ota.sealed-ota.dev",
-        ])
-    })
-    .clone()
-    .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// `len` random bytes: a firmware image that no other run shares.

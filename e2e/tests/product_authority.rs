@@ -130,6 +130,7 @@ fn copy_fleet(from: &Path, to: &Path) -> Result<()> {
         from.display(),
         to.display()
     );
+    product.pass();
     Ok(())
 }
 
@@ -294,6 +295,7 @@ async fn nothing_installed(product: &Product, what: &str) -> Result<()> {
     let state = std::fs::read_to_string(product.device_dir(id).join("state.json"))?;
     let state: serde_json::Value = serde_json::from_str(&state)?;
     assert_eq!(state["running_version"], "1.0.0", "{state}");
+    product.pass();
     Ok(())
 }
 
@@ -306,6 +308,7 @@ async fn an_aborted_campaigns_chunks_delivered_later_install_nothing() -> Result
     // The broker keeps the chunks the operator cleared and delivers them when the device is back.
     redeliver_chunks(&product, &rogue).await?;
     nothing_installed(&product, "signed abort").await?;
+    product.pass();
     Ok(())
 }
 
@@ -346,6 +349,7 @@ async fn an_expired_campaigns_chunks_delivered_days_later_install_nothing() -> R
     redeliver_chunks(&product, &rogue).await?;
     nothing_installed(&product, "reason=expired").await?;
     let _ = std::fs::remove_file(&clock);
+    product.pass();
     Ok(())
 }
 
@@ -399,6 +403,7 @@ async fn failed_self_tests_are_reported_as_rolled_back_at_scale() -> Result<()> 
         events.iter().any(|(r, _)| r == "DeviceRolledBack"),
         "{events:?}"
     );
+    product.pass();
     Ok(())
 }
 
@@ -514,5 +519,6 @@ async fn devices_with_a_release_key_install_only_what_it_signed() -> Result<()> 
             image
         );
     }
+    product.pass();
     Ok(())
 }
