@@ -277,12 +277,14 @@ fn without_ansi(text: &str) -> String {
 async fn nothing_installed(product: &Product, what: &str) -> Result<()> {
     let id = &product.device_ids[0];
     let log = product.emulator_log();
+    let firmware = product.device_dir(id).join("firmware.bin");
     wait_for(
         &format!("the device back online and done with the campaign ({what:?} in its log)"),
         Duration::from_secs(90),
         || {
             let text = without_ansi(&std::fs::read_to_string(&log).unwrap_or_default());
-            async move { Ok(text.contains(what).then_some(())) }
+            let installed = firmware.exists();
+            async move { Ok((installed || text.contains(what)).then_some(())) }
         },
     )
     .await?;
