@@ -206,6 +206,11 @@ struct RunArgs {
     /// (like SSLKEYLOGFILE), so a test can scan what the broker relayed for them.
     #[arg(long, hide = true)]
     key_log: Option<PathBuf>,
+    /// Benchmarks only: do not fsync the frequent protocol-state saves (thousands of emulated
+    /// devices share one disk; a real device has its own). Credentials and installs are fsynced
+    /// regardless.
+    #[arg(long)]
+    no_state_fsync: bool,
 }
 
 fn parse_label(text: &str) -> std::result::Result<(String, String), String> {
@@ -377,6 +382,7 @@ async fn run(args: RunArgs) -> Result<()> {
     options.transfer_barrier = args.transfer_barrier;
     options.save_every_chunks = args.save_every_chunks;
     options.key_log = args.key_log;
+    options.no_state_fsync = args.no_state_fsync;
     let running = RunningFleet::start(options)?;
     let stats = std::sync::Arc::clone(running.stats());
     let progress = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {

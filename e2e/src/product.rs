@@ -253,6 +253,9 @@ pub struct Product {
     /// The emulator's `--window-timeout` in seconds: short (3) by default so tests recover
     /// quickly from dropped windows; benchmarks set the product default (30).
     pub window_timeout_seconds: u32,
+    /// Whether the emulator logs the devices' secrets (`run --key-log`) for the leak scans; the
+    /// benchmark turns it off.
+    pub log_keys: bool,
     operator: Option<Child>,
     emulator: Option<Child>,
     operator_starts: u32,
@@ -308,6 +311,7 @@ impl Product {
             broker_url,
             metrics_addr: format!("127.0.0.1:{}", free_port()?),
             window_timeout_seconds: 3,
+            log_keys: true,
             operator: None,
             emulator: None,
             operator_starts: 0,
@@ -475,8 +479,12 @@ impl Product {
             .arg(fleet)
             .args(["--no-progress", "--json", "--window-timeout"])
             .arg(self.window_timeout_seconds.to_string())
-            .arg("--key-log")
-            .arg(self.key_log())
+            .args(
+                self.log_keys
+                    .then(|| ["--key-log".into(), self.key_log().into_os_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(stdout)
