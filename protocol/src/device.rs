@@ -579,27 +579,13 @@ impl DeviceSession {
         }
         let (env, body) = wire::decode_notify(&msg.payload)?;
         let me = self.me().to_string();
-        if body.device_id != me {
-            return Err(ProtocolError::WrongDevice {
-                expected: me,
-                got: body.device_id,
-            });
-        }
-        if body.manager_id != self.config.manager_id
-            || body.manager_id != self.config.topics.manager_id()
-        {
-            return Err(ProtocolError::WrongManager {
-                expected: self.config.manager_id.clone(),
-                got: body.manager_id,
-            });
-        }
-        let manager = self.config.trust.verify(
+        let manager = self.verify_from_manager(
+            &env,
+            "notify",
+            (&body.device_id, &body.manager_id),
             &body.manager_cert,
-            Role::Manager,
-            &self.config.manager_id,
             now,
         )?;
-        env.verify(&manager.public_key, "notify")?;
         check_hints(
             &msg.properties,
             Some(&self.config.topics.ready(&me)),
@@ -761,32 +747,49 @@ impl DeviceSession {
         Ok(out)
     }
 
+    /// A message the manager signed for this device (notify, abort): it names this device and the
+    /// configured manager, the certificate it carries verifies as that manager's, and the signature
+    /// is that certificate's. Returns the manager's certificate.
+    fn verify_from_manager(
+        &self,
+        env: &SignedEnvelope,
+        message: &'static str,
+        (device_id, manager_id): (&str, &str),
+        manager_cert: &[u8],
+        now: u64,
+    ) -> Result<PeerCertificate, ProtocolError> {
+        let me = self.me();
+        if device_id != me {
+            return Err(ProtocolError::WrongDevice {
+                expected: me.to_string(),
+                got: device_id.to_string(),
+            });
+        }
+        if manager_id != self.config.manager_id || manager_id != self.config.topics.manager_id() {
+            return Err(ProtocolError::WrongManager {
+                expected: self.config.manager_id.clone(),
+                got: manager_id.to_string(),
+            });
+        }
+        let manager =
+            self.config
+                .trust
+                .verify(manager_cert, Role::Manager, &self.config.manager_id, now)?;
+        env.verify(&manager.public_key, message)?;
+        Ok(manager)
+    }
+
     /// A signed abort on the notify topic: every session of that campaign notified at or before its
     /// `issued_at` ends here, whatever the broker delivers afterwards.
     fn handle_abort(&mut self, msg: &Inbound, now: u64) -> Result<DeviceOutput, ProtocolError> {
         let (env, body) = wire::decode_abort(&msg.payload)?;
-        let me = self.me().to_string();
-        if body.device_id != me {
-            return Err(ProtocolError::WrongDevice {
-                expected: me,
-                got: body.device_id,
-            });
-        }
-        if body.manager_id != self.config.manager_id
-            || body.manager_id != self.config.topics.manager_id()
-        {
-            return Err(ProtocolError::WrongManager {
-                expected: self.config.manager_id.clone(),
-                got: body.manager_id,
-            });
-        }
-        let manager = self.config.trust.verify(
+        self.verify_from_manager(
+            &env,
+            "abort",
+            (&body.device_id, &body.manager_id),
             &body.manager_cert,
-            Role::Manager,
-            &self.config.manager_id,
             now,
         )?;
-        env.verify(&manager.public_key, "abort")?;
         let newer = self
             .state
             .last_abort
