@@ -7,8 +7,10 @@
 //! `after:<phase>` (the action finished, the next phase is not journaled yet), `journal-rename`
 //! (a new journal is written and synced under its temporary name, not yet renamed) and
 //! `before:report` / `after:report` around handing the outcome to the reporter. Phase names are the
-//! journal's (`preparing`, `installing`, `rebooting`, ...).
+//! journal's (`preparing`, `installing`, `rebooting`, ...). A suffix `#N` stops at the N-th time
+//! the point is reached in the process (`journal-rename#3`: the third journal write).
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 /// The environment variable that arms the hook.
@@ -35,18 +37,32 @@ impl CrashPoint {
     }
 }
 
-fn armed() -> Option<&'static str> {
-    static ARMED: OnceLock<Option<String>> = OnceLock::new();
+/// The armed point's name and at which occurrence it fires.
+fn parse(value: &str) -> (String, u32) {
+    match value.rsplit_once('#') {
+        Some((name, nth)) => (name.to_string(), nth.parse().unwrap_or(1).max(1)),
+        None => (value.to_string(), 1),
+    }
+}
+
+fn armed() -> Option<&'static (String, u32)> {
+    static ARMED: OnceLock<Option<(String, u32)>> = OnceLock::new();
     ARMED
-        .get_or_init(|| std::env::var(ENV).ok().filter(|v| !v.is_empty()))
-        .as_deref()
+        .get_or_init(|| {
+            std::env::var(ENV)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|v| parse(&v))
+        })
+        .as_ref()
 }
 
 /// Called at each point; kills the process with SIGKILL when the hook is armed for it.
 pub fn reached(point: &CrashPoint) {
-    let Some(target) = armed() else { return };
-    if target == point.name() {
-        eprintln!("sealed-ota-agent: {ENV}={target}: stopping with SIGKILL");
+    static SEEN: AtomicU32 = AtomicU32::new(0);
+    let Some((target, nth)) = armed() else { return };
+    if *target == point.name() && SEEN.fetch_add(1, Ordering::SeqCst) + 1 == *nth {
+        eprintln!("sealed-ota-agent: {ENV}={target}#{nth}: stopping with SIGKILL");
         let _ =
             rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
         // SIGKILL cannot be caught; this is never reached.
@@ -63,5 +79,10 @@ mod tests {
         assert_eq!(CrashPoint::Before("installing").name(), "before:installing");
         assert_eq!(CrashPoint::After("committing").name(), "after:committing");
         assert_eq!(CrashPoint::BeforeRename.name(), "journal-rename");
+        assert_eq!(parse("journal-rename#3"), ("journal-rename".to_string(), 3));
+        assert_eq!(
+            parse("before:installing"),
+            ("before:installing".to_string(), 1)
+        );
     }
 }

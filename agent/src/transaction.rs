@@ -306,8 +306,8 @@ pub enum Event {
     CommitFailed(String),
     /// The rollback is done.
     RolledBack {
-        /// Whether a reboot is needed to run the previous image again.
-        reboot: bool,
+        /// The reboot needed to run the previous image again, if any.
+        reboot: Option<RebootBy>,
     },
     /// The rollback failed.
     RollbackFailed(String),
@@ -380,7 +380,9 @@ pub struct Transaction {
     pub reboot: Option<RebootBy>,
     /// The slots of the install (RAUC).
     pub slots: Option<Slots>,
-    /// Whether the system rebooted after the install (the boot id changed).
+    /// The boot id when the install started.
+    pub install_boot_id: Option<String>,
+    /// Whether the system rebooted since the install started (the boot id changed).
     pub rebooted: bool,
     /// Reboot requests in the current reboot phase.
     pub reboot_requests: u32,
@@ -401,6 +403,7 @@ impl Transaction {
             supports_rollback: false,
             reboot: None,
             slots: None,
+            install_boot_id: None,
             rebooted: false,
             reboot_requests: 0,
             steps: 0,
@@ -422,6 +425,13 @@ impl Transaction {
             };
             return Ok(Effect::Finish(Outcome::Failed { reason }));
         }
+        if self
+            .install_boot_id
+            .as_deref()
+            .is_some_and(|b| b != boot_id)
+        {
+            self.rebooted = true;
+        }
         let unexpected = |tx: &Transaction, event: &Event| UnexpectedEvent {
             id: tx.id.clone(),
             event: event.name(),
@@ -433,6 +443,7 @@ impl Transaction {
             | (Phase::Preparing, Event::Resumed) => self.enter(Phase::Preparing, Effect::Prepare),
             (Phase::Preparing, Event::Prepared { supports_rollback }) => {
                 self.supports_rollback = supports_rollback;
+                self.install_boot_id = Some(boot_id.to_string());
                 self.enter(Phase::Installing, Effect::Install)
             }
             (Phase::Preparing, Event::PrepareFailed(detail)) => {
@@ -464,7 +475,6 @@ impl Transaction {
             (Phase::Rebooting { .. }, Event::RebootRequested)
             | (Phase::RollbackRebooting { .. }, Event::RebootRequested) => Effect::AwaitReboot,
             (Phase::Rebooting { boot_id: before }, Event::Resumed) if before != boot_id => {
-                self.rebooted = true;
                 self.enter(Phase::Verifying, Effect::VerifyBoot)
             }
             (Phase::Rebooting { .. }, Event::Resumed) => {
@@ -498,37 +508,25 @@ impl Transaction {
             (Phase::Committing, Event::CommitFailed(detail)) => self.fail(Step::Commit, detail),
             (Phase::Committing, Event::Resumed) => self.fail(Step::Commit, INTERRUPTED.into()),
             (Phase::RollingBack { .. }, Event::Resumed) => Effect::Rollback,
-            (Phase::RollingBack { reason }, Event::RolledBack { reboot }) => match self.reboot {
-                Some(by) if reboot => {
-                    self.reboot_requests = 1;
-                    self.enter(
-                        Phase::RollbackRebooting {
-                            reason,
-                            boot_id: boot_id.to_string(),
-                        },
-                        Effect::RollbackReboot(by),
-                    )
-                }
-                // A rollback that needs a reboot but whose install did not: the system's reboot.
-                None if reboot => {
-                    self.reboot = Some(RebootBy::System);
-                    self.reboot_requests = 1;
-                    self.enter(
-                        Phase::RollbackRebooting {
-                            reason,
-                            boot_id: boot_id.to_string(),
-                        },
-                        Effect::RollbackReboot(RebootBy::System),
-                    )
-                }
-                _ => self.enter(
-                    Phase::Failing {
+            (Phase::RollingBack { reason }, Event::RolledBack { reboot: Some(by) }) => {
+                // Later requests (retries) reboot the same way.
+                self.reboot = Some(by);
+                self.reboot_requests = 1;
+                self.enter(
+                    Phase::RollbackRebooting {
                         reason,
-                        rolled_back: true,
+                        boot_id: boot_id.to_string(),
                     },
-                    Effect::Failure,
-                ),
-            },
+                    Effect::RollbackReboot(by),
+                )
+            }
+            (Phase::RollingBack { reason }, Event::RolledBack { reboot: None }) => self.enter(
+                Phase::Failing {
+                    reason,
+                    rolled_back: true,
+                },
+                Effect::Failure,
+            ),
             (Phase::RollingBack { mut reason }, Event::RollbackFailed(detail)) => {
                 reason.detail = format!("{}; the rollback failed too: {detail}", reason.detail);
                 self.enter(
@@ -754,6 +752,29 @@ mod tests {
         assert!(t.rebooted);
     }
 
+    #[test]
+    fn a_power_cut_during_the_install_counts_as_a_reboot_for_the_rollback() {
+        let mut t = tx();
+        run(
+            &mut t,
+            &[
+                (Event::Begin, BOOT1, Effect::Prepare),
+                (
+                    Event::Prepared {
+                        supports_rollback: true,
+                    },
+                    BOOT1,
+                    Effect::Install,
+                ),
+                (Event::Resumed, BOOT2, Effect::Rollback),
+            ],
+        );
+        assert!(
+            t.rebooted,
+            "the rollback must know the system rebooted since the install began"
+        );
+    }
+
     fn until_health_check_after_reboot(t: &mut Transaction) {
         run(
             t,
@@ -793,7 +814,9 @@ mod tests {
                     Effect::Rollback,
                 ),
                 (
-                    Event::RolledBack { reboot: true },
+                    Event::RolledBack {
+                        reboot: Some(RebootBy::System),
+                    },
                     BOOT2,
                     Effect::RollbackReboot(RebootBy::System),
                 ),
@@ -845,7 +868,7 @@ mod tests {
                     BOOT2,
                     Effect::Rollback,
                 ),
-                (Event::RolledBack { reboot: false }, BOOT2, Effect::Failure),
+                (Event::RolledBack { reboot: None }, BOOT2, Effect::Failure),
                 (Event::FailureHandled, BOOT2, Effect::Cleanup),
             ],
         );
@@ -1127,7 +1150,8 @@ mod tests {
             Just(Event::HealthFailed("h".into())),
             Just(Event::Committed),
             Just(Event::CommitFailed("c".into())),
-            any::<bool>().prop_map(|reboot| Event::RolledBack { reboot }),
+            prop_oneof![Just(None), Just(Some(RebootBy::System))]
+                .prop_map(|reboot| Event::RolledBack { reboot }),
             Just(Event::RollbackFailed("f".into())),
             Just(Event::RollbackBootVerified),
             Just(Event::RollbackBootNotVerified("v".into())),

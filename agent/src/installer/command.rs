@@ -13,7 +13,7 @@
 //! (for `rollback` and `failure`: why).
 //!
 //! With `reboot = true` the new image runs only after a reboot, which the agent asks the system for;
-//! a rollback after that reboot needs one too.
+//! a rollback after the system booted (since the install began) needs one too.
 
 use std::time::Duration;
 
@@ -102,9 +102,11 @@ impl Installer for CommandHook {
         self.call("commit", step)
     }
 
-    fn rollback(&mut self, step: &StepContext<'_>) -> Result<bool, InstallerError> {
+    fn rollback(&mut self, step: &StepContext<'_>) -> Result<Option<RebootBy>, InstallerError> {
         self.call("rollback", step)?;
-        Ok(self.config.reboot && step.transaction.rebooted)
+        // The system booted since the install began (a requested reboot or a power cut): the
+        // previous image runs again only after another.
+        Ok((self.config.reboot && step.transaction.rebooted).then_some(RebootBy::System))
     }
 
     fn failure(&mut self, step: &StepContext<'_>) -> Result<(), InstallerError> {

@@ -115,8 +115,8 @@ pub trait Installer: Send + std::fmt::Debug {
     /// Makes the new image permanent.
     fn commit(&mut self, step: &StepContext<'_>) -> Result<(), InstallerError>;
 
-    /// Rolls back; `Ok(true)` when a reboot is needed to run the previous image again.
-    fn rollback(&mut self, step: &StepContext<'_>) -> Result<bool, InstallerError>;
+    /// Rolls back; returns the reboot needed to run the previous image again, if any.
+    fn rollback(&mut self, step: &StepContext<'_>) -> Result<Option<RebootBy>, InstallerError>;
 
     /// The failure handling after a failed (and possibly rolled back) install. Errors are logged.
     fn failure(&mut self, step: &StepContext<'_>) -> Result<(), InstallerError> {

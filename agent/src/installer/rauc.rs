@@ -249,7 +249,7 @@ impl Installer for Rauc {
         Self::mark(&proxy, "good", "booted")
     }
 
-    fn rollback(&mut self, step: &StepContext<'_>) -> Result<bool, InstallerError> {
+    fn rollback(&mut self, step: &StepContext<'_>) -> Result<Option<RebootBy>, InstallerError> {
         let proxy = self.wait_idle()?;
         let booted = booted_slot(&proxy)?;
         match &step.transaction.slots {
@@ -258,20 +258,20 @@ impl Installer for Rauc {
                 // reboot into it.
                 Self::mark(&proxy, "bad", "booted")?;
                 Self::mark(&proxy, "active", &slots.previous)?;
-                Ok(true)
+                Ok(Some(RebootBy::System))
             }
             Some(slots) => {
                 // Still (or again) on the previous image: keep booting it.
                 Self::mark(&proxy, "active", "booted")?;
                 Self::mark(&proxy, "bad", &slots.target)?;
-                Ok(false)
+                Ok(None)
             }
             None => {
                 // The install was interrupted before the journal learnt its slot; RAUC may have
                 // finished it and made the other slot primary.
                 Self::mark(&proxy, "active", "booted")?;
                 Self::mark(&proxy, "bad", "other")?;
-                Ok(false)
+                Ok(None)
             }
         }
     }

@@ -217,6 +217,19 @@ impl UpdateModule {
     }
 }
 
+impl UpdateModule {
+    fn needs_reboot(&self, step: &StepContext<'_>) -> Result<Option<RebootBy>, InstallerError> {
+        match self.call(step, "NeedsArtifactReboot")?.as_str() {
+            "" | "No" => Ok(None),
+            "Yes" => Ok(Some(RebootBy::Installer)),
+            "Automatic" => Ok(Some(RebootBy::System)),
+            other => Err(InstallerError::Image(format!(
+                "the update module answered {other:?} to NeedsArtifactReboot (expected Yes, No or Automatic)"
+            ))),
+        }
+    }
+}
+
 fn module_gone(when: &str) -> InstallerError {
     InstallerError::Image(format!("the update module exited {when} during Download"))
 }
@@ -341,10 +354,18 @@ impl Installer for UpdateModule {
         self.call(step, "ArtifactCommit").map(drop)
     }
 
-    fn rollback(&mut self, step: &StepContext<'_>) -> Result<bool, InstallerError> {
+    fn rollback(&mut self, step: &StepContext<'_>) -> Result<Option<RebootBy>, InstallerError> {
         self.call(step, "ArtifactRollback")?;
-        // As the Mender client: a module that needed a reboot into the update needs one back.
-        Ok(step.transaction.reboot.is_some() && step.transaction.rebooted)
+        // As the Mender client: a module that needed a reboot into the update needs one back
+        // (`ArtifactRollbackReboot`), once the system booted since the install began. An install
+        // interrupted before `NeedsArtifactReboot` was asked is asked now.
+        if !step.transaction.rebooted {
+            return Ok(None);
+        }
+        match step.transaction.reboot {
+            Some(by) => Ok(Some(by)),
+            None => self.needs_reboot(step),
+        }
     }
 
     fn failure(&mut self, step: &StepContext<'_>) -> Result<(), InstallerError> {
