@@ -13,12 +13,10 @@ mod support;
 use std::collections::BTreeSet;
 use std::fs;
 
-use support::Board;
+use support::{Board, Crash, Device as _};
 
 const OLD: &str = "firmware 1.0.0\n";
 const NEW: &str = "firmware 2.0.0\n";
-const SIGKILL: i32 = 9;
-const SIGTERM: i32 = 15;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -31,6 +29,8 @@ enum Mode {
 struct Device {
     board: Board,
     mode: Mode,
+    /// The next boot of a slot on trial hangs (a watchdog resets it): the bootloader falls back.
+    hangs_on_next_try: bool,
 }
 
 impl Device {
@@ -52,18 +52,11 @@ impl Device {
         if !healthy {
             fs::write(root.join("unhealthy"), "").unwrap();
         }
-        Device { board, mode }
-    }
-
-    fn env(&self) -> [(&'static str, &'static str); 1] {
-        [(
-            "MODE",
-            if self.mode == Mode::Ab {
-                "ab"
-            } else {
-                "inplace"
-            },
-        )]
+        Device {
+            board,
+            mode,
+            hangs_on_next_try: false,
+        }
     }
 
     fn boot(&self) -> (String, String, u32) {
@@ -86,6 +79,24 @@ impl Device {
         let (booted, _, _) = self.boot();
         fs::read_to_string(self.board.path().join(format!("slot-{booted}"))).unwrap()
     }
+}
+
+impl support::Device for Device {
+    fn board(&self) -> &Board {
+        &self.board
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![(
+            "MODE",
+            if self.mode == Mode::Ab {
+                "ab"
+            } else {
+                "inplace"
+            }
+            .to_string(),
+        )]
+    }
 
     /// A reboot: the harness is the bootloader (see the module doc), and the boot id changes.
     fn power_cycle(&mut self) {
@@ -98,6 +109,11 @@ impl Device {
             }
         };
         let (booted, trying) = match trying {
+            1 if self.hangs_on_next_try => {
+                self.hangs_on_next_try = false;
+                primary = other(&primary);
+                (primary.clone(), 0)
+            }
             1 => (primary.clone(), 2),
             2 => {
                 primary = other(&primary);
@@ -112,13 +128,10 @@ impl Device {
         .unwrap();
         self.board.new_boot_id();
     }
+}
 
-    /// Runs the device until the transaction settles: `install`, then after each exit the system
-    /// reboots when the agent asked for it, and the agent starts again (`run`), as systemd would.
-    /// `crash_at` is armed until it fires once (from the `process`-th agent process on when given,
-    /// else from the first); then the device restarts in the same boot, or power-cycles when
-    /// `power_cut`. Returns whether the crash point fired.
-    fn settle(&mut self, crash_at: Option<&Crash>, power_cut: bool) -> bool {
+impl Device {
+    fn settle(&mut self, crash: Option<&Crash>, power_cut: bool) -> bool {
         let image = self.board.path().join("image-2.0.0");
         let image = image.to_str().unwrap().to_string();
         let install = [
@@ -130,51 +143,7 @@ impl Device {
             "--id",
             "campaign-1",
         ];
-        let mut args: Vec<&str> = install.to_vec();
-        let mut fired = false;
-        for process in 1..=16 {
-            let env = self.env();
-            let armed = crash_at
-                .filter(|c| !fired && c.process.is_none_or(|p| p == process))
-                .map(|c| c.point.as_str());
-            let exit = self.board.agent(&args, armed, &env);
-            let clean_exit = exit.signal().is_none();
-            match exit.signal() {
-                Some(SIGKILL) => {
-                    assert!(
-                        armed.is_some(),
-                        "killed without a crash point: {}",
-                        exit.stderr
-                    );
-                    fired = true;
-                    if power_cut {
-                        self.power_cycle();
-                    }
-                }
-                Some(SIGTERM) => {
-                    assert!(
-                        self.board.take_reboot_request(),
-                        "stopped by SIGTERM without a reboot request: {}",
-                        exit.stderr
-                    );
-                    self.power_cycle();
-                }
-                _ => {
-                    let code = exit.code().unwrap();
-                    assert!(
-                        [0, 3].contains(&code),
-                        "agent {args:?} exited {code}: {}",
-                        exit.stderr
-                    );
-                }
-            }
-            // A stopped agent is started again (systemd's Restart=, or the next boot).
-            if clean_exit && self.board.journal()["active"].is_null() {
-                return fired;
-            }
-            args = vec!["run"];
-        }
-        panic!("the transaction did not settle: {:#}", self.board.journal());
+        support::settle(self, &install, crash, power_cut)
     }
 
     /// The outcome matches what runs, and still holds after another reboot.
@@ -224,53 +193,12 @@ impl Device {
     }
 }
 
-/// A crash point, armed in every agent process until it fires, or only in the `process`-th.
-#[derive(Debug, Clone)]
-struct Crash {
-    point: String,
-    process: Option<usize>,
-}
-
-impl Crash {
-    fn name(&self) -> String {
-        match self.process {
-            Some(p) => format!("p{p}:{}", self.point),
-            None => self.point.clone(),
-        }
-    }
-}
-
-fn crash_points() -> Vec<Crash> {
-    let mut points = Vec::new();
-    let mut any = |point: String| {
-        points.push(Crash {
-            point,
-            process: None,
-        })
-    };
-    for phase in sealed_ota_agent::transaction::Phase::NAMES {
-        any(format!("before:{phase}"));
-        any(format!("after:{phase}"));
-    }
-    any("before:report".into());
-    any("after:report".into());
-    // Every journal write of the first three agent processes (each counts its own writes).
-    for process in 1..=3 {
-        for n in 1..=6 {
-            points.push(Crash {
-                point: format!("journal-rename#{n}"),
-                process: Some(process),
-            });
-        }
-    }
-    points
-}
-
 /// Every crash point, in the same boot and with a power cut; returns the points that fired.
 fn every_crash_point(mode: Mode, healthy: bool, expected: &str) -> BTreeSet<String> {
     let mut fired = BTreeSet::new();
     for power_cut in [false, true] {
-        for crash in crash_points() {
+        let all: Vec<&str> = sealed_ota_agent::transaction::Phase::NAMES.to_vec();
+        for crash in support::crash_points(&all, 3, 6) {
             let mut device = Device::new(mode, healthy);
             let name = crash.name();
             let context =
@@ -376,27 +304,9 @@ fn ab_unhealthy_image_is_rolled_back_through_a_reboot() {
 #[test]
 fn ab_bootloader_fallback_is_caught_and_reported() {
     let mut device = Device::new(Mode::Ab, true);
-    // The new image "fails to boot": the bootloader's one try is used up before the agent runs.
-    let image = device.board.path().join("image-2.0.0");
-    let env = device.env();
-    let exit = device.board.agent(
-        &[
-            "install",
-            "--image",
-            image.to_str().unwrap(),
-            "--version",
-            "2.0.0",
-            "--id",
-            "campaign-1",
-        ],
-        None,
-        &env,
-    );
-    assert_eq!(exit.signal(), Some(SIGTERM), "{}", exit.stderr);
-    assert!(device.board.take_reboot_request());
-    device.power_cycle(); // tries B
-    device.power_cycle(); // B "hung": falls back to A
-    device.settle_after_reboot();
+    // The new image "fails to boot": its one try ends in a reset, the bootloader falls back.
+    device.hangs_on_next_try = true;
+    device.settle(None, false);
     assert_eq!(device.check_consistent("fallback"), "rolled-back");
     let outcome = device.board.last_outcome().unwrap();
     assert_eq!(outcome["reason"]["step"], "verify-boot", "{outcome:#}");
@@ -420,23 +330,6 @@ fn a_reboot_that_never_comes_is_retried_then_rolled_back() {
     assert_eq!(device.check_consistent("no reboot"), "rolled-back");
     let outcome = device.board.last_outcome().unwrap();
     assert_eq!(outcome["reason"]["step"], "reboot", "{outcome:#}");
-}
-
-impl Device {
-    fn settle_after_reboot(&mut self) {
-        for _ in 0..8 {
-            let env = self.env();
-            let exit = self.board.agent(&["run"], None, &env);
-            if exit.signal() == Some(SIGTERM) {
-                assert!(self.board.take_reboot_request());
-                self.power_cycle();
-            }
-            if self.board.journal()["active"].is_null() {
-                return;
-            }
-        }
-        panic!("did not settle");
-    }
 }
 
 #[test]

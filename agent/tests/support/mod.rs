@@ -215,3 +215,127 @@ boot_id_file = "{root}/boot_id"
             .map(|f| f["outcome"].clone())
     }
 }
+
+/// A crash point, armed in every agent process until it fires, or only in the `process`-th.
+#[derive(Debug, Clone)]
+pub struct Crash {
+    /// The point (`before:installing`, `journal-rename#2`, ...).
+    pub point: String,
+    /// Only in this agent process (1-based), when set.
+    pub process: Option<usize>,
+}
+
+impl Crash {
+    /// Armed from the first process on.
+    pub fn at(point: &str) -> Crash {
+        Crash {
+            point: point.to_string(),
+            process: None,
+        }
+    }
+
+    /// A name for reports (`p2:journal-rename#1`).
+    pub fn name(&self) -> String {
+        match self.process {
+            Some(p) => format!("p{p}:{}", self.point),
+            None => self.point.clone(),
+        }
+    }
+}
+
+/// A simulated device the harness can power-cycle (playing its bootloader).
+pub trait Device {
+    /// Its board.
+    fn board(&self) -> &Board;
+    /// Environment for the agent (read by hooks).
+    fn env(&self) -> Vec<(&'static str, String)>;
+    /// A reboot: the bootloader picks a slot, the boot id changes, services restart.
+    fn power_cycle(&mut self);
+}
+
+const SIGKILL: i32 = 9;
+const SIGTERM: i32 = 15;
+
+/// Runs the device until its transaction settles: `first` (an `install`), then after each exit
+/// the system reboots when the agent asked for it (the reboot command stops the agent with
+/// SIGTERM), and the agent starts again with `run`, as systemd would. `crash` is armed until it
+/// fires once; the device then restarts in the same boot, or power-cycles when `power_cut`.
+/// Returns whether the crash fired. Exit statuses other than 0 (installed, idle) and 3 (rolled
+/// back) fail the test.
+pub fn settle<D: Device>(
+    device: &mut D,
+    first: &[&str],
+    crash: Option<&Crash>,
+    power_cut: bool,
+) -> bool {
+    let mut args: Vec<&str> = first.to_vec();
+    let mut fired = false;
+    for process in 1..=16 {
+        let armed = crash
+            .filter(|c| !fired && c.process.is_none_or(|p| p == process))
+            .map(|c| c.point.as_str());
+        let env = device.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let exit = device.board().agent(&args, armed, &env);
+        let clean_exit = exit.signal().is_none();
+        match exit.signal() {
+            Some(SIGKILL) => {
+                assert!(
+                    armed.is_some(),
+                    "killed without a crash point: {}",
+                    exit.stderr
+                );
+                fired = true;
+                if power_cut {
+                    device.power_cycle();
+                }
+            }
+            Some(SIGTERM) => {
+                assert!(
+                    device.board().take_reboot_request(),
+                    "stopped by SIGTERM without a reboot request: {}",
+                    exit.stderr
+                );
+                device.power_cycle();
+            }
+            other => {
+                let code = exit.code();
+                assert!(
+                    matches!(code, Some(0 | 3)),
+                    "agent {args:?} ended with {code:?} / signal {other:?}: {}",
+                    exit.stderr
+                );
+            }
+        }
+        // A stopped agent is started again (systemd's Restart=, or the next boot).
+        if clean_exit && device.board().journal()["active"].is_null() {
+            return fired;
+        }
+        args = vec!["run"];
+    }
+    panic!(
+        "the transaction did not settle: {:#}",
+        device.board().journal()
+    );
+}
+
+/// Every `before:` and `after:` point of `phases`, `before:report`, `after:report`, and the first
+/// `writes` journal writes of each of the first `processes` agent processes.
+pub fn crash_points(phases: &[&str], processes: usize, writes: usize) -> Vec<Crash> {
+    let mut points = Vec::new();
+    for phase in phases {
+        points.push(Crash::at(&format!("before:{phase}")));
+        points.push(Crash::at(&format!("after:{phase}")));
+    }
+    points.push(Crash::at("before:report"));
+    points.push(Crash::at("after:report"));
+    for process in 1..=processes {
+        for n in 1..=writes {
+            points.push(Crash {
+                point: format!("journal-rename#{n}"),
+                process: Some(process),
+            });
+        }
+    }
+    points
+}
