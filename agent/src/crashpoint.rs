@@ -4,7 +4,8 @@
 //! variable unset (always, outside tests) `reached` does nothing.
 //!
 //! Points: `before:<phase>` (the journal says `<phase>`, its action has not started),
-//! `after:<phase>` (the action finished, the next phase is not journaled yet), `journal-rename`
+//! `after:<phase>` (the action finished, the next phase is not journaled yet), `during:installing`
+//! (RAUC accepted the bundle and installs it while the agent waits), `journal-rename`
 //! (a new journal is written and synced under its temporary name, not yet renamed) and
 //! `before:report` / `after:report` around handing the outcome to the reporter. Phase names are the
 //! journal's (`preparing`, `installing`, `rebooting`, ...). A suffix `#N` stops at the N-th time
@@ -23,6 +24,8 @@ pub enum CrashPoint {
     Before(&'static str),
     /// This phase's action finished; the next phase is not journaled.
     After(&'static str),
+    /// This phase's action is under way in another process (RAUC installing).
+    During(&'static str),
     /// A new journal is synced under its temporary name, not yet renamed over the old one.
     BeforeRename,
 }
@@ -32,6 +35,7 @@ impl CrashPoint {
         match self {
             CrashPoint::Before(phase) => format!("before:{phase}"),
             CrashPoint::After(phase) => format!("after:{phase}"),
+            CrashPoint::During(phase) => format!("during:{phase}"),
             CrashPoint::BeforeRename => "journal-rename".to_string(),
         }
     }

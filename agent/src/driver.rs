@@ -216,6 +216,7 @@ impl Agent {
             Effect::Prepare => match installer.prepare(&step) {
                 Ok(p) => Event::Prepared {
                     supports_rollback: p.supports_rollback,
+                    booted_slot: p.booted_slot,
                 },
                 Err(e) => Event::PrepareFailed(failed("prepare", &e)),
             },
@@ -231,7 +232,7 @@ impl Agent {
                 match installer.install(&step, &mut progress) {
                     Ok(i) => Event::Installed {
                         reboot: i.reboot,
-                        slots: i.slots,
+                        target_slot: i.target_slot,
                     },
                     Err(e) => Event::InstallFailed(failed("install", &e)),
                 }

@@ -36,7 +36,7 @@ FILES
 ENVIRONMENT
     RUST_LOG                   log filter (default: info); logs go to stderr (the journal under systemd)
     SEALED_OTA_AGENT_CRASH_AT  tests only: stop with SIGKILL at a named step (before:<phase>,
-                               after:<phase>, journal-rename, before:report, after:report)
+                               after:<phase>, during:installing, journal-rename[#N], before:report, after:report)
 
 EXIT STATUS
     0  success (install: installed)

@@ -47,16 +47,6 @@ pub enum RebootBy {
     Installer,
 }
 
-/// The A/B slots of an install, when the installer knows them (RAUC).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Slots {
-    /// The slot that ran when the install started.
-    pub previous: String,
-    /// The slot the image was written to.
-    pub target: String,
-}
-
 /// The step of a transaction that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -274,6 +264,8 @@ pub enum Event {
     Prepared {
         /// Whether the installer can roll this install back.
         supports_rollback: bool,
+        /// The slot that runs, when the installer knows slots (RAUC).
+        booted_slot: Option<String>,
     },
     /// Preparation failed (nothing on the system changed).
     PrepareFailed(String),
@@ -281,8 +273,8 @@ pub enum Event {
     Installed {
         /// Whether (and by whom) a reboot is needed to run it.
         reboot: Option<RebootBy>,
-        /// The slots involved, when the installer knows them.
-        slots: Option<Slots>,
+        /// The slot the image was written to, when the installer knows slots.
+        target_slot: Option<String>,
     },
     /// Writing the image failed.
     InstallFailed(String),
@@ -378,8 +370,10 @@ pub struct Transaction {
     pub supports_rollback: bool,
     /// The reboot the install needs (known after the install).
     pub reboot: Option<RebootBy>,
-    /// The slots of the install (RAUC).
-    pub slots: Option<Slots>,
+    /// The slot that ran when the install started (installers with slots: RAUC).
+    pub previous_slot: Option<String>,
+    /// The slot the image was written to (known once the install finished).
+    pub target_slot: Option<String>,
     /// The boot id when the install started.
     pub install_boot_id: Option<String>,
     /// Whether the system rebooted since the install started (the boot id changed).
@@ -402,7 +396,8 @@ impl Transaction {
             phase: Phase::Downloaded,
             supports_rollback: false,
             reboot: None,
-            slots: None,
+            previous_slot: None,
+            target_slot: None,
             install_boot_id: None,
             rebooted: false,
             reboot_requests: 0,
@@ -441,8 +436,15 @@ impl Transaction {
         let effect = match (phase, event) {
             (Phase::Downloaded, Event::Begin | Event::Resumed)
             | (Phase::Preparing, Event::Resumed) => self.enter(Phase::Preparing, Effect::Prepare),
-            (Phase::Preparing, Event::Prepared { supports_rollback }) => {
+            (
+                Phase::Preparing,
+                Event::Prepared {
+                    supports_rollback,
+                    booted_slot,
+                },
+            ) => {
                 self.supports_rollback = supports_rollback;
+                self.previous_slot = booted_slot;
                 self.install_boot_id = Some(boot_id.to_string());
                 self.enter(Phase::Installing, Effect::Install)
             }
@@ -454,9 +456,15 @@ impl Transaction {
                 };
                 self.cleanup(Outcome::RolledBack { reason })
             }
-            (Phase::Installing, Event::Installed { reboot, slots }) => {
+            (
+                Phase::Installing,
+                Event::Installed {
+                    reboot,
+                    target_slot,
+                },
+            ) => {
                 self.reboot = reboot;
-                self.slots = slots;
+                self.target_slot = target_slot;
                 match reboot {
                     Some(by) => {
                         self.reboot_requests = 1;
@@ -700,6 +708,7 @@ mod tests {
                 (
                     Event::Prepared {
                         supports_rollback: true,
+                        booted_slot: None,
                     },
                     BOOT1,
                     Effect::Install,
@@ -707,7 +716,7 @@ mod tests {
                 (
                     Event::Installed {
                         reboot: None,
-                        slots: None,
+                        target_slot: None,
                     },
                     BOOT1,
                     Effect::HealthCheck,
@@ -729,6 +738,7 @@ mod tests {
                 (
                     Event::Prepared {
                         supports_rollback: true,
+                        booted_slot: None,
                     },
                     BOOT1,
                     Effect::Install,
@@ -736,7 +746,7 @@ mod tests {
                 (
                     Event::Installed {
                         reboot: Some(RebootBy::System),
-                        slots: None,
+                        target_slot: None,
                     },
                     BOOT1,
                     Effect::Reboot(RebootBy::System),
@@ -762,6 +772,7 @@ mod tests {
                 (
                     Event::Prepared {
                         supports_rollback: true,
+                        booted_slot: None,
                     },
                     BOOT1,
                     Effect::Install,
@@ -783,6 +794,7 @@ mod tests {
                 (
                     Event::Prepared {
                         supports_rollback: true,
+                        booted_slot: None,
                     },
                     BOOT1,
                     Effect::Install,
@@ -790,7 +802,7 @@ mod tests {
                 (
                     Event::Installed {
                         reboot: Some(RebootBy::System),
-                        slots: None,
+                        target_slot: None,
                     },
                     BOOT1,
                     Effect::Reboot(RebootBy::System),
@@ -850,6 +862,7 @@ mod tests {
                 (
                     Event::Prepared {
                         supports_rollback: true,
+                        booted_slot: None,
                     },
                     BOOT1,
                     Effect::Install,
@@ -857,7 +870,7 @@ mod tests {
                 (
                     Event::Installed {
                         reboot: Some(RebootBy::System),
-                        slots: None,
+                        target_slot: None,
                     },
                     BOOT1,
                     Effect::Reboot(RebootBy::System),
@@ -890,6 +903,7 @@ mod tests {
                 (
                     Event::Prepared {
                         supports_rollback: true,
+                        booted_slot: None,
                     },
                     BOOT1,
                     Effect::Install,
@@ -897,7 +911,7 @@ mod tests {
                 (
                     Event::Installed {
                         reboot: Some(RebootBy::System),
-                        slots: None,
+                        target_slot: None,
                     },
                     BOOT1,
                     Effect::Reboot(RebootBy::System),
@@ -930,6 +944,7 @@ mod tests {
                 (
                     Event::Prepared {
                         supports_rollback: false,
+                        booted_slot: None,
                     },
                     BOOT1,
                     Effect::Install,
@@ -1116,10 +1131,7 @@ mod tests {
     fn the_journal_form_round_trips() {
         let mut t = tx();
         until_health_check_after_reboot(&mut t);
-        t.slots = Some(Slots {
-            previous: "rootfs.0".into(),
-            target: "rootfs.1".into(),
-        });
+        t.previous_slot = Some("rootfs.0".into());
         let json = serde_json::to_string(&t).unwrap();
         assert!(json.contains("\"phase\":\"health-check\""), "{json}");
         assert_eq!(serde_json::from_str::<Transaction>(&json).unwrap(), t);
@@ -1129,7 +1141,10 @@ mod tests {
         prop_oneof![
             Just(Event::Begin),
             Just(Event::Resumed),
-            any::<bool>().prop_map(|supports_rollback| Event::Prepared { supports_rollback }),
+            any::<bool>().prop_map(|supports_rollback| Event::Prepared {
+                supports_rollback,
+                booted_slot: None
+            }),
             Just(Event::PrepareFailed("p".into())),
             prop_oneof![
                 Just(None),
@@ -1138,7 +1153,7 @@ mod tests {
             ]
             .prop_map(|reboot| Event::Installed {
                 reboot,
-                slots: None
+                target_slot: None
             }),
             Just(Event::InstallFailed("i".into())),
             Just(Event::RebootRequested),

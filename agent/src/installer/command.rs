@@ -70,6 +70,7 @@ impl Installer for CommandHook {
     fn prepare(&mut self, _step: &StepContext<'_>) -> Result<Prepared, InstallerError> {
         Ok(Prepared {
             supports_rollback: self.config.supports_rollback,
+            booted_slot: None,
         })
     }
 
@@ -83,7 +84,7 @@ impl Installer for CommandHook {
         progress(100, "hook install done");
         Ok(Installed {
             reboot: self.config.reboot.then_some(RebootBy::System),
-            slots: None,
+            target_slot: None,
         })
     }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::config::InstallerConfig;
 use crate::process::ProcessError;
-use crate::transaction::{RebootBy, Slots, Transaction};
+use crate::transaction::{RebootBy, Transaction};
 
 pub mod command;
 pub mod mender_artifact;
@@ -28,10 +28,13 @@ pub struct StepContext<'a> {
 }
 
 /// The result of [`Installer::prepare`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prepared {
     /// Whether this install can be rolled back.
     pub supports_rollback: bool,
+    /// The slot that runs, for a backend with slots (journaled before the install starts, so a
+    /// rollback after a crash knows where to go back to).
+    pub booted_slot: Option<String>,
 }
 
 /// The result of [`Installer::install`].
@@ -39,8 +42,8 @@ pub struct Prepared {
 pub struct Installed {
     /// The reboot the new image needs to run, if any.
     pub reboot: Option<RebootBy>,
-    /// The slots involved, when the backend knows them.
-    pub slots: Option<Slots>,
+    /// The slot written, for a backend with slots.
+    pub target_slot: Option<String>,
 }
 
 /// Which image a reboot or a boot check is about.

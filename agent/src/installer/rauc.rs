@@ -16,7 +16,8 @@ use zbus::zvariant::{OwnedValue, Value};
 
 use super::{Installed, Installer, InstallerError, Prepared, StepContext, Towards};
 use crate::config::RaucConfig;
-use crate::transaction::{RebootBy, Slots};
+use crate::crashpoint::{self, CrashPoint};
+use crate::transaction::RebootBy;
 
 #[zbus::proxy(
     interface = "de.pengutronix.rauc.Installer",
@@ -144,10 +145,12 @@ impl Installer for Rauc {
     }
 
     fn prepare(&mut self, _step: &StepContext<'_>) -> Result<Prepared, InstallerError> {
-        // Reachable and idle: the install can start.
-        self.wait_idle()?;
+        // Reachable and idle: the install can start. The booted slot is journaled before RAUC
+        // writes anything, so a rollback after any crash knows which slot to return to.
+        let proxy = self.wait_idle()?;
         Ok(Prepared {
             supports_rollback: true,
+            booted_slot: Some(booted_slot(&proxy)?),
         })
     }
 
@@ -157,17 +160,16 @@ impl Installer for Rauc {
         progress: &mut dyn FnMut(u8, &str),
     ) -> Result<Installed, InstallerError> {
         let proxy = self.wait_idle()?;
-        let previous = booted_slot(&proxy)?;
+        let previous = previous_slot(step)?;
         // Subscribe before starting, so the end cannot be missed.
         let completed = proxy
             .receive_completed()
             .map_err(dbus_err("subscribing to Completed"))?;
         let (done_tx, done) = mpsc::channel();
         thread::spawn(move || {
-            for signal in completed {
+            if let Some(signal) = completed.into_iter().next() {
                 let result = signal.args().map(|a| a.result).unwrap_or(-1);
                 let _ = done_tx.send(result);
-                break;
             }
         });
         let image = step.image.to_str().ok_or_else(|| {
@@ -176,6 +178,7 @@ impl Installer for Rauc {
         proxy
             .install_bundle(image, HashMap::new())
             .map_err(dbus_err("InstallBundle"))?;
+        crashpoint::reached(&CrashPoint::During("installing"));
         let timeout = Duration::from_secs(self.config.timeout_secs);
         let started = Instant::now();
         let mut last = None;
@@ -217,7 +220,7 @@ impl Installer for Rauc {
         }
         Ok(Installed {
             reboot: Some(RebootBy::System),
-            slots: Some(Slots { previous, target }),
+            target_slot: Some(target),
         })
     }
 
@@ -228,14 +231,15 @@ impl Installer for Rauc {
     ) -> Result<(), InstallerError> {
         let proxy = self.wait_idle()?;
         let booted = booted_slot(&proxy)?;
-        let slots = step.transaction.slots.as_ref().ok_or_else(|| {
-            InstallerError::Rauc("the journal does not record the install's slots".into())
-        })?;
         let expected = match towards {
-            Towards::New => &slots.target,
-            Towards::Previous => &slots.previous,
+            Towards::New => step.transaction.target_slot.clone().ok_or_else(|| {
+                InstallerError::Rauc(
+                    "the journal does not record the slot the bundle went to".into(),
+                )
+            })?,
+            Towards::Previous => previous_slot(step)?,
         };
-        if &booted == expected {
+        if booted == expected {
             Ok(())
         } else {
             Err(InstallerError::WrongBoot(format!(
@@ -250,29 +254,31 @@ impl Installer for Rauc {
     }
 
     fn rollback(&mut self, step: &StepContext<'_>) -> Result<Option<RebootBy>, InstallerError> {
+        // An install the agent did not see finish may still be running in RAUC.
         let proxy = self.wait_idle()?;
+        let previous = previous_slot(step)?;
         let booted = booted_slot(&proxy)?;
-        match &step.transaction.slots {
-            Some(slots) if booted == slots.target => {
-                // Running the new image: make it unbootable and the previous one primary, then
-                // reboot into it.
-                Self::mark(&proxy, "bad", "booted")?;
-                Self::mark(&proxy, "active", &slots.previous)?;
-                Ok(Some(RebootBy::System))
-            }
-            Some(slots) => {
-                // Still (or again) on the previous image: keep booting it.
-                Self::mark(&proxy, "active", "booted")?;
-                Self::mark(&proxy, "bad", &slots.target)?;
-                Ok(None)
-            }
-            None => {
-                // The install was interrupted before the journal learnt its slot; RAUC may have
-                // finished it and made the other slot primary.
-                Self::mark(&proxy, "active", "booted")?;
-                Self::mark(&proxy, "bad", "other")?;
-                Ok(None)
-            }
+        if booted != previous {
+            // Running another slot (the new image, booted after the install or a power cut):
+            // make it unbootable and the previous one primary, then reboot into it.
+            Self::mark(&proxy, "bad", "booted")?;
+            Self::mark(&proxy, "active", &previous)?;
+            Ok(Some(RebootBy::System))
+        } else {
+            // On the previous image: keep booting it; the other slot (written or half-written)
+            // must not boot.
+            Self::mark(&proxy, "active", "booted")?;
+            Self::mark(&proxy, "bad", "other")?;
+            Ok(None)
         }
     }
+}
+
+/// The slot that ran when the transaction was prepared.
+fn previous_slot(step: &StepContext<'_>) -> Result<String, InstallerError> {
+    step.transaction.previous_slot.clone().ok_or_else(|| {
+        InstallerError::Rauc(
+            "the journal does not record the slot that ran before the install".into(),
+        )
+    })
 }

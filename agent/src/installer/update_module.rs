@@ -303,7 +303,10 @@ impl Installer for UpdateModule {
         self.write_tree(&tree, &header)?;
         let supports_rollback = yes_no("SupportsRollback", &self.call(step, "SupportsRollback")?)?;
         self.download(step, &header)?;
-        Ok(Prepared { supports_rollback })
+        Ok(Prepared {
+            supports_rollback,
+            booted_slot: None,
+        })
     }
 
     fn install(
@@ -326,7 +329,7 @@ impl Installer for UpdateModule {
         };
         Ok(Installed {
             reboot,
-            slots: None,
+            target_slot: None,
         })
     }
 
