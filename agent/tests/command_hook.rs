@@ -194,11 +194,16 @@ impl Device {
 }
 
 /// Every crash point, in the same boot and with a power cut; returns the points that fired.
-fn every_crash_point(mode: Mode, healthy: bool, expected: &str) -> BTreeSet<String> {
+fn every_crash_point(
+    mode: Mode,
+    healthy: bool,
+    expected: &str,
+    phases: &[&str],
+    processes: usize,
+) -> BTreeSet<String> {
     let mut fired = BTreeSet::new();
     for power_cut in [false, true] {
-        let all: Vec<&str> = sealed_ota_agent::transaction::Phase::NAMES.to_vec();
-        for crash in support::crash_points(&all, 3, 6) {
+        for crash in support::crash_points(phases, processes, 5) {
             let mut device = Device::new(mode, healthy);
             let name = crash.name();
             let context =
@@ -332,74 +337,58 @@ fn a_reboot_that_never_comes_is_retried_then_rolled_back() {
     assert_eq!(outcome["reason"]["step"], "reboot", "{outcome:#}");
 }
 
+fn sigkill_at_every_step(
+    mode: Mode,
+    healthy: bool,
+    expected: &str,
+    phases: &[&str],
+    processes: usize,
+) {
+    let fired = every_crash_point(mode, healthy, expected, phases, processes);
+    assert_fired(&fired, phases, processes);
+}
+
 #[test]
 fn sigkill_at_every_step_in_place_healthy() {
-    let fired = every_crash_point(Mode::InPlace, true, "installed");
-    assert_fired(
-        &fired,
-        &[
-            "preparing",
-            "installing",
-            "health-check",
-            "committing",
-            "cleanup",
-        ],
-        1,
-    );
+    let phases = [
+        "preparing",
+        "installing",
+        "health-check",
+        "committing",
+        "cleanup",
+    ];
+    sigkill_at_every_step(Mode::InPlace, true, "installed", &phases, 1);
 }
 
 #[test]
 fn sigkill_at_every_step_in_place_unhealthy() {
-    let fired = every_crash_point(Mode::InPlace, false, "rolled-back");
-    assert_fired(
-        &fired,
-        &[
-            "preparing",
-            "installing",
-            "health-check",
-            "rolling-back",
-            "failing",
-            "cleanup",
-        ],
-        1,
-    );
+    let phases = ["health-check", "rolling-back", "failing", "cleanup"];
+    sigkill_at_every_step(Mode::InPlace, false, "rolled-back", &phases, 1);
 }
 
 #[test]
 fn sigkill_at_every_step_ab_healthy() {
-    let fired = every_crash_point(Mode::Ab, true, "installed");
-    assert_fired(
-        &fired,
-        &[
-            "preparing",
-            "installing",
-            "rebooting",
-            "verifying",
-            "health-check",
-            "committing",
-            "cleanup",
-        ],
-        2,
-    );
+    let phases = [
+        "preparing",
+        "installing",
+        "rebooting",
+        "verifying",
+        "health-check",
+        "committing",
+        "cleanup",
+    ];
+    sigkill_at_every_step(Mode::Ab, true, "installed", &phases, 2);
 }
 
 #[test]
 fn sigkill_at_every_step_ab_unhealthy() {
-    let fired = every_crash_point(Mode::Ab, false, "rolled-back");
-    assert_fired(
-        &fired,
-        &[
-            "preparing",
-            "installing",
-            "rebooting",
-            "verifying",
-            "health-check",
-            "rolling-back",
-            "rollback-rebooting",
-            "verifying-rollback",
-            "failing",
-            "cleanup",
-        ],
-        3,
-    );
+    let phases = [
+        "health-check",
+        "rolling-back",
+        "rollback-rebooting",
+        "verifying-rollback",
+        "failing",
+        "cleanup",
+    ];
+    sigkill_at_every_step(Mode::Ab, false, "rolled-back", &phases, 3);
 }

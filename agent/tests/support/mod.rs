@@ -261,7 +261,7 @@ const SIGTERM: i32 = 15;
 /// SIGTERM), and the agent starts again with `run`, as systemd would. `crash` is armed until it
 /// fires once; the device then restarts in the same boot, or power-cycles when `power_cut`.
 /// Returns whether the crash fired. Exit statuses other than 0 (installed, idle) and 3 (rolled
-/// back) fail the test.
+/// back) and 4 (failed) fail the test.
 pub fn settle<D: Device>(
     device: &mut D,
     first: &[&str],
@@ -301,7 +301,7 @@ pub fn settle<D: Device>(
             other => {
                 let code = exit.code();
                 assert!(
-                    matches!(code, Some(0 | 3)),
+                    matches!(code, Some(0 | 3 | 4)),
                     "agent {args:?} ended with {code:?} / signal {other:?}: {}",
                     exit.stderr
                 );
