@@ -20,8 +20,9 @@ const EXIT_FAILED: u8 = 4;
 
 const AFTER_HELP: &str = "\
 COMMANDS IN SHORT
-    run            finish an update interrupted by a reboot or power cut, then stop
-                   (the MQTT session with the manager is not in this version yet)
+    run            finish an update interrupted by a reboot or power cut, then stop.
+                   UNFINISHED: the MQTT session with the manager is not in this version yet,
+                   so `run` does not connect to the broker
     check-config   validate the configuration without connecting anywhere
     keygen         make the device key (never leaves the device) and a CSR to get signed
     install        install a local image file without a manager (bring-up, tests)
