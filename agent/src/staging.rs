@@ -13,7 +13,7 @@
 //! ```
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -175,18 +175,7 @@ fn check_id(id: &str) -> Result<(), StageError> {
 pub fn hash_file(path: &Path) -> Result<(String, u64), FileError> {
     let mut file = File::open(path).map_err(|e| FileError::new("opening", path, e))?;
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| FileError::new("reading", path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.write_all(&buf[..n]).expect("hashing cannot fail");
-        size += n as u64;
-    }
+    let size = io::copy(&mut file, &mut hasher).map_err(|e| FileError::new("reading", path, e))?;
     Ok((hex::encode(hasher.finalize()), size))
 }
 

@@ -698,67 +698,93 @@ mod tests {
         }
     }
 
+    /// A step of a scenario: the event, the boot it happens in, the effect expected.
+    type Step3 = (Event, &'static str, Effect);
+
+    fn prepared(supports_rollback: bool) -> Event {
+        Event::Prepared {
+            supports_rollback,
+            booted_slot: None,
+        }
+    }
+
+    fn installed_needing(reboot: Option<RebootBy>) -> Event {
+        Event::Installed {
+            reboot,
+            target_slot: None,
+        }
+    }
+
+    /// Begin, prepare (with or without rollback), install; then a reboot when `reboot`.
+    fn through_install(t: &mut Transaction, supports_rollback: bool, reboot: bool) {
+        let next = if reboot {
+            (
+                installed_needing(Some(RebootBy::System)),
+                BOOT1,
+                Effect::Reboot(RebootBy::System),
+            )
+        } else {
+            (installed_needing(None), BOOT1, Effect::HealthCheck)
+        };
+        run(
+            t,
+            &[
+                (Event::Begin, BOOT1, Effect::Prepare),
+                (prepared(supports_rollback), BOOT1, Effect::Install),
+                next,
+            ],
+        );
+    }
+
+    /// Through the install with a reboot, the reboot (boot 2) and a verified boot.
+    fn until_health_check_after_reboot(t: &mut Transaction) {
+        through_install(t, true, true);
+        run(
+            t,
+            &[
+                (Event::Resumed, BOOT2, Effect::VerifyBoot),
+                (Event::BootVerified, BOOT2, Effect::HealthCheck),
+            ],
+        );
+    }
+
+    fn finishes_with(t: &mut Transaction, boot: &str, result: &str, step: Option<Step>) {
+        match t.handle(Event::CleanedUp, boot).unwrap() {
+            Effect::Finish(outcome) => {
+                assert_eq!(outcome.label(), result, "{outcome:?}");
+                if let Outcome::RolledBack { reason } | Outcome::Failed { reason } = &outcome {
+                    assert_eq!(Some(reason.step), step, "{outcome:?}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn install_without_reboot_commits_after_the_health_check() {
         let mut t = tx();
-        run(
-            &mut t,
-            &[
-                (Event::Begin, BOOT1, Effect::Prepare),
-                (
-                    Event::Prepared {
-                        supports_rollback: true,
-                        booted_slot: None,
-                    },
-                    BOOT1,
-                    Effect::Install,
-                ),
-                (
-                    Event::Installed {
-                        reboot: None,
-                        target_slot: None,
-                    },
-                    BOOT1,
-                    Effect::HealthCheck,
-                ),
-                (Event::HealthPassed, BOOT1, Effect::Commit),
-                (Event::Committed, BOOT1, Effect::Cleanup),
-                (Event::CleanedUp, BOOT1, Effect::Finish(installed())),
-            ],
-        );
+        through_install(&mut t, true, false);
+        let steps: [Step3; 3] = [
+            (Event::HealthPassed, BOOT1, Effect::Commit),
+            (Event::Committed, BOOT1, Effect::Cleanup),
+            (Event::CleanedUp, BOOT1, Effect::Finish(installed())),
+        ];
+        run(&mut t, &steps);
     }
 
     #[test]
     fn install_with_reboot_verifies_the_boot_before_the_health_check() {
         let mut t = tx();
-        run(
-            &mut t,
-            &[
-                (Event::Begin, BOOT1, Effect::Prepare),
-                (
-                    Event::Prepared {
-                        supports_rollback: true,
-                        booted_slot: None,
-                    },
-                    BOOT1,
-                    Effect::Install,
-                ),
-                (
-                    Event::Installed {
-                        reboot: Some(RebootBy::System),
-                        target_slot: None,
-                    },
-                    BOOT1,
-                    Effect::Reboot(RebootBy::System),
-                ),
-                (Event::RebootRequested, BOOT1, Effect::AwaitReboot),
-                (Event::Resumed, BOOT2, Effect::VerifyBoot),
-                (Event::BootVerified, BOOT2, Effect::HealthCheck),
-                (Event::HealthPassed, BOOT2, Effect::Commit),
-                (Event::Committed, BOOT2, Effect::Cleanup),
-                (Event::CleanedUp, BOOT2, Effect::Finish(installed())),
-            ],
-        );
+        through_install(&mut t, true, true);
+        let steps: [Step3; 6] = [
+            (Event::RebootRequested, BOOT1, Effect::AwaitReboot),
+            (Event::Resumed, BOOT2, Effect::VerifyBoot),
+            (Event::BootVerified, BOOT2, Effect::HealthCheck),
+            (Event::HealthPassed, BOOT2, Effect::Commit),
+            (Event::Committed, BOOT2, Effect::Cleanup),
+            (Event::CleanedUp, BOOT2, Effect::Finish(installed())),
+        ];
+        run(&mut t, &steps);
         assert!(t.rebooted);
     }
 
@@ -769,14 +795,7 @@ mod tests {
             &mut t,
             &[
                 (Event::Begin, BOOT1, Effect::Prepare),
-                (
-                    Event::Prepared {
-                        supports_rollback: true,
-                        booted_slot: None,
-                    },
-                    BOOT1,
-                    Effect::Install,
-                ),
+                (prepared(true), BOOT1, Effect::Install),
                 (Event::Resumed, BOOT2, Effect::Rollback),
             ],
         );
@@ -786,37 +805,13 @@ mod tests {
         );
     }
 
-    fn until_health_check_after_reboot(t: &mut Transaction) {
-        run(
-            t,
-            &[
-                (Event::Begin, BOOT1, Effect::Prepare),
-                (
-                    Event::Prepared {
-                        supports_rollback: true,
-                        booted_slot: None,
-                    },
-                    BOOT1,
-                    Effect::Install,
-                ),
-                (
-                    Event::Installed {
-                        reboot: Some(RebootBy::System),
-                        target_slot: None,
-                    },
-                    BOOT1,
-                    Effect::Reboot(RebootBy::System),
-                ),
-                (Event::Resumed, BOOT2, Effect::VerifyBoot),
-                (Event::BootVerified, BOOT2, Effect::HealthCheck),
-            ],
-        );
-    }
-
     #[test]
     fn a_failed_health_check_rolls_back_through_a_reboot_and_reports_why() {
         let mut t = tx();
         until_health_check_after_reboot(&mut t);
+        let rollback_reboot = Event::RolledBack {
+            reboot: Some(RebootBy::System),
+        };
         run(
             &mut t,
             &[
@@ -826,9 +821,7 @@ mod tests {
                     Effect::Rollback,
                 ),
                 (
-                    Event::RolledBack {
-                        reboot: Some(RebootBy::System),
-                    },
+                    rollback_reboot,
                     BOOT2,
                     Effect::RollbackReboot(RebootBy::System),
                 ),
@@ -842,88 +835,39 @@ mod tests {
             step: Step::HealthCheck,
             detail: "exit status 1".into(),
         };
-        run(
-            &mut t,
-            &[(
-                Event::CleanedUp,
-                BOOT3,
-                Effect::Finish(Outcome::RolledBack { reason }),
-            )],
-        );
+        let done = Effect::Finish(Outcome::RolledBack { reason });
+        run(&mut t, &[(Event::CleanedUp, BOOT3, done)]);
     }
 
     #[test]
     fn a_bootloader_fallback_is_caught_by_the_boot_check() {
         let mut t = tx();
+        through_install(&mut t, true, true);
+        let fallback = Event::BootNotVerified("booted A, expected B".into());
         run(
             &mut t,
             &[
-                (Event::Begin, BOOT1, Effect::Prepare),
-                (
-                    Event::Prepared {
-                        supports_rollback: true,
-                        booted_slot: None,
-                    },
-                    BOOT1,
-                    Effect::Install,
-                ),
-                (
-                    Event::Installed {
-                        reboot: Some(RebootBy::System),
-                        target_slot: None,
-                    },
-                    BOOT1,
-                    Effect::Reboot(RebootBy::System),
-                ),
                 (Event::Resumed, BOOT2, Effect::VerifyBoot),
-                (
-                    Event::BootNotVerified("booted A, expected B".into()),
-                    BOOT2,
-                    Effect::Rollback,
-                ),
+                (fallback, BOOT2, Effect::Rollback),
                 (Event::RolledBack { reboot: None }, BOOT2, Effect::Failure),
                 (Event::FailureHandled, BOOT2, Effect::Cleanup),
             ],
         );
-        match t.handle(Event::CleanedUp, BOOT2).unwrap() {
-            Effect::Finish(Outcome::RolledBack { reason }) => {
-                assert_eq!(reason.step, Step::VerifyBoot)
-            }
-            other => panic!("{other:?}"),
-        }
+        finishes_with(&mut t, BOOT2, "rolled-back", Some(Step::VerifyBoot));
     }
 
     #[test]
     fn a_reboot_that_never_happens_is_asked_for_three_times_then_rolled_back() {
         let mut t = tx();
+        through_install(&mut t, true, true);
+        let reboot = Effect::Reboot(RebootBy::System);
         run(
             &mut t,
             &[
-                (Event::Begin, BOOT1, Effect::Prepare),
-                (
-                    Event::Prepared {
-                        supports_rollback: true,
-                        booted_slot: None,
-                    },
-                    BOOT1,
-                    Effect::Install,
-                ),
-                (
-                    Event::Installed {
-                        reboot: Some(RebootBy::System),
-                        target_slot: None,
-                    },
-                    BOOT1,
-                    Effect::Reboot(RebootBy::System),
-                ),
                 (Event::RebootRequested, BOOT1, Effect::AwaitReboot),
-                (
-                    Event::RebootDidNotHappen,
-                    BOOT1,
-                    Effect::Reboot(RebootBy::System),
-                ),
+                (Event::RebootDidNotHappen, BOOT1, reboot.clone()),
                 // A restart of the agent in the same boot is not a reboot.
-                (Event::Resumed, BOOT1, Effect::Reboot(RebootBy::System)),
+                (Event::Resumed, BOOT1, reboot),
                 (
                     Event::RebootRequestFailed("exit status 1".into()),
                     BOOT1,
@@ -941,14 +885,7 @@ mod tests {
             &mut t,
             &[
                 (Event::Begin, BOOT1, Effect::Prepare),
-                (
-                    Event::Prepared {
-                        supports_rollback: false,
-                        booted_slot: None,
-                    },
-                    BOOT1,
-                    Effect::Install,
-                ),
+                (prepared(false), BOOT1, Effect::Install),
                 (
                     Event::InstallFailed("disk full".into()),
                     BOOT1,
@@ -957,30 +894,21 @@ mod tests {
                 (Event::FailureHandled, BOOT1, Effect::Cleanup),
             ],
         );
-        assert!(matches!(
-            t.handle(Event::CleanedUp, BOOT1).unwrap(),
-            Effect::Finish(Outcome::Failed { reason }) if reason.step == Step::Install
-        ));
+        finishes_with(&mut t, BOOT1, "failed", Some(Step::Install));
     }
 
     #[test]
     fn a_failed_preparation_changed_nothing_and_reports_rolled_back() {
         let mut t = tx();
+        let refused = Event::PrepareFailed("artifact is for another device type".into());
         run(
             &mut t,
             &[
                 (Event::Begin, BOOT1, Effect::Prepare),
-                (
-                    Event::PrepareFailed("artifact is for another device type".into()),
-                    BOOT1,
-                    Effect::Cleanup,
-                ),
+                (refused, BOOT1, Effect::Cleanup),
             ],
         );
-        assert!(matches!(
-            t.handle(Event::CleanedUp, BOOT1).unwrap(),
-            Effect::Finish(Outcome::RolledBack { reason }) if reason.step == Step::Prepare
-        ));
+        finishes_with(&mut t, BOOT1, "rolled-back", Some(Step::Prepare));
     }
 
     #[test]
@@ -1141,20 +1069,14 @@ mod tests {
         prop_oneof![
             Just(Event::Begin),
             Just(Event::Resumed),
-            any::<bool>().prop_map(|supports_rollback| Event::Prepared {
-                supports_rollback,
-                booted_slot: None
-            }),
+            any::<bool>().prop_map(prepared),
             Just(Event::PrepareFailed("p".into())),
             prop_oneof![
                 Just(None),
                 Just(Some(RebootBy::System)),
                 Just(Some(RebootBy::Installer))
             ]
-            .prop_map(|reboot| Event::Installed {
-                reboot,
-                target_slot: None
-            }),
+            .prop_map(installed_needing),
             Just(Event::InstallFailed("i".into())),
             Just(Event::RebootRequested),
             Just(Event::RebootRequestFailed("r".into())),

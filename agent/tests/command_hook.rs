@@ -350,45 +350,28 @@ fn sigkill_at_every_step(
 
 #[test]
 fn sigkill_at_every_step_in_place_healthy() {
-    let phases = [
-        "preparing",
-        "installing",
-        "health-check",
-        "committing",
-        "cleanup",
-    ];
-    sigkill_at_every_step(Mode::InPlace, true, "installed", &phases, 1);
+    sigkill_at_every_step(
+        Mode::InPlace,
+        true,
+        "installed",
+        support::INSTALL_IN_PLACE,
+        1,
+    );
 }
 
 #[test]
 fn sigkill_at_every_step_in_place_unhealthy() {
-    let phases = ["health-check", "rolling-back", "failing", "cleanup"];
+    let phases = support::after("health-check", support::ROLLBACK_IN_PLACE);
     sigkill_at_every_step(Mode::InPlace, false, "rolled-back", &phases, 1);
 }
 
 #[test]
 fn sigkill_at_every_step_ab_healthy() {
-    let phases = [
-        "preparing",
-        "installing",
-        "rebooting",
-        "verifying",
-        "health-check",
-        "committing",
-        "cleanup",
-    ];
-    sigkill_at_every_step(Mode::Ab, true, "installed", &phases, 2);
+    sigkill_at_every_step(Mode::Ab, true, "installed", support::INSTALL_WITH_REBOOT, 2);
 }
 
 #[test]
 fn sigkill_at_every_step_ab_unhealthy() {
-    let phases = [
-        "health-check",
-        "rolling-back",
-        "rollback-rebooting",
-        "verifying-rollback",
-        "failing",
-        "cleanup",
-    ];
+    let phases = support::after("health-check", support::ROLLBACK_WITH_REBOOT);
     sigkill_at_every_step(Mode::Ab, false, "rolled-back", &phases, 3);
 }

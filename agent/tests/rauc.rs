@@ -237,10 +237,6 @@ impl support::Device for RaucDevice {
         &self.board
     }
 
-    fn env(&self) -> Vec<(&'static str, String)> {
-        Vec::new()
-    }
-
     /// The bootloader: the primary slot if it is good, else the other; RAUC restarts with it.
     fn power_cycle(&mut self) {
         self.stop_service();
@@ -434,24 +430,11 @@ fn a_bundle_for_another_device_is_refused_by_rauc() {
 fn sigkill_at_every_step_with_rauc() {
     let image = new_image();
     for healthy in [true, false] {
-        let phases: &[&str] = if healthy {
-            &[
-                "preparing",
-                "installing",
-                "rebooting",
-                "verifying",
-                "health-check",
-                "committing",
-                "cleanup",
-            ]
+        let rollback = support::after("health-check", support::ROLLBACK_WITH_REBOOT);
+        let phases = if healthy {
+            support::INSTALL_WITH_REBOOT
         } else {
-            &[
-                "health-check",
-                "rolling-back",
-                "rollback-rebooting",
-                "verifying-rollback",
-                "failing",
-            ]
+            &rollback[..]
         };
         let mut points = support::crash_points(phases, 0, 0);
         points.push(Crash::at("during:installing"));

@@ -24,10 +24,6 @@ impl support::Device for ModuleDevice {
         &self.board
     }
 
-    fn env(&self) -> Vec<(&'static str, String)> {
-        Vec::new()
-    }
-
     /// No bootloader to play: a reboot only changes the boot id.
     fn power_cycle(&mut self) {
         self.board.new_boot_id();
@@ -109,6 +105,15 @@ impl ModuleDevice {
 
     /// A `single-file` artifact installing `content` as `<board>/dest/app.conf`, mode 640.
     fn single_file_artifact(&self, content: &str) -> PathBuf {
+        self.single_file_artifact_for("test-board", content, "gzip")
+    }
+
+    fn single_file_artifact_for(
+        &self,
+        device_type: &str,
+        content: &str,
+        compression: &str,
+    ) -> PathBuf {
         let dir = self.path("payload");
         let files = [
             self.file(
@@ -119,7 +124,7 @@ impl ModuleDevice {
             self.file("payload/permissions", "640\n"),
             self.file("payload/app.conf", content),
         ];
-        let artifact = self.artifact("single-file", "test-board", &files, "gzip");
+        let artifact = self.artifact("single-file", device_type, &files, compression);
         fs::remove_dir_all(dir).unwrap();
         artifact
     }
@@ -246,15 +251,7 @@ fn script_module_runs_the_script_and_cannot_roll_back() {
 fn an_artifact_for_another_device_type_is_refused_before_any_change() {
     let mut device = ModuleDevice::debian(true);
     device.file("dest/app.conf", "version 1\n");
-    let files = [
-        device.file(
-            "p/dest_dir",
-            &format!("{}\n", device.path("dest").display()),
-        ),
-        device.file("p/filename", "app.conf\n"),
-        device.file("p/app.conf", "version 2\n"),
-    ];
-    let artifact = device.artifact("single-file", "another-board", &files, "gzip");
+    let artifact = device.single_file_artifact_for("another-board", "version 2\n", "gzip");
     device.install(&artifact, None, false);
     let outcome = device.outcome();
     assert_eq!(outcome["result"], "rolled-back", "{outcome:#}");
@@ -273,15 +270,7 @@ fn an_artifact_for_another_device_type_is_refused_before_any_change() {
 fn an_artifact_whose_payload_does_not_match_its_manifest_is_refused() {
     let mut device = ModuleDevice::debian(true);
     device.file("dest/app.conf", "version 1\n");
-    let files = [
-        device.file(
-            "p/dest_dir",
-            &format!("{}\n", device.path("dest").display()),
-        ),
-        device.file("p/filename", "app.conf\n"),
-        device.file("p/app.conf", "version 2\n"),
-    ];
-    let artifact = device.artifact("single-file", "test-board", &files, "none");
+    let artifact = device.single_file_artifact_for("test-board", "version 2\n", "none");
     // Rebuild the artifact with a payload file changed after mender-artifact hashed it.
     let x = device.path("x");
     let sh = |script: &str| {
@@ -303,7 +292,7 @@ fn an_artifact_whose_payload_does_not_match_its_manifest_is_refused() {
         artifact.display()
     ));
     fs::write(x.join("d/app.conf"), "version 3\n").unwrap();
-    sh("tar -cf data/0000.tar -C d dest_dir filename app.conf");
+    sh("tar -cf data/0000.tar -C d dest_dir filename permissions app.conf");
     sh(&format!(
         "tar -cf {} version manifest header.tar data/0000.tar",
         artifact.display()
@@ -472,61 +461,23 @@ fn sigkill_at_every_step(ours: bool, healthy: bool, phases: &[&str], processes: 
 
 #[test]
 fn sigkill_at_every_step_our_module_passing() {
-    sigkill_at_every_step(
-        true,
-        true,
-        &[
-            "preparing",
-            "installing",
-            "rebooting",
-            "verifying",
-            "health-check",
-            "committing",
-            "cleanup",
-        ],
-        2,
-    );
+    sigkill_at_every_step(true, true, support::INSTALL_WITH_REBOOT, 2);
 }
 
 #[test]
 fn sigkill_at_every_step_our_module_failing_its_self_test() {
-    sigkill_at_every_step(
-        true,
-        false,
-        &[
-            "verifying",
-            "rolling-back",
-            "rollback-rebooting",
-            "verifying-rollback",
-            "failing",
-            "cleanup",
-        ],
-        3,
-    );
+    // The self-test fails in ArtifactVerifyReboot: the boot check, before any health check.
+    let phases = support::after("verifying", support::ROLLBACK_WITH_REBOOT);
+    sigkill_at_every_step(true, false, &phases, 3);
 }
 
 #[test]
 fn sigkill_at_every_step_single_file_healthy() {
-    sigkill_at_every_step(
-        false,
-        true,
-        &[
-            "preparing",
-            "installing",
-            "health-check",
-            "committing",
-            "cleanup",
-        ],
-        1,
-    );
+    sigkill_at_every_step(false, true, support::INSTALL_IN_PLACE, 1);
 }
 
 #[test]
 fn sigkill_at_every_step_single_file_unhealthy() {
-    sigkill_at_every_step(
-        false,
-        false,
-        &["health-check", "rolling-back", "failing", "cleanup"],
-        1,
-    );
+    let phases = support::after("health-check", support::ROLLBACK_IN_PLACE);
+    sigkill_at_every_step(false, false, &phases, 1);
 }

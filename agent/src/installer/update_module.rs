@@ -14,7 +14,6 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -259,7 +258,7 @@ fn open_for_writer(path: &Path, child: &mut Running) -> Result<Option<File>, Ins
             Ok(fd) => {
                 rustix::fs::fcntl_setfl(&fd, OFlags::empty())
                     .map_err(|e| io_err("configuring", path, e.into()))?;
-                return Ok(Some(File::from(OwnedFd::from(fd))));
+                return Ok(Some(File::from(fd)));
             }
             Err(rustix::io::Errno::NXIO) => {
                 if !child.is_running() || child.timed_out() {
@@ -317,16 +316,7 @@ impl Installer for UpdateModule {
         progress(0, "ArtifactInstall");
         self.call(step, "ArtifactInstall")?;
         progress(100, "ArtifactInstall done");
-        let reboot = match self.call(step, "NeedsArtifactReboot")?.as_str() {
-            "" | "No" => None,
-            "Yes" => Some(RebootBy::Installer),
-            "Automatic" => Some(RebootBy::System),
-            other => {
-                return Err(InstallerError::Image(format!(
-                    "the update module answered {other:?} to NeedsArtifactReboot (expected Yes, No or Automatic)"
-                )))
-            }
-        };
+        let reboot = self.needs_reboot(step)?;
         Ok(Installed {
             reboot,
             target_slot: None,

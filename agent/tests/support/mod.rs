@@ -248,7 +248,9 @@ pub trait Device {
     /// Its board.
     fn board(&self) -> &Board;
     /// Environment for the agent (read by hooks).
-    fn env(&self) -> Vec<(&'static str, String)>;
+    fn env(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
     /// A reboot: the bootloader picks a slot, the boot id changes, services restart.
     fn power_cycle(&mut self);
 }
@@ -317,6 +319,42 @@ pub fn settle<D: Device>(
         "the transaction did not settle: {:#}",
         device.board().journal()
     );
+}
+
+/// The phases of an update that installs through a reboot and commits.
+pub const INSTALL_WITH_REBOOT: &[&str] = &[
+    "preparing",
+    "installing",
+    "rebooting",
+    "verifying",
+    "health-check",
+    "committing",
+    "cleanup",
+];
+/// The phases of an update that installs without a reboot and commits.
+pub const INSTALL_IN_PLACE: &[&str] = &[
+    "preparing",
+    "installing",
+    "health-check",
+    "committing",
+    "cleanup",
+];
+/// The phases after a failed check on an image that needed a reboot: rollback through a reboot.
+pub const ROLLBACK_WITH_REBOOT: &[&str] = &[
+    "rolling-back",
+    "rollback-rebooting",
+    "verifying-rollback",
+    "failing",
+    "cleanup",
+];
+/// The phases after a failed check on an image installed in place.
+pub const ROLLBACK_IN_PLACE: &[&str] = &["rolling-back", "failing", "cleanup"];
+
+/// `phases` preceded by `first` (the step that failed).
+pub fn after(first: &'static str, phases: &[&'static str]) -> Vec<&'static str> {
+    std::iter::once(first)
+        .chain(phases.iter().copied())
+        .collect()
 }
 
 /// Every `before:` and `after:` point of `phases`, `before:report`, `after:report`, and the first
