@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use sealed_ota_mqtt::BrokerUrl;
 use sealed_ota_protocol::identity::{Identity, Role, TrustAnchor};
 use sealed_ota_protocol::topics::{validate_id, TopicTree};
 
@@ -643,20 +644,10 @@ impl Config {
     }
 
     fn check_broker(&self, errors: &mut Vec<FieldError>) {
-        let url = &self.broker.url;
-        let scheme_ok = ["mqtts://", "mqtt://"]
-            .iter()
-            .find_map(|s| url.strip_prefix(s))
-            .map(|rest| rest.trim_end_matches('/'))
-            .filter(|rest| !rest.is_empty() && !rest.contains('/'))
-            .is_some_and(|rest| match rest.rsplit_once(':') {
-                Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
-                None => true,
-            });
-        if !scheme_ok {
+        if let Err(e) = BrokerUrl::parse(&self.broker.url) {
             errors.push(field(
                 "broker.url",
-                format!("{url:?} is not a broker URL"),
+                e.to_string(),
                 "write mqtts://host:port (TLS with the device certificate); mqtt://host:port only for tests",
             ));
         }
