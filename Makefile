@@ -78,8 +78,8 @@ kind:
 kind-down:
 	e2e/kind/kind.sh down
 
-## make agent-deb: the device agent's Debian package (release build) in target/debian, with
+## make agent-deb: the device agent's Debian package (release build, stripped) in target/debian, with
 ## cargo-deb from scripts/cargo-deb-install.sh (a pinned copy in ~/.cache/sealed-ota/tools).
 agent-deb:
 	CARGO_DEB="$$(scripts/cargo-deb-install.sh)" && \
-	  "$$CARGO_DEB" -p sealed-ota-agent --locked -o target/debian
+	  "$$CARGO_DEB" -p sealed-ota-agent --locked --strip -o target/debian
