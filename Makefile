@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESTBED := e2e/testbed
 
-.PHONY: test lint unit e2e testbed testbed-down demo bench crds chart images kind kind-down
+.PHONY: test lint unit e2e testbed testbed-down demo bench crds chart images kind kind-down agent-deb
 
 ## make test: formatting, lints, unit tests, then the e2e tests on a test bed this target
 ## brings up and takes down itself (a failure still takes it down).
@@ -19,10 +19,12 @@ unit:
 	$(CARGO) test --workspace --locked --lib --bins
 	$(CARGO) test --locked -p sealed-ota-protocol --test '*'
 
-## Integration and e2e tests (every other crate's tests/ directory) against a real test bed.
+## Integration and e2e tests (every other crate's tests/ directory) against a real test bed. The
+## agent's tests drive real RAUC and Mender update modules: their Debian packages are installed first.
 E2E_CRATES := --workspace --exclude sealed-ota-protocol
 e2e:
 	$(CARGO) build $(E2E_CRATES) --locked --bins --tests
+	scripts/install-agent-test-deps.sh
 	$(TESTBED) up
 	eval "$$($(TESTBED) env)"; \
 	  $(CARGO) test $(E2E_CRATES) --locked --no-fail-fast --test '*'; rc=$$?; \
@@ -75,3 +77,9 @@ kind:
 	e2e/kind/kind.sh all
 kind-down:
 	e2e/kind/kind.sh down
+
+## make agent-deb: the device agent's Debian package (release build, stripped) in target/debian, with
+## cargo-deb from scripts/cargo-deb-install.sh (a pinned copy in ~/.cache/sealed-ota/tools).
+agent-deb:
+	CARGO_DEB="$$(scripts/cargo-deb-install.sh)" && \
+	  "$$CARGO_DEB" -p sealed-ota-agent --locked --strip -o target/debian
