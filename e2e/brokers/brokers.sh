@@ -77,7 +77,7 @@ mosquitto_install() {
   mosquitto_bin >/dev/null || die "mosquitto installed but not found on PATH or /usr/sbin"
 }
 
-mosquitto_version() { "$(mosquitto_bin)" -h 2>/dev/null | sed -n 's/^mosquitto version \([^ ]*\).*/\1/p' | head -1; }
+mosquitto_version() { { "$(mosquitto_bin)" -h 2>&1 || true; } | sed -n 's/^mosquitto version \([^ ]*\).*/\1/p' | head -1; }
 
 mosquitto_start() {
   local plain tls p="$STATE/pki" d="$STATE/mosquitto" bin

@@ -4,7 +4,14 @@
 // and takes the certificate's Common Name as the MQTT username, as Mosquitto's
 // `require_certificate true` + `use_identity_as_username true` do. Retained messages and sessions
 // persist in a bbolt file when -data is given, so a killed broker comes back with what it had
-// saved. Everything else is mochi's default, so tests see what a user of mochi sees.
+// saved.
+//
+// One compatibility setting departs from mochi's defaults: NoInheritedPropertiesOnAck. By default
+// mochi copies a QoS 1 PUBLISH's properties (User Properties) into its PUBACK and then writes the
+// reason code 0x01 ("granted QoS 1", a SUBACK code) into it; MQTT 5 has no PUBACK reason 0x01, so
+// rumqttc (the product's client) rejects the packet and drops the connection on every publish that
+// carries User Properties. -inherit-ack-properties restores the default (the broker probe shows the
+// failure). Everything else is mochi's default, so tests see what a user of mochi sees.
 package main
 
 import (
@@ -63,24 +70,27 @@ func main() {
 	certFile := flag.String("cert", "", "server certificate (PEM)")
 	keyFile := flag.String("key", "", "server private key (PEM)")
 	data := flag.String("data", "", "bbolt file for retained messages and sessions; empty: memory only")
+	inherit := flag.Bool("inherit-ack-properties", false, "mochi's default: copy a PUBLISH's properties into its PUBACK (breaks MQTT 5 clients, see above)")
 	version := flag.Bool("version", false, "print the mochi-mqtt version and exit")
 	flag.Parse()
 	if *version {
 		fmt.Println(mqtt.Version)
 		return
 	}
-	if err := run(*plain, *secure, *caFile, *certFile, *keyFile, *data); err != nil {
+	if err := run(*plain, *secure, *caFile, *certFile, *keyFile, *data, *inherit); err != nil {
 		fmt.Fprintln(os.Stderr, "sealed-ota-mochi:", err)
 		os.Exit(1)
 	}
 }
 
-func run(plain, secure, caFile, certFile, keyFile, data string) error {
+func run(plain, secure, caFile, certFile, keyFile, data string, inheritAckProperties bool) error {
 	if plain == "" && secure == "" {
 		return fmt.Errorf("no listener: give -plain and/or -tls")
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	server := mqtt.New(&mqtt.Options{Logger: logger})
+	capabilities := mqtt.NewDefaultServerCapabilities()
+	capabilities.Compatibilities.NoInheritedPropertiesOnAck = !inheritAckProperties
+	server := mqtt.New(&mqtt.Options{Logger: logger, Capabilities: capabilities})
 	if err := server.AddHook(&identityHook{tlsListener: "tls"}, nil); err != nil {
 		return err
 	}
