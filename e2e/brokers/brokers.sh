@@ -8,6 +8,7 @@
 #                    rmqtt-N.pid per node)
 #   <kind>_wait      wait until it serves (or die naming its log)
 #   <kind>_version   print its version
+#   <kind>_bin       print its binary's path
 # Every listener pair is the same: a plain one (anonymous, for the tests' spies and rogue clients)
 # and a TLS one that requires a client certificate signed by the test CA and takes the
 # certificate's identity as the MQTT username.
@@ -180,6 +181,7 @@ rmqtt_cluster_install() {
   exec 8>&-
 }
 rmqtt_cluster_version() { rmqtt_version; }
+rmqtt_cluster_bin() { rmqtt_bin; }
 
 # Every node's ports, in $STATE/rmqtt/ports: "node mqtt mqtts rpc raft http" per line.
 rmqtt_port() { awk -v n="$1" -v c="$2" '$1 == n { print $c }' "$STATE/rmqtt/ports"; }
