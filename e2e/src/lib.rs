@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod http;
+pub mod interop;
 pub mod product;
 
 use std::collections::HashMap;
