@@ -73,12 +73,13 @@ impl TestBed {
     }
 
     fn discover() -> Result<TestBed> {
-        let script = repo_root().join("e2e/testbed");
-        let exports = match run_script(&script, "env") {
+        let script = || Command::new(repo_root().join("e2e/testbed"));
+        let exports = match run_script(script(), &["env"]) {
             Ok(out) => out,
             Err(_) => {
-                run_script(&script, "up").context("starting the test bed with `e2e/testbed up`")?;
-                run_script(&script, "env")?
+                run_script(script(), &["up"])
+                    .context("starting the test bed with `e2e/testbed up`")?;
+                run_script(script(), &["env"])?
             }
         };
         Self::from_exports(&exports)
@@ -129,19 +130,9 @@ impl TestBed {
 
     /// Runs `e2e/testbed ARGS...` against this test bed (for example `node kill 2`).
     pub fn script(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(repo_root().join("e2e/testbed"))
-            .args(args)
-            .env("SEALED_OTA_TESTBED_DIR", &self.state_dir)
-            .output()
-            .context("running e2e/testbed")?;
-        if !out.status.success() {
-            bail!(
-                "e2e/testbed {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let mut command = Command::new(repo_root().join("e2e/testbed"));
+        command.env("SEALED_OTA_TESTBED_DIR", &self.state_dir);
+        run_script(command, args)
     }
 
     /// A kube client with the admin identity.
@@ -313,15 +304,20 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn run_script(script: &Path, verb: &str) -> Result<String> {
-    let out = Command::new(script)
-        .arg(verb)
+/// Runs `command ARGS...`; its stdout, or an error carrying its stderr.
+fn run_script(mut command: Command, args: &[&str]) -> Result<String> {
+    let what = format!(
+        "{} {}",
+        command.get_program().to_string_lossy(),
+        args.join(" ")
+    );
+    let out = command
+        .args(args)
         .output()
-        .with_context(|| format!("running {} {verb}", script.display()))?;
+        .with_context(|| format!("running {what}"))?;
     if !out.status.success() {
         bail!(
-            "{} {verb} failed: {}",
-            script.display(),
+            "{what} failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::{ConfigMap, Event as KubeEvent};
@@ -19,7 +19,7 @@ use rand::{Rng, RngCore};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
-use sealed_ota_operator::crd::{Device, UpdateCampaign};
+use sealed_ota_operator::crd::{Device, DevicePhase, UpdateCampaign};
 use sha2::{Digest, Sha256};
 
 use crate::{repo_root, TestBed, TestNamespace};
@@ -593,6 +593,25 @@ impl Product {
                 .await?
                 .items,
         )
+    }
+
+    /// The devices recorded as done (Device status Succeeded), each with its installed image's
+    /// modification time, so a test can prove later that none of them installed again.
+    pub async fn done_devices(&self) -> Result<std::collections::BTreeMap<String, SystemTime>> {
+        let mut done = std::collections::BTreeMap::new();
+        for device in self.devices().await? {
+            let succeeded = device
+                .status
+                .as_ref()
+                .and_then(|s| s.campaign.as_ref())
+                .is_some_and(|c| c.phase == DevicePhase::Succeeded);
+            if succeeded {
+                let id = device.metadata.name.clone().context("name")?;
+                let installed = std::fs::metadata(self.device_dir(&id).join("firmware.bin"))?;
+                done.insert(id, installed.modified()?);
+            }
+        }
+        Ok(done)
     }
 
     /// Reasons of the Events recorded in this namespace, with their messages.

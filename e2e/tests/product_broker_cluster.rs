@@ -5,13 +5,12 @@
 //! the kill installs again. The tests are `#[ignore]`d so that `make test` (on Mosquitto) does not
 //! count them as passed; on any other broker they fail, saying why.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use sealed_ota_e2e::product::{random_image, Product};
 use sealed_ota_e2e::TestBed;
-use sealed_ota_operator::crd::{CampaignPhase, DevicePhase};
+use sealed_ota_operator::crd::CampaignPhase;
 
 /// One node loss at a time: two at once would leave the Raft cluster without a quorum.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -43,24 +42,6 @@ fn cluster() -> Result<&'static TestBed> {
     Ok(bed)
 }
 
-/// Devices recorded as done, with their installed image's modification time.
-async fn done_devices(product: &Product) -> Result<BTreeMap<String, SystemTime>> {
-    let mut done = BTreeMap::new();
-    for device in product.devices().await? {
-        let succeeded = device
-            .status
-            .as_ref()
-            .and_then(|s| s.campaign.as_ref())
-            .is_some_and(|c| c.phase == DevicePhase::Succeeded);
-        if succeeded {
-            let id = device.metadata.name.clone().context("name")?;
-            let installed = std::fs::metadata(product.device_dir(&id).join("firmware.bin"))?;
-            done.insert(id, installed.modified()?);
-        }
-    }
-    Ok(done)
-}
-
 /// Kills node `node` once some devices are done, keeps it down while the campaign runs, and checks
 /// that the campaign completes without losing or reinstalling anything.
 async fn campaign_survives_losing_node(node: &str, restart_after: Option<Duration>) -> Result<()> {
@@ -87,7 +68,7 @@ async fn campaign_survives_losing_node(node: &str, restart_after: Option<Duratio
             c.status.as_ref().is_some_and(|s| s.devices.in_progress > 0)
         })
         .await?;
-    let done_before = done_devices(&product).await?;
+    let done_before = product.done_devices().await?;
     bed.script(&["node", "kill", node])?;
     let back = NodeBack { bed, node };
     if let Some(after) = restart_after {
