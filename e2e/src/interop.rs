@@ -306,7 +306,7 @@ mod tests {
             TestVerdict::Passed,
             "t2 is listed for mochi only"
         );
-        assert!(run_ok(&[expected.clone()], &known));
+        assert!(run_ok(std::slice::from_ref(&expected), &known));
         let fixed = run(&[("f::t1", TestOutcome::Passed)]);
         assert!(matches!(
             fixed.verdicts(&known)[0].1,
@@ -317,7 +317,7 @@ mod tests {
             "a known failure that passes fails the run"
         );
         let broken = run(&[("f::t3", TestOutcome::Failed)]);
-        assert!(!run_ok(&[broken.clone()], &known));
+        assert!(!run_ok(std::slice::from_ref(&broken), &known));
         let md = render(&[expected, broken], &known, "test");
         assert!(
             md.contains("known failure (expected): the cause; proposed fix: the fix"),
