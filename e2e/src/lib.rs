@@ -98,6 +98,8 @@ impl TestBed {
                 .map(|v| v.to_string())
                 .with_context(|| format!("`e2e/testbed env` did not print {name}"))
         };
+        let state_dir = var("SEALED_OTA_TESTBED_DIR")?.into();
+        let kubeconfig = var("KUBECONFIG")?.into();
         let mqtt_url = var("SEALED_OTA_MQTT_URL")?;
         let mqtts_url = var("SEALED_OTA_MQTTS_URL")?;
         let list = |name: &str, single: &str| -> Vec<String> {
@@ -106,8 +108,8 @@ impl TestBed {
                 .unwrap_or_else(|| vec![single.to_string()])
         };
         Ok(TestBed {
-            state_dir: var("SEALED_OTA_TESTBED_DIR")?.into(),
-            kubeconfig: var("KUBECONFIG")?.into(),
+            state_dir,
+            kubeconfig,
             broker: vars
                 .get("SEALED_OTA_BROKER")
                 .unwrap_or(&"mosquitto")
