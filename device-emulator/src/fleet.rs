@@ -143,7 +143,8 @@ impl RunningFleet {
         for (position, id) in ids.into_iter().enumerate() {
             let faults = DeviceFaults::for_device(&options.faults, &id, position);
             let dir = options.fleet.device(&id);
-            let device = Device::new(Arc::clone(&ctx), id, dir, faults, shutdown_rx.clone());
+            let device = Device::new(Arc::clone(&ctx), id, dir, faults, shutdown_rx.clone())
+                .starting_on_node(position);
             devices.spawn(device.run());
         }
         Ok(RunningFleet {
