@@ -226,7 +226,7 @@ rmqtt_start_node() {
     ((SECONDS < deadline)) || die "rmqtt node $n: Raft port $raft still busy after 120s"
     sleep 1
   done
-  (cd "$d/node$n" && ulimit -n 65536 2>/dev/null; exec nohup "$(rmqtt_bin)" -f "$d/node$n/rmqtt.toml" >>"$d/node$n.log" 2>&1) &
+  (cd "$d/node$n" && { ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"; }; exec nohup "$(rmqtt_bin)" -f "$d/node$n/rmqtt.toml" >>"$d/node$n.log" 2>&1) &
   echo $! >"$STATE/rmqtt-$n.pid"
 }
 
