@@ -168,7 +168,8 @@ impl RunningFleet {
             if options.no_state_fsync {
                 dir = dir.without_state_fsync();
             }
-            let device = Device::new(Arc::clone(&ctx), id, dir, faults, shutdown_rx.clone());
+            let device = Device::new(Arc::clone(&ctx), id, dir, faults, shutdown_rx.clone())
+                .starting_on_node(position);
             devices.spawn(device.run());
         }
         Ok(RunningFleet {

@@ -150,7 +150,9 @@ struct RunArgs {
     /// Fleet directory written by `enroll`.
     #[arg(long, default_value = "fleet")]
     fleet: PathBuf,
-    /// Broker URL, mqtts://host:port (client certificates) or mqtt://host:port.
+    /// Broker URL, mqtts://host:port (client certificates) or mqtt://host:port; for a cluster,
+    /// every node's URL separated by commas (devices spread over them and move to the next node
+    /// when a connection is lost).
     #[arg(long, env = "SEALED_OTA_MQTTS_URL")]
     broker: String,
     /// CA that signed the broker's server certificate (default: the fleet's CA).

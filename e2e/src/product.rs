@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::{ConfigMap, Event as KubeEvent};
@@ -19,35 +19,42 @@ use rand::{Rng, RngCore};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
-use sealed_ota_operator::crd::{Device, UpdateCampaign};
+use sealed_ota_operator::crd::{Device, DevicePhase, UpdateCampaign};
 use sha2::{Digest, Sha256};
 
 use crate::{repo_root, TestBed, TestNamespace};
 
-/// A private Mosquitto for tests that stop and restart the broker, or that make it drop
-/// messages: TLS with client certificates from the test bed's CA, like the test bed's own
-/// listener, optionally with an ACL file (`acl_file`, keyed on the certificate's CN as username)
-/// the test rewrites and makes Mosquitto reload while it runs.
+/// A private broker of the test bed's kind for tests that stop and restart the broker, or make it
+/// drop messages: TLS with client certificates from the test bed's CA, like the test bed's own
+/// listener, and persistence in its directory. With Mosquitto, optionally an ACL file
+/// (`acl_file`, keyed on the certificate's CN as username) the test rewrites and makes the running
+/// broker reload. Mosquitto for a Mosquitto test bed; mochi-mqtt (bbolt persistence) for a
+/// mochi test bed; a single Mosquitto for the rmqtt cluster, whose node loss is tested on the
+/// cluster itself (`product_broker_cluster.rs`).
 #[derive(Debug)]
 pub struct PrivateBroker {
+    /// The broker's kind: `mosquitto` or `mochi`.
+    pub kind: String,
     dir: PathBuf,
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
     port: u16,
     child: Option<Child>,
 }
 
 impl PrivateBroker {
-    /// Starts Mosquitto on a free loopback port with persistence in `dir`.
+    /// Starts a broker of the test bed's kind on a free loopback port with persistence in `dir`.
     pub fn start(bed: &TestBed, dir: &Path) -> Result<Self> {
         Self::start_with_acl(bed, dir, None)
     }
 
     /// Like `start`, with `acl` as Mosquitto's ACL file (every publish and delivery it does not
-    /// allow is dropped by the broker, as a malicious broker would drop it).
+    /// allow is dropped by the broker, as a malicious broker would drop it). Mosquitto only.
     pub fn start_with_acl(bed: &TestBed, dir: &Path, acl: Option<&str>) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let port = free_port()?;
-        let pki = bed.state_dir.join("pki");
-        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+        if acl.is_some() && bed.broker == "mochi" {
+            bail!("a private broker with an ACL needs Mosquitto (the test bed runs mochi)");
+        }
         let acl_line = match acl {
             Some(text) => {
                 std::fs::write(dir.join("acl"), text)?;
@@ -55,19 +62,57 @@ impl PrivateBroker {
             }
             None => String::new(),
         };
-        std::fs::write(
-            dir.join("mosquitto.conf"),
-            format!(
-                "per_listener_settings false\nuser {user}\nallow_anonymous false\npersistence true\n\
-                 persistence_location {d}/\nlog_dest file {d}/mosquitto.log\n{acl_line}\
-                 listener {port} 127.0.0.1\ncafile {p}/ca.crt\ncertfile {p}/mosquitto.crt\n\
-                 keyfile {p}/mosquitto.key\nrequire_certificate true\nuse_identity_as_username true\n",
-                d = dir.display(),
-                p = pki.display(),
+        let port = free_port()?;
+        let pki = bed.state_dir.join("pki");
+        let (kind, program, args): (&str, PathBuf, Vec<std::ffi::OsString>) = match (
+            bed.broker.as_str(),
+            &bed.broker_bin,
+        ) {
+            ("mochi", Some(bin)) => (
+                "mochi",
+                bin.clone(),
+                vec![
+                    "-tls".into(),
+                    format!("127.0.0.1:{port}").into(),
+                    "-ca".into(),
+                    pki.join("ca.crt").into(),
+                    "-cert".into(),
+                    pki.join("mosquitto.crt").into(),
+                    "-key".into(),
+                    pki.join("mosquitto.key").into(),
+                    "-data".into(),
+                    dir.join("mochi.db").into(),
+                ],
             ),
-        )?;
+            _ => {
+                let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+                std::fs::write(
+                        dir.join("mosquitto.conf"),
+                        format!(
+                            "per_listener_settings false\nuser {user}\nallow_anonymous false\npersistence true\n\
+                             persistence_location {d}/\nlog_dest file {d}/mosquitto.log\n{acl_line}\
+                             listener {port} 127.0.0.1\ncafile {p}/ca.crt\ncertfile {p}/mosquitto.crt\n\
+                             keyfile {p}/mosquitto.key\nrequire_certificate true\nuse_identity_as_username true\n",
+                            d = dir.display(),
+                            p = pki.display(),
+                        ),
+                    )?;
+                let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+                    .into_iter()
+                    .find(|p| Path::new(p).exists())
+                    .context("mosquitto not installed (e2e/testbed up installs it)")?;
+                (
+                    "mosquitto",
+                    bin.into(),
+                    vec!["-c".into(), dir.join("mosquitto.conf").into()],
+                )
+            }
+        };
         let mut broker = PrivateBroker {
+            kind: kind.to_string(),
             dir: dir.to_path_buf(),
+            program,
+            args,
             port,
             child: None,
         };
@@ -106,23 +151,19 @@ impl PrivateBroker {
     /// Starts the broker again on the same port and persistence directory.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .context("mosquitto not installed (e2e/testbed up installs it)")?;
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(self.dir.join("mosquitto.conf"))
+        let child = Command::new(&self.program)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting mosquitto")?;
+            .with_context(|| format!("starting {}", self.program.display()))?;
         self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if std::time::Instant::now() > deadline {
                 bail!(
-                    "private mosquitto not listening on {} after 10 s",
+                    "private {} not listening on {} after 10 s",
+                    self.kind,
                     self.port
                 );
             }
@@ -246,8 +287,11 @@ pub struct Product {
     pub manager_id: String,
     /// Ids of the enrolled devices.
     pub device_ids: Vec<String>,
-    /// Broker URL the operator and devices use.
+    /// Broker URL the operator uses (node 1 of a cluster).
     pub broker_url: String,
+    /// Broker URLs the devices use: every node of a cluster, comma-separated (the emulator
+    /// spreads devices over them).
+    pub device_broker_urls: String,
     /// Address of the operator's metrics listener.
     pub metrics_addr: String,
     /// The emulator's `--window-timeout` in seconds: short (3) by default so tests recover
@@ -274,9 +318,12 @@ impl std::fmt::Debug for Product {
 impl Product {
     /// A namespace with the CRDs installed, the manager and CA Secrets, and `devices` enrolled
     /// devices labelled `fleet=<namespace>` (Device resources applied), using the test bed's broker.
+    /// The operator connects to the broker's first node, the devices spread over every node.
     pub async fn new(prefix: &str, devices: u32) -> Result<Self> {
         let bed = TestBed::get()?;
-        Self::with_broker(prefix, devices, bed.mqtts_url.clone()).await
+        let mut product = Self::with_broker(prefix, devices, bed.mqtts_url.clone()).await?;
+        product.device_broker_urls = bed.mqtts_urls.join(",");
+        Ok(product)
     }
 
     /// Like `new`, against another broker (for example a `PrivateBroker`).
@@ -308,6 +355,7 @@ impl Product {
             device_ids: (0..devices)
                 .map(|i| format!("{id_prefix}-{i:05}"))
                 .collect(),
+            device_broker_urls: broker_url.clone(),
             broker_url,
             metrics_addr: format!("127.0.0.1:{}", free_port()?),
             window_timeout_seconds: 3,
@@ -472,7 +520,7 @@ impl Product {
         let stdout = std::fs::File::create(self.dir.join(format!("emulator-{n}.json")))?;
         let stderr = std::fs::File::create(self.dir.join(format!("emulator-{n}.log")))?;
         let child = Command::new(binary("sealed-ota-device-emulator"))
-            .args(["run", "--broker", &self.broker_url])
+            .args(["run", "--broker", &self.device_broker_urls])
             .arg("--broker-ca")
             .arg(&self.bed.ca_file)
             .arg("--fleet")
@@ -513,7 +561,7 @@ impl Product {
     /// Runs the fleet until every device has connected once and returns the JSON summary.
     pub fn connect_fleet_once(&self) -> Result<serde_json::Value> {
         let out = Command::new(binary("sealed-ota-device-emulator"))
-            .args(["run", "--broker", &self.broker_url])
+            .args(["run", "--broker", &self.device_broker_urls])
             .arg("--broker-ca")
             .arg(&self.bed.ca_file)
             .arg("--fleet")
@@ -687,6 +735,25 @@ impl Product {
     pub async fn metrics(&self) -> Result<Vec<(String, f64)>> {
         let text = crate::http::get(&format!("http://{}/metrics", self.metrics_addr)).await?;
         Ok(crate::http::samples(&text))
+    }
+
+    /// The devices recorded as done (Device status Succeeded), each with its installed image's
+    /// modification time, so a test can prove later that none of them installed again.
+    pub async fn done_devices(&self) -> Result<std::collections::BTreeMap<String, SystemTime>> {
+        let mut done = std::collections::BTreeMap::new();
+        for device in self.devices().await? {
+            let succeeded = device
+                .status
+                .as_ref()
+                .and_then(|s| s.campaign.as_ref())
+                .is_some_and(|c| c.phase == DevicePhase::Succeeded);
+            if succeeded {
+                let id = device.metadata.name.clone().context("name")?;
+                let installed = std::fs::metadata(self.device_dir(&id).join("firmware.bin"))?;
+                done.insert(id, installed.modified()?);
+            }
+        }
+        Ok(done)
     }
 
     /// Reasons of the Events recorded in this namespace, with their messages.
