@@ -21,6 +21,7 @@ local needs_person = {
   ManagerSecretMissing = true,
   ManagerSecretInvalid = true,
   FirmwareUnreadable = true,
+  ReleaseSignatureInvalid = true,
   UrlSourceUnsupported = true,
   CaSecretMissing = true,
   CaSecretInvalid = true,

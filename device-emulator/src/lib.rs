@@ -12,6 +12,7 @@ pub mod enroll;
 pub mod error;
 pub mod faults;
 pub mod fleet;
+pub mod keylog;
 pub mod mqtt_io;
 pub mod pacing;
 pub mod stats;

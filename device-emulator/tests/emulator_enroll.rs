@@ -64,6 +64,7 @@ async fn secrets_and_devices_are_applied_to_the_apiserver() -> Result<()> {
         manager_id: "manager".into(),
         topic_prefix: "iot".into(),
         initial_version: "1.0.0".into(),
+        release_keys: Vec::new(),
     };
     let prefix = format!("k{:06x}", rand::thread_rng().gen_range(0..0xff_ffffu32));
     let request = EnrollRequest {

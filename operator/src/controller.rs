@@ -260,8 +260,13 @@ where
         .map_err(Error::kube("reading a campaign input"))
 }
 
-/// Fetch and validate everything the campaign needs, and prepare it (encrypt once).
-async fn prepare_run(c: &UpdateCampaign, ctx: &Ctx) -> Result<Result<CampaignRun, Blocker>, Error> {
+/// Fetch and validate everything the campaign needs, and prepare it (encrypt once) with its
+/// manifests expiring at `expires_at` (fixed when the campaign was first prepared).
+async fn prepare_run(
+    c: &UpdateCampaign,
+    ctx: &Ctx,
+    expires_at: u64,
+) -> Result<Result<CampaignRun, Blocker>, Error> {
     let ns = c.namespace().unwrap_or_default();
     let uid = c.uid().ok_or(Error::MissingMetadata("uid"))?;
     let spec = &c.spec;
@@ -278,6 +283,7 @@ async fn prepare_run(c: &UpdateCampaign, ctx: &Ctx) -> Result<Result<CampaignRun
         Ok(v) => v,
         Err(b) => return Ok(Err(b)),
     };
+    let mut release = None;
     let payload = if let Some(fw) = &spec.payload.firmware {
         let image = if let Some(r) = &fw.config_map_key_ref {
             match get_opt::<ConfigMap>(&ctx.client, &ns, &r.name).await? {
@@ -320,6 +326,12 @@ async fn prepare_run(c: &UpdateCampaign, ctx: &Ctx) -> Result<Result<CampaignRun
             Ok(img) => img,
             Err(b) => return Ok(Err(b)),
         };
+        if let Some(sig) = &fw.release_signature {
+            match inputs::release_signature(sig, &image, &spec.target_version) {
+                Ok(sig) => release = Some(sig),
+                Err(b) => return Ok(Err(b)),
+            }
+        }
         CampaignPayload::Firmware { image }
     } else if let Some(rot) = &spec.payload.rotate_credentials {
         let Some(ca_secret) = get_opt::<Secret>(&ctx.client, &ns, &rot.ca_secret_name).await?
@@ -351,8 +363,9 @@ async fn prepare_run(c: &UpdateCampaign, ctx: &Ctx) -> Result<Result<CampaignRun
         campaign_id: uid.clone(),
         target_version: spec.target_version.clone(),
         payload,
-        expires_at: unix_now() + u64::from(spec.expires_after_seconds),
+        expires_at,
         chunk_size: spec.chunk_size,
+        release,
     };
     // Encrypting a large image is CPU work: keep it off the async workers.
     let prepared = tokio::task::spawn_blocking(move || PreparedCampaign::prepare(cspec))
@@ -426,11 +439,21 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         }
     };
     let stopping = previous.phase.is_terminal() || c.spec.abort;
-    if blocker.is_none() && !stopping && !ctx.engine.has_run(&key, &uid) {
-        match prepare_run(&c, ctx).await? {
+    // The expiry is fixed the first time the campaign is prepared and recorded on its status
+    // before any device starts; a restarted operator prepares again with the recorded one.
+    let expires_at =
+        recorded_expiry(&previous).unwrap_or_else(|| now + u64::from(c.spec.expires_after_seconds));
+    let expired = now >= expires_at;
+    if blocker.is_none() && !stopping && !expired && !ctx.engine.has_run(&key, &uid) {
+        match prepare_run(&c, ctx, expires_at).await? {
             Ok(run) => {
-                tracing::info!(campaign = %key.1, chunks = run.chunk_count(), "campaign prepared");
+                tracing::info!(campaign = %key.1, chunks = run.chunk_count(), expires_at, "campaign prepared");
                 ctx.engine.insert_run(key.clone(), run);
+                if previous.expires_at.is_none() {
+                    let mut recorded = previous.clone();
+                    recorded.expires_at = Some(k8s_time(expires_at));
+                    write_status(&c, &key, &recorded, ctx).await?;
+                }
             }
             Err(b) => blocker = Some(b),
         }
@@ -460,6 +483,15 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
     if blocker.is_some() && phase == CampaignPhase::Progressing {
         phase = CampaignPhase::Pending;
     }
+    // Past the expiry nothing of the campaign is installed any more: it fails (reason Expired).
+    let expired = if previous.phase.is_terminal() {
+        ready_reason(&previous) == Some("Expired")
+    } else {
+        expired && !phase.is_terminal()
+    };
+    if expired {
+        phase = CampaignPhase::Failed;
+    }
     // The campaign says it ended only once the Device statuses it wrote have landed, so whoever
     // reads a finished campaign reads its devices' final records too.
     let settling = phase.is_terminal()
@@ -476,11 +508,17 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
             .apply_timeouts(&key, &names, &decision.timed_out, now);
     if phase.is_terminal() {
         if ctx.engine.has_run(&key, &uid) {
-            actions.extend(ctx.engine.end_run(&key));
+            actions.extend(ctx.engine.end_run(&key, now));
         } else if lock(&ctx.cleaned).insert(uid.clone()) {
             // Ended under an earlier process (or before a restart): clear what the resources say it
-            // may have left retained, once per process.
-            actions.extend(recorded_clears(&c, ctx, &uid));
+            // may have left retained, once per process. The notify topics of a campaign that did
+            // not succeed may hold the signed aborts of its devices: those stay.
+            actions.extend(recorded_clears(
+                &c,
+                ctx,
+                &uid,
+                phase == CampaignPhase::Succeeded,
+            ));
         }
     } else if blocker.is_none() && phase == CampaignPhase::Progressing && !decision.start.is_empty()
     {
@@ -527,12 +565,23 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
             _ => None,
         })
         .collect();
-    let chunk_count = ctx
+    let facts = ctx
         .engine
         .has_run(&key, &uid)
-        .then(|| ctx.engine.chunk_count(&key))
-        .flatten()
+        .then(|| ctx.engine.run_facts(&key))
+        .flatten();
+    let chunk_count = facts
+        .as_ref()
+        .map(|f| f.chunk_count)
         .or(previous.chunk_count);
+    let release_key_id = facts
+        .as_ref()
+        .map(|f| f.release_key_id.map(hex::encode))
+        .unwrap_or_else(|| previous.release_key_id.clone());
+    let recorded_expires_at = facts
+        .as_ref()
+        .map(|f| k8s_time(f.expires_at))
+        .or_else(|| previous.expires_at.clone());
     let status = compute(StatusInput {
         generation: c.metadata.generation,
         phase,
@@ -540,6 +589,9 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         current_wave: decision.current_wave,
         total_waves: decision.total_waves,
         chunk_count,
+        expires_at: recorded_expires_at,
+        expired,
+        release_key_id,
         failures,
         blocker: blocker.clone(),
         previous: Some(&previous),
@@ -673,6 +725,30 @@ async fn emit_events(
         )
         .await;
     }
+    if status.devices.rolled_back > previous.devices.rolled_back {
+        let names: Vec<&str> = status
+            .failures
+            .iter()
+            .filter(|f| f.reason == crate::engine::ROLLED_BACK)
+            .map(|f| f.device.as_str())
+            .collect();
+        publish_event(
+            ctx,
+            c,
+            EventType::Warning,
+            "DeviceRolledBack",
+            format!(
+                "{} devices installed the update, failed their health check and rolled back (signed receipts on their Device status){}",
+                status.devices.rolled_back,
+                if names.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", names.join(", "))
+                }
+            ),
+        )
+        .await;
+    }
     if status.devices.failed > previous.devices.failed {
         publish_event(
             ctx,
@@ -689,13 +765,16 @@ async fn emit_events(
 }
 
 /// Clears of whatever a campaign may have left retained, from what the resources record: chunks by
-/// index (status.chunkCount), notify of the devices that recorded this campaign. Clearing an absent
-/// retained message is harmless.
-fn recorded_clears(c: &UpdateCampaign, ctx: &Ctx, uid: &str) -> Vec<Action> {
+/// index (status.chunkCount) and, with `notifies`, the notify topic of the devices that recorded
+/// this campaign. Clearing an absent retained message is harmless.
+fn recorded_clears(c: &UpdateCampaign, ctx: &Ctx, uid: &str, notifies: bool) -> Vec<Action> {
     let topics = &ctx.engine.topics;
     let mut actions = Vec::new();
     if let Some(n) = c.status.as_ref().and_then(|s| s.chunk_count) {
         actions.extend((0..n).map(|i| Action::Publish(clear_retained(topics.chunk(uid, i)))));
+    }
+    if !notifies {
+        return actions;
     }
     for d in ctx.devices.state() {
         let recorded = d
@@ -710,6 +789,14 @@ fn recorded_clears(c: &UpdateCampaign, ctx: &Ctx, uid: &str) -> Vec<Action> {
         }
     }
     actions
+}
+
+/// The expiry recorded on a campaign's status (Unix seconds).
+fn recorded_expiry(status: &UpdateCampaignStatus) -> Option<u64> {
+    status
+        .expires_at
+        .as_ref()
+        .and_then(|t| u64::try_from(t.0.as_second()).ok())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -727,8 +814,8 @@ async fn cleanup(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
             "cannot clear the campaign's retained messages".into(),
         ));
     }
-    let mut actions = ctx.engine.remove_run(&key);
-    actions.extend(recorded_clears(&c, ctx, &uid));
+    let mut actions = ctx.engine.remove_run(&key, unix_now());
+    actions.extend(recorded_clears(&c, ctx, &uid, true));
     ctx.engine.mqtt.execute(actions).await?;
     lock(&ctx.written).remove(&key);
     tracing::info!(campaign = %key.1, "retained messages cleared on delete");
@@ -792,6 +879,7 @@ mod tests {
                 }),
                 url: None,
                 sha256: None,
+                release_signature: None,
             }),
             rotate_credentials: None,
         };

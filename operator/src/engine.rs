@@ -3,14 +3,18 @@
 //!
 //! It owns the sessions, never the rollout decisions (those are in `rollout`) and never the campaign
 //! status (the controller writes it). What must survive a restart is written to `Device` status by the
-//! device-status writer: a device counts as done only after its signed receipt (`Installed`) or signed
-//! refusal, never on a broker acknowledgement. Locks are never held across an `.await`.
+//! device-status writer: a device counts as done only after its signed receipt (`Installed`,
+//! `RolledBack`) or signed refusal, never on a broker acknowledgement, and the receipt is kept on the
+//! Device. The certificate a rotation issues is recorded on the Device (`credentials`) before the
+//! update that carries it is published. Sessions end with the manager's signed abort. Locks are
+//! never held across an `.await`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use base64::Engine as _;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -19,9 +23,10 @@ use sealed_ota_protocol::{
     Action, DeviceTarget, Inbound, IssuedCertificate, ManagerConfig, ManagerEvent, ManagerSession,
     Outbound, PreparedCampaign, Properties, ProtocolError, TopicKind, TopicTree,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::crd::{Device, DeviceCampaignStatus, DevicePhase, DeviceStatus};
+use crate::credentials;
 use crate::metrics::Metrics;
 use crate::mqtt::MqttSession;
 use crate::rollout::{Progress, TimeoutOutcome};
@@ -138,39 +143,11 @@ pub fn device_status(
             .map(|h| k8s_time(h.not_after))
             .or(base.certificate_not_after),
         rotated_certificate_fingerprint: base.rotated_certificate_fingerprint,
+        pending_certificates: base.pending_certificates,
+        retired_certificate_fingerprints: base.retired_certificate_fingerprints,
         campaign: Some(campaign),
         conditions: vec![ready],
     }
-}
-
-/// After the signed receipt of a credential rotation (pure): the device now holds the certificate
-/// the operator issued in that session, so its fingerprint and expiry replace the handshake's (the
-/// old certificate), and the fingerprint is remembered as one the pin accepts.
-pub fn record_rotation(mut status: DeviceStatus, issued: &IssuedCertificate) -> DeviceStatus {
-    let fingerprint = hex::encode(issued.fingerprint);
-    status.certificate_fingerprint = Some(fingerprint.clone());
-    status.certificate_not_after = Some(k8s_time(issued.not_after));
-    status.rotated_certificate_fingerprint = Some(fingerprint);
-    status
-}
-
-/// Fingerprints a device certificate may have (pure): `spec.certificateFingerprint` (the pin, if
-/// set) and the certificate the operator issued in a rotation it completed
-/// (`status.rotatedCertificateFingerprint`).
-pub fn pinned_fingerprints(device: &Device) -> (Option<[u8; 32]>, Option<[u8; 32]>) {
-    let parse = |h: Option<&str>| {
-        h.and_then(|h| hex::decode(h).ok())
-            .and_then(|v| <[u8; 32]>::try_from(v).ok())
-    };
-    (
-        parse(device.spec.certificate_fingerprint.as_deref()),
-        parse(
-            device
-                .status
-                .as_ref()
-                .and_then(|s| s.rotated_certificate_fingerprint.as_deref()),
-        ),
-    )
 }
 
 /// One device inside a run.
@@ -182,7 +159,12 @@ pub struct DeviceRun {
     pub progress: Progress,
     session: Option<ManagerSession>,
     handshake: Option<Handshake>,
+    /// The Device status as last written (or read): every write starts from it.
     base: Option<DeviceStatus>,
+    /// spec.certificateFingerprint when the session started.
+    pin: Option<String>,
+    /// The certificate of this session's rotation once its pending record landed on the Device.
+    issued_recorded: Option<[u8; 32]>,
 }
 
 /// A campaign this replica drives.
@@ -195,6 +177,8 @@ pub struct CampaignRun {
     /// The encrypted-once payload; released when the run ends (only its chunk count is kept).
     prepared: Option<Arc<PreparedCampaign>>,
     chunk_count: u32,
+    expires_at: u64,
+    release_key_id: Option<[u8; 32]>,
     /// Manager identity, trust anchor, topics.
     pub manager: ManagerConfig,
     /// spec.allowDowngrade.
@@ -219,6 +203,8 @@ impl CampaignRun {
             uid,
             target_version,
             chunk_count: prepared.chunk_count(),
+            expires_at: prepared.expires_at(),
+            release_key_id: prepared.release_key_id(),
             prepared: Some(prepared),
             manager,
             allow_downgrade,
@@ -228,6 +214,17 @@ impl CampaignRun {
             ended: false,
         }
     }
+}
+
+/// What the campaign status reports about a run's prepared payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunFacts {
+    /// Chunks of the prepared image.
+    pub chunk_count: u32,
+    /// When its manifests expire (Unix seconds).
+    pub expires_at: u64,
+    /// The release key that signed the image.
+    pub release_key_id: Option<[u8; 32]>,
 }
 
 /// The shared engine.
@@ -265,6 +262,29 @@ fn campaign_record(
         attempts,
         reason,
         message: message.map(|m| crate::status::bounded(&m, 512)),
+        receipt: None,
+        receipt_certificate_fingerprint: None,
+        release_key_id: None,
+    }
+}
+
+/// Longest receipt kept on a Device (base64 characters; the CRD's bound). Receipts are about 1 KiB.
+pub const MAX_RECEIPT_TEXT: usize = 12288;
+
+/// A signed receipt as the Device status keeps it: base64, and the certificate whose key signed it
+/// (pure). A receipt over the bound is not kept (it would make the whole write fail).
+pub fn kept_receipt(
+    record: DeviceCampaignStatus,
+    receipt: &[u8],
+    signer_fingerprint: Option<[u8; 32]>,
+    release_key: Option<[u8; 32]>,
+) -> DeviceCampaignStatus {
+    let text = base64::engine::general_purpose::STANDARD.encode(receipt);
+    DeviceCampaignStatus {
+        receipt: (text.len() <= MAX_RECEIPT_TEXT).then_some(text),
+        receipt_certificate_fingerprint: signer_fingerprint.map(hex::encode),
+        release_key_id: release_key.map(hex::encode),
+        ..record
     }
 }
 
@@ -378,6 +398,8 @@ impl Engine {
                                 session: None,
                                 handshake: None,
                                 base: d.status.clone(),
+                                pin: d.spec.certificate_fingerprint.clone(),
+                                issued_recorded: None,
                             },
                         );
                     }
@@ -413,30 +435,35 @@ impl Engine {
     ) -> Result<Vec<Action>, ProtocolError> {
         let name = device.metadata.name.clone().unwrap_or_default();
         let device_id = device.device_id();
-        let (pinned_fingerprint, rotated) = pinned_fingerprints(device);
+        let pin = device.spec.certificate_fingerprint.clone();
         let mut runs = lock(&self.runs);
         let Some(run) = runs.get_mut(key) else {
             return Ok(Vec::new());
         };
+        // What this replica wrote last is newer than what the reflector may have seen yet.
+        let base = run
+            .devices
+            .get(&name)
+            .and_then(|d| d.base.clone())
+            .or_else(|| device.status.clone());
+        let policy = credentials::policy(pin.as_deref(), base.as_ref());
         let target = DeviceTarget {
             device_id: device_id.clone(),
-            pinned_fingerprint,
+            pinned_fingerprint: policy.pin,
             allow_downgrade: run.allow_downgrade,
         };
         let Some(prepared) = run.prepared.clone() else {
             return Ok(Vec::new());
         };
         let (mut session, actions) = ManagerSession::start(&run.manager, prepared, target, now)?;
-        if let Some(fp) = rotated {
-            // The certificate this operator issued in a rotation that succeeded: accepted like the
-            // pin (which still names the certificate from before the rotation).
+        // Certificates this operator issued (rotated, or pending: their receipt may have been
+        // lost) are accepted like the pin; retired ones are refused even when pinned.
+        for fp in policy.also_accept {
             session.also_accept_fingerprint(fp);
         }
-        let base = run
-            .devices
-            .get(&name)
-            .and_then(|d| d.base.clone())
-            .or_else(|| device.status.clone());
+        for fp in policy.refuse {
+            session.refuse_fingerprint(fp);
+        }
         run.by_id.insert(device_id.clone(), name.clone());
         run.devices.insert(
             name,
@@ -446,6 +473,8 @@ impl Engine {
                 session: Some(session),
                 handshake: None,
                 base,
+                pin,
+                issued_recorded: None,
             },
         );
         lock(&self.routes).insert(device_id, key.clone());
@@ -487,7 +516,7 @@ impl Engine {
                 continue;
             };
             if let Some(s) = dr.session.take() {
-                actions.push(Action::Publish(s.clear_notify()));
+                actions.push(Action::Publish(s.abort_publish(now)));
             }
             lock(&self.routes).remove(&dr.device_id);
             if let TimeoutOutcome::Fail { attempts, .. } = *o {
@@ -519,9 +548,10 @@ impl Engine {
         actions
     }
 
-    /// End the campaign on this replica: drop every session and clear the retained messages (notify of
-    /// devices still in flight, every chunk). Idempotent: the second call returns nothing.
-    pub fn end_run(&self, key: &CampaignKey) -> Vec<Action> {
+    /// End the campaign on this replica: drop every session, send devices still in flight the
+    /// signed abort (retained on their notify topic) and clear every chunk. Idempotent: the second
+    /// call returns nothing.
+    pub fn end_run(&self, key: &CampaignKey, now: u64) -> Vec<Action> {
         let mut runs = lock(&self.runs);
         let Some(run) = runs.get_mut(key) else {
             return Vec::new();
@@ -534,7 +564,7 @@ impl Engine {
         let mut routes = lock(&self.routes);
         for dr in run.devices.values_mut() {
             if let Some(s) = dr.session.take() {
-                actions.push(Action::Publish(s.clear_notify()));
+                actions.push(Action::Publish(s.abort_publish(now)));
             }
             routes.remove(&dr.device_id);
         }
@@ -550,65 +580,97 @@ impl Engine {
         actions
     }
 
-    /// Forget a run entirely (campaign deleted). Returns the clean-up publishes.
-    pub fn remove_run(&self, key: &CampaignKey) -> Vec<Action> {
-        let actions = self.end_run(key);
-        lock(&self.runs).remove(key);
+    /// Forget a run entirely (campaign deleted). Returns the clean-up publishes: the signed abort
+    /// to every device still in flight (a connected device ends its session on it), then an empty
+    /// retained publish on every notify topic of the run, so nothing of the campaign stays
+    /// retained.
+    pub fn remove_run(&self, key: &CampaignKey, now: u64) -> Vec<Action> {
+        let mut actions = self.end_run(key, now);
+        if let Some(run) = lock(&self.runs).remove(key) {
+            actions.extend(
+                run.devices
+                    .values()
+                    .map(|d| Action::Publish(clear_retained(self.topics.notify(&d.device_id)))),
+            );
+        }
         actions
     }
 
-    /// Chunks of the run's prepared payload.
-    pub fn chunk_count(&self, key: &CampaignKey) -> Option<u32> {
-        lock(&self.runs).get(key).map(|r| r.chunk_count)
+    /// What the campaign status reports about the run's prepared payload.
+    pub fn run_facts(&self, key: &CampaignKey) -> Option<RunFacts> {
+        lock(&self.runs).get(key).map(|r| RunFacts {
+            chunk_count: r.chunk_count,
+            expires_at: r.expires_at,
+            release_key_id: r.release_key_id,
+        })
     }
 
-    /// Feed one inbound message to the session it belongs to and carry out what follows.
+    /// Feed one inbound message to the session it belongs to and carry out what follows. When the
+    /// output publishes the update of a rotation, the certificate it carries is first recorded as
+    /// pending on the Device (awaited): if that write fails, nothing is published (the device asks
+    /// again and the write is retried), so a certificate the Device does not know never leaves.
     pub async fn handle_inbound(&self, msg: Inbound) {
         let now = unix_now();
         let device = match self.topics.parse(&msg.topic) {
             Ok(TopicKind::Ready { device }) | Ok(TopicKind::Status { device }) => device,
             _ => return,
         };
-        let (actions, write) = self.dispatch(&device, &msg, now);
-        if let Some(w) = write {
-            self.writes.send(w);
+        let Dispatched {
+            actions,
+            write,
+            records_issued,
+        } = self.dispatch(&device, &msg, now);
+        match (write, records_issued) {
+            (Some(w), Some((key, name, fp))) => {
+                if !self.writes.send_confirmed(w).await {
+                    tracing::warn!(device = %device, "the issued certificate could not be recorded on the Device: the update is held back until the device asks again");
+                    return;
+                }
+                self.mark_issued_recorded(&key, &name, fp);
+            }
+            (Some(w), None) => self.writes.send(w),
+            (None, _) => {}
         }
         if let Err(e) = self.mqtt.execute(actions).await {
             tracing::warn!(device = %device, error = %e, "publishing session output failed");
         }
     }
 
-    fn dispatch(
-        &self,
-        device: &str,
-        msg: &Inbound,
-        now: u64,
-    ) -> (Vec<Action>, Option<DeviceWrite>) {
+    fn mark_issued_recorded(&self, key: &CampaignKey, name: &str, fp: [u8; 32]) {
+        if let Some(dr) = lock(&self.runs)
+            .get_mut(key)
+            .and_then(|r| r.devices.get_mut(name))
+        {
+            dr.issued_recorded = Some(fp);
+        }
+    }
+
+    fn dispatch(&self, device: &str, msg: &Inbound, now: u64) -> Dispatched {
         let Some(key) = lock(&self.routes).get(device).cloned() else {
             // A device with no session here (finished, another replica's, or a stale retained).
             self.metrics
                 .protocol_errors
                 .with_label_values(&["no_session"])
                 .inc();
-            return (Vec::new(), None);
+            return Dispatched::default();
         };
         let mut runs = lock(&self.runs);
         let Some(run) = runs.get_mut(&key) else {
-            return (Vec::new(), None);
+            return Dispatched::default();
         };
         let Some(name) = run.by_id.get(device).cloned() else {
-            return (Vec::new(), None);
+            return Dispatched::default();
         };
         let Some(prepared) = run.prepared.clone() else {
-            return (Vec::new(), None);
+            return Dispatched::default();
         };
         let ids = run.ids();
         let Some(dr) = run.devices.get_mut(&name) else {
-            return (Vec::new(), None);
+            return Dispatched::default();
         };
         let attempts = attempt_of(&dr.progress);
         let Some(session) = dr.session.as_mut() else {
-            return (Vec::new(), None);
+            return Dispatched::default();
         };
         let out = match session.handle(msg, now) {
             Ok(out) => out,
@@ -618,12 +680,13 @@ impl Engine {
                     .with_label_values(&[e.metric_label()])
                     .inc();
                 tracing::debug!(campaign = %key.1, device = %device, error = %e, "ignored invalid message");
-                return (Vec::new(), None);
+                return Dispatched::default();
             }
         };
         let issued = session.issued_certificate();
         let mut actions = out.actions;
         let mut result: Option<Outcome> = None;
+        let mut proof: Option<[u8; 32]> = None;
         for ev in out.events {
             match ev {
                 ManagerEvent::HandshakeCompleted {
@@ -633,6 +696,7 @@ impl Engine {
                 } => {
                     self.metrics.handshakes.inc();
                     tracing::info!(campaign = %key.1, device = %device, running = %running_version, "handshake completed");
+                    proof = Some(device_cert_fingerprint);
                     dr.handshake = Some(Handshake {
                         fingerprint: device_cert_fingerprint,
                         not_after: device_cert_not_after,
@@ -651,17 +715,45 @@ impl Engine {
                             .map(|i| Action::Publish(prepared.chunk_publish(&self.topics, i))),
                     );
                 }
-                ManagerEvent::Installed { version, .. } => {
+                ManagerEvent::Installed {
+                    version,
+                    receipt,
+                    release_key,
+                } => {
                     self.metrics.installs.inc();
                     tracing::info!(campaign = %key.1, device = %device, version = %version, "signed install receipt");
                     dr.progress = Progress::Succeeded;
                     result = Some(Outcome {
                         version: Some(version),
-                        issued,
+                        settles: issued,
+                        receipt: Some(receipt),
+                        release_key,
                         ..Outcome::phase(DevicePhase::Succeeded)
                     });
                 }
-                ManagerEvent::Rejected { reason } => {
+                ManagerEvent::RolledBack {
+                    version,
+                    reason,
+                    receipt,
+                } => {
+                    self.metrics
+                        .device_failures
+                        .with_label_values(&[ROLLED_BACK])
+                        .inc();
+                    tracing::warn!(campaign = %key.1, device = %device, version = %version, reason = %reason, "device rolled back after install (signed receipt)");
+                    dr.progress = Progress::Failed {
+                        reason: ROLLED_BACK.to_owned(),
+                    };
+                    result = Some(Outcome {
+                        reason: Some(ROLLED_BACK.to_owned()),
+                        message: Some(format!(
+                            "installed {version}, failed its health check and rolled back: {reason}"
+                        )),
+                        receipt: Some(receipt),
+                        ..Outcome::phase(DevicePhase::Failed)
+                    });
+                }
+                ManagerEvent::Rejected { reason, receipt } => {
                     let label = reason.metric_label();
                     self.metrics
                         .device_failures
@@ -674,38 +766,79 @@ impl Engine {
                     result = Some(Outcome {
                         reason: Some(label.to_owned()),
                         message: Some(reason.to_string()),
+                        receipt,
                         ..Outcome::phase(DevicePhase::Failed)
                     });
                 }
             }
         }
-        if matches!(dr.progress, Progress::Succeeded | Progress::Failed { .. }) {
+        // A rotation's update about to leave carries a certificate the Device does not list yet.
+        let finished = matches!(dr.progress, Progress::Succeeded | Progress::Failed { .. });
+        let unrecorded = issued.filter(|i| {
+            !finished
+                && dr.issued_recorded != Some(i.fingerprint)
+                && actions.iter().any(|a| matches!(a, Action::Publish(_)))
+        });
+        if unrecorded.is_some() && result.is_none() {
+            result = Some(Outcome::phase(DevicePhase::Transferring));
+        }
+        if finished {
             if let Some(s) = dr.session.take() {
                 actions.push(Action::Publish(s.clear_notify()));
             }
             lock(&self.routes).remove(device);
         }
+        let signer = dr.handshake.as_ref().map(|h| h.fingerprint);
         let write = result.map(|o| {
-            let version = o.version;
-            let record = campaign_record(&key, &ids, o.phase, attempts, o.reason, o.message);
+            let mut base = dr.base.clone().unwrap_or_default();
+            if let Some(fp) = proof {
+                base = credentials::on_proof(base, dr.pin.as_deref(), fp);
+            }
+            if let Some(i) = &unrecorded {
+                base = credentials::record_issued(base, i, &key.1);
+            }
+            let mut record = campaign_record(&key, &ids, o.phase, attempts, o.reason, o.message);
+            if let Some(receipt) = &o.receipt {
+                record = kept_receipt(record, receipt, signer, o.release_key);
+            }
             let mut status = device_status(
-                dr.base.as_ref(),
+                Some(&base),
                 dr.handshake.as_ref(),
-                version.as_deref(),
+                o.version.as_deref(),
                 record,
                 now,
             );
-            if let Some(issued) = &o.issued {
-                status = record_rotation(status, issued);
+            if let Some(i) = &o.settles {
+                // The signed receipt of a rotation: the device holds the certificate it issued.
+                status = credentials::settle(status, dr.pin.as_deref(), i.fingerprint, i.not_after);
             }
+            dr.base = Some(status.clone());
             DeviceWrite {
                 namespace: key.0.clone(),
                 name: name.clone(),
                 status,
             }
         });
-        (actions, write)
+        Dispatched {
+            actions,
+            records_issued: unrecorded
+                .filter(|_| write.is_some())
+                .map(|i| (key.clone(), name.clone(), i.fingerprint)),
+            write,
+        }
     }
+}
+
+/// Reason recorded for a device whose signed receipt says it rolled back.
+pub const ROLLED_BACK: &str = "RolledBack";
+
+/// What one inbound message leads to.
+#[derive(Debug, Default)]
+struct Dispatched {
+    actions: Vec<Action>,
+    write: Option<DeviceWrite>,
+    /// The write records this issued certificate as pending: the actions wait for it.
+    records_issued: Option<(CampaignKey, String, [u8; 32])>,
 }
 
 /// A device transition worth a Device status write.
@@ -715,7 +848,11 @@ struct Outcome {
     reason: Option<String>,
     message: Option<String>,
     /// For the receipt of a rotation: the certificate the device now holds.
-    issued: Option<IssuedCertificate>,
+    settles: Option<IssuedCertificate>,
+    /// The signed receipt, kept on the Device.
+    receipt: Option<Vec<u8>>,
+    /// The release key the device verified.
+    release_key: Option<[u8; 32]>,
 }
 
 impl Outcome {
@@ -725,7 +862,9 @@ impl Outcome {
             version: None,
             reason: None,
             message: None,
-            issued: None,
+            settles: None,
+            receipt: None,
+            release_key: None,
         }
     }
 }
@@ -744,7 +883,7 @@ pub fn clear_retained(topic: String) -> Outbound {
 /// land in order, while different devices are written in parallel.
 #[derive(Clone, Debug)]
 pub struct DeviceWrites {
-    shards: Vec<mpsc::UnboundedSender<DeviceWrite>>,
+    shards: Vec<mpsc::UnboundedSender<QueuedWrite>>,
     /// Writes sent and not yet finished (written, or given up after the retries).
     pending: Arc<AtomicUsize>,
 }
@@ -785,26 +924,48 @@ impl DeviceWrites {
 
     /// Queue a write on the device's writer.
     pub fn send(&self, w: DeviceWrite) {
+        self.queue(w, None);
+    }
+
+    /// Queue a write on the device's writer (after the ones queued before it) and wait until it
+    /// landed: `false` when it could not be written.
+    pub async fn send_confirmed(&self, w: DeviceWrite) -> bool {
+        let (done, landed) = oneshot::channel();
+        self.queue(w, Some(done));
+        landed.await.unwrap_or(false)
+    }
+
+    fn queue(&self, write: DeviceWrite, done: Option<oneshot::Sender<bool>>) {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        (&w.namespace, &w.name).hash(&mut h);
+        (&write.namespace, &write.name).hash(&mut h);
         let shard = (h.finish() % self.shards.len() as u64) as usize;
         self.pending.fetch_add(1, Ordering::AcqRel);
-        if self.shards[shard].send(w).is_err() {
+        if self.shards[shard]
+            .send(QueuedWrite { write, done })
+            .is_err()
+        {
             // The writer is gone (shutting down): nothing will finish this write.
             self.pending.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
 
+/// A write and, when the sender waits for it, where to say whether it landed.
+#[derive(Debug)]
+struct QueuedWrite {
+    write: DeviceWrite,
+    done: Option<oneshot::Sender<bool>>,
+}
+
 /// Write Device statuses in order for the devices of one shard.
 async fn run_device_writer(
     client: Client,
-    mut rx: mpsc::UnboundedReceiver<DeviceWrite>,
+    mut rx: mpsc::UnboundedReceiver<QueuedWrite>,
     metrics: Metrics,
     pending: Arc<AtomicUsize>,
 ) {
-    while let Some(w) = rx.recv().await {
+    while let Some(QueuedWrite { write: w, done }) = rx.recv().await {
         let api: Api<Device> = Api::namespaced(client.clone(), &w.namespace);
         let patch = serde_json::json!({
             "apiVersion": "ota.sealed-ota.dev/v1alpha1",
@@ -813,10 +974,12 @@ async fn run_device_writer(
         });
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         let mut delay = Duration::from_millis(200);
+        let mut landed = false;
         for attempt in 1..=6 {
             match api.patch_status(&w.name, &pp, &Patch::Apply(&patch)).await {
                 Ok(_) => {
                     metrics.status_writes.with_label_values(&["device"]).inc();
+                    landed = true;
                     break;
                 }
                 Err(kube::Error::Api(s)) if s.code == 404 => break,
@@ -826,6 +989,9 @@ async fn run_device_writer(
                     delay = (delay * 2).min(Duration::from_secs(10));
                 }
             }
+        }
+        if let Some(done) = done {
+            let _ = done.send(landed);
         }
         pending.fetch_sub(1, Ordering::AcqRel);
     }
@@ -844,6 +1010,9 @@ mod tests {
             attempts: 1,
             reason: None,
             message: None,
+            receipt: None,
+            receipt_certificate_fingerprint: None,
+            release_key_id: None,
         }
     }
 
@@ -855,6 +1024,8 @@ mod tests {
             certificate_fingerprint: Some("aa".into()),
             certificate_not_after: Some(k8s_time(99)),
             rotated_certificate_fingerprint: None,
+            pending_certificates: vec![],
+            retired_certificate_fingerprints: vec![],
             campaign: None,
             conditions: vec![],
         };
@@ -902,51 +1073,60 @@ mod tests {
     }
 
     #[test]
-    fn a_rotation_receipt_records_the_new_certificate_and_it_stays_accepted() {
-        let hs = Handshake {
-            fingerprint: [1; 32],
-            not_after: 1000,
-            running_version: "1.0.0".into(),
-        };
+    fn credential_fields_survive_every_later_write() {
+        // Server-side apply drops an owned field a later apply leaves out: the credential lists
+        // must be carried by every write built from the last status.
         let issued = IssuedCertificate {
             fingerprint: [2; 32],
             not_after: 5000,
         };
-        // The handshake saw the old certificate; the receipt says the device holds the new one.
-        let s = record_rotation(
-            device_status(
-                None,
-                Some(&hs),
-                Some("1.0.0"),
-                record(DevicePhase::Succeeded),
-                600,
-            ),
-            &issued,
+        let first = device_status(None, None, None, record(DevicePhase::Transferring), 600);
+        let with_pending = credentials::record_issued(first, &issued, "rot");
+        let later = device_status(
+            Some(&with_pending),
+            None,
+            None,
+            record(DevicePhase::Failed),
+            700,
         );
-        assert_eq!(s.certificate_fingerprint, Some(hex::encode([2u8; 32])));
-        assert_eq!(s.certificate_not_after, Some(k8s_time(5000)));
         assert_eq!(
-            s.rotated_certificate_fingerprint,
+            later.pending_certificates,
+            with_pending.pending_certificates
+        );
+        let settled = credentials::settle(later, None, [2; 32], 5000);
+        let after = device_status(
+            Some(&settled),
+            None,
+            None,
+            record(DevicePhase::Pending),
+            800,
+        );
+        assert_eq!(
+            after.rotated_certificate_fingerprint,
             Some(hex::encode([2u8; 32]))
         );
-        // A later campaign keeps it (server-side apply would drop an owned field left out).
-        let later = device_status(Some(&s), None, None, record(DevicePhase::Transferring), 700);
         assert_eq!(
-            later.rotated_certificate_fingerprint,
-            Some(hex::encode([2u8; 32]))
+            after.retired_certificate_fingerprints,
+            settled.retired_certificate_fingerprints
         );
+    }
 
-        // The pin names the old certificate; the rotated one is accepted too.
-        let mut d = Device::new(
-            "d",
-            serde_json::from_value(serde_json::json!({
-                "certificateFingerprint": hex::encode([1u8; 32])
-            }))
-            .unwrap(),
+    #[test]
+    fn receipts_are_kept_in_base64_with_their_signer_and_bounded() {
+        let r = kept_receipt(
+            record(DevicePhase::Succeeded),
+            b"signed",
+            Some([3; 32]),
+            Some([4; 32]),
         );
-        assert_eq!(pinned_fingerprints(&d), (Some([1; 32]), None));
-        d.status = Some(later);
-        assert_eq!(pinned_fingerprints(&d), (Some([1; 32]), Some([2; 32])));
+        assert_eq!(r.receipt.as_deref(), Some("c2lnbmVk"));
+        assert_eq!(
+            r.receipt_certificate_fingerprint,
+            Some(hex::encode([3u8; 32]))
+        );
+        assert_eq!(r.release_key_id, Some(hex::encode([4u8; 32])));
+        let huge = kept_receipt(record(DevicePhase::Succeeded), &[0; 10_000], None, None);
+        assert_eq!(huge.receipt, None, "over the CRD bound: not kept");
     }
 
     #[test]

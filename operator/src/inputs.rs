@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::ByteString;
-use sealed_ota_protocol::{CertificateAuthority, Identity, TrustAnchor};
+use sealed_ota_protocol::{CertificateAuthority, Identity, ReleaseSignature, TrustAnchor};
 use sha2::{Digest, Sha256};
 
+use crate::crd::ReleaseSignatureSpec;
 use crate::status::Blocker;
 
 /// Keys of a manager Secret.
@@ -138,6 +139,34 @@ pub fn check_digest(image: &[u8], expected: Option<&str>) -> Result<(), Blocker>
     Ok(())
 }
 
+/// The release signature of the campaign, checked against the image and version it must sign.
+pub fn release_signature(
+    spec: &ReleaseSignatureSpec,
+    image: &[u8],
+    version: &str,
+) -> Result<ReleaseSignature, Blocker> {
+    const R: &str = "ReleaseSignatureInvalid";
+    let sig = ReleaseSignature::from_hex(&spec.public_key, &spec.signature).map_err(|e| {
+        blocker(
+            R,
+            format!("spec.payload.firmware.releaseSignature cannot be read ({e}); paste what `sealed-ota release sign` prints"),
+        )
+    })?;
+    let sha: [u8; 32] = Sha256::digest(image).into();
+    if !sig.verifies_for(version, image.len() as u64, &sha) {
+        return Err(blocker(
+            R,
+            format!(
+                "spec.payload.firmware.releaseSignature (key {}) does not sign this image as version {version} ({} bytes, SHA-256 {}): sign exactly this image with `sealed-ota release sign --version {version}`",
+                hex::encode(sig.key_id()),
+                image.len(),
+                hex::encode(sha)
+            ),
+        ));
+    }
+    Ok(sig)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +186,35 @@ mod tests {
             ),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_release_signature_must_sign_this_image_and_version() {
+        let signer = sealed_ota_protocol::ReleaseSigner::generate();
+        let image = b"firmware image".to_vec();
+        let sha: [u8; 32] = Sha256::digest(&image).into();
+        let sig = signer.sign("1.2.0", image.len() as u64, &sha);
+        let spec = ReleaseSignatureSpec {
+            public_key: hex::encode(&sig.public_key),
+            signature: hex::encode(sig.signature),
+        };
+        assert_eq!(release_signature(&spec, &image, "1.2.0").unwrap(), sig);
+        for (img, version) in [(&b"another image"[..], "1.2.0"), (&image[..], "1.2.1")] {
+            let b = release_signature(&spec, img, version).unwrap_err();
+            assert_eq!(b.reason, "ReleaseSignatureInvalid");
+            assert!(
+                b.message.contains("releaseSignature")
+                    && b.message.contains("sealed-ota release sign")
+            );
+        }
+        let garbled = ReleaseSignatureSpec {
+            signature: "00".into(),
+            ..spec
+        };
+        assert!(release_signature(&garbled, &image, "1.2.0")
+            .unwrap_err()
+            .message
+            .contains("cannot be read"));
     }
 
     #[test]

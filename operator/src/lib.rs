@@ -7,6 +7,7 @@ pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod crdgen;
+pub mod credentials;
 pub mod engine;
 pub mod error;
 pub mod fetch;

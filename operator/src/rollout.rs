@@ -356,7 +356,12 @@ pub fn count(devices: &[Progress]) -> DeviceCounts {
             Progress::NotStarted | Progress::Backoff { .. } => c.pending += 1,
             Progress::InFlight { .. } => c.in_progress += 1,
             Progress::Succeeded => c.succeeded += 1,
-            Progress::Failed { .. } => c.failed += 1,
+            Progress::Failed { reason } => {
+                c.failed += 1;
+                if reason == crate::engine::ROLLED_BACK {
+                    c.rolled_back += 1;
+                }
+            }
         }
     }
     c

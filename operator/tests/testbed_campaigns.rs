@@ -21,8 +21,8 @@ use sealed_ota_e2e::{wait_for, TestBed, TestNamespace};
 use sealed_ota_operator::config::{Config, LogFormat};
 use sealed_ota_operator::crd::{CampaignPhase, Device, DevicePhase, UpdateCampaign};
 use sealed_ota_protocol::{
-    Action, CertificateAuthority, DeviceConfig, DeviceEvent, DeviceSession, DeviceState, Inbound,
-    Properties, Role, TopicTree, TrustAnchor,
+    Action, CertificateAuthority, DeviceConfig, DeviceEvent, DeviceSession, DeviceState,
+    FinalOutcome, Identity, Inbound, Properties, Role, TopicTree, TrustAnchor,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
@@ -44,12 +44,19 @@ enum Behavior {
     Install,
     /// Refuses every update (signed Rejected).
     Decline,
+    /// Installs the image, fails its health check and rolls back (signed RolledBack).
+    RollBack,
+    /// Takes new credentials and switches to them, but its first rotation receipt is lost (as if
+    /// the broker dropped it).
+    LoseFirstRotationReceipt,
 }
 
 /// A device simulated inside the test.
 struct SimDevice {
     offers: Arc<AtomicU32>,
     installs: Arc<AtomicU32>,
+    /// The certificate it started with (DER).
+    cert: Vec<u8>,
     task: JoinHandle<()>,
 }
 
@@ -208,6 +215,36 @@ impl Harness {
         Ok(())
     }
 
+    /// A Secret `name` with the test CA's certificate and key (tls.crt, tls.key), which rotation
+    /// campaigns sign new device certificates with.
+    async fn ca_secret(&self, name: &str) -> Result<()> {
+        let ca = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(
+                [
+                    (
+                        "tls.crt".to_string(),
+                        ByteString(self.ca.cert_pem().into_bytes()),
+                    ),
+                    (
+                        "tls.key".to_string(),
+                        ByteString(self.ca.key_pem().as_bytes().to_vec()),
+                    ),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        Api::<Secret>::namespaced(self.client(), &self.ns.name)
+            .create(&PostParams::default(), &ca)
+            .await?;
+        Ok(())
+    }
+
     async fn firmware(&self, name: &str, image: &[u8]) -> Result<String> {
         let cm = ConfigMap {
             metadata: ObjectMeta {
@@ -282,6 +319,7 @@ impl Harness {
             .bed
             .mqtt_options(&format!("{}-{id}", self.manager_id))?;
         opts.set_max_packet_size(Some(4 * 1024 * 1024));
+        let cert = identity.cert_der().to_vec();
         let config = DeviceConfig {
             identity,
             trust: self.trust.clone(),
@@ -289,6 +327,7 @@ impl Harness {
             manager_id: self.manager_id.clone(),
             max_packet_size: 4 * 1024 * 1024,
             window: 8,
+            release_keys: Vec::new(),
         };
         let offers = Arc::new(AtomicU32::new(0));
         let installs = Arc::new(AtomicU32::new(0));
@@ -302,6 +341,7 @@ impl Harness {
         Ok(SimDevice {
             offers,
             installs,
+            cert,
             task,
         })
     }
@@ -324,6 +364,7 @@ async fn device_loop(
     let mut pending = initial;
     let mut connected_once = false;
     let mut image: Vec<u8> = Vec::new();
+    let mut receipts_lost = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let actions = tokio::select! {
@@ -366,16 +407,32 @@ async fn device_loop(
                             }
                             DeviceEvent::ImageComplete { manifest } => {
                                 let ok = <[u8; 32]>::from(Sha256::digest(&image)) == manifest.sha256;
+                                if ok && behavior == Behavior::RollBack {
+                                    if session.stage_install(now()).is_ok() {
+                                        a.extend(session.report_final(
+                                            FinalOutcome::RolledBack { reason: "health check failed".into() },
+                                            now(),
+                                        ));
+                                    }
+                                    continue;
+                                }
                                 let r = if ok { Ok(()) } else { Err("hash mismatch".to_string()) };
                                 a.extend(session.finish_install(r, now()));
                                 if ok {
                                     installs.fetch_add(1, Ordering::SeqCst);
                                 }
                             }
-                            DeviceEvent::CredentialsDelivered { .. } => {
+                            DeviceEvent::CredentialsDelivered { cert_pem, key_pem } => {
                                 installs.fetch_add(1, Ordering::SeqCst);
+                                if behavior == Behavior::LoseFirstRotationReceipt {
+                                    session.set_identity(Arc::new(Identity::from_pem(&cert_pem, &key_pem)?));
+                                    if receipts_lost == 0 {
+                                        receipts_lost += 1;
+                                        a.retain(|x| !matches!(x, Action::Publish(o) if o.topic.ends_with("/update/status")));
+                                    }
+                                }
                             }
-                            DeviceEvent::Rejected { .. } => {}
+                            DeviceEvent::Rejected { .. } | DeviceEvent::Aborted { .. } => {}
                         }
                     }
                     a
@@ -475,6 +532,23 @@ async fn campaign_updates_every_device_over_tls_and_records_status() -> Result<(
             ("True", "UpToDate")
         );
         assert_eq!(sim.installs.load(Ordering::SeqCst), 1, "{n} installed once");
+        // The signed receipt is kept: a person verifies it later with the device certificate.
+        use base64::Engine as _;
+        let receipt = base64::engine::general_purpose::STANDARD
+            .decode(rec.receipt.as_deref().context("receipt kept")?)?;
+        assert_eq!(
+            rec.receipt_certificate_fingerprint,
+            Some(hex::encode(Sha256::digest(&sim.cert)))
+        );
+        let claim = sealed_ota_protocol::verify_receipt(&receipt, &sim.cert)?;
+        assert_eq!(
+            claim.claim,
+            sealed_ota_protocol::Claim::Installed {
+                version: "1.1.0".into(),
+                sha256: hex::decode(&digest)?.try_into().unwrap(),
+                release_key: None,
+            }
+        );
     }
     // The apiserver writes this campaign cost, read from the operator's own counters.
     let device_writes = op
@@ -517,24 +591,31 @@ async fn campaign_updates_every_device_over_tls_and_records_status() -> Result<(
 
 /// Count retained messages with a payload under `filter`, as seen by a fresh subscriber.
 async fn retained_messages(h: &Harness, filter: &str) -> Result<usize> {
+    Ok(retained_payloads(h, filter).await?.len())
+}
+
+/// The non-empty retained messages under `filter`: (topic, payload).
+async fn retained_payloads(h: &Harness, filter: &str) -> Result<Vec<(String, Vec<u8>)>> {
     let mut opts = h.bed.mqtt_options(&format!("{}-probe", h.manager_id))?;
     // Chunks are larger than rumqttc's default incoming packet limit.
     opts.set_max_packet_size(Some(4 * 1024 * 1024));
     let (client, mut el) = AsyncClient::new(opts, 64);
     client.subscribe(filter, QoS::AtLeastOnce).await?;
-    let mut count = 0;
+    let mut found = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     while let Ok(ev) = tokio::time::timeout_at(deadline, el.poll()).await {
         match ev {
-            Ok(Event::Incoming(Packet::Publish(p))) if p.retain && !p.payload.is_empty() => {
-                count += 1
-            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.retain && !p.payload.is_empty() => found
+                .push((
+                    String::from_utf8_lossy(&p.topic).into_owned(),
+                    p.payload.to_vec(),
+                )),
             Ok(_) => {}
             Err(e) => bail!("probe subscriber failed: {e}"),
         }
     }
     let _ = client.disconnect().await;
-    Ok(count)
+    Ok(found)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -610,8 +691,15 @@ async fn abort_stops_the_campaign_and_cannot_be_undone() -> Result<()> {
         condition(&c, "Ready").map(|c| c.reason.as_str()),
         Some("Aborted")
     );
-    let retained = retained_messages(&h, &format!("iot/{}/#", h.manager_id)).await?;
-    assert_eq!(retained, 0, "abort clears retained notify and chunks");
+    // Every chunk is cleared; each device in flight finds the manager's signed abort in place of
+    // its notify.
+    let retained = retained_payloads(&h, &format!("iot/{}/#", h.manager_id)).await?;
+    assert_eq!(retained.len(), 2, "{retained:?}");
+    for (topic, payload) in &retained {
+        assert!(topic.ends_with("/notify"), "{topic}");
+        let (_, abort) = sealed_ota_protocol::wire::decode_abort(payload)?;
+        assert_eq!(abort.manager_id, h.manager_id);
+    }
     // spec.abort is one-way: the apiserver refuses to unset it and names the field.
     let err = h
         .patch_campaign("stopme", serde_json::json!({"abort": false}))
@@ -997,30 +1085,7 @@ async fn credential_rotation_delivers_new_keys() -> Result<()> {
     let h = Harness::new("op-rotate").await?;
     h.manager_secret("manager").await?;
     // The CA Secret the rotation signs with (the test CA).
-    let ca = Secret {
-        metadata: ObjectMeta {
-            name: Some("ota-ca".into()),
-            ..Default::default()
-        },
-        type_: Some("kubernetes.io/tls".into()),
-        data: Some(
-            [
-                (
-                    "tls.crt".to_string(),
-                    ByteString(h.ca.cert_pem().into_bytes()),
-                ),
-                (
-                    "tls.key".to_string(),
-                    ByteString(h.ca.key_pem().as_bytes().to_vec()),
-                ),
-            ]
-            .into(),
-        ),
-        ..Default::default()
-    };
-    Api::<Secret>::namespaced(h.client(), &h.ns.name)
-        .create(&PostParams::default(), &ca)
-        .await?;
+    h.ca_secret("ota-ca").await?;
     let mut sims = Vec::new();
     for n in ["k-1", "k-2"] {
         h.device(n, "plum").await?;
@@ -1335,6 +1400,199 @@ async fn mqtt_session_reconnects_and_resubscribes() -> Result<()> {
     )
     .await?;
     h.wait_campaign("after-reconnect", "Succeeded", |c| {
+        phase(c) == CampaignPhase::Succeeded
+    })
+    .await?;
+    op.stop().await;
+    h.ns.pass();
+    Ok(())
+}
+
+/// A device that installs, fails its health check and rolls back: its signed receipt says so, the
+/// Device says RolledBack, it counts as a failure toward the threshold, and a Warning Event names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolled_back_device_is_a_failure_with_a_warning() -> Result<()> {
+    let h = Harness::new("op-rollback").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(8_000)).await?;
+    h.device("rb-1", "teal").await?;
+    let _sim = h.spawn_device("rb-1", "1.0.0", Behavior::RollBack)?;
+    let op = h.start_operator("replica-1", false)?;
+    let mut spec = fw_spec("teal", "2.0.0", serde_json::json!({}));
+    spec["rollout"]["failureThreshold"] = serde_json::json!("0");
+    h.campaign("rb", spec).await?;
+    let c = h
+        .wait_campaign("rb", "Failed", |c| phase(c) == CampaignPhase::Failed)
+        .await?;
+    let st = c.status.context("status")?;
+    assert_eq!((st.devices.failed, st.devices.rolled_back), (1, 1));
+    assert_eq!(st.failures[0].reason, "RolledBack");
+    let d = h
+        .get_device("rb-1")
+        .await?
+        .status
+        .context("device status")?;
+    assert_eq!(d.running_version.as_deref(), Some("1.0.0"));
+    let ready = d
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .context("Ready")?;
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "RolledBack")
+    );
+    assert!(d.campaign.context("record")?.receipt.is_some());
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(h.client(), &h.ns.name);
+    let warned = wait_for("a DeviceRolledBack Warning Event", WAIT, || {
+        let events = events.clone();
+        async move {
+            let found = events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("DeviceRolledBack")
+                        && e.type_.as_deref() == Some("Warning")
+                });
+            Ok(found)
+        }
+    })
+    .await?;
+    assert!(warned.note.unwrap_or_default().contains("rb-1"));
+    op.stop().await;
+    h.ns.pass();
+    Ok(())
+}
+
+/// The notify retained for `device`.
+async fn retained_notify(
+    h: &Harness,
+    device: &str,
+) -> Result<sealed_ota_protocol::wire::NotifyBody> {
+    let found = retained_payloads(h, &format!("iot/{}/{device}/notify", h.manager_id)).await?;
+    let (_, payload) = found.first().context("a retained notify")?;
+    Ok(sealed_ota_protocol::wire::decode_notify(payload)?.1)
+}
+
+/// The `expires_at` of the notify retained for `device`.
+async fn notify_expiry(h: &Harness, device: &str) -> Result<u64> {
+    Ok(retained_notify(h, device).await?.expires_at)
+}
+
+/// The `issued_at` of the notify retained for `device`.
+async fn notify_issued_at(h: &Harness, device: &str) -> Result<u64> {
+    Ok(retained_notify(h, device).await?.issued_at)
+}
+
+/// The expiry is fixed when the campaign is first prepared: recorded on the campaign status, and
+/// the same in the signed notify after the operator restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_expiry_is_fixed_when_first_prepared_and_survives_a_restart() -> Result<()> {
+    let h = Harness::new("op-expiry").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(8_000)).await?;
+    h.device("ex-1", "rust").await?; // offline: stays in flight
+    let op = h.start_operator("replica-1", false)?;
+    h.campaign(
+        "ex",
+        fw_spec(
+            "rust",
+            "2.0.0",
+            serde_json::json!({"expiresAfterSeconds": 3600}),
+        ),
+    )
+    .await?;
+    let c = h
+        .wait_campaign("ex", "expiresAt recorded", |c| {
+            c.status
+                .as_ref()
+                .is_some_and(|s| s.expires_at.is_some() && s.devices.in_progress == 1)
+        })
+        .await?;
+    let recorded = c.status.and_then(|s| s.expires_at).context("expiresAt")?;
+    assert_eq!(
+        notify_expiry(&h, "ex-1").await? as i64,
+        recorded.0.as_second()
+    );
+    let first_issued = notify_issued_at(&h, "ex-1").await?;
+    op.kill();
+    // Restarted later: the new process signs the same expiry, not a fresh one.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let op = h.start_operator("replica-2", false)?;
+    wait_for("the restarted operator's notify", WAIT, || {
+        let h = &h;
+        async move {
+            let issued = notify_issued_at(h, "ex-1").await?;
+            Ok((issued > first_issued).then_some(()))
+        }
+    })
+    .await?;
+    assert_eq!(
+        notify_expiry(&h, "ex-1").await? as i64,
+        recorded.0.as_second()
+    );
+    let c = h
+        .wait_campaign("ex", "in flight again", |c| {
+            c.status
+                .as_ref()
+                .is_some_and(|s| s.devices.in_progress == 1)
+        })
+        .await?;
+    assert_eq!(c.status.and_then(|s| s.expires_at), Some(recorded));
+    op.stop().await;
+    h.ns.pass();
+    Ok(())
+}
+
+/// Rotation with a pinned device whose receipt is lost: the certificate it switched to was
+/// recorded as pending before it was sent, so the retry is answered (not PinMismatch), the rotation
+/// settles, the old certificate is retired, and a later firmware campaign reaches the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_rotation_receipt_does_not_lock_a_pinned_device_out() -> Result<()> {
+    let h = Harness::new("op-lockout").await?;
+    h.manager_secret("manager").await?;
+    h.ca_secret("ota-ca").await?;
+    let sim = h.spawn_device("lo-1", "1.0.0", Behavior::LoseFirstRotationReceipt)?;
+    let pin = hex::encode(Sha256::digest(&sim.cert));
+    let d: Device = serde_json::from_value(serde_json::json!({
+        "apiVersion": "ota.sealed-ota.dev/v1alpha1",
+        "kind": "Device",
+        "metadata": {"name": "lo-1", "labels": {"fleet": "sand"}},
+        "spec": {"certificateFingerprint": pin}
+    }))?;
+    Api::<Device>::namespaced(h.client(), &h.ns.name)
+        .create(&PostParams::default(), &d)
+        .await?;
+    let op = h.start_operator("replica-1", false)?;
+    let mut spec = fw_spec("sand", "1.0.1", serde_json::json!({}));
+    spec["payload"] = serde_json::json!({"rotateCredentials": {"mode": "Csr", "caSecretName": "ota-ca", "validityDays": 30}});
+    spec["rollout"]["deviceTimeoutSeconds"] = serde_json::json!(5);
+    spec["rollout"]["retries"] = serde_json::json!(2);
+    spec["rollout"]["retryBackoffSeconds"] = serde_json::json!(1);
+    h.campaign("rotate", spec).await?;
+    let c = h
+        .wait_campaign("rotate", "Succeeded on the retry", |c| {
+            phase(c) == CampaignPhase::Succeeded || phase(c) == CampaignPhase::Failed
+        })
+        .await?;
+    assert_eq!(phase(&c), CampaignPhase::Succeeded, "{:?}", c.status);
+    let st = h.get_device("lo-1").await?.status.context("status")?;
+    let rec = st.campaign.clone().context("record")?;
+    assert!(rec.attempts >= 2, "succeeded on a retry: {rec:?}");
+    assert!(st.retired_certificate_fingerprints.contains(&pin), "{st:?}");
+    assert!(st.pending_certificates.is_empty(), "{st:?}");
+    let rotated = st
+        .rotated_certificate_fingerprint
+        .clone()
+        .context("rotated")?;
+    assert_ne!(rotated, pin);
+    // A later firmware campaign reaches the device (its pin still names the retired certificate).
+    h.firmware("fw", &image(6_000)).await?;
+    h.campaign("after", fw_spec("sand", "2.0.0", serde_json::json!({})))
+        .await?;
+    h.wait_campaign("after", "Succeeded", |c| {
         phase(c) == CampaignPhase::Succeeded
     })
     .await?;

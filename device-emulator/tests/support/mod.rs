@@ -57,6 +57,7 @@ pub fn enroll_fleet(
         manager_id: manager_id.into(),
         topic_prefix: "iot".into(),
         initial_version: "1.0.0".into(),
+        release_keys: Vec::new(),
     };
     let request = EnrollRequest {
         id_prefix: id_prefix.into(),
@@ -203,6 +204,7 @@ impl TestManager {
             payload: CampaignPayload::Firmware { image },
             expires_at: unix_now() + 3600,
             chunk_size,
+            release: None,
         };
         self.start_campaign(spec, devices).await
     }
@@ -286,7 +288,7 @@ impl TestManager {
                 ManagerEvent::Installed { .. } => {
                     self.installed.insert(device.clone());
                 }
-                ManagerEvent::Rejected { reason } => {
+                ManagerEvent::Rejected { reason, .. } => {
                     self.rejected.insert(device.clone(), reason);
                 }
                 ManagerEvent::ChunksRequested { indices } => {
@@ -296,7 +298,9 @@ impl TestManager {
                         actions.push(Action::Publish(campaign.chunk_publish(&self.topics, index)));
                     }
                 }
-                ManagerEvent::HandshakeCompleted { .. } | ManagerEvent::Progress { .. } => {}
+                ManagerEvent::HandshakeCompleted { .. }
+                | ManagerEvent::Progress { .. }
+                | ManagerEvent::RolledBack { .. } => {}
             }
         }
         self.perform(actions).await
