@@ -13,16 +13,19 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-## Unit tests: every crate's lib and bin tests (no server needed).
+## Unit tests, no server needed: every crate's lib and bin tests, and the protocol crate's
+## integration tests (vectors, rejections, mutations, property tests: pure, sans-IO).
 unit:
 	$(CARGO) test --workspace --locked --lib --bins
+	$(CARGO) test --locked -p sealed-ota-protocol --test '*'
 
-## Integration and e2e tests (every crate's tests/ directory) against a real test bed.
+## Integration and e2e tests (every other crate's tests/ directory) against a real test bed.
+E2E_CRATES := --workspace --exclude sealed-ota-protocol
 e2e:
-	$(CARGO) build --workspace --locked --bins --tests
+	$(CARGO) build $(E2E_CRATES) --locked --bins --tests
 	$(TESTBED) up
 	eval "$$($(TESTBED) env)"; \
-	  $(CARGO) test --workspace --locked --no-fail-fast --test '*'; rc=$$?; \
+	  $(CARGO) test $(E2E_CRATES) --locked --no-fail-fast --test '*'; rc=$$?; \
 	  $(TESTBED) down; exit $$rc
 
 ## make testbed: bring the test bed up and print the exports that point at it.

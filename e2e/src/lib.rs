@@ -4,20 +4,24 @@
 //! `e2e/testbed` script owns every process, so `e2e/testbed down` stops them all.
 
 pub mod bench;
+pub mod http;
 pub mod product;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::{Api, Client, Config, CustomResourceExt};
 use rand::Rng;
+use sealed_ota_operator::crd::{Device, UpdateCampaign};
 
 /// Label put on every namespace a test creates, so they can be found and removed together.
 pub const TEST_NAMESPACE_LABEL: &str = "e2e.sealed-ota.dev/test";
@@ -103,8 +107,8 @@ impl TestBed {
         Client::try_from(config).context("building a kube client")
     }
 
-    /// A fresh namespace for one test, removed when the guard drops after the test passed and
-    /// kept for inspection when the test panicked.
+    /// A fresh namespace for one test, removed when the guard drops after the test called
+    /// [`TestNamespace::pass`], and kept for inspection otherwise (a panic or an error return).
     pub async fn namespace(&self, prefix: &str) -> Result<TestNamespace> {
         let client = self.client().await?;
         let suffix: u32 = rand::thread_rng().gen_range(0..0xff_ffff);
@@ -125,19 +129,14 @@ impl TestBed {
             name,
             client,
             kubeconfig: self.kubeconfig.clone(),
+            passed: AtomicBool::new(false),
         })
     }
 
     /// Host and port of an `mqtt://` or `mqtts://` URL of the test bed.
     pub fn host_port(url: &str) -> Result<(String, u16)> {
-        let rest = url
-            .split_once("://")
-            .map(|(_, r)| r)
-            .with_context(|| format!("not a URL: {url}"))?;
-        let (host, port) = rest
-            .rsplit_once(':')
-            .with_context(|| format!("no port in {url}"))?;
-        Ok((host.to_string(), port.parse().context("port")?))
+        let url = sealed_ota_mqtt::BrokerUrl::parse(url)?;
+        Ok((url.host, url.port))
     }
 
     /// rumqttc v5 options for the TLS listener, authenticated with `cert`/`key` (PEM files).
@@ -150,13 +149,9 @@ impl TestBed {
         let (host, port) = Self::host_port(&self.mqtts_url)?;
         let mut options = rumqttc::v5::MqttOptions::new(client_id, host, port);
         let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        options.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Simple {
-                ca: read(&self.ca_file)?,
-                alpn: None,
-                client_auth: Some((read(cert)?, read(key)?)),
-            },
-        ));
+        let roots = sealed_ota_mqtt::tls::roots_from_pem(&read(&self.ca_file)?)?;
+        let config = sealed_ota_mqtt::tls::client_config(roots, Some((&read(cert)?, &read(key)?)))?;
+        options.set_transport(sealed_ota_mqtt::tls::transport(config));
         options.set_keep_alive(Duration::from_secs(30));
         Ok(options)
     }
@@ -170,13 +165,51 @@ impl TestBed {
     }
 }
 
-/// A namespace owned by one test.
+/// A namespace owned by one test. It is deleted on drop only when the test said it passed
+/// ([`TestNamespace::pass`]); a test that panics or returns an error keeps it for inspection.
 pub struct TestNamespace {
     /// The namespace's name.
     pub name: String,
     /// An admin client.
     pub client: Client,
     kubeconfig: PathBuf,
+    passed: AtomicBool,
+}
+
+impl TestNamespace {
+    /// The test passed: delete the namespace when the guard drops.
+    pub fn pass(&self) {
+        self.passed.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the test said it passed.
+    pub fn passed(&self) -> bool {
+        self.passed.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `check` accepts the campaign `name`; the error says what the campaign's status
+    /// last was.
+    pub async fn wait_campaign(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&UpdateCampaign) -> bool,
+    ) -> Result<UpdateCampaign> {
+        let api = Api::<UpdateCampaign>::namespaced(self.client.clone(), &self.name);
+        let result = wait_for(&format!("campaign {name}: {what}"), timeout, || async {
+            let c = api.get(name).await?;
+            Ok(check(&c).then_some(c))
+        })
+        .await;
+        match result {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                let last = api.get(name).await.ok().and_then(|c| c.status);
+                bail!("{e:#}; campaign status: {last:?}")
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for TestNamespace {
@@ -189,9 +222,9 @@ impl std::fmt::Debug for TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if !self.passed() {
             eprintln!(
-                "e2e: test failed; namespace {} kept for inspection (KUBECONFIG={})",
+                "e2e: test did not pass; namespace {} kept for inspection (KUBECONFIG={})",
                 self.name,
                 self.kubeconfig.display()
             );
@@ -246,6 +279,50 @@ fn run_script(script: &Path, verb: &str) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+static CRDS: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+
+/// Applies the CRDs from the operator's Rust types (server-side, field manager
+/// `sealed-ota-tests`; `crds_in_sync` proves `crds/` holds the same) and waits until they are
+/// established. Once per test process; idempotent across processes.
+pub async fn install_crds(client: &Client) -> Result<()> {
+    CRDS.get_or_try_init(|| async {
+        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in [Device::crd(), UpdateCampaign::crd()] {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            api.patch(
+                &name,
+                &PatchParams::apply("sealed-ota-tests").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .with_context(|| format!("applying CRD {name}"))?;
+            wait_for(
+                &format!("CRD {name} established"),
+                Duration::from_secs(60),
+                || {
+                    let api = api.clone();
+                    let name = name.clone();
+                    async move {
+                        let established = api
+                            .get(&name)
+                            .await?
+                            .status
+                            .and_then(|s| s.conditions)
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True");
+                        Ok(established.then_some(()))
+                    }
+                },
+            )
+            .await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .copied()
 }
 
 /// Polls `check` every 200 ms until it yields `Some`, failing after `timeout` with `what`.

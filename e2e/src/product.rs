@@ -22,7 +22,7 @@ use rumqttc::v5::{AsyncClient, Event};
 use sealed_ota_operator::crd::{Device, UpdateCampaign};
 use sha2::{Digest, Sha256};
 
-use crate::{repo_root, wait_for, TestBed, TestNamespace};
+use crate::{repo_root, TestBed, TestNamespace};
 
 /// A private Mosquitto for tests that stop and restart the broker: TLS with client
 /// certificates from the test bed's CA, like the test bed's own listener.
@@ -221,8 +221,8 @@ impl Product {
     pub async fn with_broker(prefix: &str, devices: u32, broker_url: String) -> Result<Self> {
         let bed = TestBed::get()?;
         build_binaries()?;
-        install_crds(bed)?;
         let ns = bed.namespace(prefix).await?;
+        crate::install_crds(&ns.client).await?;
         let dir = repo_root().join("target/e2e-runs").join(&ns.name);
         std::fs::create_dir_all(&dir)?;
         let tag: u32 = rand::thread_rng().gen_range(0..0xff_ffff);
@@ -521,7 +521,8 @@ impl Product {
         )
     }
 
-    /// Waits until `check` accepts the campaign; the error says what the campaign last looked like.
+    /// Waits until `check` accepts the campaign; the error says what the campaign last looked
+    /// like and where the logs are.
     pub async fn wait_campaign(
         &self,
         name: &str,
@@ -529,22 +530,16 @@ impl Product {
         timeout: Duration,
         check: impl Fn(&UpdateCampaign) -> bool,
     ) -> Result<UpdateCampaign> {
-        let api = Api::<UpdateCampaign>::namespaced(self.ns.client.clone(), &self.ns.name);
-        let result = wait_for(what, timeout, || async {
-            let c = api.get(name).await?;
-            Ok(check(&c).then_some(c))
-        })
-        .await;
-        match result {
-            Ok(c) => Ok(c),
-            Err(e) => {
-                let last = api.get(name).await.ok().and_then(|c| c.status);
-                bail!(
-                    "{e:#}; campaign status: {last:?}; logs in {}",
-                    self.dir.display()
-                )
-            }
-        }
+        self.ns
+            .wait_campaign(name, what, timeout, check)
+            .await
+            .with_context(|| format!("logs in {}", self.dir.display()))
+    }
+
+    /// The test passed: its namespace is deleted and its files removed when the product drops
+    /// (otherwise both are kept for inspection).
+    pub fn pass(&self) {
+        self.ns.pass();
     }
 
     /// Every Device of this product.
@@ -575,7 +570,9 @@ impl Drop for Product {
     fn drop(&mut self) {
         self.stop_emulator();
         self.stop_operator();
-        if std::thread::panicking() {
+        if self.ns.passed() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
             eprintln!("e2e: product files kept in {}", self.dir.display());
         }
     }
@@ -655,48 +652,6 @@ pub fn build_binaries() -> Result<()> {
         })
         .clone()
         .map_err(|e| anyhow::anyhow!(e))
-}
-
-static CRDS: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-
-/// Applies `crds/` with kubectl and waits until both CRDs are established (once per process).
-pub fn install_crds(bed: &TestBed) -> Result<()> {
-    CRDS.get_or_init(|| {
-        let run = |args: &[&str]| -> std::result::Result<(), String> {
-            let out = Command::new("kubectl")
-                .args(args)
-                .env("KUBECONFIG", &bed.kubeconfig)
-                .output()
-                .map_err(|e| format!("running kubectl: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "kubectl {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr)
-                ))
-            }
-        };
-        let crds = repo_root().join("crds");
-        run(&[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            crds.to_str().unwrap_or("crds"),
-        ])?;
-        run(&[
-            "wait",
-            "--for",
-            "condition=established",
-            "--timeout=60s",
-            "crd/devices.ota.sealed-ota.dev",
-            "crd/updatecampaigns.ota.sealed-ota.dev",
-        ])
-    })
-    .clone()
-    .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// `len` random bytes: a firmware image that no other run shares.

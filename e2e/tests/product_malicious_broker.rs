@@ -215,29 +215,9 @@ async fn finished(
 
 /// The operator's /metrics, as (series with labels, value).
 async fn metrics(product: &Product) -> Result<Vec<(String, f64)>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(&product.metrics_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to the metrics listener {}",
-                product.metrics_addr
-            )
-        })?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut text))
-        .await
-        .context("reading /metrics")??;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Ok(body
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
-        .collect())
+    let text =
+        sealed_ota_e2e::http::get(&format!("http://{}/metrics", product.metrics_addr)).await?;
+    Ok(sealed_ota_e2e::http::samples(&text))
 }
 
 /// Sum of the series of `name` whose labels contain `label` (for example `reason="wrong_device"`).
@@ -400,6 +380,7 @@ async fn altered_chunks_are_rejected_and_only_the_source_image_is_installed() ->
         left.is_ok(),
         "retained chunks remain after the campaign: {left:?}"
     );
+    product.pass();
     Ok(())
 }
 
@@ -625,6 +606,7 @@ async fn an_older_campaign_replayed_into_a_newer_one_is_refused() -> Result<()> 
         serde_json::json!({"1.2.0": N}),
         "{run2}"
     );
+    product.pass();
     Ok(())
 }
 
@@ -763,6 +745,7 @@ async fn another_devices_ready_on_a_devices_topic_is_refused() -> Result<()> {
         Some(y_fp.as_str()),
         "Y's recorded certificate"
     );
+    product.pass();
     Ok(())
 }
 
@@ -926,5 +909,6 @@ async fn a_downgrade_is_refused_with_not_newer_and_devices_keep_their_version() 
         serde_json::json!({"1.1.0": N}),
         "{run}"
     );
+    product.pass();
     Ok(())
 }

@@ -87,6 +87,7 @@ async fn rotate(mode: &str) -> Result<()> {
     assert_eq!(summary["devices"], 6, "{summary}");
     assert_eq!(summary["connectFailures"], 0, "{summary}");
     assert!(summary["allConnectedSeconds"].is_number(), "{summary}");
+    product.pass();
     Ok(())
 }
 

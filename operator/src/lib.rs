@@ -11,6 +11,7 @@ pub mod credentials;
 pub mod engine;
 pub mod error;
 pub mod fetch;
+pub mod http;
 pub mod inputs;
 pub mod metrics;
 pub mod mqtt;
@@ -31,7 +32,8 @@ pub use config::Config;
 pub use error::Error;
 pub use metrics::Metrics;
 
-use crate::mqtt::{BrokerSettings, MqttSession, TlsMaterial};
+use crate::mqtt::{BrokerSettings, MqttSession};
+use sealed_ota_mqtt::BrokerUrl;
 
 /// Aborts a spawned task when dropped, so that dropping [`run`]'s future (a killed operator in a test,
 /// a lost lease) stops everything it started: no orphaned MQTT connection or lease renewal.
@@ -74,36 +76,39 @@ fn key_of(secret: &Secret, key: &str) -> Result<Vec<u8>, Error> {
 
 /// Build the broker settings from flags, files and Secrets (in the operator namespace).
 pub async fn broker_settings(config: &Config, client: &Client) -> Result<BrokerSettings, Error> {
-    let (tls, host, port) = mqtt::parse_broker_url(&config.broker_url)?;
-    let tls = if !tls {
+    let url = BrokerUrl::parse(&config.broker_url)?;
+    let tls = if !url.tls {
         None
-    } else if let Some(name) = &config.broker_tls_secret {
-        let s = secret_data(client, &config.operator_namespace, name).await?;
-        let client_pair = match (key_of(&s, "tls.crt"), key_of(&s, "tls.key")) {
-            (Ok(c), Ok(k)) => Some((c, zeroize::Zeroizing::new(k))),
-            _ => None,
-        };
-        Some(TlsMaterial {
-            ca_pem: key_of(&s, "ca.crt")?,
-            client: client_pair,
-        })
     } else {
-        let ca_file = config.broker_ca_file.as_ref().ok_or_else(|| {
-            Error::MqttConfig("mqtts:// needs --broker-ca-file or --broker-tls-secret".into())
-        })?;
-        let client_pair = match (&config.broker_cert_file, &config.broker_key_file) {
-            (Some(c), Some(k)) => Some((read_file(c)?, zeroize::Zeroizing::new(read_file(k)?))),
-            (None, None) => None,
-            _ => {
-                return Err(Error::MqttConfig(
-                    "--broker-cert-file and --broker-key-file go together".into(),
-                ))
-            }
+        let (ca_pem, client_pair) = if let Some(name) = &config.broker_tls_secret {
+            let s = secret_data(client, &config.operator_namespace, name).await?;
+            let client_pair = match (key_of(&s, "tls.crt"), key_of(&s, "tls.key")) {
+                (Ok(c), Ok(k)) => Some((c, zeroize::Zeroizing::new(k))),
+                _ => None,
+            };
+            (key_of(&s, "ca.crt")?, client_pair)
+        } else {
+            let ca_file = config.broker_ca_file.as_ref().ok_or_else(|| {
+                Error::MqttConfig("mqtts:// needs --broker-ca-file or --broker-tls-secret".into())
+            })?;
+            let client_pair = match (&config.broker_cert_file, &config.broker_key_file) {
+                (Some(c), Some(k)) => Some((read_file(c)?, zeroize::Zeroizing::new(read_file(k)?))),
+                (None, None) => None,
+                _ => {
+                    return Err(Error::MqttConfig(
+                        "--broker-cert-file and --broker-key-file go together".into(),
+                    ))
+                }
+            };
+            (read_file(ca_file)?, client_pair)
         };
-        Some(TlsMaterial {
-            ca_pem: read_file(ca_file)?,
-            client: client_pair,
-        })
+        let roots = sealed_ota_mqtt::tls::roots_from_pem(&ca_pem)?;
+        Some(sealed_ota_mqtt::tls::client_config(
+            roots,
+            client_pair
+                .as_ref()
+                .map(|(c, k)| (c.as_slice(), k.as_slice())),
+        )?)
     };
     let credentials = if let Some(name) = &config.broker_credentials_secret {
         let s = secret_data(client, &config.operator_namespace, name).await?;
@@ -123,8 +128,8 @@ pub async fn broker_settings(config: &Config, client: &Client) -> Result<BrokerS
         })
     };
     Ok(BrokerSettings {
-        host,
-        port,
+        host: url.host,
+        port: url.port,
         tls,
         credentials,
         client_id: format!("sealed-ota-manager-{}", config.manager_id),

@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::ByteString;
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{Api, Client, CustomResourceExt};
-use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use kube::{Api, Client};
+use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
 use sealed_ota_e2e::{wait_for, TestBed, TestNamespace};
@@ -36,37 +35,6 @@ fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-/// Apply the CRDs (idempotent, shared by every test) and wait until they are established.
-async fn install_crds(client: &Client) -> Result<()> {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in [Device::crd(), UpdateCampaign::crd()] {
-        let name = crd.metadata.name.clone().unwrap();
-        api.patch(
-            &name,
-            &PatchParams::apply("sealed-ota-tests").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .with_context(|| format!("applying CRD {name}"))?;
-        wait_for(&format!("CRD {name} established"), WAIT, || {
-            let api = api.clone();
-            let name = name.clone();
-            async move {
-                let c = api.get(&name).await?;
-                let ok = c
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                Ok(ok.then_some(()))
-            }
-        })
-        .await?;
-    }
-    Ok(())
 }
 
 /// How a simulated device behaves.
@@ -127,17 +95,7 @@ impl Operator {
     }
 
     async fn metric(&self, name: &str) -> Result<f64> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(&self.metrics_addr).await?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await?;
-        Ok(out
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        metric_at(&self.metrics_addr, name).await
     }
 }
 
@@ -150,7 +108,7 @@ impl Harness {
             .try_init();
         let bed = TestBed::get()?;
         let ns = bed.namespace(prefix).await?;
-        install_crds(&ns.client).await?;
+        sealed_ota_e2e::install_crds(&ns.client).await?;
         let ca = CertificateAuthority::from_pem(
             &std::fs::read_to_string(&bed.ca_file)?,
             &std::fs::read_to_string(&bed.ca_key_file)?,
@@ -315,16 +273,7 @@ impl Harness {
         what: &str,
         pred: impl Fn(&UpdateCampaign) -> bool,
     ) -> Result<UpdateCampaign> {
-        let api = Api::<UpdateCampaign>::namespaced(self.client(), &self.ns.name);
-        let pred = &pred;
-        wait_for(&format!("campaign {name}: {what}"), WAIT, || {
-            let api = api.clone();
-            async move {
-                let c = api.get(name).await?;
-                Ok(pred(&c).then_some(c))
-            }
-        })
-        .await
+        self.ns.wait_campaign(name, what, WAIT, pred).await
     }
 
     async fn get_device(&self, name: &str) -> Result<Device> {
@@ -369,33 +318,7 @@ impl Harness {
 }
 
 async fn execute(client: &AsyncClient, actions: Vec<Action>) -> Result<()> {
-    for a in actions {
-        match a {
-            Action::Publish(o) => {
-                let props = PublishProperties {
-                    response_topic: o.properties.response_topic.clone(),
-                    correlation_data: o.properties.correlation_data.clone().map(Into::into),
-                    user_properties: o.properties.user_properties.clone(),
-                    content_type: o.properties.content_type.clone(),
-                    ..Default::default()
-                };
-                client
-                    .publish_with_properties(o.topic, QoS::AtLeastOnce, o.retain, o.payload, props)
-                    .await?;
-            }
-            Action::Subscribe(fs) => {
-                for f in fs {
-                    client.subscribe(f, QoS::AtLeastOnce).await?;
-                }
-            }
-            Action::Unsubscribe(fs) => {
-                for f in fs {
-                    client.unsubscribe(f).await?;
-                }
-            }
-        }
-    }
-    Ok(())
+    Ok(sealed_ota_mqtt::perform(client, actions).await?)
 }
 
 async fn device_loop(
@@ -632,6 +555,7 @@ async fn campaign_updates_every_device_over_tls_and_records_status() -> Result<(
     let retained = retained_messages(&h, &format!("iot/{}/#", h.manager_id)).await?;
     assert_eq!(retained, 0, "retained notify/chunks left behind");
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -706,6 +630,7 @@ async fn pause_holds_devices_back_and_resume_finishes() -> Result<()> {
         .await?;
     assert_eq!(c.status.unwrap().devices.succeeded, 2);
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -752,6 +677,7 @@ async fn abort_stops_the_campaign_and_cannot_be_undone() -> Result<()> {
         .expect_err("abort must not be unset");
     assert!(format!("{err:#}").contains("spec.abort"), "{err:#}");
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -793,6 +719,7 @@ async fn failure_threshold_fails_the_campaign_after_the_canary() -> Result<()> {
         Some(DevicePhase::Failed)
     );
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -842,6 +769,7 @@ async fn missing_manager_secret_is_reported_and_recovers() -> Result<()> {
         .await?;
     assert_eq!(c.status.unwrap().devices.succeeded, 1);
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -904,6 +832,7 @@ async fn killed_operator_resumes_without_redoing_finished_devices() -> Result<()
         assert_eq!(rec.phase, DevicePhase::Succeeded, "{n}");
     }
     op2.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -968,6 +897,7 @@ async fn invalid_resources_are_refused_with_the_field_named() -> Result<()> {
         err.to_string().contains("spec.certificateFingerprint"),
         "{err}"
     );
+    h.ns.pass();
     Ok(())
 }
 
@@ -1018,6 +948,7 @@ async fn bad_inputs_get_a_condition_while_other_campaigns_run() -> Result<()> {
     })
     .await?;
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -1050,6 +981,7 @@ async fn refused_broker_connection_is_a_condition() -> Result<()> {
         0.0
     );
     config_op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -1114,6 +1046,7 @@ async fn two_replicas_never_lead_at_once_and_hand_over() -> Result<()> {
     })
     .await?;
     standby.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -1184,21 +1117,13 @@ async fn credential_rotation_delivers_new_keys() -> Result<()> {
         );
     }
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
 async fn metric_at(addr: &str, name: &str) -> Result<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+    let text = sealed_ota_e2e::http::get(&format!("http://{addr}/metrics")).await?;
+    Ok(sealed_ota_e2e::http::metric_sum(&text, name))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1243,6 +1168,7 @@ async fn deleting_a_running_campaign_clears_its_retained_messages() -> Result<()
         "retained messages left after delete"
     );
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -1281,6 +1207,7 @@ async fn a_timed_out_device_is_retried_with_backoff() -> Result<()> {
     assert!(rec.attempts >= 2, "the success came on a retry: {rec:?}");
     assert_eq!(sim.installs.load(Ordering::SeqCst), 1);
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -1331,30 +1258,8 @@ async fn status_writes_stay_within_budget() -> Result<()> {
         "campaign writes {campaign} in {secs:.1}s"
     );
     op.stop().await;
+    h.ns.pass();
     Ok(())
-}
-
-/// Serve `body` over plain HTTP on a loopback port; returns the URL.
-async fn http_server(body: Vec<u8>) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let body = body.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = s.write_all(head.as_bytes()).await;
-                let _ = s.write_all(&body).await;
-            });
-        }
-    });
-    Ok(format!("http://{addr}/firmware.bin"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1363,7 +1268,8 @@ async fn firmware_from_a_url_is_downloaded_and_checked() -> Result<()> {
     h.manager_secret("manager").await?;
     let img = image(70_000);
     let digest = hex::encode(Sha256::digest(&img));
-    let url = http_server(img).await?;
+    let server = sealed_ota_e2e::http::FileServer::start(img).await?;
+    let url = server.url();
     h.device("u-1", "sand").await?;
     let sim = h.spawn_device("u-1", "1.0.0", Behavior::Install)?;
     let op = h.start_operator("replica-1", false)?;
@@ -1386,6 +1292,7 @@ async fn firmware_from_a_url_is_downloaded_and_checked() -> Result<()> {
     })
     .await?;
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -1433,6 +1340,7 @@ async fn broker_tls_material_can_come_from_a_secret() -> Result<()> {
     .await?;
     assert_eq!(op.metric("sealed_ota_operator_mqtt_connected").await?, 1.0);
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -1489,6 +1397,7 @@ async fn mqtt_session_reconnects_and_resubscribes() -> Result<()> {
     })
     .await?;
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 

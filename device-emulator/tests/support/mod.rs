@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rand::Rng;
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
 use sealed_ota_device_emulator::device::unix_now;
@@ -186,27 +186,7 @@ impl TestManager {
     }
 
     async fn perform(&self, actions: Vec<Action>) -> Result<()> {
-        for action in actions {
-            if let Action::Publish(out) = action {
-                let properties = PublishProperties {
-                    response_topic: out.properties.response_topic,
-                    correlation_data: out.properties.correlation_data.map(Into::into),
-                    user_properties: out.properties.user_properties,
-                    content_type: out.properties.content_type,
-                    ..PublishProperties::default()
-                };
-                self.client
-                    .publish_with_properties(
-                        out.topic,
-                        QoS::AtLeastOnce,
-                        out.retain,
-                        out.payload,
-                        properties,
-                    )
-                    .await?;
-            }
-        }
-        Ok(())
+        Ok(mqtt_io::perform(&self.client, actions).await?)
     }
 
     /// Publishes the firmware's chunks (retained) and one notify per device.
