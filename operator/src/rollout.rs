@@ -6,6 +6,7 @@
 //! the returned [`Decision`].
 
 use crate::crd::{CampaignPhase, DeviceCounts, RolloutSpec};
+use crate::reasons::FailureReason;
 
 /// A count ("3") or a percentage of the selected devices ("10%").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,28 +76,40 @@ pub struct RolloutParams {
 impl RolloutParams {
     /// Validate the spec (pure).
     pub fn from_spec(spec: &RolloutSpec) -> Result<Self, AmountError> {
-        Ok(Self {
-            canary: spec
-                .canary
+        let amount = |field, value: &Option<String>| {
+            value
                 .as_deref()
-                .map(|v| Amount::parse("canary", v))
-                .transpose()?,
-            wave_size: spec
-                .wave_size
-                .as_deref()
-                .map(|v| Amount::parse("waveSize", v))
-                .transpose()?
-                .unwrap_or(Amount::Percent(100)),
+                .map(|v| Amount::parse(field, v))
+                .transpose()
+        };
+        Ok(Self::with_amounts(
+            spec,
+            amount("canary", &spec.canary)?,
+            amount("waveSize", &spec.wave_size)?,
+            amount("failureThreshold", &spec.failure_threshold)?,
+        ))
+    }
+
+    /// The parameters of an empty `spec.rollout` (all defaults).
+    pub fn defaults() -> Self {
+        Self::with_amounts(&RolloutSpec::default(), None, None, None)
+    }
+
+    fn with_amounts(
+        spec: &RolloutSpec,
+        canary: Option<Amount>,
+        wave_size: Option<Amount>,
+        failure_threshold: Option<Amount>,
+    ) -> Self {
+        Self {
+            canary,
+            wave_size: wave_size.unwrap_or(Amount::Percent(100)),
             max_in_flight: spec.max_in_flight.max(1),
             timeout_secs: u64::from(spec.device_timeout_seconds.max(1)),
             retries: spec.retries,
             backoff_secs: u64::from(spec.retry_backoff_seconds.max(1)),
-            failure_threshold: spec
-                .failure_threshold
-                .as_deref()
-                .map(|v| Amount::parse("failureThreshold", v))
-                .transpose()?,
-        })
+            failure_threshold,
+        }
     }
 
     /// Backoff before attempt `next_attempt` (2 is the first retry).
@@ -150,15 +163,16 @@ pub enum Progress {
     },
     /// Signed receipt received.
     Succeeded,
-    /// Refused or out of attempts.
+    /// Refused, rolled back or out of attempts.
     Failed {
-        /// Machine-readable reason.
-        reason: String,
+        /// Why.
+        reason: FailureReason,
     },
 }
 
 impl Progress {
-    fn is_terminal(&self) -> bool {
+    /// Whether the device is done with the campaign (succeeded or failed).
+    pub fn is_terminal(&self) -> bool {
         matches!(self, Progress::Succeeded | Progress::Failed { .. })
     }
 }
@@ -249,7 +263,7 @@ pub fn decide(input: &DecideInput<'_>) -> Decision {
                         attempts: attempt,
                     });
                     *p = Progress::Failed {
-                        reason: "Timeout".into(),
+                        reason: FailureReason::Timeout,
                     };
                 }
             }
@@ -358,7 +372,7 @@ pub fn count(devices: &[Progress]) -> DeviceCounts {
             Progress::Succeeded => c.succeeded += 1,
             Progress::Failed { reason } => {
                 c.failed += 1;
-                if reason == crate::engine::ROLLED_BACK {
+                if *reason == FailureReason::RolledBack {
                     c.rolled_back += 1;
                 }
             }
@@ -515,7 +529,7 @@ mod tests {
         let mut p = params();
         p.failure_threshold = Some(Amount::Count(1));
         let fail = || Progress::Failed {
-            reason: "NotNewer".into(),
+            reason: FailureReason::NotNewer,
         };
         let devices = vec![fail(), Progress::NotStarted, Progress::NotStarted];
         let d = decide(&input(&devices, &p));
@@ -539,7 +553,7 @@ mod tests {
         p.failure_threshold = Some(Amount::Count(0));
         let devices = vec![
             Progress::Failed {
-                reason: "Timeout".into(),
+                reason: FailureReason::Timeout,
             },
             Progress::NotStarted,
         ];
