@@ -509,6 +509,7 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         params: &params,
         paused: c.spec.paused,
         abort: c.spec.abort,
+        blocked: blocker.is_some(),
         previous_phase: previous.phase,
         previous_wave: previous.current_wave,
     });

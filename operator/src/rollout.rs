@@ -190,6 +190,9 @@ pub struct DecideInput<'a> {
     pub paused: bool,
     /// spec.abort.
     pub abort: bool,
+    /// Something keeps the campaign from starting devices (a blocker): nothing starts, and the
+    /// counts say so.
+    pub blocked: bool,
     /// Phase recorded on the status (terminal phases stick).
     pub previous_phase: CampaignPhase,
     /// Wave recorded on the status (waves never go back).
@@ -307,9 +310,10 @@ pub fn decide(input: &DecideInput<'_>) -> Decision {
         CampaignPhase::Progressing
     };
 
-    // 2. Starts: only while progressing, inside the current wave, under the in-flight limit.
+    // 2. Starts: only while progressing and not blocked, inside the current wave, under the
+    //    in-flight limit.
     let mut start = Vec::new();
-    if phase == CampaignPhase::Progressing {
+    if phase == CampaignPhase::Progressing && !input.blocked {
         let in_flight = devices
             .iter()
             .filter(|p| matches!(p, Progress::InFlight { .. }))
@@ -396,6 +400,7 @@ mod tests {
             params,
             paused: false,
             abort: false,
+            blocked: false,
             previous_phase: CampaignPhase::Pending,
             previous_wave: 0,
         }
@@ -428,6 +433,19 @@ mod tests {
             vec![4],
             "canary covering all is one wave"
         );
+    }
+
+    #[test]
+    fn a_blocked_campaign_starts_nothing_and_counts_it_pending() {
+        let p = params();
+        let devices = vec![Progress::NotStarted; 3];
+        let d = decide(&DecideInput {
+            blocked: true,
+            ..input(&devices, &p)
+        });
+        assert!(d.start.is_empty());
+        assert_eq!((d.counts.pending, d.counts.in_progress), (3, 0));
+        assert_eq!(d.phase, CampaignPhase::Progressing);
     }
 
     #[test]
