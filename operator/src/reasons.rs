@@ -106,6 +106,26 @@ impl FailureReason {
     }
 }
 
+impl FailureReason {
+    /// What it means, for the reason table in docs/reasons.md.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            FailureReason::Timeout => "no signed receipt within `deviceTimeoutSeconds`, after every retry",
+            FailureReason::RolledBack => "the device installed the update, failed its health check and rolled back (signed receipt on the Device)",
+            FailureReason::NotNewer => "the device runs a version not older than the target (anti-rollback; `allowDowngrade` for a deliberate downgrade)",
+            FailureReason::Expired => "the campaign's signed manifest expired before the device installed it",
+            FailureReason::ImageHashMismatch => "the image the device stored does not match the manifest's SHA-256",
+            FailureReason::PacketTooLarge => "a message of the update exceeds the device's MQTT Maximum Packet Size (lower `chunkSize`)",
+            FailureReason::DeclinedByDevice => "the device declined the update",
+            FailureReason::InstallFailed => "the device's installer failed",
+            FailureReason::InvalidVersion => "the device runs a version that is not SemVer",
+            FailureReason::BadCredentials => "the device refused the delivered credentials",
+            FailureReason::ManifestMismatch => "the device's receipt does not match what the manager sent",
+            FailureReason::ReleaseSignature => "the image's release signature does not verify against the release keys the device trusts",
+        }
+    }
+}
+
 impl std::fmt::Display for FailureReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -191,6 +211,53 @@ impl BlockerReason {
     }
 }
 
+impl BlockerReason {
+    /// What it means and the fix, for the reason table in docs/reasons.md.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            BlockerReason::InvalidSelector => "`spec.selector` is not a valid label selector: fix it",
+            BlockerReason::InvalidRollout => "a `spec.rollout` amount is neither a count nor a percentage: fix it",
+            BlockerReason::ManagerSecretMissing => "the Secret `spec.managerSecretName` does not exist: create it (kubernetes.io/tls with ca.crt)",
+            BlockerReason::ManagerSecretInvalid => "the manager Secret's key, certificate or CA is unusable: replace it",
+            BlockerReason::CaSecretMissing => "the rotation CA Secret does not exist: create it",
+            BlockerReason::CaSecretInvalid => "the rotation CA Secret is unusable: replace it",
+            BlockerReason::FirmwareUnreadable => "the firmware ConfigMap/Secret or its key is missing or empty: create it",
+            BlockerReason::FirmwareDownloadFailed => "downloading `payload.firmware.url` failed: retried with backoff until the server answers",
+            BlockerReason::FirmwareDigestMismatch => "the image does not match its SHA-256: fix the image or the digest",
+            BlockerReason::ReleaseSignatureInvalid => "`payload.firmware.releaseSignature` does not verify over the image: sign the right image",
+            BlockerReason::PayloadMissing => "`spec.payload` names neither firmware nor a rotation",
+            BlockerReason::PayloadInvalid => "the payload cannot be prepared (e.g. an invalid target version): fix the spec",
+            BlockerReason::BrokerUnavailable => "the MQTT broker refuses or drops the connection: retried with backoff",
+        }
+    }
+}
+
+/// The reason tables of docs/reasons.md, rendered from the enums (a unit test keeps the file equal).
+pub fn render_markdown() -> String {
+    let mut out = String::from(
+        "# Reasons the operator records\n\nGenerated from `operator/src/reasons.rs` (a unit test fails when this file differs).\n\n\
+         ## Device failures\n\nOn `Device` `status.campaign.reason`, the campaign's `status.failures[].reason` and the\n\
+         `sealed_ota_operator_device_failures_total{reason}` metric.\n\n| reason | meaning |\n|---|---|\n",
+    );
+    for r in FailureReason::ALL {
+        out.push_str(&format!("| `{}` | {} |\n", r.as_str(), r.meaning()));
+    }
+    out.push_str(
+        "\n## Campaign blockers\n\nThe campaign's `Ready` condition reason (phase `Pending`) and a Warning Event. Transient ones\n\
+         are retried with backoff; the others wait until something the campaign watches changes.\n\n\
+         | reason | transient | meaning and fix |\n|---|---|---|\n",
+    );
+    for r in BlockerReason::ALL {
+        out.push_str(&format!(
+            "| `{}` | {} | {} |\n",
+            r.as_str(),
+            if r.is_transient() { "yes" } else { "no" },
+            r.meaning()
+        ));
+    }
+    out
+}
+
 impl std::fmt::Display for BlockerReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -250,6 +317,16 @@ mod tests {
                 "{r:?}"
             );
         }
+    }
+
+    #[test]
+    fn docs_reasons_md_is_rendered_from_the_enums() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/reasons.md");
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == render_markdown(),
+            "docs/reasons.md differs from operator/src/reasons.rs; run `cargo run -p sealed-ota-operator -- reasons > docs/reasons.md`"
+        );
     }
 
     #[test]
