@@ -149,6 +149,9 @@ pub struct Device {
     failures_in_a_row: u32,
     /// Counted once at the fleet's transfer barrier (when there is one).
     arrived_at_barrier: bool,
+    /// Which of the broker's nodes the next connection goes to (modulo their number): devices
+    /// start spread over the nodes and move to the next one when a connection is lost.
+    node: usize,
 }
 
 impl std::fmt::Debug for Device {
@@ -182,7 +185,14 @@ impl Device {
             chunks_since_save: 0,
             failures_in_a_row: 0,
             arrived_at_barrier: false,
+            node: 0,
         }
+    }
+
+    /// Starts the device on node `node` of the broker (of several nodes; see [`BrokerEndpoint`]).
+    pub fn starting_on_node(mut self, node: usize) -> Self {
+        self.node = node;
+        self
     }
 
     /// Runs until the fleet shuts down.
@@ -343,6 +353,8 @@ impl Device {
                     }
                 }
                 ConnectionEnd::Lost => {
+                    // A lost node may be gone for good: try the next one.
+                    self.node = self.node.wrapping_add(1);
                     let wait = self.backoff();
                     if self.sleep_unless_shutdown(wait).await {
                         self.save(&session)?;
@@ -366,8 +378,8 @@ impl Device {
             _ = self.shutdown.changed() => return Ok(ConnectionEnd::Shutdown),
         };
         self.ctx.stats.connect_attempt();
-        let options = mqtt_io::device_options(
-            &self.ctx.endpoint,
+        let options = mqtt_io::device_options_on(
+            self.ctx.endpoint.node(self.node),
             &self.id,
             tls,
             max_packet_size,
@@ -428,7 +440,14 @@ impl Device {
                     None => return Ok(ConnectionEnd::Lost),
                 },
                 _ = timers.tick() => {
-                    let actions = session.poll(self.now());
+                    let now = self.now();
+                    let output = session.poll_output(now);
+                    let mut actions = output.actions;
+                    for event in output.events {
+                        // Only the end of a session at the campaign's expiry (Rejected): nothing
+                        // here ends the connection.
+                        actions.extend(self.on_event(session, event, now)?.0);
+                    }
                     if mqtt_io::perform(client, actions).await.is_err() {
                         return Ok(ConnectionEnd::Lost);
                     }

@@ -55,6 +55,8 @@ pub struct FleetOptions {
     pub transfer_barrier: bool,
     /// Append every session key, content key and delivered key to this file (tests only).
     pub key_log: Option<std::path::PathBuf>,
+    /// Benchmarks only: do not fsync the protocol-state saves (see `DeviceDir::without_state_fsync`).
+    pub no_state_fsync: bool,
 }
 
 impl FleetOptions {
@@ -76,6 +78,7 @@ impl FleetOptions {
             save_every_chunks: 16,
             transfer_barrier: false,
             key_log: None,
+            no_state_fsync: false,
         }
     }
 }
@@ -161,8 +164,12 @@ impl RunningFleet {
         let mut devices = JoinSet::new();
         for (position, id) in ids.into_iter().enumerate() {
             let faults = DeviceFaults::for_device(&options.faults, &id, position);
-            let dir = options.fleet.device(&id);
-            let device = Device::new(Arc::clone(&ctx), id, dir, faults, shutdown_rx.clone());
+            let mut dir = options.fleet.device(&id);
+            if options.no_state_fsync {
+                dir = dir.without_state_fsync();
+            }
+            let device = Device::new(Arc::clone(&ctx), id, dir, faults, shutdown_rx.clone())
+                .starting_on_node(position);
             devices.spawn(device.run());
         }
         Ok(RunningFleet {

@@ -150,7 +150,9 @@ struct RunArgs {
     /// Fleet directory written by `enroll`.
     #[arg(long, default_value = "fleet")]
     fleet: PathBuf,
-    /// Broker URL, mqtts://host:port (client certificates) or mqtt://host:port.
+    /// Broker URL, mqtts://host:port (client certificates) or mqtt://host:port; for a cluster,
+    /// every node's URL separated by commas (devices spread over them and move to the next node
+    /// when a connection is lost).
     #[arg(long, env = "SEALED_OTA_MQTTS_URL")]
     broker: String,
     /// CA that signed the broker's server certificate (default: the fleet's CA).
@@ -206,6 +208,11 @@ struct RunArgs {
     /// (like SSLKEYLOGFILE), so a test can scan what the broker relayed for them.
     #[arg(long, hide = true)]
     key_log: Option<PathBuf>,
+    /// Benchmarks only: do not fsync the frequent protocol-state saves (thousands of emulated
+    /// devices share one disk; a real device has its own). Credentials and installs are fsynced
+    /// regardless.
+    #[arg(long)]
+    no_state_fsync: bool,
 }
 
 fn parse_label(text: &str) -> std::result::Result<(String, String), String> {
@@ -377,6 +384,7 @@ async fn run(args: RunArgs) -> Result<()> {
     options.transfer_barrier = args.transfer_barrier;
     options.save_every_chunks = args.save_every_chunks;
     options.key_log = args.key_log;
+    options.no_state_fsync = args.no_state_fsync;
     let running = RunningFleet::start(options)?;
     let stats = std::sync::Arc::clone(running.stats());
     let progress = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {

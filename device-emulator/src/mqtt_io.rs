@@ -4,7 +4,8 @@
 //! adapter's, re-exported here. No protocol logic lives here.
 //!
 //! Each device gets its own rustls `ClientConfig` (its certificate and key), sharing one root
-//! store.
+//! store. A broker of several nodes (a cluster) is given as several URLs: devices spread over
+//! them by position and move to the next node when a connection is lost.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,16 +21,28 @@ pub use sealed_ota_mqtt::{inbound_from, perform};
 /// Where the broker is and how to reach it.
 #[derive(Debug, Clone)]
 pub struct BrokerEndpoint {
-    /// Host, port and whether TLS is used.
+    /// Host, port and whether TLS is used (the first node's).
     pub url: BrokerUrl,
+    /// Every node, `url` first.
+    pub nodes: Vec<BrokerUrl>,
     /// Roots that signed the broker's server certificate (TLS only).
     pub roots: Option<Arc<RootCertStore>>,
 }
 
 impl BrokerEndpoint {
-    /// Parses the broker URL (see [`BrokerUrl`]) and, for TLS, the broker's CA certificate(s).
+    /// Parses the broker URL (see [`BrokerUrl`]), or several separated by commas (the nodes of
+    /// a cluster, all TLS or all plain), and, for TLS, the broker's CA certificate(s).
     pub fn parse(url: &str, ca_pem: Option<Vec<u8>>) -> Result<Self> {
-        let parsed = BrokerUrl::parse(url).map_err(|e| Error::Config(e.to_string()))?;
+        let nodes = url
+            .split(',')
+            .map(|u| BrokerUrl::parse(u.trim()).map_err(|e| Error::Config(e.to_string())))
+            .collect::<Result<Vec<_>>>()?;
+        let parsed = nodes[0].clone();
+        if nodes.iter().any(|n| n.tls != parsed.tls) {
+            return Err(Error::Config(format!(
+                "broker URLs {url:?}: mix mqtts:// and mqtt://; the nodes of one broker use one scheme"
+            )));
+        }
         let roots = match (parsed.tls, ca_pem) {
             (false, _) => None,
             (true, None) => {
@@ -42,7 +55,16 @@ impl BrokerEndpoint {
                     .map_err(|e| Error::Config(format!("broker URL {url:?}: {e}")))?,
             ),
         };
-        Ok(BrokerEndpoint { url: parsed, roots })
+        Ok(BrokerEndpoint {
+            url: parsed,
+            nodes,
+            roots,
+        })
+    }
+
+    /// Node `n` modulo the number of nodes.
+    pub fn node(&self, n: usize) -> &BrokerUrl {
+        &self.nodes[n % self.nodes.len()]
     }
 
     /// The TLS client configuration of one device: the shared roots, its certificate and key.
@@ -80,7 +102,18 @@ pub fn device_options(
     max_packet_size: u32,
     keep_alive: Duration,
 ) -> MqttOptions {
-    let mut options = MqttOptions::new(device_id, endpoint.url.host.clone(), endpoint.url.port);
+    device_options_on(&endpoint.url, device_id, tls, max_packet_size, keep_alive)
+}
+
+/// [`device_options`] for one node of the broker.
+pub fn device_options_on(
+    node: &BrokerUrl,
+    device_id: &str,
+    tls: Option<Arc<ClientConfig>>,
+    max_packet_size: u32,
+    keep_alive: Duration,
+) -> MqttOptions {
+    let mut options = MqttOptions::new(device_id, node.host.clone(), node.port);
     options.set_keep_alive(keep_alive);
     options.set_clean_start(true);
     options.set_max_packet_size(Some(max_packet_size));
@@ -111,6 +144,13 @@ mod tests {
         let err = BrokerEndpoint::parse("mqtts://h:1", None).unwrap_err();
         assert!(err.to_string().contains("CA"), "{err}");
         assert!(BrokerEndpoint::parse("http://h:1", None).is_err());
+        let cluster = BrokerEndpoint::parse("mqtt://a:1, mqtt://b:2,mqtt://c:3", None).unwrap();
+        assert_eq!(cluster.url.host, "a");
+        let hosts: Vec<&str> = (0..4).map(|n| cluster.node(n).host.as_str()).collect();
+        assert_eq!(hosts, ["a", "b", "c", "a"]);
+        let err = BrokerEndpoint::parse("mqtt://a:1,mqtts://b:2", None).unwrap_err();
+        assert!(err.to_string().contains("one scheme"), "{err}");
+        assert!(BrokerEndpoint::parse("mqtt://a:1,", None).is_err());
     }
 
     #[test]

@@ -100,6 +100,7 @@ impl FleetDir {
     /// The directory of device `id`.
     pub fn device(&self, id: &str) -> DeviceDir {
         DeviceDir {
+            durable_state: true,
             root: self.devices_root().join(id),
         }
     }
@@ -160,12 +161,26 @@ pub enum InstallError {
 #[derive(Debug, Clone)]
 pub struct DeviceDir {
     root: PathBuf,
+    /// Whether protocol-state saves (and the chunk data they count) are fsynced.
+    durable_state: bool,
 }
 
 impl DeviceDir {
     /// A device directory at `root` (for tests and tools; fleets use [`FleetDir::device`]).
     pub fn at(root: impl Into<PathBuf>) -> Self {
-        DeviceDir { root: root.into() }
+        DeviceDir {
+            root: root.into(),
+            durable_state: true,
+        }
+    }
+
+    /// Benchmarks only (`run --no-state-fsync`): the frequent protocol-state saves and the chunk
+    /// data they count are not fsynced (thousands of emulated devices share one disk, where each
+    /// real device has its own). A power cut may then lose the last saves; credentials and installs
+    /// are fsynced regardless.
+    pub fn without_state_fsync(mut self) -> Self {
+        self.durable_state = false;
+        self
     }
 
     /// The directory.
@@ -273,14 +288,22 @@ impl DeviceDir {
         read_json(&self.state_path())
     }
 
-    /// Persists the protocol state (write-then-rename).
+    /// Persists the protocol state (write, fsync, rename, fsync of the directory).
     pub fn save_state<S: Serialize>(&self, state: &S) -> Result<()> {
-        write_json_atomic(&self.state_path(), state)
+        let path = self.state_path();
+        let bytes = serde_json::to_vec(state).map_err(|source| Error::Json {
+            path: path.clone(),
+            source,
+        })?;
+        write_file_atomic(&path, &bytes, false, self.durable_state)
     }
 
     /// Flushes the image being received to disk, so that the state saved next (which says which
     /// chunks are stored) never claims more than the disk holds after a power loss.
     pub fn sync_download(&self) -> Result<()> {
+        if !self.durable_state {
+            return Ok(());
+        }
         let path = self.download_path();
         match File::open(&path) {
             Ok(file) => file.sync_data().map_err(|e| Error::io("syncing", &path, e)),
@@ -560,6 +583,11 @@ fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
 /// fsyncs the directory, so readers see the old or the new content, never a mix, and the new
 /// content survives a power loss once this returns.
 fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<()> {
+    write_file_atomic(path, bytes, private, true)
+}
+
+/// `write_atomic`, fsyncs only when `durable`.
+fn write_file_atomic(path: &Path, bytes: &[u8], private: bool, durable: bool) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -576,11 +604,14 @@ fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<()> {
         .open(&tmp)
         .map_err(|e| Error::io("creating", &tmp, e))?;
     file.write_all(bytes)
-        .and_then(|()| file.sync_all())
+        .and_then(|()| if durable { file.sync_all() } else { Ok(()) })
         .map_err(|e| Error::io("writing", &tmp, e))?;
     drop(file);
     fs::rename(&tmp, path).map_err(|e| Error::io("renaming into", path, e))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    if durable {
+        sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 
 pub mod bench;
 pub mod http;
+pub mod interop;
 pub mod product;
+pub mod rogue;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,7 +38,18 @@ pub struct TestBed {
     /// Plain MQTT listener, `mqtt://127.0.0.1:PORT` (anonymous allowed).
     pub mqtt_url: String,
     /// TLS MQTT listener, `mqtts://127.0.0.1:PORT` (client certificate required; CN is the username).
+    /// For a clustered broker, node 1's.
     pub mqtts_url: String,
+    /// The broker kind `e2e/testbed up --broker` started: `mosquitto`, `mochi` or `rmqtt-cluster`.
+    pub broker: String,
+    /// Its version.
+    pub broker_version: String,
+    /// Its binary (`PrivateBroker` starts another instance of it).
+    pub broker_bin: Option<PathBuf>,
+    /// Every node's plain listener (one for a single broker), node 1 first.
+    pub mqtt_urls: Vec<String>,
+    /// Every node's TLS listener, node 1 first.
+    pub mqtts_urls: Vec<String>,
     /// The test CA (EC P-256, PEM) that signed every certificate of the test bed.
     pub ca_file: PathBuf,
     /// The test CA's private key (PKCS#8 PEM), so tests can issue client certificates Mosquitto accepts.
@@ -61,12 +74,13 @@ impl TestBed {
     }
 
     fn discover() -> Result<TestBed> {
-        let script = repo_root().join("e2e/testbed");
-        let exports = match run_script(&script, "env") {
+        let script = || Command::new(repo_root().join("e2e/testbed"));
+        let exports = match run_script(script(), &["env"]) {
             Ok(out) => out,
             Err(_) => {
-                run_script(&script, "up").context("starting the test bed with `e2e/testbed up`")?;
-                run_script(&script, "env")?
+                run_script(script(), &["up"])
+                    .context("starting the test bed with `e2e/testbed up`")?;
+                run_script(script(), &["env"])?
             }
         };
         Self::from_exports(&exports)
@@ -85,16 +99,43 @@ impl TestBed {
                 .map(|v| v.to_string())
                 .with_context(|| format!("`e2e/testbed env` did not print {name}"))
         };
+        let state_dir = var("SEALED_OTA_TESTBED_DIR")?.into();
+        let kubeconfig = var("KUBECONFIG")?.into();
+        let mqtt_url = var("SEALED_OTA_MQTT_URL")?;
+        let mqtts_url = var("SEALED_OTA_MQTTS_URL")?;
+        let list = |name: &str, single: &str| -> Vec<String> {
+            vars.get(name)
+                .map(|v| v.split(',').map(str::to_string).collect())
+                .unwrap_or_else(|| vec![single.to_string()])
+        };
         Ok(TestBed {
-            state_dir: var("SEALED_OTA_TESTBED_DIR")?.into(),
-            kubeconfig: var("KUBECONFIG")?.into(),
-            mqtt_url: var("SEALED_OTA_MQTT_URL")?,
-            mqtts_url: var("SEALED_OTA_MQTTS_URL")?,
+            state_dir,
+            kubeconfig,
+            broker: vars
+                .get("SEALED_OTA_BROKER")
+                .unwrap_or(&"mosquitto")
+                .to_string(),
+            broker_version: vars
+                .get("SEALED_OTA_BROKER_VERSION")
+                .unwrap_or(&"unknown")
+                .to_string(),
+            broker_bin: vars.get("SEALED_OTA_BROKER_BIN").map(PathBuf::from),
+            mqtt_urls: list("SEALED_OTA_MQTT_URLS", &mqtt_url),
+            mqtts_urls: list("SEALED_OTA_MQTTS_URLS", &mqtts_url),
+            mqtt_url,
+            mqtts_url,
             ca_file: var("SEALED_OTA_CA_FILE")?.into(),
             ca_key_file: var("SEALED_OTA_CA_KEY_FILE")?.into(),
             client_cert: var("SEALED_OTA_CLIENT_CERT")?.into(),
             client_key: var("SEALED_OTA_CLIENT_KEY")?.into(),
         })
+    }
+
+    /// Runs `e2e/testbed ARGS...` against this test bed (for example `node kill 2`).
+    pub fn script(&self, args: &[&str]) -> Result<String> {
+        let mut command = Command::new(repo_root().join("e2e/testbed"));
+        command.env("SEALED_OTA_TESTBED_DIR", &self.state_dir);
+        run_script(command, args)
     }
 
     /// A kube client with the admin identity.
@@ -266,15 +307,20 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn run_script(script: &Path, verb: &str) -> Result<String> {
-    let out = Command::new(script)
-        .arg(verb)
+/// Runs `command ARGS...`; its stdout, or an error carrying its stderr.
+fn run_script(mut command: Command, args: &[&str]) -> Result<String> {
+    let what = format!(
+        "{} {}",
+        command.get_program().to_string_lossy(),
+        args.join(" ")
+    );
+    let out = command
+        .args(args)
         .output()
-        .with_context(|| format!("running {} {verb}", script.display()))?;
+        .with_context(|| format!("running {what}"))?;
     if !out.status.success() {
         bail!(
-            "{} {verb} failed: {}",
-            script.display(),
+            "{what} failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -364,6 +410,16 @@ mod tests {
             export SEALED_OTA_CLIENT_CERT='/t/pki/c.crt'\nexport SEALED_OTA_CLIENT_KEY='/t/pki/c.key'\n";
         let bed = TestBed::from_exports(text).unwrap();
         assert_eq!(bed.kubeconfig, PathBuf::from("/t/kubeconfig"));
+        // Without the broker exports (a state directory e2e/kind filled): one Mosquitto.
+        assert_eq!(bed.broker, "mosquitto");
+        assert_eq!(bed.mqtts_urls, ["mqtts://127.0.0.1:8883"]);
+        let cluster = format!(
+            "{text}export SEALED_OTA_BROKER='rmqtt-cluster'\n\
+             export SEALED_OTA_MQTTS_URLS='mqtts://127.0.0.1:8883,mqtts://127.0.0.1:8884'\n"
+        );
+        let bed = TestBed::from_exports(&cluster).unwrap();
+        assert_eq!(bed.broker, "rmqtt-cluster");
+        assert_eq!(bed.mqtts_urls.len(), 2);
         assert_eq!(
             TestBed::host_port(&bed.mqtts_url).unwrap(),
             ("127.0.0.1".into(), 8883)

@@ -2,11 +2,13 @@
 //! [`Action`], [`Properties`]) and rumqttc's v5 client, shared by the operator, the device
 //! emulator, the device agent and the tests. It owns broker URL parsing ([`BrokerUrl`]), the
 //! rustls client configuration ([`tls`]), property conversion both ways and the execution of a
-//! session's actions ([`perform`]). It holds no protocol logic and no connection policy (client
+//! session's actions ([`perform`]), and the broker probe ([`probe`]) that checks a broker for
+//! every MQTT 5 feature and limit the product relies on. It holds no protocol logic and no connection policy (client
 //! ids, keep-alive, Receive Maximum are the caller's), and it never logs payloads or keys.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod probe;
 pub mod tls;
 mod url;
 

@@ -215,6 +215,36 @@ impl Harness {
         Ok(())
     }
 
+    /// A Secret `name` with the test CA's certificate and key (tls.crt, tls.key), which rotation
+    /// campaigns sign new device certificates with.
+    async fn ca_secret(&self, name: &str) -> Result<()> {
+        let ca = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(
+                [
+                    (
+                        "tls.crt".to_string(),
+                        ByteString(self.ca.cert_pem().into_bytes()),
+                    ),
+                    (
+                        "tls.key".to_string(),
+                        ByteString(self.ca.key_pem().as_bytes().to_vec()),
+                    ),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        Api::<Secret>::namespaced(self.client(), &self.ns.name)
+            .create(&PostParams::default(), &ca)
+            .await?;
+        Ok(())
+    }
+
     async fn firmware(&self, name: &str, image: &[u8]) -> Result<String> {
         let cm = ConfigMap {
             metadata: ObjectMeta {
@@ -1059,30 +1089,7 @@ async fn credential_rotation_delivers_new_keys() -> Result<()> {
     let h = Harness::new("op-rotate").await?;
     h.manager_secret("manager").await?;
     // The CA Secret the rotation signs with (the test CA).
-    let ca = Secret {
-        metadata: ObjectMeta {
-            name: Some("ota-ca".into()),
-            ..Default::default()
-        },
-        type_: Some("kubernetes.io/tls".into()),
-        data: Some(
-            [
-                (
-                    "tls.crt".to_string(),
-                    ByteString(h.ca.cert_pem().into_bytes()),
-                ),
-                (
-                    "tls.key".to_string(),
-                    ByteString(h.ca.key_pem().as_bytes().to_vec()),
-                ),
-            ]
-            .into(),
-        ),
-        ..Default::default()
-    };
-    Api::<Secret>::namespaced(h.client(), &h.ns.name)
-        .create(&PostParams::default(), &ca)
-        .await?;
+    h.ca_secret("ota-ca").await?;
     let mut sims = Vec::new();
     for n in ["k-1", "k-2"] {
         h.device(n, "plum").await?;
@@ -1459,6 +1466,7 @@ async fn a_rolled_back_device_is_a_failure_with_a_warning() -> Result<()> {
     .await?;
     assert!(warned.note.unwrap_or_default().contains("rb-1"));
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -1538,6 +1546,7 @@ async fn the_expiry_is_fixed_when_first_prepared_and_survives_a_restart() -> Res
         .await?;
     assert_eq!(c.status.and_then(|s| s.expires_at), Some(recorded));
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -1548,30 +1557,7 @@ async fn the_expiry_is_fixed_when_first_prepared_and_survives_a_restart() -> Res
 async fn a_lost_rotation_receipt_does_not_lock_a_pinned_device_out() -> Result<()> {
     let h = Harness::new("op-lockout").await?;
     h.manager_secret("manager").await?;
-    let ca = Secret {
-        metadata: ObjectMeta {
-            name: Some("ota-ca".into()),
-            ..Default::default()
-        },
-        type_: Some("kubernetes.io/tls".into()),
-        data: Some(
-            [
-                (
-                    "tls.crt".to_string(),
-                    ByteString(h.ca.cert_pem().into_bytes()),
-                ),
-                (
-                    "tls.key".to_string(),
-                    ByteString(h.ca.key_pem().as_bytes().to_vec()),
-                ),
-            ]
-            .into(),
-        ),
-        ..Default::default()
-    };
-    Api::<Secret>::namespaced(h.client(), &h.ns.name)
-        .create(&PostParams::default(), &ca)
-        .await?;
+    h.ca_secret("ota-ca").await?;
     let sim = h.spawn_device("lo-1", "1.0.0", Behavior::LoseFirstRotationReceipt)?;
     let pin = hex::encode(Sha256::digest(&sim.cert));
     let d: Device = serde_json::from_value(serde_json::json!({
@@ -1615,5 +1601,6 @@ async fn a_lost_rotation_receipt_does_not_lock_a_pinned_device_out() -> Result<(
     })
     .await?;
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }

@@ -98,6 +98,18 @@ pub(crate) fn decode<T: DeserializeOwned>(
     message: &'static str,
     max: usize,
 ) -> Result<T, ProtocolError> {
+    bounded_whole(bytes, message, max, |reader| {
+        ciborium::de::from_reader_with_recursion_limit(reader, MAX_DEPTH)
+    })
+}
+
+/// Run `parse` on `bytes` (at most `max` of them), which must consume all of them.
+fn bounded_whole<T, E: std::fmt::Debug>(
+    bytes: &[u8],
+    message: &'static str,
+    max: usize,
+    parse: impl FnOnce(&mut &[u8]) -> Result<T, E>,
+) -> Result<T, ProtocolError> {
     if bytes.len() > max {
         return Err(ProtocolError::TooLarge {
             message,
@@ -106,13 +118,10 @@ pub(crate) fn decode<T: DeserializeOwned>(
         });
     }
     let mut reader = bytes;
-    let value: T =
-        ciborium::de::from_reader_with_recursion_limit(&mut reader, MAX_DEPTH).map_err(|e| {
-            ProtocolError::Decode {
-                message,
-                detail: short(&e),
-            }
-        })?;
+    let value = parse(&mut reader).map_err(|e| ProtocolError::Decode {
+        message,
+        detail: short(&e),
+    })?;
     if !reader.is_empty() {
         return Err(ProtocolError::Decode {
             message,
@@ -131,29 +140,10 @@ pub(crate) fn decode_secret<T: DeserializeOwned>(
     message: &'static str,
     max: usize,
 ) -> Result<T, ProtocolError> {
-    if bytes.len() > max {
-        return Err(ProtocolError::TooLarge {
-            message,
-            size: bytes.len(),
-            max,
-        });
-    }
     let mut scratch = Zeroizing::new(vec![0u8; 4096]);
-    let mut reader = bytes;
-    let value: T =
-        ciborium::de::from_reader_with_buffer(&mut reader, &mut scratch[..]).map_err(|e| {
-            ProtocolError::Decode {
-                message,
-                detail: short(&e),
-            }
-        })?;
-    if !reader.is_empty() {
-        return Err(ProtocolError::Decode {
-            message,
-            detail: "trailing bytes".into(),
-        });
-    }
-    Ok(value)
+    bounded_whole(bytes, message, max, |reader| {
+        ciborium::de::from_reader_with_buffer(reader, &mut scratch[..])
+    })
 }
 
 fn short<E: std::fmt::Debug>(e: &E) -> String {

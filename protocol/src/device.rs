@@ -307,7 +307,8 @@ pub struct DeviceConfig {
 /// for them (as rustls's `KeyLog`). ⚠️ Never set one in production: it exposes every session key,
 /// content key and delivered private key.
 pub trait KeyLog: Send + Sync + std::fmt::Debug {
-    /// `label`: `session-m2d`, `session-d2m`, `content-key` or `delivered-key`.
+    /// `label`: `session-m2d`, `session-d2m`, `content-key` or `delivered-key` (the delivered
+    /// private key's 32-byte scalar).
     fn log(&self, label: &str, session_id: &[u8; 16], secret: &[u8]);
 }
 
@@ -578,27 +579,13 @@ impl DeviceSession {
         }
         let (env, body) = wire::decode_notify(&msg.payload)?;
         let me = self.me().to_string();
-        if body.device_id != me {
-            return Err(ProtocolError::WrongDevice {
-                expected: me,
-                got: body.device_id,
-            });
-        }
-        if body.manager_id != self.config.manager_id
-            || body.manager_id != self.config.topics.manager_id()
-        {
-            return Err(ProtocolError::WrongManager {
-                expected: self.config.manager_id.clone(),
-                got: body.manager_id,
-            });
-        }
-        let manager = self.config.trust.verify(
+        let manager = self.verify_from_manager(
+            &env,
+            "notify",
+            (&body.device_id, &body.manager_id),
             &body.manager_cert,
-            Role::Manager,
-            &self.config.manager_id,
             now,
         )?;
-        env.verify(&manager.public_key, "notify")?;
         check_hints(
             &msg.properties,
             Some(&self.config.topics.ready(&me)),
@@ -760,32 +747,49 @@ impl DeviceSession {
         Ok(out)
     }
 
+    /// A message the manager signed for this device (notify, abort): it names this device and the
+    /// configured manager, the certificate it carries verifies as that manager's, and the signature
+    /// is that certificate's. Returns the manager's certificate.
+    fn verify_from_manager(
+        &self,
+        env: &SignedEnvelope,
+        message: &'static str,
+        (device_id, manager_id): (&str, &str),
+        manager_cert: &[u8],
+        now: u64,
+    ) -> Result<PeerCertificate, ProtocolError> {
+        let me = self.me();
+        if device_id != me {
+            return Err(ProtocolError::WrongDevice {
+                expected: me.to_string(),
+                got: device_id.to_string(),
+            });
+        }
+        if manager_id != self.config.manager_id || manager_id != self.config.topics.manager_id() {
+            return Err(ProtocolError::WrongManager {
+                expected: self.config.manager_id.clone(),
+                got: manager_id.to_string(),
+            });
+        }
+        let manager =
+            self.config
+                .trust
+                .verify(manager_cert, Role::Manager, &self.config.manager_id, now)?;
+        env.verify(&manager.public_key, message)?;
+        Ok(manager)
+    }
+
     /// A signed abort on the notify topic: every session of that campaign notified at or before its
     /// `issued_at` ends here, whatever the broker delivers afterwards.
     fn handle_abort(&mut self, msg: &Inbound, now: u64) -> Result<DeviceOutput, ProtocolError> {
         let (env, body) = wire::decode_abort(&msg.payload)?;
-        let me = self.me().to_string();
-        if body.device_id != me {
-            return Err(ProtocolError::WrongDevice {
-                expected: me,
-                got: body.device_id,
-            });
-        }
-        if body.manager_id != self.config.manager_id
-            || body.manager_id != self.config.topics.manager_id()
-        {
-            return Err(ProtocolError::WrongManager {
-                expected: self.config.manager_id.clone(),
-                got: body.manager_id,
-            });
-        }
-        let manager = self.config.trust.verify(
+        self.verify_from_manager(
+            &env,
+            "abort",
+            (&body.device_id, &body.manager_id),
             &body.manager_cert,
-            Role::Manager,
-            &self.config.manager_id,
             now,
         )?;
-        env.verify(&manager.public_key, "abort")?;
         let newer = self
             .state
             .last_abort
@@ -1057,7 +1061,10 @@ impl DeviceSession {
                     }
                 };
                 if key.is_some() {
-                    self.log_secret("delivered-key", &session_id, &key_der);
+                    use p256::pkcs8::DecodePrivateKey;
+                    if let Ok(k) = p256::SecretKey::from_pkcs8_der(&key_der) {
+                        self.log_secret("delivered-key", &session_id, &k.to_bytes());
+                    }
                 }
                 if crypto::sha256(cert) != manifest.sha256 {
                     self.reject(
@@ -1499,14 +1506,27 @@ impl DeviceSession {
 
     /// Timers: end the session at the campaign's expiry (a signed `Rejected(Expired)` when it was
     /// still live), re-send ready when no update came, ask the manager to republish chunks of a
-    /// window that did not arrive in time.
+    /// window that did not arrive in time. The actions of [`DeviceSession::poll_output`].
     pub fn poll(&mut self, now: u64) -> Vec<Action> {
+        self.poll_output(now).actions
+    }
+
+    /// Like [`DeviceSession::poll`], with the events: `Rejected { Expired }` when the timers
+    /// ended a live session at the campaign's expiry.
+    pub fn poll_output(&mut self, now: u64) -> DeviceOutput {
         if self.session_expired(now) && self.state.pending_install.is_none() {
             let mut out = DeviceOutput::default();
             self.reject(RejectReason::Expired, &mut out);
             self.end_session(&mut out);
-            return out.actions;
+            return out;
         }
+        DeviceOutput {
+            actions: self.poll_timers(now),
+            events: Vec::new(),
+        }
+    }
+
+    fn poll_timers(&mut self, now: u64) -> Vec<Action> {
         if self
             .hs
             .as_ref()

@@ -888,6 +888,18 @@ impl ManagerSession {
         }
     }
 
+    /// A message of this session names this device and this manager.
+    fn check_addressed(&self, device_id: &str, manager_id: &str) -> Result<(), ProtocolError> {
+        self.check_device(device_id)?;
+        if manager_id != self.topics.manager_id() {
+            return Err(ProtocolError::WrongManager {
+                expected: self.topics.manager_id().to_string(),
+                got: manager_id.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     fn check_device(&self, device: &str) -> Result<(), ProtocolError> {
         if device != self.target.device_id {
             return Err(ProtocolError::WrongDevice {
@@ -906,18 +918,7 @@ impl ManagerSession {
             });
         }
         let (env, body) = wire::decode_ready(&msg.payload)?;
-        if body.device_id != self.target.device_id {
-            return Err(ProtocolError::WrongDevice {
-                expected: self.target.device_id.clone(),
-                got: body.device_id,
-            });
-        }
-        if body.manager_id != self.topics.manager_id() {
-            return Err(ProtocolError::WrongManager {
-                expected: self.topics.manager_id().to_string(),
-                got: body.manager_id,
-            });
-        }
+        self.check_addressed(&body.device_id, &body.manager_id)?;
         if body.session_id != self.session_id || body.manager_nonce != self.nonce {
             return Err(ProtocolError::WrongSession);
         }
@@ -1251,18 +1252,7 @@ impl ManagerSession {
         if body.session_id != self.session_id || body.transcript != est.transcript {
             return Err(ProtocolError::WrongSession);
         }
-        if body.device_id != self.target.device_id {
-            return Err(ProtocolError::WrongDevice {
-                expected: self.target.device_id.clone(),
-                got: body.device_id,
-            });
-        }
-        if body.manager_id != self.topics.manager_id() {
-            return Err(ProtocolError::WrongManager {
-                expected: self.topics.manager_id().to_string(),
-                got: body.manager_id,
-            });
-        }
+        self.check_addressed(&body.device_id, &body.manager_id)?;
         if body.campaign_id != self.campaign.campaign_id {
             return Err(ProtocolError::WrongCampaign {
                 expected: self.campaign.campaign_id.clone(),

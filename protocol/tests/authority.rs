@@ -170,7 +170,14 @@ fn the_device_session_ends_at_the_expiry() {
     // At the expiry the session ends with a signed Rejected(Expired): no more requests, the
     // window is released.
     w.now = EXPIRES;
-    w.poll_devices();
+    let out = w.devices.get_mut("s1").unwrap().session.poll_output(w.now);
+    assert_eq!(
+        out.events,
+        vec![DeviceEvent::Rejected {
+            reason: RejectReason::Expired
+        }]
+    );
+    w.broker.apply("s1", out.actions);
     w.run();
     assert!(w.devices["s1"].session.state().transfer.is_none());
     assert_eq!(
@@ -242,29 +249,29 @@ fn forged_wrongly_addressed_and_stale_aborts_are_refused() {
         .abort_publish(NOW + 10)
         .to_inbound();
     let (_, body) = wire::decode_abort(&genuine.payload).unwrap();
-    // Signed by a device key (an insider) instead of the manager's.
-    let insider = w.pki.ca.issue(Role::Device, "s2", NOW, 30).unwrap();
-    let mut forged = body.clone();
-    forged.manager_cert = insider.cert_der().to_vec();
-    let msg = Inbound {
-        payload: sign_as(&insider, wire::TYPE_ABORT, &forged),
+    // The same abort, carrying and signed by another identity's certificate and key.
+    let signed_by = |id: &Identity| Inbound {
+        payload: sign_as(
+            id,
+            wire::TYPE_ABORT,
+            &wire::AbortBody {
+                manager_cert: id.cert_der().to_vec(),
+                ..body.clone()
+            },
+        ),
         ..genuine.clone()
     };
+    // A device key (an insider) instead of the manager's.
+    let insider = w.pki.ca.issue(Role::Device, "s2", NOW, 30).unwrap();
     assert!(matches!(
-        device(&mut w).handle(&msg, NOW + 10),
+        device(&mut w).handle(&signed_by(&insider), NOW + 10),
         Err(ProtocolError::Identity(IdentityError::WrongRole { .. }))
     ));
     // A manager of another CA.
     let rogue_ca = CertificateAuthority::generate("rogue", NOW, 30).unwrap();
     let rogue = rogue_ca.issue(Role::Manager, "p1", NOW, 30).unwrap();
-    let mut forged = body.clone();
-    forged.manager_cert = rogue.cert_der().to_vec();
-    let msg = Inbound {
-        payload: sign_as(&rogue, wire::TYPE_ABORT, &forged),
-        ..genuine.clone()
-    };
     assert!(matches!(
-        device(&mut w).handle(&msg, NOW + 10),
+        device(&mut w).handle(&signed_by(&rogue), NOW + 10),
         Err(ProtocolError::Identity(IdentityError::Chain(_)))
     ));
     // Altered after signing.

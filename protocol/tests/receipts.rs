@@ -229,20 +229,7 @@ fn a_failed_health_check_is_reported_as_rolled_back_and_stays_rolled_back() {
     w.broker.subs.remove("s1");
     w.broker.apply("s1", a);
     w.start(target("s1"));
-    let mut chunks = 0;
-    while let Some((client, msg)) = w.broker.queue.pop_front() {
-        if client == "s1" {
-            let out = dev2.handle(&msg, w.now).unwrap();
-            chunks += out
-                .events
-                .iter()
-                .filter(|e| matches!(e, DeviceEvent::Chunk { .. }))
-                .count();
-            w.broker.apply("s1", out.actions);
-        } else {
-            w.deliver(&client, msg);
-        }
-    }
+    let chunks = drive(&mut w, &mut dev2, |_| {});
     assert_eq!(chunks, 0);
     assert!(matches!(w.manager_state("s1"), ManagerState::RolledBack(_)));
 }
@@ -261,20 +248,7 @@ fn an_outcome_reported_during_a_newer_session_is_bound_to_it() {
     w.broker.subs.remove("s1");
     w.broker.apply("s1", a);
     w.start(target("s1"));
-    let mut chunks = 0;
-    while let Some((client, msg)) = w.broker.queue.pop_front() {
-        if client == "s1" {
-            let out = dev.handle(&msg, w.now).unwrap();
-            chunks += out
-                .events
-                .iter()
-                .filter(|e| matches!(e, DeviceEvent::Chunk { .. }))
-                .count();
-            w.broker.apply("s1", out.actions);
-        } else {
-            w.deliver(&client, msg);
-        }
-    }
+    let chunks = drive(&mut w, &mut dev, |_| {});
     assert_eq!(chunks, 0, "the staged image is not downloaded again");
     assert!(matches!(
         w.manager_state("s1"),
@@ -315,18 +289,28 @@ fn complete_with(w: &mut World, id: Arc<Identity>) -> DeviceSession {
     w.broker.apply("s1", a);
     w.start(target("s1"));
     let mut complete = false;
+    drive(w, &mut dev, |e| {
+        complete |= matches!(e, DeviceEvent::ImageComplete { .. })
+    });
+    assert!(complete);
+    dev
+}
+
+/// Deliver the queued messages, those for `s1` to `dev` (driven by hand: nothing is installed on
+/// its own), calling `seen` on each of its events; returns how many chunks it took.
+fn drive(w: &mut World, dev: &mut DeviceSession, mut seen: impl FnMut(&DeviceEvent)) -> usize {
+    let mut chunks = 0;
     while let Some((client, msg)) = w.broker.queue.pop_front() {
         if client == "s1" {
             let out = dev.handle(&msg, w.now).unwrap();
-            complete |= out
-                .events
-                .iter()
-                .any(|e| matches!(e, DeviceEvent::ImageComplete { .. }));
+            for e in &out.events {
+                chunks += usize::from(matches!(e, DeviceEvent::Chunk { .. }));
+                seen(e);
+            }
             w.broker.apply("s1", out.actions);
         } else {
             w.deliver(&client, msg);
         }
     }
-    assert!(complete);
-    dev
+    chunks
 }

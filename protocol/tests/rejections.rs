@@ -463,13 +463,7 @@ fn status_replay_and_cross_session_status_are_rejected() {
         }
     }));
     w.run();
-    let statuses: Vec<Inbound> = w
-        .broker
-        .published
-        .iter()
-        .filter(|(f, o)| f == "s1" && o.topic.ends_with("/update/status"))
-        .map(|(_, o)| o.to_inbound())
-        .collect();
+    let statuses = w.published_by("s1", "/update/status");
     assert_eq!(statuses.len(), 2); // Accepted, Installed
     let s = w.manager.sessions.get_mut("s1").unwrap();
     s.handle(&statuses[0], NOW).unwrap();
@@ -508,13 +502,7 @@ fn statuses_and_receipts_replayed_across_sessions_of_one_pki_are_refused() {
     w.start(target("s1"));
     w.run();
     assert!(w.devices["s1"].installed);
-    let statuses_a: Vec<Inbound> = w
-        .broker
-        .published
-        .iter()
-        .filter(|(f, o)| f == "s1" && o.topic.ends_with("/update/status"))
-        .map(|(_, o)| o.to_inbound())
-        .collect();
+    let statuses_a = w.published_by("s1", "/update/status");
     assert_eq!(statuses_a.len(), 2, "Accepted and the receipt");
     let transcript_a = w.transcript_of("s1");
     // Session B of the same campaign (a restarted manager): the device answers with a fresh

@@ -283,12 +283,7 @@ fn a_retired_certificate_cannot_answer_the_next_rotation() {
     assert_ne!(old_fingerprint, new.fingerprint());
     // The next rotation, with the old certificate retired: a thief's ready is refused.
     w.now += 60;
-    w.start(target("s1"));
-    w.manager
-        .sessions
-        .get_mut("s1")
-        .unwrap()
-        .refuse_fingerprint(old_fingerprint);
+    start_refusing(&mut w, old_fingerprint);
     w.run(); // the device still runs the old identity in this harness: it is the "thief"
     assert!(
         w.manager
@@ -310,12 +305,17 @@ fn a_retired_certificate_cannot_answer_the_next_rotation() {
         .session
         .set_identity(new.clone());
     w.now += 60;
+    start_refusing(&mut w, old_fingerprint);
+    w.run();
+    assert_eq!(w.manager_state("s1"), &ManagerState::Installed);
+}
+
+/// A new session for s1 that refuses the certificate `retired`.
+fn start_refusing(w: &mut World, retired: [u8; 32]) {
     w.start(target("s1"));
     w.manager
         .sessions
         .get_mut("s1")
         .unwrap()
-        .refuse_fingerprint(old_fingerprint);
-    w.run();
-    assert_eq!(w.manager_state("s1"), &ManagerState::Installed);
+        .refuse_fingerprint(retired);
 }

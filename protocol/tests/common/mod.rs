@@ -268,6 +268,16 @@ impl World {
         id
     }
 
+    /// Every message `from` published on a topic ending with `suffix`, in order.
+    pub fn published_by(&self, from: &str, suffix: &str) -> Vec<Inbound> {
+        self.broker
+            .published
+            .iter()
+            .filter(|(f, o)| f == from && o.topic.ends_with(suffix))
+            .map(|(_, o)| o.to_inbound())
+            .collect()
+    }
+
     /// The last message `from` published on a topic ending with `suffix`.
     pub fn last_from(&self, from: &str, suffix: &str) -> Inbound {
         self.broker
