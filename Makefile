@@ -67,10 +67,11 @@ bench:
 	  target/release/sealed-ota-bench --out target/bench --protocol-json target/bench/protocol.json $(BENCH_ARGS); \
 	  rc=$$?; $(TESTBED) down; exit $$rc
 
-## make crds: regenerate crds/ (and the chart's copy) from the Rust types.
+## make crds: regenerate crds/ (and the chart's copy) and docs/reasons.md from the Rust types.
 crds:
 	$(CARGO) run --locked -q -p sealed-ota-operator -- crdgen --out crds
 	cp crds/*.yaml charts/sealed-ota/files/crds/
+	$(CARGO) run --locked -q -p sealed-ota-operator -- reasons > docs/reasons.md
 
 ## make chart: lint the Helm chart and run the GitOps health-check tests (no test bed needed).
 chart:

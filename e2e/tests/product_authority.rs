@@ -492,7 +492,7 @@ async fn devices_with_a_release_key_install_only_what_it_signed() -> Result<()> 
             let record = d.status.and_then(|s| s.campaign).context("record")?;
             assert_eq!(
                 record.reason.as_deref(),
-                Some("release_signature"),
+                Some("ReleaseSignature"),
                 "{record:?}"
             );
         }

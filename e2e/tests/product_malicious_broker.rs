@@ -698,10 +698,10 @@ async fn a_downgrade_is_refused_with_not_newer_and_devices_keep_their_version() 
         metric(
             &series,
             "sealed_ota_operator_device_failures_total",
-            Some("reason=\"not_newer\"")
+            Some("reason=\"NotNewer\"")
         ),
         f64::from(N),
-        "device_failures_total{{reason=not_newer}}"
+        "device_failures_total{{reason=NotNewer}}"
     );
     assert_all_hold(
         &product,

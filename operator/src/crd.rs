@@ -164,7 +164,7 @@ pub struct DeviceCampaignStatus {
     pub phase: DevicePhase,
     /// Attempts made so far (1 for the first).
     pub attempts: u32,
-    /// Machine-readable reason of a failure (for example `Timeout`, `NotNewer`).
+    /// Why the device failed: Timeout, RolledBack, NotNewer, Expired, ImageHashMismatch, PacketTooLarge, DeclinedByDevice, InstallFailed, InvalidVersion, BadCredentials, ManifestMismatch or ReleaseSignature (see docs/reasons.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub reason: Option<String>,
@@ -593,7 +593,7 @@ pub struct DeviceFailure {
     /// Device resource name.
     #[schemars(length(max = 253))]
     pub device: String,
-    /// Machine-readable reason (Timeout, RolledBack, not_newer, expired, image_hash_mismatch, ...).
+    /// Why the device failed: Timeout, RolledBack, NotNewer, Expired, ImageHashMismatch, PacketTooLarge, DeclinedByDevice, InstallFailed, InvalidVersion, BadCredentials, ManifestMismatch or ReleaseSignature (see docs/reasons.md).
     #[schemars(length(max = 64))]
     pub reason: String,
     /// Detail.

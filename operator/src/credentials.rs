@@ -10,7 +10,7 @@
 use sealed_ota_protocol::IssuedCertificate;
 
 use crate::crd::{DeviceStatus, PendingCertificate};
-use crate::engine::k8s_time;
+use crate::time::k8s_time;
 
 /// Pending certificates kept per device (the oldest beyond it is retired).
 pub const MAX_PENDING: usize = 4;

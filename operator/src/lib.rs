@@ -8,6 +8,7 @@ pub mod controller;
 pub mod crd;
 pub mod crdgen;
 pub mod credentials;
+pub mod device_status;
 pub mod engine;
 pub mod error;
 pub mod fetch;
@@ -15,8 +16,12 @@ pub mod http;
 pub mod inputs;
 pub mod metrics;
 pub mod mqtt;
+pub mod plan;
+pub mod reasons;
 pub mod rollout;
+pub mod runs;
 pub mod status;
+pub mod time;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -163,7 +168,9 @@ async fn run_with_metrics(
     if !config.leader_election {
         metrics.set_ready(true);
         metrics.leader.set(1);
-        return active(&config, &client, &metrics, shutdown).await;
+        // Without election this replica leads for its whole life.
+        let (_leads, leading) = tokio::sync::watch::channel(true);
+        return active(&config, &client, &metrics, shutdown, leading).await;
     }
     let identity = config.replica_identity();
     let lease = LeaseManagerBuilder::new(client.clone(), config.lease_name.clone())
@@ -194,7 +201,7 @@ async fn run_with_metrics(
         };
         let outcome = tokio::select! {
             _ = &mut shutdown => Some(Ok(())),
-            r = active(&config, &client, &metrics, lost) => match r {
+            r = active(&config, &client, &metrics, lost, leader.clone()) => match r {
                 Ok(()) => None,
                 Err(e) => Some(Err(e)),
             },
@@ -211,13 +218,16 @@ async fn run_with_metrics(
     result
 }
 
-/// The leader's work: MQTT session, engine, device-status writer, controllers. Returns when `stop`
-/// completes (shutdown or lost lease); everything it started is stopped.
+/// The leader's work: MQTT session, engine, device-status writers, controllers. Returns when `stop`
+/// completes (shutdown or lost lease); everything it started is stopped. The writers write only
+/// while `leading` is true: after a lost Lease nothing more is written, while a shutdown (still
+/// leading) lets queued writes land for up to 5 s.
 async fn active(
     config: &Config,
     client: &Client,
     metrics: &Metrics,
     stop: impl Future<Output = ()>,
+    leading: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let topics = Arc::new(TopicTree::new(&config.topic_prefix, &config.manager_id)?);
     let settings = broker_settings(config, client).await?;
@@ -231,7 +241,7 @@ async fn active(
     );
     let _mqtt_task = AbortOnDrop(mqtt_task);
     // Device status writes: 8 ordered shards, so 10,000 devices do not queue behind one writer.
-    let (writes, writer_tasks) = engine::DeviceWrites::spawn(client, metrics, 8);
+    let (writes, writer_tasks) = engine::DeviceWrites::spawn(client, metrics, 8, leading);
     let mut writers: Vec<_> = writer_tasks.into_iter().map(AbortOnDrop).collect();
     let engine = Arc::new(engine::Engine::new(
         topics,

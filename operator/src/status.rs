@@ -9,12 +9,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use crate::crd::{
     CampaignPhase, DeviceCounts, DeviceFailure, UpdateCampaignStatus, MAX_LISTED_FAILURES,
 };
+use crate::reasons::BlockerReason;
 
 /// Something that keeps a campaign from running, with what a person must do about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Blocker {
-    /// CamelCase reason, also the Event reason (for example `ManagerSecretMissing`).
-    pub reason: &'static str,
+    /// Why (the `Ready` reason and the Event reason).
+    pub reason: BlockerReason,
     /// What is wrong and how to fix it.
     pub message: String,
 }
@@ -125,7 +126,7 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
             "Aborted",
             "spec.abort is set: the campaign stopped and its retained messages were cleared".to_owned(),
         ),
-        (Some(b), _) => (false, b.reason, bounded(&b.message, 1024)),
+        (Some(b), _) => (false, b.reason.as_str(), bounded(&b.message, 1024)),
         (None, CampaignPhase::Paused) => (
             false,
             "Paused",
@@ -339,7 +340,7 @@ mod tests {
         let mut i = base(None, 1);
         i.phase = CampaignPhase::Pending;
         i.blocker = Some(Blocker {
-            reason: "ManagerSecretMissing",
+            reason: BlockerReason::ManagerSecretMissing,
             message: "Secret manager not found: create it".into(),
         });
         let s = compute(i);

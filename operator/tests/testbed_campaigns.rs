@@ -733,7 +733,7 @@ async fn failure_threshold_fails_the_campaign_after_the_canary() -> Result<()> {
     assert_eq!(st.devices.failed, 1, "only the canary ran");
     assert_eq!(st.failures.len(), 1);
     assert_eq!(st.failures[0].device, "f-1");
-    assert_eq!(st.failures[0].reason, "declined");
+    assert_eq!(st.failures[0].reason, "DeclinedByDevice");
     assert_eq!(
         condition(&c, "Failed").map(|c| c.status.as_str()),
         Some("True")
@@ -961,7 +961,11 @@ async fn bad_inputs_get_a_condition_while_other_campaigns_run() -> Result<()> {
             "FirmwareDigestMismatch",
             "spec.payload.firmware.sha256",
         ),
-        ("by-url", "FirmwareUnreadable", "spec.payload.firmware.url"),
+        (
+            "by-url",
+            "FirmwareDownloadFailed",
+            "spec.payload.firmware.url",
+        ),
         ("no-fw", "FirmwareUnreadable", "ConfigMap nope"),
     ] {
         let c = h
