@@ -114,7 +114,7 @@ while :; do
   read -r phase progress < <(kubectl -n "$NS" get updatecampaign "$CAMPAIGN" \
     -o jsonpath='{.status.phase} {.status.progress}{"\n"}' 2>/dev/null || echo "- -")
   printf '\rdemo: campaign %s: phase %-12s progress %-8s' "$CAMPAIGN" "${phase:--}" "${progress:--}" >&2
-  case "$phase" in Succeeded | Failed | Aborted) break ;; esac
+  case "$phase" in Succeeded | Completed | Failed | Aborted) break ;; esac
   ((SECONDS < deadline)) || { echo >&2; fail "campaign not finished after ${TIMEOUT}s (operator log: $WORK/logs/operator.log)"; }
   sleep 1
 done

@@ -5,7 +5,8 @@
 -- It reads what the operator writes: status.phase, status.observedGeneration, status.progress and
 -- the Ready condition (reason and message). e2e/tests/chart_gitops.rs runs it against sample statuses.
 --
---   Succeeded                          -> Healthy
+--   Succeeded                          -> Healthy    (every selected device runs the target)
+--   Completed                          -> Degraded   (finished, some devices failed: DevicesFailed)
 --   Failed, Aborted                    -> Degraded   (a new campaign is needed)
 --   Paused                             -> Suspended  (spec.paused; resume by setting it false)
 --   Pending/Progressing, Ready reason
@@ -69,6 +70,9 @@ end
 if status.phase == "Succeeded" then
   hs.status = "Healthy"
   hs.message = ready_message ~= "" and ready_message or with_progress(status, "Campaign succeeded")
+elseif status.phase == "Completed" then
+  hs.status = "Degraded"
+  hs.message = ready_message ~= "" and ready_message or with_progress(status, "Campaign completed with failed devices")
 elseif status.phase == "Failed" then
   hs.status = "Degraded"
   hs.message = ready_message ~= "" and ready_message or with_progress(status, "Campaign failed")

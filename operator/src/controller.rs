@@ -542,7 +542,7 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         release_key_id: facts
             .map(|f| f.release_key_id.map(hex::encode))
             .unwrap_or_else(|| previous.release_key_id.clone()),
-        failures: failures(&selected, &progress, &uid),
+        failures: failures(&selected, &decision.progress, &uid),
         blocker: blocker.clone(),
         previous: Some(&previous),
         now: k8s_time(now),

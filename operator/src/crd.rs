@@ -228,19 +228,38 @@ impl DevicePhase {
         name = "Phase",
         type_ = "string",
         json_path = ".status.phase",
-        description = "Pending, Progressing, Paused, Succeeded, Failed or Aborted"
+        description = "Pending, Progressing, Paused, Succeeded, Completed, Failed or Aborted"
     ),
     printcolumn(
-        name = "Progress",
-        type_ = "string",
-        json_path = ".status.progress",
-        description = "Devices finished / devices selected"
+        name = "Succeeded",
+        type_ = "integer",
+        json_path = ".status.devices.succeeded",
+        description = "Devices that installed the update (signed receipt)"
+    ),
+    printcolumn(
+        name = "Failed",
+        type_ = "integer",
+        json_path = ".status.devices.failed",
+        description = "Devices that refused, rolled back or timed out"
+    ),
+    printcolumn(
+        name = "Total",
+        type_ = "integer",
+        json_path = ".status.devices.selected",
+        description = "Devices the selector picks"
     ),
     printcolumn(
         name = "Version",
         type_ = "string",
         json_path = ".spec.targetVersion",
         description = "Version the campaign delivers"
+    ),
+    printcolumn(
+        name = "Progress",
+        type_ = "string",
+        json_path = ".status.progress",
+        description = "Devices finished (succeeded or failed) / devices selected",
+        priority = 1
     ),
     printcolumn(
         name = "Wave",
@@ -503,8 +522,12 @@ pub enum CampaignPhase {
     Progressing,
     /// spec.paused is set.
     Paused,
-    /// Every selected device finished and the failure threshold held.
+    /// Every selected device runs the target version: each installed it (signed receipt).
     Succeeded,
+    /// Every selected device finished but some failed (within spec.rollout.failureThreshold, or
+    /// with none set): the Degraded condition is True with reason DevicesFailed and
+    /// status.failures names them. Not healthy for Argo CD or Flux.
+    Completed,
     /// The failure threshold was exceeded.
     Failed,
     /// spec.abort is set.
@@ -516,7 +539,10 @@ impl CampaignPhase {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            CampaignPhase::Succeeded | CampaignPhase::Failed | CampaignPhase::Aborted
+            CampaignPhase::Succeeded
+                | CampaignPhase::Completed
+                | CampaignPhase::Failed
+                | CampaignPhase::Aborted
         )
     }
 }
@@ -525,7 +551,8 @@ impl CampaignPhase {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpdateCampaignStatus {
-    /// Pending, Progressing, Paused, Succeeded, Failed or Aborted.
+    /// Pending, Progressing, Paused, Succeeded (every device runs the target version), Completed
+    /// (finished, some devices failed), Failed or Aborted.
     #[serde(default)]
     pub phase: CampaignPhase,
     /// The metadata.generation this status describes.
@@ -560,8 +587,10 @@ pub struct UpdateCampaignStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
     pub failures: Vec<DeviceFailure>,
-    /// Ready, Progressing, Failed, Stalled and Paused conditions (kstatus-compatible with
-    /// observedGeneration; Stalled is True when the phase is Failed or Aborted).
+    /// Ready, Progressing, Failed, Stalled, Paused and Degraded conditions (kstatus-compatible
+    /// with observedGeneration). Ready is True only for Succeeded; Stalled and Degraded are True
+    /// when the campaign ended without every device at the target version (Completed, Failed,
+    /// Aborted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub conditions: Vec<Condition>,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::crd::{CampaignPhase, UpdateCampaignStatus};
 use crate::reasons::{BlockerReason, FailureReason};
-use crate::rollout::Decision;
+use crate::rollout::{Decision, TimeoutOutcome};
 use crate::runs::Plan;
 use crate::status::Blocker;
 
@@ -68,8 +68,14 @@ pub fn plan_pass(input: &PassInput<'_>) -> PassPlan {
     }
     // The campaign says it ended only once the Device statuses it wrote have landed, so whoever
     // reads a finished campaign reads its devices' final records too.
-    let settling =
-        phase.is_terminal() && !input.previous.phase.is_terminal() && input.writes_pending;
+    // This pass's own failures (timeouts out of attempts) are written after it: they count too.
+    let writes_coming = d
+        .timed_out
+        .iter()
+        .any(|t| matches!(t, TimeoutOutcome::Fail { .. }));
+    let settling = phase.is_terminal()
+        && !input.previous.phase.is_terminal()
+        && (input.writes_pending || writes_coming);
     if settling {
         phase = CampaignPhase::Progressing;
     }
@@ -131,7 +137,7 @@ pub fn events(
     if previous.phase != status.phase || previous.observed_generation.is_none() {
         let n = &status.devices;
         match status.phase {
-            CampaignPhase::Failed | CampaignPhase::Aborted => push(
+            CampaignPhase::Completed | CampaignPhase::Failed | CampaignPhase::Aborted => push(
                 true,
                 &format!("{:?}", status.phase),
                 format!(
@@ -275,14 +281,20 @@ mod tests {
             phase,
             current_wave: 0,
             total_waves: 1,
-            timed_out: vec![TimeoutOutcome::Fail {
-                index: 0,
-                attempts: 1,
-            }],
+            // A device out of attempts in a pass that ends the campaign would hold it settling.
+            timed_out: if phase.is_terminal() {
+                Vec::new()
+            } else {
+                vec![TimeoutOutcome::Fail {
+                    index: 0,
+                    attempts: 1,
+                }]
+            },
             start: vec![(1, 1)],
             counts: DeviceCounts::default(),
             threshold_exceeded: false,
             next_due: Some(130),
+            progress: Vec::new(),
         }
     }
 
@@ -334,7 +346,8 @@ mod tests {
 
     #[test]
     fn an_expired_campaign_fails_and_ends_its_run_and_stays_expired() {
-        let d = decision(CampaignPhase::Progressing);
+        let mut d = decision(CampaignPhase::Progressing);
+        d.timed_out.clear();
         let prev = UpdateCampaignStatus::default();
         let p = plan_pass(&PassInput {
             expired: true,
@@ -373,6 +386,25 @@ mod tests {
         let done = plan_pass(&input(&d, &prev));
         assert_eq!(done.phase, CampaignPhase::Succeeded);
         assert!(done.run.end);
+    }
+
+    #[test]
+    fn a_campaign_finished_by_its_own_timeouts_settles_until_their_writes_land() {
+        // The last devices time out in this very pass: their Failed writes come after it.
+        let mut d = decision(CampaignPhase::Completed);
+        d.timed_out = vec![TimeoutOutcome::Fail {
+            index: 0,
+            attempts: 1,
+        }];
+        let prev = UpdateCampaignStatus::default();
+        let p = plan_pass(&input(&d, &prev));
+        assert!(p.settling, "{p:?}");
+        assert_eq!(p.phase, CampaignPhase::Progressing);
+        let quiet = decision(CampaignPhase::Completed);
+        assert_eq!(
+            plan_pass(&input(&quiet, &prev)).phase,
+            CampaignPhase::Completed
+        );
     }
 
     #[test]

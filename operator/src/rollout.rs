@@ -239,6 +239,8 @@ pub struct Decision {
     pub threshold_exceeded: bool,
     /// Earliest time something becomes due (deadline or backoff), for the requeue.
     pub next_due: Option<u64>,
+    /// Progress of each device after this pass (timeouts and starts applied), in input order.
+    pub progress: Vec<Progress>,
 }
 
 /// Decide one pass of the rollout.
@@ -300,8 +302,11 @@ pub fn decide(input: &DecideInput<'_>) -> Decision {
         CampaignPhase::Aborted
     } else if threshold_exceeded {
         CampaignPhase::Failed
-    } else if all_done {
+    } else if all_done && failed == 0 {
         CampaignPhase::Succeeded
+    } else if all_done {
+        // Finished, but not every device runs the target version: never called a success.
+        CampaignPhase::Completed
     } else if input.paused {
         CampaignPhase::Paused
     } else if total == 0 {
@@ -360,6 +365,7 @@ pub fn decide(input: &DecideInput<'_>) -> Decision {
         counts: count(&devices),
         threshold_exceeded,
         next_due,
+        progress: devices,
     }
 }
 
@@ -527,10 +533,32 @@ mod tests {
         );
         assert_eq!(
             d.phase,
-            CampaignPhase::Succeeded,
-            "all finished, no threshold"
+            CampaignPhase::Completed,
+            "all finished with a failure and no threshold: completed, not succeeded"
         );
         assert_eq!(d.counts.failed, 1);
+    }
+
+    #[test]
+    fn succeeded_only_when_every_device_installed() {
+        let p = params();
+        let timeout = || Progress::Failed {
+            reason: FailureReason::Timeout,
+        };
+        // The report of issue 15: every device timed out, no threshold set.
+        let devices = vec![timeout(); 5];
+        let d = decide(&input(&devices, &p));
+        assert_eq!(d.phase, CampaignPhase::Completed);
+        assert_eq!((d.counts.succeeded, d.counts.failed), (0, 5));
+        let devices = vec![Progress::Succeeded, timeout()];
+        assert_eq!(decide(&input(&devices, &p)).phase, CampaignPhase::Completed);
+        let devices = vec![Progress::Succeeded; 3];
+        assert_eq!(decide(&input(&devices, &p)).phase, CampaignPhase::Succeeded);
+        // Within a threshold, failures still complete the campaign rather than succeed it.
+        let mut p = params();
+        p.failure_threshold = Some(Amount::Count(1));
+        let devices = vec![Progress::Succeeded, timeout()];
+        assert_eq!(decide(&input(&devices, &p)).phase, CampaignPhase::Completed);
     }
 
     #[test]
