@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::crd::{CampaignPhase, UpdateCampaignStatus};
+use crate::crd::{CampaignPhase, GateFailureAction, UpdateCampaignStatus};
 use crate::reasons::{BlockerReason, FailureReason};
 use crate::rollout::{Decision, TimeoutOutcome};
 use crate::runs::Plan;
@@ -31,6 +31,10 @@ pub struct PassInput<'a> {
     pub timeout_secs: u64,
     /// Whether this replica holds a run of the campaign.
     pub has_run: bool,
+    /// spec.dryRun: plan only (phase Planned), start nothing.
+    pub dry_run: bool,
+    /// The gate after the current wave failed: what the spec says to do.
+    pub gate_failed: Option<GateFailureAction>,
 }
 
 /// The plan of one pass.
@@ -54,8 +58,19 @@ pub struct PassPlan {
 pub fn plan_pass(input: &PassInput<'_>) -> PassPlan {
     let d = input.decision;
     let mut phase = d.phase;
+    match input.gate_failed {
+        Some(GateFailureAction::Abort) if !phase.is_terminal() => phase = CampaignPhase::Aborted,
+        Some(GateFailureAction::Pause) if phase == CampaignPhase::Progressing => {
+            phase = CampaignPhase::Paused
+        }
+        _ => {}
+    }
     if input.blocker.is_some() && phase == CampaignPhase::Progressing {
         phase = CampaignPhase::Pending;
+    }
+    // A dry run plans and touches nothing; spec.abort still ends it.
+    if input.dry_run && !phase.is_terminal() {
+        phase = CampaignPhase::Planned;
     }
     // Past the expiry nothing of the campaign is installed any more: it fails (reason Expired).
     let expired = if input.previous.phase.is_terminal() {
@@ -188,6 +203,41 @@ pub fn events(
             ),
         );
     }
+    if status.devices.joined > previous.devices.joined {
+        push(
+            false,
+            "DevicesJoined",
+            format!(
+                "{} devices started matching spec.selector and joined the campaign ({} so far)",
+                status.devices.joined - previous.devices.joined,
+                status.devices.joined
+            ),
+        );
+    }
+    if status.devices.left > previous.devices.left {
+        push(
+            false,
+            "DevicesLeft",
+            format!(
+                "{} devices stopped matching spec.selector or were deleted and were released ({} so far)",
+                status.devices.left - previous.devices.left,
+                status.devices.left
+            ),
+        );
+    }
+    let gate_state = |s: &UpdateCampaignStatus| s.gate.as_ref().map(|g| (g.wave, g.state.clone()));
+    if let Some(g) = status
+        .gate
+        .as_ref()
+        .filter(|_| gate_state(previous) != gate_state(status))
+    {
+        match g.state.as_str() {
+            crate::gates::FAILED => push(true, crate::status::GATE_FAILED, g.message.clone()),
+            crate::gates::PASSED => push(false, "GatePassed", g.message.clone()),
+            crate::gates::WAITING_FOR_PROMOTION => push(false, "GateWaiting", g.message.clone()),
+            _ => push(false, "GateSoaking", g.message.clone()),
+        }
+    }
     if status.devices.failed > previous.devices.failed {
         push(
             true,
@@ -294,6 +344,7 @@ mod tests {
             counts: DeviceCounts::default(),
             threshold_exceeded: false,
             next_due: Some(130),
+            awaiting_gate: None,
             progress: Vec::new(),
         }
     }
@@ -308,6 +359,8 @@ mod tests {
             writes_pending: false,
             timeout_secs: 60,
             has_run: true,
+            dry_run: false,
+            gate_failed: None,
         }
     }
 

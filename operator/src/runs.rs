@@ -38,6 +38,8 @@ pub struct RunFacts {
     pub expires_at: u64,
     /// The release key that signed the image.
     pub release_key_id: Option<[u8; 32]>,
+    /// Bytes of the encrypted chunks (what the broker carries once for every device).
+    pub chunk_bytes: u64,
 }
 
 /// One device inside a run.
@@ -53,6 +55,8 @@ struct DeviceRun {
     pin: Option<String>,
     /// The certificate of this session's rotation once its pending record landed on the Device.
     issued_recorded: Option<[u8; 32]>,
+    /// The latest signed post-install health report: (when the device made it, healthy).
+    health: Option<(u64, bool)>,
 }
 
 impl DeviceRun {
@@ -99,6 +103,7 @@ impl CampaignRun {
                 chunk_count: prepared.chunk_count(),
                 expires_at: prepared.expires_at(),
                 release_key_id: prepared.release_key_id(),
+                chunk_bytes: prepared.chunk_bytes(),
             },
             prepared: Some(prepared),
             manager,
@@ -113,6 +118,11 @@ impl CampaignRun {
     /// Chunks of the prepared payload.
     pub fn chunk_count(&self) -> u32 {
         self.facts.chunk_count
+    }
+
+    /// What the campaign status reports about the prepared payload.
+    pub fn facts(&self) -> RunFacts {
+        self.facts
     }
 }
 
@@ -338,6 +348,7 @@ impl Runs {
                                 base: d.status.clone(),
                                 pin: d.spec.certificate_fingerprint.clone(),
                                 issued_recorded: None,
+                                health: None,
                             },
                         );
                     }
@@ -460,6 +471,7 @@ impl Runs {
                 base,
                 pin,
                 issued_recorded: None,
+                health: None,
             },
         );
         self.routes.insert(device_id, key.clone());
@@ -550,6 +562,85 @@ impl Runs {
         }
         dr.progress = next;
         fx
+    }
+
+    /// Where one device stands in a run of this replica (`None`: not in the run's memory).
+    pub fn standing(&self, key: &CampaignKey, uid: &str, device: &str) -> Option<&Progress> {
+        self.runs
+            .get(key)
+            .filter(|r| r.ids.uid == uid)
+            .and_then(|r| r.devices.get(device))
+            .map(|d| &d.progress)
+    }
+
+    /// The latest signed health report of a device in a run: healthy or not (`None`: none yet).
+    pub fn health(&self, key: &CampaignKey, uid: &str, device: &str) -> Option<bool> {
+        self.runs
+            .get(key)
+            .filter(|r| r.ids.uid == uid)
+            .and_then(|r| r.devices.get(device))
+            .and_then(|d| d.health)
+            .map(|(_, healthy)| healthy)
+    }
+
+    /// Release the devices of a run that are no longer selected (they stopped matching the
+    /// selector, or were deleted): a session in flight ends with the signed abort, its route goes,
+    /// and the run forgets the device (a device that matches again starts afresh). A device not
+    /// finished here that still `exists` gets a `Released` record on its status. Returns the
+    /// effects and the names released.
+    pub fn release(
+        &mut self,
+        key: &CampaignKey,
+        selected: &std::collections::HashSet<&str>,
+        exists: impl Fn(&str) -> bool,
+        now: u64,
+    ) -> (Effects, Vec<String>) {
+        let mut fx = Effects::default();
+        let mut released = Vec::new();
+        let Some(run) = self.runs.get_mut(key) else {
+            return (fx, released);
+        };
+        if run.ended {
+            return (fx, released);
+        }
+        let gone: Vec<String> = run
+            .devices
+            .keys()
+            .filter(|name| !selected.contains(name.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            let Some(mut dr) = run.devices.remove(&name) else {
+                continue;
+            };
+            if dr.progress.is_terminal() {
+                continue;
+            }
+            if let Some(s) = dr.session.take() {
+                fx.actions.push(Action::Publish(s.abort_publish(now)));
+            }
+            self.routes.remove(&dr.device_id);
+            run.by_id.remove(&dr.device_id);
+            if exists(&name) {
+                let record = campaign_record(
+                    &key.1,
+                    &run.ids,
+                    DevicePhase::Released,
+                    dr.attempt(),
+                    None,
+                    Some("no longer selected by the campaign".to_owned()),
+                );
+                let status =
+                    device_status(dr.base.as_ref(), dr.handshake.as_ref(), None, record, now);
+                fx.writes.push(DeviceWrite {
+                    namespace: key.0.clone(),
+                    name: name.clone(),
+                    status,
+                });
+            }
+            released.push(name);
+        }
+        (fx, released)
     }
 
     /// End the campaign on this replica: drop every session, send the devices still in flight
@@ -1318,6 +1409,31 @@ mod tests {
         w.manager_actions(fx.actions);
         assert!(!w.retained.contains_key(&w.topics.notify("d2")));
         assert!(!w.runs.has(&w.key, "uid-1"));
+    }
+
+    #[test]
+    fn a_device_that_leaves_is_released_with_the_signed_abort() {
+        let mut w = World::new(firmware(), &["d1", "d2"]);
+        w.apply(start(0, 1));
+        w.to_manager.clear();
+        assert_eq!(w.runs.sessions(), 1);
+        let key = w.key.clone();
+        assert!(matches!(
+            w.runs.standing(&key, "uid-1", "d1"),
+            Some(Progress::InFlight { .. })
+        ));
+        let keep: std::collections::HashSet<&str> = ["d2"].into_iter().collect();
+        let (fx, released) = w.runs.release(&key, &keep, |_| true, NOW);
+        assert_eq!(released, vec!["d1".to_owned()]);
+        assert_eq!(w.runs.sessions(), 0, "its route is gone");
+        assert_eq!(last_write_phase(&fx, "d1"), Some(DevicePhase::Released));
+        w.manager_actions(fx.actions);
+        let abort = &w.retained[&w.topics.notify("d1")];
+        assert!(!abort.payload.is_empty(), "d1 holds the signed abort");
+        assert_eq!(w.runs.standing(&key, "uid-1", "d1"), None);
+        // A deleted device is released without a write; nothing twice.
+        let (fx, released) = w.runs.release(&key, &keep, |_| false, NOW);
+        assert!(released.is_empty() && fx.writes.is_empty() && fx.actions.is_empty());
     }
 
     #[test]

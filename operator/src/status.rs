@@ -10,12 +10,15 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{
-    CampaignPhase, DeviceCounts, DeviceFailure, UpdateCampaignStatus, MAX_LISTED_FAILURES,
+    CampaignPhase, DeviceCounts, DeviceFailure, GateStatus, HolderStatus, PlanStatus,
+    ScheduleStatus, UpdateCampaignStatus, WaitingStatus, MAX_LISTED_FAILURES,
 };
 use crate::reasons::BlockerReason;
 
 /// Reason of a campaign that finished with failed devices (Ready, Stalled, Degraded).
 pub const DEVICES_FAILED: &str = "DevicesFailed";
+/// Reason of a campaign that finished with devices its policy left out (and none failed).
+pub const DEVICES_EXCLUDED: &str = "DevicesExcluded";
 
 /// Something that keeps a campaign from running, with what a person must do about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,7 +58,36 @@ pub struct StatusInput<'a> {
     pub previous: Option<&'a UpdateCampaignStatus>,
     /// Now, used only for conditions that change.
     pub now: Time,
+    /// What the rollout policy reports (schedule, rate, gate, arbitration, plan, warnings).
+    pub policy: PolicyStatus,
 }
+
+/// What the rollout policy adds to the status.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicyStatus {
+    /// What the campaign waits for.
+    pub waiting: Option<WaitingStatus>,
+    /// The maintenance windows.
+    pub schedule: Option<ScheduleStatus>,
+    /// The start rate in force.
+    pub rate_per_minute: Option<u32>,
+    /// The gate after the current wave.
+    pub gate: Option<GateStatus>,
+    /// Campaigns holding selected devices.
+    pub held_by: Vec<HolderStatus>,
+    /// The plan.
+    pub plan: Option<PlanStatus>,
+    /// Settings that work against each other.
+    pub warnings: Vec<String>,
+    /// Why the gate failed, when the campaign is paused or aborted for it (Ready reason
+    /// GateFailed).
+    pub gate_failed: Option<String>,
+}
+
+/// Reason of a campaign whose gate failed (Ready, Paused or Stalled).
+pub const GATE_FAILED: &str = "GateFailed";
+/// Reason of a campaign whose schedule's deadline passed with devices not started.
+pub const DEADLINE_PASSED: &str = "DeadlinePassed";
 
 /// Truncate a string to at most `max` bytes on a character boundary.
 pub fn bounded(s: &str, max: usize) -> String {
@@ -85,6 +117,7 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         blocker,
         previous,
         now,
+        policy,
     } = input;
     let failed_reason = if expired {
         "Expired"
@@ -99,22 +132,35 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         f.message = bounded(&f.message, 256);
     }
 
-    let finished = counts.succeeded + counts.failed;
+    let finished = counts.succeeded + counts.failed + counts.up_to_date + counts.excluded;
+    let unstarted = counts.pending + counts.waiting + counts.outside_window;
+    // Why a Completed campaign ended short: devices left at the deadline, failed, or left out.
+    let completed_reason = if unstarted > 0 {
+        DEADLINE_PASSED
+    } else if counts.failed > 0 || counts.excluded == 0 {
+        DEVICES_FAILED
+    } else {
+        DEVICES_EXCLUDED
+    };
+    let gate_failed = policy.gate_failed.as_deref();
     let (ready, ready_reason, ready_message) = match (&blocker, phase) {
         (_, CampaignPhase::Succeeded) => (
             true,
             "Succeeded",
             format!(
-                "{} of {} devices installed the update, {} failed",
-                counts.succeeded, counts.selected, counts.failed
+                "{} of {} devices run the target version ({} installed it, {} already ran it)",
+                counts.succeeded + counts.up_to_date,
+                counts.selected,
+                counts.succeeded,
+                counts.up_to_date
             ),
         ),
         (_, CampaignPhase::Completed) => (
             false,
-            DEVICES_FAILED,
+            completed_reason,
             format!(
-                "{} of {} devices installed the update, {} failed (status.failures and each Device's status say why): the campaign ended without every device at the target version",
-                counts.succeeded, counts.selected, counts.failed
+                "{} of {} devices installed the update, {} failed, {} excluded, {} not started before spec.schedule.deadline (status.failures and each Device's status say why): the campaign ended without every device at the target version",
+                counts.succeeded, counts.selected, counts.failed, counts.excluded, unstarted
             ),
         ),
         (_, CampaignPhase::Failed) if expired => (
@@ -135,16 +181,36 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
                 counts.failed
             ),
         ),
-        (_, CampaignPhase::Aborted) => (
-            false,
-            "Aborted",
-            "spec.abort is set: the campaign stopped and its retained messages were cleared".to_owned(),
-        ),
+        (_, CampaignPhase::Aborted) => match gate_failed {
+            Some(why) => (
+                false,
+                GATE_FAILED,
+                bounded(&format!("the gate failed and spec.rollout.gate.onFailure is Abort: {why}"), 1024),
+            ),
+            None => (
+                false,
+                "Aborted",
+                "spec.abort is set: the campaign stopped and its retained messages were cleared"
+                    .to_owned(),
+            ),
+        },
         (Some(b), _) => (false, b.reason.as_str(), bounded(&b.message, 1024)),
-        (None, CampaignPhase::Paused) => (
+        (None, CampaignPhase::Paused) => match gate_failed {
+            Some(why) => (
+                false,
+                GATE_FAILED,
+                bounded(&format!("the gate failed: {why}; no new device starts: set spec.promoteThroughWave to this wave to go on, or spec.abort"), 1024),
+            ),
+            None => (
+                false,
+                "Paused",
+                "spec.paused is set: no new device starts; set it to false to resume".to_owned(),
+            ),
+        },
+        (None, CampaignPhase::Planned) => (
             false,
-            "Paused",
-            "spec.paused is set: no new device starts; set it to false to resume".to_owned(),
+            "DryRun",
+            "spec.dryRun is set: status.plan shows what the campaign would do and nothing is touched; set spec.dryRun to false to start it".to_owned(),
         ),
         (None, CampaignPhase::Pending) => (
             false,
@@ -152,11 +218,17 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
             "spec.selector matches no Device in this namespace; label Devices or fix the selector"
                 .to_owned(),
         ),
-        (None, CampaignPhase::Progressing) => (
-            false,
-            "Progressing",
-            format!("{finished} of {} devices finished", counts.selected),
-        ),
+        (None, CampaignPhase::Progressing) => match &policy.waiting {
+            // Nothing in flight, and the policy holds the rest back: say what it waits for.
+            Some(w) if counts.in_progress == 0 => {
+                (false, w.reason.as_str(), bounded(&w.message, 1024))
+            }
+            _ => (
+                false,
+                "Progressing",
+                format!("{finished} of {} devices finished", counts.selected),
+            ),
+        },
     };
     let progressing = phase == CampaignPhase::Progressing && blocker.is_none();
     // Ended without every selected device at the target version.
@@ -165,8 +237,9 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         CampaignPhase::Completed | CampaignPhase::Failed | CampaignPhase::Aborted
     );
     let end_reason = match phase {
-        CampaignPhase::Completed => DEVICES_FAILED,
+        CampaignPhase::Completed => completed_reason,
         CampaignPhase::Failed => failed_reason,
+        CampaignPhase::Aborted if gate_failed.is_some() => GATE_FAILED,
         CampaignPhase::Aborted => "Aborted",
         _ => "",
     };
@@ -200,13 +273,16 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
             if stalled { end_reason } else { "NotStalled" },
             match phase {
                 CampaignPhase::Completed => format!(
-                    "the campaign finished with {} failed devices; it will not continue",
-                    counts.failed
+                    "the campaign ended with {} failed, {} excluded and {} unstarted devices; it will not continue",
+                    counts.failed, counts.excluded, unstarted
                 ),
                 CampaignPhase::Failed => format!(
                     "{} devices failed, more than spec.rollout.failureThreshold allows; the campaign will not continue",
                     counts.failed
                 ),
+                CampaignPhase::Aborted if gate_failed.is_some() => {
+                    "the gate failed and the campaign was aborted; it will not continue".to_owned()
+                }
                 CampaignPhase::Aborted => "spec.abort is set; the campaign will not continue".to_owned(),
                 _ => "the campaign can still make progress".to_owned(),
             },
@@ -228,15 +304,17 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         (
             "Paused",
             phase == CampaignPhase::Paused,
-            if phase == CampaignPhase::Paused {
-                "Paused"
-            } else {
-                "NotPaused"
+            match (phase, gate_failed) {
+                (CampaignPhase::Paused, Some(_)) => GATE_FAILED,
+                (CampaignPhase::Paused, None) => "Paused",
+                _ => "NotPaused",
             },
-            if phase == CampaignPhase::Paused {
-                "spec.paused is set".to_owned()
-            } else {
-                "spec.paused is not set".to_owned()
+            match (phase, gate_failed) {
+                (CampaignPhase::Paused, Some(_)) => {
+                    "the gate after the wave failed (status.gate)".to_owned()
+                }
+                (CampaignPhase::Paused, None) => "spec.paused is set".to_owned(),
+                _ => "spec.paused is not set".to_owned(),
             },
         ),
     ];
@@ -272,12 +350,29 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         release_key_id,
         failures,
         conditions,
+        waiting: policy.waiting.map(|w| WaitingStatus {
+            reason: bounded(&w.reason, 64),
+            message: bounded(&w.message, 512),
+            until: w.until,
+        }),
+        schedule: policy.schedule,
+        rate_per_minute: policy.rate_per_minute,
+        gate: policy.gate,
+        held_by: policy.held_by,
+        plan: policy.plan,
+        warnings: policy
+            .warnings
+            .iter()
+            .take(8)
+            .map(|w| bounded(w, 256))
+            .collect(),
     }
 }
 
 fn phase_reason(phase: CampaignPhase) -> &'static str {
     match phase {
         CampaignPhase::Pending => "Pending",
+        CampaignPhase::Planned => "DryRun",
         CampaignPhase::Progressing => "Blocked",
         CampaignPhase::Paused => "Paused",
         CampaignPhase::Succeeded => "Succeeded",
@@ -307,7 +402,7 @@ mod tests {
                 in_progress: 3,
                 succeeded: 35,
                 failed: 2,
-                rolled_back: 0,
+                ..DeviceCounts::default()
             },
             current_wave: 1,
             total_waves: 3,
@@ -319,6 +414,7 @@ mod tests {
             blocker: None,
             previous,
             now: time(now),
+            policy: PolicyStatus::default(),
         }
     }
 
@@ -504,7 +600,7 @@ mod tests {
             in_progress: 0,
             succeeded: 9_000,
             failed: 1_000,
-            rolled_back: 0,
+            ..DeviceCounts::default()
         };
         i.failures = (0..1000)
             .map(|n| DeviceFailure {
