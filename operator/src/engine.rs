@@ -215,6 +215,17 @@ impl Engine {
             } => {
                 tracing::info!(%campaign, %device, attempt, "device attempt timed out, retrying after backoff");
             }
+            Note::Health {
+                campaign,
+                device,
+                healthy,
+                detail,
+            } => {
+                m.health_reports
+                    .with_label_values(&[if *healthy { "true" } else { "false" }])
+                    .inc();
+                tracing::info!(%campaign, %device, healthy, %detail, "signed health report");
+            }
             Note::Ignored { device, label } => {
                 m.protocol_errors.with_label_values(&[label]).inc();
                 tracing::debug!(%device, reason = %label, "ignored an inbound message");

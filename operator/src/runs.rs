@@ -13,9 +13,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use sealed_ota_protocol::wire::{self, SignedEnvelope};
 use sealed_ota_protocol::{
-    Action, DeviceTarget, Inbound, IssuedCertificate, ManagerConfig, ManagerEvent, ManagerSession,
-    Outbound, PreparedCampaign, Properties, TopicTree,
+    Action, DeviceTarget, HealthVerifier, Inbound, IssuedCertificate, ManagerConfig, ManagerEvent,
+    ManagerSession, Outbound, PreparedCampaign, Properties, TopicTree,
 };
 
 use crate::crd::{Device, DevicePhase, DeviceStatus};
@@ -57,6 +58,8 @@ struct DeviceRun {
     issued_recorded: Option<[u8; 32]>,
     /// The latest signed post-install health report: (when the device made it, healthy).
     health: Option<(u64, bool)>,
+    /// After a signed install receipt: what checks the device's health reports.
+    health_verifier: Option<HealthVerifier>,
 }
 
 impl DeviceRun {
@@ -185,6 +188,17 @@ pub enum Note {
         /// The attempt that timed out.
         attempt: u32,
     },
+    /// A device's signed post-install health report.
+    Health {
+        /// Campaign name.
+        campaign: String,
+        /// Device resource name.
+        device: String,
+        /// Whether its health check passed.
+        healthy: bool,
+        /// What it found (bounded device text).
+        detail: String,
+    },
     /// An inbound message the session refused (forged, replayed, wrong session) or that had no
     /// session here.
     Ignored {
@@ -252,6 +266,8 @@ pub struct Plan {
 pub struct Runs {
     runs: HashMap<CampaignKey, CampaignRun>,
     routes: HashMap<String, CampaignKey>,
+    /// Device id → the run (and resource name) that takes its post-install health reports.
+    health_routes: HashMap<String, (CampaignKey, String)>,
 }
 
 /// An empty retained publish (clears a retained message).
@@ -305,6 +321,7 @@ impl Runs {
         if let Some(old) = self.runs.insert(key, run) {
             for d in old.devices.values() {
                 self.routes.remove(&d.device_id);
+                self.health_routes.remove(&d.device_id);
             }
         }
     }
@@ -349,6 +366,7 @@ impl Runs {
                                 pin: d.spec.certificate_fingerprint.clone(),
                                 issued_recorded: None,
                                 health: None,
+                                health_verifier: None,
                             },
                         );
                     }
@@ -472,6 +490,7 @@ impl Runs {
                 pin,
                 issued_recorded: None,
                 health: None,
+                health_verifier: None,
             },
         );
         self.routes.insert(device_id, key.clone());
@@ -613,6 +632,7 @@ impl Runs {
             let Some(mut dr) = run.devices.remove(&name) else {
                 continue;
             };
+            self.health_routes.remove(&dr.device_id);
             if dr.progress.is_terminal() {
                 continue;
             }
@@ -659,6 +679,7 @@ impl Runs {
                 fx.actions.push(Action::Publish(s.abort_publish(now)));
             }
             self.routes.remove(&dr.device_id);
+            self.health_routes.remove(&dr.device_id);
         }
         run.by_id.clear();
         // The encrypted image is no longer needed: release it.
@@ -687,6 +708,47 @@ impl Runs {
         fx
     }
 
+    /// A signed post-install health report: kept for the gates when it verifies against the
+    /// session that installed the image and is newer than the one kept.
+    fn health_report(&mut self, device_id: &str, msg: &Inbound) -> Effects {
+        let mut fx = Effects::default();
+        let ignored = |label| Note::Ignored {
+            device: device_id.to_owned(),
+            label,
+        };
+        let Some((key, name)) = self.health_routes.get(device_id).cloned() else {
+            fx.notes.push(ignored("no_session"));
+            return fx;
+        };
+        let Some(dr) = self
+            .runs
+            .get_mut(&key)
+            .and_then(|r| r.devices.get_mut(&name))
+        else {
+            fx.notes.push(ignored("no_session"));
+            return fx;
+        };
+        let Some(verifier) = dr.health_verifier.as_ref() else {
+            fx.notes.push(ignored("no_session"));
+            return fx;
+        };
+        match verifier.verify(&msg.payload) {
+            Ok(report) => {
+                if dr.health.is_none_or(|(at, _)| report.reported_at >= at) {
+                    dr.health = Some((report.reported_at, report.healthy));
+                }
+                fx.notes.push(Note::Health {
+                    campaign: key.1,
+                    device: name,
+                    healthy: report.healthy,
+                    detail: report.detail,
+                });
+            }
+            Err(e) => fx.notes.push(ignored(e.metric_label())),
+        }
+        fx
+    }
+
     /// The pending record of a rotation's certificate landed on the Device (see [`Gate`]).
     pub fn issued_recorded(&mut self, key: &CampaignKey, device: &str, fingerprint: [u8; 32]) {
         if let Some(dr) = self
@@ -711,6 +773,12 @@ impl Runs {
             device: device_id.to_owned(),
             label,
         };
+        let health = msg.topic == topics.status(device_id)
+            && SignedEnvelope::peek_type(&msg.payload, "status", wire::MAX_STATUS)
+                == Ok(wire::TYPE_HEALTH);
+        if health {
+            return self.health_report(device_id, msg);
+        }
         // A device with no session here: finished, another replica's, or a stale retained.
         let Some(key) = self.routes.get(device_id).cloned() else {
             fx.notes.push(ignored("no_session"));
@@ -850,6 +918,11 @@ impl Runs {
         }
         if finished {
             if let Some(s) = dr.session.take() {
+                dr.health_verifier = s.health_verifier();
+                if dr.health_verifier.is_some() {
+                    self.health_routes
+                        .insert(device_id.to_owned(), (key.clone(), name.clone()));
+                }
                 fx.actions.push(Action::Publish(s.clear_notify()));
             }
             self.routes.remove(device_id);
@@ -1409,6 +1482,56 @@ mod tests {
         w.manager_actions(fx.actions);
         assert!(!w.retained.contains_key(&w.topics.notify("d2")));
         assert!(!w.runs.has(&w.key, "uid-1"));
+    }
+
+    #[test]
+    fn a_signed_health_report_after_the_install_is_kept_for_the_gate() {
+        let mut w = World::new(firmware(), &["d1"]);
+        w.apply(start(0, 1));
+        w.settle();
+        assert_eq!(w.progress(), vec![Progress::Succeeded]);
+        let key = w.key.clone();
+        assert_eq!(w.runs.health(&key, "uid-1", "d1"), None, "no report yet");
+        let topics = w.topics.clone();
+        let report = |w: &World, healthy, at| match w.sessions["d1"]
+            .health_report(healthy, "checked", at)
+            .unwrap()
+        {
+            Action::Publish(o) => o.to_inbound(),
+            other => panic!("{other:?}"),
+        };
+        let sick = report(&w, false, NOW + 20);
+        let fx = w.runs.dispatch("d1", &sick, &topics, NOW + 20);
+        assert!(matches!(
+            &fx.notes[..],
+            [Note::Health { healthy: false, .. }]
+        ));
+        assert_eq!(w.runs.health(&key, "uid-1", "d1"), Some(false));
+        // A newer report wins; an older one (replayed by the broker) does not.
+        let fine = report(&w, true, NOW + 30);
+        w.runs.dispatch("d1", &fine, &topics, NOW + 30);
+        assert_eq!(w.runs.health(&key, "uid-1", "d1"), Some(true));
+        w.runs.dispatch("d1", &sick, &topics, NOW + 40);
+        assert_eq!(w.runs.health(&key, "uid-1", "d1"), Some(true));
+        // A tampered report is ignored.
+        let mut forged = report(&w, false, NOW + 50);
+        let n = forged.payload.len();
+        forged.payload[n - 2] ^= 1;
+        let fx = w.runs.dispatch("d1", &forged, &topics, NOW + 50);
+        assert!(matches!(&fx.notes[..], [Note::Ignored { .. }]));
+        assert_eq!(w.runs.health(&key, "uid-1", "d1"), Some(true));
+        // Once the run ended, reports go nowhere.
+        w.runs.end(&key, &topics, NOW + 60);
+        let fx = w
+            .runs
+            .dispatch("d1", &report(&w, false, NOW + 70), &topics, NOW + 70);
+        assert!(matches!(
+            &fx.notes[..],
+            [Note::Ignored {
+                label: "no_session",
+                ..
+            }]
+        ));
     }
 
     #[test]
