@@ -76,11 +76,21 @@ unpack() { # rootfs packages...
   done
 }
 
-# The shared libraries a package needs, transitively: its Depends and Pre-Depends closure, kept to
-# library packages (what it links), never the maintainer-script tooling (adduser, debconf, perl).
+# The shared libraries a package needs, transitively: the first alternative of each Depends and
+# Pre-Depends, followed through library packages only, so maintainer-script tooling (adduser,
+# debconf, perl) and what it depends on stay out.
 library_closure() { # package
-  apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \
-    --no-enhances "$1" 2>/dev/null | grep -E '^lib[a-z0-9.+-]+$' | grep -vE '^(libc-bin|libc-l10n)$' | sort -u
+  local -A seen=()
+  local queue=("$1") p d
+  while ((${#queue[@]})); do
+    p=${queue[0]}; queue=("${queue[@]:1}")
+    while read -r d; do
+      [[ "$d" =~ ^lib[a-z0-9.+-]+$ && "$d" != libc-bin && -z "${seen[$d]:-}" ]] || continue
+      seen[$d]=1
+      queue+=("$d")
+    done < <(apt-cache depends "$p" 2>/dev/null | sed -nE 's/^  \|?(Pre)?Depends: ([^ <>]+)$/\2/p')
+  done
+  printf '%s\n' "${!seen[@]}" | sort
 }
 
 # Removes what a runtime image does not need (documentation, maintainer tooling).
@@ -167,6 +177,11 @@ build_builder() {
   cp -a "$sysroot/bin/cargo" "$sysroot/bin/rustc" "$sysroot/bin/rustdoc" "$root/usr/local/rust/bin/"
   # The compiler's libraries and the standard library for this target; not rust-src or docs.
   tar -C "$sysroot" --exclude='lib/rustlib/src' --exclude='lib/rustlib/rustc-src' -cf - lib | tar -C "$root/usr/local/rust" -xf -
+  # cargo in the builder reaches crates.io the way cargo on this machine does: through the same
+  # trust store (a TLS-intercepting proxy's CA included, where the machine has one).
+  if [[ -s /etc/ssl/certs/ca-certificates.crt ]]; then
+    cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+  fi
   import "$root" "$ref" "$want" \
     --change 'ENV CARGO_HOME=/usr/local/cargo PATH=/usr/local/rust/bin:/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'WORKDIR /'
