@@ -141,15 +141,21 @@ fn check_hardened(image: &str, entrypoint: &str, expect_uid: u32) -> Result<()> 
     let (uid, gid) = user
         .split_once(':')
         .with_context(|| format!("{image}: USER {user:?} is not uid:gid"))?;
-    let uid: u32 = uid
-        .parse()
-        .with_context(|| format!("{image}: USER {user:?} is not numeric (runAsNonRoot needs a number)"))?;
+    let uid: u32 = uid.parse().with_context(|| {
+        format!("{image}: USER {user:?} is not numeric (runAsNonRoot needs a number)")
+    })?;
     let _: u32 = gid
         .parse()
         .with_context(|| format!("{image}: group of {user:?} not numeric"))?;
     ensure!(uid != 0, "{image}: runs as root");
     assert_eq!(uid, expect_uid, "{image}: user");
-    let entry = docker(&["image", "inspect", "--format", "{{json .Config.Entrypoint}}", image])?;
+    let entry = docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config.Entrypoint}}",
+        image,
+    ])?;
     assert_eq!(entry.trim(), format!("[\"/{entrypoint}\"]"), "{image}");
 
     let files = filesystem(image)?;
