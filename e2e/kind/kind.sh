@@ -26,6 +26,8 @@ STATE="${SEALED_OTA_KIND_DIR:-$REPO/target/kind}"
 CLUSTER="${SEALED_OTA_KIND_CLUSTER:-sealed-ota}"
 MODE="${SEALED_OTA_KIND_IMAGES:-offline}"
 TAG="${SEALED_OTA_IMAGE_TAG:-dev}"
+# Cargo profile of the binaries in the offline images (debug reuses a `make e2e` build).
+PROFILE="${SEALED_OTA_KIND_PROFILE:-release}"
 OPERATOR_IMAGE="sealed-ota/sealed-ota-operator:$TAG"
 EMULATOR_IMAGE="sealed-ota/sealed-ota-device-emulator:$TAG"
 MOSQUITTO_IMAGE="sealed-ota/mosquitto:$TAG"
@@ -124,7 +126,7 @@ create_cluster() {
 
 build_images() {
   if [[ "$MODE" == offline ]]; then
-    "$REPO/scripts/images.sh" build --profile release --tag "$TAG"
+    "$REPO/scripts/images.sh" build --profile "$PROFILE" --tag "$TAG"
     "$REPO/scripts/images.sh" mosquitto --tag "$TAG"
   else
     "$DOCKER" build -f "$REPO/docker/operator.Dockerfile" -t "$OPERATOR_IMAGE" "$REPO"

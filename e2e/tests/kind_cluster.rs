@@ -19,7 +19,7 @@ use anyhow::{bail, ensure, Context, Result};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Pod};
-use kube::api::{DeleteParams, EvictParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use sealed_ota_e2e::product::random_image;
@@ -314,27 +314,41 @@ fn finished_campaigns_show_columns_and_events() -> Result<()> {
         let client = client().await?;
         let campaigns: Api<UpdateCampaign> = Api::namespaced(client.clone(), FLEET_NS);
         let c = campaigns.get("firmware-1-1-0").await?;
-        let status = c.status.context("status")?;
-        assert_eq!(status.phase, CampaignPhase::Succeeded);
-        assert_eq!(status.devices.succeeded as usize, DEVICES);
+        // (Its counts are not checked here: later checks move the devices on to newer campaigns,
+        // and the operator recounts a finished campaign from the Devices; see the README.)
+        assert_eq!(c.status.context("status")?.phase, CampaignPhase::Succeeded);
 
         let table = kubectl(&["-n", FLEET_NS, "get", "updatecampaigns"])?;
         let mut lines = table.lines();
         let header: Vec<&str> = lines.next().context("header")?.split_whitespace().collect();
         assert_eq!(
             header,
-            ["NAME", "PHASE", "PROGRESS", "VERSION", "WAVE", "AGE"],
+            ["NAME", "PHASE", "PROGRESS", "VERSION", "AGE"],
             "{table}"
+        );
+        // The wave column has priority 1: `-o wide` shows it.
+        let wide = kubectl(&["-n", FLEET_NS, "get", "updatecampaigns", "-o", "wide"])?;
+        let wide_header: Vec<&str> = wide
+            .lines()
+            .next()
+            .context("header")?
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            wide_header,
+            ["NAME", "PHASE", "PROGRESS", "VERSION", "WAVE", "AGE"],
+            "{wide}"
         );
         let row: Vec<&str> = lines
             .find(|l| l.starts_with("firmware-1-1-0 "))
             .context("firmware-1-1-0 row")?
             .split_whitespace()
             .collect();
-        assert_eq!(
-            &row[1..4],
-            ["Succeeded", &format!("{DEVICES}/{DEVICES}"), "1.1.0"],
-            "{table}"
+        assert_eq!((row[1], row[3]), ("Succeeded", "1.1.0"), "{table}");
+        assert!(
+            row[2].ends_with(&format!("/{DEVICES}")),
+            "progress column {}: {table}",
+            row[2]
         );
 
         let events: Api<Event> = Api::namespaced(client.clone(), FLEET_NS);
@@ -383,6 +397,23 @@ async fn next_version(client: &Client) -> Result<String> {
 /// A firmware campaign over the whole fleet, slow enough (one device at a time, a large image) to
 /// disrupt something in the middle of it.
 async fn start_campaign(client: &Client, name: &str, version: &str) -> Result<()> {
+    // A check that failed half-way left its campaign running: it would compete for the devices.
+    let campaigns: Api<UpdateCampaign> = Api::namespaced(client.clone(), FLEET_NS);
+    for c in campaigns.list(&ListParams::default()).await? {
+        let finished = c.status.as_ref().is_some_and(|s| {
+            matches!(
+                s.phase,
+                CampaignPhase::Succeeded | CampaignPhase::Failed | CampaignPhase::Aborted
+            )
+        });
+        if !finished {
+            let leftover = c.metadata.name.unwrap_or_default();
+            eprintln!("deleting unfinished campaign {leftover} left by an earlier run");
+            campaigns
+                .delete(&leftover, &DeleteParams::default())
+                .await?;
+        }
+    }
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), FLEET_NS);
     let image = random_image(900 * 1024);
     let map: ConfigMap = serde_json::from_value(serde_json::json!({
@@ -395,7 +426,6 @@ async fn start_campaign(client: &Client, name: &str, version: &str) -> Result<()
         &Patch::Apply(&map),
     )
     .await?;
-    let campaigns: Api<UpdateCampaign> = Api::namespaced(client.clone(), FLEET_NS);
     let campaign: UpdateCampaign = serde_json::from_value(serde_json::json!({
         "apiVersion": "ota.sealed-ota.dev/v1alpha1",
         "kind": "UpdateCampaign",
@@ -482,6 +512,12 @@ async fn finishes_without_redoing(
     )
     .await?;
     assert_eq!(phase, CampaignPhase::Succeeded);
+    let status = campaigns.get(campaign).await?.status.context("status")?;
+    assert_eq!(status.devices.succeeded as usize, DEVICES, "{status:?}");
+    assert_eq!(
+        status.progress.as_deref(),
+        Some(format!("{DEVICES}/{DEVICES}").as_str())
+    );
     let after = succeeded_devices(client, campaign).await?;
     assert_eq!(after.len(), DEVICES, "{after:?}");
     for (device, attempts) in done_before {
@@ -576,16 +612,27 @@ fn deleting_the_leader_mid_campaign_hands_over_without_redoing_devices() -> Resu
 
         let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NS);
         pods.delete(&leader, &DeleteParams::default()).await?;
-        // The standby that was running takes the Lease (not the replacement pod).
+        // Another replica takes the Lease: the deleted leader released it on SIGTERM. Which one is
+        // a race: the standby wakes when the Lease it last saw would expire (up to 15 s), the
+        // replacement pod tries at once when it starts.
         let holder = wait_for(
-            "the standby to take the Lease",
+            "another replica to take the Lease",
             Duration::from_secs(60),
             || async { Ok(lease_holder(&client).await?.filter(|h| *h != leader)) },
         )
         .await?;
-        assert_eq!(
-            holder, standby,
-            "the Lease went to {holder}, not the standby"
+        let live: Vec<String> = operator_pods(&client).await?.iter().map(name).collect();
+        assert!(
+            live.contains(&holder),
+            "the Lease went to {holder}, not a live replica {live:?}"
+        );
+        eprintln!(
+            "the Lease went to the {}",
+            if holder == standby {
+                "standby"
+            } else {
+                "replacement pod"
+            }
         );
         finishes_without_redoing(&client, &campaign, &version, &done_before).await?;
         settled_replicas(&client).await?;
@@ -604,12 +651,12 @@ fn an_evicted_leader_comes_back_and_the_campaign_resumes() -> Result<()> {
         start_campaign(&client, &campaign, &version).await?;
         let done_before = some_done(&client, &campaign, 3).await?;
 
-        // Evicted through the Eviction API, as a node drain does: the PodDisruptionBudget allows one.
-        let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NS);
-        pods.evict(&leader, &EvictParams::default()).await?;
-        // With one replica gone, the budget refuses the next eviction until the replacement is Ready.
-        match pods.evict(&standby, &EvictParams::default()).await {
-            Err(kube::Error::Api(e)) if e.code == 429 => {}
+        // Evicted through the Eviction API, as a node drain does: the PodDisruptionBudget allows
+        // one; with it gone, the next is refused until the replacement is Ready (its readiness
+        // probe starts after 2 s). kubectl, because kube's client retries a refused eviction.
+        evict(&leader)?.map_err(anyhow::Error::msg)?;
+        match evict(&standby)? {
+            Err(refusal) if refusal.contains("disruption budget") => {}
             other => {
                 bail!("the second eviction was not refused by the PodDisruptionBudget: {other:?}")
             }
@@ -665,6 +712,33 @@ fn a_killed_emulator_restarts_and_its_devices_resume() -> Result<()> {
         .await?;
         finishes_without_redoing(&client, &campaign, &version, &done_before).await?;
         Ok(())
+    })
+}
+
+/// Asks the Eviction API to evict an operator pod: Ok(Err(refusal)) when the apiserver refused.
+fn evict(pod: &str) -> Result<std::result::Result<(), String>> {
+    let body = serde_json::json!({
+        "apiVersion": "policy/v1",
+        "kind": "Eviction",
+        "metadata": {"name": pod, "namespace": OPERATOR_NS},
+    });
+    let file = state_dir().join(format!("eviction-{pod}.json"));
+    std::fs::write(&file, body.to_string())?;
+    let out = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(state_dir().join("kubeconfig"))
+        .args(["create", "--raw"])
+        .arg(format!(
+            "/api/v1/namespaces/{OPERATOR_NS}/pods/{pod}/eviction"
+        ))
+        .arg("-f")
+        .arg(&file)
+        .output()?;
+    std::fs::remove_file(&file)?;
+    Ok(if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     })
 }
 
