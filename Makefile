@@ -17,13 +17,17 @@ lint:
 unit:
 	$(CARGO) test --workspace --locked --lib --bins
 
-## Integration and e2e tests (every crate's tests/ directory) against a real test bed.
+## Integration and e2e tests (every crate's tests/ directory) against a real test bed, and a Docker
+## engine for the image tests (e2e/tests/images.rs): scripts/docker.sh starts Debian's dockerd when
+## none answers and stops it afterwards (by pid).
+DOCKER_STATE := $(CURDIR)/target/docker
 e2e:
 	$(CARGO) build --workspace --locked --bins --tests
 	$(TESTBED) up
+	scripts/docker.sh up $(DOCKER_STATE) || { $(TESTBED) down; exit 1; }
 	eval "$$($(TESTBED) env)"; \
 	  $(CARGO) test --workspace --locked --no-fail-fast --test '*'; rc=$$?; \
-	  $(TESTBED) down; exit $$rc
+	  $(TESTBED) down; scripts/docker.sh down $(DOCKER_STATE); exit $$rc
 
 ## make testbed: bring the test bed up and print the exports that point at it.
 testbed:
@@ -62,12 +66,17 @@ chart:
 	$$(scripts/helm-install.sh) lint charts/sealed-ota --strict --set broker.url=mqtts://broker:8883 --set broker.tls.secretName=broker-tls
 	$(CARGO) test --locked -p sealed-ota-e2e --test chart_gitops
 
-## make images: operator and device-emulator images (needs Docker with BuildKit).
+## make images: the operator, device-emulator and Mosquitto images, built here without a registry
+## (release binaries on a runtime base made from Debian's packages; see scripts/images.sh). With a
+## registry, `docker build -f docker/operator.Dockerfile .` builds the distroless variant.
 images:
-	docker build -f docker/operator.Dockerfile -t sealed-ota/sealed-ota-operator:dev .
-	docker build -f docker/device-emulator.Dockerfile -t sealed-ota/sealed-ota-device-emulator:dev .
+	scripts/docker.sh up $(DOCKER_STATE)
+	scripts/images.sh build --profile release && scripts/images.sh mosquitto; rc=$$?; \
+	  scripts/docker.sh down $(DOCKER_STATE); exit $$rc
 
-## make kind: the whole product on a kind cluster (needs Docker and kind), then the e2e suite.
+## make kind: the whole product as pods on a kind cluster built here (node image, images, chart with
+## 2 replicas, Mosquitto, devices, a campaign and a rotation, the in-cluster checks, the e2e suite).
+## The cluster stays up afterwards (for inspection); make kind-down removes everything it made.
 kind:
 	e2e/kind/kind.sh all
 kind-down:
