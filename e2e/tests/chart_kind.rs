@@ -1,9 +1,9 @@
-//! The pieces of the kind path (`e2e/kind/`) and the images (`docker/`), checked without Docker:
-//! the scripts parse; the kind manifests, the chart with `values-kind.yaml` and the example campaign
-//! are accepted by a real kube-apiserver (server-side dry run); the in-cluster Mosquitto
+//! The pieces of the kind path (`e2e/kind/`) that need no cluster, on the test bed: the scripts
+//! parse (and pass shellcheck); the kind manifests, the chart with `values-kind.yaml` and the example
+//! campaign are accepted by a real kube-apiserver (server-side dry run); the in-cluster Mosquitto
 //! configuration runs in a real Mosquitto whose ACL lets the manager and a device talk and keeps
-//! devices apart; the Dockerfiles build real workspace binaries and end non-root.
-
+//! devices apart; the Dockerfiles default to the registry bases. The images themselves are built
+//! and checked in images.rs; the cluster is checked by `make kind` (kind_cluster.rs).
 mod chart_support;
 
 use std::path::{Path, PathBuf};
