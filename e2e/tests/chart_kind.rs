@@ -374,17 +374,7 @@ async fn connect(bed: &TestBed, port: u16, id: &str, cert: &Path, key: &Path) ->
     ));
     options.set_keep_alive(Duration::from_secs(30));
     let (client, mut events) = AsyncClient::new(options, 16);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if tokio::time::Instant::now() >= deadline {
-            bail!("{id}: no CONNACK within 20 s");
-        }
-        match tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break,
-            Ok(Ok(_)) | Err(_) => {}
-            Ok(Err(e)) => bail!("{id}: {e}"),
-        }
-    }
+    chart_support::await_connack(&mut events, id, Duration::from_secs(20), false).await?;
     Ok(Client { client, events })
 }
 

@@ -13,9 +13,10 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
-use rumqttc::v5::mqttbytes::v5::Packet;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+mod chart_support;
+
+use anyhow::{ensure, Context, Result};
+use rumqttc::v5::{AsyncClient, MqttOptions};
 use sealed_ota_e2e::repo_root;
 
 /// The docker client `scripts/docker.sh` picks for the running daemon.
@@ -262,15 +263,5 @@ async fn mosquitto_image_is_hardened_and_serves_mqtt() -> Result<()> {
 async fn serves_mqtt(port: u16) -> Result<()> {
     let options = MqttOptions::new("image-test", "127.0.0.1", port);
     let (_client, mut events) = AsyncClient::new(options, 8);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if tokio::time::Instant::now() >= deadline {
-            bail!("no CONNACK from the mosquitto image within 20 s");
-        }
-        match tokio::time::timeout(Duration::from_secs(2), events.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
-            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
-            _ => {}
-        }
-    }
+    chart_support::await_connack(&mut events, "image-test", Duration::from_secs(20), true).await
 }

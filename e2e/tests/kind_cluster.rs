@@ -490,6 +490,32 @@ async fn some_done(
     })
 }
 
+/// A firmware campaign under way, with the devices it had finished when it was disrupted.
+struct UnderWay {
+    campaign: String,
+    version: String,
+    done_before: BTreeMap<String, u32>,
+}
+
+/// Starts a campaign to the fleet's next version and waits until 3 devices are done.
+async fn campaign_under_way(client: &Client, prefix: &str) -> Result<UnderWay> {
+    let version = next_version(client).await?;
+    let campaign = format!("{prefix}-{}", version.replace('.', "-"));
+    start_campaign(client, &campaign, &version).await?;
+    let done_before = some_done(client, &campaign, 3).await?;
+    Ok(UnderWay {
+        campaign,
+        version,
+        done_before,
+    })
+}
+
+impl UnderWay {
+    async fn finishes_without_redoing(&self, client: &Client) -> Result<()> {
+        finishes_without_redoing(client, &self.campaign, &self.version, &self.done_before).await
+    }
+}
+
 /// Waits for the campaign to succeed for the whole fleet; then checks that the devices done before
 /// the disruption were not updated again: one attempt each in their Device status, and (from the
 /// emulator's log, all its container runs) every device installed the version exactly once.
@@ -605,10 +631,7 @@ fn deleting_the_leader_mid_campaign_hands_over_without_redoing_devices() -> Resu
     block_on(async {
         let client = client().await?;
         let (leader, standby) = settled_replicas(&client).await?;
-        let version = next_version(&client).await?;
-        let campaign = format!("failover-{}", version.replace('.', "-"));
-        start_campaign(&client, &campaign, &version).await?;
-        let done_before = some_done(&client, &campaign, 3).await?;
+        let run = campaign_under_way(&client, "failover").await?;
 
         let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NS);
         pods.delete(&leader, &DeleteParams::default()).await?;
@@ -634,7 +657,7 @@ fn deleting_the_leader_mid_campaign_hands_over_without_redoing_devices() -> Resu
                 "replacement pod"
             }
         );
-        finishes_without_redoing(&client, &campaign, &version, &done_before).await?;
+        run.finishes_without_redoing(&client).await?;
         settled_replicas(&client).await?;
         Ok(())
     })
@@ -646,10 +669,7 @@ fn an_evicted_leader_comes_back_and_the_campaign_resumes() -> Result<()> {
     block_on(async {
         let client = client().await?;
         let (leader, standby) = settled_replicas(&client).await?;
-        let version = next_version(&client).await?;
-        let campaign = format!("evict-{}", version.replace('.', "-"));
-        start_campaign(&client, &campaign, &version).await?;
-        let done_before = some_done(&client, &campaign, 3).await?;
+        let run = campaign_under_way(&client, "evict").await?;
 
         // Evicted through the Eviction API, as a node drain does: the PodDisruptionBudget allows
         // one; with it gone, the next is refused until the replacement is Ready (its readiness
@@ -669,7 +689,7 @@ fn an_evicted_leader_comes_back_and_the_campaign_resumes() -> Result<()> {
             .map(|p| name(&p))
             .find(|p| *p != leader && *p != standby);
         assert!(replacement.is_some(), "no replacement pod came back");
-        finishes_without_redoing(&client, &campaign, &version, &done_before).await?;
+        run.finishes_without_redoing(&client).await?;
         Ok(())
     })
 }
@@ -680,11 +700,8 @@ fn a_killed_emulator_restarts_and_its_devices_resume() -> Result<()> {
     block_on(async {
         let client = client().await?;
         settled_replicas(&client).await?;
-        let version = next_version(&client).await?;
-        let campaign = format!("emulator-kill-{}", version.replace('.', "-"));
         let restarts_before = emulator_restarts(&client).await?;
-        start_campaign(&client, &campaign, &version).await?;
-        let done_before = some_done(&client, &campaign, 3).await?;
+        let run = campaign_under_way(&client, "emulator-kill").await?;
 
         // SIGKILL, what the kernel's OOM killer sends: the kubelet restarts the container in the same
         // pod, whose emptyDir keeps every device's identity and installed firmware.
@@ -710,7 +727,7 @@ fn a_killed_emulator_restarts_and_its_devices_resume() -> Result<()> {
             || async { Ok((emulator_restarts(&client).await? > restarts_before).then_some(())) },
         )
         .await?;
-        finishes_without_redoing(&client, &campaign, &version, &done_before).await?;
+        run.finishes_without_redoing(&client).await?;
         Ok(())
     })
 }
