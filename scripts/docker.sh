@@ -62,6 +62,8 @@ cmd_up() {
   install_docker
   [[ "$(id -u)" == 0 ]] || die "no Docker daemon answers and starting one needs root (start Docker, or run as root)"
   mkdir -p "$DATA_ROOT"
+  # dockerd leaves its default bridge behind when it stops: remember to remove it if it made it.
+  ip link show docker0 >/dev/null 2>&1 || touch "$state/created-docker0"
   log "starting dockerd (data root $DATA_ROOT)"
   # setsid: the daemon outlives the make target that started it until `down` stops it by pid.
   setsid /usr/sbin/dockerd --data-root "$DATA_ROOT" --pidfile "$state/dockerd.pidfile" \
@@ -90,6 +92,10 @@ cmd_down() {
     fi
   fi
   rm -f "$state/dockerd.pid" "$state/dockerd.pidfile"
+  if [[ -f "$state/created-docker0" ]]; then
+    ip link delete docker0 2>/dev/null || true
+    rm -f "$state/created-docker0"
+  fi
 }
 
 # Whether this host lets containers run --privileged: Docker gives a privileged container every
