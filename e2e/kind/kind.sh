@@ -284,7 +284,7 @@ cmd_test() {
   cd "$REPO"
   cargo build --locked -p sealed-ota-operator -p sealed-ota-device-emulator --bins
   # Every crate's integration tests (tests/ directories), as `make e2e` runs them on the test bed.
-  cargo test --workspace --locked --test '*' -- --test-threads=2
+  cargo test --workspace --locked --no-fail-fast --test '*' -- --test-threads=2
 }
 
 # --- down ----------------------------------------------------------------------------------------
