@@ -45,6 +45,14 @@ export DOCKER_BUILDKIT=1
 
 sudo_() { if [[ "$(id -u)" == 0 ]]; then "$@"; else sudo "$@"; fi; }
 
+apt_install() { # package
+  dpkg -s "$1" >/dev/null 2>&1 && return
+  log "installing Debian's $1"
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" >/dev/null 2>&1 ||
+    { sudo_ apt-get update -q >/dev/null && sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" >/dev/null; } ||
+    die "could not install $1 with apt-get"
+}
+
 inputs_hash() { cat "${BASH_SOURCE[0]}" "$@" | sha256sum | cut -c1-16; }
 image_label() { docker image inspect --format "{{ index .Config.Labels \"$LABEL\" }}" "$1" 2>/dev/null || true; }
 
@@ -161,8 +169,7 @@ build_builder() {
   want=$(inputs_hash <(rustc -vV))
   [[ "$(image_label "$ref")" == "$want" ]] && return
   if [[ ! -x "$rootfs/usr/bin/gcc" ]]; then
-    command -v debootstrap >/dev/null || sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null ||
-      die "could not install debootstrap"
+    apt_install debootstrap
     log "debootstrap $SUITE (gcc, libc6-dev) for $ref (first run only)"
     rm -rf "$rootfs.tmp"
     sudo_ debootstrap --variant=minbase --include=gcc,libc6-dev,ca-certificates "$SUITE" "$rootfs.tmp" "$MIRROR" \
@@ -250,7 +257,11 @@ cmd_mosquitto() {
   lock
   local ref="sealed-ota/mosquitto:$TAG" want root libs
   mapfile -t libs < <(library_closure mosquitto)
-  ((${#libs[@]})) || die "no library closure for mosquitto (apt-get update?)"
+  if ((${#libs[@]} == 0)); then # a fresh machine's empty package lists
+    sudo_ apt-get update -q >/dev/null
+    mapfile -t libs < <(library_closure mosquitto)
+  fi
+  ((${#libs[@]})) || die "apt-cache knows no dependencies of mosquitto"
   want=$(inputs_hash <(printf '%s\n' "${libs[@]}"))
   [[ "$(image_label "$ref")" == "$want" ]] && return
   log "$ref from Debian packages: mosquitto ${libs[*]}"
