@@ -322,10 +322,14 @@ SH
   done
   cp -a "$rootfs/etc/protocols" "$rootfs/etc/ethertypes" "$d/etc/" 2>/dev/null || true
   import_image "$d" "registry.k8s.io/kube-proxy:$K8S_VERSION" --change 'ENTRYPOINT ["/usr/local/bin/kube-proxy"]'
-  docker save -o "$out/images.tar" \
-    "registry.k8s.io/kube-apiserver:$K8S_VERSION" "registry.k8s.io/kube-controller-manager:$K8S_VERSION" \
-    "registry.k8s.io/kube-scheduler:$K8S_VERSION" "registry.k8s.io/kube-proxy:$K8S_VERSION" \
+  local images=(
+    "registry.k8s.io/kube-apiserver:$K8S_VERSION" "registry.k8s.io/kube-controller-manager:$K8S_VERSION"
+    "registry.k8s.io/kube-scheduler:$K8S_VERSION" "registry.k8s.io/kube-proxy:$K8S_VERSION"
     "registry.k8s.io/etcd:$ETCD_TAG" "registry.k8s.io/coredns/coredns:$COREDNS_TAG" "registry.k8s.io/pause:$PAUSE_TAG"
+  )
+  docker save -o "$out/images.tar" "${images[@]}"
+  # They live on in the node image's containerd; Docker's copies are not needed.
+  docker rmi "${images[@]}" >/dev/null
 }
 
 # --- 4. node image -------------------------------------------------------------------------------
