@@ -138,8 +138,18 @@ ca_bundle() { # rootfs
 }
 
 import() { # rootfs ref label docker-import-change...
-  local root=$1 ref=$2 label=$3; shift 3
+  local root=$1 ref=$2 label=$3 old; shift 3
+  old=$(image_id "$ref")
   tar -C "$root" --numeric-owner -cf - . | docker import "$@" --change "LABEL $LABEL=$label" - "$ref" >/dev/null
+  drop_replaced "$old" "$ref"
+}
+
+image_id() { docker image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
+
+# The image a rebuild moved a tag away from, unless something still uses it.
+drop_replaced() { # old-id ref
+  [[ -n "$1" && "$1" != "$(image_id "$2")" ]] || return 0
+  docker rmi "$1" >/dev/null 2>&1 || true
 }
 
 # --- bases ---------------------------------------------------------------------------------------
@@ -226,12 +236,14 @@ cmd_build() {
   dir="${CARGO_TARGET_DIR:-$REPO/target}/$PROFILE"
   for entry in "${PRODUCTS[@]}"; do
     read -r name package bin <<<"$entry"
-    local ctx
+    local ctx old
     ctx=$(mktemp -d "$CACHE/context.XXXXXX")
     cp "$dir/$bin" "$ctx/$bin"
     log "sealed-ota/$package:$TAG (offline: $PROFILE binary on $RUNTIME_BASE)"
+    old=$(image_id "sealed-ota/$package:$TAG")
     docker build -q -f "$REPO/docker/$name.Dockerfile" --build-arg BINARY=prebuilt \
       --build-arg "RUNTIME_IMAGE=$RUNTIME_BASE" -t "sealed-ota/$package:$TAG" "$ctx" >/dev/null
+    drop_replaced "$old" "sealed-ota/$package:$TAG"
     rm -rf "$ctx"
   done
 }
@@ -243,12 +255,14 @@ cmd_dockerfile() {
   lock
   build_runtime_base
   build_builder
-  local entry name package bin
+  local entry name package bin old
   for entry in "${PRODUCTS[@]}"; do
     read -r name package bin <<<"$entry"
     log "sealed-ota/$package:$TAG (docker/$name.Dockerfile, compiled in $(builder_image))"
+    old=$(image_id "sealed-ota/$package:$TAG")
     docker build -f "$REPO/docker/$name.Dockerfile" --build-arg "BUILDER_IMAGE=$(builder_image)" \
       --build-arg "RUNTIME_IMAGE=$RUNTIME_BASE" -t "sealed-ota/$package:$TAG" "$REPO" >&2
+    drop_replaced "$old" "sealed-ota/$package:$TAG"
   done
 }
 
