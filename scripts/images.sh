@@ -225,12 +225,10 @@ cmd_build() {
   parse_opts "$@"
   lock
   build_runtime_base
-  local cargo_args=(build --locked) dir entry name package bin
+  # The whole workspace's binaries, as `make e2e` and the bench harness build them: the same
+  # feature set, so their builds and this one share every artifact.
+  local cargo_args=(build --locked --workspace --bins) dir entry name package bin
   [[ "$PROFILE" == release ]] && cargo_args+=(--release)
-  for entry in "${PRODUCTS[@]}"; do
-    read -r name package bin <<<"$entry"
-    cargo_args+=(-p "$package" --bin "$bin")
-  done
   log "cargo ${cargo_args[*]}"
   (cd "$REPO" && cargo "${cargo_args[@]}")
   dir="${CARGO_TARGET_DIR:-$REPO/target}/$PROFILE"
