@@ -75,26 +75,20 @@ struct Entry {
 
 /// The image's filesystem as `docker export` gives it: path -> (mode, owner).
 fn filesystem(image: &str) -> Result<BTreeMap<String, Entry>> {
+    let dir = repo_root().join("target/image-tests");
+    std::fs::create_dir_all(&dir)?;
+    let tarball = dir.join(format!("{}.tar", image.replace(['/', ':'], "_")));
     let id = docker(&["create", image])?.trim().to_string();
-    let listing = (|| -> Result<String> {
-        let export = run(Command::new(docker_cli()?).args(["export", &id]))?;
-        let mut tar = Command::new("tar")
-            .args(["--numeric-owner", "-tvf", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()?;
-        {
-            use std::io::Write;
-            let mut stdin = tar.stdin.take().context("tar stdin")?;
-            stdin.write_all(&export.stdout)?;
-        }
-        let out = tar.wait_with_output()?;
-        ensure!(out.status.success(), "tar -t failed");
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    })();
+    let exported = docker(&["export", "-o", &tarball.display().to_string(), &id]);
     docker(&["rm", &id])?;
+    exported?;
+    let listing = run(Command::new("tar")
+        .args(["--numeric-owner", "-tvf"])
+        .arg(&tarball));
+    std::fs::remove_file(&tarball)?;
+    let listing = String::from_utf8_lossy(&listing?.stdout).into_owned();
     let mut entries = BTreeMap::new();
-    for line in listing?.lines() {
+    for line in listing.lines() {
         // -rwxr-xr-x 0/0   1234 2026-01-01 00:00 usr/local/bin/x [-> target]
         let parts: Vec<&str> = line.split_whitespace().collect();
         ensure!(parts.len() >= 6, "unexpected tar line {line:?}");
