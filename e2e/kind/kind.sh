@@ -300,6 +300,11 @@ cmd_down() {
       [[ "$("$DOCKER" network inspect kind --format '{{len .Containers}}')" == 0 ]]; then
       "$DOCKER" network rm kind >/dev/null
     fi
+    # What is left in Docker that this cluster made (nothing, unless a step above failed).
+    local left
+    left=$("$DOCKER" ps -a --filter "label=io.x-k8s.kind.cluster=$CLUSTER" --format '{{.Names}}')
+    left+=$("$DOCKER" network ls --filter name='^kind$' --format ' network {{.Name}}')
+    [[ -z "$left" ]] || log "warning: left behind: $left"
   fi
   rm -f "$STATE/testbed/"*.pid
   "$REPO/scripts/docker.sh" down "$STATE"
