@@ -43,42 +43,20 @@ docker() { "$DOCKER" "$@"; }
 # Debian's 20.10 client builds with BuildKit only when asked; newer clients ignore the variable.
 export DOCKER_BUILDKIT=1
 
-sudo_() { if [[ "$(id -u)" == 0 ]]; then "$@"; else sudo "$@"; fi; }
-
-apt_install() { # package
-  dpkg -s "$1" >/dev/null 2>&1 && return
-  log "installing Debian's $1"
-  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" >/dev/null 2>&1 ||
-    { sudo_ apt-get update -q >/dev/null && sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" >/dev/null; } ||
-    die "could not install $1 with apt-get"
-}
-
-inputs_hash() { cat "${BASH_SOURCE[0]}" "$@" | sha256sum | cut -c1-16; }
-image_label() { docker image inspect --format "{{ index .Config.Labels \"$LABEL\" }}" "$1" 2>/dev/null || true; }
+# shellcheck source=scripts/lib.sh
+. "$REPO/scripts/lib.sh"
+SELF="${BASH_SOURCE[0]}"
 
 lock() { mkdir -p "$CACHE"; exec 7>"$CACHE/.lock"; flock 7; }
 
 # --- Debian packages -----------------------------------------------------------------------------
-# Downloads a package once (apt-get download: the machine's Debian release) and prints its path.
-deb_file() { # package
-  local p=$1 deb
-  mkdir -p "$CACHE/debs"
-  deb=$(find "$CACHE/debs" -maxdepth 1 -name "${p}_*.deb" | head -n1)
-  if [[ -z "$deb" ]]; then
-    (cd "$CACHE/debs" && { apt-get download "$p" >/dev/null 2>&1 ||
-      { sudo_ apt-get update -q >/dev/null && apt-get download "$p" >/dev/null; }; }) || die "apt-get download $p failed"
-    deb=$(find "$CACHE/debs" -maxdepth 1 -name "${p}_*.deb" | head -n1)
-  fi
-  echo "$deb"
-}
-
 # Unpacks packages into a root filesystem without running their scripts (as distroless does), and
 # records them in /var/lib/dpkg/status.d so image scanners see what is inside.
 unpack() { # rootfs packages...
   local root=$1 p deb; shift
   mkdir -p "$root/var/lib/dpkg/status.d"
   for p in "$@"; do
-    deb=$(deb_file "$p")
+    deb=$(deb_file "$CACHE/debs" "$p")
     dpkg-deb -x "$deb" "$root"
     dpkg-deb -f "$deb" >"$root/var/lib/dpkg/status.d/$p"
   done
@@ -130,7 +108,7 @@ passwd_files() { # rootfs [extra passwd line] [extra group line]
 ca_bundle() { # rootfs
   local root=$1 tmp
   tmp=$(mktemp -d)
-  dpkg-deb -x "$(deb_file ca-certificates)" "$tmp"
+  dpkg-deb -x "$(deb_file "$CACHE/debs" ca-certificates)" "$tmp"
   mkdir -p "$root/etc/ssl/certs"
   find "$tmp/usr/share/ca-certificates" -name '*.crt' | sort | xargs cat >"$root/etc/ssl/certs/ca-certificates.crt"
   rm -rf "$tmp"
@@ -155,7 +133,7 @@ drop_replaced() { # old-id ref
 # --- bases ---------------------------------------------------------------------------------------
 build_runtime_base() {
   local want root
-  want=$(inputs_hash)
+  want=$(inputs_hash "$SELF")
   [[ "$(image_label "$RUNTIME_BASE")" == "$want" ]] && return
   log "runtime base $RUNTIME_BASE from Debian packages: ${RUNTIME_PACKAGES[*]}"
   root=$(mktemp -d "$CACHE/runtime.XXXXXX")
@@ -176,7 +154,7 @@ build_builder() {
   command -v rustc >/dev/null || die "rustc is needed (its toolchain goes into the builder image)"
   ref=$(builder_image)
   sysroot=$(rustc --print sysroot)
-  want=$(inputs_hash <(rustc -vV))
+  want=$(inputs_hash "$SELF" <(rustc -vV))
   [[ "$(image_label "$ref")" == "$want" ]] && return
   if [[ ! -x "$rootfs/usr/bin/gcc" ]]; then
     apt_install debootstrap
@@ -274,7 +252,7 @@ cmd_mosquitto() {
     mapfile -t libs < <(library_closure mosquitto)
   fi
   ((${#libs[@]})) || die "apt-cache knows no dependencies of mosquitto"
-  want=$(inputs_hash <(printf '%s\n' "${libs[@]}"))
+  want=$(inputs_hash "$SELF" <(printf '%s\n' "${libs[@]}"))
   [[ "$(image_label "$ref")" == "$want" ]] && return
   log "$ref from Debian packages: mosquitto ${libs[*]}"
   root=$(mktemp -d "$CACHE/mosquitto.XXXXXX")

@@ -52,23 +52,9 @@ die() { echo "node-image: error: $*" >&2; exit 1; }
 DOCKER="$("$REPO/scripts/docker.sh" cli)" || die "no docker client (scripts/docker.sh up first)"
 docker() { "$DOCKER" "$@"; }
 
-sudo_() { if [[ "$(id -u)" == 0 ]]; then "$@"; else sudo "$@"; fi; }
-
-apt_install() { # packages...
-  local missing=() p
-  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-  ((${#missing[@]})) || return 0
-  log "installing Debian packages: ${missing[*]}"
-  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 ||
-    { sudo_ apt-get update -q >/dev/null && sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; } ||
-    die "apt-get install ${missing[*]} failed"
-}
-
-# Inputs of a step, as a short hash: this script, the kind shim-free files it copies, and the
-# given files.
-inputs_hash() { cat "${BASH_SOURCE[0]}" "$@" | sha256sum | cut -c1-16; }
-
-image_label() { docker image inspect --format "{{ index .Config.Labels \"$LABEL\" }}" "$1" 2>/dev/null || true; }
+# shellcheck source=scripts/lib.sh
+. "$REPO/scripts/lib.sh"
+SELF="${BASH_SOURCE[0]}"
 
 gomodcache() { go env GOMODCACHE; }
 
@@ -79,7 +65,7 @@ build_binaries() {
   command -v go >/dev/null || die "go is needed to build the Kubernetes binaries"
   command -v gcc >/dev/null || die "gcc is needed to build pause"
   local node="$HERE/node" stamp want
-  want=$(inputs_hash "$node"/k8s/go.mod "$node"/k8s/go.sum "$node"/coredns/go.sum "$node"/crictl/go.sum)
+  want=$(inputs_hash "$SELF" "$node"/k8s/go.mod "$node"/k8s/go.sum "$node"/coredns/go.sum "$node"/crictl/go.sum)
   stamp="$BIN/.inputs"
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
   mkdir -p "$CACHE"
@@ -211,7 +197,7 @@ JSON
 
 build_base_image() {
   local want rootfs="$CACHE/rootfs-$DEBIAN_SUITE" work
-  want=$(inputs_hash)
+  want=$(inputs_hash "$SELF")
   [[ "$(image_label "$BASE_IMAGE")" == "$want" ]] && return
   build_rootfs "$rootfs"
   log "base image $BASE_IMAGE"
@@ -231,23 +217,6 @@ build_base_image() {
 }
 
 # --- 3. component images -------------------------------------------------------------------------
-debs_dir() { echo "$CACHE/debs"; }
-
-# Unpacks Debian packages (downloaded once into the cache) into a directory.
-unpack_debs() { # dir packages...
-  local dir=$1 p deb; shift
-  mkdir -p "$(debs_dir)"
-  for p in "$@"; do
-    deb=$(find "$(debs_dir)" -maxdepth 1 -name "${p}_*.deb" | head -n1)
-    if [[ -z "$deb" ]]; then
-      (cd "$(debs_dir)" && { apt-get download "$p" >/dev/null 2>&1 || { sudo_ apt-get update -q >/dev/null && apt-get download "$p" >/dev/null; }; }) ||
-        die "apt-get download $p failed"
-      deb=$(find "$(debs_dir)" -maxdepth 1 -name "${p}_*.deb" | head -n1)
-    fi
-    dpkg-deb -x "$deb" "$dir"
-  done
-}
-
 skeleton() { # dir
   local d=$1
   mkdir -p "$d/usr/local/bin" "$d/etc" "$d/tmp" "$d/var/run" "$d/root"
@@ -296,7 +265,7 @@ build_component_images() { # out-dir for image tarballs
       [[ -e "$d$l" ]] || { mkdir -p "$d$(dirname "$l")"; cp -L "$rootfs$l" "$d$l"; }
     done
   done
-  bb="$w/busybox-static"; unpack_debs "$bb" busybox-static
+  bb="$w/busybox-static"; dpkg-deb -x "$(deb_file "$CACHE/debs" busybox-static)" "$bb"
   mkdir -p "$d/bin"; cp "$bb/bin/busybox" "$d/bin/busybox"
   for f in sh grep ln; do ln -sf busybox "$d/bin/$f"; done
   cat >"$d/usr/sbin/iptables-wrapper" <<'SH'
@@ -335,7 +304,7 @@ SH
 # --- 4. node image -------------------------------------------------------------------------------
 build_node_image() {
   local want c work
-  want=$(inputs_hash "$BIN/.inputs")
+  want=$(inputs_hash "$SELF" "$BIN/.inputs")
   if [[ "$(image_label "$NODE_IMAGE")" == "$want" ]]; then return; fi
   build_base_image
   log "node image $NODE_IMAGE"

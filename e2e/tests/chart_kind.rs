@@ -31,6 +31,7 @@ fn scripts_parse() -> Result<()> {
         "e2e/kind/shim/docker",
         "scripts/docker.sh",
         "scripts/images.sh",
+        "scripts/lib.sh",
         "scripts/helm-install.sh",
     ];
     for script in scripts {

@@ -38,13 +38,18 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn block_on<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> {
+/// Runs one check against the cluster, with a client for it.
+fn in_cluster<F, Fut>(check: F) -> Result<()>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
     let _one_at_a_time = serial();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(f)
+        .block_on(async { check(client().await?).await })
 }
 
 fn state_dir() -> PathBuf {
@@ -173,8 +178,7 @@ fn pod_metrics(pod: &str) -> Result<String> {
 #[test]
 #[ignore = "needs the kind cluster: make kind"]
 fn replicas_pass_their_probes_and_one_leads() -> Result<()> {
-    block_on(async {
-        let client = client().await?;
+    in_cluster(|client| async move {
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), OPERATOR_NS);
         let d = deployments.get("sealed-ota").await?;
         assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(2));
@@ -212,8 +216,7 @@ fn replicas_pass_their_probes_and_one_leads() -> Result<()> {
 #[test]
 #[ignore = "needs the kind cluster: make kind"]
 fn metrics_are_scraped_through_the_service() -> Result<()> {
-    block_on(async {
-        let client = client().await?;
+    in_cluster(|client| async move {
         settled_replicas(&client).await?;
         // The apiserver's service proxy picks an endpoint of the Service, as a scraper would.
         let text = kubectl(&[
@@ -252,8 +255,7 @@ fn metrics_are_scraped_through_the_service() -> Result<()> {
 #[test]
 #[ignore = "needs the kind cluster: make kind"]
 fn restricted_pod_security_is_enforced() -> Result<()> {
-    block_on(async {
-        let client = client().await?;
+    in_cluster(|client| async move {
         let namespaces: Api<Namespace> = Api::all(client.clone());
         for ns in [OPERATOR_NS, FLEET_NS, MQTT_NS] {
             let labels = namespaces
@@ -310,8 +312,7 @@ fn restricted_pod_security_is_enforced() -> Result<()> {
 #[test]
 #[ignore = "needs the kind cluster: make kind"]
 fn finished_campaigns_show_columns_and_events() -> Result<()> {
-    block_on(async {
-        let client = client().await?;
+    in_cluster(|client| async move {
         let campaigns: Api<UpdateCampaign> = Api::namespaced(client.clone(), FLEET_NS);
         let c = campaigns.get("firmware-1-1-0").await?;
         // (Its counts are not checked here: later checks move the devices on to newer campaigns,
@@ -628,8 +629,7 @@ fn strip_ansi(line: &str) -> String {
 #[test]
 #[ignore = "needs the kind cluster: make kind"]
 fn deleting_the_leader_mid_campaign_hands_over_without_redoing_devices() -> Result<()> {
-    block_on(async {
-        let client = client().await?;
+    in_cluster(|client| async move {
         let (leader, standby) = settled_replicas(&client).await?;
         let run = campaign_under_way(&client, "failover").await?;
 
@@ -666,8 +666,7 @@ fn deleting_the_leader_mid_campaign_hands_over_without_redoing_devices() -> Resu
 #[test]
 #[ignore = "needs the kind cluster: make kind"]
 fn an_evicted_leader_comes_back_and_the_campaign_resumes() -> Result<()> {
-    block_on(async {
-        let client = client().await?;
+    in_cluster(|client| async move {
         let (leader, standby) = settled_replicas(&client).await?;
         let run = campaign_under_way(&client, "evict").await?;
 
@@ -697,8 +696,7 @@ fn an_evicted_leader_comes_back_and_the_campaign_resumes() -> Result<()> {
 #[test]
 #[ignore = "needs the kind cluster: make kind"]
 fn a_killed_emulator_restarts_and_its_devices_resume() -> Result<()> {
-    block_on(async {
-        let client = client().await?;
+    in_cluster(|client| async move {
         settled_replicas(&client).await?;
         let restarts_before = emulator_restarts(&client).await?;
         let run = campaign_under_way(&client, "emulator-kill").await?;
