@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # make demo: the whole product end to end, on real parts, on this machine.
 #
-# A test bed of its own (etcd + kube-apiserver + Mosquitto), the CRDs, the PKI in Secrets, the
-# operator, DEMO_DEVICES emulated devices over TLS, and the campaign in examples/ applied with
-# kubectl. A spy subscribed to '#' records everything the broker relays; at the end it is scanned
-# for the image's plaintext and for private keys. Every process started here is stopped here.
+# A test bed of its own (etcd + kube-apiserver + Mosquitto), the CRDs, the PKI in Secrets, an
+# offline release key, the operator, DEMO_DEVICES emulated devices over TLS enrolled with the
+# release public key, and the release-signed campaign in examples/ applied with kubectl. A spy
+# subscribed to '#' records everything the broker relays; at the end it is scanned for the image's
+# plaintext, for private keys and for every content, session and delivered key the devices logged.
+# Every process started here is stopped here.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,7 +36,7 @@ fail() { say "FAILED: $*"; exit 1; }
 
 rm -rf "$WORK"; mkdir -p "$WORK/logs"
 say "building the operator and the device emulator"
-cargo build --locked -q -p sealed-ota-operator -p sealed-ota-device-emulator --bins
+cargo build --locked -q -p sealed-ota-operator -p sealed-ota-device-emulator -p sealed-ota-cli --bins
 command -v mosquitto_sub >/dev/null || {
   say "installing Debian's mosquitto-clients (for the spy)"
   env DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto-clients >/dev/null 2>&1 ||
@@ -55,11 +57,16 @@ kubectl apply -f crds/ >/dev/null
 kubectl wait --for condition=established --timeout=60s crd/devices.ota.sealed-ota.dev crd/updatecampaigns.ota.sealed-ota.dev >/dev/null
 kubectl create namespace "$NS" >/dev/null
 
-say "bootstrapping the PKI into Secrets and enrolling $DEVICES devices"
+say "making the offline release key (sealed-ota release keygen)"
+"$BIN/sealed-ota" release keygen --out "$WORK/release" >"$WORK/logs/release-keygen.log"
+RELEASE_KEY_ID=$(sed -n 's/^release key //p' "$WORK/logs/release-keygen.log")
+
+say "bootstrapping the PKI into Secrets and enrolling $DEVICES devices (trusting the release key)"
 "$BIN/sealed-ota-device-emulator" pki-init --ca-cert "$SEALED_OTA_CA_FILE" --ca-key "$SEALED_OTA_CA_KEY_FILE" \
   --out "$WORK/pki" -n "$NS" --apply >"$WORK/logs/pki-init.log" 2>&1 || { cat "$WORK/logs/pki-init.log" >&2; fail "pki-init"; }
 "$BIN/sealed-ota-device-emulator" enroll --ca-cert "$SEALED_OTA_CA_FILE" --ca-key "$SEALED_OTA_CA_KEY_FILE" \
-  --fleet "$WORK/fleet" --count "$DEVICES" --label fleet=demo -n "$NS" --apply >"$WORK/logs/enroll.log" 2>&1 ||
+  --fleet "$WORK/fleet" --count "$DEVICES" --label fleet=demo --release-key "$WORK/release/release.pub" \
+  -n "$NS" --apply >"$WORK/logs/enroll.log" 2>&1 ||
   { cat "$WORK/logs/enroll.log" >&2; fail "enroll"; }
 
 say "making a ${IMAGE_KIB} KiB firmware image and its ConfigMap"
@@ -74,6 +81,13 @@ while len(out) < kib * 1024:
 open(path, "wb").write(bytes(out[: kib * 1024]))
 EOF
 kubectl -n "$NS" create configmap "firmware-$VERSION" --from-file=image.bin="$WORK/firmware-$VERSION.bin" >/dev/null
+say "signing it with the release key (sealed-ota release sign)"
+"$BIN/sealed-ota" release sign --key "$WORK/release/release.key" --image "$WORK/firmware-$VERSION.bin" \
+  --version "$VERSION" --out "$WORK/firmware-$VERSION.sig.json" >/dev/null
+read -r RELEASE_PUBLIC_KEY RELEASE_SIGNATURE < <(python3 -c '
+import json, sys
+s = json.load(open(sys.argv[1]))["releaseSignature"]
+print(s["publicKey"], s["signature"])' "$WORK/firmware-$VERSION.sig.json")
 
 say "starting the operator"
 METRICS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -85,13 +99,15 @@ PIDS+=($!)
 
 say "connecting $DEVICES emulated devices over TLS"
 "$BIN/sealed-ota-device-emulator" run --fleet "$WORK/fleet" --broker "$SEALED_OTA_MQTTS_URL" \
-  --broker-ca "$SEALED_OTA_CA_FILE" --no-progress --json >"$WORK/emulator.json" 2>"$WORK/logs/emulator.log" &
+  --broker-ca "$SEALED_OTA_CA_FILE" --no-progress --json --key-log "$WORK/keys.log" \
+  >"$WORK/emulator.json" 2>"$WORK/logs/emulator.log" &
 EMULATOR=$!
-PIDS+=($EMULATOR)
+PIDS+=("$EMULATOR")
 
-say "applying examples/firmware-campaign.yaml"
+say "applying examples/firmware-campaign-release-signed.yaml (with the signature just made)"
 START=$(date +%s.%N)
-kubectl -n "$NS" apply -f examples/firmware-campaign.yaml >/dev/null
+sed -e "s/RELEASE_PUBLIC_KEY/$RELEASE_PUBLIC_KEY/" -e "s/RELEASE_SIGNATURE/$RELEASE_SIGNATURE/" \
+  examples/firmware-campaign-release-signed.yaml | kubectl -n "$NS" apply -f - >/dev/null
 deadline=$((SECONDS + TIMEOUT))
 phase=""
 while :; do
@@ -107,8 +123,10 @@ echo >&2
 ELAPSED=$(python3 -c "print(f'{$END - $START:.1f}')")
 
 kubectl -n "$NS" get updatecampaigns
-kubectl -n "$NS" get devices -o custom-columns=DEVICE:.metadata.name,VERSION:.status.runningVersion,CAMPAIGN:.status.campaign.phase --no-headers >"$WORK/devices.txt"
-UPDATED=$(awk -v v="$VERSION" '$2 == v' "$WORK/devices.txt" | wc -l)
+kubectl -n "$NS" get devices -o custom-columns=DEVICE:.metadata.name,VERSION:.status.runningVersion,CAMPAIGN:.status.campaign.phase,RELEASEKEY:.status.campaign.releaseKeyId --no-headers >"$WORK/devices.txt"
+UPDATED=$(awk -v v="$VERSION" -v k="$RELEASE_KEY_ID" '$2 == v && $4 == k' "$WORK/devices.txt" | wc -l)
+CAMPAIGN_KEY=$(kubectl -n "$NS" get updatecampaign "$CAMPAIGN" -o jsonpath='{.status.releaseKeyId}')
+[[ "$CAMPAIGN_KEY" == "$RELEASE_KEY_ID" ]] || fail "campaign status names release key '$CAMPAIGN_KEY', not $RELEASE_KEY_ID"
 if [[ "$phase" != Succeeded ]]; then
   kubectl -n "$NS" get updatecampaign "$CAMPAIGN" -o jsonpath='{range .status.conditions[*]}{.type}={.status} {.reason}: {.message}{"\n"}{end}' >&2
   fail "campaign ended $phase: $UPDATED/$DEVICES devices updated"
@@ -122,9 +140,9 @@ done
 
 kill "${PIDS[0]}" 2>/dev/null || true # stop the spy before scanning what it saw
 sleep 0.5
-SCAN=$(python3 - "$WORK/spy.hex" "$WORK/firmware-$VERSION.bin" "$WORK/pki" "$WORK/fleet" <<'EOF'
+SCAN=$(python3 - "$WORK/spy.hex" "$WORK/firmware-$VERSION.bin" "$WORK/pki" "$WORK/fleet" "$WORK/keys.log" <<'EOF'
 import glob, sys, subprocess
-spy, image_path, pki, fleet = sys.argv[1:5]
+spy, image_path, pki, fleet, keylog = sys.argv[1:6]
 seen = b"".join(bytes.fromhex(line.split(" ", 1)[1].strip()) for line in open(spy) if " " in line)
 image = open(image_path, "rb").read()
 # Any 32-byte window of the image, at every 16-byte offset, and the readable marker.
@@ -147,13 +165,19 @@ for k in keys:
         key_leaks += raw in seen
 if parsed != len(keys) or not keys:
     key_leaks = -1
-print(f"{len(seen)} {len(leaks)} {len(keys)} {key_leaks}")
+# Content keys and session keys, as the devices logged them (emulator --key-log, tests only).
+secrets = {bytes.fromhex(line.split()[2]) for line in open(keylog) if len(line.split()) == 3}
+if not any(line.startswith("content-key") for line in open(keylog)):
+    key_leaks = -1
+keys_checked = len(keys) + len(secrets)
+key_leaks = key_leaks if key_leaks < 0 else key_leaks + sum(s in seen for s in secrets)
+print(f"{len(seen)} {len(leaks)} {keys_checked} {key_leaks}")
 EOF
 )
 read -r SEEN_BYTES PLAINTEXT_LEAKS KEYS_CHECKED KEY_LEAKS <<<"$SCAN"
-say "spy saw $SEEN_BYTES bytes; image windows found: $PLAINTEXT_LEAKS; private keys checked: $KEYS_CHECKED, found: $KEY_LEAKS"
+say "spy saw $SEEN_BYTES bytes; image windows found: $PLAINTEXT_LEAKS; private, content and session keys checked: $KEYS_CHECKED, found: $KEY_LEAKS"
 ((SEEN_BYTES > IMAGE_KIB * 1024)) || fail "the spy saw only $SEEN_BYTES bytes: it did not observe the transfer"
 ((mismatched == 0)) || fail "$mismatched devices hold an image that differs from the source"
 ((KEY_LEAKS >= 0)) || fail "could not read every private key to scan for it"
 ((PLAINTEXT_LEAKS == 0 && KEY_LEAKS == 0)) || fail "the broker saw plaintext ($PLAINTEXT_LEAKS image windows, $KEY_LEAKS keys)"
-echo "demo: $UPDATED/$DEVICES devices updated to $VERSION in $ELAPSED s; broker saw no plaintext"
+echo "demo: $UPDATED/$DEVICES devices updated to $VERSION (release key ${RELEASE_KEY_ID:0:16}) in $ELAPSED s; broker saw no plaintext"

@@ -14,19 +14,21 @@
 --     than metadata.generation         -> Progressing
 local hs = { status = "Progressing", message = "Waiting for the Sealed OTA operator to report status" }
 
--- Ready=False reasons that only a change by a person fixes (see operator/src/controller.rs and
--- operator/src/inputs.rs). BrokerUnavailable, NoDevicesSelected and Progressing are transient.
+-- Ready=False reasons that only a change by a person fixes (BlockerReason in
+-- operator/src/reasons.rs; e2e/tests/chart_gitops.rs checks every one is classified here).
+-- BrokerUnavailable, FirmwareDownloadFailed, NoDevicesSelected and Progressing are transient.
 local needs_person = {
   InvalidSelector = true,
+  InvalidRollout = true,
   ManagerSecretMissing = true,
   ManagerSecretInvalid = true,
-  FirmwareUnreadable = true,
-  UrlSourceUnsupported = true,
   CaSecretMissing = true,
   CaSecretInvalid = true,
+  FirmwareUnreadable = true,
+  FirmwareDigestMismatch = true,
+  ReleaseSignatureInvalid = true,
   PayloadMissing = true,
   PayloadInvalid = true,
-  InvalidRollout = true,
 }
 
 local function condition(status, type_)

@@ -2,7 +2,9 @@
 //! certificate), its protocol session, its directory, and its fault switches. The protocol
 //! crate's `DeviceSession` decides everything about messages; this module carries its actions
 //! to the broker, stores what it hands out (chunks, state, credentials), installs verified
-//! images, and plays the faults.
+//! images in steps (check, "pending install" persisted, switch, self-test, commit or rollback,
+//! signed final receipt), reconciles an install a crash interrupted when it boots, and plays
+//! the faults.
 //!
 //! A device lives through *incarnations* (a power cycle: identity and state reloaded from
 //! disk) made of *connections*. A crash ends an incarnation without saving; going offline or
@@ -14,8 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use sealed_ota_protocol::{
-    Action, DeviceConfig, DeviceEvent, DeviceSession, DeviceState, Identity, Inbound, Manifest,
-    PayloadKind, TopicKind, TopicTree, TrustAnchor,
+    Action, DeviceConfig, DeviceEvent, DeviceSession, DeviceState, FinalOutcome, Identity, Inbound,
+    KeyLog, Manifest, PayloadKind, PendingInstall, ReleaseKey, TopicKind, TopicTree, TrustAnchor,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -58,6 +60,10 @@ pub struct FleetContext {
     pub stats: Arc<FleetStats>,
     /// `run --transfer-barrier`: first chunk windows wait until the whole fleet was offered.
     pub transfer_barrier: Option<TransferBarrier>,
+    /// Release public keys the devices trust (from `fleet.json`; empty: not required).
+    pub release_keys: Vec<ReleaseKey>,
+    /// `run --key-log`: where sessions report their secrets (tests only).
+    pub key_log: Option<Arc<dyn KeyLog>>,
 }
 
 /// How a device ended the run.
@@ -143,6 +149,9 @@ pub struct Device {
     failures_in_a_row: u32,
     /// Counted once at the fleet's transfer barrier (when there is one).
     arrived_at_barrier: bool,
+    /// Which of the broker's nodes the next connection goes to (modulo their number): devices
+    /// start spread over the nodes and move to the next one when a connection is lost.
+    node: usize,
 }
 
 impl std::fmt::Debug for Device {
@@ -176,7 +185,14 @@ impl Device {
             chunks_since_save: 0,
             failures_in_a_row: 0,
             arrived_at_barrier: false,
+            node: 0,
         }
+    }
+
+    /// Starts the device on node `node` of the broker (of several nodes; see [`BrokerEndpoint`]).
+    pub fn starting_on_node(mut self, node: usize) -> Self {
+        self.node = node;
+        self
     }
 
     /// Runs until the fleet shuts down.
@@ -237,7 +253,12 @@ impl Device {
         self.faults.device_now(unix_now())
     }
 
+    /// Persists the session state (fsynced). The chunks it says are stored are flushed first, so
+    /// after a power loss the state never claims data the disk lost.
     fn save(&mut self, session: &DeviceSession) -> Result<()> {
+        if self.chunks_since_save > 0 {
+            self.dir.sync_download()?;
+        }
         self.chunks_since_save = 0;
         self.running_version = session.state().running_version.clone();
         self.dir.save_state(session.state())
@@ -271,9 +292,18 @@ impl Device {
             manager_id: self.ctx.topics.manager_id().to_string(),
             max_packet_size,
             window: self.ctx.window,
+            release_keys: self.ctx.release_keys.clone(),
         };
-        let (mut session, actions) = DeviceSession::new(config, state);
+        let (mut session, mut actions) = DeviceSession::new(config, state);
         session.set_window_timeout(self.ctx.window_timeout);
+        if let Some(log) = &self.ctx.key_log {
+            session.set_key_log(Arc::clone(log));
+        }
+        if let Some(pending) = session.state().pending_install.clone() {
+            // Power was lost between "pending install" and the final receipt: finish the install
+            // from what is on disk and report the outcome once connected.
+            actions.extend(self.reconcile_install(&mut session, &pending)?);
+        }
         Ok(Boot {
             session,
             actions,
@@ -323,6 +353,8 @@ impl Device {
                     }
                 }
                 ConnectionEnd::Lost => {
+                    // A lost node may be gone for good: try the next one.
+                    self.node = self.node.wrapping_add(1);
                     let wait = self.backoff();
                     if self.sleep_unless_shutdown(wait).await {
                         self.save(&session)?;
@@ -346,8 +378,8 @@ impl Device {
             _ = self.shutdown.changed() => return Ok(ConnectionEnd::Shutdown),
         };
         self.ctx.stats.connect_attempt();
-        let options = mqtt_io::device_options(
-            &self.ctx.endpoint,
+        let options = mqtt_io::device_options_on(
+            self.ctx.endpoint.node(self.node),
             &self.id,
             tls,
             max_packet_size,
@@ -408,7 +440,14 @@ impl Device {
                     None => return Ok(ConnectionEnd::Lost),
                 },
                 _ = timers.tick() => {
-                    let actions = session.poll(self.now());
+                    let now = self.now();
+                    let output = session.poll_output(now);
+                    let mut actions = output.actions;
+                    for event in output.events {
+                        // Only the end of a session at the campaign's expiry (Rejected): nothing
+                        // here ends the connection.
+                        actions.extend(self.on_event(session, event, now)?.0);
+                    }
                     if mqtt_io::perform(client, actions).await.is_err() {
                         return Ok(ConnectionEnd::Lost);
                     }
@@ -564,29 +603,32 @@ impl Device {
                 }
             }
             DeviceEvent::ImageComplete { manifest } => {
+                if let Err(e) = self.dir.check_download(manifest.size, &manifest.sha256) {
+                    warn!(device = %self.id, campaign = %manifest.campaign_id, error = %e, "received image refused");
+                    self.set_outcome(Outcome::Failed);
+                    self.dir.discard_download()?;
+                    actions = session.finish_install(Err(e.to_string()), now);
+                    self.save(session)?;
+                    return Ok((actions, end));
+                }
+                let pending = match session.stage_install(now) {
+                    Ok(pending) => pending,
+                    Err(refusal) => {
+                        info!(device = %self.id, campaign = %manifest.campaign_id, "not installing: the campaign expired");
+                        self.set_outcome(Outcome::Rejected);
+                        self.dir.discard_download()?;
+                        self.save(session)?;
+                        return Ok((refusal, end));
+                    }
+                };
+                // "Pending install" is on disk before the image is switched.
+                self.save(session)?;
                 if let Some(down_for) = self.faults.crash_on_install() {
                     // Power loss half-way through writing the image: nothing else is saved.
                     self.dir.interrupt_install()?;
                     return Ok((Vec::new(), Some(ConnectionEnd::Crash(down_for))));
                 }
-                let installed =
-                    self.dir
-                        .install(&manifest.version, manifest.size, &manifest.sha256);
-                let result = match installed {
-                    Ok(record) => {
-                        info!(device = %self.id, version = %record.version, "image verified and installed");
-                        self.set_outcome(Outcome::Installed);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        warn!(device = %self.id, campaign = %manifest.campaign_id, error = %e, "install failed");
-                        self.set_outcome(Outcome::Failed);
-                        self.dir.discard_download()?;
-                        Err(e.to_string())
-                    }
-                };
-                actions = session.finish_install(result, now);
-                self.save(session)?;
+                actions = self.install_staged(session, &pending, now)?;
             }
             DeviceEvent::CredentialsDelivered { cert_pem, key_pem } => {
                 // Validated by the session (chain, name, key match); the signed Installed status
@@ -597,6 +639,13 @@ impl Device {
                 self.save(session)?;
                 end = Some(ConnectionEnd::Reload);
             }
+            DeviceEvent::Aborted { campaign_id } => {
+                info!(device = %self.id, campaign = %campaign_id, "the manager aborted the session (signed abort)");
+                if self.outcome == Outcome::Transferring {
+                    self.set_outcome(Outcome::Idle);
+                }
+                self.save(session)?;
+            }
             DeviceEvent::Rejected { reason } => {
                 info!(device = %self.id, %reason, "update rejected by the device");
                 self.set_outcome(Outcome::Rejected);
@@ -605,6 +654,80 @@ impl Device {
             }
         }
         Ok((actions, end))
+    }
+
+    /// Switches to the staged image, then finishes the install ([`Device::finish_switched`]).
+    fn install_staged(
+        &mut self,
+        session: &mut DeviceSession,
+        pending: &PendingInstall,
+        now: u64,
+    ) -> Result<Vec<Action>> {
+        self.dir
+            .switch_image(&pending.version, pending.size, &pending.sha256)?;
+        self.finish_switched(session, pending, now)
+    }
+
+    /// The staged image is in place: run the self-test (the `selftest-fail` fault fails it),
+    /// commit or roll back, and return the signed final receipt; the state is saved after.
+    fn finish_switched(
+        &mut self,
+        session: &mut DeviceSession,
+        pending: &PendingInstall,
+        now: u64,
+    ) -> Result<Vec<Action>> {
+        let failure = self.faults.self_test_failure().map(str::to_string);
+        let outcome = match failure {
+            Some(reason) => {
+                self.dir.roll_back_image()?;
+                warn!(device = %self.id, campaign = %pending.campaign_id, version = %pending.version, %reason, "self-test failed: rolled back (fault switch)");
+                self.set_outcome(Outcome::RolledBack);
+                FinalOutcome::RolledBack { reason }
+            }
+            None => {
+                self.dir.commit_image()?;
+                info!(device = %self.id, version = %pending.version, "image verified, installed and committed");
+                self.set_outcome(Outcome::Installed);
+                FinalOutcome::Committed
+            }
+        };
+        let actions = session.report_final(outcome, now);
+        self.save(session)?;
+        Ok(actions)
+    }
+
+    /// After a boot with an install pending: what is on disk decides (see [`reconcile`]).
+    fn reconcile_install(
+        &mut self,
+        session: &mut DeviceSession,
+        pending: &PendingInstall,
+    ) -> Result<Vec<Action>> {
+        let installed = self.dir.installed_sha256()?;
+        let download = self.dir.download_matches(&pending.sha256)?;
+        let now = self.now();
+        match reconcile(pending, installed, download) {
+            Reconcile::Switched => {
+                info!(device = %self.id, campaign = %pending.campaign_id, "install was switched before the restart: finishing it");
+                self.finish_switched(session, pending, now)
+            }
+            Reconcile::SwitchAgain => {
+                info!(device = %self.id, campaign = %pending.campaign_id, "install interrupted before the switch: installing again");
+                self.install_staged(session, pending, now)
+            }
+            Reconcile::Lost => {
+                warn!(device = %self.id, campaign = %pending.campaign_id, "install interrupted and the received image is gone: reporting a rollback");
+                self.set_outcome(Outcome::RolledBack);
+                let actions = session.report_final(
+                    FinalOutcome::RolledBack {
+                        reason: "install interrupted by a power loss; the received image was lost"
+                            .into(),
+                    },
+                    now,
+                );
+                self.save(session)?;
+                Ok(actions)
+            }
+        }
     }
 
     /// An update was accepted: a fresh transfer starts from an empty image file, a resumed one
@@ -624,6 +747,32 @@ impl Device {
         debug!(device = %self.id, campaign = %manifest.campaign_id, resumed, "transfer starts");
         self.set_outcome(Outcome::Transferring);
         Ok(())
+    }
+}
+
+/// What a boot finds of an install that was pending when power was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reconcile {
+    /// The installed image is the pending one: the switch happened; finish it.
+    Switched,
+    /// The old image still runs and the received one is intact: switch again.
+    SwitchAgain,
+    /// Neither: the install cannot be finished (reported as a rollback).
+    Lost,
+}
+
+/// Decide how to finish a pending install from what is on disk (pure).
+fn reconcile(
+    pending: &PendingInstall,
+    installed_sha256: Option<[u8; 32]>,
+    download_matches: bool,
+) -> Reconcile {
+    if installed_sha256 == Some(pending.sha256) {
+        Reconcile::Switched
+    } else if download_matches {
+        Reconcile::SwitchAgain
+    } else {
+        Reconcile::Lost
     }
 }
 
@@ -715,6 +864,15 @@ mod tests {
         }
 
         fn with(faults: &[&str], save_every_chunks: u32, delivers: Delivers) -> Self {
+            Self::build(faults, save_every_chunks, delivers, Vec::new())
+        }
+
+        fn build(
+            faults: &[&str],
+            save_every_chunks: u32,
+            delivers: Delivers,
+            release_keys: Vec<ReleaseKey>,
+        ) -> Self {
             let now = unix_now();
             let tmp = tempfile::tempdir().unwrap();
             let ca = Arc::new(CertificateAuthority::generate("test-ca", now, 1).unwrap());
@@ -737,6 +895,8 @@ mod tests {
                 pacer: ConnectPacer::new(1000.0, 10),
                 stats: Arc::new(FleetStats::new(1)),
                 transfer_barrier: None,
+                release_keys,
+                key_log: None,
             });
             let specs: Vec<FaultSpec> = faults.iter().map(|f| f.parse().unwrap()).collect();
             let (shutdown, shutdown_rx) = watch::channel(false);
@@ -766,6 +926,7 @@ mod tests {
                     payload,
                     expires_at: now + 3600,
                     chunk_size: CHUNK,
+                    release: None,
                 })
                 .unwrap(),
             );
@@ -911,7 +1072,7 @@ mod tests {
 
         fn rejection(&self) -> Option<RejectReason> {
             self.manager_events.iter().find_map(|e| match e {
-                ManagerEvent::Rejected { reason } => Some(reason.clone()),
+                ManagerEvent::Rejected { reason, .. } => Some(reason.clone()),
                 _ => None,
             })
         }
@@ -1088,6 +1249,121 @@ mod tests {
             world.manager_events
         );
         assert_eq!(world.chunks(), 0);
+    }
+
+    #[test]
+    fn a_failed_self_test_rolls_back_and_is_reported_signed() {
+        let mut world = World::new(&["selftest-fail:reason=watchdog reset"]);
+        assert_eq!(world.run(), None);
+        assert!(!world.installed());
+        assert!(
+            world.manager_events.iter().any(|e| matches!(
+                e,
+                ManagerEvent::RolledBack { version, reason, .. }
+                    if version == "1.1.0" && reason == "watchdog reset"
+            )),
+            "{:?}",
+            world.manager_events
+        );
+        assert_eq!(world.device.outcome, Outcome::RolledBack);
+        let state = world.state_on_disk();
+        assert_eq!(state.running_version, "1.0.0");
+        assert!(state.pending_install.is_none());
+        // This was the device's first image: nothing to go back to, nothing installed.
+        assert!(!world.dir.firmware_path().exists());
+        // Rebooting does not try again.
+        world.reboot();
+        assert_eq!(world.run(), None);
+        assert_eq!(world.chunks(), u64::from(CHUNKS));
+    }
+
+    /// The install is persisted as pending before the switch: a power loss right after the switch
+    /// is finished at boot, and the signed receipt goes out bound to the session the image came in.
+    #[test]
+    fn a_power_loss_after_the_switch_is_committed_at_boot() {
+        let mut world = World::new(&["crash-install:restart-after=1s"]);
+        assert_eq!(
+            world.run(),
+            Some(ConnectionEnd::Crash(Duration::from_secs(1)))
+        );
+        let pending = world
+            .state_on_disk()
+            .pending_install
+            .expect("persisted first");
+        assert_eq!(pending.version, "1.1.0");
+        // The switch itself completed before the power went.
+        world
+            .dir
+            .switch_image(&pending.version, pending.size, &pending.sha256)
+            .unwrap();
+        world.reboot();
+        assert_eq!(world.run(), None);
+        assert!(world.installed(), "{:?}", world.manager_events);
+        assert_eq!(world.state_on_disk().running_version, "1.1.0");
+        assert!(world.state_on_disk().pending_install.is_none());
+        assert_eq!(
+            std::fs::read(world.dir.firmware_path()).unwrap(),
+            world.image
+        );
+    }
+
+    #[test]
+    fn a_pending_install_whose_image_was_lost_is_reported_as_rolled_back() {
+        let mut world = World::new(&["crash-install:restart-after=1s"]);
+        world.run();
+        std::fs::remove_file(world.dir.root().join("download.part")).unwrap();
+        world.reboot();
+        world.run();
+        assert!(!world.installed());
+        assert!(world
+            .manager_events
+            .iter()
+            .any(|e| matches!(e, ManagerEvent::RolledBack { .. })));
+        assert_eq!(world.state_on_disk().running_version, "1.0.0");
+    }
+
+    #[test]
+    fn reconciling_a_pending_install() {
+        let pending = PendingInstall {
+            campaign_id: "c".into(),
+            binding: sealed_ota_protocol::SessionBinding {
+                session_id: [0; 16],
+                transcript: [0; 32],
+                issued_at: 0,
+            },
+            version: "2.0.0".into(),
+            sha256: [7; 32],
+            size: 1,
+            release_key: None,
+        };
+        assert_eq!(
+            reconcile(&pending, Some([7; 32]), false),
+            Reconcile::Switched
+        );
+        assert_eq!(
+            reconcile(&pending, Some([7; 32]), true),
+            Reconcile::Switched
+        );
+        assert_eq!(
+            reconcile(&pending, Some([1; 32]), true),
+            Reconcile::SwitchAgain
+        );
+        assert_eq!(reconcile(&pending, None, true), Reconcile::SwitchAgain);
+        assert_eq!(reconcile(&pending, None, false), Reconcile::Lost);
+    }
+
+    #[test]
+    fn a_device_enrolled_with_a_release_key_refuses_unsigned_firmware() {
+        let key = sealed_ota_protocol::ReleaseSigner::generate().public();
+        let mut world = World::build(&[], 1, Delivers::Firmware, vec![key]);
+        world.run();
+        assert!(
+            matches!(world.rejection(), Some(RejectReason::ReleaseSignature(_))),
+            "{:?}",
+            world.manager_events
+        );
+        assert_eq!(world.chunks(), 0);
+        assert_eq!(world.state_on_disk().running_version, "1.0.0");
     }
 
     #[test]

@@ -395,6 +395,7 @@ mod tests {
             manager_id: "manager".into(),
             topic_prefix: "iot".into(),
             initial_version: "1.0.0".into(),
+            release_keys: Vec::new(),
         };
         let request = EnrollRequest {
             id_prefix: "dev".into(),

@@ -13,11 +13,14 @@
 //! | `refuse` | `reason=TEXT` | decline every offered update (signed rejection) |
 //! | `crash-install` | `restart-after=T` | power loss half-way through installing, restart from disk (once) |
 //! | `clock-skew` | `seconds=N` (may be negative) | the device's clock is off by N seconds |
+//! | `clock-file` | `path=FILE` | the device's clock is off by the seconds written in FILE (re-read at every use; absent or unreadable: 0), so a test moves it while the fleet runs |
 //! | `max-packet` | `bytes=N` | advertise Maximum Packet Size N in CONNECT |
+//! | `selftest-fail` | `reason=TEXT` | the installed image fails its self-test: the device rolls back and reports it (signed RolledBack) |
 //!
 //! Selectors: `@all` (the default), `@10%` or `@fraction=0.1` (evenly spread over the fleet, a
 //! different set for each `--fault`), `@devices=dev-00001+dev-00002`.
 
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -71,10 +74,20 @@ pub enum Fault {
         /// Seconds added to the real time (negative: behind).
         seconds: i64,
     },
+    /// Shift the device's clock by the seconds a file holds (read at every use).
+    ClockFile {
+        /// The file.
+        path: PathBuf,
+    },
     /// Advertise a Maximum Packet Size in CONNECT.
     MaxPacketSize {
         /// Bytes.
         bytes: u32,
+    },
+    /// The installed image fails its self-test: roll back and report it.
+    SelfTestFails {
+        /// The reason reported (signed RolledBack).
+        reason: String,
     },
 }
 
@@ -149,13 +162,24 @@ impl FromStr for FaultSpec {
                     })
                     .map_err(invalid)?,
             },
+            "clock-file" => Fault::ClockFile {
+                path: params
+                    .required("path", |v| Ok(PathBuf::from(v)))
+                    .map_err(invalid)?,
+            },
             "max-packet" => Fault::MaxPacketSize {
                 bytes: params.required("bytes", parse_u32).map_err(invalid)?,
+            },
+            "selftest-fail" => Fault::SelfTestFails {
+                reason: params
+                    .optional("reason", |v| Ok(v.to_string()))
+                    .map_err(invalid)?
+                    .unwrap_or_else(|| "self-test failed after install".to_string()),
             },
             other => {
                 return Err(invalid(format!(
                     "unknown fault {other:?}; expected offline, slow, bitflip, refuse, \
-                     crash-install, clock-skew or max-packet"
+                     crash-install, clock-skew, clock-file, max-packet or selftest-fail"
                 )))
             }
         };
@@ -332,7 +356,9 @@ pub struct DeviceFaults {
     crash_install: Option<Duration>,
     crash_fired: bool,
     clock_skew_seconds: i64,
+    clock_file: Option<PathBuf>,
     max_packet_size: Option<u32>,
+    self_test_failure: Option<String>,
 }
 
 impl DeviceFaults {
@@ -365,7 +391,9 @@ impl DeviceFaults {
                     faults.crash_install = Some(*restart_after)
                 }
                 Fault::ClockSkew { seconds } => faults.clock_skew_seconds = *seconds,
+                Fault::ClockFile { path } => faults.clock_file = Some(path.clone()),
                 Fault::MaxPacketSize { bytes } => faults.max_packet_size = Some(*bytes),
+                Fault::SelfTestFails { reason } => faults.self_test_failure = Some(reason.clone()),
             }
         }
         faults
@@ -380,7 +408,9 @@ impl DeviceFaults {
             || self.refusal.is_some()
             || self.crash_install.is_some()
             || self.clock_skew_seconds != 0
+            || self.clock_file.is_some()
             || self.max_packet_size.is_some()
+            || self.self_test_failure.is_some()
     }
 
     /// After `chunks_this_run` chunks: time to stay offline, the first time the threshold is met.
@@ -440,7 +470,20 @@ impl DeviceFaults {
 
     /// The device's idea of the current time (Unix seconds).
     pub fn device_now(&self, real_now: u64) -> u64 {
-        real_now.saturating_add_signed(self.clock_skew_seconds)
+        let from_file = self
+            .clock_file
+            .as_ref()
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .and_then(|text| text.trim().parse::<i64>().ok())
+            .unwrap_or(0);
+        real_now
+            .saturating_add_signed(self.clock_skew_seconds)
+            .saturating_add_signed(from_file)
+    }
+
+    /// Why the installed image fails its self-test, if this device's image does.
+    pub fn self_test_failure(&self) -> Option<&str> {
+        self.self_test_failure.as_deref()
     }
 
     /// The Maximum Packet Size to advertise, `default` unless the fault sets one.
@@ -628,6 +671,31 @@ mod tests {
             2048
         );
         assert_eq!(faults("refuse").max_packet_size(1 << 20), 1 << 20);
+    }
+
+    #[test]
+    fn a_clock_file_moves_the_clock_while_running_and_selftest_fails() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("offset");
+        let f = faults(&format!("clock-file:path={}", path.display()));
+        assert_eq!(f.device_now(1000), 1000, "no file: no offset");
+        std::fs::write(&path, "259200\n").unwrap();
+        assert_eq!(f.device_now(1000), 1000 + 259_200);
+        std::fs::write(&path, "-500").unwrap();
+        assert_eq!(f.device_now(1000), 500);
+        assert!(f.any());
+        assert_eq!(
+            faults("selftest-fail").self_test_failure(),
+            Some("self-test failed after install")
+        );
+        assert_eq!(
+            faults("selftest-fail:reason=boot loop").self_test_failure(),
+            Some("boot loop")
+        );
+        assert!(
+            "clock-file".parse::<FaultSpec>().is_err(),
+            "path= is required"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sealed_ota_protocol::{TopicTree, TrustAnchor};
+use sealed_ota_protocol::{KeyLog, ReleaseKey, TopicTree, TrustAnchor};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -15,6 +15,7 @@ use crate::barrier::TransferBarrier;
 use crate::device::{Device, DeviceReport, FleetContext};
 use crate::error::{Error, Result};
 use crate::faults::{DeviceFaults, FaultSpec};
+use crate::keylog::KeyLogFile;
 use crate::mqtt_io::BrokerEndpoint;
 use crate::pacing::ConnectPacer;
 use crate::stats::{FleetStats, Summary};
@@ -52,6 +53,10 @@ pub struct FleetOptions {
     /// Hold first chunk windows until every device of this run was offered the update
     /// (benchmarks: the data phase then times the transfer alone).
     pub transfer_barrier: bool,
+    /// Append every session key, content key and delivered key to this file (tests only).
+    pub key_log: Option<std::path::PathBuf>,
+    /// Benchmarks only: do not fsync the protocol-state saves (see `DeviceDir::without_state_fsync`).
+    pub no_state_fsync: bool,
 }
 
 impl FleetOptions {
@@ -72,6 +77,8 @@ impl FleetOptions {
             keep_alive: Duration::from_secs(60),
             save_every_chunks: 16,
             transfer_barrier: false,
+            key_log: None,
+            no_state_fsync: false,
         }
     }
 }
@@ -120,6 +127,16 @@ impl RunningFleet {
             )));
         }
         ensure_open_file_limit(ids.len())?;
+        let release_keys = settings
+            .release_keys
+            .iter()
+            .map(|k| {
+                ReleaseKey::parse(k).map_err(|source| Error::Identity {
+                    subject: "a release key in fleet.json".into(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let stats = Arc::new(FleetStats::new(ids.len() as u64));
         let ctx = Arc::new(FleetContext {
             endpoint: options.endpoint,
@@ -137,13 +154,22 @@ impl RunningFleet {
             transfer_barrier: options
                 .transfer_barrier
                 .then(|| TransferBarrier::new(ids.len() as u64)),
+            release_keys,
+            key_log: match &options.key_log {
+                Some(path) => Some(Arc::new(KeyLogFile::open(path)?) as Arc<dyn KeyLog>),
+                None => None,
+            },
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut devices = JoinSet::new();
         for (position, id) in ids.into_iter().enumerate() {
             let faults = DeviceFaults::for_device(&options.faults, &id, position);
-            let dir = options.fleet.device(&id);
-            let device = Device::new(Arc::clone(&ctx), id, dir, faults, shutdown_rx.clone());
+            let mut dir = options.fleet.device(&id);
+            if options.no_state_fsync {
+                dir = dir.without_state_fsync();
+            }
+            let device = Device::new(Arc::clone(&ctx), id, dir, faults, shutdown_rx.clone())
+                .starting_on_node(position);
             devices.spawn(device.run());
         }
         Ok(RunningFleet {

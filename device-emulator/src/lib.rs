@@ -12,6 +12,7 @@ pub mod enroll;
 pub mod error;
 pub mod faults;
 pub mod fleet;
+pub mod keylog;
 pub mod mqtt_io;
 pub mod pacing;
 pub mod stats;
@@ -19,8 +20,4 @@ pub mod store;
 
 pub use error::{Error, Result};
 
-/// Installs ring as the process-wide rustls crypto provider (the workspace builds rustls
-/// without a default one). Harmless when already installed.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+pub use sealed_ota_mqtt::tls::install_crypto_provider;

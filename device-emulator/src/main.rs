@@ -22,6 +22,7 @@ use sealed_ota_device_emulator::mqtt_io::BrokerEndpoint;
 use sealed_ota_device_emulator::stats::{self, Outcome};
 use sealed_ota_device_emulator::store::{FleetDir, FleetSettings};
 use sealed_ota_device_emulator::{Error, Result};
+use sealed_ota_protocol::ReleaseKey;
 
 #[derive(Debug, Parser)]
 #[command(name = "sealed-ota-device-emulator", version, about)]
@@ -128,6 +129,10 @@ struct EnrollArgs {
     /// Version a freshly enrolled device runs.
     #[arg(long, default_value = "1.0.0")]
     initial_version: String,
+    /// Release public key the devices trust (repeatable): a PEM file as `sealed-ota release keygen`
+    /// writes it (release.pub). With one, devices install only firmware it signed.
+    #[arg(long = "release-key")]
+    release_keys: Vec<PathBuf>,
     #[command(flatten)]
     output: KubeOutputArgs,
 }
@@ -145,7 +150,9 @@ struct RunArgs {
     /// Fleet directory written by `enroll`.
     #[arg(long, default_value = "fleet")]
     fleet: PathBuf,
-    /// Broker URL, mqtts://host:port (client certificates) or mqtt://host:port.
+    /// Broker URL, mqtts://host:port (client certificates) or mqtt://host:port; for a cluster,
+    /// every node's URL separated by commas (devices spread over them and move to the next node
+    /// when a connection is lost).
     #[arg(long, env = "SEALED_OTA_MQTTS_URL")]
     broker: String,
     /// CA that signed the broker's server certificate (default: the fleet's CA).
@@ -197,6 +204,15 @@ struct RunArgs {
     /// No live progress line (it is shown only when stderr is a terminal anyway).
     #[arg(long)]
     no_progress: bool,
+    /// Tests only: append every session key, content key and delivered private key to this file
+    /// (like SSLKEYLOGFILE), so a test can scan what the broker relayed for them.
+    #[arg(long, hide = true)]
+    key_log: Option<PathBuf>,
+    /// Benchmarks only: do not fsync the frequent protocol-state saves (thousands of emulated
+    /// devices share one disk; a real device has its own). Credentials and installs are fsynced
+    /// regardless.
+    #[arg(long)]
+    no_state_fsync: bool,
 }
 
 fn parse_label(text: &str) -> std::result::Result<(String, String), String> {
@@ -279,10 +295,23 @@ async fn enroll_devices(args: EnrollArgs) -> Result<()> {
     let now = unix_now();
     let ca = enroll::load_ca(&args.ca.source(), now, args.ca.validity_days)?;
     let fleet = FleetDir::new(&args.fleet);
+    let release_keys = args
+        .release_keys
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
+            let key = ReleaseKey::parse(&text).map_err(|source| Error::Identity {
+                subject: format!("release key {}", path.display()),
+                source,
+            })?;
+            Ok(hex::encode(key.sec1()))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let settings = FleetSettings {
         manager_id: args.manager_id,
         topic_prefix: args.topic_prefix,
         initial_version: args.initial_version,
+        release_keys,
     };
     let request = EnrollRequest {
         id_prefix: args.id_prefix,
@@ -354,6 +383,8 @@ async fn run(args: RunArgs) -> Result<()> {
     options.window_timeout = args.window_timeout;
     options.transfer_barrier = args.transfer_barrier;
     options.save_every_chunks = args.save_every_chunks;
+    options.key_log = args.key_log;
+    options.no_state_fsync = args.no_state_fsync;
     let running = RunningFleet::start(options)?;
     let stats = std::sync::Arc::clone(running.stats());
     let progress = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {
@@ -379,6 +410,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     stats.count(Outcome::Installed)
                         + stats.count(Outcome::Rejected)
                         + stats.count(Outcome::Failed)
+                        + stats.count(Outcome::RolledBack)
                         == total
                 }
             };

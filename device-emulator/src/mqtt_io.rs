@@ -1,78 +1,70 @@
-//! The seam between the protocol's plain-data MQTT view and rumqttc's v5 client: connection
-//! options for one device (TLS with its own certificate, MQTT 5 properties), received
-//! PUBLISH → [`Inbound`], and [`Action`] → client requests. No protocol logic lives here.
+//! A device's connection to the broker: its endpoint (URL and broker CA, parsed once for the
+//! fleet) and its MQTT options (client id, its own certificate, the Maximum Packet Size it
+//! advertises). Property conversion and action execution are the shared `sealed-ota-mqtt`
+//! adapter's, re-exported here. No protocol logic lives here.
 //!
 //! Each device gets its own rustls `ClientConfig` (its certificate and key), sharing one root
-//! store, with TLS session resumption off: rustls's default cache would cost ~20 KiB per device
-//! and a device reconnects too rarely to gain from it.
+//! store. A broker of several nodes (a cluster) is given as several URLs: devices spread over
+//! them by position and move to the next node when a connection is lost.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::v5::{Filter, Publish, PublishProperties};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, ClientError, MqttOptions};
-use rumqttc::{TlsConfiguration, Transport};
-use rustls::client::Resumption;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rumqttc::v5::MqttOptions;
 use rustls::{ClientConfig, RootCertStore};
-use sealed_ota_protocol::{Action, Inbound, Properties};
+use sealed_ota_mqtt::{tls, BrokerUrl};
 
 use crate::error::{Error, Result};
+
+pub use sealed_ota_mqtt::{inbound_from, perform};
 
 /// Where the broker is and how to reach it.
 #[derive(Debug, Clone)]
 pub struct BrokerEndpoint {
-    /// Host name or IP address.
-    pub host: String,
-    /// Port.
-    pub port: u16,
-    /// TLS (`mqtts://`) or plain (`mqtt://`).
-    pub tls: bool,
+    /// Host, port and whether TLS is used (the first node's).
+    pub url: BrokerUrl,
+    /// Every node, `url` first.
+    pub nodes: Vec<BrokerUrl>,
     /// Roots that signed the broker's server certificate (TLS only).
     pub roots: Option<Arc<RootCertStore>>,
 }
 
 impl BrokerEndpoint {
-    /// Parses `mqtt://host:port` or `mqtts://host:port`.
+    /// Parses the broker URL (see [`BrokerUrl`]), or several separated by commas (the nodes of
+    /// a cluster, all TLS or all plain), and, for TLS, the broker's CA certificate(s).
     pub fn parse(url: &str, ca_pem: Option<Vec<u8>>) -> Result<Self> {
-        let bad = |why: &str| Error::Config(format!("broker URL {url:?}: {why}"));
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| bad("expected mqtt://host:port or mqtts://host:port"))?;
-        let tls = match scheme {
-            "mqtts" | "ssl" => true,
-            "mqtt" | "tcp" => false,
-            _ => return Err(bad("scheme must be mqtt or mqtts")),
-        };
-        let (host, port) = match rest.trim_end_matches('/').rsplit_once(':') {
-            Some((host, port)) => (host, port.parse().map_err(|_| bad("bad port"))?),
-            None => (rest.trim_end_matches('/'), if tls { 8883 } else { 1883 }),
-        };
-        let roots = match (tls, ca_pem) {
+        let nodes = url
+            .split(',')
+            .map(|u| BrokerUrl::parse(u.trim()).map_err(|e| Error::Config(e.to_string())))
+            .collect::<Result<Vec<_>>>()?;
+        let parsed = nodes[0].clone();
+        if nodes.iter().any(|n| n.tls != parsed.tls) {
+            return Err(Error::Config(format!(
+                "broker URLs {url:?}: mix mqtts:// and mqtt://; the nodes of one broker use one scheme"
+            )));
+        }
+        let roots = match (parsed.tls, ca_pem) {
             (false, _) => None,
-            (true, None) => return Err(bad("TLS needs the broker's CA certificate")),
-            (true, Some(pem)) => {
-                let mut roots = RootCertStore::empty();
-                for cert in CertificateDer::pem_slice_iter(&pem) {
-                    let cert = cert.map_err(|e| bad(&format!("broker CA: {e}")))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| bad(&format!("broker CA: {e}")))?;
-                }
-                if roots.is_empty() {
-                    return Err(bad("the broker CA file holds no certificate"));
-                }
-                Some(Arc::new(roots))
+            (true, None) => {
+                return Err(Error::Config(format!(
+                    "broker URL {url:?}: TLS needs the broker's CA certificate (--broker-ca)"
+                )))
             }
+            (true, Some(pem)) => Some(
+                tls::roots_from_pem(&pem)
+                    .map_err(|e| Error::Config(format!("broker URL {url:?}: {e}")))?,
+            ),
         };
         Ok(BrokerEndpoint {
-            host: host.to_string(),
-            port,
-            tls,
+            url: parsed,
+            nodes,
             roots,
         })
+    }
+
+    /// Node `n` modulo the number of nodes.
+    pub fn node(&self, n: usize) -> &BrokerUrl {
+        &self.nodes[n % self.nodes.len()]
     }
 
     /// The TLS client configuration of one device: the shared roots, its certificate and key.
@@ -85,22 +77,15 @@ impl BrokerEndpoint {
         let Some(roots) = &self.roots else {
             return Ok(None);
         };
-        let tls_error = |reason: String| Error::Tls {
+        tls::client_config(
+            Arc::clone(roots),
+            Some((cert_pem.as_bytes(), key_pem.as_bytes())),
+        )
+        .map(Some)
+        .map_err(|e| Error::Tls {
             device: device_id.to_string(),
-            reason,
-        };
-        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| tls_error(format!("certificate: {e}")))?;
-        // The parse error says which PEM section failed, never the key's bytes.
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .map_err(|e| tls_error(format!("private key: {e}")))?;
-        let mut config = ClientConfig::builder()
-            .with_root_certificates(Arc::clone(roots))
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| tls_error(e.to_string()))?;
-        config.resumption = Resumption::disabled();
-        Ok(Some(Arc::new(config)))
+            reason: e.to_string(),
+        })
     }
 }
 
@@ -117,7 +102,18 @@ pub fn device_options(
     max_packet_size: u32,
     keep_alive: Duration,
 ) -> MqttOptions {
-    let mut options = MqttOptions::new(device_id, endpoint.host.clone(), endpoint.port);
+    device_options_on(&endpoint.url, device_id, tls, max_packet_size, keep_alive)
+}
+
+/// [`device_options`] for one node of the broker.
+pub fn device_options_on(
+    node: &BrokerUrl,
+    device_id: &str,
+    tls: Option<Arc<ClientConfig>>,
+    max_packet_size: u32,
+    keep_alive: Duration,
+) -> MqttOptions {
+    let mut options = MqttOptions::new(device_id, node.host.clone(), node.port);
     options.set_keep_alive(keep_alive);
     options.set_clean_start(true);
     options.set_max_packet_size(Some(max_packet_size));
@@ -126,70 +122,9 @@ pub fn device_options(
     // client); a device has a handful of publishes in flight at most.
     options.set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT);
     if let Some(config) = tls {
-        options.set_transport(Transport::Tls(TlsConfiguration::Rustls(config)));
+        options.set_transport(tls::transport(config));
     }
     options
-}
-
-/// A received PUBLISH as the protocol sees it. The payload is copied once (the session owns it).
-pub fn inbound_from(publish: &Publish) -> Inbound {
-    let properties = publish
-        .properties
-        .as_ref()
-        .map(|p| Properties {
-            response_topic: p.response_topic.clone(),
-            correlation_data: p.correlation_data.as_ref().map(|d| d.to_vec()),
-            user_properties: p.user_properties.clone(),
-            content_type: p.content_type.clone(),
-        })
-        .unwrap_or_default();
-    Inbound {
-        topic: String::from_utf8_lossy(&publish.topic).into_owned(),
-        payload: publish.payload.to_vec(),
-        properties,
-    }
-}
-
-/// Hands the protocol's actions to the client (QoS 1 always). The client's request channel is
-/// drained by the connection task, so awaiting here cannot deadlock.
-pub async fn perform(client: &AsyncClient, actions: Vec<Action>) -> Result<(), ClientError> {
-    for action in actions {
-        match action {
-            Action::Publish(out) => {
-                let properties = PublishProperties {
-                    response_topic: out.properties.response_topic,
-                    correlation_data: out.properties.correlation_data.map(Into::into),
-                    user_properties: out.properties.user_properties,
-                    content_type: out.properties.content_type,
-                    ..PublishProperties::default()
-                };
-                client
-                    .publish_with_properties(
-                        out.topic,
-                        QoS::AtLeastOnce,
-                        out.retain,
-                        out.payload,
-                        properties,
-                    )
-                    .await?;
-            }
-            Action::Subscribe(filters) => {
-                let filters: Vec<Filter> = filters
-                    .into_iter()
-                    .map(|f| Filter::new(f, QoS::AtLeastOnce))
-                    .collect();
-                if !filters.is_empty() {
-                    client.subscribe_many(filters).await?;
-                }
-            }
-            Action::Unsubscribe(filters) => {
-                for filter in filters {
-                    client.unsubscribe(filter).await?;
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -200,7 +135,7 @@ mod tests {
     fn parses_broker_urls() {
         let plain = BrokerEndpoint::parse("mqtt://127.0.0.1:1884", None).unwrap();
         assert_eq!(
-            (plain.host.as_str(), plain.port, plain.tls),
+            (plain.url.host.as_str(), plain.url.port, plain.url.tls),
             ("127.0.0.1", 1884, false)
         );
         let err =
@@ -209,27 +144,13 @@ mod tests {
         let err = BrokerEndpoint::parse("mqtts://h:1", None).unwrap_err();
         assert!(err.to_string().contains("CA"), "{err}");
         assert!(BrokerEndpoint::parse("http://h:1", None).is_err());
-    }
-
-    #[test]
-    fn publish_properties_become_protocol_properties() {
-        let mut publish = Publish::new("iot/m/d/notify", QoS::AtLeastOnce, vec![1, 2, 3], None);
-        publish.properties = Some(PublishProperties {
-            response_topic: Some("iot/m/d/ready".into()),
-            correlation_data: Some(vec![9u8].into()),
-            user_properties: vec![("sealed-ota-version".into(), "1".into())],
-            content_type: Some("application/cbor".into()),
-            ..PublishProperties::default()
-        });
-        let inbound = inbound_from(&publish);
-        assert_eq!(inbound.topic, "iot/m/d/notify");
-        assert_eq!(inbound.payload, [1, 2, 3]);
-        assert_eq!(
-            inbound.properties.response_topic.as_deref(),
-            Some("iot/m/d/ready")
-        );
-        assert_eq!(inbound.properties.correlation_data, Some(vec![9]));
-        assert_eq!(inbound.properties.user_properties.len(), 1);
+        let cluster = BrokerEndpoint::parse("mqtt://a:1, mqtt://b:2,mqtt://c:3", None).unwrap();
+        assert_eq!(cluster.url.host, "a");
+        let hosts: Vec<&str> = (0..4).map(|n| cluster.node(n).host.as_str()).collect();
+        assert_eq!(hosts, ["a", "b", "c", "a"]);
+        let err = BrokerEndpoint::parse("mqtt://a:1,mqtts://b:2", None).unwrap_err();
+        assert!(err.to_string().contains("one scheme"), "{err}");
+        assert!(BrokerEndpoint::parse("mqtt://a:1,", None).is_err());
     }
 
     #[test]
@@ -259,7 +180,7 @@ mod tests {
         );
         assert!(matches!(
             options.transport(),
-            Transport::Tls(TlsConfiguration::Rustls(_))
+            rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(_))
         ));
         let err = endpoint
             .device_tls("dev-00001", &device.cert_pem(), "not a key")

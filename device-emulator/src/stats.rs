@@ -25,15 +25,18 @@ pub enum Outcome {
     Rejected,
     /// The install failed (hash mismatch, storage).
     Failed,
+    /// The image was installed, failed its self-test and the previous one runs again.
+    RolledBack,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 5] = [
+    const ALL: [Outcome; 6] = [
         Outcome::Idle,
         Outcome::Transferring,
         Outcome::Installed,
         Outcome::Rejected,
         Outcome::Failed,
+        Outcome::RolledBack,
     ];
 
     fn index(self) -> usize {
@@ -48,6 +51,7 @@ impl Outcome {
             Outcome::Installed => "installed",
             Outcome::Rejected => "rejected",
             Outcome::Failed => "failed",
+            Outcome::RolledBack => "rolledBack",
         }
     }
 }
@@ -64,7 +68,7 @@ pub struct FleetStats {
     chunks_received: AtomicU64,
     bytes_received: AtomicU64,
     messages_rejected: AtomicU64,
-    outcomes: [AtomicU64; 5],
+    outcomes: [AtomicU64; 6],
     all_connected_after: Mutex<Option<Duration>>,
     rss_before_devices: u64,
     rss_all_connected: AtomicU64,
@@ -76,7 +80,7 @@ pub struct FleetStats {
 impl FleetStats {
     /// Counters for `devices` devices, all idle; reads the memory baseline now.
     pub fn new(devices: u64) -> Self {
-        let outcomes = [0, 0, 0, 0, 0].map(AtomicU64::new);
+        let outcomes = [0; 6].map(AtomicU64::new);
         outcomes[Outcome::Idle.index()].store(devices, Ordering::Relaxed);
         FleetStats {
             started: Instant::now(),

@@ -251,6 +251,7 @@ async fn rotated_credentials_replace_the_old_ones_and_the_next_connection_uses_t
             },
             expires_at: unix_now() + 3600,
             chunk_size: 4096,
+            release: None,
         };
         manager.start_campaign(spec, &ids).await?;
         manager

@@ -3,58 +3,24 @@
 //! read back with the values the emulator's devices use. Needs `e2e/testbed up`.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use kube::Api;
 use rand::Rng;
 use sealed_ota_device_emulator::device::unix_now;
 use sealed_ota_device_emulator::enroll::{self, CaSource, EnrollRequest, SecretNames};
 use sealed_ota_device_emulator::store::{FleetDir, FleetSettings};
-use sealed_ota_e2e::{repo_root, TestBed};
+use sealed_ota_e2e::TestBed;
 use sealed_ota_protocol::Identity;
-
-/// Applies the checked-in Device CRD (idempotent) and waits until it is served.
-async fn install_device_crd(client: &kube::Client) -> Result<()> {
-    let path = repo_root().join("crds/devices.ota.sealed-ota.dev.yaml");
-    let crd: CustomResourceDefinition =
-        serde_yaml::from_str(&std::fs::read_to_string(&path).context("reading the Device CRD")?)?;
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.patch(
-        "devices.ota.sealed-ota.dev",
-        &PatchParams::apply("sealed-ota-e2e").force(),
-        &Patch::Apply(&crd),
-    )
-    .await?;
-    sealed_ota_e2e::wait_for(
-        "the Device CRD established",
-        Duration::from_secs(30),
-        || {
-            let api = api.clone();
-            async move {
-                let crd = api.get("devices.ota.sealed-ota.dev").await?;
-                let established = crd
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                Ok(established.then_some(()))
-            }
-        },
-    )
-    .await
-}
 
 #[tokio::test]
 async fn secrets_and_devices_are_applied_to_the_apiserver() -> Result<()> {
     sealed_ota_device_emulator::install_crypto_provider();
     let bed = TestBed::get()?;
     let ns = bed.namespace("emu-enroll").await?;
-    install_device_crd(&ns.client).await?;
+    sealed_ota_e2e::install_crds(&ns.client).await?;
     let ca = enroll::load_ca(
         &CaSource::Files {
             cert: bed.ca_file.clone(),
@@ -98,6 +64,7 @@ async fn secrets_and_devices_are_applied_to_the_apiserver() -> Result<()> {
         manager_id: "manager".into(),
         topic_prefix: "iot".into(),
         initial_version: "1.0.0".into(),
+        release_keys: Vec::new(),
     };
     let prefix = format!("k{:06x}", rand::thread_rng().gen_range(0..0xff_ffffu32));
     let request = EnrollRequest {
@@ -130,5 +97,6 @@ async fn secrets_and_devices_are_applied_to_the_apiserver() -> Result<()> {
         device.data["spec"]["certificateFingerprint"],
         fingerprint.as_str()
     );
+    ns.pass();
     Ok(())
 }

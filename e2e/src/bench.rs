@@ -480,6 +480,7 @@ pub fn wrap_bytes(
         manager_id: manager_id.into(),
         max_packet_size: MAX_PACKET_SIZE,
         window: 8,
+        release_keys: Vec::new(),
     };
     let campaign = Arc::new(PreparedCampaign::prepare(CampaignSpec {
         campaign_id: campaign_id.into(),
@@ -489,6 +490,7 @@ pub fn wrap_bytes(
         },
         expires_at: now + 3600,
         chunk_size: chunk_bytes,
+        release: None,
     })?);
     let target = DeviceTarget {
         device_id: device_id.into(),

@@ -4,20 +4,26 @@
 //! `e2e/testbed` script owns every process, so `e2e/testbed down` stops them all.
 
 pub mod bench;
+pub mod http;
+pub mod interop;
 pub mod product;
+pub mod rogue;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{DeleteParams, ObjectMeta, PostParams};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::{Api, Client, Config, CustomResourceExt};
 use rand::Rng;
+use sealed_ota_operator::crd::{Device, UpdateCampaign};
 
 /// Label put on every namespace a test creates, so they can be found and removed together.
 pub const TEST_NAMESPACE_LABEL: &str = "e2e.sealed-ota.dev/test";
@@ -32,7 +38,18 @@ pub struct TestBed {
     /// Plain MQTT listener, `mqtt://127.0.0.1:PORT` (anonymous allowed).
     pub mqtt_url: String,
     /// TLS MQTT listener, `mqtts://127.0.0.1:PORT` (client certificate required; CN is the username).
+    /// For a clustered broker, node 1's.
     pub mqtts_url: String,
+    /// The broker kind `e2e/testbed up --broker` started: `mosquitto`, `mochi` or `rmqtt-cluster`.
+    pub broker: String,
+    /// Its version.
+    pub broker_version: String,
+    /// Its binary (`PrivateBroker` starts another instance of it).
+    pub broker_bin: Option<PathBuf>,
+    /// Every node's plain listener (one for a single broker), node 1 first.
+    pub mqtt_urls: Vec<String>,
+    /// Every node's TLS listener, node 1 first.
+    pub mqtts_urls: Vec<String>,
     /// The test CA (EC P-256, PEM) that signed every certificate of the test bed.
     pub ca_file: PathBuf,
     /// The test CA's private key (PKCS#8 PEM), so tests can issue client certificates Mosquitto accepts.
@@ -57,12 +74,13 @@ impl TestBed {
     }
 
     fn discover() -> Result<TestBed> {
-        let script = repo_root().join("e2e/testbed");
-        let exports = match run_script(&script, "env") {
+        let script = || Command::new(repo_root().join("e2e/testbed"));
+        let exports = match run_script(script(), &["env"]) {
             Ok(out) => out,
             Err(_) => {
-                run_script(&script, "up").context("starting the test bed with `e2e/testbed up`")?;
-                run_script(&script, "env")?
+                run_script(script(), &["up"])
+                    .context("starting the test bed with `e2e/testbed up`")?;
+                run_script(script(), &["env"])?
             }
         };
         Self::from_exports(&exports)
@@ -81,16 +99,43 @@ impl TestBed {
                 .map(|v| v.to_string())
                 .with_context(|| format!("`e2e/testbed env` did not print {name}"))
         };
+        let state_dir = var("SEALED_OTA_TESTBED_DIR")?.into();
+        let kubeconfig = var("KUBECONFIG")?.into();
+        let mqtt_url = var("SEALED_OTA_MQTT_URL")?;
+        let mqtts_url = var("SEALED_OTA_MQTTS_URL")?;
+        let list = |name: &str, single: &str| -> Vec<String> {
+            vars.get(name)
+                .map(|v| v.split(',').map(str::to_string).collect())
+                .unwrap_or_else(|| vec![single.to_string()])
+        };
         Ok(TestBed {
-            state_dir: var("SEALED_OTA_TESTBED_DIR")?.into(),
-            kubeconfig: var("KUBECONFIG")?.into(),
-            mqtt_url: var("SEALED_OTA_MQTT_URL")?,
-            mqtts_url: var("SEALED_OTA_MQTTS_URL")?,
+            state_dir,
+            kubeconfig,
+            broker: vars
+                .get("SEALED_OTA_BROKER")
+                .unwrap_or(&"mosquitto")
+                .to_string(),
+            broker_version: vars
+                .get("SEALED_OTA_BROKER_VERSION")
+                .unwrap_or(&"unknown")
+                .to_string(),
+            broker_bin: vars.get("SEALED_OTA_BROKER_BIN").map(PathBuf::from),
+            mqtt_urls: list("SEALED_OTA_MQTT_URLS", &mqtt_url),
+            mqtts_urls: list("SEALED_OTA_MQTTS_URLS", &mqtts_url),
+            mqtt_url,
+            mqtts_url,
             ca_file: var("SEALED_OTA_CA_FILE")?.into(),
             ca_key_file: var("SEALED_OTA_CA_KEY_FILE")?.into(),
             client_cert: var("SEALED_OTA_CLIENT_CERT")?.into(),
             client_key: var("SEALED_OTA_CLIENT_KEY")?.into(),
         })
+    }
+
+    /// Runs `e2e/testbed ARGS...` against this test bed (for example `node kill 2`).
+    pub fn script(&self, args: &[&str]) -> Result<String> {
+        let mut command = Command::new(repo_root().join("e2e/testbed"));
+        command.env("SEALED_OTA_TESTBED_DIR", &self.state_dir);
+        run_script(command, args)
     }
 
     /// A kube client with the admin identity.
@@ -103,8 +148,8 @@ impl TestBed {
         Client::try_from(config).context("building a kube client")
     }
 
-    /// A fresh namespace for one test, removed when the guard drops after the test passed and
-    /// kept for inspection when the test panicked.
+    /// A fresh namespace for one test, removed when the guard drops after the test called
+    /// [`TestNamespace::pass`], and kept for inspection otherwise (a panic or an error return).
     pub async fn namespace(&self, prefix: &str) -> Result<TestNamespace> {
         let client = self.client().await?;
         let suffix: u32 = rand::thread_rng().gen_range(0..0xff_ffff);
@@ -125,19 +170,14 @@ impl TestBed {
             name,
             client,
             kubeconfig: self.kubeconfig.clone(),
+            passed: AtomicBool::new(false),
         })
     }
 
     /// Host and port of an `mqtt://` or `mqtts://` URL of the test bed.
     pub fn host_port(url: &str) -> Result<(String, u16)> {
-        let rest = url
-            .split_once("://")
-            .map(|(_, r)| r)
-            .with_context(|| format!("not a URL: {url}"))?;
-        let (host, port) = rest
-            .rsplit_once(':')
-            .with_context(|| format!("no port in {url}"))?;
-        Ok((host.to_string(), port.parse().context("port")?))
+        let url = sealed_ota_mqtt::BrokerUrl::parse(url)?;
+        Ok((url.host, url.port))
     }
 
     /// rumqttc v5 options for the TLS listener, authenticated with `cert`/`key` (PEM files).
@@ -150,13 +190,9 @@ impl TestBed {
         let (host, port) = Self::host_port(&self.mqtts_url)?;
         let mut options = rumqttc::v5::MqttOptions::new(client_id, host, port);
         let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        options.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Simple {
-                ca: read(&self.ca_file)?,
-                alpn: None,
-                client_auth: Some((read(cert)?, read(key)?)),
-            },
-        ));
+        let roots = sealed_ota_mqtt::tls::roots_from_pem(&read(&self.ca_file)?)?;
+        let config = sealed_ota_mqtt::tls::client_config(roots, Some((&read(cert)?, &read(key)?)))?;
+        options.set_transport(sealed_ota_mqtt::tls::transport(config));
         options.set_keep_alive(Duration::from_secs(30));
         Ok(options)
     }
@@ -170,13 +206,51 @@ impl TestBed {
     }
 }
 
-/// A namespace owned by one test.
+/// A namespace owned by one test. It is deleted on drop only when the test said it passed
+/// ([`TestNamespace::pass`]); a test that panics or returns an error keeps it for inspection.
 pub struct TestNamespace {
     /// The namespace's name.
     pub name: String,
     /// An admin client.
     pub client: Client,
     kubeconfig: PathBuf,
+    passed: AtomicBool,
+}
+
+impl TestNamespace {
+    /// The test passed: delete the namespace when the guard drops.
+    pub fn pass(&self) {
+        self.passed.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the test said it passed.
+    pub fn passed(&self) -> bool {
+        self.passed.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `check` accepts the campaign `name`; the error says what the campaign's status
+    /// last was.
+    pub async fn wait_campaign(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&UpdateCampaign) -> bool,
+    ) -> Result<UpdateCampaign> {
+        let api = Api::<UpdateCampaign>::namespaced(self.client.clone(), &self.name);
+        let result = wait_for(&format!("campaign {name}: {what}"), timeout, || async {
+            let c = api.get(name).await?;
+            Ok(check(&c).then_some(c))
+        })
+        .await;
+        match result {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                let last = api.get(name).await.ok().and_then(|c| c.status);
+                bail!("{e:#}; campaign status: {last:?}")
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for TestNamespace {
@@ -189,9 +263,9 @@ impl std::fmt::Debug for TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if !self.passed() {
             eprintln!(
-                "e2e: test failed; namespace {} kept for inspection (KUBECONFIG={})",
+                "e2e: test did not pass; namespace {} kept for inspection (KUBECONFIG={})",
                 self.name,
                 self.kubeconfig.display()
             );
@@ -233,19 +307,68 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn run_script(script: &Path, verb: &str) -> Result<String> {
-    let out = Command::new(script)
-        .arg(verb)
+/// Runs `command ARGS...`; its stdout, or an error carrying its stderr.
+fn run_script(mut command: Command, args: &[&str]) -> Result<String> {
+    let what = format!(
+        "{} {}",
+        command.get_program().to_string_lossy(),
+        args.join(" ")
+    );
+    let out = command
+        .args(args)
         .output()
-        .with_context(|| format!("running {} {verb}", script.display()))?;
+        .with_context(|| format!("running {what}"))?;
     if !out.status.success() {
         bail!(
-            "{} {verb} failed: {}",
-            script.display(),
+            "{what} failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+static CRDS: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+
+/// Applies the CRDs from the operator's Rust types (server-side, field manager
+/// `sealed-ota-tests`; `crds_in_sync` proves `crds/` holds the same) and waits until they are
+/// established. Once per test process; idempotent across processes.
+pub async fn install_crds(client: &Client) -> Result<()> {
+    CRDS.get_or_try_init(|| async {
+        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in [Device::crd(), UpdateCampaign::crd()] {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            api.patch(
+                &name,
+                &PatchParams::apply("sealed-ota-tests").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .with_context(|| format!("applying CRD {name}"))?;
+            wait_for(
+                &format!("CRD {name} established"),
+                Duration::from_secs(60),
+                || {
+                    let api = api.clone();
+                    let name = name.clone();
+                    async move {
+                        let established = api
+                            .get(&name)
+                            .await?
+                            .status
+                            .and_then(|s| s.conditions)
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True");
+                        Ok(established.then_some(()))
+                    }
+                },
+            )
+            .await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+    .await
+    .copied()
 }
 
 /// Polls `check` every 200 ms until it yields `Some`, failing after `timeout` with `what`.
@@ -287,6 +410,16 @@ mod tests {
             export SEALED_OTA_CLIENT_CERT='/t/pki/c.crt'\nexport SEALED_OTA_CLIENT_KEY='/t/pki/c.key'\n";
         let bed = TestBed::from_exports(text).unwrap();
         assert_eq!(bed.kubeconfig, PathBuf::from("/t/kubeconfig"));
+        // Without the broker exports (a state directory e2e/kind filled): one Mosquitto.
+        assert_eq!(bed.broker, "mosquitto");
+        assert_eq!(bed.mqtts_urls, ["mqtts://127.0.0.1:8883"]);
+        let cluster = format!(
+            "{text}export SEALED_OTA_BROKER='rmqtt-cluster'\n\
+             export SEALED_OTA_MQTTS_URLS='mqtts://127.0.0.1:8883,mqtts://127.0.0.1:8884'\n"
+        );
+        let bed = TestBed::from_exports(&cluster).unwrap();
+        assert_eq!(bed.broker, "rmqtt-cluster");
+        assert_eq!(bed.mqtts_urls.len(), 2);
         assert_eq!(
             TestBed::host_port(&bed.mqtts_url).unwrap(),
             ("127.0.0.1".into(), 8883)

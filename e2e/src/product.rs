@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::{ConfigMap, Event as KubeEvent};
@@ -19,40 +19,100 @@ use rand::{Rng, RngCore};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
-use sealed_ota_operator::crd::{Device, UpdateCampaign};
+use sealed_ota_operator::crd::{Device, DevicePhase, UpdateCampaign};
 use sha2::{Digest, Sha256};
 
-use crate::{repo_root, wait_for, TestBed, TestNamespace};
+use crate::{repo_root, TestBed, TestNamespace};
 
-/// A private Mosquitto for tests that stop and restart the broker: TLS with client
-/// certificates from the test bed's CA, like the test bed's own listener.
+/// A private broker of the test bed's kind for tests that stop and restart the broker, or make it
+/// drop messages: TLS with client certificates from the test bed's CA, like the test bed's own
+/// listener, and persistence in its directory. With Mosquitto, optionally an ACL file
+/// (`acl_file`, keyed on the certificate's CN as username) the test rewrites and makes the running
+/// broker reload. Mosquitto for a Mosquitto test bed; mochi-mqtt (bbolt persistence) for a
+/// mochi test bed; a single Mosquitto for the rmqtt cluster, whose node loss is tested on the
+/// cluster itself (`product_broker_cluster.rs`).
 #[derive(Debug)]
 pub struct PrivateBroker {
+    /// The broker's kind: `mosquitto` or `mochi`.
+    pub kind: String,
     dir: PathBuf,
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
     port: u16,
     child: Option<Child>,
 }
 
 impl PrivateBroker {
-    /// Starts Mosquitto on a free loopback port with persistence in `dir`.
+    /// Starts a broker of the test bed's kind on a free loopback port with persistence in `dir`.
     pub fn start(bed: &TestBed, dir: &Path) -> Result<Self> {
+        Self::start_with_acl(bed, dir, None)
+    }
+
+    /// Like `start`, with `acl` as Mosquitto's ACL file (every publish and delivery it does not
+    /// allow is dropped by the broker, as a malicious broker would drop it). Mosquitto only.
+    pub fn start_with_acl(bed: &TestBed, dir: &Path, acl: Option<&str>) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
+        if acl.is_some() && bed.broker == "mochi" {
+            bail!("a private broker with an ACL needs Mosquitto (the test bed runs mochi)");
+        }
+        let acl_line = match acl {
+            Some(text) => {
+                std::fs::write(dir.join("acl"), text)?;
+                format!("acl_file {}/acl\n", dir.display())
+            }
+            None => String::new(),
+        };
         let port = free_port()?;
         let pki = bed.state_dir.join("pki");
-        let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
-        std::fs::write(
-            dir.join("mosquitto.conf"),
-            format!(
-                "per_listener_settings false\nuser {user}\nallow_anonymous false\npersistence true\n\
-                 persistence_location {d}/\nlog_dest file {d}/mosquitto.log\n\
-                 listener {port} 127.0.0.1\ncafile {p}/ca.crt\ncertfile {p}/mosquitto.crt\n\
-                 keyfile {p}/mosquitto.key\nrequire_certificate true\nuse_identity_as_username true\n",
-                d = dir.display(),
-                p = pki.display(),
+        let (kind, program, args): (&str, PathBuf, Vec<std::ffi::OsString>) = match (
+            bed.broker.as_str(),
+            &bed.broker_bin,
+        ) {
+            ("mochi", Some(bin)) => (
+                "mochi",
+                bin.clone(),
+                vec![
+                    "-tls".into(),
+                    format!("127.0.0.1:{port}").into(),
+                    "-ca".into(),
+                    pki.join("ca.crt").into(),
+                    "-cert".into(),
+                    pki.join("mosquitto.crt").into(),
+                    "-key".into(),
+                    pki.join("mosquitto.key").into(),
+                    "-data".into(),
+                    dir.join("mochi.db").into(),
+                ],
             ),
-        )?;
+            _ => {
+                let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+                std::fs::write(
+                        dir.join("mosquitto.conf"),
+                        format!(
+                            "per_listener_settings false\nuser {user}\nallow_anonymous false\npersistence true\n\
+                             persistence_location {d}/\nlog_dest file {d}/mosquitto.log\n{acl_line}\
+                             listener {port} 127.0.0.1\ncafile {p}/ca.crt\ncertfile {p}/mosquitto.crt\n\
+                             keyfile {p}/mosquitto.key\nrequire_certificate true\nuse_identity_as_username true\n",
+                            d = dir.display(),
+                            p = pki.display(),
+                        ),
+                    )?;
+                let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+                    .into_iter()
+                    .find(|p| Path::new(p).exists())
+                    .context("mosquitto not installed (e2e/testbed up installs it)")?;
+                (
+                    "mosquitto",
+                    bin.into(),
+                    vec!["-c".into(), dir.join("mosquitto.conf").into()],
+                )
+            }
+        };
         let mut broker = PrivateBroker {
+            kind: kind.to_string(),
             dir: dir.to_path_buf(),
+            program,
+            args,
             port,
             child: None,
         };
@@ -63,6 +123,21 @@ impl PrivateBroker {
     /// `mqtts://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("mqtts://127.0.0.1:{}", self.port)
+    }
+
+    /// Replaces the ACL file and makes the running broker reload it (SIGHUP).
+    pub fn set_acl(&self, acl: &str) -> Result<()> {
+        std::fs::write(self.dir.join("acl"), acl)?;
+        let child = self.child.as_ref().context("the broker is not running")?;
+        let status = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -HUP {} failed", child.id());
+        }
+        // Mosquitto reloads on its next loop iteration.
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
     }
 
     /// Kills the broker without warning (SIGKILL): what it had not saved is lost.
@@ -76,23 +151,19 @@ impl PrivateBroker {
     /// Starts the broker again on the same port and persistence directory.
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .context("mosquitto not installed (e2e/testbed up installs it)")?;
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(self.dir.join("mosquitto.conf"))
+        let child = Command::new(&self.program)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting mosquitto")?;
+            .with_context(|| format!("starting {}", self.program.display()))?;
         self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if std::time::Instant::now() > deadline {
                 bail!(
-                    "private mosquitto not listening on {} after 10 s",
+                    "private {} not listening on {} after 10 s",
+                    self.kind,
                     self.port
                 );
             }
@@ -165,6 +236,35 @@ impl Spy {
     }
 }
 
+/// Sum of the series of `name` whose labels contain `label` (for example `reason="wrong_device"`).
+pub fn metric(series: &[(String, f64)], name: &str, label: Option<&str>) -> f64 {
+    series
+        .iter()
+        .filter(|(k, _)| k == name || k.starts_with(&format!("{name}{{")))
+        .filter(|(k, _)| label.is_none_or(|l| k.contains(l)))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// The labels of the secrets any 32-byte window of which appears anywhere in `seen`: what a
+/// broker that recorded everything could read of them (session and content keys are 32 bytes; a
+/// delivered private key is its PKCS#8 DER, which holds the 32-byte scalar). One pass over `seen`.
+pub fn leaked_secrets<'a>(seen: &[u8], secrets: &'a [(String, Vec<u8>)]) -> Vec<&'a str> {
+    let mut windows: std::collections::HashMap<&[u8], &str> = std::collections::HashMap::new();
+    for (label, secret) in secrets {
+        for w in secret.windows(32) {
+            windows.insert(w, label.as_str());
+        }
+    }
+    let mut found: Vec<&str> = seen
+        .windows(32)
+        .filter_map(|w| windows.get(w).copied())
+        .collect();
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
 /// 32-byte windows of `image` at every 16-byte offset found anywhere in `seen`.
 pub fn leaked_windows(seen: &[u8], image: &[u8]) -> usize {
     let windows: HashSet<&[u8]> = (0..image.len().saturating_sub(32))
@@ -187,13 +287,19 @@ pub struct Product {
     pub manager_id: String,
     /// Ids of the enrolled devices.
     pub device_ids: Vec<String>,
-    /// Broker URL the operator and devices use.
+    /// Broker URL the operator uses (node 1 of a cluster).
     pub broker_url: String,
+    /// Broker URLs the devices use: every node of a cluster, comma-separated (the emulator
+    /// spreads devices over them).
+    pub device_broker_urls: String,
     /// Address of the operator's metrics listener.
     pub metrics_addr: String,
     /// The emulator's `--window-timeout` in seconds: short (3) by default so tests recover
     /// quickly from dropped windows; benchmarks set the product default (30).
     pub window_timeout_seconds: u32,
+    /// Whether the emulator logs the devices' secrets (`run --key-log`) for the leak scans; the
+    /// benchmark turns it off.
+    pub log_keys: bool,
     operator: Option<Child>,
     emulator: Option<Child>,
     operator_starts: u32,
@@ -212,17 +318,30 @@ impl std::fmt::Debug for Product {
 impl Product {
     /// A namespace with the CRDs installed, the manager and CA Secrets, and `devices` enrolled
     /// devices labelled `fleet=<namespace>` (Device resources applied), using the test bed's broker.
+    /// The operator connects to the broker's first node, the devices spread over every node.
     pub async fn new(prefix: &str, devices: u32) -> Result<Self> {
         let bed = TestBed::get()?;
-        Self::with_broker(prefix, devices, bed.mqtts_url.clone()).await
+        let mut product = Self::with_broker(prefix, devices, bed.mqtts_url.clone()).await?;
+        product.device_broker_urls = bed.mqtts_urls.join(",");
+        Ok(product)
     }
 
     /// Like `new`, against another broker (for example a `PrivateBroker`).
     pub async fn with_broker(prefix: &str, devices: u32, broker_url: String) -> Result<Self> {
+        Self::with_enrollment(prefix, devices, broker_url, &[]).await
+    }
+
+    /// Like `with_broker`, with extra `enroll` arguments (for example `--release-key FILE`).
+    pub async fn with_enrollment(
+        prefix: &str,
+        devices: u32,
+        broker_url: String,
+        enroll_args: &[&str],
+    ) -> Result<Self> {
         let bed = TestBed::get()?;
         build_binaries()?;
-        install_crds(bed)?;
         let ns = bed.namespace(prefix).await?;
+        crate::install_crds(&ns.client).await?;
         let dir = repo_root().join("target/e2e-runs").join(&ns.name);
         std::fs::create_dir_all(&dir)?;
         let tag: u32 = rand::thread_rng().gen_range(0..0xff_ffff);
@@ -236,9 +355,11 @@ impl Product {
             device_ids: (0..devices)
                 .map(|i| format!("{id_prefix}-{i:05}"))
                 .collect(),
+            device_broker_urls: broker_url.clone(),
             broker_url,
             metrics_addr: format!("127.0.0.1:{}", free_port()?),
             window_timeout_seconds: 3,
+            log_keys: true,
             operator: None,
             emulator: None,
             operator_starts: 0,
@@ -274,8 +395,33 @@ impl Product {
             &product.manager_id,
         ]);
         args.extend(["--label", &label, "-n", &product.ns.name, "--apply"]);
+        args.extend(enroll_args);
         product.emulator_cli(&args)?;
         Ok(product)
+    }
+
+    /// Runs `sealed-ota` (the release CLI) with `args`; returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(binary("sealed-ota")).args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "sealed-ota {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Where the emulator logs the secrets its devices handle (`run --key-log`, tests only).
+    pub fn key_log(&self) -> PathBuf {
+        self.dir.join("keys.log")
+    }
+
+    /// Every content key, session key and delivered private key the devices handled so far, as
+    /// the emulator logged them: (label, secret).
+    pub fn logged_secrets(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(sealed_ota_device_emulator::keylog::read(&self.key_log())?)
     }
 
     /// The label selector value every enrolled device carries (`fleet=<this>`).
@@ -361,19 +507,32 @@ impl Product {
     /// Starts the emulated fleet (every enrolled device) with extra `run` arguments, such as
     /// `--fault ...`. Its JSON summary goes to `emulator-N.json`.
     pub fn start_emulator(&mut self, extra: &[&str]) -> Result<()> {
+        let fleet = self.dir.join("fleet");
+        self.start_emulator_with_fleet(&fleet, extra)
+    }
+
+    /// Like `start_emulator`, running the devices of another fleet directory (for example a copy
+    /// of this fleet's old credentials, as a thief would hold them).
+    pub fn start_emulator_with_fleet(&mut self, fleet: &Path, extra: &[&str]) -> Result<()> {
         self.stop_emulator();
         self.emulator_starts += 1;
         let n = self.emulator_starts;
         let stdout = std::fs::File::create(self.dir.join(format!("emulator-{n}.json")))?;
         let stderr = std::fs::File::create(self.dir.join(format!("emulator-{n}.log")))?;
         let child = Command::new(binary("sealed-ota-device-emulator"))
-            .args(["run", "--broker", &self.broker_url])
+            .args(["run", "--broker", &self.device_broker_urls])
             .arg("--broker-ca")
             .arg(&self.bed.ca_file)
             .arg("--fleet")
-            .arg(self.dir.join("fleet"))
+            .arg(fleet)
             .args(["--no-progress", "--json", "--window-timeout"])
             .arg(self.window_timeout_seconds.to_string())
+            .args(
+                self.log_keys
+                    .then(|| ["--key-log".into(), self.key_log().into_os_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(stdout)
@@ -382,6 +541,12 @@ impl Product {
             .context("starting sealed-ota-device-emulator")?;
         self.emulator = Some(child);
         Ok(())
+    }
+
+    /// The log of the emulator run started last (`emulator-N.log`).
+    pub fn emulator_log(&self) -> PathBuf {
+        self.dir
+            .join(format!("emulator-{}.log", self.emulator_starts))
     }
 
     /// Stops the emulated fleet (SIGINT, as Ctrl-C: devices save their state and the JSON
@@ -396,7 +561,7 @@ impl Product {
     /// Runs the fleet until every device has connected once and returns the JSON summary.
     pub fn connect_fleet_once(&self) -> Result<serde_json::Value> {
         let out = Command::new(binary("sealed-ota-device-emulator"))
-            .args(["run", "--broker", &self.broker_url])
+            .args(["run", "--broker", &self.device_broker_urls])
             .arg("--broker-ca")
             .arg(&self.bed.ca_file)
             .arg("--fleet")
@@ -521,7 +686,8 @@ impl Product {
         )
     }
 
-    /// Waits until `check` accepts the campaign; the error says what the campaign last looked like.
+    /// Waits until `check` accepts the campaign; the error says what the campaign last looked
+    /// like and where the logs are.
     pub async fn wait_campaign(
         &self,
         name: &str,
@@ -529,22 +695,16 @@ impl Product {
         timeout: Duration,
         check: impl Fn(&UpdateCampaign) -> bool,
     ) -> Result<UpdateCampaign> {
-        let api = Api::<UpdateCampaign>::namespaced(self.ns.client.clone(), &self.ns.name);
-        let result = wait_for(what, timeout, || async {
-            let c = api.get(name).await?;
-            Ok(check(&c).then_some(c))
-        })
-        .await;
-        match result {
-            Ok(c) => Ok(c),
-            Err(e) => {
-                let last = api.get(name).await.ok().and_then(|c| c.status);
-                bail!(
-                    "{e:#}; campaign status: {last:?}; logs in {}",
-                    self.dir.display()
-                )
-            }
-        }
+        self.ns
+            .wait_campaign(name, what, timeout, check)
+            .await
+            .with_context(|| format!("logs in {}", self.dir.display()))
+    }
+
+    /// The test passed: its namespace is deleted and its files removed when the product drops
+    /// (otherwise both are kept for inspection).
+    pub fn pass(&self) {
+        self.ns.pass();
     }
 
     /// Every Device of this product.
@@ -555,6 +715,45 @@ impl Product {
                 .await?
                 .items,
         )
+    }
+
+    /// Waits until the campaign is terminal and returns its status.
+    pub async fn finished(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<sealed_ota_operator::crd::UpdateCampaignStatus> {
+        let c = self
+            .wait_campaign(name, &format!("campaign {name} finished"), timeout, |c| {
+                c.status.as_ref().map(|s| s.phase.is_terminal()) == Some(true)
+            })
+            .await?;
+        c.status.context("campaign status")
+    }
+
+    /// The operator's /metrics, as (series with labels, value).
+    pub async fn metrics(&self) -> Result<Vec<(String, f64)>> {
+        let text = crate::http::get(&format!("http://{}/metrics", self.metrics_addr)).await?;
+        Ok(crate::http::samples(&text))
+    }
+
+    /// The devices recorded as done (Device status Succeeded), each with its installed image's
+    /// modification time, so a test can prove later that none of them installed again.
+    pub async fn done_devices(&self) -> Result<std::collections::BTreeMap<String, SystemTime>> {
+        let mut done = std::collections::BTreeMap::new();
+        for device in self.devices().await? {
+            let succeeded = device
+                .status
+                .as_ref()
+                .and_then(|s| s.campaign.as_ref())
+                .is_some_and(|c| c.phase == DevicePhase::Succeeded);
+            if succeeded {
+                let id = device.metadata.name.clone().context("name")?;
+                let installed = std::fs::metadata(self.device_dir(&id).join("firmware.bin"))?;
+                done.insert(id, installed.modified()?);
+            }
+        }
+        Ok(done)
     }
 
     /// Reasons of the Events recorded in this namespace, with their messages.
@@ -575,7 +774,9 @@ impl Drop for Product {
     fn drop(&mut self) {
         self.stop_emulator();
         self.stop_operator();
-        if std::thread::panicking() {
+        if self.ns.passed() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
             eprintln!("e2e: product files kept in {}", self.dir.display());
         }
     }
@@ -655,48 +856,6 @@ pub fn build_binaries() -> Result<()> {
         })
         .clone()
         .map_err(|e| anyhow::anyhow!(e))
-}
-
-static CRDS: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-
-/// Applies `crds/` with kubectl and waits until both CRDs are established (once per process).
-pub fn install_crds(bed: &TestBed) -> Result<()> {
-    CRDS.get_or_init(|| {
-        let run = |args: &[&str]| -> std::result::Result<(), String> {
-            let out = Command::new("kubectl")
-                .args(args)
-                .env("KUBECONFIG", &bed.kubeconfig)
-                .output()
-                .map_err(|e| format!("running kubectl: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "kubectl {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr)
-                ))
-            }
-        };
-        let crds = repo_root().join("crds");
-        run(&[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            crds.to_str().unwrap_or("crds"),
-        ])?;
-        run(&[
-            "wait",
-            "--for",
-            "condition=established",
-            "--timeout=60s",
-            "crd/devices.ota.sealed-ota.dev",
-            "crd/updatecampaigns.ota.sealed-ota.dev",
-        ])
-    })
-    .clone()
-    .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// `len` random bytes: a firmware image that no other run shares.

@@ -5,11 +5,10 @@
 
 mod chart_support;
 
-use std::collections::BTreeSet;
-
 use anyhow::{Context, Result};
 use chart_support::{argocd_health, argocd_health_script};
 use sealed_ota_e2e::repo_root;
+use sealed_ota_operator::reasons::BlockerReason;
 use serde_json::{json, Value};
 
 /// A campaign with the status `operator/src/status.rs::compute` writes for this phase and Ready reason.
@@ -220,34 +219,16 @@ fn a_status_that_does_not_describe_the_current_generation_is_progressing() -> Re
     Ok(())
 }
 
-/// Ready reasons the operator can set, read from its source (`reason: "X"` and `const R: &str = "X"`).
-fn operator_reasons() -> Result<BTreeSet<String>> {
-    let mut reasons = BTreeSet::new();
-    for file in ["controller.rs", "inputs.rs"] {
-        let src = std::fs::read_to_string(repo_root().join("operator/src").join(file))?;
-        for marker in ["reason: \"", "const R: &str = \""] {
-            for part in src.split(marker).skip(1) {
-                if let Some(r) = part.split('"').next() {
-                    reasons.insert(r.to_string());
-                }
-            }
-        }
-    }
-    Ok(reasons)
-}
-
 /// Every blocker the operator can report is classified: transient ones stay Progressing, the rest
 /// (a person must act) are Degraded. A new reason in operator/src fails here until it is classified.
 #[test]
 fn every_operator_blocker_reason_is_classified() -> Result<()> {
-    let transient: BTreeSet<&str> = ["BrokerUnavailable"].into();
     let script = argocd_health_script()?;
-    let reasons = operator_reasons()?;
-    assert!(reasons.contains("ManagerSecretMissing"), "{reasons:?}");
-    for reason in &reasons {
+    for blocker in BlockerReason::ALL {
+        let reason = blocker.as_str();
         let obj = campaign(1, 1, "Pending", ("False", reason, "m"), "0/1");
         let (status, msg) = argocd_health(&script, &obj)?;
-        let expected = if transient.contains(reason.as_str()) {
+        let expected = if blocker.is_transient() {
             "Progressing"
         } else {
             "Degraded"

@@ -457,6 +457,8 @@ async fn rendered_manifests_pass_server_side_dry_run() -> Result<()> {
             "{out}"
         );
     }
+    op.pass();
+    team.pass();
     Ok(())
 }
 

@@ -1,14 +1,15 @@
 //! End to end, as real processes: a firmware campaign to 50 emulated devices succeeds, every
 //! device holds the source image byte for byte, the Device statuses show the new version — and
-//! a curious broker (a spy subscribed to `#` for the whole run) saw no plaintext image bytes and
-//! no private key.
+//! a curious broker (a spy subscribed to `#` for the whole run) saw no plaintext image bytes, no
+//! private key, and neither the campaign's content key nor any session key (which the devices log
+//! for the test through the emulator's key log).
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use p256::pkcs8::DecodePrivateKey;
-use sealed_ota_e2e::product::{leaked_windows, random_image, Product, Spy};
+use sealed_ota_e2e::product::{leaked_secrets, leaked_windows, random_image, Product, Spy};
 use sealed_ota_operator::crd::CampaignPhase;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -86,7 +87,36 @@ async fn firmware_campaign_to_50_devices_under_a_curious_broker() -> Result<()> 
     );
     let leaked_keys = seen.windows(32).filter(|w| scalars.contains(*w)).count();
     assert_eq!(leaked_keys, 0, "a private key crossed the broker");
+    // The keys that protect the transfer: one content key for the campaign, two session keys per
+    // device session.
+    let secrets = product.logged_secrets()?;
+    let count = |label: &str| secrets.iter().filter(|(l, _)| l == label).count();
+    assert!(count("content-key") >= 50, "{}", count("content-key"));
+    assert!(count("session-m2d") >= 50 && count("session-d2m") >= 50);
+    assert_eq!(
+        leaked_secrets(&seen, &secrets),
+        Vec::<&str>::new(),
+        "a content or session key crossed the broker"
+    );
+    product.pass();
     Ok(())
+}
+
+#[test]
+fn the_secret_scan_finds_what_it_looks_for() {
+    let secrets = vec![
+        ("content-key".to_string(), vec![7u8; 32]),
+        ("session-m2d".to_string(), (0..32).collect::<Vec<u8>>()),
+    ];
+    let mut seen = b"some framing".to_vec();
+    seen.extend((0..32).collect::<Vec<u8>>());
+    seen.extend(b"trailer");
+    assert_eq!(leaked_secrets(&seen, &secrets), vec!["session-m2d"]);
+    assert!(leaked_secrets(
+        b"nothing secret in here, nothing at all, really not",
+        &secrets
+    )
+    .is_empty());
 }
 
 #[test]

@@ -15,175 +15,17 @@
 //!   keep running the newer image.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PublishProperties};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event};
-use sealed_ota_e2e::product::{certificate_fingerprint, random_image, Product};
-use sealed_ota_e2e::{wait_for, TestBed};
-use sealed_ota_operator::crd::{CampaignPhase, Device, DevicePhase, UpdateCampaignStatus};
+use sealed_ota_e2e::product::{certificate_fingerprint, metric, random_image, Product};
+use sealed_ota_e2e::rogue::{retained, Msg, Rogue};
+use sealed_ota_e2e::wait_for;
+use sealed_ota_operator::crd::{CampaignPhase, Device, DevicePhase};
 
 // ---------------------------------------------------------------------------------------------
-// The rogue broker client, and small readers of what the product exposes.
+// Small readers of what the product exposes (the rogue is `sealed_ota_e2e::rogue`).
 // ---------------------------------------------------------------------------------------------
-
-/// One message the rogue saw.
-#[derive(Clone, Debug)]
-struct Msg {
-    topic: String,
-    payload: Vec<u8>,
-    retain: bool,
-    props: Option<PublishProperties>,
-}
-
-/// A client of the plain listener (anonymous, allowed to publish anywhere): it records what it
-/// is subscribed to (not its own publishes) and publishes whatever it likes, QoS 1, waiting for
-/// the broker's acknowledgement.
-struct Rogue {
-    client: AsyncClient,
-    seen: Arc<Mutex<Vec<Msg>>>,
-    acked: Arc<AtomicU64>,
-    sent: AtomicU64,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Rogue {
-    async fn start(bed: &TestBed, id: &str, filter: &str) -> Result<Self> {
-        let client_id: String = format!("rogue-{id}-{:08x}", rand::random::<u32>());
-        let mut options = bed.mqtt_options(&client_id)?;
-        options.set_max_packet_size(Some(16 * 1024 * 1024));
-        let (client, mut eventloop) = AsyncClient::new(options, 256);
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let acked = Arc::new(AtomicU64::new(0));
-        let (ready_tx, ready) = tokio::sync::oneshot::channel();
-        let (sink, acks, sub, filter) = (
-            seen.clone(),
-            acked.clone(),
-            client.clone(),
-            filter.to_string(),
-        );
-        let task = tokio::spawn(async move {
-            let mut ready_tx = Some(ready_tx);
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        // No local echo: what the rogue publishes is not recorded as seen.
-                        let f = Filter {
-                            nolocal: true,
-                            preserve_retain: true,
-                            ..Filter::new(filter.clone(), QoS::AtLeastOnce)
-                        };
-                        let _ = sub.subscribe_many([f]).await;
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(tx) = ready_tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        acks.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        sink.lock().unwrap().push(Msg {
-                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                            payload: p.payload.to_vec(),
-                            retain: p.retain,
-                            props: p.properties,
-                        });
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(10), ready)
-            .await
-            .context("rogue: no SUBACK")??;
-        Ok(Rogue {
-            client,
-            seen,
-            acked,
-            sent: AtomicU64::new(0),
-            task,
-        })
-    }
-
-    /// Everything seen so far.
-    fn seen(&self) -> Vec<Msg> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    /// Waits until `check` finds what it looks for in what was seen.
-    async fn until<T>(
-        &self,
-        what: &str,
-        timeout: Duration,
-        check: impl Fn(&[Msg]) -> Option<T>,
-    ) -> Result<T> {
-        wait_for(what, timeout, || {
-            let found = check(&self.seen.lock().unwrap());
-            async move { Ok(found) }
-        })
-        .await
-    }
-
-    /// Publishes (QoS 1) and waits until the broker acknowledged it.
-    async fn publish(
-        &self,
-        topic: &str,
-        payload: Vec<u8>,
-        retain: bool,
-        props: Option<&PublishProperties>,
-    ) -> Result<()> {
-        // Only what a publisher may send: no subscription identifiers, no topic alias.
-        let props = props
-            .map(|p| PublishProperties {
-                payload_format_indicator: p.payload_format_indicator,
-                response_topic: p.response_topic.clone(),
-                correlation_data: p.correlation_data.clone(),
-                user_properties: p.user_properties.clone(),
-                content_type: p.content_type.clone(),
-                ..PublishProperties::default()
-            })
-            .unwrap_or_default();
-        let n = self.sent.fetch_add(1, Ordering::SeqCst) + 1;
-        self.client
-            .publish_with_properties(topic, QoS::AtLeastOnce, retain, payload, props)
-            .await?;
-        let acked = self.acked.clone();
-        wait_for(
-            "the broker's PUBACK of a rogue publish",
-            Duration::from_secs(10),
-            || {
-                let done = acked.load(Ordering::SeqCst) >= n;
-                async move { Ok(done.then_some(())) }
-            },
-        )
-        .await
-    }
-}
-
-impl Drop for Rogue {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// The retained messages the broker holds under `filter` right now (a fresh subscriber's view).
-async fn retained(bed: &TestBed, filter: &str) -> Result<BTreeMap<String, Vec<u8>>> {
-    let reader = Rogue::start(bed, "reader", filter).await?;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    Ok(reader
-        .seen()
-        .into_iter()
-        .filter(|m| m.retain && !m.payload.is_empty())
-        .map(|m| (m.topic, m.payload))
-        .collect())
-}
 
 /// Every device holds exactly `image` as its installed firmware.
 fn assert_all_hold(product: &Product, image: &[u8], what: &str) -> Result<()> {
@@ -197,57 +39,6 @@ fn assert_all_hold(product: &Product, image: &[u8], what: &str) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Waits until the campaign is terminal and returns its status.
-async fn finished(
-    product: &Product,
-    name: &str,
-    timeout: Duration,
-) -> Result<UpdateCampaignStatus> {
-    let c = product
-        .wait_campaign(name, &format!("campaign {name} finished"), timeout, |c| {
-            c.status.as_ref().map(|s| s.phase.is_terminal()) == Some(true)
-        })
-        .await?;
-    c.status.context("campaign status")
-}
-
-/// The operator's /metrics, as (series with labels, value).
-async fn metrics(product: &Product) -> Result<Vec<(String, f64)>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(&product.metrics_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to the metrics listener {}",
-                product.metrics_addr
-            )
-        })?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut text))
-        .await
-        .context("reading /metrics")??;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Ok(body
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
-        .collect())
-}
-
-/// Sum of the series of `name` whose labels contain `label` (for example `reason="wrong_device"`).
-fn metric(series: &[(String, f64)], name: &str, label: Option<&str>) -> f64 {
-    series
-        .iter()
-        .filter(|(k, _)| k == name || k.starts_with(&format!("{name}{{")))
-        .filter(|(k, _)| label.is_none_or(|l| k.contains(l)))
-        .map(|(_, v)| v)
-        .sum()
 }
 
 /// The emulator's JSON summary of its run number `n` (written when it stops).
@@ -358,7 +149,7 @@ async fn altered_chunks_are_rejected_and_only_the_source_image_is_installed() ->
 
     // The devices come online; half of them also see bits flipped on the wire (emulator fault).
     product.start_emulator(&["--fault", "bitflip:p=0.2,where=wire@50%"])?;
-    let status = finished(&product, "fw", Duration::from_secs(150)).await?;
+    let status = product.finished("fw", Duration::from_secs(150)).await?;
     assert_eq!(
         status.phase,
         CampaignPhase::Succeeded,
@@ -400,6 +191,7 @@ async fn altered_chunks_are_rejected_and_only_the_source_image_is_installed() ->
         left.is_ok(),
         "retained chunks remain after the campaign: {left:?}"
     );
+    product.pass();
     Ok(())
 }
 
@@ -425,7 +217,7 @@ async fn an_older_campaign_replayed_into_a_newer_one_is_refused() -> Result<()> 
         "a",
         product.firmware_spec("1.1.0", "fw-a", serde_json::json!({})),
     )?;
-    let status = finished(&product, "a", Duration::from_secs(120)).await?;
+    let status = product.finished("a", Duration::from_secs(120)).await?;
     assert_eq!(status.phase, CampaignPhase::Succeeded, "{status:?}");
     assert_all_hold(&product, &image_a, "image A")?;
     let uid_a = product.campaign("a").await?.metadata.uid.context("uid")?;
@@ -464,7 +256,7 @@ async fn an_older_campaign_replayed_into_a_newer_one_is_refused() -> Result<()> 
     );
 
     // 1. Replay to the idle fleet: A's notify (retained, as the manager sent it) and A's update.
-    let before = metrics(&product).await?;
+    let before = product.metrics().await?;
     for id in &product.device_ids {
         let n = &a_notify[id];
         rogue
@@ -476,7 +268,7 @@ async fn an_older_campaign_replayed_into_a_newer_one_is_refused() -> Result<()> 
             .await?;
     }
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let after = metrics(&product).await?;
+    let after = product.metrics().await?;
     for name in [
         "sealed_ota_operator_handshakes_total",
         "sealed_ota_operator_installs_total",
@@ -546,7 +338,7 @@ async fn an_older_campaign_replayed_into_a_newer_one_is_refused() -> Result<()> 
     }
     let wrong_session = "reason=\"wrong_session\"";
     let errors = "sealed_ota_operator_protocol_errors_total";
-    let before = metric(&metrics(&product).await?, errors, Some(wrong_session));
+    let before = metric(&product.metrics().await?, errors, Some(wrong_session));
     for id in &product.device_ids {
         let r = &a_ready[id];
         rogue
@@ -557,7 +349,7 @@ async fn an_older_campaign_replayed_into_a_newer_one_is_refused() -> Result<()> 
         "the manager refused every replayed ready",
         Duration::from_secs(15),
         || async {
-            let now = metric(&metrics(&product).await?, errors, Some(wrong_session));
+            let now = metric(&product.metrics().await?, errors, Some(wrong_session));
             Ok((now >= before + N as f64).then_some(()))
         },
     )
@@ -587,7 +379,7 @@ async fn an_older_campaign_replayed_into_a_newer_one_is_refused() -> Result<()> 
             .publish(&u.topic, u.payload.clone(), false, u.props.as_ref())
             .await?;
     }
-    let status = finished(&product, "b", Duration::from_secs(120)).await?;
+    let status = product.finished("b", Duration::from_secs(120)).await?;
     assert_eq!(status.phase, CampaignPhase::Succeeded, "{status:?}");
     assert_eq!(status.devices.succeeded, N as u32, "{status:?}");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -625,6 +417,7 @@ async fn an_older_campaign_replayed_into_a_newer_one_is_refused() -> Result<()> 
         serde_json::json!({"1.2.0": N}),
         "{run2}"
     );
+    product.pass();
     Ok(())
 }
 
@@ -673,7 +466,7 @@ async fn another_devices_ready_on_a_devices_topic_is_refused() -> Result<()> {
 
     // The broker presents Y's signed ready (Y's certificate) as X's: with Y's properties, and
     // with them stripped.
-    let series = metrics(&product).await?;
+    let series = product.metrics().await?;
     let errors = "sealed_ota_operator_protocol_errors_total";
     let wrong_device = metric(&series, errors, Some("reason=\"wrong_device\""));
     let handshakes = metric(&series, "sealed_ota_operator_handshakes_total", None);
@@ -695,7 +488,7 @@ async fn another_devices_ready_on_a_devices_topic_is_refused() -> Result<()> {
         Duration::from_secs(15),
         || async {
             let now = metric(
-                &metrics(&product).await?,
+                &product.metrics().await?,
                 errors,
                 Some("reason=\"wrong_device\""),
             );
@@ -703,7 +496,7 @@ async fn another_devices_ready_on_a_devices_topic_is_refused() -> Result<()> {
         },
     )
     .await?;
-    let series = metrics(&product).await?;
+    let series = product.metrics().await?;
     assert_eq!(
         metric(&series, "sealed_ota_operator_handshakes_total", None),
         handshakes,
@@ -742,7 +535,7 @@ async fn another_devices_ready_on_a_devices_topic_is_refused() -> Result<()> {
 
     // X comes online and completes with its own certificate.
     product.start_emulator(&[])?;
-    let status = finished(&product, "fw", Duration::from_secs(90)).await?;
+    let status = product.finished("fw", Duration::from_secs(90)).await?;
     assert_eq!(status.phase, CampaignPhase::Succeeded, "{status:?}");
     assert_eq!(status.devices.succeeded, 5, "{status:?}");
     assert_all_hold(&product, &image, "the source image")?;
@@ -763,6 +556,7 @@ async fn another_devices_ready_on_a_devices_topic_is_refused() -> Result<()> {
         Some(y_fp.as_str()),
         "Y's recorded certificate"
     );
+    product.pass();
     Ok(())
 }
 
@@ -784,7 +578,7 @@ async fn a_downgrade_is_refused_with_not_newer_and_devices_keep_their_version() 
         "up",
         product.firmware_spec("1.1.0", "fw-newer", serde_json::json!({})),
     )?;
-    let status = finished(&product, "up", Duration::from_secs(120)).await?;
+    let status = product.finished("up", Duration::from_secs(120)).await?;
     assert_eq!(status.phase, CampaignPhase::Succeeded, "{status:?}");
     assert_all_hold(&product, &newer, "1.1.0")?;
 
@@ -800,7 +594,7 @@ async fn a_downgrade_is_refused_with_not_newer_and_devices_keep_their_version() 
                 "retryBackoffSeconds": 1, "failureThreshold": "4"}}),
         ),
     )?;
-    let status = finished(&product, "down", Duration::from_secs(120)).await?;
+    let status = product.finished("down", Duration::from_secs(120)).await?;
     assert_eq!(status.phase, CampaignPhase::Failed, "{status:?}");
     // The failure details come from the Device statuses, written right after the refusals.
     let status = product
@@ -899,15 +693,15 @@ async fn a_downgrade_is_refused_with_not_newer_and_devices_keep_their_version() 
         assert_eq!(ready.status, "False", "{id}: {s:?}");
         assert_eq!(normalized(&ready.reason), "notnewer", "{id}: {s:?}");
     }
-    let series = metrics(&product).await?;
+    let series = product.metrics().await?;
     assert_eq!(
         metric(
             &series,
             "sealed_ota_operator_device_failures_total",
-            Some("reason=\"not_newer\"")
+            Some("reason=\"NotNewer\"")
         ),
         f64::from(N),
-        "device_failures_total{{reason=not_newer}}"
+        "device_failures_total{{reason=NotNewer}}"
     );
     assert_all_hold(
         &product,
@@ -926,5 +720,6 @@ async fn a_downgrade_is_refused_with_not_newer_and_devices_keep_their_version() 
         serde_json::json!({"1.1.0": N}),
         "{run}"
     );
+    product.pass();
     Ok(())
 }

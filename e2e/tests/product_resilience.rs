@@ -2,13 +2,12 @@
 //! resume where they stopped; the broker killed (SIGKILL) and restarted; the operator killed and
 //! restarted — and each campaign still completes, without redoing devices already done.
 
-use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sealed_ota_e2e::product::{random_image, PrivateBroker, Product};
 use sealed_ota_e2e::TestBed;
-use sealed_ota_operator::crd::{CampaignPhase, DevicePhase};
+use sealed_ota_operator::crd::CampaignPhase;
 
 fn assert_all_hold(product: &Product, image: &[u8]) -> Result<()> {
     for id in &product.device_ids {
@@ -63,6 +62,7 @@ async fn devices_offline_mid_transfer_resume_when_back() -> Result<()> {
         chunks < 2 * 8 * 24,
         "devices re-fetched whole images: {chunks} chunks for 8 x 24"
     );
+    product.pass();
     Ok(())
 }
 
@@ -98,6 +98,7 @@ async fn the_broker_killed_and_restarted_mid_campaign() -> Result<()> {
         CampaignPhase::Succeeded
     );
     assert_all_hold(&product, &image)?;
+    product.pass();
     Ok(())
 }
 
@@ -121,19 +122,7 @@ async fn the_operator_killed_mid_campaign_finishes_without_redoing_devices() -> 
     product.kill_operator();
 
     // What was done when the operator died: recorded on the Devices, installed on disk.
-    let mut done_before: BTreeMap<String, SystemTime> = BTreeMap::new();
-    for device in product.devices().await? {
-        let done = device
-            .status
-            .as_ref()
-            .and_then(|s| s.campaign.as_ref())
-            .is_some_and(|c| c.phase == DevicePhase::Succeeded);
-        if done {
-            let id = device.metadata.name.clone().context("name")?;
-            let installed = std::fs::metadata(product.device_dir(&id).join("firmware.bin"))?;
-            done_before.insert(id, installed.modified()?);
-        }
-    }
+    let done_before = product.done_devices().await?;
     assert!(
         !done_before.is_empty(),
         "no device was recorded as done before the kill"
@@ -163,5 +152,6 @@ async fn the_operator_killed_mid_campaign_finishes_without_redoing_devices() -> 
         attempts.iter().all(|&a| a == 1),
         "done devices were retried: {attempts:?}"
     );
+    product.pass();
     Ok(())
 }

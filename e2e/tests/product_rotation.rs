@@ -1,15 +1,15 @@
 //! End to end, as real processes: credential rotation in both modes (the paper's delivered
 //! key, and CSR where the key never leaves the device). Each device ends with a new certificate
 //! from the CA, its Device status shows the new fingerprint, and the fleet reconnects to
-//! Mosquitto with the new certificates. A spy on `#` checks that no new private key crossed the
-//! broker in the clear.
+//! Mosquitto with the new certificates. A spy on `#` checks that no new private key, session key
+//! or delivered key (as the devices logged them) crossed the broker in the clear.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use p256::pkcs8::DecodePrivateKey;
-use sealed_ota_e2e::product::{certificate_fingerprint, Product, Spy};
+use sealed_ota_e2e::product::{certificate_fingerprint, leaked_secrets, Product, Spy};
 use sealed_ota_operator::crd::CampaignPhase;
 
 async fn rotate(mode: &str) -> Result<()> {
@@ -81,12 +81,26 @@ async fn rotate(mode: &str) -> Result<()> {
         leaked, 0,
         "a new private key crossed the broker in the clear"
     );
+    let secrets = product.logged_secrets()?;
+    let delivered = secrets.iter().filter(|(l, _)| l == "delivered-key").count();
+    if mode == "DeliverKey" {
+        assert!(delivered >= 6, "{delivered} delivered keys logged");
+    } else {
+        assert_eq!(delivered, 0, "in CSR mode no key travels");
+    }
+    assert!(secrets.iter().filter(|(l, _)| l == "session-m2d").count() >= 6);
+    assert_eq!(
+        leaked_secrets(&seen, &secrets),
+        Vec::<&str>::new(),
+        "a session key or delivered key crossed the broker"
+    );
 
     // The fleet reconnects with the new certificates (Mosquitto checks them against the CA).
     let summary = product.connect_fleet_once()?;
     assert_eq!(summary["devices"], 6, "{summary}");
     assert_eq!(summary["connectFailures"], 0, "{summary}");
     assert!(summary["allConnectedSeconds"].is_number(), "{summary}");
+    product.pass();
     Ok(())
 }
 

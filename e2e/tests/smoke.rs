@@ -30,6 +30,7 @@ async fn configmap_round_trips_through_the_real_apiserver() -> Result<()> {
     let read = api.get("firmware").await?;
     assert_eq!(read.data.unwrap()["version"], "1.1.0");
     assert!(read.metadata.uid.is_some(), "the apiserver assigns a uid");
+    ns.pass();
     Ok(())
 }
 

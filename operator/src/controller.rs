@@ -1,9 +1,11 @@
-//! The `UpdateCampaign` controller (kube-runtime `Controller`), read as a pipeline:
-//! fetch (Devices from a reflector, Secrets/ConfigMaps from the API) → validate (pure, `inputs`) →
-//! decide (pure, `rollout`) → act (sessions and retained messages through the `engine`) →
-//! status (pure `status::compute`, written by server-side apply at most once a second, only when it
-//! changed). It watches the Devices a campaign selects and the Secrets/ConfigMaps it reads, so a fix
-//! to any of them wakes the campaign. A finalizer clears the campaign's retained MQTT messages on delete.
+//! The `UpdateCampaign` controller (kube-runtime `Controller`): the I/O shell of a reconcile pass,
+//! read as a pipeline — fetch and validate (Devices from a reflector, `validate` pure; Secrets,
+//! ConfigMaps and the firmware from the API, parsed by `inputs`) → decide (`rollout::decide`,
+//! pure) → plan (`plan::plan_pass`, `status::compute`, `plan::events`, pure) → act (the engine
+//! carries out the plan, the status is written by server-side apply at most once a second and only
+//! when it changed, Events are published). It watches the Devices a campaign selects and the
+//! Secrets/ConfigMaps it reads, so a fix to any of them wakes a campaign that waits for a change. A
+//! finalizer clears the campaign's retained MQTT messages on delete.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -24,17 +26,32 @@ use sealed_ota_protocol::{
 };
 
 use crate::crd::{
-    CampaignPhase, Device, DeviceFailure, DevicePhase, RotationModeSpec, UpdateCampaign,
-    UpdateCampaignStatus, FINALIZER,
+    Device, DeviceFailure, DevicePhase, RotationModeSpec, UpdateCampaign, UpdateCampaignStatus,
+    FINALIZER,
 };
-use crate::engine::{
-    clear_retained, k8s_time, unix_now, CampaignKey, CampaignRun, Engine, FIELD_MANAGER,
-};
+use crate::engine::{Engine, FIELD_MANAGER};
 use crate::error::Error;
 use crate::inputs;
 use crate::mqtt::ConnState;
+use crate::plan::{self, PassInput, Wake};
+use crate::reasons::BlockerReason;
 use crate::rollout::{decide, DecideInput, Progress, RolloutParams};
+use crate::runs::{clear_retained, CampaignKey, CampaignRun};
 use crate::status::{compute, Blocker, StatusInput};
+use crate::time::{k8s_time, unix_now, unix_secs};
+
+/// What the controller remembers per campaign between passes (one place for all of it).
+#[derive(Debug, Default)]
+struct Memo {
+    /// The status last written and when (the once-a-second limit, and skipping unchanged writes).
+    written: Option<(Instant, UpdateCampaignStatus)>,
+    /// The uid whose leftovers this process cleared (an ended campaign's retained messages).
+    cleaned: Option<String>,
+    /// Consecutive reconcile errors (backoff of the error policy).
+    errors: u32,
+    /// Consecutive passes blocked by the same transient blocker (its retry backoff).
+    blocked_retries: u32,
+}
 
 /// Shared state of one controller (one watched namespace, or all).
 struct Ctx {
@@ -43,9 +60,14 @@ struct Ctx {
     manager_id: String,
     recorder: Recorder,
     devices: Store<Device>,
-    written: Mutex<HashMap<CampaignKey, (Instant, UpdateCampaignStatus)>>,
-    cleaned: Mutex<std::collections::HashSet<String>>,
-    failures: Mutex<HashMap<CampaignKey, u32>>,
+    memo: Mutex<HashMap<CampaignKey, Memo>>,
+}
+
+impl Ctx {
+    fn memo<T>(&self, key: &CampaignKey, f: impl FnOnce(&mut Memo) -> T) -> T {
+        let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
+        f(memo.entry(key.clone()).or_default())
+    }
 }
 
 fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
@@ -119,9 +141,7 @@ pub async fn run(
         manager_id,
         recorder,
         devices: device_store,
-        written: Mutex::new(HashMap::new()),
-        cleaned: Mutex::new(Default::default()),
-        failures: Mutex::new(HashMap::new()),
+        memo: Mutex::new(HashMap::new()),
     });
     let controller = Controller::new(
         api::<UpdateCampaign>(&client, ns),
@@ -175,24 +195,19 @@ pub async fn run(
     futures::join!(device_reflector, controller);
 }
 
-/// Delay before retrying after `failures` consecutive reconcile errors: 1 s doubling to 5 min.
-fn error_backoff(failures: u32) -> Duration {
-    Duration::from_secs(1u64 << failures.saturating_sub(1).min(8)).min(Duration::from_secs(300))
-}
-
 fn error_policy(c: Arc<UpdateCampaign>, e: &Error, ctx: Arc<Ctx>) -> Requeue {
     ctx.engine
         .metrics
         .reconcile_errors
         .with_label_values(&[e.metric_label()])
         .inc();
-    let failures = key_of(&c).ok().map_or(1, |key| {
-        let mut f = lock(&ctx.failures);
-        let n = f.entry(key).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
+    let errors = key_of(&c).ok().map_or(1, |key| {
+        ctx.memo(&key, |m| {
+            m.errors = m.errors.saturating_add(1);
+            m.errors
+        })
     });
-    let delay = error_backoff(failures);
+    let delay = plan::backoff(errors);
     tracing::warn!(campaign = %c.name_any(), error = %e, retry_in = ?delay, "reconcile failed");
     Requeue::requeue(delay)
 }
@@ -211,7 +226,7 @@ async fn reconcile(c: Arc<UpdateCampaign>, ctx: Arc<Ctx>) -> Result<Requeue, Err
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
     if result.is_ok() {
-        lock(&ctx.failures).remove(&key);
+        ctx.memo(&key, |m| m.errors = 0);
     }
     result
 }
@@ -226,24 +241,53 @@ fn key_of(c: &UpdateCampaign) -> Result<CampaignKey, Error> {
     ))
 }
 
-/// Devices the campaign selects, sorted by name (the wave order). It runs on every Device event
-/// of a campaign, so it compares and sorts in place rather than cloning names and labels.
-fn selected_devices(
-    c: &UpdateCampaign,
-    store: &Store<Device>,
-) -> Result<Vec<Arc<Device>>, Blocker> {
-    let selector = Selector::try_from(c.spec.selector.clone()).map_err(|e| Blocker {
-        reason: "InvalidSelector",
-        message: format!("spec.selector is not a valid label selector: {e}"),
-    })?;
-    let ns = &c.metadata.namespace;
-    let mut devices: Vec<_> = store
-        .state()
-        .into_iter()
-        .filter(|d| &d.metadata.namespace == ns && selector.matches(ResourceExt::labels(&**d)))
-        .collect();
-    devices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    Ok(devices)
+/// What validation of the campaign's own spec found (pure).
+struct Validated {
+    /// Selected Devices sorted by name (the wave order).
+    selected: Vec<Arc<Device>>,
+    /// Rollout parameters (the defaults when the spec's do not parse: then `blocker` says so).
+    params: RolloutParams,
+    /// The first problem found.
+    blocker: Option<Blocker>,
+}
+
+/// Validate the selector and the rollout (pure over the Device store's snapshot). Selecting
+/// compares and sorts in place rather than cloning names and labels: it runs on every pass.
+fn validate(c: &UpdateCampaign, store: &Store<Device>) -> Validated {
+    let mut blocker = None;
+    let selected = match Selector::try_from(c.spec.selector.clone()) {
+        Ok(selector) => {
+            let ns = &c.metadata.namespace;
+            let mut devices: Vec<_> = store
+                .state()
+                .into_iter()
+                .filter(|d| {
+                    &d.metadata.namespace == ns && selector.matches(ResourceExt::labels(&**d))
+                })
+                .collect();
+            devices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+            devices
+        }
+        Err(e) => {
+            blocker = Some(Blocker {
+                reason: BlockerReason::InvalidSelector,
+                message: format!("spec.selector is not a valid label selector: {e}"),
+            });
+            Vec::new()
+        }
+    };
+    let params = RolloutParams::from_spec(&c.spec.rollout).unwrap_or_else(|e| {
+        blocker.get_or_insert(Blocker {
+            reason: BlockerReason::InvalidRollout,
+            message: e.to_string(),
+        });
+        RolloutParams::defaults()
+    });
+    Validated {
+        selected,
+        params,
+        blocker,
+    }
 }
 
 async fn get_opt<K>(client: &Client, ns: &str, name: &str) -> Result<Option<K>, Error>
@@ -260,14 +304,19 @@ where
         .map_err(Error::kube("reading a campaign input"))
 }
 
-/// Fetch and validate everything the campaign needs, and prepare it (encrypt once).
-async fn prepare_run(c: &UpdateCampaign, ctx: &Ctx) -> Result<Result<CampaignRun, Blocker>, Error> {
+/// Fetch and validate everything the campaign needs, and prepare it (encrypt once) with its
+/// manifests expiring at `expires_at` (fixed when the campaign was first prepared).
+async fn prepare_run(
+    c: &UpdateCampaign,
+    ctx: &Ctx,
+    expires_at: u64,
+) -> Result<Result<CampaignRun, Blocker>, Error> {
     let ns = c.namespace().unwrap_or_default();
     let uid = c.uid().ok_or(Error::MissingMetadata("uid"))?;
     let spec = &c.spec;
     let Some(secret) = get_opt::<Secret>(&ctx.client, &ns, &spec.manager_secret_name).await? else {
         return Ok(Err(Blocker {
-            reason: "ManagerSecretMissing",
+            reason: BlockerReason::ManagerSecretMissing,
             message: format!(
                 "Secret {} (spec.managerSecretName) not found in namespace {ns}: create a kubernetes.io/tls Secret with tls.crt, tls.key (manager certificate with CN {}) and ca.crt",
                 spec.manager_secret_name, ctx.manager_id
@@ -278,12 +327,13 @@ async fn prepare_run(c: &UpdateCampaign, ctx: &Ctx) -> Result<Result<CampaignRun
         Ok(v) => v,
         Err(b) => return Ok(Err(b)),
     };
+    let mut release = None;
     let payload = if let Some(fw) = &spec.payload.firmware {
         let image = if let Some(r) = &fw.config_map_key_ref {
             match get_opt::<ConfigMap>(&ctx.client, &ns, &r.name).await? {
                 Some(cm) => inputs::firmware_from_config_map(&cm, &r.key),
                 None => Err(Blocker {
-                    reason: "FirmwareUnreadable",
+                    reason: BlockerReason::FirmwareUnreadable,
                     message: format!("ConfigMap {} (spec.payload.firmware.configMapKeyRef) not found; create it with the image under key {:?}", r.name, r.key),
                 }),
             }
@@ -291,7 +341,7 @@ async fn prepare_run(c: &UpdateCampaign, ctx: &Ctx) -> Result<Result<CampaignRun
             match get_opt::<Secret>(&ctx.client, &ns, &r.name).await? {
                 Some(s) => inputs::firmware_from_secret(&s, &r.key),
                 None => Err(Blocker {
-                    reason: "FirmwareUnreadable",
+                    reason: BlockerReason::FirmwareUnreadable,
                     message: format!("Secret {} (spec.payload.firmware.secretKeyRef) not found; create it with the image under key {:?}", r.name, r.key),
                 }),
             }
@@ -299,12 +349,12 @@ async fn prepare_run(c: &UpdateCampaign, ctx: &Ctx) -> Result<Result<CampaignRun
             crate::fetch::fetch(&u.url, Duration::from_secs(120))
                 .await
                 .map_err(|e| Blocker {
-                    reason: "FirmwareUnreadable",
+                    reason: BlockerReason::FirmwareDownloadFailed,
                     message: format!("downloading spec.payload.firmware.url failed: {e}; make the image reachable from the operator or use configMapKeyRef/secretKeyRef"),
                 })
         } else {
             Err(Blocker {
-                reason: "FirmwareUnreadable",
+                reason: BlockerReason::FirmwareUnreadable,
                 message: "spec.payload.firmware names no source; set configMapKeyRef, secretKeyRef or url".into(),
             })
         };
@@ -320,12 +370,18 @@ async fn prepare_run(c: &UpdateCampaign, ctx: &Ctx) -> Result<Result<CampaignRun
             Ok(img) => img,
             Err(b) => return Ok(Err(b)),
         };
+        if let Some(sig) = &fw.release_signature {
+            match inputs::release_signature(sig, &image, &spec.target_version) {
+                Ok(sig) => release = Some(sig),
+                Err(b) => return Ok(Err(b)),
+            }
+        }
         CampaignPayload::Firmware { image }
     } else if let Some(rot) = &spec.payload.rotate_credentials {
         let Some(ca_secret) = get_opt::<Secret>(&ctx.client, &ns, &rot.ca_secret_name).await?
         else {
             return Ok(Err(Blocker {
-                reason: "CaSecretMissing",
+                reason: BlockerReason::CaSecretMissing,
                 message: format!("Secret {} (spec.payload.rotateCredentials.caSecretName) not found: create it with the CA's tls.crt and tls.key", rot.ca_secret_name),
             }));
         };
@@ -343,7 +399,7 @@ async fn prepare_run(c: &UpdateCampaign, ctx: &Ctx) -> Result<Result<CampaignRun
         }
     } else {
         return Ok(Err(Blocker {
-            reason: "PayloadMissing",
+            reason: BlockerReason::PayloadMissing,
             message: "spec.payload sets neither firmware nor rotateCredentials".into(),
         }));
     };
@@ -351,8 +407,9 @@ async fn prepare_run(c: &UpdateCampaign, ctx: &Ctx) -> Result<Result<CampaignRun
         campaign_id: uid.clone(),
         target_version: spec.target_version.clone(),
         payload,
-        expires_at: unix_now() + u64::from(spec.expires_after_seconds),
+        expires_at,
         chunk_size: spec.chunk_size,
+        release,
     };
     // Encrypting a large image is CPU work: keep it off the async workers.
     let prepared = tokio::task::spawn_blocking(move || PreparedCampaign::prepare(cspec))
@@ -362,7 +419,7 @@ async fn prepare_run(c: &UpdateCampaign, ctx: &Ctx) -> Result<Result<CampaignRun
         Ok(p) => Arc::new(p),
         Err(e) => {
             return Ok(Err(Blocker {
-                reason: "PayloadInvalid",
+                reason: BlockerReason::PayloadInvalid,
                 message: format!("the payload cannot be prepared: {e}"),
             }))
         }
@@ -380,25 +437,29 @@ async fn prepare_run(c: &UpdateCampaign, ctx: &Ctx) -> Result<Result<CampaignRun
     )))
 }
 
-async fn publish_event(
-    ctx: &Ctx,
-    c: &UpdateCampaign,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &c.object_ref(&())).await {
-        tracing::debug!(error = %e, "event not recorded");
-    }
+/// The failed devices of this pass with what their Device status says about it (pure).
+fn failures(selected: &[Arc<Device>], progress: &[Progress], uid: &str) -> Vec<DeviceFailure> {
+    selected
+        .iter()
+        .zip(progress)
+        .filter_map(|(d, p)| match p {
+            Progress::Failed { reason } => Some(DeviceFailure {
+                device: d.name_any(),
+                reason: reason.as_str().to_owned(),
+                message: d
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.campaign.as_ref())
+                    .filter(|r| r.uid == uid && r.phase == DevicePhase::Failed)
+                    .and_then(|r| r.message.clone())
+                    .unwrap_or_else(|| reason.as_str().to_owned()),
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
+#[tracing::instrument(skip_all, fields(namespace = %c.namespace().unwrap_or_default(), campaign = %c.name_any()))]
 async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
     let key = key_of(&c)?;
     let uid = c.uid().ok_or(Error::MissingMetadata("uid"))?;
@@ -406,145 +467,105 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
     let previous = c.status.clone().unwrap_or_default();
 
     // fetch + validate
-    let mut blocker = None;
-    let selected = match selected_devices(&c, &ctx.devices) {
-        Ok(d) => d,
-        Err(b) => {
-            blocker = Some(b);
-            Vec::new()
-        }
-    };
-    let params = match RolloutParams::from_spec(&c.spec.rollout) {
-        Ok(p) => p,
-        Err(e) => {
-            blocker.get_or_insert(Blocker {
-                reason: "InvalidRollout",
-                message: e.to_string(),
-            });
-            RolloutParams::from_spec(&Default::default())
-                .map_err(|_| Error::MissingMetadata("rollout defaults"))?
-        }
-    };
+    let Validated {
+        selected,
+        params,
+        mut blocker,
+    } = validate(&c, &ctx.devices);
+    // The expiry is fixed the first time the campaign is prepared and recorded on its status
+    // before any device starts; a restarted operator prepares again with the recorded one.
+    let expires_at = previous
+        .expires_at
+        .as_ref()
+        .and_then(unix_secs)
+        .unwrap_or_else(|| now + u64::from(c.spec.expires_after_seconds));
+    let expired = now >= expires_at;
     let stopping = previous.phase.is_terminal() || c.spec.abort;
-    if blocker.is_none() && !stopping && !ctx.engine.has_run(&key, &uid) {
-        match prepare_run(&c, ctx).await? {
+    if blocker.is_none() && !stopping && !expired && !ctx.engine.has_run(&key, &uid) {
+        match prepare_run(&c, ctx, expires_at).await? {
             Ok(run) => {
-                tracing::info!(campaign = %key.1, chunks = run.chunk_count(), "campaign prepared");
+                tracing::info!(chunks = run.chunk_count(), expires_at, "campaign prepared");
                 ctx.engine.insert_run(key.clone(), run);
+                if previous.expires_at.is_none() {
+                    let mut recorded = previous.clone();
+                    recorded.expires_at = Some(k8s_time(expires_at));
+                    write_status(&c, &key, &recorded, ctx).await?;
+                }
             }
             Err(b) => blocker = Some(b),
         }
     }
     if blocker.is_none() && !stopping {
         if let ConnState::Down(e) = ctx.engine.mqtt.state() {
-            blocker = Some(Blocker {
-                reason: "BrokerUnavailable",
-                message: format!("the MQTT broker refuses or drops the connection ({e}); check --broker-url, TLS material and credentials"),
-            });
+            blocker = Some(plan::broker_blocker(&e));
         }
     }
 
     // decide
-    let progress = ctx.engine.progress_of(&key, &uid, &selected);
+    let progress = ctx.engine.progress(&key, &uid, &selected);
     let decision = decide(&DecideInput {
         now,
         devices: &progress,
         params: &params,
         paused: c.spec.paused,
         abort: c.spec.abort,
+        blocked: blocker.is_some(),
         previous_phase: previous.phase,
         previous_wave: previous.current_wave,
     });
-    tracing::debug!(campaign = %key.1, phase = ?decision.phase, counts = ?decision.counts, starts = decision.start.len(), blocked = ?blocker.as_ref().map(|b| b.reason), "decided");
-    let mut phase = decision.phase;
-    if blocker.is_some() && phase == CampaignPhase::Progressing {
-        phase = CampaignPhase::Pending;
-    }
-    // The campaign says it ended only once the Device statuses it wrote have landed, so whoever
-    // reads a finished campaign reads its devices' final records too.
-    let settling = phase.is_terminal()
-        && !previous.phase.is_terminal()
-        && ctx.engine.device_writes_pending() > 0;
-    if settling {
-        phase = CampaignPhase::Progressing;
-    }
+    tracing::debug!(phase = ?decision.phase, counts = ?decision.counts, starts = decision.start.len(), blocked = ?blocker.as_ref().map(|b| b.reason), "decided");
 
-    // act
-    let names: Vec<String> = selected.iter().map(|d| d.name_any()).collect();
-    let mut actions: Vec<Action> =
-        ctx.engine
-            .apply_timeouts(&key, &names, &decision.timed_out, now);
-    if phase.is_terminal() {
-        if ctx.engine.has_run(&key, &uid) {
-            actions.extend(ctx.engine.end_run(&key));
-        } else if lock(&ctx.cleaned).insert(uid.clone()) {
-            // Ended under an earlier process (or before a restart): clear what the resources say it
-            // may have left retained, once per process.
-            actions.extend(recorded_clears(&c, ctx, &uid));
-        }
-    } else if blocker.is_none() && phase == CampaignPhase::Progressing && !decision.start.is_empty()
-    {
-        actions.extend(
-            ctx.engine
-                .take_chunk_publishes(&key)
-                .into_iter()
-                .map(Action::Publish),
-        );
-        for &(index, attempt) in &decision.start {
-            let device = &selected[index];
-            match ctx
-                .engine
-                .start_device(&key, device, attempt, now + params.timeout_secs, now)
-            {
-                Ok(a) => {
-                    tracing::info!(campaign = %key.1, device = %device.name_any(), attempt, "device started");
-                    actions.extend(a);
-                }
-                Err(e) => {
-                    tracing::warn!(campaign = %key.1, device = %device.name_any(), error = %e, "cannot start a session for the device");
-                }
-            }
-        }
-    }
-    ctx.engine.mqtt.execute(actions).await?;
-
-    // status
-    let failures: Vec<DeviceFailure> = selected
-        .iter()
-        .zip(&progress)
-        .filter_map(|(d, p)| match p {
-            Progress::Failed { reason } => Some(DeviceFailure {
-                device: d.name_any(),
-                reason: reason.clone(),
-                message: d
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.campaign.as_ref())
-                    .filter(|r| r.uid == uid && r.phase == DevicePhase::Failed)
-                    .and_then(|r| r.message.clone())
-                    .unwrap_or_else(|| reason.clone()),
-            }),
-            _ => None,
-        })
-        .collect();
-    let chunk_count = ctx
-        .engine
-        .has_run(&key, &uid)
-        .then(|| ctx.engine.chunk_count(&key))
-        .flatten()
-        .or(previous.chunk_count);
+    // plan
+    let has_run = ctx.engine.has_run(&key, &uid);
+    let pass = plan::plan_pass(&PassInput {
+        now,
+        decision: &decision,
+        blocker: blocker.as_ref(),
+        previous: &previous,
+        expired,
+        writes_pending: ctx.engine.device_writes_pending() > 0,
+        timeout_secs: params.timeout_secs,
+        has_run,
+    });
+    let facts = ctx.engine.run_facts(&key).filter(|_| has_run);
     let status = compute(StatusInput {
         generation: c.metadata.generation,
-        phase,
+        phase: pass.phase,
         counts: decision.counts.clone(),
         current_wave: decision.current_wave,
         total_waves: decision.total_waves,
-        chunk_count,
-        failures,
+        chunk_count: facts.map(|f| f.chunk_count).or(previous.chunk_count),
+        expires_at: facts
+            .map(|f| k8s_time(f.expires_at))
+            .or_else(|| previous.expires_at.clone()),
+        expired: pass.expired,
+        release_key_id: facts
+            .map(|f| f.release_key_id.map(hex::encode))
+            .unwrap_or_else(|| previous.release_key_id.clone()),
+        failures: failures(&selected, &progress, &uid),
         blocker: blocker.clone(),
         previous: Some(&previous),
         now: k8s_time(now),
     });
+    let events = plan::events(&previous, &status, blocker.as_ref());
+
+    // act
+    ctx.engine.apply(&key, &uid, &selected, &pass.run).await?;
+    if let Some(notifies) = pass.clear_recorded {
+        // Ended under an earlier process (or before a restart): clear what the resources say it
+        // may have left retained, once per process.
+        let first = ctx.memo(&key, |m| {
+            let first = m.cleaned.as_deref() != Some(uid.as_str());
+            m.cleaned = Some(uid.clone());
+            first
+        });
+        if first {
+            ctx.engine
+                .mqtt
+                .execute(recorded_clears(&c, ctx, &uid, notifies))
+                .await?;
+        }
+    }
     for (p, n) in [
         ("pending", status.devices.pending),
         ("in_progress", status.devices.in_progress),
@@ -557,25 +578,30 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
             .with_label_values(&[&key.0, &key.1, p])
             .set(i64::from(n));
     }
-    let wait = write_status(&c, &key, &status, ctx).await?;
-    emit_events(ctx, &c, &previous, &status, blocker.as_ref()).await;
-
-    if phase.is_terminal() {
-        // A changed status held back by the rate limit still has to be written once.
-        return Ok(wait.map_or_else(Requeue::await_change, Requeue::requeue));
+    let held_back = write_status(&c, &key, &status, ctx).await?;
+    for ev in events {
+        publish_event(ctx, &c, ev).await;
     }
-    let due = decision
-        .next_due
-        .map(|t| Duration::from_secs(t.saturating_sub(now).max(1)))
-        .unwrap_or(Duration::from_secs(30));
-    let mut after = due.min(Duration::from_secs(if blocker.is_some() { 10 } else { 5 }));
-    if settling {
-        after = after.min(Duration::from_secs(1));
-    }
-    if let Some(w) = wait {
-        after = after.min(w);
-    }
-    Ok(Requeue::requeue(after))
+    let blocked_retries = ctx.memo(&key, |m| {
+        m.blocked_retries = match &blocker {
+            Some(b) if b.reason.is_transient() => m.blocked_retries.saturating_add(1),
+            _ => 0,
+        };
+        m.blocked_retries
+    });
+    Ok(
+        match plan::wake(
+            &pass,
+            &decision,
+            blocker.as_ref(),
+            blocked_retries,
+            held_back,
+            now,
+        ) {
+            Wake::OnChange => Requeue::await_change(),
+            Wake::After(d) => Requeue::requeue(d),
+        },
+    )
 }
 
 /// Server-side apply the status when it changed, at most once a second. Returns how long to wait when
@@ -586,17 +612,16 @@ async fn write_status(
     status: &UpdateCampaignStatus,
     ctx: &Ctx,
 ) -> Result<Option<Duration>, Error> {
-    {
-        let written = lock(&ctx.written);
-        let stored = c.status.as_ref();
-        match written.get(key) {
-            Some((_, last)) if last == status => return Ok(None),
-            Some((at, _)) if at.elapsed() < Duration::from_secs(1) => {
-                return Ok(Some(Duration::from_secs(1) - at.elapsed()));
-            }
-            None if stored == Some(status) => return Ok(None),
-            _ => {}
+    let held = ctx.memo(key, |m| match &m.written {
+        Some((_, last)) if last == status => Some(None),
+        Some((at, _)) if at.elapsed() < Duration::from_secs(1) => {
+            Some(Some(Duration::from_secs(1) - at.elapsed()))
         }
+        None if c.status.as_ref() == Some(status) => Some(None),
+        _ => None,
+    });
+    if let Some(wait) = held {
+        return Ok(wait);
     }
     let api: Api<UpdateCampaign> = Api::namespaced(ctx.client.clone(), &key.0);
     let patch = serde_json::json!({
@@ -616,86 +641,38 @@ async fn write_status(
         .status_writes
         .with_label_values(&["campaign"])
         .inc();
-    lock(&ctx.written).insert(key.clone(), (Instant::now(), status.clone()));
+    ctx.memo(key, |m| m.written = Some((Instant::now(), status.clone())));
     Ok(None)
 }
 
-fn ready_reason(s: &UpdateCampaignStatus) -> Option<&str> {
-    s.conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| c.reason.as_str())
-}
-
-async fn emit_events(
-    ctx: &Ctx,
-    c: &UpdateCampaign,
-    previous: &UpdateCampaignStatus,
-    status: &UpdateCampaignStatus,
-    blocker: Option<&Blocker>,
-) {
-    if let Some(b) = blocker {
-        if ready_reason(previous) != Some(b.reason) {
-            publish_event(ctx, c, EventType::Warning, b.reason, b.message.clone()).await;
-        }
-    }
-    if previous.phase != status.phase || previous.observed_generation.is_none() {
-        let (t, note) = match status.phase {
-            CampaignPhase::Failed | CampaignPhase::Aborted => (
-                EventType::Warning,
-                format!(
-                    "campaign {:?}: {} succeeded, {} failed",
-                    status.phase, status.devices.succeeded, status.devices.failed
-                ),
-            ),
-            p => (
-                EventType::Normal,
-                format!(
-                    "campaign {p:?}: {} of {} devices finished",
-                    status.devices.succeeded + status.devices.failed,
-                    status.devices.selected
-                ),
-            ),
-        };
-        publish_event(ctx, c, t, &format!("{:?}", status.phase), note).await;
-    }
-    if status.current_wave > previous.current_wave && status.phase == CampaignPhase::Progressing {
-        publish_event(
-            ctx,
-            c,
-            EventType::Normal,
-            "WaveStarted",
-            format!(
-                "wave {} of {} started",
-                status.current_wave + 1,
-                status.total_waves
-            ),
-        )
-        .await;
-    }
-    if status.devices.failed > previous.devices.failed {
-        publish_event(
-            ctx,
-            c,
-            EventType::Warning,
-            "DeviceFailed",
-            format!(
-                "{} devices failed so far (see status.failures and Device status)",
-                status.devices.failed
-            ),
-        )
-        .await;
+async fn publish_event(ctx: &Ctx, c: &UpdateCampaign, ev: plan::PlannedEvent) {
+    let ev = Event {
+        type_: if ev.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: ev.reason,
+        note: Some(ev.note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &c.object_ref(&())).await {
+        tracing::debug!(error = %e, "event not recorded");
     }
 }
 
 /// Clears of whatever a campaign may have left retained, from what the resources record: chunks by
-/// index (status.chunkCount), notify of the devices that recorded this campaign. Clearing an absent
-/// retained message is harmless.
-fn recorded_clears(c: &UpdateCampaign, ctx: &Ctx, uid: &str) -> Vec<Action> {
+/// index (status.chunkCount) and, with `notifies`, the notify topic of the devices that recorded
+/// this campaign. Clearing an absent retained message is harmless.
+fn recorded_clears(c: &UpdateCampaign, ctx: &Ctx, uid: &str, notifies: bool) -> Vec<Action> {
     let topics = &ctx.engine.topics;
     let mut actions = Vec::new();
     if let Some(n) = c.status.as_ref().and_then(|s| s.chunk_count) {
         actions.extend((0..n).map(|i| Action::Publish(clear_retained(topics.chunk(uid, i)))));
+    }
+    if !notifies {
+        return actions;
     }
     for d in ctx.devices.state() {
         let recorded = d
@@ -712,10 +689,6 @@ fn recorded_clears(c: &UpdateCampaign, ctx: &Ctx, uid: &str) -> Vec<Action> {
     actions
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Finalizer clean-up: clear the campaign's retained messages. Needs the broker; retried until done.
 async fn cleanup(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
     let key = key_of(&c)?;
@@ -727,10 +700,15 @@ async fn cleanup(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
             "cannot clear the campaign's retained messages".into(),
         ));
     }
-    let mut actions = ctx.engine.remove_run(&key);
-    actions.extend(recorded_clears(&c, ctx, &uid));
-    ctx.engine.mqtt.execute(actions).await?;
-    lock(&ctx.written).remove(&key);
+    ctx.engine.remove_run(&key).await?;
+    ctx.engine
+        .mqtt
+        .execute(recorded_clears(&c, ctx, &uid, true))
+        .await?;
+    ctx.memo
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&key);
     tracing::info!(campaign = %key.1, "retained messages cleared on delete");
     Ok(Requeue::await_change())
 }
@@ -766,14 +744,6 @@ mod tests {
     }
 
     #[test]
-    fn error_backoff_doubles_and_caps() {
-        assert_eq!(error_backoff(1), Duration::from_secs(1));
-        assert_eq!(error_backoff(2), Duration::from_secs(2));
-        assert_eq!(error_backoff(5), Duration::from_secs(16));
-        assert_eq!(error_backoff(50), Duration::from_secs(256));
-    }
-
-    #[test]
     fn mappers_find_the_campaigns_to_wake() {
         let c = campaign();
         assert!(selects(&c, &device(&[("fleet", "a")], "ns")));
@@ -792,6 +762,7 @@ mod tests {
                 }),
                 url: None,
                 sha256: None,
+                release_signature: None,
             }),
             rotate_credentials: None,
         };

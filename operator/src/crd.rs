@@ -75,9 +75,11 @@ pub struct DeviceSpec {
     pub device_id: Option<String>,
     /// Pinned SHA-256 fingerprint of the device certificate DER (64 lowercase hex characters). When set,
     /// a device presenting any other certificate (even one the CA signed) is refused, except the
-    /// certificate the operator itself issued to this device in a credential rotation that succeeded
-    /// (status.rotatedCertificateFingerprint), so that the campaigns after a rotation keep working
-    /// without editing this field.
+    /// certificates the operator itself issued to this device in credential rotations
+    /// (status.rotatedCertificateFingerprint, status.pendingCertificates), so that the campaigns
+    /// after a rotation keep working without editing this field. Once a rotation settled, this
+    /// certificate is retired (status.retiredCertificateFingerprints) and refused: the pin moves to
+    /// the rotated certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(equal = 64))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("spec.certificateFingerprint must be 64 lowercase hex characters (SHA-256 of the certificate DER)"))]
@@ -104,11 +106,23 @@ pub struct DeviceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_not_after: Option<Time>,
     /// SHA-256 fingerprint (hex) of the certificate the operator issued to the device in the last
-    /// credential rotation that succeeded (signed receipt). Accepted in addition to
-    /// spec.certificateFingerprint when that pin is set.
+    /// credential rotation that settled (a signed receipt, or the device presenting it). Accepted in
+    /// addition to spec.certificateFingerprint when that pin is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub rotated_certificate_fingerprint: Option<String>,
+    /// Certificates the operator issued to the device in rotations whose outcome no credential has
+    /// proven yet (recorded before the new certificate was sent, so a lost receipt never locks the
+    /// device out). Accepted until the device presents one of them or its previous certificate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    pub pending_certificates: Vec<PendingCertificate>,
+    /// SHA-256 fingerprints (hex) of certificates a settled rotation retired: a device presenting one
+    /// of them is refused even though the CA signed it (whoever holds that key no longer speaks for
+    /// the device). The most recent 16 are kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub retired_certificate_fingerprints: Vec<String>,
     /// The last campaign that addressed this device and its result there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub campaign: Option<DeviceCampaignStatus>,
@@ -117,6 +131,20 @@ pub struct DeviceStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 4))]
     pub conditions: Vec<Condition>,
+}
+
+/// A certificate issued in a rotation and not yet settled.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingCertificate {
+    /// SHA-256 fingerprint (hex) of the certificate DER.
+    #[schemars(length(max = 64))]
+    pub fingerprint: String,
+    /// Its expiry (notAfter).
+    pub not_after: Time,
+    /// Name of the UpdateCampaign that issued it.
+    #[schemars(length(max = 253))]
+    pub campaign: String,
 }
 
 /// The result of one campaign on one device.
@@ -136,7 +164,7 @@ pub struct DeviceCampaignStatus {
     pub phase: DevicePhase,
     /// Attempts made so far (1 for the first).
     pub attempts: u32,
-    /// Machine-readable reason of a failure (for example `Timeout`, `NotNewer`).
+    /// Why the device failed: Timeout, RolledBack, NotNewer, Expired, ImageHashMismatch, PacketTooLarge, DeclinedByDevice, InstallFailed, InvalidVersion, BadCredentials, ManifestMismatch or ReleaseSignature (see docs/reasons.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub reason: Option<String>,
@@ -144,6 +172,22 @@ pub struct DeviceCampaignStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 512))]
     pub message: Option<String>,
+    /// The device's signed receipt of the final outcome (base64 of the protocol's receipt: a
+    /// plaintext claim of outcome, version and image hash bound to the session), kept as evidence.
+    /// Verify it with the certificate named by receiptCertificateFingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 12288))]
+    pub receipt: Option<String>,
+    /// SHA-256 fingerprint (hex) of the device certificate whose key signed the receipt (for a
+    /// rotation: the certificate the device held before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub receipt_certificate_fingerprint: Option<String>,
+    /// Key id (SHA-256 of the public key, hex) of the release key whose signature the device
+    /// verified before installing, when it checks release signatures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub release_key_id: Option<String>,
 }
 
 /// Phase of one device inside a campaign.
@@ -158,7 +202,7 @@ pub enum DevicePhase {
     Transferring,
     /// The device sent a signed receipt for the new version.
     Succeeded,
-    /// The device refused, or every attempt timed out.
+    /// The device refused, rolled back after install, or every attempt timed out.
     Failed,
 }
 
@@ -296,6 +340,25 @@ pub struct FirmwareSource {
     #[schemars(length(equal = 64))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("spec.payload.firmware.sha256 must be 64 lowercase hex characters"))]
     pub sha256: Option<String>,
+    /// Detached signature of the image by an offline release key, as `sealed-ota release sign`
+    /// prints it. Devices enrolled with release keys install only firmware whose release signature
+    /// verifies; the operator checks it against the image and version before anything is published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_signature: Option<ReleaseSignatureSpec>,
+}
+
+/// A release signature of a firmware image.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseSignatureSpec {
+    /// The release public key: 130 lowercase hex characters (uncompressed P-256 point, starting 04).
+    #[schemars(length(equal = 130))]
+    #[x_kube(validation = Rule::new("self.matches('^04[0-9a-f]{128}$')").message("spec.payload.firmware.releaseSignature.publicKey must be 130 lowercase hex characters starting with 04 (the uncompressed P-256 public key, as `sealed-ota release sign` prints it)"))]
+    pub public_key: String,
+    /// The ECDSA P-256 signature r||s: 128 lowercase hex characters.
+    #[schemars(length(equal = 128))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{128}$')").message("spec.payload.firmware.releaseSignature.signature must be 128 lowercase hex characters (as `sealed-ota release sign` prints it)"))]
+    pub signature: String,
 }
 
 /// A key inside a ConfigMap or Secret of the campaign's namespace.
@@ -484,6 +547,15 @@ pub struct UpdateCampaignStatus {
     /// Chunks of the prepared image (kept so that a restarted operator can clear them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_count: Option<u32>,
+    /// When the signed manifests expire: fixed when the operator first prepares the campaign
+    /// (spec.expiresAfterSeconds later) and kept across operator restarts. Past it devices refuse
+    /// every chunk and install of this campaign and the campaign fails with reason Expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// Key id (SHA-256 of the public key, hex) of the release key that signed the firmware image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub release_key_id: Option<String>,
     /// Some failed devices with their reasons (at most 20; devices.failed counts them all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
@@ -507,8 +579,11 @@ pub struct DeviceCounts {
     pub in_progress: u32,
     /// Signed receipt received.
     pub succeeded: u32,
-    /// Refused or out of attempts.
+    /// Refused, rolled back or out of attempts.
     pub failed: u32,
+    /// Of the failed: installed, then rolled back after a failed health check (signed receipt).
+    #[serde(default)]
+    pub rolled_back: u32,
 }
 
 /// One failed device.
@@ -518,7 +593,7 @@ pub struct DeviceFailure {
     /// Device resource name.
     #[schemars(length(max = 253))]
     pub device: String,
-    /// Machine-readable reason (Timeout, NotNewer, Expired, ImageHashMismatch, InstallFailed, ...).
+    /// Why the device failed: Timeout, RolledBack, NotNewer, Expired, ImageHashMismatch, PacketTooLarge, DeclinedByDevice, InstallFailed, InvalidVersion, BadCredentials, ManifestMismatch or ReleaseSignature (see docs/reasons.md).
     #[schemars(length(max = 64))]
     pub reason: String,
     /// Detail.

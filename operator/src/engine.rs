@@ -1,236 +1,33 @@
-//! The campaign engine: in-memory runs of the campaigns this replica drives, one protocol
-//! `ManagerSession` per device in flight, and the dispatcher that feeds inbound MQTT messages to them.
-//!
-//! It owns the sessions, never the rollout decisions (those are in `rollout`) and never the campaign
-//! status (the controller writes it). What must survive a restart is written to `Device` status by the
-//! device-status writer: a device counts as done only after its signed receipt (`Installed`) or signed
-//! refusal, never on a broker acknowledgement. Locks are never held across an `.await`.
+//! The engine: the I/O shell around the session registry ([`Runs`]). It owns the registry behind
+//! one lock (never held across an `.await`), the shared MQTT session and the Device status
+//! writers, and carries out the [`Effects`] the registry returns: a gating write first (a
+//! rotation's issued certificate recorded as pending on the Device before the update that carries
+//! it is published), then the writes, then the MQTT actions; notes become metrics and logs.
+//! Decisions are the registry's and the rollout's; the writers stop writing the moment this
+//! replica loses the leader Lease.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
-use sealed_ota_protocol::{
-    Action, DeviceTarget, Inbound, IssuedCertificate, ManagerConfig, ManagerEvent, ManagerSession,
-    Outbound, PreparedCampaign, Properties, ProtocolError, TopicKind, TopicTree,
-};
-use tokio::sync::mpsc;
+use sealed_ota_protocol::{Inbound, TopicKind, TopicTree};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::crd::{Device, DeviceCampaignStatus, DevicePhase, DeviceStatus};
+use crate::crd::Device;
+use crate::device_status::DeviceWrite;
+use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::mqtt::MqttSession;
-use crate::rollout::{Progress, TimeoutOutcome};
+use crate::rollout::Progress;
+use crate::runs::{CampaignKey, CampaignRun, Effects, Note, Plan, RunFacts, Runs};
+use crate::time::unix_now;
 
 /// Field manager of every status the operator writes.
 pub const FIELD_MANAGER: &str = "sealed-ota-operator";
 
-/// (namespace, name) of a campaign.
-pub type CampaignKey = (String, String);
-
-/// Unix seconds now.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Kubernetes time from Unix seconds.
-pub fn k8s_time(secs: u64) -> Time {
-    Time(Timestamp::from_second(secs as i64).unwrap_or(Timestamp::UNIX_EPOCH))
-}
-
-/// What the handshake told us about a device.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Handshake {
-    /// SHA-256 of the device certificate.
-    pub fingerprint: [u8; 32],
-    /// Certificate expiry, Unix seconds.
-    pub not_after: u64,
-    /// Version the device runs.
-    pub running_version: String,
-}
-
-/// A Device status write for the writer task.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DeviceWrite {
-    /// Namespace of the Device.
-    pub namespace: String,
-    /// Name of the Device.
-    pub name: String,
-    /// The complete status owned by the operator.
-    pub status: DeviceStatus,
-}
-
-/// Build a Device status (pure): the fields we own are always all present, because server-side apply
-/// removes owned fields that a later apply leaves out.
-pub fn device_status(
-    base: Option<&DeviceStatus>,
-    handshake: Option<&Handshake>,
-    installed_version: Option<&str>,
-    campaign: DeviceCampaignStatus,
-    now: u64,
-) -> DeviceStatus {
-    let base = base.cloned().unwrap_or_default();
-    let seen = handshake.is_some() || installed_version.is_some();
-    let (status, reason, message) = match campaign.phase {
-        DevicePhase::Succeeded => (
-            "True",
-            "UpToDate".to_owned(),
-            format!(
-                "installed {} (campaign {})",
-                campaign.target_version, campaign.name
-            ),
-        ),
-        DevicePhase::Failed => (
-            "False",
-            campaign
-                .reason
-                .clone()
-                .unwrap_or_else(|| "UpdateFailed".into()),
-            campaign
-                .message
-                .clone()
-                .unwrap_or_else(|| format!("campaign {} failed", campaign.name)),
-        ),
-        DevicePhase::Transferring | DevicePhase::Pending => (
-            "Unknown",
-            "Updating".to_owned(),
-            format!(
-                "campaign {} is updating the device to {}",
-                campaign.name, campaign.target_version
-            ),
-        ),
-    };
-    let last_transition_time = base
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready" && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| k8s_time(now));
-    let ready = Condition {
-        type_: "Ready".into(),
-        status: status.into(),
-        reason,
-        message: crate::status::bounded(&message, 1024),
-        observed_generation: None,
-        last_transition_time,
-    };
-    DeviceStatus {
-        running_version: installed_version
-            .map(str::to_owned)
-            .or_else(|| handshake.map(|h| h.running_version.clone()))
-            .or(base.running_version),
-        last_seen: if seen {
-            Some(k8s_time(now))
-        } else {
-            base.last_seen
-        },
-        certificate_fingerprint: handshake
-            .map(|h| hex::encode(h.fingerprint))
-            .or(base.certificate_fingerprint),
-        certificate_not_after: handshake
-            .map(|h| k8s_time(h.not_after))
-            .or(base.certificate_not_after),
-        rotated_certificate_fingerprint: base.rotated_certificate_fingerprint,
-        campaign: Some(campaign),
-        conditions: vec![ready],
-    }
-}
-
-/// After the signed receipt of a credential rotation (pure): the device now holds the certificate
-/// the operator issued in that session, so its fingerprint and expiry replace the handshake's (the
-/// old certificate), and the fingerprint is remembered as one the pin accepts.
-pub fn record_rotation(mut status: DeviceStatus, issued: &IssuedCertificate) -> DeviceStatus {
-    let fingerprint = hex::encode(issued.fingerprint);
-    status.certificate_fingerprint = Some(fingerprint.clone());
-    status.certificate_not_after = Some(k8s_time(issued.not_after));
-    status.rotated_certificate_fingerprint = Some(fingerprint);
-    status
-}
-
-/// Fingerprints a device certificate may have (pure): `spec.certificateFingerprint` (the pin, if
-/// set) and the certificate the operator issued in a rotation it completed
-/// (`status.rotatedCertificateFingerprint`).
-pub fn pinned_fingerprints(device: &Device) -> (Option<[u8; 32]>, Option<[u8; 32]>) {
-    let parse = |h: Option<&str>| {
-        h.and_then(|h| hex::decode(h).ok())
-            .and_then(|v| <[u8; 32]>::try_from(v).ok())
-    };
-    (
-        parse(device.spec.certificate_fingerprint.as_deref()),
-        parse(
-            device
-                .status
-                .as_ref()
-                .and_then(|s| s.rotated_certificate_fingerprint.as_deref()),
-        ),
-    )
-}
-
-/// One device inside a run.
-#[derive(Debug)]
-pub struct DeviceRun {
-    /// Device id (topic level, certificate CN).
-    pub device_id: String,
-    /// Where the device is.
-    pub progress: Progress,
-    session: Option<ManagerSession>,
-    handshake: Option<Handshake>,
-    base: Option<DeviceStatus>,
-}
-
-/// A campaign this replica drives.
-#[derive(Debug)]
-pub struct CampaignRun {
-    /// UID of the campaign (also the protocol campaign id).
-    pub uid: String,
-    /// Version delivered.
-    pub target_version: String,
-    /// The encrypted-once payload; released when the run ends (only its chunk count is kept).
-    prepared: Option<Arc<PreparedCampaign>>,
-    chunk_count: u32,
-    /// Manager identity, trust anchor, topics.
-    pub manager: ManagerConfig,
-    /// spec.allowDowngrade.
-    pub allow_downgrade: bool,
-    /// Devices by resource name.
-    pub devices: HashMap<String, DeviceRun>,
-    by_id: HashMap<String, String>,
-    chunks_published: bool,
-    ended: bool,
-}
-
-impl CampaignRun {
-    /// A fresh run.
-    pub fn new(
-        uid: String,
-        target_version: String,
-        prepared: Arc<PreparedCampaign>,
-        manager: ManagerConfig,
-        allow_downgrade: bool,
-    ) -> Self {
-        Self {
-            uid,
-            target_version,
-            chunk_count: prepared.chunk_count(),
-            prepared: Some(prepared),
-            manager,
-            allow_downgrade,
-            devices: HashMap::new(),
-            by_id: HashMap::new(),
-            chunks_published: false,
-            ended: false,
-        }
-    }
-}
-
-/// The shared engine.
+/// The shared engine of one leader term.
 #[derive(Debug)]
 pub struct Engine {
     /// Topic tree of this manager.
@@ -239,60 +36,13 @@ pub struct Engine {
     pub mqtt: MqttSession,
     /// Metrics.
     pub metrics: Metrics,
-    runs: Mutex<HashMap<CampaignKey, CampaignRun>>,
-    routes: Mutex<HashMap<String, CampaignKey>>,
+    runs: Mutex<Runs>,
     writes: DeviceWrites,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain data behind; keep going with it.
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn campaign_record(
-    key: &CampaignKey,
-    run: &RunIds,
-    phase: DevicePhase,
-    attempts: u32,
-    reason: Option<String>,
-    message: Option<String>,
-) -> DeviceCampaignStatus {
-    DeviceCampaignStatus {
-        name: key.1.clone(),
-        uid: run.uid.clone(),
-        target_version: run.target_version.clone(),
-        phase,
-        attempts,
-        reason,
-        message: message.map(|m| crate::status::bounded(&m, 512)),
-    }
-}
-
-/// The identifiers of a run that every Device record repeats.
-struct RunIds {
-    uid: String,
-    target_version: String,
-}
-
-impl CampaignRun {
-    /// Chunks of the prepared payload.
-    pub fn chunk_count(&self) -> u32 {
-        self.chunk_count
-    }
-
-    fn ids(&self) -> RunIds {
-        RunIds {
-            uid: self.uid.clone(),
-            target_version: self.target_version.clone(),
-        }
-    }
-}
-
-fn attempt_of(p: &Progress) -> u32 {
-    match p {
-        Progress::InFlight { attempt, .. } | Progress::Backoff { attempt, .. } => *attempt,
-        _ => 1,
-    }
 }
 
 impl Engine {
@@ -307,8 +57,7 @@ impl Engine {
             topics,
             mqtt,
             metrics,
-            runs: Mutex::new(HashMap::new()),
-            routes: Mutex::new(HashMap::new()),
+            runs: Mutex::new(Runs::new()),
             writes,
         }
     }
@@ -320,441 +69,156 @@ impl Engine {
 
     /// Whether a run exists for the campaign (with this uid).
     pub fn has_run(&self, key: &CampaignKey, uid: &str) -> bool {
-        lock(&self.runs).get(key).is_some_and(|r| r.uid == uid)
+        lock(&self.runs).has(key, uid)
     }
 
     /// Install a run (replacing one of an older uid).
     pub fn insert_run(&self, key: CampaignKey, run: CampaignRun) {
-        let old = lock(&self.runs).insert(key, run);
-        if let Some(old) = old {
-            let mut routes = lock(&self.routes);
-            for d in old.devices.values() {
-                routes.remove(&d.device_id);
-            }
-        }
+        lock(&self.runs).insert(key, run);
     }
 
-    /// Progress of each selected device (in the given order): the run's memory first, then what the
-    /// Device status records for this campaign uid (restart resume), else not started.
-    pub fn progress_of(
+    /// What the campaign status reports about the run's prepared payload.
+    pub fn run_facts(&self, key: &CampaignKey) -> Option<RunFacts> {
+        lock(&self.runs).facts(key)
+    }
+
+    /// Progress of each selected device (see [`Runs::progress`]).
+    pub fn progress(&self, key: &CampaignKey, uid: &str, devices: &[Arc<Device>]) -> Vec<Progress> {
+        lock(&self.runs).progress(key, uid, devices)
+    }
+
+    /// Carry out a reconcile pass's plan (see [`Runs::apply`]).
+    pub async fn apply(
         &self,
         key: &CampaignKey,
         uid: &str,
         devices: &[Arc<Device>],
-    ) -> Vec<Progress> {
-        let mut runs = lock(&self.runs);
-        let mut run = runs.get_mut(key).filter(|r| r.uid == uid);
-        devices
-            .iter()
-            .map(|d| {
-                let name = d.metadata.name.as_deref().unwrap_or_default();
-                if let Some(dr) = run.as_ref().and_then(|r| r.devices.get(name)) {
-                    return dr.progress.clone();
-                }
-                let recorded = d
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.campaign.as_ref())
-                    .filter(|c| c.uid == uid);
-                let progress = match recorded {
-                    Some(c) if c.phase == DevicePhase::Succeeded => Progress::Succeeded,
-                    Some(c) if c.phase == DevicePhase::Failed => Progress::Failed {
-                        reason: c.reason.clone().unwrap_or_else(|| "Failed".into()),
-                    },
-                    // Started before a restart: the next start counts as a further attempt.
-                    Some(c) => Progress::Backoff {
-                        until: 0,
-                        attempt: c.attempts.max(1),
-                    },
-                    None => Progress::NotStarted,
-                };
-                if progress.clone() != Progress::NotStarted {
-                    if let Some(r) = run.as_mut() {
-                        r.devices.insert(
-                            name.to_owned(),
-                            DeviceRun {
-                                device_id: d.device_id(),
-                                progress: progress.clone(),
-                                session: None,
-                                handshake: None,
-                                base: d.status.clone(),
-                            },
-                        );
-                    }
-                }
-                progress
-            })
-            .collect()
+        plan: &Plan,
+    ) -> Result<(), Error> {
+        let fx = lock(&self.runs).apply(key, uid, devices, plan, &self.topics, unix_now());
+        self.perform(fx).await
     }
 
-    /// Retained chunk publishes, the first time this run needs them.
-    pub fn take_chunk_publishes(&self, key: &CampaignKey) -> Vec<Outbound> {
-        let mut runs = lock(&self.runs);
-        match runs.get_mut(key) {
-            Some(run) if !run.chunks_published => {
-                run.chunks_published = true;
-                run.prepared
-                    .as_ref()
-                    .map(|p| p.chunk_publishes(&self.topics))
-                    .unwrap_or_default()
-            }
-            _ => Vec::new(),
-        }
-    }
-
-    /// Start (or restart) one device: a fresh session and its retained notify.
-    pub fn start_device(
-        &self,
-        key: &CampaignKey,
-        device: &Device,
-        attempt: u32,
-        deadline: u64,
-        now: u64,
-    ) -> Result<Vec<Action>, ProtocolError> {
-        let name = device.metadata.name.clone().unwrap_or_default();
-        let device_id = device.device_id();
-        let (pinned_fingerprint, rotated) = pinned_fingerprints(device);
-        let mut runs = lock(&self.runs);
-        let Some(run) = runs.get_mut(key) else {
-            return Ok(Vec::new());
-        };
-        let target = DeviceTarget {
-            device_id: device_id.clone(),
-            pinned_fingerprint,
-            allow_downgrade: run.allow_downgrade,
-        };
-        let Some(prepared) = run.prepared.clone() else {
-            return Ok(Vec::new());
-        };
-        let (mut session, actions) = ManagerSession::start(&run.manager, prepared, target, now)?;
-        if let Some(fp) = rotated {
-            // The certificate this operator issued in a rotation that succeeded: accepted like the
-            // pin (which still names the certificate from before the rotation).
-            session.also_accept_fingerprint(fp);
-        }
-        let base = run
-            .devices
-            .get(&name)
-            .and_then(|d| d.base.clone())
-            .or_else(|| device.status.clone());
-        run.by_id.insert(device_id.clone(), name.clone());
-        run.devices.insert(
-            name,
-            DeviceRun {
-                device_id: device_id.clone(),
-                progress: Progress::InFlight { deadline, attempt },
-                session: Some(session),
-                handshake: None,
-                base,
-            },
-        );
-        lock(&self.routes).insert(device_id, key.clone());
-        Ok(actions)
-    }
-
-    /// Apply timeouts decided by the rollout: drop the session, clear its notify, record failures.
-    pub fn apply_timeouts(
-        &self,
-        key: &CampaignKey,
-        names: &[String],
-        outcomes: &[TimeoutOutcome],
-        now: u64,
-    ) -> Vec<Action> {
-        let mut actions = Vec::new();
-        let mut runs = lock(&self.runs);
-        let Some(run) = runs.get_mut(key) else {
-            return actions;
-        };
-        let ids = run.ids();
-        for o in outcomes {
-            let (index, progress) = match *o {
-                TimeoutOutcome::Retry {
-                    index,
-                    until,
-                    attempt,
-                } => (index, Progress::Backoff { until, attempt }),
-                TimeoutOutcome::Fail { index, .. } => (
-                    index,
-                    Progress::Failed {
-                        reason: "Timeout".into(),
-                    },
-                ),
-            };
-            let Some(name) = names.get(index) else {
-                continue;
-            };
-            let Some(dr) = run.devices.get_mut(name) else {
-                continue;
-            };
-            if let Some(s) = dr.session.take() {
-                actions.push(Action::Publish(s.clear_notify()));
-            }
-            lock(&self.routes).remove(&dr.device_id);
-            if let TimeoutOutcome::Fail { attempts, .. } = *o {
-                self.metrics
-                    .device_failures
-                    .with_label_values(&["Timeout"])
-                    .inc();
-                tracing::info!(campaign = %key.1, device = %name, attempts, "device timed out, out of attempts");
-                let record = campaign_record(
-                    key,
-                    &ids,
-                    DevicePhase::Failed,
-                    attempts,
-                    Some("Timeout".into()),
-                    Some(format!("no signed receipt after {attempts} attempts")),
-                );
-                let status =
-                    device_status(dr.base.as_ref(), dr.handshake.as_ref(), None, record, now);
-                self.writes.send(DeviceWrite {
-                    namespace: key.0.clone(),
-                    name: name.clone(),
-                    status,
-                });
-            } else {
-                tracing::info!(campaign = %key.1, device = %name, "device attempt timed out, retrying after backoff");
-            }
-            dr.progress = progress;
-        }
-        actions
-    }
-
-    /// End the campaign on this replica: drop every session and clear the retained messages (notify of
-    /// devices still in flight, every chunk). Idempotent: the second call returns nothing.
-    pub fn end_run(&self, key: &CampaignKey) -> Vec<Action> {
-        let mut runs = lock(&self.runs);
-        let Some(run) = runs.get_mut(key) else {
-            return Vec::new();
-        };
-        if run.ended {
-            return Vec::new();
-        }
-        run.ended = true;
-        let mut actions = Vec::new();
-        let mut routes = lock(&self.routes);
-        for dr in run.devices.values_mut() {
-            if let Some(s) = dr.session.take() {
-                actions.push(Action::Publish(s.clear_notify()));
-            }
-            routes.remove(&dr.device_id);
-        }
-        // The encrypted image is no longer needed: release it.
-        if let Some(prepared) = run.prepared.take() {
-            actions.extend(
-                prepared
-                    .clear_chunks(&self.topics)
-                    .into_iter()
-                    .map(Action::Publish),
-            );
-        }
-        actions
-    }
-
-    /// Forget a run entirely (campaign deleted). Returns the clean-up publishes.
-    pub fn remove_run(&self, key: &CampaignKey) -> Vec<Action> {
-        let actions = self.end_run(key);
-        lock(&self.runs).remove(key);
-        actions
-    }
-
-    /// Chunks of the run's prepared payload.
-    pub fn chunk_count(&self, key: &CampaignKey) -> Option<u32> {
-        lock(&self.runs).get(key).map(|r| r.chunk_count)
+    /// Forget a run (campaign deleted) and clear what it left retained.
+    pub async fn remove_run(&self, key: &CampaignKey) -> Result<(), Error> {
+        let fx = lock(&self.runs).remove(key, &self.topics, unix_now());
+        self.perform(fx).await
     }
 
     /// Feed one inbound message to the session it belongs to and carry out what follows.
     pub async fn handle_inbound(&self, msg: Inbound) {
-        let now = unix_now();
         let device = match self.topics.parse(&msg.topic) {
             Ok(TopicKind::Ready { device }) | Ok(TopicKind::Status { device }) => device,
             _ => return,
         };
-        let (actions, write) = self.dispatch(&device, &msg, now);
-        if let Some(w) = write {
-            self.writes.send(w);
-        }
-        if let Err(e) = self.mqtt.execute(actions).await {
+        let fx = lock(&self.runs).dispatch(&device, &msg, &self.topics, unix_now());
+        if let Err(e) = self.perform(fx).await {
             tracing::warn!(device = %device, error = %e, "publishing session output failed");
         }
     }
 
-    fn dispatch(
-        &self,
-        device: &str,
-        msg: &Inbound,
-        now: u64,
-    ) -> (Vec<Action>, Option<DeviceWrite>) {
-        let Some(key) = lock(&self.routes).get(device).cloned() else {
-            // A device with no session here (finished, another replica's, or a stale retained).
-            self.metrics
-                .protocol_errors
-                .with_label_values(&["no_session"])
-                .inc();
-            return (Vec::new(), None);
-        };
-        let mut runs = lock(&self.runs);
-        let Some(run) = runs.get_mut(&key) else {
-            return (Vec::new(), None);
-        };
-        let Some(name) = run.by_id.get(device).cloned() else {
-            return (Vec::new(), None);
-        };
-        let Some(prepared) = run.prepared.clone() else {
-            return (Vec::new(), None);
-        };
-        let ids = run.ids();
-        let Some(dr) = run.devices.get_mut(&name) else {
-            return (Vec::new(), None);
-        };
-        let attempts = attempt_of(&dr.progress);
-        let Some(session) = dr.session.as_mut() else {
-            return (Vec::new(), None);
-        };
-        let out = match session.handle(msg, now) {
-            Ok(out) => out,
-            Err(e) => {
-                self.metrics
-                    .protocol_errors
-                    .with_label_values(&[e.metric_label()])
+    /// Carry out effects: the gate, the writes, the MQTT actions; notes to metrics and logs.
+    async fn perform(&self, fx: Effects) -> Result<(), Error> {
+        let Effects {
+            gate,
+            writes,
+            actions,
+            notes,
+        } = fx;
+        for note in &notes {
+            self.note(note);
+        }
+        if let Some(gate) = gate {
+            if !self.writes.send_confirmed(gate.write).await {
+                tracing::warn!(campaign = %gate.campaign.1, device = %gate.device, "the issued certificate could not be recorded on the Device: the update is held back until the device asks again");
+                return Ok(());
+            }
+            lock(&self.runs).issued_recorded(&gate.campaign, &gate.device, gate.fingerprint);
+        }
+        for w in writes {
+            self.writes.send(w);
+        }
+        self.mqtt.execute(actions).await
+    }
+
+    fn note(&self, note: &Note) {
+        let m = &self.metrics;
+        match note {
+            Note::Started {
+                campaign,
+                device,
+                attempt,
+            } => {
+                tracing::info!(%campaign, %device, attempt, "device started");
+            }
+            Note::StartRefused {
+                campaign,
+                device,
+                error,
+            } => {
+                tracing::warn!(%campaign, %device, %error, "cannot start a session for the device");
+            }
+            Note::HandshakeCompleted {
+                campaign,
+                device,
+                running_version,
+            } => {
+                m.handshakes.inc();
+                tracing::info!(%campaign, %device, running = %running_version, "handshake completed");
+            }
+            Note::Installed {
+                campaign,
+                device,
+                version,
+            } => {
+                m.installs.inc();
+                tracing::info!(%campaign, %device, %version, "signed install receipt");
+            }
+            Note::Failed {
+                campaign,
+                device,
+                reason,
+                detail,
+            } => {
+                m.device_failures
+                    .with_label_values(&[reason.as_str()])
                     .inc();
-                tracing::debug!(campaign = %key.1, device = %device, error = %e, "ignored invalid message");
-                return (Vec::new(), None);
+                tracing::warn!(%campaign, %device, %reason, %detail, "device failed");
             }
-        };
-        let issued = session.issued_certificate();
-        let mut actions = out.actions;
-        let mut result: Option<Outcome> = None;
-        for ev in out.events {
-            match ev {
-                ManagerEvent::HandshakeCompleted {
-                    device_cert_fingerprint,
-                    device_cert_not_after,
-                    running_version,
-                } => {
-                    self.metrics.handshakes.inc();
-                    tracing::info!(campaign = %key.1, device = %device, running = %running_version, "handshake completed");
-                    dr.handshake = Some(Handshake {
-                        fingerprint: device_cert_fingerprint,
-                        not_after: device_cert_not_after,
-                        running_version,
-                    });
-                    if result.is_none() {
-                        result = Some(Outcome::phase(DevicePhase::Transferring));
-                    }
-                }
-                ManagerEvent::Progress { .. } => {}
-                ManagerEvent::ChunksRequested { indices } => {
-                    actions.extend(
-                        indices
-                            .into_iter()
-                            .filter(|i| *i < prepared.chunk_count())
-                            .map(|i| Action::Publish(prepared.chunk_publish(&self.topics, i))),
-                    );
-                }
-                ManagerEvent::Installed { version, .. } => {
-                    self.metrics.installs.inc();
-                    tracing::info!(campaign = %key.1, device = %device, version = %version, "signed install receipt");
-                    dr.progress = Progress::Succeeded;
-                    result = Some(Outcome {
-                        version: Some(version),
-                        issued,
-                        ..Outcome::phase(DevicePhase::Succeeded)
-                    });
-                }
-                ManagerEvent::Rejected { reason } => {
-                    let label = reason.metric_label();
-                    self.metrics
-                        .device_failures
-                        .with_label_values(&[label])
-                        .inc();
-                    tracing::info!(campaign = %key.1, device = %device, reason = %reason, "device refused the update");
-                    dr.progress = Progress::Failed {
-                        reason: label.to_owned(),
-                    };
-                    result = Some(Outcome {
-                        reason: Some(label.to_owned()),
-                        message: Some(reason.to_string()),
-                        ..Outcome::phase(DevicePhase::Failed)
-                    });
-                }
+            Note::Retrying {
+                campaign,
+                device,
+                attempt,
+            } => {
+                tracing::info!(%campaign, %device, attempt, "device attempt timed out, retrying after backoff");
             }
-        }
-        if matches!(dr.progress, Progress::Succeeded | Progress::Failed { .. }) {
-            if let Some(s) = dr.session.take() {
-                actions.push(Action::Publish(s.clear_notify()));
+            Note::Ignored { device, label } => {
+                m.protocol_errors.with_label_values(&[label]).inc();
+                tracing::debug!(%device, reason = %label, "ignored an inbound message");
             }
-            lock(&self.routes).remove(device);
-        }
-        let write = result.map(|o| {
-            let version = o.version;
-            let record = campaign_record(&key, &ids, o.phase, attempts, o.reason, o.message);
-            let mut status = device_status(
-                dr.base.as_ref(),
-                dr.handshake.as_ref(),
-                version.as_deref(),
-                record,
-                now,
-            );
-            if let Some(issued) = &o.issued {
-                status = record_rotation(status, issued);
-            }
-            DeviceWrite {
-                namespace: key.0.clone(),
-                name: name.clone(),
-                status,
-            }
-        });
-        (actions, write)
-    }
-}
-
-/// A device transition worth a Device status write.
-struct Outcome {
-    phase: DevicePhase,
-    version: Option<String>,
-    reason: Option<String>,
-    message: Option<String>,
-    /// For the receipt of a rotation: the certificate the device now holds.
-    issued: Option<IssuedCertificate>,
-}
-
-impl Outcome {
-    fn phase(phase: DevicePhase) -> Self {
-        Self {
-            phase,
-            version: None,
-            reason: None,
-            message: None,
-            issued: None,
         }
     }
 }
 
-/// An empty retained publish (clears a retained message).
-pub fn clear_retained(topic: String) -> Outbound {
-    Outbound {
-        topic,
-        payload: Vec::new(),
-        retain: true,
-        properties: Properties::default(),
-    }
-}
-
-/// Senders to the Device status writers. A device always goes to the same writer, so its transitions
-/// land in order, while different devices are written in parallel.
+/// Senders to the Device status writers. A device always goes to the same writer, so its
+/// transitions land in order, while different devices are written in parallel. Writers write only
+/// while this replica leads: after the Lease is lost, queued writes are dropped unwritten (the next
+/// leader resumes from what the resources record, and a device answers a new session of a
+/// campaign it completed with a fresh receipt).
 #[derive(Clone, Debug)]
 pub struct DeviceWrites {
-    shards: Vec<mpsc::UnboundedSender<DeviceWrite>>,
-    /// Writes sent and not yet finished (written, or given up after the retries).
+    shards: Vec<mpsc::UnboundedSender<QueuedWrite>>,
+    /// Writes sent and not yet finished (written, dropped, or given up after the retries).
     pending: Arc<AtomicUsize>,
 }
 
 impl DeviceWrites {
-    /// Start `shards` writer tasks; returns the senders and the tasks.
+    /// Start `shards` writer tasks writing while `leading` is true; returns the senders and tasks.
     pub fn spawn(
         client: &Client,
         metrics: &Metrics,
         shards: usize,
+        leading: watch::Receiver<bool>,
     ) -> (Self, Vec<tokio::task::JoinHandle<()>>) {
         let pending = Arc::new(AtomicUsize::new(0));
         let (senders, tasks): (Vec<_>, Vec<_>) = (0..shards.max(1))
@@ -765,6 +229,7 @@ impl DeviceWrites {
                     rx,
                     metrics.clone(),
                     Arc::clone(&pending),
+                    leading.clone(),
                 ));
                 (tx, task)
             })
@@ -785,26 +250,49 @@ impl DeviceWrites {
 
     /// Queue a write on the device's writer.
     pub fn send(&self, w: DeviceWrite) {
+        self.queue(w, None);
+    }
+
+    /// Queue a write on the device's writer (after the ones queued before it) and wait until it
+    /// landed: `false` when it could not be written.
+    pub async fn send_confirmed(&self, w: DeviceWrite) -> bool {
+        let (done, landed) = oneshot::channel();
+        self.queue(w, Some(done));
+        landed.await.unwrap_or(false)
+    }
+
+    fn queue(&self, write: DeviceWrite, done: Option<oneshot::Sender<bool>>) {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        (&w.namespace, &w.name).hash(&mut h);
+        (&write.namespace, &write.name).hash(&mut h);
         let shard = (h.finish() % self.shards.len() as u64) as usize;
         self.pending.fetch_add(1, Ordering::AcqRel);
-        if self.shards[shard].send(w).is_err() {
+        if self.shards[shard]
+            .send(QueuedWrite { write, done })
+            .is_err()
+        {
             // The writer is gone (shutting down): nothing will finish this write.
             self.pending.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
 
-/// Write Device statuses in order for the devices of one shard.
+/// A write and, when the sender waits for it, where to say whether it landed.
+#[derive(Debug)]
+struct QueuedWrite {
+    write: DeviceWrite,
+    done: Option<oneshot::Sender<bool>>,
+}
+
+/// Write Device statuses in order for the devices of one shard, while leading.
 async fn run_device_writer(
     client: Client,
-    mut rx: mpsc::UnboundedReceiver<DeviceWrite>,
+    mut rx: mpsc::UnboundedReceiver<QueuedWrite>,
     metrics: Metrics,
     pending: Arc<AtomicUsize>,
+    leading: watch::Receiver<bool>,
 ) {
-    while let Some(w) = rx.recv().await {
+    while let Some(QueuedWrite { write: w, done }) = rx.recv().await {
         let api: Api<Device> = Api::namespaced(client.clone(), &w.namespace);
         let patch = serde_json::json!({
             "apiVersion": "ota.sealed-ota.dev/v1alpha1",
@@ -813,10 +301,16 @@ async fn run_device_writer(
         });
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         let mut delay = Duration::from_millis(200);
+        let mut landed = false;
         for attempt in 1..=6 {
+            if !*leading.borrow() {
+                tracing::debug!(device = %w.name, "not leading: device status write dropped");
+                break;
+            }
             match api.patch_status(&w.name, &pp, &Patch::Apply(&patch)).await {
                 Ok(_) => {
                     metrics.status_writes.with_label_values(&["device"]).inc();
+                    landed = true;
                     break;
                 }
                 Err(kube::Error::Api(s)) if s.code == 404 => break,
@@ -827,131 +321,9 @@ async fn run_device_writer(
                 }
             }
         }
-        pending.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(phase: DevicePhase) -> DeviceCampaignStatus {
-        DeviceCampaignStatus {
-            name: "c".into(),
-            uid: "u".into(),
-            target_version: "2.0.0".into(),
-            phase,
-            attempts: 1,
-            reason: None,
-            message: None,
+        if let Some(done) = done {
+            let _ = done.send(landed);
         }
-    }
-
-    #[test]
-    fn device_status_keeps_owned_fields_and_prefers_new_facts() {
-        let base = DeviceStatus {
-            running_version: Some("1.0.0".into()),
-            last_seen: Some(k8s_time(10)),
-            certificate_fingerprint: Some("aa".into()),
-            certificate_not_after: Some(k8s_time(99)),
-            rotated_certificate_fingerprint: None,
-            campaign: None,
-            conditions: vec![],
-        };
-        // Timeout without a handshake: nothing new was seen; keep what we had.
-        let s = device_status(Some(&base), None, None, record(DevicePhase::Failed), 500);
-        assert_eq!(s.running_version.as_deref(), Some("1.0.0"));
-        assert_eq!(s.last_seen, Some(k8s_time(10)));
-        assert_eq!(s.certificate_fingerprint.as_deref(), Some("aa"));
-        assert_eq!(s.campaign.unwrap().phase, DevicePhase::Failed);
-
-        let hs = Handshake {
-            fingerprint: [1; 32],
-            not_after: 1000,
-            running_version: "1.0.0".into(),
-        };
-        let s = device_status(
-            Some(&base),
-            Some(&hs),
-            Some("2.0.0"),
-            record(DevicePhase::Succeeded),
-            600,
-        );
-        assert_eq!(s.running_version.as_deref(), Some("2.0.0"));
-        assert_eq!(s.last_seen, Some(k8s_time(600)));
-        assert_eq!(s.certificate_fingerprint, Some(hex::encode([1u8; 32])));
-        assert_eq!(s.certificate_not_after, Some(k8s_time(1000)));
-        let ready = &s.conditions[0];
-        assert_eq!(
-            (ready.type_.as_str(), ready.status.as_str()),
-            ("Ready", "True")
-        );
-        assert_eq!(ready.last_transition_time, k8s_time(600));
-        // Same status again: the transition time stays.
-        let again = device_status(
-            Some(&s),
-            Some(&hs),
-            Some("2.0.0"),
-            record(DevicePhase::Succeeded),
-            900,
-        );
-        assert_eq!(again.conditions[0].last_transition_time, k8s_time(600));
-        let failed = device_status(Some(&s), None, None, record(DevicePhase::Failed), 950);
-        assert_eq!(failed.conditions[0].status, "False");
-        assert_eq!(failed.conditions[0].reason, "UpdateFailed");
-    }
-
-    #[test]
-    fn a_rotation_receipt_records_the_new_certificate_and_it_stays_accepted() {
-        let hs = Handshake {
-            fingerprint: [1; 32],
-            not_after: 1000,
-            running_version: "1.0.0".into(),
-        };
-        let issued = IssuedCertificate {
-            fingerprint: [2; 32],
-            not_after: 5000,
-        };
-        // The handshake saw the old certificate; the receipt says the device holds the new one.
-        let s = record_rotation(
-            device_status(
-                None,
-                Some(&hs),
-                Some("1.0.0"),
-                record(DevicePhase::Succeeded),
-                600,
-            ),
-            &issued,
-        );
-        assert_eq!(s.certificate_fingerprint, Some(hex::encode([2u8; 32])));
-        assert_eq!(s.certificate_not_after, Some(k8s_time(5000)));
-        assert_eq!(
-            s.rotated_certificate_fingerprint,
-            Some(hex::encode([2u8; 32]))
-        );
-        // A later campaign keeps it (server-side apply would drop an owned field left out).
-        let later = device_status(Some(&s), None, None, record(DevicePhase::Transferring), 700);
-        assert_eq!(
-            later.rotated_certificate_fingerprint,
-            Some(hex::encode([2u8; 32]))
-        );
-
-        // The pin names the old certificate; the rotated one is accepted too.
-        let mut d = Device::new(
-            "d",
-            serde_json::from_value(serde_json::json!({
-                "certificateFingerprint": hex::encode([1u8; 32])
-            }))
-            .unwrap(),
-        );
-        assert_eq!(pinned_fingerprints(&d), (Some([1; 32]), None));
-        d.status = Some(later);
-        assert_eq!(pinned_fingerprints(&d), (Some([1; 32]), Some([2; 32])));
-    }
-
-    #[test]
-    fn clear_retained_is_empty_and_retained() {
-        let o = clear_retained("iot/m/d/notify".into());
-        assert!(o.retain && o.payload.is_empty());
+        pending.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -24,6 +24,12 @@ pub enum Error {
     /// The broker connection could not be configured.
     #[error("MQTT configuration: {0}")]
     MqttConfig(String),
+    /// The broker URL (--broker-url) is invalid.
+    #[error("--broker-url: {0}")]
+    BrokerUrl(#[from] sealed_ota_mqtt::UrlError),
+    /// The broker TLS material (CA, client certificate or key) is invalid.
+    #[error("broker TLS material: {0}")]
+    BrokerTls(#[from] sealed_ota_mqtt::tls::TlsError),
     /// The topic prefix or manager id is invalid.
     #[error("topics: {0}")]
     Topics(#[from] TopicError),
@@ -78,7 +84,7 @@ impl Error {
         match self {
             Error::Kube { .. } => "kube",
             Error::Mqtt(_) => "mqtt",
-            Error::MqttConfig(_) => "mqtt_config",
+            Error::MqttConfig(_) | Error::BrokerUrl(_) | Error::BrokerTls(_) => "mqtt_config",
             Error::Topics(_) => "topics",
             Error::Identity(_) => "identity",
             Error::Protocol(_) => "protocol",

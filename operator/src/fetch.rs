@@ -69,39 +69,31 @@ pub async fn fetch(url: &str, timeout: Duration) -> Result<Vec<u8>, FetchError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use crate::http::Reply;
+    use hyper::StatusCode;
 
-    /// Serve one canned response per connection.
-    async fn serve(status: &'static str, body: Vec<u8>) -> String {
+    /// Serve one canned reply at every path.
+    async fn serve(status: StatusCode, body: Vec<u8>) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                let body = body.clone();
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 2048];
-                    let _ = s.read(&mut buf).await;
-                    let head = format!(
-                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = s.write_all(head.as_bytes()).await;
-                    let _ = s.write_all(&body).await;
-                });
-            }
-        });
+        let body = Bytes::from(body);
+        tokio::spawn(crate::http::serve(listener, move |_| Reply {
+            status,
+            content_type: "application/octet-stream",
+            body: body.clone(),
+        }));
         format!("http://{addr}/fw.bin")
     }
 
     #[tokio::test]
     async fn downloads_and_reports_failures() {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let url = serve("200 OK", vec![7; 5000]).await;
+        let url = serve(StatusCode::OK, vec![7; 5000]).await;
         assert_eq!(
             fetch(&url, Duration::from_secs(10)).await.unwrap(),
             vec![7; 5000]
         );
-        let url = serve("404 Not Found", vec![]).await;
+        let url = serve(StatusCode::NOT_FOUND, vec![]).await;
         assert!(matches!(
             fetch(&url, Duration::from_secs(10)).await,
             Err(FetchError::Status(404))

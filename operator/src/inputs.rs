@@ -6,9 +6,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::ByteString;
-use sealed_ota_protocol::{CertificateAuthority, Identity, TrustAnchor};
+use sealed_ota_protocol::{CertificateAuthority, Identity, ReleaseSignature, TrustAnchor};
 use sha2::{Digest, Sha256};
 
+use crate::crd::ReleaseSignatureSpec;
+use crate::reasons::BlockerReason;
 use crate::status::Blocker;
 
 /// Keys of a manager Secret.
@@ -18,14 +20,14 @@ pub const TLS_KEY: &str = "tls.key";
 /// CA certificate entry.
 pub const CA_CRT: &str = "ca.crt";
 
-fn blocker(reason: &'static str, message: String) -> Blocker {
+fn blocker(reason: BlockerReason, message: String) -> Blocker {
     Blocker { reason, message }
 }
 
 fn secret_text(
     data: &BTreeMap<String, ByteString>,
     key: &str,
-    reason: &'static str,
+    reason: BlockerReason,
     what: &str,
 ) -> Result<String, Blocker> {
     let v = data
@@ -45,7 +47,7 @@ pub fn manager_identity(
     secret: &Secret,
     manager_id: &str,
 ) -> Result<(Identity, TrustAnchor), Blocker> {
-    const R: &str = "ManagerSecretInvalid";
+    const R: BlockerReason = BlockerReason::ManagerSecretInvalid;
     let name = secret.metadata.name.as_deref().unwrap_or_default();
     let what = format!("Secret {name} (spec.managerSecretName)");
     if secret.type_.as_deref() != Some("kubernetes.io/tls") {
@@ -81,7 +83,7 @@ pub fn manager_identity(
 
 /// The CA of a credential rotation: tls.crt and tls.key of the CA Secret.
 pub fn rotation_ca(secret: &Secret) -> Result<CertificateAuthority, Blocker> {
-    const R: &str = "CaSecretInvalid";
+    const R: BlockerReason = BlockerReason::CaSecretInvalid;
     let name = secret.metadata.name.as_deref().unwrap_or_default();
     let what = format!("Secret {name} (spec.payload.rotateCredentials.caSecretName)");
     let empty = BTreeMap::new();
@@ -101,8 +103,7 @@ pub fn firmware_from_config_map(cm: &ConfigMap, key: &str) -> Result<Vec<u8>, Bl
     if let Some(v) = cm.data.as_ref().and_then(|d| d.get(key)) {
         return Ok(v.clone().into_bytes());
     }
-    Err(blocker(
-        "FirmwareUnreadable",
+    Err(blocker(BlockerReason::FirmwareUnreadable,
         format!("ConfigMap {name} (spec.payload.firmware.configMapKeyRef) has no key {key:?} in binaryData or data; add the image under that key"),
     ))
 }
@@ -116,8 +117,7 @@ pub fn firmware_from_secret(secret: &Secret, key: &str) -> Result<Vec<u8>, Block
         .and_then(|d| d.get(key))
         .map(|v| v.0.clone())
         .ok_or_else(|| {
-            blocker(
-                "FirmwareUnreadable",
+            blocker(BlockerReason::FirmwareUnreadable,
                 format!("Secret {name} (spec.payload.firmware.secretKeyRef) has no key {key:?}; add the image under that key"),
             )
         })
@@ -130,12 +130,39 @@ pub fn check_digest(image: &[u8], expected: Option<&str>) -> Result<(), Blocker>
     };
     let actual = hex::encode(Sha256::digest(image));
     if actual != expected.to_ascii_lowercase() {
-        return Err(blocker(
-            "FirmwareDigestMismatch",
+        return Err(blocker(BlockerReason::FirmwareDigestMismatch,
             format!("firmware SHA-256 is {actual} but spec.payload.firmware.sha256 says {expected}; fix the image or the digest"),
         ));
     }
     Ok(())
+}
+
+/// The release signature of the campaign, checked against the image and version it must sign.
+pub fn release_signature(
+    spec: &ReleaseSignatureSpec,
+    image: &[u8],
+    version: &str,
+) -> Result<ReleaseSignature, Blocker> {
+    const R: BlockerReason = BlockerReason::ReleaseSignatureInvalid;
+    let sig = ReleaseSignature::from_hex(&spec.public_key, &spec.signature).map_err(|e| {
+        blocker(
+            R,
+            format!("spec.payload.firmware.releaseSignature cannot be read ({e}); paste what `sealed-ota release sign` prints"),
+        )
+    })?;
+    let sha: [u8; 32] = Sha256::digest(image).into();
+    if !sig.verifies_for(version, image.len() as u64, &sha) {
+        return Err(blocker(
+            R,
+            format!(
+                "spec.payload.firmware.releaseSignature (key {}) does not sign this image as version {version} ({} bytes, SHA-256 {}): sign exactly this image with `sealed-ota release sign --version {version}`",
+                hex::encode(sig.key_id()),
+                image.len(),
+                hex::encode(sha)
+            ),
+        ));
+    }
+    Ok(sig)
 }
 
 #[cfg(test)]
@@ -157,6 +184,35 @@ mod tests {
             ),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_release_signature_must_sign_this_image_and_version() {
+        let signer = sealed_ota_protocol::ReleaseSigner::generate();
+        let image = b"firmware image".to_vec();
+        let sha: [u8; 32] = Sha256::digest(&image).into();
+        let sig = signer.sign("1.2.0", image.len() as u64, &sha);
+        let spec = ReleaseSignatureSpec {
+            public_key: hex::encode(&sig.public_key),
+            signature: hex::encode(sig.signature),
+        };
+        assert_eq!(release_signature(&spec, &image, "1.2.0").unwrap(), sig);
+        for (img, version) in [(&b"another image"[..], "1.2.0"), (&image[..], "1.2.1")] {
+            let b = release_signature(&spec, img, version).unwrap_err();
+            assert_eq!(b.reason, BlockerReason::ReleaseSignatureInvalid);
+            assert!(
+                b.message.contains("releaseSignature")
+                    && b.message.contains("sealed-ota release sign")
+            );
+        }
+        let garbled = ReleaseSignatureSpec {
+            signature: "00".into(),
+            ..spec
+        };
+        assert!(release_signature(&garbled, &image, "1.2.0")
+            .unwrap_err()
+            .message
+            .contains("cannot be read"));
     }
 
     #[test]
@@ -196,7 +252,7 @@ mod tests {
             "kubernetes.io/tls",
         );
         let b = manager_identity(&no_ca, "mgr-a").unwrap_err();
-        assert_eq!(b.reason, "ManagerSecretInvalid");
+        assert_eq!(b.reason, BlockerReason::ManagerSecretInvalid);
         assert!(b.message.contains("ca.crt"));
         assert!(
             !b.message.contains("PRIVATE KEY"),
@@ -217,7 +273,10 @@ mod tests {
         );
         assert!(rotation_ca(&ca_secret).is_ok());
         let no_key = tls_secret("ca", &[(TLS_CRT, &ca_pem)], "kubernetes.io/tls");
-        assert_eq!(rotation_ca(&no_key).unwrap_err().reason, "CaSecretInvalid");
+        assert_eq!(
+            rotation_ca(&no_key).unwrap_err().reason,
+            BlockerReason::CaSecretInvalid
+        );
     }
 
     #[test]
@@ -237,13 +296,13 @@ mod tests {
             b"abc".to_vec()
         );
         let missing = firmware_from_config_map(&cm, "nope").unwrap_err();
-        assert_eq!(missing.reason, "FirmwareUnreadable");
+        assert_eq!(missing.reason, BlockerReason::FirmwareUnreadable);
         assert!(missing.message.contains("\"nope\""));
 
         let digest = hex::encode(Sha256::digest(b"abc"));
         assert!(check_digest(b"abc", Some(&digest)).is_ok());
         assert!(check_digest(b"abc", None).is_ok());
         let bad = check_digest(b"abd", Some(&digest)).unwrap_err();
-        assert_eq!(bad.reason, "FirmwareDigestMismatch");
+        assert_eq!(bad.reason, BlockerReason::FirmwareDigestMismatch);
     }
 }

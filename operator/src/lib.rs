@@ -7,14 +7,21 @@ pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod crdgen;
+pub mod credentials;
+pub mod device_status;
 pub mod engine;
 pub mod error;
 pub mod fetch;
+pub mod http;
 pub mod inputs;
 pub mod metrics;
 pub mod mqtt;
+pub mod plan;
+pub mod reasons;
 pub mod rollout;
+pub mod runs;
 pub mod status;
+pub mod time;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,7 +37,8 @@ pub use config::Config;
 pub use error::Error;
 pub use metrics::Metrics;
 
-use crate::mqtt::{BrokerSettings, MqttSession, TlsMaterial};
+use crate::mqtt::{BrokerSettings, MqttSession};
+use sealed_ota_mqtt::BrokerUrl;
 
 /// Aborts a spawned task when dropped, so that dropping [`run`]'s future (a killed operator in a test,
 /// a lost lease) stops everything it started: no orphaned MQTT connection or lease renewal.
@@ -73,36 +81,39 @@ fn key_of(secret: &Secret, key: &str) -> Result<Vec<u8>, Error> {
 
 /// Build the broker settings from flags, files and Secrets (in the operator namespace).
 pub async fn broker_settings(config: &Config, client: &Client) -> Result<BrokerSettings, Error> {
-    let (tls, host, port) = mqtt::parse_broker_url(&config.broker_url)?;
-    let tls = if !tls {
+    let url = BrokerUrl::parse(&config.broker_url)?;
+    let tls = if !url.tls {
         None
-    } else if let Some(name) = &config.broker_tls_secret {
-        let s = secret_data(client, &config.operator_namespace, name).await?;
-        let client_pair = match (key_of(&s, "tls.crt"), key_of(&s, "tls.key")) {
-            (Ok(c), Ok(k)) => Some((c, zeroize::Zeroizing::new(k))),
-            _ => None,
-        };
-        Some(TlsMaterial {
-            ca_pem: key_of(&s, "ca.crt")?,
-            client: client_pair,
-        })
     } else {
-        let ca_file = config.broker_ca_file.as_ref().ok_or_else(|| {
-            Error::MqttConfig("mqtts:// needs --broker-ca-file or --broker-tls-secret".into())
-        })?;
-        let client_pair = match (&config.broker_cert_file, &config.broker_key_file) {
-            (Some(c), Some(k)) => Some((read_file(c)?, zeroize::Zeroizing::new(read_file(k)?))),
-            (None, None) => None,
-            _ => {
-                return Err(Error::MqttConfig(
-                    "--broker-cert-file and --broker-key-file go together".into(),
-                ))
-            }
+        let (ca_pem, client_pair) = if let Some(name) = &config.broker_tls_secret {
+            let s = secret_data(client, &config.operator_namespace, name).await?;
+            let client_pair = match (key_of(&s, "tls.crt"), key_of(&s, "tls.key")) {
+                (Ok(c), Ok(k)) => Some((c, zeroize::Zeroizing::new(k))),
+                _ => None,
+            };
+            (key_of(&s, "ca.crt")?, client_pair)
+        } else {
+            let ca_file = config.broker_ca_file.as_ref().ok_or_else(|| {
+                Error::MqttConfig("mqtts:// needs --broker-ca-file or --broker-tls-secret".into())
+            })?;
+            let client_pair = match (&config.broker_cert_file, &config.broker_key_file) {
+                (Some(c), Some(k)) => Some((read_file(c)?, zeroize::Zeroizing::new(read_file(k)?))),
+                (None, None) => None,
+                _ => {
+                    return Err(Error::MqttConfig(
+                        "--broker-cert-file and --broker-key-file go together".into(),
+                    ))
+                }
+            };
+            (read_file(ca_file)?, client_pair)
         };
-        Some(TlsMaterial {
-            ca_pem: read_file(ca_file)?,
-            client: client_pair,
-        })
+        let roots = sealed_ota_mqtt::tls::roots_from_pem(&ca_pem)?;
+        Some(sealed_ota_mqtt::tls::client_config(
+            roots,
+            client_pair
+                .as_ref()
+                .map(|(c, k)| (c.as_slice(), k.as_slice())),
+        )?)
     };
     let credentials = if let Some(name) = &config.broker_credentials_secret {
         let s = secret_data(client, &config.operator_namespace, name).await?;
@@ -122,8 +133,8 @@ pub async fn broker_settings(config: &Config, client: &Client) -> Result<BrokerS
         })
     };
     Ok(BrokerSettings {
-        host,
-        port,
+        host: url.host,
+        port: url.port,
         tls,
         credentials,
         client_id: format!("sealed-ota-manager-{}", config.manager_id),
@@ -157,7 +168,9 @@ async fn run_with_metrics(
     if !config.leader_election {
         metrics.set_ready(true);
         metrics.leader.set(1);
-        return active(&config, &client, &metrics, shutdown).await;
+        // Without election this replica leads for its whole life.
+        let (_leads, leading) = tokio::sync::watch::channel(true);
+        return active(&config, &client, &metrics, shutdown, leading).await;
     }
     let identity = config.replica_identity();
     let lease = LeaseManagerBuilder::new(client.clone(), config.lease_name.clone())
@@ -188,7 +201,7 @@ async fn run_with_metrics(
         };
         let outcome = tokio::select! {
             _ = &mut shutdown => Some(Ok(())),
-            r = active(&config, &client, &metrics, lost) => match r {
+            r = active(&config, &client, &metrics, lost, leader.clone()) => match r {
                 Ok(()) => None,
                 Err(e) => Some(Err(e)),
             },
@@ -205,13 +218,16 @@ async fn run_with_metrics(
     result
 }
 
-/// The leader's work: MQTT session, engine, device-status writer, controllers. Returns when `stop`
-/// completes (shutdown or lost lease); everything it started is stopped.
+/// The leader's work: MQTT session, engine, device-status writers, controllers. Returns when `stop`
+/// completes (shutdown or lost lease); everything it started is stopped. The writers write only
+/// while `leading` is true: after a lost Lease nothing more is written, while a shutdown (still
+/// leading) lets queued writes land for up to 5 s.
 async fn active(
     config: &Config,
     client: &Client,
     metrics: &Metrics,
     stop: impl Future<Output = ()>,
+    leading: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let topics = Arc::new(TopicTree::new(&config.topic_prefix, &config.manager_id)?);
     let settings = broker_settings(config, client).await?;
@@ -225,7 +241,7 @@ async fn active(
     );
     let _mqtt_task = AbortOnDrop(mqtt_task);
     // Device status writes: 8 ordered shards, so 10,000 devices do not queue behind one writer.
-    let (writes, writer_tasks) = engine::DeviceWrites::spawn(client, metrics, 8);
+    let (writes, writer_tasks) = engine::DeviceWrites::spawn(client, metrics, 8, leading);
     let mut writers: Vec<_> = writer_tasks.into_iter().map(AbortOnDrop).collect();
     let engine = Arc::new(engine::Engine::new(
         topics,

@@ -1,5 +1,5 @@
 //! Entry point of the `sealed-ota-operator` binary: `run` starts the operator, `crdgen` writes the
-//! CRDs. Parsing, logging setup and signal handling only; the work is in the library.
+//! CRDs, `reasons` prints the reason tables (docs/reasons.md). Parsing, logging setup and signal handling only; the work is in the library.
 
 use std::path::PathBuf;
 
@@ -23,6 +23,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Print the tables of the reasons the operator records (Markdown, docs/reasons.md).
+    Reasons,
 }
 
 fn init_logging(format: LogFormat) {
@@ -68,6 +70,7 @@ fn main() {
                 std::process::exit(1);
             }
         },
+        Command::Reasons => print!("{}", sealed_ota_operator::reasons::render_markdown()),
         Command::Run(config) => {
             init_logging(config.log_format);
             let runtime = match tokio::runtime::Runtime::new() {

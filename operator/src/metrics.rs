@@ -1,19 +1,17 @@
-//! Prometheus metrics (one registry, prefix `sealed_ota_operator`) and the tiny HTTP listener that
-//! serves `/metrics`, `/healthz` and `/readyz`.
-//!
-//! The listener speaks just enough HTTP/1.1 for probes and scrapers: one request per connection,
-//! bounded request size, no bodies. It never exposes anything but these three paths.
+//! Prometheus metrics (one registry, prefix `sealed_ota_operator`) and the routes of the HTTP
+//! listener (`crate::http`): `/metrics`, `/healthz` and `/readyz`, nothing else.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use hyper::StatusCode;
 use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::error::Error;
+use crate::http::Reply;
 
 /// Every metric the operator exports.
 #[derive(Clone, Debug)]
@@ -131,20 +129,20 @@ impl Metrics {
         String::from_utf8_lossy(&buf).into_owned()
     }
 
-    /// Answer for one request path: (status line, content type, body).
-    fn respond(&self, path: &str) -> (&'static str, &'static str, String) {
+    /// The reply for one request path.
+    fn respond(&self, path: &str) -> Reply {
         match path {
-            "/metrics" => ("200 OK", "text/plain; version=0.0.4", self.render()),
-            "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
+            "/metrics" => Reply {
+                status: StatusCode::OK,
+                content_type: "text/plain; version=0.0.4",
+                body: self.render().into(),
+            },
+            "/healthz" => Reply::text(StatusCode::OK, "ok\n"),
             "/readyz" if self.ready.load(Ordering::Relaxed) => {
-                ("200 OK", "text/plain", "ready\n".into())
+                Reply::text(StatusCode::OK, "ready\n")
             }
-            "/readyz" => (
-                "503 Service Unavailable",
-                "text/plain",
-                "not ready\n".into(),
-            ),
-            _ => ("404 Not Found", "text/plain", "not found\n".into()),
+            "/readyz" => Reply::text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
 
@@ -163,43 +161,9 @@ impl Metrics {
         Ok((listener, local))
     }
 
-    /// Serve connections from `listener` forever.
+    /// Serve `/metrics`, `/healthz` and `/readyz` from `listener` until the task is dropped.
     pub async fn serve(self, listener: TcpListener) {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                continue;
-            };
-            let this = self.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut len = 0;
-                let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                    while len < buf.len() {
-                        match sock.read(&mut buf[len..]).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => len += n,
-                        }
-                        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
-                        }
-                    }
-                })
-                .await;
-                if read.is_err() {
-                    return;
-                }
-                let head = String::from_utf8_lossy(&buf[..len]);
-                let path = head.split_whitespace().nth(1).unwrap_or("/");
-                let path = path.split('?').next().unwrap_or(path);
-                let (status, ctype, body) = this.respond(path);
-                let resp = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-                let _ = sock.shutdown().await;
-            });
-        }
+        crate::http::serve(listener, move |path| self.respond(path)).await
     }
 }
 
@@ -215,15 +179,16 @@ mod tests {
         let text = m.render();
         assert!(text.contains("sealed_ota_operator_handshakes_total 1"));
         assert!(text.contains("sealed_ota_operator_device_failures_total{reason=\"Timeout\"} 1"));
-        assert_eq!(m.respond("/healthz").0, "200 OK");
-        assert_eq!(m.respond("/readyz").0, "503 Service Unavailable");
+        assert_eq!(m.respond("/healthz").status, StatusCode::OK);
+        assert_eq!(m.respond("/readyz").status, StatusCode::SERVICE_UNAVAILABLE);
         m.set_ready(true);
-        assert_eq!(m.respond("/readyz").0, "200 OK");
-        assert_eq!(m.respond("/secret").0, "404 Not Found");
+        assert_eq!(m.respond("/readyz").status, StatusCode::OK);
+        assert_eq!(m.respond("/secret").status, StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]
     async fn serves_over_tcp() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let m = Metrics::new();
         let (listener, addr) = m.bind("127.0.0.1:0").await.unwrap();
         tokio::spawn(m.clone().serve(listener));
@@ -235,5 +200,15 @@ mod tests {
         s.read_to_string(&mut out).await.unwrap();
         assert!(out.starts_with("HTTP/1.1 200 OK"));
         assert!(out.contains("sealed_ota_operator_reconciliations_total"));
+        // Anything but GET is refused.
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            b"POST /metrics HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 405"), "{out}");
     }
 }

@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
-use rumqttc::v5::mqttbytes::QoS;
+use std::sync::Arc;
+
+use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use rumqttc::{TlsConfiguration, Transport};
-use sealed_ota_protocol::{Action, Inbound, Outbound, Properties};
+use sealed_ota_protocol::{Action, Inbound, Outbound};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -25,8 +25,8 @@ pub struct BrokerSettings {
     pub host: String,
     /// TCP port.
     pub port: u16,
-    /// TLS material; `None` for plain mqtt://.
-    pub tls: Option<TlsMaterial>,
+    /// TLS client configuration (broker CA, optional client certificate); `None` for plain mqtt://.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Username and password.
     pub credentials: Option<(String, String)>,
     /// MQTT client id.
@@ -43,48 +43,6 @@ impl std::fmt::Debug for BrokerSettings {
             .field("client_id", &self.client_id)
             .finish()
     }
-}
-
-/// PEM TLS material for the broker connection.
-#[derive(Clone)]
-pub struct TlsMaterial {
-    /// CA certificate(s) that sign the broker's certificate.
-    pub ca_pem: Vec<u8>,
-    /// Client certificate and key, for brokers that require them.
-    pub client: Option<(Vec<u8>, zeroize::Zeroizing<Vec<u8>>)>,
-}
-
-impl std::fmt::Debug for TlsMaterial {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsMaterial")
-            .field("ca_pem_len", &self.ca_pem.len())
-            .field("client_auth", &self.client.is_some())
-            .finish()
-    }
-}
-
-/// Parse `mqtt://host:port` or `mqtts://host:port` into (tls, host, port). Pure.
-pub fn parse_broker_url(url: &str) -> Result<(bool, String, u16), Error> {
-    let bad = |why: &str| Error::MqttConfig(format!("broker URL {url:?}: {why}"));
-    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
-        (true, r)
-    } else if let Some(r) = url.strip_prefix("mqtt://") {
-        (false, r)
-    } else {
-        return Err(bad("must start with mqtt:// or mqtts://"));
-    };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse::<u16>().map_err(|_| bad("port is not a number"))?,
-        ),
-        None => (rest, if tls { 8883 } else { 1883 }),
-    };
-    if host.is_empty() {
-        return Err(bad("host is empty"));
-    }
-    Ok((tls, host.trim_matches(['[', ']']).to_owned(), port))
 }
 
 /// State of the broker connection.
@@ -104,28 +62,6 @@ pub struct MqttSession {
     client: AsyncClient,
     state: watch::Receiver<ConnState>,
     metrics: Metrics,
-}
-
-fn to_properties(p: &Properties) -> PublishProperties {
-    PublishProperties {
-        response_topic: p.response_topic.clone(),
-        correlation_data: p.correlation_data.clone().map(Into::into),
-        user_properties: p.user_properties.clone(),
-        content_type: p.content_type.clone(),
-        ..PublishProperties::default()
-    }
-}
-
-fn from_properties(p: Option<PublishProperties>) -> Properties {
-    let Some(p) = p else {
-        return Properties::default();
-    };
-    Properties {
-        response_topic: p.response_topic,
-        correlation_data: p.correlation_data.map(|b| b.to_vec()),
-        user_properties: p.user_properties,
-        content_type: p.content_type,
-    }
 }
 
 /// Receive Maximum the manager announces in CONNECT (the protocol's largest).
@@ -158,11 +94,7 @@ impl MqttSession {
             opts.set_credentials(user.clone(), pass.clone());
         }
         if let Some(tls) = &settings.tls {
-            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
-                ca: tls.ca_pem.clone(),
-                alpn: None,
-                client_auth: tls.client.as_ref().map(|(c, k)| (c.clone(), k.to_vec())),
-            }));
+            opts.set_transport(sealed_ota_mqtt::tls::transport(tls.clone()));
         }
         let (client, mut eventloop) = AsyncClient::new(opts, 4096);
         let (state_tx, state) = watch::channel(ConnState::Connecting);
@@ -177,19 +109,20 @@ impl MqttSession {
                         task_metrics.mqtt_connected.set(1);
                         tracing::info!(host = %settings.host, port = settings.port, "connected to broker");
                         for f in &filters {
-                            if let Err(e) = task_client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                            if let Err(e) =
+                                task_client.try_subscribe(f.clone(), sealed_ota_mqtt::QOS)
+                            {
                                 tracing::warn!(filter = %f, error = %e, "subscribe request failed");
                             }
                         }
                         let _ = state_tx.send(ConnState::Connected);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let msg = Inbound {
-                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                            payload: p.payload.to_vec(),
-                            properties: from_properties(p.properties),
-                        };
-                        if inbound.send(msg).await.is_err() {
+                        if inbound
+                            .send(sealed_ota_mqtt::inbound_from(&p))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -239,71 +172,25 @@ impl MqttSession {
 
     /// Publish one message at QoS 1.
     pub async fn publish(&self, out: Outbound) -> Result<(), Error> {
-        self.metrics.messages_published.inc();
-        self.metrics
-            .bytes_published
-            .inc_by(out.payload.len() as u64);
-        let props = to_properties(&out.properties);
-        self.client
-            .publish_with_properties(out.topic, QoS::AtLeastOnce, out.retain, out.payload, props)
-            .await?;
-        Ok(())
+        self.execute(vec![Action::Publish(out)]).await
     }
 
     /// Carry out a protocol session's actions in order.
     pub async fn execute(&self, actions: Vec<Action>) -> Result<(), Error> {
-        for a in actions {
-            match a {
-                Action::Publish(out) => self.publish(out).await?,
-                Action::Subscribe(filters) => {
-                    for f in filters {
-                        self.client.subscribe(f, QoS::AtLeastOnce).await?;
-                    }
-                }
-                Action::Unsubscribe(filters) => {
-                    for f in filters {
-                        self.client.unsubscribe(f).await?;
-                    }
-                }
+        for a in &actions {
+            if let Action::Publish(out) = a {
+                self.metrics.messages_published.inc();
+                self.metrics
+                    .bytes_published
+                    .inc_by(out.payload.len() as u64);
             }
         }
+        sealed_ota_mqtt::perform(&self.client, actions).await?;
         Ok(())
     }
 
     /// Disconnect politely (best effort).
     pub async fn disconnect(&self) {
         let _ = self.client.disconnect().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn broker_urls() {
-        assert_eq!(
-            parse_broker_url("mqtt://127.0.0.1:1883").unwrap(),
-            (false, "127.0.0.1".into(), 1883)
-        );
-        assert_eq!(
-            parse_broker_url("mqtts://broker.example").unwrap(),
-            (true, "broker.example".into(), 8883)
-        );
-        assert!(parse_broker_url("http://x").is_err());
-        assert!(parse_broker_url("mqtt://:1").is_err());
-        assert!(parse_broker_url("mqtt://h:port").is_err());
-    }
-
-    #[test]
-    fn properties_round_trip() {
-        let p = Properties {
-            response_topic: Some("a/b".into()),
-            correlation_data: Some(vec![1, 2]),
-            user_properties: vec![("k".into(), "v".into())],
-            content_type: Some("x".into()),
-        };
-        assert_eq!(from_properties(Some(to_properties(&p))), p);
-        assert_eq!(from_properties(None), Properties::default());
     }
 }

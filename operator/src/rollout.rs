@@ -6,6 +6,7 @@
 //! the returned [`Decision`].
 
 use crate::crd::{CampaignPhase, DeviceCounts, RolloutSpec};
+use crate::reasons::FailureReason;
 
 /// A count ("3") or a percentage of the selected devices ("10%").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,28 +76,40 @@ pub struct RolloutParams {
 impl RolloutParams {
     /// Validate the spec (pure).
     pub fn from_spec(spec: &RolloutSpec) -> Result<Self, AmountError> {
-        Ok(Self {
-            canary: spec
-                .canary
+        let amount = |field, value: &Option<String>| {
+            value
                 .as_deref()
-                .map(|v| Amount::parse("canary", v))
-                .transpose()?,
-            wave_size: spec
-                .wave_size
-                .as_deref()
-                .map(|v| Amount::parse("waveSize", v))
-                .transpose()?
-                .unwrap_or(Amount::Percent(100)),
+                .map(|v| Amount::parse(field, v))
+                .transpose()
+        };
+        Ok(Self::with_amounts(
+            spec,
+            amount("canary", &spec.canary)?,
+            amount("waveSize", &spec.wave_size)?,
+            amount("failureThreshold", &spec.failure_threshold)?,
+        ))
+    }
+
+    /// The parameters of an empty `spec.rollout` (all defaults).
+    pub fn defaults() -> Self {
+        Self::with_amounts(&RolloutSpec::default(), None, None, None)
+    }
+
+    fn with_amounts(
+        spec: &RolloutSpec,
+        canary: Option<Amount>,
+        wave_size: Option<Amount>,
+        failure_threshold: Option<Amount>,
+    ) -> Self {
+        Self {
+            canary,
+            wave_size: wave_size.unwrap_or(Amount::Percent(100)),
             max_in_flight: spec.max_in_flight.max(1),
             timeout_secs: u64::from(spec.device_timeout_seconds.max(1)),
             retries: spec.retries,
             backoff_secs: u64::from(spec.retry_backoff_seconds.max(1)),
-            failure_threshold: spec
-                .failure_threshold
-                .as_deref()
-                .map(|v| Amount::parse("failureThreshold", v))
-                .transpose()?,
-        })
+            failure_threshold,
+        }
     }
 
     /// Backoff before attempt `next_attempt` (2 is the first retry).
@@ -150,15 +163,16 @@ pub enum Progress {
     },
     /// Signed receipt received.
     Succeeded,
-    /// Refused or out of attempts.
+    /// Refused, rolled back or out of attempts.
     Failed {
-        /// Machine-readable reason.
-        reason: String,
+        /// Why.
+        reason: FailureReason,
     },
 }
 
 impl Progress {
-    fn is_terminal(&self) -> bool {
+    /// Whether the device is done with the campaign (succeeded or failed).
+    pub fn is_terminal(&self) -> bool {
         matches!(self, Progress::Succeeded | Progress::Failed { .. })
     }
 }
@@ -176,6 +190,9 @@ pub struct DecideInput<'a> {
     pub paused: bool,
     /// spec.abort.
     pub abort: bool,
+    /// Something keeps the campaign from starting devices (a blocker): nothing starts, and the
+    /// counts say so.
+    pub blocked: bool,
     /// Phase recorded on the status (terminal phases stick).
     pub previous_phase: CampaignPhase,
     /// Wave recorded on the status (waves never go back).
@@ -249,7 +266,7 @@ pub fn decide(input: &DecideInput<'_>) -> Decision {
                         attempts: attempt,
                     });
                     *p = Progress::Failed {
-                        reason: "Timeout".into(),
+                        reason: FailureReason::Timeout,
                     };
                 }
             }
@@ -293,9 +310,10 @@ pub fn decide(input: &DecideInput<'_>) -> Decision {
         CampaignPhase::Progressing
     };
 
-    // 2. Starts: only while progressing, inside the current wave, under the in-flight limit.
+    // 2. Starts: only while progressing and not blocked, inside the current wave, under the
+    //    in-flight limit.
     let mut start = Vec::new();
-    if phase == CampaignPhase::Progressing {
+    if phase == CampaignPhase::Progressing && !input.blocked {
         let in_flight = devices
             .iter()
             .filter(|p| matches!(p, Progress::InFlight { .. }))
@@ -356,7 +374,12 @@ pub fn count(devices: &[Progress]) -> DeviceCounts {
             Progress::NotStarted | Progress::Backoff { .. } => c.pending += 1,
             Progress::InFlight { .. } => c.in_progress += 1,
             Progress::Succeeded => c.succeeded += 1,
-            Progress::Failed { .. } => c.failed += 1,
+            Progress::Failed { reason } => {
+                c.failed += 1;
+                if *reason == FailureReason::RolledBack {
+                    c.rolled_back += 1;
+                }
+            }
         }
     }
     c
@@ -377,6 +400,7 @@ mod tests {
             params,
             paused: false,
             abort: false,
+            blocked: false,
             previous_phase: CampaignPhase::Pending,
             previous_wave: 0,
         }
@@ -409,6 +433,19 @@ mod tests {
             vec![4],
             "canary covering all is one wave"
         );
+    }
+
+    #[test]
+    fn a_blocked_campaign_starts_nothing_and_counts_it_pending() {
+        let p = params();
+        let devices = vec![Progress::NotStarted; 3];
+        let d = decide(&DecideInput {
+            blocked: true,
+            ..input(&devices, &p)
+        });
+        assert!(d.start.is_empty());
+        assert_eq!((d.counts.pending, d.counts.in_progress), (3, 0));
+        assert_eq!(d.phase, CampaignPhase::Progressing);
     }
 
     #[test]
@@ -510,7 +547,7 @@ mod tests {
         let mut p = params();
         p.failure_threshold = Some(Amount::Count(1));
         let fail = || Progress::Failed {
-            reason: "NotNewer".into(),
+            reason: FailureReason::NotNewer,
         };
         let devices = vec![fail(), Progress::NotStarted, Progress::NotStarted];
         let d = decide(&input(&devices, &p));
@@ -534,7 +571,7 @@ mod tests {
         p.failure_threshold = Some(Amount::Count(0));
         let devices = vec![
             Progress::Failed {
-                reason: "Timeout".into(),
+                reason: FailureReason::Timeout,
             },
             Progress::NotStarted,
         ];

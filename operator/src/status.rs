@@ -9,12 +9,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use crate::crd::{
     CampaignPhase, DeviceCounts, DeviceFailure, UpdateCampaignStatus, MAX_LISTED_FAILURES,
 };
+use crate::reasons::BlockerReason;
 
 /// Something that keeps a campaign from running, with what a person must do about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Blocker {
-    /// CamelCase reason, also the Event reason (for example `ManagerSecretMissing`).
-    pub reason: &'static str,
+    /// Why (the `Ready` reason and the Event reason).
+    pub reason: BlockerReason,
     /// What is wrong and how to fix it.
     pub message: String,
 }
@@ -34,6 +35,12 @@ pub struct StatusInput<'a> {
     pub total_waves: u32,
     /// Chunks of the prepared image, if prepared.
     pub chunk_count: Option<u32>,
+    /// When the campaign's manifests expire (fixed when it was first prepared).
+    pub expires_at: Option<Time>,
+    /// Whether that time has passed (the phase is then Failed, reason Expired).
+    pub expired: bool,
+    /// Key id of the release key that signed the image.
+    pub release_key_id: Option<String>,
     /// Failed devices (any order; the first [`MAX_LISTED_FAILURES`] by name are listed).
     pub failures: Vec<DeviceFailure>,
     /// Why the campaign cannot run, if it cannot.
@@ -65,11 +72,19 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         current_wave,
         total_waves,
         chunk_count,
+        expires_at,
+        expired,
+        release_key_id,
         mut failures,
         blocker,
         previous,
         now,
     } = input;
+    let failed_reason = if expired {
+        "Expired"
+    } else {
+        "FailureThresholdExceeded"
+    };
     failures.sort_by(|a, b| a.device.cmp(&b.device));
     failures.truncate(MAX_LISTED_FAILURES);
     for f in &mut failures {
@@ -88,9 +103,19 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
                 counts.succeeded, counts.selected, counts.failed
             ),
         ),
+        (_, CampaignPhase::Failed) if expired => (
+            false,
+            failed_reason,
+            format!(
+                "the campaign's signed manifests expired ({} devices installed, {} failed, {} unfinished): devices refuse everything of it now; create a new campaign",
+                counts.succeeded,
+                counts.failed,
+                counts.selected.saturating_sub(finished)
+            ),
+        ),
         (_, CampaignPhase::Failed) => (
             false,
-            "FailureThresholdExceeded",
+            failed_reason,
             format!(
                 "{} devices failed, more than spec.rollout.failureThreshold allows; create a new campaign once the cause is fixed",
                 counts.failed
@@ -101,7 +126,7 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
             "Aborted",
             "spec.abort is set: the campaign stopped and its retained messages were cleared".to_owned(),
         ),
-        (Some(b), _) => (false, b.reason, bounded(&b.message, 1024)),
+        (Some(b), _) => (false, b.reason.as_str(), bounded(&b.message, 1024)),
         (None, CampaignPhase::Paused) => (
             false,
             "Paused",
@@ -137,7 +162,7 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
             "Failed",
             phase == CampaignPhase::Failed,
             if phase == CampaignPhase::Failed {
-                "FailureThresholdExceeded"
+                failed_reason
             } else {
                 "WithinFailureThreshold"
             },
@@ -149,7 +174,7 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
             "Stalled",
             stalled,
             match phase {
-                CampaignPhase::Failed => "FailureThresholdExceeded",
+                CampaignPhase::Failed => failed_reason,
                 CampaignPhase::Aborted => "Aborted",
                 _ => "NotStalled",
             },
@@ -205,6 +230,8 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         current_wave,
         total_waves,
         chunk_count,
+        expires_at,
+        release_key_id,
         failures,
         conditions,
     }
@@ -241,10 +268,14 @@ mod tests {
                 in_progress: 3,
                 succeeded: 35,
                 failed: 2,
+                rolled_back: 0,
             },
             current_wave: 1,
             total_waves: 3,
             chunk_count: Some(4),
+            expires_at: Some(time(5000)),
+            expired: false,
+            release_key_id: None,
             failures: vec![],
             blocker: None,
             previous,
@@ -270,6 +301,24 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_campaign_fails_with_reason_expired_and_keeps_its_expiry() {
+        let s = compute(StatusInput {
+            phase: CampaignPhase::Failed,
+            expired: true,
+            ..base(None, 6000)
+        });
+        assert_eq!(cond(&s, "Ready").reason, "Expired");
+        assert_eq!(cond(&s, "Stalled").reason, "Expired");
+        assert_eq!(cond(&s, "Failed").reason, "Expired");
+        assert_eq!(s.expires_at, Some(time(5000)));
+        let t = compute(StatusInput {
+            phase: CampaignPhase::Failed,
+            ..base(None, 6000)
+        });
+        assert_eq!(cond(&t, "Ready").reason, "FailureThresholdExceeded");
+    }
+
+    #[test]
     fn unchanged_input_gives_identical_status_no_new_timestamps() {
         let first = compute(base(None, 100));
         let second = compute(base(Some(&first), 200));
@@ -291,7 +340,7 @@ mod tests {
         let mut i = base(None, 1);
         i.phase = CampaignPhase::Pending;
         i.blocker = Some(Blocker {
-            reason: "ManagerSecretMissing",
+            reason: BlockerReason::ManagerSecretMissing,
             message: "Secret manager not found: create it".into(),
         });
         let s = compute(i);
@@ -381,6 +430,7 @@ mod tests {
             in_progress: 0,
             succeeded: 9_000,
             failed: 1_000,
+            rolled_back: 0,
         };
         i.failures = (0..1000)
             .map(|n| DeviceFailure {

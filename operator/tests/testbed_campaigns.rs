@@ -11,19 +11,18 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::ByteString;
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{Api, Client, CustomResourceExt};
-use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use kube::{Api, Client};
+use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
 use sealed_ota_e2e::{wait_for, TestBed, TestNamespace};
 use sealed_ota_operator::config::{Config, LogFormat};
 use sealed_ota_operator::crd::{CampaignPhase, Device, DevicePhase, UpdateCampaign};
 use sealed_ota_protocol::{
-    Action, CertificateAuthority, DeviceConfig, DeviceEvent, DeviceSession, DeviceState, Inbound,
-    Properties, Role, TopicTree, TrustAnchor,
+    Action, CertificateAuthority, DeviceConfig, DeviceEvent, DeviceSession, DeviceState,
+    FinalOutcome, Identity, Inbound, Properties, Role, TopicTree, TrustAnchor,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
@@ -38,37 +37,6 @@ fn now() -> u64 {
         .as_secs()
 }
 
-/// Apply the CRDs (idempotent, shared by every test) and wait until they are established.
-async fn install_crds(client: &Client) -> Result<()> {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in [Device::crd(), UpdateCampaign::crd()] {
-        let name = crd.metadata.name.clone().unwrap();
-        api.patch(
-            &name,
-            &PatchParams::apply("sealed-ota-tests").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .with_context(|| format!("applying CRD {name}"))?;
-        wait_for(&format!("CRD {name} established"), WAIT, || {
-            let api = api.clone();
-            let name = name.clone();
-            async move {
-                let c = api.get(&name).await?;
-                let ok = c
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                Ok(ok.then_some(()))
-            }
-        })
-        .await?;
-    }
-    Ok(())
-}
-
 /// How a simulated device behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Behavior {
@@ -76,12 +44,19 @@ enum Behavior {
     Install,
     /// Refuses every update (signed Rejected).
     Decline,
+    /// Installs the image, fails its health check and rolls back (signed RolledBack).
+    RollBack,
+    /// Takes new credentials and switches to them, but its first rotation receipt is lost (as if
+    /// the broker dropped it).
+    LoseFirstRotationReceipt,
 }
 
 /// A device simulated inside the test.
 struct SimDevice {
     offers: Arc<AtomicU32>,
     installs: Arc<AtomicU32>,
+    /// The certificate it started with (DER).
+    cert: Vec<u8>,
     task: JoinHandle<()>,
 }
 
@@ -120,17 +95,7 @@ impl Operator {
     }
 
     async fn metric(&self, name: &str) -> Result<f64> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(&self.metrics_addr).await?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await?;
-        Ok(out
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        metric_at(&self.metrics_addr, name).await
     }
 }
 
@@ -143,7 +108,7 @@ impl Harness {
             .try_init();
         let bed = TestBed::get()?;
         let ns = bed.namespace(prefix).await?;
-        install_crds(&ns.client).await?;
+        sealed_ota_e2e::install_crds(&ns.client).await?;
         let ca = CertificateAuthority::from_pem(
             &std::fs::read_to_string(&bed.ca_file)?,
             &std::fs::read_to_string(&bed.ca_key_file)?,
@@ -250,6 +215,36 @@ impl Harness {
         Ok(())
     }
 
+    /// A Secret `name` with the test CA's certificate and key (tls.crt, tls.key), which rotation
+    /// campaigns sign new device certificates with.
+    async fn ca_secret(&self, name: &str) -> Result<()> {
+        let ca = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(
+                [
+                    (
+                        "tls.crt".to_string(),
+                        ByteString(self.ca.cert_pem().into_bytes()),
+                    ),
+                    (
+                        "tls.key".to_string(),
+                        ByteString(self.ca.key_pem().as_bytes().to_vec()),
+                    ),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        Api::<Secret>::namespaced(self.client(), &self.ns.name)
+            .create(&PostParams::default(), &ca)
+            .await?;
+        Ok(())
+    }
+
     async fn firmware(&self, name: &str, image: &[u8]) -> Result<String> {
         let cm = ConfigMap {
             metadata: ObjectMeta {
@@ -308,16 +303,7 @@ impl Harness {
         what: &str,
         pred: impl Fn(&UpdateCampaign) -> bool,
     ) -> Result<UpdateCampaign> {
-        let api = Api::<UpdateCampaign>::namespaced(self.client(), &self.ns.name);
-        let pred = &pred;
-        wait_for(&format!("campaign {name}: {what}"), WAIT, || {
-            let api = api.clone();
-            async move {
-                let c = api.get(name).await?;
-                Ok(pred(&c).then_some(c))
-            }
-        })
-        .await
+        self.ns.wait_campaign(name, what, WAIT, pred).await
     }
 
     async fn get_device(&self, name: &str) -> Result<Device> {
@@ -333,6 +319,7 @@ impl Harness {
             .bed
             .mqtt_options(&format!("{}-{id}", self.manager_id))?;
         opts.set_max_packet_size(Some(4 * 1024 * 1024));
+        let cert = identity.cert_der().to_vec();
         let config = DeviceConfig {
             identity,
             trust: self.trust.clone(),
@@ -340,6 +327,7 @@ impl Harness {
             manager_id: self.manager_id.clone(),
             max_packet_size: 4 * 1024 * 1024,
             window: 8,
+            release_keys: Vec::new(),
         };
         let offers = Arc::new(AtomicU32::new(0));
         let installs = Arc::new(AtomicU32::new(0));
@@ -353,39 +341,14 @@ impl Harness {
         Ok(SimDevice {
             offers,
             installs,
+            cert,
             task,
         })
     }
 }
 
 async fn execute(client: &AsyncClient, actions: Vec<Action>) -> Result<()> {
-    for a in actions {
-        match a {
-            Action::Publish(o) => {
-                let props = PublishProperties {
-                    response_topic: o.properties.response_topic.clone(),
-                    correlation_data: o.properties.correlation_data.clone().map(Into::into),
-                    user_properties: o.properties.user_properties.clone(),
-                    content_type: o.properties.content_type.clone(),
-                    ..Default::default()
-                };
-                client
-                    .publish_with_properties(o.topic, QoS::AtLeastOnce, o.retain, o.payload, props)
-                    .await?;
-            }
-            Action::Subscribe(fs) => {
-                for f in fs {
-                    client.subscribe(f, QoS::AtLeastOnce).await?;
-                }
-            }
-            Action::Unsubscribe(fs) => {
-                for f in fs {
-                    client.unsubscribe(f).await?;
-                }
-            }
-        }
-    }
-    Ok(())
+    Ok(sealed_ota_mqtt::perform(client, actions).await?)
 }
 
 async fn device_loop(
@@ -401,6 +364,7 @@ async fn device_loop(
     let mut pending = initial;
     let mut connected_once = false;
     let mut image: Vec<u8> = Vec::new();
+    let mut receipts_lost = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let actions = tokio::select! {
@@ -443,16 +407,32 @@ async fn device_loop(
                             }
                             DeviceEvent::ImageComplete { manifest } => {
                                 let ok = <[u8; 32]>::from(Sha256::digest(&image)) == manifest.sha256;
+                                if ok && behavior == Behavior::RollBack {
+                                    if session.stage_install(now()).is_ok() {
+                                        a.extend(session.report_final(
+                                            FinalOutcome::RolledBack { reason: "health check failed".into() },
+                                            now(),
+                                        ));
+                                    }
+                                    continue;
+                                }
                                 let r = if ok { Ok(()) } else { Err("hash mismatch".to_string()) };
                                 a.extend(session.finish_install(r, now()));
                                 if ok {
                                     installs.fetch_add(1, Ordering::SeqCst);
                                 }
                             }
-                            DeviceEvent::CredentialsDelivered { .. } => {
+                            DeviceEvent::CredentialsDelivered { cert_pem, key_pem } => {
                                 installs.fetch_add(1, Ordering::SeqCst);
+                                if behavior == Behavior::LoseFirstRotationReceipt {
+                                    session.set_identity(Arc::new(Identity::from_pem(&cert_pem, &key_pem)?));
+                                    if receipts_lost == 0 {
+                                        receipts_lost += 1;
+                                        a.retain(|x| !matches!(x, Action::Publish(o) if o.topic.ends_with("/update/status")));
+                                    }
+                                }
                             }
-                            DeviceEvent::Rejected { .. } => {}
+                            DeviceEvent::Rejected { .. } | DeviceEvent::Aborted { .. } => {}
                         }
                     }
                     a
@@ -552,6 +532,23 @@ async fn campaign_updates_every_device_over_tls_and_records_status() -> Result<(
             ("True", "UpToDate")
         );
         assert_eq!(sim.installs.load(Ordering::SeqCst), 1, "{n} installed once");
+        // The signed receipt is kept: a person verifies it later with the device certificate.
+        use base64::Engine as _;
+        let receipt = base64::engine::general_purpose::STANDARD
+            .decode(rec.receipt.as_deref().context("receipt kept")?)?;
+        assert_eq!(
+            rec.receipt_certificate_fingerprint,
+            Some(hex::encode(Sha256::digest(&sim.cert)))
+        );
+        let claim = sealed_ota_protocol::verify_receipt(&receipt, &sim.cert)?;
+        assert_eq!(
+            claim.claim,
+            sealed_ota_protocol::Claim::Installed {
+                version: "1.1.0".into(),
+                sha256: hex::decode(&digest)?.try_into().unwrap(),
+                release_key: None,
+            }
+        );
     }
     // The apiserver writes this campaign cost, read from the operator's own counters.
     let device_writes = op
@@ -588,29 +585,37 @@ async fn campaign_updates_every_device_over_tls_and_records_status() -> Result<(
     let retained = retained_messages(&h, &format!("iot/{}/#", h.manager_id)).await?;
     assert_eq!(retained, 0, "retained notify/chunks left behind");
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
 /// Count retained messages with a payload under `filter`, as seen by a fresh subscriber.
 async fn retained_messages(h: &Harness, filter: &str) -> Result<usize> {
+    Ok(retained_payloads(h, filter).await?.len())
+}
+
+/// The non-empty retained messages under `filter`: (topic, payload).
+async fn retained_payloads(h: &Harness, filter: &str) -> Result<Vec<(String, Vec<u8>)>> {
     let mut opts = h.bed.mqtt_options(&format!("{}-probe", h.manager_id))?;
     // Chunks are larger than rumqttc's default incoming packet limit.
     opts.set_max_packet_size(Some(4 * 1024 * 1024));
     let (client, mut el) = AsyncClient::new(opts, 64);
     client.subscribe(filter, QoS::AtLeastOnce).await?;
-    let mut count = 0;
+    let mut found = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     while let Ok(ev) = tokio::time::timeout_at(deadline, el.poll()).await {
         match ev {
-            Ok(Event::Incoming(Packet::Publish(p))) if p.retain && !p.payload.is_empty() => {
-                count += 1
-            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.retain && !p.payload.is_empty() => found
+                .push((
+                    String::from_utf8_lossy(&p.topic).into_owned(),
+                    p.payload.to_vec(),
+                )),
             Ok(_) => {}
             Err(e) => bail!("probe subscriber failed: {e}"),
         }
     }
     let _ = client.disconnect().await;
-    Ok(count)
+    Ok(found)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -655,6 +660,7 @@ async fn pause_holds_devices_back_and_resume_finishes() -> Result<()> {
         .await?;
     assert_eq!(c.status.unwrap().devices.succeeded, 2);
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -685,8 +691,15 @@ async fn abort_stops_the_campaign_and_cannot_be_undone() -> Result<()> {
         condition(&c, "Ready").map(|c| c.reason.as_str()),
         Some("Aborted")
     );
-    let retained = retained_messages(&h, &format!("iot/{}/#", h.manager_id)).await?;
-    assert_eq!(retained, 0, "abort clears retained notify and chunks");
+    // Every chunk is cleared; each device in flight finds the manager's signed abort in place of
+    // its notify.
+    let retained = retained_payloads(&h, &format!("iot/{}/#", h.manager_id)).await?;
+    assert_eq!(retained.len(), 2, "{retained:?}");
+    for (topic, payload) in &retained {
+        assert!(topic.ends_with("/notify"), "{topic}");
+        let (_, abort) = sealed_ota_protocol::wire::decode_abort(payload)?;
+        assert_eq!(abort.manager_id, h.manager_id);
+    }
     // spec.abort is one-way: the apiserver refuses to unset it and names the field.
     let err = h
         .patch_campaign("stopme", serde_json::json!({"abort": false}))
@@ -694,6 +707,7 @@ async fn abort_stops_the_campaign_and_cannot_be_undone() -> Result<()> {
         .expect_err("abort must not be unset");
     assert!(format!("{err:#}").contains("spec.abort"), "{err:#}");
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -719,7 +733,7 @@ async fn failure_threshold_fails_the_campaign_after_the_canary() -> Result<()> {
     assert_eq!(st.devices.failed, 1, "only the canary ran");
     assert_eq!(st.failures.len(), 1);
     assert_eq!(st.failures[0].device, "f-1");
-    assert_eq!(st.failures[0].reason, "declined");
+    assert_eq!(st.failures[0].reason, "DeclinedByDevice");
     assert_eq!(
         condition(&c, "Failed").map(|c| c.status.as_str()),
         Some("True")
@@ -735,6 +749,7 @@ async fn failure_threshold_fails_the_campaign_after_the_canary() -> Result<()> {
         Some(DevicePhase::Failed)
     );
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -784,6 +799,7 @@ async fn missing_manager_secret_is_reported_and_recovers() -> Result<()> {
         .await?;
     assert_eq!(c.status.unwrap().devices.succeeded, 1);
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -846,6 +862,7 @@ async fn killed_operator_resumes_without_redoing_finished_devices() -> Result<()
         assert_eq!(rec.phase, DevicePhase::Succeeded, "{n}");
     }
     op2.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -910,6 +927,7 @@ async fn invalid_resources_are_refused_with_the_field_named() -> Result<()> {
         err.to_string().contains("spec.certificateFingerprint"),
         "{err}"
     );
+    h.ns.pass();
     Ok(())
 }
 
@@ -943,7 +961,11 @@ async fn bad_inputs_get_a_condition_while_other_campaigns_run() -> Result<()> {
             "FirmwareDigestMismatch",
             "spec.payload.firmware.sha256",
         ),
-        ("by-url", "FirmwareUnreadable", "spec.payload.firmware.url"),
+        (
+            "by-url",
+            "FirmwareDownloadFailed",
+            "spec.payload.firmware.url",
+        ),
         ("no-fw", "FirmwareUnreadable", "ConfigMap nope"),
     ] {
         let c = h
@@ -960,6 +982,7 @@ async fn bad_inputs_get_a_condition_while_other_campaigns_run() -> Result<()> {
     })
     .await?;
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -992,6 +1015,7 @@ async fn refused_broker_connection_is_a_condition() -> Result<()> {
         0.0
     );
     config_op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -1056,6 +1080,7 @@ async fn two_replicas_never_lead_at_once_and_hand_over() -> Result<()> {
     })
     .await?;
     standby.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -1064,30 +1089,7 @@ async fn credential_rotation_delivers_new_keys() -> Result<()> {
     let h = Harness::new("op-rotate").await?;
     h.manager_secret("manager").await?;
     // The CA Secret the rotation signs with (the test CA).
-    let ca = Secret {
-        metadata: ObjectMeta {
-            name: Some("ota-ca".into()),
-            ..Default::default()
-        },
-        type_: Some("kubernetes.io/tls".into()),
-        data: Some(
-            [
-                (
-                    "tls.crt".to_string(),
-                    ByteString(h.ca.cert_pem().into_bytes()),
-                ),
-                (
-                    "tls.key".to_string(),
-                    ByteString(h.ca.key_pem().as_bytes().to_vec()),
-                ),
-            ]
-            .into(),
-        ),
-        ..Default::default()
-    };
-    Api::<Secret>::namespaced(h.client(), &h.ns.name)
-        .create(&PostParams::default(), &ca)
-        .await?;
+    h.ca_secret("ota-ca").await?;
     let mut sims = Vec::new();
     for n in ["k-1", "k-2"] {
         h.device(n, "plum").await?;
@@ -1126,21 +1128,13 @@ async fn credential_rotation_delivers_new_keys() -> Result<()> {
         );
     }
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
 async fn metric_at(addr: &str, name: &str) -> Result<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+    let text = sealed_ota_e2e::http::get(&format!("http://{addr}/metrics")).await?;
+    Ok(sealed_ota_e2e::http::metric_sum(&text, name))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1185,6 +1179,7 @@ async fn deleting_a_running_campaign_clears_its_retained_messages() -> Result<()
         "retained messages left after delete"
     );
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -1223,6 +1218,7 @@ async fn a_timed_out_device_is_retried_with_backoff() -> Result<()> {
     assert!(rec.attempts >= 2, "the success came on a retry: {rec:?}");
     assert_eq!(sim.installs.load(Ordering::SeqCst), 1);
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -1273,30 +1269,8 @@ async fn status_writes_stay_within_budget() -> Result<()> {
         "campaign writes {campaign} in {secs:.1}s"
     );
     op.stop().await;
+    h.ns.pass();
     Ok(())
-}
-
-/// Serve `body` over plain HTTP on a loopback port; returns the URL.
-async fn http_server(body: Vec<u8>) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let body = body.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = s.write_all(head.as_bytes()).await;
-                let _ = s.write_all(&body).await;
-            });
-        }
-    });
-    Ok(format!("http://{addr}/firmware.bin"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1305,7 +1279,8 @@ async fn firmware_from_a_url_is_downloaded_and_checked() -> Result<()> {
     h.manager_secret("manager").await?;
     let img = image(70_000);
     let digest = hex::encode(Sha256::digest(&img));
-    let url = http_server(img).await?;
+    let server = sealed_ota_e2e::http::FileServer::start(img).await?;
+    let url = server.url();
     h.device("u-1", "sand").await?;
     let sim = h.spawn_device("u-1", "1.0.0", Behavior::Install)?;
     let op = h.start_operator("replica-1", false)?;
@@ -1328,6 +1303,7 @@ async fn firmware_from_a_url_is_downloaded_and_checked() -> Result<()> {
     })
     .await?;
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -1375,6 +1351,7 @@ async fn broker_tls_material_can_come_from_a_secret() -> Result<()> {
     .await?;
     assert_eq!(op.metric("sealed_ota_operator_mqtt_connected").await?, 1.0);
     op.stop().await;
+    h.ns.pass();
     Ok(())
 }
 
@@ -1431,5 +1408,199 @@ async fn mqtt_session_reconnects_and_resubscribes() -> Result<()> {
     })
     .await?;
     op.stop().await;
+    h.ns.pass();
+    Ok(())
+}
+
+/// A device that installs, fails its health check and rolls back: its signed receipt says so, the
+/// Device says RolledBack, it counts as a failure toward the threshold, and a Warning Event names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolled_back_device_is_a_failure_with_a_warning() -> Result<()> {
+    let h = Harness::new("op-rollback").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(8_000)).await?;
+    h.device("rb-1", "teal").await?;
+    let _sim = h.spawn_device("rb-1", "1.0.0", Behavior::RollBack)?;
+    let op = h.start_operator("replica-1", false)?;
+    let mut spec = fw_spec("teal", "2.0.0", serde_json::json!({}));
+    spec["rollout"]["failureThreshold"] = serde_json::json!("0");
+    h.campaign("rb", spec).await?;
+    let c = h
+        .wait_campaign("rb", "Failed", |c| phase(c) == CampaignPhase::Failed)
+        .await?;
+    let st = c.status.context("status")?;
+    assert_eq!((st.devices.failed, st.devices.rolled_back), (1, 1));
+    assert_eq!(st.failures[0].reason, "RolledBack");
+    let d = h
+        .get_device("rb-1")
+        .await?
+        .status
+        .context("device status")?;
+    assert_eq!(d.running_version.as_deref(), Some("1.0.0"));
+    let ready = d
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .context("Ready")?;
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "RolledBack")
+    );
+    assert!(d.campaign.context("record")?.receipt.is_some());
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(h.client(), &h.ns.name);
+    let warned = wait_for("a DeviceRolledBack Warning Event", WAIT, || {
+        let events = events.clone();
+        async move {
+            let found = events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("DeviceRolledBack")
+                        && e.type_.as_deref() == Some("Warning")
+                });
+            Ok(found)
+        }
+    })
+    .await?;
+    assert!(warned.note.unwrap_or_default().contains("rb-1"));
+    op.stop().await;
+    h.ns.pass();
+    Ok(())
+}
+
+/// The notify retained for `device`.
+async fn retained_notify(
+    h: &Harness,
+    device: &str,
+) -> Result<sealed_ota_protocol::wire::NotifyBody> {
+    let found = retained_payloads(h, &format!("iot/{}/{device}/notify", h.manager_id)).await?;
+    let (_, payload) = found.first().context("a retained notify")?;
+    Ok(sealed_ota_protocol::wire::decode_notify(payload)?.1)
+}
+
+/// The `expires_at` of the notify retained for `device`.
+async fn notify_expiry(h: &Harness, device: &str) -> Result<u64> {
+    Ok(retained_notify(h, device).await?.expires_at)
+}
+
+/// The `issued_at` of the notify retained for `device`.
+async fn notify_issued_at(h: &Harness, device: &str) -> Result<u64> {
+    Ok(retained_notify(h, device).await?.issued_at)
+}
+
+/// The expiry is fixed when the campaign is first prepared: recorded on the campaign status, and
+/// the same in the signed notify after the operator restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_expiry_is_fixed_when_first_prepared_and_survives_a_restart() -> Result<()> {
+    let h = Harness::new("op-expiry").await?;
+    h.manager_secret("manager").await?;
+    h.firmware("fw", &image(8_000)).await?;
+    h.device("ex-1", "rust").await?; // offline: stays in flight
+    let op = h.start_operator("replica-1", false)?;
+    h.campaign(
+        "ex",
+        fw_spec(
+            "rust",
+            "2.0.0",
+            serde_json::json!({"expiresAfterSeconds": 3600}),
+        ),
+    )
+    .await?;
+    let c = h
+        .wait_campaign("ex", "expiresAt recorded", |c| {
+            c.status
+                .as_ref()
+                .is_some_and(|s| s.expires_at.is_some() && s.devices.in_progress == 1)
+        })
+        .await?;
+    let recorded = c.status.and_then(|s| s.expires_at).context("expiresAt")?;
+    assert_eq!(
+        notify_expiry(&h, "ex-1").await? as i64,
+        recorded.0.as_second()
+    );
+    let first_issued = notify_issued_at(&h, "ex-1").await?;
+    op.kill();
+    // Restarted later: the new process signs the same expiry, not a fresh one.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let op = h.start_operator("replica-2", false)?;
+    wait_for("the restarted operator's notify", WAIT, || {
+        let h = &h;
+        async move {
+            let issued = notify_issued_at(h, "ex-1").await?;
+            Ok((issued > first_issued).then_some(()))
+        }
+    })
+    .await?;
+    assert_eq!(
+        notify_expiry(&h, "ex-1").await? as i64,
+        recorded.0.as_second()
+    );
+    let c = h
+        .wait_campaign("ex", "in flight again", |c| {
+            c.status
+                .as_ref()
+                .is_some_and(|s| s.devices.in_progress == 1)
+        })
+        .await?;
+    assert_eq!(c.status.and_then(|s| s.expires_at), Some(recorded));
+    op.stop().await;
+    h.ns.pass();
+    Ok(())
+}
+
+/// Rotation with a pinned device whose receipt is lost: the certificate it switched to was
+/// recorded as pending before it was sent, so the retry is answered (not PinMismatch), the rotation
+/// settles, the old certificate is retired, and a later firmware campaign reaches the device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_rotation_receipt_does_not_lock_a_pinned_device_out() -> Result<()> {
+    let h = Harness::new("op-lockout").await?;
+    h.manager_secret("manager").await?;
+    h.ca_secret("ota-ca").await?;
+    let sim = h.spawn_device("lo-1", "1.0.0", Behavior::LoseFirstRotationReceipt)?;
+    let pin = hex::encode(Sha256::digest(&sim.cert));
+    let d: Device = serde_json::from_value(serde_json::json!({
+        "apiVersion": "ota.sealed-ota.dev/v1alpha1",
+        "kind": "Device",
+        "metadata": {"name": "lo-1", "labels": {"fleet": "sand"}},
+        "spec": {"certificateFingerprint": pin}
+    }))?;
+    Api::<Device>::namespaced(h.client(), &h.ns.name)
+        .create(&PostParams::default(), &d)
+        .await?;
+    let op = h.start_operator("replica-1", false)?;
+    let mut spec = fw_spec("sand", "1.0.1", serde_json::json!({}));
+    spec["payload"] = serde_json::json!({"rotateCredentials": {"mode": "Csr", "caSecretName": "ota-ca", "validityDays": 30}});
+    spec["rollout"]["deviceTimeoutSeconds"] = serde_json::json!(5);
+    spec["rollout"]["retries"] = serde_json::json!(2);
+    spec["rollout"]["retryBackoffSeconds"] = serde_json::json!(1);
+    h.campaign("rotate", spec).await?;
+    let c = h
+        .wait_campaign("rotate", "Succeeded on the retry", |c| {
+            phase(c) == CampaignPhase::Succeeded || phase(c) == CampaignPhase::Failed
+        })
+        .await?;
+    assert_eq!(phase(&c), CampaignPhase::Succeeded, "{:?}", c.status);
+    let st = h.get_device("lo-1").await?.status.context("status")?;
+    let rec = st.campaign.clone().context("record")?;
+    assert!(rec.attempts >= 2, "succeeded on a retry: {rec:?}");
+    assert!(st.retired_certificate_fingerprints.contains(&pin), "{st:?}");
+    assert!(st.pending_certificates.is_empty(), "{st:?}");
+    let rotated = st
+        .rotated_certificate_fingerprint
+        .clone()
+        .context("rotated")?;
+    assert_ne!(rotated, pin);
+    // A later firmware campaign reaches the device (its pin still names the retired certificate).
+    h.firmware("fw", &image(6_000)).await?;
+    h.campaign("after", fw_spec("sand", "2.0.0", serde_json::json!({})))
+        .await?;
+    h.wait_campaign("after", "Succeeded", |c| {
+        phase(c) == CampaignPhase::Succeeded
+    })
+    .await?;
+    op.stop().await;
+    h.ns.pass();
     Ok(())
 }

@@ -52,6 +52,7 @@ fn fixture() -> Fx {
         manager_id: "p1".into(),
         max_packet_size: 0,
         window: 16,
+        release_keys: Vec::new(),
     };
     let campaign = Arc::new(
         PreparedCampaign::prepare(CampaignSpec {
@@ -62,6 +63,7 @@ fn fixture() -> Fx {
             },
             expires_at: NOW + 3600,
             chunk_size: 1024,
+            release: None,
         })
         .unwrap(),
     );
@@ -413,6 +415,7 @@ fn measure_ratios(fx: &Fx) -> Ratios {
         payload: CampaignPayload::Firmware { image: img },
         expires_at: NOW + 3600,
         chunk_size: CHUNK,
+        release: None,
     };
     let inf = f64::INFINITY;
     let mut r = Ratios {

@@ -4,6 +4,7 @@
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::error::ProtocolError;
 
@@ -20,6 +21,35 @@ pub(crate) fn encode_with_capacity<T: Serialize>(value: &T, capacity: usize) -> 
     let mut out = Vec::with_capacity(capacity);
     // Writing into a Vec cannot fail for our types (no maps with non-string keys, no I/O).
     if ciborium::ser::into_writer(value, &mut out).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// Counts what ciborium would write.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Encode a value that holds a secret (a delivered private key): a first pass counts the bytes, the
+/// second writes them into a buffer of exactly that capacity, so no reallocation leaves a copy of
+/// the secret in freed memory; the buffer is zeroized on drop.
+pub(crate) fn encode_secret<T: Serialize>(value: &T) -> Zeroizing<Vec<u8>> {
+    let mut counter = Counter(0);
+    let size = match ciborium::ser::into_writer(value, &mut counter) {
+        Ok(()) => counter.0,
+        Err(_) => 0,
+    };
+    let mut out = Zeroizing::new(Vec::with_capacity(size));
+    if ciborium::ser::into_writer(value, &mut *out).is_err() || out.len() != size {
         out.clear();
     }
     out
@@ -68,6 +98,18 @@ pub(crate) fn decode<T: DeserializeOwned>(
     message: &'static str,
     max: usize,
 ) -> Result<T, ProtocolError> {
+    bounded_whole(bytes, message, max, |reader| {
+        ciborium::de::from_reader_with_recursion_limit(reader, MAX_DEPTH)
+    })
+}
+
+/// Run `parse` on `bytes` (at most `max` of them), which must consume all of them.
+fn bounded_whole<T, E: std::fmt::Debug>(
+    bytes: &[u8],
+    message: &'static str,
+    max: usize,
+    parse: impl FnOnce(&mut &[u8]) -> Result<T, E>,
+) -> Result<T, ProtocolError> {
     if bytes.len() > max {
         return Err(ProtocolError::TooLarge {
             message,
@@ -76,13 +118,10 @@ pub(crate) fn decode<T: DeserializeOwned>(
         });
     }
     let mut reader = bytes;
-    let value: T =
-        ciborium::de::from_reader_with_recursion_limit(&mut reader, MAX_DEPTH).map_err(|e| {
-            ProtocolError::Decode {
-                message,
-                detail: short(&e),
-            }
-        })?;
+    let value = parse(&mut reader).map_err(|e| ProtocolError::Decode {
+        message,
+        detail: short(&e),
+    })?;
     if !reader.is_empty() {
         return Err(ProtocolError::Decode {
             message,
@@ -90,6 +129,21 @@ pub(crate) fn decode<T: DeserializeOwned>(
         });
     }
     Ok(value)
+}
+
+/// Decode CBOR that holds a secret (a delivered private key). Like [`decode`], but byte strings
+/// pass through a heap scratch buffer that is zeroized afterwards (ciborium's own decoder leaves
+/// them in a stack array). ciborium then bounds nesting at its default of 256 instead of
+/// [`MAX_DEPTH`]; only authenticated plaintext (the decrypted update body) is decoded this way.
+pub(crate) fn decode_secret<T: DeserializeOwned>(
+    bytes: &[u8],
+    message: &'static str,
+    max: usize,
+) -> Result<T, ProtocolError> {
+    let mut scratch = Zeroizing::new(vec![0u8; 4096]);
+    bounded_whole(bytes, message, max, |reader| {
+        ciborium::de::from_reader_with_buffer(reader, &mut scratch[..])
+    })
 }
 
 fn short<E: std::fmt::Debug>(e: &E) -> String {
@@ -189,6 +243,27 @@ pub(crate) mod array {
     }
 }
 
+/// serde adapter: `Option<[u8; N]>` as an optional CBOR byte string of exactly N bytes.
+pub(crate) mod opt_array {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct A<const N: usize>(#[serde(with = "super::array")] [u8; N]);
+
+    pub fn serialize<S: Serializer, const N: usize>(
+        v: &Option<[u8; N]>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        v.map(A).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+        d: D,
+    ) -> Result<Option<[u8; N]>, D::Error> {
+        Ok(Option::<A<N>>::deserialize(d)?.map(|a| a.0))
+    }
+}
+
 /// serde adapter: `Vec<[u8; 32]>` as an array of 32-byte strings.
 pub(crate) mod hashes {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -203,5 +278,45 @@ pub(crate) mod hashes {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<[u8; 32]>, D::Error> {
         Ok(Vec::<H>::deserialize(d)?.into_iter().map(|h| h.0).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Secretish {
+        #[serde(with = "bytes")]
+        cert: Vec<u8>,
+        #[serde(with = "bytes")]
+        key: Vec<u8>,
+    }
+
+    /// A buffer that held a delivered key is never regrown (a regrown Vec frees its old copy
+    /// without zeroizing it): the secret encoding is sized exactly, and equals the plain encoding.
+    #[test]
+    fn secrets_are_encoded_into_an_exact_buffer_and_decode_back() {
+        for (cert, key) in [(10usize, 5usize), (600, 138), (3000, 138), (0, 0)] {
+            let v = Secretish {
+                cert: vec![1; cert],
+                key: vec![2; key],
+            };
+            let out = encode_secret(&v);
+            assert_eq!(out.capacity(), out.len(), "{cert}/{key}");
+            assert_eq!(&out[..], &encode(&v)[..]);
+            let back: Secretish = decode_secret(&out, "t", 1 << 20).unwrap();
+            assert_eq!(back, v);
+        }
+        let mut t = encode(&Secretish {
+            cert: vec![],
+            key: vec![1],
+        });
+        t.push(0);
+        assert!(decode_secret::<Secretish>(&t, "t", 1 << 20).is_err());
+        assert!(matches!(
+            decode_secret::<Secretish>(&[0u8; 10], "t", 5),
+            Err(ProtocolError::TooLarge { .. })
+        ));
     }
 }

@@ -15,16 +15,16 @@ use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-/// Label prefixed to every signed body: `sealed-ota/v1/sig/` then the one-byte message type.
-pub const SIG_LABEL: &[u8] = b"sealed-ota/v1/sig/";
+/// Label prefixed to every signed body: `sealed-ota/v2/sig/` then the one-byte message type.
+pub const SIG_LABEL: &[u8] = b"sealed-ota/v2/sig/";
 /// Label of the transcript hash.
-pub const TRANSCRIPT_LABEL: &[u8] = b"sealed-ota/v1/transcript";
+pub const TRANSCRIPT_LABEL: &[u8] = b"sealed-ota/v2/transcript";
 /// HKDF info of the manager-to-device key.
-pub const INFO_M2D: &[u8] = b"sealed-ota/v1/key/manager-to-device";
+pub const INFO_M2D: &[u8] = b"sealed-ota/v2/key/manager-to-device";
 /// HKDF info of the device-to-manager key.
-pub const INFO_D2M: &[u8] = b"sealed-ota/v1/key/device-to-manager";
+pub const INFO_D2M: &[u8] = b"sealed-ota/v2/key/device-to-manager";
 /// AAD label of chunk encryption.
-pub const CHUNK_AAD_LABEL: &[u8] = b"sealed-ota/v1/chunk";
+pub const CHUNK_AAD_LABEL: &[u8] = b"sealed-ota/v2/chunk";
 /// Bytes of the AES-256-GCM tag appended to every ciphertext.
 pub const TAG_LEN: usize = 16;
 
@@ -142,21 +142,38 @@ fn sig_input(kind: u8, body: &[u8]) -> Vec<u8> {
     m
 }
 
-/// ECDSA P-256 / SHA-256 signature (64 bytes r||s) over `SIG_LABEL || kind || body`.
+/// ECDSA P-256 / SHA-256 signature (64 bytes r||s) over `SIG_LABEL || kind || body`, in low-S
+/// form.
 pub fn sign(secret: &p256::SecretKey, kind: u8, body: &[u8]) -> [u8; 64] {
+    sign_message(secret, &sig_input(kind, body))
+}
+
+/// Verify a signature made by [`sign`]. A high-S signature is refused even when it is
+/// mathematically valid (see [`verify_message`]).
+pub fn verify(public: &p256::PublicKey, kind: u8, body: &[u8], sig: &[u8]) -> bool {
+    verify_message(public, &sig_input(kind, body), sig)
+}
+
+/// ECDSA P-256 / SHA-256 signature (64 bytes r||s) over `message`, normalized to low S
+/// (`s <= n/2`), the only form [`verify_message`] accepts.
+pub fn sign_message(secret: &p256::SecretKey, message: &[u8]) -> [u8; 64] {
     let key = SigningKey::from(secret);
-    let sig: Signature = key.sign(&sig_input(kind, body));
+    let sig: Signature = key.sign(message);
+    let sig = sig.normalize_s().unwrap_or(sig);
     sig.to_bytes().into()
 }
 
-/// Verify a signature made by [`sign`].
-pub fn verify(public: &p256::PublicKey, kind: u8, body: &[u8], sig: &[u8]) -> bool {
+/// Verify a 64-byte r||s signature over `message`. ⚠️ ECDSA signatures are malleable: `(r, n - s)`
+/// verifies whenever `(r, s)` does. Only the low-S form is accepted, so every signed message has
+/// exactly one valid signature (nothing can be re-signed into a "new" message by a third party).
+pub fn verify_message(public: &p256::PublicKey, message: &[u8], sig: &[u8]) -> bool {
     let Ok(sig) = Signature::from_slice(sig) else {
         return false;
     };
-    VerifyingKey::from(public)
-        .verify(&sig_input(kind, body), &sig)
-        .is_ok()
+    if sig.normalize_s().is_some() {
+        return false; // high S
+    }
+    VerifyingKey::from(public).verify(message, &sig).is_ok()
 }
 
 /// AES-256-GCM with a fresh random 96-bit nonce. Returns (nonce, ciphertext||tag).
@@ -385,5 +402,29 @@ mod tests {
         assert!(!verify(&a.public_key(), 2, b"body", &s));
         assert!(!verify(&a.public_key(), 1, b"bodx", &s));
         assert!(!verify(&a.public_key(), 1, b"body", &s[..63]));
+    }
+
+    /// ECDSA malleability: `(r, n - s)` is a second valid signature of the same message. Only the
+    /// low-S form is produced and accepted.
+    #[test]
+    fn high_s_signatures_are_refused() {
+        let a = p256::SecretKey::random(&mut OsRng);
+        for i in 0..16u8 {
+            let s = sign(&a, 1, &[i]);
+            let sig = Signature::from_slice(&s).unwrap();
+            assert!(sig.normalize_s().is_none(), "signer produced high S");
+            // The mirrored signature: same r, s' = n - s (high S). It verifies with the raw
+            // primitive, so only the low-S rule refuses it.
+            let (r, s_low) = sig.split_scalars();
+            let s_high = -*s_low;
+            let high = Signature::from_scalars(r.to_bytes(), s_high.to_bytes()).unwrap();
+            let raw_ok = VerifyingKey::from(&a.public_key())
+                .verify(&sig_input(1, &[i]), &high)
+                .is_ok();
+            assert!(raw_ok, "the mirrored signature is mathematically valid");
+            let high_bytes: [u8; 64] = high.to_bytes().into();
+            assert!(!verify(&a.public_key(), 1, &[i], &high_bytes));
+            assert!(verify(&a.public_key(), 1, &[i], &s));
+        }
     }
 }

@@ -1,6 +1,16 @@
-//! Device side: one sans-IO session answering notifies, decrypting the update, checking the signed
-//! manifest (anti-rollback, expiry), pulling chunks in bounded windows, and sending signed status
-//! reports. Plaintext chunks are handed out as events, never buffered whole. No I/O here.
+//! Device side: one sans-IO session answering notifies and signed aborts, decrypting the update,
+//! checking the signed manifest (anti-rollback, expiry, release signature), pulling chunks in
+//! bounded windows, sending signed status reports, and the signed receipt of the final outcome
+//! (Installed after commit, RolledBack after a failed health check, Rejected), which it can send
+//! after a restart from what [`DeviceState`] persisted. Plaintext chunks are handed out as events,
+//! never buffered whole. No I/O here.
+//!
+//! Install flow: [`DeviceEvent::ImageComplete`] → the caller hashes what it stored →
+//! [`DeviceSession::stage_install`] (refuses with a signed `Rejected(Expired)` past the expiry;
+//! otherwise records [`PendingInstall`]: persist the state now, before switching the image) → the
+//! caller switches the image (A/B, reboot, health check) → [`DeviceSession::report_final`] with
+//! `Committed` (signed `Installed`) or `RolledBack` (signed `RolledBack`). After a restart the
+//! persisted `pending_install` tells the caller to reconcile and report.
 
 use std::sync::Arc;
 
@@ -11,11 +21,14 @@ use crate::crypto::{self, SessionKeys, Transcript};
 use crate::error::ProtocolError;
 use crate::identity::{generate_csr, Identity, PeerCertificate, Role, TrustAnchor};
 use crate::manager::{check_hints, STATUS_AAD_LABEL, UPDATE_AAD_LABEL};
-use crate::manifest::{Manifest, PayloadKind, RejectReason};
+use crate::manifest::{bounded_text, Manifest, PayloadKind, RejectReason, MAX_REASON_TEXT};
 use crate::merkle::{leaf_hash, verify_proof};
 use crate::mqtt::{Action, Inbound, Outbound, Properties, CONTENT_TYPE, VERSION_PROPERTY};
+use crate::release::{ReleaseKey, ReleaseSignature};
 use crate::topics::{TopicKind, TopicTree};
-use crate::wire::{self, Have, ReadyBody, SignedEnvelope, StatusBody, StatusMsg, UpdateBody};
+use crate::wire::{
+    self, Claim, Have, ReadyBody, ReceiptBody, SignedEnvelope, StatusBody, StatusMsg, UpdateBody,
+};
 use crate::WIRE_VERSION;
 
 /// Campaigns remembered as finished (so a retained notify is not answered again).
@@ -110,6 +123,60 @@ pub struct DeviceState {
     /// instead of ignored. Absent in state saved by older versions (such a campaign stays ignored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_completion: Option<Completion>,
+    /// An image staged for install whose final outcome has not been reported yet (set by
+    /// [`DeviceSession::stage_install`] before the image is switched, cleared by
+    /// [`DeviceSession::report_final`]). After a restart the caller reconciles it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_install: Option<PendingInstall>,
+    /// The newest signed abort seen: notifies of that campaign issued at or before it are ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_abort: Option<AbortRecord>,
+}
+
+/// What binds a receipt to a session (all public values; no key is persisted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionBinding {
+    /// Session id.
+    #[serde(with = "hex_array")]
+    pub session_id: [u8; 16],
+    /// Transcript hash.
+    #[serde(with = "hex_array")]
+    pub transcript: [u8; 32],
+    /// `issued_at` of the session's notify.
+    pub issued_at: u64,
+}
+
+/// An install staged and not yet reported (persisted in [`DeviceState`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingInstall {
+    /// Campaign.
+    pub campaign_id: String,
+    /// The session the image arrived in (the receipt is bound to it unless a newer session of the
+    /// campaign is live when the outcome is reported).
+    pub binding: SessionBinding,
+    /// Version being installed.
+    pub version: String,
+    /// SHA-256 of the image (from the signed manifest).
+    #[serde(with = "hex_array")]
+    pub sha256: [u8; 32],
+    /// Size in bytes.
+    pub size: u64,
+    /// Release key whose signature the device verified, if it checked one.
+    #[serde(
+        default,
+        with = "hex_opt_array",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub release_key: Option<[u8; 32]>,
+}
+
+/// A signed abort the device accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbortRecord {
+    /// Campaign aborted.
+    pub campaign_id: String,
+    /// Sessions notified at or before this time ended.
+    pub issued_at: u64,
 }
 
 /// The end of the most recent campaign on a device (persisted in [`DeviceState`]).
@@ -122,8 +189,12 @@ pub struct Completion {
     pub session_id: [u8; 16],
     /// `issued_at` of that session's notify (an older notify of the campaign is ignored).
     pub issued_at: u64,
-    /// What was installed, for a firmware campaign that succeeded (`None`: refused, or credentials).
+    /// What was installed, for a firmware campaign that succeeded (`None`: refused, rolled back, or
+    /// credentials).
     pub installed: Option<InstalledImage>,
+    /// What was tried and rolled back, for a firmware campaign whose health check failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<RolledBackImage>,
 }
 
 /// A firmware image the device installed (from the signed manifest it verified).
@@ -134,6 +205,25 @@ pub struct InstalledImage {
     /// SHA-256 of the image.
     #[serde(with = "hex_array")]
     pub sha256: [u8; 32],
+    /// Release key whose signature the device verified, if it checked one.
+    #[serde(
+        default,
+        with = "hex_opt_array",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub release_key: Option<[u8; 32]>,
+}
+
+/// A firmware image the device installed, found unhealthy and rolled back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolledBackImage {
+    /// Version tried.
+    pub version: String,
+    /// SHA-256 of the image tried.
+    #[serde(with = "hex_array")]
+    pub sha256: [u8; 32],
+    /// Why (bounded).
+    pub reason: String,
 }
 
 mod hex_array {
@@ -147,6 +237,30 @@ mod hex_array {
         let s = String::deserialize(d)?;
         let v = hex::decode(s).map_err(serde::de::Error::custom)?;
         <[u8; N]>::try_from(v).map_err(|_| serde::de::Error::custom("wrong length"))
+    }
+}
+
+mod hex_opt_array {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer, const N: usize>(
+        v: &Option<[u8; N]>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_some(&hex::encode(v)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+        d: D,
+    ) -> Result<Option<[u8; N]>, D::Error> {
+        let Some(s) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let v = hex::decode(s).map_err(serde::de::Error::custom)?;
+        <[u8; N]>::try_from(v)
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom("wrong length"))
     }
 }
 
@@ -183,6 +297,19 @@ pub struct DeviceConfig {
     pub max_packet_size: u32,
     /// Chunk topics subscribed at once (at least 1).
     pub window: u32,
+    /// Release public keys this device trusts (from enrollment). Empty: release signatures are not
+    /// required. Otherwise firmware must carry a release signature by one of them that verifies for
+    /// the image and version, or the device refuses it (signed `Rejected(ReleaseSignature)`).
+    pub release_keys: Vec<ReleaseKey>,
+}
+
+/// Where a device session reports the secrets it handles, for tests that scan what a broker saw
+/// for them (as rustls's `KeyLog`). ⚠️ Never set one in production: it exposes every session key,
+/// content key and delivered private key.
+pub trait KeyLog: Send + Sync + std::fmt::Debug {
+    /// `label`: `session-m2d`, `session-d2m`, `content-key` or `delivered-key` (the delivered
+    /// private key's 32-byte scalar).
+    fn log(&self, label: &str, session_id: &[u8; 16], secret: &[u8]);
 }
 
 /// Result of feeding a message.
@@ -211,23 +338,29 @@ pub enum DeviceEvent {
         /// Plaintext.
         data: Vec<u8>,
     },
-    /// Every chunk arrived: hash what was stored, then call `finish_install`.
+    /// Every chunk arrived: hash what was stored, then call `stage_install` (or `finish_install`).
     ImageComplete {
         /// The manifest.
         manifest: Manifest,
     },
     /// New credentials, validated (chain to the CA, names this device, key matches). The signed
-    /// Installed status has already been sent.
+    /// Installed receipt has already been sent.
     CredentialsDelivered {
         /// New certificate.
         cert_pem: String,
         /// New private key (PKCS#8 PEM).
         key_pem: Zeroizing<String>,
     },
-    /// The device refused (a signed Rejected status has been sent).
+    /// The device refused (a signed Rejected receipt has been sent).
     Rejected {
         /// Why.
         reason: RejectReason,
+    },
+    /// A signed abort ended the session of this campaign (nothing was sent; the transfer state
+    /// is kept for a later session of the campaign).
+    Aborted {
+        /// Campaign.
+        campaign_id: String,
     },
 }
 
@@ -258,8 +391,25 @@ impl std::fmt::Debug for DeviceEvent {
             DeviceEvent::Rejected { reason } => {
                 f.debug_struct("Rejected").field("reason", reason).finish()
             }
+            DeviceEvent::Aborted { campaign_id } => f
+                .debug_struct("Aborted")
+                .field("campaign_id", campaign_id)
+                .finish(),
         }
     }
+}
+
+/// The final outcome of a staged install, reported with [`DeviceSession::report_final`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinalOutcome {
+    /// The new image runs and is committed: a signed `Installed` receipt.
+    Committed,
+    /// The new image failed its health check and the previous one runs again: a signed
+    /// `RolledBack` receipt.
+    RolledBack {
+        /// Why (device text; at most 256 characters are kept).
+        reason: String,
+    },
 }
 
 struct Handshake {
@@ -267,6 +417,8 @@ struct Handshake {
     campaign_id: String,
     kind: PayloadKind,
     issued_at: u64,
+    /// The campaign's expiry (notify, then the signed manifest's): the session ends there.
+    expires_at: u64,
     manager_nonce: [u8; 32],
     manager: PeerCertificate,
     transcript: [u8; 32],
@@ -276,7 +428,19 @@ struct Handshake {
     update_received: bool,
     seq: u32,
     csr_key: Option<Zeroizing<Vec<u8>>>,
+    /// Release key verified for this session's firmware.
+    release_key: Option<[u8; 32]>,
     finished: bool,
+}
+
+impl Handshake {
+    fn binding(&self) -> SessionBinding {
+        SessionBinding {
+            session_id: self.session_id,
+            transcript: self.transcript,
+            issued_at: self.issued_at,
+        }
+    }
 }
 
 /// Device half of the protocol.
@@ -289,6 +453,7 @@ pub struct DeviceSession {
     window_deadline: u64,
     window_timeout: u64,
     image_complete: bool,
+    key_log: Option<Arc<dyn KeyLog>>,
 }
 
 impl std::fmt::Debug for DeviceSession {
@@ -321,6 +486,7 @@ impl DeviceSession {
             window_deadline: 0,
             window_timeout: DEFAULT_WINDOW_TIMEOUT,
             image_complete: false,
+            key_log: None,
         };
         let actions = vec![s.base_subscribe()];
         (s, actions)
@@ -329,6 +495,17 @@ impl DeviceSession {
     /// Change the window timeout (seconds).
     pub fn set_window_timeout(&mut self, secs: u64) {
         self.window_timeout = secs.max(1);
+    }
+
+    /// Report the secrets this session handles to `log` (tests only: see [`KeyLog`]).
+    pub fn set_key_log(&mut self, log: Arc<dyn KeyLog>) {
+        self.key_log = Some(log);
+    }
+
+    fn log_secret(&self, label: &str, session_id: &[u8; 16], secret: &[u8]) {
+        if let Some(log) = &self.key_log {
+            log.log(label, session_id, secret);
+        }
     }
 
     fn me(&self) -> &str {
@@ -380,47 +557,35 @@ impl DeviceSession {
         }
     }
 
+    /// End the current session: release the chunk window and the content key.
+    fn end_session(&mut self, out: &mut DeviceOutput) {
+        if let Some(a) = self.window_unsubscribe() {
+            out.actions.push(a);
+        }
+        self.drop_window();
+        self.content_key = None;
+        self.image_complete = false;
+        self.hs = None;
+    }
+
     fn handle_notify(&mut self, msg: &Inbound, now: u64) -> Result<DeviceOutput, ProtocolError> {
         if msg.payload.is_empty() {
-            // The manager cleared the retained notify: the campaign ended or was aborted. Stop
-            // retrying (ready, chunk requests) and release the window; the persisted transfer is
-            // kept so that a restarted campaign resumes. (A broker could fake this; it can always
-            // withhold messages anyway, so this only lets it do what it already can.)
-            let mut out = DeviceOutput::default();
-            if self.hs.is_some() {
-                if let Some(a) = self.window_unsubscribe() {
-                    out.actions.push(a);
-                }
-                self.drop_window();
-                self.content_key = None;
-                self.image_complete = false;
-                self.hs = None;
-            }
-            return Ok(out);
+            // A cleared retained notify proves nothing (anyone on the broker can publish it): it
+            // ends no session. Sessions end by a signed abort, completion, or expiry.
+            return Ok(DeviceOutput::default());
+        }
+        if SignedEnvelope::peek_type(&msg.payload, "notify", wire::MAX_ABORT)? == wire::TYPE_ABORT {
+            return self.handle_abort(msg, now);
         }
         let (env, body) = wire::decode_notify(&msg.payload)?;
         let me = self.me().to_string();
-        if body.device_id != me {
-            return Err(ProtocolError::WrongDevice {
-                expected: me,
-                got: body.device_id,
-            });
-        }
-        if body.manager_id != self.config.manager_id
-            || body.manager_id != self.config.topics.manager_id()
-        {
-            return Err(ProtocolError::WrongManager {
-                expected: self.config.manager_id.clone(),
-                got: body.manager_id,
-            });
-        }
-        let manager = self.config.trust.verify(
+        let manager = self.verify_from_manager(
+            &env,
+            "notify",
+            (&body.device_id, &body.manager_id),
             &body.manager_cert,
-            Role::Manager,
-            &self.config.manager_id,
             now,
         )?;
-        env.verify(&manager.public_key, "notify")?;
         check_hints(
             &msg.properties,
             Some(&self.config.topics.ready(&me)),
@@ -431,6 +596,24 @@ impl DeviceSession {
         }
         if self
             .state
+            .last_abort
+            .as_ref()
+            .is_some_and(|a| a.campaign_id == body.campaign_id && body.issued_at <= a.issued_at)
+        {
+            // A session the manager aborted (or an older one): replayed, ignored.
+            return Ok(DeviceOutput::default());
+        }
+        if self
+            .state
+            .pending_install
+            .as_ref()
+            .is_some_and(|p| p.campaign_id != body.campaign_id)
+        {
+            // Busy installing another campaign's image until its outcome is reported.
+            return Ok(DeviceOutput::default());
+        }
+        if self
+            .state
             .completed_campaigns
             .iter()
             .any(|c| c == &body.campaign_id)
@@ -438,8 +621,8 @@ impl DeviceSession {
             // Already finished. The retained notify of the session that finished it (or an older
             // one) is ignored; a newer session of the campaign this device completed last means the
             // manager never got the result (it restarted): answer it, and the update is answered
-            // with a fresh receipt (firmware already installed) or handled again (see
-            // `handle_update`).
+            // with a fresh receipt (firmware already installed or rolled back) or handled again
+            // (see `handle_update`).
             let new_session_of_last = self.state.last_completion.as_ref().is_some_and(|c| {
                 c.campaign_id == body.campaign_id
                     && c.session_id != body.session_id
@@ -469,13 +652,8 @@ impl DeviceSession {
             detail: "ephemeral key".into(),
         })?;
         // A new session replaces any previous one.
-        let mut actions = Vec::new();
-        if let Some(old) = self.window_unsubscribe() {
-            actions.push(old);
-        }
-        self.drop_window();
-        self.content_key = None;
-        self.image_complete = false;
+        let mut out = DeviceOutput::default();
+        self.end_session(&mut out);
 
         let eph = p256::SecretKey::random(&mut rand_core::OsRng);
         let eph_pub = crypto::public_bytes(&eph.public_key());
@@ -530,8 +708,12 @@ impl DeviceSession {
         }
         .hash();
         let ee = crypto::ecdh(&eph, &manager_eph);
+        // The ephemeral secret is needed for nothing else: dropped (and zeroized) here.
+        drop(eph);
         let ss = crypto::ecdh(self.config.identity.secret(), &manager.public_key);
         let keys = crypto::derive_session_keys(&transcript, &ee, &ss);
+        self.log_secret("session-m2d", &body.session_id, &keys.m2d);
+        self.log_secret("session-d2m", &body.session_id, &keys.d2m);
         let ready = Outbound {
             topic: self.config.topics.ready(&me),
             payload: env_r.encode(),
@@ -543,12 +725,13 @@ impl DeviceSession {
                 content_type: Some(CONTENT_TYPE.to_string()),
             },
         };
-        actions.push(Action::Publish(ready.clone()));
+        out.actions.push(Action::Publish(ready.clone()));
         self.hs = Some(Handshake {
             session_id: body.session_id,
             campaign_id: body.campaign_id,
             kind: body.kind,
             issued_at: body.issued_at,
+            expires_at: body.expires_at,
             manager_nonce: body.nonce,
             manager,
             transcript,
@@ -558,16 +741,96 @@ impl DeviceSession {
             update_received: false,
             seq: 0,
             csr_key,
+            release_key: None,
             finished: false,
         });
-        Ok(DeviceOutput {
-            actions,
-            events: vec![],
+        Ok(out)
+    }
+
+    /// A message the manager signed for this device (notify, abort): it names this device and the
+    /// configured manager, the certificate it carries verifies as that manager's, and the signature
+    /// is that certificate's. Returns the manager's certificate.
+    fn verify_from_manager(
+        &self,
+        env: &SignedEnvelope,
+        message: &'static str,
+        (device_id, manager_id): (&str, &str),
+        manager_cert: &[u8],
+        now: u64,
+    ) -> Result<PeerCertificate, ProtocolError> {
+        let me = self.me();
+        if device_id != me {
+            return Err(ProtocolError::WrongDevice {
+                expected: me.to_string(),
+                got: device_id.to_string(),
+            });
+        }
+        if manager_id != self.config.manager_id || manager_id != self.config.topics.manager_id() {
+            return Err(ProtocolError::WrongManager {
+                expected: self.config.manager_id.clone(),
+                got: manager_id.to_string(),
+            });
+        }
+        let manager =
+            self.config
+                .trust
+                .verify(manager_cert, Role::Manager, &self.config.manager_id, now)?;
+        env.verify(&manager.public_key, message)?;
+        Ok(manager)
+    }
+
+    /// A signed abort on the notify topic: every session of that campaign notified at or before its
+    /// `issued_at` ends here, whatever the broker delivers afterwards.
+    fn handle_abort(&mut self, msg: &Inbound, now: u64) -> Result<DeviceOutput, ProtocolError> {
+        let (env, body) = wire::decode_abort(&msg.payload)?;
+        self.verify_from_manager(
+            &env,
+            "abort",
+            (&body.device_id, &body.manager_id),
+            &body.manager_cert,
+            now,
+        )?;
+        let newer = self
+            .state
+            .last_abort
+            .as_ref()
+            .is_none_or(|a| a.campaign_id != body.campaign_id || a.issued_at < body.issued_at);
+        if newer {
+            self.state.last_abort = Some(AbortRecord {
+                campaign_id: body.campaign_id.clone(),
+                issued_at: body.issued_at,
+            });
+        }
+        let mut out = DeviceOutput::default();
+        let ends = self
+            .hs
+            .as_ref()
+            .is_some_and(|hs| hs.campaign_id == body.campaign_id && hs.issued_at <= body.issued_at);
+        if ends {
+            self.end_session(&mut out);
+            out.events.push(DeviceEvent::Aborted {
+                campaign_id: body.campaign_id,
+            });
+        }
+        Ok(out)
+    }
+
+    fn publish_status(&self, session_id: [u8; 16], payload: Vec<u8>) -> Action {
+        let me = self.me();
+        Action::Publish(Outbound {
+            topic: self.config.topics.status(me),
+            payload,
+            retain: false,
+            properties: Properties {
+                response_topic: None,
+                correlation_data: Some(session_id.to_vec()),
+                user_properties: vec![(VERSION_PROPERTY.to_string(), WIRE_VERSION.to_string())],
+                content_type: Some(CONTENT_TYPE.to_string()),
+            },
         })
     }
 
     fn status(&mut self, body: &StatusBody) -> Option<Action> {
-        let me = self.me().to_string();
         let hs = self.hs.as_mut()?;
         hs.seq += 1;
         let aad = crypto::session_aad(STATUS_AAD_LABEL, &hs.transcript, &hs.seq.to_be_bytes());
@@ -580,26 +843,42 @@ impl DeviceSession {
             nonce,
             ct,
         };
+        let session_id = hs.session_id;
         let env = SignedEnvelope::sign(
             self.config.identity.secret(),
             wire::TYPE_STATUS,
             wire::encode_msg(&sm),
         );
-        Some(Action::Publish(Outbound {
-            topic: self.config.topics.status(&me),
-            payload: env.encode(),
-            retain: false,
-            properties: Properties {
-                response_topic: None,
-                correlation_data: Some(hs.session_id.to_vec()),
-                user_properties: vec![(VERSION_PROPERTY.to_string(), WIRE_VERSION.to_string())],
-                content_type: Some(CONTENT_TYPE.to_string()),
-            },
-        }))
+        Some(self.publish_status(session_id, env.encode()))
+    }
+
+    /// The signed receipt of `claim`, bound to `binding` (a session of `campaign_id`).
+    fn receipt_for(&self, binding: &SessionBinding, campaign_id: &str, claim: Claim) -> Action {
+        let body = ReceiptBody {
+            v: WIRE_VERSION,
+            session_id: binding.session_id,
+            transcript: binding.transcript,
+            manager_id: self.config.manager_id.clone(),
+            device_id: self.me().to_string(),
+            campaign_id: campaign_id.to_string(),
+            claim,
+        };
+        let env = SignedEnvelope::sign(
+            self.config.identity.secret(),
+            wire::TYPE_RECEIPT,
+            wire::encode_msg(&body),
+        );
+        self.publish_status(binding.session_id, env.encode())
+    }
+
+    /// The signed receipt of `claim` for the current session (none without a session).
+    fn receipt(&self, claim: Claim) -> Option<Action> {
+        let hs = self.hs.as_ref()?;
+        Some(self.receipt_for(&hs.binding(), &hs.campaign_id, claim))
     }
 
     fn reject(&mut self, reason: RejectReason, out: &mut DeviceOutput) {
-        if let Some(a) = self.status(&StatusBody::Rejected {
+        if let Some(a) = self.receipt(Claim::Rejected {
             reason: reason.clone(),
         }) {
             out.actions.push(a);
@@ -609,11 +888,12 @@ impl DeviceSession {
         }
         self.drop_window();
         self.content_key = None;
+        self.image_complete = false;
         if let Some(hs) = &mut self.hs {
             hs.finished = true;
         }
         if !reason.is_transient() {
-            self.record_completion(None);
+            self.record_current_completion(None, None);
         }
         self.state.transfer = None;
         out.events.push(DeviceEvent::Rejected { reason });
@@ -642,6 +922,7 @@ impl DeviceSession {
         let plain = crypto::open(&hs.keys.m2d, &m.nonce, &aad, &m.ct)
             .ok_or(ProtocolError::Decrypt { message: "update" })?;
         let body = wire::decode_update_body(&plain)?;
+        drop(plain);
         let manifest_bytes = match &body {
             UpdateBody::Firmware { manifest, .. } | UpdateBody::Credentials { manifest, .. } => {
                 manifest
@@ -696,38 +977,40 @@ impl DeviceSession {
         // Authenticated from here on: the update is for this device, this session.
         if let Some(hs) = &mut self.hs {
             hs.update_received = true;
+            hs.expires_at = hs.expires_at.min(manifest.expires_at);
         }
         let mut out = DeviceOutput::default();
-        if manifest.kind == PayloadKind::Firmware && self.already_installed(&manifest) {
-            // A new session of a campaign whose image this device already verified and installed
-            // (the manager restarted before the receipt reached it): a fresh signed receipt bound
-            // to this session; no download, no reinstall.
-            if now >= manifest.expires_at {
-                self.reject(RejectReason::Expired, &mut out);
+        if manifest.kind == PayloadKind::Firmware {
+            if let Some(out) = self.answer_from_history(&manifest, now) {
                 return Ok(out);
             }
-            if let Some(a) = self.status(&StatusBody::Installed {
-                version: manifest.version.clone(),
-                sha256: manifest.sha256,
-            }) {
-                out.actions.push(a);
-            }
-            self.record_completion(Some(InstalledImage {
-                version: manifest.version.clone(),
-                sha256: manifest.sha256,
-            }));
-            if let Some(hs) = &mut self.hs {
-                hs.finished = true;
-            }
-            return Ok(out);
         }
         if let Err(reason) = manifest.check(&self.state.running_version, now) {
             self.reject(reason, &mut out);
             return Ok(out);
         }
+        let session_id = self.hs.as_ref().map(|h| h.session_id).unwrap_or_default();
         match &body {
             UpdateBody::Firmware { content_key, .. } => {
-                let content_key = *content_key;
+                if !self.config.release_keys.is_empty() {
+                    match ReleaseSignature::check(
+                        manifest.release.as_ref(),
+                        &self.config.release_keys,
+                        &manifest.version,
+                        manifest.size,
+                        &manifest.sha256,
+                    ) {
+                        Ok(key) => {
+                            if let Some(hs) = &mut self.hs {
+                                hs.release_key = Some(key);
+                            }
+                        }
+                        Err(why) => {
+                            self.reject(RejectReason::ReleaseSignature(why), &mut out);
+                            return Ok(out);
+                        }
+                    }
+                }
                 let needed = self.chunk_packet_bound(&manifest);
                 if self.config.max_packet_size != 0 && needed > self.config.max_packet_size {
                     self.reject(
@@ -739,7 +1022,8 @@ impl DeviceSession {
                     );
                     return Ok(out);
                 }
-                self.content_key = Some(Zeroizing::new(content_key));
+                self.log_secret("content-key", &session_id, content_key);
+                self.content_key = Some(Zeroizing::new(*content_key));
                 let resume = self.state.transfer.as_ref().is_some_and(|t| {
                     t.campaign_id == manifest.campaign_id && t.manifest == manifest
                 });
@@ -776,6 +1060,12 @@ impl DeviceSession {
                         return Ok(out);
                     }
                 };
+                if key.is_some() {
+                    use p256::pkcs8::DecodePrivateKey;
+                    if let Ok(k) = p256::SecretKey::from_pkcs8_der(&key_der) {
+                        self.log_secret("delivered-key", &session_id, &k.to_bytes());
+                    }
+                }
                 if crypto::sha256(cert) != manifest.sha256 {
                     self.reject(
                         RejectReason::BadCredentials(
@@ -793,10 +1083,10 @@ impl DeviceSession {
                 });
                 match checked {
                     Ok(id) => {
-                        let version = manifest.version.clone();
-                        if let Some(a) = self.status(&StatusBody::Installed {
-                            version,
+                        if let Some(a) = self.receipt(Claim::Installed {
+                            version: manifest.version.clone(),
                             sha256: manifest.sha256,
+                            release_key: None,
                         }) {
                             out.actions.push(a);
                         }
@@ -805,8 +1095,7 @@ impl DeviceSession {
                         }
                         // A later session of this rotation (manager restarted before the
                         // receipt) is answered by rotating again: see docs/protocol.md.
-                        self.record_completion(None);
-                        self.state.complete(&manifest.campaign_id);
+                        self.record_current_completion(None, None);
                         out.events.push(DeviceEvent::CredentialsDelivered {
                             cert_pem: id.cert_pem(),
                             key_pem: id.key_pem(),
@@ -819,31 +1108,94 @@ impl DeviceSession {
         Ok(out)
     }
 
-    /// Whether `m` is exactly what the last completed campaign installed and the device still runs.
-    fn already_installed(&self, m: &Manifest) -> bool {
-        self.state.completed_campaigns.contains(&m.campaign_id)
-            && self.state.running_version == m.version
-            && self.state.last_completion.as_ref().is_some_and(|c| {
+    /// A firmware manifest this device already dealt with: the image it installed and runs (a
+    /// fresh `Installed` receipt bound to this session, no download, no reinstall), the image it
+    /// rolled back (a fresh `RolledBack` receipt), or the image it is installing right now (the
+    /// outcome will be reported bound to this session by `report_final`). `None`: handle it as new.
+    fn answer_from_history(&mut self, m: &Manifest, now: u64) -> Option<DeviceOutput> {
+        let mut out = DeviceOutput::default();
+        if self.state.pending_install.as_ref().is_some_and(|p| {
+            p.campaign_id == m.campaign_id && p.version == m.version && p.sha256 == m.sha256
+        }) {
+            return Some(out);
+        }
+        let last = self
+            .state
+            .last_completion
+            .as_ref()
+            .filter(|c| {
                 c.campaign_id == m.campaign_id
-                    && c.installed
-                        .as_ref()
-                        .is_some_and(|i| i.version == m.version && i.sha256 == m.sha256)
-            })
+                    && self.state.completed_campaigns.contains(&m.campaign_id)
+            })?
+            .clone();
+        let claim = if let Some(i) = last.installed.as_ref().filter(|i| {
+            i.version == m.version
+                && i.sha256 == m.sha256
+                && self.state.running_version == m.version
+        }) {
+            Claim::Installed {
+                version: i.version.clone(),
+                sha256: i.sha256,
+                release_key: i.release_key,
+            }
+        } else if let Some(r) = last
+            .rolled_back
+            .as_ref()
+            .filter(|r| r.version == m.version && r.sha256 == m.sha256)
+        {
+            Claim::RolledBack {
+                version: r.version.clone(),
+                sha256: r.sha256,
+                reason: r.reason.clone(),
+            }
+        } else {
+            return None;
+        };
+        if now >= m.expires_at {
+            self.reject(RejectReason::Expired, &mut out);
+            return Some(out);
+        }
+        if let Some(a) = self.receipt(claim) {
+            out.actions.push(a);
+        }
+        let installed = last.installed.clone();
+        let rolled_back = last.rolled_back.clone();
+        self.record_current_completion(installed, rolled_back);
+        if let Some(hs) = &mut self.hs {
+            hs.finished = true;
+        }
+        Some(out)
     }
 
-    /// Remember that the current session completed its campaign (and what it installed).
-    fn record_completion(&mut self, installed: Option<InstalledImage>) {
+    /// Remember that `binding`'s session completed `campaign_id` (and what it installed or rolled
+    /// back).
+    fn record_completion(
+        &mut self,
+        campaign_id: &str,
+        binding: &SessionBinding,
+        installed: Option<InstalledImage>,
+        rolled_back: Option<RolledBackImage>,
+    ) {
+        self.state.last_completion = Some(Completion {
+            campaign_id: campaign_id.to_string(),
+            session_id: binding.session_id,
+            issued_at: binding.issued_at,
+            installed,
+            rolled_back,
+        });
+        self.state.complete(campaign_id);
+    }
+
+    fn record_current_completion(
+        &mut self,
+        installed: Option<InstalledImage>,
+        rolled_back: Option<RolledBackImage>,
+    ) {
         let Some(hs) = &self.hs else {
             return;
         };
-        let campaign_id = hs.campaign_id.clone();
-        self.state.last_completion = Some(Completion {
-            campaign_id: campaign_id.clone(),
-            session_id: hs.session_id,
-            issued_at: hs.issued_at,
-            installed,
-        });
-        self.state.complete(&campaign_id);
+        let (campaign, binding) = (hs.campaign_id.clone(), hs.binding());
+        self.record_completion(&campaign, &binding, installed, rolled_back);
     }
 
     fn chunk_packet_bound(&self, m: &Manifest) -> u32 {
@@ -907,6 +1259,13 @@ impl DeviceSession {
         self.window_deadline = now.saturating_add(self.window_timeout);
     }
 
+    /// Whether the live session (if any) is past the campaign's expiry.
+    fn session_expired(&self, now: u64) -> bool {
+        self.hs
+            .as_ref()
+            .is_some_and(|hs| !hs.finished && now >= hs.expires_at)
+    }
+
     fn handle_chunk(
         &mut self,
         msg: &Inbound,
@@ -920,6 +1279,13 @@ impl DeviceSession {
         let c = wire::decode_chunk(&msg.payload)?;
         if c.campaign_id != campaign || c.index != index {
             return Err(ProtocolError::HintMismatch { field: "topic" });
+        }
+        if self.content_key.is_some() && self.session_expired(now) {
+            // Past the expiry nothing of this campaign is taken any more, however late the broker
+            // delivers it: signed Rejected(Expired), and the session ends.
+            let mut out = DeviceOutput::default();
+            self.reject(RejectReason::Expired, &mut out);
+            return Ok(out);
         }
         let (Some(t), Some(key)) = (self.state.transfer.as_mut(), self.content_key.as_ref()) else {
             return Err(ProtocolError::UnexpectedMessage {
@@ -973,55 +1339,141 @@ impl DeviceSession {
         Ok(out)
     }
 
-    /// After `ImageComplete`: the caller hashed what it stored; `Ok` sends the signed Installed
-    /// status, `Err` a signed Rejected: `ImageHashMismatch` when the message mentions a hash
-    /// ("hash", "sha256", "SHA-256"), `InstallFailed(message)` otherwise. Does nothing when no
-    /// image is complete.
-    pub fn finish_install(&mut self, result: Result<(), String>, now: u64) -> Vec<Action> {
-        let _ = now;
+    /// After `ImageComplete` and the caller's check of what it stored: record the install as
+    /// pending, before the image is switched. Past the campaign's expiry it refuses instead
+    /// (signed `Rejected(Expired)`, returned as `Err` with the actions to send): the image must not
+    /// be installed. On `Ok` the caller persists [`DeviceSession::state`] (it now holds
+    /// `pending_install`), switches the image, checks its health, and calls
+    /// [`DeviceSession::report_final`]. `Err(vec![])` when no image is complete.
+    pub fn stage_install(&mut self, now: u64) -> Result<PendingInstall, Vec<Action>> {
         if !self.image_complete {
-            return Vec::new();
+            return Err(Vec::new());
         }
-        let Some(t) = self.state.transfer.clone() else {
-            return Vec::new();
+        let (Some(t), Some(hs)) = (self.state.transfer.as_ref(), self.hs.as_ref()) else {
+            return Err(Vec::new());
+        };
+        if now >= hs.expires_at.min(t.manifest.expires_at) {
+            let mut out = DeviceOutput::default();
+            self.reject(RejectReason::Expired, &mut out);
+            return Err(out.actions);
+        }
+        let pending = PendingInstall {
+            campaign_id: t.campaign_id.clone(),
+            binding: hs.binding(),
+            version: t.manifest.version.clone(),
+            sha256: t.manifest.sha256,
+            size: t.manifest.size,
+            release_key: hs.release_key,
         };
         self.image_complete = false;
-        let mut out = DeviceOutput::default();
-        match result {
-            Ok(()) => {
-                let body = StatusBody::Installed {
-                    version: t.manifest.version.clone(),
-                    sha256: t.manifest.sha256,
-                };
-                if let Some(a) = self.status(&body) {
-                    out.actions.push(a);
-                }
-                self.state.running_version = t.manifest.version.clone();
-                self.record_completion(Some(InstalledImage {
-                    version: t.manifest.version.clone(),
-                    sha256: t.manifest.sha256,
-                }));
-                self.state.complete(&t.campaign_id);
-                self.state.transfer = None;
-                self.content_key = None;
-                if let Some(hs) = &mut self.hs {
-                    hs.finished = true;
-                }
+        self.content_key = None;
+        self.state.pending_install = Some(pending.clone());
+        Ok(pending)
+    }
+
+    /// The final outcome of the staged install (also after a restart: the binding was persisted),
+    /// as a signed receipt: `Committed` → `Installed` and the running version moves to the new one;
+    /// `RolledBack` → `RolledBack` and the running version stays. The receipt is bound to the
+    /// session the image arrived in, or to a newer live session of the same campaign (a manager
+    /// that timed out and started again). Clears `pending_install`; persist the state afterwards.
+    /// Nothing happens when no install is pending.
+    pub fn report_final(&mut self, outcome: FinalOutcome, now: u64) -> Vec<Action> {
+        let _ = now;
+        let Some(p) = self.state.pending_install.take() else {
+            return Vec::new();
+        };
+        let binding = self
+            .hs
+            .as_ref()
+            .filter(|hs| hs.campaign_id == p.campaign_id && hs.update_received && !hs.finished)
+            .map(Handshake::binding)
+            .unwrap_or_else(|| p.binding.clone());
+        let (claim, installed, rolled_back) = match outcome {
+            FinalOutcome::Committed => {
+                self.state.running_version = p.version.clone();
+                (
+                    Claim::Installed {
+                        version: p.version.clone(),
+                        sha256: p.sha256,
+                        release_key: p.release_key,
+                    },
+                    Some(InstalledImage {
+                        version: p.version.clone(),
+                        sha256: p.sha256,
+                        release_key: p.release_key,
+                    }),
+                    None,
+                )
             }
+            FinalOutcome::RolledBack { reason } => {
+                let reason = bounded_text(&reason, MAX_REASON_TEXT);
+                (
+                    Claim::RolledBack {
+                        version: p.version.clone(),
+                        sha256: p.sha256,
+                        reason: reason.clone(),
+                    },
+                    None,
+                    Some(RolledBackImage {
+                        version: p.version.clone(),
+                        sha256: p.sha256,
+                        reason,
+                    }),
+                )
+            }
+        };
+        let action = self.receipt_for(&binding, &p.campaign_id, claim);
+        self.record_completion(&p.campaign_id, &binding, installed, rolled_back);
+        if self
+            .state
+            .transfer
+            .as_ref()
+            .is_some_and(|t| t.campaign_id == p.campaign_id)
+        {
+            self.state.transfer = None;
+        }
+        self.content_key = None;
+        if let Some(hs) = self
+            .hs
+            .as_mut()
+            .filter(|hs| hs.campaign_id == p.campaign_id)
+        {
+            hs.finished = true;
+        }
+        vec![action]
+    }
+
+    /// After `ImageComplete`, in one step, for a device with nothing to check after the switch:
+    /// `Err(message)` sends a signed Rejected (`ImageHashMismatch` when the message mentions a hash
+    /// ("hash", "sha256", "SHA-256"), `InstallFailed(message)` otherwise); `Ok` stages the install
+    /// and commits it at once (`stage_install` then `report_final(Committed)`, so past the expiry it
+    /// is a signed `Rejected(Expired)`). A caller that switches images uses `stage_install` and
+    /// `report_final` instead, so that nothing is switched past the expiry. Does nothing when no
+    /// image is complete.
+    pub fn finish_install(&mut self, result: Result<(), String>, now: u64) -> Vec<Action> {
+        if !self.image_complete || self.state.transfer.is_none() {
+            return Vec::new();
+        }
+        match result {
+            Ok(()) => match self.stage_install(now) {
+                Ok(_) => self.report_final(FinalOutcome::Committed, now),
+                Err(actions) => actions,
+            },
             Err(msg) => {
                 let reason =
                     if msg.contains("sha256") || msg.contains("SHA-256") || msg.contains("hash") {
                         RejectReason::ImageHashMismatch
                     } else {
-                        RejectReason::InstallFailed(msg.chars().take(256).collect())
+                        RejectReason::InstallFailed(bounded_text(&msg, MAX_REASON_TEXT))
                     };
+                let mut out = DeviceOutput::default();
                 self.reject(reason, &mut out);
+                out.actions
             }
         }
-        out.actions
     }
 
-    /// Refuse the offered update with a reason (signed Rejected status).
+    /// Refuse the offered update with a reason (signed Rejected receipt).
     pub fn decline(&mut self, reason: &str, now: u64) -> Vec<Action> {
         let _ = now;
         if self.hs.as_ref().is_none_or(|h| h.finished) {
@@ -1029,7 +1481,7 @@ impl DeviceSession {
         }
         let mut out = DeviceOutput::default();
         self.reject(
-            RejectReason::DeclinedByDevice(reason.chars().take(256).collect()),
+            RejectReason::DeclinedByDevice(bounded_text(reason, MAX_REASON_TEXT)),
             &mut out,
         );
         out.actions
@@ -1052,9 +1504,36 @@ impl DeviceSession {
         actions
     }
 
-    /// Timers: re-send ready when no update came, ask the manager to republish chunks of a window
-    /// that did not arrive in time.
+    /// Timers: end the session at the campaign's expiry (a signed `Rejected(Expired)` when it was
+    /// still live), re-send ready when no update came, ask the manager to republish chunks of a
+    /// window that did not arrive in time. The actions of [`DeviceSession::poll_output`].
     pub fn poll(&mut self, now: u64) -> Vec<Action> {
+        self.poll_output(now).actions
+    }
+
+    /// Like [`DeviceSession::poll`], with the events: `Rejected { Expired }` when the timers
+    /// ended a live session at the campaign's expiry.
+    pub fn poll_output(&mut self, now: u64) -> DeviceOutput {
+        if self.session_expired(now) && self.state.pending_install.is_none() {
+            let mut out = DeviceOutput::default();
+            self.reject(RejectReason::Expired, &mut out);
+            self.end_session(&mut out);
+            return out;
+        }
+        DeviceOutput {
+            actions: self.poll_timers(now),
+            events: Vec::new(),
+        }
+    }
+
+    fn poll_timers(&mut self, now: u64) -> Vec<Action> {
+        if self
+            .hs
+            .as_ref()
+            .is_some_and(|hs| hs.finished && now >= hs.expires_at)
+        {
+            self.hs = None; // nothing more will come for it
+        }
         let timeout = self.window_timeout;
         if let Some(hs) = &mut self.hs {
             if !hs.update_received
@@ -1122,6 +1601,7 @@ mod tests {
                 },
                 expires_at: NOW + 100,
                 chunk_size: chunk,
+                release: None,
             })
             .unwrap(),
         );
@@ -1144,6 +1624,7 @@ mod tests {
                 manager_id: "p1".into(),
                 max_packet_size: 0,
                 window: 2,
+                release_keys: Vec::new(),
             },
             DeviceState::new("1.0.0"),
         );
@@ -1403,7 +1884,25 @@ mod tests {
                 installed: Some(InstalledImage {
                     version: "1.0.0".into(),
                     sha256: [9; 32],
+                    release_key: Some([3; 32]),
                 }),
+                rolled_back: None,
+            }),
+            pending_install: Some(PendingInstall {
+                campaign_id: "b".into(),
+                binding: SessionBinding {
+                    session_id: [1; 16],
+                    transcript: [2; 32],
+                    issued_at: 9,
+                },
+                version: "2.0.0".into(),
+                sha256: [4; 32],
+                size: 10,
+                release_key: None,
+            }),
+            last_abort: Some(AbortRecord {
+                campaign_id: "c".into(),
+                issued_at: 11,
             }),
         };
         // State saved by an older version (no last_completion) still loads.

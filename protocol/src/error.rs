@@ -66,6 +66,10 @@ pub enum IdentityError {
     /// The certificate fingerprint differs from the pinned one.
     #[error("certificate fingerprint does not match the pinned fingerprint")]
     PinMismatch,
+    /// The certificate was retired by a credential rotation (the device holds a newer one): whoever
+    /// presents it holds a key that no longer speaks for the device.
+    #[error("certificate was retired by a credential rotation")]
+    Retired,
     /// The private key does not belong to the certificate.
     #[error("private key does not match the certificate")]
     KeyMismatch,
@@ -93,6 +97,7 @@ impl IdentityError {
             IdentityError::WrongName { .. } => "identity_wrong_name",
             IdentityError::MissingIdentity(_) => "identity_missing",
             IdentityError::PinMismatch => "identity_pin_mismatch",
+            IdentityError::Retired => "identity_retired",
             IdentityError::KeyMismatch => "identity_key_mismatch",
             IdentityError::UnsupportedKey => "identity_unsupported_key",
             IdentityError::Issue(_) => "identity_issue",
@@ -213,6 +218,10 @@ pub enum ProtocolError {
     /// The device refused (only returned where an operation cannot proceed because of it).
     #[error("rejected: {0}")]
     Rejected(RejectReason),
+    /// The device asked for chunks more often or in larger numbers than a session allows (a
+    /// stolen device key must not make the manager republish without bound).
+    #[error("chunk request refused: {0}")]
+    RateLimited(&'static str),
     /// Internal crypto failure (key generation, encoding). Not expected in practice.
     #[error("crypto failure: {0}")]
     Crypto(&'static str),
@@ -241,6 +250,7 @@ impl ProtocolError {
             ProtocolError::InvalidCampaign(_) => "invalid_campaign",
             ProtocolError::Topic(e) => e.metric_label(),
             ProtocolError::Rejected(_) => "rejected",
+            ProtocolError::RateLimited(_) => "rate_limited",
             ProtocolError::Crypto(_) => "crypto",
         }
     }

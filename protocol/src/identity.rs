@@ -173,6 +173,11 @@ pub(crate) fn cert_not_after(der: &[u8]) -> Result<u64, IdentityError> {
     read_cert(der).map(|f| f.not_after)
 }
 
+/// The P-256 public key of a certificate this crate can read (not a trust decision).
+pub(crate) fn cert_public_key(der: &[u8]) -> Result<p256::PublicKey, IdentityError> {
+    read_cert(der).map(|f| f.public_key)
+}
+
 fn decode_pem_cert(pem: &str) -> Result<Vec<u8>, IdentityError> {
     let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
         .map_err(|e| parse_err("certificate PEM", e))?;

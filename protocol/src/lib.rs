@@ -13,9 +13,10 @@
 //! [`TopicTree::status_filter`], then one [`ManagerSession::start`] per device and feed it the
 //! ready/status messages of that device. Device side: [`DeviceSession::new`], feed every message of
 //! its notify, update and chunk topics to [`DeviceSession::handle`], call
-//! [`DeviceSession::poll`] on a timer, [`DeviceSession::on_reconnect`] after a reconnect and
-//! [`DeviceSession::finish_install`] after [`DeviceEvent::ImageComplete`]; persist
-//! [`DeviceSession::state`].
+//! [`DeviceSession::poll`] on a timer, [`DeviceSession::on_reconnect`] after a reconnect, and after
+//! [`DeviceEvent::ImageComplete`] [`DeviceSession::stage_install`], the switch, then
+//! [`DeviceSession::report_final`] (or [`DeviceSession::finish_install`] in one step); persist
+//! [`DeviceSession::state`]. Release keys: [`release`] (`sealed-ota release keygen/sign` use it).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -28,23 +29,27 @@ pub mod manager;
 pub mod manifest;
 pub mod merkle;
 pub mod mqtt;
+pub mod release;
 pub mod topics;
 pub mod vectors;
 pub mod wire;
 
 pub use device::{
-    Bitmap, Completion, DeviceConfig, DeviceEvent, DeviceOutput, DeviceSession, DeviceState,
-    InstalledImage, TransferState,
+    AbortRecord, Bitmap, Completion, DeviceConfig, DeviceEvent, DeviceOutput, DeviceSession,
+    DeviceState, FinalOutcome, InstalledImage, KeyLog, PendingInstall, RolledBackImage,
+    SessionBinding, TransferState,
 };
 pub use error::{IdentityError, ProtocolError, TopicError};
 pub use identity::{CertificateAuthority, Identity, PeerCertificate, Role, TrustAnchor};
 pub use manager::{
-    CampaignPayload, CampaignSpec, DeviceTarget, IssuedCertificate, ManagerConfig, ManagerEvent,
-    ManagerOutput, ManagerSession, ManagerState, PreparedCampaign, RotationMode,
+    abort_publish, CampaignPayload, CampaignSpec, DeviceTarget, IssuedCertificate, ManagerConfig,
+    ManagerEvent, ManagerOutput, ManagerSession, ManagerState, PreparedCampaign, RotationMode,
 };
-pub use manifest::{Manifest, PayloadKind, RejectReason};
+pub use manifest::{bounded_text, Manifest, PayloadKind, RejectReason};
 pub use mqtt::{Action, Inbound, Outbound, Properties};
+pub use release::{ReleaseKey, ReleaseSignature, ReleaseSigner};
 pub use topics::{TopicKind, TopicTree};
+pub use wire::{verify_receipt, Claim, ReceiptBody};
 
-/// Version of the wire format spoken by this crate.
-pub const WIRE_VERSION: u8 = 1;
+/// Version of the wire format spoken by this crate (2: receipts, signed abort, release signatures).
+pub const WIRE_VERSION: u8 = 2;

@@ -1,6 +1,8 @@
 //! Manager side: campaign preparation (encrypt once, Merkle tree) and one sans-IO session per
-//! device (notify → ready → update → status). Owns the manager's half of the handshake and the
-//! acceptance of signed status reports. It performs no I/O: actions are returned to the caller.
+//! device (notify → ready → update → status → receipt). Owns the manager's half of the handshake,
+//! the acceptance of signed status reports and receipts, the limits on what a device may ask the
+//! manager to republish, and the signed abort. It performs no I/O: actions are returned to the
+//! caller.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,22 +13,38 @@ use zeroize::Zeroizing;
 use crate::crypto::{self, SessionKeys, Transcript};
 use crate::error::ProtocolError;
 use crate::identity::{CertificateAuthority, Identity, PeerCertificate, Role, TrustAnchor};
-use crate::manifest::{check_version, Manifest, PayloadKind, RejectReason};
+use crate::manifest::{
+    bounded_text, check_version, Manifest, PayloadKind, RejectReason, MAX_REASON_TEXT,
+    MAX_VERSION_TEXT,
+};
 use crate::merkle::{leaf_hash, MerkleTree};
 use crate::mqtt::{Action, Inbound, Outbound, Properties, CONTENT_TYPE, VERSION_PROPERTY};
+use crate::release::ReleaseSignature;
 use crate::topics::{validate_id, TopicKind, TopicTree};
-use crate::wire::{self, ChunkMsg, NotifyBody, SignedEnvelope, StatusBody, UpdateBody, UpdateMsg};
+use crate::wire::{
+    self, AbortBody, ChunkMsg, Claim, NotifyBody, SignedEnvelope, StatusBody, UpdateBody, UpdateMsg,
+};
 use crate::WIRE_VERSION;
 
 /// AAD label of the update message.
-pub const UPDATE_AAD_LABEL: &[u8] = b"sealed-ota/v1/update";
+pub const UPDATE_AAD_LABEL: &[u8] = b"sealed-ota/v2/update";
 /// AAD label of status messages.
-pub const STATUS_AAD_LABEL: &[u8] = b"sealed-ota/v1/status";
+pub const STATUS_AAD_LABEL: &[u8] = b"sealed-ota/v2/status";
 /// Bytes an MQTT 5 PUBLISH adds around topic and payload, at most: fixed header (1) + remaining
 /// length (4) + topic length (2) + packet id (2) + property length (1) + our properties.
 pub const PUBLISH_OVERHEAD: usize = 10;
 /// Validity of certificates issued by rotations when the spec says 0.
 pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
+/// Most chunk indices one `ChunksRequested` republishes (the rest of the request is ignored; a
+/// device asks for its window, a few dozen chunks).
+pub const MAX_REPUBLISH_PER_REQUEST: usize = 256;
+/// Seconds between two chunk requests of one session that the manager answers (a device asks
+/// once per window timeout, 1 s at the least).
+pub const MIN_REQUEST_INTERVAL_SECS: u64 = 1;
+/// Chunks one session may have republished, as a multiple of the campaign's chunk count (plus
+/// [`MAX_REPUBLISH_PER_REQUEST`]): a stolen device key can cost the manager a few images' worth of
+/// publishes, not an unbounded stream.
+pub const REPUBLISH_BUDGET_IMAGES: u64 = 4;
 
 /// What a campaign delivers.
 #[derive(Clone)]
@@ -84,6 +102,10 @@ pub struct CampaignSpec {
     pub expires_at: u64,
     /// Plaintext chunk size in bytes (1..=1 MiB).
     pub chunk_size: u32,
+    /// Release signature of the firmware image, from the release pipeline (checked by `prepare`
+    /// against the image and version; carried in every device's manifest). `None` for rotations
+    /// and for fleets that do not use release keys.
+    pub release: Option<ReleaseSignature>,
 }
 
 /// Encrypted once, shared by every device session of the campaign.
@@ -100,6 +122,7 @@ pub struct PreparedCampaign {
     chunk_payloads: Vec<Vec<u8>>,
     max_chunk_payload: usize,
     rotation: Option<(RotationMode, Arc<CertificateAuthority>, u32)>,
+    release: Option<ReleaseSignature>,
 }
 
 impl std::fmt::Debug for PreparedCampaign {
@@ -254,6 +277,7 @@ impl PreparedCampaign {
             chunk_payloads: Vec::new(),
             max_chunk_payload: 0,
             rotation: None,
+            release: None,
         };
         match spec.payload {
             CampaignPayload::Firmware { image } => {
@@ -286,6 +310,18 @@ impl PreparedCampaign {
                 c.merkle_root = sealed.merkle_root;
                 c.image_size = image.len() as u64;
                 c.image_sha256 = sealed.image_sha256;
+                if let Some(sig) = spec.release {
+                    if !sig.verifies_for(&c.target_version, c.image_size, &c.image_sha256) {
+                        return Err(invalid(format!(
+                            "release signature by key {} does not verify for this image (version {}, {} bytes, SHA-256 {}): sign exactly this image and version with `sealed-ota release sign`",
+                            hex::encode(sig.key_id()),
+                            c.target_version,
+                            c.image_size,
+                            hex::encode(c.image_sha256)
+                        )));
+                    }
+                    c.release = Some(sig);
+                }
             }
             CampaignPayload::RotateCredentials {
                 mode,
@@ -301,6 +337,11 @@ impl PreparedCampaign {
                 } else {
                     validity_days
                 };
+                if spec.release.is_some() {
+                    return Err(invalid(
+                        "a credential rotation carries no release signature (release keys sign firmware images)".into(),
+                    ));
+                }
                 c.rotation = Some((mode, ca, days));
             }
         }
@@ -338,6 +379,10 @@ impl PreparedCampaign {
     /// Expiry.
     pub fn expires_at(&self) -> u64 {
         self.expires_at
+    }
+    /// Id of the release key that signed the image (verified by `prepare`), if any.
+    pub fn release_key_id(&self) -> Option<[u8; 32]> {
+        self.release.as_ref().map(ReleaseSignature::key_id)
     }
     /// Total bytes of all chunk payloads (what publishing every chunk once costs).
     pub fn chunk_bytes(&self) -> u64 {
@@ -416,6 +461,7 @@ impl PreparedCampaign {
             expires_at: self.expires_at,
             allow_downgrade: target.allow_downgrade,
             kind: self.kind,
+            release: self.release.clone(),
         }
     }
 }
@@ -451,7 +497,8 @@ pub struct ManagerOutput {
     pub events: Vec<ManagerEvent>,
 }
 
-/// Things the operator reacts to.
+/// Things the operator reacts to. Every string that came from the device is bounded and free of
+/// control characters ([`bounded_text`]) before it is handed out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ManagerEvent {
     /// Device authenticated; update sent.
@@ -460,7 +507,7 @@ pub enum ManagerEvent {
         device_cert_fingerprint: [u8; 32],
         /// Device certificate expiry.
         device_cert_not_after: u64,
-        /// Version the device runs.
+        /// Version the device runs (device text, at most 64 characters).
         running_version: String,
     },
     /// Device accepted the manifest / reported progress.
@@ -479,13 +526,28 @@ pub enum ManagerEvent {
     Installed {
         /// Installed version.
         version: String,
-        /// The signed status message, kept as proof.
+        /// The signed receipt (the device's plaintext claim bound to this session), kept as
+        /// evidence: [`wire::verify_receipt`] checks it with the device certificate.
+        receipt: Vec<u8>,
+        /// Id of the release key whose signature the device verified, if it checked one.
+        release_key: Option<[u8; 32]>,
+    },
+    /// The device installed the image, its health check failed and it went back to the version
+    /// it ran before (signed receipt).
+    RolledBack {
+        /// Version that was tried.
+        version: String,
+        /// Why (device text, at most 256 characters).
+        reason: String,
+        /// The signed receipt.
         receipt: Vec<u8>,
     },
-    /// The device refused (signed).
+    /// The device refused (signed receipt), or the manager refused it (packet size: no receipt).
     Rejected {
-        /// Why.
+        /// Why (device text bounded).
         reason: RejectReason,
+        /// The signed receipt, when the device sent the refusal.
+        receipt: Option<Vec<u8>>,
     },
 }
 
@@ -503,6 +565,8 @@ pub enum ManagerState {
     Installed,
     /// Refused by the manager (packet size) or the device (signed).
     Rejected(RejectReason),
+    /// Signed RolledBack receipt received (the reason, bounded).
+    RolledBack(String),
 }
 
 impl ManagerState {
@@ -512,7 +576,16 @@ impl ManagerState {
             ManagerState::Transferring { .. } => "Transferring",
             ManagerState::Installed => "Installed",
             ManagerState::Rejected(_) => "Rejected",
+            ManagerState::RolledBack(_) => "RolledBack",
         }
+    }
+
+    /// Whether the session is over (nothing more is accepted).
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            ManagerState::Installed | ManagerState::Rejected(_) | ManagerState::RolledBack(_)
+        )
     }
 }
 
@@ -544,6 +617,9 @@ pub struct ManagerSession {
     seen_device_nonces: Vec<[u8; 32]>,
     issued: Option<IssuedCertificate>,
     also_pinned: Vec<[u8; 32]>,
+    refused: Vec<[u8; 32]>,
+    last_request_at: Option<u64>,
+    republished: u64,
 }
 
 /// The certificate a rotation session issued to its device (kept after the session ends, so the
@@ -607,6 +683,39 @@ pub(crate) fn check_hints(
     Ok(())
 }
 
+/// The signed abort of `campaign_id` for `device_id` (retained, on the device's notify topic, in
+/// place of its notify): every session of the campaign with that device notified at or before `now`
+/// ends when the device receives it. A broker can withhold it (nothing stops a broker from dropping
+/// a message); the manifest's expiry, checked by the device on every chunk and before install, is
+/// what bounds an abort the device never saw.
+pub fn abort_publish(
+    identity: &Identity,
+    topics: &TopicTree,
+    device_id: &str,
+    campaign_id: &str,
+    now: u64,
+) -> Outbound {
+    let body = AbortBody {
+        v: WIRE_VERSION,
+        manager_id: topics.manager_id().to_string(),
+        device_id: device_id.to_string(),
+        campaign_id: campaign_id.to_string(),
+        manager_cert: identity.cert_der().to_vec(),
+        issued_at: now,
+    };
+    let env = SignedEnvelope::sign(identity.secret(), wire::TYPE_ABORT, wire::encode_msg(&body));
+    Outbound {
+        topic: topics.notify(device_id),
+        payload: env.encode(),
+        retain: true,
+        properties: Properties {
+            user_properties: vec![(VERSION_PROPERTY.to_string(), WIRE_VERSION.to_string())],
+            content_type: Some(CONTENT_TYPE.to_string()),
+            ..Properties::default()
+        },
+    }
+}
+
 impl ManagerSession {
     /// Fresh ephemeral key, nonce and session id; returns the retained notify publish.
     pub fn start(
@@ -648,6 +757,9 @@ impl ManagerSession {
             seen_device_nonces: Vec::new(),
             issued: None,
             also_pinned: Vec::new(),
+            refused: Vec::new(),
+            last_request_at: None,
+            republished: 0,
         };
         let action = Action::Publish(s.notify_publish(now));
         Ok((s, vec![action]))
@@ -708,10 +820,40 @@ impl ManagerSession {
         }
     }
 
+    /// Refuse a device certificate with this fingerprint even though it chains to the CA and
+    /// matches the pin: a certificate a credential rotation retired (the device holds a newer one,
+    /// so whoever presents this one holds a key that no longer speaks for the device).
+    pub fn refuse_fingerprint(&mut self, fingerprint: [u8; 32]) {
+        if !self.refused.contains(&fingerprint) {
+            self.refused.push(fingerprint);
+        }
+    }
+
     /// For a rotation: the certificate issued to the device in this session's update (the one the
-    /// device holds once `Installed` was received). `None` for firmware or before the update.
+    /// device holds once `Installed` was received). `None` for firmware or before the update. It is
+    /// known as soon as `handle` returned the update publish, so the caller can record it before
+    /// sending the update.
     pub fn issued_certificate(&self) -> Option<IssuedCertificate> {
         self.issued
+    }
+
+    /// Whether the session still holds its ephemeral private key: from `start` until the session
+    /// ends (Installed, Rejected, RolledBack); then it is dropped and zeroized (`p256::SecretKey`
+    /// zeroizes on drop). Forward secrecy rests on this.
+    pub fn holds_ephemeral_key(&self) -> bool {
+        self.ephemeral.is_some()
+    }
+
+    /// The signed abort of this session's campaign for its device (retained on the notify topic):
+    /// a device that receives it ends every session of the campaign notified at or before `now`.
+    pub fn abort_publish(&self, now: u64) -> Outbound {
+        abort_publish(
+            &self.identity,
+            &self.topics,
+            &self.target.device_id,
+            &self.campaign.campaign_id,
+            now,
+        )
     }
 
     /// Empty retained publish on this device's notify topic (campaign ended / deleted).
@@ -734,13 +876,28 @@ impl ManagerSession {
             }
             TopicKind::Status { device } => {
                 self.check_device(&device)?;
-                self.handle_status(msg)
+                match SignedEnvelope::peek_type(&msg.payload, "status", wire::MAX_STATUS)? {
+                    wire::TYPE_RECEIPT => self.handle_receipt(msg),
+                    _ => self.handle_status(msg, now),
+                }
             }
             _ => Err(ProtocolError::UnexpectedMessage {
                 message: "publish",
                 state: self.state.name(),
             }),
         }
+    }
+
+    /// A message of this session names this device and this manager.
+    fn check_addressed(&self, device_id: &str, manager_id: &str) -> Result<(), ProtocolError> {
+        self.check_device(device_id)?;
+        if manager_id != self.topics.manager_id() {
+            return Err(ProtocolError::WrongManager {
+                expected: self.topics.manager_id().to_string(),
+                got: manager_id.to_string(),
+            });
+        }
+        Ok(())
     }
 
     fn check_device(&self, device: &str) -> Result<(), ProtocolError> {
@@ -754,28 +911,14 @@ impl ManagerSession {
     }
 
     fn handle_ready(&mut self, msg: &Inbound, now: u64) -> Result<ManagerOutput, ProtocolError> {
-        if matches!(
-            self.state,
-            ManagerState::Installed | ManagerState::Rejected(_)
-        ) {
+        if self.state.is_final() {
             return Err(ProtocolError::UnexpectedMessage {
                 message: "ready",
                 state: self.state.name(),
             });
         }
         let (env, body) = wire::decode_ready(&msg.payload)?;
-        if body.device_id != self.target.device_id {
-            return Err(ProtocolError::WrongDevice {
-                expected: self.target.device_id.clone(),
-                got: body.device_id,
-            });
-        }
-        if body.manager_id != self.topics.manager_id() {
-            return Err(ProtocolError::WrongManager {
-                expected: self.topics.manager_id().to_string(),
-                got: body.manager_id,
-            });
-        }
+        self.check_addressed(&body.device_id, &body.manager_id)?;
         if body.session_id != self.session_id || body.manager_nonce != self.nonce {
             return Err(ProtocolError::WrongSession);
         }
@@ -788,6 +931,9 @@ impl ManagerSession {
         let device =
             self.trust
                 .verify(&body.device_cert, Role::Device, &self.target.device_id, now)?;
+        if self.refused.contains(&device.fingerprint) {
+            return Err(crate::IdentityError::Retired.into());
+        }
         if let Some(pin) = self.target.pinned_fingerprint {
             if pin != device.fingerprint && !self.also_pinned.contains(&device.fingerprint) {
                 return Err(crate::IdentityError::PinMismatch.into());
@@ -860,7 +1006,10 @@ impl ManagerSession {
             self.remember_nonce(body.nonce);
             self.state = ManagerState::Rejected(reason.clone());
             self.ephemeral = None;
-            out.events.push(ManagerEvent::Rejected { reason });
+            out.events.push(ManagerEvent::Rejected {
+                reason,
+                receipt: None,
+            });
             return Ok(out);
         }
         let update_body = self.build_update_body(&body, now)?;
@@ -871,7 +1020,8 @@ impl ManagerSession {
             }),
             UpdateBody::Firmware { .. } => None,
         };
-        let plain = Zeroizing::new(wire::encode_msg(&update_body));
+        let plain = wire::encode_update_body(&update_body);
+        drop(update_body);
         let aad = crypto::session_aad(UPDATE_AAD_LABEL, &transcript, &[]);
         let (nonce, ct) = crypto::seal(&keys.m2d, &aad, &plain);
         let payload = wire::encode_msg(&UpdateMsg {
@@ -892,7 +1042,10 @@ impl ManagerSession {
             self.remember_nonce(body.nonce);
             self.state = ManagerState::Rejected(reason.clone());
             self.ephemeral = None;
-            out.events.push(ManagerEvent::Rejected { reason });
+            out.events.push(ManagerEvent::Rejected {
+                reason,
+                receipt: None,
+            });
             return Ok(out);
         }
         out.actions
@@ -900,7 +1053,7 @@ impl ManagerSession {
         out.events.push(ManagerEvent::HandshakeCompleted {
             device_cert_fingerprint: device.fingerprint,
             device_cert_not_after: device.not_after,
-            running_version: body.running_version.clone(),
+            running_version: bounded_text(&body.running_version, MAX_VERSION_TEXT),
         });
         self.remember_nonce(body.nonce);
         self.issued = issued;
@@ -1008,23 +1161,19 @@ impl ManagerSession {
         }
     }
 
-    fn handle_status(&mut self, msg: &Inbound) -> Result<ManagerOutput, ProtocolError> {
-        let state_name = self.state.name();
-        let Some(est) = self.established.as_mut() else {
-            return Err(ProtocolError::UnexpectedMessage {
-                message: "status",
-                state: state_name,
-            });
-        };
-        if matches!(
-            self.state,
-            ManagerState::Installed | ManagerState::Rejected(_)
-        ) {
-            return Err(ProtocolError::UnexpectedMessage {
-                message: "status",
-                state: state_name,
-            });
+    /// The established session, when the session is live (not final).
+    fn live(&self, message: &'static str) -> Result<&Established, ProtocolError> {
+        match &self.established {
+            Some(est) if !self.state.is_final() => Ok(est),
+            _ => Err(ProtocolError::UnexpectedMessage {
+                message,
+                state: self.state.name(),
+            }),
         }
+    }
+
+    fn handle_status(&mut self, msg: &Inbound, now: u64) -> Result<ManagerOutput, ProtocolError> {
+        let est = self.live("status")?;
         let (env, sm) = wire::decode_status(&msg.payload)?;
         env.verify(&est.device.public_key, "status")?;
         if sm.session_id != self.session_id {
@@ -1054,44 +1203,127 @@ impl ManagerSession {
                 if let Some(&bad) = indices.iter().find(|&&i| i >= count) {
                     return Err(ProtocolError::ChunkOutOfRange { index: bad, count });
                 }
+                let indices = self.admit_chunk_request(indices, now)?;
                 out.events.push(ManagerEvent::ChunksRequested { indices });
             }
-            StatusBody::Installed { version, sha256 } => {
-                let expected_sha = match self.campaign.kind {
-                    PayloadKind::Firmware => Some(self.campaign.image_sha256),
-                    _ => None,
-                };
-                if version != self.campaign.target_version
-                    || expected_sha.is_some_and(|s| s != sha256)
-                {
+        }
+        if let Some(est) = self.established.as_mut() {
+            est.last_seq = sm.seq;
+        }
+        Ok(out)
+    }
+
+    /// The part of a chunk request this session answers: at most one request per
+    /// [`MIN_REQUEST_INTERVAL_SECS`], at most [`MAX_REPUBLISH_PER_REQUEST`] distinct indices, within
+    /// a budget of [`REPUBLISH_BUDGET_IMAGES`] images per session. Beyond that: `RateLimited`.
+    fn admit_chunk_request(
+        &mut self,
+        mut indices: Vec<u32>,
+        now: u64,
+    ) -> Result<Vec<u32>, ProtocolError> {
+        if self
+            .last_request_at
+            .is_some_and(|t| now < t.saturating_add(MIN_REQUEST_INTERVAL_SECS))
+        {
+            return Err(ProtocolError::RateLimited("more than one request a second"));
+        }
+        indices.sort_unstable();
+        indices.dedup();
+        indices.truncate(MAX_REPUBLISH_PER_REQUEST);
+        let budget = REPUBLISH_BUDGET_IMAGES
+            .saturating_mul(u64::from(self.campaign.chunk_count()))
+            .saturating_add(MAX_REPUBLISH_PER_REQUEST as u64);
+        let after = self.republished.saturating_add(indices.len() as u64);
+        if after > budget {
+            return Err(ProtocolError::RateLimited(
+                "the session's republish budget is spent",
+            ));
+        }
+        self.republished = after;
+        self.last_request_at = Some(now);
+        Ok(indices)
+    }
+
+    /// A receipt: the device's signed plaintext claim of the final outcome, bound to this session.
+    fn handle_receipt(&mut self, msg: &Inbound) -> Result<ManagerOutput, ProtocolError> {
+        let est = self.live("receipt")?;
+        let (env, body) = wire::decode_receipt(&msg.payload)?;
+        env.verify(&est.device.public_key, "receipt")?;
+        if body.session_id != self.session_id || body.transcript != est.transcript {
+            return Err(ProtocolError::WrongSession);
+        }
+        self.check_addressed(&body.device_id, &body.manager_id)?;
+        if body.campaign_id != self.campaign.campaign_id {
+            return Err(ProtocolError::WrongCampaign {
+                expected: self.campaign.campaign_id.clone(),
+                got: body.campaign_id,
+            });
+        }
+        // What the device must claim to have installed: the campaign's image, or for a rotation
+        // the certificate this session issued.
+        let expected_sha = match self.campaign.kind {
+            PayloadKind::Firmware => Some(self.campaign.image_sha256),
+            _ => self.issued.map(|i| i.fingerprint),
+        };
+        let differs = |version: &str, sha: &[u8; 32]| {
+            version != self.campaign.target_version || expected_sha.as_ref() != Some(sha)
+        };
+        let receipt = msg.payload.clone();
+        let mut out = ManagerOutput::default();
+        match body.claim {
+            Claim::Installed {
+                version,
+                sha256,
+                release_key,
+            } => {
+                if differs(&version, &sha256) {
                     return Err(ProtocolError::Decode {
-                        message: "status",
-                        detail: "installed version or hash differs from the campaign".into(),
+                        message: "receipt",
+                        detail:
+                            "installed version or hash differs from what this session delivered"
+                                .into(),
                     });
                 }
                 out.events.push(ManagerEvent::Installed {
                     version,
-                    receipt: msg.payload.clone(),
+                    receipt,
+                    release_key,
                 });
                 self.state = ManagerState::Installed;
-                self.ephemeral = None;
             }
-            StatusBody::Rejected { reason } => {
+            Claim::RolledBack {
+                version,
+                sha256,
+                reason,
+            } => {
+                if differs(&version, &sha256) {
+                    return Err(ProtocolError::Decode {
+                        message: "receipt",
+                        detail:
+                            "rolled-back version or hash differs from what this session delivered"
+                                .into(),
+                    });
+                }
+                let reason = bounded_text(&reason, MAX_REASON_TEXT);
+                out.events.push(ManagerEvent::RolledBack {
+                    version: bounded_text(&version, MAX_VERSION_TEXT),
+                    reason: reason.clone(),
+                    receipt,
+                });
+                self.state = ManagerState::RolledBack(reason);
+            }
+            Claim::Rejected { reason } => {
+                let reason = reason.bounded();
                 out.events.push(ManagerEvent::Rejected {
                     reason: reason.clone(),
+                    receipt: Some(receipt),
                 });
                 self.state = ManagerState::Rejected(reason);
-                self.ephemeral = None;
             }
         }
-        est.last_seq = sm.seq;
-        if matches!(
-            self.state,
-            ManagerState::Installed | ManagerState::Rejected(_)
-        ) {
-            // Terminal: drop the session keys (zeroized) and the stored update, keep ~nothing.
-            self.established = None;
-        }
+        // Final: drop the ephemeral key and the session keys (zeroized), keep ~nothing.
+        self.ephemeral = None;
+        self.established = None;
         Ok(out)
     }
 

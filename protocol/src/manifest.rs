@@ -1,7 +1,30 @@
 //! The update manifest (signed by the manager for one device) and the reasons a device refuses an
-//! update. Owns anti-rollback and expiry rules; signing and transport live elsewhere.
+//! update. Owns anti-rollback (SemVer precedence) and expiry rules, and the bounding of the
+//! device-controlled text a reason may carry; signing and transport live elsewhere.
 
 use serde::{Deserialize, Serialize};
+
+use crate::release::ReleaseSignature;
+
+/// Most characters of device-controlled text (reasons, versions) kept by the manager.
+pub const MAX_REASON_TEXT: usize = 256;
+/// Most characters of a version string kept by the manager.
+pub const MAX_VERSION_TEXT: usize = 64;
+
+/// Device-controlled text made safe for logs and Kubernetes status: control characters (newlines,
+/// escapes, NUL) become `?`, and at most `max` characters are kept (an ellipsis marks a cut).
+pub fn bounded_text(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if text.chars().nth(max).is_some() {
+        out.pop();
+        out.push('…');
+    }
+    out
+}
 
 /// What a campaign delivers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -41,6 +64,11 @@ pub struct Manifest {
     pub allow_downgrade: bool,
     /// Payload kind.
     pub kind: PayloadKind,
+    /// Detached signature of the image (version, size, SHA-256) by an offline release key, carried
+    /// as the release pipeline made it. Devices enrolled with trusted release keys refuse firmware
+    /// without a valid one, whatever the manager signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseSignature>,
 }
 
 /// Why a device refused or failed an update. Sent signed in a status report.
@@ -74,6 +102,9 @@ pub enum RejectReason {
     BadCredentials(String),
     /// The manifest contradicts the session (kind, campaign, device).
     ManifestMismatch(String),
+    /// The device trusts release keys and the firmware's release signature is missing, made by a
+    /// key it does not trust, or does not verify for this image.
+    ReleaseSignature(String),
 }
 
 impl std::fmt::Display for RejectReason {
@@ -99,6 +130,7 @@ impl std::fmt::Display for RejectReason {
             RejectReason::InvalidVersion(v) => write!(f, "invalid version {v:?}"),
             RejectReason::BadCredentials(r) => write!(f, "bad credentials: {r}"),
             RejectReason::ManifestMismatch(r) => write!(f, "manifest mismatch: {r}"),
+            RejectReason::ReleaseSignature(r) => write!(f, "release signature refused: {r}"),
         }
     }
 }
@@ -116,6 +148,35 @@ impl RejectReason {
             RejectReason::InvalidVersion(_) => "invalid_version",
             RejectReason::BadCredentials(_) => "bad_credentials",
             RejectReason::ManifestMismatch(_) => "manifest_mismatch",
+            RejectReason::ReleaseSignature(_) => "release_signature",
+        }
+    }
+
+    /// The same reason with every device-controlled string passed through [`bounded_text`], so that
+    /// what a device (or a thief of its key) sends cannot flood logs or overflow a status field.
+    pub fn bounded(&self) -> Self {
+        let t = |s: &str| bounded_text(s, MAX_REASON_TEXT);
+        let v = |s: &str| bounded_text(s, MAX_VERSION_TEXT);
+        match self {
+            RejectReason::NotNewer { running, offered } => RejectReason::NotNewer {
+                running: v(running),
+                offered: v(offered),
+            },
+            RejectReason::Expired => RejectReason::Expired,
+            RejectReason::ImageHashMismatch => RejectReason::ImageHashMismatch,
+            RejectReason::PacketTooLarge {
+                max_packet_size,
+                needed,
+            } => RejectReason::PacketTooLarge {
+                max_packet_size: *max_packet_size,
+                needed: *needed,
+            },
+            RejectReason::DeclinedByDevice(r) => RejectReason::DeclinedByDevice(t(r)),
+            RejectReason::InstallFailed(r) => RejectReason::InstallFailed(t(r)),
+            RejectReason::InvalidVersion(r) => RejectReason::InvalidVersion(v(r)),
+            RejectReason::BadCredentials(r) => RejectReason::BadCredentials(t(r)),
+            RejectReason::ManifestMismatch(r) => RejectReason::ManifestMismatch(t(r)),
+            RejectReason::ReleaseSignature(r) => RejectReason::ReleaseSignature(t(r)),
         }
     }
 
@@ -128,19 +189,29 @@ impl RejectReason {
     }
 }
 
-/// Anti-rollback: `offered` must be strictly newer than `running` (semver), unless downgrades are
-/// allowed for this device. An unparsable running version is treated as `0.0.0`.
+/// A SemVer 2.0 version with its build metadata dropped: SemVer section 10 says build metadata
+/// MUST be ignored when determining precedence (the `semver` crate's `Ord` compares it).
+fn precedence_version(text: &str) -> Result<semver::Version, RejectReason> {
+    let mut v = semver::Version::parse(text)
+        .map_err(|_| RejectReason::InvalidVersion(bounded_text(text, MAX_VERSION_TEXT)))?;
+    v.build = semver::BuildMetadata::EMPTY;
+    Ok(v)
+}
+
+/// Anti-rollback: `offered` must be strictly newer than `running` by SemVer precedence (build
+/// metadata ignored, so `1.0.0+b` is not newer than `1.0.0+a`), unless downgrades are allowed for
+/// this device. An unparsable running version is refused (`InvalidVersion`): the device cannot
+/// tell what is newer than something it cannot read.
 pub fn check_version(
     running: &str,
     offered: &str,
     allow_downgrade: bool,
 ) -> Result<(), RejectReason> {
-    let offered_v = semver::Version::parse(offered)
-        .map_err(|_| RejectReason::InvalidVersion(offered.chars().take(64).collect()))?;
+    let offered_v = precedence_version(offered)?;
     if allow_downgrade {
         return Ok(());
     }
-    let running_v = semver::Version::parse(running).unwrap_or(semver::Version::new(0, 0, 0));
+    let running_v = precedence_version(running)?;
     if offered_v > running_v {
         Ok(())
     } else {
@@ -197,10 +268,59 @@ mod tests {
             check_version("1.0.0", "x", true),
             Err(RejectReason::InvalidVersion(_))
         ));
-        assert!(check_version("garbage", "0.0.1", false).is_ok());
         assert!(matches!(
             check_version("1.0.0", "1.0.0-rc.1", false),
             Err(RejectReason::NotNewer { .. })
         ));
+        assert!(check_version("1.0.0-rc.1", "1.0.0", false).is_ok());
+    }
+
+    /// SemVer 2.0 section 10: build metadata does not take part in precedence. `1.0.0+b` is the
+    /// same release as `1.0.0+a` (the `semver` crate's ordering would call it newer).
+    #[test]
+    fn build_metadata_is_ignored_for_precedence() {
+        for (running, offered) in [
+            ("1.0.0+a", "1.0.0+b"),
+            ("1.0.0", "1.0.0+build.7"),
+            ("2.1.0+zzz", "2.1.0+aaa"),
+        ] {
+            assert!(
+                matches!(
+                    check_version(running, offered, false),
+                    Err(RejectReason::NotNewer { .. })
+                ),
+                "{running} -> {offered}"
+            );
+        }
+        assert!(check_version("1.0.0+z", "1.0.1+a", false).is_ok());
+    }
+
+    /// A running version the device cannot parse is refused, not read as 0.0.0 (which would
+    /// accept any offered version, including an old one).
+    #[test]
+    fn an_unparsable_running_version_is_refused() {
+        for running in ["garbage", "", "1.0", "v1.0.0"] {
+            assert_eq!(
+                check_version(running, "0.0.1", false),
+                Err(RejectReason::InvalidVersion(running.into())),
+                "{running:?}"
+            );
+        }
+        // An explicit downgrade permission does not need to read the running version.
+        assert!(check_version("garbage", "0.0.1", true).is_ok());
+    }
+
+    #[test]
+    fn device_text_is_bounded_and_without_control_characters() {
+        let long = "x".repeat(10_000);
+        assert_eq!(bounded_text(&long, 64).chars().count(), 64);
+        assert!(bounded_text(&long, 64).ends_with('…'));
+        assert_eq!(bounded_text("a\nb\u{1b}[31m", 64), "a?b?[31m");
+        assert_eq!(bounded_text("short", 64), "short");
+        let r = RejectReason::InstallFailed(format!("line1\nline2{long}")).bounded();
+        let RejectReason::InstallFailed(text) = r else {
+            panic!()
+        };
+        assert!(text.chars().count() <= MAX_REASON_TEXT && !text.contains('\n'));
     }
 }

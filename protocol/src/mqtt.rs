@@ -75,4 +75,4 @@ pub enum Action {
 /// User Property naming the wire version.
 pub const VERSION_PROPERTY: &str = "sealed-ota-version";
 /// Content type of every protocol payload.
-pub const CONTENT_TYPE: &str = "application/vnd.sealed-ota.v1+cbor";
+pub const CONTENT_TYPE: &str = "application/vnd.sealed-ota.v2+cbor";

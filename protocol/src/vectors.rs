@@ -131,9 +131,28 @@ pub fn messages() -> Value {
         m.insert(d.name().to_string(), Value::String(hex::encode(sample(d))));
     }
     json!({
-        "description": "Wire format v1 encodings with fixed inputs (see wire::sample)",
+        "description": "Wire format v2 encodings with fixed inputs (see wire::sample)",
         "signing_secret": hex::encode([0x11u8; 32]),
         "messages": Value::Object(m),
+    })
+}
+
+/// `release.json`: a release signature (low S) of a fixed image statement by a fixed release key,
+/// and the key id.
+pub fn release() -> Value {
+    let signer = crate::release::ReleaseSigner::from_secret(scalar(0x51));
+    let (version, size, sha) = ("1.4.2", 4096u64, [0x61u8; 32]);
+    let sig = signer.sign(version, size, &sha);
+    json!({
+        "description": "Release signature: ECDSA P-256 SHA-256 (low S) over \"sealed-ota/v2/release\" || len(version) u32 BE || version || size u64 BE || sha256; key id = SHA-256(SEC1 uncompressed public key)",
+        "release_secret": hex::encode(scalar(0x51).to_bytes()),
+        "public_key": hex::encode(&sig.public_key),
+        "key_id": hex::encode(sig.key_id()),
+        "version": version,
+        "size": size,
+        "sha256": hex::encode(sha),
+        "statement": hex::encode(crate::release::statement(version, size, &sha)),
+        "signature": hex::encode(sig.signature),
     })
 }
 
@@ -144,5 +163,6 @@ pub fn all() -> Vec<(&'static str, Value)> {
         ("chunk_encryption.json", chunk_encryption()),
         ("merkle.json", merkle()),
         ("messages.json", messages()),
+        ("release.json", release()),
     ]
 }

@@ -1,12 +1,17 @@
-//! Wire format v1: CBOR (ciborium) structures of every message, and their bounded decoders. Signed
+//! Wire format v2: CBOR (ciborium) structures of every message, and their bounded decoders. Signed
 //! messages travel in an envelope carrying the exact body bytes plus the signature, so nothing is
 //! ever re-encoded before verification (no canonicalization issue). Every decoder checks a maximum
-//! size first, limits nesting, rejects trailing bytes and never panics.
+//! size first, limits nesting, rejects trailing bytes and never panics. Buffers that hold a
+//! delivered private key (the update body) are encoded and decoded without leaving copies behind
+//! (exact-size encoding, a zeroized decode scratch).
 
 use serde::{Deserialize, Serialize};
 
+use zeroize::Zeroizing;
+
 use crate::codec::{
-    decode, encode, write_head, write_text, MAJOR_ARRAY, MAJOR_BYTES, MAJOR_MAP, MAJOR_UINT,
+    decode, decode_secret, encode, encode_secret, write_head, write_text, MAJOR_ARRAY, MAJOR_BYTES,
+    MAJOR_MAP, MAJOR_UINT,
 };
 use crate::error::ProtocolError;
 use crate::manifest::{PayloadKind, RejectReason};
@@ -22,6 +27,10 @@ pub const TYPE_MANIFEST: u8 = 3;
 pub const TYPE_STATUS: u8 = 4;
 /// Message type byte: update (manager → device, encrypted), used in its AAD.
 pub const TYPE_UPDATE: u8 = 5;
+/// Message type byte: receipt of a final outcome (device → manager, signed plaintext claim).
+pub const TYPE_RECEIPT: u8 = 6;
+/// Message type byte: abort (manager → device, signed, retained on the notify topic).
+pub const TYPE_ABORT: u8 = 7;
 
 /// Bound of a notify payload.
 pub const MAX_NOTIFY: usize = 16 * 1024;
@@ -31,6 +40,10 @@ pub const MAX_READY: usize = 16 * 1024;
 pub const MAX_UPDATE: usize = 32 * 1024;
 /// Bound of a status payload.
 pub const MAX_STATUS: usize = 64 * 1024;
+/// Bound of a receipt payload.
+pub const MAX_RECEIPT: usize = 8 * 1024;
+/// Bound of an abort payload (it carries the manager certificate).
+pub const MAX_ABORT: usize = 16 * 1024;
 /// Bound of a manifest body.
 pub const MAX_MANIFEST: usize = 4 * 1024;
 /// Largest chunk size a campaign may use.
@@ -99,6 +112,16 @@ impl SignedEnvelope {
             });
         }
         Ok(env)
+    }
+
+    /// The message type of an envelope of at most `max` bytes (nothing else checked), to tell
+    /// apart the messages that share a topic (notify and abort; status and receipt).
+    pub fn peek_type(bytes: &[u8], message: &'static str, max: usize) -> Result<u8, ProtocolError> {
+        let env: SignedEnvelope = decode(bytes, message, max)?;
+        if env.v != WIRE_VERSION {
+            return Err(ProtocolError::Version(env.v));
+        }
+        Ok(env.t)
     }
 
     /// Verify the signature with `public`.
@@ -197,7 +220,7 @@ pub struct ReadyBody {
 }
 
 /// Update message (on `update`): AES-256-GCM under the manager-to-device key, random nonce,
-/// AAD = `"sealed-ota/v1/update" || transcript hash`.
+/// AAD = `"sealed-ota/v2/update" || transcript hash`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpdateMsg {
     /// Wire version.
@@ -263,7 +286,7 @@ impl Drop for UpdateBody {
 }
 
 /// Status envelope body (signed by the device): session id, sequence number and the encrypted
-/// [`StatusBody`] under the device-to-manager key, AAD = `"sealed-ota/v1/status" || transcript hash
+/// [`StatusBody`] under the device-to-manager key, AAD = `"sealed-ota/v2/status" || transcript hash
 /// || seq u32 BE`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusMsg {
@@ -282,7 +305,8 @@ pub struct StatusMsg {
     pub ct: Vec<u8>,
 }
 
-/// What a device reports.
+/// What a device reports while a transfer runs (encrypted under the session key). Final outcomes
+/// are [`ReceiptBody`] claims instead.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StatusBody {
     /// Manifest accepted; chunks already stored (resume).
@@ -295,19 +319,84 @@ pub enum StatusBody {
         /// Indices.
         indices: Vec<u32>,
     },
-    /// Installed (the only success).
+}
+
+/// The final outcome a device claims in a receipt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Claim {
+    /// The image (or credential set) is installed and committed: the only success.
     Installed {
         /// Installed version.
         version: String,
-        /// SHA-256 of what was installed.
+        /// SHA-256 of what was installed (the image, or the certificate DER of a rotation).
         #[serde(with = "crate::codec::array")]
         sha256: [u8; 32],
+        /// Id of the release key whose signature the device verified (firmware, when it
+        /// trusts release keys).
+        #[serde(with = "crate::codec::opt_array", default)]
+        release_key: Option<[u8; 32]>,
     },
-    /// Refused or failed.
+    /// The image was installed, failed its health check, and the device went back to the
+    /// version it ran before.
+    RolledBack {
+        /// Version that was tried.
+        version: String,
+        /// SHA-256 of the image that was tried.
+        #[serde(with = "crate::codec::array")]
+        sha256: [u8; 32],
+        /// Why (device text, bounded by the manager).
+        reason: String,
+    },
+    /// The device refused the update or its install failed before anything changed.
     Rejected {
         /// Why.
         reason: RejectReason,
     },
+}
+
+/// Receipt of a final outcome: a plaintext claim signed by the device's static key (type
+/// [`TYPE_RECEIPT`]) and bound to one session by its id and transcript hash, so it is evidence a
+/// person can check later with the device certificate alone, and it cannot be replayed into
+/// another session. It needs no session key, so a device can send it after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptBody {
+    /// Wire version.
+    pub v: u8,
+    /// Session id.
+    #[serde(with = "crate::codec::array")]
+    pub session_id: [u8; 16],
+    /// Transcript hash of that session.
+    #[serde(with = "crate::codec::array")]
+    pub transcript: [u8; 32],
+    /// Manager id.
+    pub manager_id: String,
+    /// Device id.
+    pub device_id: String,
+    /// Campaign id.
+    pub campaign_id: String,
+    /// The claim.
+    pub claim: Claim,
+}
+
+/// Abort: the manager ends every session of a campaign with one device that was issued at or
+/// before `issued_at`. Signed by the manager's static key (type [`TYPE_ABORT`]) and retained on the
+/// device's notify topic in place of the notify; it carries the manager certificate so a device
+/// that restarted can verify it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbortBody {
+    /// Wire version.
+    pub v: u8,
+    /// Manager id.
+    pub manager_id: String,
+    /// Device id.
+    pub device_id: String,
+    /// Campaign id.
+    pub campaign_id: String,
+    /// Manager certificate DER.
+    #[serde(with = "crate::codec::bytes")]
+    pub manager_cert: Vec<u8>,
+    /// Sessions notified at or before this time (Unix seconds) end.
+    pub issued_at: u64,
 }
 
 /// Chunk message (retained, on `_chunks/<campaign>/<index>`). Authenticated by its Merkle proof
@@ -427,9 +516,16 @@ pub fn decode_update(bytes: &[u8]) -> Result<UpdateMsg, ProtocolError> {
     Ok(m)
 }
 
-/// Decode a decrypted update body.
+/// Decode a decrypted update body. It may hold a delivered private key: the decoder's scratch
+/// buffer is zeroized afterwards (see `codec::decode_secret`).
 pub fn decode_update_body(bytes: &[u8]) -> Result<UpdateBody, ProtocolError> {
-    decode(bytes, "update body", MAX_UPDATE)
+    decode_secret(bytes, "update body", MAX_UPDATE)
+}
+
+/// Encode an update body into a buffer sized exactly for it (no reallocation leaves a copy of a
+/// delivered key behind), zeroized on drop.
+pub fn encode_update_body(body: &UpdateBody) -> Zeroizing<Vec<u8>> {
+    encode_secret(body)
 }
 
 /// Decode a manifest envelope and its body (signature NOT checked).
@@ -462,6 +558,36 @@ pub fn decode_status_body(bytes: &[u8]) -> Result<StatusBody, ProtocolError> {
         }
     }
     Ok(b)
+}
+
+/// Decode a receipt envelope and its body (signature NOT checked).
+pub fn decode_receipt(bytes: &[u8]) -> Result<(SignedEnvelope, ReceiptBody), ProtocolError> {
+    let env = SignedEnvelope::decode(bytes, TYPE_RECEIPT, "receipt", MAX_RECEIPT)?;
+    let body: ReceiptBody = decode(&env.body, "receipt", MAX_RECEIPT)?;
+    check_v(body.v)?;
+    Ok((env, body))
+}
+
+/// Decode an abort envelope and its body (signature NOT checked: that needs the certificate
+/// inside).
+pub fn decode_abort(bytes: &[u8]) -> Result<(SignedEnvelope, AbortBody), ProtocolError> {
+    let env = SignedEnvelope::decode(bytes, TYPE_ABORT, "abort", MAX_ABORT)?;
+    let body: AbortBody = decode(&env.body, "abort", MAX_ABORT)?;
+    check_v(body.v)?;
+    Ok((env, body))
+}
+
+/// Verify a receipt kept as evidence: its signature by the certificate's key (the certificate is
+/// only parsed here, not validated against a CA: do that with [`crate::TrustAnchor::verify`]).
+/// Returns the signed claim and what it is bound to.
+pub fn verify_receipt(
+    receipt: &[u8],
+    device_cert_der: &[u8],
+) -> Result<ReceiptBody, ProtocolError> {
+    let (env, body) = decode_receipt(receipt)?;
+    let public = crate::identity::cert_public_key(device_cert_der)?;
+    env.verify(&public, "receipt")?;
+    Ok(body)
 }
 
 /// Decode a chunk message.
@@ -501,11 +627,15 @@ pub enum Decoder {
     StatusBody,
     /// [`decode_chunk`]
     Chunk,
+    /// [`decode_receipt`]
+    Receipt,
+    /// [`decode_abort`]
+    Abort,
 }
 
 impl Decoder {
     /// All decoders.
-    pub const ALL: [Decoder; 8] = [
+    pub const ALL: [Decoder; 10] = [
         Decoder::Notify,
         Decoder::Ready,
         Decoder::Update,
@@ -514,6 +644,8 @@ impl Decoder {
         Decoder::Status,
         Decoder::StatusBody,
         Decoder::Chunk,
+        Decoder::Receipt,
+        Decoder::Abort,
     ];
 
     /// Lower-case name (fuzz target and corpus directory name).
@@ -527,6 +659,8 @@ impl Decoder {
             Decoder::Status => "status",
             Decoder::StatusBody => "status_body",
             Decoder::Chunk => "chunk",
+            Decoder::Receipt => "receipt",
+            Decoder::Abort => "abort",
         }
     }
 
@@ -539,6 +673,8 @@ impl Decoder {
             Decoder::Manifest => MAX_MANIFEST,
             Decoder::Status | Decoder::StatusBody => MAX_STATUS,
             Decoder::Chunk => MAX_CHUNK_MSG,
+            Decoder::Receipt => MAX_RECEIPT,
+            Decoder::Abort => MAX_ABORT,
         }
     }
 
@@ -553,6 +689,8 @@ impl Decoder {
             Decoder::Status => decode_status(bytes).map(drop),
             Decoder::StatusBody => decode_status_body(bytes).map(drop),
             Decoder::Chunk => decode_chunk(bytes).map(drop),
+            Decoder::Receipt => decode_receipt(bytes).map(drop),
+            Decoder::Abort => decode_abort(bytes).map(drop),
         }
     }
 }
@@ -575,6 +713,10 @@ pub fn sample(decoder: Decoder) -> Vec<u8> {
         expires_at: 1_800_003_600,
         allow_downgrade: false,
         kind: PayloadKind::Firmware,
+        release: Some(crate::release::ReleaseSignature {
+            public_key: eph.clone(),
+            signature: [0xdd; 64],
+        }),
     };
     let signed_manifest = SignedEnvelope::sign(&secret, TYPE_MANIFEST, encode(&manifest)).encode();
     match decoder {
@@ -654,6 +796,37 @@ pub fn sample(decoder: Decoder) -> Vec<u8> {
             ct: vec![9; 64],
             proof: vec![[0xcc; 32]],
         }),
+        Decoder::Receipt => SignedEnvelope::sign(
+            &secret,
+            TYPE_RECEIPT,
+            encode(&ReceiptBody {
+                v: WIRE_VERSION,
+                session_id: [1; 16],
+                transcript: [0xee; 32],
+                manager_id: "p1".into(),
+                device_id: "s1".into(),
+                campaign_id: "c1".into(),
+                claim: Claim::Installed {
+                    version: "2.0.0".into(),
+                    sha256: [0xaa; 32],
+                    release_key: Some([0x99; 32]),
+                },
+            }),
+        )
+        .encode(),
+        Decoder::Abort => SignedEnvelope::sign(
+            &secret,
+            TYPE_ABORT,
+            encode(&AbortBody {
+                v: WIRE_VERSION,
+                manager_id: "p1".into(),
+                device_id: "s1".into(),
+                campaign_id: "c1".into(),
+                manager_cert: vec![0x30, 0x03, 0x02, 0x01, 0x01],
+                issued_at: 1_800_000_500,
+            }),
+        )
+        .encode(),
     }
 }
 
@@ -803,12 +976,12 @@ mod tests {
     fn wrong_version_and_type_are_rejected() {
         let s = sample(Decoder::Notify);
         let mut env: SignedEnvelope = decode(&s, "t", MAX_NOTIFY).unwrap();
-        env.v = 2;
+        env.v = 1;
         assert_eq!(
             decode_notify(&env.encode()).unwrap_err(),
-            ProtocolError::Version(2)
+            ProtocolError::Version(1)
         );
-        env.v = 1;
+        env.v = WIRE_VERSION;
         env.t = TYPE_READY;
         assert!(matches!(
             decode_notify(&env.encode()),
@@ -820,7 +993,7 @@ mod tests {
             decode_chunk(&encode(&c)).unwrap_err(),
             ProtocolError::Version(9)
         );
-        c.v = 1;
+        c.v = WIRE_VERSION;
         c.proof = vec![[0; 32]; 33];
         assert!(matches!(
             decode_chunk(&encode(&c)),

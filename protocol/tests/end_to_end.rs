@@ -55,9 +55,13 @@ fn firmware_happy_path_many_devices() {
     assert!(chunk_bytes < image.len() + 20 * (16 + 5 * 33 + 40));
 }
 
+/// The receipt is the device's signed plaintext claim (outcome, version, image hash) bound to the
+/// session: a person can verify it later with the device certificate alone, and it says exactly
+/// what was installed.
 #[test]
 fn receipt_is_kept_and_signed() {
-    let mut w = World::new(Pki::new(), campaign(firmware(100), 64));
+    let image = firmware(100);
+    let mut w = World::new(Pki::new(), campaign(image.clone(), 64));
     w.publish_chunks();
     w.add_device("s1", "1.0.0", 8);
     w.start(target("s1"));
@@ -67,20 +71,46 @@ fn receipt_is_kept_and_signed() {
         .events
         .iter()
         .find_map(|(_, e)| match e {
-            ManagerEvent::Installed { receipt, version } => {
+            ManagerEvent::Installed {
+                receipt, version, ..
+            } => {
                 assert_eq!(version, "2.0.0");
                 Some(receipt.clone())
             }
             _ => None,
         })
         .expect("installed");
-    let (env, _) = wire::decode_status(&receipt).unwrap();
-    let dev_pub = w
-        .pki
-        .trust
-        .verify(&cert_der_of(&w, "s1"), Role::Device, "s1", NOW)
-        .unwrap();
-    env.verify(dev_pub.public_key(), "status").unwrap();
+    let cert = cert_der_of(&w, "s1");
+    w.pki.trust.verify(&cert, Role::Device, "s1", NOW).unwrap();
+    let body = verify_receipt(&receipt, &cert).unwrap();
+    assert_eq!(
+        body.claim,
+        Claim::Installed {
+            version: "2.0.0".into(),
+            sha256: sha256(&image),
+            release_key: None,
+        }
+    );
+    assert_eq!(
+        (body.device_id.as_str(), body.campaign_id.as_str()),
+        ("s1", "c1")
+    );
+    assert_eq!(body.session_id, w.manager.sessions["s1"].session_id());
+    // Any other certificate (another device's key) does not verify it.
+    let other = w.pki.ca.issue(Role::Device, "s2", NOW, 30).unwrap();
+    assert!(matches!(
+        verify_receipt(&receipt, other.cert_der()),
+        Err(ProtocolError::BadSignature { .. })
+    ));
+    // A changed claim does not verify.
+    let (mut env, mut b) = wire::decode_receipt(&receipt).unwrap();
+    b.claim = Claim::Installed {
+        version: "2.0.1".into(),
+        sha256: sha256(&image),
+        release_key: None,
+    };
+    env.body = wire::encode_msg(&b);
+    assert!(verify_receipt(&env.encode(), &cert).is_err());
 }
 
 fn cert_der_of(w: &World, device: &str) -> Vec<u8> {

@@ -59,6 +59,7 @@ fn corpus_replays_through_a_device_session() {
         manager_id: "p1".into(),
         max_packet_size: 0,
         window: 4,
+        release_keys: Vec::new(),
     };
     let seeds = corpus("device_session");
     assert!(!seeds.is_empty());

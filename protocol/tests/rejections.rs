@@ -15,16 +15,6 @@ fn single(version: &str) -> World {
     w
 }
 
-fn last_from<'a>(w: &'a World, from: &str, suffix: &str) -> &'a Outbound {
-    &w.broker
-        .published
-        .iter()
-        .rev()
-        .find(|(f, o)| f == from && o.topic.ends_with(suffix))
-        .expect("published")
-        .1
-}
-
 #[test]
 fn manager_cert_from_foreign_ca_is_rejected_by_device() {
     let mut w = single("1.0.0");
@@ -109,12 +99,12 @@ fn right_ca_wrong_name_is_rejected_both_ways() {
         }
     }));
     w.run();
-    let ready = last_from(&w, "s1", "/ready").to_inbound();
+    let ready = w.last_from("s1", "/ready");
     let (_, mut body) = wire::decode_ready(&ready.payload).unwrap();
     let s2 = w.pki.ca.issue(Role::Device, "s2", NOW, 30).unwrap();
     body.device_cert = s2.cert_der().to_vec();
     let forged = Inbound {
-        payload: forge_signed(&s2, wire::TYPE_READY, &body),
+        payload: sign_as(&s2, wire::TYPE_READY, &body),
         ..ready
     };
     let err = w
@@ -190,7 +180,7 @@ fn device_cert_can_never_act_as_manager() {
     let (_, mut body) = wire::decode_notify(&notify.payload).unwrap();
     assert_eq!(body.manager_cert, cert);
     body.manager_cert = imposter.cert_der().to_vec();
-    let forged = forge_signed(&imposter, wire::TYPE_NOTIFY, &body);
+    let forged = sign_as(&imposter, wire::TYPE_NOTIFY, &body);
     let msg = Inbound {
         topic: notify.topic.clone(),
         payload: forged,
@@ -210,18 +200,6 @@ fn device_cert_can_never_act_as_manager() {
             got: Role::Device
         })
     );
-}
-
-/// Sign a body with an identity through the public API of the test-vector helpers.
-fn forge_signed<T: serde::Serialize>(id: &Identity, t: u8, body: &T) -> Vec<u8> {
-    let secret = p256::SecretKey::from_sec1_der(&sec1_of(id)).unwrap();
-    wire::SignedEnvelope::sign(&secret, t, wire::encode_msg(body)).encode()
-}
-
-fn sec1_of(id: &Identity) -> Vec<u8> {
-    use p256::pkcs8::DecodePrivateKey;
-    let k = p256::SecretKey::from_pkcs8_der(&id.key_pkcs8_der()).unwrap();
-    k.to_sec1_der().unwrap().to_vec()
 }
 
 #[test]
@@ -321,6 +299,7 @@ fn chunk_of_another_campaign_is_rejected() {
             },
             expires_at: NOW + 100,
             chunk_size: 64,
+            release: None,
         })
         .unwrap(),
     );
@@ -386,7 +365,7 @@ fn update_replayed_from_another_session_is_rejected() {
         }
     }));
     w.run();
-    let old_update = last_from(&w, "manager", "/update").to_inbound();
+    let old_update = w.last_from("manager", "/update");
     // Manager restarts the session (new notify, new ephemeral key and nonce).
     w.start(target("s1"));
     w.run();
@@ -396,7 +375,7 @@ fn update_replayed_from_another_session_is_rejected() {
         ProtocolError::WrongSession
     );
     // Even with the session id rewritten to the current one, the transcript differs: opaque failure.
-    let current = last_from(&w, "manager", "/update").clone();
+    let current = w.last_from("manager", "/update");
     let cur = wire::decode_update(&current.payload).unwrap();
     let mut old = wire::decode_update(&old_update.payload).unwrap();
     old.session_id = cur.session_id;
@@ -428,10 +407,10 @@ fn ciphertext_meant_for_another_device_is_rejected() {
     w.start(target("s1"));
     w.start(target("s2"));
     w.run();
-    let u1 = last_from(&w, "manager", "iot/p1/s1/update").clone();
-    let u2 = last_from(&w, "manager", "iot/p1/s2/update").clone();
+    let u1 = w.last_from("manager", "iot/p1/s1/update");
+    let u2 = w.last_from("manager", "iot/p1/s2/update");
     // s2's update on s1's topic: other session id.
-    let mut m = u2.to_inbound();
+    let mut m = u2.clone();
     m.topic = u1.topic.clone();
     let d = w.devices.get_mut("s1").unwrap();
     assert_eq!(
@@ -448,7 +427,7 @@ fn ciphertext_meant_for_another_device_is_rejected() {
         ProtocolError::Decrypt { message: "update" }
     );
     // The genuine one still works.
-    let out = d.session.handle(&u1.to_inbound(), NOW).unwrap();
+    let out = d.session.handle(&u1, NOW).unwrap();
     assert!(matches!(out.events[0], DeviceEvent::UpdateOffered { .. }));
 }
 
@@ -484,13 +463,7 @@ fn status_replay_and_cross_session_status_are_rejected() {
         }
     }));
     w.run();
-    let statuses: Vec<Inbound> = w
-        .broker
-        .published
-        .iter()
-        .filter(|(f, o)| f == "s1" && o.topic.ends_with("/update/status"))
-        .map(|(_, o)| o.to_inbound())
-        .collect();
+    let statuses = w.published_by("s1", "/update/status");
     assert_eq!(statuses.len(), 2); // Accepted, Installed
     let s = w.manager.sessions.get_mut("s1").unwrap();
     s.handle(&statuses[0], NOW).unwrap();
@@ -498,23 +471,8 @@ fn status_replay_and_cross_session_status_are_rejected() {
         s.handle(&statuses[0], NOW).unwrap_err(),
         ProtocolError::Replay
     );
-    // A status signed by the device but from another session of the same campaign.
-    let mut w2 = single("1.0.0");
-    w2.start(target("s1"));
-    w2.run();
-    let foreign = w2
-        .broker
-        .published
-        .iter()
-        .find(|(f, o)| f == "s1" && o.topic.ends_with("/update/status"))
-        .unwrap()
-        .1
-        .to_inbound();
-    // Different device key too (w2 has its own PKI) -> signature fails.
-    assert!(matches!(
-        s.handle(&foreign, NOW),
-        Err(ProtocolError::BadSignature { .. })
-    ));
+    // Statuses and receipts of another session, signed by this very device: see
+    // `statuses_and_receipts_replayed_across_sessions_of_one_pki_are_refused`.
     // Tampered status.
     let mut t = statuses[1].clone();
     let n = t.payload.len();
@@ -522,6 +480,58 @@ fn status_replay_and_cross_session_status_are_rejected() {
     assert!(s.handle(&t, NOW).is_err());
     // The genuine Installed still counts.
     let out = s.handle(&statuses[1], NOW).unwrap();
+    assert!(matches!(out.events[0], ManagerEvent::Installed { .. }));
+}
+
+/// Replays inside ONE PKI and one device identity: the signature verifies, so only the session
+/// binding (session id, transcript hash, sequence number in the AAD) can refuse them.
+#[test]
+fn statuses_and_receipts_replayed_across_sessions_of_one_pki_are_refused() {
+    let mut w = World::new(Pki::new(), campaign(firmware(3000), 512));
+    w.publish_chunks();
+    let id = w.add_device_id("s1", "1.0.0", 4);
+    let to_manager_dropped = |client: &str, msg: &mut Inbound| {
+        if client == "manager" && msg.topic.ends_with("/update/status") {
+            Verdict::Drop
+        } else {
+            Verdict::Deliver
+        }
+    };
+    // Session A: the device installs; the manager never hears of it.
+    w.hook = Some(Box::new(to_manager_dropped));
+    w.start(target("s1"));
+    w.run();
+    assert!(w.devices["s1"].installed);
+    let statuses_a = w.published_by("s1", "/update/status");
+    assert_eq!(statuses_a.len(), 2, "Accepted and the receipt");
+    let transcript_a = w.transcript_of("s1");
+    // Session B of the same campaign (a restarted manager): the device answers with a fresh
+    // receipt bound to B, which is held back for now.
+    w.now += 5;
+    w.start(target("s1"));
+    w.run();
+    let receipt_b = w.last_from("s1", "/update/status");
+    let session_b = w.manager.sessions["s1"].session_id();
+    let s = w.manager.sessions.get_mut("s1").unwrap();
+    for st in &statuses_a {
+        let mut m = st.clone();
+        m.properties = Properties::default();
+        assert_eq!(
+            s.handle(&m, w.now).unwrap_err(),
+            ProtocolError::WrongSession
+        );
+    }
+    // A key holder re-signing session A's claim under B's session id: the transcript still
+    // names session A.
+    let (_, a) = wire::decode_receipt(&statuses_a[1].payload).unwrap();
+    let forged = receipt_as(&id, "s1", session_b, transcript_a, "c1", a.claim.clone());
+    assert_eq!(
+        s.handle(&forged, w.now).unwrap_err(),
+        ProtocolError::WrongSession
+    );
+    assert!(matches!(s.state(), ManagerState::Transferring { .. }));
+    // B's own receipt counts.
+    let out = s.handle(&receipt_b, w.now).unwrap();
     assert!(matches!(out.events[0], ManagerEvent::Installed { .. }));
 }
 
@@ -537,7 +547,7 @@ fn ready_replayed_from_older_session_is_rejected() {
         }
     }));
     w.run();
-    let old_ready = last_from(&w, "s1", "/ready").to_inbound();
+    let old_ready = w.last_from("s1", "/ready");
     w.start(target("s1")); // new session
     let s = w.manager.sessions.get_mut("s1").unwrap();
     let mut r = old_ready.clone();
@@ -586,6 +596,7 @@ fn expired_manifest_is_refused() {
                 },
                 expires_at: NOW + 10,
                 chunk_size: 64,
+                release: None,
             })
             .unwrap(),
         ),
@@ -648,6 +659,7 @@ fn packet_too_large_is_rejected_by_manager_with_reason() {
             manager_id: "p1".into(),
             max_packet_size: 2048,
             window: 4,
+            release_keys: Vec::new(),
         },
         DeviceState::new("1.0.0"),
     );
@@ -801,8 +813,8 @@ fn older_notify_and_status_from_an_older_session_are_rejected() {
     }));
     w.start(target("s1"));
     w.run();
-    let notify1 = last_from(&w, "manager", "/notify").to_inbound();
-    let status1 = last_from(&w, "s1", "/update/status").to_inbound();
+    let notify1 = w.last_from("manager", "/notify");
+    let status1 = w.last_from("s1", "/update/status");
     // The operator restarts: session 2, issued later.
     w.now += 5;
     w.start(target("s1"));

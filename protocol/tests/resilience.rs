@@ -226,8 +226,11 @@ fn image_hash_mismatch_is_reported() {
     );
 }
 
+/// A cleared (empty) retained notify proves nothing, so it ends nothing; the manager's signed abort
+/// ends the session: the window is released, retries stop, the resume state is kept, and chunks
+/// the broker delivers afterwards are not taken.
 #[test]
-fn cleared_notify_stops_retries_and_keeps_resume_state() {
+fn signed_abort_stops_retries_and_keeps_resume_state() {
     let image = firmware(3000);
     let mut w = World::new(Pki::new(), campaign(image.clone(), 500));
     w.add_device("s1", "1.0.0", 2);
@@ -235,18 +238,36 @@ fn cleared_notify_stops_retries_and_keeps_resume_state() {
     // Chunks are never published: the device waits on its first window.
     w.run();
     assert_eq!(w.devices["s1"].session.window(), &[0, 1]);
-    // The campaign is aborted: the operator clears the notify.
+    // Anyone can publish an empty retained notify: it ends nothing.
     let clear = w.manager.sessions["s1"].clear_notify();
     w.broker.publish("manager", clear);
     w.run();
+    assert_eq!(w.devices["s1"].session.window(), &[0, 1]);
+    // The campaign is aborted: the operator publishes the signed abort.
+    w.now += 1;
+    let abort = w.manager.sessions["s1"].abort_publish(w.now);
+    w.broker.publish("manager", abort);
+    w.run();
     assert!(w.devices["s1"].session.window().is_empty());
     assert!(w.devices["s1"].session.state().transfer.is_some());
+    assert!(w.devices["s1"].events.contains(&DeviceEvent::Aborted {
+        campaign_id: "c1".into()
+    }));
     // No more chunk requests or ready retries.
     w.now += 100;
     let a = w.devices.get_mut("s1").unwrap().session.poll(w.now);
     assert!(a.is_empty());
     // Unsubscribed from the window.
     assert!(!w.broker.subs["s1"].iter().any(|f| f.contains("/_chunks/")));
+    // The chunks, delivered late by the broker, are not taken.
+    let chunk = w
+        .manager
+        .campaign
+        .chunk_publish(&w.pki.topics, 0)
+        .to_inbound();
+    let d = w.devices.get_mut("s1").unwrap();
+    assert!(d.session.handle(&chunk, w.now).is_err());
+    assert!(!d.installed);
 }
 
 /// A manager that restarted after the device installed (its receipt lost with the old process)

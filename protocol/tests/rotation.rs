@@ -20,6 +20,7 @@ fn rotation(pki: &Pki, mode: RotationMode) -> Arc<PreparedCampaign> {
             },
             expires_at: NOW + 3600,
             chunk_size: 1024,
+            release: None,
         })
         .unwrap(),
     )
@@ -211,6 +212,7 @@ fn credentials_for_another_device_are_refused() {
             },
             expires_at: NOW + 3600,
             chunk_size: 1024,
+            release: None,
         })
         .unwrap(),
     );
@@ -264,4 +266,56 @@ fn new_session_of_a_completed_rotation_rotates_again() {
         );
         assert_eq!(w.installed_events(), 3, "{mode:?}");
     }
+}
+
+/// After a rotation whose receipt arrived, the old certificate is retired: a thief who copied the
+/// old key cannot answer the next rotation (and receive the next key), while the device with its
+/// new certificate can.
+#[test]
+fn a_retired_certificate_cannot_answer_the_next_rotation() {
+    let mut w = run_rotation(RotationMode::DeliverKey);
+    let new = Arc::new(check_delivered(&w, "s1"));
+    let issued = w.manager.sessions["s1"].issued_certificate().unwrap();
+    assert_eq!(issued.fingerprint, new.fingerprint());
+    // The thief kept the key the device had before (its ready carried the old certificate).
+    let (_, r) = wire::decode_ready(&w.last_from("s1", "/ready").payload).unwrap();
+    let old_fingerprint = sha256(&r.device_cert);
+    assert_ne!(old_fingerprint, new.fingerprint());
+    // The next rotation, with the old certificate retired: a thief's ready is refused.
+    w.now += 60;
+    start_refusing(&mut w, old_fingerprint);
+    w.run(); // the device still runs the old identity in this harness: it is the "thief"
+    assert!(
+        w.manager
+            .errors
+            .iter()
+            .any(|(_, e)| matches!(e, ProtocolError::Identity(IdentityError::Retired))),
+        "{:?}",
+        w.manager.errors
+    );
+    assert_eq!(
+        w.manager_state("s1"),
+        &ManagerState::NotifySent,
+        "no key sent"
+    );
+    // The device itself, on its new certificate, is answered.
+    w.devices
+        .get_mut("s1")
+        .unwrap()
+        .session
+        .set_identity(new.clone());
+    w.now += 60;
+    start_refusing(&mut w, old_fingerprint);
+    w.run();
+    assert_eq!(w.manager_state("s1"), &ManagerState::Installed);
+}
+
+/// A new session for s1 that refuses the certificate `retired`.
+fn start_refusing(w: &mut World, retired: [u8; 32]) {
+    w.start(target("s1"));
+    w.manager
+        .sessions
+        .get_mut("s1")
+        .unwrap()
+        .refuse_fingerprint(retired);
 }

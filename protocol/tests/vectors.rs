@@ -123,8 +123,8 @@ fn vectors_match_an_independent_computation_of_the_spec() {
     assert_eq!(pubb(&me), h(&v["manager_ephemeral_public"]));
     assert_eq!(pubb(&de), h(&v["device_ephemeral_public"]));
     let mut t = Sha256::new();
-    t.update(b"sealed-ota/v1/transcript");
-    t.update([1u8]);
+    t.update(b"sealed-ota/v2/transcript");
+    t.update([2u8]); // wire version
     let fields: Vec<Vec<u8>> = vec![
         b"p1".to_vec(),
         b"s1".to_vec(),
@@ -153,13 +153,13 @@ fn vectors_match_an_independent_computation_of_the_spec() {
     let hk = hkdf::Hkdf::<Sha256>::new(Some(&th), &ikm);
     let mut m2d = [0u8; 32];
     let mut d2m = [0u8; 32];
-    hk.expand(b"sealed-ota/v1/key/manager-to-device", &mut m2d)
+    hk.expand(b"sealed-ota/v2/key/manager-to-device", &mut m2d)
         .unwrap();
-    hk.expand(b"sealed-ota/v1/key/device-to-manager", &mut d2m)
+    hk.expand(b"sealed-ota/v2/key/device-to-manager", &mut d2m)
         .unwrap();
     assert_eq!(m2d.to_vec(), h(&v["key_manager_to_device"]));
     assert_eq!(d2m.to_vec(), h(&v["key_device_to_manager"]));
-    let mut aad = b"sealed-ota/v1/update".to_vec();
+    let mut aad = b"sealed-ota/v2/update".to_vec();
     aad.extend_from_slice(&th);
     assert_eq!(aad, h(&v["update_aead"]["aad"]));
 
@@ -174,7 +174,7 @@ fn vectors_match_an_independent_computation_of_the_spec() {
         let idx = ch["index"].as_u64().unwrap() as u32;
         let mut nonce = [0u8; 12];
         nonce[4..].copy_from_slice(&u64::from(idx).to_be_bytes());
-        let mut aad = b"sealed-ota/v1/chunk".to_vec();
+        let mut aad = b"sealed-ota/v2/chunk".to_vec();
         aad.extend_from_slice(&2u32.to_be_bytes());
         aad.extend_from_slice(b"c1");
         aad.extend_from_slice(&idx.to_be_bytes());
@@ -210,4 +210,57 @@ fn vectors_match_an_independent_computation_of_the_spec() {
         s.finalize().to_vec()
     };
     assert_eq!(node(&node(&l[0], &l[1]), &l[2]), h(&t3["root"]));
+}
+
+/// The release signature and the receipt signature checked with the primitives directly (p256,
+/// sha2): the statement built by hand from docs/protocol.md, the signature in low-S form.
+#[test]
+fn release_and_receipt_vectors_match_an_independent_computation() {
+    use p256::ecdsa::signature::Verifier;
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    use sha2::{Digest, Sha256};
+
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("release.json")).unwrap())
+            .unwrap();
+    let secret = p256::SecretKey::from_slice(&h(&v["release_secret"])).unwrap();
+    let public = secret
+        .public_key()
+        .to_encoded_point(false)
+        .as_bytes()
+        .to_vec();
+    assert_eq!(public, h(&v["public_key"]));
+    assert_eq!(Sha256::digest(&public).to_vec(), h(&v["key_id"]));
+    let version = v["version"].as_str().unwrap();
+    let mut statement = b"sealed-ota/v2/release".to_vec();
+    statement.extend_from_slice(&(version.len() as u32).to_be_bytes());
+    statement.extend_from_slice(version.as_bytes());
+    statement.extend_from_slice(&v["size"].as_u64().unwrap().to_be_bytes());
+    statement.extend_from_slice(&h(&v["sha256"]));
+    assert_eq!(statement, h(&v["statement"]));
+    let sig = p256::ecdsa::Signature::from_slice(&h(&v["signature"])).unwrap();
+    assert!(sig.normalize_s().is_none(), "low S");
+    p256::ecdsa::VerifyingKey::from(secret.public_key())
+        .verify(&statement, &sig)
+        .unwrap();
+
+    // The receipt of messages.json: signed over "sealed-ota/v2/sig/" || 6 || body.
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("messages.json")).unwrap())
+            .unwrap();
+    let signer = p256::SecretKey::from_slice(&h(&m["signing_secret"])).unwrap();
+    let (env, body) = wire::decode_receipt(&h(&m["messages"]["receipt"])).unwrap();
+    let mut input = b"sealed-ota/v2/sig/".to_vec();
+    input.push(6);
+    input.extend_from_slice(&env.body);
+    p256::ecdsa::VerifyingKey::from(signer.public_key())
+        .verify(
+            &input,
+            &p256::ecdsa::Signature::from_slice(&env.sig).unwrap(),
+        )
+        .unwrap();
+    assert!(matches!(
+        body.claim,
+        sealed_ota_protocol::Claim::Installed { .. }
+    ));
 }

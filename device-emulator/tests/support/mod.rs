@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rand::Rng;
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event};
 use sealed_ota_device_emulator::device::unix_now;
@@ -57,6 +57,7 @@ pub fn enroll_fleet(
         manager_id: manager_id.into(),
         topic_prefix: "iot".into(),
         initial_version: "1.0.0".into(),
+        release_keys: Vec::new(),
     };
     let request = EnrollRequest {
         id_prefix: id_prefix.into(),
@@ -185,27 +186,7 @@ impl TestManager {
     }
 
     async fn perform(&self, actions: Vec<Action>) -> Result<()> {
-        for action in actions {
-            if let Action::Publish(out) = action {
-                let properties = PublishProperties {
-                    response_topic: out.properties.response_topic,
-                    correlation_data: out.properties.correlation_data.map(Into::into),
-                    user_properties: out.properties.user_properties,
-                    content_type: out.properties.content_type,
-                    ..PublishProperties::default()
-                };
-                self.client
-                    .publish_with_properties(
-                        out.topic,
-                        QoS::AtLeastOnce,
-                        out.retain,
-                        out.payload,
-                        properties,
-                    )
-                    .await?;
-            }
-        }
-        Ok(())
+        Ok(mqtt_io::perform(&self.client, actions).await?)
     }
 
     /// Publishes the firmware's chunks (retained) and one notify per device.
@@ -223,6 +204,7 @@ impl TestManager {
             payload: CampaignPayload::Firmware { image },
             expires_at: unix_now() + 3600,
             chunk_size,
+            release: None,
         };
         self.start_campaign(spec, devices).await
     }
@@ -306,7 +288,7 @@ impl TestManager {
                 ManagerEvent::Installed { .. } => {
                     self.installed.insert(device.clone());
                 }
-                ManagerEvent::Rejected { reason } => {
+                ManagerEvent::Rejected { reason, .. } => {
                     self.rejected.insert(device.clone(), reason);
                 }
                 ManagerEvent::ChunksRequested { indices } => {
@@ -316,7 +298,9 @@ impl TestManager {
                         actions.push(Action::Publish(campaign.chunk_publish(&self.topics, index)));
                     }
                 }
-                ManagerEvent::HandshakeCompleted { .. } | ManagerEvent::Progress { .. } => {}
+                ManagerEvent::HandshakeCompleted { .. }
+                | ManagerEvent::Progress { .. }
+                | ManagerEvent::RolledBack { .. } => {}
             }
         }
         self.perform(actions).await

@@ -23,7 +23,6 @@ use sealed_ota_protocol::crypto::sha256;
 use sealed_ota_protocol::manager::{CampaignPayload, CampaignSpec, PreparedCampaign};
 use sealed_ota_protocol::topics::TopicTree;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The emulator's default chunk window (`run --window`).
 const PULL_WINDOW: u32 = 8;
@@ -362,6 +361,7 @@ fn chunk_payloads(image: &[u8], chunk_bytes: u32) -> Result<Vec<Vec<u8>>> {
         },
         expires_at: u64::MAX / 2,
         chunk_size: chunk_bytes,
+        release: None,
     })?;
     let topics = TopicTree::new("iot", "bench")?;
     Ok(prepared
@@ -381,14 +381,17 @@ async fn run_campaign(
 ) -> Result<CampaignRun> {
     let mut product = Product::new(prefix, devices).await?;
     product.window_timeout_seconds = 30;
-    let server = ImageServer::start(image.to_vec()).await?;
+    // Measuring the product, not the test tooling: no key log, and the emulated devices (which
+    // share one disk here) do not fsync their frequent state saves.
+    product.log_keys = false;
+    let server = sealed_ota_e2e::http::FileServer::start(image.to_vec()).await?;
     product.start_operator()?;
     wait_ready(&product.metrics_addr).await?;
     // Idle: leader, caches synced with every Device, no campaign.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let pid = product.operator_pid().context("operator not running")?;
     let rss_idle = process_memory(pid, "VmRSS")?;
-    product.start_emulator(emulator_args)?;
+    product.start_emulator(&[emulator_args, &["--no-state-fsync"]].concat())?;
     let processes = [
         ("operator", pid),
         (
@@ -534,64 +537,15 @@ fn campaign_json(run: &CampaignRun) -> Value {
 
 /// Waits for the operator's /readyz (leader elected, caches synced).
 async fn wait_ready(addr: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
-            s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await?;
-            let mut response = String::new();
-            let _ = s.read_to_string(&mut response).await;
-            if response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200") {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("the operator at {addr} was not ready within 120 s");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let url = format!("http://{addr}/readyz");
+    sealed_ota_e2e::wait_for(
+        "the operator's /readyz",
+        Duration::from_secs(120),
+        || async { Ok(sealed_ota_e2e::http::get(&url).await.ok().map(|_| ())) },
+    )
+    .await
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Serves one image over HTTP on loopback (the campaign's `payload.firmware.url`).
-struct ImageServer {
-    addr: std::net::SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ImageServer {
-    async fn start(image: Vec<u8>) -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let image = std::sync::Arc::new(image);
-        let task = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let image = std::sync::Arc::clone(&image);
-                tokio::spawn(async move {
-                    let mut request = [0u8; 4096];
-                    let _ = stream.read(&mut request).await;
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
-                        image.len()
-                    );
-                    let _ = stream.write_all(head.as_bytes()).await;
-                    let _ = stream.write_all(&image).await;
-                    let _ = stream.shutdown().await;
-                });
-            }
-        });
-        Ok(ImageServer { addr, task })
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/firmware.bin", self.addr)
-    }
-}
-
-impl Drop for ImageServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }

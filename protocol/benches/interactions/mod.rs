@@ -280,6 +280,7 @@ impl World {
             manager_id: "p1".into(),
             max_packet_size: 0,
             window,
+            release_keys: Vec::new(),
         };
         let mut net = Net::new(topics.clone());
         // Once per manager, shared by every device (not counted).
@@ -385,6 +386,7 @@ pub fn firmware(image_bytes: usize, chunk_bytes: u32, window: u32) -> Result<Cou
         payload: CampaignPayload::Firmware { image },
         expires_at: NOW + 3600,
         chunk_size: chunk_bytes,
+        release: None,
     })
     .map_err(at("prepare firmware"))?;
     World::new(&pki, campaign, window)?.finish("firmware")
@@ -403,6 +405,7 @@ pub fn rotation() -> Result<Counts, SimError> {
         },
         expires_at: NOW + 3600,
         chunk_size: 1024,
+        release: None,
     })
     .map_err(at("prepare rotation"))?;
     World::new(&pki, campaign, 8)?.finish("rotation")

@@ -25,6 +25,7 @@ fn fixture() -> &'static Fixture {
                 manager_id: "p1".into(),
                 max_packet_size: 0,
                 window: 4,
+                release_keys: Vec::new(),
             },
         }
     })

@@ -149,17 +149,20 @@ impl Pki {
         state: DeviceState,
         window: u32,
     ) -> (DeviceSession, Vec<Action>) {
-        DeviceSession::new(
-            DeviceConfig {
-                identity: id,
-                trust: self.trust.clone(),
-                topics: self.topics.clone(),
-                manager_id: "p1".into(),
-                max_packet_size: 256 * 1024,
-                window,
-            },
-            state,
-        )
+        DeviceSession::new(self.device_config(id, window), state)
+    }
+
+    /// The configuration of a device of this PKI (no release keys: add them to the result).
+    pub fn device_config(&self, id: Arc<Identity>, window: u32) -> DeviceConfig {
+        DeviceConfig {
+            identity: id,
+            trust: self.trust.clone(),
+            topics: self.topics.clone(),
+            manager_id: "p1".into(),
+            max_packet_size: 256 * 1024,
+            window,
+            release_keys: Vec::new(),
+        }
     }
 }
 
@@ -175,6 +178,7 @@ pub fn campaign(image: Vec<u8>, chunk_size: u32) -> Arc<PreparedCampaign> {
             payload: CampaignPayload::Firmware { image },
             expires_at: NOW + 3600,
             chunk_size,
+            release: None,
         })
         .unwrap(),
     )
@@ -251,6 +255,61 @@ impl World {
     pub fn add_device(&mut self, name: &str, version: &str, window: u32) {
         let (s, actions) = self.pki.device(name, version, window);
         self.add_device_session(name, s, actions);
+    }
+
+    /// Like `add_device`, returning the device's identity (to sign as the device: what a thief of
+    /// its key could do).
+    pub fn add_device_id(&mut self, name: &str, version: &str, window: u32) -> Arc<Identity> {
+        let id = Arc::new(self.pki.ca.issue(Role::Device, name, NOW, 30).unwrap());
+        let (s, actions) = self
+            .pki
+            .device_with(id.clone(), DeviceState::new(version), window);
+        self.add_device_session(name, s, actions);
+        id
+    }
+
+    /// Every message `from` published on a topic ending with `suffix`, in order.
+    pub fn published_by(&self, from: &str, suffix: &str) -> Vec<Inbound> {
+        self.broker
+            .published
+            .iter()
+            .filter(|(f, o)| f == from && o.topic.ends_with(suffix))
+            .map(|(_, o)| o.to_inbound())
+            .collect()
+    }
+
+    /// The last message `from` published on a topic ending with `suffix`.
+    pub fn last_from(&self, from: &str, suffix: &str) -> Inbound {
+        self.broker
+            .published
+            .iter()
+            .rev()
+            .find(|(f, o)| f == from && o.topic.ends_with(suffix))
+            .expect("published")
+            .1
+            .to_inbound()
+    }
+
+    /// The transcript hash of the session made of the last notify the manager published for
+    /// `device` and the last ready `device` answered with, computed from the wire alone.
+    pub fn transcript_of(&self, device: &str) -> [u8; 32] {
+        let notify = self.last_from("manager", &format!("/{device}/notify"));
+        let ready = self.last_from(device, "/ready");
+        let (_, n) = wire::decode_notify(&notify.payload).unwrap();
+        let (_, r) = wire::decode_ready(&ready.payload).unwrap();
+        crypto::Transcript {
+            manager_id: &n.manager_id,
+            device_id: &n.device_id,
+            campaign_id: &n.campaign_id,
+            session_id: &n.session_id,
+            manager_nonce: &n.nonce,
+            device_nonce: &r.nonce,
+            manager_ephemeral: &n.ephemeral,
+            device_ephemeral: &r.ephemeral,
+            manager_cert_fingerprint: &crypto::sha256(&n.manager_cert),
+            device_cert_fingerprint: &crypto::sha256(&r.device_cert),
+        }
+        .hash()
     }
 
     pub fn add_device_session(&mut self, name: &str, s: DeviceSession, actions: Vec<Action>) {
@@ -388,4 +447,69 @@ impl World {
 
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     sealed_ota_protocol::crypto::sha256(data)
+}
+
+/// The P-256 secret of an identity (through its PKCS#8 export).
+pub fn secret_of(id: &Identity) -> p256::SecretKey {
+    use p256::pkcs8::DecodePrivateKey;
+    p256::SecretKey::from_pkcs8_der(&id.key_pkcs8_der()).unwrap()
+}
+
+/// Sign a body as message type `t` with an identity's key: what a holder of that key can send.
+pub fn sign_as<T: serde::Serialize>(id: &Identity, t: u8, body: &T) -> Vec<u8> {
+    wire::SignedEnvelope::sign(&secret_of(id), t, wire::encode_msg(body)).encode()
+}
+
+/// A receipt of `claim` signed with `id`, bound to `session_id` and `transcript`.
+pub fn receipt_as(
+    id: &Identity,
+    device: &str,
+    session_id: [u8; 16],
+    transcript: [u8; 32],
+    campaign: &str,
+    claim: Claim,
+) -> Inbound {
+    let body = ReceiptBody {
+        v: WIRE_VERSION,
+        session_id,
+        transcript,
+        manager_id: "p1".into(),
+        device_id: device.into(),
+        campaign_id: campaign.into(),
+        claim,
+    };
+    Inbound {
+        topic: format!("iot/p1/{device}/update/status"),
+        payload: sign_as(id, wire::TYPE_RECEIPT, &body),
+        properties: Properties::default(),
+    }
+}
+
+/// A key log that keeps every secret a device session reports.
+#[derive(Debug, Default)]
+pub struct Secrets(std::sync::Mutex<Vec<LoggedSecret>>);
+
+/// (label, session id, secret).
+type LoggedSecret = (String, [u8; 16], Vec<u8>);
+
+impl KeyLog for Secrets {
+    fn log(&self, label: &str, session_id: &[u8; 16], secret: &[u8]) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((label.to_string(), *session_id, secret.to_vec()));
+    }
+}
+
+impl Secrets {
+    /// The secrets logged under `label`.
+    pub fn get(&self, label: &str) -> Vec<Vec<u8>> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(l, _, _)| l == label)
+            .map(|(_, _, s)| s.clone())
+            .collect()
+    }
 }

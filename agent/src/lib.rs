@@ -1,0 +1,26 @@
+//! `sealed-ota-agent`: the Sealed OTA device agent for embedded Linux devices and gateways.
+//!
+//! The agent installs firmware through one of three backends (`installer`: RAUC over D-Bus, Mender
+//! Update Modules, or a command hook) as a journaled transaction (`transaction`, the pure state
+//! machine; `driver`, the shell that performs its effects), with A/B commit and rollback, a health
+//! check and reboots (`system`), surviving a power cut at any step (`journal`, `durable`). Images
+//! reach an installer only verified and complete (`staging`). Final outcomes go to a `report::Reporter`.
+//! `config` reads `/etc/sealed-ota/agent.toml`; `keygen` makes the device key and CSR on the device.
+//!
+//! Unfinished in this version: the MQTT session with the manager (the protocol's `DeviceSession`)
+//! is not connected yet, so `run` finishes an interrupted transaction and stops short of connecting.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod crashpoint;
+pub mod driver;
+pub mod durable;
+pub mod installer;
+pub mod journal;
+pub mod keygen;
+pub mod process;
+pub mod report;
+pub mod staging;
+pub mod system;
+pub mod transaction;

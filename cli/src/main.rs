@@ -1,0 +1,44 @@
+//! `sealed-ota`: the project's command line for people and pipelines outside the cluster. One module
+//! per command group (`release`: the offline release key); the cryptography lives in the protocol
+//! crate (`sealed_ota_protocol::release`), so every tool signs and verifies the same way.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod error;
+mod release;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "sealed-ota", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Release keys and signatures: the offline role that signs firmware images (devices enrolled
+    /// with the public key refuse images it did not sign, whatever the operator signs).
+    #[command(subcommand)]
+    Release(release::Command),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Release(command) => release::run(command),
+    };
+    match result {
+        Ok(output) => {
+            print!("{output}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,1353 @@
+//! The session registry (pure): the campaigns this replica drives, and per device its progress,
+//! its protocol `ManagerSession`, what its handshake showed and the Device status last written —
+//! one place for all of it, with the device-id route to its run. Its methods take events (a
+//! reconcile pass's plan, an inbound MQTT message, the end of a campaign) and return [`Effects`]
+//! (MQTT actions, Device status writes, notes for metrics and logs) for the engine shell to carry
+//! out, in the manner of rumqttc's `state.rs`: nothing here touches a socket, the apiserver or the
+//! clock.
+//!
+//! A device counts as done only after its signed receipt (`Installed`, `RolledBack`) or signed
+//! refusal, never on a broker acknowledgement. A timeout decided by the rollout applies only to
+//! the attempt it was decided for: a receipt that arrived in between wins.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use sealed_ota_protocol::{
+    Action, DeviceTarget, Inbound, IssuedCertificate, ManagerConfig, ManagerEvent, ManagerSession,
+    Outbound, PreparedCampaign, Properties, TopicTree,
+};
+
+use crate::crd::{Device, DevicePhase, DeviceStatus};
+use crate::credentials;
+use crate::device_status::{
+    campaign_record, device_status, kept_receipt, DeviceWrite, Handshake, RunIds,
+};
+use crate::reasons::FailureReason;
+use crate::rollout::{Progress, TimeoutOutcome};
+
+/// (namespace, name) of a campaign.
+pub type CampaignKey = (String, String);
+
+/// What the campaign status reports about a run's prepared payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunFacts {
+    /// Chunks of the prepared image.
+    pub chunk_count: u32,
+    /// When its manifests expire (Unix seconds).
+    pub expires_at: u64,
+    /// The release key that signed the image.
+    pub release_key_id: Option<[u8; 32]>,
+}
+
+/// One device inside a run.
+#[derive(Debug)]
+struct DeviceRun {
+    device_id: String,
+    progress: Progress,
+    session: Option<ManagerSession>,
+    handshake: Option<Handshake>,
+    /// The Device status as last written (or read): every write starts from it.
+    base: Option<DeviceStatus>,
+    /// spec.certificateFingerprint when the session started.
+    pin: Option<String>,
+    /// The certificate of this session's rotation once its pending record landed on the Device.
+    issued_recorded: Option<[u8; 32]>,
+}
+
+impl DeviceRun {
+    fn attempt(&self) -> u32 {
+        match self.progress {
+            Progress::InFlight { attempt, .. } | Progress::Backoff { attempt, .. } => attempt,
+            _ => 1,
+        }
+    }
+}
+
+/// A campaign this replica drives.
+#[derive(Debug)]
+pub struct CampaignRun {
+    ids: RunIds,
+    /// The encrypted-once payload; released when the run ends (its facts are kept).
+    prepared: Option<Arc<PreparedCampaign>>,
+    facts: RunFacts,
+    manager: ManagerConfig,
+    allow_downgrade: bool,
+    /// Devices by resource name.
+    devices: HashMap<String, DeviceRun>,
+    /// Resource name by device id.
+    by_id: HashMap<String, String>,
+    chunks_published: bool,
+    ended: bool,
+}
+
+impl CampaignRun {
+    /// A fresh run of a prepared campaign.
+    pub fn new(
+        uid: String,
+        target_version: String,
+        prepared: Arc<PreparedCampaign>,
+        manager: ManagerConfig,
+        allow_downgrade: bool,
+    ) -> Self {
+        Self {
+            ids: RunIds {
+                uid,
+                target_version,
+            },
+            facts: RunFacts {
+                chunk_count: prepared.chunk_count(),
+                expires_at: prepared.expires_at(),
+                release_key_id: prepared.release_key_id(),
+            },
+            prepared: Some(prepared),
+            manager,
+            allow_downgrade,
+            devices: HashMap::new(),
+            by_id: HashMap::new(),
+            chunks_published: false,
+            ended: false,
+        }
+    }
+
+    /// Chunks of the prepared payload.
+    pub fn chunk_count(&self) -> u32 {
+        self.facts.chunk_count
+    }
+}
+
+/// What happened, for a metric and a log line (the shell turns each into both).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Note {
+    /// A device session started (retained notify published).
+    Started {
+        /// Campaign name.
+        campaign: String,
+        /// Device resource name.
+        device: String,
+        /// Attempt number, 1-based.
+        attempt: u32,
+    },
+    /// The protocol refused to start a session (e.g. an unusable pin).
+    StartRefused {
+        /// Campaign name.
+        campaign: String,
+        /// Device resource name.
+        device: String,
+        /// The protocol's error.
+        error: String,
+    },
+    /// A device completed the handshake.
+    HandshakeCompleted {
+        /// Campaign name.
+        campaign: String,
+        /// Device id.
+        device: String,
+        /// The version the device runs.
+        running_version: String,
+    },
+    /// A signed install receipt.
+    Installed {
+        /// Campaign name.
+        campaign: String,
+        /// Device id.
+        device: String,
+        /// The version installed.
+        version: String,
+    },
+    /// A device failed (signed refusal or rollback, or out of attempts).
+    Failed {
+        /// Campaign name.
+        campaign: String,
+        /// Device id or resource name.
+        device: String,
+        /// Why.
+        reason: FailureReason,
+        /// What the device or the timeout said (bounded).
+        detail: String,
+    },
+    /// An attempt timed out; the device is retried after a backoff.
+    Retrying {
+        /// Campaign name.
+        campaign: String,
+        /// Device resource name.
+        device: String,
+        /// The attempt that timed out.
+        attempt: u32,
+    },
+    /// An inbound message the session refused (forged, replayed, wrong session) or that had no
+    /// session here.
+    Ignored {
+        /// Device id from the topic.
+        device: String,
+        /// Metric label of why.
+        label: &'static str,
+    },
+}
+
+/// A Device write that must land before the actions of the same [`Effects`] are published: the
+/// certificate a rotation's update carries, recorded as pending. If it does not land, nothing is
+/// published (the device asks again).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gate {
+    /// The write.
+    pub write: DeviceWrite,
+    /// Where to report that it landed ([`Runs::issued_recorded`]).
+    pub campaign: CampaignKey,
+    /// Device resource name.
+    pub device: String,
+    /// The certificate recorded.
+    pub fingerprint: [u8; 32],
+}
+
+/// What an event leads to, carried out by the shell in this order: the gate, the writes, the
+/// MQTT actions; notes become metrics and logs.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Must land before `actions` are published.
+    pub gate: Option<Gate>,
+    /// Device status writes (ordered per device).
+    pub writes: Vec<DeviceWrite>,
+    /// MQTT actions, in order.
+    pub actions: Vec<Action>,
+    /// What happened.
+    pub notes: Vec<Note>,
+}
+
+impl Effects {
+    fn extend(&mut self, other: Effects) {
+        debug_assert!(self.gate.is_none() || other.gate.is_none());
+        self.gate = self.gate.take().or(other.gate);
+        self.writes.extend(other.writes);
+        self.actions.extend(other.actions);
+        self.notes.extend(other.notes);
+    }
+}
+
+/// What one reconcile pass decided to do, for [`Runs::apply`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Attempts that timed out (indices into the selected devices).
+    pub timed_out: Vec<TimeoutOutcome>,
+    /// Devices to start: (index into the selected devices, attempt).
+    pub start: Vec<(usize, u32)>,
+    /// Deadline of the attempts started now (Unix seconds).
+    pub deadline: u64,
+    /// The campaign reached a terminal phase: end the run.
+    pub end: bool,
+}
+
+/// Every run of this replica and the route from a device id to its run.
+#[derive(Debug, Default)]
+pub struct Runs {
+    runs: HashMap<CampaignKey, CampaignRun>,
+    routes: HashMap<String, CampaignKey>,
+}
+
+/// An empty retained publish (clears a retained message).
+pub fn clear_retained(topic: String) -> Outbound {
+    Outbound {
+        topic,
+        payload: Vec::new(),
+        retain: true,
+        properties: Properties::default(),
+    }
+}
+
+/// Progress a Device status records for the campaign `uid` (a restarted operator resumes from it).
+fn recorded_progress(device: &Device, uid: &str) -> Progress {
+    let recorded = device
+        .status
+        .as_ref()
+        .and_then(|s| s.campaign.as_ref())
+        .filter(|c| c.uid == uid);
+    match recorded {
+        Some(c) if c.phase == DevicePhase::Succeeded => Progress::Succeeded,
+        Some(c) if c.phase == DevicePhase::Failed => Progress::Failed {
+            reason: c
+                .reason
+                .as_deref()
+                .and_then(FailureReason::parse)
+                .unwrap_or(FailureReason::InstallFailed),
+        },
+        // Started before a restart: the next start counts as a further attempt.
+        Some(c) => Progress::Backoff {
+            until: 0,
+            attempt: c.attempts.max(1),
+        },
+        None => Progress::NotStarted,
+    }
+}
+
+impl Runs {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether a run exists for the campaign with this uid.
+    pub fn has(&self, key: &CampaignKey, uid: &str) -> bool {
+        self.runs.get(key).is_some_and(|r| r.ids.uid == uid)
+    }
+
+    /// Install a run, replacing one of an older uid (its routes go with it).
+    pub fn insert(&mut self, key: CampaignKey, run: CampaignRun) {
+        if let Some(old) = self.runs.insert(key, run) {
+            for d in old.devices.values() {
+                self.routes.remove(&d.device_id);
+            }
+        }
+    }
+
+    /// What the campaign status reports about the run's prepared payload.
+    pub fn facts(&self, key: &CampaignKey) -> Option<RunFacts> {
+        self.runs.get(key).map(|r| r.facts)
+    }
+
+    /// Devices in flight over every run (the ones with a live session).
+    pub fn sessions(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Progress of each selected device, in the given order: the run's memory first, then what
+    /// the Device status records for this campaign uid (recorded in the run from then on).
+    pub fn progress(
+        &mut self,
+        key: &CampaignKey,
+        uid: &str,
+        devices: &[Arc<Device>],
+    ) -> Vec<Progress> {
+        let mut run = self.runs.get_mut(key).filter(|r| r.ids.uid == uid);
+        devices
+            .iter()
+            .map(|d| {
+                let name = d.metadata.name.as_deref().unwrap_or_default();
+                if let Some(dr) = run.as_ref().and_then(|r| r.devices.get(name)) {
+                    return dr.progress.clone();
+                }
+                let progress = recorded_progress(d, uid);
+                if progress != Progress::NotStarted {
+                    if let Some(r) = run.as_mut() {
+                        r.devices.insert(
+                            name.to_owned(),
+                            DeviceRun {
+                                device_id: d.device_id(),
+                                progress: progress.clone(),
+                                session: None,
+                                handshake: None,
+                                base: d.status.clone(),
+                                pin: d.spec.certificate_fingerprint.clone(),
+                                issued_recorded: None,
+                            },
+                        );
+                    }
+                }
+                progress
+            })
+            .collect()
+    }
+
+    /// Carry out a reconcile pass's plan over the selected `devices` (the same slice, in the same
+    /// order, the progress was read for): timeouts, then starts, or the end of the run.
+    pub fn apply(
+        &mut self,
+        key: &CampaignKey,
+        uid: &str,
+        devices: &[Arc<Device>],
+        plan: &Plan,
+        topics: &TopicTree,
+        now: u64,
+    ) -> Effects {
+        let mut fx = Effects::default();
+        if !self.has(key, uid) {
+            return fx;
+        }
+        for outcome in &plan.timed_out {
+            fx.extend(self.time_out(key, devices, outcome, now));
+        }
+        if plan.end {
+            fx.extend(self.end(key, topics, now));
+            return fx;
+        }
+        if !plan.start.is_empty() {
+            fx.actions.extend(
+                self.take_chunk_publishes(key, topics)
+                    .into_iter()
+                    .map(Action::Publish),
+            );
+        }
+        for &(index, attempt) in &plan.start {
+            if let Some(device) = devices.get(index) {
+                fx.extend(self.start(key, device, attempt, plan.deadline, now));
+            }
+        }
+        fx
+    }
+
+    /// Retained chunk publishes, the first time the run needs them.
+    fn take_chunk_publishes(&mut self, key: &CampaignKey, topics: &TopicTree) -> Vec<Outbound> {
+        match self.runs.get_mut(key) {
+            Some(run) if !run.chunks_published => {
+                run.chunks_published = true;
+                run.prepared
+                    .as_ref()
+                    .map(|p| p.chunk_publishes(topics))
+                    .unwrap_or_default()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Start (or restart) one device: a fresh session and its retained notify.
+    fn start(
+        &mut self,
+        key: &CampaignKey,
+        device: &Device,
+        attempt: u32,
+        deadline: u64,
+        now: u64,
+    ) -> Effects {
+        let mut fx = Effects::default();
+        let name = device.metadata.name.clone().unwrap_or_default();
+        let device_id = device.device_id();
+        let pin = device.spec.certificate_fingerprint.clone();
+        let Some(run) = self.runs.get_mut(key) else {
+            return fx;
+        };
+        let Some(prepared) = run.prepared.clone() else {
+            return fx;
+        };
+        // What this replica wrote last is newer than what the reflector may have seen yet.
+        let base = run
+            .devices
+            .get(&name)
+            .and_then(|d| d.base.clone())
+            .or_else(|| device.status.clone());
+        let policy = credentials::policy(pin.as_deref(), base.as_ref());
+        let target = DeviceTarget {
+            device_id: device_id.clone(),
+            pinned_fingerprint: policy.pin,
+            allow_downgrade: run.allow_downgrade,
+        };
+        let (mut session, actions) =
+            match ManagerSession::start(&run.manager, prepared, target, now) {
+                Ok(started) => started,
+                Err(e) => {
+                    fx.notes.push(Note::StartRefused {
+                        campaign: key.1.clone(),
+                        device: name,
+                        error: e.to_string(),
+                    });
+                    return fx;
+                }
+            };
+        // Certificates this operator issued (rotated, or pending: their receipt may have been
+        // lost) are accepted like the pin; retired ones are refused even when pinned.
+        for fp in policy.also_accept {
+            session.also_accept_fingerprint(fp);
+        }
+        for fp in policy.refuse {
+            session.refuse_fingerprint(fp);
+        }
+        run.by_id.insert(device_id.clone(), name.clone());
+        run.devices.insert(
+            name.clone(),
+            DeviceRun {
+                device_id: device_id.clone(),
+                progress: Progress::InFlight { deadline, attempt },
+                session: Some(session),
+                handshake: None,
+                base,
+                pin,
+                issued_recorded: None,
+            },
+        );
+        self.routes.insert(device_id, key.clone());
+        fx.actions = actions;
+        fx.notes.push(Note::Started {
+            campaign: key.1.clone(),
+            device: name,
+            attempt,
+        });
+        fx
+    }
+
+    /// A timeout the rollout decided: applies only when the device is still in the attempt the
+    /// decision saw (a receipt that arrived since wins). Ends the session with the signed abort.
+    fn time_out(
+        &mut self,
+        key: &CampaignKey,
+        devices: &[Arc<Device>],
+        outcome: &TimeoutOutcome,
+        now: u64,
+    ) -> Effects {
+        let mut fx = Effects::default();
+        let (index, attempt, next) = match *outcome {
+            TimeoutOutcome::Retry {
+                index,
+                until,
+                attempt,
+            } => (index, attempt, Progress::Backoff { until, attempt }),
+            TimeoutOutcome::Fail { index, attempts } => (
+                index,
+                attempts,
+                Progress::Failed {
+                    reason: FailureReason::Timeout,
+                },
+            ),
+        };
+        let Some(name) = devices.get(index).and_then(|d| d.metadata.name.clone()) else {
+            return fx;
+        };
+        let Some(run) = self.runs.get_mut(key) else {
+            return fx;
+        };
+        let ids = run.ids.clone();
+        let Some(dr) = run.devices.get_mut(&name) else {
+            return fx;
+        };
+        let still_in_that_attempt = matches!(
+            dr.progress,
+            Progress::InFlight { deadline, attempt: a } if a == attempt && deadline <= now
+        );
+        if !still_in_that_attempt {
+            return fx;
+        }
+        if let Some(s) = dr.session.take() {
+            fx.actions.push(Action::Publish(s.abort_publish(now)));
+        }
+        self.routes.remove(&dr.device_id);
+        run.by_id.remove(&dr.device_id);
+        if matches!(next, Progress::Failed { .. }) {
+            let detail = format!("no signed receipt after {attempt} attempts");
+            let record = campaign_record(
+                &key.1,
+                &ids,
+                DevicePhase::Failed,
+                attempt,
+                Some(FailureReason::Timeout),
+                Some(detail.clone()),
+            );
+            let status = device_status(dr.base.as_ref(), dr.handshake.as_ref(), None, record, now);
+            dr.base = Some(status.clone());
+            fx.writes.push(DeviceWrite {
+                namespace: key.0.clone(),
+                name: name.clone(),
+                status,
+            });
+            fx.notes.push(Note::Failed {
+                campaign: key.1.clone(),
+                device: name,
+                reason: FailureReason::Timeout,
+                detail,
+            });
+        } else {
+            fx.notes.push(Note::Retrying {
+                campaign: key.1.clone(),
+                device: name,
+                attempt,
+            });
+        }
+        dr.progress = next;
+        fx
+    }
+
+    /// End the campaign on this replica: drop every session, send the devices still in flight
+    /// the signed abort (retained on their notify topic) and clear every chunk. Idempotent.
+    pub fn end(&mut self, key: &CampaignKey, topics: &TopicTree, now: u64) -> Effects {
+        let mut fx = Effects::default();
+        let Some(run) = self.runs.get_mut(key) else {
+            return fx;
+        };
+        if run.ended {
+            return fx;
+        }
+        run.ended = true;
+        for dr in run.devices.values_mut() {
+            if let Some(s) = dr.session.take() {
+                fx.actions.push(Action::Publish(s.abort_publish(now)));
+            }
+            self.routes.remove(&dr.device_id);
+        }
+        run.by_id.clear();
+        // The encrypted image is no longer needed: release it.
+        if let Some(prepared) = run.prepared.take() {
+            fx.actions.extend(
+                prepared
+                    .clear_chunks(topics)
+                    .into_iter()
+                    .map(Action::Publish),
+            );
+        }
+        fx
+    }
+
+    /// Forget a run entirely (campaign deleted): the end's clean-up, then an empty retained
+    /// publish on every notify topic of the run, so nothing of the campaign stays retained.
+    pub fn remove(&mut self, key: &CampaignKey, topics: &TopicTree, now: u64) -> Effects {
+        let mut fx = self.end(key, topics, now);
+        if let Some(run) = self.runs.remove(key) {
+            fx.actions.extend(
+                run.devices
+                    .values()
+                    .map(|d| Action::Publish(clear_retained(topics.notify(&d.device_id)))),
+            );
+        }
+        fx
+    }
+
+    /// The pending record of a rotation's certificate landed on the Device (see [`Gate`]).
+    pub fn issued_recorded(&mut self, key: &CampaignKey, device: &str, fingerprint: [u8; 32]) {
+        if let Some(dr) = self
+            .runs
+            .get_mut(key)
+            .and_then(|r| r.devices.get_mut(device))
+        {
+            dr.issued_recorded = Some(fingerprint);
+        }
+    }
+
+    /// Feed one inbound message (from the device's `ready` or `status` topic) to its session.
+    pub fn dispatch(
+        &mut self,
+        device_id: &str,
+        msg: &Inbound,
+        topics: &TopicTree,
+        now: u64,
+    ) -> Effects {
+        let mut fx = Effects::default();
+        let ignored = |label| Note::Ignored {
+            device: device_id.to_owned(),
+            label,
+        };
+        // A device with no session here: finished, another replica's, or a stale retained.
+        let Some(key) = self.routes.get(device_id).cloned() else {
+            fx.notes.push(ignored("no_session"));
+            return fx;
+        };
+        let Some(run) = self.runs.get_mut(&key) else {
+            fx.notes.push(ignored("no_session"));
+            return fx;
+        };
+        let (Some(name), Some(prepared)) =
+            (run.by_id.get(device_id).cloned(), run.prepared.clone())
+        else {
+            fx.notes.push(ignored("no_session"));
+            return fx;
+        };
+        let ids = run.ids.clone();
+        let Some(dr) = run.devices.get_mut(&name) else {
+            fx.notes.push(ignored("no_session"));
+            return fx;
+        };
+        let attempts = dr.attempt();
+        let Some(session) = dr.session.as_mut() else {
+            fx.notes.push(ignored("no_session"));
+            return fx;
+        };
+        let out = match session.handle(msg, now) {
+            Ok(out) => out,
+            Err(e) => {
+                fx.notes.push(ignored(e.metric_label()));
+                return fx;
+            }
+        };
+        let issued = session.issued_certificate();
+        fx.actions = out.actions;
+        let mut outcome: Option<Outcome> = None;
+        let mut proof: Option<[u8; 32]> = None;
+        let campaign = || key.1.clone();
+        for ev in out.events {
+            match ev {
+                ManagerEvent::HandshakeCompleted {
+                    device_cert_fingerprint,
+                    device_cert_not_after,
+                    running_version,
+                } => {
+                    fx.notes.push(Note::HandshakeCompleted {
+                        campaign: campaign(),
+                        device: device_id.to_owned(),
+                        running_version: running_version.clone(),
+                    });
+                    proof = Some(device_cert_fingerprint);
+                    dr.handshake = Some(Handshake {
+                        fingerprint: device_cert_fingerprint,
+                        not_after: device_cert_not_after,
+                        running_version,
+                    });
+                    outcome.get_or_insert(Outcome::phase(DevicePhase::Transferring));
+                }
+                ManagerEvent::Progress { .. } => {}
+                ManagerEvent::ChunksRequested { indices } => {
+                    fx.actions.extend(
+                        indices
+                            .into_iter()
+                            .filter(|i| *i < prepared.chunk_count())
+                            .map(|i| Action::Publish(prepared.chunk_publish(topics, i))),
+                    );
+                }
+                ManagerEvent::Installed {
+                    version,
+                    receipt,
+                    release_key,
+                } => {
+                    fx.notes.push(Note::Installed {
+                        campaign: campaign(),
+                        device: device_id.to_owned(),
+                        version: version.clone(),
+                    });
+                    dr.progress = Progress::Succeeded;
+                    outcome = Some(Outcome {
+                        version: Some(version),
+                        settles: issued,
+                        receipt: Some(receipt),
+                        release_key,
+                        ..Outcome::phase(DevicePhase::Succeeded)
+                    });
+                }
+                ManagerEvent::RolledBack {
+                    version,
+                    reason,
+                    receipt,
+                } => {
+                    let detail = format!(
+                        "installed {version}, failed its health check and rolled back: {reason}"
+                    );
+                    fx.notes.push(Note::Failed {
+                        campaign: campaign(),
+                        device: device_id.to_owned(),
+                        reason: FailureReason::RolledBack,
+                        detail: detail.clone(),
+                    });
+                    dr.progress = Progress::Failed {
+                        reason: FailureReason::RolledBack,
+                    };
+                    outcome = Some(Outcome {
+                        reason: Some(FailureReason::RolledBack),
+                        message: Some(detail),
+                        receipt: Some(receipt),
+                        ..Outcome::phase(DevicePhase::Failed)
+                    });
+                }
+                ManagerEvent::Rejected { reason, receipt } => {
+                    let failure = FailureReason::from_reject(&reason);
+                    fx.notes.push(Note::Failed {
+                        campaign: campaign(),
+                        device: device_id.to_owned(),
+                        reason: failure,
+                        detail: reason.to_string(),
+                    });
+                    dr.progress = Progress::Failed { reason: failure };
+                    outcome = Some(Outcome {
+                        reason: Some(failure),
+                        message: Some(reason.to_string()),
+                        receipt,
+                        ..Outcome::phase(DevicePhase::Failed)
+                    });
+                }
+            }
+        }
+        // A rotation's update about to leave carries a certificate the Device does not list yet.
+        let finished = dr.progress.is_terminal();
+        let unrecorded = issued.filter(|i| {
+            !finished
+                && dr.issued_recorded != Some(i.fingerprint)
+                && fx.actions.iter().any(|a| matches!(a, Action::Publish(_)))
+        });
+        if unrecorded.is_some() {
+            outcome.get_or_insert(Outcome::phase(DevicePhase::Transferring));
+        }
+        if finished {
+            if let Some(s) = dr.session.take() {
+                fx.actions.push(Action::Publish(s.clear_notify()));
+            }
+            self.routes.remove(device_id);
+            run.by_id.remove(device_id);
+        }
+        let Some(o) = outcome else {
+            return fx;
+        };
+        let signer = dr.handshake.as_ref().map(|h| h.fingerprint);
+        let mut base = dr.base.clone().unwrap_or_default();
+        if let Some(fp) = proof {
+            base = credentials::on_proof(base, dr.pin.as_deref(), fp);
+        }
+        if let Some(i) = &unrecorded {
+            base = credentials::record_issued(base, i, &key.1);
+        }
+        let mut record = campaign_record(&key.1, &ids, o.phase, attempts, o.reason, o.message);
+        if let Some(receipt) = &o.receipt {
+            record = kept_receipt(record, receipt, signer, o.release_key);
+        }
+        let mut status = device_status(
+            Some(&base),
+            dr.handshake.as_ref(),
+            o.version.as_deref(),
+            record,
+            now,
+        );
+        if let Some(i) = &o.settles {
+            // The signed receipt of a rotation: the device holds the certificate it issued.
+            status = credentials::settle(status, dr.pin.as_deref(), i.fingerprint, i.not_after);
+        }
+        dr.base = Some(status.clone());
+        let write = DeviceWrite {
+            namespace: key.0.clone(),
+            name: name.clone(),
+            status,
+        };
+        match unrecorded {
+            Some(i) => {
+                fx.gate = Some(Gate {
+                    write,
+                    campaign: key.clone(),
+                    device: name,
+                    fingerprint: i.fingerprint,
+                })
+            }
+            None => fx.writes.push(write),
+        }
+        fx
+    }
+}
+
+/// A device transition worth a Device status write.
+struct Outcome {
+    phase: DevicePhase,
+    version: Option<String>,
+    reason: Option<FailureReason>,
+    message: Option<String>,
+    /// For the receipt of a rotation: the certificate the device now holds.
+    settles: Option<IssuedCertificate>,
+    /// The signed receipt, kept on the Device.
+    receipt: Option<Vec<u8>>,
+    /// The release key the device verified.
+    release_key: Option<[u8; 32]>,
+}
+
+impl Outcome {
+    fn phase(phase: DevicePhase) -> Self {
+        Self {
+            phase,
+            version: None,
+            reason: None,
+            message: None,
+            settles: None,
+            receipt: None,
+            release_key: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The registry driven by real protocol device sessions through a tiny in-memory relay
+    //! (retained messages, `+`/`#` filters): no broker, no apiserver, no clock.
+    use std::collections::BTreeMap;
+
+    use sealed_ota_protocol::{
+        CampaignPayload, CampaignSpec, CertificateAuthority, DeviceConfig, DeviceEvent,
+        DeviceSession, DeviceState, Role, RotationMode,
+    };
+
+    use super::*;
+    use crate::crd::{DeviceCampaignStatus, DeviceSpec};
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn matches(filter: &str, topic: &str) -> bool {
+        let (mut f, mut t) = (filter.split('/'), topic.split('/'));
+        loop {
+            match (f.next(), t.next()) {
+                (Some("#"), _) | (None, None) => return true,
+                (Some("+"), Some(_)) => {}
+                (Some(a), Some(b)) if a == b => {}
+                _ => return false,
+            }
+        }
+    }
+
+    /// One campaign's world: the registry, a PKI, device sessions and a relay between them.
+    struct World {
+        runs: Runs,
+        topics: Arc<TopicTree>,
+        ca: CertificateAuthority,
+        config: ManagerConfig,
+        key: CampaignKey,
+        devices: Vec<Arc<Device>>,
+        sessions: BTreeMap<String, DeviceSession>,
+        subs: BTreeMap<String, Vec<String>>,
+        retained: BTreeMap<String, Inbound>,
+        /// Device publishes not yet dispatched (a test may hold them back).
+        to_manager: Vec<Inbound>,
+        now: u64,
+    }
+
+    impl World {
+        fn new(payload: CampaignPayload, ids: &[&str]) -> Self {
+            let ca = CertificateAuthority::generate("ca", NOW - 10, 30).unwrap();
+            let topics = Arc::new(TopicTree::new("iot", "m").unwrap());
+            let config = ManagerConfig {
+                identity: Arc::new(ca.issue(Role::Manager, "m", NOW - 10, 30).unwrap()),
+                trust: Arc::new(ca.trust_anchor()),
+                topics: topics.clone(),
+            };
+            let prepared = PreparedCampaign::prepare(CampaignSpec {
+                campaign_id: "uid-1".into(),
+                target_version: "2.0.0".into(),
+                payload,
+                expires_at: NOW + 3600,
+                chunk_size: 1024,
+                release: None,
+            })
+            .unwrap();
+            let key: CampaignKey = ("ns".into(), "fw".into());
+            let mut runs = Runs::new();
+            runs.insert(
+                key.clone(),
+                CampaignRun::new(
+                    "uid-1".into(),
+                    "2.0.0".into(),
+                    Arc::new(prepared),
+                    config.clone(),
+                    false,
+                ),
+            );
+            let mut w = Self {
+                runs,
+                topics,
+                ca,
+                config,
+                key,
+                devices: Vec::new(),
+                sessions: BTreeMap::new(),
+                subs: BTreeMap::new(),
+                retained: BTreeMap::new(),
+                to_manager: Vec::new(),
+                now: NOW,
+            };
+            for id in ids {
+                w.add_device(id);
+            }
+            w
+        }
+
+        fn add_device(&mut self, id: &str) {
+            let mut d = Device::new(id, DeviceSpec::default());
+            d.metadata.namespace = Some("ns".into());
+            self.devices.push(Arc::new(d));
+            let identity = Arc::new(self.ca.issue(Role::Device, id, NOW - 10, 30).unwrap());
+            let (session, actions) = DeviceSession::new(
+                DeviceConfig {
+                    identity,
+                    trust: self.config.trust.clone(),
+                    topics: self.topics.clone(),
+                    manager_id: "m".into(),
+                    max_packet_size: 256 * 1024,
+                    window: 8,
+                    release_keys: Vec::new(),
+                },
+                DeviceState::new("1.0.0"),
+            );
+            self.sessions.insert(id.to_owned(), session);
+            self.device_actions(id, actions);
+        }
+
+        fn device_actions(&mut self, id: &str, actions: Vec<Action>) {
+            let mut queue = vec![(id.to_owned(), actions)];
+            while let Some((id, actions)) = queue.pop() {
+                for a in actions {
+                    match a {
+                        Action::Subscribe(filters) => {
+                            for f in filters {
+                                let hits: Vec<Inbound> = self
+                                    .retained
+                                    .iter()
+                                    .filter(|(t, _)| matches(&f, t))
+                                    .map(|(_, m)| m.clone())
+                                    .collect();
+                                self.subs.entry(id.clone()).or_default().push(f);
+                                for m in hits {
+                                    queue.push((id.clone(), self.deliver(&id, &m)));
+                                }
+                            }
+                        }
+                        Action::Unsubscribe(filters) => {
+                            if let Some(s) = self.subs.get_mut(&id) {
+                                s.retain(|f| !filters.contains(f));
+                            }
+                        }
+                        Action::Publish(o) => self.to_manager.push(o.to_inbound()),
+                    }
+                }
+            }
+        }
+
+        /// One message to one device: what its session answers (installing when complete).
+        fn deliver(&mut self, id: &str, m: &Inbound) -> Vec<Action> {
+            let now = self.now;
+            let session = self.sessions.get_mut(id).unwrap();
+            let Ok(out) = session.handle(m, now) else {
+                return Vec::new();
+            };
+            let mut actions = out.actions;
+            for ev in out.events {
+                if let DeviceEvent::ImageComplete { .. }
+                | DeviceEvent::CredentialsDelivered { .. } = ev
+                {
+                    actions.extend(session.finish_install(Ok(()), now));
+                }
+            }
+            actions
+        }
+
+        /// The manager's publishes to the relay (retained kept, subscribers served).
+        fn manager_actions(&mut self, actions: Vec<Action>) {
+            for a in actions {
+                let Action::Publish(o) = a else { continue };
+                if o.retain {
+                    if o.payload.is_empty() {
+                        self.retained.remove(&o.topic);
+                    } else {
+                        self.retained.insert(o.topic.clone(), o.to_inbound());
+                    }
+                }
+                let targets: Vec<String> = self
+                    .subs
+                    .iter()
+                    .filter(|(_, fs)| fs.iter().any(|f| matches(f, &o.topic)))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in targets {
+                    let answer = self.deliver(&id, &o.to_inbound());
+                    self.device_actions(&id, answer);
+                }
+            }
+        }
+
+        fn uid(&self) -> &'static str {
+            "uid-1"
+        }
+
+        fn progress(&mut self) -> Vec<Progress> {
+            let devices = self.devices.clone();
+            self.runs.progress(&self.key.clone(), self.uid(), &devices)
+        }
+
+        fn apply(&mut self, plan: Plan) -> Effects {
+            let devices = self.devices.clone();
+            let (key, topics) = (self.key.clone(), self.topics.clone());
+            let mut fx = self
+                .runs
+                .apply(&key, self.uid(), &devices, &plan, &topics, self.now);
+            self.manager_actions(std::mem::take(&mut fx.actions));
+            fx
+        }
+
+        /// Dispatch every held device message until the conversation settles; returns the
+        /// registry's effects (actions already relayed; a gate lands at once).
+        fn settle(&mut self) -> Effects {
+            let mut all = Effects::default();
+            while !self.to_manager.is_empty() {
+                for m in std::mem::take(&mut self.to_manager) {
+                    let device = m.topic.split('/').nth(2).unwrap().to_owned();
+                    let topics = self.topics.clone();
+                    let mut fx = self.runs.dispatch(&device, &m, &topics, self.now);
+                    if let Some(g) = fx.gate.take() {
+                        self.runs
+                            .issued_recorded(&g.campaign, &g.device, g.fingerprint);
+                        all.writes.push(g.write);
+                    }
+                    self.manager_actions(std::mem::take(&mut fx.actions));
+                    all.extend(fx);
+                }
+            }
+            all
+        }
+    }
+
+    fn firmware() -> CampaignPayload {
+        CampaignPayload::Firmware {
+            image: (0..5000).map(|i| (i % 251) as u8).collect(),
+        }
+    }
+
+    fn start(index: usize, attempt: u32) -> Plan {
+        Plan {
+            start: vec![(index, attempt)],
+            deadline: NOW + 60,
+            ..Plan::default()
+        }
+    }
+
+    fn last_write_phase(fx: &Effects, device: &str) -> Option<DevicePhase> {
+        fx.writes
+            .iter()
+            .rev()
+            .find(|w| w.name == device)
+            .and_then(|w| w.status.campaign.as_ref())
+            .map(|c| c.phase)
+    }
+
+    #[test]
+    fn a_device_installs_through_the_registry_on_its_signed_receipt() {
+        let mut w = World::new(firmware(), &["d1"]);
+        assert_eq!(w.progress(), vec![Progress::NotStarted]);
+        let fx = w.apply(start(0, 1));
+        assert!(matches!(&fx.notes[..], [Note::Started { attempt: 1, .. }]));
+        assert_eq!(w.runs.sessions(), 1);
+        let fx = w.settle();
+        assert_eq!(w.progress(), vec![Progress::Succeeded]);
+        assert_eq!(last_write_phase(&fx, "d1"), Some(DevicePhase::Succeeded));
+        let record = fx.writes.last().unwrap().status.campaign.clone().unwrap();
+        assert!(record.receipt.is_some(), "the signed receipt is kept");
+        assert!(fx
+            .notes
+            .iter()
+            .any(|n| matches!(n, Note::HandshakeCompleted { .. })));
+        assert!(fx.notes.iter().any(|n| matches!(n, Note::Installed { .. })));
+        assert_eq!(w.runs.sessions(), 0, "the finished device has no route");
+        // A late message for the finished device is ignored, not routed.
+        let fx = w.runs.dispatch(
+            "d1",
+            &Inbound {
+                topic: w.topics.status("d1"),
+                payload: vec![1, 2, 3],
+                properties: Properties::default(),
+            },
+            &w.topics.clone(),
+            NOW,
+        );
+        assert_eq!(
+            fx.notes,
+            vec![Note::Ignored {
+                device: "d1".into(),
+                label: "no_session"
+            }]
+        );
+    }
+
+    #[test]
+    fn a_forged_message_is_ignored_and_changes_nothing() {
+        let mut w = World::new(firmware(), &["d1"]);
+        w.apply(start(0, 1));
+        let topics = w.topics.clone();
+        let fx = w.runs.dispatch(
+            "d1",
+            &Inbound {
+                topic: topics.ready("d1"),
+                payload: vec![0xa1, 0x00],
+                properties: Properties::default(),
+            },
+            &topics,
+            NOW,
+        );
+        assert!(fx.writes.is_empty() && fx.actions.is_empty() && fx.gate.is_none());
+        assert!(matches!(&fx.notes[..], [Note::Ignored { .. }]));
+        assert!(matches!(w.progress()[0], Progress::InFlight { .. }));
+    }
+
+    #[test]
+    fn progress_resumes_from_what_the_device_status_records() {
+        let mut w = World::new(firmware(), &["ok", "failed", "legacy", "started", "other"]);
+        let record = |phase, reason: Option<&str>, attempts, uid: &str| DeviceStatus {
+            campaign: Some(DeviceCampaignStatus {
+                name: "fw".into(),
+                uid: uid.into(),
+                target_version: "2.0.0".into(),
+                phase,
+                attempts,
+                reason: reason.map(str::to_owned),
+                message: None,
+                receipt: None,
+                receipt_certificate_fingerprint: None,
+                release_key_id: None,
+            }),
+            ..DeviceStatus::default()
+        };
+        let statuses = [
+            record(DevicePhase::Succeeded, None, 1, "uid-1"),
+            record(DevicePhase::Failed, Some("RolledBack"), 1, "uid-1"),
+            record(DevicePhase::Failed, Some("not_newer"), 1, "uid-1"),
+            record(DevicePhase::Transferring, None, 2, "uid-1"),
+            record(DevicePhase::Succeeded, None, 1, "another-campaign"),
+        ];
+        for (d, s) in w.devices.iter_mut().zip(statuses) {
+            Arc::make_mut(d).status = Some(s);
+        }
+        assert_eq!(
+            w.progress(),
+            vec![
+                Progress::Succeeded,
+                Progress::Failed {
+                    reason: FailureReason::RolledBack
+                },
+                Progress::Failed {
+                    reason: FailureReason::NotNewer
+                },
+                Progress::Backoff {
+                    until: 0,
+                    attempt: 2
+                },
+                Progress::NotStarted,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_timeout_retries_with_the_signed_abort_then_fails_after_the_last_attempt() {
+        let mut w = World::new(firmware(), &["d1"]);
+        w.apply(start(0, 1));
+        w.to_manager.clear(); // the device's answers are lost
+        w.now = NOW + 61;
+        let fx = w.apply(Plan {
+            timed_out: vec![TimeoutOutcome::Retry {
+                index: 0,
+                until: NOW + 70,
+                attempt: 1,
+            }],
+            ..Plan::default()
+        });
+        assert!(matches!(&fx.notes[..], [Note::Retrying { attempt: 1, .. }]));
+        assert!(fx.writes.is_empty());
+        assert!(
+            w.retained.contains_key(&w.topics.notify("d1")),
+            "the signed abort stays retained on the notify topic"
+        );
+        assert_eq!(
+            w.progress(),
+            vec![Progress::Backoff {
+                until: NOW + 70,
+                attempt: 1
+            }]
+        );
+        assert_eq!(w.runs.sessions(), 0);
+        w.apply(start(0, 2));
+        w.to_manager.clear();
+        w.now = NOW + 200;
+        let fx = w.apply(Plan {
+            timed_out: vec![TimeoutOutcome::Fail {
+                index: 0,
+                attempts: 2,
+            }],
+            ..Plan::default()
+        });
+        assert_eq!(last_write_phase(&fx, "d1"), Some(DevicePhase::Failed));
+        let record = fx.writes[0].status.campaign.as_ref().unwrap();
+        assert_eq!(
+            (record.reason.as_deref(), record.attempts),
+            (Some("Timeout"), 2)
+        );
+        assert_eq!(
+            w.progress(),
+            vec![Progress::Failed {
+                reason: FailureReason::Timeout
+            }]
+        );
+    }
+
+    #[test]
+    fn a_receipt_that_arrives_between_the_decision_and_the_timeout_wins() {
+        let mut w = World::new(firmware(), &["d1"]);
+        w.apply(start(0, 1));
+        // The controller reads the device in flight and decides it timed out ...
+        assert!(matches!(w.progress()[0], Progress::InFlight { .. }));
+        // ... while its signed receipt arrives and is dispatched.
+        w.now = NOW + 61;
+        let receipt = w.settle();
+        assert_eq!(
+            last_write_phase(&receipt, "d1"),
+            Some(DevicePhase::Succeeded)
+        );
+        let fx = w.apply(Plan {
+            timed_out: vec![TimeoutOutcome::Fail {
+                index: 0,
+                attempts: 1,
+            }],
+            ..Plan::default()
+        });
+        assert!(fx.writes.is_empty() && fx.notes.is_empty() && fx.actions.is_empty());
+        assert_eq!(w.progress(), vec![Progress::Succeeded]);
+    }
+
+    #[test]
+    fn a_timeout_decided_for_an_earlier_attempt_does_not_touch_the_next() {
+        let mut w = World::new(firmware(), &["d1"]);
+        w.apply(start(0, 2));
+        w.to_manager.clear();
+        w.now = NOW + 61;
+        let fx = w.apply(Plan {
+            timed_out: vec![TimeoutOutcome::Retry {
+                index: 0,
+                until: NOW + 70,
+                attempt: 1,
+            }],
+            ..Plan::default()
+        });
+        assert!(fx.notes.is_empty());
+        assert!(matches!(
+            w.progress()[0],
+            Progress::InFlight { attempt: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn ending_aborts_devices_in_flight_clears_chunks_once_and_removing_clears_notifies() {
+        let mut w = World::new(firmware(), &["d1", "d2"]);
+        w.apply(Plan {
+            start: vec![(0, 1)],
+            deadline: NOW + 60,
+            ..Plan::default()
+        });
+        w.settle();
+        w.apply(start(1, 1));
+        w.to_manager.clear();
+        assert!(w.retained.keys().any(|t| t.contains("/_chunks/")));
+        let fx = w.apply(Plan {
+            end: true,
+            ..Plan::default()
+        });
+        assert!(fx.actions.is_empty(), "relayed");
+        assert!(!w.retained.keys().any(|t| t.contains("/_chunks/")));
+        let abort = &w.retained[&w.topics.notify("d2")];
+        assert!(!abort.payload.is_empty(), "d2 holds the signed abort");
+        assert_eq!(w.runs.sessions(), 0);
+        let topics = w.topics.clone();
+        assert!(w.runs.end(&w.key.clone(), &topics, NOW).actions.is_empty());
+        let fx = w.runs.remove(&w.key.clone(), &topics, NOW);
+        w.manager_actions(fx.actions);
+        assert!(!w.retained.contains_key(&w.topics.notify("d2")));
+        assert!(!w.runs.has(&w.key, "uid-1"));
+    }
+
+    #[test]
+    fn a_rotation_update_waits_for_its_certificate_to_be_recorded() {
+        let ca = CertificateAuthority::generate("rot-ca", NOW - 10, 30).unwrap();
+        let mut w = World::new(
+            CampaignPayload::RotateCredentials {
+                mode: RotationMode::DeliverKey,
+                ca: Arc::new(ca),
+                validity_days: 30,
+            },
+            &["d1"],
+        );
+        w.apply(start(0, 1));
+        let ready = w.to_manager.remove(0);
+        let topics = w.topics.clone();
+        let fx = w.runs.dispatch("d1", &ready, &topics, NOW);
+        let gate = fx
+            .gate
+            .as_ref()
+            .expect("the update waits for the pending record");
+        assert_eq!(gate.write.status.pending_certificates.len(), 1);
+        assert_eq!(
+            gate.write.status.pending_certificates[0].fingerprint,
+            hex::encode(gate.fingerprint)
+        );
+        assert!(fx.writes.is_empty());
+        assert!(
+            !fx.actions.is_empty(),
+            "the update itself, held by the gate"
+        );
+    }
+}
