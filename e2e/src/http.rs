@@ -35,16 +35,18 @@ impl FileServer {
     pub async fn of_path(path: std::path::PathBuf) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let task = tokio::spawn(sealed_ota_operator::http::serve(listener, move |_| {
-            match std::fs::read(&path) {
-                Ok(body) => Reply {
-                    status: StatusCode::OK,
-                    content_type: "text/plain; version=0.0.4; charset=utf-8",
-                    body: body.into(),
+        let task =
+            tokio::spawn(sealed_ota_operator::http::serve(
+                listener,
+                move |_| match std::fs::read(&path) {
+                    Ok(body) => Reply {
+                        status: StatusCode::OK,
+                        content_type: "text/plain; version=0.0.4; charset=utf-8",
+                        body: body.into(),
+                    },
+                    Err(_) => Reply::text(StatusCode::NOT_FOUND, "not written yet\n"),
                 },
-                Err(_) => Reply::text(StatusCode::NOT_FOUND, "not written yet\n"),
-            }
-        }));
+            ));
         Ok(Self { addr, task })
     }
 

@@ -46,8 +46,14 @@ impl Prometheus {
         let port = free_port()?;
         let log = std::fs::File::create(dir.join("prometheus.log"))?;
         let child = Command::new(&binary)
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -86,14 +92,18 @@ impl Prometheus {
     pub async fn wait_targets_up(&self, jobs: &[&str]) -> Result<()> {
         for job in jobs {
             let query = format!("up{{job=\"{job}\"}}");
-            crate::wait_for(&format!("Prometheus scraped {job}"), Duration::from_secs(60), || async {
-                Ok(self
-                    .query(&query)
-                    .await
-                    .ok()
-                    .filter(|s| s.iter().any(|(_, v)| *v == 1.0))
-                    .map(|_| ()))
-            })
+            crate::wait_for(
+                &format!("Prometheus scraped {job}"),
+                Duration::from_secs(60),
+                || async {
+                    Ok(self
+                        .query(&query)
+                        .await
+                        .ok()
+                        .filter(|s| s.iter().any(|(_, v)| *v == 1.0))
+                        .map(|_| ()))
+                },
+            )
             .await?;
         }
         Ok(())

@@ -57,8 +57,10 @@ struct Memo {
     errors: u32,
     /// Consecutive passes blocked by the same transient blocker (its retry backoff).
     blocked_retries: u32,
-    /// The devices selected at the last pass (late joiners and leavers are told apart by it).
-    members: Option<HashSet<String>>,
+    /// The devices selected at the last pass (late joiners and leavers are told apart by it) and
+    /// the running totals of both: kept here, not added to the last written status, so a pass whose
+    /// status write is held back by the rate limit loses no count.
+    members: Option<Members>,
     /// Starts of the last minute (the rate).
     starts: StartLog,
     /// A dry run's prepared payload size: (uid, bytes of the encrypted chunks).
@@ -74,6 +76,18 @@ struct Ctx {
     devices: Store<Device>,
     campaigns: Store<UpdateCampaign>,
     memo: Mutex<HashMap<CampaignKey, Memo>>,
+}
+
+/// Late joiners and leavers of one campaign, as this process saw them.
+#[derive(Debug, Default)]
+struct Members {
+    /// The devices selected at the last pass (`None` before the first).
+    names: Option<HashSet<String>>,
+    /// Devices that started matching while the campaign ran, in total (from the status on the
+    /// first pass of this process).
+    joined: u32,
+    /// Devices that stopped matching or were deleted while it ran, in total.
+    left: u32,
 }
 
 impl Ctx {
@@ -352,22 +366,26 @@ fn contender(c: &UpdateCampaign) -> Contender<'_> {
 }
 
 /// Where `device` stands in the other campaign `o`: its run on this replica first, then what
-/// the Device status records for it, then whether it needs `o` at all.
+/// the Device status records for it, then whether it needs `o` at all. A device the other run
+/// finished stays held until the Device status that says so (and its new running version) is in
+/// the cache: before that, this campaign would take it for a device still at the old version.
 fn standing(o: &UpdateCampaign, device: &Device, engine: &Engine) -> Standing {
     let uid = o.uid().unwrap_or_default();
     let name = device.name_any();
-    if let Ok(key) = key_of(o) {
-        match engine.standing(&key, &uid, &name) {
-            Some(p) if p.is_terminal() => return Standing::Done,
-            Some(Progress::NotStarted) | None => {}
-            Some(_) => return Standing::Started,
-        }
-    }
     let record = device
         .status
         .as_ref()
         .and_then(|s| s.campaign.as_ref())
         .filter(|r| r.uid == uid);
+    let recorded_done =
+        record.is_some_and(|r| matches!(r.phase, DevicePhase::Succeeded | DevicePhase::Failed));
+    if let Ok(key) = key_of(o) {
+        match engine.standing(&key, &uid, &name) {
+            Some(p) if p.is_terminal() && recorded_done => return Standing::Done,
+            Some(Progress::NotStarted) | None => {}
+            Some(_) => return Standing::Started,
+        }
+    }
     match record.map(|r| r.phase) {
         Some(DevicePhase::Succeeded | DevicePhase::Failed) => Standing::Done,
         Some(DevicePhase::Pending | DevicePhase::Transferring) => Standing::Started,
@@ -652,7 +670,12 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         CampaignPhase::Progressing | CampaignPhase::Paused
     );
     let (joined, left) = ctx.memo(&key, |m| {
-        let (joined, left) = match (&m.members, running) {
+        let members = m.members.get_or_insert_with(|| Members {
+            names: None,
+            joined: previous.devices.joined,
+            left: previous.devices.left,
+        });
+        let (joined, left) = match (&members.names, running) {
             (Some(before), true) => (
                 names.iter().filter(|n| !before.contains(**n)).count() as u32,
                 before
@@ -662,8 +685,10 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
             ),
             _ => (0, 0),
         };
-        m.members = Some(names.iter().map(|n| n.to_string()).collect());
-        (joined, left.max(released.len() as u32))
+        members.names = Some(names.iter().map(|n| n.to_string()).collect());
+        members.joined += joined;
+        members.left += left.max(released.len() as u32);
+        (members.joined, members.left)
     });
 
     // policy
@@ -814,8 +839,8 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         policy_status.gate = previous.gate.clone();
     }
     let mut counts = decision.counts.clone();
-    counts.joined = previous.devices.joined + joined;
-    counts.left = previous.devices.left + left;
+    counts.joined = joined;
+    counts.left = left;
     let status = compute(StatusInput {
         generation: c.metadata.generation,
         phase: pass.phase,
