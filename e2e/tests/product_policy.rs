@@ -242,6 +242,59 @@ async fn devices_start_only_inside_their_window_and_the_deadline_ends_the_rest()
     Ok(())
 }
 
+/// Issue 15, item 1: a deadline without windows. One device at a time, 6 s each, a deadline 8 s
+/// after the campaign is applied: the device in flight at the deadline finishes, the devices not
+/// started by then never start, and the campaign ends `Completed` (reason `DeadlinePassed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn past_the_deadline_nothing_starts_and_the_campaign_completes() -> Result<()> {
+    let mut product = Product::new("deadline", 3).await?;
+    product
+        .firmware_configmap("fw", &random_image(48 * 1024))
+        .await?;
+    product.start_operator()?;
+    // 48 KiB at 8 KiB/s: about 6 s a device, so the third cannot start before the deadline.
+    product.start_emulator(&["--fault", "slow:rate=8k"])?;
+    let deadline = now() + 8;
+    product.apply_campaign(
+        "fw",
+        product.firmware_spec(
+            "1.1.0",
+            "fw",
+            serde_json::json!({
+                "rollout": {"maxInFlight": 1, "deviceTimeoutSeconds": 60},
+                "schedule": {"deadline": rfc3339(deadline)},
+            }),
+        ),
+    )?;
+    let done = product.finished("fw", Duration::from_secs(90)).await?;
+    assert_eq!(done.phase, CampaignPhase::Completed, "{done:?}");
+    let c = product.campaign("fw").await?;
+    assert_eq!(condition(&c, "Ready"), Some(("False", "DeadlinePassed")));
+    assert_eq!(condition(&c, "Degraded"), Some(("True", "DeadlinePassed")));
+    let started = touched(&product, "fw").await?;
+    assert!(
+        !started.is_empty() && started.len() < 3,
+        "{started:?} started: the deadline held nothing back, or nothing started"
+    );
+    assert_eq!(
+        (done.devices.succeeded, done.devices.failed),
+        (started.len() as u32, 0),
+        "the device in flight at the deadline finished: {done:?}"
+    );
+    // Not started by the deadline: held back for good (outside every window from then on).
+    assert_eq!(
+        done.devices.outside_window,
+        3 - started.len() as u32,
+        "{done:?}"
+    );
+    assert!(
+        now() > deadline,
+        "the campaign completed before its deadline: {done:?}"
+    );
+    product.pass();
+    Ok(())
+}
+
 /// Issue 15, item 2: an exponential ramp under maxPerMinute. One device starts first; each
 /// success raises the rate (x2 per success) up to 4 a minute; then the rate holds the rest back
 /// for the rest of the minute, and the status says so.
@@ -466,6 +519,15 @@ async fn metrics_gates_query_a_real_prometheus() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dry_run_plans_without_touching_a_device_then_starts_that_plan() -> Result<()> {
     let mut product = Product::new("dryrun", 5).await?;
+    // The example with windows, a ramp and a health gate is a valid campaign (schema and CEL
+    // rules of the apiserver; nothing is stored).
+    let example = sealed_ota_e2e::repo_root().join("examples/policy-campaign.yaml");
+    product.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        example.to_str().context("path")?,
+    ])?;
     let image = random_image(16 * 1024);
     product.firmware_configmap("fw", &image).await?;
     let unpinned = product.device_ids[4].clone();

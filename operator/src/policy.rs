@@ -168,6 +168,9 @@ pub fn assess(input: &PolicyInput<'_>, start_log: &mut StartLog) -> PolicyDecisi
                 }),
             };
             match openness {
+                // Past the deadline nothing opens again: the device was not started in time
+                // (counted as unstarted, the campaign ends DeadlinePassed), not left out.
+                _ if out.deadline_passed => (Hold::OutsideWindow, None),
                 None | Some(Openness::Closed { opens: None }) if not_started => {
                     (Hold::Excluded, Some(Exclusion::OutsideEveryWindow))
                 }
@@ -472,6 +475,8 @@ mod tests {
         assert!(!d.deadline_passed);
         let d = run(&s, &devices, &[], 250, &mut StartLog::default());
         assert!(d.deadline_passed && d.blocker.is_none() && d.status.waiting.is_none());
+        // A device not started by the deadline is held back (unstarted), not left out.
+        assert_eq!((d.holds[0], d.exclusions[0]), (Hold::OutsideWindow, None));
         // Windows that never open before the deadline: a blocker naming the fields.
         let s = spec(
             serde_json::json!({"schedule": {"deadline": "1970-01-01T00:03:20Z",
