@@ -94,7 +94,7 @@ METRICS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1"
 "$BIN/sealed-ota-operator" run --broker-url "$SEALED_OTA_MQTTS_URL" --broker-ca-file "$SEALED_OTA_CA_FILE" \
   --broker-cert-file "$WORK/pki/manager.crt" --broker-key-file "$WORK/pki/manager.key" \
   --operator-namespace "$NS" --namespace "$NS" --metrics-addr "127.0.0.1:$METRICS_PORT" \
-  >"$WORK/logs/operator.log" 2>&1 &
+  --cache-dir "$WORK/cache" >"$WORK/logs/operator.log" 2>&1 &
 PIDS+=($!)
 
 say "connecting $DEVICES emulated devices over TLS"

@@ -470,6 +470,8 @@ impl Product {
             .args(["--operator-namespace", &self.ns.name])
             .args(["--namespace", &self.ns.name])
             .args(["--metrics-addr", &self.metrics_addr])
+            .arg("--cache-dir")
+            .arg(self.dir.join("cache"))
             .env("KUBECONFIG", &self.bed.kubeconfig)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone()?)

@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 
-
 use crate::crypto::{self, SessionKeys, Transcript};
 use crate::error::ProtocolError;
 use crate::identity::{CertificateAuthority, Identity, PeerCertificate, Role, TrustAnchor};
@@ -259,11 +258,15 @@ impl PreparedCampaign {
     }
     /// Number of chunks (0 for rotations).
     pub fn chunk_count(&self) -> u32 {
-        self.firmware.as_ref().map_or(0, SealedFirmware::chunk_count)
+        self.firmware
+            .as_ref()
+            .map_or(0, SealedFirmware::chunk_count)
     }
     /// SHA-256 of the plaintext image.
     pub fn image_sha256(&self) -> [u8; 32] {
-        self.firmware.as_ref().map_or([0; 32], SealedFirmware::sha256)
+        self.firmware
+            .as_ref()
+            .map_or([0; 32], SealedFirmware::sha256)
     }
     /// Image size.
     pub fn image_size(&self) -> u64 {
@@ -436,6 +439,12 @@ pub enum ManagerEvent {
     },
     /// The device could not get these chunks: republish them.
     ChunksRequested {
+        /// Indices.
+        indices: Vec<u32>,
+    },
+    /// Chunks served on request: the device subscribed to these (further into the image than it
+    /// asked before) and asks for them. Publish those not retained on the broker already.
+    ChunksPulled {
         /// Indices.
         indices: Vec<u32>,
     },
@@ -1025,11 +1034,9 @@ impl ManagerSession {
                 let Some(firmware) = &self.campaign.firmware else {
                     return Err(ProtocolError::InvalidCampaign("no sealed image".into()));
                 };
-                let m = self.campaign.manifest_for(
-                    &self.target,
-                    firmware.size(),
-                    firmware.sha256(),
-                );
+                let m =
+                    self.campaign
+                        .manifest_for(&self.target, firmware.size(), firmware.sha256());
                 Ok(UpdateBody::Firmware {
                     manifest: sign_manifest(&m),
                     content_key: *firmware.content_key(),
@@ -1126,8 +1133,12 @@ impl ManagerSession {
                 if let Some(&bad) = indices.iter().find(|&&i| i >= count) {
                     return Err(ProtocolError::ChunkOutOfRange { index: bad, count });
                 }
-                let indices = self.admit_chunk_request(indices, now)?;
-                out.events.push(ManagerEvent::ChunksRequested { indices });
+                let (indices, fresh) = self.admit_chunk_request(indices, now)?;
+                out.events.push(if fresh {
+                    ManagerEvent::ChunksPulled { indices }
+                } else {
+                    ManagerEvent::ChunksRequested { indices }
+                });
             }
         }
         if let Some(est) = self.established.as_mut() {
@@ -1141,12 +1152,12 @@ impl ManagerSession {
     /// most one request per [`MIN_REQUEST_INTERVAL_SECS`] — except, when chunks are served on
     /// request, a *fresh* pull (every index above all this session asked for before: a device
     /// moving through the image window by window), which is answered at once. Beyond that:
-    /// `RateLimited`.
+    /// `RateLimited`. Also says whether the request was such a fresh pull.
     fn admit_chunk_request(
         &mut self,
         mut indices: Vec<u32>,
         now: u64,
-    ) -> Result<Vec<u32>, ProtocolError> {
+    ) -> Result<(Vec<u32>, bool), ProtocolError> {
         indices.sort_unstable();
         indices.dedup();
         indices.truncate(MAX_REPUBLISH_PER_REQUEST);
@@ -1169,11 +1180,13 @@ impl ManagerSession {
         }
         self.republished = after;
         if fresh {
-            self.fresh_from = indices.last().map_or(self.fresh_from, |&i| i.saturating_add(1));
+            self.fresh_from = indices
+                .last()
+                .map_or(self.fresh_from, |&i| i.saturating_add(1));
         } else {
             self.last_request_at = Some(now);
         }
-        Ok(indices)
+        Ok((indices, fresh))
     }
 
     /// A receipt: the device's signed plaintext claim of the final outcome, bound to this session.

@@ -135,7 +135,10 @@ impl ChunkSealer {
         let (cipher, id) = (&self.cipher, self.stream_id.as_str());
         let seal_range = |range: std::ops::Range<usize>| {
             let mut cts = Vec::with_capacity(
-                chunks[range.clone()].iter().map(|c| c.len() + TAG_LEN).sum(),
+                chunks[range.clone()]
+                    .iter()
+                    .map(|c| c.len() + TAG_LEN)
+                    .sum(),
             );
             let mut leaves = Vec::with_capacity(range.len());
             for i in range {
@@ -277,7 +280,10 @@ impl SealedFirmware {
             return 0;
         }
         let start = u64::from(index) * u64::from(self.chunk_size);
-        let plain = self.size.saturating_sub(start).min(u64::from(self.chunk_size));
+        let plain = self
+            .size
+            .saturating_sub(start)
+            .min(u64::from(self.chunk_size));
         plain as usize + TAG_LEN
     }
 
@@ -298,11 +304,8 @@ impl SealedFirmware {
         if index >= self.count || ct.len() != self.ciphertext_len(index) {
             return None;
         }
-        let bound = wire::chunk_payload_bound(
-            &self.stream_id,
-            u64::from(self.chunk_size),
-            self.count,
-        );
+        let bound =
+            wire::chunk_payload_bound(&self.stream_id, u64::from(self.chunk_size), self.count);
         let mut payload = Vec::with_capacity(usize::try_from(bound).unwrap_or(usize::MAX));
         ChunkMsg::encode_head(&mut payload, &self.stream_id, index, self.count, ct.len());
         payload.extend_from_slice(ct);
@@ -396,7 +399,14 @@ mod tests {
                         assert!(&got == w, "{what}: chunk {i}");
                         assert_eq!(sealed.chunk_payload_len(i), w.len());
                         // Sized for its whole message: no regrowth.
-                        assert!(got.capacity() as u64 <= wire::chunk_payload_bound("camp-1", chunk as u64, want.len() as u32));
+                        assert!(
+                            got.capacity() as u64
+                                <= wire::chunk_payload_bound(
+                                    "camp-1",
+                                    chunk as u64,
+                                    want.len() as u32
+                                )
+                        );
                     }
                 }
             }

@@ -78,7 +78,8 @@ impl Insider {
             .events
             .into_iter()
             .flat_map(|e| match e {
-                ManagerEvent::ChunksRequested { indices } => indices,
+                ManagerEvent::ChunksRequested { indices }
+                | ManagerEvent::ChunksPulled { indices } => indices,
                 _ => Vec::new(),
             })
             .collect())

@@ -62,7 +62,7 @@ fn devices_pull_every_window_without_waiting_for_a_timeout() {
             .manager
             .events
             .iter()
-            .filter(|(d, e)| d == name && matches!(e, ManagerEvent::ChunksRequested { .. }))
+            .filter(|(d, e)| d == name && matches!(e, ManagerEvent::ChunksPulled { .. }))
             .count();
         assert_eq!(asked, 11, "{name}");
     }
