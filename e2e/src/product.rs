@@ -300,6 +300,8 @@ pub struct Product {
     /// Whether the emulator logs the devices' secrets (`run --key-log`) for the leak scans; the
     /// benchmark turns it off.
     pub log_keys: bool,
+    /// Extra arguments of `sealed-ota-operator run` (for example `--retained-chunk-bytes N`).
+    pub operator_args: Vec<String>,
     operator: Option<Child>,
     emulator: Option<Child>,
     operator_starts: u32,
@@ -360,6 +362,7 @@ impl Product {
             metrics_addr: format!("127.0.0.1:{}", free_port()?),
             window_timeout_seconds: 3,
             log_keys: true,
+            operator_args: Vec::new(),
             operator: None,
             emulator: None,
             operator_starts: 0,
@@ -472,6 +475,7 @@ impl Product {
             .args(["--metrics-addr", &self.metrics_addr])
             .arg("--cache-dir")
             .arg(self.dir.join("cache"))
+            .args(&self.operator_args)
             .env("KUBECONFIG", &self.bed.kubeconfig)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone()?)
