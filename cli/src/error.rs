@@ -29,6 +29,17 @@ pub enum Error {
         /// The file.
         path: PathBuf,
     },
+    /// A flag's value is unusable.
+    #[error("{flag}: {detail}")]
+    Flag {
+        /// The flag, as typed (`--broker`).
+        flag: &'static str,
+        /// What is wrong and the fix.
+        detail: String,
+    },
+    /// The result could not be printed.
+    #[error("printing the result: {0}")]
+    Output(String),
     /// The signature does not verify.
     #[error("{0}")]
     Refused(String),

@@ -1,15 +1,19 @@
-//! `sealed-ota`: the project's command line for people and pipelines outside the cluster. One module
-//! per command group (`release`: the offline release key); the cryptography lives in the protocol
-//! crate (`sealed_ota_protocol::release`), so every tool signs and verifies the same way.
+//! `sealed-ota`: the project's command line for people and pipelines outside the cluster (also
+//! usable as `kubectl sealed-ota`). One module per command group (`release`: the offline release
+//! key; `broker`: the broker probe); the work lives in the libraries (`sealed_ota_protocol::release`,
+//! `sealed_ota_mqtt::probe`), so every tool signs, verifies and probes the same way. `completions`
+//! prints clap's shell completions.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod broker;
 mod error;
+mod output;
 mod release;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(name = "sealed-ota", version, about)]
@@ -24,17 +28,35 @@ enum Command {
     /// with the public key refuse images it did not sign, whatever the operator signs).
     #[command(subcommand)]
     Release(release::Command),
+    /// Check an MQTT 5 broker before a rollout: what works, what is limited, which settings fit.
+    #[command(subcommand)]
+    Broker(broker::Command),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Release(command) => release::run(command),
+        Command::Release(command) => release::run(command).map(|text| (text, true)),
+        Command::Broker(command) => broker::run(command).map(|o| (o.text, o.usable)),
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "sealed-ota", &mut out);
+            Ok((String::from_utf8_lossy(&out).into_owned(), true))
+        }
     };
     match result {
-        Ok(output) => {
+        Ok((output, ok)) => {
             print!("{output}");
-            ExitCode::SUCCESS
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            }
         }
         Err(e) => {
             eprintln!("error: {e}");
