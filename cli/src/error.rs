@@ -37,6 +37,9 @@ pub enum Error {
         /// What is wrong and the fix.
         detail: String,
     },
+    /// PKI bootstrap or enrollment failed (the device library says what and the fix).
+    #[error("{0}")]
+    Device(#[from] sealed_ota_device_emulator::Error),
     /// The result could not be printed.
     #[error("printing the result: {0}")]
     Output(String),

@@ -1,13 +1,15 @@
 //! `sealed-ota`: the project's command line for people and pipelines outside the cluster (also
 //! usable as `kubectl sealed-ota`). One module per command group (`release`: the offline release
-//! key; `broker`: the broker probe); the work lives in the libraries (`sealed_ota_protocol::release`,
-//! `sealed_ota_mqtt::probe`), so every tool signs, verifies and probes the same way. `completions`
+//! key; `broker`: the broker probe; `fleet`: `pki init` and `device enroll`); the work lives in the
+//! libraries (`sealed_ota_protocol::release`, `sealed_ota_mqtt::probe`, the device library's
+//! `enroll_cmd`), so every tool signs, verifies, probes and enrolls the same way. `completions`
 //! prints clap's shell completions.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod broker;
 mod error;
+mod fleet;
 mod output;
 mod release;
 
@@ -31,6 +33,12 @@ enum Command {
     /// Check an MQTT 5 broker before a rollout: what works, what is limited, which settings fit.
     #[command(subcommand)]
     Broker(broker::Command),
+    /// The PKI: the CA and the manager identity, as files and Secrets.
+    #[command(subcommand)]
+    Pki(fleet::PkiCommand),
+    /// Devices: identities and Device resources.
+    #[command(subcommand)]
+    Device(fleet::DeviceCommand),
     /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
     Completions {
         /// The shell.
@@ -43,6 +51,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Release(command) => release::run(command).map(|text| (text, true)),
         Command::Broker(command) => broker::run(command).map(|o| (o.text, o.usable)),
+        Command::Pki(command) => fleet::run_pki(command).map(|text| (text, true)),
+        Command::Device(command) => fleet::run_device(command).map(|text| (text, true)),
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "sealed-ota", &mut out);

@@ -375,7 +375,7 @@ impl Product {
             path_str(&bed.ca_key_file)?,
         ];
         let pki = product.dir.join("pki");
-        let mut args = vec!["pki-init"];
+        let mut args = vec!["pki", "init"];
         args.extend(ca);
         args.extend([
             "--out",
@@ -384,11 +384,11 @@ impl Product {
             &product.manager_id,
         ]);
         args.extend(["-n", &product.ns.name, "--apply"]);
-        product.emulator_cli(&args)?;
+        product.cli(&args)?;
         let fleet = product.dir.join("fleet");
         let count = devices.to_string();
         let label = format!("fleet={}", product.ns.name);
-        let mut args = vec!["enroll"];
+        let mut args = vec!["device", "enroll"];
         args.extend(ca);
         args.extend(["--fleet", path_str(&fleet)?, "--count", &count]);
         args.extend([
@@ -399,13 +399,16 @@ impl Product {
         ]);
         args.extend(["--label", &label, "-n", &product.ns.name, "--apply"]);
         args.extend(enroll_args);
-        product.emulator_cli(&args)?;
+        product.cli(&args)?;
         Ok(product)
     }
 
-    /// Runs `sealed-ota` (the release CLI) with `args`; returns its stdout.
+    /// Runs `sealed-ota` (the CLI users run) with `args`; returns its stdout.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(binary("sealed-ota")).args(args).output()?;
+        let out = Command::new(binary("sealed-ota"))
+            .args(args)
+            .env("KUBECONFIG", &self.bed.kubeconfig)
+            .output()?;
         if !out.status.success() {
             bail!(
                 "sealed-ota {} failed: {}",
@@ -435,21 +438,6 @@ impl Product {
     /// The fleet directory of device `id` (its `firmware.bin`, `cert.pem`, `key.pem`, ...).
     pub fn device_dir(&self, id: &str) -> PathBuf {
         self.dir.join("fleet/devices").join(id)
-    }
-
-    fn emulator_cli(&self, args: &[&str]) -> Result<()> {
-        let out = Command::new(binary("sealed-ota-device-emulator"))
-            .args(args)
-            .env("KUBECONFIG", &self.bed.kubeconfig)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "sealed-ota-device-emulator {} failed: {}",
-                args[0],
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
     }
 
     /// Starts the operator binary (leader election on, Lease in this namespace).
