@@ -405,10 +405,7 @@ impl Product {
 
     /// Runs `sealed-ota` (the CLI users run) with `args`; returns its stdout.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(binary("sealed-ota"))
-            .args(args)
-            .env("KUBECONFIG", &self.bed.kubeconfig)
-            .output()?;
+        let out = self.cli_output(args)?;
         if !out.status.success() {
             bail!(
                 "sealed-ota {} failed: {}",
@@ -417,6 +414,14 @@ impl Product {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `sealed-ota` with `args` against the test bed (its kubeconfig), whatever it exits with.
+    pub fn cli_output(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(binary("sealed-ota"))
+            .args(args)
+            .env("KUBECONFIG", &self.bed.kubeconfig)
+            .output()?)
     }
 
     /// Where the emulator logs the secrets its devices handle (`run --key-log`, tests only).

@@ -3,7 +3,7 @@
 //! campaign names it by tag with a `kubernetes.io/dockerconfigjson` pull Secret, the operator
 //! resolves the tag once (status.ociDigest), streams the image into its cache directory, and —
 //! with a retained window smaller than the image — serves the chunks as the devices pull them.
-//! Every device installs the pushed bytes. Bad input on every new field gets a condition naming
+//! Every device installs the pushed bytes, and `sealed-ota campaign status|watch` says so. Bad input on every new field gets a condition naming
 //! the field and the cause, and nothing starts.
 
 use std::time::Duration;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use sealed_ota_e2e::product::{metric, random_image, Product};
 use sealed_ota_e2e::Registry;
-use sealed_ota_operator::crd::{CampaignPhase, UpdateCampaign};
+use sealed_ota_operator::crd::{CampaignPhase, UpdateCampaign, UpdateCampaignStatus};
 
 fn registry(product: &Product) -> Result<&'static Registry> {
     product
@@ -89,6 +89,28 @@ async fn an_oci_artifact_reaches_every_device_pulled_through_a_bounded_retained_
             "{id}: installed image differs from the pushed one"
         );
     }
+    // The CLI says the same as the status, as JSON and as a table, and watch ends at once.
+    let ns = product.ns.name.clone();
+    let json = product.cli(&["campaign", "status", "from-oci", "-n", &ns, "-o", "json"])?;
+    let shown: UpdateCampaignStatus = serde_json::from_str(&json).context("status JSON")?;
+    assert_eq!(
+        (shown.phase, &shown.devices, &shown.oci_digest),
+        (status.phase, &status.devices, &status.oci_digest),
+        "campaign status -o json"
+    );
+    let table = product.cli(&["campaign", "status", "from-oci", "-n", &ns])?;
+    assert!(
+        table.contains("Succeeded") && table.contains(&digest),
+        "{table}"
+    );
+    let watched = product.cli(&["campaign", "watch", "from-oci", "-n", &ns])?;
+    assert_eq!(watched.trim(), "from-oci Succeeded");
+    let missing = product.cli_output(&["campaign", "status", "nope", "-n", &ns])?;
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success() && stderr.contains("\"nope\"") && stderr.contains("--namespace"),
+        "{stderr}"
+    );
     // The devices pulled: chunks were published as they asked, about once each (4 devices
     // moving through 64 chunks together), never the whole image up front and again per device.
     let served = metric(
