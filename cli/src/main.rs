@@ -1,6 +1,6 @@
 //! `sealed-ota`: the project's command line for people and pipelines outside the cluster (also
 //! usable as `kubectl sealed-ota`). One module per command group (`release`: the offline release
-//! key; `broker`: the broker probe; `campaign`: a campaign's status; `fleet`: `pki init` and `device enroll`); the work lives in the
+//! key; `broker`: the broker probe; `campaign`: a campaign's status; `receipt`: receipt verification; `fleet`: `pki init` and `device enroll`); the work lives in the
 //! libraries (`sealed_ota_protocol::release`, `sealed_ota_mqtt::probe`, the device library's
 //! `enroll_cmd`), so every tool signs, verifies, probes and enrolls the same way. `completions`
 //! prints clap's shell completions.
@@ -12,6 +12,7 @@ mod campaign;
 mod error;
 mod fleet;
 mod output;
+mod receipt;
 mod release;
 
 use std::process::ExitCode;
@@ -37,6 +38,9 @@ enum Command {
     /// Campaigns: status (table or -o json|yaml) and a live watch with per-phase counts and ETA.
     #[command(subcommand)]
     Campaign(campaign::Command),
+    /// Receipts: verify a device's signed receipt with its certificate alone.
+    #[command(subcommand)]
+    Receipt(receipt::Command),
     /// The PKI: the CA and the manager identity, as files and Secrets.
     #[command(subcommand)]
     Pki(fleet::PkiCommand),
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         Command::Release(command) => release::run(command).map(|text| (text, true)),
         Command::Broker(command) => broker::run(command).map(|o| (o.text, o.usable)),
         Command::Campaign(command) => campaign::run(command).map(|o| (o.text, o.ok)),
+        Command::Receipt(command) => receipt::run(command).map(|text| (text, true)),
         Command::Pki(command) => fleet::run_pki(command).map(|text| (text, true)),
         Command::Device(command) => fleet::run_device(command).map(|text| (text, true)),
         Command::Completions { shell } => {

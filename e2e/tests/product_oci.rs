@@ -9,9 +9,11 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use base64::Engine as _;
 use sealed_ota_e2e::product::{metric, random_image, Product};
 use sealed_ota_e2e::Registry;
 use sealed_ota_operator::crd::{CampaignPhase, UpdateCampaign, UpdateCampaignStatus};
+use sha2::Digest as _;
 
 fn registry(product: &Product) -> Result<&'static Registry> {
     product
@@ -110,6 +112,82 @@ async fn an_oci_artifact_reaches_every_device_pulled_through_a_bounded_retained_
     assert!(
         !missing.status.success() && stderr.contains("\"nope\"") && stderr.contains("--namespace"),
         "{stderr}"
+    );
+    // A device's signed receipt verifies with its certificate (issued by the CA to that device)
+    // and says it installed the pushed image; another device's certificate, or a receipt changed
+    // by one bit, is refused.
+    let devices = product.devices().await?;
+    let (first, second) = (&devices[0], &devices[1]);
+    let name = first.metadata.name.clone().context("name")?;
+    let id = |d: &sealed_ota_operator::crd::Device| {
+        d.spec
+            .device_id
+            .clone()
+            .or_else(|| d.metadata.name.clone())
+            .unwrap_or_default()
+    };
+    let cert = product.device_dir(&id(first)).join("cert.pem");
+    let ca = product.bed.ca_file.to_string_lossy().into_owned();
+    let verify = |cert: &std::path::Path| {
+        product.cli_output(&[
+            "receipt",
+            "verify",
+            "--device",
+            &name,
+            "-n",
+            &ns,
+            "--cert",
+            &cert.to_string_lossy(),
+            "--ca",
+            &ca,
+            "-o",
+            "json",
+        ])
+    };
+    let out = verify(&cert)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let claim: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(claim["outcome"], "Installed", "{claim}");
+    assert_eq!(claim["version"], "1.1.0", "{claim}");
+    assert_eq!(claim["deviceId"], id(first), "{claim}");
+    assert_eq!(claim["caChecked"], true, "{claim}");
+    assert_eq!(
+        claim["sha256"],
+        hex::encode(sha2::Sha256::digest(&image)),
+        "{claim}"
+    );
+    let other = verify(&product.device_dir(&id(second)).join("cert.pem"))?;
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        !other.status.success() && stderr.contains("--cert"),
+        "{stderr}"
+    );
+    let mut record = first
+        .status
+        .clone()
+        .and_then(|s| s.campaign)
+        .context("campaign record")?;
+    let mut receipt = base64::engine::general_purpose::STANDARD
+        .decode(record.receipt.as_deref().context("receipt")?)?;
+    let last = receipt.len() - 1;
+    receipt[last] ^= 1;
+    record.receipt = Some(base64::engine::general_purpose::STANDARD.encode(&receipt));
+    kube::Api::<sealed_ota_operator::crd::Device>::namespaced(product.ns.client.clone(), &ns)
+        .patch_status(
+            &name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"status": {"campaign": record}})),
+        )
+        .await?;
+    let forged = verify(&cert)?;
+    let stderr = String::from_utf8_lossy(&forged.stderr);
+    assert!(
+        !forged.status.success() && stderr.contains("does not verify"),
+        "a changed receipt: {stderr}"
     );
     // The devices pulled: chunks were published as they asked, about once each (4 devices
     // moving through 64 chunks together), never the whole image up front and again per device.
