@@ -60,11 +60,7 @@ pub fn run(command: Command) -> Result<Outcome> {
     match command {
         Command::Check(args) => {
             let config = config(&args)?;
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Error::Output(format!("starting the async runtime: {e}")))?;
-            let report = runtime.block_on(probe(&config)).map_err(|e| Error::Flag {
+            let report = crate::runtime::block_on(probe(&config))?.map_err(|e| Error::Flag {
                 flag: "--broker",
                 detail: format!("{e}; check the URL, that the broker runs, and --ca/--cert/--key"),
             })?;

@@ -7,7 +7,7 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use kube::{Api, Client};
+use kube::Api;
 use sealed_ota_operator::crd::{CampaignPhase, UpdateCampaign, UpdateCampaignStatus};
 
 use crate::error::{Error, Result};
@@ -66,11 +66,7 @@ pub struct Outcome {
 
 /// Run a `campaign` subcommand.
 pub fn run(command: Command) -> Result<Outcome> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Output(format!("starting the async runtime: {e}")))?;
-    runtime.block_on(async {
+    crate::runtime::block_on(async {
         match command {
             Command::Status(args) => {
                 let campaign = read(&api(&args.target.namespace).await?, &args.target).await?;
@@ -84,16 +80,14 @@ pub fn run(command: Command) -> Result<Outcome> {
             }
             Command::Watch(args) => watch(args).await,
         }
-    })
+    })?
 }
 
 async fn api(namespace: &str) -> Result<Api<UpdateCampaign>> {
-    sealed_ota_mqtt::tls::install_crypto_provider();
-    let client = Client::try_default().await.map_err(|e| Error::Flag {
-        flag: "KUBECONFIG",
-        detail: format!("no usable kubeconfig ({e}); set KUBECONFIG or run inside the cluster"),
-    })?;
-    Ok(Api::namespaced(client, namespace))
+    Ok(Api::namespaced(
+        crate::runtime::kube_client().await?,
+        namespace,
+    ))
 }
 
 async fn read(api: &Api<UpdateCampaign>, target: &Target) -> Result<UpdateCampaign> {

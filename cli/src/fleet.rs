@@ -27,12 +27,7 @@ pub enum DeviceCommand {
 fn block_on(
     work: impl std::future::Future<Output = sealed_ota_device_emulator::Result<()>>,
 ) -> Result<String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Output(format!("starting the async runtime: {e}")))?;
-    runtime.block_on(work).map_err(Error::Device)?;
+    crate::runtime::block_on(work)?.map_err(Error::Device)?;
     Ok(String::new())
 }
 

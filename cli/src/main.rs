@@ -14,6 +14,7 @@ mod fleet;
 mod output;
 mod receipt;
 mod release;
+mod runtime;
 
 use std::process::ExitCode;
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use base64::Engine as _;
 use clap::{Args, Subcommand};
-use kube::{Api, Client};
+use kube::Api;
 use sealed_ota_operator::crd::Device;
 use sealed_ota_protocol::{verify_receipt, Claim, ReceiptBody, Role, TrustAnchor};
 use serde::Serialize;
@@ -75,11 +75,7 @@ pub struct Verified {
 /// Run a `receipt` subcommand.
 pub fn run(command: Command) -> Result<String> {
     let Command::Verify(args) = command;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Output(format!("starting the async runtime: {e}")))?;
-    let device = runtime.block_on(read_device(&args))?;
+    let device = crate::runtime::block_on(read_device(&args))??;
     let status = device.status.and_then(|s| s.campaign);
     let recorded = status
         .as_ref()
@@ -127,12 +123,7 @@ pub fn run(command: Command) -> Result<String> {
 }
 
 async fn read_device(args: &VerifyArgs) -> Result<Device> {
-    sealed_ota_mqtt::tls::install_crypto_provider();
-    let client = Client::try_default().await.map_err(|e| Error::Flag {
-        flag: "KUBECONFIG",
-        detail: format!("no usable kubeconfig ({e}); set KUBECONFIG or run inside the cluster"),
-    })?;
-    Api::<Device>::namespaced(client, &args.namespace)
+    Api::<Device>::namespaced(crate::runtime::kube_client().await?, &args.namespace)
         .get_opt(&args.device)
         .await
         .map_err(|e| Error::Flag {

@@ -29,6 +29,27 @@ fn oci_spec(product: &Product, version: &str, oci: serde_json::Value) -> serde_j
     spec
 }
 
+/// Push `image` as `<namespace>/firmware:1.1.0` and create the pull Secret `regcred` for it;
+/// returns the repository and the manifest digest.
+async fn push_with_pull_secret(
+    product: &Product,
+    reg: &Registry,
+    image: &[u8],
+) -> Result<(String, String)> {
+    let file = product.dir.join("firmware-1.1.0.bin");
+    std::fs::write(&file, image)?;
+    let repository = format!("{}/firmware", product.ns.name);
+    let digest = reg.push(&file, &repository, "1.1.0")?;
+    reg.pull_secret(
+        &product.ns.client,
+        &product.ns.name,
+        "regcred",
+        &reg.password,
+    )
+    .await?;
+    Ok((repository, digest))
+}
+
 fn ready(c: &UpdateCampaign) -> Option<(String, String, String)> {
     c.status
         .as_ref()?
@@ -45,17 +66,7 @@ async fn an_oci_artifact_reaches_every_device_pulled_through_a_bounded_retained_
     let reg = registry(&product)?;
     // 1 MiB in 16 KiB chunks (64), at most 256 KiB (16 chunks) retained: served on request.
     let image = random_image(1024 * 1024);
-    let file = product.dir.join("firmware-1.1.0.bin");
-    std::fs::write(&file, &image)?;
-    let repository = format!("{}/firmware", product.ns.name);
-    let digest = reg.push(&file, &repository, "1.1.0")?;
-    reg.pull_secret(
-        &product.ns.client,
-        &product.ns.name,
-        "regcred",
-        &reg.password,
-    )
-    .await?;
+    let (repository, digest) = push_with_pull_secret(&product, reg, &image).await?;
     product.operator_args = vec!["--retained-chunk-bytes".into(), (256 * 1024).to_string()];
     product.start_operator()?;
     product.start_emulator(&[])?;
@@ -208,17 +219,7 @@ async fn an_oci_artifact_reaches_every_device_pulled_through_a_bounded_retained_
 async fn bad_oci_input_gets_a_condition_naming_the_field_and_starts_nothing() -> Result<()> {
     let mut product = Product::new("ocibad", 1).await?;
     let reg = registry(&product)?;
-    let file = product.dir.join("fw.bin");
-    std::fs::write(&file, random_image(8192))?;
-    let repository = format!("{}/firmware", product.ns.name);
-    reg.push(&file, &repository, "1.1.0")?;
-    reg.pull_secret(
-        &product.ns.client,
-        &product.ns.name,
-        "regcred",
-        &reg.password,
-    )
-    .await?;
+    let (repository, _) = push_with_pull_secret(&product, reg, &random_image(8192)).await?;
     reg.pull_secret(
         &product.ns.client,
         &product.ns.name,

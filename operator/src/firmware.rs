@@ -59,6 +59,34 @@ fn expected_sha256(fw: &FirmwareSource) -> Option<&str> {
         .or(fw.url.as_ref().map(|u| u.sha256.as_str()))
 }
 
+/// The image a ConfigMap or Secret key holds (`None` when `fw` names neither): an absent object
+/// is a blocker naming the field.
+async fn object_image(
+    client: &Client,
+    ns: &str,
+    fw: &FirmwareSource,
+) -> Result<Option<Result<Vec<u8>, Blocker>>, Error> {
+    let (found, kind, field, name, key) = if let Some(r) = &fw.config_map_key_ref {
+        let found = get_opt::<ConfigMap>(client, ns, &r.name)
+            .await?
+            .map(|cm| inputs::firmware_from_config_map(&cm, &r.key));
+        (found, "ConfigMap", "configMapKeyRef", &r.name, &r.key)
+    } else if let Some(r) = &fw.secret_key_ref {
+        let found = get_opt::<Secret>(client, ns, &r.name)
+            .await?
+            .map(|s| inputs::firmware_from_secret(&s, &r.key));
+        (found, "Secret", "secretKeyRef", &r.name, &r.key)
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(found.unwrap_or_else(|| {
+        Err(blocker(
+            BlockerReason::FirmwareUnreadable,
+            format!("{kind} {name} (spec.payload.firmware.{field}) not found; create it with the image under key {key:?}"),
+        ))
+    })))
+}
+
 /// Fetch, check and seal the image of `fw` for campaign `uid` in chunks of `chunk_size`; an OCI
 /// reference is pinned to `recorded_digest` (what an earlier preparation resolved it to).
 pub async fn prepare(
@@ -77,30 +105,7 @@ pub async fn prepare(
         .map_err(|e| Error::Join(e.to_string()))?
         .map_err(|e| Error::Cache(e.to_string()))?;
     let mut resolved_digest = None;
-    if let Some(r) = &fw.config_map_key_ref {
-        let image = match get_opt::<ConfigMap>(client, ns, &r.name).await? {
-            Some(cm) => inputs::firmware_from_config_map(&cm, &r.key),
-            None => Err(blocker(
-                BlockerReason::FirmwareUnreadable,
-                format!("ConfigMap {} (spec.payload.firmware.configMapKeyRef) not found; create it with the image under key {:?}", r.name, r.key),
-            )),
-        };
-        let image =
-            match image.and_then(|i| inputs::check_digest(&i, fw.sha256.as_deref()).map(|()| i)) {
-                Ok(i) => i,
-                Err(b) => return Ok(Err(b)),
-            };
-        files
-            .write_image(&image)
-            .map_err(|e| Error::Cache(e.to_string()))?;
-    } else if let Some(r) = &fw.secret_key_ref {
-        let image = match get_opt::<Secret>(client, ns, &r.name).await? {
-            Some(s) => inputs::firmware_from_secret(&s, &r.key),
-            None => Err(blocker(
-                BlockerReason::FirmwareUnreadable,
-                format!("Secret {} (spec.payload.firmware.secretKeyRef) not found; create it with the image under key {:?}", r.name, r.key),
-            )),
-        };
+    if let Some(image) = object_image(client, ns, fw).await? {
         let image =
             match image.and_then(|i| inputs::check_digest(&i, fw.sha256.as_deref()).map(|()| i)) {
                 Ok(i) => i,
