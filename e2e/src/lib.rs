@@ -8,6 +8,7 @@ pub mod http;
 pub mod interop;
 pub mod oci;
 pub mod product;
+pub mod prometheus;
 pub mod rogue;
 
 use std::collections::HashMap;

@@ -167,11 +167,15 @@ pub enum BlockerReason {
     PullSecretInvalid,
     /// The registry refused the credentials (or access without them).
     RegistryAuthFailed,
+    /// spec.schedule cannot be used (an unknown time zone, a deadline before notBefore).
+    InvalidSchedule,
+    /// spec.schedule.windows never open (within a year, or before the deadline).
+    WindowNeverOpens,
 }
 
 impl BlockerReason {
     /// Every reason, in documentation order.
-    pub const ALL: [BlockerReason; 16] = [
+    pub const ALL: [BlockerReason; 18] = [
         BlockerReason::InvalidSelector,
         BlockerReason::InvalidRollout,
         BlockerReason::ManagerSecretMissing,
@@ -188,6 +192,8 @@ impl BlockerReason {
         BlockerReason::OciReferenceInvalid,
         BlockerReason::PullSecretInvalid,
         BlockerReason::RegistryAuthFailed,
+        BlockerReason::InvalidSchedule,
+        BlockerReason::WindowNeverOpens,
     ];
 
     /// The CamelCase spelling: the `Ready` condition's reason and the Event reason.
@@ -209,6 +215,8 @@ impl BlockerReason {
             BlockerReason::OciReferenceInvalid => "OciReferenceInvalid",
             BlockerReason::PullSecretInvalid => "PullSecretInvalid",
             BlockerReason::RegistryAuthFailed => "RegistryAuthFailed",
+            BlockerReason::InvalidSchedule => "InvalidSchedule",
+            BlockerReason::WindowNeverOpens => "WindowNeverOpens",
         }
     }
 
@@ -243,6 +251,8 @@ impl BlockerReason {
             BlockerReason::OciReferenceInvalid => "`payload.firmware.oci.reference` is not registry/repository:tag or @sha256:<digest>: fix it",
             BlockerReason::PullSecretInvalid => "`payload.firmware.oci.pullSecretName` is missing, not kubernetes.io/dockerconfigjson, or has no credentials for the registry: fix the Secret",
             BlockerReason::RegistryAuthFailed => "the registry refused the pull credentials (or anonymous access): fix the pull Secret",
+            BlockerReason::InvalidSchedule => "`spec.schedule` cannot be used (an unknown IANA time zone, a bad window, a deadline before `notBefore`): fix it",
+            BlockerReason::WindowNeverOpens => "`spec.schedule.windows` never open (within a year, or before the deadline): fix the windows, time zone or deadline",
         }
     }
 }
