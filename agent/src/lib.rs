@@ -12,10 +12,10 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub use sealed_ota_device::{crashpoint, durable};
+
 pub mod config;
-pub mod crashpoint;
 pub mod driver;
-pub mod durable;
 pub mod installer;
 pub mod journal;
 pub mod keygen;
