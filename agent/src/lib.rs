@@ -21,6 +21,7 @@ pub mod journal;
 pub mod keygen;
 pub mod process;
 pub mod report;
+pub mod session;
 pub mod staging;
 pub mod system;
 pub mod transaction;
