@@ -12,8 +12,8 @@ use sealed_ota_agent::keygen;
 use sealed_ota_agent::report::LogReporter;
 use sealed_ota_agent::session::{self, SessionError};
 use sealed_ota_agent::staging::Expected;
-use sealed_ota_device::store::hash_file;
 use sealed_ota_agent::transaction::Outcome;
+use sealed_ota_device::store::hash_file;
 
 const EXIT_ERROR: u8 = 1;
 const EXIT_INVALID_CONFIG: u8 = 2;

@@ -32,6 +32,9 @@ pub enum Error {
     /// The signature does not verify.
     #[error("{0}")]
     Refused(String),
+    /// Enrolment failed (the CA files, the cluster).
+    #[error("{0}")]
+    Enroll(String),
 }
 
 impl Error {

@@ -4,6 +4,10 @@
 //! real `sealed-ota-agent` binary, and the installer of the Debian packages the tests drive.
 #![allow(dead_code)]
 
+pub mod ab;
+pub mod modules;
+pub mod rauc;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
