@@ -78,11 +78,10 @@ enum Expect {
 }
 
 /// Every step of the whole flow on an A/B board with a command hook: the download (after a chunk
-/// is written, after the state counting it is saved), the staged install, every phase of the
-/// transaction, the report and the receipt, and the journal writes of the first two processes.
-/// Alternate points restart after a power cut.
+/// is written, after the state counting it is saved), the staged install, the receipt, every phase
+/// of the transaction, the report, and the journal writes of the first two processes. Alternate
+/// points restart after a power cut.
 fn flow_crash_points() -> Vec<(Crash, bool, Expect)> {
-    let mut points = Vec::new();
     let session = [
         "after:chunk#1",
         "after:chunk#4",
@@ -91,47 +90,40 @@ fn flow_crash_points() -> Vec<(Crash, bool, Expect)> {
         "after:stage",
         "before:receipt",
         "after:receipt",
-        "before:report",
-        "after:report",
     ];
-    for point in session {
-        points.push((Crash::at(point), Expect::Installed));
-    }
-    for phase in [
-        "preparing",
+    session
+        .into_iter()
+        .map(Crash::at)
+        .chain(
+            support::crash_points(support::INSTALL_WITH_REBOOT, 2, 3)
+                .into_iter()
+                // The reboot stops the agent before its request returns: it never fires.
+                .filter(|crash| crash.point != "after:rebooting"),
+        )
+        .enumerate()
+        .map(|(i, crash)| {
+            let expect = expect_at(&crash.point);
+            (crash, i % 2 == 1, expect)
+        })
+        .collect()
+}
+
+/// What a crash at `point` must end in: a consistent end inside the install steps (a journal
+/// write, installing, the reboot, its check, the health check, the commit), installed elsewhere.
+fn expect_at(point: &str) -> Expect {
+    let install_steps = [
         "installing",
         "rebooting",
         "verifying",
         "health-check",
         "committing",
-        "cleanup",
-    ] {
-        let expect = match phase {
-            "preparing" | "cleanup" => Expect::Installed,
-            _ => Expect::Consistent,
-        };
-        points.push((Crash::at(&format!("before:{phase}")), expect));
-        if phase != "rebooting" {
-            // The reboot stops the agent before its request returns: `after:rebooting` never fires.
-            points.push((Crash::at(&format!("after:{phase}")), expect));
-        }
+    ];
+    let phase = point.split_once(':').map_or("", |(_, phase)| phase);
+    if point.starts_with("journal-rename") || install_steps.contains(&phase) {
+        Expect::Consistent
+    } else {
+        Expect::Installed
     }
-    for process in 1..=2 {
-        for n in 1..=3 {
-            points.push((
-                Crash {
-                    point: format!("journal-rename#{n}"),
-                    process: Some(process),
-                },
-                Expect::Consistent,
-            ));
-        }
-    }
-    points
-        .into_iter()
-        .enumerate()
-        .map(|(i, (crash, expect))| (crash, i % 2 == 1, expect))
-        .collect()
 }
 
 /// One campaign to one A/B command-hook board per crash point (and one without): every armed
@@ -432,17 +424,7 @@ async fn rotations_in_both_modes_then_release_keys_enforced() -> Result<()> {
     let id = format!("{}-rot", product.manager_id);
     enroll(&device.board, &product, &id, &[("group", "rot")]);
     // Release keys: the board trusts one; the operator never holds it.
-    let cli = |args: &[&str]| -> Result<String> {
-        let out = std::process::Command::new(sealed_ota_e2e::product::binary("sealed-ota"))
-            .args(args)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let cli = sealed_ota_e2e::product::sealed_ota_cli;
     let keys = board.join("release");
     cli(&[
         "release",
