@@ -112,6 +112,9 @@ pub fn settings(config: &Config) -> Result<Settings, SessionError> {
         observer: Arc::new(NoObserver),
         release_keys: config.release_keys()?,
         key_log: None,
+        // The transaction commits only after `[health_check]` passed: the signed health report
+        // (healthy) follows the commit's receipt at the next timer tick.
+        health_report_after: Some(Duration::ZERO),
     })
 }
 

@@ -202,7 +202,13 @@ async fn command_hook_campaign_with_sigkill_at_every_step() -> Result<()> {
         support::Device::power_cycle(&mut device);
         assert_eq!(device.running(), running, "{context}: changed by a reboot");
     }
-    assert_eq!(status.phase, CampaignPhase::Succeeded, "{status:?}");
+    // A campaign with failed devices (rolled back) ends Completed, never Succeeded.
+    let phase = if rolled_back == 0 {
+        CampaignPhase::Succeeded
+    } else {
+        CampaignPhase::Completed
+    };
+    assert_eq!(status.phase, phase, "{status:?}");
     assert_eq!(status.devices.succeeded, installed);
     assert_eq!(status.devices.rolled_back, rolled_back);
     assert!(installed > 0);

@@ -235,6 +235,7 @@ mod tests {
                 observer: Arc::new(FleetObserver::new(Arc::clone(&stats), None)),
                 release_keys,
                 key_log: None,
+                health_report_after: Some(Duration::from_secs(2)),
             });
             let specs: Vec<FaultSpec> = faults.iter().map(|f| f.parse().unwrap()).collect();
             let (shutdown, shutdown_rx) = watch::channel(false);
@@ -594,6 +595,44 @@ mod tests {
             world.manager_events
         );
         assert_eq!(world.chunks(), 0);
+    }
+
+    #[test]
+    fn a_committed_install_is_followed_by_a_signed_health_report_the_fault_can_fail() {
+        for (faults, healthy) in [
+            (&[][..], true),
+            (&["unhealthy:reason=watchdog resets"][..], false),
+        ] {
+            let mut world = World::new(faults);
+            assert_eq!(world.run(), None);
+            assert!(world.installed());
+            let verifier = world.manager.health_verifier().expect("installed firmware");
+            let now = unix_now();
+            assert!(
+                world.device.health_report(&world.session, now).is_none(),
+                "not due before --health-report-after"
+            );
+            let Some(Action::Publish(report)) = world.device.health_report(&world.session, now + 3)
+            else {
+                panic!("the report is due");
+            };
+            let verified = verifier.verify(&report.payload).unwrap();
+            assert_eq!(verified.healthy, healthy, "{faults:?}");
+            if !healthy {
+                assert_eq!(verified.detail, "watchdog resets");
+            }
+            assert!(
+                world
+                    .device
+                    .health_report(&world.session, now + 10)
+                    .is_none(),
+                "sent once"
+            );
+            assert_eq!(
+                world.stats.health_reports(),
+                (u64::from(healthy), u64::from(!healthy))
+            );
+        }
     }
 
     #[test]

@@ -63,6 +63,9 @@ impl Observer for FleetObserver {
     fn outcome_changed(&self, from: Outcome, to: Outcome) {
         self.stats.transition(from, to);
     }
+    fn health_reported(&self, healthy: bool) {
+        self.stats.health_reported(healthy);
+    }
     fn transfer_gate(&self) -> Option<Gate> {
         let barrier = Arc::clone(self.barrier.as_ref()?);
         barrier.arrive();
@@ -106,6 +109,9 @@ pub struct FleetOptions {
     pub key_log: Option<std::path::PathBuf>,
     /// Benchmarks only: do not fsync the protocol-state saves (see `DeviceDir::without_state_fsync`).
     pub no_state_fsync: bool,
+    /// How long after a committed install a device sends its signed health report (`None`: no
+    /// report).
+    pub health_report_after: Option<Duration>,
 }
 
 impl FleetOptions {
@@ -128,6 +134,7 @@ impl FleetOptions {
             transfer_barrier: false,
             key_log: None,
             no_state_fsync: false,
+            health_report_after: Some(Duration::from_secs(2)),
         }
     }
 }
@@ -211,6 +218,7 @@ impl RunningFleet {
                 Some(path) => Some(Arc::new(KeyLogFile::open(path)?) as Arc<dyn KeyLog>),
                 None => None,
             },
+            health_report_after: options.health_report_after,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut devices = JoinSet::new();

@@ -63,6 +63,9 @@ pub struct Settings {
     pub release_keys: Vec<ReleaseKey>,
     /// Where sessions report their secrets (tests only; see `KeyLog`).
     pub key_log: Option<Arc<dyn KeyLog>>,
+    /// How long after a committed install the device sends its signed post-install health report
+    /// (`None`: it sends none).
+    pub health_report_after: Option<Duration>,
 }
 
 /// How a device ended the run.
@@ -161,6 +164,8 @@ pub struct Device<I: Installer> {
     /// Which of the broker's nodes the next connection goes to (modulo their number): devices
     /// start spread over the nodes and move to the next one when a connection is lost.
     node: usize,
+    /// When the post-install health report is due (device clock, Unix seconds).
+    health_due: Option<u64>,
 }
 
 impl<I: Installer> std::fmt::Debug for Device<I> {
@@ -198,6 +203,7 @@ impl<I: Installer> Device<I> {
             receiving: None,
             passed_transfer_gate: false,
             node: 0,
+            health_due: None,
         }
     }
 
@@ -513,6 +519,7 @@ impl<I: Installer> Device<I> {
                     let now = self.now();
                     let output = session.poll_output(now);
                     let mut actions = output.actions;
+                    actions.extend(self.health_report(session, now));
                     for event in output.events {
                         // Only the end of a session at the campaign's expiry (Rejected): nothing
                         // here ends the connection.
@@ -779,6 +786,12 @@ impl<I: Installer> Device<I> {
             FinalOutcome::Failed { .. } => (Outcome::Failed, "failed"),
         };
         info!(device = %self.id, ?outcome, "update {verb}; sending the signed receipt");
+        if outcome == FinalOutcome::Committed {
+            self.health_due = self
+                .settings
+                .health_report_after
+                .map(|after| now + after.as_secs());
+        }
         self.set_outcome(next);
         crashpoint::reached(&CrashPoint::Before("receipt"));
         let actions = session.report_final(outcome, now);
@@ -786,6 +799,22 @@ impl<I: Installer> Device<I> {
         self.save(session)?;
         crashpoint::reached(&CrashPoint::After("receipt"));
         Ok(actions)
+    }
+
+    /// The signed post-install health report, once it is due: healthy unless the fault switches
+    /// say otherwise (a real device's health check already passed before its commit).
+    pub fn health_report(&mut self, session: &DeviceSession, now: u64) -> Option<Action> {
+        if self.health_due.is_none_or(|due| due > now) {
+            return None;
+        }
+        self.health_due = None;
+        let failure = self.faults.unhealthy();
+        let healthy = failure.is_none();
+        let detail = failure.unwrap_or_else(|| "post-install health check passed".to_string());
+        let report = session.health_report(healthy, &detail, now)?;
+        info!(device = %self.id, healthy, %detail, "signed health report");
+        self.settings.observer.health_reported(healthy);
+        Some(report)
     }
 
     /// An install that was under way finished: its receipt, if its install is the pending one

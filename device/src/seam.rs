@@ -157,6 +157,12 @@ pub trait Faults: Send {
         false
     }
 
+    /// Why the committed image's post-install health check fails (the signed health report
+    /// says unhealthy).
+    fn unhealthy(&self) -> Option<String> {
+        None
+    }
+
     /// A reason to decline every offered update.
     fn refusal(&self) -> Option<String> {
         None
@@ -211,6 +217,10 @@ pub trait Observer: Send + Sync + Debug {
     fn message_rejected(&self) {}
     /// A chunk was stored.
     fn chunk_stored(&self) {}
+    /// A device sent its signed post-install health report.
+    fn health_reported(&self, healthy: bool) {
+        let _ = healthy;
+    }
     /// A device's outcome changed.
     fn outcome_changed(&self, from: Outcome, to: Outcome) {
         let _ = (from, to);

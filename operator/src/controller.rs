@@ -7,7 +7,7 @@
 //! Secrets/ConfigMaps it reads, so a fix to any of them wakes a campaign that waits for a change. A
 //! finalizer clears the campaign's retained MQTT messages on delete.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,20 +25,26 @@ use sealed_ota_protocol::{
     Action, CampaignPayload, CampaignSpec, ManagerConfig, PreparedCampaign, RotationMode,
 };
 
+use crate::arbitration::{Contender, Standing};
 use crate::crd::{
-    Device, DeviceFailure, DevicePhase, RotationModeSpec, UpdateCampaign, UpdateCampaignStatus,
-    FINALIZER,
+    CampaignPhase, Device, DeviceFailure, DevicePhase, RotationModeSpec, UpdateCampaign,
+    UpdateCampaignStatus, WaitingStatus, FINALIZER,
 };
 use crate::engine::{Engine, FIELD_MANAGER};
 use crate::error::Error;
+use crate::gates::{self, GateInput, HealthTally};
 use crate::inputs;
 use crate::mqtt::ConnState;
 use crate::plan::{self, PassInput, Wake};
+use crate::policy::{self, up_to_date, PolicyInput};
+use crate::ramp::StartLog;
 use crate::reasons::BlockerReason;
-use crate::rollout::{decide, DecideInput, Progress, RolloutParams};
+use crate::rollout::{decide, wave_cutoffs, DecideInput, Progress, RolloutParams};
 use crate::runs::{clear_retained, CampaignKey, CampaignRun};
+use crate::schedule::Calendar;
 use crate::status::{compute, Blocker, StatusInput};
 use crate::time::{k8s_time, unix_now, unix_secs};
+use crate::{preview, prometheus};
 
 /// What the controller remembers per campaign between passes (one place for all of it).
 #[derive(Debug, Default)]
@@ -51,6 +57,14 @@ struct Memo {
     errors: u32,
     /// Consecutive passes blocked by the same transient blocker (its retry backoff).
     blocked_retries: u32,
+    /// The devices selected at the last pass (late joiners and leavers are told apart by it) and
+    /// the running totals of both: kept here, not added to the last written status, so a pass whose
+    /// status write is held back by the rate limit loses no count.
+    members: Option<Members>,
+    /// Starts of the last minute (the rate).
+    starts: StartLog,
+    /// A dry run's prepared payload size: (uid, bytes of the encrypted chunks).
+    planned: Option<(String, u64)>,
 }
 
 /// Shared state of one controller (one watched namespace, or all).
@@ -60,7 +74,20 @@ struct Ctx {
     manager_id: String,
     recorder: Recorder,
     devices: Store<Device>,
+    campaigns: Store<UpdateCampaign>,
     memo: Mutex<HashMap<CampaignKey, Memo>>,
+}
+
+/// Late joiners and leavers of one campaign, as this process saw them.
+#[derive(Debug, Default)]
+struct Members {
+    /// The devices selected at the last pass (`None` before the first).
+    names: Option<HashSet<String>>,
+    /// Devices that started matching while the campaign ran, in total (from the status on the
+    /// first pass of this process).
+    joined: u32,
+    /// Devices that stopped matching or were deleted while it ran, in total.
+    left: u32,
 }
 
 impl Ctx {
@@ -135,19 +162,20 @@ pub async fn run(
             instance: Some(instance),
         },
     );
+    let controller = Controller::new(
+        api::<UpdateCampaign>(&client, ns),
+        watcher::Config::default(),
+    );
+    let campaigns = controller.store();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         engine,
         manager_id,
         recorder,
         devices: device_store,
+        campaigns: campaigns.clone(),
         memo: Mutex::new(HashMap::new()),
     });
-    let controller = Controller::new(
-        api::<UpdateCampaign>(&client, ns),
-        watcher::Config::default(),
-    );
-    let campaigns = controller.store();
     let (c1, c2, c3) = (campaigns.clone(), campaigns.clone(), campaigns);
     let controller = controller
         .watches(
@@ -247,6 +275,8 @@ struct Validated {
     selected: Vec<Arc<Device>>,
     /// Rollout parameters (the defaults when the spec's do not parse: then `blocker` says so).
     params: RolloutParams,
+    /// The campaign's schedule (always open when it does not parse: then `blocker` says so).
+    calendar: Calendar,
     /// The first problem found.
     blocker: Option<Blocker>,
 }
@@ -283,11 +313,120 @@ fn validate(c: &UpdateCampaign, store: &Store<Device>) -> Validated {
         });
         RolloutParams::defaults()
     });
+    let calendar = Calendar::for_campaign(c.spec.schedule.as_ref()).unwrap_or_else(|e| {
+        blocker.get_or_insert(Blocker {
+            reason: BlockerReason::InvalidSchedule,
+            message: e.to_string(),
+        });
+        Calendar::always()
+    });
     Validated {
         selected,
         params,
+        calendar,
         blocker,
     }
+}
+
+/// The other running campaigns of the namespace (not finished, not dry runs, not aborted), with
+/// their selectors, for the arbitration over shared devices.
+fn rivals_of(
+    c: &UpdateCampaign,
+    campaigns: &Store<UpdateCampaign>,
+) -> Vec<(Arc<UpdateCampaign>, Selector)> {
+    campaigns
+        .state()
+        .into_iter()
+        .filter(|o| {
+            o.namespace() == c.namespace()
+                && o.name_any() != c.name_any()
+                && !o.spec.dry_run
+                && !o.spec.abort
+                && !o.status.as_ref().is_some_and(|s| s.phase.is_terminal())
+        })
+        .filter_map(|o| {
+            let selector = Selector::try_from(o.spec.selector.clone()).ok()?;
+            Some((o, selector))
+        })
+        .collect()
+}
+
+/// A campaign as arbitration ranks it.
+fn contender(c: &UpdateCampaign) -> Contender<'_> {
+    Contender {
+        name: c.metadata.name.as_deref().unwrap_or_default(),
+        priority: c.spec.priority,
+        created: c
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(unix_secs)
+            .unwrap_or(0),
+    }
+}
+
+/// Where `device` stands in the other campaign `o`: its run on this replica first, then what
+/// the Device status records for it, then whether it needs `o` at all. A device the other run
+/// finished stays held until the Device status that says so (and its new running version) is in
+/// the cache: before that, this campaign would take it for a device still at the old version.
+fn standing(o: &UpdateCampaign, device: &Device, engine: &Engine) -> Standing {
+    let uid = o.uid().unwrap_or_default();
+    let name = device.name_any();
+    let record = device
+        .status
+        .as_ref()
+        .and_then(|s| s.campaign.as_ref())
+        .filter(|r| r.uid == uid);
+    let recorded_done =
+        record.is_some_and(|r| matches!(r.phase, DevicePhase::Succeeded | DevicePhase::Failed));
+    if let Ok(key) = key_of(o) {
+        match engine.standing(&key, &uid, &name) {
+            Some(p) if p.is_terminal() && recorded_done => return Standing::Done,
+            Some(Progress::NotStarted) | None => {}
+            Some(_) => return Standing::Started,
+        }
+    }
+    match record.map(|r| r.phase) {
+        Some(DevicePhase::Succeeded | DevicePhase::Failed) => Standing::Done,
+        Some(DevicePhase::Pending | DevicePhase::Transferring) => Standing::Started,
+        Some(DevicePhase::Released) | None if up_to_date(device, &o.spec) => Standing::Done,
+        Some(DevicePhase::Released) | None => Standing::NotStarted,
+    }
+}
+
+/// How many of the devices of `wave` the campaign updated, and of them how many sent a healthy
+/// report (the gate's device-health check).
+fn health_tally(
+    key: &CampaignKey,
+    uid: &str,
+    selected: &[Arc<Device>],
+    progress: &[Progress],
+    params: &RolloutParams,
+    wave: u32,
+    engine: &Engine,
+) -> HealthTally {
+    let cutoffs = wave_cutoffs(selected.len() as u32, params);
+    let end = cutoffs.get(wave as usize).copied().unwrap_or(0) as usize;
+    let start = wave
+        .checked_sub(1)
+        .and_then(|w| cutoffs.get(w as usize))
+        .copied()
+        .unwrap_or(0) as usize;
+    let mut tally = HealthTally::default();
+    for (d, p) in selected[start..end].iter().zip(&progress[start..end]) {
+        if *p == Progress::Succeeded {
+            tally.updated += 1;
+            match engine.health(key, uid, &d.name_any()) {
+                Some(true) => {
+                    tally.reported += 1;
+                    tally.healthy += 1;
+                }
+                Some(false) => tally.reported += 1,
+                None => {}
+            }
+        }
+    }
+    tally
 }
 
 async fn get_opt<K>(client: &Client, ns: &str, name: &str) -> Result<Option<K>, Error>
@@ -463,13 +602,16 @@ fn failures(selected: &[Arc<Device>], progress: &[Progress], uid: &str) -> Vec<D
 async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
     let key = key_of(&c)?;
     let uid = c.uid().ok_or(Error::MissingMetadata("uid"))?;
+    let ns = key.0.clone();
     let now = unix_now();
     let previous = c.status.clone().unwrap_or_default();
+    let dry_run = c.spec.dry_run;
 
     // fetch + validate
     let Validated {
         selected,
         params,
+        calendar,
         mut blocker,
     } = validate(&c, &ctx.devices);
     // The expiry is fixed the first time the campaign is prepared and recorded on its status
@@ -479,30 +621,117 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         .as_ref()
         .and_then(unix_secs)
         .unwrap_or_else(|| now + u64::from(c.spec.expires_after_seconds));
-    let expired = now >= expires_at;
+    let expired = now >= expires_at && !dry_run;
     let stopping = previous.phase.is_terminal() || c.spec.abort;
     if blocker.is_none() && !stopping && !expired && !ctx.engine.has_run(&key, &uid) {
-        match prepare_run(&c, ctx, expires_at).await? {
-            Ok(run) => {
-                tracing::info!(chunks = run.chunk_count(), expires_at, "campaign prepared");
-                ctx.engine.insert_run(key.clone(), run);
-                if previous.expires_at.is_none() {
-                    let mut recorded = previous.clone();
-                    recorded.expires_at = Some(k8s_time(expires_at));
-                    write_status(&c, &key, &recorded, ctx).await?;
+        let planned = ctx.memo(&key, |m| m.planned.as_ref().is_some_and(|(u, _)| *u == uid));
+        if !(dry_run && planned) {
+            match prepare_run(&c, ctx, expires_at).await? {
+                // A dry run only learns what the payload weighs; nothing is kept or published.
+                Ok(run) if dry_run => {
+                    let bytes = run.facts().chunk_bytes;
+                    ctx.memo(&key, |m| m.planned = Some((uid.clone(), bytes)));
                 }
+                Ok(run) => {
+                    tracing::info!(chunks = run.chunk_count(), expires_at, "campaign prepared");
+                    ctx.engine.insert_run(key.clone(), run);
+                    if previous.expires_at.is_none() {
+                        let mut recorded = previous.clone();
+                        recorded.expires_at = Some(k8s_time(expires_at));
+                        write_status(&c, &key, &recorded, ctx).await?;
+                    }
+                }
+                Err(b) => blocker = Some(b),
             }
-            Err(b) => blocker = Some(b),
         }
     }
-    if blocker.is_none() && !stopping {
+    if blocker.is_none() && !stopping && !dry_run {
         if let ConnState::Down(e) = ctx.engine.mqtt.state() {
             blocker = Some(plan::broker_blocker(&e));
         }
     }
 
-    // decide
+    // Devices that stopped matching (or were deleted) leave the run; new ones join it.
+    let names: HashSet<&str> = selected
+        .iter()
+        .filter_map(|d| d.metadata.name.as_deref())
+        .collect();
+    let store = &ctx.devices;
+    let released = ctx
+        .engine
+        .release(&key, &names, |n| {
+            store.get(&ObjectRef::new(n).within(&ns)).is_some()
+        })
+        .await?;
+    let running = matches!(
+        previous.phase,
+        CampaignPhase::Progressing | CampaignPhase::Paused
+    );
+    let (joined, left) = ctx.memo(&key, |m| {
+        let members = m.members.get_or_insert_with(|| Members {
+            names: None,
+            joined: previous.devices.joined,
+            left: previous.devices.left,
+        });
+        let (joined, left) = match (&members.names, running) {
+            (Some(before), true) => (
+                names.iter().filter(|n| !before.contains(**n)).count() as u32,
+                before
+                    .iter()
+                    .filter(|n| !names.contains(n.as_str()))
+                    .count() as u32,
+            ),
+            _ => (0, 0),
+        };
+        members.names = Some(names.iter().map(|n| n.to_string()).collect());
+        members.joined += joined;
+        members.left += left.max(released.len() as u32);
+        (members.joined, members.left)
+    });
+
+    // policy
     let progress = ctx.engine.progress(&key, &uid, &selected);
+    let others = rivals_of(&c, &ctx.campaigns);
+    let rivals: Vec<Vec<(Contender<'_>, Standing)>> = if others.is_empty() {
+        Vec::new()
+    } else {
+        selected
+            .iter()
+            .map(|d| {
+                others
+                    .iter()
+                    .filter(|(_, sel)| sel.matches(ResourceExt::labels(&**d)))
+                    .map(|(o, _)| (contender(o), standing(o, d, &ctx.engine)))
+                    .collect()
+            })
+            .collect()
+    };
+    let policy = ctx.memo(&key, |m| {
+        policy::assess(
+            &PolicyInput {
+                now,
+                spec: &c.spec,
+                me: contender(&c),
+                devices: &selected,
+                progress: &progress,
+                rivals: &rivals,
+                calendar: &calendar,
+                previous: &previous,
+            },
+            &mut m.starts,
+        )
+    });
+    if blocker.is_none() {
+        blocker = policy.blocker.clone();
+    }
+    let gate_due = previous
+        .gate
+        .as_ref()
+        .and_then(|g| g.soak_until.as_ref())
+        .and_then(unix_secs)
+        .filter(|t| *t > now);
+
+    // decide
     let decision = decide(&DecideInput {
         now,
         devices: &progress,
@@ -512,8 +741,52 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         blocked: blocker.is_some(),
         previous_phase: previous.phase,
         previous_wave: previous.current_wave,
+        holds: &policy.holds,
+        start_cap: policy.start_cap,
+        wave_limit: policy.wave_limit,
+        deadline_passed: policy.deadline_passed,
+        policy_due: policy.due.into_iter().chain(gate_due).min(),
     });
     tracing::debug!(phase = ?decision.phase, counts = ?decision.counts, starts = decision.start.len(), blocked = ?blocker.as_ref().map(|b| b.reason), "decided");
+
+    // the gate after a finished wave
+    let gate = match &c.spec.rollout.gate {
+        Some(spec) if !previous.phase.is_terminal() => {
+            let metric = match (
+                &spec.metrics,
+                gates::needs_metric(spec, previous.gate.as_ref(), decision.awaiting_gate, now),
+            ) {
+                (Some(m), true) => {
+                    Some(prometheus::instant_query(&m.prometheus_url, &m.query).await)
+                }
+                _ => None,
+            };
+            let health = decision
+                .awaiting_gate
+                .map(|w| {
+                    health_tally(
+                        &key,
+                        &uid,
+                        &selected,
+                        &decision.progress,
+                        &params,
+                        w,
+                        &ctx.engine,
+                    )
+                })
+                .unwrap_or_default();
+            Some(gates::step(&GateInput {
+                spec,
+                previous: previous.gate.as_ref(),
+                promoted_through: c.spec.promote_through_wave,
+                awaiting: decision.awaiting_gate,
+                now,
+                health,
+                metric,
+            }))
+        }
+        _ => None,
+    };
 
     // plan
     let has_run = ctx.engine.has_run(&key, &uid);
@@ -526,12 +799,50 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         writes_pending: ctx.engine.device_writes_pending() > 0,
         timeout_secs: params.timeout_secs,
         has_run,
+        dry_run,
+        gate_failed: gate.as_ref().and_then(|g| g.failed.as_ref()).map(|f| f.0),
     });
     let facts = ctx.engine.run_facts(&key).filter(|_| has_run);
+    let chunk_bytes = facts.map(|f| f.chunk_bytes).or_else(|| {
+        ctx.memo(&key, |m| {
+            m.planned.as_ref().filter(|(u, _)| *u == uid).map(|p| p.1)
+        })
+    });
+    let mut policy_status = policy.status;
+    policy_status.plan = Some(preview::plan(
+        &selected,
+        &policy.exclusions,
+        &params,
+        chunk_bytes,
+    ));
+    policy_status.warnings = preview::warnings(
+        &c.spec,
+        &params,
+        selected.len() as u32,
+        Some(&calendar),
+        now,
+    );
+    if let Some(g) = &gate {
+        policy_status.gate = g.status.clone();
+        policy_status.gate_failed = g.failed.as_ref().map(|f| f.1.clone());
+        if policy_status.waiting.is_none() && decision.awaiting_gate.is_some() && g.failed.is_none()
+        {
+            policy_status.waiting = g.status.as_ref().map(|s| WaitingStatus {
+                reason: "Gate".into(),
+                message: s.message.clone(),
+                until: s.soak_until.clone().filter(|_| s.state == gates::SOAKING),
+            });
+        }
+    } else {
+        policy_status.gate = previous.gate.clone();
+    }
+    let mut counts = decision.counts.clone();
+    counts.joined = joined;
+    counts.left = left;
     let status = compute(StatusInput {
         generation: c.metadata.generation,
         phase: pass.phase,
-        counts: decision.counts.clone(),
+        counts,
         current_wave: decision.current_wave,
         total_waves: decision.total_waves,
         chunk_count: facts.map(|f| f.chunk_count).or(previous.chunk_count),
@@ -542,15 +853,17 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         release_key_id: facts
             .map(|f| f.release_key_id.map(hex::encode))
             .unwrap_or_else(|| previous.release_key_id.clone()),
-        failures: failures(&selected, &progress, &uid),
+        failures: failures(&selected, &decision.progress, &uid),
         blocker: blocker.clone(),
         previous: Some(&previous),
         now: k8s_time(now),
+        policy: policy_status,
     });
     let events = plan::events(&previous, &status, blocker.as_ref());
 
     // act
     ctx.engine.apply(&key, &uid, &selected, &pass.run).await?;
+    ctx.memo(&key, |m| m.starts.record(now, pass.run.start.len()));
     if let Some(notifies) = pass.clear_recorded {
         // Ended under an earlier process (or before a restart): clear what the resources say it
         // may have left retained, once per process.
@@ -589,6 +902,18 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         };
         m.blocked_retries
     });
+    let mut decision = decision;
+    if let Some(due) = gate.as_ref().and_then(|g| g.due) {
+        decision.next_due = Some(decision.next_due.map_or(due, |d| d.min(due)));
+    }
+    // A gate that just passed opens the next wave on the very next pass.
+    let gate_opened = gate
+        .as_ref()
+        .and_then(|g| g.status.as_ref())
+        .is_some_and(|g| g.passed_waves > previous.gate.as_ref().map_or(0, |p| p.passed_waves));
+    if gate_opened {
+        decision.next_due = Some(now);
+    }
     Ok(
         match plan::wake(
             &pass,

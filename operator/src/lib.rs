@@ -3,6 +3,7 @@
 //! together; tests run the same [`run`] in-process.
 #![forbid(unsafe_code)]
 
+pub mod arbitration;
 pub mod config;
 pub mod controller;
 pub mod crd;
@@ -12,14 +13,20 @@ pub mod device_status;
 pub mod engine;
 pub mod error;
 pub mod fetch;
+pub mod gates;
 pub mod http;
 pub mod inputs;
 pub mod metrics;
 pub mod mqtt;
 pub mod plan;
+pub mod policy;
+pub mod preview;
+pub mod prometheus;
+pub mod ramp;
 pub mod reasons;
 pub mod rollout;
 pub mod runs;
+pub mod schedule;
 pub mod status;
 pub mod time;
 
