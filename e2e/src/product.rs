@@ -300,6 +300,8 @@ pub struct Product {
     /// Whether the emulator logs the devices' secrets (`run --key-log`) for the leak scans; the
     /// benchmark turns it off.
     pub log_keys: bool,
+    /// Extra arguments of `sealed-ota-operator run` (for example `--retained-chunk-bytes N`).
+    pub operator_args: Vec<String>,
     operator: Option<Child>,
     emulator: Option<Child>,
     operator_starts: u32,
@@ -360,6 +362,7 @@ impl Product {
             metrics_addr: format!("127.0.0.1:{}", free_port()?),
             window_timeout_seconds: 3,
             log_keys: true,
+            operator_args: Vec::new(),
             operator: None,
             emulator: None,
             operator_starts: 0,
@@ -372,7 +375,7 @@ impl Product {
             path_str(&bed.ca_key_file)?,
         ];
         let pki = product.dir.join("pki");
-        let mut args = vec!["pki-init"];
+        let mut args = vec!["pki", "init"];
         args.extend(ca);
         args.extend([
             "--out",
@@ -381,11 +384,11 @@ impl Product {
             &product.manager_id,
         ]);
         args.extend(["-n", &product.ns.name, "--apply"]);
-        product.emulator_cli(&args)?;
+        product.cli(&args)?;
         let fleet = product.dir.join("fleet");
         let count = devices.to_string();
         let label = format!("fleet={}", product.ns.name);
-        let mut args = vec!["enroll"];
+        let mut args = vec!["device", "enroll"];
         args.extend(ca);
         args.extend(["--fleet", path_str(&fleet)?, "--count", &count]);
         args.extend([
@@ -396,13 +399,13 @@ impl Product {
         ]);
         args.extend(["--label", &label, "-n", &product.ns.name, "--apply"]);
         args.extend(enroll_args);
-        product.emulator_cli(&args)?;
+        product.cli(&args)?;
         Ok(product)
     }
 
-    /// Runs `sealed-ota` (the release CLI) with `args`; returns its stdout.
+    /// Runs `sealed-ota` (the CLI users run) with `args`; returns its stdout.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(binary("sealed-ota")).args(args).output()?;
+        let out = self.cli_output(args)?;
         if !out.status.success() {
             bail!(
                 "sealed-ota {} failed: {}",
@@ -411,6 +414,14 @@ impl Product {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `sealed-ota` with `args` against the test bed (its kubeconfig), whatever it exits with.
+    pub fn cli_output(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(binary("sealed-ota"))
+            .args(args)
+            .env("KUBECONFIG", &self.bed.kubeconfig)
+            .output()?)
     }
 
     /// Where the emulator logs the secrets its devices handle (`run --key-log`, tests only).
@@ -434,21 +445,6 @@ impl Product {
         self.dir.join("fleet/devices").join(id)
     }
 
-    fn emulator_cli(&self, args: &[&str]) -> Result<()> {
-        let out = Command::new(binary("sealed-ota-device-emulator"))
-            .args(args)
-            .env("KUBECONFIG", &self.bed.kubeconfig)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "sealed-ota-device-emulator {} failed: {}",
-                args[0],
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
-    }
-
     /// Starts the operator binary (leader election on, Lease in this namespace).
     pub fn start_operator(&mut self) -> Result<()> {
         self.stop_operator();
@@ -470,6 +466,9 @@ impl Product {
             .args(["--operator-namespace", &self.ns.name])
             .args(["--namespace", &self.ns.name])
             .args(["--metrics-addr", &self.metrics_addr])
+            .arg("--cache-dir")
+            .arg(self.dir.join("cache"))
+            .args(&self.operator_args)
             .env("KUBECONFIG", &self.bed.kubeconfig)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone()?)

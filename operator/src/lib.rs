@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod arbitration;
+pub mod chunk_cache;
 pub mod config;
 pub mod controller;
 pub mod crd;
@@ -13,17 +14,20 @@ pub mod device_status;
 pub mod engine;
 pub mod error;
 pub mod fetch;
+pub mod firmware;
 pub mod gates;
 pub mod http;
 pub mod inputs;
 pub mod metrics;
 pub mod mqtt;
+pub mod oci;
 pub mod plan;
 pub mod policy;
 pub mod preview;
 pub mod prometheus;
 pub mod ramp;
 pub mod reasons;
+pub mod retained;
 pub mod rollout;
 pub mod runs;
 pub mod schedule;
@@ -250,11 +254,21 @@ async fn active(
     // Device status writes: 8 ordered shards, so 10,000 devices do not queue behind one writer.
     let (writes, writer_tasks) = engine::DeviceWrites::spawn(client, metrics, 8, leading);
     let mut writers: Vec<_> = writer_tasks.into_iter().map(AbortOnDrop).collect();
+    let cache_root = config.cache_dir.clone();
+    let cache = tokio::task::spawn_blocking(move || chunk_cache::CacheDir::open(&cache_root))
+        .await
+        .map_err(|e| Error::Join(e.to_string()))?
+        .map_err(|e| Error::Cache(e.to_string()))?;
     let engine = Arc::new(engine::Engine::new(
         topics,
         mqtt.clone(),
         metrics.clone(),
         writes,
+        engine::FirmwareSettings {
+            cache,
+            retained_chunk_bytes: config.retained_chunk_bytes,
+            max_image_bytes: config.max_image_bytes,
+        },
     ));
     let dispatcher = {
         let engine = engine.clone();
