@@ -36,7 +36,7 @@ use crate::gates::{self, GateInput, HealthTally};
 use crate::inputs;
 use crate::mqtt::ConnState;
 use crate::plan::{self, PassInput, Wake};
-use crate::policy::{self, runs_target, PolicyInput};
+use crate::policy::{self, up_to_date, PolicyInput};
 use crate::ramp::StartLog;
 use crate::reasons::BlockerReason;
 use crate::rollout::{decide, wave_cutoffs, DecideInput, Progress, RolloutParams};
@@ -333,16 +333,7 @@ fn validate(c: &UpdateCampaign, store: &Store<Device>) -> Validated {
 fn rivals_of(
     c: &UpdateCampaign,
     campaigns: &Store<UpdateCampaign>,
-    engine: &Engine,
 ) -> Vec<(Arc<UpdateCampaign>, Selector)> {
-    // A campaign that never got going (blocked before its first start: a missing Secret, a bad
-    // payload) claims no device: only one with a run here, or that has run, is a rival.
-    let running = |o: &UpdateCampaign| {
-        matches!(
-            o.status.as_ref().map(|s| s.phase),
-            Some(CampaignPhase::Progressing | CampaignPhase::Paused)
-        ) || key_of(o).is_ok_and(|k| engine.has_run(&k, &o.uid().unwrap_or_default()))
-    };
     campaigns
         .state()
         .into_iter()
@@ -352,7 +343,6 @@ fn rivals_of(
                 && !o.spec.dry_run
                 && !o.spec.abort
                 && !o.status.as_ref().is_some_and(|s| s.phase.is_terminal())
-                && running(o)
         })
         .filter_map(|o| {
             let selector = Selector::try_from(o.spec.selector.clone()).ok()?;
@@ -399,9 +389,7 @@ fn standing(o: &UpdateCampaign, device: &Device, engine: &Engine) -> Standing {
     match record.map(|r| r.phase) {
         Some(DevicePhase::Succeeded | DevicePhase::Failed) => Standing::Done,
         Some(DevicePhase::Pending | DevicePhase::Transferring) => Standing::Started,
-        Some(DevicePhase::Released) | None if runs_target(device, &o.spec.target_version) => {
-            Standing::Done
-        }
+        Some(DevicePhase::Released) | None if up_to_date(device, &o.spec) => Standing::Done,
         Some(DevicePhase::Released) | None => Standing::NotStarted,
     }
 }
@@ -708,7 +696,7 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
 
     // policy
     let progress = ctx.engine.progress(&key, &uid, &selected);
-    let others = rivals_of(&c, &ctx.campaigns, &ctx.engine);
+    let others = rivals_of(&c, &ctx.campaigns);
     let rivals: Vec<Vec<(Contender<'_>, Standing)>> = if others.is_empty() {
         Vec::new()
     } else {
