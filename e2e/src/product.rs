@@ -853,7 +853,7 @@ pub fn build_binaries() -> Result<()> {
             let mut build = Command::new(cargo);
             build
                 .current_dir(repo_root())
-                .args(["build", "--workspace", "--bins"]);
+                .args(["build", "--locked", "--workspace", "--bins"]);
             if profile() == "release" {
                 build.arg("--release");
             }
