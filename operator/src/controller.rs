@@ -333,7 +333,16 @@ fn validate(c: &UpdateCampaign, store: &Store<Device>) -> Validated {
 fn rivals_of(
     c: &UpdateCampaign,
     campaigns: &Store<UpdateCampaign>,
+    engine: &Engine,
 ) -> Vec<(Arc<UpdateCampaign>, Selector)> {
+    // A campaign that never got going (blocked before its first start: a missing Secret, a bad
+    // payload) claims no device: only one with a run here, or that has run, is a rival.
+    let running = |o: &UpdateCampaign| {
+        matches!(
+            o.status.as_ref().map(|s| s.phase),
+            Some(CampaignPhase::Progressing | CampaignPhase::Paused)
+        ) || key_of(o).is_ok_and(|k| engine.has_run(&k, &o.uid().unwrap_or_default()))
+    };
     campaigns
         .state()
         .into_iter()
@@ -343,6 +352,7 @@ fn rivals_of(
                 && !o.spec.dry_run
                 && !o.spec.abort
                 && !o.status.as_ref().is_some_and(|s| s.phase.is_terminal())
+                && running(o)
         })
         .filter_map(|o| {
             let selector = Selector::try_from(o.spec.selector.clone()).ok()?;
@@ -696,7 +706,7 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
 
     // policy
     let progress = ctx.engine.progress(&key, &uid, &selected);
-    let others = rivals_of(&c, &ctx.campaigns);
+    let others = rivals_of(&c, &ctx.campaigns, &ctx.engine);
     let rivals: Vec<Vec<(Contender<'_>, Standing)>> = if others.is_empty() {
         Vec::new()
     } else {
