@@ -241,6 +241,10 @@ fn error_policy(c: Arc<UpdateCampaign>, e: &Error, ctx: Arc<Ctx>) -> Requeue {
 }
 
 async fn reconcile(c: Arc<UpdateCampaign>, ctx: Arc<Ctx>) -> Result<Requeue, Error> {
+    // A pass reads the Device and campaign caches: before their initial lists are in they hold
+    // too few objects (a plan of 0 devices, a rival campaign unseen), so no pass runs before.
+    synced(&ctx.devices, "Device").await?;
+    synced(&ctx.campaigns, "UpdateCampaign").await?;
     ctx.engine.metrics.reconciliations.inc();
     let ns = c.namespace().ok_or(Error::MissingMetadata("namespace"))?;
     let key = key_of(&c)?;
@@ -257,6 +261,19 @@ async fn reconcile(c: Arc<UpdateCampaign>, ctx: Arc<Ctx>) -> Result<Requeue, Err
         ctx.memo(&key, |m| m.errors = 0);
     }
     result
+}
+
+/// Returns once `store` holds its watch's initial list (at once after that); the reflector filling
+/// it runs beside the controller (`run`).
+async fn synced<K>(store: &Store<K>, kind: &'static str) -> Result<(), Error>
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::CacheStopped(kind))
 }
 
 fn key_of(c: &UpdateCampaign) -> Result<CampaignKey, Error> {
@@ -1083,6 +1100,32 @@ mod tests {
                 .collect(),
         );
         d
+    }
+
+    /// A pass on a Device cache whose initial list is not in yet would select too few devices (a
+    /// dry run's plan of 0 devices against a slow API server): `synced` holds the pass back until
+    /// the list is complete, and the pass then selects the listed device.
+    #[test]
+    fn no_pass_before_the_initial_list_of_devices() {
+        use futures::FutureExt;
+        let (store, mut writer) = reflector::store::<Device>();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitApply(device(&[("fleet", "a")], "ns")));
+        assert!(validate(&campaign(), &store).selected.is_empty());
+        assert!(synced(&store, "Device").now_or_never().is_none());
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        assert!(matches!(
+            synced(&store, "Device").now_or_never(),
+            Some(Ok(()))
+        ));
+        assert_eq!(validate(&campaign(), &store).selected.len(), 1);
+        drop(writer);
+        let (unfilled, writer) = reflector::store::<Device>();
+        drop(writer);
+        assert!(matches!(
+            synced(&unfilled, "Device").now_or_never(),
+            Some(Err(Error::CacheStopped("Device")))
+        ));
     }
 
     #[test]
