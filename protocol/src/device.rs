@@ -22,7 +22,6 @@ use crate::error::ProtocolError;
 use crate::identity::{generate_csr, Identity, PeerCertificate, Role, TrustAnchor};
 use crate::manager::{check_hints, STATUS_AAD_LABEL, UPDATE_AAD_LABEL};
 use crate::manifest::{bounded_text, Manifest, PayloadKind, RejectReason, MAX_REASON_TEXT};
-use crate::merkle::{leaf_hash, verify_proof};
 use crate::mqtt::{Action, Inbound, Outbound, Properties, CONTENT_TYPE, VERSION_PROPERTY};
 use crate::release::{ReleaseKey, ReleaseSignature};
 use crate::topics::{TopicKind, TopicTree};
@@ -1325,17 +1324,7 @@ impl DeviceSession {
         if t.received.get(c.index) {
             return Ok(DeviceOutput::default()); // duplicate
         }
-        if !verify_proof(
-            &t.manifest.merkle_root,
-            c.index,
-            count,
-            leaf_hash(c.index, &c.ct),
-            &c.proof,
-        ) {
-            return Err(ProtocolError::BadProof { index: c.index });
-        }
-        let plain = crypto::decrypt_chunk(key, &c.campaign_id, c.index, count, &c.ct)
-            .ok_or(ProtocolError::Decrypt { message: "chunk" })?;
+        let plain = c.open(key, &t.manifest.merkle_root)?;
         let expected = t.manifest.chunk_len(c.index).unwrap_or(0);
         if plain.len() as u64 != expected {
             return Err(ProtocolError::ChunkOutOfRange {

@@ -313,6 +313,30 @@ impl SealedFirmware {
         Some(payload)
     }
 
+    /// Opens one of this image's chunk messages as a device does (decode, proof, decrypt):
+    /// `(index, plaintext)`. For checks and benchmarks on the manager's side, which holds the
+    /// content key anyway.
+    pub fn open_chunk_payload(
+        &self,
+        payload: &[u8],
+    ) -> Result<(u32, Zeroizing<Vec<u8>>), ProtocolError> {
+        let c = wire::decode_chunk(payload)?;
+        if c.campaign_id != self.stream_id {
+            return Err(ProtocolError::WrongCampaign {
+                expected: self.stream_id.clone(),
+                got: c.campaign_id,
+            });
+        }
+        if c.index >= self.count || c.count != self.count {
+            return Err(ProtocolError::ChunkOutOfRange {
+                index: c.index,
+                count: self.count,
+            });
+        }
+        c.open(&self.content_key, &self.merkle_root())
+            .map(|plain| (c.index, plain))
+    }
+
     /// Bytes of chunk `index`'s message (what publishing it once costs), without building it.
     pub fn chunk_payload_len(&self, index: u32) -> usize {
         let mut head = Vec::with_capacity(96);
@@ -441,5 +465,34 @@ mod tests {
         let a = ChunkSealer::new("c", 10, 25).unwrap();
         let b = ChunkSealer::new("c", 10, 25).unwrap();
         assert_ne!(*a.content_key, *b.content_key);
+    }
+
+    #[test]
+    fn chunk_messages_open_to_the_image_and_a_changed_byte_is_refused() {
+        let image: Vec<u8> = (0..2500u32).map(|i| (i * 7) as u8).collect();
+        let (sealed, cts) = SealedFirmware::seal_all("c", 1000, &image).unwrap();
+        let mut opened = Vec::new();
+        for index in 0..sealed.chunk_count() {
+            let start = sealed.ciphertext_offset(index) as usize;
+            let ct = &cts[start..start + sealed.ciphertext_len(index)];
+            let payload = sealed.chunk_payload(index, ct).unwrap();
+            let (i, plain) = sealed.open_chunk_payload(&payload).unwrap();
+            assert_eq!(i, index);
+            opened.extend_from_slice(&plain);
+            // Any changed ciphertext byte fails the proof before any decryption.
+            let mut changed = payload.clone();
+            let at = payload.len() / 2;
+            changed[at] ^= 1;
+            assert!(sealed.open_chunk_payload(&changed).is_err());
+        }
+        assert_eq!(opened, image);
+        let (other, other_cts) = SealedFirmware::seal_all("d", 1000, &image).unwrap();
+        let foreign = other
+            .chunk_payload(0, &other_cts[..other.ciphertext_len(0)])
+            .unwrap();
+        assert!(matches!(
+            sealed.open_chunk_payload(&foreign),
+            Err(ProtocolError::WrongCampaign { .. })
+        ));
     }
 }

@@ -456,6 +456,28 @@ pub struct ChunkMsg {
 }
 
 impl ChunkMsg {
+    /// The plaintext of this chunk of the image whose chunks hash to `merkle_root`, sealed under
+    /// `content_key`: its Merkle proof first, then AES-GCM (what a device does with every chunk
+    /// it receives). The caller checks index and count against the manifest first.
+    pub fn open(
+        &self,
+        content_key: &[u8; 32],
+        merkle_root: &[u8; 32],
+    ) -> Result<Zeroizing<Vec<u8>>, ProtocolError> {
+        let leaf = crate::merkle::leaf_hash(self.index, &self.ct);
+        if !crate::merkle::verify_proof(merkle_root, self.index, self.count, leaf, &self.proof) {
+            return Err(ProtocolError::BadProof { index: self.index });
+        }
+        crate::crypto::decrypt_chunk(
+            content_key,
+            &self.campaign_id,
+            self.index,
+            self.count,
+            &self.ct,
+        )
+        .ok_or(ProtocolError::Decrypt { message: "chunk" })
+    }
+
     /// Append the CBOR encoding of a chunk message up to and including the head of its `ct` byte
     /// string of `ct_len` bytes; the ciphertext follows, then [`ChunkMsg::encode_tail`]. Together
     /// they write exactly what `encode_msg(&ChunkMsg { .. })` writes (a test pins it), without a
