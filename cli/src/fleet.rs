@@ -1,46 +1,137 @@
 //! `sealed-ota pki init` and `sealed-ota device enroll`: bootstrap the PKI (CA, manager identity,
-//! their Secrets) and enroll devices (identities in a fleet directory, `Device` resources applied
-//! or written as YAML). The flags and the work are the device library's `enroll_cmd`, which the
-//! emulator's `pki-init` and `enroll` subcommands run too: this module only starts the runtime.
+//! their Secrets) and enroll devices (identities in a fleet directory, one device from its CSR,
+//! or many from an inventory file; `Device` resources applied or written as YAML). The flags and
+//! the work are the device library's `enroll_cmd`, which the emulator's `pki-init` and `enroll`
+//! subcommands run too: this module only starts the runtime and prints the report (a table, or
+//! `-o json|yaml`).
 
-use clap::Subcommand;
-use sealed_ota_device_emulator::enroll_cmd::{self, EnrollArgs, PkiInitArgs};
+use clap::{Args, Subcommand};
+use sealed_ota_device_emulator::enroll_cmd::{
+    self, EnrollArgs, EnrollReport, KubeOutputArgs, PkiInitArgs, PkiReport,
+};
 
 use crate::error::{Error, Result};
+use crate::output::{self, Format};
 
 /// Subcommands of `sealed-ota pki`.
 #[derive(Debug, Subcommand)]
 pub enum PkiCommand {
     /// Create (or load with --ca-cert/--ca-key) the CA, issue the manager identity, write the
     /// files and the manager and CA Secrets (--apply, or --yaml FILE for GitOps).
-    Init(PkiInitArgs),
+    Init(Printed<PkiInitArgs>),
 }
 
 /// Subcommands of `sealed-ota device`.
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
-    /// Issue device identities into a fleet directory (keys, certificates, settings) and their
-    /// Device resources (--apply, or --yaml FILE for GitOps).
-    Enroll(EnrollArgs),
+    /// Issue device identities into a fleet directory (keys, certificates, settings), or sign
+    /// devices' CSRs (--csr for one, --inventory FILE for many), and ship their Device resources
+    /// (--apply, or --yaml FILE for GitOps).
+    Enroll(Printed<EnrollArgs>),
 }
 
-fn block_on(
-    work: impl std::future::Future<Output = sealed_ota_device_emulator::Result<()>>,
-) -> Result<String> {
-    crate::runtime::block_on(work)?.map_err(Error::Device)?;
-    Ok(String::new())
+/// A command's flags and the format of its report.
+#[derive(Debug, Args)]
+pub struct Printed<A: Args> {
+    #[command(flatten)]
+    args: A,
+    /// Output format of the report (a table goes to stderr when `--yaml -` takes stdout).
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+/// What to print and where: `(stdout, stderr)`.
+pub type Streams = (String, String);
+
+/// Refuses a report format that would mix with the YAML objects on stdout (before any work).
+fn check_streams(kube: &KubeOutputArgs, format: Format) -> Result<()> {
+    if kube.yaml_to_stdout() && format != Format::Table {
+        return Err(Error::Flag {
+            flag: "-o/--output",
+            detail: "--yaml - already writes the objects to stdout; write them to a file (--yaml FILE) to get the report as JSON or YAML".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The report in `format`, on stdout, or on stderr when `--yaml -` holds stdout (a table).
+fn place(kube: &KubeOutputArgs, text: String) -> Streams {
+    if kube.yaml_to_stdout() {
+        (String::new(), text)
+    } else {
+        (text, String::new())
+    }
 }
 
 /// Run a `pki` subcommand.
-pub fn run_pki(command: PkiCommand) -> Result<String> {
-    match command {
-        PkiCommand::Init(args) => block_on(enroll_cmd::pki_init(args)),
-    }
+pub fn run_pki(command: PkiCommand) -> Result<Streams> {
+    let PkiCommand::Init(Printed { args, output }) = command;
+    check_streams(args.output(), output)?;
+    let kube = args.output().clone();
+    let report = crate::runtime::block_on(enroll_cmd::pki_init(args))??;
+    Ok(place(
+        &kube,
+        output::render(output, &report, || pki_table(&report))?,
+    ))
 }
 
 /// Run a `device` subcommand.
-pub fn run_device(command: DeviceCommand) -> Result<String> {
-    match command {
-        DeviceCommand::Enroll(args) => block_on(enroll_cmd::enroll_devices(args)),
-    }
+pub fn run_device(command: DeviceCommand) -> Result<Streams> {
+    let DeviceCommand::Enroll(Printed { args, output }) = command;
+    check_streams(args.output(), output)?;
+    let kube = args.output().clone();
+    let report = crate::runtime::block_on(enroll_cmd::enroll_devices(args))??;
+    Ok(place(
+        &kube,
+        output::render(output, &report, || enroll_table(&report))?,
+    ))
+}
+
+fn pki_table(r: &PkiReport) -> String {
+    let shipped = if r.applied { "applied" } else { "not applied" };
+    output::columns(&[
+        vec!["manager".into(), r.manager_id.clone()],
+        vec!["files".into(), r.directory.display().to_string()],
+        vec![
+            "CA".into(),
+            if r.new_ca { "new" } else { "given" }.to_string(),
+        ],
+        vec![
+            "Secrets".into(),
+            format!(
+                "{ns}/{} and {ns}/{} ({shipped})",
+                r.manager_secret,
+                r.ca_secret,
+                ns = r.namespace
+            ),
+        ],
+    ])
+}
+
+/// The enrolled devices as a table (pure).
+pub fn enroll_table(r: &EnrollReport) -> String {
+    let mut rows = vec![vec![
+        "DEVICE".to_string(),
+        "FINGERPRINT".into(),
+        "CERTIFICATE".into(),
+    ]];
+    rows.extend(r.devices.iter().map(|d| {
+        vec![
+            d.id.clone(),
+            d.certificate_fingerprint.clone(),
+            d.certificate
+                .as_ref()
+                .map_or("-".into(), |p| p.display().to_string()),
+        ]
+    }));
+    let shipped = if r.applied { "applied" } else { "not applied" };
+    let place = r.fleet.as_ref().map_or(String::new(), |f| {
+        format!(", identities in {}", f.display())
+    });
+    output::columns(&rows)
+        + &format!(
+            "{} Devices in namespace {} ({shipped}{place})\n",
+            r.devices.len(),
+            r.namespace
+        )
 }
