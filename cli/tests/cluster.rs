@@ -281,21 +281,16 @@ async fn campaign_plan_shows_waves_left_out_devices_and_blockers_before_anything
         Ok(std::fs::write(&file, serde_yaml::to_string(&manifest)?)?)
     };
 
+    let plan_json = |target: &[&str]| -> Result<serde_json::Value> {
+        let mut args = vec!["campaign", "plan"];
+        args.extend_from_slice(target);
+        args.extend(["-n", &ns.name, "-o", "json"]);
+        Ok(serde_json::from_str(&ok(sealed_ota(bed, &args))?)?)
+    };
+
     // From a manifest not applied yet.
     write(campaign_manifest(&ns.name, "fw", serde_json::json!({})))?;
-    let plan: serde_json::Value = serde_json::from_str(&ok(sealed_ota(
-        bed,
-        &[
-            "campaign",
-            "plan",
-            "-f",
-            s(&file),
-            "-n",
-            &ns.name,
-            "-o",
-            "json",
-        ],
-    ))?)?;
+    let plan = plan_json(&["-f", s(&file)])?;
     assert_eq!(plan["selected"], 6, "{plan:#}");
     assert_eq!(plan["plan"]["devices"], 5, "{plan:#}");
     let sizes: Vec<u64> = plan["plan"]["waves"]
@@ -347,10 +342,7 @@ async fn campaign_plan_shows_waves_left_out_devices_and_blockers_before_anything
     Api::<sealed_ota_operator::crd::UpdateCampaign>::namespaced(ns.client.clone(), &ns.name)
         .create(&Default::default(), &applied)
         .await?;
-    let plan: serde_json::Value = serde_json::from_str(&ok(sealed_ota(
-        bed,
-        &["campaign", "plan", "held", "-n", &ns.name, "-o", "json"],
-    ))?)?;
+    let plan = plan_json(&["held"])?;
     assert_eq!(plan["plan"]["devices"], 5, "{plan:#}");
     assert_eq!(plan["startsNow"], serde_json::json!([]), "{plan:#}");
     assert!(
@@ -367,19 +359,7 @@ async fn campaign_plan_shows_waves_left_out_devices_and_blockers_before_anything
         "tz",
         serde_json::json!({"schedule": {"timeZone": "Mars/Olympus", "windows": [{"days": ["Mon"], "start": "02:00", "duration": "2h"}]}}),
     ))?;
-    let plan: serde_json::Value = serde_json::from_str(&ok(sealed_ota(
-        bed,
-        &[
-            "campaign",
-            "plan",
-            "-f",
-            s(&file),
-            "-n",
-            &ns.name,
-            "-o",
-            "json",
-        ],
-    ))?)?;
+    let plan = plan_json(&["-f", s(&file)])?;
     assert_eq!(plan["blocked"]["reason"], "InvalidSchedule", "{plan:#}");
     assert!(
         plan["blocked"]["message"]
