@@ -290,13 +290,11 @@ pub fn plan_table(p: &CampaignPreview) -> String {
                 .iter()
                 .map(|e| vec![e.reason.clone(), e.count.to_string(), e.devices.join(", ")]),
         );
-        left.extend(p.held_by.iter().map(|h| {
-            vec![
-                format!("held by {}", h.campaign),
-                h.devices.to_string(),
-                String::new(),
-            ]
-        }));
+        left.extend(
+            p.held_by
+                .iter()
+                .map(|h| vec![format!("held by {}", h.campaign), h.devices.to_string()]),
+        );
         out += "\n";
         out += &output::columns(&left);
     }
@@ -526,6 +524,39 @@ mod tests {
         assert!(
             progress_line(&status(CampaignPhase::Pending, 0, 0, 0), None).contains("0/0 Pending")
         );
+    }
+
+    #[test]
+    fn the_plan_table_shows_waves_left_out_devices_blockers_and_warnings() {
+        let plan: CampaignPreview = serde_json::from_value(serde_json::json!({
+            "campaign": "fw", "namespace": "fleet", "selected": 4,
+            "blocked": {"reason": "InvalidSchedule", "message": "spec.schedule.timeZone: unknown"},
+            "notes": ["spec.paused is set"],
+            "plan": {"devices": 3, "waves": [
+                {"wave": 0, "size": 1, "firstDevices": ["a"]},
+                {"wave": 1, "size": 2, "firstDevices": ["b", "c"]}],
+                "excluded": [{"reason": "UpToDate", "count": 1, "devices": ["d"]}]},
+            "startsNow": [],
+            "schedule": {"open": false},
+            "heldBy": [{"campaign": "older", "devices": 1}],
+            "warnings": ["spec.rollout.canary is set without failureThreshold"],
+        }))
+        .unwrap();
+        let t = plan_table(&plan);
+        for needle in [
+            "campaign    fleet/fw",
+            "to update   3",
+            "blocked     InvalidSchedule: spec.schedule.timeZone: unknown",
+            "starts now  none",
+            "window      closed, never opens",
+            "note        spec.paused is set",
+            "1     2        b, c",
+            "UpToDate       1        d\n",
+            "held by older  1\n",
+            "warning: spec.rollout.canary",
+        ] {
+            assert!(t.contains(needle), "{needle:?} not in:\n{t}");
+        }
     }
 
     #[test]

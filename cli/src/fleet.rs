@@ -135,3 +135,39 @@ pub fn enroll_table(r: &EnrollReport) -> String {
             r.namespace
         )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sealed_ota_device_emulator::enroll_cmd::EnrolledDevice;
+
+    #[test]
+    fn the_enroll_table_lists_each_device_its_pin_and_its_certificate() {
+        let report = EnrollReport {
+            namespace: "fleet".into(),
+            applied: true,
+            fleet: None,
+            devices: vec![
+                EnrolledDevice {
+                    id: "gw-01".into(),
+                    certificate_fingerprint: "ab".repeat(32),
+                    certificate: Some("certs/gw-01.crt".into()),
+                },
+                EnrolledDevice {
+                    id: "gw-02".into(),
+                    certificate_fingerprint: "cd".repeat(32),
+                    certificate: None,
+                },
+            ],
+        };
+        let t = enroll_table(&report);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("DEVICE  FINGERPRINT"), "{t}");
+        assert_eq!(
+            lines[1],
+            format!("gw-01   {}  certs/gw-01.crt", "ab".repeat(32))
+        );
+        assert!(lines[2].ends_with("  -"), "{t}");
+        assert_eq!(lines[3], "2 Devices in namespace fleet (applied)");
+    }
+}

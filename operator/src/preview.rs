@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kube::core::SelectorExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::controller::{contender, recorded_standing, rivals, validate, Validated};
 use crate::crd::{
@@ -141,7 +141,7 @@ pub fn warnings(
 /// What a campaign would do if it started now, computed outside the operator (`sealed-ota campaign
 /// plan`): the devices it selects, its waves, the devices left out and why, the windows, what
 /// blocks it, the devices its first pass would start and the warnings.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CampaignPreview {
     /// The campaign.
@@ -152,10 +152,10 @@ pub struct CampaignPreview {
     pub selected: u32,
     /// What keeps it from starting any device (a spec it cannot run, a window that never
     /// opens), with the fix.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked: Option<PreviewBlocker>,
     /// Other reasons nothing would start (paused, aborted, a dry run, already finished).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
     /// The waves and the devices left out, as `status.plan` shows them.
     pub plan: PlanStatus,
@@ -163,21 +163,21 @@ pub struct CampaignPreview {
     /// let more in).
     pub starts_now: Vec<String>,
     /// The campaign's maintenance windows now.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<ScheduleStatus>,
     /// What the campaign would wait for.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<WaitingStatus>,
     /// Running campaigns that hold selected devices.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held_by: Vec<HolderStatus>,
     /// Settings that work against each other.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
 
 /// Why a campaign would not start, as its `Ready` condition would say.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PreviewBlocker {
     /// The reason (CamelCase, docs/reasons.md).
     pub reason: String,
