@@ -43,48 +43,58 @@ pub struct Printed<A: Args> {
 /// What to print and where: `(stdout, stderr)`.
 pub type Streams = (String, String);
 
-/// Refuses a report format that would mix with the YAML objects on stdout (before any work).
-fn check_streams(kube: &KubeOutputArgs, format: Format) -> Result<()> {
-    if kube.yaml_to_stdout() && format != Format::Table {
+/// Runs the library's `work` on the flags `args` and prints its report in `format`: on stdout, or
+/// (a table) on stderr when `--yaml -` holds stdout; a JSON or YAML report that would mix with
+/// the YAML objects there is refused before any work.
+fn run_printed<A, R, Fut>(
+    args: A,
+    format: Format,
+    kube: impl Fn(&A) -> &KubeOutputArgs,
+    work: impl FnOnce(A) -> Fut,
+    table: impl FnOnce(&R) -> String,
+) -> Result<Streams>
+where
+    R: serde::Serialize,
+    Fut: std::future::Future<Output = sealed_ota_device_emulator::Result<R>>,
+{
+    let to_stdout = !kube(&args).yaml_to_stdout();
+    if !to_stdout && format != Format::Table {
         return Err(Error::Flag {
             flag: "-o/--output",
             detail: "--yaml - already writes the objects to stdout; write them to a file (--yaml FILE) to get the report as JSON or YAML".into(),
         });
     }
-    Ok(())
-}
-
-/// The report in `format`, on stdout, or on stderr when `--yaml -` holds stdout (a table).
-fn place(kube: &KubeOutputArgs, text: String) -> Streams {
-    if kube.yaml_to_stdout() {
-        (String::new(), text)
-    } else {
+    let report = crate::runtime::block_on(work(args))??;
+    let text = output::render(format, &report, || table(&report))?;
+    Ok(if to_stdout {
         (text, String::new())
-    }
+    } else {
+        (String::new(), text)
+    })
 }
 
 /// Run a `pki` subcommand.
 pub fn run_pki(command: PkiCommand) -> Result<Streams> {
     let PkiCommand::Init(Printed { args, output }) = command;
-    check_streams(args.output(), output)?;
-    let kube = args.output().clone();
-    let report = crate::runtime::block_on(enroll_cmd::pki_init(args))??;
-    Ok(place(
-        &kube,
-        output::render(output, &report, || pki_table(&report))?,
-    ))
+    run_printed(
+        args,
+        output,
+        PkiInitArgs::output,
+        enroll_cmd::pki_init,
+        pki_table,
+    )
 }
 
 /// Run a `device` subcommand.
 pub fn run_device(command: DeviceCommand) -> Result<Streams> {
     let DeviceCommand::Enroll(Printed { args, output }) = command;
-    check_streams(args.output(), output)?;
-    let kube = args.output().clone();
-    let report = crate::runtime::block_on(enroll_cmd::enroll_devices(args))??;
-    Ok(place(
-        &kube,
-        output::render(output, &report, || enroll_table(&report))?,
-    ))
+    run_printed(
+        args,
+        output,
+        EnrollArgs::output,
+        enroll_cmd::enroll_devices,
+        enroll_table,
+    )
 }
 
 fn pki_table(r: &PkiReport) -> String {
