@@ -380,6 +380,22 @@ async fn campaign_plan_shows_waves_left_out_devices_and_blockers_before_anything
         err.contains("campaign.yaml") && err.contains("\"ConfigMap\", not UpdateCampaign"),
         "{err}"
     );
+    let mut unnamed = campaign_manifest(&ns.name, "fw", serde_json::json!({}));
+    unnamed["metadata"] = serde_json::json!({});
+    write(unnamed)?;
+    let err = refused(sealed_ota(bed, &["campaign", "plan", "-f", s(&file)]));
+    assert!(err.contains("metadata.name is missing"), "{err}");
+    let mut no_target = campaign_manifest(&ns.name, "fw", serde_json::json!({}));
+    no_target["spec"]
+        .as_object_mut()
+        .context("spec")?
+        .remove("targetVersion");
+    write(no_target)?;
+    let err = refused(sealed_ota(bed, &["campaign", "plan", "-f", s(&file)]));
+    assert!(
+        err.contains("not a valid UpdateCampaign") && err.contains("targetVersion"),
+        "{err}"
+    );
     let mut elsewhere = campaign_manifest(&ns.name, "fw", serde_json::json!({}));
     elsewhere["metadata"]["namespace"] = "other".into();
     write(elsewhere)?;
