@@ -27,8 +27,8 @@ use sealed_ota_protocol::{
 
 use crate::arbitration::{Contender, Standing};
 use crate::crd::{
-    CampaignPhase, Device, DeviceFailure, DevicePhase, RotationModeSpec, UpdateCampaign,
-    UpdateCampaignStatus, WaitingStatus, FINALIZER,
+    CampaignPhase, Device, DeviceCampaignStatus, DeviceFailure, DevicePhase, RotationModeSpec,
+    UpdateCampaign, UpdateCampaignStatus, WaitingStatus, FINALIZER,
 };
 use crate::engine::{Engine, FIELD_MANAGER};
 use crate::error::Error;
@@ -270,26 +270,27 @@ fn key_of(c: &UpdateCampaign) -> Result<CampaignKey, Error> {
 }
 
 /// What validation of the campaign's own spec found (pure).
-struct Validated {
+#[derive(Debug)]
+pub struct Validated {
     /// Selected Devices sorted by name (the wave order).
-    selected: Vec<Arc<Device>>,
+    pub selected: Vec<Arc<Device>>,
     /// Rollout parameters (the defaults when the spec's do not parse: then `blocker` says so).
-    params: RolloutParams,
+    pub params: RolloutParams,
     /// The campaign's schedule (always open when it does not parse: then `blocker` says so).
-    calendar: Calendar,
+    pub calendar: Calendar,
     /// The first problem found.
-    blocker: Option<Blocker>,
+    pub blocker: Option<Blocker>,
 }
 
-/// Validate the selector and the rollout (pure over the Device store's snapshot). Selecting
-/// compares and sorts in place rather than cloning names and labels: it runs on every pass.
-fn validate(c: &UpdateCampaign, store: &Store<Device>) -> Validated {
+/// Validate the selector and the rollout (pure over a snapshot of the Devices; also the CLI's
+/// `campaign plan`, see [`crate::preview::preview`]). Selecting compares and sorts in place
+/// rather than cloning names and labels: it runs on every pass.
+pub fn validate(c: &UpdateCampaign, devices: Vec<Arc<Device>>) -> Validated {
     let mut blocker = None;
     let selected = match Selector::try_from(c.spec.selector.clone()) {
         Ok(selector) => {
             let ns = &c.metadata.namespace;
-            let mut devices: Vec<_> = store
-                .state()
+            let mut devices: Vec<_> = devices
                 .into_iter()
                 .filter(|d| {
                     &d.metadata.namespace == ns && selector.matches(ResourceExt::labels(&**d))
@@ -343,8 +344,17 @@ fn rivals_of(
             Some(CampaignPhase::Progressing | CampaignPhase::Paused)
         ) || key_of(o).is_ok_and(|k| engine.has_run(&k, &o.uid().unwrap_or_default()))
     };
+    rivals(c, campaigns.state(), running)
+}
+
+/// The campaigns among `campaigns` that compete with `c` for its devices (same namespace, not
+/// finished, not dry runs, not aborted, and `running`), with their selectors (pure).
+pub fn rivals(
+    c: &UpdateCampaign,
+    campaigns: Vec<Arc<UpdateCampaign>>,
+    running: impl Fn(&UpdateCampaign) -> bool,
+) -> Vec<(Arc<UpdateCampaign>, Selector)> {
     campaigns
-        .state()
         .into_iter()
         .filter(|o| {
             o.namespace() == c.namespace()
@@ -362,7 +372,7 @@ fn rivals_of(
 }
 
 /// A campaign as arbitration ranks it.
-fn contender(c: &UpdateCampaign) -> Contender<'_> {
+pub fn contender(c: &UpdateCampaign) -> Contender<'_> {
     Contender {
         name: c.metadata.name.as_deref().unwrap_or_default(),
         priority: c.spec.priority,
@@ -382,21 +392,30 @@ fn contender(c: &UpdateCampaign) -> Contender<'_> {
 fn standing(o: &UpdateCampaign, device: &Device, engine: &Engine) -> Standing {
     let uid = o.uid().unwrap_or_default();
     let name = device.name_any();
-    let record = device
-        .status
-        .as_ref()
-        .and_then(|s| s.campaign.as_ref())
-        .filter(|r| r.uid == uid);
-    let recorded_done =
-        record.is_some_and(|r| matches!(r.phase, DevicePhase::Succeeded | DevicePhase::Failed));
     if let Ok(key) = key_of(o) {
+        let recorded_done = record_of(device, &uid)
+            .is_some_and(|r| matches!(r.phase, DevicePhase::Succeeded | DevicePhase::Failed));
         match engine.standing(&key, &uid, &name) {
             Some(p) if p.is_terminal() && recorded_done => return Standing::Done,
             Some(Progress::NotStarted) | None => {}
             Some(_) => return Standing::Started,
         }
     }
-    match record.map(|r| r.phase) {
+    recorded_standing(o, device)
+}
+
+/// What `device`'s status records about the campaign with `uid`, if it is the last one there.
+fn record_of<'a>(device: &'a Device, uid: &str) -> Option<&'a DeviceCampaignStatus> {
+    device
+        .status
+        .as_ref()
+        .and_then(|s| s.campaign.as_ref())
+        .filter(|r| r.uid == uid)
+}
+
+/// Where `device` stands in the other campaign `o` by what its Device status records (pure).
+pub fn recorded_standing(o: &UpdateCampaign, device: &Device) -> Standing {
+    match record_of(device, &o.uid().unwrap_or_default()).map(|r| r.phase) {
         Some(DevicePhase::Succeeded | DevicePhase::Failed) => Standing::Done,
         Some(DevicePhase::Pending | DevicePhase::Transferring) => Standing::Started,
         Some(DevicePhase::Released) | None if up_to_date(device, &o.spec) => Standing::Done,
@@ -622,7 +641,7 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         params,
         calendar,
         mut blocker,
-    } = validate(&c, &ctx.devices);
+    } = validate(&c, ctx.devices.state());
     // The expiry is fixed the first time the campaign is prepared and recorded on its status
     // before any device starts; a restarted operator prepares again with the recorded one.
     let expires_at = previous
