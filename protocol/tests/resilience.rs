@@ -178,7 +178,11 @@ fn a_ready_from_before_a_restart_arriving_last_does_not_strand_the_session() {
     w.deliver("manager", readies[0].clone());
     w.run();
     let d = &w.devices["s1"];
-    assert!(d.installed, "device errors {:?}, manager errors {:?}", d.errors, w.manager.errors);
+    assert!(
+        d.installed,
+        "device errors {:?}, manager errors {:?}",
+        d.errors, w.manager.errors
+    );
     assert_eq!(d.image, image);
     assert_eq!(w.manager_state("s1"), &ManagerState::Installed);
 }
