@@ -6,12 +6,14 @@
 //! restarts. Chunks use a nonce derived from the chunk index, which is safe ONLY because the content
 //! key is a fresh random 256-bit key for every prepared campaign and each index is encrypted once.
 
+use crate::prelude::*;
+
 use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use hkdf::Hkdf;
 use p256::ecdsa::signature::{Signer, Verifier};
 use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
-use rand_core::{OsRng, RngCore};
+use rand_core::CryptoRngCore;
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
@@ -88,8 +90,8 @@ pub struct SessionKeys {
     pub d2m: [u8; 32],
 }
 
-impl std::fmt::Debug for SessionKeys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for SessionKeys {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str("SessionKeys(<redacted>)")
     }
 }
@@ -176,10 +178,21 @@ pub fn verify_message(public: &p256::PublicKey, message: &[u8], sig: &[u8]) -> b
     VerifyingKey::from(public).verify(message, &sig).is_ok()
 }
 
-/// AES-256-GCM with a fresh random 96-bit nonce. Returns (nonce, ciphertext||tag).
+/// AES-256-GCM with a fresh random 96-bit nonce from the OS. Returns (nonce, ciphertext||tag).
+#[cfg(feature = "std")]
 pub fn seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> ([u8; 12], Vec<u8>) {
-    let mut nonce = [0u8; 12];
-    OsRng.fill_bytes(&mut nonce);
+    seal_with_rng(&mut rand_core::OsRng, key, aad, plaintext)
+}
+
+/// AES-256-GCM with a fresh random 96-bit nonce drawn from `rng`. Returns (nonce,
+/// ciphertext||tag).
+pub fn seal_with_rng(
+    rng: &mut dyn CryptoRngCore,
+    key: &[u8; 32],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> ([u8; 12], Vec<u8>) {
+    let nonce = random_with(rng);
     let ct = seal_with_nonce(key, &nonce, aad, plaintext);
     (nonce, ct)
 }
@@ -232,8 +245,8 @@ pub struct ChunkCipher {
     cipher: Aes256Gcm,
 }
 
-impl std::fmt::Debug for ChunkCipher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for ChunkCipher {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str("ChunkCipher(<redacted>)")
     }
 }
@@ -339,10 +352,16 @@ pub fn session_aad(label: &[u8], transcript_hash: &[u8; 32], extra: &[u8]) -> Ve
     aad
 }
 
-/// Fresh random bytes.
+/// Fresh random bytes from the OS.
+#[cfg(feature = "std")]
 pub fn random<const N: usize>() -> [u8; N] {
+    random_with(&mut rand_core::OsRng)
+}
+
+/// Fresh random bytes from `rng`.
+pub fn random_with<const N: usize>(rng: &mut dyn CryptoRngCore) -> [u8; N] {
     let mut b = [0u8; N];
-    OsRng.fill_bytes(&mut b);
+    rng.fill_bytes(&mut b);
     b
 }
 
@@ -354,6 +373,7 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand_core::OsRng;
 
     #[test]
     fn seal_open_and_tamper() {

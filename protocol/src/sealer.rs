@@ -7,7 +7,9 @@
 //! ([`SealedFirmware::chunk_payload`]). Neither holds the image or its ciphertext, so preparing
 //! and serving a 1 GiB image costs the manager about 1 MiB of memory (leaves and tree). No I/O.
 
-use std::sync::Arc;
+use crate::prelude::*;
+
+use alloc::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -39,8 +41,8 @@ pub struct ChunkSealer {
     threads: usize,
 }
 
-impl std::fmt::Debug for ChunkSealer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for ChunkSealer {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("ChunkSealer")
             .field("stream_id", &self.stream_id)
             .field("chunk_size", &self.chunk_size)
@@ -133,7 +135,7 @@ impl ChunkSealer {
         let first = self.next;
         let count = self.count;
         let (cipher, id) = (&self.cipher, self.stream_id.as_str());
-        let seal_range = |range: std::ops::Range<usize>| {
+        let seal_range = |range: core::ops::Range<usize>| {
             let mut cts = Vec::with_capacity(
                 chunks[range.clone()]
                     .iter()
@@ -222,8 +224,8 @@ pub struct SealedFirmware {
     tree: Arc<MerkleTree>,
 }
 
-impl std::fmt::Debug for SealedFirmware {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for SealedFirmware {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("SealedFirmware")
             .field("stream_id", &self.stream_id)
             .field("size", &self.size)
