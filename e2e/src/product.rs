@@ -300,7 +300,12 @@ pub struct Product {
     /// Whether the emulator logs the devices' secrets (`run --key-log`) for the leak scans; the
     /// benchmark turns it off.
     pub log_keys: bool,
-    operator: Option<Child>,
+    /// Extra arguments of every operator replica (for example `--shards 4`).
+    pub operator_args: Vec<String>,
+    /// Running operator replicas by index (0 is the one `start_operator` starts).
+    operators: std::collections::BTreeMap<usize, Child>,
+    /// Metrics addresses of replicas other than 0 (fixed for the product's life).
+    replica_addrs: std::collections::BTreeMap<usize, String>,
     emulator: Option<Child>,
     operator_starts: u32,
     emulator_starts: u32,
@@ -360,7 +365,9 @@ impl Product {
             metrics_addr: format!("127.0.0.1:{}", free_port()?),
             window_timeout_seconds: 3,
             log_keys: true,
-            operator: None,
+            operator_args: Vec::new(),
+            operators: std::collections::BTreeMap::new(),
+            replica_addrs: std::collections::BTreeMap::new(),
             emulator: None,
             operator_starts: 0,
             emulator_starts: 0,
@@ -449,17 +456,49 @@ impl Product {
         Ok(())
     }
 
-    /// Starts the operator binary (leader election on, Lease in this namespace).
+    /// Starts the operator binary (leader election on, Leases in this namespace): replica 0.
     pub fn start_operator(&mut self) -> Result<()> {
-        self.stop_operator();
+        self.start_replica(0)
+    }
+
+    /// Metrics address of operator replica `i` (replica 0: `metrics_addr`).
+    pub fn replica_metrics_addr(&mut self, i: usize) -> Result<String> {
+        if i == 0 {
+            return Ok(self.metrics_addr.clone());
+        }
+        if let std::collections::btree_map::Entry::Vacant(e) = self.replica_addrs.entry(i) {
+            e.insert(format!("127.0.0.1:{}", free_port()?));
+        }
+        Ok(self.replica_addrs[&i].clone())
+    }
+
+    /// Starts operator replica `i` (identity `<namespace>-r<i>`, with `operator_args`), restarting
+    /// it if it runs. On a clustered broker replica `i` starts at node `i` and moves on to the next
+    /// node when its connection is lost.
+    pub fn start_replica(&mut self, i: usize) -> Result<()> {
+        self.stop_replica(i);
         self.operator_starts += 1;
-        let log = std::fs::File::create(
-            self.dir
-                .join(format!("operator-{}.log", self.operator_starts)),
-        )?;
+        let log = std::fs::File::create(self.dir.join(if i == 0 {
+            format!("operator-{}.log", self.operator_starts)
+        } else {
+            format!("operator-r{i}-{}.log", self.operator_starts)
+        }))?;
+        let metrics_addr = self.replica_metrics_addr(i)?;
+        let nodes: Vec<&str> = self.device_broker_urls.split(',').collect();
+        let broker = if nodes.len() > 1 {
+            let first = i % nodes.len();
+            nodes[first..]
+                .iter()
+                .chain(&nodes[..first])
+                .copied()
+                .collect::<Vec<_>>()
+                .join(",")
+        } else {
+            self.broker_url.clone()
+        };
         let pki = self.dir.join("pki");
         let child = Command::new(binary("sealed-ota-operator"))
-            .args(["run", "--broker-url", &self.broker_url])
+            .args(["run", "--broker-url", &broker])
             .arg("--broker-ca-file")
             .arg(&self.bed.ca_file)
             .arg("--broker-cert-file")
@@ -469,20 +508,27 @@ impl Product {
             .args(["--manager-id", &self.manager_id])
             .args(["--operator-namespace", &self.ns.name])
             .args(["--namespace", &self.ns.name])
-            .args(["--metrics-addr", &self.metrics_addr])
+            .args(["--metrics-addr", &metrics_addr])
+            .args(["--identity", &format!("{}-r{i}", self.ns.name)])
+            .args(&self.operator_args)
             .env("KUBECONFIG", &self.bed.kubeconfig)
             .env("RUST_LOG", "info")
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("starting sealed-ota-operator")?;
-        self.operator = Some(child);
+        self.operators.insert(i, child);
         Ok(())
     }
 
-    /// Process id of the running operator, if one runs.
+    /// Process id of the running operator (replica 0), if it runs.
     pub fn operator_pid(&self) -> Option<u32> {
-        self.operator.as_ref().map(Child::id)
+        self.replica_pid(0)
+    }
+
+    /// Process id of operator replica `i`, if it runs.
+    pub fn replica_pid(&self, i: usize) -> Option<u32> {
+        self.operators.get(&i).map(Child::id)
     }
 
     /// Process id of the running emulator, if one runs.
@@ -490,16 +536,21 @@ impl Product {
         self.emulator.as_ref().map(Child::id)
     }
 
-    /// Kills the operator at once (SIGKILL), as a crash would.
+    /// Kills the operator (replica 0) at once (SIGKILL), as a crash would.
     pub fn kill_operator(&mut self) {
-        if let Some(mut child) = self.operator.take() {
+        self.kill_replica(0);
+    }
+
+    /// Kills operator replica `i` at once (SIGKILL): it releases nothing, its Leases expire.
+    pub fn kill_replica(&mut self, i: usize) {
+        if let Some(mut child) = self.operators.remove(&i) {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    fn stop_operator(&mut self) {
-        if let Some(child) = self.operator.take() {
+    fn stop_replica(&mut self, i: usize) {
+        if let Some(child) = self.operators.remove(&i) {
             terminate(child, "-TERM", Duration::from_secs(5));
         }
     }
@@ -773,7 +824,10 @@ impl Product {
 impl Drop for Product {
     fn drop(&mut self) {
         self.stop_emulator();
-        self.stop_operator();
+        let replicas: Vec<usize> = self.operators.keys().copied().collect();
+        for i in replicas {
+            self.stop_replica(i);
+        }
         if self.ns.passed() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {

@@ -197,6 +197,10 @@ pub struct DecideInput<'a> {
     pub previous_phase: CampaignPhase,
     /// Wave recorded on the status (waves never go back).
     pub previous_wave: u32,
+    /// Sharded: how many of these devices, in wave order, the coordinator lets start (this shard's
+    /// share of the current wave, see `coordinate`); waves are then the coordinator's and this
+    /// decision starts nothing past it. `None`: the waves of `params` over these devices.
+    pub eligible_limit: Option<u32>,
 }
 
 /// What happens to a device whose attempt timed out.
@@ -319,7 +323,10 @@ pub fn decide(input: &DecideInput<'_>) -> Decision {
             .filter(|p| matches!(p, Progress::InFlight { .. }))
             .count() as u32;
         let mut budget = params.max_in_flight.saturating_sub(in_flight);
-        let eligible = cutoffs.get(current_wave as usize).copied().unwrap_or(0) as usize;
+        let eligible = input
+            .eligible_limit
+            .or_else(|| cutoffs.get(current_wave as usize).copied())
+            .unwrap_or(0) as usize;
         for (index, p) in devices.iter_mut().enumerate().take(eligible) {
             if budget == 0 {
                 break;
@@ -403,6 +410,7 @@ mod tests {
             blocked: false,
             previous_phase: CampaignPhase::Pending,
             previous_wave: 0,
+            eligible_limit: None,
         }
     }
 

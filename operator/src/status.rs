@@ -234,6 +234,9 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         release_key_id,
         failures,
         conditions,
+        // Set by the coordinator from the shards' reports (`coordinate`) and its seed.
+        shards: Vec::new(),
+        sealed_seed: None,
     }
 }
 

@@ -251,6 +251,34 @@ impl PreparedCampaign {
     /// up to `std::thread::available_parallelism()` threads (at most 4; scoped, all joined before
     /// this returns); the result does not depend on the number of threads.
     pub fn prepare(spec: CampaignSpec) -> Result<Self, ProtocolError> {
+        // Fresh per prepared campaign: this is what makes index-derived chunk nonces safe.
+        Self::prepare_with_key(spec, Zeroizing::new(crypto::random::<32>()))
+    }
+
+    /// Like [`PreparedCampaign::prepare`], with the content key derived from a secret random
+    /// `seed` shared by several manager replicas ([`crypto::seeded_content_key`], bound to the
+    /// campaign id, version, chunking and image digest): every replica that prepares the same spec
+    /// with the same seed publishes the same chunks, so devices of any replica can take chunks
+    /// retained by another. The seed must be fresh per campaign and kept secret like a content key.
+    pub fn prepare_seeded(spec: CampaignSpec, seed: &[u8; 32]) -> Result<Self, ProtocolError> {
+        let digest = match &spec.payload {
+            CampaignPayload::Firmware { image } => crypto::sha256(image),
+            CampaignPayload::RotateCredentials { .. } => [0; 32],
+        };
+        let key = crypto::seeded_content_key(
+            seed,
+            &spec.campaign_id,
+            &spec.target_version,
+            spec.chunk_size,
+            &digest,
+        );
+        Self::prepare_with_key(spec, key)
+    }
+
+    fn prepare_with_key(
+        spec: CampaignSpec,
+        content_key: Zeroizing<[u8; 32]>,
+    ) -> Result<Self, ProtocolError> {
         let invalid = |m: String| ProtocolError::InvalidCampaign(m);
         validate_id(&spec.campaign_id).map_err(|e| invalid(e.to_string()))?;
         semver::Version::parse(&spec.target_version)
@@ -262,8 +290,6 @@ impl PreparedCampaign {
                 wire::MAX_CHUNK_SIZE
             )));
         }
-        // Fresh per prepared campaign: this is what makes index-derived chunk nonces safe.
-        let content_key = Zeroizing::new(crypto::random::<32>());
         let mut c = Self {
             campaign_id: spec.campaign_id,
             target_version: spec.target_version,
@@ -1417,5 +1443,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn seeded_preparations_agree_and_a_changed_image_or_seed_changes_the_key() {
+        let spec = |image: Vec<u8>| CampaignSpec {
+            campaign_id: "camp-1".into(),
+            target_version: "2.0.0".into(),
+            payload: CampaignPayload::Firmware { image },
+            expires_at: 1_000_000,
+            chunk_size: 1024,
+            release: None,
+        };
+        let image: Vec<u8> = (0..5000usize).map(|i| (i % 251) as u8).collect();
+        let seed = [7u8; 32];
+        let a = PreparedCampaign::prepare_seeded(spec(image.clone()), &seed).unwrap();
+        let b = PreparedCampaign::prepare_seeded(spec(image.clone()), &seed).unwrap();
+        assert_eq!(a.merkle_root, b.merkle_root);
+        assert!(
+            a.chunk_payloads == b.chunk_payloads,
+            "two replicas publish the same chunks"
+        );
+        // The same seed never encrypts another image under the same key (index-derived nonces).
+        let mut other = image.clone();
+        other[4999] ^= 1;
+        let c = PreparedCampaign::prepare_seeded(spec(other), &seed).unwrap();
+        assert_ne!(*c.content_key, *a.content_key);
+        assert_ne!(c.chunk_payloads[0], a.chunk_payloads[0]);
+        let d = PreparedCampaign::prepare_seeded(spec(image.clone()), &[8u8; 32]).unwrap();
+        assert_ne!(*d.content_key, *a.content_key);
+        let e = PreparedCampaign::prepare(spec(image)).unwrap();
+        assert_ne!(*e.content_key, *a.content_key, "unseeded keys stay random");
     }
 }
