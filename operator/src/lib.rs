@@ -210,10 +210,17 @@ async fn run_with_metrics(
             .await
             .map_err(|e| Error::Lease(e.to_string()))?;
         let (mut leader, lease_task) = lease.watch().await;
+        let (who, lease_name) = (identity.clone(), config.lease_name.clone());
         let forward = tokio::spawn(async move {
             loop {
                 let leading = *leader.borrow_and_update();
-                coordinating_tx.send_if_modified(|c| std::mem::replace(c, leading) != leading);
+                if coordinating_tx.send_if_modified(|c| std::mem::replace(c, leading) != leading) {
+                    if leading {
+                        tracing::info!(identity = %who, lease = %lease_name, "became leader (coordinator)");
+                    } else {
+                        tracing::warn!(identity = %who, lease = %lease_name, "lost the leader Lease");
+                    }
+                }
                 if leader.changed().await.is_err() {
                     return;
                 }
