@@ -19,16 +19,20 @@ unit:
 	$(CARGO) test --workspace --locked --lib --bins
 	$(CARGO) test --locked -p sealed-ota-protocol --test '*'
 
-## Integration and e2e tests (every other crate's tests/ directory) against a real test bed. The
-## agent's tests drive real RAUC and Mender update modules: their Debian packages are installed first.
+## Integration and e2e tests (every other crate's tests/ directory) against a real test bed, and a
+## Docker engine for the image tests (e2e/tests/images.rs): scripts/docker.sh starts Debian's dockerd
+## when none answers and stops it afterwards (by pid). The agent's tests drive real RAUC and Mender
+## update modules: their Debian packages are installed first.
 E2E_CRATES := --workspace --exclude sealed-ota-protocol
+DOCKER_STATE := $(CURDIR)/target/docker
 e2e:
 	$(CARGO) build $(E2E_CRATES) --locked --bins --tests
 	scripts/install-agent-test-deps.sh
 	$(TESTBED) up
+	scripts/docker.sh up $(DOCKER_STATE) || { $(TESTBED) down; exit 1; }
 	eval "$$($(TESTBED) env)"; \
 	  $(CARGO) test $(E2E_CRATES) --locked --no-fail-fast --test '*'; rc=$$?; \
-	  $(TESTBED) down; exit $$rc
+	  $(TESTBED) down; scripts/docker.sh down $(DOCKER_STATE); exit $$rc
 
 ## make interop: the product e2e groups and the broker probe on each broker in turn (Mosquitto,
 ## mochi-mqtt, the rmqtt 3-node Raft cluster, with the broker-node-loss tests), each on a test bed
@@ -78,12 +82,17 @@ chart:
 	$$(scripts/helm-install.sh) lint charts/sealed-ota --strict --set broker.url=mqtts://broker:8883 --set broker.tls.secretName=broker-tls
 	$(CARGO) test --locked -p sealed-ota-e2e --test chart_gitops
 
-## make images: operator and device-emulator images (needs Docker with BuildKit).
+## make images: the operator, device-emulator and Mosquitto images, built here without a registry
+## (release binaries on a runtime base made from Debian's packages; see scripts/images.sh). With a
+## registry, `docker build -f docker/operator.Dockerfile .` builds the distroless variant.
 images:
-	docker build -f docker/operator.Dockerfile -t sealed-ota/sealed-ota-operator:dev .
-	docker build -f docker/device-emulator.Dockerfile -t sealed-ota/sealed-ota-device-emulator:dev .
+	scripts/docker.sh up $(DOCKER_STATE)
+	scripts/images.sh build --profile release && scripts/images.sh mosquitto; rc=$$?; \
+	  scripts/docker.sh down $(DOCKER_STATE); exit $$rc
 
-## make kind: the whole product on a kind cluster (needs Docker and kind), then the e2e suite.
+## make kind: the whole product as pods on a kind cluster built here (node image, images, chart with
+## 2 replicas, Mosquitto, devices, a campaign and a rotation, the in-cluster checks, the e2e suite).
+## The cluster stays up afterwards (for inspection); make kind-down removes everything it made.
 kind:
 	e2e/kind/kind.sh all
 kind-down:

@@ -1,16 +1,22 @@
-# syntax=docker/dockerfile:1.7
 # Image of the Sealed OTA device emulator (pki-init, enroll, run).
-# Build from the repository root:
-#   docker build -f docker/device-emulator.Dockerfile -t sealed-ota/sealed-ota-device-emulator:dev .
 #
-# Stage 1 compiles one release binary with the locked dependency set; BuildKit cache mounts keep the
-# registry and target directory between builds. Stage 2 is distroless (glibc, CA bundle, no shell,
-# no package manager) and runs as the numeric non-root user 65532, so a restricted Pod Security
-# Standard and runAsNonRoot admit it without a securityContext.runAsUser.
-ARG RUST_VERSION=1.95
-ARG DEBIAN_CODENAME=bookworm
+# With a registry, from the repository root:
+#   docker build -f docker/device-emulator.Dockerfile -t sealed-ota/sealed-ota-device-emulator:dev .
+# compiles one release binary in the official Rust image (locked dependency set; BuildKit cache
+# mounts keep the registry and target directory between builds) and ends on distroless (glibc, CA
+# bundle, no shell, no package manager).
+#
+# Without a registry, scripts/images.sh (make images) gives the same final stage other inputs:
+#   BINARY=prebuilt         the binary cargo built on the host, from a build context holding only it
+#   RUNTIME_IMAGE=sealed-ota/runtime-base:bookworm   a distroless equivalent from Debian's packages
+# and its `dockerfile` mode runs this file unchanged with a local BUILDER_IMAGE (Debian and the
+# host's Rust toolchain). Every way ends as the numeric non-root user 65532, so a restricted Pod
+# Security Standard and runAsNonRoot admit it without a securityContext.runAsUser.
+ARG BUILDER_IMAGE=docker.io/library/rust:1.95-slim-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+ARG BINARY=compiled
 
-FROM docker.io/library/rust:${RUST_VERSION}-slim-${DEBIAN_CODENAME} AS build
+FROM ${BUILDER_IMAGE} AS compiled
 WORKDIR /src
 # Only what cargo needs to build the workspace (see device-emulator.Dockerfile.dockerignore).
 COPY . .
@@ -19,11 +25,16 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     cargo build --release --locked -p sealed-ota-device-emulator --bin sealed-ota-device-emulator \
  && install -D -m 0755 target/release/sealed-ota-device-emulator /out/sealed-ota-device-emulator
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM scratch AS prebuilt
+COPY sealed-ota-device-emulator /out/sealed-ota-device-emulator
+
+FROM ${BINARY} AS binary
+
+FROM ${RUNTIME_IMAGE}
 LABEL org.opencontainers.image.title="sealed-ota-device-emulator" \
       org.opencontainers.image.description="the Sealed OTA device emulator (pki-init, enroll, run)" \
       org.opencontainers.image.source="https://github.com/sealed-ota/sealed-ota" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build /out/sealed-ota-device-emulator /usr/local/bin/sealed-ota-device-emulator
+COPY --from=binary /out/sealed-ota-device-emulator /usr/local/bin/sealed-ota-device-emulator
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/sealed-ota-device-emulator"]

@@ -3,7 +3,8 @@
 #
 # A test bed of its own (etcd + kube-apiserver + Mosquitto), the CRDs, the PKI in Secrets, an
 # offline release key, the operator, DEMO_DEVICES emulated devices over TLS enrolled with the
-# release public key, and the release-signed campaign in examples/ applied with kubectl. A spy
+# release public key, and the release-signed campaign in examples/ applied with kubectl (first as a
+# dry run: the plan is printed, then dryRun is set to false and that plan starts). A spy
 # subscribed to '#' records everything the broker relays; at the end it is scanned for the image's
 # plaintext, for private keys and for every content, session and delivered key the devices logged.
 # Every process started here is stopped here.
@@ -104,17 +105,41 @@ say "connecting $DEVICES emulated devices over TLS"
 EMULATOR=$!
 PIDS+=("$EMULATOR")
 
-say "applying examples/firmware-campaign-release-signed.yaml (with the signature just made)"
-START=$(date +%s.%N)
+say "applying examples/firmware-campaign-release-signed.yaml (with the signature just made) as a dry run"
 sed -e "s/RELEASE_PUBLIC_KEY/$RELEASE_PUBLIC_KEY/" -e "s/RELEASE_SIGNATURE/$RELEASE_SIGNATURE/" \
+  -e 's/^spec:$/spec:\n  dryRun: true/' \
   examples/firmware-campaign-release-signed.yaml | kubectl -n "$NS" apply -f - >/dev/null
+# The plan before it starts: status.plan (waves, devices left out and why, bytes on the broker)
+# and the policy warnings; no device is touched until dryRun is false.
+deadline=$((SECONDS + TIMEOUT))
+until [[ -n "$(kubectl -n "$NS" get updatecampaign "$CAMPAIGN" \
+  -o jsonpath='{.status.plan.estimatedBrokerBytes}' 2>/dev/null)" ]]; do
+  ((SECONDS < deadline)) || fail "no plan after ${TIMEOUT}s (operator log: $WORK/logs/operator.log)"
+  sleep 1
+done
+say "the plan (spec.dryRun: true; nothing touched yet):"
+kubectl -n "$NS" get updatecampaign "$CAMPAIGN" -o json | python3 -c '
+import json, sys
+s = json.load(sys.stdin)["status"]
+p = s["plan"]
+print("  phase %s: %d devices, about %d bytes on the broker" % (s["phase"], p["devices"], p["estimatedBrokerBytes"]))
+for w in p["waves"]:
+    print("  wave %d: %d devices, first %s" % (w["wave"], w["size"], ", ".join(w.get("firstDevices", []))))
+for e in p.get("excluded", []):
+    print("  left out (%s): %d" % (e["reason"], e["count"]))
+for w in s.get("warnings", []):
+    print("  warning: " + w)
+' >&2
+say "starting that plan (spec.dryRun: false)"
+START=$(date +%s.%N)
+kubectl -n "$NS" patch updatecampaign "$CAMPAIGN" --type merge -p '{"spec":{"dryRun":false}}' >/dev/null
 deadline=$((SECONDS + TIMEOUT))
 phase=""
 while :; do
   read -r phase progress < <(kubectl -n "$NS" get updatecampaign "$CAMPAIGN" \
     -o jsonpath='{.status.phase} {.status.progress}{"\n"}' 2>/dev/null || echo "- -")
   printf '\rdemo: campaign %s: phase %-12s progress %-8s' "$CAMPAIGN" "${phase:--}" "${progress:--}" >&2
-  case "$phase" in Succeeded | Failed | Aborted) break ;; esac
+  case "$phase" in Succeeded | Completed | Failed | Aborted) break ;; esac
   ((SECONDS < deadline)) || { echo >&2; fail "campaign not finished after ${TIMEOUT}s (operator log: $WORK/logs/operator.log)"; }
   sleep 1
 done

@@ -5,9 +5,12 @@
 -- It reads what the operator writes: status.phase, status.observedGeneration, status.progress and
 -- the Ready condition (reason and message). e2e/tests/chart_gitops.rs runs it against sample statuses.
 --
---   Succeeded                          -> Healthy
+--   Succeeded                          -> Healthy    (every selected device runs the target)
+--   Completed                          -> Degraded   (finished, some devices failed: DevicesFailed)
 --   Failed, Aborted                    -> Degraded   (a new campaign is needed)
 --   Paused                             -> Suspended  (spec.paused; resume by setting it false)
+--   Paused, Ready reason GateFailed    -> Degraded   (a gate between waves failed: a person decides)
+--   Planned                            -> Suspended  (spec.dryRun: status.plan shows the plan)
 --   Pending/Progressing, Ready reason
 --     that needs a person to act       -> Degraded   (missing or invalid Secret, payload, selector...)
 --   anything else, or a status older
@@ -29,6 +32,8 @@ local needs_person = {
   ReleaseSignatureInvalid = true,
   PayloadMissing = true,
   PayloadInvalid = true,
+  InvalidSchedule = true,
+  WindowNeverOpens = true,
 }
 
 local function condition(status, type_)
@@ -69,15 +74,24 @@ end
 if status.phase == "Succeeded" then
   hs.status = "Healthy"
   hs.message = ready_message ~= "" and ready_message or with_progress(status, "Campaign succeeded")
+elseif status.phase == "Completed" then
+  hs.status = "Degraded"
+  hs.message = ready_message ~= "" and ready_message or with_progress(status, "Campaign completed with failed devices")
 elseif status.phase == "Failed" then
   hs.status = "Degraded"
   hs.message = ready_message ~= "" and ready_message or with_progress(status, "Campaign failed")
 elseif status.phase == "Aborted" then
   hs.status = "Degraded"
   hs.message = ready_message ~= "" and ready_message or "Campaign aborted (spec.abort)"
+elseif status.phase == "Paused" and ready ~= nil and ready.reason == "GateFailed" then
+  hs.status = "Degraded"
+  hs.message = "GateFailed: " .. ready_message
 elseif status.phase == "Paused" then
   hs.status = "Suspended"
   hs.message = with_progress(status, "Campaign paused (spec.paused)")
+elseif status.phase == "Planned" then
+  hs.status = "Suspended"
+  hs.message = "Dry run (spec.dryRun): status.plan shows what the campaign would do"
 elseif ready ~= nil and ready.status == "False" and needs_person[ready.reason] then
   hs.status = "Degraded"
   hs.message = ready.reason .. ": " .. ready_message

@@ -64,6 +64,9 @@ pub struct FleetContext {
     pub release_keys: Vec<ReleaseKey>,
     /// `run --key-log`: where sessions report their secrets (tests only).
     pub key_log: Option<Arc<dyn KeyLog>>,
+    /// `run --health-report-after`: how long after a committed install the device sends its
+    /// signed post-install health report (`None`: it sends none).
+    pub health_report_after: Option<Duration>,
 }
 
 /// How a device ended the run.
@@ -152,6 +155,8 @@ pub struct Device {
     /// Which of the broker's nodes the next connection goes to (modulo their number): devices
     /// start spread over the nodes and move to the next one when a connection is lost.
     node: usize,
+    /// When the post-install health report is due (device clock, Unix seconds).
+    health_due: Option<u64>,
 }
 
 impl std::fmt::Debug for Device {
@@ -186,6 +191,7 @@ impl Device {
             failures_in_a_row: 0,
             arrived_at_barrier: false,
             node: 0,
+            health_due: None,
         }
     }
 
@@ -443,6 +449,7 @@ impl Device {
                     let now = self.now();
                     let output = session.poll_output(now);
                     let mut actions = output.actions;
+                    actions.extend(self.health_report(session, now));
                     for event in output.events {
                         // Only the end of a session at the campaign's expiry (Rejected): nothing
                         // here ends the connection.
@@ -688,12 +695,31 @@ impl Device {
                 self.dir.commit_image()?;
                 info!(device = %self.id, version = %pending.version, "image verified, installed and committed");
                 self.set_outcome(Outcome::Installed);
+                self.health_due = self
+                    .ctx
+                    .health_report_after
+                    .map(|after| now + after.as_secs());
                 FinalOutcome::Committed
             }
         };
         let actions = session.report_final(outcome, now);
         self.save(session)?;
         Ok(actions)
+    }
+
+    /// The signed post-install health report, once it is due: healthy unless the `unhealthy`
+    /// fault says otherwise.
+    fn health_report(&mut self, session: &DeviceSession, now: u64) -> Option<Action> {
+        if self.health_due.is_none_or(|due| due > now) {
+            return None;
+        }
+        self.health_due = None;
+        let failure = self.faults.unhealthy();
+        let detail = failure.unwrap_or("post-install health check passed");
+        let report = session.health_report(failure.is_none(), detail, now)?;
+        info!(device = %self.id, healthy = failure.is_none(), %detail, "signed health report");
+        self.ctx.stats.health_reported(failure.is_none());
+        Some(report)
     }
 
     /// After a boot with an install pending: what is on disk decides (see [`reconcile`]).
@@ -897,6 +923,7 @@ mod tests {
                 transfer_barrier: None,
                 release_keys,
                 key_log: None,
+                health_report_after: Some(Duration::from_secs(2)),
             });
             let specs: Vec<FaultSpec> = faults.iter().map(|f| f.parse().unwrap()).collect();
             let (shutdown, shutdown_rx) = watch::channel(false);
@@ -1249,6 +1276,44 @@ mod tests {
             world.manager_events
         );
         assert_eq!(world.chunks(), 0);
+    }
+
+    #[test]
+    fn a_committed_install_is_followed_by_a_signed_health_report_the_fault_can_fail() {
+        for (faults, healthy) in [
+            (&[][..], true),
+            (&["unhealthy:reason=watchdog resets"][..], false),
+        ] {
+            let mut world = World::new(faults);
+            assert_eq!(world.run(), None);
+            assert!(world.installed());
+            let verifier = world.manager.health_verifier().expect("installed firmware");
+            let now = unix_now();
+            assert!(
+                world.device.health_report(&world.session, now).is_none(),
+                "not due before --health-report-after"
+            );
+            let Some(Action::Publish(report)) = world.device.health_report(&world.session, now + 3)
+            else {
+                panic!("the report is due");
+            };
+            let verified = verifier.verify(&report.payload).unwrap();
+            assert_eq!(verified.healthy, healthy, "{faults:?}");
+            if !healthy {
+                assert_eq!(verified.detail, "watchdog resets");
+            }
+            assert!(
+                world
+                    .device
+                    .health_report(&world.session, now + 10)
+                    .is_none(),
+                "sent once"
+            );
+            assert_eq!(
+                world.ctx.stats.health_reports(),
+                (u64::from(healthy), u64::from(!healthy))
+            );
+        }
     }
 
     #[test]

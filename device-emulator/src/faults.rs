@@ -16,6 +16,7 @@
 //! | `clock-file` | `path=FILE` | the device's clock is off by the seconds written in FILE (re-read at every use; absent or unreadable: 0), so a test moves it while the fleet runs |
 //! | `max-packet` | `bytes=N` | advertise Maximum Packet Size N in CONNECT |
 //! | `selftest-fail` | `reason=TEXT` | the installed image fails its self-test: the device rolls back and reports it (signed RolledBack) |
+//! | `unhealthy` | `reason=TEXT` | the installed image passes its self-test and is committed, but its post-install health check fails: the signed health report says unhealthy |
 //!
 //! Selectors: `@all` (the default), `@10%` or `@fraction=0.1` (evenly spread over the fleet, a
 //! different set for each `--fault`), `@devices=dev-00001+dev-00002`.
@@ -87,6 +88,11 @@ pub enum Fault {
     /// The installed image fails its self-test: roll back and report it.
     SelfTestFails {
         /// The reason reported (signed RolledBack).
+        reason: String,
+    },
+    /// The committed image's post-install health check fails (signed health report).
+    Unhealthy {
+        /// What the report says.
         reason: String,
     },
 }
@@ -176,10 +182,16 @@ impl FromStr for FaultSpec {
                     .map_err(invalid)?
                     .unwrap_or_else(|| "self-test failed after install".to_string()),
             },
+            "unhealthy" => Fault::Unhealthy {
+                reason: params
+                    .optional("reason", |v| Ok(v.to_string()))
+                    .map_err(invalid)?
+                    .unwrap_or_else(|| "post-install health check failed".to_string()),
+            },
             other => {
                 return Err(invalid(format!(
                     "unknown fault {other:?}; expected offline, slow, bitflip, refuse, \
-                     crash-install, clock-skew, clock-file, max-packet or selftest-fail"
+                     crash-install, clock-skew, clock-file, max-packet, selftest-fail or unhealthy"
                 )))
             }
         };
@@ -359,6 +371,7 @@ pub struct DeviceFaults {
     clock_file: Option<PathBuf>,
     max_packet_size: Option<u32>,
     self_test_failure: Option<String>,
+    unhealthy: Option<String>,
 }
 
 impl DeviceFaults {
@@ -394,6 +407,7 @@ impl DeviceFaults {
                 Fault::ClockFile { path } => faults.clock_file = Some(path.clone()),
                 Fault::MaxPacketSize { bytes } => faults.max_packet_size = Some(*bytes),
                 Fault::SelfTestFails { reason } => faults.self_test_failure = Some(reason.clone()),
+                Fault::Unhealthy { reason } => faults.unhealthy = Some(reason.clone()),
             }
         }
         faults
@@ -411,6 +425,7 @@ impl DeviceFaults {
             || self.clock_file.is_some()
             || self.max_packet_size.is_some()
             || self.self_test_failure.is_some()
+            || self.unhealthy.is_some()
     }
 
     /// After `chunks_this_run` chunks: time to stay offline, the first time the threshold is met.
@@ -484,6 +499,11 @@ impl DeviceFaults {
     /// Why the installed image fails its self-test, if this device's image does.
     pub fn self_test_failure(&self) -> Option<&str> {
         self.self_test_failure.as_deref()
+    }
+
+    /// Why the committed image's post-install health check fails, if this device's does.
+    pub fn unhealthy(&self) -> Option<&str> {
+        self.unhealthy.as_deref()
     }
 
     /// The Maximum Packet Size to advertise, `default` unless the fault sets one.
@@ -696,6 +716,16 @@ mod tests {
             "clock-file".parse::<FaultSpec>().is_err(),
             "path= is required"
         );
+        assert_eq!(
+            faults("unhealthy").unhealthy(),
+            Some("post-install health check failed")
+        );
+        assert_eq!(
+            faults("unhealthy:reason=watchdog resets").unhealthy(),
+            Some("watchdog resets")
+        );
+        assert!(faults("unhealthy").any());
+        assert_eq!(faults("selftest-fail").unhealthy(), None);
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct FleetOptions {
     pub key_log: Option<std::path::PathBuf>,
     /// Benchmarks only: do not fsync the protocol-state saves (see `DeviceDir::without_state_fsync`).
     pub no_state_fsync: bool,
+    /// How long after a committed install a device sends its signed health report (`None`: no
+    /// report).
+    pub health_report_after: Option<Duration>,
 }
 
 impl FleetOptions {
@@ -79,6 +82,7 @@ impl FleetOptions {
             transfer_barrier: false,
             key_log: None,
             no_state_fsync: false,
+            health_report_after: Some(Duration::from_secs(2)),
         }
     }
 }
@@ -159,6 +163,7 @@ impl RunningFleet {
                 Some(path) => Some(Arc::new(KeyLogFile::open(path)?) as Arc<dyn KeyLog>),
                 None => None,
             },
+            health_report_after: options.health_report_after,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut devices = JoinSet::new();

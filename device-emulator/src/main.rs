@@ -213,6 +213,26 @@ struct RunArgs {
     /// regardless.
     #[arg(long)]
     no_state_fsync: bool,
+    /// Seconds after a committed install a device sends its signed post-install health report
+    /// (healthy unless the `unhealthy` fault hits it); "off" sends none.
+    #[arg(long, default_value = "2s", value_parser = parse_optional_duration)]
+    health_report_after: OptionalDuration,
+    /// Write the fleet's counters in the Prometheus text format to this file every second
+    /// (atomically: a temporary file renamed), for Prometheus (through an HTTP server of the
+    /// file, or node_exporter's textfile collector).
+    #[arg(long)]
+    metrics_file: Option<PathBuf>,
+}
+
+/// A duration, or none ("off").
+#[derive(Debug, Clone, Copy)]
+struct OptionalDuration(Option<Duration>);
+
+fn parse_optional_duration(text: &str) -> std::result::Result<OptionalDuration, String> {
+    if text == "off" {
+        return Ok(OptionalDuration(None));
+    }
+    parse_duration(text).map(|d| OptionalDuration(Some(d)))
 }
 
 fn parse_label(text: &str) -> std::result::Result<(String, String), String> {
@@ -385,8 +405,21 @@ async fn run(args: RunArgs) -> Result<()> {
     options.save_every_chunks = args.save_every_chunks;
     options.key_log = args.key_log;
     options.no_state_fsync = args.no_state_fsync;
+    options.health_report_after = args.health_report_after.0;
     let running = RunningFleet::start(options)?;
     let stats = std::sync::Arc::clone(running.stats());
+    let metrics = args.metrics_file.map(|path| {
+        let stats = std::sync::Arc::clone(&stats);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let Err(e) = stats::write_atomically(&path, &stats.prometheus_text()) {
+                    tracing::warn!(path = %path.display(), error = %e, "writing the metrics file");
+                }
+            }
+        })
+    });
     let progress = (!args.no_progress && std::io::stderr().is_terminal()).then(|| {
         stats::spawn_progress_display(std::sync::Arc::clone(&stats), Duration::from_millis(250))
     });
@@ -425,6 +458,9 @@ async fn run(args: RunArgs) -> Result<()> {
         _ = shutdown_signal() => {}
     }
     let (summary, _) = running.stop().await;
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     if let Some(progress) = progress {
         progress.abort();
         eprintln!("\r{}\x1b[K", stats.progress_line());

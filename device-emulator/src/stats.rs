@@ -69,6 +69,8 @@ pub struct FleetStats {
     bytes_received: AtomicU64,
     messages_rejected: AtomicU64,
     outcomes: [AtomicU64; 6],
+    /// Health reports sent: [healthy, unhealthy].
+    health_reports: [AtomicU64; 2],
     all_connected_after: Mutex<Option<Duration>>,
     rss_before_devices: u64,
     rss_all_connected: AtomicU64,
@@ -92,6 +94,7 @@ impl FleetStats {
             chunks_received: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             messages_rejected: AtomicU64::new(0),
+            health_reports: [AtomicU64::new(0), AtomicU64::new(0)],
             outcomes,
             all_connected_after: Mutex::new(None),
             rss_before_devices: resident_set_bytes().unwrap_or(0),
@@ -146,6 +149,71 @@ impl FleetStats {
         let first = self.first_chunk_micros.load(Ordering::Relaxed);
         let last = self.last_chunk_micros.load(Ordering::Relaxed);
         (first <= last).then(|| (last - first) as f64 / 1e6)
+    }
+
+    /// A device sent its signed post-install health report.
+    pub fn health_reported(&self, healthy: bool) {
+        self.health_reports[usize::from(!healthy)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Health reports sent so far: (healthy, unhealthy).
+    pub fn health_reports(&self) -> (u64, u64) {
+        (
+            self.health_reports[0].load(Ordering::Relaxed),
+            self.health_reports[1].load(Ordering::Relaxed),
+        )
+    }
+
+    /// The counters in the Prometheus text exposition format (`run --metrics-file`).
+    pub fn prometheus_text(&self) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+            out.push_str(&format!(
+                "# HELP sealed_ota_emulator_{name} {help}\n# TYPE sealed_ota_emulator_{name} {kind}\n"
+            ));
+            for (labels, v) in samples {
+                out.push_str(&format!("sealed_ota_emulator_{name}{labels} {v}\n"));
+            }
+        };
+        metric(
+            "devices",
+            "gauge",
+            "Emulated devices",
+            &[(String::new(), self.devices)],
+        );
+        metric(
+            "connected_devices",
+            "gauge",
+            "Devices connected to the broker now",
+            &[(String::new(), self.connected_now())],
+        );
+        let outcomes: Vec<(String, u64)> = Outcome::ALL
+            .iter()
+            .map(|o| (format!("{{outcome=\"{}\"}}", o.name()), self.count(*o)))
+            .collect();
+        metric(
+            "device_outcomes",
+            "gauge",
+            "Devices per outcome of their last campaign",
+            &outcomes,
+        );
+        let (healthy, unhealthy) = self.health_reports();
+        metric(
+            "health_reports_total",
+            "counter",
+            "Signed post-install health reports sent",
+            &[
+                ("{healthy=\"true\"}".to_owned(), healthy),
+                ("{healthy=\"false\"}".to_owned(), unhealthy),
+            ],
+        );
+        metric(
+            "chunks_received_total",
+            "counter",
+            "Firmware chunks accepted",
+            &[(String::new(), self.chunks_received.load(Ordering::Relaxed))],
+        );
+        out
     }
 
     /// The protocol rejected a message (forged, tampered, replayed, stale).
@@ -347,9 +415,49 @@ pub fn resident_set_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Write `text` to `path` through a temporary file renamed over it, so a reader never sees
+/// half of it.
+pub fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_metrics_text_counts_health_reports_and_outcomes() {
+        let stats = FleetStats::new(3);
+        stats.health_reported(true);
+        stats.health_reported(false);
+        stats.health_reported(false);
+        stats.transition(Outcome::Idle, Outcome::Installed);
+        let text = stats.prometheus_text();
+        assert!(
+            text.contains("sealed_ota_emulator_health_reports_total{healthy=\"true\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sealed_ota_emulator_health_reports_total{healthy=\"false\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sealed_ota_emulator_device_outcomes{outcome=\"installed\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "# TYPE sealed_ota_emulator_devices gauge\nsealed_ota_emulator_devices 3\n"
+            ),
+            "{text}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("emulator.prom");
+        write_atomically(&path, &text).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    }
 
     #[tokio::test]
     async fn outcomes_move_devices_between_buckets() {

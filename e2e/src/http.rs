@@ -29,6 +29,32 @@ impl FileServer {
         Ok(Self { addr, task })
     }
 
+    /// Start serving the current content of the file at `path` (read at every request; 404
+    /// while it does not exist), as Prometheus text: what a process writes there (the emulator's
+    /// `run --metrics-file`) becomes scrapeable.
+    pub async fn of_path(path: std::path::PathBuf) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task =
+            tokio::spawn(sealed_ota_operator::http::serve(
+                listener,
+                move |_| match std::fs::read(&path) {
+                    Ok(body) => Reply {
+                        status: StatusCode::OK,
+                        content_type: "text/plain; version=0.0.4; charset=utf-8",
+                        body: body.into(),
+                    },
+                    Err(_) => Reply::text(StatusCode::NOT_FOUND, "not written yet\n"),
+                },
+            ));
+        Ok(Self { addr, task })
+    }
+
+    /// `host:port` of the server.
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+
     /// The URL of the served file.
     pub fn url(&self) -> String {
         format!("http://{}/firmware.bin", self.addr)

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod http;
 pub mod interop;
 pub mod product;
+pub mod prometheus;
 pub mod rogue;
 
 use std::collections::HashMap;

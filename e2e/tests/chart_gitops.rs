@@ -11,7 +11,8 @@ use sealed_ota_e2e::repo_root;
 use sealed_ota_operator::reasons::BlockerReason;
 use serde_json::{json, Value};
 
-/// A campaign with the status `operator/src/status.rs::compute` writes for this phase and Ready reason.
+/// A campaign with the status `operator/src/status.rs::compute` writes for this phase and Ready reason
+/// (Stalled and Degraded True when it ended short of the target: Completed, Failed, Aborted).
 fn campaign(
     generation: i64,
     observed: i64,
@@ -20,6 +21,8 @@ fn campaign(
     progress: &str,
 ) -> Value {
     let (ready_status, reason, message) = ready;
+    // Stalled and Degraded: the campaign ended without every device at the target version.
+    let ended_short = matches!(phase, "Completed" | "Failed" | "Aborted");
     let cond = |type_: &str, status: bool, reason: &str, message: &str| {
         json!({
             "type": type_,
@@ -45,7 +48,9 @@ fn campaign(
                 cond("Ready", ready_status == "True", reason, message),
                 cond("Progressing", phase == "Progressing", "Progressing", "wave 1 of 1"),
                 cond("Failed", phase == "Failed", if phase == "Failed" { "FailureThresholdExceeded" } else { "NoFailureThreshold" }, "0 devices failed"),
+                cond("Stalled", ended_short, if ended_short { reason } else { "NotStalled" }, message),
                 cond("Paused", phase == "Paused", if phase == "Paused" { "Paused" } else { "NotPaused" }, "spec.paused"),
+                cond("Degraded", ended_short, if ended_short { reason } else { "NotDegraded" }, message),
             ],
         },
     })
@@ -135,6 +140,22 @@ fn health_follows_the_campaign_phase() -> Result<()> {
             ),
             "Degraded",
             "2 devices failed",
+        ),
+        // Issue 15: every device timed out, no failure threshold: finished, not healthy.
+        (
+            campaign(
+                1,
+                1,
+                "Completed",
+                (
+                    "False",
+                    "DevicesFailed",
+                    "0 of 5 devices installed the update, 5 failed",
+                ),
+                "5/5",
+            ),
+            "Degraded",
+            "0 of 5 devices installed the update, 5 failed",
         ),
         (
             campaign(
@@ -258,26 +279,27 @@ fn argocd_cm_patch_embeds_the_tested_script() -> Result<()> {
 }
 
 /// Flux's health checks (kstatus) on the same statuses: Ready=True for the current generation is
-/// Current; anything older or not Ready is InProgress. A Failed campaign as the operator writes it
-/// today (Ready=False, Failed=True, no Stalled) is InProgress, so Flux waits for its timeout; with a
-/// `Stalled=True` condition kstatus would report Failed at once (recommended to the operator).
+/// Current; anything older or not Ready is InProgress; a campaign that ended short of its target
+/// (Completed with failed devices, Failed, Aborted: Stalled=True) is Failed at once, so Flux does
+/// not wait for its timeout. Without Stalled (an operator before it wrote it) Failed read as
+/// InProgress.
 #[test]
 fn flux_kstatus_reads_the_campaign_conditions() -> Result<()> {
     let named = |name: &str, mut obj: Value| {
         obj["metadata"]["name"] = json!(name);
         obj
     };
-    let mut stalled = campaign(
+    let mut without_stalled = campaign(
         1,
         1,
         "Failed",
         ("False", "FailureThresholdExceeded", "2 devices failed"),
         "3/3",
     );
-    stalled["status"]["conditions"]
+    without_stalled["status"]["conditions"]
         .as_array_mut()
         .context("conditions")?
-        .push(json!({"type": "Stalled", "status": "True", "reason": "FailureThresholdExceeded", "message": "2 devices failed", "observedGeneration": 1, "lastTransitionTime": "2026-11-24T10:00:00Z"}));
+        .retain(|c| c["type"] != "Stalled");
     let objects = vec![
         named(
             "succeeded",
@@ -337,7 +359,21 @@ fn flux_kstatus_reads_the_campaign_conditions() -> Result<()> {
                 "3/3",
             ),
         ),
-        named("failed-stalled", stalled),
+        named(
+            "completed-with-failures",
+            campaign(
+                1,
+                1,
+                "Completed",
+                ("False", "DevicesFailed", "0 of 5 devices installed"),
+                "5/5",
+            ),
+        ),
+        named(
+            "aborted",
+            campaign(1, 1, "Aborted", ("False", "Aborted", "spec.abort"), "1/3"),
+        ),
+        named("failed-without-stalled", without_stalled),
     ];
     let got = chart_support::kstatus(&objects)?;
     let status: std::collections::BTreeMap<&str, &str> = got
@@ -350,8 +386,10 @@ fn flux_kstatus_reads_the_campaign_conditions() -> Result<()> {
         ("stale", "InProgress"),
         ("paused", "InProgress"),
         ("blocked", "InProgress"),
-        ("failed", "InProgress"),
-        ("failed-stalled", "Failed"),
+        ("failed", "Failed"),
+        ("completed-with-failures", "Failed"),
+        ("aborted", "Failed"),
+        ("failed-without-stalled", "InProgress"),
     ];
     for (name, want) in expected {
         assert_eq!(status.get(name).copied(), Some(want), "{name}: {got:?}");

@@ -16,7 +16,7 @@
 //! Passes are woken by the campaign, its shards' reports, the shards' Devices and the engine (a
 //! device finished), at most four times a second per campaign (`throttle`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,25 +37,31 @@ use sealed_ota_protocol::{
 use tokio::sync::{mpsc, watch};
 use zeroize::Zeroizing;
 
+use crate::arbitration::{Contender, Standing};
 use crate::coordinate::{coordinate, shard_params, shard_report, CoordinateInput};
 use crate::crd::{
     CampaignPhase, Device, DeviceFailure, DevicePhase, RotationModeSpec, UpdateCampaign,
-    UpdateCampaignStatus, FINALIZER,
+    UpdateCampaignStatus, WaitingStatus, FINALIZER,
 };
 use crate::engine::{Engine, FIELD_MANAGER};
 use crate::error::Error;
+use crate::gates::{self, GateInput, HealthTally};
 use crate::inputs;
 use crate::mqtt::ConnState;
-use crate::plan;
+use crate::plan::{self, PassInput, Wake};
+use crate::policy::{self, runs_target, PolicyInput};
+use crate::ramp::StartLog;
 use crate::reasons::BlockerReason;
-use crate::rollout::{decide, DecideInput, Progress, RolloutParams};
+use crate::rollout::{decide, wave_cutoffs, DecideInput, Progress, RolloutParams};
 use crate::runs::{clear_retained, CampaignKey, CampaignRun, Plan};
+use crate::schedule::Calendar;
 use crate::shard_crd::{report_name, CampaignShard, CampaignShardSpec, CAMPAIGN_LABEL};
 use crate::shards::{relabel, unlabelled_selector, ShardCount, BUCKET_LABEL};
 use crate::status::{compute, Blocker, StatusInput};
 use crate::throttle::{Offer, Throttle};
 use crate::time::{k8s_time, unix_now, unix_secs};
 use crate::AbortOnDrop;
+use crate::{preview, prometheus};
 
 /// How this replica takes part in campaigns.
 #[derive(Clone, Debug)]
@@ -88,6 +94,14 @@ struct Memo {
     errors: u32,
     /// Consecutive passes blocked by the same transient blocker (its retry backoff).
     blocked_retries: u32,
+    /// The devices selected at the last pass (late joiners and leavers are told apart by it) and
+    /// the running totals of both: kept here, not added to the last written status, so a pass whose
+    /// status write is held back by the rate limit loses no count.
+    members: Option<Members>,
+    /// Starts of the last minute (the rate).
+    starts: StartLog,
+    /// A dry run's prepared payload size: (uid, bytes of the encrypted chunks).
+    planned: Option<(String, u64)>,
 }
 
 /// What a shard pass remembers per campaign between passes.
@@ -138,6 +152,18 @@ struct Ctx {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Late joiners and leavers of one campaign, as this process saw them.
+#[derive(Debug, Default)]
+struct Members {
+    /// The devices selected at the last pass (`None` before the first).
+    names: Option<HashSet<String>>,
+    /// Devices that started matching while the campaign ran, in total (from the status on the
+    /// first pass of this process).
+    joined: u32,
+    /// Devices that stopped matching or were deleted while it ran, in total.
+    left: u32,
 }
 
 impl Ctx {
@@ -598,6 +624,14 @@ fn earliest(wakes: impl IntoIterator<Item = Option<Duration>>) -> Requeue {
 
 #[tracing::instrument(skip_all, fields(namespace = %c.namespace().unwrap_or_default(), campaign = %c.name_any()))]
 async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
+    if ctx.role.shards == ShardCount::ONE {
+        // One shard: the coordinator holds it too (see `run` in lib.rs) and runs the whole pass.
+        return match shard_view(ctx, 0) {
+            Some((store, _)) if ctx.coordinating() => single_pass(&c, &store, ctx).await,
+            // Its Devices are still being listed: the reflector wakes the campaign when they are in.
+            _ => Ok(Requeue::await_change()),
+        };
+    }
     let mut status = c.status.clone().unwrap_or_default();
     let mut wakes = Vec::new();
     if ctx.coordinating() {
@@ -675,6 +709,168 @@ fn selection(
         })
     });
     devices
+}
+
+/// What validation of a campaign found in the single-replica mode (pure).
+struct Validated {
+    /// Selected Devices sorted by name (the wave order).
+    selected: Vec<Arc<Device>>,
+    /// Rollout parameters (the defaults when the spec's do not parse: then `blocker` says so).
+    params: RolloutParams,
+    /// The campaign's schedule (always open when it does not parse: then `blocker` says so).
+    calendar: Calendar,
+    /// The first problem found.
+    blocker: Option<Blocker>,
+}
+
+/// Validate the selector and the rollout (pure over the Device store's snapshot). Selecting
+/// compares and sorts in place rather than cloning names and labels: it runs on every pass.
+fn validate(c: &UpdateCampaign, store: &Store<Device>) -> Validated {
+    let mut blocker = None;
+    let selected = match Selector::try_from(c.spec.selector.clone()) {
+        Ok(selector) => {
+            let ns = &c.metadata.namespace;
+            let mut devices: Vec<_> = store
+                .state()
+                .into_iter()
+                .filter(|d| {
+                    &d.metadata.namespace == ns && selector.matches(ResourceExt::labels(&**d))
+                })
+                .collect();
+            devices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+            devices
+        }
+        Err(e) => {
+            blocker = Some(Blocker {
+                reason: BlockerReason::InvalidSelector,
+                message: format!("spec.selector is not a valid label selector: {e}"),
+            });
+            Vec::new()
+        }
+    };
+    let params = RolloutParams::from_spec(&c.spec.rollout).unwrap_or_else(|e| {
+        blocker.get_or_insert(Blocker {
+            reason: BlockerReason::InvalidRollout,
+            message: e.to_string(),
+        });
+        RolloutParams::defaults()
+    });
+    let calendar = Calendar::for_campaign(c.spec.schedule.as_ref()).unwrap_or_else(|e| {
+        blocker.get_or_insert(Blocker {
+            reason: BlockerReason::InvalidSchedule,
+            message: e.to_string(),
+        });
+        Calendar::always()
+    });
+    Validated {
+        selected,
+        params,
+        calendar,
+        blocker,
+    }
+}
+
+/// The other running campaigns of the namespace (not finished, not dry runs, not aborted), with
+/// their selectors, for the arbitration over shared devices.
+fn rivals_of(
+    c: &UpdateCampaign,
+    campaigns: &Store<UpdateCampaign>,
+) -> Vec<(Arc<UpdateCampaign>, Selector)> {
+    campaigns
+        .state()
+        .into_iter()
+        .filter(|o| {
+            o.namespace() == c.namespace()
+                && o.name_any() != c.name_any()
+                && !o.spec.dry_run
+                && !o.spec.abort
+                && !o.status.as_ref().is_some_and(|s| s.phase.is_terminal())
+        })
+        .filter_map(|o| {
+            let selector = Selector::try_from(o.spec.selector.clone()).ok()?;
+            Some((o, selector))
+        })
+        .collect()
+}
+
+/// A campaign as arbitration ranks it.
+fn contender(c: &UpdateCampaign) -> Contender<'_> {
+    Contender {
+        name: c.metadata.name.as_deref().unwrap_or_default(),
+        priority: c.spec.priority,
+        created: c
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(unix_secs)
+            .unwrap_or(0),
+    }
+}
+
+/// Where `device` stands in the other campaign `o`: its run on this replica first, then what
+/// the Device status records for it, then whether it needs `o` at all. A device the other run
+/// finished stays held until the Device status that says so (and its new running version) is in
+/// the cache: before that, this campaign would take it for a device still at the old version.
+fn standing(o: &UpdateCampaign, device: &Device, engine: &Engine) -> Standing {
+    let uid = o.uid().unwrap_or_default();
+    let name = device.name_any();
+    let record = device
+        .status
+        .as_ref()
+        .and_then(|s| s.campaign.as_ref())
+        .filter(|r| r.uid == uid);
+    let recorded_done =
+        record.is_some_and(|r| matches!(r.phase, DevicePhase::Succeeded | DevicePhase::Failed));
+    if let Ok(key) = key_of(o) {
+        match engine.standing(&key, &uid, &name) {
+            Some(p) if p.is_terminal() && recorded_done => return Standing::Done,
+            Some(Progress::NotStarted) | None => {}
+            Some(_) => return Standing::Started,
+        }
+    }
+    match record.map(|r| r.phase) {
+        Some(DevicePhase::Succeeded | DevicePhase::Failed) => Standing::Done,
+        Some(DevicePhase::Pending | DevicePhase::Transferring) => Standing::Started,
+        Some(DevicePhase::Released) | None if runs_target(device, &o.spec.target_version) => {
+            Standing::Done
+        }
+        Some(DevicePhase::Released) | None => Standing::NotStarted,
+    }
+}
+
+/// How many of the devices of `wave` the campaign updated, and of them how many sent a healthy
+/// report (the gate's device-health check).
+fn health_tally(
+    key: &CampaignKey,
+    uid: &str,
+    selected: &[Arc<Device>],
+    progress: &[Progress],
+    params: &RolloutParams,
+    wave: u32,
+    engine: &Engine,
+) -> HealthTally {
+    let cutoffs = wave_cutoffs(selected.len() as u32, params);
+    let end = cutoffs.get(wave as usize).copied().unwrap_or(0) as usize;
+    let start = wave
+        .checked_sub(1)
+        .and_then(|w| cutoffs.get(w as usize))
+        .copied()
+        .unwrap_or(0) as usize;
+    let mut tally = HealthTally::default();
+    for (d, p) in selected[start..end].iter().zip(&progress[start..end]) {
+        if *p == Progress::Succeeded {
+            tally.updated += 1;
+            match engine.health(key, uid, &d.name_any()) {
+                Some(true) => {
+                    tally.reported += 1;
+                    tally.healthy += 1;
+                }
+                Some(false) => tally.reported += 1,
+                None => {}
+            }
+        }
+    }
+    tally
 }
 
 async fn get_opt<K>(client: &Client, ns: &str, name: &str) -> Result<Option<K>, Error>
@@ -969,6 +1165,8 @@ async fn coordinator_pass(
         blocker: co.blocker.clone(),
         previous: Some(&recorded),
         now: k8s_time(now),
+        // Not yet with several shards: the rollout policy of issue 15 (README, unfinished).
+        policy: Default::default(),
     });
     status.shards = co.assignments.clone();
     // Nothing prepares an ended campaign any more: its seed goes.
@@ -1011,6 +1209,14 @@ async fn coordinator_pass(
     Ok((status, wake))
 }
 
+/// The Devices of a held shard (its reflector's store and epoch), once its first list is in.
+fn shard_view(ctx: &Ctx, shard: u32) -> Option<(Store<Device>, u64)> {
+    lock(&ctx.shard_devices)
+        .get(&shard)
+        .filter(|v| v.ready.load(Ordering::Acquire))
+        .map(|v| (v.store.clone(), v.epoch.load(Ordering::Acquire)))
+}
+
 /// One held shard's pass over the campaign: prepare (with the recorded expiry and the seed),
 /// decide for the shard's devices within its assignment, act, report. Returns when to wake.
 async fn shard_pass(
@@ -1019,14 +1225,7 @@ async fn shard_pass(
     shard: u32,
     ctx: &Ctx,
 ) -> Result<Option<Duration>, Error> {
-    let view = {
-        let shard_devices = lock(&ctx.shard_devices);
-        shard_devices
-            .get(&shard)
-            .filter(|v| v.ready.load(Ordering::Acquire))
-            .map(|v| (v.store.clone(), v.epoch.load(Ordering::Acquire)))
-    };
-    let Some((store, epoch)) = view else {
+    let Some((store, epoch)) = shard_view(ctx, shard) else {
         // Its Devices are still being listed: the reflector wakes the campaign when they are in.
         return Ok(None);
     };
@@ -1080,6 +1279,12 @@ async fn shard_pass(
         previous_phase: status.phase,
         previous_wave: 0,
         eligible_limit: Some(assignment.map_or(0, |a| a.wave_end)),
+        // Not yet with several shards: the rollout policy of issue 15 (README, unfinished).
+        holds: &[],
+        start_cap: None,
+        wave_limit: None,
+        deadline_passed: false,
+        policy_due: None,
     });
     let starts =
         decision.phase == CampaignPhase::Progressing && blocker.is_none() && !terminal && !expired;
@@ -1138,6 +1343,350 @@ async fn shard_pass(
                 .unwrap_or(SAFETY_WAKE),
         )
     })
+}
+
+/// The single-replica pass (`--shards 1`, the default): the holder of the leader Lease drives
+/// every device with the whole rollout policy (issue 15: windows, rate, gates, arbitration, dry
+/// run) over the Devices of its one shard, and writes the status itself.
+async fn single_pass(
+    c: &UpdateCampaign,
+    store: &Store<Device>,
+    ctx: &Ctx,
+) -> Result<Requeue, Error> {
+    let key = key_of(c)?;
+    let uid = c.uid().ok_or(Error::MissingMetadata("uid"))?;
+    let ns = key.0.clone();
+    let now = unix_now();
+    let previous = c.status.clone().unwrap_or_default();
+    let dry_run = c.spec.dry_run;
+
+    // fetch + validate
+    let Validated {
+        selected,
+        params,
+        calendar,
+        mut blocker,
+    } = validate(c, store);
+    // The expiry is fixed the first time the campaign is prepared and recorded on its status
+    // before any device starts; a restarted operator prepares again with the recorded one.
+    let expires_at = previous
+        .expires_at
+        .as_ref()
+        .and_then(unix_secs)
+        .unwrap_or_else(|| now + u64::from(c.spec.expires_after_seconds));
+    let expired = now >= expires_at && !dry_run;
+    let stopping = previous.phase.is_terminal() || c.spec.abort;
+    if blocker.is_none() && !stopping && !expired && !ctx.engine.has_run(&key, &uid) {
+        let planned = ctx.memo(&key, |m| m.planned.as_ref().is_some_and(|(u, _)| *u == uid));
+        if !(dry_run && planned) {
+            match prepare_run(
+                c,
+                ctx,
+                expires_at,
+                Zeroizing::new(sealed_ota_protocol::crypto::random::<32>()),
+            )
+            .await?
+            {
+                // A dry run only learns what the payload weighs; nothing is kept or published.
+                Ok(run) if dry_run => {
+                    let bytes = run.facts().chunk_bytes;
+                    ctx.memo(&key, |m| m.planned = Some((uid.clone(), bytes)));
+                }
+                Ok(run) => {
+                    tracing::info!(chunks = run.chunk_count(), expires_at, "campaign prepared");
+                    ctx.engine.insert_run(key.clone(), run);
+                    if previous.expires_at.is_none() {
+                        let mut recorded = previous.clone();
+                        recorded.expires_at = Some(k8s_time(expires_at));
+                        write_status(c, &key, &recorded, ctx).await?;
+                    }
+                }
+                Err(b) => blocker = Some(b),
+            }
+        }
+    }
+    if blocker.is_none() && !stopping && !dry_run {
+        if let ConnState::Down(e) = ctx.engine.mqtt.state() {
+            blocker = Some(plan::broker_blocker(&e));
+        }
+    }
+
+    // Devices that stopped matching (or were deleted) leave the run; new ones join it.
+    let names: HashSet<&str> = selected
+        .iter()
+        .filter_map(|d| d.metadata.name.as_deref())
+        .collect();
+    let released = ctx
+        .engine
+        .release(&key, &names, |n| {
+            store.get(&ObjectRef::new(n).within(&ns)).is_some()
+        })
+        .await?;
+    let running = matches!(
+        previous.phase,
+        CampaignPhase::Progressing | CampaignPhase::Paused
+    );
+    let (joined, left) = ctx.memo(&key, |m| {
+        let members = m.members.get_or_insert_with(|| Members {
+            names: None,
+            joined: previous.devices.joined,
+            left: previous.devices.left,
+        });
+        let (joined, left) = match (&members.names, running) {
+            (Some(before), true) => (
+                names.iter().filter(|n| !before.contains(**n)).count() as u32,
+                before
+                    .iter()
+                    .filter(|n| !names.contains(n.as_str()))
+                    .count() as u32,
+            ),
+            _ => (0, 0),
+        };
+        members.names = Some(names.iter().map(|n| n.to_string()).collect());
+        members.joined += joined;
+        members.left += left.max(released.len() as u32);
+        (members.joined, members.left)
+    });
+
+    // policy
+    let progress = ctx.engine.progress(&key, &uid, &selected);
+    let others = rivals_of(c, &ctx.campaigns);
+    let rivals: Vec<Vec<(Contender<'_>, Standing)>> = if others.is_empty() {
+        Vec::new()
+    } else {
+        selected
+            .iter()
+            .map(|d| {
+                others
+                    .iter()
+                    .filter(|(_, sel)| sel.matches(ResourceExt::labels(&**d)))
+                    .map(|(o, _)| (contender(o), standing(o, d, &ctx.engine)))
+                    .collect()
+            })
+            .collect()
+    };
+    let policy = ctx.memo(&key, |m| {
+        policy::assess(
+            &PolicyInput {
+                now,
+                spec: &c.spec,
+                me: contender(c),
+                devices: &selected,
+                progress: &progress,
+                rivals: &rivals,
+                calendar: &calendar,
+                previous: &previous,
+            },
+            &mut m.starts,
+        )
+    });
+    if blocker.is_none() {
+        blocker = policy.blocker.clone();
+    }
+    let gate_due = previous
+        .gate
+        .as_ref()
+        .and_then(|g| g.soak_until.as_ref())
+        .and_then(unix_secs)
+        .filter(|t| *t > now);
+
+    // decide
+    let decision = decide(&DecideInput {
+        now,
+        devices: &progress,
+        params: &params,
+        paused: c.spec.paused,
+        abort: c.spec.abort,
+        blocked: blocker.is_some(),
+        previous_phase: previous.phase,
+        previous_wave: previous.current_wave,
+        holds: &policy.holds,
+        start_cap: policy.start_cap,
+        wave_limit: policy.wave_limit,
+        deadline_passed: policy.deadline_passed,
+        policy_due: policy.due.into_iter().chain(gate_due).min(),
+        eligible_limit: None,
+    });
+    tracing::debug!(phase = ?decision.phase, counts = ?decision.counts, starts = decision.start.len(), blocked = ?blocker.as_ref().map(|b| b.reason), "decided");
+
+    // the gate after a finished wave
+    let gate = match &c.spec.rollout.gate {
+        Some(spec) if !previous.phase.is_terminal() => {
+            let metric = match (
+                &spec.metrics,
+                gates::needs_metric(spec, previous.gate.as_ref(), decision.awaiting_gate, now),
+            ) {
+                (Some(m), true) => {
+                    Some(prometheus::instant_query(&m.prometheus_url, &m.query).await)
+                }
+                _ => None,
+            };
+            let health = decision
+                .awaiting_gate
+                .map(|w| {
+                    health_tally(
+                        &key,
+                        &uid,
+                        &selected,
+                        &decision.progress,
+                        &params,
+                        w,
+                        &ctx.engine,
+                    )
+                })
+                .unwrap_or_default();
+            Some(gates::step(&GateInput {
+                spec,
+                previous: previous.gate.as_ref(),
+                promoted_through: c.spec.promote_through_wave,
+                awaiting: decision.awaiting_gate,
+                now,
+                health,
+                metric,
+            }))
+        }
+        _ => None,
+    };
+
+    // plan
+    let has_run = ctx.engine.has_run(&key, &uid);
+    let pass = plan::plan_pass(&PassInput {
+        now,
+        decision: &decision,
+        blocker: blocker.as_ref(),
+        previous: &previous,
+        expired,
+        writes_pending: ctx.engine.device_writes_pending() > 0,
+        timeout_secs: params.timeout_secs,
+        has_run,
+        dry_run,
+        gate_failed: gate.as_ref().and_then(|g| g.failed.as_ref()).map(|f| f.0),
+    });
+    let facts = ctx.engine.run_facts(&key).filter(|_| has_run);
+    let chunk_bytes = facts.map(|f| f.chunk_bytes).or_else(|| {
+        ctx.memo(&key, |m| {
+            m.planned.as_ref().filter(|(u, _)| *u == uid).map(|p| p.1)
+        })
+    });
+    let mut policy_status = policy.status;
+    policy_status.plan = Some(preview::plan(
+        &selected,
+        &policy.exclusions,
+        &params,
+        chunk_bytes,
+    ));
+    policy_status.warnings = preview::warnings(
+        &c.spec,
+        &params,
+        selected.len() as u32,
+        Some(&calendar),
+        now,
+    );
+    if let Some(g) = &gate {
+        policy_status.gate = g.status.clone();
+        policy_status.gate_failed = g.failed.as_ref().map(|f| f.1.clone());
+        if policy_status.waiting.is_none() && decision.awaiting_gate.is_some() && g.failed.is_none()
+        {
+            policy_status.waiting = g.status.as_ref().map(|s| WaitingStatus {
+                reason: "Gate".into(),
+                message: s.message.clone(),
+                until: s.soak_until.clone().filter(|_| s.state == gates::SOAKING),
+            });
+        }
+    } else {
+        policy_status.gate = previous.gate.clone();
+    }
+    let mut counts = decision.counts.clone();
+    counts.joined = joined;
+    counts.left = left;
+    let status = compute(StatusInput {
+        generation: c.metadata.generation,
+        phase: pass.phase,
+        counts,
+        current_wave: decision.current_wave,
+        total_waves: decision.total_waves,
+        chunk_count: facts.map(|f| f.chunk_count).or(previous.chunk_count),
+        expires_at: facts
+            .map(|f| k8s_time(f.expires_at))
+            .or_else(|| previous.expires_at.clone()),
+        expired: pass.expired,
+        release_key_id: facts
+            .map(|f| f.release_key_id.map(hex::encode))
+            .unwrap_or_else(|| previous.release_key_id.clone()),
+        failures: failures(&selected, &decision.progress, &uid, store),
+        blocker: blocker.clone(),
+        previous: Some(&previous),
+        now: k8s_time(now),
+        policy: policy_status,
+    });
+    let events = plan::events(&previous, &status, blocker.as_ref());
+
+    // act
+    ctx.engine.apply(&key, &uid, &selected, &pass.run).await?;
+    ctx.memo(&key, |m| m.starts.record(now, pass.run.start.len()));
+    if let Some(notifies) = pass.clear_recorded {
+        // Ended under an earlier process (or before a restart): clear what the resources say it
+        // may have left retained, once per process.
+        let first = ctx.shard_memo(&key, 0, |m| {
+            let first = m.cleaned.as_deref() != Some(uid.as_str());
+            m.cleaned = Some(uid.clone());
+            first
+        });
+        if first {
+            ctx.engine
+                .mqtt
+                .execute(recorded_clears(c, ctx, &uid, 0, &selected, notifies))
+                .await?;
+        }
+    }
+    for (p, n) in [
+        ("pending", status.devices.pending),
+        ("in_progress", status.devices.in_progress),
+        ("succeeded", status.devices.succeeded),
+        ("failed", status.devices.failed),
+    ] {
+        ctx.engine
+            .metrics
+            .campaign_devices
+            .with_label_values(&[&key.0, &key.1, p])
+            .set(i64::from(n));
+    }
+    let held_back = write_status(c, &key, &status, ctx).await?;
+    for ev in events {
+        publish_event(ctx, c, ev).await;
+    }
+    let blocked_retries = ctx.memo(&key, |m| {
+        m.blocked_retries = match &blocker {
+            Some(b) if b.reason.is_transient() => m.blocked_retries.saturating_add(1),
+            _ => 0,
+        };
+        m.blocked_retries
+    });
+    let mut decision = decision;
+    if let Some(due) = gate.as_ref().and_then(|g| g.due) {
+        decision.next_due = Some(decision.next_due.map_or(due, |d| d.min(due)));
+    }
+    // A gate that just passed opens the next wave on the very next pass.
+    let gate_opened = gate
+        .as_ref()
+        .and_then(|g| g.status.as_ref())
+        .is_some_and(|g| g.passed_waves > previous.gate.as_ref().map_or(0, |p| p.passed_waves));
+    if gate_opened {
+        decision.next_due = Some(now);
+    }
+    Ok(
+        match plan::wake(
+            &pass,
+            &decision,
+            blocker.as_ref(),
+            blocked_retries,
+            held_back,
+            now,
+        ) {
+            Wake::OnChange => Requeue::await_change(),
+            Wake::After(d) => Requeue::requeue(d),
+        },
+    )
 }
 
 /// The failed devices of this pass with what their Device status says about it.

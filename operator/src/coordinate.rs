@@ -488,6 +488,11 @@ mod tests {
             previous_phase: CampaignPhase::Progressing,
             previous_wave: 0,
             eligible_limit: Some(a.wave_end),
+            holds: &[],
+            start_cap: None,
+            wave_limit: None,
+            deadline_passed: false,
+            policy_due: None,
         });
         assert_eq!(d.start, vec![(0, 1), (1, 1)], "only its share of the wave");
     }

@@ -84,6 +84,66 @@ pub struct DeviceSpec {
     #[schemars(length(equal = 64))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("spec.certificateFingerprint must be 64 lowercase hex characters (SHA-256 of the certificate DER)"))]
     pub certificate_fingerprint: Option<String>,
+    /// The device's own maintenance: its time zone (a site's night) and windows. Campaigns read
+    /// their spec.schedule.windows in this time zone for this device, and a device with windows of
+    /// its own starts only when one of them and one of the campaign's are open together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<DeviceMaintenanceSpec>,
+}
+
+/// A device's own maintenance time zone and windows.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceMaintenanceSpec {
+    /// IANA time zone of the device's site (for example America/Chicago): campaign windows and
+    /// the device's own windows are read in it for this device. Unset: the campaign's time zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub time_zone: Option<String>,
+    /// Windows in which this device may start an update (none: whenever the campaign's are open).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub windows: Vec<WindowSpec>,
+}
+
+/// A recurring maintenance window: on the given days, from a local start time, for a duration.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub struct WindowSpec {
+    /// Days of the week the window opens on (Mon, Tue, Wed, Thu, Fri, Sat, Sun), in the window's
+    /// time zone. Empty: every day.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 7))]
+    pub days: Vec<Weekday>,
+    /// Local time the window opens, HH:MM or HH:MM:SS (24 h). In a daylight-saving gap it opens
+    /// when the local clock resumes.
+    #[schemars(length(min = 5, max = 8))]
+    #[x_kube(validation = Rule::new("self.matches('^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?$')").message("windows[].start must be a local time HH:MM or HH:MM:SS, for example 02:00"))]
+    pub start: String,
+    /// How long the window stays open: hours, minutes and seconds such as 4h, 90m, 1h30m or 45s
+    /// (1s to 168h). A device in flight when it closes finishes.
+    #[schemars(length(min = 2, max = 16))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+h)?([0-9]+m)?([0-9]+s)?$') && self.matches('[0-9]')").message("windows[].duration must be hours, minutes and seconds such as 4h, 90m, 1h30m or 45s"))]
+    pub duration: String,
+}
+
+/// A day of the week.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum Weekday {
+    /// Monday.
+    Mon,
+    /// Tuesday.
+    Tue,
+    /// Wednesday.
+    Wed,
+    /// Thursday.
+    Thu,
+    /// Friday.
+    Fri,
+    /// Saturday.
+    Sat,
+    /// Sunday.
+    Sun,
 }
 
 /// Observed state of a device, written by the operator only on transitions a person wants to see.
@@ -204,6 +264,9 @@ pub enum DevicePhase {
     Succeeded,
     /// The device refused, rolled back after install, or every attempt timed out.
     Failed,
+    /// The device left the campaign before it finished (it stopped matching the selector): its
+    /// session was ended with the signed abort.
+    Released,
 }
 
 impl DevicePhase {
@@ -228,19 +291,38 @@ impl DevicePhase {
         name = "Phase",
         type_ = "string",
         json_path = ".status.phase",
-        description = "Pending, Progressing, Paused, Succeeded, Failed or Aborted"
+        description = "Pending, Planned, Progressing, Paused, Succeeded, Completed, Failed or Aborted"
     ),
     printcolumn(
-        name = "Progress",
-        type_ = "string",
-        json_path = ".status.progress",
-        description = "Devices finished / devices selected"
+        name = "Succeeded",
+        type_ = "integer",
+        json_path = ".status.devices.succeeded",
+        description = "Devices that installed the update (signed receipt)"
+    ),
+    printcolumn(
+        name = "Failed",
+        type_ = "integer",
+        json_path = ".status.devices.failed",
+        description = "Devices that refused, rolled back or timed out"
+    ),
+    printcolumn(
+        name = "Total",
+        type_ = "integer",
+        json_path = ".status.devices.selected",
+        description = "Devices the selector picks"
     ),
     printcolumn(
         name = "Version",
         type_ = "string",
         json_path = ".spec.targetVersion",
         description = "Version the campaign delivers"
+    ),
+    printcolumn(
+        name = "Progress",
+        type_ = "string",
+        json_path = ".status.progress",
+        description = "Devices finished (succeeded or failed) / devices selected",
+        priority = 1
     ),
     printcolumn(
         name = "Wave",
@@ -297,6 +379,58 @@ pub struct UpdateCampaignSpec {
     #[serde(default = "default_expires")]
     #[schemars(range(min = 60, max = 2592000))]
     pub expires_after_seconds: u32,
+    /// When devices may start: not before a time, not after a deadline, only inside recurring
+    /// maintenance windows (in an IANA time zone; a Device's spec.maintenance can carry its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleSpec>,
+    /// Rank among running campaigns that select the same Device (-1000 to 1000, default 0): a
+    /// device belongs to one campaign at a time, the one that already started it, else the one
+    /// with the highest priority, then the older one, then by name. The others count it in
+    /// status.devices.waiting and take it when the holder is done with it.
+    #[serde(default)]
+    #[schemars(range(min = -1000, max = 1000))]
+    pub priority: i32,
+    /// Plan only: status.plan shows the waves with their sizes and first devices, the devices
+    /// excluded and why, the bytes the broker would carry and policy warnings; no device is
+    /// touched and nothing is published. Set it to false to start exactly that plan (it cannot be
+    /// set back to true).
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("!self || oldSelf").message("spec.dryRun can only be turned off (which starts the campaign): create a new campaign to plan again"))]
+    pub dry_run: bool,
+    /// Promote past waves: waves 0 to N count as passed whatever their gate said, so the campaign
+    /// may open wave N+1 (a gate with manual: true waits for exactly this; a gate that failed with
+    /// onFailure: Pause resumes). It only grows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    #[x_kube(validation = Rule::new("self >= oldSelf").message("spec.promoteThroughWave only grows: a wave once promoted stays promoted"))]
+    pub promote_through_wave: Option<u32>,
+    /// Exclude devices without spec.certificateFingerprint: only pinned devices are updated
+    /// (status.plan and status.devices.excluded count the others).
+    #[serde(default)]
+    pub require_certificate_pin: bool,
+}
+
+/// When devices may start.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleSpec {
+    /// No device starts before this time (RFC 3339, for example 2026-12-01T22:00:00Z).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<Time>,
+    /// No device starts after this time: devices in flight finish, the others are left and the
+    /// campaign ends Completed (Ready reason DeadlinePassed) unless every device was done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Time>,
+    /// IANA time zone of the windows (for example Europe/Berlin; default UTC). A Device's
+    /// spec.maintenance.timeZone overrides it for that device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub time_zone: Option<String>,
+    /// Maintenance windows: devices start only while one is open (none: at any time). A device in
+    /// flight when its window closes finishes. status.schedule shows the next opening.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub windows: Vec<WindowSpec>,
 }
 
 fn default_chunk_size() -> u32 {
@@ -462,6 +596,107 @@ pub struct RolloutSpec {
         regex(pattern = r"^([0-9]{1,6}|([0-9]{1,2}|100)%)$")
     )]
     pub failure_threshold: Option<String>,
+    /// Most devices started in any 60 seconds (1-100000), on top of maxInFlight; the ceiling of
+    /// the ramp. Unset: no rate limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_per_minute: Option<u32>,
+    /// An exponential ramp of the start rate, as AWS IoT Jobs' exponential rollout: it starts at
+    /// startPerMinute and grows by factor after every successesPerStep successes, up to
+    /// maxPerMinute. status.ratePerMinute shows the rate in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ramp: Option<RampSpec>,
+    /// A gate held after the canary and after each wave: the next wave opens only once it passes
+    /// (device health, a Prometheus metric, a manual promotion). status.gate shows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateSpec>,
+}
+
+/// An exponential ramp of the start rate.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RampSpec {
+    /// Starts per minute at first (1-100000).
+    #[schemars(range(min = 1, max = 100000))]
+    pub start_per_minute: u32,
+    /// What the rate is multiplied by at each step (1.1 to 5).
+    #[schemars(range(min = 1.1, max = 5.0))]
+    pub factor: f64,
+    /// Successful devices per step (1-100000): the rate is startPerMinute x factor^(succeeded /
+    /// successesPerStep, rounded down), at most maxPerMinute.
+    #[schemars(range(min = 1, max = 100000))]
+    pub successes_per_step: u32,
+}
+
+/// The gate between waves. At least one check: deviceHealth, metrics or manual.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.deviceHealth) || has(self.metrics) || (has(self.manual) && self.manual)").message("spec.rollout.gate needs at least one check: deviceHealth, metrics or manual: true"))]
+#[serde(rename_all = "camelCase")]
+pub struct GateSpec {
+    /// Seconds to wait after a wave finished before the gate is judged (0-86400): devices report
+    /// their health and metrics settle meanwhile.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 86400))]
+    pub soak_seconds: u32,
+    /// What a failed gate does: Pause (phase Paused, Ready reason GateFailed, an Event; set
+    /// spec.promoteThroughWave past the wave to go on anyway) or Abort (phase Aborted).
+    #[serde(default)]
+    pub on_failure: GateFailureAction,
+    /// Device health: at least this share of the devices the wave updated must have sent a
+    /// signed healthy report (their post-install health check) by the end of the soak.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_health: Option<DeviceHealthGate>,
+    /// A PromQL query against Prometheus, judged against a threshold (as Flagger and Argo
+    /// Rollouts analyses do).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsGate>,
+    /// Wait for a person (or a Git commit): the gate after wave N passes once
+    /// spec.promoteThroughWave is at least N.
+    #[serde(default)]
+    pub manual: bool,
+}
+
+/// What a failed gate does.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum GateFailureAction {
+    /// Hold the campaign (phase Paused, reason GateFailed) until spec.promoteThroughWave passes the
+    /// wave, or spec.abort.
+    #[default]
+    Pause,
+    /// End the campaign (phase Aborted, reason GateFailed): devices in flight get the signed abort.
+    Abort,
+}
+
+/// The device-health check of a gate.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceHealthGate {
+    /// Least share of the wave's updated devices that reported healthy, in percent (0-100).
+    #[schemars(range(min = 0, max = 100))]
+    pub min_healthy_percent: u32,
+}
+
+/// The metrics check of a gate.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("has(self.max) || has(self.min)").message("spec.rollout.gate.metrics needs a threshold: max, min or both"))]
+#[serde(rename_all = "camelCase")]
+pub struct MetricsGate {
+    /// Base URL of the Prometheus HTTP API, for example http://prometheus.monitoring:9090.
+    #[schemars(length(min = 8, max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("spec.rollout.gate.metrics.prometheusUrl must start with http:// or https://"))]
+    pub prometheus_url: String,
+    /// A PromQL instant query, evaluated when the soak ends. Every sample it returns must meet
+    /// the threshold; a query that returns no sample fails the gate (no data is no evidence).
+    #[schemars(length(min = 1, max = 4096))]
+    pub query: String,
+    /// The gate passes only when every sample is at most this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// The gate passes only when every sample is at least this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
 }
 
 fn default_max_in_flight() -> u32 {
@@ -487,6 +722,9 @@ impl Default for RolloutSpec {
             retries: default_retries(),
             retry_backoff_seconds: default_backoff(),
             failure_threshold: None,
+            max_per_minute: None,
+            ramp: None,
+            gate: None,
         }
     }
 }
@@ -499,12 +737,18 @@ pub enum CampaignPhase {
     /// Not started: waiting for devices, Secrets, payload or the broker.
     #[default]
     Pending,
+    /// spec.dryRun is set: status.plan shows what the campaign would do; nothing is touched.
+    Planned,
     /// Devices are being updated.
     Progressing,
     /// spec.paused is set.
     Paused,
-    /// Every selected device finished and the failure threshold held.
+    /// Every selected device runs the target version: each installed it (signed receipt).
     Succeeded,
+    /// Every selected device finished but some failed (within spec.rollout.failureThreshold, or
+    /// with none set): the Degraded condition is True with reason DevicesFailed and
+    /// status.failures names them. Not healthy for Argo CD or Flux.
+    Completed,
     /// The failure threshold was exceeded.
     Failed,
     /// spec.abort is set.
@@ -516,7 +760,10 @@ impl CampaignPhase {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            CampaignPhase::Succeeded | CampaignPhase::Failed | CampaignPhase::Aborted
+            CampaignPhase::Succeeded
+                | CampaignPhase::Completed
+                | CampaignPhase::Failed
+                | CampaignPhase::Aborted
         )
     }
 }
@@ -525,7 +772,8 @@ impl CampaignPhase {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpdateCampaignStatus {
-    /// Pending, Progressing, Paused, Succeeded, Failed or Aborted.
+    /// Pending, Planned (spec.dryRun), Progressing, Paused, Succeeded (every device runs the target
+    /// version), Completed (finished, some devices failed or left), Failed or Aborted.
     #[serde(default)]
     pub phase: CampaignPhase,
     /// The metadata.generation this status describes.
@@ -560,8 +808,10 @@ pub struct UpdateCampaignStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
     pub failures: Vec<DeviceFailure>,
-    /// Ready, Progressing, Failed, Stalled and Paused conditions (kstatus-compatible with
-    /// observedGeneration; Stalled is True when the phase is Failed or Aborted).
+    /// Ready, Progressing, Failed, Stalled, Paused and Degraded conditions (kstatus-compatible
+    /// with observedGeneration). Ready is True only for Succeeded; Stalled and Degraded are True
+    /// when the campaign ended without every device at the target version (Completed, Failed,
+    /// Aborted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub conditions: Vec<Condition>,
@@ -578,6 +828,146 @@ pub struct UpdateCampaignStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 512))]
     pub sealed_seed: Option<String>,
+    /// What the campaign waits for when its policy holds devices back (NotBefore, OutsideWindow,
+    /// RateLimited, Gate, HeldByCampaign), and until when if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<WaitingStatus>,
+    /// The maintenance windows: whether one is open now, when the next opens or this one closes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleStatus>,
+    /// Start rate in force (devices per minute) under spec.rollout.maxPerMinute and the ramp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_minute: Option<u32>,
+    /// The gate after the current wave (spec.rollout.gate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateStatus>,
+    /// Other campaigns holding some of the selected devices, with how many (at most 8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub held_by: Vec<HolderStatus>,
+    /// The plan: what the campaign does (spec.dryRun shows it before anything starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanStatus>,
+    /// Settings that work against each other (for example a failure threshold the canary cannot
+    /// reach, a window that never opens); at most 8.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub warnings: Vec<String>,
+}
+
+/// What a campaign waits for.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitingStatus {
+    /// NotBefore, OutsideWindow, RateLimited, Gate or HeldByCampaign.
+    #[schemars(length(max = 64))]
+    pub reason: String,
+    /// What it waits for, in words.
+    #[schemars(length(max = 512))]
+    pub message: String,
+    /// When the wait ends, if the operator knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Time>,
+}
+
+/// The maintenance windows as the campaign sees them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleStatus {
+    /// Whether a campaign window is open now (in the campaign's time zone).
+    pub open: bool,
+    /// When the next window opens (while none is open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_open: Option<Time>,
+    /// When the open window closes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closes_at: Option<Time>,
+}
+
+/// The gate after a wave.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GateStatus {
+    /// The wave it follows (0: the canary, or the first wave without one).
+    pub wave: u32,
+    /// Soaking, WaitingForPromotion, Passed or Failed.
+    #[schemars(length(max = 32))]
+    pub state: String,
+    /// Waves whose gate passed or that were promoted: the campaign may open wave passedWaves.
+    pub passed_waves: u32,
+    /// When the soak ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soak_until: Option<Time>,
+    /// Devices of the wave that reported healthy / devices it updated, when judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub healthy: Option<String>,
+    /// The metric query's result when judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub metric: Option<String>,
+    /// Why it passed, failed or waits.
+    #[schemars(length(max = 512))]
+    pub message: String,
+}
+
+/// A campaign that holds some of the selected devices.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HolderStatus {
+    /// Its name (same namespace).
+    #[schemars(length(max = 253))]
+    pub campaign: String,
+    /// Selected devices it holds.
+    pub devices: u32,
+}
+
+/// The plan of a campaign.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanStatus {
+    /// Devices that would be updated.
+    pub devices: u32,
+    /// The waves (the first 16): size and first devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub waves: Vec<PlannedWave>,
+    /// Devices left out, by reason (UpToDate, HeldByCampaign, NoCertificatePin,
+    /// OutsideEveryWindow).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub excluded: Vec<PlanExclusion>,
+    /// Bytes the broker would carry from the operator: the encrypted chunks once, plus each
+    /// device's signed notify and encrypted update (an estimate; republished chunks not counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_broker_bytes: Option<u64>,
+}
+
+/// One planned wave.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedWave {
+    /// Wave number (0 is the canary, if any).
+    pub wave: u32,
+    /// Devices in it.
+    pub size: u32,
+    /// Its first devices by name (at most 5).
+    #[schemars(length(max = 5))]
+    pub first_devices: Vec<String>,
+}
+
+/// Devices a plan leaves out for one reason.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanExclusion {
+    /// UpToDate, HeldByCampaign, NoCertificatePin or OutsideEveryWindow.
+    #[schemars(length(max = 64))]
+    pub reason: String,
+    /// How many.
+    pub count: u32,
+    /// The first of them by name (at most 5).
+    #[schemars(length(max = 5))]
+    pub devices: Vec<String>,
 }
 
 /// One shard's part of a campaign, decided by the coordinator from the shard's report.
@@ -610,7 +1000,7 @@ pub struct ShardAssignment {
 pub struct DeviceCounts {
     /// Devices the selector picks.
     pub selected: u32,
-    /// Not started (or waiting for a retry).
+    /// Not started (or waiting for a retry), and free to start.
     pub pending: u32,
     /// In handshake or transfer.
     pub in_progress: u32,
@@ -621,6 +1011,28 @@ pub struct DeviceCounts {
     /// Of the failed: installed, then rolled back after a failed health check (signed receipt).
     #[serde(default)]
     pub rolled_back: u32,
+    /// Already at the target version (their Device status says so): nothing to do, not started.
+    #[serde(default)]
+    pub up_to_date: u32,
+    /// Held by another running campaign (higher spec.priority, or older at equal priority, or
+    /// already updating them): they join once it is done with them (status.heldBy names it).
+    #[serde(default)]
+    pub waiting: u32,
+    /// Not started because a maintenance window is closed (the campaign's, or the device's own
+    /// spec.maintenance), or spec.schedule.notBefore is still ahead.
+    #[serde(default)]
+    pub outside_window: u32,
+    /// Left out: no certificate pin while spec.requireCertificatePin is set, or their own
+    /// windows never meet the campaign's (status.plan lists them by reason).
+    #[serde(default)]
+    pub excluded: u32,
+    /// Devices that started matching spec.selector while the campaign ran and joined it.
+    #[serde(default)]
+    pub joined: u32,
+    /// Devices that stopped matching spec.selector (or were deleted) while the campaign ran: a
+    /// session in flight was ended with the signed abort.
+    #[serde(default)]
+    pub left: u32,
 }
 
 /// One failed device.

@@ -65,6 +65,14 @@ pub fn device_status(
                 .clone()
                 .unwrap_or_else(|| format!("campaign {} failed", campaign.name)),
         ),
+        DevicePhase::Released => (
+            "Unknown",
+            "Released".to_owned(),
+            format!(
+                "left campaign {} before it finished (no longer selected): its session was ended with the signed abort",
+                campaign.name
+            ),
+        ),
         DevicePhase::Transferring | DevicePhase::Pending => (
             "Unknown",
             "Updating".to_owned(),

@@ -107,6 +107,29 @@ impl Engine {
         lock(&self.runs).progress(key, uid, devices)
     }
 
+    /// Where a device stands in a run of this replica (see [`Runs::standing`]).
+    pub fn standing(&self, key: &CampaignKey, uid: &str, device: &str) -> Option<Progress> {
+        lock(&self.runs).standing(key, uid, device).cloned()
+    }
+
+    /// The latest signed health report of a device (see [`Runs::health`]).
+    pub fn health(&self, key: &CampaignKey, uid: &str, device: &str) -> Option<bool> {
+        lock(&self.runs).health(key, uid, device)
+    }
+
+    /// Release the run's devices that are no longer selected (see [`Runs::release`]); returns
+    /// their names.
+    pub async fn release(
+        &self,
+        key: &CampaignKey,
+        selected: &std::collections::HashSet<&str>,
+        exists: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, Error> {
+        let (fx, released) = lock(&self.runs).release(key, selected, exists, unix_now());
+        self.perform(fx).await?;
+        Ok(released)
+    }
+
     /// Carry out a reconcile pass's plan (see [`Runs::apply`]).
     pub async fn apply(
         &self,
@@ -215,6 +238,17 @@ impl Engine {
                 attempt,
             } => {
                 tracing::info!(%campaign, %device, attempt, "device attempt timed out, retrying after backoff");
+            }
+            Note::Health {
+                campaign,
+                device,
+                healthy,
+                detail,
+            } => {
+                m.health_reports
+                    .with_label_values(&[if *healthy { "true" } else { "false" }])
+                    .inc();
+                tracing::info!(%campaign, %device, healthy, %detail, "signed health report");
             }
             Note::Ignored { device, label } => {
                 m.protocol_errors.with_label_values(&[label]).inc();

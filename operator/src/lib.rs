@@ -3,6 +3,7 @@
 //! together; tests run the same [`run`] in-process.
 #![forbid(unsafe_code)]
 
+pub mod arbitration;
 pub mod config;
 pub mod controller;
 pub mod coordinate;
@@ -13,15 +14,21 @@ pub mod device_status;
 pub mod engine;
 pub mod error;
 pub mod fetch;
+pub mod gates;
 pub mod http;
 pub mod inputs;
 pub mod membership;
 pub mod metrics;
 pub mod mqtt;
 pub mod plan;
+pub mod policy;
+pub mod preview;
+pub mod prometheus;
+pub mod ramp;
 pub mod reasons;
 pub mod rollout;
 pub mod runs;
+pub mod schedule;
 pub mod shard_crd;
 pub mod shards;
 pub mod status;
@@ -193,14 +200,20 @@ async fn run_with_metrics(
         held_tx.send_replace(shards.all().collect());
         coordinating_tx.send_replace(true);
     } else {
-        membership = Some(AbortOnDrop(tokio::spawn(membership::run(
-            client.clone(),
-            config.operator_namespace.clone(),
-            config.lease_name.clone(),
-            identity.clone(),
-            shards,
-            held_tx,
-        ))));
+        // One shard: the leader Lease is the shard's Lease too (below); several: a Lease each.
+        let held_tx = if shards == ShardCount::ONE {
+            Some(held_tx)
+        } else {
+            membership = Some(AbortOnDrop(tokio::spawn(membership::run(
+                client.clone(),
+                config.operator_namespace.clone(),
+                config.lease_name.clone(),
+                identity.clone(),
+                shards,
+                held_tx,
+            ))));
+            None
+        };
         let lease = LeaseManagerBuilder::new(client.clone(), config.lease_name.clone())
             .with_namespace(config.operator_namespace.clone())
             .with_identity(identity.clone())
@@ -214,6 +227,13 @@ async fn run_with_metrics(
         let forward = tokio::spawn(async move {
             loop {
                 let leading = *leader.borrow_and_update();
+                if let Some(held_tx) = &held_tx {
+                    held_tx.send_replace(if leading {
+                        BTreeSet::from([0])
+                    } else {
+                        BTreeSet::new()
+                    });
+                }
                 if coordinating_tx.send_if_modified(|c| std::mem::replace(c, leading) != leading) {
                     if leading {
                         tracing::info!(identity = %who, lease = %lease_name, "became leader (coordinator)");

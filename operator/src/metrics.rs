@@ -29,6 +29,8 @@ pub struct Metrics {
     pub installs: IntCounter,
     /// Device failures by reason.
     pub device_failures: IntCounterVec,
+    /// Signed post-install health reports by result (`healthy` = "true" or "false").
+    pub health_reports: IntCounterVec,
     /// Invalid inbound protocol messages by reason.
     pub protocol_errors: IntCounterVec,
     /// Bytes of MQTT payload published.
@@ -98,6 +100,11 @@ impl Metrics {
             handshakes: counter("handshakes_total", "Completed manager-side handshakes"),
             installs: counter("installs_total", "Signed install receipts received"),
             device_failures: counter_vec("device_failures_total", "Device failures", &["reason"]),
+            health_reports: counter_vec(
+                "health_reports_total",
+                "Signed post-install health reports from devices",
+                &["healthy"],
+            ),
             protocol_errors: counter_vec(
                 "protocol_errors_total",
                 "Invalid inbound protocol messages (forged, replayed, wrong session)",

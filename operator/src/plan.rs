@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use crate::crd::{CampaignPhase, UpdateCampaignStatus};
+use crate::crd::{CampaignPhase, GateFailureAction, UpdateCampaignStatus};
 use crate::reasons::{BlockerReason, FailureReason};
-use crate::rollout::Decision;
+use crate::rollout::{Decision, TimeoutOutcome};
 use crate::runs::Plan;
 use crate::status::Blocker;
 
@@ -31,6 +31,10 @@ pub struct PassInput<'a> {
     pub timeout_secs: u64,
     /// Whether this replica holds a run of the campaign.
     pub has_run: bool,
+    /// spec.dryRun: plan only (phase Planned), start nothing.
+    pub dry_run: bool,
+    /// The gate after the current wave failed: what the spec says to do.
+    pub gate_failed: Option<GateFailureAction>,
 }
 
 /// The plan of one pass.
@@ -54,8 +58,19 @@ pub struct PassPlan {
 pub fn plan_pass(input: &PassInput<'_>) -> PassPlan {
     let d = input.decision;
     let mut phase = d.phase;
+    match input.gate_failed {
+        Some(GateFailureAction::Abort) if !phase.is_terminal() => phase = CampaignPhase::Aborted,
+        Some(GateFailureAction::Pause) if phase == CampaignPhase::Progressing => {
+            phase = CampaignPhase::Paused
+        }
+        _ => {}
+    }
     if input.blocker.is_some() && phase == CampaignPhase::Progressing {
         phase = CampaignPhase::Pending;
+    }
+    // A dry run plans and touches nothing; spec.abort still ends it.
+    if input.dry_run && !phase.is_terminal() {
+        phase = CampaignPhase::Planned;
     }
     // Past the expiry nothing of the campaign is installed any more: it fails (reason Expired).
     let expired = if input.previous.phase.is_terminal() {
@@ -68,8 +83,14 @@ pub fn plan_pass(input: &PassInput<'_>) -> PassPlan {
     }
     // The campaign says it ended only once the Device statuses it wrote have landed, so whoever
     // reads a finished campaign reads its devices' final records too.
-    let settling =
-        phase.is_terminal() && !input.previous.phase.is_terminal() && input.writes_pending;
+    // This pass's own failures (timeouts out of attempts) are written after it: they count too.
+    let writes_coming = d
+        .timed_out
+        .iter()
+        .any(|t| matches!(t, TimeoutOutcome::Fail { .. }));
+    let settling = phase.is_terminal()
+        && !input.previous.phase.is_terminal()
+        && (input.writes_pending || writes_coming);
     if settling {
         phase = CampaignPhase::Progressing;
     }
@@ -131,7 +152,7 @@ pub fn events(
     if previous.phase != status.phase || previous.observed_generation.is_none() {
         let n = &status.devices;
         match status.phase {
-            CampaignPhase::Failed | CampaignPhase::Aborted => push(
+            CampaignPhase::Completed | CampaignPhase::Failed | CampaignPhase::Aborted => push(
                 true,
                 &format!("{:?}", status.phase),
                 format!(
@@ -181,6 +202,41 @@ pub fn events(
                 }
             ),
         );
+    }
+    if status.devices.joined > previous.devices.joined {
+        push(
+            false,
+            "DevicesJoined",
+            format!(
+                "{} devices started matching spec.selector and joined the campaign ({} so far)",
+                status.devices.joined - previous.devices.joined,
+                status.devices.joined
+            ),
+        );
+    }
+    if status.devices.left > previous.devices.left {
+        push(
+            false,
+            "DevicesLeft",
+            format!(
+                "{} devices stopped matching spec.selector or were deleted and were released ({} so far)",
+                status.devices.left - previous.devices.left,
+                status.devices.left
+            ),
+        );
+    }
+    let gate_state = |s: &UpdateCampaignStatus| s.gate.as_ref().map(|g| (g.wave, g.state.clone()));
+    if let Some(g) = status
+        .gate
+        .as_ref()
+        .filter(|_| gate_state(previous) != gate_state(status))
+    {
+        match g.state.as_str() {
+            crate::gates::FAILED => push(true, crate::status::GATE_FAILED, g.message.clone()),
+            crate::gates::PASSED => push(false, "GatePassed", g.message.clone()),
+            crate::gates::WAITING_FOR_PROMOTION => push(false, "GateWaiting", g.message.clone()),
+            _ => push(false, "GateSoaking", g.message.clone()),
+        }
     }
     if status.devices.failed > previous.devices.failed {
         push(
@@ -275,14 +331,21 @@ mod tests {
             phase,
             current_wave: 0,
             total_waves: 1,
-            timed_out: vec![TimeoutOutcome::Fail {
-                index: 0,
-                attempts: 1,
-            }],
+            // A device out of attempts in a pass that ends the campaign would hold it settling.
+            timed_out: if phase.is_terminal() {
+                Vec::new()
+            } else {
+                vec![TimeoutOutcome::Fail {
+                    index: 0,
+                    attempts: 1,
+                }]
+            },
             start: vec![(1, 1)],
             counts: DeviceCounts::default(),
             threshold_exceeded: false,
             next_due: Some(130),
+            awaiting_gate: None,
+            progress: Vec::new(),
         }
     }
 
@@ -296,6 +359,8 @@ mod tests {
             writes_pending: false,
             timeout_secs: 60,
             has_run: true,
+            dry_run: false,
+            gate_failed: None,
         }
     }
 
@@ -334,7 +399,8 @@ mod tests {
 
     #[test]
     fn an_expired_campaign_fails_and_ends_its_run_and_stays_expired() {
-        let d = decision(CampaignPhase::Progressing);
+        let mut d = decision(CampaignPhase::Progressing);
+        d.timed_out.clear();
         let prev = UpdateCampaignStatus::default();
         let p = plan_pass(&PassInput {
             expired: true,
@@ -373,6 +439,25 @@ mod tests {
         let done = plan_pass(&input(&d, &prev));
         assert_eq!(done.phase, CampaignPhase::Succeeded);
         assert!(done.run.end);
+    }
+
+    #[test]
+    fn a_campaign_finished_by_its_own_timeouts_settles_until_their_writes_land() {
+        // The last devices time out in this very pass: their Failed writes come after it.
+        let mut d = decision(CampaignPhase::Completed);
+        d.timed_out = vec![TimeoutOutcome::Fail {
+            index: 0,
+            attempts: 1,
+        }];
+        let prev = UpdateCampaignStatus::default();
+        let p = plan_pass(&input(&d, &prev));
+        assert!(p.settling, "{p:?}");
+        assert_eq!(p.phase, CampaignPhase::Progressing);
+        let quiet = decision(CampaignPhase::Completed);
+        assert_eq!(
+            plan_pass(&input(&quiet, &prev)).phase,
+            CampaignPhase::Completed
+        );
     }
 
     #[test]

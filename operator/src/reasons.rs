@@ -161,11 +161,15 @@ pub enum BlockerReason {
     PayloadInvalid,
     /// The MQTT broker refuses or drops the connection.
     BrokerUnavailable,
+    /// spec.schedule cannot be used (an unknown time zone, a deadline before notBefore).
+    InvalidSchedule,
+    /// spec.schedule.windows never open (within a year, or before the deadline).
+    WindowNeverOpens,
 }
 
 impl BlockerReason {
     /// Every reason, in documentation order.
-    pub const ALL: [BlockerReason; 13] = [
+    pub const ALL: [BlockerReason; 15] = [
         BlockerReason::InvalidSelector,
         BlockerReason::InvalidRollout,
         BlockerReason::ManagerSecretMissing,
@@ -179,6 +183,8 @@ impl BlockerReason {
         BlockerReason::PayloadMissing,
         BlockerReason::PayloadInvalid,
         BlockerReason::BrokerUnavailable,
+        BlockerReason::InvalidSchedule,
+        BlockerReason::WindowNeverOpens,
     ];
 
     /// The CamelCase spelling: the `Ready` condition's reason and the Event reason.
@@ -197,6 +203,8 @@ impl BlockerReason {
             BlockerReason::PayloadMissing => "PayloadMissing",
             BlockerReason::PayloadInvalid => "PayloadInvalid",
             BlockerReason::BrokerUnavailable => "BrokerUnavailable",
+            BlockerReason::InvalidSchedule => "InvalidSchedule",
+            BlockerReason::WindowNeverOpens => "WindowNeverOpens",
         }
     }
 
@@ -228,6 +236,8 @@ impl BlockerReason {
             BlockerReason::PayloadMissing => "`spec.payload` names neither firmware nor a rotation",
             BlockerReason::PayloadInvalid => "the payload cannot be prepared (e.g. an invalid target version): fix the spec",
             BlockerReason::BrokerUnavailable => "the MQTT broker refuses or drops the connection: retried with backoff",
+            BlockerReason::InvalidSchedule => "`spec.schedule` cannot be used (an unknown IANA time zone, a bad window, a deadline before `notBefore`): fix it",
+            BlockerReason::WindowNeverOpens => "`spec.schedule.windows` never open (within a year, or before the deadline): fix the windows, time zone or deadline",
         }
     }
 }

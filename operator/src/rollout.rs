@@ -1,5 +1,7 @@
 //! Pure rollout decisions: waves and canary, in-flight limit, timeouts and retries with backoff,
-//! the failure threshold, pause and abort.
+//! the failure threshold, pause and abort, and the policy's say over each device and each pass
+//! ([`Hold`]s from arbitration, windows and versions; a start cap from the rate; a wave limit from
+//! the gates; the schedule's deadline), which other modules decide.
 //!
 //! Everything here is a function of its inputs (including `now`): no clock, no I/O, no Kubernetes or
 //! MQTT types. The controller feeds it what the resources and the in-memory sessions record and acts on
@@ -177,6 +179,42 @@ impl Progress {
     }
 }
 
+/// Why a device that this campaign has not started (or waits to retry) may not start now, as the
+/// policy outside the rollout decided it: the device's version, the arbitration between campaigns,
+/// its maintenance window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Hold {
+    /// It may start.
+    #[default]
+    Free,
+    /// It already runs the target version (its signed report on the Device): nothing to do. It
+    /// counts as done, not as failed. Applies to devices the campaign never started.
+    UpToDate,
+    /// Another running campaign holds it: it waits until that campaign is done with it. Applies
+    /// to devices the campaign never started.
+    HeldElsewhere,
+    /// Its own maintenance window is closed (a retry waits for it too).
+    OutsideWindow,
+    /// Left out by the policy for good (no certificate pin while one is required, or windows
+    /// that never meet): never started; the campaign cannot succeed with it. Applies to devices
+    /// the campaign never started.
+    Excluded,
+}
+
+/// What a device is, once the policy's hold is applied to its progress.
+fn held(p: &Progress, hold: Hold) -> Hold {
+    match (p, hold) {
+        (Progress::NotStarted, h) => h,
+        (Progress::Backoff { .. }, Hold::OutsideWindow) => Hold::OutsideWindow,
+        _ => Hold::Free,
+    }
+}
+
+/// Whether the device is done with the campaign: finished, never needed (up to date) or left out.
+fn done(p: &Progress, hold: Hold) -> bool {
+    p.is_terminal() || matches!(held(p, hold), Hold::UpToDate | Hold::Excluded)
+}
+
 /// Everything [`decide`] looks at.
 #[derive(Clone, Debug)]
 pub struct DecideInput<'a> {
@@ -201,6 +239,20 @@ pub struct DecideInput<'a> {
     /// share of the current wave, see `coordinate`); waves are then the coordinator's and this
     /// decision starts nothing past it. `None`: the waves of `params` over these devices.
     pub eligible_limit: Option<u32>,
+    /// The policy's hold of each device, in the order of `devices` (empty: every device free).
+    pub holds: &'a [Hold],
+    /// Most devices that may start in this pass beyond the in-flight limit's say (the rate limit;
+    /// `Some(0)` while the campaign's schedule keeps every device waiting). `None`: no cap.
+    pub start_cap: Option<u32>,
+    /// Highest wave that may open (health gates: a wave opens once the gate after the previous
+    /// one passed). `None`: no gate.
+    pub wave_limit: Option<u32>,
+    /// The schedule's deadline passed: nothing starts any more, and the campaign ends once no
+    /// device is in flight.
+    pub deadline_passed: bool,
+    /// When the policy changes its mind next (a window opens, the rate allows more, a soak ends),
+    /// folded into [`Decision::next_due`].
+    pub policy_due: Option<u64>,
 }
 
 /// What happens to a device whose attempt timed out.
@@ -243,6 +295,11 @@ pub struct Decision {
     pub threshold_exceeded: bool,
     /// Earliest time something becomes due (deadline or backoff), for the requeue.
     pub next_due: Option<u64>,
+    /// The current wave finished but the next one is held by [`DecideInput::wave_limit`]: the
+    /// gate after this wave decides.
+    pub awaiting_gate: Option<u32>,
+    /// Progress of each device after this pass (timeouts and starts applied), in input order.
+    pub progress: Vec<Progress>,
 }
 
 /// Decide one pass of the rollout.
@@ -277,35 +334,59 @@ pub fn decide(input: &DecideInput<'_>) -> Decision {
         }
     }
 
+    let hold = |i: usize| input.holds.get(i).copied().unwrap_or_default();
     let failed = devices
         .iter()
         .filter(|p| matches!(p, Progress::Failed { .. }))
         .count() as u32;
+    let excluded = devices
+        .iter()
+        .enumerate()
+        .any(|(i, p)| held(p, hold(i)) == Hold::Excluded);
     let threshold_exceeded = params
         .failure_threshold
         .is_some_and(|t| failed > t.resolve(total));
 
     let cutoffs = wave_cutoffs(total, params);
     let total_waves = cutoffs.len() as u32;
-    let mut current_wave = input.previous_wave.min(total_waves.saturating_sub(1));
-    while (current_wave as usize) + 1 < cutoffs.len()
-        && devices[..cutoffs[current_wave as usize] as usize]
+    let wave_done = |w: u32| {
+        devices[..cutoffs[w as usize] as usize]
             .iter()
-            .all(Progress::is_terminal)
+            .enumerate()
+            .all(|(i, p)| done(p, hold(i)))
+    };
+    let mut current_wave = input.previous_wave.min(total_waves.saturating_sub(1));
+    let mut awaiting_gate = None;
+    while (current_wave as usize) + 1 < cutoffs.len()
+        && wave_done(current_wave)
         && !threshold_exceeded
     {
+        if input.wave_limit.is_some_and(|l| current_wave >= l) {
+            awaiting_gate = Some(current_wave);
+            break;
+        }
         current_wave += 1;
     }
 
-    let all_done = total > 0 && devices.iter().all(Progress::is_terminal);
+    let all_done = total > 0 && devices.iter().enumerate().all(|(i, p)| done(p, hold(i)));
+    // Past the schedule's deadline nothing starts: the campaign ends once nothing is in flight.
+    let out_of_time = input.deadline_passed
+        && total > 0
+        && !devices
+            .iter()
+            .any(|p| matches!(p, Progress::InFlight { .. }));
     let phase = if input.previous_phase.is_terminal() {
         input.previous_phase
     } else if input.abort {
         CampaignPhase::Aborted
     } else if threshold_exceeded {
         CampaignPhase::Failed
-    } else if all_done {
+    } else if all_done && failed == 0 && !excluded {
         CampaignPhase::Succeeded
+    } else if all_done || out_of_time {
+        // Finished (or out of time), but not every device runs the target version: never called
+        // a success.
+        CampaignPhase::Completed
     } else if input.paused {
         CampaignPhase::Paused
     } else if total == 0 {
@@ -317,12 +398,15 @@ pub fn decide(input: &DecideInput<'_>) -> Decision {
     // 2. Starts: only while progressing and not blocked, inside the current wave, under the
     //    in-flight limit.
     let mut start = Vec::new();
-    if phase == CampaignPhase::Progressing && !input.blocked {
+    if phase == CampaignPhase::Progressing && !input.blocked && !input.deadline_passed {
         let in_flight = devices
             .iter()
             .filter(|p| matches!(p, Progress::InFlight { .. }))
             .count() as u32;
         let mut budget = params.max_in_flight.saturating_sub(in_flight);
+        if let Some(cap) = input.start_cap {
+            budget = budget.min(cap);
+        }
         let eligible = input
             .eligible_limit
             .or_else(|| cutoffs.get(current_wave as usize).copied())
@@ -330,6 +414,9 @@ pub fn decide(input: &DecideInput<'_>) -> Decision {
         for (index, p) in devices.iter_mut().enumerate().take(eligible) {
             if budget == 0 {
                 break;
+            }
+            if held(p, hold(index)) != Hold::Free {
+                continue;
             }
             let attempt = match *p {
                 Progress::NotStarted => 1,
@@ -355,6 +442,7 @@ pub fn decide(input: &DecideInput<'_>) -> Decision {
                 Progress::Backoff { until, .. } => Some(until),
                 _ => None,
             })
+            .chain(input.policy_due)
             .min()
     };
 
@@ -364,24 +452,30 @@ pub fn decide(input: &DecideInput<'_>) -> Decision {
         total_waves,
         timed_out,
         start,
-        counts: count(&devices),
+        counts: count(&devices, input.holds),
         threshold_exceeded,
         next_due,
+        awaiting_gate: awaiting_gate.filter(|_| phase == CampaignPhase::Progressing),
+        progress: devices,
     }
 }
 
-/// Count devices per phase.
-pub fn count(devices: &[Progress]) -> DeviceCounts {
+/// Count devices per phase (with the policy's holds, in the same order; empty: none).
+pub fn count(devices: &[Progress], holds: &[Hold]) -> DeviceCounts {
     let mut c = DeviceCounts {
         selected: devices.len() as u32,
         ..DeviceCounts::default()
     };
-    for p in devices {
-        match p {
-            Progress::NotStarted | Progress::Backoff { .. } => c.pending += 1,
-            Progress::InFlight { .. } => c.in_progress += 1,
-            Progress::Succeeded => c.succeeded += 1,
-            Progress::Failed { reason } => {
+    for (i, p) in devices.iter().enumerate() {
+        match (p, held(p, holds.get(i).copied().unwrap_or_default())) {
+            (_, Hold::UpToDate) => c.up_to_date += 1,
+            (_, Hold::HeldElsewhere) => c.waiting += 1,
+            (_, Hold::OutsideWindow) => c.outside_window += 1,
+            (_, Hold::Excluded) => c.excluded += 1,
+            (Progress::NotStarted | Progress::Backoff { .. }, _) => c.pending += 1,
+            (Progress::InFlight { .. }, _) => c.in_progress += 1,
+            (Progress::Succeeded, _) => c.succeeded += 1,
+            (Progress::Failed { reason }, _) => {
                 c.failed += 1;
                 if *reason == FailureReason::RolledBack {
                     c.rolled_back += 1;
@@ -411,6 +505,11 @@ mod tests {
             previous_phase: CampaignPhase::Pending,
             previous_wave: 0,
             eligible_limit: None,
+            holds: &[],
+            start_cap: None,
+            wave_limit: None,
+            deadline_passed: false,
+            policy_due: None,
         }
     }
 
@@ -535,10 +634,178 @@ mod tests {
         );
         assert_eq!(
             d.phase,
-            CampaignPhase::Succeeded,
-            "all finished, no threshold"
+            CampaignPhase::Completed,
+            "all finished with a failure and no threshold: completed, not succeeded"
         );
         assert_eq!(d.counts.failed, 1);
+    }
+
+    #[test]
+    fn succeeded_only_when_every_device_installed() {
+        let p = params();
+        let timeout = || Progress::Failed {
+            reason: FailureReason::Timeout,
+        };
+        // The report of issue 15: every device timed out, no threshold set.
+        let devices = vec![timeout(); 5];
+        let d = decide(&input(&devices, &p));
+        assert_eq!(d.phase, CampaignPhase::Completed);
+        assert_eq!((d.counts.succeeded, d.counts.failed), (0, 5));
+        let devices = vec![Progress::Succeeded, timeout()];
+        assert_eq!(decide(&input(&devices, &p)).phase, CampaignPhase::Completed);
+        let devices = vec![Progress::Succeeded; 3];
+        assert_eq!(decide(&input(&devices, &p)).phase, CampaignPhase::Succeeded);
+        // Within a threshold, failures still complete the campaign rather than succeed it.
+        let mut p = params();
+        p.failure_threshold = Some(Amount::Count(1));
+        let devices = vec![Progress::Succeeded, timeout()];
+        assert_eq!(decide(&input(&devices, &p)).phase, CampaignPhase::Completed);
+    }
+
+    #[test]
+    fn holds_keep_devices_back_and_count_apart() {
+        let p = params();
+        let devices = vec![
+            Progress::NotStarted,
+            Progress::NotStarted,
+            Progress::NotStarted,
+            Progress::Backoff {
+                until: 0,
+                attempt: 1,
+            },
+            Progress::NotStarted,
+        ];
+        let holds = [
+            Hold::UpToDate,
+            Hold::HeldElsewhere,
+            Hold::OutsideWindow,
+            Hold::OutsideWindow,
+            Hold::Free,
+        ];
+        let d = decide(&DecideInput {
+            holds: &holds,
+            ..input(&devices, &p)
+        });
+        assert_eq!(d.start, vec![(4, 1)], "only the free device starts");
+        let c = d.counts;
+        assert_eq!(
+            (
+                c.up_to_date,
+                c.waiting,
+                c.outside_window,
+                c.in_progress,
+                c.pending
+            ),
+            (1, 1, 2, 1, 0)
+        );
+        // A device held elsewhere keeps the campaign running; one up to date does not.
+        let devices = vec![Progress::Succeeded, Progress::NotStarted];
+        for (hold, phase) in [
+            (Hold::UpToDate, CampaignPhase::Succeeded),
+            (Hold::Excluded, CampaignPhase::Completed),
+            (Hold::HeldElsewhere, CampaignPhase::Progressing),
+            (Hold::OutsideWindow, CampaignPhase::Progressing),
+        ] {
+            let holds = [Hold::Free, hold];
+            let d = decide(&DecideInput {
+                holds: &holds,
+                ..input(&devices, &p)
+            });
+            assert_eq!(d.phase, phase, "{hold:?}");
+        }
+        // A hold does not touch a device this campaign already runs.
+        let devices = vec![Progress::InFlight {
+            deadline: 5000,
+            attempt: 1,
+        }];
+        let d = decide(&DecideInput {
+            holds: &[Hold::UpToDate],
+            ..input(&devices, &p)
+        });
+        assert_eq!(d.counts.in_progress, 1);
+    }
+
+    #[test]
+    fn a_start_cap_limits_the_pass_and_the_policy_wakes_it() {
+        let p = params();
+        let devices = vec![Progress::NotStarted; 6];
+        let d = decide(&DecideInput {
+            start_cap: Some(2),
+            policy_due: Some(1030),
+            ..input(&devices, &p)
+        });
+        assert_eq!(d.start, vec![(0, 1), (1, 1)]);
+        assert_eq!(
+            d.next_due,
+            Some(1030),
+            "earlier than the attempts' deadline"
+        );
+        let d = decide(&DecideInput {
+            start_cap: Some(0),
+            ..input(&devices, &p)
+        });
+        assert!(d.start.is_empty());
+        assert_eq!(d.phase, CampaignPhase::Progressing);
+    }
+
+    #[test]
+    fn a_wave_limit_holds_the_next_wave_for_the_gate() {
+        let mut p = params();
+        p.canary = Some(Amount::Count(1));
+        let devices = vec![
+            Progress::Succeeded,
+            Progress::NotStarted,
+            Progress::NotStarted,
+        ];
+        let d = decide(&DecideInput {
+            wave_limit: Some(0),
+            ..input(&devices, &p)
+        });
+        assert_eq!((d.current_wave, d.awaiting_gate), (0, Some(0)));
+        assert!(d.start.is_empty());
+        let d = decide(&DecideInput {
+            wave_limit: Some(1),
+            ..input(&devices, &p)
+        });
+        assert_eq!((d.current_wave, d.awaiting_gate), (1, None));
+        assert_eq!(d.start, vec![(1, 1), (2, 1)]);
+        // Not while the canary still runs.
+        let devices = vec![Progress::NotStarted; 3];
+        let d = decide(&DecideInput {
+            wave_limit: Some(0),
+            ..input(&devices, &p)
+        });
+        assert_eq!(d.awaiting_gate, None);
+    }
+
+    #[test]
+    fn past_the_deadline_nothing_starts_and_the_campaign_completes_when_idle() {
+        let p = params();
+        let devices = vec![
+            Progress::Succeeded,
+            Progress::InFlight {
+                deadline: 5000,
+                attempt: 1,
+            },
+            Progress::NotStarted,
+        ];
+        let d = decide(&DecideInput {
+            deadline_passed: true,
+            ..input(&devices, &p)
+        });
+        assert!(d.start.is_empty());
+        assert_eq!(d.phase, CampaignPhase::Progressing, "one still in flight");
+        let devices = vec![
+            Progress::Succeeded,
+            Progress::Succeeded,
+            Progress::NotStarted,
+        ];
+        let d = decide(&DecideInput {
+            deadline_passed: true,
+            ..input(&devices, &p)
+        });
+        assert_eq!(d.phase, CampaignPhase::Completed);
+        assert_eq!(d.counts.pending, 1);
     }
 
     #[test]

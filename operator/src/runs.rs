@@ -13,9 +13,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use sealed_ota_protocol::wire::{self, SignedEnvelope};
 use sealed_ota_protocol::{
-    Action, DeviceTarget, Inbound, IssuedCertificate, ManagerConfig, ManagerEvent, ManagerSession,
-    Outbound, PreparedCampaign, Properties, TopicTree,
+    Action, DeviceTarget, HealthVerifier, Inbound, IssuedCertificate, ManagerConfig, ManagerEvent,
+    ManagerSession, Outbound, PreparedCampaign, Properties, TopicTree,
 };
 
 use crate::crd::{Device, DevicePhase, DeviceStatus};
@@ -38,6 +39,8 @@ pub struct RunFacts {
     pub expires_at: u64,
     /// The release key that signed the image.
     pub release_key_id: Option<[u8; 32]>,
+    /// Bytes of the encrypted chunks (what the broker carries once for every device).
+    pub chunk_bytes: u64,
 }
 
 /// One device inside a run.
@@ -53,6 +56,10 @@ struct DeviceRun {
     pin: Option<String>,
     /// The certificate of this session's rotation once its pending record landed on the Device.
     issued_recorded: Option<[u8; 32]>,
+    /// The latest signed post-install health report: (when the device made it, healthy).
+    health: Option<(u64, bool)>,
+    /// After a signed install receipt: what checks the device's health reports.
+    health_verifier: Option<HealthVerifier>,
 }
 
 impl DeviceRun {
@@ -99,6 +106,7 @@ impl CampaignRun {
                 chunk_count: prepared.chunk_count(),
                 expires_at: prepared.expires_at(),
                 release_key_id: prepared.release_key_id(),
+                chunk_bytes: prepared.chunk_bytes(),
             },
             prepared: Some(prepared),
             manager,
@@ -180,6 +188,17 @@ pub enum Note {
         /// The attempt that timed out.
         attempt: u32,
     },
+    /// A device's signed post-install health report.
+    Health {
+        /// Campaign name.
+        campaign: String,
+        /// Device resource name.
+        device: String,
+        /// Whether its health check passed.
+        healthy: bool,
+        /// What it found (bounded device text).
+        detail: String,
+    },
     /// An inbound message the session refused (forged, replayed, wrong session) or that had no
     /// session here.
     Ignored {
@@ -250,6 +269,8 @@ pub struct Plan {
 pub struct Runs {
     runs: HashMap<CampaignKey, CampaignRun>,
     routes: HashMap<String, CampaignKey>,
+    /// Device id → the run (and resource name) that takes its post-install health reports.
+    health_routes: HashMap<String, (CampaignKey, String)>,
 }
 
 /// An empty retained publish (clears a retained message).
@@ -303,6 +324,7 @@ impl Runs {
         if let Some(old) = self.runs.insert(key, run) {
             for d in old.devices.values() {
                 self.routes.remove(&d.device_id);
+                self.health_routes.remove(&d.device_id);
             }
         }
     }
@@ -367,6 +389,8 @@ impl Runs {
                                 base: d.status.clone(),
                                 pin: d.spec.certificate_fingerprint.clone(),
                                 issued_recorded: None,
+                                health: None,
+                                health_verifier: None,
                             },
                         );
                     }
@@ -489,6 +513,8 @@ impl Runs {
                 base,
                 pin,
                 issued_recorded: None,
+                health: None,
+                health_verifier: None,
             },
         );
         self.routes.insert(device_id, key.clone());
@@ -583,6 +609,87 @@ impl Runs {
         fx
     }
 
+    /// Where one device stands in a run of this replica (`None`: not in the run's memory).
+    pub fn standing(&self, key: &CampaignKey, uid: &str, device: &str) -> Option<&Progress> {
+        self.runs
+            .get(key)
+            .filter(|r| r.ids.uid == uid)
+            .and_then(|r| r.devices.get(device))
+            .map(|d| &d.progress)
+    }
+
+    /// The latest signed health report of a device in a run: healthy or not (`None`: none yet).
+    pub fn health(&self, key: &CampaignKey, uid: &str, device: &str) -> Option<bool> {
+        self.runs
+            .get(key)
+            .filter(|r| r.ids.uid == uid)
+            .and_then(|r| r.devices.get(device))
+            .and_then(|d| d.health)
+            .map(|(_, healthy)| healthy)
+    }
+
+    /// Release the devices of a run that are no longer selected (they stopped matching the
+    /// selector, or were deleted): a session in flight ends with the signed abort, its route goes,
+    /// and the run forgets the device (a device that matches again starts afresh). A device not
+    /// finished here that still `exists` gets a `Released` record on its status. Returns the
+    /// effects and the names released.
+    pub fn release(
+        &mut self,
+        key: &CampaignKey,
+        selected: &std::collections::HashSet<&str>,
+        exists: impl Fn(&str) -> bool,
+        now: u64,
+    ) -> (Effects, Vec<String>) {
+        let mut fx = Effects::default();
+        let mut released = Vec::new();
+        let Some(run) = self.runs.get_mut(key) else {
+            return (fx, released);
+        };
+        if run.ended {
+            return (fx, released);
+        }
+        let gone: Vec<String> = run
+            .devices
+            .keys()
+            .filter(|name| !selected.contains(name.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            let Some(mut dr) = run.devices.remove(&name) else {
+                continue;
+            };
+            self.health_routes.remove(&dr.device_id);
+            if dr.progress.is_terminal() {
+                continue;
+            }
+            if let Some(s) = dr.session.take() {
+                fx.actions.push(Action::Publish(s.abort_publish(now)));
+            }
+            self.routes.remove(&dr.device_id);
+            run.by_id.remove(&dr.device_id);
+            if exists(&name) {
+                let record = campaign_record(
+                    &key.1,
+                    &run.ids,
+                    DevicePhase::Released,
+                    dr.attempt(),
+                    None,
+                    Some("no longer selected by the campaign".to_owned()),
+                );
+                let status =
+                    device_status(dr.base.as_ref(), dr.handshake.as_ref(), None, record, now);
+                fx.writes.push(DeviceWrite {
+                    namespace: key.0.clone(),
+                    name: name.clone(),
+                    device_id: dr.device_id.clone(),
+                    status,
+                });
+            }
+            released.push(name);
+        }
+        (fx, released)
+    }
+
     /// End the campaign on this replica: drop every session, send the devices still in flight
     /// the signed abort (retained on their notify topic) and clear every chunk. Idempotent.
     pub fn end(&mut self, key: &CampaignKey, topics: &TopicTree, now: u64) -> Effects {
@@ -599,6 +706,7 @@ impl Runs {
                 fx.actions.push(Action::Publish(s.abort_publish(now)));
             }
             self.routes.remove(&dr.device_id);
+            self.health_routes.remove(&dr.device_id);
         }
         run.by_id.clear();
         // The encrypted image is no longer needed: release it.
@@ -627,6 +735,47 @@ impl Runs {
         fx
     }
 
+    /// A signed post-install health report: kept for the gates when it verifies against the
+    /// session that installed the image and is newer than the one kept.
+    fn health_report(&mut self, device_id: &str, msg: &Inbound) -> Effects {
+        let mut fx = Effects::default();
+        let ignored = |label| Note::Ignored {
+            device: device_id.to_owned(),
+            label,
+        };
+        let Some((key, name)) = self.health_routes.get(device_id).cloned() else {
+            fx.notes.push(ignored("no_session"));
+            return fx;
+        };
+        let Some(dr) = self
+            .runs
+            .get_mut(&key)
+            .and_then(|r| r.devices.get_mut(&name))
+        else {
+            fx.notes.push(ignored("no_session"));
+            return fx;
+        };
+        let Some(verifier) = dr.health_verifier.as_ref() else {
+            fx.notes.push(ignored("no_session"));
+            return fx;
+        };
+        match verifier.verify(&msg.payload) {
+            Ok(report) => {
+                if dr.health.is_none_or(|(at, _)| report.reported_at >= at) {
+                    dr.health = Some((report.reported_at, report.healthy));
+                }
+                fx.notes.push(Note::Health {
+                    campaign: key.1,
+                    device: name,
+                    healthy: report.healthy,
+                    detail: report.detail,
+                });
+            }
+            Err(e) => fx.notes.push(ignored(e.metric_label())),
+        }
+        fx
+    }
+
     /// The pending record of a rotation's certificate landed on the Device (see [`Gate`]).
     pub fn issued_recorded(&mut self, key: &CampaignKey, device: &str, fingerprint: [u8; 32]) {
         if let Some(dr) = self
@@ -651,6 +800,12 @@ impl Runs {
             device: device_id.to_owned(),
             label,
         };
+        let health = msg.topic == topics.status(device_id)
+            && SignedEnvelope::peek_type(&msg.payload, "status", wire::MAX_STATUS)
+                == Ok(wire::TYPE_HEALTH);
+        if health {
+            return self.health_report(device_id, msg);
+        }
         // A device with no session here: finished, another replica's, or a stale retained.
         let Some(key) = self.routes.get(device_id).cloned() else {
             fx.notes.push(ignored("no_session"));
@@ -791,6 +946,11 @@ impl Runs {
         }
         if finished {
             if let Some(s) = dr.session.take() {
+                dr.health_verifier = s.health_verifier();
+                if dr.health_verifier.is_some() {
+                    self.health_routes
+                        .insert(device_id.to_owned(), (key.clone(), name.clone()));
+                }
                 fx.actions.push(Action::Publish(s.clear_notify()));
             }
             self.routes.remove(device_id);
@@ -1357,6 +1517,81 @@ mod tests {
         w.manager_actions(fx.actions);
         assert!(!w.retained.contains_key(&w.topics.notify("d2")));
         assert!(!w.runs.has(&w.key, "uid-1"));
+    }
+
+    #[test]
+    fn a_signed_health_report_after_the_install_is_kept_for_the_gate() {
+        let mut w = World::new(firmware(), &["d1"]);
+        w.apply(start(0, 1));
+        w.settle();
+        assert_eq!(w.progress(), vec![Progress::Succeeded]);
+        let key = w.key.clone();
+        assert_eq!(w.runs.health(&key, "uid-1", "d1"), None, "no report yet");
+        let topics = w.topics.clone();
+        let report = |w: &World, healthy, at| match w.sessions["d1"]
+            .health_report(healthy, "checked", at)
+            .unwrap()
+        {
+            Action::Publish(o) => o.to_inbound(),
+            other => panic!("{other:?}"),
+        };
+        let sick = report(&w, false, NOW + 20);
+        let fx = w.runs.dispatch("d1", &sick, &topics, NOW + 20);
+        assert!(matches!(
+            &fx.notes[..],
+            [Note::Health { healthy: false, .. }]
+        ));
+        assert_eq!(w.runs.health(&key, "uid-1", "d1"), Some(false));
+        // A newer report wins; an older one (replayed by the broker) does not.
+        let fine = report(&w, true, NOW + 30);
+        w.runs.dispatch("d1", &fine, &topics, NOW + 30);
+        assert_eq!(w.runs.health(&key, "uid-1", "d1"), Some(true));
+        w.runs.dispatch("d1", &sick, &topics, NOW + 40);
+        assert_eq!(w.runs.health(&key, "uid-1", "d1"), Some(true));
+        // A tampered report is ignored.
+        let mut forged = report(&w, false, NOW + 50);
+        let n = forged.payload.len();
+        forged.payload[n - 2] ^= 1;
+        let fx = w.runs.dispatch("d1", &forged, &topics, NOW + 50);
+        assert!(matches!(&fx.notes[..], [Note::Ignored { .. }]));
+        assert_eq!(w.runs.health(&key, "uid-1", "d1"), Some(true));
+        // Once the run ended, reports go nowhere.
+        w.runs.end(&key, &topics, NOW + 60);
+        let fx = w
+            .runs
+            .dispatch("d1", &report(&w, false, NOW + 70), &topics, NOW + 70);
+        assert!(matches!(
+            &fx.notes[..],
+            [Note::Ignored {
+                label: "no_session",
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_device_that_leaves_is_released_with_the_signed_abort() {
+        let mut w = World::new(firmware(), &["d1", "d2"]);
+        w.apply(start(0, 1));
+        w.to_manager.clear();
+        assert_eq!(w.runs.sessions(), 1);
+        let key = w.key.clone();
+        assert!(matches!(
+            w.runs.standing(&key, "uid-1", "d1"),
+            Some(Progress::InFlight { .. })
+        ));
+        let keep: std::collections::HashSet<&str> = ["d2"].into_iter().collect();
+        let (fx, released) = w.runs.release(&key, &keep, |_| true, NOW);
+        assert_eq!(released, vec!["d1".to_owned()]);
+        assert_eq!(w.runs.sessions(), 0, "its route is gone");
+        assert_eq!(last_write_phase(&fx, "d1"), Some(DevicePhase::Released));
+        w.manager_actions(fx.actions);
+        let abort = &w.retained[&w.topics.notify("d1")];
+        assert!(!abort.payload.is_empty(), "d1 holds the signed abort");
+        assert_eq!(w.runs.standing(&key, "uid-1", "d1"), None);
+        // A deleted device is released without a write; nothing twice.
+        let (fx, released) = w.runs.release(&key, &keep, |_| false, NOW);
+        assert!(released.is_empty() && fx.writes.is_empty() && fx.actions.is_empty());
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! Pure computation of an `UpdateCampaign` status: phase, counts, progress, bounded failure list and
-//! kstatus-style conditions (`Ready`, `Progressing`, `Failed`, `Stalled`, `Paused`) with `observedGeneration`.
+//! kstatus-style conditions (`Ready`, `Progressing`, `Failed`, `Stalled`, `Paused`, `Degraded`) with
+//! `observedGeneration`. `Ready` is True only when every selected device runs the target version;
+//! a campaign that ended short of that is `Stalled` and `Degraded`, so GitOps tools never read it
+//! as healthy.
 //!
 //! A condition's `lastTransitionTime` changes only when its status changes, so an unchanged campaign
 //! produces an identical status and the controller skips the write. No I/O here.
@@ -7,9 +10,15 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{
-    CampaignPhase, DeviceCounts, DeviceFailure, UpdateCampaignStatus, MAX_LISTED_FAILURES,
+    CampaignPhase, DeviceCounts, DeviceFailure, GateStatus, HolderStatus, PlanStatus,
+    ScheduleStatus, UpdateCampaignStatus, WaitingStatus, MAX_LISTED_FAILURES,
 };
 use crate::reasons::BlockerReason;
+
+/// Reason of a campaign that finished with failed devices (Ready, Stalled, Degraded).
+pub const DEVICES_FAILED: &str = "DevicesFailed";
+/// Reason of a campaign that finished with devices its policy left out (and none failed).
+pub const DEVICES_EXCLUDED: &str = "DevicesExcluded";
 
 /// Something that keeps a campaign from running, with what a person must do about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,7 +58,36 @@ pub struct StatusInput<'a> {
     pub previous: Option<&'a UpdateCampaignStatus>,
     /// Now, used only for conditions that change.
     pub now: Time,
+    /// What the rollout policy reports (schedule, rate, gate, arbitration, plan, warnings).
+    pub policy: PolicyStatus,
 }
+
+/// What the rollout policy adds to the status.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PolicyStatus {
+    /// What the campaign waits for.
+    pub waiting: Option<WaitingStatus>,
+    /// The maintenance windows.
+    pub schedule: Option<ScheduleStatus>,
+    /// The start rate in force.
+    pub rate_per_minute: Option<u32>,
+    /// The gate after the current wave.
+    pub gate: Option<GateStatus>,
+    /// Campaigns holding selected devices.
+    pub held_by: Vec<HolderStatus>,
+    /// The plan.
+    pub plan: Option<PlanStatus>,
+    /// Settings that work against each other.
+    pub warnings: Vec<String>,
+    /// Why the gate failed, when the campaign is paused or aborted for it (Ready reason
+    /// GateFailed).
+    pub gate_failed: Option<String>,
+}
+
+/// Reason of a campaign whose gate failed (Ready, Paused or Stalled).
+pub const GATE_FAILED: &str = "GateFailed";
+/// Reason of a campaign whose schedule's deadline passed with devices not started.
+pub const DEADLINE_PASSED: &str = "DeadlinePassed";
 
 /// Truncate a string to at most `max` bytes on a character boundary.
 pub fn bounded(s: &str, max: usize) -> String {
@@ -79,6 +117,7 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         blocker,
         previous,
         now,
+        policy,
     } = input;
     let failed_reason = if expired {
         "Expired"
@@ -93,14 +132,35 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         f.message = bounded(&f.message, 256);
     }
 
-    let finished = counts.succeeded + counts.failed;
+    let finished = counts.succeeded + counts.failed + counts.up_to_date + counts.excluded;
+    let unstarted = counts.pending + counts.waiting + counts.outside_window;
+    // Why a Completed campaign ended short: devices left at the deadline, failed, or left out.
+    let completed_reason = if unstarted > 0 {
+        DEADLINE_PASSED
+    } else if counts.failed > 0 || counts.excluded == 0 {
+        DEVICES_FAILED
+    } else {
+        DEVICES_EXCLUDED
+    };
+    let gate_failed = policy.gate_failed.as_deref();
     let (ready, ready_reason, ready_message) = match (&blocker, phase) {
         (_, CampaignPhase::Succeeded) => (
             true,
             "Succeeded",
             format!(
-                "{} of {} devices installed the update, {} failed",
-                counts.succeeded, counts.selected, counts.failed
+                "{} of {} devices run the target version ({} installed it, {} already ran it)",
+                counts.succeeded + counts.up_to_date,
+                counts.selected,
+                counts.succeeded,
+                counts.up_to_date
+            ),
+        ),
+        (_, CampaignPhase::Completed) => (
+            false,
+            completed_reason,
+            format!(
+                "{} of {} devices installed the update, {} failed, {} excluded, {} not started before spec.schedule.deadline (status.failures and each Device's status say why): the campaign ended without every device at the target version",
+                counts.succeeded, counts.selected, counts.failed, counts.excluded, unstarted
             ),
         ),
         (_, CampaignPhase::Failed) if expired => (
@@ -121,16 +181,36 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
                 counts.failed
             ),
         ),
-        (_, CampaignPhase::Aborted) => (
-            false,
-            "Aborted",
-            "spec.abort is set: the campaign stopped and its retained messages were cleared".to_owned(),
-        ),
+        (_, CampaignPhase::Aborted) => match gate_failed {
+            Some(why) => (
+                false,
+                GATE_FAILED,
+                bounded(&format!("the gate failed and spec.rollout.gate.onFailure is Abort: {why}"), 1024),
+            ),
+            None => (
+                false,
+                "Aborted",
+                "spec.abort is set: the campaign stopped and its retained messages were cleared"
+                    .to_owned(),
+            ),
+        },
         (Some(b), _) => (false, b.reason.as_str(), bounded(&b.message, 1024)),
-        (None, CampaignPhase::Paused) => (
+        (None, CampaignPhase::Paused) => match gate_failed {
+            Some(why) => (
+                false,
+                GATE_FAILED,
+                bounded(&format!("the gate failed: {why}; no new device starts: set spec.promoteThroughWave to this wave to go on, or spec.abort"), 1024),
+            ),
+            None => (
+                false,
+                "Paused",
+                "spec.paused is set: no new device starts; set it to false to resume".to_owned(),
+            ),
+        },
+        (None, CampaignPhase::Planned) => (
             false,
-            "Paused",
-            "spec.paused is set: no new device starts; set it to false to resume".to_owned(),
+            "DryRun",
+            "spec.dryRun is set: status.plan shows what the campaign would do and nothing is touched; set spec.dryRun to false to start it".to_owned(),
         ),
         (None, CampaignPhase::Pending) => (
             false,
@@ -138,14 +218,31 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
             "spec.selector matches no Device in this namespace; label Devices or fix the selector"
                 .to_owned(),
         ),
-        (None, CampaignPhase::Progressing) => (
-            false,
-            "Progressing",
-            format!("{finished} of {} devices finished", counts.selected),
-        ),
+        (None, CampaignPhase::Progressing) => match &policy.waiting {
+            // Nothing in flight, and the policy holds the rest back: say what it waits for.
+            Some(w) if counts.in_progress == 0 => {
+                (false, w.reason.as_str(), bounded(&w.message, 1024))
+            }
+            _ => (
+                false,
+                "Progressing",
+                format!("{finished} of {} devices finished", counts.selected),
+            ),
+        },
     };
     let progressing = phase == CampaignPhase::Progressing && blocker.is_none();
-    let stalled = matches!(phase, CampaignPhase::Failed | CampaignPhase::Aborted);
+    // Ended without every selected device at the target version.
+    let stalled = matches!(
+        phase,
+        CampaignPhase::Completed | CampaignPhase::Failed | CampaignPhase::Aborted
+    );
+    let end_reason = match phase {
+        CampaignPhase::Completed => completed_reason,
+        CampaignPhase::Failed => failed_reason,
+        CampaignPhase::Aborted if gate_failed.is_some() => GATE_FAILED,
+        CampaignPhase::Aborted => "Aborted",
+        _ => "",
+    };
     let desired = [
         ("Ready", ready, ready_reason, ready_message),
         (
@@ -173,32 +270,51 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         (
             "Stalled",
             stalled,
+            if stalled { end_reason } else { "NotStalled" },
             match phase {
-                CampaignPhase::Failed => failed_reason,
-                CampaignPhase::Aborted => "Aborted",
-                _ => "NotStalled",
-            },
-            match phase {
+                CampaignPhase::Completed => format!(
+                    "the campaign ended with {} failed, {} excluded and {} unstarted devices; it will not continue",
+                    counts.failed, counts.excluded, unstarted
+                ),
                 CampaignPhase::Failed => format!(
                     "{} devices failed, more than spec.rollout.failureThreshold allows; the campaign will not continue",
                     counts.failed
                 ),
+                CampaignPhase::Aborted if gate_failed.is_some() => {
+                    "the gate failed and the campaign was aborted; it will not continue".to_owned()
+                }
                 CampaignPhase::Aborted => "spec.abort is set; the campaign will not continue".to_owned(),
                 _ => "the campaign can still make progress".to_owned(),
+            },
+        ),
+        // Degraded: the campaign is over and not every selected device runs the target version.
+        (
+            "Degraded",
+            stalled,
+            if stalled { end_reason } else { "NotDegraded" },
+            if stalled {
+                format!(
+                    "{} of {} devices run the target version; {} failed",
+                    counts.succeeded, counts.selected, counts.failed
+                )
+            } else {
+                "the campaign has not ended short of its target".to_owned()
             },
         ),
         (
             "Paused",
             phase == CampaignPhase::Paused,
-            if phase == CampaignPhase::Paused {
-                "Paused"
-            } else {
-                "NotPaused"
+            match (phase, gate_failed) {
+                (CampaignPhase::Paused, Some(_)) => GATE_FAILED,
+                (CampaignPhase::Paused, None) => "Paused",
+                _ => "NotPaused",
             },
-            if phase == CampaignPhase::Paused {
-                "spec.paused is set".to_owned()
-            } else {
-                "spec.paused is not set".to_owned()
+            match (phase, gate_failed) {
+                (CampaignPhase::Paused, Some(_)) => {
+                    "the gate after the wave failed (status.gate)".to_owned()
+                }
+                (CampaignPhase::Paused, None) => "spec.paused is set".to_owned(),
+                _ => "spec.paused is not set".to_owned(),
             },
         ),
     ];
@@ -237,15 +353,33 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         // Set by the coordinator from the shards' reports (`coordinate`) and its seed.
         shards: Vec::new(),
         sealed_seed: None,
+        waiting: policy.waiting.map(|w| WaitingStatus {
+            reason: bounded(&w.reason, 64),
+            message: bounded(&w.message, 512),
+            until: w.until,
+        }),
+        schedule: policy.schedule,
+        rate_per_minute: policy.rate_per_minute,
+        gate: policy.gate,
+        held_by: policy.held_by,
+        plan: policy.plan,
+        warnings: policy
+            .warnings
+            .iter()
+            .take(8)
+            .map(|w| bounded(w, 256))
+            .collect(),
     }
 }
 
 fn phase_reason(phase: CampaignPhase) -> &'static str {
     match phase {
         CampaignPhase::Pending => "Pending",
+        CampaignPhase::Planned => "DryRun",
         CampaignPhase::Progressing => "Blocked",
         CampaignPhase::Paused => "Paused",
         CampaignPhase::Succeeded => "Succeeded",
+        CampaignPhase::Completed => "Completed",
         CampaignPhase::Failed => "Failed",
         CampaignPhase::Aborted => "Aborted",
     }
@@ -271,7 +405,7 @@ mod tests {
                 in_progress: 3,
                 succeeded: 35,
                 failed: 2,
-                rolled_back: 0,
+                ..DeviceCounts::default()
             },
             current_wave: 1,
             total_waves: 3,
@@ -283,6 +417,7 @@ mod tests {
             blocker: None,
             previous,
             now: time(now),
+            policy: PolicyStatus::default(),
         }
     }
 
@@ -367,13 +502,44 @@ mod tests {
     }
 
     #[test]
-    fn stalled_is_true_exactly_for_failed_and_aborted() {
+    fn a_campaign_that_finished_with_failures_is_degraded_not_ready() {
+        let mut i = base(None, 1);
+        i.phase = CampaignPhase::Completed;
+        i.counts = DeviceCounts {
+            selected: 5,
+            failed: 5,
+            ..DeviceCounts::default()
+        };
+        let s = compute(i);
+        let ready = cond(&s, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "DevicesFailed")
+        );
+        assert!(
+            ready.message.contains("0 of 5 devices installed"),
+            "{}",
+            ready.message
+        );
+        let degraded = cond(&s, "Degraded");
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "DevicesFailed")
+        );
+        assert_eq!(cond(&s, "Stalled").status, "True");
+        assert_eq!(cond(&s, "Failed").status, "False", "the threshold held");
+        assert_eq!(s.progress.as_deref(), Some("5/5"));
+    }
+
+    #[test]
+    fn stalled_and_degraded_are_true_exactly_when_the_campaign_ended_short() {
         // kstatus reads Stalled=True as "Failed" at once (Flux stops waiting for its timeout).
         for phase in [
             CampaignPhase::Pending,
             CampaignPhase::Progressing,
             CampaignPhase::Paused,
             CampaignPhase::Succeeded,
+            CampaignPhase::Completed,
             CampaignPhase::Failed,
             CampaignPhase::Aborted,
         ] {
@@ -381,9 +547,13 @@ mod tests {
             i.phase = phase;
             let s = compute(i);
             let stalled = cond(&s, "Stalled");
-            let expected = matches!(phase, CampaignPhase::Failed | CampaignPhase::Aborted);
+            let expected = matches!(
+                phase,
+                CampaignPhase::Completed | CampaignPhase::Failed | CampaignPhase::Aborted
+            );
             assert_eq!(stalled.status == "True", expected, "{phase:?}");
             assert_eq!(stalled.status == "False", !expected, "{phase:?}");
+            assert_eq!(cond(&s, "Degraded").status == "True", expected, "{phase:?}");
             assert_eq!(stalled.observed_generation, Some(3));
             assert_eq!(s.observed_generation, Some(3));
             // Ready keeps its meaning: True only for Succeeded.
@@ -433,7 +603,7 @@ mod tests {
             in_progress: 0,
             succeeded: 9_000,
             failed: 1_000,
-            rolled_back: 0,
+            ..DeviceCounts::default()
         };
         i.failures = (0..1000)
             .map(|n| DeviceFailure {
@@ -454,6 +624,6 @@ mod tests {
         c.status = Some(status);
         let size = serde_json::to_vec(&c).unwrap().len();
         assert!(size < 64 * 1024, "campaign object is {size} bytes");
-        assert!(size < 16 * 1024, "in fact far smaller: {size} bytes");
+        assert!(size < 32 * 1024, "in fact far smaller: {size} bytes");
     }
 }

@@ -1473,6 +1473,33 @@ impl DeviceSession {
         }
     }
 
+    /// The signed post-install health report of the firmware the device installed last (its
+    /// latest completion, when that was an install): the result of the health check the caller
+    /// ran after committing it, bound to the session that installed it. `None` when the last
+    /// campaign installed no firmware (refused, rolled back, credentials, or none yet).
+    pub fn health_report(&self, healthy: bool, detail: &str, now: u64) -> Option<Action> {
+        let last = self.state.last_completion.as_ref()?;
+        let installed = last.installed.as_ref()?;
+        let body = wire::HealthBody {
+            v: WIRE_VERSION,
+            session_id: last.session_id,
+            manager_id: self.config.manager_id.clone(),
+            device_id: self.me().to_string(),
+            campaign_id: last.campaign_id.clone(),
+            version: installed.version.clone(),
+            sha256: installed.sha256,
+            healthy,
+            detail: bounded_text(detail, MAX_REASON_TEXT),
+            reported_at: now,
+        };
+        let env = SignedEnvelope::sign(
+            self.config.identity.secret(),
+            wire::TYPE_HEALTH,
+            wire::encode_msg(&body),
+        );
+        Some(self.publish_status(last.session_id, env.encode()))
+    }
+
     /// Refuse the offered update with a reason (signed Rejected receipt).
     pub fn decline(&mut self, reason: &str, now: u64) -> Vec<Action> {
         let _ = now;

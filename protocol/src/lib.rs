@@ -42,14 +42,15 @@ pub use device::{
 pub use error::{IdentityError, ProtocolError, TopicError};
 pub use identity::{CertificateAuthority, Identity, PeerCertificate, Role, TrustAnchor};
 pub use manager::{
-    abort_publish, CampaignPayload, CampaignSpec, DeviceTarget, IssuedCertificate, ManagerConfig,
-    ManagerEvent, ManagerOutput, ManagerSession, ManagerState, PreparedCampaign, RotationMode,
+    abort_publish, CampaignPayload, CampaignSpec, DeviceTarget, HealthReport, HealthVerifier,
+    IssuedCertificate, ManagerConfig, ManagerEvent, ManagerOutput, ManagerSession, ManagerState,
+    PreparedCampaign, RotationMode,
 };
 pub use manifest::{bounded_text, Manifest, PayloadKind, RejectReason};
 pub use mqtt::{Action, Inbound, Outbound, Properties};
 pub use release::{ReleaseKey, ReleaseSignature, ReleaseSigner};
 pub use topics::{TopicKind, TopicTree};
-pub use wire::{verify_receipt, Claim, ReceiptBody};
+pub use wire::{verify_receipt, Claim, HealthBody, ReceiptBody};
 
 /// Version of the wire format spoken by this crate (2: receipts, signed abort, release signatures).
 pub const WIRE_VERSION: u8 = 2;

@@ -646,6 +646,84 @@ pub struct ManagerSession {
     refused: Vec<[u8; 32]>,
     last_request_at: Option<u64>,
     republished: u64,
+    /// After an `Installed` firmware receipt: what checks the device's later health reports.
+    health: Option<HealthVerifier>,
+}
+
+/// Checks a device's signed post-install health reports ([`wire::HealthBody`]) after its
+/// session installed firmware: signed by the device key of that session, naming that session,
+/// device, manager, campaign, version and image. It holds public values only, so it outlives the
+/// session (whose keys are gone).
+#[derive(Clone)]
+pub struct HealthVerifier {
+    device_key: p256::PublicKey,
+    session_id: [u8; 16],
+    manager_id: String,
+    device_id: String,
+    campaign_id: String,
+    version: String,
+    sha256: [u8; 32],
+}
+
+impl std::fmt::Debug for HealthVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthVerifier")
+            .field("device", &self.device_id)
+            .field("campaign", &self.campaign_id)
+            .field("session_id", &hex::encode(self.session_id))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A verified health report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthReport {
+    /// Whether the device's health check passed.
+    pub healthy: bool,
+    /// What it found (device text, bounded, control characters replaced).
+    pub detail: String,
+    /// When the device made it (its clock).
+    pub reported_at: u64,
+}
+
+impl HealthVerifier {
+    /// Verify a health report from the device's status topic.
+    pub fn verify(&self, payload: &[u8]) -> Result<HealthReport, ProtocolError> {
+        let (env, body) = wire::decode_health(payload)?;
+        env.verify(&self.device_key, "health")?;
+        if body.session_id != self.session_id {
+            return Err(ProtocolError::WrongSession);
+        }
+        if body.device_id != self.device_id {
+            return Err(ProtocolError::WrongDevice {
+                expected: self.device_id.clone(),
+                got: body.device_id,
+            });
+        }
+        if body.manager_id != self.manager_id {
+            return Err(ProtocolError::WrongManager {
+                expected: self.manager_id.clone(),
+                got: body.manager_id,
+            });
+        }
+        if body.campaign_id != self.campaign_id {
+            return Err(ProtocolError::WrongCampaign {
+                expected: self.campaign_id.clone(),
+                got: body.campaign_id,
+            });
+        }
+        if body.version != self.version || body.sha256 != self.sha256 {
+            return Err(ProtocolError::Decode {
+                message: "health",
+                detail: "version or image hash differs from what the session installed".into(),
+            });
+        }
+        Ok(HealthReport {
+            healthy: body.healthy,
+            detail: bounded_text(&body.detail, MAX_REASON_TEXT),
+            reported_at: body.reported_at,
+        })
+    }
 }
 
 /// The certificate a rotation session issued to its device (kept after the session ends, so the
@@ -786,6 +864,7 @@ impl ManagerSession {
             refused: Vec::new(),
             last_request_at: None,
             republished: 0,
+            health: None,
         };
         let action = Action::Publish(s.notify_publish(now));
         Ok((s, vec![action]))
@@ -1278,6 +1357,7 @@ impl ManagerSession {
         if body.session_id != self.session_id || body.transcript != est.transcript {
             return Err(ProtocolError::WrongSession);
         }
+        let device_key = est.device.public_key;
         self.check_addressed(&body.device_id, &body.manager_id)?;
         if body.campaign_id != self.campaign.campaign_id {
             return Err(ProtocolError::WrongCampaign {
@@ -1308,6 +1388,17 @@ impl ManagerSession {
                         detail:
                             "installed version or hash differs from what this session delivered"
                                 .into(),
+                    });
+                }
+                if self.campaign.kind == PayloadKind::Firmware {
+                    self.health = Some(HealthVerifier {
+                        device_key,
+                        session_id: self.session_id,
+                        manager_id: self.topics.manager_id().to_string(),
+                        device_id: self.target.device_id.clone(),
+                        campaign_id: self.campaign.campaign_id.clone(),
+                        version: version.clone(),
+                        sha256,
                     });
                 }
                 out.events.push(ManagerEvent::Installed {
@@ -1351,6 +1442,12 @@ impl ManagerSession {
         self.ephemeral = None;
         self.established = None;
         Ok(out)
+    }
+
+    /// What checks the device's post-install health reports, once this session received a
+    /// signed `Installed` receipt for firmware (`None` before, and for credential rotations).
+    pub fn health_verifier(&self) -> Option<HealthVerifier> {
+        self.health.clone()
     }
 
     /// Whether `running` would accept this campaign's target version (a hint for the operator; the

@@ -31,6 +31,8 @@ pub const TYPE_UPDATE: u8 = 5;
 pub const TYPE_RECEIPT: u8 = 6;
 /// Message type byte: abort (manager → device, signed, retained on the notify topic).
 pub const TYPE_ABORT: u8 = 7;
+/// Message type byte: post-install health report (device → manager, signed plaintext).
+pub const TYPE_HEALTH: u8 = 8;
 
 /// Bound of a notify payload.
 pub const MAX_NOTIFY: usize = 16 * 1024;
@@ -46,6 +48,8 @@ pub const MAX_RECEIPT: usize = 8 * 1024;
 pub const MAX_ABORT: usize = 16 * 1024;
 /// Bound of a manifest body.
 pub const MAX_MANIFEST: usize = 4 * 1024;
+/// Bound of a health report payload.
+pub const MAX_HEALTH: usize = 4 * 1024;
 /// Largest chunk size a campaign may use.
 pub const MAX_CHUNK_SIZE: u32 = 1024 * 1024;
 /// Bound of a chunk payload.
@@ -378,6 +382,38 @@ pub struct ReceiptBody {
     pub claim: Claim,
 }
 
+/// Post-install health report: after an install it committed (an `Installed` receipt), the
+/// device runs its health check for a while and reports the result, signed by its static key
+/// (type [`TYPE_HEALTH`]) and bound to the session that installed the image by its id, with the
+/// version and image hash it installed. The manager's gates read it; a later report supersedes
+/// an earlier one (`reported_at`, the device's clock). Plaintext, like a receipt: what it tells
+/// the broker (healthy or not) the broker could guess from the device's behaviour anyway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthBody {
+    /// Wire version.
+    pub v: u8,
+    /// Session that installed the image.
+    #[serde(with = "crate::codec::array")]
+    pub session_id: [u8; 16],
+    /// Manager id.
+    pub manager_id: String,
+    /// Device id.
+    pub device_id: String,
+    /// Campaign id.
+    pub campaign_id: String,
+    /// Version installed.
+    pub version: String,
+    /// SHA-256 of the image installed.
+    #[serde(with = "crate::codec::array")]
+    pub sha256: [u8; 32],
+    /// Whether the health check passed.
+    pub healthy: bool,
+    /// What the check found (device text, bounded by the manager).
+    pub detail: String,
+    /// When the device made the report (Unix seconds, its clock).
+    pub reported_at: u64,
+}
+
 /// Abort: the manager ends every session of a campaign with one device that was issued at or
 /// before `issued_at`. Signed by the manager's static key (type [`TYPE_ABORT`]) and retained on the
 /// device's notify topic in place of the notify; it carries the manager certificate so a device
@@ -577,6 +613,14 @@ pub fn decode_abort(bytes: &[u8]) -> Result<(SignedEnvelope, AbortBody), Protoco
     Ok((env, body))
 }
 
+/// Decode a health report envelope and its body (signature NOT checked).
+pub fn decode_health(bytes: &[u8]) -> Result<(SignedEnvelope, HealthBody), ProtocolError> {
+    let env = SignedEnvelope::decode(bytes, TYPE_HEALTH, "health", MAX_HEALTH)?;
+    let body: HealthBody = decode(&env.body, "health", MAX_HEALTH)?;
+    check_v(body.v)?;
+    Ok((env, body))
+}
+
 /// Verify a receipt kept as evidence: its signature by the certificate's key (the certificate is
 /// only parsed here, not validated against a CA: do that with [`crate::TrustAnchor::verify`]).
 /// Returns the signed claim and what it is bound to.
@@ -631,11 +675,13 @@ pub enum Decoder {
     Receipt,
     /// [`decode_abort`]
     Abort,
+    /// [`decode_health`]
+    Health,
 }
 
 impl Decoder {
     /// All decoders.
-    pub const ALL: [Decoder; 10] = [
+    pub const ALL: [Decoder; 11] = [
         Decoder::Notify,
         Decoder::Ready,
         Decoder::Update,
@@ -646,6 +692,7 @@ impl Decoder {
         Decoder::Chunk,
         Decoder::Receipt,
         Decoder::Abort,
+        Decoder::Health,
     ];
 
     /// Lower-case name (fuzz target and corpus directory name).
@@ -661,6 +708,7 @@ impl Decoder {
             Decoder::Chunk => "chunk",
             Decoder::Receipt => "receipt",
             Decoder::Abort => "abort",
+            Decoder::Health => "health",
         }
     }
 
@@ -675,6 +723,7 @@ impl Decoder {
             Decoder::Chunk => MAX_CHUNK_MSG,
             Decoder::Receipt => MAX_RECEIPT,
             Decoder::Abort => MAX_ABORT,
+            Decoder::Health => MAX_HEALTH,
         }
     }
 
@@ -691,6 +740,7 @@ impl Decoder {
             Decoder::Chunk => decode_chunk(bytes).map(drop),
             Decoder::Receipt => decode_receipt(bytes).map(drop),
             Decoder::Abort => decode_abort(bytes).map(drop),
+            Decoder::Health => decode_health(bytes).map(drop),
         }
     }
 }
@@ -824,6 +874,23 @@ pub fn sample(decoder: Decoder) -> Vec<u8> {
                 campaign_id: "c1".into(),
                 manager_cert: vec![0x30, 0x03, 0x02, 0x01, 0x01],
                 issued_at: 1_800_000_500,
+            }),
+        )
+        .encode(),
+        Decoder::Health => SignedEnvelope::sign(
+            &secret,
+            TYPE_HEALTH,
+            encode(&HealthBody {
+                v: WIRE_VERSION,
+                session_id: [1; 16],
+                manager_id: "p1".into(),
+                device_id: "s1".into(),
+                campaign_id: "c1".into(),
+                version: "2.0.0".into(),
+                sha256: [0xaa; 32],
+                healthy: true,
+                detail: "service up 600 s".into(),
+                reported_at: 1_800_000_900,
             }),
         )
         .encode(),

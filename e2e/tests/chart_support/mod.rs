@@ -1,5 +1,6 @@
-//! Helpers shared by the `chart_*` tests: the pinned `helm` binary (installed by
-//! `scripts/helm-install.sh`, outside the clone), rendering the chart, and parsing the result.
+//! Helpers shared by the `chart_*` and image tests: the pinned `helm` binary (installed by
+//! `scripts/helm-install.sh`, outside the clone), rendering the chart, parsing the result, and
+//! waiting for a broker's CONNACK.
 #![allow(dead_code)] // Each test file uses a different subset.
 
 use std::path::{Path, PathBuf};
@@ -318,4 +319,29 @@ pub fn kstatus(objects: &[serde_json::Value]) -> Result<Vec<(String, String, Str
             Ok((s("name"), s("status"), s("message")))
         })
         .collect()
+}
+
+/// Polls a new MQTT connection until the broker's CONNACK, for at most `timeout`. A connection error
+/// fails at once, unless `retry_errors` (a broker that is still starting refuses connections).
+pub async fn await_connack(
+    events: &mut rumqttc::v5::EventLoop,
+    id: &str,
+    timeout: std::time::Duration,
+    retry_errors: bool,
+) -> Result<()> {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::Event;
+    use std::time::Duration;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if tokio::time::Instant::now() >= deadline {
+            bail!("{id}: no CONNACK within {timeout:?}");
+        }
+        match tokio::time::timeout(Duration::from_secs(2), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
+            Ok(Ok(_)) | Err(_) => {}
+            Ok(Err(e)) if !retry_errors => bail!("{id}: {e}"),
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
