@@ -785,12 +785,28 @@ fn rivals_of(
                 && !o.spec.dry_run
                 && !o.spec.abort
                 && !o.status.as_ref().is_some_and(|s| s.phase.is_terminal())
+                && !blocked_before_starting(o)
         })
         .filter_map(|o| {
             let selector = Selector::try_from(o.spec.selector.clone()).ok()?;
             Some((o, selector))
         })
         .collect()
+}
+
+/// A campaign that has not started (Pending) because something it needs is wrong or missing (its
+/// Ready condition names a blocker: bad input, no broker): it holds no device until that is fixed,
+/// or a campaign with a typo would keep every other campaign of its devices waiting.
+fn blocked_before_starting(c: &UpdateCampaign) -> bool {
+    c.status.as_ref().is_some_and(|s| {
+        s.phase == CampaignPhase::Pending
+            && s.conditions.iter().any(|k| {
+                k.type_ == "Ready"
+                    && BlockerReason::ALL
+                        .into_iter()
+                        .any(|b| b.as_str() == k.reason)
+            })
+    })
 }
 
 /// A campaign as arbitration ranks it.
