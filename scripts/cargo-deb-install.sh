@@ -29,7 +29,7 @@ trap 'rm -rf "$work"' EXIT
 CARGO_TARGET_DIR="$work/target" cargo install --quiet --locked --version "$VERSION" \
   --root "$work/root" cargo-deb >&2 || die "cargo install cargo-deb@$VERSION failed"
 mkdir -p "$ROOT"
-rm -rf "$ROOT/bin"
+rm -rf "${ROOT:?}/bin"
 mv "$work/root/bin" "$ROOT/bin"
 "$BIN" --version >&2
 echo "$BIN"

@@ -8,6 +8,7 @@
 #   scripts/install-agent-test-deps.sh          install what is missing
 #   scripts/install-agent-test-deps.sh --check  exit 1 (and say what is missing) without installing
 set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # command -> package that provides it
 declare -A NEEDS=(
@@ -27,6 +28,8 @@ SERVICES=(rauc.service rauc-mark-good.service mender-client.service mender-authd
 
 log() { echo "install-agent-test-deps: $*" >&2; }
 die() { echo "install-agent-test-deps: error: $*" >&2; exit 1; }
+# shellcheck source=scripts/lib.sh
+. "$REPO/scripts/lib.sh"
 
 missing_packages() {
   local cmd
@@ -44,40 +47,7 @@ if [[ "${1:-}" == "--check" ]]; then
   die "missing Debian packages: ${missing[*]} (run scripts/install-agent-test-deps.sh)"
 fi
 
-sudo=""
-if [[ "$(id -u)" != 0 ]]; then
-  command -v sudo >/dev/null || die "root or sudo is needed to install: ${missing[*]}"
-  sudo="sudo"
-fi
-command -v apt-get >/dev/null || die "apt-get not found: install ${missing[*]} by hand"
-
-# Keep maintainer scripts from starting services: invoke-rc.d asks policy-rc.d first, and 101 means
-# "action forbidden". Only placed when none exists, and removed again afterwards.
-placed=0
-cleanup() { if [[ "$placed" == 1 ]]; then $sudo rm -f /usr/sbin/policy-rc.d; fi; }
-trap cleanup EXIT
-if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-  printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
-  $sudo chmod 0755 /usr/sbin/policy-rc.d
-  placed=1
-fi
-
-log "installing ${missing[*]}"
-apt_install() {
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@" >/dev/null
-}
-apt_install "${missing[@]}" ||
-  { $sudo apt-get update -q >/dev/null && apt_install "${missing[@]}"; } ||
-  die "apt-get could not install: ${missing[*]}"
-
-# Packages enable their units at install time (deb-systemd-helper); disable them so a booted
-# machine does not start a system RAUC or Mender daemon next to the tests' own.
-for unit in "${SERVICES[@]}"; do
-  if [[ -e "/lib/systemd/system/$unit" || -e "/usr/lib/systemd/system/$unit" ]]; then
-    $sudo systemctl disable --no-reload "$unit" >/dev/null 2>&1 || true
-  fi
-done
+apt_install_dormant "${SERVICES[*]}" "${missing[@]}"
 
 mapfile -t still < <(missing_packages)
 [[ ${#still[@]} -eq 0 ]] || die "still missing after apt-get: ${still[*]}"

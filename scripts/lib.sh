@@ -1,19 +1,46 @@
-# scripts/lib.sh: shell helpers shared by scripts/images.sh and e2e/kind/node-image.sh (sourced,
-# not run): root commands, Debian packages, and the input hashes that let a build step be skipped.
-# The caller defines log, die, docker (its client) and LABEL (the image label holding the hash).
+# scripts/lib.sh: shell helpers shared by the project's scripts (images, node image, test
+# dependencies; sourced, not run): root commands, Debian packages, and the input hashes that let a
+# build step be skipped. The caller defines log and die; the image helpers also docker (its client)
+# and LABEL (the image label holding the hash).
 # shellcheck shell=bash
 
 sudo_() { if [[ "$(id -u)" == 0 ]]; then "$@"; else sudo "$@"; fi; }
 
 # Installs Debian packages that are missing, updating the package lists once if apt-get needs it.
+# APT_INSTALL_OPTS (an array, optional) adds apt-get options.
 apt_install() { # packages...
-  local missing=() p
-  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  local missing=() p opts=(-y -q "${APT_INSTALL_OPTS[@]}")
+  for p in "$@"; do [[ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" == installed ]] || missing+=("$p"); done
   ((${#missing[@]})) || return 0
+  command -v apt-get >/dev/null || die "apt-get not found: install ${missing[*]} by hand"
   log "installing Debian packages: ${missing[*]}"
-  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 ||
-    { sudo_ apt-get update -q >/dev/null && sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; } ||
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install "${opts[@]}" "${missing[@]}" >/dev/null 2>&1 ||
+    { sudo_ apt-get update -q >/dev/null && sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install "${opts[@]}" "${missing[@]}" >/dev/null; } ||
     die "apt-get install ${missing[*]} failed"
+}
+
+# apt_install for packages that ship daemons the tests start themselves (on free ports, stopped by
+# pid): without recommends, keeping changed configuration files, with the maintainer scripts told
+# not to start anything (policy-rc.d exit 101 = "action forbidden", placed only when none exists and
+# removed afterwards) and the units the packages enabled disabled again, so a booted machine does
+# not run a system daemon next to the tests' own.
+apt_install_dormant() { # "units to disable" packages...
+  local units=$1 placed=0 rc=0 unit
+  shift
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' | sudo_ tee /usr/sbin/policy-rc.d >/dev/null
+    sudo_ chmod 0755 /usr/sbin/policy-rc.d
+    placed=1
+  fi
+  (APT_INSTALL_OPTS=(--no-install-recommends -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+    apt_install "$@") || rc=$?
+  if [[ "$placed" == 1 ]]; then sudo_ rm -f /usr/sbin/policy-rc.d; fi
+  ((rc == 0)) || exit "$rc"
+  for unit in $units; do
+    if [[ -e "/lib/systemd/system/$unit" || -e "/usr/lib/systemd/system/$unit" ]]; then
+      sudo_ systemctl disable --no-reload "$unit" >/dev/null 2>&1 || true
+    fi
+  done
 }
 
 # Downloads a Debian package once into a cache directory (the machine's Debian release) and prints

@@ -104,7 +104,14 @@ EOF
 }
 
 create_cluster() {
-  if cluster_exists; then return; fi
+  if cluster_exists; then
+    [[ -f "$STATE/kubeconfig" && -f "$STATE/kind-config.yaml" ]] && return
+    # A cluster of this name whose state (kubeconfig, chosen ports) this checkout does not hold was
+    # made from another checkout or survived a removed target/: its port mappings are unknown here.
+    log "cluster $CLUSTER exists but $STATE has no state for it (made from another checkout?):" \
+      "deleting and recreating it (SEALED_OTA_KIND_CLUSTER=<name> runs a second cluster instead)"
+    kind_ delete cluster --name "$CLUSTER"
+  fi
   local image=()
   if [[ "$MODE" == offline ]]; then
     image=(--image "$("$HERE/node-image.sh")")

@@ -775,7 +775,16 @@ fn validate(c: &UpdateCampaign, store: &Store<Device>) -> Validated {
 fn rivals_of(
     c: &UpdateCampaign,
     campaigns: &Store<UpdateCampaign>,
+    engine: &Engine,
 ) -> Vec<(Arc<UpdateCampaign>, Selector)> {
+    // A campaign that never got going (blocked before its first start: a missing Secret, a bad
+    // payload) claims no device: only one with a run here, or that has run, is a rival.
+    let running = |o: &UpdateCampaign| {
+        matches!(
+            o.status.as_ref().map(|s| s.phase),
+            Some(CampaignPhase::Progressing | CampaignPhase::Paused)
+        ) || key_of(o).is_ok_and(|k| engine.has_run(&k, &o.uid().unwrap_or_default()))
+    };
     campaigns
         .state()
         .into_iter()
@@ -785,28 +794,13 @@ fn rivals_of(
                 && !o.spec.dry_run
                 && !o.spec.abort
                 && !o.status.as_ref().is_some_and(|s| s.phase.is_terminal())
-                && !blocked_before_starting(o)
+                && running(o)
         })
         .filter_map(|o| {
             let selector = Selector::try_from(o.spec.selector.clone()).ok()?;
             Some((o, selector))
         })
         .collect()
-}
-
-/// A campaign that has not started (Pending) because something it needs is wrong or missing (its
-/// Ready condition names a blocker: bad input, no broker): it holds no device until that is fixed,
-/// or a campaign with a typo would keep every other campaign of its devices waiting.
-fn blocked_before_starting(c: &UpdateCampaign) -> bool {
-    c.status.as_ref().is_some_and(|s| {
-        s.phase == CampaignPhase::Pending
-            && s.conditions.iter().any(|k| {
-                k.type_ == "Ready"
-                    && BlockerReason::ALL
-                        .into_iter()
-                        .any(|b| b.as_str() == k.reason)
-            })
-    })
 }
 
 /// A campaign as arbitration ranks it.
@@ -1466,7 +1460,7 @@ async fn single_pass(
 
     // policy
     let progress = ctx.engine.progress(&key, &uid, &selected);
-    let others = rivals_of(c, &ctx.campaigns);
+    let others = rivals_of(c, &ctx.campaigns, &ctx.engine);
     let rivals: Vec<Vec<(Contender<'_>, Standing)>> = if others.is_empty() {
         Vec::new()
     } else {
