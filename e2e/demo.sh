@@ -62,10 +62,10 @@ say "making the offline release key (sealed-ota release keygen)"
 "$BIN/sealed-ota" release keygen --out "$WORK/release" >"$WORK/logs/release-keygen.log"
 RELEASE_KEY_ID=$(sed -n 's/^release key //p' "$WORK/logs/release-keygen.log")
 
-say "bootstrapping the PKI into Secrets and enrolling $DEVICES devices (trusting the release key)"
-"$BIN/sealed-ota-device-emulator" pki-init --ca-cert "$SEALED_OTA_CA_FILE" --ca-key "$SEALED_OTA_CA_KEY_FILE" \
+say "bootstrapping the PKI into Secrets and enrolling $DEVICES devices, trusting the release key (sealed-ota pki init, device enroll)"
+"$BIN/sealed-ota" pki init --ca-cert "$SEALED_OTA_CA_FILE" --ca-key "$SEALED_OTA_CA_KEY_FILE" \
   --out "$WORK/pki" -n "$NS" --apply >"$WORK/logs/pki-init.log" 2>&1 || { cat "$WORK/logs/pki-init.log" >&2; fail "pki-init"; }
-"$BIN/sealed-ota-device-emulator" enroll --ca-cert "$SEALED_OTA_CA_FILE" --ca-key "$SEALED_OTA_CA_KEY_FILE" \
+"$BIN/sealed-ota" device enroll --ca-cert "$SEALED_OTA_CA_FILE" --ca-key "$SEALED_OTA_CA_KEY_FILE" \
   --fleet "$WORK/fleet" --count "$DEVICES" --label fleet=demo --release-key "$WORK/release/release.pub" \
   -n "$NS" --apply >"$WORK/logs/enroll.log" 2>&1 ||
   { cat "$WORK/logs/enroll.log" >&2; fail "enroll"; }
@@ -95,7 +95,7 @@ METRICS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1"
 "$BIN/sealed-ota-operator" run --broker-url "$SEALED_OTA_MQTTS_URL" --broker-ca-file "$SEALED_OTA_CA_FILE" \
   --broker-cert-file "$WORK/pki/manager.crt" --broker-key-file "$WORK/pki/manager.key" \
   --operator-namespace "$NS" --namespace "$NS" --metrics-addr "127.0.0.1:$METRICS_PORT" \
-  >"$WORK/logs/operator.log" 2>&1 &
+  --cache-dir "$WORK/cache" >"$WORK/logs/operator.log" 2>&1 &
 PIDS+=($!)
 
 say "connecting $DEVICES emulated devices over TLS"

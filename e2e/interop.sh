@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # e2e/interop.sh: `make interop`. For each broker kind (Mosquitto, mochi-mqtt, the rmqtt 3-node
 # Raft cluster), on a test bed of its own under target/interop/<broker>/testbed:
-#   1. the broker probe (mqtt/examples/broker_check.rs) -> probe.json (mochi also with its default
+#   1. the broker probe (`sealed-ota broker check -o json`) -> probe.json (mochi also with its default
 #      configuration, probe-defaults.json, see e2e/brokers/mochi/main.go)
 #   2. the product e2e groups (firmware, rotation, malicious broker, resilience, rollout; on the
 #      rmqtt cluster also the broker-node-loss tests) -> tests-<file>.log
@@ -25,13 +25,13 @@ E2E_CRATES=(--workspace --exclude sealed-ota-protocol)
 log() { echo "interop: $*" >&2; }
 
 "$CARGO" build "${E2E_CRATES[@]}" --locked --bins --tests
-"$CARGO" build --locked -p sealed-ota-mqtt --example broker_check
-CHECK="$REPO/target/debug/examples/broker_check"
+"$CARGO" build --locked -p sealed-ota-cli --bin sealed-ota
+CHECK="$REPO/target/debug/sealed-ota"
 
 # probe OUT.json URLS: the broker probe with the test bed's client certificate.
 probe() {
   local out=$1 urls=$2 rc=0
-  "$CHECK" --broker "$urls" --ca "$SEALED_OTA_CA_FILE" --cert "$SEALED_OTA_CLIENT_CERT" \
+  "$CHECK" broker check -o json --broker "$urls" --ca "$SEALED_OTA_CA_FILE" --cert "$SEALED_OTA_CLIENT_CERT" \
     --key "$SEALED_OTA_CLIENT_KEY" >"$out" 2>"${out%.json}.txt" || rc=$?
   # 2: the probe ran and found a broken feature (that is a finding, not an error).
   if ((rc != 0 && rc != 2)); then log "probe failed ($rc): $(cat "${out%.json}.txt")"; rm -f "$out"; fi

@@ -29,6 +29,20 @@ pub enum Error {
         /// The file.
         path: PathBuf,
     },
+    /// A flag's value is unusable.
+    #[error("{flag}: {detail}")]
+    Flag {
+        /// The flag, as typed (`--broker`).
+        flag: &'static str,
+        /// What is wrong and the fix.
+        detail: String,
+    },
+    /// PKI bootstrap or enrollment failed (the device library says what and the fix).
+    #[error("{0}")]
+    Device(#[from] sealed_ota_device_emulator::Error),
+    /// The result could not be printed.
+    #[error("printing the result: {0}")]
+    Output(String),
     /// The signature does not verify.
     #[error("{0}")]
     Refused(String),

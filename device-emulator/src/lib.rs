@@ -9,6 +9,7 @@
 pub mod barrier;
 pub mod device;
 pub mod enroll;
+pub mod enroll_cmd;
 pub mod error;
 pub mod faults;
 pub mod fleet;

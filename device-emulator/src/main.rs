@@ -4,25 +4,25 @@
 //!   manager / CA Secrets (applied to Kubernetes, or written as YAML);
 //! - `enroll`: issue N device identities into a fleet directory and describe them as `Device`
 //!   resources (applied, or written as YAML);
+//!
+//!   both are the library's `enroll_cmd`, which `sealed-ota pki init` and `sealed-ota device
+//!   enroll` run too;
 //! - `run`: run the enrolled devices against a broker until interrupted, a deadline, or a
 //!   condition, with a live progress line and a final summary (text, or JSON with `--json`).
 
-use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use sealed_ota_device_emulator::device::unix_now;
-use sealed_ota_device_emulator::enroll::{self, CaSource, EnrollRequest, SecretNames};
+use sealed_ota_device_emulator::enroll_cmd;
 use sealed_ota_device_emulator::faults::{parse_duration, FaultSpec};
 use sealed_ota_device_emulator::fleet::{FleetOptions, RunningFleet};
 use sealed_ota_device_emulator::mqtt_io::BrokerEndpoint;
 use sealed_ota_device_emulator::stats::{self, Outcome};
-use sealed_ota_device_emulator::store::{FleetDir, FleetSettings};
+use sealed_ota_device_emulator::store::FleetDir;
 use sealed_ota_device_emulator::{Error, Result};
-use sealed_ota_protocol::ReleaseKey;
 
 #[derive(Debug, Parser)]
 #[command(name = "sealed-ota-device-emulator", version, about)]
@@ -34,107 +34,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create or load the CA, issue the manager identity, and produce the manager and CA Secrets.
-    PkiInit(PkiInitArgs),
+    PkiInit(enroll_cmd::PkiInitArgs),
     /// Issue device identities into a fleet directory and produce their `Device` resources.
-    Enroll(EnrollArgs),
+    Enroll(enroll_cmd::EnrollArgs),
     /// Run the enrolled devices against a broker.
     Run(RunArgs),
-}
-
-#[derive(Debug, Args)]
-struct CaArgs {
-    /// Existing CA certificate (PEM). Without it a new CA is generated.
-    #[arg(long, requires = "ca_key", env = "SEALED_OTA_CA_FILE")]
-    ca_cert: Option<PathBuf>,
-    /// Existing CA private key (PEM).
-    #[arg(long, requires = "ca_cert", env = "SEALED_OTA_CA_KEY_FILE")]
-    ca_key: Option<PathBuf>,
-    /// Certificate validity in days.
-    #[arg(long, default_value_t = 365)]
-    validity_days: u32,
-}
-
-impl CaArgs {
-    fn source(&self) -> CaSource {
-        match (&self.ca_cert, &self.ca_key) {
-            (Some(cert), Some(key)) => CaSource::Files {
-                cert: cert.clone(),
-                key: key.clone(),
-            },
-            _ => CaSource::Generate {
-                common_name: "sealed-ota-ca".into(),
-            },
-        }
-    }
-}
-
-#[derive(Debug, Args)]
-struct KubeOutputArgs {
-    /// Namespace of the Kubernetes objects.
-    #[arg(long, short = 'n', default_value = "default")]
-    namespace: String,
-    /// Apply the objects to the cluster of the current kubeconfig (server-side apply).
-    #[arg(long)]
-    apply: bool,
-    /// Write the objects as multi-document YAML to this file ("-" for stdout).
-    #[arg(long)]
-    yaml: Option<PathBuf>,
-}
-
-#[derive(Debug, Args)]
-struct PkiInitArgs {
-    #[command(flatten)]
-    ca: CaArgs,
-    /// Directory for ca.crt, ca.key (new CA only), manager.crt, manager.key.
-    #[arg(long, default_value = "pki")]
-    out: PathBuf,
-    /// Manager id (the manager certificate's name).
-    #[arg(long, default_value = "manager")]
-    manager_id: String,
-    /// Name of the manager Secret (type kubernetes.io/tls: tls.crt, tls.key, ca.crt).
-    #[arg(long, default_value = "sealed-ota-manager")]
-    manager_secret: String,
-    /// Name of the CA Secret (type kubernetes.io/tls: tls.crt, tls.key), for rotation campaigns.
-    #[arg(long, default_value = "sealed-ota-ca")]
-    ca_secret: String,
-    #[command(flatten)]
-    output: KubeOutputArgs,
-}
-
-#[derive(Debug, Args)]
-struct EnrollArgs {
-    #[command(flatten)]
-    ca: CaArgs,
-    /// Fleet directory (created).
-    #[arg(long, default_value = "fleet")]
-    fleet: PathBuf,
-    /// Number of devices.
-    #[arg(long, default_value_t = 100)]
-    count: u32,
-    /// Index of the first device.
-    #[arg(long, default_value_t = 0)]
-    first_index: u32,
-    /// Device ids are <prefix>-<5-digit index>.
-    #[arg(long, default_value = "dev")]
-    id_prefix: String,
-    /// Label put on every Device (repeatable): key=value.
-    #[arg(long = "label", value_parser = parse_label)]
-    labels: Vec<(String, String)>,
-    /// Manager id the devices expect.
-    #[arg(long, default_value = "manager")]
-    manager_id: String,
-    /// MQTT topic prefix.
-    #[arg(long, default_value = "iot")]
-    topic_prefix: String,
-    /// Version a freshly enrolled device runs.
-    #[arg(long, default_value = "1.0.0")]
-    initial_version: String,
-    /// Release public key the devices trust (repeatable): a PEM file as `sealed-ota release keygen`
-    /// writes it (release.pub). With one, devices install only firmware it signed.
-    #[arg(long = "release-key")]
-    release_keys: Vec<PathBuf>,
-    #[command(flatten)]
-    output: KubeOutputArgs,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -235,12 +139,6 @@ fn parse_optional_duration(text: &str) -> std::result::Result<OptionalDuration, 
     parse_duration(text).map(|d| OptionalDuration(Some(d)))
 }
 
-fn parse_label(text: &str) -> std::result::Result<(String, String), String> {
-    text.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("label {text:?} is not key=value"))
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -259,8 +157,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::PkiInit(args) => pki_init(args).await,
-            Command::Enroll(args) => enroll_devices(args).await,
+            Command::PkiInit(args) => enroll_cmd::pki_init(args).await,
+            Command::Enroll(args) => enroll_cmd::enroll_devices(args).await,
             Command::Run(args) => run(args).await,
         }
     });
@@ -271,110 +169,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-async fn pki_init(args: PkiInitArgs) -> Result<()> {
-    sealed_ota_device_emulator::install_crypto_provider();
-    let now = unix_now();
-    let source = args.ca.source();
-    let ca = enroll::load_ca(&source, now, args.ca.validity_days)?;
-    let names = SecretNames {
-        namespace: args.output.namespace.clone(),
-        manager: args.manager_secret,
-        ca: args.ca_secret,
-    };
-    let generated = matches!(source, CaSource::Generate { .. });
-    let bundle = enroll::pki_init(
-        &ca,
-        &args.manager_id,
-        &args.out,
-        generated,
-        &names,
-        now,
-        args.ca.validity_days,
-    )?;
-    let secrets = [&bundle.manager_secret, &bundle.ca_secret];
-    ship(&args.output, &secrets, |client| async move {
-        enroll::apply_secrets(&client, &secrets).await
-    })
-    .await?;
-    eprintln!(
-        "pki: manager {} issued; files in {}; Secrets {}/{} and {}/{}",
-        args.manager_id,
-        args.out.display(),
-        names.namespace,
-        names.manager,
-        names.namespace,
-        names.ca
-    );
-    Ok(())
-}
-
-async fn enroll_devices(args: EnrollArgs) -> Result<()> {
-    sealed_ota_device_emulator::install_crypto_provider();
-    let now = unix_now();
-    let ca = enroll::load_ca(&args.ca.source(), now, args.ca.validity_days)?;
-    let fleet = FleetDir::new(&args.fleet);
-    let release_keys = args
-        .release_keys
-        .iter()
-        .map(|path| {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
-            let key = ReleaseKey::parse(&text).map_err(|source| Error::Identity {
-                subject: format!("release key {}", path.display()),
-                source,
-            })?;
-            Ok(hex::encode(key.sec1()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let settings = FleetSettings {
-        manager_id: args.manager_id,
-        topic_prefix: args.topic_prefix,
-        initial_version: args.initial_version,
-        release_keys,
-    };
-    let request = EnrollRequest {
-        id_prefix: args.id_prefix,
-        first_index: args.first_index,
-        count: args.count,
-        labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
-        namespace: args.output.namespace.clone(),
-        validity_days: args.ca.validity_days,
-    };
-    let devices =
-        tokio::task::block_in_place(|| enroll::enroll(&ca, &fleet, &settings, &request, now))?;
-    let devices_ref = &devices;
-    ship(&args.output, &devices, |client| async move {
-        enroll::apply_devices(&client, devices_ref, 32).await
-    })
-    .await?;
-    eprintln!(
-        "enroll: {} devices in {}",
-        devices.len(),
-        fleet.root().display()
-    );
-    Ok(())
-}
-
-/// Writes `objects` as YAML and/or applies them, as the output flags ask.
-async fn ship<T, F, Fut>(output: &KubeOutputArgs, objects: &[T], apply: F) -> Result<()>
-where
-    T: serde::Serialize,
-    F: FnOnce(kube::Client) -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
-{
-    if let Some(path) = &output.yaml {
-        let yaml = enroll::to_yaml_stream(objects)?;
-        if path.as_os_str() == "-" {
-            print!("{yaml}");
-        } else {
-            std::fs::write(path, yaml).map_err(|e| Error::io("writing", path, e))?;
-        }
-    }
-    if output.apply {
-        apply(enroll::kube_client().await?).await?;
-    }
-    Ok(())
 }
 
 async fn run(args: RunArgs) -> Result<()> {

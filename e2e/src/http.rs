@@ -69,7 +69,7 @@ impl Drop for FileServer {
 
 /// GET `url` (e.g. an operator's `/metrics` or `/readyz`) and return the body of a 2xx answer.
 pub async fn get(url: &str) -> Result<String> {
-    let body = sealed_ota_operator::fetch::fetch(url, std::time::Duration::from_secs(10))
+    let body = sealed_ota_operator::fetch::fetch(url, 64 << 20, std::time::Duration::from_secs(10))
         .await
         .with_context(|| format!("GET {url}"))?;
     Ok(String::from_utf8_lossy(&body).into_owned())

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod http;
 pub mod interop;
+pub mod oci;
 pub mod product;
 pub mod prometheus;
 pub mod rogue;
@@ -60,6 +61,22 @@ pub struct TestBed {
     pub client_cert: PathBuf,
     /// The key of `client_cert`.
     pub client_key: PathBuf,
+    /// The OCI registry (`distribution`, htpasswd auth, plain HTTP on loopback) and the `oras`
+    /// client, when the test bed runs one.
+    pub registry: Option<Registry>,
+}
+
+/// The test bed's OCI registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registry {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// User of its htpasswd file.
+    pub user: String,
+    /// That user's password.
+    pub password: String,
+    /// The `oras` binary built for the test bed.
+    pub oras: PathBuf,
 }
 
 static TESTBED: OnceLock<std::result::Result<TestBed, String>> = OnceLock::new();
@@ -130,6 +147,15 @@ impl TestBed {
             ca_key_file: var("SEALED_OTA_CA_KEY_FILE")?.into(),
             client_cert: var("SEALED_OTA_CLIENT_CERT")?.into(),
             client_key: var("SEALED_OTA_CLIENT_KEY")?.into(),
+            registry: match vars.get("SEALED_OTA_REGISTRY") {
+                Some(addr) => Some(Registry {
+                    addr: addr.to_string(),
+                    user: var("SEALED_OTA_REGISTRY_USER")?,
+                    password: var("SEALED_OTA_REGISTRY_PASSWORD")?,
+                    oras: var("SEALED_OTA_ORAS")?.into(),
+                }),
+                None => None,
+            },
         })
     }
 

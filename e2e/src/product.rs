@@ -300,7 +300,8 @@ pub struct Product {
     /// Whether the emulator logs the devices' secrets (`run --key-log`) for the leak scans; the
     /// benchmark turns it off.
     pub log_keys: bool,
-    /// Extra arguments of every operator replica (for example `--shards 4`).
+    /// Extra arguments of every operator replica (for example `--shards 4`,
+    /// `--retained-chunk-bytes N`).
     pub operator_args: Vec<String>,
     /// Running operator replicas by index (0 is the one `start_operator` starts).
     operators: std::collections::BTreeMap<usize, Child>,
@@ -379,7 +380,7 @@ impl Product {
             path_str(&bed.ca_key_file)?,
         ];
         let pki = product.dir.join("pki");
-        let mut args = vec!["pki-init"];
+        let mut args = vec!["pki", "init"];
         args.extend(ca);
         args.extend([
             "--out",
@@ -388,11 +389,11 @@ impl Product {
             &product.manager_id,
         ]);
         args.extend(["-n", &product.ns.name, "--apply"]);
-        product.emulator_cli(&args)?;
+        product.cli(&args)?;
         let fleet = product.dir.join("fleet");
         let count = devices.to_string();
         let label = format!("fleet={}", product.ns.name);
-        let mut args = vec!["enroll"];
+        let mut args = vec!["device", "enroll"];
         args.extend(ca);
         args.extend(["--fleet", path_str(&fleet)?, "--count", &count]);
         args.extend([
@@ -403,13 +404,13 @@ impl Product {
         ]);
         args.extend(["--label", &label, "-n", &product.ns.name, "--apply"]);
         args.extend(enroll_args);
-        product.emulator_cli(&args)?;
+        product.cli(&args)?;
         Ok(product)
     }
 
-    /// Runs `sealed-ota` (the release CLI) with `args`; returns its stdout.
+    /// Runs `sealed-ota` (the CLI users run) with `args`; returns its stdout.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(binary("sealed-ota")).args(args).output()?;
+        let out = self.cli_output(args)?;
         if !out.status.success() {
             bail!(
                 "sealed-ota {} failed: {}",
@@ -418,6 +419,14 @@ impl Product {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `sealed-ota` with `args` against the test bed (its kubeconfig), whatever it exits with.
+    pub fn cli_output(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(binary("sealed-ota"))
+            .args(args)
+            .env("KUBECONFIG", &self.bed.kubeconfig)
+            .output()?)
     }
 
     /// Where the emulator logs the secrets its devices handle (`run --key-log`, tests only).
@@ -439,21 +448,6 @@ impl Product {
     /// The fleet directory of device `id` (its `firmware.bin`, `cert.pem`, `key.pem`, ...).
     pub fn device_dir(&self, id: &str) -> PathBuf {
         self.dir.join("fleet/devices").join(id)
-    }
-
-    fn emulator_cli(&self, args: &[&str]) -> Result<()> {
-        let out = Command::new(binary("sealed-ota-device-emulator"))
-            .args(args)
-            .env("KUBECONFIG", &self.bed.kubeconfig)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "sealed-ota-device-emulator {} failed: {}",
-                args[0],
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
     }
 
     /// Starts the operator binary (leader election on, Leases in this namespace): replica 0.
@@ -510,6 +504,12 @@ impl Product {
             .args(["--namespace", &self.ns.name])
             .args(["--metrics-addr", &metrics_addr])
             .args(["--identity", &format!("{}-r{i}", self.ns.name)])
+            .arg("--cache-dir")
+            .arg(self.dir.join(if i == 0 {
+                "cache".to_owned()
+            } else {
+                format!("cache-r{i}")
+            }))
             .args(&self.operator_args)
             .env("KUBECONFIG", &self.bed.kubeconfig)
             .env("RUST_LOG", "info")

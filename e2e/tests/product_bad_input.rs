@@ -126,7 +126,7 @@ async fn invalid_resources_are_refused_at_apply_naming_the_field() -> Result<()>
                 serde_json::json!({"payload": {"firmware": with(firmware.clone(), serde_json::json!({
                     "url": {"url": "https://example.invalid/fw.bin", "sha256": digest}}))}}),
             ),
-            &["spec.payload.firmware must set exactly one of configMapKeyRef, secretKeyRef or url"],
+            &["spec.payload.firmware must set exactly one of configMapKeyRef, secretKeyRef, url or oci"],
         ),
         (
             "bad-digest-format",

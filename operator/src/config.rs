@@ -110,6 +110,23 @@ pub struct Config {
     /// leader Lease) adds the shards up into each campaign's status.
     #[arg(long, env = "SEALED_OTA_SHARDS", default_value_t = 1)]
     pub shards: u32,
+    /// Directory for downloaded firmware images and their encrypted chunks (emptied at start; in
+    /// the chart an emptyDir or PVC sized by `cache.size`). It needs room for the largest image
+    /// twice while it is prepared, then once per running campaign.
+    #[arg(
+        long,
+        env = "SEALED_OTA_CACHE_DIR",
+        default_value = "/var/cache/sealed-ota"
+    )]
+    pub cache_dir: PathBuf,
+    /// Most chunk bytes of one campaign kept retained on the broker at once. A campaign whose
+    /// chunks fit is published whole when it starts; a larger one is served as devices ask
+    /// (oldest chunks cleared first), so the broker never holds a whole large image.
+    #[arg(long, env = "SEALED_OTA_RETAINED_CHUNK_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub retained_chunk_bytes: u64,
+    /// Largest firmware image accepted from a URL or an OCI registry, in bytes.
+    #[arg(long, env = "SEALED_OTA_MAX_IMAGE_BYTES", default_value_t = 4 * 1024 * 1024 * 1024)]
+    pub max_image_bytes: u64,
 }
 
 impl Config {

@@ -897,15 +897,24 @@ where
         .map_err(Error::kube("reading a campaign input"))
 }
 
-/// Fetch and validate everything the campaign needs, and prepare it (encrypt once) with its
-/// manifests expiring at `expires_at` (fixed when the campaign was first prepared) and its content
-/// key from the campaign's `seed` (every replica prepares the same chunks).
+/// A campaign prepared for its run, and the OCI digest its reference resolved to.
+struct Prepared {
+    run: CampaignRun,
+    oci_digest: Option<String>,
+}
+
+/// Fetch and validate everything the campaign needs, and prepare it (encrypt once, chunk by
+/// chunk into the cache directory: `firmware::prepare`) with its manifests expiring at
+/// `expires_at` (fixed when the campaign was first prepared) and its content key from the
+/// campaign's `seed` (every replica prepares the same chunks). An OCI reference is pinned to
+/// `recorded_digest`, what the first preparation resolved it to.
 async fn prepare_run(
     c: &UpdateCampaign,
     ctx: &Ctx,
     expires_at: u64,
     seed: Zeroizing<[u8; 32]>,
-) -> Result<Result<CampaignRun, Blocker>, Error> {
+    recorded_digest: Option<&str>,
+) -> Result<Result<Prepared, Blocker>, Error> {
     let ns = c.namespace().unwrap_or_default();
     let uid = c.uid().ok_or(Error::MissingMetadata("uid"))?;
     let spec = &c.spec;
@@ -914,55 +923,38 @@ async fn prepare_run(
         Err(b) => return Ok(Err(b)),
     };
     let mut release = None;
+    let mut chunks = None;
+    let mut oci_digest = None;
     let payload = if let Some(fw) = &spec.payload.firmware {
-        let image = if let Some(r) = &fw.config_map_key_ref {
-            match get_opt::<ConfigMap>(&ctx.client, &ns, &r.name).await? {
-                Some(cm) => inputs::firmware_from_config_map(&cm, &r.key),
-                None => Err(Blocker {
-                    reason: BlockerReason::FirmwareUnreadable,
-                    message: format!("ConfigMap {} (spec.payload.firmware.configMapKeyRef) not found; create it with the image under key {:?}", r.name, r.key),
-                }),
-            }
-        } else if let Some(r) = &fw.secret_key_ref {
-            match get_opt::<Secret>(&ctx.client, &ns, &r.name).await? {
-                Some(s) => inputs::firmware_from_secret(&s, &r.key),
-                None => Err(Blocker {
-                    reason: BlockerReason::FirmwareUnreadable,
-                    message: format!("Secret {} (spec.payload.firmware.secretKeyRef) not found; create it with the image under key {:?}", r.name, r.key),
-                }),
-            }
-        } else if let Some(u) = &fw.url {
-            crate::fetch::fetch(&u.url, Duration::from_secs(120))
-                .await
-                .map_err(|e| Blocker {
-                    reason: BlockerReason::FirmwareDownloadFailed,
-                    message: format!("downloading spec.payload.firmware.url failed: {e}; make the image reachable from the operator or use configMapKeyRef/secretKeyRef"),
-                })
-        } else {
-            Err(Blocker {
-                reason: BlockerReason::FirmwareUnreadable,
-                message: "spec.payload.firmware names no source; set configMapKeyRef, secretKeyRef or url".into(),
-            })
-        };
-        let image = match image.and_then(|img| {
-            inputs::check_digest(
-                &img,
-                fw.sha256
-                    .as_deref()
-                    .or(fw.url.as_ref().map(|u| u.sha256.as_str())),
-            )
-            .map(|()| img)
-        }) {
-            Ok(img) => img,
+        let settings = &ctx.engine.firmware;
+        let image = match crate::firmware::prepare(
+            settings,
+            &ctx.client,
+            &ns,
+            &uid,
+            fw,
+            spec.chunk_size,
+            recorded_digest,
+            crate::firmware::Seed {
+                seed: &seed,
+                target_version: &spec.target_version,
+            },
+        )
+        .await?
+        {
+            Ok(image) => image,
             Err(b) => return Ok(Err(b)),
         };
         if let Some(sig) = &fw.release_signature {
-            match inputs::release_signature(sig, &image, &spec.target_version) {
+            let (size, sha) = (image.sealed.size(), image.sealed.sha256());
+            match inputs::release_signature(sig, size, &sha, &spec.target_version) {
                 Ok(sig) => release = Some(sig),
                 Err(b) => return Ok(Err(b)),
             }
         }
-        CampaignPayload::Firmware { image }
+        oci_digest = image.resolved_digest;
+        chunks = Some(image.chunks);
+        CampaignPayload::Sealed(image.sealed)
     } else if let Some(rot) = &spec.payload.rotate_credentials {
         let Some(ca_secret) = get_opt::<Secret>(&ctx.client, &ns, &rot.ca_secret_name).await?
         else {
@@ -997,13 +989,8 @@ async fn prepare_run(
         chunk_size: spec.chunk_size,
         release,
     };
-    // Encrypting a large image is CPU work: keep it off the async workers.
-    let prepared =
-        tokio::task::spawn_blocking(move || PreparedCampaign::prepare_seeded(cspec, &seed))
-            .await
-            .map_err(|e| Error::Join(e.to_string()))?;
-    let prepared = match prepared {
-        Ok(p) => Arc::new(p),
+    let prepared = match PreparedCampaign::prepare(cspec) {
+        Ok(p) => p,
         Err(e) => {
             return Ok(Err(Blocker {
                 reason: BlockerReason::PayloadInvalid,
@@ -1011,17 +998,32 @@ async fn prepare_run(
             }))
         }
     };
-    Ok(Ok(CampaignRun::new(
+    // Chunks that fit the retained window are published whole; a larger image is served as
+    // devices ask (docs/protocol.md, "Large images").
+    let capacity =
+        u32::try_from(ctx.engine.firmware.retained_chunk_bytes / u64::from(spec.chunk_size.max(1)))
+            .unwrap_or(u32::MAX)
+            .max(1);
+    let prepared = if prepared.chunk_count() > capacity {
+        prepared.served_on_request()
+    } else {
+        prepared
+    };
+    let mut run = CampaignRun::new(
         uid,
         spec.target_version.clone(),
-        prepared,
+        Arc::new(prepared),
         ManagerConfig {
             identity: Arc::new(identity),
             trust: Arc::new(trust),
             topics: ctx.engine.topics.clone(),
         },
         spec.allow_downgrade,
-    )))
+    );
+    if let Some(chunks) = chunks {
+        run = run.with_chunks(Arc::new(chunks), capacity);
+    }
+    Ok(Ok(Prepared { run, oci_digest }))
 }
 
 /// The manager identity (and the CA it trusts) of the campaign's manager Secret, or what is wrong
@@ -1129,8 +1131,8 @@ async fn coordinator_pass(
                 use base64::Engine as _;
                 let seed = Zeroizing::new(sealed_ota_protocol::crypto::random::<32>());
                 let sealed = identity.seal_to_self(uid.as_bytes(), &seed[..]);
-                match prepare_run(c, ctx, expires_at, seed).await? {
-                    Ok(run) => {
+                match prepare_run(c, ctx, expires_at, seed, previous.oci_digest.as_deref()).await? {
+                    Ok(Prepared { run, oci_digest }) => {
                         let facts = run.facts();
                         tracing::info!(chunks = facts.chunk_count, expires_at, "campaign prepared");
                         if !ctx.engine.has_run(&key, &uid) {
@@ -1141,6 +1143,7 @@ async fn coordinator_pass(
                         recorded.release_key_id = facts.release_key_id.map(hex::encode);
                         recorded.sealed_seed =
                             Some(base64::engine::general_purpose::STANDARD.encode(sealed));
+                        recorded.oci_digest = oci_digest;
                         write_status(c, &key, &recorded, ctx).await?;
                     }
                     Err(b) => blocker = Some(b),
@@ -1255,17 +1258,19 @@ async fn shard_pass(
             return Ok(None);
         };
         match open_seed(c, ctx, &uid, sealed).await? {
-            Ok(seed) => match prepare_run(c, ctx, expires_at, seed).await? {
-                Ok(run) => {
-                    tracing::info!(
-                        shard,
-                        chunks = run.chunk_count(),
-                        "campaign prepared for a shard"
-                    );
-                    ctx.engine.insert_run(key.clone(), run);
+            Ok(seed) => {
+                match prepare_run(c, ctx, expires_at, seed, status.oci_digest.as_deref()).await? {
+                    Ok(Prepared { run, .. }) => {
+                        tracing::info!(
+                            shard,
+                            chunks = run.chunk_count(),
+                            "campaign prepared for a shard"
+                        );
+                        ctx.engine.insert_run(key.clone(), run);
+                    }
+                    Err(b) => blocker = Some(b),
                 }
-                Err(b) => blocker = Some(b),
-            },
+            }
             Err(b) => blocker = Some(b),
         }
     }
@@ -1386,6 +1391,7 @@ async fn single_pass(
         .unwrap_or_else(|| now + u64::from(c.spec.expires_after_seconds));
     let expired = now >= expires_at && !dry_run;
     let stopping = previous.phase.is_terminal() || c.spec.abort;
+    let mut oci_digest = previous.oci_digest.clone();
     if blocker.is_none() && !stopping && !expired && !ctx.engine.has_run(&key, &uid) {
         let planned = ctx.memo(&key, |m| m.planned.as_ref().is_some_and(|(u, _)| *u == uid));
         if !(dry_run && planned) {
@@ -1394,20 +1400,26 @@ async fn single_pass(
                 ctx,
                 expires_at,
                 Zeroizing::new(sealed_ota_protocol::crypto::random::<32>()),
+                previous.oci_digest.as_deref(),
             )
             .await?
             {
                 // A dry run only learns what the payload weighs; nothing is kept or published.
-                Ok(run) if dry_run => {
+                Ok(Prepared { run, .. }) if dry_run => {
                     let bytes = run.facts().chunk_bytes;
                     ctx.memo(&key, |m| m.planned = Some((uid.clone(), bytes)));
                 }
-                Ok(run) => {
+                Ok(Prepared {
+                    run,
+                    oci_digest: resolved,
+                }) => {
                     tracing::info!(chunks = run.chunk_count(), expires_at, "campaign prepared");
                     ctx.engine.insert_run(key.clone(), run);
-                    if previous.expires_at.is_none() {
+                    oci_digest = oci_digest.or(resolved);
+                    if previous.expires_at.is_none() || previous.oci_digest != oci_digest {
                         let mut recorded = previous.clone();
                         recorded.expires_at = Some(k8s_time(expires_at));
+                        recorded.oci_digest = oci_digest.clone();
                         write_status(c, &key, &recorded, ctx).await?;
                     }
                 }
@@ -1629,6 +1641,8 @@ async fn single_pass(
         now: k8s_time(now),
         policy: policy_status,
     });
+    let mut status = status;
+    status.oci_digest = oci_digest;
     let events = plan::events(&previous, &status, blocker.as_ref());
 
     // act
@@ -1972,6 +1986,7 @@ mod tests {
                     key: "k".into(),
                 }),
                 url: None,
+                oci: None,
                 sha256: None,
                 release_signature: None,
             }),

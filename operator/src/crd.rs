@@ -455,7 +455,7 @@ pub struct CampaignPayloadSpec {
 
 /// Where the firmware image comes from: exactly one source.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("(has(self.configMapKeyRef) ? 1 : 0) + (has(self.secretKeyRef) ? 1 : 0) + (has(self.url) ? 1 : 0) == 1").message("spec.payload.firmware must set exactly one of configMapKeyRef, secretKeyRef or url"))]
+#[x_kube(validation = Rule::new("(has(self.configMapKeyRef) ? 1 : 0) + (has(self.secretKeyRef) ? 1 : 0) + (has(self.url) ? 1 : 0) + (has(self.oci) ? 1 : 0) == 1").message("spec.payload.firmware must set exactly one of configMapKeyRef, secretKeyRef, url or oci"))]
 #[serde(rename_all = "camelCase")]
 pub struct FirmwareSource {
     /// A key of a ConfigMap in this namespace (binaryData, or data as UTF-8 bytes).
@@ -468,7 +468,11 @@ pub struct FirmwareSource {
     /// redirects, at most 256 MiB) and checked before anything is published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<UrlSource>,
-    /// Expected SHA-256 (hex) of the image; required for url, optional for key references, checked
+    /// An artifact in an OCI registry (pushed with `oras push REF image.bin`): its one file is the
+    /// image, pulled by digest (a tag is resolved once, the digest recorded in status.ociDigest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<OciSource>,
+    /// Expected SHA-256 (hex) of the image; required for url, optional for the others, checked
     /// before anything is published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(equal = 64))]
@@ -519,6 +523,27 @@ pub struct UrlSource {
     #[schemars(length(equal = 64))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("spec.payload.firmware.url.sha256 must be 64 lowercase hex characters"))]
     pub sha256: String,
+}
+
+/// A firmware image kept as an OCI artifact.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OciSource {
+    /// registry/repository:tag or registry/repository@sha256:<digest>. A digest is the integrity
+    /// check; a tag is resolved to a digest when the campaign is first prepared and that digest is
+    /// used from then on (status.ociDigest).
+    #[schemars(length(min = 3, max = 1024))]
+    #[x_kube(validation = Rule::new("self.contains('/')").message("spec.payload.firmware.oci.reference must name the registry: registry/repository:tag or registry/repository@sha256:<digest>"))]
+    pub reference: String,
+    /// A Secret of type kubernetes.io/dockerconfigjson (same namespace) with credentials for the
+    /// registry (kubectl create secret docker-registry). Unset: anonymous.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub pull_secret_name: Option<String>,
+    /// Speak plain HTTP to the registry (only for a registry on a trusted network, as Flux's
+    /// OCIRepository insecure). Default: HTTPS with the system trust roots.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// A credential rotation.
@@ -804,6 +829,11 @@ pub struct UpdateCampaignStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub release_key_id: Option<String>,
+    /// The manifest digest (sha256:...) spec.payload.firmware.oci.reference resolved to when the
+    /// campaign was first prepared; a restarted operator pulls this digest, never the tag again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub oci_digest: Option<String>,
     /// Some failed devices with their reasons (at most 20; devices.failed counts them all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]

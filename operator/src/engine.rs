@@ -4,7 +4,9 @@
 //! rotation's issued certificate recorded as pending on the Device before the update that carries
 //! it is published), then the writes, then the MQTT actions; notes become metrics and logs.
 //! Decisions are the registry's and the rollout's; a device's writes stop the moment this replica
-//! loses its shard's Lease, and `forget_shards` drops the shard's sessions.
+//! loses its shard's Lease, and `forget_shards` drops the shard's sessions. Chunks are read from
+//! the cache directory one at a time, just before each is published, so serving a large image
+//! holds one chunk in memory per publish.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
-use sealed_ota_protocol::{Inbound, TopicKind, TopicTree};
+use sealed_ota_protocol::{Action, Inbound, TopicKind, TopicTree};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::crd::Device;
@@ -22,7 +24,7 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::mqtt::MqttSession;
 use crate::rollout::Progress;
-use crate::runs::{CampaignKey, CampaignRun, Effects, Note, Plan, RunFacts, Runs};
+use crate::runs::{CampaignKey, CampaignRun, ChunkServe, Effects, Note, Plan, RunFacts, Runs};
 use crate::shards::ShardCount;
 use crate::time::unix_now;
 
@@ -38,10 +40,23 @@ pub struct Engine {
     pub mqtt: MqttSession,
     /// Metrics.
     pub metrics: Metrics,
+    /// Where firmware images are prepared and how their chunks are served.
+    pub firmware: FirmwareSettings,
     runs: Mutex<Runs>,
     writes: DeviceWrites,
     /// Where a campaign whose device finished is sent to be reconciled again.
     wake: mpsc::UnboundedSender<CampaignKey>,
+}
+
+/// Where firmware images are prepared (the cache directory) and how their chunks are served.
+#[derive(Clone, Debug)]
+pub struct FirmwareSettings {
+    /// The cache directory.
+    pub cache: crate::chunk_cache::CacheDir,
+    /// Most chunk bytes of one campaign retained on the broker at once.
+    pub retained_chunk_bytes: u64,
+    /// Largest image accepted from a URL or a registry.
+    pub max_image_bytes: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -58,11 +73,13 @@ impl Engine {
         metrics: Metrics,
         writes: DeviceWrites,
         wake: mpsc::UnboundedSender<CampaignKey>,
+        firmware: FirmwareSettings,
     ) -> Self {
         Self {
             topics,
             mqtt,
             metrics,
+            firmware,
             runs: Mutex::new(Runs::new()),
             writes,
             wake,
@@ -165,6 +182,7 @@ impl Engine {
         let Effects {
             gate,
             writes,
+            chunks,
             actions,
             notes,
             wake,
@@ -185,7 +203,34 @@ impl Engine {
         for w in writes {
             self.writes.send(w);
         }
+        for serve in chunks {
+            self.serve_chunks(serve).await?;
+        }
         self.mqtt.execute(actions).await
+    }
+
+    /// Publish and clear chunks, reading each ciphertext just before its publish.
+    async fn serve_chunks(&self, serve: ChunkServe) -> Result<(), Error> {
+        let serve = Arc::new(serve);
+        for &index in &serve.serve.publish {
+            let (s, topics) = (serve.clone(), self.topics.clone());
+            let publish = tokio::task::spawn_blocking(move || s.publish(&topics, index))
+                .await
+                .map_err(|e| Error::Join(e.to_string()))?;
+            match publish {
+                Ok(o) => {
+                    self.metrics.chunks_served.inc();
+                    self.mqtt.execute(vec![Action::Publish(o)]).await?;
+                }
+                Err(e) => {
+                    tracing::warn!(campaign = %serve.prepared.campaign_id(), index, error = %e, "reading a chunk from the cache failed");
+                }
+            }
+        }
+        let clears = serve.clears(&self.topics);
+        self.mqtt
+            .execute(clears.into_iter().map(Action::Publish).collect())
+            .await
     }
 
     fn note(&self, note: &Note) {

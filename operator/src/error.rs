@@ -64,6 +64,9 @@ pub enum Error {
     /// A blocking task panicked or was cancelled.
     #[error("background task: {0}")]
     Join(String),
+    /// The firmware cache directory failed (disk full, permissions).
+    #[error("firmware cache: {0}")]
+    Cache(String),
     /// The broker is not connected and the step needs it.
     #[error("MQTT broker unavailable: {0}")]
     BrokerUnavailable(String),
@@ -100,6 +103,7 @@ impl Error {
                 _ => "finalizer",
             },
             Error::Join(_) => "join",
+            Error::Cache(_) => "cache",
             Error::BrokerUnavailable(_) => "broker_unavailable",
             Error::MissingMetadata(_) => "metadata",
             Error::Shards(_) => "config",

@@ -125,10 +125,15 @@ pub fn firmware_from_secret(secret: &Secret, key: &str) -> Result<Vec<u8>, Block
 
 /// Check the image against the expected SHA-256 (hex), when one is given.
 pub fn check_digest(image: &[u8], expected: Option<&str>) -> Result<(), Blocker> {
+    check_sha256(&Sha256::digest(image).into(), expected)
+}
+
+/// Check an image's SHA-256 (computed while it was stored) against the expected one (hex).
+pub fn check_sha256(sha256: &[u8; 32], expected: Option<&str>) -> Result<(), Blocker> {
     let Some(expected) = expected else {
         return Ok(());
     };
-    let actual = hex::encode(Sha256::digest(image));
+    let actual = hex::encode(sha256);
     if actual != expected.to_ascii_lowercase() {
         return Err(blocker(BlockerReason::FirmwareDigestMismatch,
             format!("firmware SHA-256 is {actual} but spec.payload.firmware.sha256 says {expected}; fix the image or the digest"),
@@ -140,7 +145,8 @@ pub fn check_digest(image: &[u8], expected: Option<&str>) -> Result<(), Blocker>
 /// The release signature of the campaign, checked against the image and version it must sign.
 pub fn release_signature(
     spec: &ReleaseSignatureSpec,
-    image: &[u8],
+    size: u64,
+    sha: &[u8; 32],
     version: &str,
 ) -> Result<ReleaseSignature, Blocker> {
     const R: BlockerReason = BlockerReason::ReleaseSignatureInvalid;
@@ -150,14 +156,13 @@ pub fn release_signature(
             format!("spec.payload.firmware.releaseSignature cannot be read ({e}); paste what `sealed-ota release sign` prints"),
         )
     })?;
-    let sha: [u8; 32] = Sha256::digest(image).into();
-    if !sig.verifies_for(version, image.len() as u64, &sha) {
+    if !sig.verifies_for(version, size, sha) {
         return Err(blocker(
             R,
             format!(
                 "spec.payload.firmware.releaseSignature (key {}) does not sign this image as version {version} ({} bytes, SHA-256 {}): sign exactly this image with `sealed-ota release sign --version {version}`",
                 hex::encode(sig.key_id()),
-                image.len(),
+                size,
                 hex::encode(sha)
             ),
         ));
@@ -196,9 +201,12 @@ mod tests {
             public_key: hex::encode(&sig.public_key),
             signature: hex::encode(sig.signature),
         };
-        assert_eq!(release_signature(&spec, &image, "1.2.0").unwrap(), sig);
+        let check = |spec: &ReleaseSignatureSpec, img: &[u8], version: &str| {
+            release_signature(spec, img.len() as u64, &Sha256::digest(img).into(), version)
+        };
+        assert_eq!(check(&spec, &image, "1.2.0").unwrap(), sig);
         for (img, version) in [(&b"another image"[..], "1.2.0"), (&image[..], "1.2.1")] {
-            let b = release_signature(&spec, img, version).unwrap_err();
+            let b = check(&spec, img, version).unwrap_err();
             assert_eq!(b.reason, BlockerReason::ReleaseSignatureInvalid);
             assert!(
                 b.message.contains("releaseSignature")
@@ -209,7 +217,7 @@ mod tests {
             signature: "00".into(),
             ..spec
         };
-        assert!(release_signature(&garbled, &image, "1.2.0")
+        assert!(check(&garbled, &image, "1.2.0")
             .unwrap_err()
             .message
             .contains("cannot be read"));

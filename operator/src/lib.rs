@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod arbitration;
+pub mod chunk_cache;
 pub mod config;
 pub mod controller;
 pub mod coordinate;
@@ -14,18 +15,21 @@ pub mod device_status;
 pub mod engine;
 pub mod error;
 pub mod fetch;
+pub mod firmware;
 pub mod gates;
 pub mod http;
 pub mod inputs;
 pub mod membership;
 pub mod metrics;
 pub mod mqtt;
+pub mod oci;
 pub mod plan;
 pub mod policy;
 pub mod preview;
 pub mod prometheus;
 pub mod ramp;
 pub mod reasons;
+pub mod retained;
 pub mod rollout;
 pub mod runs;
 pub mod schedule;
@@ -317,12 +321,22 @@ async fn active(
         engine::DeviceWrites::spawn(client, metrics, 8, shards, held.clone());
     let mut writers: Vec<_> = writer_tasks.into_iter().map(AbortOnDrop).collect();
     let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<runs::CampaignKey>();
+    let cache_root = config.cache_dir.clone();
+    let cache = tokio::task::spawn_blocking(move || chunk_cache::CacheDir::open(&cache_root))
+        .await
+        .map_err(|e| Error::Join(e.to_string()))?
+        .map_err(|e| Error::Cache(e.to_string()))?;
     let engine = Arc::new(engine::Engine::new(
         topics,
         mqtt.clone(),
         metrics.clone(),
         writes,
         finished_tx,
+        engine::FirmwareSettings {
+            cache,
+            retained_chunk_bytes: config.retained_chunk_bytes,
+            max_image_bytes: config.max_image_bytes,
+        },
     ));
     let dispatcher = {
         let engine = engine.clone();

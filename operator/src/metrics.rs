@@ -37,6 +37,8 @@ pub struct Metrics {
     pub bytes_published: IntCounter,
     /// MQTT messages published.
     pub messages_published: IntCounter,
+    /// Chunk messages published (first publishes and republishes, from the cache).
+    pub chunks_served: IntCounter,
     /// 1 while the broker connection is up.
     pub mqtt_connected: IntGauge,
     /// Broker connection losses.
@@ -112,6 +114,10 @@ impl Metrics {
             ),
             bytes_published: counter("mqtt_published_bytes_total", "Payload bytes published"),
             messages_published: counter("mqtt_published_messages_total", "Messages published"),
+            chunks_served: counter(
+                "chunks_served_total",
+                "Chunk messages published (first publishes and republishes)",
+            ),
             mqtt_connected: gauge("mqtt_connected", "1 while the broker connection is up"),
             mqtt_disconnects: counter("mqtt_disconnects_total", "Broker connection losses"),
             status_writes: counter_vec(

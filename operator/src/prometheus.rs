@@ -9,6 +9,8 @@ use crate::gates::MetricResult;
 
 /// How long one query may take.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest Prometheus answer read (an instant query of one scalar is a few hundred bytes).
+pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
 /// The instant-query URL of `query` against the Prometheus at `base`.
 pub fn query_url(base: &str, query: &str) -> String {
@@ -20,7 +22,7 @@ pub fn query_url(base: &str, query: &str) -> String {
 
 /// Run `query` against the Prometheus at `base`.
 pub async fn instant_query(base: &str, query: &str) -> MetricResult {
-    match crate::fetch::fetch(&query_url(base, query), QUERY_TIMEOUT).await {
+    match crate::fetch::fetch(&query_url(base, query), MAX_RESPONSE_BYTES, QUERY_TIMEOUT).await {
         Ok(body) => match parse(&body) {
             Ok(samples) => MetricResult::Samples(samples),
             Err(e) => MetricResult::Error(e),

@@ -161,6 +161,12 @@ pub enum BlockerReason {
     PayloadInvalid,
     /// The MQTT broker refuses or drops the connection.
     BrokerUnavailable,
+    /// spec.payload.firmware.oci.reference does not parse as a registry reference.
+    OciReferenceInvalid,
+    /// spec.payload.firmware.oci.pullSecretName is missing or holds no credentials for the registry.
+    PullSecretInvalid,
+    /// The registry refused the credentials (or access without them).
+    RegistryAuthFailed,
     /// spec.schedule cannot be used (an unknown time zone, a deadline before notBefore).
     InvalidSchedule,
     /// spec.schedule.windows never open (within a year, or before the deadline).
@@ -169,7 +175,7 @@ pub enum BlockerReason {
 
 impl BlockerReason {
     /// Every reason, in documentation order.
-    pub const ALL: [BlockerReason; 15] = [
+    pub const ALL: [BlockerReason; 18] = [
         BlockerReason::InvalidSelector,
         BlockerReason::InvalidRollout,
         BlockerReason::ManagerSecretMissing,
@@ -183,6 +189,9 @@ impl BlockerReason {
         BlockerReason::PayloadMissing,
         BlockerReason::PayloadInvalid,
         BlockerReason::BrokerUnavailable,
+        BlockerReason::OciReferenceInvalid,
+        BlockerReason::PullSecretInvalid,
+        BlockerReason::RegistryAuthFailed,
         BlockerReason::InvalidSchedule,
         BlockerReason::WindowNeverOpens,
     ];
@@ -203,6 +212,9 @@ impl BlockerReason {
             BlockerReason::PayloadMissing => "PayloadMissing",
             BlockerReason::PayloadInvalid => "PayloadInvalid",
             BlockerReason::BrokerUnavailable => "BrokerUnavailable",
+            BlockerReason::OciReferenceInvalid => "OciReferenceInvalid",
+            BlockerReason::PullSecretInvalid => "PullSecretInvalid",
+            BlockerReason::RegistryAuthFailed => "RegistryAuthFailed",
             BlockerReason::InvalidSchedule => "InvalidSchedule",
             BlockerReason::WindowNeverOpens => "WindowNeverOpens",
         }
@@ -229,13 +241,16 @@ impl BlockerReason {
             BlockerReason::ManagerSecretInvalid => "the manager Secret's key, certificate or CA is unusable: replace it",
             BlockerReason::CaSecretMissing => "the rotation CA Secret does not exist: create it",
             BlockerReason::CaSecretInvalid => "the rotation CA Secret is unusable: replace it",
-            BlockerReason::FirmwareUnreadable => "the firmware ConfigMap/Secret or its key is missing or empty: create it",
-            BlockerReason::FirmwareDownloadFailed => "downloading `payload.firmware.url` failed: retried with backoff until the server answers",
+            BlockerReason::FirmwareUnreadable => "the firmware ConfigMap/Secret or its key, or the OCI artifact, is missing, empty or too large, or the artifact has more than one file: fix the source",
+            BlockerReason::FirmwareDownloadFailed => "downloading `payload.firmware.url` or pulling `payload.firmware.oci` failed: retried with backoff until the server answers",
             BlockerReason::FirmwareDigestMismatch => "the image does not match its SHA-256: fix the image or the digest",
             BlockerReason::ReleaseSignatureInvalid => "`payload.firmware.releaseSignature` does not verify over the image: sign the right image",
             BlockerReason::PayloadMissing => "`spec.payload` names neither firmware nor a rotation",
             BlockerReason::PayloadInvalid => "the payload cannot be prepared (e.g. an invalid target version): fix the spec",
             BlockerReason::BrokerUnavailable => "the MQTT broker refuses or drops the connection: retried with backoff",
+            BlockerReason::OciReferenceInvalid => "`payload.firmware.oci.reference` is not registry/repository:tag or @sha256:<digest>: fix it",
+            BlockerReason::PullSecretInvalid => "`payload.firmware.oci.pullSecretName` is missing, not kubernetes.io/dockerconfigjson, or has no credentials for the registry: fix the Secret",
+            BlockerReason::RegistryAuthFailed => "the registry refused the pull credentials (or anonymous access): fix the pull Secret",
             BlockerReason::InvalidSchedule => "`spec.schedule` cannot be used (an unknown IANA time zone, a bad window, a deadline before `notBefore`): fix it",
             BlockerReason::WindowNeverOpens => "`spec.schedule.windows` never open (within a year, or before the deadline): fix the windows, time zone or deadline",
         }

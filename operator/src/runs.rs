@@ -25,6 +25,7 @@ use crate::device_status::{
     campaign_record, device_status, kept_receipt, DeviceWrite, Handshake, RunIds,
 };
 use crate::reasons::FailureReason;
+use crate::retained::{RetainedChunks, Serve};
 use crate::rollout::{Progress, TimeoutOutcome};
 
 /// (namespace, name) of a campaign.
@@ -84,7 +85,10 @@ pub struct CampaignRun {
     devices: HashMap<String, DeviceRun>,
     /// Resource name by device id.
     by_id: HashMap<String, String>,
-    chunks_published: bool,
+    /// Where the chunk ciphertexts are (the cache directory); `None`: held by `prepared`.
+    source: Option<Arc<dyn ChunkSource>>,
+    /// The chunks retained on the broker now.
+    retained: RetainedChunks,
     ended: bool,
 }
 
@@ -97,6 +101,7 @@ impl CampaignRun {
         manager: ManagerConfig,
         allow_downgrade: bool,
     ) -> Self {
+        let prepared_count = prepared.chunk_count();
         Self {
             ids: RunIds {
                 uid,
@@ -113,9 +118,18 @@ impl CampaignRun {
             allow_downgrade,
             devices: HashMap::new(),
             by_id: HashMap::new(),
-            chunks_published: false,
+            source: None,
+            retained: RetainedChunks::new(prepared_count, u32::MAX),
             ended: false,
         }
+    }
+
+    /// Read chunk ciphertexts from `source` and keep at most `retained_capacity` chunks retained
+    /// on the broker (a campaign with more is served on request: its `prepared` must say so).
+    pub fn with_chunks(mut self, source: Arc<dyn ChunkSource>, retained_capacity: u32) -> Self {
+        self.retained = RetainedChunks::new(self.facts.chunk_count, retained_capacity);
+        self.source = Some(source);
+        self
     }
 
     /// Chunks of the prepared payload.
@@ -232,6 +246,8 @@ pub struct Effects {
     pub gate: Option<Gate>,
     /// Device status writes (ordered per device).
     pub writes: Vec<DeviceWrite>,
+    /// Chunks to publish and clear (before `actions`; reading a chunk is the shell's I/O).
+    pub chunks: Vec<ChunkServe>,
     /// MQTT actions, in order.
     pub actions: Vec<Action>,
     /// What happened.
@@ -246,8 +262,48 @@ impl Effects {
         self.gate = self.gate.take().or(other.gate);
         self.wake = self.wake.take().or(other.wake);
         self.writes.extend(other.writes);
+        self.chunks.extend(other.chunks);
         self.actions.extend(other.actions);
         self.notes.extend(other.notes);
+    }
+}
+
+/// Where a run's chunk ciphertexts are read from (the operator's cache directory).
+pub trait ChunkSource: std::fmt::Debug + Send + Sync {
+    /// The ciphertext of chunk `index`.
+    fn ciphertext(&self, index: u32) -> std::io::Result<Vec<u8>>;
+}
+
+/// Chunks of one run to publish (retained) and clear.
+#[derive(Debug)]
+pub struct ChunkServe {
+    /// The prepared campaign (frames each chunk around its ciphertext).
+    pub prepared: Arc<PreparedCampaign>,
+    /// Where the ciphertexts are; `None`: held by `prepared`.
+    pub source: Option<Arc<dyn ChunkSource>>,
+    /// What to publish and clear.
+    pub serve: Serve,
+}
+
+impl ChunkServe {
+    /// The retained publish of chunk `index` (reads the cache: blocking I/O for a file source).
+    pub fn publish(&self, topics: &TopicTree, index: u32) -> std::io::Result<Outbound> {
+        Ok(match &self.source {
+            Some(source) => {
+                self.prepared
+                    .chunk_publish_from(topics, index, &source.ciphertext(index)?)
+            }
+            None => self.prepared.chunk_publish(topics, index),
+        })
+    }
+
+    /// The empty retained publishes that clear `serve.clear`.
+    pub fn clears(&self, topics: &TopicTree) -> Vec<Outbound> {
+        self.serve
+            .clear
+            .iter()
+            .map(|&i| clear_retained(topics.chunk(self.prepared.campaign_id(), i)))
+            .collect()
     }
 }
 
@@ -423,11 +479,7 @@ impl Runs {
             return fx;
         }
         if !plan.start.is_empty() {
-            fx.actions.extend(
-                self.take_chunk_publishes(key, topics)
-                    .into_iter()
-                    .map(Action::Publish),
-            );
+            fx.chunks.extend(self.serve(key, |r| r.start()));
         }
         for &(index, attempt) in &plan.start {
             if let Some(device) = devices.get(index) {
@@ -437,18 +489,21 @@ impl Runs {
         fx
     }
 
-    /// Retained chunk publishes, the first time the run needs them.
-    fn take_chunk_publishes(&mut self, key: &CampaignKey, topics: &TopicTree) -> Vec<Outbound> {
-        match self.runs.get_mut(key) {
-            Some(run) if !run.chunks_published => {
-                run.chunks_published = true;
-                run.prepared
-                    .as_ref()
-                    .map(|p| p.chunk_publishes(topics))
-                    .unwrap_or_default()
-            }
-            _ => Vec::new(),
-        }
+    /// What the run's retained window says to publish and clear (the first start publishes a
+    /// campaign that fits whole; pulls and retries publish what devices ask for).
+    fn serve(
+        &mut self,
+        key: &CampaignKey,
+        f: impl FnOnce(&mut RetainedChunks) -> Serve,
+    ) -> Option<ChunkServe> {
+        let run = self.runs.get_mut(key)?;
+        let prepared = run.prepared.clone()?;
+        let serve = f(&mut run.retained);
+        (!serve.is_empty()).then(|| ChunkServe {
+            prepared,
+            source: run.source.clone(),
+            serve,
+        })
     }
 
     /// Start (or restart) one device: a fresh session and its retained notify.
@@ -709,7 +764,9 @@ impl Runs {
             self.health_routes.remove(&dr.device_id);
         }
         run.by_id.clear();
-        // The encrypted image is no longer needed: release it.
+        run.retained.end();
+        // The encrypted image (and its cache directory, with the source) is no longer needed.
+        run.source = None;
         if let Some(prepared) = run.prepared.take() {
             fx.actions.extend(
                 prepared
@@ -866,12 +923,22 @@ impl Runs {
                 }
                 ManagerEvent::Progress { .. } => {}
                 ManagerEvent::ChunksRequested { indices } => {
-                    fx.actions.extend(
-                        indices
-                            .into_iter()
-                            .filter(|i| *i < prepared.chunk_count())
-                            .map(|i| Action::Publish(prepared.chunk_publish(topics, i))),
-                    );
+                    let serve = run.retained.retry(&indices);
+                    fx.chunks.push(ChunkServe {
+                        prepared: prepared.clone(),
+                        source: run.source.clone(),
+                        serve,
+                    });
+                }
+                ManagerEvent::ChunksPulled { indices } => {
+                    let serve = run.retained.pull(&indices);
+                    if !serve.is_empty() {
+                        fx.chunks.push(ChunkServe {
+                            prepared: prepared.clone(),
+                            source: run.source.clone(),
+                            serve,
+                        });
+                    }
                 }
                 ManagerEvent::Installed {
                     version,
@@ -1224,6 +1291,22 @@ mod tests {
             }
         }
 
+        /// Carry out what the shell would: chunks first (read and framed), then the actions.
+        fn relay(&mut self, fx: &mut Effects) {
+            let topics = self.topics.clone();
+            for c in std::mem::take(&mut fx.chunks) {
+                let mut publishes: Vec<Action> = c
+                    .serve
+                    .publish
+                    .iter()
+                    .map(|&i| Action::Publish(c.publish(&topics, i).unwrap()))
+                    .collect();
+                publishes.extend(c.clears(&topics).into_iter().map(Action::Publish));
+                self.manager_actions(publishes);
+            }
+            self.manager_actions(std::mem::take(&mut fx.actions));
+        }
+
         fn uid(&self) -> &'static str {
             "uid-1"
         }
@@ -1239,7 +1322,7 @@ mod tests {
             let mut fx = self
                 .runs
                 .apply(&key, self.uid(), &devices, &plan, &topics, self.now);
-            self.manager_actions(std::mem::take(&mut fx.actions));
+            self.relay(&mut fx);
             fx
         }
 
@@ -1257,7 +1340,7 @@ mod tests {
                             .issued_recorded(&g.campaign, &g.device, g.fingerprint);
                         all.writes.push(g.write);
                     }
-                    self.manager_actions(std::mem::take(&mut fx.actions));
+                    self.relay(&mut fx);
                     all.extend(fx);
                 }
             }
@@ -1286,6 +1369,98 @@ mod tests {
             .find(|w| w.name == device)
             .and_then(|w| w.status.campaign.as_ref())
             .map(|c| c.phase)
+    }
+
+    /// Chunk ciphertexts held in memory, read like the cache directory.
+    #[derive(Debug)]
+    struct Held(sealed_ota_protocol::SealedFirmware, Vec<u8>);
+
+    impl ChunkSource for Held {
+        fn ciphertext(&self, index: u32) -> std::io::Result<Vec<u8>> {
+            let start = self.0.ciphertext_offset(index) as usize;
+            Ok(self.1[start..start + self.0.ciphertext_len(index)].to_vec())
+        }
+    }
+
+    #[test]
+    fn a_large_image_is_served_as_devices_pull_with_at_most_capacity_chunks_retained() {
+        let mut w = World::new(firmware(), &["d1", "d2", "d3"]);
+        // 40 chunks, at most 10 retained: served on request from the (here in-memory) cache.
+        let image: Vec<u8> = (0..40 * 1024).map(|i| (i % 253) as u8).collect();
+        let (sealed, cts) =
+            sealed_ota_protocol::SealedFirmware::seal_all("uid-1", 1024, &image).unwrap();
+        let prepared = PreparedCampaign::prepare(CampaignSpec {
+            campaign_id: "uid-1".into(),
+            target_version: "2.0.0".into(),
+            payload: CampaignPayload::Sealed(sealed.clone()),
+            expires_at: NOW + 3600,
+            chunk_size: 1024,
+            release: None,
+        })
+        .unwrap()
+        .served_on_request();
+        let run = CampaignRun::new(
+            "uid-1".into(),
+            "2.0.0".into(),
+            Arc::new(prepared),
+            w.config.clone(),
+            false,
+        )
+        .with_chunks(Arc::new(Held(sealed, cts)), 10);
+        w.runs.insert(w.key.clone(), run);
+        let fx = w.apply(Plan {
+            start: vec![(0, 1), (1, 1), (2, 1)],
+            deadline: NOW + 60,
+            ..Plan::default()
+        });
+        assert!(!fx.notes.is_empty());
+        let chunk_topics = |w: &World| {
+            w.retained
+                .keys()
+                .filter(|t| t.contains("/_chunks/"))
+                .count()
+        };
+        // The devices' first windows were asked for as they subscribed: nothing was published
+        // before that, and what is retained now is what they asked for, within the bound.
+        assert!(chunk_topics(&w) <= 10);
+        let mut most = 0;
+        let mut published = 0;
+        while !w.to_manager.is_empty() {
+            for m in std::mem::take(&mut w.to_manager) {
+                let device = m.topic.split('/').nth(2).unwrap().to_owned();
+                let topics = w.topics.clone();
+                let mut fx = w.runs.dispatch(&device, &m, &topics, w.now);
+                published += fx
+                    .chunks
+                    .iter()
+                    .map(|c| c.serve.publish.len())
+                    .sum::<usize>();
+                w.relay(&mut fx);
+                most = most.max(chunk_topics(&w));
+            }
+        }
+        assert_eq!(
+            w.progress(),
+            vec![
+                Progress::Succeeded,
+                Progress::Succeeded,
+                Progress::Succeeded
+            ]
+        );
+        assert!(most <= 10, "at most 10 chunks retained, saw {most}");
+        // Three devices pulling the same windows cost about one publish per chunk (a device that
+        // falls more than the window behind gets a republish).
+        assert!(
+            (40..=60).contains(&published),
+            "{published} chunk publishes"
+        );
+        // The end clears what is retained.
+        let fx = w.apply(Plan {
+            end: true,
+            ..Plan::default()
+        });
+        assert!(fx.actions.is_empty(), "relayed");
+        assert_eq!(chunk_topics(&w), 0);
     }
 
     #[test]

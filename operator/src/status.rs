@@ -348,6 +348,8 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         chunk_count,
         expires_at,
         release_key_id,
+        // Recorded by the controller from the campaign's first preparation.
+        oci_digest: None,
         failures,
         conditions,
         // Set by the coordinator from the shards' reports (`coordinate`) and its seed.

@@ -172,6 +172,13 @@ impl Harness {
             lease_name: "sealed-ota-operator".into(),
             identity: Some(identity.into()),
             shards: 1,
+            // Each operator of a test has a cache of its own (it empties it when it starts).
+            cache_dir: std::env::temp_dir().join(format!(
+                "sealed-ota-cache-{}-{identity}-{port}",
+                self.ns.name
+            )),
+            retained_chunk_bytes: 64 * 1024 * 1024,
+            max_image_bytes: 256 * 1024 * 1024,
         };
         edit(&mut config);
         let (tx, rx) = oneshot::channel();

@@ -534,7 +534,7 @@ fn print_ratios(r: &Ratios) {
 fn threads() -> usize {
     std::thread::available_parallelism()
         .map_or(1, usize::from)
-        .min(manager::MAX_PREPARE_THREADS)
+        .min(sealer::MAX_PREPARE_THREADS)
 }
 
 /// Interaction counts of the firmware and the rotation campaign.

@@ -1255,8 +1255,15 @@ impl DeviceSession {
                 .map(|&i| self.config.topics.chunk(&t.campaign_id, i))
                 .collect(),
         ));
+        // Chunks served on request: ask for the window right after subscribing to it (the broker
+        // handles both in order, so what the manager publishes for it reaches this subscription).
+        let ask = t.manifest.pull.then(|| next.clone());
         self.window = next;
         self.window_deadline = now.saturating_add(self.window_timeout);
+        if let Some(indices) = ask {
+            out.actions
+                .extend(self.status(&StatusBody::ChunksRequested { indices }));
+        }
     }
 
     /// Whether the live session (if any) is past the campaign's expiry.
@@ -1517,6 +1524,7 @@ impl DeviceSession {
     /// Reconnected: resubscribe and re-request the current chunk window.
     pub fn on_reconnect(&mut self, now: u64) -> Vec<Action> {
         let mut actions = vec![self.base_subscribe()];
+        let mut ask = None;
         if let Some(t) = &self.state.transfer {
             if !self.window.is_empty() && self.content_key.is_some() {
                 actions.push(Action::Subscribe(
@@ -1526,7 +1534,19 @@ impl DeviceSession {
                         .collect(),
                 ));
                 self.window_deadline = now.saturating_add(self.window_timeout);
+                if t.manifest.pull {
+                    ask = Some(
+                        self.window
+                            .iter()
+                            .copied()
+                            .filter(|&i| !t.received.get(i))
+                            .collect::<Vec<u32>>(),
+                    );
+                }
             }
+        }
+        if let Some(indices) = ask.filter(|i| !i.is_empty()) {
+            actions.extend(self.status(&StatusBody::ChunksRequested { indices }));
         }
         actions
     }

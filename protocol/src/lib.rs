@@ -8,8 +8,10 @@
 //! `docs/protocol.md`; the API contract with the operator and the device emulator is
 //! `docs/protocol-api.md`.
 //!
-//! Typical use, manager side: [`PreparedCampaign::prepare`] once per campaign (encrypts the image
-//! once), publish [`PreparedCampaign::chunk_publishes`], subscribe [`TopicTree::ready_filter`] and
+//! Typical use, manager side: [`ChunkSealer`] seals the image chunk by chunk (or
+//! [`PreparedCampaign::prepare`] an image in memory) and [`PreparedCampaign::prepare`] once per
+//! campaign, publish chunks as devices ask for them ([`PreparedCampaign::chunk_publish_from`]
+//! around the stored ciphertext, or [`PreparedCampaign::chunk_publish`]), subscribe [`TopicTree::ready_filter`] and
 //! [`TopicTree::status_filter`], then one [`ManagerSession::start`] per device and feed it the
 //! ready/status messages of that device. Device side: [`DeviceSession::new`], feed every message of
 //! its notify, update and chunk topics to [`DeviceSession::handle`], call
@@ -30,6 +32,7 @@ pub mod manifest;
 pub mod merkle;
 pub mod mqtt;
 pub mod release;
+pub mod sealer;
 pub mod topics;
 pub mod vectors;
 pub mod wire;
@@ -49,6 +52,7 @@ pub use manager::{
 pub use manifest::{bounded_text, Manifest, PayloadKind, RejectReason};
 pub use mqtt::{Action, Inbound, Outbound, Properties};
 pub use release::{ReleaseKey, ReleaseSignature, ReleaseSigner};
+pub use sealer::{ChunkSealer, SealedFirmware, MAX_PREPARE_THREADS};
 pub use topics::{TopicKind, TopicTree};
 pub use wire::{verify_receipt, Claim, HealthBody, ReceiptBody};
 

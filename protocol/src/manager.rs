@@ -4,11 +4,7 @@
 //! manager to republish, and the signed abort. It performs no I/O: actions are returned to the
 //! caller.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-
-use sha2::{Digest, Sha256};
-use zeroize::Zeroizing;
 
 use crate::crypto::{self, SessionKeys, Transcript};
 use crate::error::ProtocolError;
@@ -17,12 +13,12 @@ use crate::manifest::{
     bounded_text, check_version, Manifest, PayloadKind, RejectReason, MAX_REASON_TEXT,
     MAX_VERSION_TEXT,
 };
-use crate::merkle::{leaf_hash, MerkleTree};
 use crate::mqtt::{Action, Inbound, Outbound, Properties, CONTENT_TYPE, VERSION_PROPERTY};
 use crate::release::ReleaseSignature;
+use crate::sealer::SealedFirmware;
 use crate::topics::{validate_id, TopicKind, TopicTree};
 use crate::wire::{
-    self, AbortBody, ChunkMsg, Claim, NotifyBody, SignedEnvelope, StatusBody, UpdateBody, UpdateMsg,
+    self, AbortBody, Claim, NotifyBody, SignedEnvelope, StatusBody, UpdateBody, UpdateMsg,
 };
 use crate::WIRE_VERSION;
 
@@ -49,11 +45,14 @@ pub const REPUBLISH_BUDGET_IMAGES: u64 = 4;
 /// What a campaign delivers.
 #[derive(Clone)]
 pub enum CampaignPayload {
-    /// A firmware image.
+    /// A firmware image in memory (sealed by `prepare`, its ciphertext kept in memory).
     Firmware {
         /// The image bytes.
         image: Vec<u8>,
     },
+    /// A firmware image the caller sealed chunk by chunk ([`crate::ChunkSealer`]) and whose
+    /// ciphertext it keeps (the operator's cache directory).
+    Sealed(SealedFirmware),
     /// New credentials issued by `ca`.
     RotateCredentials {
         /// Key delivery mode.
@@ -69,6 +68,7 @@ impl std::fmt::Debug for CampaignPayload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CampaignPayload::Firmware { image } => write!(f, "Firmware({} bytes)", image.len()),
+            CampaignPayload::Sealed(sealed) => write!(f, "Sealed({} bytes)", sealed.size()),
             CampaignPayload::RotateCredentials {
                 mode,
                 validity_days,
@@ -108,21 +108,24 @@ pub struct CampaignSpec {
     pub release: Option<ReleaseSignature>,
 }
 
-/// Encrypted once, shared by every device session of the campaign.
+/// Encrypted once, shared by every device session of the campaign. It holds what the manifests
+/// and proofs need ([`SealedFirmware`]); the chunk ciphertext is held here only when the campaign
+/// was prepared from an image in memory ([`CampaignPayload::Firmware`]), otherwise the caller
+/// keeps it (the operator: in its cache directory) and frames chunks with
+/// [`PreparedCampaign::chunk_publish_from`].
 pub struct PreparedCampaign {
     campaign_id: String,
     target_version: String,
     expires_at: u64,
     chunk_size: u32,
     kind: PayloadKind,
-    image_size: u64,
-    image_sha256: [u8; 32],
-    merkle_root: [u8; 32],
-    content_key: Zeroizing<[u8; 32]>,
-    chunk_payloads: Vec<Vec<u8>>,
-    max_chunk_payload: usize,
+    firmware: Option<SealedFirmware>,
+    /// Every chunk's ciphertext, concatenated (in-memory preparation only).
+    held: Option<Vec<u8>>,
     rotation: Option<(RotationMode, Arc<CertificateAuthority>, u32)>,
     release: Option<ReleaseSignature>,
+    /// Chunks are served on request (the manifest's `pull`).
+    pull: bool,
 }
 
 impl std::fmt::Debug for PreparedCampaign {
@@ -131,154 +134,19 @@ impl std::fmt::Debug for PreparedCampaign {
             .field("campaign_id", &self.campaign_id)
             .field("target_version", &self.target_version)
             .field("kind", &self.kind)
-            .field("chunk_count", &self.chunk_payloads.len())
+            .field("chunk_count", &self.chunk_count())
             .field("content_key", &"<redacted>")
             .finish()
     }
 }
 
-/// Images smaller than this are prepared on the calling thread alone (spawning threads would cost
-/// more than it saves).
-const PARALLEL_MIN_BYTES: usize = 256 * 1024;
-/// Most threads preparation uses. The SHA-256 of the whole image is one sequential chain of about a
-/// third of the work, so beyond ~3 threads the others only wait for it.
-pub const MAX_PREPARE_THREADS: usize = 4;
-
-/// One encrypted chunk before its Merkle proof is known: the CBOR encoding of its message up to
-/// and including the ciphertext, and its Merkle leaf.
-struct SealedChunk {
-    payload: Vec<u8>,
-    leaf: [u8; 32],
-}
-
-/// Encrypt chunk `index` straight into its message buffer and hash the ciphertext for its Merkle
-/// leaf while it is still in cache. The buffer is sized for the whole message, proof included.
-fn seal_chunk(
-    cipher: &crypto::ChunkCipher,
-    campaign_id: &str,
-    index: u32,
-    count: u32,
-    plaintext: &[u8],
-) -> SealedChunk {
-    let ct_len = plaintext.len() + crypto::TAG_LEN;
-    let bound = wire::chunk_payload_bound(campaign_id, plaintext.len() as u64, count);
-    let mut payload = Vec::with_capacity(usize::try_from(bound).unwrap_or(usize::MAX));
-    ChunkMsg::encode_head(&mut payload, campaign_id, index, count, ct_len);
-    let start = payload.len();
-    cipher.encrypt_into(campaign_id, index, count, plaintext, &mut payload);
-    let leaf = leaf_hash(index, &payload[start..]);
-    SealedChunk { payload, leaf }
-}
-
-/// What preparation derives from an image: every chunk message, the Merkle root over the
-/// ciphertexts and the SHA-256 of the plaintext.
-struct SealedImage {
-    payloads: Vec<Vec<u8>>,
-    merkle_root: [u8; 32],
-    image_sha256: [u8; 32],
-}
-
-/// Encrypt every chunk of a non-empty `image` (at most `MAX_CHUNK_COUNT` chunks, checked by the
-/// caller), build the Merkle tree and finish every chunk message with its proof, and compute the
-/// SHA-256 of the whole image, on `threads` threads: the calling thread hashes the image (one
-/// sequential SHA-256 chain) while the others seal chunks, then it seals chunks too; each thread
-/// takes the next unsealed index. Every chunk depends only on its index, so the result is the same
-/// for any number of threads and any scheduling.
-fn seal_image(
-    content_key: &[u8; 32],
-    campaign_id: &str,
-    image: &[u8],
-    chunk_size: usize,
-    threads: usize,
-) -> SealedImage {
-    let cipher = crypto::ChunkCipher::new(content_key);
-    let chunks: Vec<&[u8]> = image.chunks(chunk_size).collect();
-    let count = chunks.len() as u32;
-    let seal = |i: usize| seal_chunk(&cipher, campaign_id, i as u32, count, chunks[i]);
-    let (mut sealed, image_sha256): (Vec<SealedChunk>, [u8; 32]) = if threads.min(chunks.len()) <= 1
-    {
-        // One pass per chunk: hash the plaintext for the image digest, then copy, encrypt
-        // and leaf-hash it while it is in cache.
-        let mut image_hash = Sha256::new();
-        let sealed = (0..chunks.len())
-            .map(|i| {
-                image_hash.update(chunks[i]);
-                seal(i)
-            })
-            .collect();
-        (sealed, image_hash.finalize().into())
-    } else {
-        let next = AtomicUsize::new(0);
-        let work = || {
-            let mut done = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= chunks.len() {
-                    return done;
-                }
-                done.push((i, seal(i)));
-            }
-        };
-        let (digest, mut done) = std::thread::scope(|scope| {
-            let workers: Vec<_> = (1..threads.min(chunks.len()))
-                .map(|_| scope.spawn(work))
-                .collect();
-            let digest = crypto::sha256(image);
-            let mut done = work();
-            for w in workers {
-                // A worker panics only on a bug: propagate it.
-                done.extend(w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
-            }
-            (digest, done)
-        });
-        done.sort_unstable_by_key(|(i, _)| *i);
-        (done.into_iter().map(|(_, s)| s).collect(), digest)
-    };
-    let tree = MerkleTree::from_leaves(sealed.iter().map(|s| s.leaf).collect());
-    for (i, s) in sealed.iter_mut().enumerate() {
-        ChunkMsg::encode_tail(&mut s.payload, &tree.proof(i as u32));
-    }
-    SealedImage {
-        payloads: sealed.into_iter().map(|s| s.payload).collect(),
-        merkle_root: tree.root(),
-        image_sha256,
-    }
-}
-
 impl PreparedCampaign {
-    /// Validate the spec, draw a fresh random content key, encrypt and chunk the image once and
-    /// build the Merkle tree over the encrypted chunks. Images of 256 KiB or more are prepared on
-    /// up to `std::thread::available_parallelism()` threads (at most 4; scoped, all joined before
-    /// this returns); the result does not depend on the number of threads.
+    /// Validate the spec and prepare the payload. An image in memory
+    /// ([`CampaignPayload::Firmware`]) is sealed here under a fresh random content key (batches of
+    /// 256 KiB or more on up to [`MAX_PREPARE_THREADS`] scoped threads; the result does not depend
+    /// on the number of threads) and its ciphertext kept; an image sealed by the caller
+    /// ([`CampaignPayload::Sealed`]) must have been sealed under this campaign id and chunk size.
     pub fn prepare(spec: CampaignSpec) -> Result<Self, ProtocolError> {
-        // Fresh per prepared campaign: this is what makes index-derived chunk nonces safe.
-        Self::prepare_with_key(spec, Zeroizing::new(crypto::random::<32>()))
-    }
-
-    /// Like [`PreparedCampaign::prepare`], with the content key derived from a secret random
-    /// `seed` shared by several manager replicas ([`crypto::seeded_content_key`], bound to the
-    /// campaign id, version, chunking and image digest): every replica that prepares the same spec
-    /// with the same seed publishes the same chunks, so devices of any replica can take chunks
-    /// retained by another. The seed must be fresh per campaign and kept secret like a content key.
-    pub fn prepare_seeded(spec: CampaignSpec, seed: &[u8; 32]) -> Result<Self, ProtocolError> {
-        let digest = match &spec.payload {
-            CampaignPayload::Firmware { image } => crypto::sha256(image),
-            CampaignPayload::RotateCredentials { .. } => [0; 32],
-        };
-        let key = crypto::seeded_content_key(
-            seed,
-            &spec.campaign_id,
-            &spec.target_version,
-            spec.chunk_size,
-            &digest,
-        );
-        Self::prepare_with_key(spec, key)
-    }
-
-    fn prepare_with_key(
-        spec: CampaignSpec,
-        content_key: Zeroizing<[u8; 32]>,
-    ) -> Result<Self, ProtocolError> {
         let invalid = |m: String| ProtocolError::InvalidCampaign(m);
         validate_id(&spec.campaign_id).map_err(|e| invalid(e.to_string()))?;
         semver::Version::parse(&spec.target_version)
@@ -296,58 +164,29 @@ impl PreparedCampaign {
             expires_at: spec.expires_at,
             chunk_size: spec.chunk_size,
             kind: PayloadKind::Firmware,
-            image_size: 0,
-            image_sha256: [0; 32],
-            merkle_root: [0; 32],
-            content_key,
-            chunk_payloads: Vec::new(),
-            max_chunk_payload: 0,
+            firmware: None,
+            held: None,
             rotation: None,
             release: None,
+            pull: false,
         };
-        match spec.payload {
+        let sealed = match spec.payload {
             CampaignPayload::Firmware { image } => {
-                let count = image.len().div_ceil(spec.chunk_size as usize);
-                if count == 0 {
-                    return Err(invalid("empty image".into()));
-                }
-                if count > wire::MAX_CHUNK_COUNT as usize {
+                let (sealed, cts) = SealedFirmware::seal_all(&c.campaign_id, c.chunk_size, &image)?;
+                c.held = Some(cts);
+                Some(sealed)
+            }
+            CampaignPayload::Sealed(sealed) => {
+                if sealed.stream_id() != c.campaign_id || sealed.chunk_size() != c.chunk_size {
                     return Err(invalid(format!(
-                        "{count} chunks exceed {}",
-                        wire::MAX_CHUNK_COUNT
+                        "the image was sealed as {:?} in chunks of {} bytes, not as campaign {:?} in chunks of {}",
+                        sealed.stream_id(),
+                        sealed.chunk_size(),
+                        c.campaign_id,
+                        c.chunk_size
                     )));
                 }
-                let threads = if image.len() < PARALLEL_MIN_BYTES {
-                    1
-                } else {
-                    std::thread::available_parallelism()
-                        .map_or(1, usize::from)
-                        .min(MAX_PREPARE_THREADS)
-                };
-                let sealed = seal_image(
-                    &c.content_key,
-                    &c.campaign_id,
-                    &image,
-                    spec.chunk_size as usize,
-                    threads,
-                );
-                c.chunk_payloads = sealed.payloads;
-                c.max_chunk_payload = c.chunk_payloads.iter().map(Vec::len).max().unwrap_or(0);
-                c.merkle_root = sealed.merkle_root;
-                c.image_size = image.len() as u64;
-                c.image_sha256 = sealed.image_sha256;
-                if let Some(sig) = spec.release {
-                    if !sig.verifies_for(&c.target_version, c.image_size, &c.image_sha256) {
-                        return Err(invalid(format!(
-                            "release signature by key {} does not verify for this image (version {}, {} bytes, SHA-256 {}): sign exactly this image and version with `sealed-ota release sign`",
-                            hex::encode(sig.key_id()),
-                            c.target_version,
-                            c.image_size,
-                            hex::encode(c.image_sha256)
-                        )));
-                    }
-                    c.release = Some(sig);
-                }
+                Some(sealed)
             }
             CampaignPayload::RotateCredentials {
                 mode,
@@ -369,11 +208,38 @@ impl PreparedCampaign {
                     ));
                 }
                 c.rotation = Some((mode, ca, days));
+                None
             }
+        };
+        if let Some(sealed) = sealed {
+            if let Some(sig) = spec.release {
+                if !sig.verifies_for(&c.target_version, sealed.size(), &sealed.sha256()) {
+                    return Err(invalid(format!(
+                        "release signature by key {} does not verify for this image (version {}, {} bytes, SHA-256 {}): sign exactly this image and version with `sealed-ota release sign`",
+                        hex::encode(sig.key_id()),
+                        c.target_version,
+                        sealed.size(),
+                        hex::encode(sealed.sha256())
+                    )));
+                }
+                c.release = Some(sig);
+            }
+            c.firmware = Some(sealed);
         }
         Ok(c)
     }
 
+    /// Serve chunks on request: every device's manifest says `pull`, so devices ask for each
+    /// window as they subscribe to it, and the caller publishes (retained) only what is asked for
+    /// and may clear what it published before (a bounded retained window on the broker).
+    pub fn served_on_request(mut self) -> Self {
+        self.pull = self.kind == PayloadKind::Firmware;
+        self
+    }
+    /// Whether chunks are served on request.
+    pub fn pull(&self) -> bool {
+        self.pull
+    }
     /// Campaign id.
     pub fn campaign_id(&self) -> &str {
         &self.campaign_id
@@ -386,21 +252,31 @@ impl PreparedCampaign {
     pub fn kind(&self) -> PayloadKind {
         self.kind
     }
+    /// The sealed image (firmware campaigns).
+    pub fn firmware(&self) -> Option<&SealedFirmware> {
+        self.firmware.as_ref()
+    }
     /// Number of chunks (0 for rotations).
     pub fn chunk_count(&self) -> u32 {
-        self.chunk_payloads.len() as u32
+        self.firmware
+            .as_ref()
+            .map_or(0, SealedFirmware::chunk_count)
     }
     /// SHA-256 of the plaintext image.
     pub fn image_sha256(&self) -> [u8; 32] {
-        self.image_sha256
+        self.firmware
+            .as_ref()
+            .map_or([0; 32], SealedFirmware::sha256)
     }
     /// Image size.
     pub fn image_size(&self) -> u64 {
-        self.image_size
+        self.firmware.as_ref().map_or(0, SealedFirmware::size)
     }
     /// Merkle root over the encrypted chunks.
     pub fn merkle_root(&self) -> [u8; 32] {
-        self.merkle_root
+        self.firmware
+            .as_ref()
+            .map_or([0; 32], SealedFirmware::merkle_root)
     }
     /// Expiry.
     pub fn expires_at(&self) -> u64 {
@@ -412,37 +288,40 @@ impl PreparedCampaign {
     }
     /// Total bytes of all chunk payloads (what publishing every chunk once costs).
     pub fn chunk_bytes(&self) -> u64 {
-        self.chunk_payloads.iter().map(|p| p.len() as u64).sum()
+        self.firmware.as_ref().map_or(0, |f| {
+            (0..f.chunk_count())
+                .map(|i| f.chunk_payload_len(i) as u64)
+                .sum()
+        })
     }
 
-    /// Largest MQTT packet a chunk publish of this campaign needs under `topics`.
+    /// Largest MQTT packet a chunk publish of this campaign needs under `topics`: the bound the
+    /// device computes from its manifest (never below the actual size), so both sides agree.
     pub fn max_chunk_packet(&self, topics: &TopicTree) -> u32 {
-        if self.chunk_payloads.is_empty() {
-            return 0;
+        match &self.firmware {
+            Some(f) => wire::chunk_packet_bound(
+                topics,
+                &self.campaign_id,
+                self.chunk_size,
+                f.chunk_count(),
+            ),
+            None => 0,
         }
-        let topic = topics
-            .chunk(&self.campaign_id, self.chunk_count().saturating_sub(1))
-            .len();
-        let actual = (self.max_chunk_payload + topic + PUBLISH_OVERHEAD) as u32;
-        // The device only knows the manifest, so it checks a bound computed from it; use the same
-        // bound here so both sides always agree (it is never below the actual size).
-        let bound = wire::chunk_packet_bound(
-            topics,
-            &self.campaign_id,
-            self.chunk_size,
-            self.chunk_count(),
-        );
-        actual.max(bound)
     }
 
-    /// The retained publish of chunk `index`. For an index beyond the count the payload is empty
-    /// and `retain` false, which a broker treats as an ordinary empty message (harmless).
-    pub fn chunk_publish(&self, topics: &TopicTree, index: u32) -> Outbound {
+    /// The retained publish of chunk `index` framed around its stored ciphertext `ct`. For an
+    /// index beyond the count, or a ciphertext of the wrong length, the payload is empty and
+    /// `retain` false, which a broker treats as an ordinary empty message (harmless).
+    pub fn chunk_publish_from(&self, topics: &TopicTree, index: u32, ct: &[u8]) -> Outbound {
         let topic = topics.chunk(&self.campaign_id, index);
-        match self.chunk_payloads.get(index as usize) {
-            Some(p) => Outbound {
+        match self
+            .firmware
+            .as_ref()
+            .and_then(|f| f.chunk_payload(index, ct))
+        {
+            Some(payload) => Outbound {
                 topic,
-                payload: p.clone(),
+                payload,
                 retain: true,
                 properties: Properties::default(),
             },
@@ -455,7 +334,21 @@ impl PreparedCampaign {
         }
     }
 
-    /// Every chunk publish (retained), index order.
+    /// The retained publish of chunk `index` of a campaign prepared from an image in memory (see
+    /// [`PreparedCampaign::chunk_publish_from`] for a ciphertext the caller stored).
+    pub fn chunk_publish(&self, topics: &TopicTree, index: u32) -> Outbound {
+        let ct = match (&self.firmware, &self.held) {
+            (Some(f), Some(held)) if index < f.chunk_count() => {
+                let start = f.ciphertext_offset(index) as usize;
+                held.get(start..start + f.ciphertext_len(index))
+                    .unwrap_or_default()
+            }
+            _ => &[],
+        };
+        self.chunk_publish_from(topics, index, ct)
+    }
+
+    /// Every chunk publish (retained), index order (in-memory preparation).
     pub fn chunk_publishes(&self, topics: &TopicTree) -> Vec<Outbound> {
         (0..self.chunk_count())
             .map(|i| self.chunk_publish(topics, i))
@@ -483,11 +376,12 @@ impl PreparedCampaign {
             sha256,
             chunk_size: self.chunk_size,
             chunk_count: self.chunk_count(),
-            merkle_root: self.merkle_root,
+            merkle_root: self.merkle_root(),
             expires_at: self.expires_at,
             allow_downgrade: target.allow_downgrade,
             kind: self.kind,
             release: self.release.clone(),
+            pull: self.pull,
         }
     }
 }
@@ -545,6 +439,12 @@ pub enum ManagerEvent {
     },
     /// The device could not get these chunks: republish them.
     ChunksRequested {
+        /// Indices.
+        indices: Vec<u32>,
+    },
+    /// Chunks served on request: the device subscribed to these (further into the image than it
+    /// asked before) and asks for them. Publish those not retained on the broker already.
+    ChunksPulled {
         /// Indices.
         indices: Vec<u32>,
     },
@@ -645,6 +545,8 @@ pub struct ManagerSession {
     also_pinned: Vec<[u8; 32]>,
     refused: Vec<[u8; 32]>,
     last_request_at: Option<u64>,
+    /// Lowest index a fresh pull may ask for (one above every index asked for before).
+    fresh_from: u32,
     republished: u64,
     /// After an `Installed` firmware receipt: what checks the device's later health reports.
     health: Option<HealthVerifier>,
@@ -863,6 +765,7 @@ impl ManagerSession {
             also_pinned: Vec::new(),
             refused: Vec::new(),
             last_request_at: None,
+            fresh_from: 0,
             republished: 0,
             health: None,
         };
@@ -1175,7 +1078,7 @@ impl ManagerSession {
             .as_ref()
             .filter(|h| {
                 h.campaign_id == self.campaign.campaign_id
-                    && h.merkle_root == self.campaign.merkle_root
+                    && h.merkle_root == self.campaign.merkle_root()
             })
             .map(|h| h.received.min(self.campaign.chunk_count()))
             .unwrap_or(0);
@@ -1207,14 +1110,15 @@ impl ManagerSession {
         };
         match &self.campaign.rotation {
             None => {
-                let m = self.campaign.manifest_for(
-                    &self.target,
-                    self.campaign.image_size,
-                    self.campaign.image_sha256,
-                );
+                let Some(firmware) = &self.campaign.firmware else {
+                    return Err(ProtocolError::InvalidCampaign("no sealed image".into()));
+                };
+                let m =
+                    self.campaign
+                        .manifest_for(&self.target, firmware.size(), firmware.sha256());
                 Ok(UpdateBody::Firmware {
                     manifest: sign_manifest(&m),
-                    content_key: *self.campaign.content_key,
+                    content_key: *firmware.content_key(),
                 })
             }
             Some((mode, ca, days)) => {
@@ -1308,8 +1212,12 @@ impl ManagerSession {
                 if let Some(&bad) = indices.iter().find(|&&i| i >= count) {
                     return Err(ProtocolError::ChunkOutOfRange { index: bad, count });
                 }
-                let indices = self.admit_chunk_request(indices, now)?;
-                out.events.push(ManagerEvent::ChunksRequested { indices });
+                let (indices, fresh) = self.admit_chunk_request(indices, now)?;
+                out.events.push(if fresh {
+                    ManagerEvent::ChunksPulled { indices }
+                } else {
+                    ManagerEvent::ChunksRequested { indices }
+                });
             }
         }
         if let Some(est) = self.established.as_mut() {
@@ -1318,23 +1226,28 @@ impl ManagerSession {
         Ok(out)
     }
 
-    /// The part of a chunk request this session answers: at most one request per
-    /// [`MIN_REQUEST_INTERVAL_SECS`], at most [`MAX_REPUBLISH_PER_REQUEST`] distinct indices, within
-    /// a budget of [`REPUBLISH_BUDGET_IMAGES`] images per session. Beyond that: `RateLimited`.
+    /// The part of a chunk request this session answers: at most [`MAX_REPUBLISH_PER_REQUEST`]
+    /// distinct indices, within a budget of [`REPUBLISH_BUDGET_IMAGES`] images per session, and at
+    /// most one request per [`MIN_REQUEST_INTERVAL_SECS`] — except, when chunks are served on
+    /// request, a *fresh* pull (every index above all this session asked for before: a device
+    /// moving through the image window by window), which is answered at once. Beyond that:
+    /// `RateLimited`. Also says whether the request was such a fresh pull.
     fn admit_chunk_request(
         &mut self,
         mut indices: Vec<u32>,
         now: u64,
-    ) -> Result<Vec<u32>, ProtocolError> {
-        if self
-            .last_request_at
-            .is_some_and(|t| now < t.saturating_add(MIN_REQUEST_INTERVAL_SECS))
-        {
-            return Err(ProtocolError::RateLimited("more than one request a second"));
-        }
+    ) -> Result<(Vec<u32>, bool), ProtocolError> {
         indices.sort_unstable();
         indices.dedup();
         indices.truncate(MAX_REPUBLISH_PER_REQUEST);
+        let fresh = self.campaign.pull && indices.first().is_some_and(|&i| i >= self.fresh_from);
+        if !fresh
+            && self
+                .last_request_at
+                .is_some_and(|t| now < t.saturating_add(MIN_REQUEST_INTERVAL_SECS))
+        {
+            return Err(ProtocolError::RateLimited("more than one request a second"));
+        }
         let budget = REPUBLISH_BUDGET_IMAGES
             .saturating_mul(u64::from(self.campaign.chunk_count()))
             .saturating_add(MAX_REPUBLISH_PER_REQUEST as u64);
@@ -1345,8 +1258,14 @@ impl ManagerSession {
             ));
         }
         self.republished = after;
-        self.last_request_at = Some(now);
-        Ok(indices)
+        if fresh {
+            self.fresh_from = indices
+                .last()
+                .map_or(self.fresh_from, |&i| i.saturating_add(1));
+        } else {
+            self.last_request_at = Some(now);
+        }
+        Ok((indices, fresh))
     }
 
     /// A receipt: the device's signed plaintext claim of the final outcome, bound to this session.
@@ -1368,7 +1287,7 @@ impl ManagerSession {
         // What the device must claim to have installed: the campaign's image, or for a rotation
         // the certificate this session issued.
         let expected_sha = match self.campaign.kind {
-            PayloadKind::Firmware => Some(self.campaign.image_sha256),
+            PayloadKind::Firmware => Some(self.campaign.image_sha256()),
             _ => self.issued.map(|i| i.fingerprint),
         };
         let differs = |version: &str, sha: &[u8; 32]| {
@@ -1460,116 +1379,5 @@ impl ManagerSession {
                 self.target.allow_downgrade,
             )
             .is_ok()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    //! Preparation against a plain reference built from the primitives, one step after the other.
-    use super::*;
-    use crate::codec::encode;
-
-    /// The one-shot primitives pinned by `tests/vectors/chunk_encryption.json`, ciborium for the
-    /// encoding.
-    fn reference(key: &[u8; 32], id: &str, image: &[u8], chunk: usize) -> SealedImage {
-        let count = image.len().div_ceil(chunk) as u32;
-        let cts: Vec<Vec<u8>> = image
-            .chunks(chunk)
-            .enumerate()
-            .map(|(i, p)| crypto::encrypt_chunk(key, id, i as u32, count, p))
-            .collect();
-        let tree = MerkleTree::from_leaves(
-            cts.iter()
-                .enumerate()
-                .map(|(i, ct)| leaf_hash(i as u32, ct))
-                .collect(),
-        );
-        let payloads = cts
-            .into_iter()
-            .enumerate()
-            .map(|(i, ct)| {
-                encode(&ChunkMsg {
-                    v: WIRE_VERSION,
-                    campaign_id: id.into(),
-                    index: i as u32,
-                    count,
-                    ct,
-                    proof: tree.proof(i as u32),
-                })
-            })
-            .collect();
-        SealedImage {
-            payloads,
-            merkle_root: tree.root(),
-            image_sha256: crypto::sha256(image),
-        }
-    }
-
-    #[test]
-    fn sealing_is_the_same_for_any_thread_count_and_matches_the_reference() {
-        let key = [0x42u8; 32];
-        let image: Vec<u8> = (0..300_001usize).map(|i| (i * 7 % 253) as u8).collect();
-        for (len, chunk) in [
-            (1, 1024),
-            (1000, 1000),
-            (1001, 1000),
-            (300_001, 65_536),
-            (70_000, 7),
-        ] {
-            let want = reference(&key, "camp-1", &image[..len], chunk);
-            for threads in [1, 2, 3, 8] {
-                let got = seal_image(&key, "camp-1", &image[..len], chunk, threads);
-                assert_eq!(
-                    got.image_sha256, want.image_sha256,
-                    "{len}/{chunk} x{threads}"
-                );
-                assert_eq!(
-                    got.merkle_root, want.merkle_root,
-                    "{len}/{chunk} x{threads}"
-                );
-                assert!(got.payloads == want.payloads, "{len}/{chunk} x{threads}");
-                // Each buffer was sized for its whole message (no regrowth, no slack beyond the
-                // bound the device also checks).
-                for p in &got.payloads {
-                    let bound = wire::chunk_payload_bound(
-                        "camp-1",
-                        chunk as u64,
-                        want.payloads.len() as u32,
-                    );
-                    assert!(p.len() as u64 <= bound && p.capacity() as u64 <= bound);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn seeded_preparations_agree_and_a_changed_image_or_seed_changes_the_key() {
-        let spec = |image: Vec<u8>| CampaignSpec {
-            campaign_id: "camp-1".into(),
-            target_version: "2.0.0".into(),
-            payload: CampaignPayload::Firmware { image },
-            expires_at: 1_000_000,
-            chunk_size: 1024,
-            release: None,
-        };
-        let image: Vec<u8> = (0..5000usize).map(|i| (i % 251) as u8).collect();
-        let seed = [7u8; 32];
-        let a = PreparedCampaign::prepare_seeded(spec(image.clone()), &seed).unwrap();
-        let b = PreparedCampaign::prepare_seeded(spec(image.clone()), &seed).unwrap();
-        assert_eq!(a.merkle_root, b.merkle_root);
-        assert!(
-            a.chunk_payloads == b.chunk_payloads,
-            "two replicas publish the same chunks"
-        );
-        // The same seed never encrypts another image under the same key (index-derived nonces).
-        let mut other = image.clone();
-        other[4999] ^= 1;
-        let c = PreparedCampaign::prepare_seeded(spec(other), &seed).unwrap();
-        assert_ne!(*c.content_key, *a.content_key);
-        assert_ne!(c.chunk_payloads[0], a.chunk_payloads[0]);
-        let d = PreparedCampaign::prepare_seeded(spec(image.clone()), &[8u8; 32]).unwrap();
-        assert_ne!(*d.content_key, *a.content_key);
-        let e = PreparedCampaign::prepare(spec(image)).unwrap();
-        assert_ne!(*e.content_key, *a.content_key, "unseeded keys stay random");
     }
 }

@@ -69,6 +69,12 @@ pub struct Manifest {
     /// without a valid one, whatever the manager signed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release: Option<ReleaseSignature>,
+    /// Chunks are published when devices ask for them, and the broker keeps only a bounded number
+    /// retained (large images): the device requests each window as it subscribes to it. Absent
+    /// (false): every chunk is retained from the start and a device asks only for what did not
+    /// arrive in time.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pull: bool,
 }
 
 /// Why a device refused or failed an update. Sent signed in a status report.

@@ -767,6 +767,7 @@ pub fn sample(decoder: Decoder) -> Vec<u8> {
             public_key: eph.clone(),
             signature: [0xdd; 64],
         }),
+        pull: false,
     };
     let signed_manifest = SignedEnvelope::sign(&secret, TYPE_MANIFEST, encode(&manifest)).encode();
     match decoder {

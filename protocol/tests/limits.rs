@@ -20,7 +20,19 @@ struct Insider {
 
 impl Insider {
     fn new(image_len: usize, chunk: u32) -> Self {
-        let mut w = World::new(Pki::new(), campaign(firmware(image_len), chunk));
+        Self::with(campaign(firmware(image_len), chunk))
+    }
+
+    fn with(c: Arc<PreparedCampaign>) -> Self {
+        let mut w = World::new(Pki::new(), c);
+        // No chunk reaches the device: the transfer stays open (also when it pulls).
+        w.hook = Some(Box::new(|client, msg| {
+            if client == "s1" && msg.topic.contains("/_chunks/") {
+                Verdict::Drop
+            } else {
+                Verdict::Deliver
+            }
+        }));
         let id = Arc::new(w.pki.ca.issue(Role::Device, "s1", NOW, 30).unwrap());
         let (mut s, a) = w.pki.device_with(id.clone(), DeviceState::new("1.0.0"), 4);
         let secrets = Arc::new(Secrets::default());
@@ -66,7 +78,8 @@ impl Insider {
             .events
             .into_iter()
             .flat_map(|e| match e {
-                ManagerEvent::ChunksRequested { indices } => indices,
+                ManagerEvent::ChunksRequested { indices }
+                | ManagerEvent::ChunksPulled { indices } => indices,
                 _ => Vec::new(),
             })
             .collect())
@@ -108,6 +121,67 @@ fn chunk_requests_are_capped_rate_limited_and_budgeted() {
         honest.request(vec![0, 1, 2, 3], NOW).unwrap(),
         vec![0, 1, 2, 3]
     );
+}
+
+#[test]
+fn a_pull_moving_forward_is_answered_at_once_and_a_repeat_at_most_once_a_second() {
+    let c = Arc::new(
+        PreparedCampaign::prepare(CampaignSpec {
+            campaign_id: "c1".into(),
+            target_version: "2.0.0".into(),
+            payload: CampaignPayload::Firmware {
+                image: firmware(400 * 1024),
+            },
+            expires_at: NOW + 3600,
+            chunk_size: 1024,
+            release: None,
+        })
+        .unwrap()
+        .served_on_request(),
+    );
+    let mut t = Insider::with(c);
+    // The device's own first window (0..4) was asked when it subscribed; the next windows are
+    // answered back to back, in the same second.
+    for start in (4..64).step_by(4) {
+        let window: Vec<u32> = (start..start + 4).collect();
+        assert_eq!(t.request(window.clone(), NOW).unwrap(), window);
+    }
+    // Asking again for what it asked before is a retry: one is answered, the next within the
+    // same second refused (also when it adds a fresh index)...
+    assert_eq!(t.request(vec![10], NOW).unwrap(), vec![10]);
+    assert!(matches!(
+        t.request(vec![11, 64], NOW),
+        Err(ProtocolError::RateLimited(_))
+    ));
+    // ...and answered a second later.
+    assert_eq!(t.request(vec![11, 64], NOW + 1).unwrap(), vec![11, 64]);
+    // Moving forward is answered at once, however often: the whole image at most (each index is
+    // fresh once), within the same per-session budget as every other request.
+    let mut now = NOW + 1;
+    let mut fresh = 65;
+    let mut answered = 0u64;
+    loop {
+        let ask: Vec<u32> = (fresh..(fresh + 256).min(400)).collect();
+        if ask.is_empty() {
+            break;
+        }
+        answered += t.request(ask.clone(), now).unwrap().len() as u64;
+        fresh += ask.len() as u32;
+    }
+    assert_eq!(answered, 400 - 65);
+    // Past the image only retries remain: once a second, until the budget is spent.
+    let all: Vec<u32> = (0..400).collect();
+    let mut spent = 0;
+    loop {
+        now += 1;
+        match t.request(all.clone(), now) {
+            Ok(got) => spent += got.len(),
+            Err(ProtocolError::RateLimited(_)) => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(now < NOW + 100, "no budget");
+    }
+    assert!(spent <= 4 * 400 + 256, "{spent}");
 }
 
 #[test]

@@ -291,7 +291,8 @@ impl TestManager {
                 ManagerEvent::Rejected { reason, .. } => {
                     self.rejected.insert(device.clone(), reason);
                 }
-                ManagerEvent::ChunksRequested { indices } => {
+                ManagerEvent::ChunksRequested { indices }
+                | ManagerEvent::ChunksPulled { indices } => {
                     let campaign = self.campaign.as_ref().context("no campaign")?;
                     for index in indices {
                         self.republished += 1;

@@ -369,7 +369,9 @@ impl World {
             match s.handle(&msg, now) {
                 Ok(out) => {
                     for e in &out.events {
-                        if let ManagerEvent::ChunksRequested { indices } = e {
+                        if let ManagerEvent::ChunksRequested { indices }
+                        | ManagerEvent::ChunksPulled { indices } = e
+                        {
                             for &i in indices {
                                 let p = self.manager.campaign.chunk_publish(&self.pki.topics, i);
                                 self.broker.publish("manager", p);

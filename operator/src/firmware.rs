@@ -1,0 +1,218 @@
+//! A campaign's firmware image, from its source to sealed chunks on disk: reads the source that
+//! `spec.payload.firmware` names (a ConfigMap or Secret key, an HTTP(S) URL, an OCI artifact),
+//! stores it in the campaign's cache directory (downloads streamed, never held whole in memory),
+//! checks its digest, and seals it chunk by chunk ([`crate::chunk_cache`]). Every problem with the
+//! input becomes a [`Blocker`] naming the field and the fix; nothing is published before this
+//! returns. The rest of the campaign's preparation (manager identity, release signature, the
+//! protocol's `PreparedCampaign`) is the controller's.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::{Api, Client};
+use sealed_ota_protocol::SealedFirmware;
+
+use crate::chunk_cache::{CacheError, ChunkFile};
+use crate::crd::FirmwareSource;
+use crate::engine::FirmwareSettings;
+use crate::error::Error;
+use crate::inputs;
+use crate::reasons::BlockerReason;
+use crate::status::Blocker;
+
+/// How long a download may take, at most.
+pub const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// A sealed image and where its chunks are.
+#[derive(Debug)]
+pub struct PreparedImage {
+    /// What the manifests say about it.
+    pub sealed: SealedFirmware,
+    /// Its chunk ciphertexts in the cache directory.
+    pub chunks: ChunkFile,
+    /// The OCI manifest digest the reference resolved to (recorded on the campaign status).
+    pub resolved_digest: Option<String>,
+}
+
+fn blocker(reason: BlockerReason, message: String) -> Blocker {
+    Blocker { reason, message }
+}
+
+async fn get_opt<K>(client: &Client, ns: &str, name: &str) -> Result<Option<K>, Error>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(Error::kube("reading a campaign input"))
+}
+
+/// The expected SHA-256 (hex) of the image, when the spec gives one.
+fn expected_sha256(fw: &FirmwareSource) -> Option<&str> {
+    fw.sha256
+        .as_deref()
+        .or(fw.url.as_ref().map(|u| u.sha256.as_str()))
+}
+
+/// The image a ConfigMap or Secret key holds (`None` when `fw` names neither): an absent object
+/// is a blocker naming the field.
+async fn object_image(
+    client: &Client,
+    ns: &str,
+    fw: &FirmwareSource,
+) -> Result<Option<Result<Vec<u8>, Blocker>>, Error> {
+    let (found, kind, field, name, key) = if let Some(r) = &fw.config_map_key_ref {
+        let found = get_opt::<ConfigMap>(client, ns, &r.name)
+            .await?
+            .map(|cm| inputs::firmware_from_config_map(&cm, &r.key));
+        (found, "ConfigMap", "configMapKeyRef", &r.name, &r.key)
+    } else if let Some(r) = &fw.secret_key_ref {
+        let found = get_opt::<Secret>(client, ns, &r.name)
+            .await?
+            .map(|s| inputs::firmware_from_secret(&s, &r.key));
+        (found, "Secret", "secretKeyRef", &r.name, &r.key)
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(found.unwrap_or_else(|| {
+        Err(blocker(
+            BlockerReason::FirmwareUnreadable,
+            format!("{kind} {name} (spec.payload.firmware.{field}) not found; create it with the image under key {key:?}"),
+        ))
+    })))
+}
+
+/// The campaign's secret seed and target version: the content key is derived from them and the
+/// image's digest ([`sealed_ota_protocol::crypto::seeded_content_key`]), so that every operator
+/// replica seals the same chunks.
+pub struct Seed<'a> {
+    /// The seed (`status.sealedSeed`, opened).
+    pub seed: &'a [u8; 32],
+    /// spec.targetVersion.
+    pub target_version: &'a str,
+}
+
+impl std::fmt::Debug for Seed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seed")
+            .field("seed", &"<redacted>")
+            .field("target_version", &self.target_version)
+            .finish()
+    }
+}
+
+/// Fetch, check and seal the image of `fw` for campaign `uid` in chunks of `chunk_size` under the
+/// content key of `seed`; an OCI reference is pinned to `recorded_digest` (what an earlier
+/// preparation resolved it to).
+#[allow(clippy::too_many_arguments)]
+pub async fn prepare(
+    settings: &FirmwareSettings,
+    client: &Client,
+    ns: &str,
+    uid: &str,
+    fw: &FirmwareSource,
+    chunk_size: u32,
+    recorded_digest: Option<&str>,
+    seed: Seed<'_>,
+) -> Result<Result<PreparedImage, Blocker>, Error> {
+    let cache = settings.cache.clone();
+    let uid_owned = uid.to_owned();
+    let files = tokio::task::spawn_blocking(move || cache.campaign(&uid_owned))
+        .await
+        .map_err(|e| Error::Join(e.to_string()))?
+        .map_err(|e| Error::Cache(e.to_string()))?;
+    let mut resolved_digest = None;
+    let digest: [u8; 32];
+    if let Some(image) = object_image(client, ns, fw).await? {
+        let image =
+            match image.and_then(|i| inputs::check_digest(&i, fw.sha256.as_deref()).map(|()| i)) {
+                Ok(i) => i,
+                Err(b) => return Ok(Err(b)),
+            };
+        digest = sealed_ota_protocol::crypto::sha256(&image);
+        files
+            .write_image(&image)
+            .map_err(|e| Error::Cache(e.to_string()))?;
+    } else if let Some(u) = &fw.url {
+        let got = crate::fetch::fetch_to_file(
+            &u.url,
+            &files.image_path(),
+            settings.max_image_bytes,
+            DOWNLOAD_TIMEOUT,
+        )
+        .await;
+        let got = match got {
+            Ok(got) => got,
+            Err(e) => {
+                return Ok(Err(blocker(
+                    BlockerReason::FirmwareDownloadFailed,
+                    format!("downloading spec.payload.firmware.url failed: {e}; make the image reachable from the operator or use configMapKeyRef/secretKeyRef"),
+                )))
+            }
+        };
+        if let Err(b) = inputs::check_sha256(&got.sha256, expected_sha256(fw)) {
+            return Ok(Err(b));
+        }
+        digest = got.sha256;
+    } else if let Some(o) = &fw.oci {
+        match crate::oci::pull_to_file(
+            client,
+            ns,
+            o,
+            recorded_digest,
+            &files.image_path(),
+            settings.max_image_bytes,
+            DOWNLOAD_TIMEOUT,
+        )
+        .await?
+        {
+            Ok(pulled) => {
+                if let Err(b) = inputs::check_sha256(&pulled.sha256, fw.sha256.as_deref()) {
+                    return Ok(Err(b));
+                }
+                resolved_digest = Some(pulled.manifest_digest);
+                digest = pulled.sha256;
+            }
+            Err(b) => return Ok(Err(b)),
+        }
+    } else {
+        return Ok(Err(blocker(
+            BlockerReason::FirmwareUnreadable,
+            "spec.payload.firmware names no source; set configMapKeyRef, secretKeyRef, url or oci"
+                .into(),
+        )));
+    }
+    let key = sealed_ota_protocol::crypto::seeded_content_key(
+        seed.seed,
+        uid,
+        seed.target_version,
+        chunk_size,
+        &digest,
+    );
+    let stream = uid.to_owned();
+    let sealed = tokio::task::spawn_blocking(move || files.seal(&stream, chunk_size, Some(key)))
+        .await
+        .map_err(|e| Error::Join(e.to_string()))?;
+    match sealed {
+        // The key is bound to the digest read before sealing: a file changed in between would
+        // put two images under one key.
+        Ok((sealed, _)) if sealed.sha256() != digest => Err(Error::Cache(format!(
+            "the cached image of campaign {uid} changed while it was sealed"
+        ))),
+        Ok((sealed, chunks)) => Ok(Ok(PreparedImage {
+            sealed,
+            chunks,
+            resolved_digest,
+        })),
+        Err(CacheError::Seal(e)) => Ok(Err(blocker(
+            BlockerReason::PayloadInvalid,
+            format!("the payload cannot be prepared: {e}"),
+        ))),
+        Err(e) => Err(Error::Cache(e.to_string())),
+    }
+}
