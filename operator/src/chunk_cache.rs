@@ -268,6 +268,46 @@ mod tests {
         assert!(!tmp.path().join("uid-1").exists(), "removed with the run");
     }
 
+    /// Two replicas seal one campaign's image with the key of the campaign's seed: the same
+    /// chunks and root (a device may take chunks retained by either). Without the key (fresh) or
+    /// with another image the chunks differ: the key is bound to the image's digest.
+    #[test]
+    fn replicas_sealing_with_the_seed_s_key_publish_the_same_chunks() {
+        use sealed_ota_protocol::crypto::{seeded_content_key, sha256};
+        let seal = |image: &[u8], key: Option<Zeroizing<[u8; 32]>>| {
+            let tmp = tempfile::tempdir().unwrap();
+            let files = CacheDir::open(tmp.path())
+                .unwrap()
+                .campaign("uid-1")
+                .unwrap();
+            files.write_image(image).unwrap();
+            let (sealed, chunks) = files.seal("uid-1", 1024, key).unwrap();
+            let cts: Vec<Vec<u8>> = (0..sealed.chunk_count())
+                .map(|i| chunks.ciphertext(i).unwrap())
+                .collect();
+            (sealed.merkle_root(), cts)
+        };
+        let seed = [9u8; 32];
+        let key = |image: &[u8]| {
+            Some(seeded_content_key(
+                &seed,
+                "uid-1",
+                "2.0.0",
+                1024,
+                &sha256(image),
+            ))
+        };
+        let image: Vec<u8> = (0..5000usize).map(|i| (i % 251) as u8).collect();
+        let a = seal(&image, key(&image));
+        let b = seal(&image, key(&image));
+        assert_eq!(a, b, "two replicas seal the same chunks");
+        assert_ne!(seal(&image, None).1, a.1, "a fresh key seals other chunks");
+        let mut other = image.clone();
+        other[0] ^= 1;
+        let c = seal(&other, key(&other));
+        assert_ne!(c.1[4], a.1[4], "another image is sealed under another key");
+    }
+
     #[test]
     fn an_empty_image_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
