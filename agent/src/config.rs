@@ -5,7 +5,8 @@
 //!
 //! The checks come in two groups: what an update transaction needs (`state_dir`, `[installer]`,
 //! `[reboot]`, `[health_check]`), which `run` and `install` require before they touch the journal,
-//! and what the MQTT session needs (`[device]`, `[broker]`, `[manager]`, `[release_keys]`).
+//! and what the MQTT session needs (`[device]`, `[broker]`, `[manager]`, `[release_keys]`,
+//! `[session]`).
 
 use std::fmt;
 use std::fs;
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use sealed_ota_mqtt::BrokerUrl;
 use sealed_ota_protocol::identity::{Identity, Role, TrustAnchor};
 use sealed_ota_protocol::topics::{validate_id, TopicTree};
+use sealed_ota_protocol::ReleaseKey;
 
 /// Where the packaged service reads its configuration.
 pub const DEFAULT_PATH: &str = "/etc/sealed-ota/agent.toml";
@@ -47,6 +49,54 @@ pub struct Config {
     /// Public keys of the offline release key(s) that sign firmware.
     #[serde(default)]
     pub release_keys: ReleaseKeysConfig,
+    /// How the session with the manager pulls images (all optional).
+    #[serde(default)]
+    pub session: SessionConfig,
+}
+
+/// `[session]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Largest MQTT packet the device accepts (advertised to the broker; chunks must fit).
+    #[serde(default = "default_max_packet_size")]
+    pub max_packet_size: u32,
+    /// Chunk topics subscribed at once.
+    #[serde(default = "default_window")]
+    pub window: u32,
+    /// Seconds before chunks of the window that did not arrive are asked for again.
+    #[serde(default = "default_window_timeout")]
+    pub window_timeout_secs: u64,
+    /// MQTT keep-alive, in seconds.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_secs: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_packet_size: default_max_packet_size(),
+            window: default_window(),
+            window_timeout_secs: default_window_timeout(),
+            keep_alive_secs: default_keep_alive(),
+        }
+    }
+}
+
+fn default_max_packet_size() -> u32 {
+    256 * 1024
+}
+
+fn default_window() -> u32 {
+    8
+}
+
+fn default_window_timeout() -> u64 {
+    30
+}
+
+fn default_keep_alive() -> u64 {
+    60
 }
 
 fn default_state_dir() -> PathBuf {
@@ -423,15 +473,66 @@ impl Config {
         finish(errors)
     }
 
-    /// Checks what the MQTT session needs: identity, broker, manager, release keys. `now` is Unix
-    /// seconds (certificate validity).
+    /// Checks what the MQTT session needs: identity, broker, manager, release keys, session
+    /// settings. `now` is Unix seconds (certificate validity).
     pub fn check_session(&self, now: u64) -> Result<(), Invalid> {
         let mut errors = Vec::new();
         self.check_device(now, &mut errors);
         self.check_broker(&mut errors);
         self.check_manager(&mut errors);
         self.check_release_keys(&mut errors);
+        self.check_session_settings(&mut errors);
         finish(errors)
+    }
+
+    /// The trusted release keys (`[release_keys] trusted`), each file read and parsed; the error
+    /// names the entry.
+    pub fn release_keys(&self) -> Result<Vec<ReleaseKey>, Invalid> {
+        let mut keys = Vec::new();
+        let mut errors = Vec::new();
+        for (i, path) in self.release_keys.trusted.iter().enumerate() {
+            let name = format!("release_keys.trusted[{i}]");
+            match fs::read_to_string(path) {
+                Err(e) => errors.push(field(
+                    &name,
+                    format!("cannot read {}: {e}", path.display()),
+                    "install the release public key there or remove the entry",
+                )),
+                Ok(text) => match ReleaseKey::parse(&text) {
+                    Ok(key) => keys.push(key),
+                    Err(e) => errors.push(field(
+                        &name,
+                        format!("{} is not a P-256 public key in PEM: {e}", path.display()),
+                        "use the public key `sealed-ota release keygen` wrote (or openssl pkey -pubout)",
+                    )),
+                },
+            }
+        }
+        finish(errors).map(|()| keys)
+    }
+
+    fn check_session_settings(&self, errors: &mut Vec<FieldError>) {
+        let session = &self.session;
+        if session.max_packet_size < 4096 {
+            errors.push(field(
+                "session.max_packet_size",
+                format!("{} bytes is too small for a chunk", session.max_packet_size),
+                "leave it out (256 KiB) or give at least 4096, above the campaigns' chunk size",
+            ));
+        }
+        if session.window == 0 {
+            errors.push(field(
+                "session.window",
+                "is 0".into(),
+                "leave it out (8) or give at least 1",
+            ));
+        }
+        positive(
+            "session.window_timeout_secs",
+            session.window_timeout_secs,
+            errors,
+        );
+        positive("session.keep_alive_secs", session.keep_alive_secs, errors);
     }
 
     /// Every check (`check-config`).
@@ -674,25 +775,8 @@ impl Config {
     }
 
     fn check_release_keys(&self, errors: &mut Vec<FieldError>) {
-        use p256::pkcs8::DecodePublicKey;
-        for (i, path) in self.release_keys.trusted.iter().enumerate() {
-            let name = format!("release_keys.trusted[{i}]");
-            match fs::read_to_string(path) {
-                Err(e) => errors.push(field(
-                    &name,
-                    format!("cannot read {}: {e}", path.display()),
-                    "install the release public key there or remove the entry",
-                )),
-                Ok(pem) => {
-                    if let Err(e) = p256::PublicKey::from_public_key_pem(&pem) {
-                        errors.push(field(
-                            &name,
-                            format!("{} is not a P-256 public key in PEM: {e}", path.display()),
-                            "export the release key's public half (openssl pkey -pubout)",
-                        ));
-                    }
-                }
-            }
+        if let Err(Invalid(more)) = self.release_keys() {
+            errors.extend(more);
         }
     }
 }

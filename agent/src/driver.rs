@@ -122,7 +122,8 @@ impl Agent {
     }
 
     /// Verifies the received image of transaction `id` (`staging().download_path(id)`) against
-    /// `expected` and journals a new transaction for it. Nothing is installed until [`Agent::run`].
+    /// `expected`, journals a new transaction for it and moves the image where the installer
+    /// reads it. Nothing is installed until [`Agent::run`].
     pub fn begin(
         &mut self,
         id: &str,
@@ -136,7 +137,7 @@ impl Agent {
             }
             .into());
         }
-        self.staging.stage(id, expected)?;
+        self.staging.verify(id, expected)?;
         let image = ImageInfo {
             version: version.to_string(),
             sha256: expected.sha256.to_ascii_lowercase(),
@@ -145,6 +146,9 @@ impl Agent {
         let transaction =
             Transaction::new(id.to_string(), image, self.running_version().to_string());
         self.journal.begin(transaction)?;
+        // Journaled first, so a crash before the move is finished by `run` (see `Effect::Prepare`)
+        // and the staged image is never collected as garbage.
+        self.staging.promote(id)?;
         tracing::info!(transaction = id, version, "transaction begins");
         Ok(())
     }
@@ -160,6 +164,33 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Offers the journaled outcome of transaction `id` to `reporter` again, even one already
+    /// reported (the session may have lost it before a restart). False when the journal has no
+    /// outcome for `id`.
+    pub fn report_outcome_of(
+        &mut self,
+        id: &str,
+        reporter: &mut dyn Reporter,
+    ) -> Result<bool, AgentError> {
+        let Some(finished) = self
+            .journal
+            .state()
+            .finished
+            .iter()
+            .rev()
+            .find(|f| f.id == id)
+            .cloned()
+        else {
+            return Ok(false);
+        };
+        match reporter.report(&finished) {
+            Ok(Delivery::Delivered) => self.journal.mark_reported(id)?,
+            Ok(Delivery::Pending) => {}
+            Err(e) => tracing::warn!("{e}"),
+        }
+        Ok(true)
     }
 
     /// Drives the unfinished transaction until it finishes, then hands its outcome to `reporter`.
@@ -213,6 +244,21 @@ impl Agent {
             e.to_string()
         };
         let event = match effect {
+            Effect::Prepare if !image.exists() => {
+                // The process stopped between journaling the transaction and moving its verified
+                // image: move it now (verified again), or give up before anything changed.
+                let expected = Expected {
+                    sha256: tx.image.sha256.clone(),
+                    size: tx.image.size,
+                };
+                match self.staging.stage(&tx.id, &expected) {
+                    Ok(_) => self.perform(tx, effect)?,
+                    Err(e) => Event::PrepareFailed(failed(
+                        "staging the image",
+                        &format!("the received image is gone or changed: {e}"),
+                    )),
+                }
+            }
             Effect::Prepare => match installer.prepare(&step) {
                 Ok(p) => Event::Prepared {
                     supports_rollback: p.supports_rollback,

@@ -5,22 +5,22 @@
 //! machine; `driver`, the shell that performs its effects), with A/B commit and rollback, a health
 //! check and reboots (`system`), surviving a power cut at any step (`journal`, `durable`). Images
 //! reach an installer only verified and complete (`staging`). Final outcomes go to a `report::Reporter`.
+//! `session` connects the device to the manager with the shared runner of `sealed-ota-device`,
+//! the transaction behind its installer seam (signed receipts, release keys, credential rotations).
 //! `config` reads `/etc/sealed-ota/agent.toml`; `keygen` makes the device key and CSR on the device.
-//!
-//! Unfinished in this version: the MQTT session with the manager (the protocol's `DeviceSession`)
-//! is not connected yet, so `run` finishes an interrupted transaction and stops short of connecting.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub use sealed_ota_device::{crashpoint, durable};
+
 pub mod config;
-pub mod crashpoint;
 pub mod driver;
-pub mod durable;
 pub mod installer;
 pub mod journal;
 pub mod keygen;
 pub mod process;
 pub mod report;
+pub mod session;
 pub mod staging;
 pub mod system;
 pub mod transaction;

@@ -10,8 +10,10 @@ use sealed_ota_agent::driver::{Agent, AgentError, RunEnd};
 use sealed_ota_agent::journal::Journal;
 use sealed_ota_agent::keygen;
 use sealed_ota_agent::report::LogReporter;
-use sealed_ota_agent::staging::{hash_file, Expected};
+use sealed_ota_agent::session::{self, SessionError};
+use sealed_ota_agent::staging::Expected;
 use sealed_ota_agent::transaction::Outcome;
+use sealed_ota_device::store::hash_file;
 
 const EXIT_ERROR: u8 = 1;
 const EXIT_INVALID_CONFIG: u8 = 2;
@@ -20,9 +22,11 @@ const EXIT_FAILED: u8 = 4;
 
 const AFTER_HELP: &str = "\
 COMMANDS IN SHORT
-    run            finish an update interrupted by a reboot or power cut, then stop.
-                   UNFINISHED: the MQTT session with the manager is not in this version yet,
-                   so `run` does not connect to the broker
+    run            the device's service: connect to the manager through the broker, take
+                   firmware and credential campaigns, install, report signed receipts; at
+                   start, first finish an update interrupted by a reboot or power cut
+    finish         finish (commit or roll back) an update interrupted by a reboot or power
+                   cut, then stop, without connecting (bring-up, recovery)
     check-config   validate the configuration without connecting anywhere
     keygen         make the device key (never leaves the device) and a CSR to get signed
     install        install a local image file without a manager (bring-up, tests)
@@ -31,16 +35,22 @@ COMMANDS IN SHORT
 FILES
     /etc/sealed-ota/agent.toml     configuration (see /usr/share/doc/sealed-ota-agent/agent.toml.example)
     <state_dir>/journal.json       the update journal: what runs, the update under way, outcomes
+    <state_dir>/state.json         the session state: transfers, the install awaiting its receipt
+    <state_dir>/credentials/       credentials delivered by a rotation (used instead of
+                                   device.key_file / device.cert_file once present)
+    <state_dir>/downloads/<id>.part  an image being received (resumed after a restart)
     <state_dir>/transactions/<id>  a verified image and its installer work tree
     <state_dir>/agent.lock         held by the running agent (one agent per state directory)
 
 ENVIRONMENT
     RUST_LOG                   log filter (default: info); logs go to stderr (the journal under systemd)
     SEALED_OTA_AGENT_CRASH_AT  tests only: stop with SIGKILL at a named step (before:<phase>,
-                               after:<phase>, during:installing, journal-rename[#N], before:report, after:report)
+                               after:<phase>, during:installing, journal-rename[#N], before:report,
+                               after:report, after:chunk[#N], after:save[#N], before:stage,
+                               after:stage, before:receipt, after:receipt, after:credentials)
 
 EXIT STATUS
-    0  success (install: installed)
+    0  success (install: installed; run: stopped by SIGTERM or SIGINT)
     1  error (the message says what and where)
     2  invalid configuration (each field's problem and fix is listed)
     3  install: the update was rolled back (the previous image runs)
@@ -63,10 +73,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run as the device's service: finish (commit or roll back) an update interrupted by a reboot
-    /// or a power cut and report its outcome. UNFINISHED: the MQTT session with the manager is not
-    /// part of this version, so `run` stops after that instead of connecting.
+    /// Run as the device's service: connect to the manager through the broker and take its
+    /// campaigns (firmware through the configured installer, credential rotations), reporting
+    /// each final outcome as a signed receipt. At start, an update interrupted by a reboot or a
+    /// power cut is finished first. Stops on SIGTERM or SIGINT.
     Run,
+    /// Finish (commit or roll back) an update interrupted by a reboot or a power cut, then stop,
+    /// without connecting; `run` reports the outcome to the manager later.
+    Finish,
     /// Check the configuration and every file it names, without connecting anywhere.
     CheckConfig,
     /// Make the device's P-256 key (mode 0600) and print a certificate signing request for it.
@@ -123,6 +137,23 @@ fn main() -> ExitCode {
 
 fn load(path: &Path) -> Result<Config, String> {
     Config::load(path).map_err(|e| e.to_string())
+}
+
+/// SIGTERM (systemd, a reboot) or SIGINT.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
 }
 
 fn unix_now() -> u64 {
@@ -195,14 +226,38 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
         }
         Command::Run => {
             let config = load(&cli.config)?;
+            if let Err(e) = config.check_all(unix_now()) {
+                return Ok(invalid(&cli.config, &e));
+            }
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| format!("starting the runtime: {e}"))?;
+            runtime.block_on(async {
+                let (stop, shutdown) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    stop_signal().await;
+                    tracing::info!("stopping (signal)");
+                    let _ = stop.send(true);
+                });
+                match session::run(&config, shutdown).await {
+                    Ok(report) => {
+                        tracing::info!(running = %report.running_version, outcome = report.outcome.name(), "stopped");
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Err(SessionError::Config(e)) => Ok(invalid(&cli.config, &e)),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+        }
+        Command::Finish => {
+            let config = load(&cli.config)?;
             let mut agent = match open_agent(cli, &config)? {
                 Ok(agent) => agent,
                 Err(code) => return Ok(code),
             };
             let mut reporter = LogReporter::default();
-            agent
-                .report_pending(&mut reporter)
-                .map_err(|e| e.to_string())?;
             match agent.run(&mut reporter).map_err(|e| e.to_string())? {
                 RunEnd::Idle => {
                     tracing::info!(running = agent.running_version(), "no update under way")
@@ -215,10 +270,6 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
                     )
                 }
             }
-            if let Err(e) = config.check_session(unix_now()) {
-                return Ok(invalid(&cli.config, &e));
-            }
-            tracing::warn!("the MQTT session with the manager is not part of this version of the agent: stopping here");
             Ok(ExitCode::SUCCESS)
         }
         Command::Install {
@@ -244,9 +295,9 @@ fn run(cli: &Cli) -> Result<ExitCode, String> {
                 .staging()
                 .receive_file(&id, image)
                 .map_err(|e| e.to_string())?;
-            let (actual, size) = hash_file(&part).map_err(|e| e.to_string())?;
+            let (size, actual) = hash_file(&part).map_err(|e| e.to_string())?;
             let expected = Expected {
-                sha256: sha256.clone().unwrap_or(actual),
+                sha256: sha256.clone().unwrap_or_else(|| hex::encode(actual)),
                 size,
             };
             agent

@@ -16,29 +16,19 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
+use sealed_ota_device::store::{check_image, ImageError};
 
 use crate::durable::{self, FileError};
 
 /// Why an image was not staged.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
-    /// The bytes do not hash to the expected SHA-256.
-    #[error("image SHA-256 is {actual}, expected {expected}")]
-    HashMismatch {
-        /// Hex SHA-256 expected (from the signed manifest).
-        expected: String,
-        /// Hex SHA-256 of the bytes.
-        actual: String,
-    },
-    /// The bytes are not the expected size.
-    #[error("image is {actual} bytes, expected {expected}")]
-    SizeMismatch {
-        /// Expected size.
-        expected: u64,
-        /// Actual size.
-        actual: u64,
-    },
+    /// The bytes are not the expected image (size or SHA-256), or could not be read.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The expected SHA-256 is not 64 hex characters.
+    #[error("expected SHA-256 {0:?} is not 64 hex characters")]
+    BadHash(String),
     /// The transaction id cannot name a file.
     #[error("transaction id {0:?} is not 1-63 characters of a-z, 0-9 and '-'")]
     BadId(String),
@@ -111,34 +101,41 @@ impl Staging {
     }
 
     /// Verifies the received `downloads/<id>.part` against `expected` and moves it to
-    /// `transactions/<id>/image`. A mismatch deletes the download and stages nothing.
+    /// `transactions/<id>/image` ([`Staging::verify`], then [`Staging::promote`]).
     pub fn stage(&self, id: &str, expected: &Expected) -> Result<PathBuf, StageError> {
+        self.verify(id, expected)?;
+        self.promote(id)
+    }
+
+    /// Checks the received `downloads/<id>.part` against `expected` where it lies. A mismatch
+    /// deletes the download.
+    pub fn verify(&self, id: &str, expected: &Expected) -> Result<(), StageError> {
         check_id(id)?;
+        let sha256: [u8; 32] = hex::decode(&expected.sha256)
+            .ok()
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or_else(|| StageError::BadHash(expected.sha256.clone()))?;
         let part = self.download_path(id);
-        let (sha256, size) = hash_file(&part)?;
-        let mismatch = if size != expected.size {
-            Some(StageError::SizeMismatch {
-                expected: expected.size,
-                actual: size,
-            })
-        } else if !sha256.eq_ignore_ascii_case(&expected.sha256) {
-            Some(StageError::HashMismatch {
-                expected: expected.sha256.clone(),
-                actual: sha256,
-            })
-        } else {
-            None
-        };
-        if let Some(error) = mismatch {
-            durable::remove_all(&part)?;
-            return Err(error);
+        match check_image(&part, expected.size, &sha256) {
+            Ok(()) => Ok(()),
+            Err(ImageError::Storage(e)) => Err(StageError::File(e)),
+            Err(mismatch) => {
+                durable::remove_all(&part)?;
+                Err(mismatch.into())
+            }
         }
+    }
+
+    /// Moves the verified `downloads/<id>.part` to `transactions/<id>/image` (atomically,
+    /// durably), the one path an installer reads.
+    pub fn promote(&self, id: &str) -> Result<PathBuf, StageError> {
+        check_id(id)?;
         let dir = self.transaction_dir(id);
         // A directory left by an earlier attempt with this id holds nothing the journal refers to.
         durable::remove_all(&dir)?;
         durable::create_private_dir(&dir)?;
         let image = self.image_path(id);
-        durable::rename_durable(&part, &image)?;
+        durable::rename_durable(&self.download_path(id), &image)?;
         Ok(image)
     }
 
@@ -171,16 +168,10 @@ fn check_id(id: &str) -> Result<(), StageError> {
     sealed_ota_protocol::topics::validate_id(id).map_err(|_| StageError::BadId(id.to_string()))
 }
 
-/// SHA-256 (hex) and size of a file.
-pub fn hash_file(path: &Path) -> Result<(String, u64), FileError> {
-    let mut file = File::open(path).map_err(|e| FileError::new("opening", path, e))?;
-    let mut hasher = Sha256::new();
-    let size = io::copy(&mut file, &mut hasher).map_err(|e| FileError::new("reading", path, e))?;
-    Ok((hex::encode(hasher.finalize()), size))
-}
-
 #[cfg(test)]
 mod tests {
+    use sha2::{Digest, Sha256};
+
     use super::*;
 
     fn expected_for(bytes: &[u8]) -> Expected {
@@ -201,7 +192,10 @@ mod tests {
         let err = staging
             .stage("c1", &expected_for(b"firmware v3"))
             .unwrap_err();
-        assert!(matches!(err, StageError::HashMismatch { .. }), "{err}");
+        assert!(
+            matches!(err, StageError::Image(ImageError::HashMismatch { .. })),
+            "{err}"
+        );
         assert!(!staging.image_path("c1").exists());
         assert!(
             !staging.download_path("c1").exists(),
@@ -218,7 +212,10 @@ mod tests {
                 },
             )
             .unwrap_err();
-        assert!(matches!(err, StageError::SizeMismatch { .. }), "{err}");
+        assert!(
+            matches!(err, StageError::Image(ImageError::SizeMismatch { .. })),
+            "{err}"
+        );
 
         staging.receive_file("c1", &source).unwrap();
         let image = staging.stage("c1", &expected_for(b"firmware v2")).unwrap();

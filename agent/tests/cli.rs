@@ -148,7 +148,7 @@ fn keygen_makes_a_private_key_and_a_csr_a_ca_tool_can_sign() {
 }
 
 #[test]
-fn status_and_an_idle_run() {
+fn status_and_an_idle_finish() {
     let board = command_board();
     let status = board.agent(&["status"], None, &[]);
     assert!(status.status.success(), "{}", status.stderr);
@@ -162,12 +162,12 @@ fn status_and_an_idle_run() {
         "{}",
         status.stdout
     );
-    let run = board.agent(&["run"], None, &[]);
-    assert!(run.status.success(), "{}", run.stderr);
+    let finish = board.agent(&["finish"], None, &[]);
+    assert!(finish.status.success(), "{}", finish.stderr);
     assert!(
-        run.stderr.contains("not part of this version"),
+        finish.stderr.contains("no update under way"),
         "{}",
-        run.stderr
+        finish.stderr
     );
     assert_eq!(
         fs::metadata(board.path().join("state"))

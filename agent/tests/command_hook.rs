@@ -4,131 +4,17 @@
 //! outcome must match what runs (`Installed` ⇒ the new image, `RolledBack` ⇒ the previous one), and
 //! must still hold after one more reboot.
 //!
-//! The device is `fixtures/ab-hook.sh` (two image slots in files) with this harness as its
-//! bootloader: a slot made primary for one try boots once; if it is not committed by then, the next
-//! boot falls back to the other slot.
+//! The device is `support::ab` (`fixtures/ab-hook.sh`, two image slots in files, with this harness
+//! as its bootloader).
 
 mod support;
 
 use std::collections::BTreeSet;
 use std::fs;
 
-use support::{Board, Crash, Device as _};
+use support::{Crash, Device as _};
 
-const OLD: &str = "firmware 1.0.0\n";
-const NEW: &str = "firmware 2.0.0\n";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// A/B: the new image runs after a reboot.
-    Ab,
-    /// In place: the new image runs at once.
-    InPlace,
-}
-
-struct Device {
-    board: Board,
-    mode: Mode,
-    /// The next boot of a slot on trial hangs (a watchdog resets it): the bootloader falls back.
-    hangs_on_next_try: bool,
-}
-
-impl Device {
-    fn new(mode: Mode, healthy: bool) -> Device {
-        let hook = support::repo_root().join("agent/tests/fixtures/ab-hook.sh");
-        let installer = format!(
-            "[installer]\ntype = \"command\"\n\n[installer.command]\npath = \"{}\"\nreboot = {}\ntimeout_secs = 30\n",
-            hook.display(),
-            mode == Mode::Ab
-        );
-        let board = Board::new(
-            &installer,
-            "[health_check]\ncommand = [\"/bin/sh\", \"-c\", \"test ! -e \\\"$BOARD/unhealthy\\\"\"]\ntimeout_secs = 30\n",
-        );
-        let root = board.path();
-        fs::write(root.join("slot-a"), OLD).unwrap();
-        fs::write(root.join("boot.env"), "BOOTED=a\nPRIMARY=a\nTRYING=0\n").unwrap();
-        fs::write(root.join("image-2.0.0"), NEW).unwrap();
-        if !healthy {
-            fs::write(root.join("unhealthy"), "").unwrap();
-        }
-        Device {
-            board,
-            mode,
-            hangs_on_next_try: false,
-        }
-    }
-
-    fn boot(&self) -> (String, String, u32) {
-        let text = fs::read_to_string(self.board.path().join("boot.env")).unwrap();
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")))
-                .unwrap()
-                .to_string()
-        };
-        (
-            get("BOOTED"),
-            get("PRIMARY"),
-            get("TRYING").parse().unwrap(),
-        )
-    }
-
-    /// What runs: the content of the booted slot.
-    fn running(&self) -> String {
-        let (booted, _, _) = self.boot();
-        fs::read_to_string(self.board.path().join(format!("slot-{booted}"))).unwrap()
-    }
-}
-
-impl support::Device for Device {
-    fn board(&self) -> &Board {
-        &self.board
-    }
-
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![(
-            "MODE",
-            if self.mode == Mode::Ab {
-                "ab"
-            } else {
-                "inplace"
-            }
-            .to_string(),
-        )]
-    }
-
-    /// A reboot: the harness is the bootloader (see the module doc), and the boot id changes.
-    fn power_cycle(&mut self) {
-        let (_, mut primary, trying) = self.boot();
-        let other = |s: &str| {
-            if s == "a" {
-                "b".to_string()
-            } else {
-                "a".to_string()
-            }
-        };
-        let (booted, trying) = match trying {
-            1 if self.hangs_on_next_try => {
-                self.hangs_on_next_try = false;
-                primary = other(&primary);
-                (primary.clone(), 0)
-            }
-            1 => (primary.clone(), 2),
-            2 => {
-                primary = other(&primary);
-                (primary.clone(), 0)
-            }
-            _ => (primary.clone(), 0),
-        };
-        fs::write(
-            self.board.path().join("boot.env"),
-            format!("BOOTED={booted}\nPRIMARY={primary}\nTRYING={trying}\n"),
-        )
-        .unwrap();
-        self.board.new_boot_id();
-    }
-}
+use support::ab::{AbDevice as Device, Mode, NEW, OLD};
 
 impl Device {
     fn settle(&mut self, crash: Option<&Crash>, power_cut: bool) -> bool {

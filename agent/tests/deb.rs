@@ -148,7 +148,7 @@ fn the_package_installs_and_its_unit_verifies() {
         "EXIT STATUS",
         "check-config",
         "keygen",
-        "UNFINISHED",
+        "SEE ALSO",
     ] {
         assert!(help.contains(section), "--help lacks {section}:\n{help}");
     }

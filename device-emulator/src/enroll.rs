@@ -238,17 +238,28 @@ pub fn device_resource(
     namespace: &str,
     labels: &BTreeMap<String, String>,
 ) -> serde_json::Value {
+    device_resource_for(identity.name(), &identity.fingerprint(), namespace, labels)
+}
+
+/// The `Device` resource of device `device_id` whose certificate's DER has SHA-256
+/// `fingerprint` (a device enrolled from its CSR: no key here).
+pub fn device_resource_for(
+    device_id: &str,
+    fingerprint: &[u8; 32],
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> serde_json::Value {
     json!({
         "apiVersion": format!("{DEVICE_GROUP}/{DEVICE_VERSION}"),
         "kind": "Device",
         "metadata": {
-            "name": identity.name(),
+            "name": device_id,
             "namespace": namespace,
             "labels": labels,
         },
         "spec": {
-            "deviceId": identity.name(),
-            "certificateFingerprint": hex::encode(identity.fingerprint()),
+            "deviceId": device_id,
+            "certificateFingerprint": hex::encode(fingerprint),
         },
     })
 }

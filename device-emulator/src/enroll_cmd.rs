@@ -1,14 +1,17 @@
 //! The `pki-init` and `enroll` commands (flags and what they do), shared by the emulator's
 //! subcommands and the `sealed-ota` CLI (`pki init`, `device enroll`), so both tools bootstrap
 //! the PKI and enroll devices with the same code: create or load the CA, issue the manager
-//! identity and the device identities (files in a fleet directory), and ship the Secrets and
-//! `Device` resources (applied by server-side apply, or written as YAML for GitOps).
+//! identity and the device identities (files in a fleet directory), or sign one device's CSR
+//! (`enroll --csr`: a real device whose key never leaves it, as `sealed-ota-agent keygen` makes
+//! it), and ship the Secrets and `Device` resources (applied by server-side apply, or written as
+//! YAML for GitOps).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
-use sealed_ota_protocol::ReleaseKey;
+use sealed_ota_protocol::{ReleaseKey, Role};
+use sha2::{Digest, Sha256};
 
 use crate::device::unix_now;
 use crate::enroll::{self, CaSource, EnrollRequest, SecretNames};
@@ -111,6 +114,17 @@ pub struct EnrollArgs {
     /// writes it (release.pub). With one, devices install only firmware it signed.
     #[arg(long = "release-key")]
     release_keys: Vec<PathBuf>,
+    /// Enrol one device from the CSR it made (`sealed-ota-agent keygen`; its key never leaves
+    /// it) instead of issuing identities into --fleet: the CSR is signed with the CA of
+    /// --ca-cert/--ca-key (names, role, usage and validity from these flags, never from the CSR).
+    #[arg(long, requires_all = ["id", "cert_out", "ca_cert"])]
+    csr: Option<PathBuf>,
+    /// With --csr: the device's id.
+    #[arg(long, requires = "csr")]
+    id: Option<String>,
+    /// With --csr: where the device's certificate (PEM) is written.
+    #[arg(long, requires = "csr")]
+    cert_out: Option<PathBuf>,
     #[command(flatten)]
     output: KubeOutputArgs,
 }
@@ -164,6 +178,9 @@ pub async fn pki_init(args: PkiInitArgs) -> Result<()> {
 /// (needs a multi-threaded runtime).
 pub async fn enroll_devices(args: EnrollArgs) -> Result<()> {
     crate::install_crypto_provider();
+    if let (Some(csr), Some(id), Some(cert_out)) = (&args.csr, &args.id, &args.cert_out) {
+        return enroll_from_csr(&args, csr, id, cert_out).await;
+    }
     let now = unix_now();
     let ca = enroll::load_ca(&args.ca.source(), now, args.ca.validity_days)?;
     let fleet = FleetDir::new(&args.fleet);
@@ -204,6 +221,59 @@ pub async fn enroll_devices(args: EnrollArgs) -> Result<()> {
         "enroll: {} devices in {}",
         devices.len(),
         fleet.root().display()
+    );
+    Ok(())
+}
+
+/// `enroll --csr`: signs one device's CSR with the CA, writes its certificate and ships its
+/// `Device` resource pinning the certificate's fingerprint.
+async fn enroll_from_csr(
+    args: &EnrollArgs,
+    csr_path: &Path,
+    id: &str,
+    cert_out: &Path,
+) -> Result<()> {
+    let now = unix_now();
+    let ca = enroll::load_ca(&args.ca.source(), now, args.ca.validity_days)?;
+    let text = std::fs::read_to_string(csr_path).map_err(|e| Error::io("reading", csr_path, e))?;
+    let csr = pem::parse(text.as_bytes())
+        .ok()
+        .filter(|p| p.tag() == "CERTIFICATE REQUEST")
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "--csr {}: not a PEM certificate request (-----BEGIN CERTIFICATE REQUEST-----); use the CSR `sealed-ota-agent keygen` printed",
+                csr_path.display()
+            ))
+        })?;
+    let cert_der = ca
+        .issue_for_csr(
+            csr.contents(),
+            Role::Device,
+            id,
+            now.saturating_sub(60),
+            args.ca.validity_days,
+        )
+        .map_err(|e| {
+            Error::Config(format!(
+                "--csr {}: cannot issue a certificate for --id {id:?}: {e}",
+                csr_path.display()
+            ))
+        })?;
+    let cert_pem = pem::encode(&pem::Pem::new("CERTIFICATE", cert_der.clone()));
+    std::fs::write(cert_out, cert_pem).map_err(|e| Error::io("writing", cert_out, e))?;
+    let fingerprint: [u8; 32] = Sha256::digest(&cert_der).into();
+    let labels: BTreeMap<String, String> = args.labels.iter().cloned().collect();
+    let device = enroll::device_resource_for(id, &fingerprint, &args.output.namespace, &labels);
+    let devices = [device];
+    let devices_ref = &devices;
+    ship(&args.output, &devices, |client| async move {
+        enroll::apply_devices(&client, devices_ref, 1).await
+    })
+    .await?;
+    eprintln!(
+        "enroll: device {id} from its CSR: certificate {} (fingerprint {})",
+        cert_out.display(),
+        hex::encode(fingerprint)
     );
     Ok(())
 }

@@ -52,14 +52,12 @@ pub enum Error {
     /// A command-line value or a fleet directory is inconsistent.
     #[error("{0}")]
     Config(String),
-    /// Building the TLS configuration of a device failed.
-    #[error("TLS configuration of {device}: {reason}")]
-    Tls {
-        /// The device id.
-        device: String,
-        /// What failed.
-        reason: String,
-    },
+    /// The shared device runner or store failed.
+    #[error(transparent)]
+    Device(#[from] sealed_ota_device::Error),
+    /// A file operation of the shared store failed.
+    #[error(transparent)]
+    File(#[from] sealed_ota_device::durable::FileError),
     /// A Kubernetes request failed.
     #[error("Kubernetes: {action}: {source}")]
     Kube {

@@ -512,6 +512,53 @@ impl DeviceFaults {
     }
 }
 
+/// The runner's fault switches: the emulator's `--fault`s that act on messages, chunks, the
+/// clock and the connection (the install faults are the emulated installer's).
+impl sealed_ota_device::Faults for DeviceFaults {
+    fn clock(&self, real_now: u64) -> u64 {
+        self.device_now(real_now)
+    }
+
+    fn max_packet_size(&self, configured: u32) -> u32 {
+        DeviceFaults::max_packet_size(self, configured)
+    }
+
+    fn slow_link_delay(&self, bytes: usize) -> Option<Duration> {
+        DeviceFaults::slow_link_delay(self, bytes)
+    }
+
+    fn tamper_received(&self, payload: &mut [u8]) -> bool {
+        DeviceFaults::tamper_received(self, payload, &mut rand::thread_rng())
+    }
+
+    fn refusal(&self) -> Option<String> {
+        DeviceFaults::refusal(self).map(str::to_string)
+    }
+
+    fn unhealthy(&self) -> Option<String> {
+        DeviceFaults::unhealthy(self).map(str::to_string)
+    }
+
+    fn after_chunk_stored(
+        &self,
+        download: &sealed_ota_device::store::Download,
+        offset: u64,
+        len: usize,
+    ) -> Result<bool, sealed_ota_device::durable::FileError> {
+        match self.storage_flip(len, &mut rand::thread_rng()) {
+            Some((at, bit)) => {
+                crate::slots::flip_stored_bit(download.path(), offset + at, bit)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn offline_now(&mut self, chunks_this_run: u32) -> Option<Duration> {
+        DeviceFaults::offline_now(self, chunks_this_run)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

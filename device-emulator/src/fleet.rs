@@ -7,12 +7,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sealed_ota_device::seam::Gate;
+use sealed_ota_device::{Observer, Outcome};
 use sealed_ota_protocol::{KeyLog, ReleaseKey, TopicTree, TrustAnchor};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::barrier::TransferBarrier;
-use crate::device::{Device, DeviceReport, FleetContext};
+use crate::device::{DeviceReport, EmulatedDevice, EmulatedInstaller, Settings};
 use crate::error::{Error, Result};
 use crate::faults::{DeviceFaults, FaultSpec};
 use crate::keylog::KeyLogFile;
@@ -20,6 +22,56 @@ use crate::mqtt_io::BrokerEndpoint;
 use crate::pacing::ConnectPacer;
 use crate::stats::{FleetStats, Summary};
 use crate::store::FleetDir;
+
+/// What the fleet's devices report as they run: the counters, and the transfer barrier of
+/// `run --transfer-barrier`.
+#[derive(Debug)]
+pub struct FleetObserver {
+    stats: Arc<FleetStats>,
+    barrier: Option<Arc<TransferBarrier>>,
+}
+
+impl FleetObserver {
+    /// Counts into `stats`; holds first chunk windows at `barrier` when there is one.
+    pub fn new(stats: Arc<FleetStats>, barrier: Option<Arc<TransferBarrier>>) -> Self {
+        FleetObserver { stats, barrier }
+    }
+}
+
+impl Observer for FleetObserver {
+    fn connect_attempt(&self) {
+        self.stats.connect_attempt();
+    }
+    fn connect_failed(&self) {
+        self.stats.connect_failed();
+    }
+    fn connected(&self, first: bool) {
+        self.stats.connected(first);
+    }
+    fn disconnected(&self) {
+        self.stats.disconnected();
+    }
+    fn received(&self, bytes: usize) {
+        self.stats.received(bytes);
+    }
+    fn message_rejected(&self) {
+        self.stats.message_rejected();
+    }
+    fn chunk_stored(&self) {
+        self.stats.chunk();
+    }
+    fn outcome_changed(&self, from: Outcome, to: Outcome) {
+        self.stats.transition(from, to);
+    }
+    fn health_reported(&self, healthy: bool) {
+        self.stats.health_reported(healthy);
+    }
+    fn transfer_gate(&self) -> Option<Gate> {
+        let barrier = Arc::clone(self.barrier.as_ref()?);
+        barrier.arrive();
+        Some(Box::pin(async move { barrier.wait().await }))
+    }
+}
 
 /// Everything `run` needs.
 #[derive(Debug, Clone)]
@@ -142,7 +194,10 @@ impl RunningFleet {
             })
             .collect::<Result<Vec<_>>>()?;
         let stats = Arc::new(FleetStats::new(ids.len() as u64));
-        let ctx = Arc::new(FleetContext {
+        let barrier = options
+            .transfer_barrier
+            .then(|| Arc::new(TransferBarrier::new(ids.len() as u64)));
+        let settings = Arc::new(Settings {
             endpoint: options.endpoint,
             trust: Arc::new(trust),
             topics: Arc::new(topics),
@@ -153,11 +208,11 @@ impl RunningFleet {
             keep_alive: options.keep_alive,
             poll_interval: Duration::from_secs(1),
             save_every_chunks: options.save_every_chunks.max(1),
-            pacer: ConnectPacer::new(options.connect_rate, options.max_connecting),
-            stats: Arc::clone(&stats),
-            transfer_barrier: options
-                .transfer_barrier
-                .then(|| TransferBarrier::new(ids.len() as u64)),
+            pacer: Some(ConnectPacer::new(
+                options.connect_rate,
+                options.max_connecting,
+            )),
+            observer: Arc::new(FleetObserver::new(Arc::clone(&stats), barrier)),
             release_keys,
             key_log: match &options.key_log {
                 Some(path) => Some(Arc::new(KeyLogFile::open(path)?) as Arc<dyn KeyLog>),
@@ -173,8 +228,16 @@ impl RunningFleet {
             if options.no_state_fsync {
                 dir = dir.without_state_fsync();
             }
-            let device = Device::new(Arc::clone(&ctx), id, dir, faults, shutdown_rx.clone())
-                .starting_on_node(position);
+            let installer = EmulatedInstaller::new(&id, dir.root(), faults.clone());
+            let device = EmulatedDevice::new(
+                Arc::clone(&settings),
+                id,
+                dir,
+                installer,
+                Box::new(faults),
+                shutdown_rx.clone(),
+            )
+            .starting_on_node(position);
             devices.spawn(device.run());
         }
         Ok(RunningFleet {

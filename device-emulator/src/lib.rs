@@ -1,8 +1,10 @@
 //! The Sealed OTA device emulator: thousands of devices in one tokio process, each a real
-//! MQTT 5 client over TLS with its own identity, running the protocol crate's `DeviceSession`,
-//! with its state in a directory of its own and fault switches per device or per fraction of
-//! the fleet. The protocol crate makes every protocol decision; this crate owns the sockets,
-//! the disk, pacing, faults and reporting. The binary's CLI is in `main.rs`.
+//! MQTT 5 client over TLS with its own identity, running the shared device runner of
+//! `sealed-ota-device` (the same one the device agent runs) with its state in a directory of its
+//! own, an emulated installer (`device`, `slots`) and fault switches per device or per fraction of
+//! the fleet. The protocol crate makes every protocol decision and the device crate owns the
+//! session, the sockets and the device's files; this crate owns the fleet, its faults, pacing
+//! settings, enrollment and reporting. The binary's CLI is in `main.rs`.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -14,10 +16,14 @@ pub mod error;
 pub mod faults;
 pub mod fleet;
 pub mod keylog;
-pub mod mqtt_io;
-pub mod pacing;
+pub mod slots;
 pub mod stats;
 pub mod store;
+
+/// The broker connection of a device (moved to the shared device crate).
+pub use sealed_ota_device::link as mqtt_io;
+/// Connection pacing (moved to the shared device crate).
+pub use sealed_ota_device::pacing;
 
 pub use error::{Error, Result};
 

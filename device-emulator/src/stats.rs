@@ -11,50 +11,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-/// Where a device stands in the campaign it last saw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Outcome {
-    /// No campaign seen in this run.
-    Idle,
-    /// An update was offered and the image is arriving.
-    Transferring,
-    /// The image was verified and installed, or new credentials were stored.
-    Installed,
-    /// The device refused the update (fault switch, rollback, expiry, packet size...).
-    Rejected,
-    /// The install failed (hash mismatch, storage).
-    Failed,
-    /// The image was installed, failed its self-test and the previous one runs again.
-    RolledBack,
-}
-
-impl Outcome {
-    const ALL: [Outcome; 6] = [
-        Outcome::Idle,
-        Outcome::Transferring,
-        Outcome::Installed,
-        Outcome::Rejected,
-        Outcome::Failed,
-        Outcome::RolledBack,
-    ];
-
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    /// Lower-case name, as in the JSON summary.
-    pub fn name(self) -> &'static str {
-        match self {
-            Outcome::Idle => "idle",
-            Outcome::Transferring => "transferring",
-            Outcome::Installed => "installed",
-            Outcome::Rejected => "rejected",
-            Outcome::Failed => "failed",
-            Outcome::RolledBack => "rolledBack",
-        }
-    }
-}
+pub use sealed_ota_device::Outcome;
 
 /// Counters shared by every device of the fleet.
 #[derive(Debug)]

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sealed_ota_device_emulator::fleet::RunningFleet;
+use sealed_ota_device_emulator::slots::ImageSlots;
 use sealed_ota_device_emulator::stats::Outcome;
 use sealed_ota_device_emulator::store::DeviceDir;
 use sealed_ota_e2e::TestBed;
@@ -104,7 +105,7 @@ async fn hundred_devices_install_over_tls_and_a_restarted_device_resumes() -> Re
         reports.iter().all(|r| r.running_version == "1.1.0"),
         "{reports:?}"
     );
-    let installed = std::fs::read(slow_dir.firmware_path())?;
+    let installed = std::fs::read(ImageSlots::in_dir(slow_dir.root()).firmware_path())?;
     assert!(installed == image, "the resumed image is byte-identical");
     assert!(manager.rejected.is_empty(), "{:?}", manager.rejected);
     manager.clean_up().await
@@ -210,7 +211,9 @@ async fn fault_switches_show_end_to_end() -> Result<()> {
             .exists(),
         "the half-written image of the crash was cleaned up"
     );
-    assert!(std::fs::read(fleet.device(&ids[2]).firmware_path())? == image);
+    assert!(
+        std::fs::read(ImageSlots::in_dir(fleet.device(&ids[2]).root()).firmware_path())? == image
+    );
     manager.clean_up().await
 }
 

@@ -884,6 +884,19 @@ pub fn binary(name: &str) -> PathBuf {
     target_dir().join(profile()).join(name)
 }
 
+/// Runs the project's CLI (`sealed-ota`, built) with `args`: its standard output, or an error
+/// with its standard error.
+pub fn sealed_ota_cli(args: &[&str]) -> Result<String> {
+    let out = Command::new(binary("sealed-ota")).args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "sealed-ota {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 static BUILT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
 
 /// Builds the operator and emulator binaries once per process, in this process's profile (a
@@ -895,7 +908,7 @@ pub fn build_binaries() -> Result<()> {
             let mut build = Command::new(cargo);
             build
                 .current_dir(repo_root())
-                .args(["build", "--workspace", "--bins"]);
+                .args(["build", "--locked", "--workspace", "--bins"]);
             if profile() == "release" {
                 build.arg("--release");
             }

@@ -416,17 +416,7 @@ async fn devices_with_a_release_key_install_only_what_it_signed() -> Result<()> 
     let keys = repo_root()
         .join("target/e2e-runs")
         .join(format!("release-{:08x}", rand::random::<u32>()));
-    let cli = |args: &[&str]| -> Result<String> {
-        let out = std::process::Command::new(sealed_ota_e2e::product::binary("sealed-ota"))
-            .args(args)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let cli = sealed_ota_e2e::product::sealed_ota_cli;
     sealed_ota_e2e::product::build_binaries()?;
     let trusted = keys.join("trusted");
     let rogue_key = keys.join("other");

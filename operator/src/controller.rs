@@ -49,7 +49,7 @@ use crate::gates::{self, GateInput, HealthTally};
 use crate::inputs;
 use crate::mqtt::ConnState;
 use crate::plan::{self, PassInput, Wake};
-use crate::policy::{self, runs_target, PolicyInput};
+use crate::policy::{self, up_to_date, PolicyInput};
 use crate::ramp::StartLog;
 use crate::reasons::BlockerReason;
 use crate::rollout::{decide, wave_cutoffs, DecideInput, Progress, RolloutParams};
@@ -841,9 +841,7 @@ fn standing(o: &UpdateCampaign, device: &Device, engine: &Engine) -> Standing {
     match record.map(|r| r.phase) {
         Some(DevicePhase::Succeeded | DevicePhase::Failed) => Standing::Done,
         Some(DevicePhase::Pending | DevicePhase::Transferring) => Standing::Started,
-        Some(DevicePhase::Released) | None if runs_target(device, &o.spec.target_version) => {
-            Standing::Done
-        }
+        Some(DevicePhase::Released) | None if up_to_date(device, &o.spec) => Standing::Done,
         Some(DevicePhase::Released) | None => Standing::NotStarted,
     }
 }

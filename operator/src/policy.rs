@@ -109,6 +109,12 @@ pub fn runs_target(device: &Device, target: &str) -> bool {
     }
 }
 
+/// Whether a device has nothing to do in a campaign it never started: it runs the firmware the
+/// campaign installs. A credential rotation changes no version, so it always has work to do.
+pub fn up_to_date(device: &Device, spec: &UpdateCampaignSpec) -> bool {
+    spec.payload.rotate_credentials.is_none() && runs_target(device, &spec.target_version)
+}
+
 /// Decide the policy of one pass.
 pub fn assess(input: &PolicyInput<'_>, start_log: &mut StartLog) -> PolicyDecision {
     let now = input.now;
@@ -150,7 +156,7 @@ pub fn assess(input: &PolicyInput<'_>, start_log: &mut StartLog) -> PolicyDecisi
         let retry = matches!(progress, Progress::Backoff { .. });
         let (hold, why) = if !(not_started || retry) {
             (Hold::Free, None)
-        } else if not_started && runs_target(device, &spec.target_version) {
+        } else if not_started && up_to_date(device, spec) {
             (Hold::UpToDate, Some(Exclusion::UpToDate))
         } else if not_started
             && spec.require_certificate_pin
@@ -380,6 +386,16 @@ mod tests {
             ]
         );
         assert!(d.status.waiting.is_none());
+    }
+
+    #[test]
+    fn a_credential_rotation_is_never_up_to_date() {
+        let s = spec(serde_json::json!({"payload": {"rotateCredentials": {
+            "mode": "Csr", "caSecretName": "ca"}}}));
+        let devices = vec![device("a", Some("2.0.0"))];
+        let d = run(&s, &devices, &[], 1000, &mut StartLog::default());
+        assert_eq!(d.holds, vec![Hold::Free]);
+        assert_eq!(d.exclusions, vec![None]);
     }
 
     #[test]

@@ -375,10 +375,16 @@ pub fn decide(input: &DecideInput<'_>) -> Decision {
         && !devices
             .iter()
             .any(|p| matches!(p, Progress::InFlight { .. }));
+    // Unusable inputs (a missing Secret, an unreadable image) before this campaign started any
+    // device: it vouches for nothing, even when every device already runs the version it names.
+    let blocked_before_start =
+        input.blocked && devices.iter().all(|p| matches!(p, Progress::NotStarted));
     let phase = if input.previous_phase.is_terminal() {
         input.previous_phase
     } else if input.abort {
         CampaignPhase::Aborted
+    } else if blocked_before_start {
+        CampaignPhase::Progressing
     } else if threshold_exceeded {
         CampaignPhase::Failed
     } else if all_done && failed == 0 && !excluded {
@@ -553,6 +559,25 @@ mod tests {
         assert!(d.start.is_empty());
         assert_eq!((d.counts.pending, d.counts.in_progress), (3, 0));
         assert_eq!(d.phase, CampaignPhase::Progressing);
+    }
+
+    #[test]
+    fn a_campaign_blocked_before_its_first_start_never_finishes_on_devices_already_up_to_date() {
+        let p = params();
+        let devices = vec![Progress::NotStarted; 3];
+        let holds = vec![Hold::UpToDate; 3];
+        let blocked = decide(&DecideInput {
+            blocked: true,
+            holds: &holds,
+            ..input(&devices, &p)
+        });
+        assert_eq!(blocked.phase, CampaignPhase::Progressing);
+        assert_eq!(blocked.counts.up_to_date, 3);
+        let unblocked = decide(&DecideInput {
+            holds: &holds,
+            ..input(&devices, &p)
+        });
+        assert_eq!(unblocked.phase, CampaignPhase::Succeeded);
     }
 
     #[test]

@@ -410,6 +410,15 @@ pub enum FinalOutcome {
         /// Why (device text; at most 256 characters are kept).
         reason: String,
     },
+    /// The install failed and the device cannot say that the previous image runs again (an
+    /// installer without rollback, a rollback that failed, an image lost before the install
+    /// began): a signed `Rejected(InstallFailed(reason))`, which claims no version. The running
+    /// version recorded stays what it was.
+    Failed {
+        /// Why, including whether anything was changed (device text; at most 256 characters are
+        /// kept).
+        reason: String,
+    },
 }
 
 struct Handshake {
@@ -1380,7 +1389,8 @@ impl DeviceSession {
 
     /// The final outcome of the staged install (also after a restart: the binding was persisted),
     /// as a signed receipt: `Committed` → `Installed` and the running version moves to the new one;
-    /// `RolledBack` → `RolledBack` and the running version stays. The receipt is bound to the
+    /// `RolledBack` → `RolledBack` and the running version stays; `Failed` → `Rejected(InstallFailed)`
+    /// and the running version stays. The receipt is bound to the
     /// session the image arrived in, or to a newer live session of the same campaign (a manager
     /// that timed out and started again). Clears `pending_install`; persist the state afterwards.
     /// Nothing happens when no install is pending.
@@ -1428,6 +1438,13 @@ impl DeviceSession {
                     }),
                 )
             }
+            FinalOutcome::Failed { reason } => (
+                Claim::Rejected {
+                    reason: RejectReason::InstallFailed(bounded_text(&reason, MAX_REASON_TEXT)),
+                },
+                None,
+                None,
+            ),
         };
         let action = self.receipt_for(&binding, &p.campaign_id, claim);
         self.record_completion(&p.campaign_id, &binding, installed, rolled_back);

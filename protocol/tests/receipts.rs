@@ -234,6 +234,45 @@ fn a_failed_health_check_is_reported_as_rolled_back_and_stays_rolled_back() {
     assert!(matches!(w.manager_state("s1"), ManagerState::RolledBack(_)));
 }
 
+/// An install that failed and could not be undone claims no version: a signed
+/// `Rejected(InstallFailed)` whose reason says so, and the running version stays.
+#[test]
+fn a_failed_install_is_reported_as_install_failed_claiming_no_version() {
+    let image = firmware(2500);
+    let mut w = World::new(Pki::new(), campaign(image.clone(), 512));
+    let id = Arc::new(w.pki.ca.issue(Role::Device, "s1", NOW, 30).unwrap());
+    let mut dev = complete_with(&mut w, id.clone());
+    dev.stage_install(w.now).unwrap();
+    let actions = dev.report_final(
+        FinalOutcome::Failed {
+            reason: "install: disk full; no rollback".into(),
+        },
+        w.now,
+    );
+    assert_eq!(dev.state().running_version, "1.0.0");
+    assert!(dev.state().pending_install.is_none());
+    w.broker.apply("s1", actions);
+    w.run();
+    let receipt = w
+        .manager
+        .events
+        .iter()
+        .find_map(|(_, e)| match e {
+            ManagerEvent::Rejected {
+                reason: RejectReason::InstallFailed(text),
+                receipt,
+            } => {
+                assert_eq!(text, "install: disk full; no rollback");
+                receipt.clone()
+            }
+            _ => None,
+        })
+        .expect("a signed InstallFailed");
+    let body = verify_receipt(&receipt, id.cert_der()).unwrap();
+    assert!(matches!(body.claim, Claim::Rejected { .. }));
+    assert!(matches!(w.manager_state("s1"), ManagerState::Rejected(_)));
+}
+
 #[test]
 fn an_outcome_reported_during_a_newer_session_is_bound_to_it() {
     let image = firmware(2500);

@@ -4,6 +4,10 @@
 //! real `sealed-ota-agent` binary, and the installer of the Debian packages the tests drive.
 #![allow(dead_code)]
 
+pub mod ab;
+pub mod modules;
+pub mod rauc;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
@@ -260,7 +264,8 @@ const SIGTERM: i32 = 15;
 
 /// Runs the device until its transaction settles: `first` (an `install`), then after each exit
 /// the system reboots when the agent asked for it (the reboot command stops the agent with
-/// SIGTERM), and the agent starts again with `run`, as systemd would. `crash` is armed until it
+/// SIGTERM), and the agent starts again with `finish` (what `run` does first, without
+/// connecting), as systemd would. `crash` is armed until it
 /// fires once; the device then restarts in the same boot, or power-cycles when `power_cut`.
 /// Returns whether the crash fired. Exit statuses other than 0 (installed, idle) and 3 (rolled
 /// back) and 4 (failed) fail the test.
@@ -313,7 +318,7 @@ pub fn settle<D: Device>(
         if clean_exit && device.board().journal()["active"].is_null() {
             return fired;
         }
-        args = vec!["run"];
+        args = vec!["finish"];
     }
     panic!(
         "the transaction did not settle: {:#}",
