@@ -1186,18 +1186,7 @@ async fn coordinator_pass(
         .clone()
         .filter(|_| !status.phase.is_terminal());
     let events = plan::events(&recorded, &status, co.blocker.as_ref());
-    for (p, n) in [
-        ("pending", status.devices.pending),
-        ("in_progress", status.devices.in_progress),
-        ("succeeded", status.devices.succeeded),
-        ("failed", status.devices.failed),
-    ] {
-        ctx.engine
-            .metrics
-            .campaign_devices
-            .with_label_values(&[&key.0, &key.1, p])
-            .set(i64::from(n));
-    }
+    campaign_gauges(ctx, &key, &status);
     let held_back = write_status(c, &key, &status, ctx).await?;
     for ev in events {
         publish_event(ctx, c, ev).await;
@@ -1661,18 +1650,7 @@ async fn single_pass(
                 .await?;
         }
     }
-    for (p, n) in [
-        ("pending", status.devices.pending),
-        ("in_progress", status.devices.in_progress),
-        ("succeeded", status.devices.succeeded),
-        ("failed", status.devices.failed),
-    ] {
-        ctx.engine
-            .metrics
-            .campaign_devices
-            .with_label_values(&[&key.0, &key.1, p])
-            .set(i64::from(n));
-    }
+    campaign_gauges(ctx, &key, &status);
     let held_back = write_status(c, &key, &status, ctx).await?;
     for ev in events {
         publish_event(ctx, c, ev).await;
@@ -1790,6 +1768,22 @@ async fn write_report(
         .inc();
     ctx.shard_memo(key, shard, |m| m.reported = Some((Instant::now(), report)));
     Ok(None)
+}
+
+/// The campaign's device counts as gauges.
+fn campaign_gauges(ctx: &Ctx, key: &CampaignKey, status: &UpdateCampaignStatus) {
+    for (p, n) in [
+        ("pending", status.devices.pending),
+        ("in_progress", status.devices.in_progress),
+        ("succeeded", status.devices.succeeded),
+        ("failed", status.devices.failed),
+    ] {
+        ctx.engine
+            .metrics
+            .campaign_devices
+            .with_label_values(&[&key.0, &key.1, p])
+            .set(i64::from(n));
+    }
 }
 
 /// Server-side apply the campaign status when it changed, at most once a second. Returns how long

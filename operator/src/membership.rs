@@ -1,12 +1,12 @@
 //! Which shards this replica holds (I/O shell over `coordination.k8s.io` Leases). Each replica holds
 //! a member Lease of its own (`<lease>-member-<identity>`), renewed while it lives; every few
 //! seconds it lists the live member Leases, computes the shards it should hold
-//! (`shards::wanted_shards`, rendezvous hashing: every replica that sees the same members agrees)
-//! and takes a Lease per wanted shard (`<lease>-shard-<k>-of-<S>`) with kube-lease-manager, releasing
-//! the ones it no longer wants. A replica that dies stops renewing: after the Lease duration its
-//! member Lease expires, the others see it gone and take its shards once their Leases expire too.
-//! What it publishes is the set of shards whose Lease it holds right now; it makes no other
-//! decision.
+//! (`shards::wanted_shards`, rendezvous hashing with bounded loads: every replica that sees the
+//! same members agrees) and takes a Lease per wanted shard (`<lease>-shard-<k>-of-<S>`) with
+//! kube-lease-manager, releasing the ones it no longer wants. A replica that dies stops renewing:
+//! after the Lease duration its member Lease expires, the others see it gone and take its shards
+//! once their Leases expire too. What it publishes is the set of shards whose Lease it holds right
+//! now; it makes no other decision.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

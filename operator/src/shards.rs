@@ -9,7 +9,7 @@
 //! shard `bucket mod S`. A shard's reflector selects `bucket in (s, s+S, ...)`, so it watches only
 //! its own devices; changing `S` needs no relabelling.
 
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use sha2::{Digest, Sha256};
 
@@ -104,32 +104,47 @@ pub fn relabel(
     (has != Some(&want)).then_some(want)
 }
 
-/// Rendezvous (highest random weight) choice of the member that should hold `shard`: every
-/// replica that sees the same members picks the same one, and a member joining or leaving moves
-/// only the shards it wins or held.
-pub fn owner_of(shard: u32, members: &BTreeSet<String>) -> Option<&str> {
-    members
-        .iter()
-        .max_by_key(|m| {
-            let mut h = Sha256::new();
-            h.update(shard.to_be_bytes());
-            h.update(m.as_bytes());
-            let d = h.finalize();
-            (
-                u64::from_be_bytes(d[..8].try_into().unwrap_or([0; 8])),
-                m.as_str(),
-            )
+/// Which member should hold each shard: rendezvous (highest random weight) hashing with bounded
+/// loads — shard by shard in order, the member of highest weight for that shard that holds fewer
+/// than ⌈shards / members⌉ so far. Every replica that sees the same members computes the same
+/// owners, and the shards split evenly (plain rendezvous hashing may give one of two replicas every
+/// shard). Indexed by shard; empty without members.
+pub fn owners(members: &BTreeSet<String>, shards: ShardCount) -> Vec<&str> {
+    if members.is_empty() {
+        return Vec::new();
+    }
+    let cap = shards.get().div_ceil(members.len() as u32);
+    let mut load: BTreeMap<&str, u32> = BTreeMap::new();
+    shards
+        .all()
+        .map(|shard| {
+            let mut ranked: Vec<&str> = members.iter().map(String::as_str).collect();
+            ranked.sort_by_key(|m| {
+                let mut h = Sha256::new();
+                h.update(shard.to_be_bytes());
+                h.update(m.as_bytes());
+                let d = h.finalize();
+                std::cmp::Reverse((u64::from_be_bytes(d[..8].try_into().unwrap_or([0; 8])), *m))
+            });
+            let owner = ranked
+                .into_iter()
+                .find(|m| load.get(m).copied().unwrap_or(0) < cap)
+                .unwrap_or_default();
+            *load.entry(owner).or_default() += 1;
+            owner
         })
-        .map(String::as_str)
+        .collect()
 }
 
 /// The shards `me` should hold among `members` (`me` counts as a member).
 pub fn wanted_shards(me: &str, members: &BTreeSet<String>, shards: ShardCount) -> BTreeSet<u32> {
     let mut all = members.clone();
     all.insert(me.to_owned());
-    shards
-        .all()
-        .filter(|s| owner_of(*s, &all) == Some(me))
+    owners(&all, shards)
+        .into_iter()
+        .zip(shards.all())
+        .filter(|(owner, _)| *owner == me)
+        .map(|(_, shard)| shard)
         .collect()
 }
 
@@ -252,22 +267,27 @@ mod tests {
     }
 
     #[test]
-    fn every_shard_has_one_owner_and_a_joiner_moves_only_what_it_wins() {
+    fn every_shard_has_one_owner_and_the_shards_split_evenly() {
+        let four = ShardCount::new(4).unwrap();
         let eight = ShardCount::new(8).unwrap();
-        let two: BTreeSet<String> = ["a".into(), "b".into()].into();
-        let a = wanted_shards("a", &two, eight);
-        let b = wanted_shards("b", &two, eight);
-        assert!(a.is_disjoint(&b));
-        assert_eq!(a.len() + b.len(), 8);
+        // Many member names: plain rendezvous hashing gives one of two members all four shards
+        // for about one pair in eight; bounded loads never do.
+        for i in 0..200 {
+            let two: BTreeSet<String> = [format!("ns{i}-r0"), format!("ns{i}-r1")].into();
+            let held: Vec<BTreeSet<u32>> =
+                two.iter().map(|m| wanted_shards(m, &two, four)).collect();
+            assert!(held[0].is_disjoint(&held[1]));
+            assert_eq!((held[0].len(), held[1].len()), (2, 2), "{two:?}");
+        }
         let three: BTreeSet<String> = ["a".into(), "b".into(), "c".into()].into();
-        let a3 = wanted_shards("a", &three, eight);
-        let b3 = wanted_shards("b", &three, eight);
-        let c3 = wanted_shards("c", &three, eight);
-        assert!(
-            a3.is_subset(&a) && b3.is_subset(&b),
-            "only shards won by c move"
-        );
-        assert_eq!(a3.len() + b3.len() + c3.len(), 8);
+        let held: Vec<usize> = three
+            .iter()
+            .map(|m| wanted_shards(m, &three, eight).len())
+            .collect();
+        assert_eq!(held.iter().sum::<usize>(), 8);
+        assert!(held.iter().all(|n| (2..=3).contains(n)), "{held:?}");
+        // Every replica that sees the same members agrees.
+        assert_eq!(owners(&three, eight), owners(&three.clone(), eight));
         // Alone, a replica wants everything (a member list without itself counts it in).
         assert_eq!(wanted_shards("a", &BTreeSet::new(), eight).len(), 8);
     }
