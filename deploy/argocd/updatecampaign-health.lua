@@ -32,6 +32,9 @@ local needs_person = {
   ReleaseSignatureInvalid = true,
   PayloadMissing = true,
   PayloadInvalid = true,
+  OciReferenceInvalid = true,
+  PullSecretInvalid = true,
+  RegistryAuthFailed = true,
   InvalidSchedule = true,
   WindowNeverOpens = true,
 }

@@ -211,6 +211,19 @@ mod tests {
         Sha256::digest(bytes).into()
     }
 
+    /// Slots in a fresh directory with "old firmware" installed as 1.0.0 (the directory lives as
+    /// long as the returned guard).
+    fn slots_running_old_firmware() -> (tempfile::TempDir, ImageSlots, Vec<u8>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let slots = ImageSlots::in_dir(tmp.path());
+        let old = b"old firmware".to_vec();
+        receive(&slots, &old);
+        slots
+            .install("1.0.0", old.len() as u64, &sha256(&old))
+            .unwrap();
+        (tmp, slots, old)
+    }
+
     fn receive(slots: &ImageSlots, image: &[u8]) {
         Download::at(slots.download_path(), true)
             .write_chunk(0, image)
@@ -219,13 +232,7 @@ mod tests {
 
     #[test]
     fn a_flipped_bit_fails_the_install_and_keeps_the_old_firmware() {
-        let tmp = tempfile::tempdir().unwrap();
-        let slots = ImageSlots::in_dir(tmp.path());
-        let old = b"old firmware".to_vec();
-        receive(&slots, &old);
-        slots
-            .install("1.0.0", old.len() as u64, &sha256(&old))
-            .unwrap();
+        let (_tmp, slots, old) = slots_running_old_firmware();
         let new = vec![7u8; 3000];
         receive(&slots, &new);
         flip_stored_bit(&slots.download_path(), 1234, 3).unwrap();
@@ -257,13 +264,7 @@ mod tests {
 
     #[test]
     fn a_switch_keeps_the_previous_image_until_commit_or_rollback() {
-        let tmp = tempfile::tempdir().unwrap();
-        let slots = ImageSlots::in_dir(tmp.path());
-        let old = b"old firmware".to_vec();
-        receive(&slots, &old);
-        slots
-            .install("1.0.0", old.len() as u64, &sha256(&old))
-            .unwrap();
+        let (tmp, slots, old) = slots_running_old_firmware();
         let new = vec![5u8; 4000];
         receive(&slots, &new);
         slots

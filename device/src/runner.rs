@@ -785,7 +785,13 @@ impl<I: Installer> Device<I> {
             FinalOutcome::RolledBack { .. } => (Outcome::RolledBack, "rolled back"),
             FinalOutcome::Failed { .. } => (Outcome::Failed, "failed"),
         };
-        info!(device = %self.id, ?outcome, "update {verb}; sending the signed receipt");
+        let version = session
+            .state()
+            .pending_install
+            .as_ref()
+            .map(|p| p.version.clone())
+            .unwrap_or_default();
+        info!(device = %self.id, %version, ?outcome, "update {verb}; sending the signed receipt");
         if outcome == FinalOutcome::Committed {
             self.health_due = self
                 .settings

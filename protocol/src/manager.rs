@@ -515,6 +515,7 @@ impl ManagerState {
     }
 }
 
+/// One handshake the manager completed: the keys of one ready it answered.
 struct Established {
     device: PeerCertificate,
     device_nonce: [u8; 32],
@@ -522,9 +523,14 @@ struct Established {
     keys: SessionKeys,
     update_payload: Vec<u8>,
     last_seq: u32,
+    /// For a rotation: the certificate this handshake's update issued.
+    issued: Option<IssuedCertificate>,
 }
 
 const MAX_SEEN_NONCES: usize = 16;
+
+/// Handshakes kept after a newer ready replaced them (see [`ManagerSession::superseded`]).
+const MAX_SUPERSEDED: usize = 3;
 
 /// Manager half of one device session.
 pub struct ManagerSession {
@@ -540,6 +546,12 @@ pub struct ManagerSession {
     nonce: [u8; 32],
     state: ManagerState,
     established: Option<Established>,
+    /// Handshakes of this session that a newer ready replaced, newest last, at most
+    /// [`MAX_SUPERSEDED`]. A device that restarts before the update arrives answers the retained
+    /// notify again, and its two readies can reach the manager in either order: the manager cannot
+    /// tell which one the device still holds keys for, so the device's next authenticated message
+    /// (a re-sent ready, a status, a receipt) decides, and that handshake becomes `established`.
+    superseded: Vec<Established>,
     seen_device_nonces: Vec<[u8; 32]>,
     issued: Option<IssuedCertificate>,
     also_pinned: Vec<[u8; 32]>,
@@ -760,6 +772,7 @@ impl ManagerSession {
             nonce: crypto::random(),
             state: ManagerState::NotifySent,
             established: None,
+            superseded: Vec::new(),
             seen_device_nonces: Vec::new(),
             issued: None,
             also_pinned: Vec::new(),
@@ -954,16 +967,14 @@ impl ManagerSession {
             &self.session_id,
         )?;
         // Same ready again (QoS 1 duplicate, or the device re-sent it because the update was
-        // lost): send the same update again.
-        if let Some(est) = &self.established {
-            if est.device_nonce == body.nonce {
-                return Ok(ManagerOutput {
-                    actions: vec![Action::Publish(
-                        self.update_publish(est.update_payload.clone()),
-                    )],
-                    events: vec![],
-                });
-            }
+        // lost): send the same update again. A re-sent ready of a superseded handshake means the
+        // device waits on that one: it becomes the established handshake again.
+        if let Some(est) = self.select_handshake(|e| e.device_nonce == body.nonce) {
+            let payload = est.update_payload.clone();
+            return Ok(ManagerOutput {
+                actions: vec![Action::Publish(self.update_publish(payload))],
+                events: vec![],
+            });
         }
         if self.seen_device_nonces.contains(&body.nonce) {
             return Err(ProtocolError::Replay);
@@ -1013,7 +1024,7 @@ impl ManagerSession {
             };
             self.remember_nonce(body.nonce);
             self.state = ManagerState::Rejected(reason.clone());
-            self.ephemeral = None;
+            self.forget_keys();
             out.events.push(ManagerEvent::Rejected {
                 reason,
                 receipt: None,
@@ -1049,7 +1060,7 @@ impl ManagerSession {
             };
             self.remember_nonce(body.nonce);
             self.state = ManagerState::Rejected(reason.clone());
-            self.ephemeral = None;
+            self.forget_keys();
             out.events.push(ManagerEvent::Rejected {
                 reason,
                 receipt: None,
@@ -1065,6 +1076,12 @@ impl ManagerSession {
         });
         self.remember_nonce(body.nonce);
         self.issued = issued;
+        if let Some(previous) = self.established.take() {
+            if self.superseded.len() >= MAX_SUPERSEDED {
+                self.superseded.remove(0);
+            }
+            self.superseded.push(previous);
+        }
         self.established = Some(Established {
             device,
             device_nonce: body.nonce,
@@ -1072,6 +1089,7 @@ impl ManagerSession {
             keys,
             update_payload: payload,
             last_seq: 0,
+            issued,
         });
         let received = body
             .have
@@ -1086,6 +1104,14 @@ impl ManagerSession {
             chunks_received: received,
         };
         Ok(out)
+    }
+
+    /// The session is final: drop the ephemeral key and every handshake's session keys
+    /// (zeroized), keep ~nothing.
+    fn forget_keys(&mut self) {
+        self.ephemeral = None;
+        self.established = None;
+        self.superseded.clear();
     }
 
     fn remember_nonce(&mut self, n: [u8; 32]) {
@@ -1170,6 +1196,27 @@ impl ManagerSession {
         }
     }
 
+    /// The first of this live session's handshakes (the established one, then the superseded
+    /// ones, newest first) that `matches`; a superseded one becomes the established handshake (the
+    /// device showed it holds its keys). `None` when none matches or the session is over.
+    fn select_handshake(
+        &mut self,
+        mut matches: impl FnMut(&Established) -> bool,
+    ) -> Option<&Established> {
+        if self.state.is_final() {
+            return None;
+        }
+        if !self.established.as_ref().is_some_and(&mut matches) {
+            let i = self.superseded.iter().rposition(&mut matches)?;
+            let chosen = self.superseded.remove(i);
+            self.issued = chosen.issued;
+            if let Some(previous) = self.established.replace(chosen) {
+                self.superseded.push(previous);
+            }
+        }
+        self.established.as_ref()
+    }
+
     /// The established session, when the session is live (not final).
     fn live(&self, message: &'static str) -> Result<&Established, ProtocolError> {
         match &self.established {
@@ -1188,9 +1235,19 @@ impl ManagerSession {
         if sm.session_id != self.session_id {
             return Err(ProtocolError::WrongSession);
         }
-        let aad = crypto::session_aad(STATUS_AAD_LABEL, &est.transcript, &sm.seq.to_be_bytes());
-        let plain = crypto::open(&est.keys.d2m, &sm.nonce, &aad, &sm.ct)
+        let seq = sm.seq.to_be_bytes();
+        let open = |e: &Established| {
+            let aad = crypto::session_aad(STATUS_AAD_LABEL, &e.transcript, &seq);
+            crypto::open(&e.keys.d2m, &sm.nonce, &aad, &sm.ct)
+        };
+        let mut plain = None;
+        let est = self
+            .select_handshake(|e| {
+                plain = open(e);
+                plain.is_some()
+            })
             .ok_or(ProtocolError::Decrypt { message: "status" })?;
+        let plain = plain.ok_or(ProtocolError::Decrypt { message: "status" })?;
         if sm.seq <= est.last_seq {
             return Err(ProtocolError::Replay);
         }
@@ -1273,9 +1330,12 @@ impl ManagerSession {
         let est = self.live("receipt")?;
         let (env, body) = wire::decode_receipt(&msg.payload)?;
         env.verify(&est.device.public_key, "receipt")?;
-        if body.session_id != self.session_id || body.transcript != est.transcript {
+        if body.session_id != self.session_id {
             return Err(ProtocolError::WrongSession);
         }
+        let est = self
+            .select_handshake(|e| e.transcript == body.transcript)
+            .ok_or(ProtocolError::WrongSession)?;
         let device_key = est.device.public_key;
         self.check_addressed(&body.device_id, &body.manager_id)?;
         if body.campaign_id != self.campaign.campaign_id {
@@ -1357,9 +1417,7 @@ impl ManagerSession {
                 self.state = ManagerState::Rejected(reason);
             }
         }
-        // Final: drop the ephemeral key and the session keys (zeroized), keep ~nothing.
-        self.ephemeral = None;
-        self.established = None;
+        self.forget_keys();
         Ok(out)
     }
 

@@ -136,6 +136,57 @@ fn device_restart_mid_transfer_resumes_from_persisted_state() {
     assert_eq!(w.manager_state("s1"), &ManagerState::Installed);
 }
 
+/// A device that restarts before the update arrives answers the retained notify again: two readies
+/// of one session, which the broker may hand to the manager in either order. When the ready from
+/// before the restart arrives last, the manager must still follow the handshake the device holds
+/// keys for (its next authenticated message says which), not the one it completed last.
+#[test]
+fn a_ready_from_before_a_restart_arriving_last_does_not_strand_the_session() {
+    use std::{cell::RefCell, rc::Rc};
+    let image = firmware(3000);
+    let mut w = World::new(Pki::new(), campaign(image.clone(), 500));
+    w.publish_chunks();
+    let id = std::sync::Arc::new(w.pki.ca.issue(Role::Device, "s1", NOW, 30).unwrap());
+    let (s, a) = w.pki.device_with(id.clone(), DeviceState::new("1.0.0"), 4);
+    w.add_device_session("s1", s, a);
+    w.start(target("s1"));
+    // Hold back every ready on its way to the manager.
+    let held: Rc<RefCell<Vec<Inbound>>> = Rc::default();
+    let hold = held.clone();
+    w.hook = Some(Box::new(move |client, msg| {
+        if client == "manager" && msg.topic.ends_with("/ready") {
+            hold.borrow_mut().push(msg.clone());
+            return Verdict::Drop;
+        }
+        Verdict::Deliver
+    }));
+    w.run();
+    // Power cut before the update: a new DeviceSession from the persisted state answers the
+    // retained notify with a second ready (new ephemeral key and nonce).
+    let json = serde_json::to_string(w.devices["s1"].session.state()).unwrap();
+    w.broker.subs.remove("s1");
+    let (s, a) = w
+        .pki
+        .device_with(id, serde_json::from_str(&json).unwrap(), 4);
+    w.add_device_session("s1", s, a);
+    w.run();
+    let readies = held.borrow().clone();
+    assert_eq!(readies.len(), 2, "one ready before the restart, one after");
+    // The manager gets the new ready first, then the stale one (and answers both).
+    w.hook = None;
+    w.deliver("manager", readies[1].clone());
+    w.deliver("manager", readies[0].clone());
+    w.run();
+    let d = &w.devices["s1"];
+    assert!(
+        d.installed,
+        "device errors {:?}, manager errors {:?}",
+        d.errors, w.manager.errors
+    );
+    assert_eq!(d.image, image);
+    assert_eq!(w.manager_state("s1"), &ManagerState::Installed);
+}
+
 #[test]
 fn reconnect_resubscribes_window() {
     let image = firmware(3000);
