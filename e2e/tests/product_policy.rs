@@ -644,8 +644,9 @@ async fn one_campaign_per_device_by_priority_and_the_other_waits() -> Result<()>
         .firmware_configmap("fw", &random_image(32 * 1024))
         .await?;
     product.start_operator()?;
-    // 32 KiB at 8 KiB/s: 4 s a device.
-    product.start_emulator(&["--fault", "slow:rate=8k"])?;
+    // 32 KiB at 2 KiB/s: 16 s a device, so the low campaign's first device is still in flight
+    // while the test reads both statuses (at 4 s it once finished before the test looked).
+    product.start_emulator(&["--fault", "slow:rate=2k"])?;
     let spec = |priority: i32, in_flight: u32| {
         product.firmware_spec(
             "1.1.0",
