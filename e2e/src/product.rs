@@ -758,6 +758,35 @@ impl Product {
         self.ns.pass();
     }
 
+    /// Devices whose status records campaign `campaign` (it started them), by name.
+    pub async fn touched(&self, campaign: &str) -> Result<Vec<String>> {
+        let mut names: Vec<String> = self
+            .devices()
+            .await?
+            .into_iter()
+            .filter(|d| {
+                d.status
+                    .as_ref()
+                    .and_then(|s| s.campaign.as_ref())
+                    .is_some_and(|c| c.name == campaign)
+            })
+            .filter_map(|d| d.metadata.name)
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Until Unix time `until` (less a second for clock rounding), check every half second that
+    /// no Device records campaign `campaign`: nothing started it before then.
+    pub async fn untouched_until(&self, campaign: &str, until: u64) -> Result<()> {
+        while unix_now() + 1 < until {
+            let touched = self.touched(campaign).await?;
+            anyhow::ensure!(touched.is_empty(), "{touched:?} started before {until}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(())
+    }
+
     /// Every Device of this product.
     pub async fn devices(&self) -> Result<Vec<Device>> {
         Ok(
@@ -923,6 +952,20 @@ pub fn build_binaries() -> Result<()> {
         })
         .clone()
         .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Unix seconds now (a campaign's windows and deadlines are set from it).
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// `HH:MM:SS` (UTC) of a Unix time: a window's local start in UTC.
+pub fn utc_clock(t: u64) -> String {
+    let s = t % 86_400;
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
 /// `len` random bytes: a firmware image that no other run shares.

@@ -4,14 +4,15 @@
 //! once their Leases expire and finishes the campaign from what the resources record: every device
 //! holds the image, none that was done before the kill installs again, and the surviving replica
 //! ends up holding every shard's Lease. Runs on whatever broker the test bed
-//! runs (on the rmqtt cluster each replica starts at another node).
+//! runs (on the rmqtt cluster each replica starts at another node). And two replicas sharing a
+//! campaign keep its rollout policy: no shard starts a device before its maintenance window.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
-use sealed_ota_e2e::product::{random_image, Product};
+use sealed_ota_e2e::product::{random_image, unix_now, utc_clock, Product};
 use sealed_ota_operator::crd::CampaignPhase;
 use sealed_ota_operator::shards::{bucket_of, BUCKET_LABEL};
 
@@ -40,15 +41,12 @@ async fn metric_of(product: &mut Product, i: usize, name: &str) -> Result<f64> {
     Ok(sealed_ota_e2e::http::metric_sum(&text, name))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_killed_replica_s_shards_and_coordination_are_taken_over_mid_campaign() -> Result<()> {
-    let mut product = Product::new("shards", DEVICES).await?;
+/// Start two replicas sharing `--shards 4` and wait until the coordinator labelled every Device
+/// with its bucket (so that its shard's reflector sees it).
+async fn start_two_replicas(product: &mut Product) -> Result<()> {
     product.operator_args = vec!["--shards".into(), "4".into()];
-    let image = random_image(64 * 1024);
-    product.firmware_configmap("fw", &image).await?;
     product.start_replica(0)?;
     product.start_replica(1)?;
-    // The coordinator labels every Device with its bucket, so that its shard's reflector sees it.
     let ids = product.device_ids.clone();
     sealed_ota_e2e::wait_for(
         "every Device labelled with its bucket",
@@ -70,7 +68,24 @@ async fn a_killed_replica_s_shards_and_coordination_are_taken_over_mid_campaign(
             }
         },
     )
-    .await?;
+    .await
+}
+
+/// The replicas that reported a shard of the campaign, as its status names them.
+fn holders(c: &sealed_ota_operator::crd::UpdateCampaign) -> std::collections::BTreeSet<String> {
+    c.status
+        .iter()
+        .flat_map(|s| &s.shards)
+        .filter_map(|a| a.holder.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_replica_s_shards_and_coordination_are_taken_over_mid_campaign() -> Result<()> {
+    let mut product = Product::new("shards", DEVICES).await?;
+    let image = random_image(64 * 1024);
+    product.firmware_configmap("fw", &image).await?;
+    start_two_replicas(&mut product).await?;
     // A slow link keeps transfers going when the replica dies.
     product.start_emulator(&["--fault", "slow:rate=24k", "--window", "2"])?;
     product.apply_campaign(
@@ -91,14 +106,7 @@ async fn a_killed_replica_s_shards_and_coordination_are_taken_over_mid_campaign(
         )
         .await?;
     // Both replicas hold shards and drive their devices.
-    let holders: std::collections::BTreeSet<String> = running
-        .status
-        .as_ref()
-        .context("status")?
-        .shards
-        .iter()
-        .filter_map(|a| a.holder.clone())
-        .collect();
+    let holders = holders(&running);
     assert_eq!(
         holders.len(),
         2,
@@ -181,6 +189,64 @@ async fn a_killed_replica_s_shards_and_coordination_are_taken_over_mid_campaign(
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(product.dir.join("emulator-1.json"))?)?;
     assert_eq!(summary["outcomes"]["installed"], DEVICES, "{summary}");
+    product.pass();
+    Ok(())
+}
+
+/// Issue 16 with issue 15: two replicas share a campaign with a maintenance window (and a rate)
+/// through the same policy step as one replica. Until the window opens no shard starts a device
+/// (no Device records the campaign); once it opens, both replicas drive their shards' devices and
+/// the campaign succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_start_no_device_before_the_maintenance_window() -> Result<()> {
+    const FLEET: u32 = 8;
+    let mut product = Product::new("shardwin", FLEET).await?;
+    product
+        .firmware_configmap("fw", &random_image(16 * 1024))
+        .await?;
+    start_two_replicas(&mut product).await?;
+    product.start_emulator(&[])?;
+    let open = unix_now() + 20;
+    product.apply_campaign(
+        "fw",
+        product.firmware_spec(
+            "1.1.0",
+            "fw",
+            serde_json::json!({
+                "rollout": {"maxInFlight": FLEET, "deviceTimeoutSeconds": 60, "maxPerMinute": 60},
+                "schedule": {"windows": [{"start": utc_clock(open), "duration": "120s"}]},
+            }),
+        ),
+    )?;
+    // Every shard reports its devices waiting for the window (added up by the coordinator).
+    product
+        .wait_campaign(
+            "fw",
+            "the shards report the window",
+            Duration::from_secs(open.saturating_sub(unix_now() + 2)),
+            |c| {
+                c.status
+                    .as_ref()
+                    .is_some_and(|s| s.devices.outside_window == FLEET)
+            },
+        )
+        .await?;
+    // Until the window opens, no device is touched.
+    product.untouched_until("fw", open).await?;
+    let done = product.finished("fw", Duration::from_secs(120)).await?;
+    assert_eq!(done.phase, CampaignPhase::Succeeded, "{done:?}");
+    assert_eq!(done.devices.succeeded, FLEET, "{done:?}");
+    let c = product.campaign("fw").await?;
+    assert_eq!(
+        holders(&c).len(),
+        2,
+        "both replicas drove shards: {:?}",
+        done.shards
+    );
+    assert!(
+        unix_now() >= open,
+        "the campaign finished before its window opened"
+    );
     product.pass();
     Ok(())
 }

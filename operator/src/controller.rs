@@ -3,8 +3,10 @@
 //!
 //! - for each **shard it holds** (its Lease, `membership`), a shard pass over that shard's Devices
 //!   (a reflector per shard, label-selected, so a replica watches only its own devices): fetch and
-//!   validate, prepare the campaign once with the campaign's seed, decide which of the shard's
-//!   devices start or time out (`rollout::decide` within the shard's assignment), let the engine
+//!   validate, prepare the campaign once with the campaign's seed, weigh the rollout policy over
+//!   the shard's devices (`policy_of`, the step one replica takes too: windows, deadline, rate
+//!   share, arbitration), decide which of them start or time out (`rollout::decide` within the
+//!   shard's assignment), let the engine
 //!   act, and report the shard's progress in its `CampaignShard` (at most once a second, only when
 //!   it changed);
 //! - as **coordinator** (holder of the leader Lease): fix the expiry and the campaign's seed before
@@ -38,7 +40,7 @@ use tokio::sync::{mpsc, watch};
 use zeroize::Zeroizing;
 
 use crate::arbitration::{Contender, Standing};
-use crate::coordinate::{coordinate, shard_params, shard_report, CoordinateInput};
+use crate::coordinate::{coordinate, rate_share, shard_params, shard_report, CoordinateInput};
 use crate::crd::{
     CampaignPhase, Device, DeviceFailure, DevicePhase, RotationModeSpec, UpdateCampaign,
     UpdateCampaignStatus, WaitingStatus, FINALIZER,
@@ -50,7 +52,7 @@ use crate::inputs;
 use crate::mqtt::ConnState;
 use crate::plan::{self, PassInput, Wake};
 use crate::policy::{self, up_to_date, PolicyInput};
-use crate::ramp::StartLog;
+use crate::ramp::{Rate, StartLog};
 use crate::reasons::BlockerReason;
 use crate::rollout::{decide, wave_cutoffs, DecideInput, Progress, RolloutParams};
 use crate::runs::{clear_retained, CampaignKey, CampaignRun, Plan};
@@ -98,8 +100,6 @@ struct Memo {
     /// the running totals of both: kept here, not added to the last written status, so a pass whose
     /// status write is held back by the rate limit loses no count.
     members: Option<Members>,
-    /// Starts of the last minute (the rate).
-    starts: StartLog,
     /// A dry run's prepared payload size: (uid, bytes of the encrypted chunks).
     planned: Option<(String, u64)>,
 }
@@ -114,6 +114,8 @@ struct ShardMemo {
     /// The uid whose leftovers this process cleared for the shard (an ended campaign's retained
     /// messages).
     cleaned: Option<String>,
+    /// The shard's starts of the last minute (its share of the rate).
+    starts: StartLog,
 }
 
 /// The Devices of a shard a campaign selects, sorted by name (the wave order).
@@ -646,9 +648,10 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
     Ok(earliest(wakes))
 }
 
-/// What validation of the campaign's own spec found (pure): its rollout parameters (the defaults
-/// when they do not parse: then the blocker says so) and the first problem.
-fn validate_spec(c: &UpdateCampaign) -> (RolloutParams, Option<Blocker>) {
+/// What validation of the campaign's own spec found (pure): its rollout parameters and schedule
+/// (the defaults, always open, when they do not parse: then the blocker says so) and the first
+/// problem.
+fn validate_spec(c: &UpdateCampaign) -> (RolloutParams, Calendar, Option<Blocker>) {
     let mut blocker = Selector::try_from(c.spec.selector.clone())
         .err()
         .map(|e| Blocker {
@@ -662,7 +665,14 @@ fn validate_spec(c: &UpdateCampaign) -> (RolloutParams, Option<Blocker>) {
         });
         RolloutParams::defaults()
     });
-    (params, blocker)
+    let calendar = Calendar::for_campaign(c.spec.schedule.as_ref()).unwrap_or_else(|e| {
+        blocker.get_or_insert(Blocker {
+            reason: BlockerReason::InvalidSchedule,
+            message: e.to_string(),
+        });
+        Calendar::always()
+    });
+    (params, calendar, blocker)
 }
 
 /// The Devices of shard `shard` the campaign selects, sorted by name (the wave order): from the
@@ -726,7 +736,7 @@ struct Validated {
 /// Validate the selector and the rollout (pure over the Device store's snapshot). Selecting
 /// compares and sorts in place rather than cloning names and labels: it runs on every pass.
 fn validate(c: &UpdateCampaign, store: &Store<Device>) -> Validated {
-    let mut blocker = None;
+    let (params, calendar, blocker) = validate_spec(c);
     let selected = match Selector::try_from(c.spec.selector.clone()) {
         Ok(selector) => {
             let ns = &c.metadata.namespace;
@@ -740,28 +750,9 @@ fn validate(c: &UpdateCampaign, store: &Store<Device>) -> Validated {
             devices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
             devices
         }
-        Err(e) => {
-            blocker = Some(Blocker {
-                reason: BlockerReason::InvalidSelector,
-                message: format!("spec.selector is not a valid label selector: {e}"),
-            });
-            Vec::new()
-        }
+        // validate_spec names the selector's problem.
+        Err(_) => Vec::new(),
     };
-    let params = RolloutParams::from_spec(&c.spec.rollout).unwrap_or_else(|e| {
-        blocker.get_or_insert(Blocker {
-            reason: BlockerReason::InvalidRollout,
-            message: e.to_string(),
-        });
-        RolloutParams::defaults()
-    });
-    let calendar = Calendar::for_campaign(c.spec.schedule.as_ref()).unwrap_or_else(|e| {
-        blocker.get_or_insert(Blocker {
-            reason: BlockerReason::InvalidSchedule,
-            message: e.to_string(),
-        });
-        Calendar::always()
-    });
     Validated {
         selected,
         params,
@@ -801,6 +792,67 @@ fn rivals_of(
             Some((o, selector))
         })
         .collect()
+}
+
+/// The devices one pass decides for (the whole fleet with one shard, a held shard's with
+/// several) and what the policy weighs them against.
+struct PolicyScope<'a> {
+    /// Shard index (its start log keeps the rate).
+    shard: u32,
+    /// The scope's selected Devices, in wave order.
+    selected: &'a [Arc<Device>],
+    /// Their progress before this pass.
+    progress: &'a [Progress],
+    /// The campaign's schedule (validated).
+    calendar: &'a Calendar,
+    /// The campaign's status as stored (with several shards: as the coordinator wrote it).
+    previous: &'a UpdateCampaignStatus,
+    /// The scope's share of the rate when it is one shard of several (`coordinate::rate_share`).
+    rate_share: Option<u32>,
+}
+
+/// The rollout policy's say over one pass (issue 15: windows, deadline, rate, arbitration with
+/// the other running campaigns), the same for one shard or several: `policy::assess` over the
+/// scope's devices, with the scope's own start log.
+fn policy_of(
+    c: &UpdateCampaign,
+    key: &CampaignKey,
+    ctx: &Ctx,
+    scope: &PolicyScope<'_>,
+    now: u64,
+) -> policy::PolicyDecision {
+    let others = rivals_of(c, &ctx.campaigns, &ctx.engine);
+    let rivals: Vec<Vec<(Contender<'_>, Standing)>> = if others.is_empty() {
+        Vec::new()
+    } else {
+        scope
+            .selected
+            .iter()
+            .map(|d| {
+                others
+                    .iter()
+                    .filter(|(_, sel)| sel.matches(ResourceExt::labels(&**d)))
+                    .map(|(o, _)| (contender(o), standing(o, d, &ctx.engine)))
+                    .collect()
+            })
+            .collect()
+    };
+    ctx.shard_memo(key, scope.shard, |m| {
+        policy::assess(
+            &PolicyInput {
+                now,
+                spec: &c.spec,
+                me: contender(c),
+                devices: scope.selected,
+                progress: scope.progress,
+                rivals: &rivals,
+                calendar: scope.calendar,
+                previous: scope.previous,
+                rate_share: scope.rate_share,
+            },
+            &mut m.starts,
+        )
+    })
 }
 
 /// A campaign as arbitration ranks it.
@@ -1108,7 +1160,7 @@ async fn coordinator_pass(
     let uid = c.uid().ok_or(Error::MissingMetadata("uid"))?;
     let now = unix_now();
     let previous = c.status.clone().unwrap_or_default();
-    let (params, mut blocker) = validate_spec(c);
+    let (params, calendar, mut blocker) = validate_spec(c);
     // The expiry is fixed the first time the campaign is prepared and recorded on its status
     // before any device starts; every replica then prepares with the recorded one.
     let expires_at = previous
@@ -1160,6 +1212,7 @@ async fn coordinator_pass(
         blocker: blocker.as_ref(),
         previous: &recorded,
         expired,
+        deadline_passed: calendar.deadline().is_some_and(|d| d <= now),
     });
     tracing::debug!(phase = ?co.phase, counts = ?co.counts, wave = co.current_wave, unreported = ?co.unreported, "coordinated");
     let mut status = compute(StatusInput {
@@ -1238,7 +1291,7 @@ async fn shard_pass(
     };
     let expired = now >= expires_at;
     let terminal = status.phase.is_terminal() || c.spec.abort;
-    let (params, mut blocker) = validate_spec(c);
+    let (params, calendar, mut blocker) = validate_spec(c);
     if blocker.is_none() && !terminal && !expired && !ctx.engine.has_run(&key, &uid) {
         let Some(sealed) = status.sealed_seed.as_deref() else {
             // The coordinator records the seed with the expiry; its status write wakes us.
@@ -1270,6 +1323,27 @@ async fn shard_pass(
     let selected = selection(c, &key, shard, (&store, epoch), ctx);
     let progress = ctx.engine.progress(&key, &uid, &selected);
     let assignment = status.shards.iter().find(|a| a.shard == shard);
+    // The shard's share of the campaign's rate, ramped by the successes of every shard.
+    let rate_share = Rate::from_spec(&c.spec.rollout)
+        .per_minute(status.devices.succeeded)
+        .map(|r| rate_share(r, &status.shards, shard));
+    let policy = policy_of(
+        c,
+        &key,
+        ctx,
+        &PolicyScope {
+            shard,
+            selected: &selected,
+            progress: &progress,
+            calendar: &calendar,
+            previous: status,
+            rate_share,
+        },
+        now,
+    );
+    if blocker.is_none() {
+        blocker = policy.blocker.clone();
+    }
     let params = shard_params(&params, assignment);
     let decision = decide(&DecideInput {
         now,
@@ -1281,12 +1355,12 @@ async fn shard_pass(
         previous_phase: status.phase,
         previous_wave: 0,
         eligible_limit: Some(assignment.map_or(0, |a| a.wave_end)),
-        // Not yet with several shards: the rollout policy of issue 15 (README, unfinished).
-        holds: &[],
-        start_cap: None,
+        holds: &policy.holds,
+        start_cap: policy.start_cap,
+        // Not yet with several shards: the gates of issue 15 (README, unfinished).
         wave_limit: None,
-        deadline_passed: false,
-        policy_due: None,
+        deadline_passed: policy.deadline_passed,
+        policy_due: policy.due,
     });
     let starts =
         decision.phase == CampaignPhase::Progressing && blocker.is_none() && !terminal && !expired;
@@ -1301,6 +1375,7 @@ async fn shard_pass(
         end: (terminal || expired) && has_run,
     };
     ctx.engine.apply(&key, &uid, &selected, &plan).await?;
+    ctx.shard_memo(&key, shard, |m| m.starts.record(now, plan.start.len()));
     if terminal && !has_run {
         // Ended under an earlier process (or before a restart): clear what the resources say the
         // shard may have left retained, once per process.
@@ -1325,6 +1400,7 @@ async fn shard_pass(
         &ctx.role.identity,
         &decision,
         &progress,
+        &policy.holds,
         failures(&selected, &progress, &uid, &store),
         ctx.engine.device_writes_pending_in(shard) as u32,
         has_run || terminal,
@@ -1348,8 +1424,9 @@ async fn shard_pass(
 }
 
 /// The single-replica pass (`--shards 1`, the default): the holder of the leader Lease drives
-/// every device with the whole rollout policy (issue 15: windows, rate, gates, arbitration, dry
-/// run) over the Devices of its one shard, and writes the status itself.
+/// every device with the whole rollout policy (issue 15: the policy step of every shard pass,
+/// `policy_of`, plus gates, dry run, joiners and leavers and the policy's status) over the
+/// Devices of its one shard, and writes the status itself.
 async fn single_pass(
     c: &UpdateCampaign,
     store: &Store<Device>,
@@ -1459,36 +1536,20 @@ async fn single_pass(
 
     // policy
     let progress = ctx.engine.progress(&key, &uid, &selected);
-    let others = rivals_of(c, &ctx.campaigns, &ctx.engine);
-    let rivals: Vec<Vec<(Contender<'_>, Standing)>> = if others.is_empty() {
-        Vec::new()
-    } else {
-        selected
-            .iter()
-            .map(|d| {
-                others
-                    .iter()
-                    .filter(|(_, sel)| sel.matches(ResourceExt::labels(&**d)))
-                    .map(|(o, _)| (contender(o), standing(o, d, &ctx.engine)))
-                    .collect()
-            })
-            .collect()
-    };
-    let policy = ctx.memo(&key, |m| {
-        policy::assess(
-            &PolicyInput {
-                now,
-                spec: &c.spec,
-                me: contender(c),
-                devices: &selected,
-                progress: &progress,
-                rivals: &rivals,
-                calendar: &calendar,
-                previous: &previous,
-            },
-            &mut m.starts,
-        )
-    });
+    let policy = policy_of(
+        c,
+        &key,
+        ctx,
+        &PolicyScope {
+            shard: 0,
+            selected: &selected,
+            progress: &progress,
+            calendar: &calendar,
+            previous: &previous,
+            rate_share: None,
+        },
+        now,
+    );
     if blocker.is_none() {
         blocker = policy.blocker.clone();
     }
@@ -1634,7 +1695,7 @@ async fn single_pass(
 
     // act
     ctx.engine.apply(&key, &uid, &selected, &pass.run).await?;
-    ctx.memo(&key, |m| m.starts.record(now, pass.run.start.len()));
+    ctx.shard_memo(&key, 0, |m| m.starts.record(now, pass.run.start.len()));
     if let Some(notifies) = pass.clear_recorded {
         // Ended under an earlier process (or before a restart): clear what the resources say it
         // may have left retained, once per process.

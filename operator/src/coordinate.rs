@@ -13,7 +13,7 @@ use crate::crd::{
     MAX_LISTED_FAILURES,
 };
 use crate::reasons::{BlockerReason, FailureReason};
-use crate::rollout::{wave_cutoffs, Decision, Progress, RolloutParams};
+use crate::rollout::{done, wave_cutoffs, Decision, Hold, Progress, RolloutParams};
 use crate::shard_crd::CampaignShardSpec;
 use crate::shards::{apportion, ShardCount};
 use crate::status::Blocker;
@@ -37,6 +37,9 @@ pub struct CoordinateInput<'a> {
     pub previous: &'a UpdateCampaignStatus,
     /// Whether the campaign's recorded expiry passed.
     pub expired: bool,
+    /// Whether spec.schedule.deadline passed: no shard starts any more, the campaign ends
+    /// (`Completed`) once nothing is in flight.
+    pub deadline_passed: bool,
 }
 
 /// The coordinator's decision for one pass.
@@ -88,6 +91,10 @@ fn add(total: &mut DeviceCounts, c: &DeviceCounts) {
     total.succeeded += c.succeeded;
     total.failed += c.failed;
     total.rolled_back += c.rolled_back;
+    total.up_to_date += c.up_to_date;
+    total.waiting += c.waiting;
+    total.outside_window += c.outside_window;
+    total.excluded += c.excluded;
 }
 
 /// Decide the campaign-wide state from the shards' reports (pure).
@@ -132,8 +139,10 @@ pub fn coordinate(input: &CoordinateInput<'_>) -> Coordination {
         current_wave += 1;
     }
 
-    let finished = counts.succeeded + counts.failed;
+    // Up to date and left out (by the policy of the shard's replica) are done as well.
+    let finished = counts.succeeded + counts.failed + counts.up_to_date + counts.excluded;
     let all_done = complete && total > 0 && finished >= total;
+    let out_of_time = complete && total > 0 && input.deadline_passed && counts.in_progress == 0;
     let writes_pending = (0..n).filter_map(report).any(|r| r.writes_pending > 0);
     let previous = input.previous.phase;
     let expired = if previous.is_terminal() {
@@ -168,8 +177,12 @@ pub fn coordinate(input: &CoordinateInput<'_>) -> Coordination {
         // whoever reads a finished campaign reads its devices' final records too.
         settling = true;
         CampaignPhase::Progressing
-    } else if all_done {
+    } else if all_done && counts.failed == 0 && counts.excluded == 0 {
         CampaignPhase::Succeeded
+    } else if all_done || out_of_time {
+        // Finished (or out of time), but not every device runs the target version: never called
+        // a success (as `rollout::decide` says for one shard).
+        CampaignPhase::Completed
     } else if input.paused {
         CampaignPhase::Paused
     } else if !complete || total == 0 || blocker.is_some() {
@@ -199,7 +212,10 @@ pub fn coordinate(input: &CoordinateInput<'_>) -> Coordination {
             shard: k as u32,
             holder: report(k).map(|r| r.holder.clone()),
             selected: sizes[k],
-            finished: report(k).map_or(0, |r| r.devices.succeeded + r.devices.failed),
+            finished: report(k).map_or(0, |r| {
+                let d = &r.devices;
+                d.succeeded + d.failed + d.up_to_date + d.excluded
+            }),
             wave_end: wave_end[k],
             max_in_flight: in_flight[k],
             blocker: report(k).and_then(|r| r.blocker_reason.clone()),
@@ -229,9 +245,37 @@ pub fn shard_params(params: &RolloutParams, assignment: Option<&ShardAssignment>
     }
 }
 
-/// How many of the shard's devices, in wave order, are finished from the first one without a gap.
-pub fn done_through(progress: &[Progress]) -> u32 {
-    progress.iter().take_while(|p| p.is_terminal()).count() as u32
+/// Shard `shard`'s share of a campaign-wide rate of `per_minute` starts a minute (pure): the rate
+/// apportioned to the sizes of the shards with devices left (`status.shards` as the coordinator
+/// last wrote it). The shares add up to the rate and change only when the ramp raises it or a
+/// shard finishes its last device and hands its share to the others (for the minute after that
+/// the campaign may start up to that share more than its rate: README, unfinished). Before the
+/// coordinator assigned anything the share is 0.
+pub fn rate_share(per_minute: u32, assignments: &[ShardAssignment], shard: u32) -> u32 {
+    let remaining: Vec<u32> = assignments
+        .iter()
+        .map(|a| {
+            if a.finished < a.selected {
+                a.selected
+            } else {
+                0
+            }
+        })
+        .collect();
+    assignments
+        .iter()
+        .position(|a| a.shard == shard)
+        .map_or(0, |k| apportion(per_minute, &remaining)[k])
+}
+
+/// How many of the shard's devices, in wave order, are done (finished, up to date or left out by
+/// the policy's `holds`) from the first one without a gap.
+pub fn done_through(progress: &[Progress], holds: &[Hold]) -> u32 {
+    progress
+        .iter()
+        .enumerate()
+        .take_while(|(i, p)| done(p, holds.get(*i).copied().unwrap_or_default()))
+        .count() as u32
 }
 
 /// What a shard reports from its own pass (pure): counts, the finished prefix, failures (at most
@@ -245,6 +289,7 @@ pub fn shard_report(
     holder: &str,
     decision: &Decision,
     progress: &[Progress],
+    holds: &[Hold],
     mut failures: Vec<DeviceFailure>,
     writes_pending: u32,
     prepared: bool,
@@ -259,7 +304,7 @@ pub fn shard_report(
         shards: shards.get(),
         holder: crate::status::bounded(holder, 253),
         devices: decision.counts.clone(),
-        done_through: done_through(progress),
+        done_through: done_through(progress, holds),
         writes_pending,
         prepared,
         failures,
@@ -278,6 +323,36 @@ mod tests {
             max_in_flight,
             ..RolloutParams::defaults()
         }
+    }
+
+    #[test]
+    fn the_rate_is_shared_by_the_devices_left_and_never_exceeded() {
+        let assign = |shard, selected, finished| ShardAssignment {
+            shard,
+            holder: None,
+            selected,
+            finished,
+            wave_end: selected,
+            max_in_flight: 1,
+            blocker: None,
+        };
+        let a = [assign(0, 10, 0), assign(1, 10, 0)];
+        let shares: Vec<u32> = (0..2).map(|k| rate_share(4, &a, k)).collect();
+        assert_eq!(shares, vec![2, 2]);
+        // Devices finishing do not move the shares (the starts of the last minute stay bounded).
+        let a = [assign(0, 10, 7), assign(1, 10, 1)];
+        let shares: Vec<u32> = (0..2).map(|k| rate_share(4, &a, k)).collect();
+        assert_eq!(shares, vec![2, 2]);
+        // A shard with nothing left gives its share to the others.
+        let a = [assign(0, 10, 10), assign(1, 10, 3)];
+        let shares: Vec<u32> = (0..2).map(|k| rate_share(4, &a, k)).collect();
+        assert_eq!(shares, vec![0, 4]);
+        // An odd rate: the shares add up to it, not more.
+        let a = [assign(0, 5, 0), assign(1, 5, 0), assign(2, 5, 0)];
+        let shares: Vec<u32> = (0..3).map(|k| rate_share(2, &a, k)).collect();
+        assert_eq!(shares.iter().sum::<u32>(), 2, "{shares:?}");
+        // Not assigned yet: nothing starts.
+        assert_eq!(rate_share(4, &[], 0), 0);
     }
 
     fn report(shard: u32, selected: u32, succeeded: u32, done_through: u32) -> CampaignShardSpec {
@@ -314,7 +389,64 @@ mod tests {
             blocker: None,
             previous,
             expired: false,
+            deadline_passed: false,
         })
+    }
+
+    #[test]
+    fn devices_up_to_date_or_left_out_by_a_shard_s_policy_count_as_done() {
+        let held = [
+            Progress::NotStarted,
+            Progress::Succeeded,
+            Progress::NotStarted,
+        ];
+        let holds = [Hold::UpToDate, Hold::Free, Hold::OutsideWindow];
+        assert_eq!(done_through(&held, &holds), 2);
+        let previous = UpdateCampaignStatus {
+            phase: CampaignPhase::Progressing,
+            ..UpdateCampaignStatus::default()
+        };
+        let mut reports: Vec<_> = (0..4).map(|k| report(k, 2, 2, 2)).collect();
+        reports[1].devices = DeviceCounts {
+            selected: 2,
+            succeeded: 1,
+            up_to_date: 1,
+            ..DeviceCounts::default()
+        };
+        assert_eq!(
+            run(&reports, &params(8), &previous).phase,
+            CampaignPhase::Succeeded
+        );
+        reports[2].devices = DeviceCounts {
+            selected: 2,
+            succeeded: 1,
+            excluded: 1,
+            ..DeviceCounts::default()
+        };
+        let c = run(&reports, &params(8), &previous);
+        assert_eq!((c.phase, c.counts.excluded), (CampaignPhase::Completed, 1));
+        // Past the deadline with devices never started and none in flight: Completed.
+        reports[2].devices = DeviceCounts {
+            selected: 2,
+            succeeded: 1,
+            outside_window: 1,
+            ..DeviceCounts::default()
+        };
+        let refs: Vec<Option<&CampaignShardSpec>> = reports.iter().map(Some).collect();
+        let mut input = CoordinateInput {
+            shards: ShardCount::new(4).unwrap(),
+            reports: &refs,
+            params: &params(8),
+            paused: false,
+            abort: false,
+            blocker: None,
+            previous: &previous,
+            expired: false,
+            deadline_passed: false,
+        };
+        assert_eq!(coordinate(&input).phase, CampaignPhase::Progressing);
+        input.deadline_passed = true;
+        assert_eq!(coordinate(&input).phase, CampaignPhase::Completed);
     }
 
     #[test]
@@ -331,6 +463,7 @@ mod tests {
             blocker: None,
             previous: &UpdateCampaignStatus::default(),
             expired: false,
+            deadline_passed: false,
         });
         assert_eq!(c.phase, CampaignPhase::Pending);
         assert_eq!(c.unreported, vec![1, 3]);
@@ -477,7 +610,7 @@ mod tests {
             Progress::NotStarted,
             Progress::Succeeded,
         ];
-        assert_eq!(done_through(&progress), 2);
+        assert_eq!(done_through(&progress, &[]), 2);
         let d = crate::rollout::decide(&crate::rollout::DecideInput {
             now: 100,
             devices: &vec![Progress::NotStarted; 4],

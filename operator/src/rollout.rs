@@ -211,7 +211,7 @@ fn held(p: &Progress, hold: Hold) -> Hold {
 }
 
 /// Whether the device is done with the campaign: finished, never needed (up to date) or left out.
-fn done(p: &Progress, hold: Hold) -> bool {
+pub fn done(p: &Progress, hold: Hold) -> bool {
     p.is_terminal() || matches!(held(p, hold), Hold::UpToDate | Hold::Excluded)
 }
 
