@@ -967,10 +967,13 @@ impl ManagerSession {
             &self.session_id,
         )?;
         // Same ready again (QoS 1 duplicate, or the device re-sent it because the update was
-        // lost): send the same update again. A re-sent ready of a superseded handshake means the
-        // device waits on that one: it becomes the established handshake again.
-        if let Some(est) = self.select_handshake(|e| e.device_nonce == body.nonce) {
-            let payload = est.update_payload.clone();
+        // lost): send the same update again (of a superseded handshake too: the device may wait on
+        // that one; it becomes the established one when the device's status proves it).
+        let repeated = self
+            .handshakes()
+            .find(|e| e.device_nonce == body.nonce)
+            .map(|e| e.update_payload.clone());
+        if let Some(payload) = repeated {
             return Ok(ManagerOutput {
                 actions: vec![Action::Publish(self.update_publish(payload))],
                 events: vec![],
@@ -1196,9 +1199,14 @@ impl ManagerSession {
         }
     }
 
-    /// The first of this live session's handshakes (the established one, then the superseded
-    /// ones, newest first) that `matches`; a superseded one becomes the established handshake (the
-    /// device showed it holds its keys). `None` when none matches or the session is over.
+    /// This session's handshakes: the established one, then the superseded ones, newest first.
+    fn handshakes(&self) -> impl Iterator<Item = &Established> {
+        self.established.iter().chain(self.superseded.iter().rev())
+    }
+
+    /// The first of this live session's [`handshakes`](Self::handshakes) that `matches` (a check
+    /// only the device holding that handshake's keys can pass); a superseded one becomes the
+    /// established handshake. `None` when none matches or the session is over.
     fn select_handshake(
         &mut self,
         mut matches: impl FnMut(&Established) -> bool,
@@ -1235,22 +1243,25 @@ impl ManagerSession {
         if sm.session_id != self.session_id {
             return Err(ProtocolError::WrongSession);
         }
+        // The handshake whose keys open the status, with a sequence number above its last one:
+        // only then may a superseded handshake become the established one again.
         let seq = sm.seq.to_be_bytes();
         let open = |e: &Established| {
             let aad = crypto::session_aad(STATUS_AAD_LABEL, &e.transcript, &seq);
             crypto::open(&e.keys.d2m, &sm.nonce, &aad, &sm.ct)
         };
         let mut plain = None;
-        let est = self
-            .select_handshake(|e| {
-                plain = open(e);
-                plain.is_some()
-            })
-            .ok_or(ProtocolError::Decrypt { message: "status" })?;
-        let plain = plain.ok_or(ProtocolError::Decrypt { message: "status" })?;
-        if sm.seq <= est.last_seq {
-            return Err(ProtocolError::Replay);
-        }
+        let mut replayed = false;
+        let fresh = self.select_handshake(|e| {
+            plain = open(e);
+            replayed |= plain.is_some() && sm.seq <= e.last_seq;
+            plain.is_some() && sm.seq > e.last_seq
+        });
+        let plain = match (fresh, plain) {
+            (Some(_), Some(plain)) => plain,
+            _ if replayed => return Err(ProtocolError::Replay),
+            _ => return Err(ProtocolError::Decrypt { message: "status" }),
+        };
         let body = wire::decode_status_body(&plain)?;
         let count = self.campaign.chunk_count();
         let mut out = ManagerOutput::default();

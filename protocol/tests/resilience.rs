@@ -137,14 +137,12 @@ fn device_restart_mid_transfer_resumes_from_persisted_state() {
 }
 
 /// A device that restarts before the update arrives answers the retained notify again: two readies
-/// of one session, which the broker may hand to the manager in either order. When the ready from
-/// before the restart arrives last, the manager must still follow the handshake the device holds
-/// keys for (its next authenticated message says which), not the one it completed last.
-#[test]
-fn a_ready_from_before_a_restart_arriving_last_does_not_strand_the_session() {
+/// of one session, which the broker may hand to the manager in either order. Returns the world with
+/// the restarted device waiting for its update and both readies held back (before the restart
+/// first).
+fn two_readies_of_one_session(image: &[u8]) -> (World, Vec<Inbound>) {
     use std::{cell::RefCell, rc::Rc};
-    let image = firmware(3000);
-    let mut w = World::new(Pki::new(), campaign(image.clone(), 500));
+    let mut w = World::new(Pki::new(), campaign(image.to_vec(), 500));
     w.publish_chunks();
     let id = std::sync::Arc::new(w.pki.ca.issue(Role::Device, "s1", NOW, 30).unwrap());
     let (s, a) = w.pki.device_with(id.clone(), DeviceState::new("1.0.0"), 4);
@@ -170,10 +168,19 @@ fn a_ready_from_before_a_restart_arriving_last_does_not_strand_the_session() {
         .device_with(id, serde_json::from_str(&json).unwrap(), 4);
     w.add_device_session("s1", s, a);
     w.run();
+    w.hook = None;
     let readies = held.borrow().clone();
     assert_eq!(readies.len(), 2, "one ready before the restart, one after");
-    // The manager gets the new ready first, then the stale one (and answers both).
-    w.hook = None;
+    (w, readies)
+}
+
+/// When the ready from before the restart reaches the manager last, the manager must still follow
+/// the handshake the device holds keys for (its next authenticated message says which), not the
+/// one it completed last.
+#[test]
+fn a_ready_from_before_a_restart_arriving_last_does_not_strand_the_session() {
+    let image = firmware(3000);
+    let (mut w, readies) = two_readies_of_one_session(&image);
     w.deliver("manager", readies[1].clone());
     w.deliver("manager", readies[0].clone());
     w.run();
@@ -185,6 +192,47 @@ fn a_ready_from_before_a_restart_arriving_last_does_not_strand_the_session() {
     );
     assert_eq!(d.image, image);
     assert_eq!(w.manager_state("s1"), &ManagerState::Installed);
+}
+
+/// The handshakes a newer ready replaced keep their own status sequence numbers: a status replayed
+/// under one of them is refused as a replay, not taken as new progress.
+#[test]
+fn a_status_replayed_under_a_replaced_handshake_is_refused() {
+    use std::{cell::RefCell, rc::Rc};
+    let image = firmware(3000);
+    let (mut w, readies) = two_readies_of_one_session(&image);
+    w.deliver("manager", readies[1].clone());
+    w.deliver("manager", readies[0].clone());
+    // Hold back the device's statuses: the first one is delivered twice by hand.
+    let held: Rc<RefCell<Vec<Inbound>>> = Rc::default();
+    let hold = held.clone();
+    w.hook = Some(Box::new(move |client, msg| {
+        if client == "manager" && msg.topic.ends_with("/status") {
+            hold.borrow_mut().push(msg.clone());
+            return Verdict::Drop;
+        }
+        Verdict::Deliver
+    }));
+    w.run();
+    let status = held
+        .borrow()
+        .first()
+        .cloned()
+        .expect("the device sent a status");
+    let errors_before = w.manager.errors.len();
+    w.deliver("manager", status.clone());
+    assert_eq!(
+        w.manager.errors.len(),
+        errors_before,
+        "{:?}",
+        w.manager.errors
+    );
+    w.deliver("manager", status);
+    assert!(
+        matches!(w.manager.errors.last(), Some((_, ProtocolError::Replay))),
+        "{:?}",
+        w.manager.errors
+    );
 }
 
 #[test]
