@@ -55,7 +55,7 @@ PIDS+=($!)
 
 say "applying the CRDs"
 kubectl apply -f crds/ >/dev/null
-kubectl wait --for condition=established --timeout=60s crd/devices.ota.sealed-ota.dev crd/updatecampaigns.ota.sealed-ota.dev >/dev/null
+kubectl wait --for condition=established --timeout=60s crd/devices.ota.sealed-ota.dev crd/updatecampaigns.ota.sealed-ota.dev crd/campaignshards.ota.sealed-ota.dev >/dev/null
 kubectl create namespace "$NS" >/dev/null
 
 say "making the offline release key (sealed-ota release keygen)"

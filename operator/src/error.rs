@@ -73,6 +73,9 @@ pub enum Error {
     /// An object has no namespace or name (should not happen for namespaced resources).
     #[error("object without {0}")]
     MissingMetadata(&'static str),
+    /// `--shards` is not a power of two from 1 to 64.
+    #[error("{0}")]
+    Shards(#[from] crate::shards::ShardCountError),
 }
 
 impl From<rumqttc::v5::ClientError> for Error {
@@ -103,6 +106,7 @@ impl Error {
             Error::Cache(_) => "cache",
             Error::BrokerUnavailable(_) => "broker_unavailable",
             Error::MissingMetadata(_) => "metadata",
+            Error::Shards(_) => "config",
         }
     }
 

@@ -230,6 +230,8 @@ pub fn preview(
             rivals: &rivals_of_device,
             calendar: &calendar,
             previous: &before,
+            // The whole campaign, as one replica plans it.
+            rate_share: None,
         },
         &mut StartLog::default(),
     );
@@ -246,6 +248,7 @@ pub fn preview(
         holds: &policy.holds,
         start_cap: policy.start_cap,
         wave_limit: policy.wave_limit,
+        eligible_limit: None,
         deadline_passed: policy.deadline_passed,
         policy_due: policy.due,
     });

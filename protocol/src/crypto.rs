@@ -27,6 +27,8 @@ pub const INFO_M2D: &[u8] = b"sealed-ota/v2/key/manager-to-device";
 pub const INFO_D2M: &[u8] = b"sealed-ota/v2/key/device-to-manager";
 /// AAD label of chunk encryption.
 pub const CHUNK_AAD_LABEL: &[u8] = b"sealed-ota/v2/chunk";
+/// HKDF info label of a content key derived from a campaign seed (see [`seeded_content_key`]).
+pub const INFO_CONTENT_KEY: &[u8] = b"sealed-ota/v2/key/content";
 /// Bytes of the AES-256-GCM tag appended to every ciphertext.
 pub const TAG_LEN: usize = 16;
 
@@ -350,6 +352,86 @@ pub fn session_aad(label: &[u8], transcript_hash: &[u8; 32], extra: &[u8]) -> Ve
     aad.extend_from_slice(transcript_hash);
     aad.extend_from_slice(extra);
     aad
+}
+
+/// A content key derived from a secret random campaign `seed` that several manager replicas share,
+/// so that each of them encrypts the image into the same chunks: HKDF-SHA256(ikm = seed, info =
+/// label || campaign id || target version || chunk size || SHA-256 of the image). ⚠️ Chunk nonces
+/// come from the chunk index, so a key must never encrypt two different images: binding the image
+/// digest (and the chunking) into the key makes a changed image get a different key from the same
+/// seed. The seed must be as fresh and as secret as a random content key.
+pub fn seeded_content_key(
+    seed: &[u8; 32],
+    campaign_id: &str,
+    target_version: &str,
+    chunk_size: u32,
+    image_sha256: &[u8; 32],
+) -> Zeroizing<[u8; 32]> {
+    let hk = Hkdf::<Sha256>::new(None, seed);
+    let mut info = Vec::with_capacity(INFO_CONTENT_KEY.len() + 128);
+    for part in [
+        INFO_CONTENT_KEY,
+        campaign_id.as_bytes(),
+        target_version.as_bytes(),
+    ] {
+        info.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        info.extend_from_slice(part);
+    }
+    info.extend_from_slice(&chunk_size.to_be_bytes());
+    info.extend_from_slice(image_sha256);
+    let mut key = Zeroizing::new([0u8; 32]);
+    // 32 bytes is far below HKDF-SHA256's limit: expand cannot fail.
+    let _ = hk.expand(&info, &mut key[..]);
+    key
+}
+
+/// HKDF info label of the key that seals a secret to an identity (see [`seal_to`]).
+pub const INFO_SEALED: &[u8] = b"sealed-ota/v2/key/sealed-to-identity";
+
+fn sealing_key(shared: &[u8; 32], ephemeral_public: &[u8], context: &[u8]) -> Zeroizing<[u8; 32]> {
+    let hk = Hkdf::<Sha256>::new(Some(ephemeral_public), shared);
+    let mut info = Vec::with_capacity(INFO_SEALED.len() + context.len());
+    info.extend_from_slice(INFO_SEALED);
+    info.extend_from_slice(context);
+    let mut key = Zeroizing::new([0u8; 32]);
+    // 32 bytes is far below HKDF-SHA256's limit: expand cannot fail.
+    let _ = hk.expand(&info, &mut key[..]);
+    key
+}
+
+/// Seal `secret` to the holder of `recipient`'s private key (ECIES: a fresh ephemeral P-256 key,
+/// ECDH with the recipient's key, HKDF-SHA256 salted with the ephemeral public key and bound to
+/// `context`, AES-256-GCM with `context` as associated data). Output: ephemeral public key (65
+/// bytes) || nonce (12) || ciphertext || tag. Opened by [`open_sealed`] with the same context only.
+#[cfg(feature = "std")]
+pub fn seal_to(recipient: &p256::PublicKey, context: &[u8], secret: &[u8]) -> Vec<u8> {
+    let ephemeral = p256::SecretKey::random(&mut rand_core::OsRng);
+    let ephemeral_public = public_bytes(&ephemeral.public_key());
+    let key = sealing_key(&ecdh(&ephemeral, recipient), &ephemeral_public, context);
+    let (nonce, ct) = seal(&key, context, secret);
+    let mut out = ephemeral_public;
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    out
+}
+
+/// Open what [`seal_to`] sealed to `recipient`'s public key, with the recipient's private key and
+/// the same `context`; `None` for anything else (no detail: no oracle).
+pub fn open_sealed(
+    recipient: &p256::SecretKey,
+    context: &[u8],
+    sealed: &[u8],
+) -> Option<Zeroizing<Vec<u8>>> {
+    use p256::elliptic_curve::sec1::FromEncodedPoint;
+    if sealed.len() < 65 + 12 + TAG_LEN {
+        return None;
+    }
+    let (ephemeral_public, rest) = sealed.split_at(65);
+    let (nonce, ct) = rest.split_at(12);
+    let point = p256::EncodedPoint::from_bytes(ephemeral_public).ok()?;
+    let ephemeral: p256::PublicKey = Option::from(p256::PublicKey::from_encoded_point(&point))?;
+    let key = sealing_key(&ecdh(recipient, &ephemeral), ephemeral_public, context);
+    open(&key, nonce.try_into().ok()?, context, ct)
 }
 
 /// Fresh random bytes from the OS.

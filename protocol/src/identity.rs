@@ -498,6 +498,20 @@ impl Identity {
     pub fn not_after(&self) -> u64 {
         self.not_after
     }
+    /// Seal `secret` so that only a holder of this identity's private key opens it, bound to
+    /// `context` (ECIES, see [`crate::crypto::seal_to`]): for material the replicas of one manager
+    /// share through a store they do not fully trust, such as a campaign's content seed.
+    #[cfg(feature = "std")]
+    pub fn seal_to_self(&self, context: &[u8], secret: &[u8]) -> Vec<u8> {
+        crate::crypto::seal_to(&self.secret.public_key(), context, secret)
+    }
+
+    /// Open what [`Identity::seal_to_self`] sealed with this identity and the same `context`;
+    /// `None` otherwise.
+    pub fn open_sealed(&self, context: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        crate::crypto::open_sealed(&self.secret, context, sealed)
+    }
+
     #[cfg(any(feature = "device", feature = "manager"))]
     pub(crate) fn secret(&self) -> &p256::SecretKey {
         &self.secret
@@ -683,6 +697,46 @@ mod tests {
     use super::*;
 
     const NOW: u64 = 1_800_000_000;
+
+    #[test]
+    fn a_secret_sealed_to_an_identity_opens_only_with_its_key_and_context() {
+        let ca = CertificateAuthority::generate("ca", NOW, 10).unwrap();
+        let manager = ca.issue(Role::Manager, "m1", NOW, 1).unwrap();
+        let sealed = manager.seal_to_self(b"campaign-uid-1", b"thirty-two bytes of seed material");
+        assert_eq!(
+            manager
+                .open_sealed(b"campaign-uid-1", &sealed)
+                .as_deref()
+                .map(Vec::as_slice),
+            Some(&b"thirty-two bytes of seed material"[..])
+        );
+        assert_ne!(
+            sealed,
+            manager.seal_to_self(b"campaign-uid-1", b"thirty-two bytes of seed material"),
+            "fresh ephemeral key and nonce each time"
+        );
+        assert!(
+            manager.open_sealed(b"campaign-uid-2", &sealed).is_none(),
+            "bound to its context"
+        );
+        let other = ca.issue(Role::Manager, "m2", NOW, 1).unwrap();
+        assert!(
+            other.open_sealed(b"campaign-uid-1", &sealed).is_none(),
+            "another key"
+        );
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 0x40;
+            assert!(
+                manager.open_sealed(b"campaign-uid-1", &bad).is_none(),
+                "byte {i} changed"
+            );
+        }
+        assert!(manager
+            .open_sealed(b"campaign-uid-1", &sealed[..sealed.len() - 1])
+            .is_none());
+        assert!(manager.open_sealed(b"campaign-uid-1", &[]).is_none());
+    }
 
     #[test]
     fn issue_and_verify() {

@@ -94,6 +94,17 @@ impl ChunkSealer {
         })
     }
 
+    /// Seal under `content_key` instead of the fresh one drawn by [`ChunkSealer::new`]: several
+    /// manager replicas that must publish the same chunks derive it from the campaign's secret seed
+    /// with [`crypto::seeded_content_key`], bound to this exact image's SHA-256, so that one key
+    /// never encrypts two images (index-derived nonces). The caller checks after
+    /// [`ChunkSealer::finish`] that the image it sealed has that digest.
+    pub fn with_content_key(mut self, content_key: Zeroizing<[u8; 32]>) -> Self {
+        self.cipher = ChunkCipher::new(&content_key);
+        self.content_key = content_key;
+        self
+    }
+
     /// Seal on at most `threads` threads (at least 1); the output does not depend on it.
     pub fn with_threads(mut self, threads: usize) -> Self {
         self.threads = threads.max(1);
