@@ -55,12 +55,12 @@ PIDS+=($!)
 
 say "applying the CRDs"
 kubectl apply -f crds/ >/dev/null
-kubectl wait --for condition=established --timeout=60s crd/devices.ota.sealed-ota.dev crd/updatecampaigns.ota.sealed-ota.dev >/dev/null
+kubectl wait --for condition=established --timeout=60s crd/devices.ota.sealed-ota.dev crd/updatecampaigns.ota.sealed-ota.dev crd/campaignshards.ota.sealed-ota.dev >/dev/null
 kubectl create namespace "$NS" >/dev/null
 
 say "making the offline release key (sealed-ota release keygen)"
 "$BIN/sealed-ota" release keygen --out "$WORK/release" >"$WORK/logs/release-keygen.log"
-RELEASE_KEY_ID=$(sed -n 's/^release key //p' "$WORK/logs/release-keygen.log")
+RELEASE_KEY_ID=$(sed -n 's/^release key  *//p' "$WORK/logs/release-keygen.log")
 
 say "bootstrapping the PKI into Secrets and enrolling $DEVICES devices, trusting the release key (sealed-ota pki init, device enroll)"
 "$BIN/sealed-ota" pki init --ca-cert "$SEALED_OTA_CA_FILE" --ca-key "$SEALED_OTA_CA_KEY_FILE" \

@@ -512,6 +512,8 @@ async fn rotations_in_both_modes_then_release_keys_enforced() -> Result<()> {
         image_file.to_str().context("utf-8")?,
         "--version",
         "2.0.0",
+        "-o",
+        "json",
     ])?)?;
     let mut spec = group_campaign(&product, "rot", "2.0.0", "fw", serde_json::json!({}));
     spec["payload"]["firmware"]["releaseSignature"] = signed["releaseSignature"].clone();

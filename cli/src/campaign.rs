@@ -1,14 +1,20 @@
-//! `sealed-ota campaign status|watch`: what an UpdateCampaign's status says, for people (a table,
-//! or a live progress line with per-phase counts and an ETA) and pipelines (`-o json|yaml`, and
-//! `watch`'s exit status). The status is the operator's (`sealed_ota_operator::crd`); this module
-//! reads it with the kubeconfig's identity and renders it with pure functions.
+//! `sealed-ota campaign plan|status|watch`: what a campaign would do before it runs and what its
+//! status says, for people (a table, or a live progress line with per-phase counts and an ETA)
+//! and pipelines (`-o json|yaml`, and `watch`'s exit status). The status and the plan are the
+//! operator's (`sealed_ota_operator::crd`, `sealed_ota_operator::preview::preview`, the same
+//! validation and policy the controller runs); this module reads the resources with the
+//! kubeconfig's identity and renders them with pure functions.
 
 use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
+use kube::api::ListParams;
 use kube::Api;
-use sealed_ota_operator::crd::{CampaignPhase, UpdateCampaign, UpdateCampaignStatus};
+use sealed_ota_operator::crd::{CampaignPhase, Device, UpdateCampaign, UpdateCampaignStatus};
+use sealed_ota_operator::preview::{preview, CampaignPreview};
 
 use crate::error::{Error, Result};
 use crate::output::{self, Format};
@@ -16,6 +22,11 @@ use crate::output::{self, Format};
 /// Subcommands of `sealed-ota campaign`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Show what a campaign would do if it started now, before it runs: the devices it selects,
+    /// its waves, the devices left out and why, the windows, what blocks it and the devices its
+    /// first pass would start. Reads an applied campaign (NAME) or a manifest (-f FILE) and the
+    /// namespace's Devices and campaigns; changes nothing.
+    Plan(PlanArgs),
     /// Print a campaign's status: phase, devices per phase, conditions, failures.
     Status(StatusArgs),
     /// Follow a campaign until it ends: a progress line with per-phase counts and an ETA. Exits 0
@@ -31,6 +42,23 @@ pub struct Target {
     /// Its namespace.
     #[arg(short, long, default_value = "default")]
     pub namespace: String,
+}
+
+/// `campaign plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The UpdateCampaign's name (applied to the cluster).
+    #[arg(required_unless_present = "file", conflicts_with = "file")]
+    name: Option<String>,
+    /// A campaign manifest (YAML or JSON) not applied yet.
+    #[arg(short = 'f', long)]
+    file: Option<PathBuf>,
+    /// The namespace (a manifest's own namespace wins; they must agree when both are given).
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
 }
 
 /// `campaign status`.
@@ -54,6 +82,9 @@ pub struct WatchArgs {
     /// Give up after this many seconds (0: never).
     #[arg(long, default_value_t = 0)]
     timeout: u64,
+    /// Output format of the final status (the progress line goes to stderr).
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
 }
 
 /// What a command printed and whether the campaign is fine.
@@ -68,6 +99,13 @@ pub struct Outcome {
 pub fn run(command: Command) -> Result<Outcome> {
     crate::runtime::block_on(async {
         match command {
+            Command::Plan(args) => {
+                let plan = plan(&args).await?;
+                Ok(Outcome {
+                    text: output::render(args.output, &plan, || plan_table(&plan))?,
+                    ok: true,
+                })
+            }
             Command::Status(args) => {
                 let campaign = read(&api(&args.target.namespace).await?, &args.target).await?;
                 let status = campaign.status.clone().unwrap_or_default();
@@ -107,6 +145,168 @@ async fn read(api: &Api<UpdateCampaign>, target: &Target) -> Result<UpdateCampai
     }
 }
 
+/// The campaign of a manifest file, in its namespace (or -n's).
+fn from_file(path: &std::path::Path, namespace: Option<&str>) -> Result<UpdateCampaign> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
+    let invalid = |detail: String| Error::Invalid {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(&text).map_err(|e| invalid(format!("not YAML or JSON: {e}")))?;
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+    if kind != "UpdateCampaign" {
+        return Err(invalid(format!(
+            "kind is {kind:?}, not UpdateCampaign; give -f one UpdateCampaign manifest (as in examples/)"
+        )));
+    }
+    let mut campaign: UpdateCampaign = serde_yaml::from_value(value).map_err(|e| {
+        invalid(format!(
+            "not a valid UpdateCampaign: {e}; fix the field it names"
+        ))
+    })?;
+    if campaign.metadata.name.is_none() {
+        return Err(invalid(
+            "metadata.name is missing; name the campaign".into(),
+        ));
+    }
+    match (campaign.metadata.namespace.as_deref(), namespace) {
+        (Some(own), Some(flag)) if own != flag => {
+            return Err(Error::Flag {
+                flag: "-n/--namespace",
+                detail: format!(
+                    "{flag:?} differs from the manifest's metadata.namespace {own:?}; drop -n or make them agree"
+                ),
+            })
+        }
+        (None, flag) => campaign.metadata.namespace = Some(flag.unwrap_or("default").to_owned()),
+        _ => {}
+    }
+    Ok(campaign)
+}
+
+async fn plan(args: &PlanArgs) -> Result<CampaignPreview> {
+    let campaign = match (&args.file, &args.name) {
+        (Some(path), _) => from_file(path, args.namespace.as_deref())?,
+        (None, name) => {
+            let target = Target {
+                name: name.clone().unwrap_or_default(),
+                namespace: args.namespace.clone().unwrap_or_else(|| "default".into()),
+            };
+            read(&api(&target.namespace).await?, &target).await?
+        }
+    };
+    let ns = campaign.metadata.namespace.clone().unwrap_or_default();
+    let client = crate::runtime::kube_client().await?;
+    let listing = |what: &str, e: kube::Error| Error::Flag {
+        flag: "KUBECONFIG",
+        detail: format!("listing the {what} of namespace {ns:?}: {e}"),
+    };
+    let devices = Api::<Device>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| listing("Devices", e))?;
+    let campaigns = Api::<UpdateCampaign>::namespaced(client, &ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| listing("UpdateCampaigns", e))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(preview(
+        &campaign,
+        devices.items.into_iter().map(Arc::new).collect(),
+        campaigns.items.into_iter().map(Arc::new).collect(),
+        now,
+    ))
+}
+
+/// A campaign's plan as tables (pure).
+pub fn plan_table(p: &CampaignPreview) -> String {
+    let mut rows = vec![
+        vec![
+            "campaign".to_string(),
+            format!("{}/{}", p.namespace, p.campaign),
+        ],
+        vec!["selected".into(), p.selected.to_string()],
+        vec!["to update".into(), p.plan.devices.to_string()],
+        vec![
+            "blocked".into(),
+            p.blocked
+                .as_ref()
+                .map_or("no".into(), |b| format!("{}: {}", b.reason, b.message)),
+        ],
+        vec![
+            "starts now".into(),
+            if p.starts_now.is_empty() {
+                "none".into()
+            } else {
+                format!("{} ({})", p.starts_now.len(), p.starts_now.join(", "))
+            },
+        ],
+    ];
+    if let Some(s) = &p.schedule {
+        let window = match (s.open, &s.closes_at, &s.next_open) {
+            (true, Some(t), _) => format!("open, closes {}", t.0),
+            (true, None, _) => "open".into(),
+            (false, _, Some(t)) => format!("closed, opens {}", t.0),
+            (false, _, None) => "closed, never opens".into(),
+        };
+        rows.push(vec!["window".into(), window]);
+    }
+    if let Some(w) = &p.waiting {
+        rows.push(vec![
+            "waits for".into(),
+            format!("{}: {}", w.reason, w.message),
+        ]);
+    }
+    for note in &p.notes {
+        rows.push(vec!["note".into(), note.clone()]);
+    }
+    let mut out = output::columns(&rows);
+    let mut waves = vec![vec![
+        "WAVE".to_string(),
+        "DEVICES".into(),
+        "FIRST DEVICES".into(),
+    ]];
+    waves.extend(p.plan.waves.iter().map(|w| {
+        vec![
+            w.wave.to_string(),
+            w.size.to_string(),
+            w.first_devices.join(", "),
+        ]
+    }));
+    out += "\n";
+    out += &output::columns(&waves);
+    if !p.plan.excluded.is_empty() || !p.held_by.is_empty() {
+        let mut left = vec![vec![
+            "LEFT OUT".to_string(),
+            "DEVICES".into(),
+            "FIRST DEVICES".into(),
+        ]];
+        left.extend(
+            p.plan
+                .excluded
+                .iter()
+                .map(|e| vec![e.reason.clone(), e.count.to_string(), e.devices.join(", ")]),
+        );
+        left.extend(
+            p.held_by
+                .iter()
+                .map(|h| vec![format!("held by {}", h.campaign), h.devices.to_string()]),
+        );
+        out += "\n";
+        out += &output::columns(&left);
+    }
+    for w in &p.warnings {
+        out += &format!("\nwarning: {w}");
+    }
+    if !p.warnings.is_empty() {
+        out += "\n";
+    }
+    out
+}
+
 async fn watch(args: WatchArgs) -> Result<Outcome> {
     let api = api(&args.target.namespace).await?;
     let started = Instant::now();
@@ -134,7 +334,9 @@ async fn watch(args: WatchArgs) -> Result<Outcome> {
                 let _ = writeln!(std::io::stderr());
             }
             return Ok(Outcome {
-                text: format!("{} {:?}\n", args.target.name, status.phase),
+                text: output::render(args.output, &status, || {
+                    format!("{} {:?}\n", args.target.name, status.phase)
+                })?,
                 ok: status.phase == CampaignPhase::Succeeded,
             });
         }
@@ -322,6 +524,39 @@ mod tests {
         assert!(
             progress_line(&status(CampaignPhase::Pending, 0, 0, 0), None).contains("0/0 Pending")
         );
+    }
+
+    #[test]
+    fn the_plan_table_shows_waves_left_out_devices_blockers_and_warnings() {
+        let plan: CampaignPreview = serde_json::from_value(serde_json::json!({
+            "campaign": "fw", "namespace": "fleet", "selected": 4,
+            "blocked": {"reason": "InvalidSchedule", "message": "spec.schedule.timeZone: unknown"},
+            "notes": ["spec.paused is set"],
+            "plan": {"devices": 3, "waves": [
+                {"wave": 0, "size": 1, "firstDevices": ["a"]},
+                {"wave": 1, "size": 2, "firstDevices": ["b", "c"]}],
+                "excluded": [{"reason": "UpToDate", "count": 1, "devices": ["d"]}]},
+            "startsNow": [],
+            "schedule": {"open": false},
+            "heldBy": [{"campaign": "older", "devices": 1}],
+            "warnings": ["spec.rollout.canary is set without failureThreshold"],
+        }))
+        .unwrap();
+        let t = plan_table(&plan);
+        for needle in [
+            "campaign    fleet/fw",
+            "to update   3",
+            "blocked     InvalidSchedule: spec.schedule.timeZone: unknown",
+            "starts now  none",
+            "window      closed, never opens",
+            "note        spec.paused is set",
+            "1     2        b, c",
+            "UpToDate       1        d\n",
+            "held by older  1\n",
+            "warning: spec.rollout.canary",
+        ] {
+            assert!(t.contains(needle), "{needle:?} not in:\n{t}");
+        }
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! `sealed-ota`: the project's command line for people and pipelines outside the cluster (also
 //! usable as `kubectl sealed-ota`). One module per command group (`release`: the offline release
-//! key; `broker`: the broker probe; `campaign`: a campaign's status; `receipt`: receipt verification; `fleet`: `pki init` and `device enroll`); the work lives in the
-//! libraries (`sealed_ota_protocol::release`, `sealed_ota_mqtt::probe`, the device library's
-//! `enroll_cmd`), so every tool signs, verifies, probes and enrolls the same way. `completions`
-//! prints clap's shell completions.
+//! key; `broker`: the broker probe; `campaign`: a campaign's plan and status; `receipt`: receipt
+//! verification; `fleet`: `pki init` and `device enroll`); the work lives in the libraries
+//! (`sealed_ota_protocol::release`, `sealed_ota_mqtt::probe`, the operator's
+//! `preview::preview`, the device library's `enroll_cmd`), so every tool signs, verifies, plans,
+//! probes and enrolls the same way. Every command that prints does so through `output`: a table
+//! by default, `-o json|yaml` for pipelines. `completions` prints clap's shell completions.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -36,7 +38,8 @@ enum Command {
     /// Check an MQTT 5 broker before a rollout: what works, what is limited, which settings fit.
     #[command(subcommand)]
     Broker(broker::Command),
-    /// Campaigns: status (table or -o json|yaml) and a live watch with per-phase counts and ETA.
+    /// Campaigns: the plan before one runs, its status, and a live watch with per-phase counts
+    /// and ETA.
     #[command(subcommand)]
     Campaign(campaign::Command),
     /// Receipts: verify a device's signed receipt with its certificate alone.
@@ -57,22 +60,24 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let quiet = |text: String| (text, String::new(), true);
     let result = match cli.command {
-        Command::Release(command) => release::run(command).map(|text| (text, true)),
-        Command::Broker(command) => broker::run(command).map(|o| (o.text, o.usable)),
-        Command::Campaign(command) => campaign::run(command).map(|o| (o.text, o.ok)),
-        Command::Receipt(command) => receipt::run(command).map(|text| (text, true)),
-        Command::Pki(command) => fleet::run_pki(command).map(|text| (text, true)),
-        Command::Device(command) => fleet::run_device(command).map(|text| (text, true)),
+        Command::Release(command) => release::run(command).map(quiet),
+        Command::Broker(command) => broker::run(command).map(|o| (o.text, String::new(), o.usable)),
+        Command::Campaign(command) => campaign::run(command).map(|o| (o.text, String::new(), o.ok)),
+        Command::Receipt(command) => receipt::run(command).map(quiet),
+        Command::Pki(command) => fleet::run_pki(command).map(|(out, err)| (out, err, true)),
+        Command::Device(command) => fleet::run_device(command).map(|(out, err)| (out, err, true)),
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "sealed-ota", &mut out);
-            Ok((String::from_utf8_lossy(&out).into_owned(), true))
+            Ok(quiet(String::from_utf8_lossy(&out).into_owned()))
         }
     };
     match result {
-        Ok((output, ok)) => {
+        Ok((output, log, ok)) => {
             print!("{output}");
+            eprint!("{log}");
             if ok {
                 ExitCode::SUCCESS
             } else {

@@ -1,7 +1,8 @@
 //! `sealed-ota release`: make a release key pair, sign a firmware image with it, verify a signature.
 //! The release key is the offline role: keep `release.key` out of the cluster (an HSM or the release
 //! pipeline's secret store); devices are enrolled with `release.pub`. The signature is printed as the
-//! JSON a campaign carries in `spec.payload.firmware.releaseSignature`.
+//! JSON a campaign carries in `spec.payload.firmware.releaseSignature` (`-o json`, and the file of
+//! `--out`); every subcommand prints a table by default and `-o json|yaml` for pipelines.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -12,13 +13,15 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::output::{self, Format};
 
 /// Subcommands of `sealed-ota release`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Generate a release key pair: DIR/release.key (PKCS#8 PEM, mode 0600) and DIR/release.pub.
     Keygen(KeygenArgs),
-    /// Sign a firmware image for a version: prints the signature JSON (and writes it with --out).
+    /// Sign a firmware image for a version: prints the signature (a table, or with -o json the
+    /// JSON a campaign carries; --out writes that JSON to a file).
     Sign(SignArgs),
     /// Verify a signature JSON against an image, a version and a trusted public key.
     Verify(VerifyArgs),
@@ -33,6 +36,9 @@ pub struct KeygenArgs {
     /// Replace existing key files.
     #[arg(long)]
     pub force: bool,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
 }
 
 /// `release sign`.
@@ -50,6 +56,9 @@ pub struct SignArgs {
     /// Also write the signature JSON to this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Output format (`-o json` prints the file `--out` writes).
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
 }
 
 /// `release verify`.
@@ -67,6 +76,37 @@ pub struct VerifyArgs {
     /// The signature JSON that `release sign` printed.
     #[arg(long)]
     pub signature: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+}
+
+/// What `release keygen` made.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeygenReport {
+    /// The key id (SHA-256 of the public key, hex).
+    pub key_id: String,
+    /// The private key file (keep it offline).
+    pub private_key: PathBuf,
+    /// The public key file (enroll devices with it).
+    pub public_key: PathBuf,
+}
+
+/// What `release verify` checked (printed only when the signature verifies).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyReport {
+    /// The signing key's id.
+    pub key_id: String,
+    /// The image checked.
+    pub image: PathBuf,
+    /// The version it verifies for.
+    pub version: String,
+    /// The image's size.
+    pub size: u64,
+    /// Always true: a signature that does not verify is an error.
+    pub verified: bool,
 }
 
 /// What `release sign` prints: the statement signed and the campaign's `releaseSignature`.
@@ -98,10 +138,57 @@ pub struct CampaignSignature {
 /// Run a `release` subcommand; returns what to print.
 pub fn run(command: Command) -> Result<String> {
     match command {
-        Command::Keygen(args) => keygen(&args),
-        Command::Sign(args) => sign(&args),
-        Command::Verify(args) => verify(&args),
+        Command::Keygen(args) => {
+            let r = keygen(&args)?;
+            output::render(args.output, &r, || {
+                output::columns(&[
+                    vec!["release key".into(), r.key_id.clone()],
+                    vec![
+                        "private key".into(),
+                        format!("{} (keep it offline)", r.private_key.display()),
+                    ],
+                    vec![
+                        "public key".into(),
+                        format!("{} (enroll devices with it)", r.public_key.display()),
+                    ],
+                ])
+            })
+        }
+        Command::Sign(args) => {
+            let f = sign(&args)?;
+            output::render(args.output, &f, || sign_table(&f))
+        }
+        Command::Verify(args) => {
+            let r = verify(&args)?;
+            output::render(args.output, &r, || {
+                format!(
+                    "release signature by key {} verifies for {} version {} ({} bytes)\n",
+                    r.key_id,
+                    r.image.display(),
+                    r.version,
+                    r.size
+                )
+            })
+        }
     }
+}
+
+/// A signature as a table (pure): what was signed and the two values of `releaseSignature`.
+fn sign_table(f: &SignatureFile) -> String {
+    output::columns(&[
+        vec!["version".into(), f.version.clone()],
+        vec!["size".into(), f.size.to_string()],
+        vec!["sha256".into(), f.sha256.clone()],
+        vec!["key id".into(), f.key_id.clone()],
+        vec![
+            "releaseSignature.publicKey".into(),
+            f.release_signature.public_key.clone(),
+        ],
+        vec![
+            "releaseSignature.signature".into(),
+            f.release_signature.signature.clone(),
+        ],
+    ]) + "(paste releaseSignature into spec.payload.firmware; -o json or --out FILE gives it as JSON)\n"
 }
 
 fn read_text(path: &Path) -> Result<String> {
@@ -144,7 +231,7 @@ fn write_file(path: &Path, text: &str, private: bool) -> Result<()> {
         .map_err(|e| Error::io("writing", path, e))
 }
 
-fn keygen(args: &KeygenArgs) -> Result<String> {
+fn keygen(args: &KeygenArgs) -> Result<KeygenReport> {
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io("creating", &args.out, e))?;
     let private = args.out.join("release.key");
     let public = args.out.join("release.pub");
@@ -158,12 +245,11 @@ fn keygen(args: &KeygenArgs) -> Result<String> {
     let signer = ReleaseSigner::generate();
     write_file(&private, &signer.to_pem(), true)?;
     write_file(&public, &signer.public().to_pem(), false)?;
-    Ok(format!(
-        "release key {}\nprivate key: {} (keep it offline)\npublic key:  {} (enroll devices with it)\n",
-        hex::encode(signer.public().id()),
-        private.display(),
-        public.display()
-    ))
+    Ok(KeygenReport {
+        key_id: hex::encode(signer.public().id()),
+        private_key: private,
+        public_key: public,
+    })
 }
 
 /// The signature file of `image` (its digest already computed) for `version`.
@@ -186,7 +272,7 @@ fn signature_file(
     }
 }
 
-fn sign(args: &SignArgs) -> Result<String> {
+fn sign(args: &SignArgs) -> Result<SignatureFile> {
     semver_check(&args.version)?;
     let pem = zeroize::Zeroizing::new(read_text(&args.key)?);
     let signer = ReleaseSigner::from_pem(&pem).map_err(|e| Error::Invalid {
@@ -199,7 +285,7 @@ fn sign(args: &SignArgs) -> Result<String> {
     if let Some(out) = &args.out {
         write_file(out, &text, false)?;
     }
-    Ok(text)
+    Ok(file)
 }
 
 fn semver_check(version: &str) -> Result<()> {
@@ -220,7 +306,7 @@ fn semver_check(version: &str) -> Result<()> {
     }
 }
 
-fn verify(args: &VerifyArgs) -> Result<String> {
+fn verify(args: &VerifyArgs) -> Result<VerifyReport> {
     let key = ReleaseKey::parse(&read_text(&args.public)?).map_err(|e| Error::Invalid {
         path: args.public.clone(),
         detail: format!("{e}; pass the release.pub that `sealed-ota release keygen` wrote"),
@@ -247,12 +333,13 @@ fn verify(args: &VerifyArgs) -> Result<String> {
         &sha256,
     )
     .map_err(Error::Refused)?;
-    Ok(format!(
-        "release signature by key {} verifies for {} version {} ({size} bytes)\n",
-        hex::encode(key.id()),
-        args.image.display(),
-        args.version
-    ))
+    Ok(VerifyReport {
+        key_id: hex::encode(key.id()),
+        image: args.image.clone(),
+        version: args.version.clone(),
+        size,
+        verified: true,
+    })
 }
 
 #[cfg(test)]
@@ -263,11 +350,13 @@ mod tests {
     fn keygen_sign_verify_round_trip_and_refusals() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("keys");
-        keygen(&KeygenArgs {
+        let made = keygen(&KeygenArgs {
             out: dir.clone(),
             force: false,
+            output: Format::Table,
         })
         .unwrap();
+        assert_eq!(made.private_key, dir.join("release.key"));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -280,32 +369,44 @@ mod tests {
         assert!(matches!(
             keygen(&KeygenArgs {
                 out: dir.clone(),
-                force: false
+                force: false,
+                output: Format::Table,
             }),
             Err(Error::Exists { .. })
         ));
         let image = tmp.path().join("fw.bin");
         std::fs::write(&image, vec![7u8; 100_000]).unwrap();
         let out = tmp.path().join("fw.sig.json");
-        let printed = sign(&SignArgs {
+        let file = sign(&SignArgs {
             key: dir.join("release.key"),
             image: image.clone(),
             version: "1.2.0".into(),
             out: Some(out.clone()),
+            output: Format::Json,
         })
         .unwrap();
-        let file: SignatureFile = serde_json::from_str(&printed).unwrap();
         assert_eq!(file.size, 100_000);
-        assert_eq!(std::fs::read_to_string(&out).unwrap(), printed);
+        let written: SignatureFile =
+            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        assert_eq!(written, file);
+        let table = sign_table(&file);
+        assert!(
+            table.contains(&format!(
+                "releaseSignature.signature  {}",
+                file.release_signature.signature
+            )),
+            "{table}"
+        );
         let verify_as = |version: &str, image: &Path| {
             verify(&VerifyArgs {
                 public: dir.join("release.pub"),
                 image: image.to_path_buf(),
                 version: version.into(),
                 signature: out.clone(),
+                output: Format::Table,
             })
         };
-        assert!(verify_as("1.2.0", &image).unwrap().contains(&file.key_id));
+        assert_eq!(verify_as("1.2.0", &image).unwrap().key_id, file.key_id);
         assert!(matches!(verify_as("1.2.1", &image), Err(Error::Refused(_))));
         let other = tmp.path().join("other.bin");
         std::fs::write(&other, b"other").unwrap();
@@ -315,6 +416,7 @@ mod tests {
             image,
             version: "1.2.0".into(),
             out: None,
+            output: Format::Table,
         })
         .unwrap_err()
         .to_string()

@@ -3,18 +3,20 @@
 //! the PKI and enroll devices with the same code: create or load the CA, issue the manager
 //! identity and the device identities (files in a fleet directory), or sign one device's CSR
 //! (`enroll --csr`: a real device whose key never leaves it, as `sealed-ota-agent keygen` makes
-//! it), and ship the Secrets and `Device` resources (applied by server-side apply, or written as
+//! it; `enroll --inventory`: many such devices from a CSV file, see [`crate::inventory`]), and
+//! ship the Secrets and `Device` resources (applied by server-side apply, or written as
 //! YAML for GitOps).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use sealed_ota_protocol::{ReleaseKey, Role};
+use sealed_ota_protocol::{CertificateAuthority, ReleaseKey, Role};
 use sha2::{Digest, Sha256};
 
 use crate::device::unix_now;
 use crate::enroll::{self, CaSource, EnrollRequest, SecretNames};
+use crate::inventory;
 use crate::store::{FleetDir, FleetSettings};
 use crate::{Error, Result};
 
@@ -47,7 +49,7 @@ impl CaArgs {
 }
 
 /// Where the Kubernetes objects go: applied, and/or written as YAML.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct KubeOutputArgs {
     /// Namespace of the Kubernetes objects.
     #[arg(long, short = 'n', default_value = "default")]
@@ -125,8 +127,37 @@ pub struct EnrollArgs {
     /// With --csr: where the device's certificate (PEM) is written.
     #[arg(long, requires = "csr")]
     cert_out: Option<PathBuf>,
+    /// Enrol many devices from their CSRs: a CSV file with the columns id,csr,labels, one row
+    /// per device (see the `inventory` module). Every row is checked and every CSR signed before
+    /// anything is written; errors name the file, the line and the column.
+    #[arg(long, requires_all = ["cert_dir", "ca_cert"], conflicts_with_all = ["csr", "count", "first_index", "id_prefix"])]
+    inventory: Option<PathBuf>,
+    /// With --inventory: the directory the devices' certificates are written to (<id>.crt).
+    #[arg(long, requires = "inventory")]
+    cert_dir: Option<PathBuf>,
     #[command(flatten)]
     output: KubeOutputArgs,
+}
+
+impl KubeOutputArgs {
+    /// Whether `--yaml -` writes the objects to standard output.
+    pub fn yaml_to_stdout(&self) -> bool {
+        self.yaml.as_deref().is_some_and(|p| p.as_os_str() == "-")
+    }
+}
+
+impl PkiInitArgs {
+    /// Where the objects go.
+    pub fn output(&self) -> &KubeOutputArgs {
+        &self.output
+    }
+}
+
+impl EnrollArgs {
+    /// Where the objects go.
+    pub fn output(&self) -> &KubeOutputArgs {
+        &self.output
+    }
 }
 
 fn parse_label(text: &str) -> std::result::Result<(String, String), String> {
@@ -135,9 +166,114 @@ fn parse_label(text: &str) -> std::result::Result<(String, String), String> {
         .ok_or_else(|| format!("label {text:?} is not key=value"))
 }
 
+/// What `pki-init` made (the CLI prints it as a table or `-o json|yaml`).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PkiReport {
+    /// The manager id issued.
+    pub manager_id: String,
+    /// Where the files are.
+    pub directory: PathBuf,
+    /// Whether a new CA was generated (else the given one was used).
+    pub new_ca: bool,
+    /// Namespace of the Secrets.
+    pub namespace: String,
+    /// The manager Secret.
+    pub manager_secret: String,
+    /// The CA Secret.
+    pub ca_secret: String,
+    /// Whether the Secrets were applied to the cluster.
+    pub applied: bool,
+}
+
+impl PkiReport {
+    /// One line for a log.
+    pub fn summary(&self) -> String {
+        format!(
+            "pki: manager {} issued; files in {}; Secrets {}/{} and {}/{}",
+            self.manager_id,
+            self.directory.display(),
+            self.namespace,
+            self.manager_secret,
+            self.namespace,
+            self.ca_secret
+        )
+    }
+}
+
+/// One device `enroll` issued an identity for.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrolledDevice {
+    /// Its id (and Device name).
+    pub id: String,
+    /// SHA-256 of its certificate (hex), pinned by its Device.
+    pub certificate_fingerprint: String,
+    /// Where its certificate was written (`--csr`, `--inventory`; the fleet directory holds the
+    /// others').
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<PathBuf>,
+}
+
+/// What `enroll` did (the CLI prints it as a table or `-o json|yaml`).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrollReport {
+    /// Namespace of the Device resources.
+    pub namespace: String,
+    /// Whether they were applied to the cluster.
+    pub applied: bool,
+    /// The fleet directory (identities issued here, keys included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<PathBuf>,
+    /// The devices.
+    pub devices: Vec<EnrolledDevice>,
+}
+
+impl EnrollReport {
+    fn new(
+        output: &KubeOutputArgs,
+        fleet: Option<PathBuf>,
+        devices: &[serde_json::Value],
+        certificate: impl Fn(&str) -> Option<PathBuf>,
+    ) -> Self {
+        let text = |d: &serde_json::Value, pointer: &str| {
+            d.pointer(pointer)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        EnrollReport {
+            namespace: output.namespace.clone(),
+            applied: output.apply,
+            fleet,
+            devices: devices
+                .iter()
+                .map(|d| {
+                    let id = text(d, "/metadata/name");
+                    EnrolledDevice {
+                        certificate: certificate(&id),
+                        certificate_fingerprint: text(d, "/spec/certificateFingerprint"),
+                        id,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// One line for a log.
+    pub fn summary(&self) -> String {
+        let place = match &self.fleet {
+            Some(fleet) => format!(" in {}", fleet.display()),
+            None => String::new(),
+        };
+        format!("enroll: {} devices{place}", self.devices.len())
+    }
+}
+
 /// `pki-init`: create or load the CA, issue the manager identity, write the files and ship the
 /// manager and CA Secrets.
-pub async fn pki_init(args: PkiInitArgs) -> Result<()> {
+pub async fn pki_init(args: PkiInitArgs) -> Result<PkiReport> {
     crate::install_crypto_provider();
     let now = unix_now();
     let source = args.ca.source();
@@ -162,24 +298,26 @@ pub async fn pki_init(args: PkiInitArgs) -> Result<()> {
         enroll::apply_secrets(&client, &secrets).await
     })
     .await?;
-    eprintln!(
-        "pki: manager {} issued; files in {}; Secrets {}/{} and {}/{}",
-        args.manager_id,
-        args.out.display(),
-        names.namespace,
-        names.manager,
-        names.namespace,
-        names.ca
-    );
-    Ok(())
+    Ok(PkiReport {
+        manager_id: args.manager_id,
+        directory: args.out,
+        new_ca: generated,
+        namespace: names.namespace,
+        manager_secret: names.manager,
+        ca_secret: names.ca,
+        applied: args.output.apply,
+    })
 }
 
 /// `enroll`: issue device identities into a fleet directory and ship their `Device` resources
 /// (needs a multi-threaded runtime).
-pub async fn enroll_devices(args: EnrollArgs) -> Result<()> {
+pub async fn enroll_devices(args: EnrollArgs) -> Result<EnrollReport> {
     crate::install_crypto_provider();
     if let (Some(csr), Some(id), Some(cert_out)) = (&args.csr, &args.id, &args.cert_out) {
         return enroll_from_csr(&args, csr, id, cert_out).await;
+    }
+    if let (Some(inventory), Some(cert_dir)) = (&args.inventory, &args.cert_dir) {
+        return enroll_inventory(&args, inventory, cert_dir).await;
     }
     let now = unix_now();
     let ca = enroll::load_ca(&args.ca.source(), now, args.ca.validity_days)?;
@@ -217,31 +355,39 @@ pub async fn enroll_devices(args: EnrollArgs) -> Result<()> {
         enroll::apply_devices(&client, devices_ref, 32).await
     })
     .await?;
-    eprintln!(
-        "enroll: {} devices in {}",
-        devices.len(),
-        fleet.root().display()
-    );
-    Ok(())
+    Ok(EnrollReport::new(
+        &args.output,
+        Some(fleet.root().to_path_buf()),
+        &devices,
+        |_| None,
+    ))
 }
 
-/// `enroll --csr`: signs one device's CSR with the CA, writes its certificate and ships its
-/// `Device` resource pinning the certificate's fingerprint.
-async fn enroll_from_csr(
-    args: &EnrollArgs,
+/// A device's certificate issued from its CSR: the PEM and the SHA-256 of its DER.
+struct Issued {
+    cert_pem: String,
+    fingerprint: [u8; 32],
+}
+
+/// Signs the CSR in `csr_path` for device `id` (names, role, usage and validity from the flags,
+/// never from the CSR); `what` says where the CSR came from in errors (`--csr FILE`, or the
+/// inventory's file, line and column).
+fn issue_from_csr(
+    ca: &CertificateAuthority,
+    validity_days: u32,
+    now: u64,
     csr_path: &Path,
     id: &str,
-    cert_out: &Path,
-) -> Result<()> {
-    let now = unix_now();
-    let ca = enroll::load_ca(&args.ca.source(), now, args.ca.validity_days)?;
-    let text = std::fs::read_to_string(csr_path).map_err(|e| Error::io("reading", csr_path, e))?;
+    what: &str,
+) -> Result<Issued> {
+    let text = std::fs::read_to_string(csr_path)
+        .map_err(|e| Error::Config(format!("{what}: reading {}: {e}", csr_path.display())))?;
     let csr = pem::parse(text.as_bytes())
         .ok()
         .filter(|p| p.tag() == "CERTIFICATE REQUEST")
         .ok_or_else(|| {
             Error::Config(format!(
-                "--csr {}: not a PEM certificate request (-----BEGIN CERTIFICATE REQUEST-----); use the CSR `sealed-ota-agent keygen` printed",
+                "{what}: {} is not a PEM certificate request (-----BEGIN CERTIFICATE REQUEST-----); use the CSR `sealed-ota-agent keygen` printed",
                 csr_path.display()
             ))
         })?;
@@ -251,31 +397,87 @@ async fn enroll_from_csr(
             Role::Device,
             id,
             now.saturating_sub(60),
-            args.ca.validity_days,
+            validity_days,
         )
         .map_err(|e| {
             Error::Config(format!(
-                "--csr {}: cannot issue a certificate for --id {id:?}: {e}",
+                "{what}: cannot issue a certificate for device {id:?} from {}: {e}",
                 csr_path.display()
             ))
         })?;
-    let cert_pem = pem::encode(&pem::Pem::new("CERTIFICATE", cert_der.clone()));
-    std::fs::write(cert_out, cert_pem).map_err(|e| Error::io("writing", cert_out, e))?;
-    let fingerprint: [u8; 32] = Sha256::digest(&cert_der).into();
+    Ok(Issued {
+        cert_pem: pem::encode(&pem::Pem::new("CERTIFICATE", cert_der.clone())),
+        fingerprint: Sha256::digest(&cert_der).into(),
+    })
+}
+
+/// `enroll --csr`: signs one device's CSR with the CA, writes its certificate and ships its
+/// `Device` resource pinning the certificate's fingerprint.
+async fn enroll_from_csr(
+    args: &EnrollArgs,
+    csr_path: &Path,
+    id: &str,
+    cert_out: &Path,
+) -> Result<EnrollReport> {
+    let now = unix_now();
+    let ca = enroll::load_ca(&args.ca.source(), now, args.ca.validity_days)?;
+    let what = format!("--csr {}", csr_path.display());
+    let issued = issue_from_csr(&ca, args.ca.validity_days, now, csr_path, id, &what)?;
+    std::fs::write(cert_out, &issued.cert_pem).map_err(|e| Error::io("writing", cert_out, e))?;
     let labels: BTreeMap<String, String> = args.labels.iter().cloned().collect();
-    let device = enroll::device_resource_for(id, &fingerprint, &args.output.namespace, &labels);
+    let device =
+        enroll::device_resource_for(id, &issued.fingerprint, &args.output.namespace, &labels);
     let devices = [device];
     let devices_ref = &devices;
     ship(&args.output, &devices, |client| async move {
         enroll::apply_devices(&client, devices_ref, 1).await
     })
     .await?;
-    eprintln!(
-        "enroll: device {id} from its CSR: certificate {} (fingerprint {})",
-        cert_out.display(),
-        hex::encode(fingerprint)
-    );
-    Ok(())
+    Ok(EnrollReport::new(&args.output, None, &devices, |_| {
+        Some(cert_out.to_path_buf())
+    }))
+}
+
+/// `enroll --inventory`: checks every row and signs every CSR first (a bad row stops the command
+/// before anything is written), then writes the certificates into `cert_dir` and ships the
+/// `Device` resources.
+async fn enroll_inventory(args: &EnrollArgs, path: &Path, cert_dir: &Path) -> Result<EnrollReport> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
+    let rows = inventory::parse(path, &text)?;
+    let now = unix_now();
+    let ca = enroll::load_ca(&args.ca.source(), now, args.ca.validity_days)?;
+    let common: BTreeMap<String, String> = args.labels.iter().cloned().collect();
+    let mut issued = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let what = format!("{}:{}: csr", path.display(), row.line);
+        let cert = tokio::task::block_in_place(|| {
+            issue_from_csr(&ca, args.ca.validity_days, now, &row.csr, &row.id, &what)
+        })?;
+        let mut labels = common.clone();
+        labels.extend(row.labels.clone());
+        let device = enroll::device_resource_for(
+            &row.id,
+            &cert.fingerprint,
+            &args.output.namespace,
+            &labels,
+        );
+        issued.push((row, cert, device));
+    }
+    let cert_file = |id: &str| cert_dir.join(format!("{id}.crt"));
+    std::fs::create_dir_all(cert_dir).map_err(|e| Error::io("creating", cert_dir, e))?;
+    for (row, cert, _) in &issued {
+        let out = cert_file(&row.id);
+        std::fs::write(&out, &cert.cert_pem).map_err(|e| Error::io("writing", &out, e))?;
+    }
+    let devices: Vec<serde_json::Value> = issued.into_iter().map(|(_, _, d)| d).collect();
+    let devices_ref = &devices;
+    ship(&args.output, &devices, |client| async move {
+        enroll::apply_devices(&client, devices_ref, 32).await
+    })
+    .await?;
+    Ok(EnrollReport::new(&args.output, None, &devices, |id| {
+        Some(cert_file(id))
+    }))
 }
 
 /// Writes `objects` as YAML and/or applies them, as the output flags ask.

@@ -69,6 +69,9 @@ pub enum Error {
     /// Loading the kubeconfig failed.
     #[error("Kubernetes configuration: {0}")]
     KubeConfig(String),
+    /// A row of a device inventory (`enroll --inventory`) is unusable.
+    #[error(transparent)]
+    Inventory(#[from] crate::inventory::InventoryError),
     /// Rendering YAML failed.
     #[error("YAML rendering: {0}")]
     Yaml(#[from] serde_yaml::Error),

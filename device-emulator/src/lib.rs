@@ -15,6 +15,7 @@ pub mod enroll_cmd;
 pub mod error;
 pub mod faults;
 pub mod fleet;
+pub mod inventory;
 pub mod keylog;
 pub mod slots;
 pub mod stats;

@@ -157,8 +157,12 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::PkiInit(args) => enroll_cmd::pki_init(args).await,
-            Command::Enroll(args) => enroll_cmd::enroll_devices(args).await,
+            Command::PkiInit(args) => enroll_cmd::pki_init(args)
+                .await
+                .map(|r| eprintln!("{}", r.summary())),
+            Command::Enroll(args) => enroll_cmd::enroll_devices(args)
+                .await
+                .map(|r| eprintln!("{}", r.summary())),
             Command::Run(args) => run(args).await,
         }
     });

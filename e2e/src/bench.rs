@@ -1,8 +1,10 @@
 //! The baselines and probes of `make bench` (DESIGN.md section 5): a fleet of plain MQTT 5
 //! subscribers built with the emulator's own client stack (rumqttc v5 over rustls, the same
 //! connection options and pacing) that measures how long Mosquitto takes to relay bytes with no
-//! crypto and no Kubernetes, and the paper's scheme (the whole image encrypted per device and
-//! published to each device's topic); plus the probes that read the product's figures (the
+//! crypto and no Kubernetes, the devices' windowed pull with and without the device-side work
+//! (open each chunk message, store it at its offset, check the whole image), and the paper's
+//! scheme (the whole image encrypted per device and published to each device's topic, with and
+//! without storing); plus the probes that read the product's figures (the
 //! operator's Prometheus metrics, a process's resident memory) and the budget table with its
 //! JSON summary. The benchmark binary `sealed-ota-bench` strings them together.
 
@@ -16,9 +18,11 @@ use anyhow::{bail, ensure, Context, Result};
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
+use sealed_ota_device::store::Download;
 use sealed_ota_device_emulator::mqtt_io::{device_options, BrokerEndpoint};
 use sealed_ota_device_emulator::pacing::ConnectPacer;
 use sealed_ota_protocol::crypto::{sha256, ChunkCipher};
+use sealed_ota_protocol::sealer::SealedFirmware;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -44,7 +48,7 @@ pub struct RelayRound {
     pub published_bytes: u64,
     /// Messages that never arrived before the round's timeout (summed over subscribers).
     pub lost_messages: u64,
-    /// Messages whose decryption failed (paper round only).
+    /// Messages that did not open or store, and stored images that failed their check.
     pub corrupt_messages: u64,
 }
 
@@ -55,8 +59,10 @@ struct Round {
     prefix: String,
     /// Messages each subscriber must receive.
     expected: u64,
-    /// Per-device keys (paper round): subscribers decrypt what they get, as devices would.
-    paper: Option<PaperKeys>,
+    /// What subscribers do with each message besides counting it.
+    work: Work,
+    /// Where subscribers store what they opened, as devices do (rounds with device-side work).
+    storage: Option<Storage>,
     /// Windowed pull of retained messages (pull round): chunk topics per subscription.
     window: Option<u64>,
     received: Vec<AtomicU64>,
@@ -65,6 +71,41 @@ struct Round {
     last: Mutex<Option<Instant>>,
     completed: AtomicU64,
     done: Notify,
+}
+
+/// What a subscriber does with each message it receives besides counting it.
+#[derive(Debug, Clone)]
+enum Work {
+    /// Nothing: the transport alone.
+    Count,
+    /// The paper's devices: decrypt under the device's own key.
+    PaperDecrypt(PaperKeys),
+    /// The product's devices: open the chunk message (Merkle proof, then AES-GCM under the
+    /// content key), with the protocol's own code.
+    OpenChunk(Arc<SealedFirmware>),
+}
+
+/// The plaintext store of a round with device-side work: one file per subscriber, each chunk
+/// written at its offset with the devices' own download code, the whole image checked (size,
+/// SHA-256) once complete, as a device checks it before installing.
+#[derive(Debug)]
+struct Storage {
+    dir: std::path::PathBuf,
+    chunk_size: u64,
+    image_size: u64,
+    image_sha256: [u8; 32],
+}
+
+impl Storage {
+    fn download(&self, subscriber: usize) -> Download {
+        Download::at(self.dir.join(format!("{subscriber}.img")), false)
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -88,11 +129,12 @@ struct NextWindow {
 }
 
 impl Round {
-    fn new(prefix: String, expected: u64, subscribers: usize, paper: Option<PaperKeys>) -> Self {
+    fn new(prefix: String, expected: u64, subscribers: usize, work: Work) -> Self {
         Round {
             prefix,
             expected,
-            paper,
+            work,
+            storage: None,
             window: None,
             received: (0..subscribers).map(|_| AtomicU64::new(0)).collect(),
             corrupt: AtomicU64::new(0),
@@ -116,24 +158,20 @@ impl Round {
     fn deliver(&self, i: usize, topic: &str, payload: &[u8]) -> Option<NextWindow> {
         let rest = topic.strip_prefix(self.prefix.as_str())?;
         self.first.get_or_init(Instant::now);
-        if let Some(paper) = &self.paper {
-            // rest = "<device>/<chunk>"
-            let index = rest.rsplit('/').next().and_then(|s| s.parse::<u32>().ok());
-            let plain = index.and_then(|index| {
-                ChunkCipher::new(&paper.key(i)).decrypt(
-                    &paper.tag,
-                    index,
-                    paper.chunk_count,
-                    payload,
-                )
-            });
-            if plain.is_none() {
-                self.corrupt.fetch_add(1, Ordering::Relaxed);
-                return None;
-            }
+        if !self.work_on(i, rest, payload) {
+            self.corrupt.fetch_add(1, Ordering::Relaxed);
+            return None;
         }
         let received = self.received[i].fetch_add(1, Ordering::Relaxed) + 1;
         if received == self.expected {
+            let stored_ok = self.storage.as_ref().is_none_or(|st| {
+                st.download(i)
+                    .check(st.image_size, &st.image_sha256)
+                    .is_ok()
+            });
+            if !stored_ok {
+                self.corrupt.fetch_add(1, Ordering::Relaxed);
+            }
             *lock(&self.last) = Some(Instant::now());
             if self.completed.fetch_add(1, Ordering::Relaxed) + 1 == self.received.len() as u64 {
                 self.done.notify_one();
@@ -143,6 +181,35 @@ impl Round {
         (received % window == 0 || received == self.expected).then(|| NextWindow {
             unsubscribe: self.window_topics(received.saturating_sub(1) / window * window),
             subscribe: self.window_topics(received),
+        })
+    }
+
+    /// Subscriber `i`'s device-side work on one message (`rest`: its topic after the prefix):
+    /// whether it opened (and stored) it.
+    fn work_on(&self, i: usize, rest: &str, payload: &[u8]) -> bool {
+        let opened = match &self.work {
+            Work::Count => return true,
+            Work::PaperDecrypt(paper) => {
+                // rest = "<device>/<chunk>"
+                let index = rest.rsplit('/').next().and_then(|s| s.parse::<u32>().ok());
+                index.and_then(|index| {
+                    let cipher = ChunkCipher::new(&paper.key(i));
+                    let plain = cipher.decrypt(&paper.tag, index, paper.chunk_count, payload)?;
+                    Some((index, plain.to_vec()))
+                })
+            }
+            Work::OpenChunk(sealed) => sealed
+                .open_chunk_payload(payload)
+                .ok()
+                .map(|(index, plain)| (index, plain.to_vec())),
+        };
+        let Some((index, plain)) = opened else {
+            return false;
+        };
+        self.storage.as_ref().is_none_or(|st| {
+            st.download(i)
+                .write_chunk(u64::from(index) * st.chunk_size, &plain)
+                .is_ok()
         })
     }
 
@@ -251,7 +318,7 @@ impl RelayFleet {
     /// to the last subscriber's last message, as the emulator times the product's data phase.
     pub async fn shared_round(&self, name: &str, payloads: &[Vec<u8>]) -> Result<RelayRound> {
         let prefix = format!("{}/shared/", self.tag);
-        let round = self.begin(prefix.clone(), payloads.len() as u64, None);
+        let round = self.begin(prefix.clone(), payloads.len() as u64);
         let published = self
             .publish_all(&prefix, payloads.iter().cloned(), false)
             .await
@@ -265,19 +332,49 @@ impl RelayFleet {
     /// [`RelayFleet::shared_round`]: it tells the cost of the windowed pull apart from the
     /// product's crypto and Kubernetes.
     pub async fn pull_round(&self, payloads: &[Vec<u8>], window: u32) -> Result<RelayRound> {
-        let prefix = format!("{}/pull/", self.tag);
+        self.pull("pull", payloads, window, Work::Count, None).await
+    }
+
+    /// [`RelayFleet::pull_round`] with the devices' own work and no manager: `payloads` are the
+    /// chunk messages of `sealed`, and every subscriber opens each (Merkle proof, AES-GCM under
+    /// the content key), stores the plaintext at its offset in a file of its own and checks the
+    /// whole file (size, SHA-256) once complete, with the protocol's and the devices' own code.
+    /// The product's data phase beside this tells the manager's and Kubernetes' share apart
+    /// from the transport and the device-side work.
+    pub async fn pull_round_with_device_work(
+        &self,
+        sealed: &SealedFirmware,
+        payloads: &[Vec<u8>],
+        window: u32,
+    ) -> Result<RelayRound> {
+        let storage = self.storage("pull", sealed.chunk_size(), sealed.size(), sealed.sha256())?;
+        let work = Work::OpenChunk(Arc::new(sealed.clone()));
+        self.pull("pullwork", payloads, window, work, Some(storage))
+            .await
+    }
+
+    async fn pull(
+        &self,
+        name: &str,
+        payloads: &[Vec<u8>],
+        window: u32,
+        work: Work,
+        storage: Option<Storage>,
+    ) -> Result<RelayRound> {
+        let prefix = format!("{}/{name}/", self.tag);
         let mut round = Round::new(
             prefix.clone(),
             payloads.len() as u64,
             self.subscribers,
-            None,
+            work,
         );
         round.window = Some(u64::from(window.max(1)));
+        round.storage = storage;
         let round = Arc::new(round);
         let published = self
             .publish_all(&prefix, payloads.iter().cloned(), true)
             .await
-            .context("pull baseline: publishing")?;
+            .with_context(|| format!("{name} baseline: publishing"))?;
         // Retained messages are stored once the broker has them; a short pause covers the
         // publisher's in-flight window before anyone subscribes.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -291,28 +388,41 @@ impl RelayFleet {
                         .map(|t| Filter::new(t.clone(), QoS::AtLeastOnce)),
                 )
                 .await
-                .context("pull baseline: subscribing")?;
+                .with_context(|| format!("{name} baseline: subscribing"))?;
         }
         let result = self.finish(round, None, published).await;
         // Clear the retained messages (an empty retained payload each).
         self.publish_all(&prefix, payloads.iter().map(|_| Vec::new()), true)
             .await
-            .context("pull baseline: clearing")?;
+            .with_context(|| format!("{name} baseline: clearing"))?;
         result
     }
 
     /// The paper's scheme: the whole image encrypted under each device's own key (AES-256-GCM,
     /// `chunk` bytes per message) and published to each device's topic; every subscriber
-    /// decrypts what it gets. Timed from the first publish (per-device encryption is on the
-    /// critical path) to the last subscriber's last chunk.
-    pub async fn paper_round(&self, image: &[u8], chunk: usize) -> Result<RelayRound> {
+    /// decrypts what it gets and, with `store`, also stores it and checks the whole image as
+    /// [`RelayFleet::pull_round_with_device_work`] does (a device must store and check an image
+    /// before installing it, whichever scheme delivered it). Timed from the first publish
+    /// (per-device encryption is on the critical path) to the last subscriber's last chunk.
+    pub async fn paper_round(&self, image: &[u8], chunk: usize, store: bool) -> Result<RelayRound> {
         let chunk_count = image.len().div_ceil(chunk) as u32;
         let paper = PaperKeys {
             tag: format!("{}-paper", self.tag),
             chunk_count,
         };
         let prefix = format!("{}/own/", self.tag);
-        let round = self.begin(prefix.clone(), u64::from(chunk_count), Some(paper.clone()));
+        let mut round = Round::new(
+            prefix.clone(),
+            u64::from(chunk_count),
+            self.subscribers,
+            Work::PaperDecrypt(paper.clone()),
+        );
+        if store {
+            round.storage =
+                Some(self.storage("paper", chunk as u32, image.len() as u64, sha256(image))?);
+        }
+        let round = Arc::new(round);
+        *self.round.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&round));
         let started = Instant::now();
         let mut published = 0;
         for device in 0..self.subscribers {
@@ -327,6 +437,24 @@ impl RelayFleet {
             }
         }
         self.finish(round, Some(started), published).await
+    }
+
+    /// A fresh directory for the stored images of one round (removed with the round).
+    fn storage(
+        &self,
+        name: &str,
+        chunk_size: u32,
+        image_size: u64,
+        image_sha256: [u8; 32],
+    ) -> Result<Storage> {
+        let dir = std::env::temp_dir().join(format!("{}-{name}-store", self.tag));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Storage {
+            dir,
+            chunk_size: u64::from(chunk_size),
+            image_size,
+            image_sha256,
+        })
     }
 
     /// Publishes `payloads` at QoS 1 on `<prefix><index>`; returns the payload bytes sent.
@@ -346,8 +474,8 @@ impl RelayFleet {
         Ok(published)
     }
 
-    fn begin(&self, prefix: String, expected: u64, paper: Option<PaperKeys>) -> Arc<Round> {
-        let round = Arc::new(Round::new(prefix, expected, self.subscribers, paper));
+    fn begin(&self, prefix: String, expected: u64) -> Arc<Round> {
+        let round = Arc::new(Round::new(prefix, expected, self.subscribers, Work::Count));
         *self.round.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&round));
         round
     }
@@ -778,7 +906,7 @@ mod tests {
 
     #[test]
     fn a_round_completes_when_every_subscriber_has_everything() {
-        let round = Round::new("t/shared/".into(), 2, 2, None);
+        let round = Round::new("t/shared/".into(), 2, 2, Work::Count);
         round.deliver(0, "t/shared/0", b"a");
         round.deliver(0, "other/0", b"ignored");
         round.deliver(0, "t/shared/1", b"b");
@@ -792,7 +920,7 @@ mod tests {
 
     #[test]
     fn a_pull_round_moves_window_by_window() {
-        let mut round = Round::new("t/pull/".into(), 5, 1, None);
+        let mut round = Round::new("t/pull/".into(), 5, 1, Work::Count);
         round.window = Some(2);
         assert_eq!(round.window_topics(0), ["t/pull/0", "t/pull/1"]);
         assert_eq!(round.deliver(0, "t/pull/0", b"a"), None);
@@ -821,12 +949,53 @@ mod tests {
             tag: "p".into(),
             chunk_count: 1,
         };
-        let round = Round::new("t/own/".into(), 1, 2, Some(paper.clone()));
+        let round = Round::new("t/own/".into(), 1, 2, Work::PaperDecrypt(paper.clone()));
         let for_device_1 = ChunkCipher::new(&paper.key(1)).encrypt("p", 0, 1, b"image");
         // Device 0 cannot open device 1's chunk.
         round.deliver(0, "t/own/0/0", &for_device_1);
         assert_eq!(round.corrupt.load(Ordering::Relaxed), 1);
         round.deliver(1, "t/own/1/0", &for_device_1);
         assert_eq!(round.lost(), 1);
+    }
+
+    #[test]
+    fn the_device_work_round_opens_stores_and_checks_every_image() {
+        let image: Vec<u8> = (0..2500u32).map(|i| (i * 13) as u8).collect();
+        let (sealed, cts) = SealedFirmware::seal_all("bench", 1000, &image).unwrap();
+        let payloads: Vec<Vec<u8>> = (0..sealed.chunk_count())
+            .map(|i| {
+                let at = sealed.ciphertext_offset(i) as usize;
+                sealed
+                    .chunk_payload(i, &cts[at..at + sealed.ciphertext_len(i)])
+                    .unwrap()
+            })
+            .collect();
+        let dir = std::env::temp_dir().join(format!("bench-work-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut round = Round::new(
+            "t/w/".into(),
+            3,
+            2,
+            Work::OpenChunk(Arc::new(sealed.clone())),
+        );
+        round.storage = Some(Storage {
+            dir: dir.clone(),
+            chunk_size: 1000,
+            image_size: image.len() as u64,
+            image_sha256: sha256(&image),
+        });
+        // Subscriber 0 gets every chunk, last first; subscriber 1 a changed one.
+        for j in [2usize, 0, 1] {
+            round.deliver(0, &format!("t/w/{j}"), &payloads[j]);
+        }
+        assert_eq!(std::fs::read(dir.join("0.img")).unwrap(), image);
+        assert_eq!(round.completed.load(Ordering::Relaxed), 1);
+        assert_eq!(round.corrupt.load(Ordering::Relaxed), 0);
+        let mut changed = payloads[1].clone();
+        changed[40] ^= 1;
+        round.deliver(1, "t/w/1", &changed);
+        assert_eq!(round.corrupt.load(Ordering::Relaxed), 1);
+        drop(round);
+        assert!(!dir.exists(), "the round's store is removed with it");
     }
 }

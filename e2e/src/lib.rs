@@ -26,6 +26,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, CustomResourceExt};
 use rand::Rng;
 use sealed_ota_operator::crd::{Device, UpdateCampaign};
+use sealed_ota_operator::shard_crd::CampaignShard;
 
 /// Label put on every namespace a test creates, so they can be found and removed together.
 pub const TEST_NAMESPACE_LABEL: &str = "e2e.sealed-ota.dev/test";
@@ -362,7 +363,7 @@ static CRDS: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
 pub async fn install_crds(client: &Client) -> Result<()> {
     CRDS.get_or_try_init(|| async {
         let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-        for crd in [Device::crd(), UpdateCampaign::crd()] {
+        for crd in [Device::crd(), UpdateCampaign::crd(), CampaignShard::crd()] {
             let name = crd.metadata.name.clone().unwrap_or_default();
             api.patch(
                 &name,

@@ -300,9 +300,13 @@ pub struct Product {
     /// Whether the emulator logs the devices' secrets (`run --key-log`) for the leak scans; the
     /// benchmark turns it off.
     pub log_keys: bool,
-    /// Extra arguments of `sealed-ota-operator run` (for example `--retained-chunk-bytes N`).
+    /// Extra arguments of every operator replica (for example `--shards 4`,
+    /// `--retained-chunk-bytes N`).
     pub operator_args: Vec<String>,
-    operator: Option<Child>,
+    /// Running operator replicas by index (0 is the one `start_operator` starts).
+    operators: std::collections::BTreeMap<usize, Child>,
+    /// Metrics addresses of replicas other than 0 (fixed for the product's life).
+    replica_addrs: std::collections::BTreeMap<usize, String>,
     emulator: Option<Child>,
     operator_starts: u32,
     emulator_starts: u32,
@@ -363,7 +367,8 @@ impl Product {
             window_timeout_seconds: 3,
             log_keys: true,
             operator_args: Vec::new(),
-            operator: None,
+            operators: std::collections::BTreeMap::new(),
+            replica_addrs: std::collections::BTreeMap::new(),
             emulator: None,
             operator_starts: 0,
             emulator_starts: 0,
@@ -445,17 +450,49 @@ impl Product {
         self.dir.join("fleet/devices").join(id)
     }
 
-    /// Starts the operator binary (leader election on, Lease in this namespace).
+    /// Starts the operator binary (leader election on, Leases in this namespace): replica 0.
     pub fn start_operator(&mut self) -> Result<()> {
-        self.stop_operator();
+        self.start_replica(0)
+    }
+
+    /// Metrics address of operator replica `i` (replica 0: `metrics_addr`).
+    pub fn replica_metrics_addr(&mut self, i: usize) -> Result<String> {
+        if i == 0 {
+            return Ok(self.metrics_addr.clone());
+        }
+        if let std::collections::btree_map::Entry::Vacant(e) = self.replica_addrs.entry(i) {
+            e.insert(format!("127.0.0.1:{}", free_port()?));
+        }
+        Ok(self.replica_addrs[&i].clone())
+    }
+
+    /// Starts operator replica `i` (identity `<namespace>-r<i>`, with `operator_args`), restarting
+    /// it if it runs. On a clustered broker replica `i` starts at node `i` and moves on to the next
+    /// node when its connection is lost.
+    pub fn start_replica(&mut self, i: usize) -> Result<()> {
+        self.stop_replica(i);
         self.operator_starts += 1;
-        let log = std::fs::File::create(
-            self.dir
-                .join(format!("operator-{}.log", self.operator_starts)),
-        )?;
+        let log = std::fs::File::create(self.dir.join(if i == 0 {
+            format!("operator-{}.log", self.operator_starts)
+        } else {
+            format!("operator-r{i}-{}.log", self.operator_starts)
+        }))?;
+        let metrics_addr = self.replica_metrics_addr(i)?;
+        let nodes: Vec<&str> = self.device_broker_urls.split(',').collect();
+        let broker = if nodes.len() > 1 {
+            let first = i % nodes.len();
+            nodes[first..]
+                .iter()
+                .chain(&nodes[..first])
+                .copied()
+                .collect::<Vec<_>>()
+                .join(",")
+        } else {
+            self.broker_url.clone()
+        };
         let pki = self.dir.join("pki");
         let child = Command::new(binary("sealed-ota-operator"))
-            .args(["run", "--broker-url", &self.broker_url])
+            .args(["run", "--broker-url", &broker])
             .arg("--broker-ca-file")
             .arg(&self.bed.ca_file)
             .arg("--broker-cert-file")
@@ -465,9 +502,14 @@ impl Product {
             .args(["--manager-id", &self.manager_id])
             .args(["--operator-namespace", &self.ns.name])
             .args(["--namespace", &self.ns.name])
-            .args(["--metrics-addr", &self.metrics_addr])
+            .args(["--metrics-addr", &metrics_addr])
+            .args(["--identity", &format!("{}-r{i}", self.ns.name)])
             .arg("--cache-dir")
-            .arg(self.dir.join("cache"))
+            .arg(self.dir.join(if i == 0 {
+                "cache".to_owned()
+            } else {
+                format!("cache-r{i}")
+            }))
             .args(&self.operator_args)
             .env("KUBECONFIG", &self.bed.kubeconfig)
             .env("RUST_LOG", "info")
@@ -475,13 +517,18 @@ impl Product {
             .stderr(log)
             .spawn()
             .context("starting sealed-ota-operator")?;
-        self.operator = Some(child);
+        self.operators.insert(i, child);
         Ok(())
     }
 
-    /// Process id of the running operator, if one runs.
+    /// Process id of the running operator (replica 0), if it runs.
     pub fn operator_pid(&self) -> Option<u32> {
-        self.operator.as_ref().map(Child::id)
+        self.replica_pid(0)
+    }
+
+    /// Process id of operator replica `i`, if it runs.
+    pub fn replica_pid(&self, i: usize) -> Option<u32> {
+        self.operators.get(&i).map(Child::id)
     }
 
     /// Process id of the running emulator, if one runs.
@@ -489,16 +536,21 @@ impl Product {
         self.emulator.as_ref().map(Child::id)
     }
 
-    /// Kills the operator at once (SIGKILL), as a crash would.
+    /// Kills the operator (replica 0) at once (SIGKILL), as a crash would.
     pub fn kill_operator(&mut self) {
-        if let Some(mut child) = self.operator.take() {
+        self.kill_replica(0);
+    }
+
+    /// Kills operator replica `i` at once (SIGKILL): it releases nothing, its Leases expire.
+    pub fn kill_replica(&mut self, i: usize) {
+        if let Some(mut child) = self.operators.remove(&i) {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    fn stop_operator(&mut self) {
-        if let Some(child) = self.operator.take() {
+    fn stop_replica(&mut self, i: usize) {
+        if let Some(child) = self.operators.remove(&i) {
             terminate(child, "-TERM", Duration::from_secs(5));
         }
     }
@@ -706,6 +758,35 @@ impl Product {
         self.ns.pass();
     }
 
+    /// Devices whose status records campaign `campaign` (it started them), by name.
+    pub async fn touched(&self, campaign: &str) -> Result<Vec<String>> {
+        let mut names: Vec<String> = self
+            .devices()
+            .await?
+            .into_iter()
+            .filter(|d| {
+                d.status
+                    .as_ref()
+                    .and_then(|s| s.campaign.as_ref())
+                    .is_some_and(|c| c.name == campaign)
+            })
+            .filter_map(|d| d.metadata.name)
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Until Unix time `until` (less a second for clock rounding), check every half second that
+    /// no Device records campaign `campaign`: nothing started it before then.
+    pub async fn untouched_until(&self, campaign: &str, until: u64) -> Result<()> {
+        while unix_now() + 1 < until {
+            let touched = self.touched(campaign).await?;
+            anyhow::ensure!(touched.is_empty(), "{touched:?} started before {until}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(())
+    }
+
     /// Every Device of this product.
     pub async fn devices(&self) -> Result<Vec<Device>> {
         Ok(
@@ -772,7 +853,10 @@ impl Product {
 impl Drop for Product {
     fn drop(&mut self) {
         self.stop_emulator();
-        self.stop_operator();
+        let replicas: Vec<usize> = self.operators.keys().copied().collect();
+        for i in replicas {
+            self.stop_replica(i);
+        }
         if self.ns.passed() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
@@ -868,6 +952,20 @@ pub fn build_binaries() -> Result<()> {
         })
         .clone()
         .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Unix seconds now (a campaign's windows and deadlines are set from it).
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// `HH:MM:SS` (UTC) of a Unix time: a window's local start in UTC.
+pub fn utc_clock(t: u64) -> String {
+    let s = t % 86_400;
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
 /// `len` random bytes: a firmware image that no other run shares.

@@ -51,6 +51,8 @@ fn the_benchmark_measures_a_small_fleet() -> Result<()> {
         "pull_baseline_ratio",
         "paper_egress_ratio",
         "paper_wall_ratio",
+        "device_work_ratio",
+        "paper_stored_wall_ratio",
     ] {
         ensure!(summary[key].is_number(), "summary lacks {key}: {summary:#}");
     }
@@ -72,6 +74,13 @@ fn the_benchmark_measures_a_small_fleet() -> Result<()> {
         paper > 1.0,
         "the paper's scheme published less than ours: {paper}"
     );
+    // The baselines with device-side work opened, stored and checked every image.
+    for round in ["pull_device_work_baseline", "paper_stored_baseline"] {
+        ensure!(
+            summary[round]["corrupt_messages"] == 0 && summary[round]["lost_messages"] == 0,
+            "{round}: {summary:#}"
+        );
+    }
     ensure!(
         summary["fanout_ratio"].as_f64().is_some_and(|r| r > 0.0),
         "no fan-out figure: {summary:#}"

@@ -314,7 +314,19 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
             "coordination.k8s.io",
             "leases",
             o,
-            Some("sealed-ota-operator"),
+            Some("sealed-ota-operator-shard-0-of-1"),
+        ),
+        // Members learn who is alive from the member Leases.
+        ("list", "coordination.k8s.io", "leases", o, None),
+        ("list", group, "campaignshards", f, None),
+        ("watch", group, "campaignshards", f, None),
+        ("create", group, "campaignshards", f, None),
+        (
+            "patch",
+            group,
+            "campaignshards",
+            f,
+            Some("c-0123abcd-s0of1"),
         ),
         ("get", "", "secrets", o, Some("broker-tls")),
     ];
@@ -342,6 +354,7 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
         ("update", group, "updatecampaigns", f, Some("c")),
         ("create", group, "updatecampaigns", f, None),
         ("create", group, "devices", f, None),
+        // One shard (the default): Devices are not labelled, so not patched.
         ("patch", group, "devices", f, Some("d")),
         ("delete", group, "devices", f, Some("d")),
         ("create", "", "secrets", f, None),
@@ -349,10 +362,17 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
         ("delete", "", "secrets", f, Some("sealed-ota-manager")),
         ("patch", "", "configmaps", f, Some("firmware")),
         (
+            "delete",
+            group,
+            "campaignshards",
+            f,
+            Some("c-0123abcd-s0of1"),
+        ),
+        (
             "get",
             "coordination.k8s.io",
             "leases",
-            o,
+            Some(other.name.as_str()),
             Some("someone-else"),
         ),
         (
@@ -811,7 +831,7 @@ async fn cluster_wide_mode_grants_campaign_rules_everywhere_and_nothing_else() -
         ("list", "", "pods", None, None),
         ("create", "coordination.k8s.io", "leases", a, None),
         (
-            "patch",
+            "delete",
             "coordination.k8s.io",
             "leases",
             o,

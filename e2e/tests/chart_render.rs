@@ -148,7 +148,7 @@ fn chart_crds_are_the_generated_crds() -> Result<()> {
         .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect::<std::io::Result<_>>()?;
     assert_eq!(copies, names, "the chart has CRD files that crds/ does not");
-    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(names.len(), 3, "{names:?}");
 
     for keep in [true, false] {
         let docs = documents(&render("ota", &with(&[&format!("crds.keep={keep}")]))?)?;

@@ -456,6 +456,8 @@ async fn devices_with_a_release_key_install_only_what_it_signed() -> Result<()> 
             image_file.to_str().context("utf-8")?,
             "--version",
             "2.0.0",
+            "-o",
+            "json",
         ])?;
         let file: serde_json::Value = serde_json::from_str(&out)?;
         let key_id = file["keyId"].as_str().context("keyId")?.to_string();

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sealed_ota_e2e::product::{random_image, Product};
+use sealed_ota_e2e::product::{random_image, unix_now as now, utc_clock, Product};
 use sealed_ota_operator::crd::{CampaignPhase, UpdateCampaign};
 
 fn condition<'a>(c: &'a UpdateCampaign, kind: &str) -> Option<(&'a str, &'a str)> {
@@ -88,19 +88,6 @@ async fn a_campaign_whose_devices_all_timed_out_completes_degraded_never_succeed
     Ok(())
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// `HH:MM:SS` (UTC) of a Unix time: a window's local start in UTC.
-fn utc_clock(t: u64) -> String {
-    let s = t % 86_400;
-    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
-}
-
 /// RFC 3339 of a Unix time, as the apiserver writes times.
 fn rfc3339(t: u64) -> String {
     k8s_openapi::jiff::Timestamp::from_second(t as i64)
@@ -114,24 +101,6 @@ fn unix(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> u64 {
 
 fn status(c: &UpdateCampaign) -> sealed_ota_operator::crd::UpdateCampaignStatus {
     c.status.clone().unwrap_or_default()
-}
-
-/// Devices whose status records campaign `campaign`, by name.
-async fn touched(product: &Product, campaign: &str) -> Result<Vec<String>> {
-    let mut names: Vec<String> = product
-        .devices()
-        .await?
-        .into_iter()
-        .filter(|d| {
-            d.status
-                .as_ref()
-                .and_then(|s| s.campaign.as_ref())
-                .is_some_and(|c| c.name == campaign)
-        })
-        .filter_map(|d| d.metadata.name)
-        .collect();
-    names.sort();
-    Ok(names)
 }
 
 /// Issue 15, item 1: a maintenance window of a few seconds. Nothing starts before it opens (the
@@ -199,13 +168,7 @@ async fn devices_start_only_inside_their_window_and_the_deadline_ends_the_rest()
         Some("OutsideWindow")
     );
     // Until the window opens, no device is touched.
-    while now() + 1 < open {
-        assert!(
-            touched(&product, "fw").await?.is_empty(),
-            "a device started before its window"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    product.untouched_until("fw", open).await?;
     let done = product.finished("fw", Duration::from_secs(90)).await?;
     assert_eq!(done.phase, CampaignPhase::Completed, "{done:?}");
     assert_eq!(done.devices.succeeded, 3, "{done:?}");
@@ -223,7 +186,7 @@ async fn devices_start_only_inside_their_window_and_the_deadline_ends_the_rest()
     assert_eq!(condition(&c, "Ready"), Some(("False", "DevicesExcluded")));
     assert_eq!(condition(&c, "Degraded"), Some(("True", "DevicesExcluded")));
     assert!(
-        !touched(&product, "fw").await?.contains(&far),
+        !product.touched("fw").await?.contains(&far),
         "the device whose window is at another hour was started"
     );
     // The devices that started in the window finished after it closed (in flight, not cut).
@@ -271,7 +234,7 @@ async fn past_the_deadline_nothing_starts_and_the_campaign_completes() -> Result
     let c = product.campaign("fw").await?;
     assert_eq!(condition(&c, "Ready"), Some(("False", "DeadlinePassed")));
     assert_eq!(condition(&c, "Degraded"), Some(("True", "DeadlinePassed")));
-    let started = touched(&product, "fw").await?;
+    let started = product.touched("fw").await?;
     assert!(
         !started.is_empty() && started.len() < 3,
         "{started:?} started: the deadline held nothing back, or nothing started"
@@ -406,7 +369,7 @@ async fn an_unhealthy_canary_fails_the_gate_and_a_promotion_field_goes_on() -> R
     assert!(events.iter().any(|(r, _)| r == "GateFailed"), "{events:?}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        touched(&product, "fw").await?,
+        product.touched("fw").await?,
         vec![canary.clone()],
         "only the canary was touched while the gate held"
     );
@@ -486,7 +449,7 @@ async fn metrics_gates_query_a_real_prometheus() -> Result<()> {
         status(&waiting).waiting.map(|w| w.reason),
         Some("Gate".to_owned())
     );
-    assert_eq!(touched(&product, "fw").await?.len(), 1, "only the canary");
+    assert_eq!(product.touched("fw").await?.len(), 1, "only the canary");
     product.patch_spec("fw", serde_json::json!({"promoteThroughWave": 0}))?;
     let done = product.finished("fw", Duration::from_secs(90)).await?;
     assert_eq!(done.phase, CampaignPhase::Succeeded, "{done:?}");
@@ -590,7 +553,7 @@ async fn a_dry_run_plans_without_touching_a_device_then_starts_that_plan() -> Re
     assert_eq!(condition(&planned, "Ready"), Some(("False", "DryRun")));
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(
-        touched(&product, "fw").await?.is_empty(),
+        product.touched("fw").await?.is_empty(),
         "a dry run touched a device"
     );
     assert_eq!(
@@ -615,7 +578,7 @@ async fn a_dry_run_plans_without_touching_a_device_then_starts_that_plan() -> Re
         Some(plan.clone()),
         "the plan it runs"
     );
-    let first = touched(&product, "fw").await?;
+    let first = product.touched("fw").await?;
     assert!(
         first
             .iter()
@@ -628,7 +591,7 @@ async fn a_dry_run_plans_without_touching_a_device_then_starts_that_plan() -> Re
     assert_eq!((done.devices.succeeded, done.devices.excluded), (4, 1));
     let c = product.campaign("fw").await?;
     assert_eq!(condition(&c, "Ready"), Some(("False", "DevicesExcluded")));
-    assert!(!touched(&product, "fw").await?.contains(&unpinned));
+    assert!(!product.touched("fw").await?.contains(&unpinned));
     product.pass();
     Ok(())
 }
@@ -644,8 +607,9 @@ async fn one_campaign_per_device_by_priority_and_the_other_waits() -> Result<()>
         .firmware_configmap("fw", &random_image(32 * 1024))
         .await?;
     product.start_operator()?;
-    // 32 KiB at 8 KiB/s: 4 s a device.
-    product.start_emulator(&["--fault", "slow:rate=8k"])?;
+    // 32 KiB at 2 KiB/s: 16 s a device, so the low campaign's first device is still in flight
+    // while the test reads both statuses (at 4 s it once finished before the test looked).
+    product.start_emulator(&["--fault", "slow:rate=2k"])?;
     let spec = |priority: i32, in_flight: u32| {
         product.firmware_spec(
             "1.1.0",
@@ -756,7 +720,7 @@ async fn late_joiners_join_and_leavers_are_released() -> Result<()> {
         sealed_ota_operator::crd::DevicePhase::Released,
         "{record:?}"
     );
-    let joined: Vec<String> = touched(&product, "fw").await?;
+    let joined: Vec<String> = product.touched("fw").await?;
     assert!(joined.contains(&ids[3]), "{joined:?}");
     product.pass();
     Ok(())

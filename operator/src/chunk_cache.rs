@@ -13,6 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use sealed_ota_protocol::{ChunkSealer, ProtocolError, SealedFirmware};
+use zeroize::Zeroizing;
 
 /// Plaintext read per sealing batch (rounded to whole chunks).
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
@@ -108,11 +109,14 @@ impl CampaignFiles {
     }
 
     /// Seal the stored image chunk by chunk under `stream_id` (the campaign id) into the chunk
-    /// file, then remove the plaintext. Returns the sealed description and the chunk file.
+    /// file, then remove the plaintext, under `content_key` (derived from the campaign's seed for
+    /// this image: every replica seals the same chunks) or a fresh random key. Returns the sealed
+    /// description and the chunk file.
     pub fn seal(
         self,
         stream_id: &str,
         chunk_size: u32,
+        content_key: Option<Zeroizing<[u8; 32]>>,
     ) -> Result<(SealedFirmware, ChunkFile), CacheError> {
         let image_path = self.image_path();
         let chunks_path = self.dir.join("chunks");
@@ -122,6 +126,9 @@ impl CampaignFiles {
             .map_err(io("reading the size of", &image_path))?
             .len();
         let mut sealer = ChunkSealer::new(stream_id, chunk_size, size)?;
+        if let Some(key) = content_key {
+            sealer = sealer.with_content_key(key);
+        }
         let batch_len = (BATCH_BYTES / chunk_size as usize).max(1) * chunk_size as usize;
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -236,7 +243,7 @@ mod tests {
             .collect();
         let files = cache.campaign("uid-1").unwrap();
         files.write_image(&image).unwrap();
-        let (sealed, chunks) = files.seal("uid-1", 65536).unwrap();
+        let (sealed, chunks) = files.seal("uid-1", 65536, None).unwrap();
         assert!(
             !tmp.path().join("uid-1/image").exists(),
             "plaintext removed"
@@ -261,13 +268,53 @@ mod tests {
         assert!(!tmp.path().join("uid-1").exists(), "removed with the run");
     }
 
+    /// Two replicas seal one campaign's image with the key of the campaign's seed: the same
+    /// chunks and root (a device may take chunks retained by either). Without the key (fresh) or
+    /// with another image the chunks differ: the key is bound to the image's digest.
+    #[test]
+    fn replicas_sealing_with_the_seed_s_key_publish_the_same_chunks() {
+        use sealed_ota_protocol::crypto::{seeded_content_key, sha256};
+        let seal = |image: &[u8], key: Option<Zeroizing<[u8; 32]>>| {
+            let tmp = tempfile::tempdir().unwrap();
+            let files = CacheDir::open(tmp.path())
+                .unwrap()
+                .campaign("uid-1")
+                .unwrap();
+            files.write_image(image).unwrap();
+            let (sealed, chunks) = files.seal("uid-1", 1024, key).unwrap();
+            let cts: Vec<Vec<u8>> = (0..sealed.chunk_count())
+                .map(|i| chunks.ciphertext(i).unwrap())
+                .collect();
+            (sealed.merkle_root(), cts)
+        };
+        let seed = [9u8; 32];
+        let key = |image: &[u8]| {
+            Some(seeded_content_key(
+                &seed,
+                "uid-1",
+                "2.0.0",
+                1024,
+                &sha256(image),
+            ))
+        };
+        let image: Vec<u8> = (0..5000usize).map(|i| (i % 251) as u8).collect();
+        let a = seal(&image, key(&image));
+        let b = seal(&image, key(&image));
+        assert_eq!(a, b, "two replicas seal the same chunks");
+        assert_ne!(seal(&image, None).1, a.1, "a fresh key seals other chunks");
+        let mut other = image.clone();
+        other[0] ^= 1;
+        let c = seal(&other, key(&other));
+        assert_ne!(c.1[4], a.1[4], "another image is sealed under another key");
+    }
+
     #[test]
     fn an_empty_image_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let cache = CacheDir::open(tmp.path()).unwrap();
         let files = cache.campaign("u").unwrap();
         files.write_image(&[]).unwrap();
-        let err = files.seal("u", 1024).unwrap_err();
+        let err = files.seal("u", 1024, None).unwrap_err();
         assert!(err.to_string().contains("empty image"), "{err}");
     }
 }

@@ -34,7 +34,9 @@ pub enum LogFormat {
 /// Settings of a running operator.
 #[derive(clap::Args, Clone, Debug)]
 pub struct Config {
-    /// Broker URL: mqtt://host:port or mqtts://host:port.
+    /// Broker URL: mqtt://host:port or mqtts://host:port; for a clustered broker every node's URL,
+    /// comma-separated (the replica starts at the first and moves to the next when a connection is
+    /// lost).
     #[arg(long, env = "SEALED_OTA_BROKER_URL")]
     pub broker_url: String,
     /// PEM file with the CA that signs the broker's certificate (mqtts).
@@ -100,9 +102,14 @@ pub struct Config {
         default_value = "sealed-ota-operator"
     )]
     pub lease_name: String,
-    /// Identity of this replica in the Lease (defaults to the host name).
+    /// Identity of this replica in the Leases (defaults to the host name and process id).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Shards the fleet is split into (a power of two, 1-64, the same on every replica): each
+    /// replica drives the devices of the shards whose Lease it holds; one replica (the holder of the
+    /// leader Lease) adds the shards up into each campaign's status.
+    #[arg(long, env = "SEALED_OTA_SHARDS", default_value_t = 1)]
+    pub shards: u32,
     /// Directory for downloaded firmware images and their encrypted chunks (emptied at start; in
     /// the chart an emptyDir or PVC sized by `cache.size`). It needs room for the largest image
     /// twice while it is prepared, then once per running campaign.
@@ -126,7 +133,9 @@ impl Config {
     /// Identity of this replica.
     pub fn replica_identity(&self) -> String {
         self.identity.clone().unwrap_or_else(|| {
-            std::env::var("HOSTNAME").unwrap_or_else(|_| format!("pid-{}", std::process::id()))
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "operator".into());
+            // Two processes on one host are two replicas.
+            format!("{host}-{}", std::process::id())
         })
     }
 }

@@ -1,19 +1,31 @@
-//! The `UpdateCampaign` controller (kube-runtime `Controller`): the I/O shell of a reconcile pass,
-//! read as a pipeline — fetch and validate (Devices from a reflector, `validate` pure; Secrets,
-//! ConfigMaps and the firmware from the API, parsed by `inputs`) → decide (`rollout::decide`,
-//! pure) → plan (`plan::plan_pass`, `status::compute`, `plan::events`, pure) → act (the engine
-//! carries out the plan, the status is written by server-side apply at most once a second and only
-//! when it changed, Events are published). It watches the Devices a campaign selects and the
-//! Secrets/ConfigMaps it reads, so a fix to any of them wakes a campaign that waits for a change. A
-//! finalizer clears the campaign's retained MQTT messages on delete.
+//! The `UpdateCampaign` controller (kube-runtime `Controller`), the I/O shell of a reconcile pass.
+//! Every replica runs it; what a pass does depends on the replica's part (`Role`):
+//!
+//! - for each **shard it holds** (its Lease, `membership`), a shard pass over that shard's Devices
+//!   (a reflector per shard, label-selected, so a replica watches only its own devices): fetch and
+//!   validate, prepare the campaign once with the campaign's seed, weigh the rollout policy over
+//!   the shard's devices (`policy_of`, the step one replica takes too: windows, deadline, rate
+//!   share, arbitration), decide which of them start or time out (`rollout::decide` within the
+//!   shard's assignment), let the engine
+//!   act, and report the shard's progress in its `CampaignShard` (at most once a second, only when
+//!   it changed);
+//! - as **coordinator** (holder of the leader Lease): fix the expiry and the campaign's seed before
+//!   any shard starts, add the shards' reports up (`coordinate`, pure) into the campaign's phase,
+//!   counts, wave and each shard's assignment, write the status by server-side apply at most once a
+//!   second and only when it changed, publish Events, label Devices that carry no bucket label, and
+//!   on delete clear the campaign's retained MQTT messages (finalizer).
+//!
+//! Passes are woken by the campaign, its shards' reports, the shards' Devices and the engine (a
+//! device finished), at most four times a second per campaign (`throttle`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -24,11 +36,14 @@ use kube::{Api, Client, Resource, ResourceExt};
 use sealed_ota_protocol::{
     Action, CampaignPayload, CampaignSpec, ManagerConfig, PreparedCampaign, RotationMode,
 };
+use tokio::sync::{mpsc, watch};
+use zeroize::Zeroizing;
 
 use crate::arbitration::{Contender, Standing};
+use crate::coordinate::{coordinate, rate_share, shard_params, shard_report, CoordinateInput};
 use crate::crd::{
-    CampaignPhase, Device, DeviceFailure, DevicePhase, RotationModeSpec, UpdateCampaign,
-    UpdateCampaignStatus, WaitingStatus, FINALIZER,
+    CampaignPhase, Device, DeviceCampaignStatus, DeviceFailure, DevicePhase, RotationModeSpec,
+    UpdateCampaign, UpdateCampaignStatus, WaitingStatus, FINALIZER,
 };
 use crate::engine::{Engine, FIELD_MANAGER};
 use crate::error::Error;
@@ -37,22 +52,46 @@ use crate::inputs;
 use crate::mqtt::ConnState;
 use crate::plan::{self, PassInput, Wake};
 use crate::policy::{self, up_to_date, PolicyInput};
-use crate::ramp::StartLog;
+use crate::ramp::{Rate, StartLog};
 use crate::reasons::BlockerReason;
 use crate::rollout::{decide, wave_cutoffs, DecideInput, Progress, RolloutParams};
-use crate::runs::{clear_retained, CampaignKey, CampaignRun};
+use crate::runs::{clear_retained, CampaignKey, CampaignRun, Plan};
 use crate::schedule::Calendar;
+use crate::shard_crd::{report_name, CampaignShard, CampaignShardSpec, CAMPAIGN_LABEL};
+use crate::shards::{relabel, unlabelled_selector, ShardCount, BUCKET_LABEL};
 use crate::status::{compute, Blocker, StatusInput};
+use crate::throttle::{Offer, Throttle};
 use crate::time::{k8s_time, unix_now, unix_secs};
+use crate::AbortOnDrop;
 use crate::{preview, prometheus};
 
-/// What the controller remembers per campaign between passes (one place for all of it).
+/// How this replica takes part in campaigns.
+#[derive(Clone, Debug)]
+pub struct Role {
+    /// Manager id (the manager certificate's CN).
+    pub manager_id: String,
+    /// This replica's identity (Leases, Events, reports).
+    pub identity: String,
+    /// Shards of the deployment.
+    pub shards: ShardCount,
+    /// Shards whose Lease this replica holds.
+    pub held: watch::Receiver<BTreeSet<u32>>,
+    /// Whether this replica holds the leader Lease (the coordinator).
+    pub coordinating: watch::Receiver<bool>,
+}
+
+/// At most this many passes of one campaign per second (see `throttle`).
+const PASS_INTERVAL: Duration = Duration::from_millis(250);
+/// A shard's report and the campaign's status are written at most this often.
+const WRITE_INTERVAL: Duration = Duration::from_secs(1);
+/// A running campaign is looked at again at least this often (a safety net: events wake it).
+const SAFETY_WAKE: Duration = Duration::from_secs(5);
+
+/// What the coordinator remembers per campaign between passes (one place for all of it).
 #[derive(Debug, Default)]
 struct Memo {
     /// The status last written and when (the once-a-second limit, and skipping unchanged writes).
     written: Option<(Instant, UpdateCampaignStatus)>,
-    /// The uid whose leftovers this process cleared (an ended campaign's retained messages).
-    cleaned: Option<String>,
     /// Consecutive reconcile errors (backoff of the error policy).
     errors: u32,
     /// Consecutive passes blocked by the same transient blocker (its retry backoff).
@@ -61,21 +100,60 @@ struct Memo {
     /// the running totals of both: kept here, not added to the last written status, so a pass whose
     /// status write is held back by the rate limit loses no count.
     members: Option<Members>,
-    /// Starts of the last minute (the rate).
-    starts: StartLog,
     /// A dry run's prepared payload size: (uid, bytes of the encrypted chunks).
     planned: Option<(String, u64)>,
+}
+
+/// What a shard pass remembers per campaign between passes.
+#[derive(Debug, Default)]
+struct ShardMemo {
+    /// The report last written and when.
+    reported: Option<(Instant, CampaignShardSpec)>,
+    /// The selected Devices, kept until the shard's Devices or the campaign's spec change.
+    selection: Option<Selection>,
+    /// The uid whose leftovers this process cleared for the shard (an ended campaign's retained
+    /// messages).
+    cleaned: Option<String>,
+    /// The shard's starts of the last minute (its share of the rate).
+    starts: StartLog,
+}
+
+/// The Devices of a shard a campaign selects, sorted by name (the wave order).
+#[derive(Debug)]
+struct Selection {
+    epoch: u64,
+    generation: Option<i64>,
+    devices: Arc<Vec<Arc<Device>>>,
+}
+
+/// The Devices of one held shard: a reflector selecting the shard's buckets.
+struct ShardDevices {
+    store: Store<Device>,
+    /// Bumped when a Device of the shard comes, goes, or changes its labels or spec.
+    epoch: Arc<AtomicU64>,
+    /// The first list is in.
+    ready: Arc<AtomicBool>,
+    _reflector: AbortOnDrop<()>,
 }
 
 /// Shared state of one controller (one watched namespace, or all).
 struct Ctx {
     client: Client,
     engine: Arc<Engine>,
-    manager_id: String,
+    role: Role,
+    namespace: Option<String>,
     recorder: Recorder,
-    devices: Store<Device>,
+    shard_devices: Mutex<BTreeMap<u32, ShardDevices>>,
+    reports: Store<CampaignShard>,
     campaigns: Store<UpdateCampaign>,
     memo: Mutex<HashMap<CampaignKey, Memo>>,
+    shard_memo: Mutex<HashMap<(CampaignKey, u32), ShardMemo>>,
+    /// Requests to reconcile a campaign (throttled before they reach the controller).
+    wake: mpsc::UnboundedSender<ObjectRef<UpdateCampaign>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Late joiners and leavers of one campaign, as this process saw them.
@@ -92,8 +170,31 @@ struct Members {
 
 impl Ctx {
     fn memo<T>(&self, key: &CampaignKey, f: impl FnOnce(&mut Memo) -> T) -> T {
-        let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
-        f(memo.entry(key.clone()).or_default())
+        f(lock(&self.memo).entry(key.clone()).or_default())
+    }
+
+    fn shard_memo<T>(
+        &self,
+        key: &CampaignKey,
+        shard: u32,
+        f: impl FnOnce(&mut ShardMemo) -> T,
+    ) -> T {
+        f(lock(&self.shard_memo)
+            .entry((key.clone(), shard))
+            .or_default())
+    }
+
+    fn coordinating(&self) -> bool {
+        *self.role.coordinating.borrow()
+    }
+
+    /// Wake every campaign selecting `device` (or every campaign).
+    fn wake_selecting(&self, device: Option<&Device>) {
+        for c in self.campaigns.state() {
+            if device.is_none_or(|d| selects(&c, d)) {
+                let _ = self.wake.send(ObjectRef::from_obj(&*c));
+            }
+        }
     }
 }
 
@@ -138,81 +239,317 @@ fn references_config_map(c: &UpdateCampaign, name: &str) -> bool {
         .is_some_and(|r| r.name == name)
 }
 
+/// Device objects as the shard reflectors keep them: without managed fields and without the
+/// receipt (a kilobyte and a half of base64 that no decision reads; the apiserver keeps it).
+fn slim(d: &mut Device) {
+    d.managed_fields_mut().clear();
+    if let Some(c) = d.status.as_mut().and_then(|s| s.campaign.as_mut()) {
+        c.receipt = None;
+    }
+}
+
+/// Labels a Device with its bucket (a merge patch of one label).
+async fn label_bucket(client: &Client, d: &Device, bucket: &str) {
+    let (Some(ns), Some(name)) = (d.metadata.namespace.as_deref(), d.metadata.name.as_deref())
+    else {
+        return;
+    };
+    let patch = serde_json::json!({"metadata": {"labels": {BUCKET_LABEL: bucket}}});
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    if let Err(e) = Api::<Device>::namespaced(client.clone(), ns)
+        .patch(name, &pp, &Patch::Merge(&patch))
+        .await
+    {
+        tracing::warn!(device = %name, error = %e, "cannot label the device with its bucket");
+    }
+}
+
+/// Keep shard `shard`'s Devices: a reflector over its buckets, whose events bump the shard's epoch
+/// (a Device came, went, or changed labels or spec), relabel Devices whose bucket label is wrong,
+/// and wake the campaigns that select the Device.
+fn shard_reflector(ctx: &Arc<Ctx>, shard: u32) -> ShardDevices {
+    let (store, writer) = reflector::store();
+    let epoch = Arc::new(AtomicU64::new(0));
+    let ready = Arc::new(AtomicBool::new(false));
+    let mut config = watcher::Config::default();
+    if let Some(selector) = ctx.role.shards.selector(shard) {
+        config = config.labels(&selector);
+    }
+    let stream = reflector(
+        writer,
+        watcher(api::<Device>(&ctx.client, ctx.namespace.as_deref()), config).modify(slim),
+    )
+    .default_backoff();
+    let task = {
+        let (ctx, epoch, ready) = (Arc::downgrade(ctx), epoch.clone(), ready.clone());
+        tokio::spawn(async move {
+            // What the epoch depends on, per Device: its generation and labels.
+            let mut seen: HashMap<String, (Option<i64>, u64)> = HashMap::new();
+            let fingerprint = |d: &Device| {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                d.metadata.labels.hash(&mut h);
+                (d.metadata.generation, h.finish())
+            };
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                let Some(ctx) = ctx.upgrade() else { return };
+                match event {
+                    Ok(watcher::Event::Apply(d)) | Ok(watcher::Event::InitApply(d)) => {
+                        let key = d.name_any();
+                        let now = fingerprint(&d);
+                        if seen.insert(key, now) != Some(now) {
+                            epoch.fetch_add(1, Ordering::Release);
+                        }
+                        if ctx.role.shards.get() > 1 {
+                            if let Some(bucket) =
+                                relabel(&d.device_id(), d.metadata.labels.as_ref())
+                            {
+                                let client = ctx.client.clone();
+                                tokio::spawn(
+                                    async move { label_bucket(&client, &d, &bucket).await },
+                                );
+                                continue;
+                            }
+                        }
+                        if ready.load(Ordering::Acquire) {
+                            ctx.wake_selecting(Some(&d));
+                        }
+                    }
+                    Ok(watcher::Event::Delete(d)) => {
+                        seen.remove(&d.name_any());
+                        epoch.fetch_add(1, Ordering::Release);
+                        ctx.wake_selecting(Some(&d));
+                    }
+                    Ok(watcher::Event::Init) => {
+                        seen.clear();
+                        epoch.fetch_add(1, Ordering::Release);
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        epoch.fetch_add(1, Ordering::Release);
+                        ready.store(true, Ordering::Release);
+                        ctx.wake_selecting(None);
+                    }
+                    Err(e) => tracing::debug!(shard, error = %e, "shard device watch"),
+                }
+            }
+        })
+    };
+    ShardDevices {
+        store,
+        epoch,
+        ready,
+        _reflector: AbortOnDrop(task),
+    }
+}
+
+/// Follow the shards this replica holds: a reflector per held shard, started when its Lease is
+/// taken and stopped when it is lost; every campaign is woken when the set changes.
+async fn follow_shards(ctx: Arc<Ctx>) {
+    let mut held = ctx.role.held.clone();
+    loop {
+        let now: BTreeSet<u32> = held.borrow_and_update().clone();
+        {
+            let mut shard_devices = lock(&ctx.shard_devices);
+            shard_devices.retain(|k, _| now.contains(k));
+            for &k in &now {
+                shard_devices
+                    .entry(k)
+                    .or_insert_with(|| shard_reflector(&ctx, k));
+            }
+        }
+        lock(&ctx.shard_memo).retain(|(_, k), _| now.contains(k));
+        ctx.wake_selecting(None);
+        if held.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// While coordinating (and with more than one shard), label the Devices that carry no bucket label
+/// (or a wrong one): no shard reflector sees them until they do.
+async fn label_unlabelled(ctx: Arc<Ctx>) {
+    if ctx.role.shards.get() == 1 {
+        return;
+    }
+    let mut coordinating = ctx.role.coordinating.clone();
+    loop {
+        if !*coordinating.borrow_and_update() {
+            if coordinating.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let config = watcher::Config::default().labels(&unlabelled_selector());
+        let stream = watcher(api::<Device>(&ctx.client, ctx.namespace.as_deref()), config)
+            .default_backoff()
+            .applied_objects();
+        futures::pin_mut!(stream);
+        loop {
+            tokio::select! {
+                next = stream.next() => match next {
+                    Some(Ok(d)) => {
+                        if let Some(bucket) = relabel(&d.device_id(), d.metadata.labels.as_ref()) {
+                            label_bucket(&ctx.client, &d, &bucket).await;
+                        }
+                    }
+                    Some(Err(e)) => tracing::debug!(error = %e, "unlabelled device watch"),
+                    None => break,
+                },
+                changed = coordinating.changed() => {
+                    if changed.is_err() { return; }
+                    if !*coordinating.borrow() { break; }
+                }
+            }
+        }
+    }
+}
+
+/// Pass campaign wake-ups on to the controller, at most one per campaign per [`PASS_INTERVAL`].
+async fn throttle_wakes(
+    mut input: mpsc::UnboundedReceiver<ObjectRef<UpdateCampaign>>,
+    output: mpsc::UnboundedSender<ObjectRef<UpdateCampaign>>,
+) {
+    let mut throttle = Throttle::new(PASS_INTERVAL);
+    let (fired_tx, mut fired) = mpsc::unbounded_channel::<ObjectRef<UpdateCampaign>>();
+    let mut pruned = Instant::now();
+    loop {
+        tokio::select! {
+            next = input.recv() => {
+                let Some(r) = next else { return };
+                match throttle.offer(&r, Instant::now()) {
+                    Offer::Now => {
+                        if output.send(r).is_err() { return; }
+                    }
+                    Offer::Later(after) => {
+                        let fired_tx = fired_tx.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(after).await;
+                            let _ = fired_tx.send(r);
+                        });
+                    }
+                    Offer::Folded => {}
+                }
+            }
+            Some(r) = fired.recv() => {
+                throttle.fire(&r, Instant::now());
+                if output.send(r).is_err() { return; }
+            }
+        }
+        if pruned.elapsed() > Duration::from_secs(60) {
+            throttle.prune(Instant::now());
+            pruned = Instant::now();
+        }
+    }
+}
+
 /// Run the controller for one namespace (`None`: all namespaces) until the future is dropped.
+/// `finished` carries the campaigns whose device finished (from the engine).
 pub async fn run(
     client: Client,
     namespace: Option<String>,
     engine: Arc<Engine>,
-    manager_id: String,
-    instance: String,
+    role: Role,
+    mut finished: mpsc::UnboundedReceiver<CampaignKey>,
 ) {
     let ns = namespace.as_deref();
-    let (device_store, writer) = reflector::store();
-    let device_reflector = reflector(
-        writer,
-        watcher(api::<Device>(&client, ns), watcher::Config::default()),
+    let (wake_tx, wake_rx) = mpsc::unbounded_channel();
+    let (trigger_tx, mut trigger_rx) = mpsc::unbounded_channel();
+    let (report_store, report_writer) = reflector::store();
+    let reports = reflector(
+        report_writer,
+        watcher(
+            api::<CampaignShard>(&client, ns),
+            watcher::Config::default(),
+        ),
     )
     .default_backoff()
-    .touched_objects()
-    .for_each(|_| futures::future::ready(()));
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "sealed-ota-operator".into(),
-            instance: Some(instance),
-        },
-    );
+    .touched_objects();
     let controller = Controller::new(
         api::<UpdateCampaign>(&client, ns),
         watcher::Config::default(),
     );
     let campaigns = controller.store();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "sealed-ota-operator".into(),
+            instance: Some(role.identity.clone()),
+        },
+    );
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         engine,
-        manager_id,
+        role,
+        namespace: namespace.clone(),
         recorder,
-        devices: device_store,
-        campaigns: campaigns.clone(),
+        shard_devices: Mutex::new(BTreeMap::new()),
+        reports: report_store,
+        campaigns,
         memo: Mutex::new(HashMap::new()),
+        shard_memo: Mutex::new(HashMap::new()),
+        wake: wake_tx.clone(),
     });
-    let (c1, c2, c3) = (campaigns.clone(), campaigns.clone(), campaigns);
+    let _shards = AbortOnDrop(tokio::spawn(follow_shards(ctx.clone())));
+    let _labeller = AbortOnDrop(tokio::spawn(label_unlabelled(ctx.clone())));
+    let _throttle = AbortOnDrop(tokio::spawn(throttle_wakes(wake_rx, trigger_tx)));
+    let _finished = {
+        let wake = wake_tx.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            while let Some((ns, name)) = finished.recv().await {
+                let _ = wake.send(ObjectRef::new(&name).within(&ns));
+            }
+        }))
+    };
+    let _coordinating = {
+        let ctx = ctx.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            let mut coordinating = ctx.role.coordinating.clone();
+            while coordinating.changed().await.is_ok() {
+                ctx.wake_selecting(None);
+            }
+        }))
+    };
+    let reports = {
+        let wake = wake_tx.clone();
+        reports.for_each(move |r| {
+            if let Ok(r) = r {
+                if let Some(ns) = r.namespace() {
+                    let _ = wake.send(ObjectRef::new(&r.spec.campaign).within(&ns));
+                }
+            }
+            futures::future::ready(())
+        })
+    };
     let controller = controller
-        .watches(
-            api::<Device>(&client, ns),
-            watcher::Config::default(),
-            move |d| {
-                c1.state()
-                    .into_iter()
-                    .filter(|c| selects(c, &d))
-                    .map(|c| ObjectRef::from_obj(&*c))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .watches(
-            api::<Secret>(&client, ns),
-            watcher::Config::default(),
+        .watches(api::<Secret>(&client, ns), watcher::Config::default(), {
+            let campaigns = ctx.campaigns.clone();
             move |s| {
                 let name = s.name_any();
-                c2.state()
+                campaigns
+                    .state()
                     .into_iter()
                     .filter(|c| c.namespace() == s.namespace() && references_secret(c, &name))
                     .map(|c| ObjectRef::from_obj(&*c))
                     .collect::<Vec<_>>()
-            },
-        )
-        .watches(
-            api::<ConfigMap>(&client, ns),
-            watcher::Config::default(),
+            }
+        })
+        .watches(api::<ConfigMap>(&client, ns), watcher::Config::default(), {
+            let campaigns = ctx.campaigns.clone();
             move |m| {
                 let name = m.name_any();
-                c3.state()
+                campaigns
+                    .state()
                     .into_iter()
                     .filter(|c| c.namespace() == m.namespace() && references_config_map(c, &name))
                     .map(|c| ObjectRef::from_obj(&*c))
                     .collect::<Vec<_>>()
-            },
-        )
+            }
+        })
+        .reconcile_on(futures::stream::poll_fn(move |cx| trigger_rx.poll_recv(cx)))
         .run(reconcile, error_policy, ctx)
         .for_each(|r| {
             if let Err(e) = r {
@@ -220,7 +557,7 @@ pub async fn run(
             }
             futures::future::ready(())
         });
-    futures::join!(device_reflector, controller);
+    futures::join!(reports, controller);
 }
 
 fn error_policy(c: Arc<UpdateCampaign>, e: &Error, ctx: Arc<Ctx>) -> Requeue {
@@ -248,15 +585,25 @@ async fn reconcile(c: Arc<UpdateCampaign>, ctx: Arc<Ctx>) -> Result<Requeue, Err
     ctx.engine.metrics.reconciliations.inc();
     let ns = c.namespace().ok_or(Error::MissingMetadata("namespace"))?;
     let key = key_of(&c)?;
-    let api: Api<UpdateCampaign> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, FINALIZER, c, |ev| async {
-        match ev {
-            FinalizerEvent::Apply(c) => apply(c, &ctx).await,
-            FinalizerEvent::Cleanup(c) => cleanup(c, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    let result = if ctx.coordinating() {
+        let api: Api<UpdateCampaign> = Api::namespaced(ctx.client.clone(), &ns);
+        finalizer(&api, FINALIZER, c, |ev| async {
+            match ev {
+                FinalizerEvent::Apply(c) => apply(c, &ctx).await,
+                FinalizerEvent::Cleanup(c) => cleanup(c, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
+    } else if c.metadata.deletion_timestamp.is_some() {
+        // The coordinator clears what the campaign left retained; this replica forgets its part.
+        ctx.engine
+            .remove_run(&key)
+            .await
+            .map(|()| Requeue::await_change())
+    } else {
+        apply(c, &ctx).await
+    };
     if result.is_ok() {
         ctx.memo(&key, |m| m.errors = 0);
     }
@@ -286,43 +633,48 @@ fn key_of(c: &UpdateCampaign) -> Result<CampaignKey, Error> {
     ))
 }
 
-/// What validation of the campaign's own spec found (pure).
-struct Validated {
-    /// Selected Devices sorted by name (the wave order).
-    selected: Vec<Arc<Device>>,
-    /// Rollout parameters (the defaults when the spec's do not parse: then `blocker` says so).
-    params: RolloutParams,
-    /// The campaign's schedule (always open when it does not parse: then `blocker` says so).
-    calendar: Calendar,
-    /// The first problem found.
-    blocker: Option<Blocker>,
+/// When to look at the campaign again: the earliest of the wishes (`None` is "only on a change").
+fn earliest(wakes: impl IntoIterator<Item = Option<Duration>>) -> Requeue {
+    match wakes.into_iter().flatten().min() {
+        Some(d) => Requeue::requeue(d.max(Duration::from_millis(100))),
+        None => Requeue::await_change(),
+    }
 }
 
-/// Validate the selector and the rollout (pure over the Device store's snapshot). Selecting
-/// compares and sorts in place rather than cloning names and labels: it runs on every pass.
-fn validate(c: &UpdateCampaign, store: &Store<Device>) -> Validated {
-    let mut blocker = None;
-    let selected = match Selector::try_from(c.spec.selector.clone()) {
-        Ok(selector) => {
-            let ns = &c.metadata.namespace;
-            let mut devices: Vec<_> = store
-                .state()
-                .into_iter()
-                .filter(|d| {
-                    &d.metadata.namespace == ns && selector.matches(ResourceExt::labels(&**d))
-                })
-                .collect();
-            devices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-            devices
-        }
-        Err(e) => {
-            blocker = Some(Blocker {
-                reason: BlockerReason::InvalidSelector,
-                message: format!("spec.selector is not a valid label selector: {e}"),
-            });
-            Vec::new()
-        }
-    };
+#[tracing::instrument(skip_all, fields(namespace = %c.namespace().unwrap_or_default(), campaign = %c.name_any()))]
+async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
+    if ctx.role.shards == ShardCount::ONE {
+        // One shard: the coordinator holds it too (see `run` in lib.rs) and runs the whole pass.
+        return match shard_view(ctx, 0) {
+            Some((store, _)) if ctx.coordinating() => single_pass(&c, &store, ctx).await,
+            // Its Devices are still being listed: the reflector wakes the campaign when they are in.
+            _ => Ok(Requeue::await_change()),
+        };
+    }
+    let mut status = c.status.clone().unwrap_or_default();
+    let mut wakes = Vec::new();
+    if ctx.coordinating() {
+        let (coordinated, wake) = coordinator_pass(&c, ctx).await?;
+        status = coordinated;
+        wakes.push(wake);
+    }
+    let held: Vec<u32> = ctx.role.held.borrow().iter().copied().collect();
+    for shard in held {
+        wakes.push(shard_pass(&c, &status, shard, ctx).await?);
+    }
+    Ok(earliest(wakes))
+}
+
+/// What validation of the campaign's own spec found (pure): its rollout parameters and schedule
+/// (the defaults, always open, when they do not parse: then the blocker says so) and the first
+/// problem.
+fn validate_spec(c: &UpdateCampaign) -> (RolloutParams, Calendar, Option<Blocker>) {
+    let mut blocker = Selector::try_from(c.spec.selector.clone())
+        .err()
+        .map(|e| Blocker {
+            reason: BlockerReason::InvalidSelector,
+            message: format!("spec.selector is not a valid label selector: {e}"),
+        });
     let params = RolloutParams::from_spec(&c.spec.rollout).unwrap_or_else(|e| {
         blocker.get_or_insert(Blocker {
             reason: BlockerReason::InvalidRollout,
@@ -337,6 +689,88 @@ fn validate(c: &UpdateCampaign, store: &Store<Device>) -> Validated {
         });
         Calendar::always()
     });
+    (params, calendar, blocker)
+}
+
+/// The Devices of shard `shard` the campaign selects, sorted by name (the wave order): from the
+/// shard's reflector, recomputed only when its Devices or the campaign's spec changed.
+fn selection(
+    c: &UpdateCampaign,
+    key: &CampaignKey,
+    shard: u32,
+    view: (&Store<Device>, u64),
+    ctx: &Ctx,
+) -> Arc<Vec<Arc<Device>>> {
+    let (store, epoch) = view;
+    let generation = c.metadata.generation;
+    if let Some(cached) = ctx.shard_memo(key, shard, |m| {
+        m.selection
+            .as_ref()
+            .filter(|s| s.epoch == epoch && s.generation == generation)
+            .map(|s| s.devices.clone())
+    }) {
+        return cached;
+    }
+    let devices = match Selector::try_from(c.spec.selector.clone()) {
+        Ok(selector) => {
+            let shards = ctx.role.shards;
+            let mut devices: Vec<_> = store
+                .state()
+                .into_iter()
+                .filter(|d| {
+                    d.metadata.namespace == c.metadata.namespace
+                        && selector.matches(ResourceExt::labels(&**d))
+                        && (shards.get() == 1 || shards.of_device(&d.device_id()) == shard)
+                })
+                .collect();
+            devices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+            Arc::new(devices)
+        }
+        Err(_) => Arc::new(Vec::new()),
+    };
+    ctx.shard_memo(key, shard, |m| {
+        m.selection = Some(Selection {
+            epoch,
+            generation,
+            devices: devices.clone(),
+        })
+    });
+    devices
+}
+
+/// What validation of a campaign found in the single-replica mode (pure).
+#[derive(Debug)]
+pub struct Validated {
+    /// Selected Devices sorted by name (the wave order).
+    pub selected: Vec<Arc<Device>>,
+    /// Rollout parameters (the defaults when the spec's do not parse: then `blocker` says so).
+    pub params: RolloutParams,
+    /// The campaign's schedule (always open when it does not parse: then `blocker` says so).
+    pub calendar: Calendar,
+    /// The first problem found.
+    pub blocker: Option<Blocker>,
+}
+
+/// Validate the selector and the rollout (pure over a snapshot of the Devices; also the CLI's
+/// `campaign plan`, see [`crate::preview::preview`]). Selecting compares and sorts in place
+/// rather than cloning names and labels: it runs on every pass.
+pub fn validate(c: &UpdateCampaign, devices: Vec<Arc<Device>>) -> Validated {
+    let (params, calendar, blocker) = validate_spec(c);
+    let selected = match Selector::try_from(c.spec.selector.clone()) {
+        Ok(selector) => {
+            let ns = &c.metadata.namespace;
+            let mut devices: Vec<_> = devices
+                .into_iter()
+                .filter(|d| {
+                    &d.metadata.namespace == ns && selector.matches(ResourceExt::labels(&**d))
+                })
+                .collect();
+            devices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+            devices
+        }
+        // validate_spec names the selector's problem.
+        Err(_) => Vec::new(),
+    };
     Validated {
         selected,
         params,
@@ -360,8 +794,17 @@ fn rivals_of(
             Some(CampaignPhase::Progressing | CampaignPhase::Paused)
         ) || key_of(o).is_ok_and(|k| engine.has_run(&k, &o.uid().unwrap_or_default()))
     };
+    rivals(c, campaigns.state(), running)
+}
+
+/// The campaigns among `campaigns` that compete with `c` for its devices (same namespace, not
+/// finished, not dry runs, not aborted, and `running`), with their selectors (pure).
+pub fn rivals(
+    c: &UpdateCampaign,
+    campaigns: Vec<Arc<UpdateCampaign>>,
+    running: impl Fn(&UpdateCampaign) -> bool,
+) -> Vec<(Arc<UpdateCampaign>, Selector)> {
     campaigns
-        .state()
         .into_iter()
         .filter(|o| {
             o.namespace() == c.namespace()
@@ -378,8 +821,69 @@ fn rivals_of(
         .collect()
 }
 
+/// The devices one pass decides for (the whole fleet with one shard, a held shard's with
+/// several) and what the policy weighs them against.
+struct PolicyScope<'a> {
+    /// Shard index (its start log keeps the rate).
+    shard: u32,
+    /// The scope's selected Devices, in wave order.
+    selected: &'a [Arc<Device>],
+    /// Their progress before this pass.
+    progress: &'a [Progress],
+    /// The campaign's schedule (validated).
+    calendar: &'a Calendar,
+    /// The campaign's status as stored (with several shards: as the coordinator wrote it).
+    previous: &'a UpdateCampaignStatus,
+    /// The scope's share of the rate when it is one shard of several (`coordinate::rate_share`).
+    rate_share: Option<u32>,
+}
+
+/// The rollout policy's say over one pass (issue 15: windows, deadline, rate, arbitration with
+/// the other running campaigns), the same for one shard or several: `policy::assess` over the
+/// scope's devices, with the scope's own start log.
+fn policy_of(
+    c: &UpdateCampaign,
+    key: &CampaignKey,
+    ctx: &Ctx,
+    scope: &PolicyScope<'_>,
+    now: u64,
+) -> policy::PolicyDecision {
+    let others = rivals_of(c, &ctx.campaigns, &ctx.engine);
+    let rivals: Vec<Vec<(Contender<'_>, Standing)>> = if others.is_empty() {
+        Vec::new()
+    } else {
+        scope
+            .selected
+            .iter()
+            .map(|d| {
+                others
+                    .iter()
+                    .filter(|(_, sel)| sel.matches(ResourceExt::labels(&**d)))
+                    .map(|(o, _)| (contender(o), standing(o, d, &ctx.engine)))
+                    .collect()
+            })
+            .collect()
+    };
+    ctx.shard_memo(key, scope.shard, |m| {
+        policy::assess(
+            &PolicyInput {
+                now,
+                spec: &c.spec,
+                me: contender(c),
+                devices: scope.selected,
+                progress: scope.progress,
+                rivals: &rivals,
+                calendar: scope.calendar,
+                previous: scope.previous,
+                rate_share: scope.rate_share,
+            },
+            &mut m.starts,
+        )
+    })
+}
+
 /// A campaign as arbitration ranks it.
-fn contender(c: &UpdateCampaign) -> Contender<'_> {
+pub fn contender(c: &UpdateCampaign) -> Contender<'_> {
     Contender {
         name: c.metadata.name.as_deref().unwrap_or_default(),
         priority: c.spec.priority,
@@ -399,21 +903,30 @@ fn contender(c: &UpdateCampaign) -> Contender<'_> {
 fn standing(o: &UpdateCampaign, device: &Device, engine: &Engine) -> Standing {
     let uid = o.uid().unwrap_or_default();
     let name = device.name_any();
-    let record = device
-        .status
-        .as_ref()
-        .and_then(|s| s.campaign.as_ref())
-        .filter(|r| r.uid == uid);
-    let recorded_done =
-        record.is_some_and(|r| matches!(r.phase, DevicePhase::Succeeded | DevicePhase::Failed));
     if let Ok(key) = key_of(o) {
+        let recorded_done = record_of(device, &uid)
+            .is_some_and(|r| matches!(r.phase, DevicePhase::Succeeded | DevicePhase::Failed));
         match engine.standing(&key, &uid, &name) {
             Some(p) if p.is_terminal() && recorded_done => return Standing::Done,
             Some(Progress::NotStarted) | None => {}
             Some(_) => return Standing::Started,
         }
     }
-    match record.map(|r| r.phase) {
+    recorded_standing(o, device)
+}
+
+/// What `device`'s status records about the campaign with `uid`, if it is the last one there.
+fn record_of<'a>(device: &'a Device, uid: &str) -> Option<&'a DeviceCampaignStatus> {
+    device
+        .status
+        .as_ref()
+        .and_then(|s| s.campaign.as_ref())
+        .filter(|r| r.uid == uid)
+}
+
+/// Where `device` stands in the other campaign `o` by what its Device status records (pure).
+pub fn recorded_standing(o: &UpdateCampaign, device: &Device) -> Standing {
+    match record_of(device, &o.uid().unwrap_or_default()).map(|r| r.phase) {
         Some(DevicePhase::Succeeded | DevicePhase::Failed) => Standing::Done,
         Some(DevicePhase::Pending | DevicePhase::Transferring) => Standing::Started,
         Some(DevicePhase::Released) | None if up_to_date(device, &o.spec) => Standing::Done,
@@ -478,27 +991,20 @@ struct Prepared {
 
 /// Fetch and validate everything the campaign needs, and prepare it (encrypt once, chunk by
 /// chunk into the cache directory: `firmware::prepare`) with its manifests expiring at
-/// `expires_at` (fixed when the campaign was first prepared). An OCI reference is pinned to
+/// `expires_at` (fixed when the campaign was first prepared) and its content key from the
+/// campaign's `seed` (every replica prepares the same chunks). An OCI reference is pinned to
 /// `recorded_digest`, what the first preparation resolved it to.
 async fn prepare_run(
     c: &UpdateCampaign,
     ctx: &Ctx,
     expires_at: u64,
+    seed: Zeroizing<[u8; 32]>,
     recorded_digest: Option<&str>,
 ) -> Result<Result<Prepared, Blocker>, Error> {
     let ns = c.namespace().unwrap_or_default();
     let uid = c.uid().ok_or(Error::MissingMetadata("uid"))?;
     let spec = &c.spec;
-    let Some(secret) = get_opt::<Secret>(&ctx.client, &ns, &spec.manager_secret_name).await? else {
-        return Ok(Err(Blocker {
-            reason: BlockerReason::ManagerSecretMissing,
-            message: format!(
-                "Secret {} (spec.managerSecretName) not found in namespace {ns}: create a kubernetes.io/tls Secret with tls.crt, tls.key (manager certificate with CN {}) and ca.crt",
-                spec.manager_secret_name, ctx.manager_id
-            ),
-        }));
-    };
-    let (identity, trust) = match inputs::manager_identity(&secret, &ctx.manager_id) {
+    let (identity, trust) = match manager_identity(c, ctx).await? {
         Ok(v) => v,
         Err(b) => return Ok(Err(b)),
     };
@@ -515,6 +1021,10 @@ async fn prepare_run(
             fw,
             spec.chunk_size,
             recorded_digest,
+            crate::firmware::Seed {
+                seed: &seed,
+                target_version: &spec.target_version,
+            },
         )
         .await?
         {
@@ -602,31 +1112,363 @@ async fn prepare_run(
     Ok(Ok(Prepared { run, oci_digest }))
 }
 
-/// The failed devices of this pass with what their Device status says about it (pure).
-fn failures(selected: &[Arc<Device>], progress: &[Progress], uid: &str) -> Vec<DeviceFailure> {
-    selected
-        .iter()
-        .zip(progress)
-        .filter_map(|(d, p)| match p {
-            Progress::Failed { reason } => Some(DeviceFailure {
-                device: d.name_any(),
-                reason: reason.as_str().to_owned(),
-                message: d
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.campaign.as_ref())
-                    .filter(|r| r.uid == uid && r.phase == DevicePhase::Failed)
-                    .and_then(|r| r.message.clone())
-                    .unwrap_or_else(|| reason.as_str().to_owned()),
-            }),
-            _ => None,
-        })
-        .collect()
+/// The manager identity (and the CA it trusts) of the campaign's manager Secret, or what is wrong
+/// with it.
+async fn manager_identity(
+    c: &UpdateCampaign,
+    ctx: &Ctx,
+) -> Result<
+    Result<
+        (
+            sealed_ota_protocol::Identity,
+            sealed_ota_protocol::TrustAnchor,
+        ),
+        Blocker,
+    >,
+    Error,
+> {
+    let ns = c.namespace().unwrap_or_default();
+    let name = &c.spec.manager_secret_name;
+    Ok(match get_opt::<Secret>(&ctx.client, &ns, name).await? {
+        Some(secret) => inputs::manager_identity(&secret, &ctx.role.manager_id),
+        None => Err(Blocker {
+            reason: BlockerReason::ManagerSecretMissing,
+            message: format!(
+                "Secret {name} (spec.managerSecretName) not found in namespace {ns}: create a kubernetes.io/tls Secret with tls.crt, tls.key (manager certificate with CN {}) and ca.crt",
+                ctx.role.manager_id
+            ),
+        }),
+    })
 }
 
-#[tracing::instrument(skip_all, fields(namespace = %c.namespace().unwrap_or_default(), campaign = %c.name_any()))]
-async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
-    let key = key_of(&c)?;
+/// The campaign's content seed from its status (`status.sealedSeed`, sealed to the manager key by
+/// the coordinator): every replica derives the same content key from it.
+async fn open_seed(
+    c: &UpdateCampaign,
+    ctx: &Ctx,
+    uid: &str,
+    sealed: &str,
+) -> Result<Result<Zeroizing<[u8; 32]>, Blocker>, Error> {
+    use base64::Engine as _;
+    let identity = match manager_identity(c, ctx).await? {
+        Ok((identity, _)) => identity,
+        Err(b) => return Ok(Err(b)),
+    };
+    let seed = base64::engine::general_purpose::STANDARD
+        .decode(sealed)
+        .ok()
+        .and_then(|bytes| identity.open_sealed(uid.as_bytes(), &bytes))
+        .and_then(|seed| <[u8; 32]>::try_from(seed.as_slice()).ok())
+        .map(Zeroizing::new);
+    Ok(seed.ok_or_else(|| Blocker {
+        reason: BlockerReason::ManagerSecretInvalid,
+        message: format!(
+            "status.sealedSeed does not open with the key of Secret {} (spec.managerSecretName): the manager key changed while the campaign ran; create a new campaign",
+            c.spec.manager_secret_name
+        ),
+    }))
+}
+
+/// The reports of this campaign (this uid, this shard count), by shard index.
+fn reports_of(ctx: &Ctx, c: &UpdateCampaign, uid: &str) -> Vec<Option<CampaignShardSpec>> {
+    let shards = ctx.role.shards;
+    let mut reports = vec![None; shards.get() as usize];
+    for r in ctx.reports.state() {
+        if r.metadata.namespace == c.metadata.namespace
+            && r.spec.campaign_uid == uid
+            && r.spec.shards == shards.get()
+            && r.spec.shard < shards.get()
+        {
+            reports[r.spec.shard as usize] = Some(r.spec.clone());
+        }
+    }
+    reports
+}
+
+/// The coordinator's pass: fix the expiry and the seed before anything starts, add the shards up,
+/// write the status and the Events. Returns the status (written, or held back by the rate limit)
+/// for this replica's own shard passes, and when to wake.
+async fn coordinator_pass(
+    c: &UpdateCampaign,
+    ctx: &Ctx,
+) -> Result<(UpdateCampaignStatus, Option<Duration>), Error> {
+    let key = key_of(c)?;
+    let uid = c.uid().ok_or(Error::MissingMetadata("uid"))?;
+    let now = unix_now();
+    let previous = c.status.clone().unwrap_or_default();
+    let (params, calendar, mut blocker) = validate_spec(c);
+    // The expiry is fixed the first time the campaign is prepared and recorded on its status
+    // before any device starts; every replica then prepares with the recorded one.
+    let expires_at = previous
+        .expires_at
+        .as_ref()
+        .and_then(unix_secs)
+        .unwrap_or_else(|| now + u64::from(c.spec.expires_after_seconds));
+    let expired = now >= expires_at;
+    let stopping = previous.phase.is_terminal() || c.spec.abort;
+    let mut recorded = previous.clone();
+    if blocker.is_none() && !stopping && !expired && previous.expires_at.is_none() {
+        // First preparation: a fresh content seed, sealed to the manager key for the other
+        // replicas, and the inputs fetched and checked (the image encrypted once) before the
+        // expiry is fixed and any shard starts.
+        match manager_identity(c, ctx).await? {
+            Err(b) => blocker = Some(b),
+            Ok((identity, _)) => {
+                use base64::Engine as _;
+                let seed = Zeroizing::new(sealed_ota_protocol::crypto::random::<32>());
+                let sealed = identity.seal_to_self(uid.as_bytes(), &seed[..]);
+                match prepare_run(c, ctx, expires_at, seed, previous.oci_digest.as_deref()).await? {
+                    Ok(Prepared { run, oci_digest }) => {
+                        let facts = run.facts();
+                        tracing::info!(chunks = facts.chunk_count, expires_at, "campaign prepared");
+                        if !ctx.engine.has_run(&key, &uid) {
+                            ctx.engine.insert_run(key.clone(), run);
+                        }
+                        recorded.expires_at = Some(k8s_time(expires_at));
+                        recorded.chunk_count = Some(facts.chunk_count);
+                        recorded.release_key_id = facts.release_key_id.map(hex::encode);
+                        recorded.sealed_seed =
+                            Some(base64::engine::general_purpose::STANDARD.encode(sealed));
+                        recorded.oci_digest = oci_digest;
+                        write_status(c, &key, &recorded, ctx).await?;
+                    }
+                    Err(b) => blocker = Some(b),
+                }
+            }
+        }
+    }
+    let reports = reports_of(ctx, c, &uid);
+    let refs: Vec<Option<&CampaignShardSpec>> = reports.iter().map(Option::as_ref).collect();
+    let co = coordinate(&CoordinateInput {
+        shards: ctx.role.shards,
+        reports: &refs,
+        params: &params,
+        paused: c.spec.paused,
+        abort: c.spec.abort,
+        blocker: blocker.as_ref(),
+        previous: &recorded,
+        expired,
+        deadline_passed: calendar.deadline().is_some_and(|d| d <= now),
+    });
+    tracing::debug!(phase = ?co.phase, counts = ?co.counts, wave = co.current_wave, unreported = ?co.unreported, "coordinated");
+    let mut status = compute(StatusInput {
+        generation: c.metadata.generation,
+        phase: co.phase,
+        counts: co.counts.clone(),
+        current_wave: co.current_wave,
+        total_waves: co.total_waves,
+        chunk_count: recorded.chunk_count,
+        expires_at: recorded.expires_at.clone(),
+        expired: co.expired,
+        release_key_id: recorded.release_key_id.clone(),
+        failures: co.failures.clone(),
+        blocker: co.blocker.clone(),
+        previous: Some(&recorded),
+        now: k8s_time(now),
+        // Not yet with several shards: the rollout policy of issue 15 (README, unfinished).
+        policy: Default::default(),
+    });
+    status.shards = co.assignments.clone();
+    // Nothing prepares an ended campaign any more: its seed goes.
+    status.sealed_seed = recorded
+        .sealed_seed
+        .clone()
+        .filter(|_| !status.phase.is_terminal());
+    let events = plan::events(&recorded, &status, co.blocker.as_ref());
+    campaign_gauges(ctx, &key, &status);
+    let held_back = write_status(c, &key, &status, ctx).await?;
+    for ev in events {
+        publish_event(ctx, c, ev).await;
+    }
+    let blocked_retries = ctx.memo(&key, |m| {
+        m.blocked_retries = match &co.blocker {
+            Some(b) if b.reason.is_transient() => m.blocked_retries.saturating_add(1),
+            _ => 0,
+        };
+        m.blocked_retries
+    });
+    let wake = if status.phase.is_terminal() {
+        held_back
+    } else if let Some(b) = co.blocker.as_ref().filter(|b| b.reason.is_transient()) {
+        let _ = b;
+        Some(plan::backoff(blocked_retries).min(held_back.unwrap_or(Duration::MAX)))
+    } else {
+        Some(SAFETY_WAKE.min(held_back.unwrap_or(Duration::MAX)))
+    };
+    Ok((status, wake))
+}
+
+/// The Devices of a held shard (its reflector's store and epoch), once its first list is in.
+fn shard_view(ctx: &Ctx, shard: u32) -> Option<(Store<Device>, u64)> {
+    lock(&ctx.shard_devices)
+        .get(&shard)
+        .filter(|v| v.ready.load(Ordering::Acquire))
+        .map(|v| (v.store.clone(), v.epoch.load(Ordering::Acquire)))
+}
+
+/// One held shard's pass over the campaign: prepare (with the recorded expiry and the seed),
+/// decide for the shard's devices within its assignment, act, report. Returns when to wake.
+async fn shard_pass(
+    c: &UpdateCampaign,
+    status: &UpdateCampaignStatus,
+    shard: u32,
+    ctx: &Ctx,
+) -> Result<Option<Duration>, Error> {
+    let Some((store, epoch)) = shard_view(ctx, shard) else {
+        // Its Devices are still being listed: the reflector wakes the campaign when they are in.
+        return Ok(None);
+    };
+    let key = key_of(c)?;
+    let uid = c.uid().ok_or(Error::MissingMetadata("uid"))?;
+    let now = unix_now();
+    let Some(expires_at) = status.expires_at.as_ref().and_then(unix_secs) else {
+        // The coordinator fixes the expiry (and the seed) first; its status write wakes us.
+        return Ok(None);
+    };
+    let expired = now >= expires_at;
+    let terminal = status.phase.is_terminal() || c.spec.abort;
+    let (params, calendar, mut blocker) = validate_spec(c);
+    if blocker.is_none() && !terminal && !expired && !ctx.engine.has_run(&key, &uid) {
+        let Some(sealed) = status.sealed_seed.as_deref() else {
+            // The coordinator records the seed with the expiry; its status write wakes us.
+            return Ok(None);
+        };
+        match open_seed(c, ctx, &uid, sealed).await? {
+            Ok(seed) => {
+                match prepare_run(c, ctx, expires_at, seed, status.oci_digest.as_deref()).await? {
+                    Ok(Prepared { run, .. }) => {
+                        tracing::info!(
+                            shard,
+                            chunks = run.chunk_count(),
+                            "campaign prepared for a shard"
+                        );
+                        ctx.engine.insert_run(key.clone(), run);
+                    }
+                    Err(b) => blocker = Some(b),
+                }
+            }
+            Err(b) => blocker = Some(b),
+        }
+    }
+    let has_run = ctx.engine.has_run(&key, &uid);
+    if blocker.is_none() && !terminal {
+        if let ConnState::Down(e) = ctx.engine.mqtt.state() {
+            blocker = Some(plan::broker_blocker(&e));
+        }
+    }
+    let selected = selection(c, &key, shard, (&store, epoch), ctx);
+    let progress = ctx.engine.progress(&key, &uid, &selected);
+    let assignment = status.shards.iter().find(|a| a.shard == shard);
+    // The shard's share of the campaign's rate, ramped by the successes of every shard.
+    let rate_share = Rate::from_spec(&c.spec.rollout)
+        .per_minute(status.devices.succeeded)
+        .map(|r| rate_share(r, &status.shards, shard));
+    let policy = policy_of(
+        c,
+        &key,
+        ctx,
+        &PolicyScope {
+            shard,
+            selected: &selected,
+            progress: &progress,
+            calendar: &calendar,
+            previous: status,
+            rate_share,
+        },
+        now,
+    );
+    if blocker.is_none() {
+        blocker = policy.blocker.clone();
+    }
+    let params = shard_params(&params, assignment);
+    let decision = decide(&DecideInput {
+        now,
+        devices: &progress,
+        params: &params,
+        paused: c.spec.paused,
+        abort: c.spec.abort,
+        blocked: blocker.is_some() || expired,
+        previous_phase: status.phase,
+        previous_wave: 0,
+        eligible_limit: Some(assignment.map_or(0, |a| a.wave_end)),
+        holds: &policy.holds,
+        start_cap: policy.start_cap,
+        // Not yet with several shards: the gates of issue 15 (README, unfinished).
+        wave_limit: None,
+        deadline_passed: policy.deadline_passed,
+        policy_due: policy.due,
+    });
+    let starts =
+        decision.phase == CampaignPhase::Progressing && blocker.is_none() && !terminal && !expired;
+    let plan = Plan {
+        timed_out: decision.timed_out.clone(),
+        start: if starts {
+            decision.start.clone()
+        } else {
+            Vec::new()
+        },
+        deadline: now + params.timeout_secs,
+        end: (terminal || expired) && has_run,
+    };
+    ctx.engine.apply(&key, &uid, &selected, &plan).await?;
+    ctx.shard_memo(&key, shard, |m| m.starts.record(now, plan.start.len()));
+    if terminal && !has_run {
+        // Ended under an earlier process (or before a restart): clear what the resources say the
+        // shard may have left retained, once per process.
+        let first = ctx.shard_memo(&key, shard, |m| {
+            let first = m.cleaned.as_deref() != Some(uid.as_str());
+            m.cleaned = Some(uid.clone());
+            first
+        });
+        if first {
+            let notifies = status.phase == CampaignPhase::Succeeded;
+            ctx.engine
+                .mqtt
+                .execute(recorded_clears(c, ctx, &uid, shard, &selected, notifies))
+                .await?;
+        }
+    }
+    let report = shard_report(
+        &key.1,
+        &uid,
+        shard,
+        ctx.role.shards,
+        &ctx.role.identity,
+        &decision,
+        &progress,
+        &policy.holds,
+        failures(&selected, &progress, &uid, &store),
+        ctx.engine.device_writes_pending_in(shard) as u32,
+        has_run || terminal,
+        blocker.as_ref(),
+    );
+    let held_back = write_report(c, &key, shard, report, ctx).await?;
+    let due = decision
+        .next_due
+        .map(|t| Duration::from_secs(t.saturating_sub(now).max(1)));
+    Ok(if terminal {
+        held_back
+    } else {
+        Some(
+            [Some(SAFETY_WAKE), due, held_back]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(SAFETY_WAKE),
+        )
+    })
+}
+
+/// The single-replica pass (`--shards 1`, the default): the holder of the leader Lease drives
+/// every device with the whole rollout policy (issue 15: the policy step of every shard pass,
+/// `policy_of`, plus gates, dry run, joiners and leavers and the policy's status) over the
+/// Devices of its one shard, and writes the status itself.
+async fn single_pass(
+    c: &UpdateCampaign,
+    store: &Store<Device>,
+    ctx: &Ctx,
+) -> Result<Requeue, Error> {
+    let key = key_of(c)?;
     let uid = c.uid().ok_or(Error::MissingMetadata("uid"))?;
     let ns = key.0.clone();
     let now = unix_now();
@@ -639,7 +1481,7 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         params,
         calendar,
         mut blocker,
-    } = validate(&c, &ctx.devices);
+    } = validate(c, store.state());
     // The expiry is fixed the first time the campaign is prepared and recorded on its status
     // before any device starts; a restarted operator prepares again with the recorded one.
     let expires_at = previous
@@ -653,7 +1495,15 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
     if blocker.is_none() && !stopping && !expired && !ctx.engine.has_run(&key, &uid) {
         let planned = ctx.memo(&key, |m| m.planned.as_ref().is_some_and(|(u, _)| *u == uid));
         if !(dry_run && planned) {
-            match prepare_run(&c, ctx, expires_at, previous.oci_digest.as_deref()).await? {
+            match prepare_run(
+                c,
+                ctx,
+                expires_at,
+                Zeroizing::new(sealed_ota_protocol::crypto::random::<32>()),
+                previous.oci_digest.as_deref(),
+            )
+            .await?
+            {
                 // A dry run only learns what the payload weighs; nothing is kept or published.
                 Ok(Prepared { run, .. }) if dry_run => {
                     let bytes = run.facts().chunk_bytes;
@@ -670,7 +1520,7 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
                         let mut recorded = previous.clone();
                         recorded.expires_at = Some(k8s_time(expires_at));
                         recorded.oci_digest = oci_digest.clone();
-                        write_status(&c, &key, &recorded, ctx).await?;
+                        write_status(c, &key, &recorded, ctx).await?;
                     }
                 }
                 Err(b) => blocker = Some(b),
@@ -688,7 +1538,6 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         .iter()
         .filter_map(|d| d.metadata.name.as_deref())
         .collect();
-    let store = &ctx.devices;
     let released = ctx
         .engine
         .release(&key, &names, |n| {
@@ -723,36 +1572,20 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
 
     // policy
     let progress = ctx.engine.progress(&key, &uid, &selected);
-    let others = rivals_of(&c, &ctx.campaigns, &ctx.engine);
-    let rivals: Vec<Vec<(Contender<'_>, Standing)>> = if others.is_empty() {
-        Vec::new()
-    } else {
-        selected
-            .iter()
-            .map(|d| {
-                others
-                    .iter()
-                    .filter(|(_, sel)| sel.matches(ResourceExt::labels(&**d)))
-                    .map(|(o, _)| (contender(o), standing(o, d, &ctx.engine)))
-                    .collect()
-            })
-            .collect()
-    };
-    let policy = ctx.memo(&key, |m| {
-        policy::assess(
-            &PolicyInput {
-                now,
-                spec: &c.spec,
-                me: contender(&c),
-                devices: &selected,
-                progress: &progress,
-                rivals: &rivals,
-                calendar: &calendar,
-                previous: &previous,
-            },
-            &mut m.starts,
-        )
-    });
+    let policy = policy_of(
+        c,
+        &key,
+        ctx,
+        &PolicyScope {
+            shard: 0,
+            selected: &selected,
+            progress: &progress,
+            calendar: &calendar,
+            previous: &previous,
+            rate_share: None,
+        },
+        now,
+    );
     if blocker.is_none() {
         blocker = policy.blocker.clone();
     }
@@ -778,6 +1611,7 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         wave_limit: policy.wave_limit,
         deadline_passed: policy.deadline_passed,
         policy_due: policy.due.into_iter().chain(gate_due).min(),
+        eligible_limit: None,
     });
     tracing::debug!(phase = ?decision.phase, counts = ?decision.counts, starts = decision.start.len(), blocked = ?blocker.as_ref().map(|b| b.reason), "decided");
 
@@ -885,7 +1719,7 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         release_key_id: facts
             .map(|f| f.release_key_id.map(hex::encode))
             .unwrap_or_else(|| previous.release_key_id.clone()),
-        failures: failures(&selected, &decision.progress, &uid),
+        failures: failures(&selected, &decision.progress, &uid, store),
         blocker: blocker.clone(),
         previous: Some(&previous),
         now: k8s_time(now),
@@ -897,11 +1731,11 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
 
     // act
     ctx.engine.apply(&key, &uid, &selected, &pass.run).await?;
-    ctx.memo(&key, |m| m.starts.record(now, pass.run.start.len()));
+    ctx.shard_memo(&key, 0, |m| m.starts.record(now, pass.run.start.len()));
     if let Some(notifies) = pass.clear_recorded {
         // Ended under an earlier process (or before a restart): clear what the resources say it
         // may have left retained, once per process.
-        let first = ctx.memo(&key, |m| {
+        let first = ctx.shard_memo(&key, 0, |m| {
             let first = m.cleaned.as_deref() != Some(uid.as_str());
             m.cleaned = Some(uid.clone());
             first
@@ -909,25 +1743,14 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         if first {
             ctx.engine
                 .mqtt
-                .execute(recorded_clears(&c, ctx, &uid, notifies))
+                .execute(recorded_clears(c, ctx, &uid, 0, &selected, notifies))
                 .await?;
         }
     }
-    for (p, n) in [
-        ("pending", status.devices.pending),
-        ("in_progress", status.devices.in_progress),
-        ("succeeded", status.devices.succeeded),
-        ("failed", status.devices.failed),
-    ] {
-        ctx.engine
-            .metrics
-            .campaign_devices
-            .with_label_values(&[&key.0, &key.1, p])
-            .set(i64::from(n));
-    }
-    let held_back = write_status(&c, &key, &status, ctx).await?;
+    campaign_gauges(ctx, &key, &status);
+    let held_back = write_status(c, &key, &status, ctx).await?;
     for ev in events {
-        publish_event(ctx, &c, ev).await;
+        publish_event(ctx, c, ev).await;
     }
     let blocked_retries = ctx.memo(&key, |m| {
         m.blocked_retries = match &blocker {
@@ -963,8 +1786,105 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
     )
 }
 
-/// Server-side apply the status when it changed, at most once a second. Returns how long to wait when
-/// a changed status was held back by the rate limit.
+/// The failed devices of this pass with what their Device status says about it.
+fn failures(
+    selected: &[Arc<Device>],
+    progress: &[Progress],
+    uid: &str,
+    store: &Store<Device>,
+) -> Vec<DeviceFailure> {
+    selected
+        .iter()
+        .zip(progress)
+        .filter_map(|(d, p)| match p {
+            Progress::Failed { reason } => Some(DeviceFailure {
+                device: d.name_any(),
+                reason: reason.as_str().to_owned(),
+                // The selection may predate the Device's final write: read the store's copy.
+                message: store
+                    .get(&ObjectRef::from_obj(&**d))
+                    .and_then(|d| d.status.clone())
+                    .and_then(|s| s.campaign)
+                    .filter(|r| r.uid == uid && r.phase == DevicePhase::Failed)
+                    .and_then(|r| r.message)
+                    .unwrap_or_else(|| reason.as_str().to_owned()),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Write shard `shard`'s report by server-side apply when it changed, at most once a second, and
+/// only while this replica holds the shard. Returns how long to wait when it was held back.
+async fn write_report(
+    c: &UpdateCampaign,
+    key: &CampaignKey,
+    shard: u32,
+    report: CampaignShardSpec,
+    ctx: &Ctx,
+) -> Result<Option<Duration>, Error> {
+    let held = ctx.shard_memo(key, shard, |m| match &m.reported {
+        Some((_, last)) if *last == report => Some(None),
+        Some((at, _)) if at.elapsed() < WRITE_INTERVAL => Some(Some(WRITE_INTERVAL - at.elapsed())),
+        _ => None,
+    });
+    if let Some(wait) = held {
+        return Ok(wait);
+    }
+    if !ctx.role.held.borrow().contains(&shard) {
+        return Ok(None);
+    }
+    let uid = c.uid().unwrap_or_default();
+    let name = report_name(&key.1, &uid, shard, ctx.role.shards.get());
+    let owner = c.controller_owner_ref(&()).map(|mut o| {
+        o.controller = Some(false);
+        o
+    });
+    let object = serde_json::json!({
+        "apiVersion": "ota.sealed-ota.dev/v1alpha1",
+        "kind": "CampaignShard",
+        "metadata": {
+            "name": name,
+            "labels": {CAMPAIGN_LABEL: key.1},
+            "ownerReferences": owner.into_iter().collect::<Vec<_>>(),
+        },
+        "spec": report,
+    });
+    Api::<CampaignShard>::namespaced(ctx.client.clone(), &key.0)
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&object),
+        )
+        .await
+        .map_err(Error::kube("writing a shard report"))?;
+    ctx.engine
+        .metrics
+        .status_writes
+        .with_label_values(&["shard"])
+        .inc();
+    ctx.shard_memo(key, shard, |m| m.reported = Some((Instant::now(), report)));
+    Ok(None)
+}
+
+/// The campaign's device counts as gauges.
+fn campaign_gauges(ctx: &Ctx, key: &CampaignKey, status: &UpdateCampaignStatus) {
+    for (p, n) in [
+        ("pending", status.devices.pending),
+        ("in_progress", status.devices.in_progress),
+        ("succeeded", status.devices.succeeded),
+        ("failed", status.devices.failed),
+    ] {
+        ctx.engine
+            .metrics
+            .campaign_devices
+            .with_label_values(&[&key.0, &key.1, p])
+            .set(i64::from(n));
+    }
+}
+
+/// Server-side apply the campaign status when it changed, at most once a second. Returns how long
+/// to wait when a changed status was held back by the rate limit.
 async fn write_status(
     c: &UpdateCampaign,
     key: &CampaignKey,
@@ -973,9 +1893,7 @@ async fn write_status(
 ) -> Result<Option<Duration>, Error> {
     let held = ctx.memo(key, |m| match &m.written {
         Some((_, last)) if last == status => Some(None),
-        Some((at, _)) if at.elapsed() < Duration::from_secs(1) => {
-            Some(Some(Duration::from_secs(1) - at.elapsed()))
-        }
+        Some((at, _)) if at.elapsed() < WRITE_INTERVAL => Some(Some(WRITE_INTERVAL - at.elapsed())),
         None if c.status.as_ref() == Some(status) => Some(None),
         _ => None,
     });
@@ -1021,34 +1939,47 @@ async fn publish_event(ctx: &Ctx, c: &UpdateCampaign, ev: plan::PlannedEvent) {
     }
 }
 
-/// Clears of whatever a campaign may have left retained, from what the resources record: chunks by
-/// index (status.chunkCount) and, with `notifies`, the notify topic of the devices that recorded
-/// this campaign. Clearing an absent retained message is harmless.
-fn recorded_clears(c: &UpdateCampaign, ctx: &Ctx, uid: &str, notifies: bool) -> Vec<Action> {
+/// Clears of whatever a campaign may have left retained in one shard, from what the resources
+/// record: chunks by index (status.chunkCount; shard 0 only, they are shared) and, with
+/// `notifies`, the notify topic of the shard's devices that recorded this campaign. Clearing an
+/// absent retained message is harmless.
+fn recorded_clears(
+    c: &UpdateCampaign,
+    ctx: &Ctx,
+    uid: &str,
+    shard: u32,
+    selected: &[Arc<Device>],
+    notifies: bool,
+) -> Vec<Action> {
     let topics = &ctx.engine.topics;
     let mut actions = Vec::new();
-    if let Some(n) = c.status.as_ref().and_then(|s| s.chunk_count) {
-        actions.extend((0..n).map(|i| Action::Publish(clear_retained(topics.chunk(uid, i)))));
-    }
-    if !notifies {
-        return actions;
-    }
-    for d in ctx.devices.state() {
-        let recorded = d
-            .status
-            .as_ref()
-            .and_then(|s| s.campaign.as_ref())
-            .is_some_and(|r| r.uid == uid);
-        if recorded && d.namespace() == c.namespace() {
-            actions.push(Action::Publish(clear_retained(
-                topics.notify(&d.device_id()),
-            )));
+    if shard == 0 {
+        if let Some(n) = c.status.as_ref().and_then(|s| s.chunk_count) {
+            actions.extend((0..n).map(|i| Action::Publish(clear_retained(topics.chunk(uid, i)))));
         }
+    }
+    if notifies {
+        actions.extend(
+            selected
+                .iter()
+                .filter(|d| recorded_uid(d) == Some(uid))
+                .map(|d| Action::Publish(clear_retained(topics.notify(&d.device_id())))),
+        );
     }
     actions
 }
 
-/// Finalizer clean-up: clear the campaign's retained messages. Needs the broker; retried until done.
+fn recorded_uid(d: &Device) -> Option<&str> {
+    d.status
+        .as_ref()
+        .and_then(|s| s.campaign.as_ref())
+        .map(|r| r.uid.as_str())
+}
+
+/// Finalizer clean-up (the coordinator): clear the campaign's retained messages — its chunks and
+/// the notify topic of every Device that recorded it (listed from the apiserver in pages: this
+/// replica may hold no shard). Its shard reports go with it (owner references). Needs the broker;
+/// retried until done.
 async fn cleanup(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
     let key = key_of(&c)?;
     let uid = c.uid().unwrap_or_default();
@@ -1060,14 +1991,38 @@ async fn cleanup(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
         ));
     }
     ctx.engine.remove_run(&key).await?;
-    ctx.engine
-        .mqtt
-        .execute(recorded_clears(&c, ctx, &uid, true))
-        .await?;
-    ctx.memo
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&key);
+    let topics = &ctx.engine.topics;
+    let mut actions: Vec<Action> = c
+        .status
+        .as_ref()
+        .and_then(|s| s.chunk_count)
+        .map(|n| {
+            (0..n)
+                .map(|i| Action::Publish(clear_retained(topics.chunk(&uid, i))))
+                .collect()
+        })
+        .unwrap_or_default();
+    let devices: Api<Device> = Api::namespaced(ctx.client.clone(), &key.0);
+    let mut page = ListParams::default().limit(500);
+    loop {
+        let list = devices
+            .list(&page)
+            .await
+            .map_err(Error::kube("listing Devices to clear a campaign"))?;
+        actions.extend(
+            list.items
+                .iter()
+                .filter(|d| recorded_uid(d) == Some(uid.as_str()))
+                .map(|d| Action::Publish(clear_retained(topics.notify(&d.device_id())))),
+        );
+        match list.metadata.continue_ {
+            Some(token) if !token.is_empty() => page = page.continue_token(&token),
+            _ => break,
+        }
+    }
+    ctx.engine.mqtt.execute(actions).await?;
+    lock(&ctx.memo).remove(&key);
+    lock(&ctx.shard_memo).retain(|(k, _), _| *k != key);
     tracing::info!(campaign = %key.1, "retained messages cleared on delete");
     Ok(Requeue::await_change())
 }

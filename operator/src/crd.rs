@@ -845,6 +845,19 @@ pub struct UpdateCampaignStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub conditions: Vec<Condition>,
+    /// The shards of the fleet (operator replicas each hold some): who holds each, its devices, and
+    /// what the coordinator lets it start (its share of the current wave and of maxInFlight). At
+    /// most 64 entries, one per shard.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub shards: Vec<ShardAssignment>,
+    /// The campaign's content seed, sealed to the manager key (base64 of an ECIES box: only a
+    /// holder of the manager's private key opens it): every replica derives the same content key
+    /// from it, so all publish the same encrypted chunks. Set when the campaign is first prepared,
+    /// removed when it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub sealed_seed: Option<String>,
     /// What the campaign waits for when its policy holds devices back (NotBefore, OutsideWindow,
     /// RateLimited, Gate, HeldByCampaign), and until when if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -985,6 +998,30 @@ pub struct PlanExclusion {
     /// The first of them by name (at most 5).
     #[schemars(length(max = 5))]
     pub devices: Vec<String>,
+}
+
+/// One shard's part of a campaign, decided by the coordinator from the shard's report.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardAssignment {
+    /// Shard index.
+    pub shard: u32,
+    /// Operator replica that reported for this shard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub holder: Option<String>,
+    /// Devices of this shard the campaign selects.
+    pub selected: u32,
+    /// Of them, finished (succeeded or failed).
+    pub finished: u32,
+    /// How many of the shard's devices, in wave order, may start: its share of the current wave.
+    pub wave_end: u32,
+    /// How many of its devices may be in flight at once: its share of spec.rollout.maxInFlight.
+    pub max_in_flight: u32,
+    /// What keeps this shard's replica from running the campaign, if anything (docs/reasons.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub blocker: Option<String>,
 }
 
 /// Device counts per phase.

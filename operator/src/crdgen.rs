@@ -8,6 +8,7 @@ use std::path::Path;
 use kube::CustomResourceExt;
 
 use crate::crd::{Device, UpdateCampaign};
+use crate::shard_crd::CampaignShard;
 
 /// Header written at the top of each generated file.
 pub const HEADER: &str =
@@ -15,7 +16,7 @@ pub const HEADER: &str =
 
 /// Render every CRD as `(file name, YAML)`.
 pub fn render() -> Result<Vec<(String, String)>, serde_yaml::Error> {
-    [Device::crd(), UpdateCampaign::crd()]
+    [Device::crd(), UpdateCampaign::crd(), CampaignShard::crd()]
         .into_iter()
         .map(|crd| {
             let name = format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("crd"));
@@ -68,7 +69,7 @@ mod tests {
     fn checked_in_crds_match_the_types() {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds");
         let rendered = super::render().expect("render");
-        assert_eq!(rendered.len(), 2);
+        assert_eq!(rendered.len(), 3);
         for (name, yaml) in rendered {
             let on_disk = std::fs::read_to_string(dir.join(&name)).unwrap_or_else(|e| {
                 panic!("crds/{name} missing ({e}); run `sealed-ota-operator crdgen --out crds`")
@@ -84,12 +85,13 @@ mod tests {
     fn crdgen_writes_one_file_per_crd() {
         let tmp = tempfile::tempdir().unwrap();
         let written = super::write_all(tmp.path()).unwrap();
-        assert_eq!(written.len(), 2);
+        assert_eq!(written.len(), 3);
         let names: Vec<_> = written
             .iter()
             .map(|p| p.rsplit('/').next().unwrap().to_owned())
             .collect();
         assert!(names.contains(&"devices.ota.sealed-ota.dev.yaml".to_owned()));
         assert!(names.contains(&"updatecampaigns.ota.sealed-ota.dev.yaml".to_owned()));
+        assert!(names.contains(&"campaignshards.ota.sealed-ota.dev.yaml".to_owned()));
     }
 }

@@ -28,6 +28,8 @@ pub struct DeviceWrite {
     pub namespace: String,
     /// Name of the Device.
     pub name: String,
+    /// Its device id (which shard it belongs to: only the shard's holder writes it).
+    pub device_id: String,
     /// The complete status owned by the operator.
     pub status: DeviceStatus,
 }

@@ -3,10 +3,12 @@
 //! writers, and carries out the [`Effects`] the registry returns: a gating write first (a
 //! rotation's issued certificate recorded as pending on the Device before the update that carries
 //! it is published), then the writes, then the MQTT actions; notes become metrics and logs.
-//! Decisions are the registry's and the rollout's; the writers stop writing the moment this
-//! replica loses the leader Lease. Chunks are read from the cache directory one at a time, just
-//! before each is published, so serving a large image holds one chunk in memory per publish.
+//! Decisions are the registry's and the rollout's; a device's writes stop the moment this replica
+//! loses its shard's Lease, and `forget_shards` drops the shard's sessions. Chunks are read from
+//! the cache directory one at a time, just before each is published, so serving a large image
+//! holds one chunk in memory per publish.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -23,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::mqtt::MqttSession;
 use crate::rollout::Progress;
 use crate::runs::{CampaignKey, CampaignRun, ChunkServe, Effects, Note, Plan, RunFacts, Runs};
+use crate::shards::ShardCount;
 use crate::time::unix_now;
 
 /// Field manager of every status the operator writes.
@@ -41,6 +44,8 @@ pub struct Engine {
     pub firmware: FirmwareSettings,
     runs: Mutex<Runs>,
     writes: DeviceWrites,
+    /// Where a campaign whose device finished is sent to be reconciled again.
+    wake: mpsc::UnboundedSender<CampaignKey>,
 }
 
 /// Where firmware images are prepared (the cache directory) and how their chunks are served.
@@ -60,12 +65,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Engine {
-    /// Create the engine; Device status writes go to `writes`.
+    /// Create the engine; Device status writes go to `writes`, campaigns whose device finished to
+    /// `wake`.
     pub fn new(
         topics: Arc<TopicTree>,
         mqtt: MqttSession,
         metrics: Metrics,
         writes: DeviceWrites,
+        wake: mpsc::UnboundedSender<CampaignKey>,
         firmware: FirmwareSettings,
     ) -> Self {
         Self {
@@ -75,12 +82,26 @@ impl Engine {
             firmware,
             runs: Mutex::new(Runs::new()),
             writes,
+            wake,
         }
     }
 
     /// Device status writes queued or in progress (all campaigns).
     pub fn device_writes_pending(&self) -> usize {
         self.writes.pending()
+    }
+
+    /// Device status writes of devices of `shard` queued or in progress.
+    pub fn device_writes_pending_in(&self, shard: u32) -> usize {
+        self.writes.pending_in(shard)
+    }
+
+    /// Forget the devices of shards this replica no longer holds (see [`Runs::forget_devices`]).
+    pub fn forget_shards(&self, lost: &BTreeSet<u32>, shards: ShardCount) {
+        let n = lock(&self.runs).forget_devices(|id| lost.contains(&shards.of_device(id)));
+        if n > 0 {
+            tracing::info!(shards = ?lost, devices = n, "shards handed over: their devices' sessions dropped");
+        }
     }
 
     /// Whether a run exists for the campaign (with this uid).
@@ -164,7 +185,11 @@ impl Engine {
             chunks,
             actions,
             notes,
+            wake,
         } = fx;
+        if let Some(key) = wake {
+            let _ = self.wake.send(key);
+        }
         for note in &notes {
             self.note(note);
         }
@@ -216,7 +241,7 @@ impl Engine {
                 device,
                 attempt,
             } => {
-                tracing::info!(%campaign, %device, attempt, "device started");
+                tracing::debug!(%campaign, %device, attempt, "device started");
             }
             Note::StartRefused {
                 campaign,
@@ -231,7 +256,7 @@ impl Engine {
                 running_version,
             } => {
                 m.handshakes.inc();
-                tracing::info!(%campaign, %device, running = %running_version, "handshake completed");
+                tracing::debug!(%campaign, %device, running = %running_version, "handshake completed");
             }
             Note::Installed {
                 campaign,
@@ -239,7 +264,7 @@ impl Engine {
                 version,
             } => {
                 m.installs.inc();
-                tracing::info!(%campaign, %device, %version, "signed install receipt");
+                tracing::debug!(%campaign, %device, %version, "signed install receipt");
             }
             Note::Failed {
                 campaign,
@@ -278,28 +303,32 @@ impl Engine {
     }
 }
 
-/// Senders to the Device status writers. A device always goes to the same writer, so its
-/// transitions land in order, while different devices are written in parallel. Writers write only
-/// while this replica leads: after the Lease is lost, queued writes are dropped unwritten (the next
-/// leader resumes from what the resources record, and a device answers a new session of a
-/// campaign it completed with a fresh receipt).
+/// Senders to the Device status writers. A device always goes to the same lane, so its writes
+/// land in order, while different devices are written in parallel. A write lands only while this
+/// replica holds the device's shard: after the shard's Lease is lost, queued writes are dropped
+/// unwritten (the next holder resumes from what the resources record, and a device answers a new
+/// session of a campaign it completed with a fresh receipt).
 #[derive(Clone, Debug)]
 pub struct DeviceWrites {
-    shards: Vec<mpsc::UnboundedSender<QueuedWrite>>,
-    /// Writes sent and not yet finished (written, dropped, or given up after the retries).
-    pending: Arc<AtomicUsize>,
+    lanes: Vec<mpsc::UnboundedSender<QueuedWrite>>,
+    shards: ShardCount,
+    /// Writes sent and not yet finished (written, dropped, or given up after the retries), per shard.
+    pending: Arc<Vec<AtomicUsize>>,
 }
 
 impl DeviceWrites {
-    /// Start `shards` writer tasks writing while `leading` is true; returns the senders and tasks.
+    /// Start `lanes` writer tasks that write a device's status while `held` holds its shard;
+    /// returns the senders and tasks.
     pub fn spawn(
         client: &Client,
         metrics: &Metrics,
-        shards: usize,
-        leading: watch::Receiver<bool>,
+        lanes: usize,
+        shards: ShardCount,
+        held: watch::Receiver<BTreeSet<u32>>,
     ) -> (Self, Vec<tokio::task::JoinHandle<()>>) {
-        let pending = Arc::new(AtomicUsize::new(0));
-        let (senders, tasks): (Vec<_>, Vec<_>) = (0..shards.max(1))
+        let pending: Arc<Vec<AtomicUsize>> =
+            Arc::new(shards.all().map(|_| AtomicUsize::new(0)).collect());
+        let (senders, tasks): (Vec<_>, Vec<_>) = (0..lanes.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let task = tokio::spawn(run_device_writer(
@@ -307,31 +336,39 @@ impl DeviceWrites {
                     rx,
                     metrics.clone(),
                     Arc::clone(&pending),
-                    leading.clone(),
+                    held.clone(),
                 ));
                 (tx, task)
             })
             .unzip();
         (
             Self {
-                shards: senders,
+                lanes: senders,
+                shards,
                 pending,
             },
             tasks,
         )
     }
 
-    /// Writes sent and not yet finished.
+    /// Writes sent and not yet finished, over every shard.
     pub fn pending(&self) -> usize {
-        self.pending.load(Ordering::Acquire)
+        self.pending.iter().map(|p| p.load(Ordering::Acquire)).sum()
     }
 
-    /// Queue a write on the device's writer.
+    /// Writes of devices of `shard` sent and not yet finished.
+    pub fn pending_in(&self, shard: u32) -> usize {
+        self.pending
+            .get(shard as usize)
+            .map_or(0, |p| p.load(Ordering::Acquire))
+    }
+
+    /// Queue a write on the device's lane.
     pub fn send(&self, w: DeviceWrite) {
         self.queue(w, None);
     }
 
-    /// Queue a write on the device's writer (after the ones queued before it) and wait until it
+    /// Queue a write on the device's lane (after the ones queued before it) and wait until it
     /// landed: `false` when it could not be written.
     pub async fn send_confirmed(&self, w: DeviceWrite) -> bool {
         let (done, landed) = oneshot::channel();
@@ -343,34 +380,41 @@ impl DeviceWrites {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (&write.namespace, &write.name).hash(&mut h);
-        let shard = (h.finish() % self.shards.len() as u64) as usize;
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        if self.shards[shard]
-            .send(QueuedWrite { write, done })
+        let lane = (h.finish() % self.lanes.len() as u64) as usize;
+        let shard = self.shards.of_device(&write.device_id);
+        self.pending[shard as usize].fetch_add(1, Ordering::AcqRel);
+        if self.lanes[lane]
+            .send(QueuedWrite { write, done, shard })
             .is_err()
         {
             // The writer is gone (shutting down): nothing will finish this write.
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.pending[shard as usize].fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
 
-/// A write and, when the sender waits for it, where to say whether it landed.
+/// A write, its shard and, when the sender waits for it, where to say whether it landed.
 #[derive(Debug)]
 struct QueuedWrite {
     write: DeviceWrite,
     done: Option<oneshot::Sender<bool>>,
+    shard: u32,
 }
 
-/// Write Device statuses in order for the devices of one shard, while leading.
+/// Write Device statuses in order for the devices of one lane, while their shard is held.
 async fn run_device_writer(
     client: Client,
     mut rx: mpsc::UnboundedReceiver<QueuedWrite>,
     metrics: Metrics,
-    pending: Arc<AtomicUsize>,
-    leading: watch::Receiver<bool>,
+    pending: Arc<Vec<AtomicUsize>>,
+    held: watch::Receiver<BTreeSet<u32>>,
 ) {
-    while let Some(QueuedWrite { write: w, done }) = rx.recv().await {
+    while let Some(QueuedWrite {
+        write: w,
+        done,
+        shard,
+    }) = rx.recv().await
+    {
         let api: Api<Device> = Api::namespaced(client.clone(), &w.namespace);
         let patch = serde_json::json!({
             "apiVersion": "ota.sealed-ota.dev/v1alpha1",
@@ -381,8 +425,8 @@ async fn run_device_writer(
         let mut delay = Duration::from_millis(200);
         let mut landed = false;
         for attempt in 1..=6 {
-            if !*leading.borrow() {
-                tracing::debug!(device = %w.name, "not leading: device status write dropped");
+            if !held.borrow().contains(&shard) {
+                tracing::debug!(device = %w.name, shard, "shard not held: device status write dropped");
                 break;
             }
             match api.patch_status(&w.name, &pp, &Patch::Apply(&patch)).await {
@@ -402,6 +446,6 @@ async fn run_device_writer(
         if let Some(done) = done {
             let _ = done.send(landed);
         }
-        pending.fetch_sub(1, Ordering::AcqRel);
+        pending[shard as usize].fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -76,6 +76,9 @@ pub enum Error {
     /// A watch cache stopped before its initial list was in (the operator is shutting down).
     #[error("the {0} cache stopped before its initial list")]
     CacheStopped(&'static str),
+    /// `--shards` is not a power of two from 1 to 64.
+    #[error("{0}")]
+    Shards(#[from] crate::shards::ShardCountError),
 }
 
 impl From<rumqttc::v5::ClientError> for Error {
@@ -107,6 +110,7 @@ impl Error {
             Error::BrokerUnavailable(_) => "broker_unavailable",
             Error::MissingMetadata(_) => "metadata",
             Error::CacheStopped(_) => "cache_stopped",
+            Error::Shards(_) => "config",
         }
     }
 

@@ -87,8 +87,29 @@ async fn object_image(
     })))
 }
 
-/// Fetch, check and seal the image of `fw` for campaign `uid` in chunks of `chunk_size`; an OCI
-/// reference is pinned to `recorded_digest` (what an earlier preparation resolved it to).
+/// The campaign's secret seed and target version: the content key is derived from them and the
+/// image's digest ([`sealed_ota_protocol::crypto::seeded_content_key`]), so that every operator
+/// replica seals the same chunks.
+pub struct Seed<'a> {
+    /// The seed (`status.sealedSeed`, opened).
+    pub seed: &'a [u8; 32],
+    /// spec.targetVersion.
+    pub target_version: &'a str,
+}
+
+impl std::fmt::Debug for Seed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seed")
+            .field("seed", &"<redacted>")
+            .field("target_version", &self.target_version)
+            .finish()
+    }
+}
+
+/// Fetch, check and seal the image of `fw` for campaign `uid` in chunks of `chunk_size` under the
+/// content key of `seed`; an OCI reference is pinned to `recorded_digest` (what an earlier
+/// preparation resolved it to).
+#[allow(clippy::too_many_arguments)]
 pub async fn prepare(
     settings: &FirmwareSettings,
     client: &Client,
@@ -97,6 +118,7 @@ pub async fn prepare(
     fw: &FirmwareSource,
     chunk_size: u32,
     recorded_digest: Option<&str>,
+    seed: Seed<'_>,
 ) -> Result<Result<PreparedImage, Blocker>, Error> {
     let cache = settings.cache.clone();
     let uid_owned = uid.to_owned();
@@ -105,12 +127,14 @@ pub async fn prepare(
         .map_err(|e| Error::Join(e.to_string()))?
         .map_err(|e| Error::Cache(e.to_string()))?;
     let mut resolved_digest = None;
+    let digest: [u8; 32];
     if let Some(image) = object_image(client, ns, fw).await? {
         let image =
             match image.and_then(|i| inputs::check_digest(&i, fw.sha256.as_deref()).map(|()| i)) {
                 Ok(i) => i,
                 Err(b) => return Ok(Err(b)),
             };
+        digest = sealed_ota_protocol::crypto::sha256(&image);
         files
             .write_image(&image)
             .map_err(|e| Error::Cache(e.to_string()))?;
@@ -134,6 +158,7 @@ pub async fn prepare(
         if let Err(b) = inputs::check_sha256(&got.sha256, expected_sha256(fw)) {
             return Ok(Err(b));
         }
+        digest = got.sha256;
     } else if let Some(o) = &fw.oci {
         match crate::oci::pull_to_file(
             client,
@@ -151,6 +176,7 @@ pub async fn prepare(
                     return Ok(Err(b));
                 }
                 resolved_digest = Some(pulled.manifest_digest);
+                digest = pulled.sha256;
             }
             Err(b) => return Ok(Err(b)),
         }
@@ -161,11 +187,23 @@ pub async fn prepare(
                 .into(),
         )));
     }
+    let key = sealed_ota_protocol::crypto::seeded_content_key(
+        seed.seed,
+        uid,
+        seed.target_version,
+        chunk_size,
+        &digest,
+    );
     let stream = uid.to_owned();
-    let sealed = tokio::task::spawn_blocking(move || files.seal(&stream, chunk_size))
+    let sealed = tokio::task::spawn_blocking(move || files.seal(&stream, chunk_size, Some(key)))
         .await
         .map_err(|e| Error::Join(e.to_string()))?;
     match sealed {
+        // The key is bound to the digest read before sealing: a file changed in between would
+        // put two images under one key.
+        Ok((sealed, _)) if sealed.sha256() != digest => Err(Error::Cache(format!(
+            "the cached image of campaign {uid} changed while it was sealed"
+        ))),
         Ok((sealed, chunks)) => Ok(Ok(PreparedImage {
             sealed,
             chunks,

@@ -7,6 +7,7 @@ pub mod arbitration;
 pub mod chunk_cache;
 pub mod config;
 pub mod controller;
+pub mod coordinate;
 pub mod crd;
 pub mod crdgen;
 pub mod credentials;
@@ -18,6 +19,7 @@ pub mod firmware;
 pub mod gates;
 pub mod http;
 pub mod inputs;
+pub mod membership;
 pub mod metrics;
 pub mod mqtt;
 pub mod oci;
@@ -31,9 +33,13 @@ pub mod retained;
 pub mod rollout;
 pub mod runs;
 pub mod schedule;
+pub mod shard_crd;
+pub mod shards;
 pub mod status;
+pub mod throttle;
 pub mod time;
 
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,19 +48,20 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use sealed_ota_protocol::TopicTree;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 pub use config::Config;
 pub use error::Error;
 pub use metrics::Metrics;
 
 use crate::mqtt::{BrokerSettings, MqttSession};
+use crate::shards::ShardCount;
 use sealed_ota_mqtt::BrokerUrl;
 
 /// Aborts a spawned task when dropped, so that dropping [`run`]'s future (a killed operator in a test,
 /// a lost lease) stops everything it started: no orphaned MQTT connection or lease renewal.
 #[derive(Debug)]
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
@@ -92,7 +99,18 @@ fn key_of(secret: &Secret, key: &str) -> Result<Vec<u8>, Error> {
 
 /// Build the broker settings from flags, files and Secrets (in the operator namespace).
 pub async fn broker_settings(config: &Config, client: &Client) -> Result<BrokerSettings, Error> {
-    let url = BrokerUrl::parse(&config.broker_url)?;
+    let nodes = config
+        .broker_url
+        .split(',')
+        .map(|u| BrokerUrl::parse(u.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let url = nodes[0].clone();
+    if nodes.iter().any(|n| n.tls != url.tls) {
+        return Err(Error::MqttConfig(
+            "--broker-url mixes mqtts:// and mqtt://: the nodes of one broker use one scheme"
+                .into(),
+        ));
+    }
     let tls = if !url.tls {
         None
     } else {
@@ -144,16 +162,16 @@ pub async fn broker_settings(config: &Config, client: &Client) -> Result<BrokerS
         })
     };
     Ok(BrokerSettings {
-        host: url.host,
-        port: url.port,
+        nodes: nodes.into_iter().map(|n| (n.host, n.port)).collect(),
         tls,
         credentials,
-        client_id: format!("sealed-ota-manager-{}", config.manager_id),
+        client_id: mqtt::client_id(&config.manager_id, &config.replica_identity()),
     })
 }
 
-/// Run the operator until `shutdown` completes: metrics listener, leader election, and while leader
-/// the MQTT session, the engine and one controller per watched namespace.
+/// Run the operator until `shutdown` completes: metrics listener, the Leases (this replica's member
+/// Lease, the Leases of the shards it should hold, the leader Lease of the coordinator), the MQTT
+/// session, the engine and one controller per watched namespace.
 pub async fn run(
     config: Config,
     client: Client,
@@ -175,70 +193,117 @@ async fn run_with_metrics(
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
-    tokio::pin!(shutdown);
-    if !config.leader_election {
-        metrics.set_ready(true);
-        metrics.leader.set(1);
-        // Without election this replica leads for its whole life.
-        let (_leads, leading) = tokio::sync::watch::channel(true);
-        return active(&config, &client, &metrics, shutdown, leading).await;
-    }
+    let shards = ShardCount::new(config.shards)?;
     let identity = config.replica_identity();
-    let lease = LeaseManagerBuilder::new(client.clone(), config.lease_name.clone())
-        .with_namespace(config.operator_namespace.clone())
-        .with_identity(identity.clone())
-        .with_duration(15)
-        .with_grace(5)
-        .build()
-        .await
-        .map_err(|e| Error::Lease(e.to_string()))?;
-    let (mut leader, lease_task) = lease.watch().await;
-    let mut lease_task = AbortOnDrop(lease_task);
-    metrics.set_ready(true);
-    let result = loop {
-        tokio::select! {
-            _ = &mut shutdown => break Ok(()),
-            changed = leader.wait_for(|l| *l) => {
-                if changed.is_err() {
-                    break Err(Error::Lease("lease watcher stopped".into()));
+    let (held_tx, held) = watch::channel(BTreeSet::new());
+    let (coordinating_tx, coordinating) = watch::channel(false);
+    let mut membership = None;
+    let mut leader_lease = None;
+    if !config.leader_election {
+        // Without election this replica holds every shard and coordinates for its whole life.
+        held_tx.send_replace(shards.all().collect());
+        coordinating_tx.send_replace(true);
+    } else {
+        // One shard: the leader Lease is the shard's Lease too (below); several: a Lease each.
+        let held_tx = if shards == ShardCount::ONE {
+            Some(held_tx)
+        } else {
+            membership = Some(AbortOnDrop(tokio::spawn(membership::run(
+                client.clone(),
+                config.operator_namespace.clone(),
+                config.lease_name.clone(),
+                identity.clone(),
+                shards,
+                held_tx,
+            ))));
+            None
+        };
+        let lease = LeaseManagerBuilder::new(client.clone(), config.lease_name.clone())
+            .with_namespace(config.operator_namespace.clone())
+            .with_identity(identity.clone())
+            .with_duration(membership::LEASE_SECONDS)
+            .with_grace(5)
+            .build()
+            .await
+            .map_err(|e| Error::Lease(e.to_string()))?;
+        let (mut leader, lease_task) = lease.watch().await;
+        let (who, lease_name) = (identity.clone(), config.lease_name.clone());
+        let forward = tokio::spawn(async move {
+            loop {
+                let leading = *leader.borrow_and_update();
+                if let Some(held_tx) = &held_tx {
+                    held_tx.send_replace(if leading {
+                        BTreeSet::from([0])
+                    } else {
+                        BTreeSet::new()
+                    });
+                }
+                if coordinating_tx.send_if_modified(|c| std::mem::replace(c, leading) != leading) {
+                    if leading {
+                        tracing::info!(identity = %who, lease = %lease_name, "became leader (coordinator)");
+                    } else {
+                        tracing::warn!(identity = %who, lease = %lease_name, "lost the leader Lease");
+                    }
+                }
+                if leader.changed().await.is_err() {
+                    return;
                 }
             }
-        }
-        tracing::info!(%identity, lease = %config.lease_name, "became leader");
-        metrics.leader.set(1);
-        let mut lost = leader.clone();
-        let lost = async move {
-            let _ = lost.wait_for(|l| !*l).await;
-        };
-        let outcome = tokio::select! {
-            _ = &mut shutdown => Some(Ok(())),
-            r = active(&config, &client, &metrics, lost, leader.clone()) => match r {
-                Ok(()) => None,
-                Err(e) => Some(Err(e)),
-            },
-        };
-        metrics.leader.set(0);
-        if let Some(r) = outcome {
-            break r;
-        }
-        tracing::warn!(%identity, "lost the leader lease; stopped publishing");
+        });
+        leader_lease = Some((AbortOnDrop(forward), lease_task));
+    }
+    let gauges = {
+        let (metrics, mut held, mut coordinating) =
+            (metrics.clone(), held.clone(), coordinating.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            loop {
+                metrics
+                    .shards_held
+                    .set(held.borrow_and_update().len() as i64);
+                let leading = *coordinating.borrow_and_update();
+                metrics.leader.set(i64::from(leading));
+                tokio::select! {
+                    r = held.changed() => if r.is_err() { return },
+                    r = coordinating.changed() => if r.is_err() { return },
+                }
+            }
+        }))
     };
-    // Dropping the receiver releases the lease so a standby replica takes over at once.
-    drop(leader);
-    let _ = tokio::time::timeout(Duration::from_secs(5), &mut lease_task.0).await;
+    tracing::info!(%identity, %shards, "replica starting");
+    metrics.set_ready(true);
+    let result = active(
+        &config,
+        &client,
+        &metrics,
+        shards,
+        held,
+        coordinating,
+        shutdown,
+    )
+    .await;
+    drop(gauges);
+    // Dropping the Lease holders releases the Leases so that other replicas take over at once.
+    drop(membership);
+    if let Some((forward, mut lease_task)) = leader_lease {
+        drop(forward);
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut lease_task).await;
+    }
     result
 }
 
-/// The leader's work: MQTT session, engine, device-status writers, controllers. Returns when `stop`
-/// completes (shutdown or lost lease); everything it started is stopped. The writers write only
-/// while `leading` is true: after a lost Lease nothing more is written, while a shutdown (still
-/// leading) lets queued writes land for up to 5 s.
+/// The replica's work for its whole life: MQTT session, engine, Device status writers (each
+/// writing only while this replica holds the device's shard), and one controller per watched
+/// namespace (shard passes for the shards held, coordination while holding the leader Lease).
+/// Returns when `stop` completes; everything it started is stopped, and queued Device status
+/// writes get up to 5 s to land.
 async fn active(
     config: &Config,
     client: &Client,
     metrics: &Metrics,
+    shards: ShardCount,
+    held: watch::Receiver<BTreeSet<u32>>,
+    coordinating: watch::Receiver<bool>,
     stop: impl Future<Output = ()>,
-    leading: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let topics = Arc::new(TopicTree::new(&config.topic_prefix, &config.manager_id)?);
     let settings = broker_settings(config, client).await?;
@@ -251,9 +316,11 @@ async fn active(
         metrics.clone(),
     );
     let _mqtt_task = AbortOnDrop(mqtt_task);
-    // Device status writes: 8 ordered shards, so 10,000 devices do not queue behind one writer.
-    let (writes, writer_tasks) = engine::DeviceWrites::spawn(client, metrics, 8, leading);
+    // Device status writes: 8 ordered lanes, so 10,000 devices do not queue behind one writer.
+    let (writes, writer_tasks) =
+        engine::DeviceWrites::spawn(client, metrics, 8, shards, held.clone());
     let mut writers: Vec<_> = writer_tasks.into_iter().map(AbortOnDrop).collect();
+    let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<runs::CampaignKey>();
     let cache_root = config.cache_dir.clone();
     let cache = tokio::task::spawn_blocking(move || chunk_cache::CacheDir::open(&cache_root))
         .await
@@ -264,6 +331,7 @@ async fn active(
         mqtt.clone(),
         metrics.clone(),
         writes,
+        finished_tx,
         engine::FirmwareSettings {
             cache,
             retained_chunk_bytes: config.retained_chunk_bytes,
@@ -278,26 +346,55 @@ async fn active(
             }
         }))
     };
+    // A shard whose Lease went elsewhere: its devices' sessions end here at once.
+    let handover = {
+        let (engine, mut held) = (engine.clone(), held.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            let mut before = held.borrow_and_update().clone();
+            while held.changed().await.is_ok() {
+                let now = held.borrow_and_update().clone();
+                let lost: BTreeSet<u32> = before.difference(&now).copied().collect();
+                if !lost.is_empty() {
+                    engine.forget_shards(&lost, shards);
+                }
+                before = now;
+            }
+        }))
+    };
     let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
         vec![None]
     } else {
         config.namespaces.iter().cloned().map(Some).collect()
     };
-    let instance = config.replica_identity();
+    // Campaigns whose device finished go to the controller of their namespace.
+    let mut routes = HashMap::new();
+    let role = controller::Role {
+        manager_id: config.manager_id.clone(),
+        identity: config.replica_identity(),
+        shards,
+        held,
+        coordinating,
+    };
     let controllers = futures::future::join_all(namespaces.into_iter().map(|ns| {
-        controller::run(
-            client.clone(),
-            ns,
-            engine.clone(),
-            config.manager_id.clone(),
-            instance.clone(),
-        )
+        let (tx, rx) = mpsc::unbounded_channel();
+        routes.insert(ns.clone(), tx);
+        controller::run(client.clone(), ns, engine.clone(), role.clone(), rx)
+    }));
+    let router = AbortOnDrop(tokio::spawn(async move {
+        while let Some(key) = finished_rx.recv().await {
+            let route = routes
+                .get(&Some(key.0.clone()))
+                .or_else(|| routes.get(&None));
+            if let Some(tx) = route {
+                let _ = tx.send(key);
+            }
+        }
     }));
     tokio::select! {
         _ = stop => {}
         _ = controllers => {}
     }
-    drop(dispatcher);
+    drop((dispatcher, handover, router));
     // Let queued Device status writes land before stopping (bounded).
     drop(engine);
     let _ = tokio::time::timeout(

@@ -43,10 +43,12 @@ pub struct Metrics {
     pub mqtt_connected: IntGauge,
     /// Broker connection losses.
     pub mqtt_disconnects: IntCounter,
-    /// Status writes to the apiserver by kind (campaign, device).
+    /// Status writes to the apiserver by kind (campaign, device, shard report).
     pub status_writes: IntCounterVec,
-    /// 1 while this replica holds the leader Lease.
+    /// 1 while this replica holds the leader Lease (it coordinates campaigns).
     pub leader: IntGauge,
+    /// Shards whose Lease this replica holds.
+    pub shards_held: IntGauge,
     ready: Arc<AtomicBool>,
 }
 
@@ -124,6 +126,7 @@ impl Metrics {
                 &["kind"],
             ),
             leader: gauge("leader", "1 while this replica holds the leader Lease"),
+            shards_held: gauge("shards_held", "Shards whose Lease this replica holds"),
             ready: Arc::new(AtomicBool::new(false)),
             registry,
         }

@@ -1,8 +1,9 @@
 //! The one shared MQTT 5 session of the manager (rumqttc `v5`).
 //!
-//! A task drives the rumqttc event loop: it reconnects with exponential backoff, resubscribes the
-//! manager's `ready` and `status` filters on every CONNACK, and forwards inbound PUBLISHes to the
-//! engine over a channel. Everything the broker says is a hint; this module only moves bytes and
+//! A task drives the rumqttc event loop: it reconnects with exponential backoff (moving to the
+//! next node of a clustered broker when a connection is lost), resubscribes the manager's `ready`
+//! and `status` filters on every CONNACK, and forwards inbound PUBLISHes to the engine over a
+//! channel. Everything the broker says is a hint; this module only moves bytes and
 //! reports the connection state. It never logs payloads or credentials.
 
 use std::time::Duration;
@@ -21,27 +22,50 @@ use crate::metrics::Metrics;
 /// Where and how to connect.
 #[derive(Clone)]
 pub struct BrokerSettings {
-    /// Host name or address.
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
+    /// Host name or address and TCP port of each broker node, in the order this replica tries them
+    /// (a cluster's nodes; one for a single broker). On a lost connection the session moves to the
+    /// next node.
+    pub nodes: Vec<(String, u16)>,
     /// TLS client configuration (broker CA, optional client certificate); `None` for plain mqtt://.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Username and password.
     pub credentials: Option<(String, String)>,
-    /// MQTT client id.
+    /// MQTT client id (unique per replica: a broker disconnects an older session of the same id).
     pub client_id: String,
 }
 
 impl std::fmt::Debug for BrokerSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerSettings")
-            .field("host", &self.host)
-            .field("port", &self.port)
+            .field("nodes", &self.nodes)
             .field("tls", &self.tls.is_some())
             .field("username", &self.credentials.as_ref().map(|c| &c.0))
             .field("client_id", &self.client_id)
             .finish()
+    }
+}
+
+impl BrokerSettings {
+    /// The rumqttc options of node `n` (modulo the node count).
+    fn options(&self, n: usize) -> MqttOptions {
+        let (host, port) = &self.nodes[n % self.nodes.len()];
+        let mut opts = MqttOptions::new(self.client_id.clone(), host.clone(), *port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_clean_start(true);
+        opts.set_max_packet_size(Some(16 * 1024 * 1024));
+        // MQTT 5 Receive Maximum: the broker may have this many QoS 1 messages in flight towards
+        // the manager. Thousands of devices answer at once; with the broker's default window
+        // (Mosquitto: 20) the rest wait in the manager's queue there, and past
+        // max_queued_messages (1,000) Mosquitto silently drops them (a lost receipt then costs a
+        // device timeout). In-flight messages do not count towards that queue.
+        opts.set_receive_maximum(Some(MANAGER_RECEIVE_MAXIMUM));
+        if let Some((user, pass)) = &self.credentials {
+            opts.set_credentials(user.clone(), pass.clone());
+        }
+        if let Some(tls) = &self.tls {
+            opts.set_transport(sealed_ota_mqtt::tls::transport(tls.clone()));
+        }
+        opts
     }
 }
 
@@ -64,6 +88,14 @@ pub struct MqttSession {
     metrics: Metrics,
 }
 
+/// The MQTT client id of replica `identity` of manager `manager_id`: one per replica, because a
+/// broker disconnects the older of two sessions with the same client id.
+pub fn client_id(manager_id: &str, identity: &str) -> String {
+    use sha2::Digest;
+    let replica = sha2::Sha256::digest(identity.as_bytes());
+    format!("sealed-ota-{manager_id}-{}", hex::encode(&replica[..4]))
+}
+
 /// Receive Maximum the manager announces in CONNECT (the protocol's largest).
 pub const MANAGER_RECEIVE_MAXIMUM: u16 = u16::MAX;
 
@@ -76,26 +108,8 @@ impl MqttSession {
         inbound: mpsc::Sender<Inbound>,
         metrics: Metrics,
     ) -> (Self, JoinHandle<()>) {
-        let mut opts = MqttOptions::new(
-            settings.client_id.clone(),
-            settings.host.clone(),
-            settings.port,
-        );
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_clean_start(true);
-        opts.set_max_packet_size(Some(16 * 1024 * 1024));
-        // MQTT 5 Receive Maximum: the broker may have this many QoS 1 messages in flight towards
-        // the manager. Thousands of devices answer at once; with the broker's default window
-        // (Mosquitto: 20) the rest wait in the manager's queue there, and past
-        // max_queued_messages (1,000) Mosquitto silently drops them (a lost receipt then costs a
-        // device timeout). In-flight messages do not count towards that queue.
-        opts.set_receive_maximum(Some(MANAGER_RECEIVE_MAXIMUM));
-        if let Some((user, pass)) = &settings.credentials {
-            opts.set_credentials(user.clone(), pass.clone());
-        }
-        if let Some(tls) = &settings.tls {
-            opts.set_transport(sealed_ota_mqtt::tls::transport(tls.clone()));
-        }
+        let mut node = 0;
+        let opts = settings.options(node);
         let (client, mut eventloop) = AsyncClient::new(opts, 4096);
         let (state_tx, state) = watch::channel(ConnState::Connecting);
         let task_client = client.clone();
@@ -107,7 +121,8 @@ impl MqttSession {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff = Duration::from_millis(500);
                         task_metrics.mqtt_connected.set(1);
-                        tracing::info!(host = %settings.host, port = settings.port, "connected to broker");
+                        let (host, port) = &settings.nodes[node % settings.nodes.len()];
+                        tracing::info!(%host, port, "connected to broker");
                         for f in &filters {
                             if let Err(e) =
                                 task_client.try_subscribe(f.clone(), sealed_ota_mqtt::QOS)
@@ -142,7 +157,14 @@ impl MqttSession {
                             return;
                         }
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        if settings.nodes.len() > 1 {
+                            // A cluster: try the next node (rumqttc reconnects with these options).
+                            node += 1;
+                            eventloop.options = settings.options(node);
+                            backoff = Duration::from_millis(500);
+                        } else {
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                        }
                     }
                 }
             }

@@ -67,6 +67,10 @@ pub struct PolicyInput<'a> {
     pub calendar: &'a Calendar,
     /// The status as stored.
     pub previous: &'a UpdateCampaignStatus,
+    /// The starts a minute this pass may make when the campaign's rate is shared among shards
+    /// (`coordinate::rate_share`: the coordinator's count of successes drives the ramp); `None`:
+    /// the whole rate, ramped by the successes of `progress`.
+    pub rate_share: Option<u32>,
 }
 
 /// The policy's say over one pass.
@@ -215,7 +219,10 @@ pub fn assess(input: &PolicyInput<'_>, start_log: &mut StartLog) -> PolicyDecisi
             .iter()
             .filter(|p| **p == Progress::Succeeded)
             .count() as u32;
-        let per_minute = rate.per_minute(succeeded).unwrap_or(u32::MAX);
+        let per_minute = input
+            .rate_share
+            .or_else(|| rate.per_minute(succeeded))
+            .unwrap_or(u32::MAX);
         let allowance = start_log.allowance(per_minute, now);
         out.start_cap = Some(allowance.starts);
         out.status.rate_per_minute = Some(per_minute);
@@ -347,6 +354,17 @@ mod tests {
         now: u64,
         log: &mut StartLog,
     ) -> PolicyDecision {
+        run_shared(spec, devices, rivals, now, log, None)
+    }
+
+    fn run_shared(
+        spec: &UpdateCampaignSpec,
+        devices: &[Arc<Device>],
+        rivals: &[Vec<(Contender<'static>, Standing)>],
+        now: u64,
+        log: &mut StartLog,
+        rate_share: Option<u32>,
+    ) -> PolicyDecision {
         let progress = vec![Progress::NotStarted; devices.len()];
         let calendar = Calendar::for_campaign(spec.schedule.as_ref()).unwrap();
         let previous = UpdateCampaignStatus::default();
@@ -360,6 +378,7 @@ mod tests {
                 rivals,
                 calendar: &calendar,
                 previous: &previous,
+                rate_share,
             },
             log,
         )
@@ -527,5 +546,19 @@ mod tests {
         );
         assert_eq!(d.due, Some(1060));
         let _ = ScheduleSpec::default();
+    }
+
+    #[test]
+    fn a_shard_starts_only_its_share_of_the_rate() {
+        let mut s = spec(serde_json::json!({}));
+        s.rollout.max_per_minute = Some(10);
+        let devices = vec![device("a", None), device("b", None), device("c", None)];
+        let mut log = StartLog::default();
+        let d = run_shared(&s, &devices, &[], 1000, &mut log, Some(1));
+        assert_eq!((d.start_cap, d.status.rate_per_minute), (Some(1), Some(1)));
+        log.record(1000, 1);
+        let d = run_shared(&s, &devices, &[], 1010, &mut log, Some(1));
+        assert_eq!(d.start_cap, Some(0));
+        assert_eq!(d.due, Some(1060));
     }
 }

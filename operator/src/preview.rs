@@ -4,14 +4,24 @@
 //! [`Exclusion`]s), the bytes the broker would carry, and warnings about settings that work
 //! against each other. Because the plan and the rollout read the same inputs through the same
 //! functions, turning `dryRun` off starts exactly the plan shown (as long as the devices, their
-//! versions and the other campaigns stay as they were).
+//! versions and the other campaigns stay as they were). [`preview`] is the same plan computed
+//! outside the operator (the CLI's `sealed-ota campaign plan`), from the campaign and snapshots of
+//! the Devices and the other campaigns, through the controller's own validation and the policy.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::crd::{Device, PlanExclusion, PlanStatus, PlannedWave, UpdateCampaignSpec};
-use crate::policy::Exclusion;
-use crate::rollout::{wave_cutoffs, RolloutParams};
+use kube::core::SelectorExt;
+use serde::{Deserialize, Serialize};
+
+use crate::controller::{contender, recorded_standing, rivals, validate, Validated};
+use crate::crd::{
+    CampaignPhase, Device, HolderStatus, PlanExclusion, PlanStatus, PlannedWave, ScheduleStatus,
+    UpdateCampaign, UpdateCampaignSpec, UpdateCampaignStatus, WaitingStatus,
+};
+use crate::policy::{assess, Exclusion, PolicyInput};
+use crate::ramp::StartLog;
+use crate::rollout::{decide, wave_cutoffs, DecideInput, Progress, RolloutParams};
 use crate::schedule::{Calendar, Openness};
 
 /// Waves listed in a plan (the status bound).
@@ -128,6 +138,169 @@ pub fn warnings(
     out
 }
 
+/// What a campaign would do if it started now, computed outside the operator (`sealed-ota campaign
+/// plan`): the devices it selects, its waves, the devices left out and why, the windows, what
+/// blocks it, the devices its first pass would start and the warnings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CampaignPreview {
+    /// The campaign.
+    pub campaign: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Devices its selector matches.
+    pub selected: u32,
+    /// What keeps it from starting any device (a spec it cannot run, a window that never
+    /// opens), with the fix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<PreviewBlocker>,
+    /// Other reasons nothing would start (paused, aborted, a dry run, already finished).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+    /// The waves and the devices left out, as `status.plan` shows them.
+    pub plan: PlanStatus,
+    /// Devices the first pass would start (before the in-flight limit, the rate and the windows
+    /// let more in).
+    pub starts_now: Vec<String>,
+    /// The campaign's maintenance windows now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleStatus>,
+    /// What the campaign would wait for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<WaitingStatus>,
+    /// Running campaigns that hold selected devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_by: Vec<HolderStatus>,
+    /// Settings that work against each other.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// Why a campaign would not start, as its `Ready` condition would say.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviewBlocker {
+    /// The reason (CamelCase, docs/reasons.md).
+    pub reason: String,
+    /// What is wrong and the fix.
+    pub message: String,
+}
+
+/// The plan of `campaign` if it started at `now`, over `devices` and the other `campaigns` of its
+/// namespace (pure). A rival counts when its status says it runs (Progressing or Paused); a device
+/// stands in it as its Device status records. The payload is not prepared, so the plan carries
+/// no byte estimate and a missing Secret or image is not seen (the operator reports those).
+pub fn preview(
+    campaign: &UpdateCampaign,
+    devices: Vec<Arc<Device>>,
+    campaigns: Vec<Arc<UpdateCampaign>>,
+    now: u64,
+) -> CampaignPreview {
+    let Validated {
+        selected,
+        params,
+        calendar,
+        blocker,
+    } = validate(campaign, devices);
+    let progress = vec![Progress::NotStarted; selected.len()];
+    let running = |o: &UpdateCampaign| {
+        matches!(
+            o.status.as_ref().map(|s| s.phase),
+            Some(CampaignPhase::Progressing | CampaignPhase::Paused)
+        )
+    };
+    let others = rivals(campaign, campaigns, running);
+    let rivals_of_device: Vec<Vec<_>> = selected
+        .iter()
+        .map(|d| {
+            others
+                .iter()
+                .filter(|(_, sel)| sel.matches(kube::ResourceExt::labels(&**d)))
+                .map(|(o, _)| (contender(o), recorded_standing(o, d)))
+                .collect()
+        })
+        .collect();
+    let before = UpdateCampaignStatus::default();
+    let policy = assess(
+        &PolicyInput {
+            now,
+            spec: &campaign.spec,
+            me: contender(campaign),
+            devices: &selected,
+            progress: &progress,
+            rivals: &rivals_of_device,
+            calendar: &calendar,
+            previous: &before,
+            // The whole campaign, as one replica plans it.
+            rate_share: None,
+        },
+        &mut StartLog::default(),
+    );
+    let blocker = blocker.or(policy.blocker.clone());
+    let decision = decide(&DecideInput {
+        now,
+        devices: &progress,
+        params: &params,
+        paused: campaign.spec.paused,
+        abort: campaign.spec.abort,
+        blocked: blocker.is_some() || campaign.spec.dry_run,
+        previous_phase: CampaignPhase::Pending,
+        previous_wave: 0,
+        holds: &policy.holds,
+        start_cap: policy.start_cap,
+        wave_limit: policy.wave_limit,
+        eligible_limit: None,
+        deadline_passed: policy.deadline_passed,
+        policy_due: policy.due,
+    });
+    let spec = &campaign.spec;
+    let recorded = campaign.status.as_ref().map(|s| s.phase);
+    let notes = [
+        (
+            spec.dry_run,
+            "spec.dryRun is set: the operator only shows this plan; set it to false to start"
+                .to_owned(),
+        ),
+        (
+            spec.paused,
+            "spec.paused is set: nothing starts until it is false".to_owned(),
+        ),
+        (
+            spec.abort,
+            "spec.abort is set: the campaign stops and starts nothing".to_owned(),
+        ),
+        (
+            recorded.is_some_and(CampaignPhase::is_terminal),
+            format!(
+                "the campaign already ended ({:?}): it starts nothing more",
+                recorded.unwrap_or_default()
+            ),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(on, note)| on.then_some(note))
+    .collect();
+    CampaignPreview {
+        campaign: campaign.metadata.name.clone().unwrap_or_default(),
+        namespace: campaign.metadata.namespace.clone().unwrap_or_default(),
+        selected: selected.len() as u32,
+        blocked: blocker.map(|b| PreviewBlocker {
+            reason: b.reason.to_string(),
+            message: b.message,
+        }),
+        notes,
+        plan: plan(&selected, &policy.exclusions, &params, None),
+        starts_now: decision
+            .start
+            .iter()
+            .map(|(i, _)| selected[*i].metadata.name.clone().unwrap_or_default())
+            .collect(),
+        schedule: policy.status.schedule,
+        waiting: policy.status.waiting,
+        held_by: policy.status.held_by,
+        warnings: warnings(spec, &params, selected.len() as u32, Some(&calendar), now),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +350,102 @@ mod tests {
             plan.estimated_broker_bytes,
             Some(10_000 + 7 * PER_DEVICE_BYTES)
         );
+    }
+
+    fn campaign(name: &str, extra: serde_json::Value) -> UpdateCampaign {
+        let mut spec = serde_json::json!({
+            "selector": {"matchLabels": {"fleet": "a"}},
+            "targetVersion": "2.0.0",
+            "payload": {"firmware": {"configMapKeyRef": {"name": "fw", "key": "image"}}},
+            "managerSecretName": "manager",
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        let mut c = UpdateCampaign::new(name, serde_json::from_value(spec).unwrap());
+        c.metadata.namespace = Some("ns".into());
+        c.metadata.uid = Some(format!("uid-{name}"));
+        c
+    }
+
+    fn fleet_device(name: &str, fleet: &str, running: &str) -> Arc<Device> {
+        let mut d: Device = serde_json::from_value(serde_json::json!({
+            "apiVersion": "ota.sealed-ota.dev/v1alpha1", "kind": "Device",
+            "metadata": {"name": name, "namespace": "ns", "labels": {"fleet": fleet}},
+            "spec": {"deviceId": name},
+            "status": {"runningVersion": running},
+        }))
+        .unwrap();
+        d.metadata.namespace = Some("ns".into());
+        Arc::new(d)
+    }
+
+    #[test]
+    fn the_preview_selects_plans_waves_and_names_what_is_left_out_and_why() {
+        let mut devices: Vec<Arc<Device>> = (0..6)
+            .map(|i| fleet_device(&format!("d{i}"), "a", "1.0.0"))
+            .collect();
+        devices.push(fleet_device("d6", "a", "2.0.0"));
+        devices.push(fleet_device("other", "b", "1.0.0"));
+        let me = campaign(
+            "fw",
+            serde_json::json!({"rollout": {"canary": "1", "waveSize": "2", "maxInFlight": 1}}),
+        );
+        // A running rival that started d5 keeps it.
+        let mut rival = campaign("older", serde_json::json!({}));
+        rival.status = Some(UpdateCampaignStatus {
+            phase: CampaignPhase::Progressing,
+            ..UpdateCampaignStatus::default()
+        });
+        let mut held: Device = (*devices[5]).clone();
+        held.status.as_mut().unwrap().campaign = Some(
+            serde_json::from_value(serde_json::json!({
+                "name": "older", "uid": "uid-older", "targetVersion": "2.0.0", "phase": "Transferring", "attempts": 1
+            }))
+            .unwrap(),
+        );
+        devices[5] = Arc::new(held);
+        let p = preview(
+            &me,
+            devices.clone(),
+            vec![Arc::new(rival), Arc::new(me.clone())],
+            0,
+        );
+        assert_eq!(p.selected, 7, "fleet=a only");
+        assert_eq!(p.blocked, None);
+        assert_eq!(p.plan.devices, 5);
+        let sizes: Vec<u32> = p.plan.waves.iter().map(|w| w.size).collect();
+        assert_eq!(
+            sizes,
+            vec![1, 2, 2, 0],
+            "canary 1, waves of 2, less d5 and d6"
+        );
+        let excluded: Vec<(&str, u32)> = p
+            .plan
+            .excluded
+            .iter()
+            .map(|e| (e.reason.as_str(), e.count))
+            .collect();
+        assert_eq!(excluded, vec![("UpToDate", 1), ("HeldByCampaign", 1)]);
+        assert_eq!(p.starts_now, vec!["d0"], "the canary, one in flight");
+        assert_eq!(p.held_by.len(), 1, "{:?}", p.held_by);
+        assert_eq!(p.held_by[0].campaign, "older");
+
+        // A selector that does not parse blocks it, with the field and the fix.
+        let bad = campaign(
+            "bad",
+            serde_json::json!({"selector": {"matchExpressions": [{"key": "fleet", "operator": "Sideways"}]}}),
+        );
+        let p = preview(&bad, devices.clone(), vec![], 0);
+        let blocked = p.blocked.expect("blocked");
+        assert_eq!(blocked.reason, "InvalidSelector");
+        assert!(p.starts_now.is_empty());
+        // Paused: planned, nothing starts, and the note says why.
+        let paused = campaign("p", serde_json::json!({"paused": true}));
+        let p = preview(&paused, devices, vec![], 0);
+        assert_eq!(p.plan.devices, 6);
+        assert!(p.starts_now.is_empty(), "{:?}", p.starts_now);
+        assert!(p.notes[0].contains("spec.paused"), "{:?}", p.notes);
     }
 
     #[test]

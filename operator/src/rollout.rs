@@ -211,7 +211,7 @@ fn held(p: &Progress, hold: Hold) -> Hold {
 }
 
 /// Whether the device is done with the campaign: finished, never needed (up to date) or left out.
-fn done(p: &Progress, hold: Hold) -> bool {
+pub fn done(p: &Progress, hold: Hold) -> bool {
     p.is_terminal() || matches!(held(p, hold), Hold::UpToDate | Hold::Excluded)
 }
 
@@ -235,6 +235,10 @@ pub struct DecideInput<'a> {
     pub previous_phase: CampaignPhase,
     /// Wave recorded on the status (waves never go back).
     pub previous_wave: u32,
+    /// Sharded: how many of these devices, in wave order, the coordinator lets start (this shard's
+    /// share of the current wave, see `coordinate`); waves are then the coordinator's and this
+    /// decision starts nothing past it. `None`: the waves of `params` over these devices.
+    pub eligible_limit: Option<u32>,
     /// The policy's hold of each device, in the order of `devices` (empty: every device free).
     pub holds: &'a [Hold],
     /// Most devices that may start in this pass beyond the in-flight limit's say (the rate limit;
@@ -409,7 +413,10 @@ pub fn decide(input: &DecideInput<'_>) -> Decision {
         if let Some(cap) = input.start_cap {
             budget = budget.min(cap);
         }
-        let eligible = cutoffs.get(current_wave as usize).copied().unwrap_or(0) as usize;
+        let eligible = input
+            .eligible_limit
+            .or_else(|| cutoffs.get(current_wave as usize).copied())
+            .unwrap_or(0) as usize;
         for (index, p) in devices.iter_mut().enumerate().take(eligible) {
             if budget == 0 {
                 break;
@@ -503,6 +510,7 @@ mod tests {
             blocked: false,
             previous_phase: CampaignPhase::Pending,
             previous_wave: 0,
+            eligible_limit: None,
             holds: &[],
             start_cap: None,
             wave_limit: None,

@@ -252,12 +252,15 @@ pub struct Effects {
     pub actions: Vec<Action>,
     /// What happened.
     pub notes: Vec<Note>,
+    /// A device of this campaign finished: its next pass may start another one.
+    pub wake: Option<CampaignKey>,
 }
 
 impl Effects {
     fn extend(&mut self, other: Effects) {
         debug_assert!(self.gate.is_none() || other.gate.is_none());
         self.gate = self.gate.take().or(other.gate);
+        self.wake = self.wake.take().or(other.wake);
         self.writes.extend(other.writes);
         self.chunks.extend(other.chunks);
         self.actions.extend(other.actions);
@@ -390,6 +393,27 @@ impl Runs {
     /// Devices in flight over every run (the ones with a live session).
     pub fn sessions(&self) -> usize {
         self.routes.len()
+    }
+
+    /// Forget every device `lost` picks (its shard's Lease went to another replica): its session
+    /// ends without a word (the new holder starts it afresh, and its notify replaces the retained
+    /// one) and its route goes. Returns how many devices were forgotten.
+    pub fn forget_devices(&mut self, lost: impl Fn(&str) -> bool) -> usize {
+        let routes = &mut self.routes;
+        let mut forgotten = 0;
+        for run in self.runs.values_mut() {
+            let by_id = &mut run.by_id;
+            run.devices.retain(|_, d| {
+                if !lost(&d.device_id) {
+                    return true;
+                }
+                routes.remove(&d.device_id);
+                by_id.remove(&d.device_id);
+                forgotten += 1;
+                false
+            });
+        }
+        forgotten
     }
 
     /// Progress of each selected device, in the given order: the run's memory first, then what
@@ -619,8 +643,10 @@ impl Runs {
             fx.writes.push(DeviceWrite {
                 namespace: key.0.clone(),
                 name: name.clone(),
+                device_id: dr.device_id.clone(),
                 status,
             });
+            fx.wake = Some(key.clone());
             fx.notes.push(Note::Failed {
                 campaign: key.1.clone(),
                 device: name,
@@ -710,6 +736,7 @@ impl Runs {
                 fx.writes.push(DeviceWrite {
                     namespace: key.0.clone(),
                     name: name.clone(),
+                    device_id: dr.device_id.clone(),
                     status,
                 });
             }
@@ -891,7 +918,8 @@ impl Runs {
                         not_after: device_cert_not_after,
                         running_version,
                     });
-                    outcome.get_or_insert(Outcome::phase(DevicePhase::Transferring));
+                    // No Device write here: the handshake's facts go into the one write of the
+                    // device's final outcome (issue 16: one write per device per campaign).
                 }
                 ManagerEvent::Progress { .. } => {}
                 ManagerEvent::ChunksRequested { indices } => {
@@ -995,14 +1023,20 @@ impl Runs {
             self.routes.remove(device_id);
             run.by_id.remove(device_id);
         }
+        if let Some(fp) = proof {
+            // Which credential the device proved it holds (a pending one settles a rotation) is
+            // kept for the final write, which carries it.
+            let base = dr.base.take().unwrap_or_default();
+            dr.base = Some(credentials::on_proof(base, dr.pin.as_deref(), fp));
+        }
         let Some(o) = outcome else {
             return fx;
         };
+        if o.phase.is_terminal() {
+            fx.wake = Some(key.clone());
+        }
         let signer = dr.handshake.as_ref().map(|h| h.fingerprint);
         let mut base = dr.base.clone().unwrap_or_default();
-        if let Some(fp) = proof {
-            base = credentials::on_proof(base, dr.pin.as_deref(), fp);
-        }
         if let Some(i) = &unrecorded {
             base = credentials::record_issued(base, i, &key.1);
         }
@@ -1025,6 +1059,7 @@ impl Runs {
         let write = DeviceWrite {
             namespace: key.0.clone(),
             name: name.clone(),
+            device_id: device_id.to_owned(),
             status,
         };
         match unrecorded {

@@ -352,6 +352,9 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         oci_digest: None,
         failures,
         conditions,
+        // Set by the coordinator from the shards' reports (`coordinate`) and its seed.
+        shards: Vec::new(),
+        sealed_seed: None,
         waiting: policy.waiting.map(|w| WaitingStatus {
             reason: bounded(&w.reason, 64),
             message: bounded(&w.message, 512),

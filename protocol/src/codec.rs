@@ -2,6 +2,8 @@
 //! encode byte fields as CBOR byte strings (not arrays of integers), and the few raw CBOR heads the
 //! chunk encoder writes itself so that ciphertexts are encrypted in place inside their message.
 
+use crate::prelude::*;
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use zeroize::Zeroizing;
@@ -26,15 +28,17 @@ pub(crate) fn encode_with_capacity<T: Serialize>(value: &T, capacity: usize) -> 
     out
 }
 
-/// Counts what ciborium would write.
-struct Counter(usize);
+/// Counts what ciborium would write (into the `usize` it borrows: ciborium takes its writer by
+/// value, and a `&mut` writer is a `ciborium_io::Write` only in `no_std` builds).
+struct Counter<'a>(&'a mut usize);
 
-impl std::io::Write for Counter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
+impl ciborium_io::Write for Counter<'_> {
+    type Error = core::convert::Infallible;
+    fn write_all(&mut self, buf: &[u8]) -> Result<(), Self::Error> {
+        *self.0 += buf.len();
+        Ok(())
     }
-    fn flush(&mut self) -> std::io::Result<()> {
+    fn flush(&mut self) -> Result<(), Self::Error> {
         Ok(())
     }
 }
@@ -43,11 +47,10 @@ impl std::io::Write for Counter {
 /// second writes them into a buffer of exactly that capacity, so no reallocation leaves a copy of
 /// the secret in freed memory; the buffer is zeroized on drop.
 pub(crate) fn encode_secret<T: Serialize>(value: &T) -> Zeroizing<Vec<u8>> {
-    let mut counter = Counter(0);
-    let size = match ciborium::ser::into_writer(value, &mut counter) {
-        Ok(()) => counter.0,
-        Err(_) => 0,
-    };
+    let mut size = 0;
+    if ciborium::ser::into_writer(value, Counter(&mut size)).is_err() {
+        size = 0;
+    }
     let mut out = Zeroizing::new(Vec::with_capacity(size));
     if ciborium::ser::into_writer(value, &mut *out).is_err() || out.len() != size {
         out.clear();
@@ -55,17 +58,23 @@ pub(crate) fn encode_secret<T: Serialize>(value: &T) -> Zeroizing<Vec<u8>> {
     out
 }
 
+#[cfg(feature = "manager")]
 /// CBOR major type: unsigned integer.
 pub(crate) const MAJOR_UINT: u8 = 0;
+#[cfg(feature = "manager")]
 /// CBOR major type: byte string.
 pub(crate) const MAJOR_BYTES: u8 = 2;
+#[cfg(feature = "manager")]
 /// CBOR major type: text string.
 pub(crate) const MAJOR_TEXT: u8 = 3;
+#[cfg(feature = "manager")]
 /// CBOR major type: array.
 pub(crate) const MAJOR_ARRAY: u8 = 4;
+#[cfg(feature = "manager")]
 /// CBOR major type: map.
 pub(crate) const MAJOR_MAP: u8 = 5;
 
+#[cfg(feature = "manager")]
 /// Append a CBOR head (RFC 8949 §3) in its shortest form, as ciborium writes it: an unsigned
 /// integer's value, or the length of a string, array or map.
 pub(crate) fn write_head(out: &mut Vec<u8>, major: u8, n: u64) {
@@ -86,6 +95,7 @@ pub(crate) fn write_head(out: &mut Vec<u8>, major: u8, n: u64) {
     }
 }
 
+#[cfg(feature = "manager")]
 /// Append a CBOR text string.
 pub(crate) fn write_text(out: &mut Vec<u8>, text: &str) {
     write_head(out, MAJOR_TEXT, text.len() as u64);
@@ -104,7 +114,7 @@ pub(crate) fn decode<T: DeserializeOwned>(
 }
 
 /// Run `parse` on `bytes` (at most `max` of them), which must consume all of them.
-fn bounded_whole<T, E: std::fmt::Debug>(
+fn bounded_whole<T, E: core::fmt::Debug>(
     bytes: &[u8],
     message: &'static str,
     max: usize,
@@ -146,13 +156,14 @@ pub(crate) fn decode_secret<T: DeserializeOwned>(
     })
 }
 
-fn short<E: std::fmt::Debug>(e: &E) -> String {
+fn short<E: core::fmt::Debug>(e: &E) -> String {
     let s = format!("{e:?}");
     s.chars().take(120).collect()
 }
 
 /// serde adapter: `Vec<u8>` as a CBOR byte string.
 pub(crate) mod bytes {
+    use crate::prelude::*;
     use serde::{de, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
@@ -167,7 +178,7 @@ pub(crate) mod bytes {
 
     impl<'de> de::Visitor<'de> for BytesVisitor {
         type Value = Vec<u8>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
             f.write_str("a byte string")
         }
         fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
@@ -195,6 +206,7 @@ pub(crate) mod bytes {
 
 /// serde adapter: `Option<Vec<u8>>` as an optional CBOR byte string.
 pub(crate) mod opt_bytes {
+    use crate::prelude::*;
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
@@ -228,6 +240,7 @@ pub(crate) mod opt_bytes {
 
 /// serde adapter: `[u8; N]` as a CBOR byte string of exactly N bytes.
 pub(crate) mod array {
+    use crate::prelude::*;
     use serde::{de, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer, const N: usize>(v: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
@@ -266,6 +279,7 @@ pub(crate) mod opt_array {
 
 /// serde adapter: `Vec<[u8; 32]>` as an array of 32-byte strings.
 pub(crate) mod hashes {
+    use crate::prelude::*;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     #[derive(Serialize, Deserialize)]

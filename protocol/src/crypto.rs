@@ -6,12 +6,14 @@
 //! restarts. Chunks use a nonce derived from the chunk index, which is safe ONLY because the content
 //! key is a fresh random 256-bit key for every prepared campaign and each index is encrypted once.
 
+use crate::prelude::*;
+
 use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use hkdf::Hkdf;
 use p256::ecdsa::signature::{Signer, Verifier};
 use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
-use rand_core::{OsRng, RngCore};
+use rand_core::CryptoRngCore;
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
@@ -25,6 +27,8 @@ pub const INFO_M2D: &[u8] = b"sealed-ota/v2/key/manager-to-device";
 pub const INFO_D2M: &[u8] = b"sealed-ota/v2/key/device-to-manager";
 /// AAD label of chunk encryption.
 pub const CHUNK_AAD_LABEL: &[u8] = b"sealed-ota/v2/chunk";
+/// HKDF info label of a content key derived from a campaign seed (see [`seeded_content_key`]).
+pub const INFO_CONTENT_KEY: &[u8] = b"sealed-ota/v2/key/content";
 /// Bytes of the AES-256-GCM tag appended to every ciphertext.
 pub const TAG_LEN: usize = 16;
 
@@ -88,8 +92,8 @@ pub struct SessionKeys {
     pub d2m: [u8; 32],
 }
 
-impl std::fmt::Debug for SessionKeys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for SessionKeys {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str("SessionKeys(<redacted>)")
     }
 }
@@ -176,10 +180,21 @@ pub fn verify_message(public: &p256::PublicKey, message: &[u8], sig: &[u8]) -> b
     VerifyingKey::from(public).verify(message, &sig).is_ok()
 }
 
-/// AES-256-GCM with a fresh random 96-bit nonce. Returns (nonce, ciphertext||tag).
+/// AES-256-GCM with a fresh random 96-bit nonce from the OS. Returns (nonce, ciphertext||tag).
+#[cfg(feature = "std")]
 pub fn seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> ([u8; 12], Vec<u8>) {
-    let mut nonce = [0u8; 12];
-    OsRng.fill_bytes(&mut nonce);
+    seal_with_rng(&mut rand_core::OsRng, key, aad, plaintext)
+}
+
+/// AES-256-GCM with a fresh random 96-bit nonce drawn from `rng`. Returns (nonce,
+/// ciphertext||tag).
+pub fn seal_with_rng(
+    rng: &mut dyn CryptoRngCore,
+    key: &[u8; 32],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> ([u8; 12], Vec<u8>) {
+    let nonce = random_with(rng);
     let ct = seal_with_nonce(key, &nonce, aad, plaintext);
     (nonce, ct)
 }
@@ -232,8 +247,8 @@ pub struct ChunkCipher {
     cipher: Aes256Gcm,
 }
 
-impl std::fmt::Debug for ChunkCipher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for ChunkCipher {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str("ChunkCipher(<redacted>)")
     }
 }
@@ -339,10 +354,96 @@ pub fn session_aad(label: &[u8], transcript_hash: &[u8; 32], extra: &[u8]) -> Ve
     aad
 }
 
-/// Fresh random bytes.
+/// A content key derived from a secret random campaign `seed` that several manager replicas share,
+/// so that each of them encrypts the image into the same chunks: HKDF-SHA256(ikm = seed, info =
+/// label || campaign id || target version || chunk size || SHA-256 of the image). ⚠️ Chunk nonces
+/// come from the chunk index, so a key must never encrypt two different images: binding the image
+/// digest (and the chunking) into the key makes a changed image get a different key from the same
+/// seed. The seed must be as fresh and as secret as a random content key.
+pub fn seeded_content_key(
+    seed: &[u8; 32],
+    campaign_id: &str,
+    target_version: &str,
+    chunk_size: u32,
+    image_sha256: &[u8; 32],
+) -> Zeroizing<[u8; 32]> {
+    let hk = Hkdf::<Sha256>::new(None, seed);
+    let mut info = Vec::with_capacity(INFO_CONTENT_KEY.len() + 128);
+    for part in [
+        INFO_CONTENT_KEY,
+        campaign_id.as_bytes(),
+        target_version.as_bytes(),
+    ] {
+        info.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        info.extend_from_slice(part);
+    }
+    info.extend_from_slice(&chunk_size.to_be_bytes());
+    info.extend_from_slice(image_sha256);
+    let mut key = Zeroizing::new([0u8; 32]);
+    // 32 bytes is far below HKDF-SHA256's limit: expand cannot fail.
+    let _ = hk.expand(&info, &mut key[..]);
+    key
+}
+
+/// HKDF info label of the key that seals a secret to an identity (see [`seal_to`]).
+pub const INFO_SEALED: &[u8] = b"sealed-ota/v2/key/sealed-to-identity";
+
+fn sealing_key(shared: &[u8; 32], ephemeral_public: &[u8], context: &[u8]) -> Zeroizing<[u8; 32]> {
+    let hk = Hkdf::<Sha256>::new(Some(ephemeral_public), shared);
+    let mut info = Vec::with_capacity(INFO_SEALED.len() + context.len());
+    info.extend_from_slice(INFO_SEALED);
+    info.extend_from_slice(context);
+    let mut key = Zeroizing::new([0u8; 32]);
+    // 32 bytes is far below HKDF-SHA256's limit: expand cannot fail.
+    let _ = hk.expand(&info, &mut key[..]);
+    key
+}
+
+/// Seal `secret` to the holder of `recipient`'s private key (ECIES: a fresh ephemeral P-256 key,
+/// ECDH with the recipient's key, HKDF-SHA256 salted with the ephemeral public key and bound to
+/// `context`, AES-256-GCM with `context` as associated data). Output: ephemeral public key (65
+/// bytes) || nonce (12) || ciphertext || tag. Opened by [`open_sealed`] with the same context only.
+#[cfg(feature = "std")]
+pub fn seal_to(recipient: &p256::PublicKey, context: &[u8], secret: &[u8]) -> Vec<u8> {
+    let ephemeral = p256::SecretKey::random(&mut rand_core::OsRng);
+    let ephemeral_public = public_bytes(&ephemeral.public_key());
+    let key = sealing_key(&ecdh(&ephemeral, recipient), &ephemeral_public, context);
+    let (nonce, ct) = seal(&key, context, secret);
+    let mut out = ephemeral_public;
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    out
+}
+
+/// Open what [`seal_to`] sealed to `recipient`'s public key, with the recipient's private key and
+/// the same `context`; `None` for anything else (no detail: no oracle).
+pub fn open_sealed(
+    recipient: &p256::SecretKey,
+    context: &[u8],
+    sealed: &[u8],
+) -> Option<Zeroizing<Vec<u8>>> {
+    use p256::elliptic_curve::sec1::FromEncodedPoint;
+    if sealed.len() < 65 + 12 + TAG_LEN {
+        return None;
+    }
+    let (ephemeral_public, rest) = sealed.split_at(65);
+    let (nonce, ct) = rest.split_at(12);
+    let point = p256::EncodedPoint::from_bytes(ephemeral_public).ok()?;
+    let ephemeral: p256::PublicKey = Option::from(p256::PublicKey::from_encoded_point(&point))?;
+    let key = sealing_key(&ecdh(recipient, &ephemeral), ephemeral_public, context);
+    open(&key, nonce.try_into().ok()?, context, ct)
+}
+
+/// Fresh random bytes from the OS.
+#[cfg(feature = "std")]
 pub fn random<const N: usize>() -> [u8; N] {
+    random_with(&mut rand_core::OsRng)
+}
+
+/// Fresh random bytes from `rng`.
+pub fn random_with<const N: usize>(rng: &mut dyn CryptoRngCore) -> [u8; N] {
     let mut b = [0u8; N];
-    OsRng.fill_bytes(&mut b);
+    rng.fill_bytes(&mut b);
     b
 }
 
@@ -354,6 +455,7 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand_core::OsRng;
 
     #[test]
     fn seal_open_and_tamper() {

@@ -12,23 +12,26 @@
 //! `Committed` (signed `Installed`) or `RolledBack` (signed `RolledBack`). After a restart the
 //! persisted `pending_install` tells the caller to reconcile and report.
 
-use std::sync::Arc;
+use crate::prelude::*;
 
+use alloc::sync::Arc;
+
+use rand_core::CryptoRngCore;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::crypto::{self, SessionKeys, Transcript};
 use crate::error::ProtocolError;
 use crate::identity::{generate_csr, Identity, PeerCertificate, Role, TrustAnchor};
-use crate::manager::{check_hints, STATUS_AAD_LABEL, UPDATE_AAD_LABEL};
 use crate::manifest::{bounded_text, Manifest, PayloadKind, RejectReason, MAX_REASON_TEXT};
-use crate::merkle::{leaf_hash, verify_proof};
+use crate::mqtt::check_hints;
 use crate::mqtt::{Action, Inbound, Outbound, Properties, CONTENT_TYPE, VERSION_PROPERTY};
 use crate::release::{ReleaseKey, ReleaseSignature};
 use crate::topics::{TopicKind, TopicTree};
 use crate::wire::{
     self, Claim, Have, ReadyBody, ReceiptBody, SignedEnvelope, StatusBody, StatusMsg, UpdateBody,
 };
+use crate::wire::{STATUS_AAD_LABEL, UPDATE_AAD_LABEL};
 use crate::WIRE_VERSION;
 
 /// Campaigns remembered as finished (so a retained notify is not answered again).
@@ -45,6 +48,7 @@ pub struct Bitmap {
 }
 
 mod hex_bytes {
+    use crate::prelude::*;
     use serde::{Deserialize, Deserializer, Serializer};
     pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&hex::encode(v))
@@ -227,6 +231,7 @@ pub struct RolledBackImage {
 }
 
 mod hex_array {
+    use crate::prelude::*;
     use serde::{Deserialize, Deserializer, Serializer};
     pub fn serialize<S: Serializer, const N: usize>(v: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&hex::encode(v))
@@ -241,6 +246,7 @@ mod hex_array {
 }
 
 mod hex_opt_array {
+    use crate::prelude::*;
     use serde::{Deserialize, Deserializer, Serializer};
     pub fn serialize<S: Serializer, const N: usize>(
         v: &Option<[u8; N]>,
@@ -306,7 +312,7 @@ pub struct DeviceConfig {
 /// Where a device session reports the secrets it handles, for tests that scan what a broker saw
 /// for them (as rustls's `KeyLog`). ⚠️ Never set one in production: it exposes every session key,
 /// content key and delivered private key.
-pub trait KeyLog: Send + Sync + std::fmt::Debug {
+pub trait KeyLog: Send + Sync + core::fmt::Debug {
     /// `label`: `session-m2d`, `session-d2m`, `content-key` or `delivered-key` (the delivered
     /// private key's 32-byte scalar).
     fn log(&self, label: &str, session_id: &[u8; 16], secret: &[u8]);
@@ -364,8 +370,8 @@ pub enum DeviceEvent {
     },
 }
 
-impl std::fmt::Debug for DeviceEvent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for DeviceEvent {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             DeviceEvent::UpdateOffered { manifest } => f
                 .debug_struct("UpdateOffered")
@@ -463,10 +469,12 @@ pub struct DeviceSession {
     window_timeout: u64,
     image_complete: bool,
     key_log: Option<Arc<dyn KeyLog>>,
+    /// Ephemeral keys, nonces and AES-GCM nonces of status messages.
+    rng: Box<dyn CryptoRngCore + Send>,
 }
 
-impl std::fmt::Debug for DeviceSession {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for DeviceSession {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("DeviceSession")
             .field("device", &self.config.identity.name())
             .field("state", &self.state)
@@ -476,8 +484,21 @@ impl std::fmt::Debug for DeviceSession {
 }
 
 impl DeviceSession {
-    /// Returns the subscription to this device's notify and update topics.
+    /// Returns the subscription to this device's notify and update topics. Randomness comes from
+    /// the operating system ([`rand_core::OsRng`]).
+    #[cfg(feature = "std")]
     pub fn new(config: DeviceConfig, state: DeviceState) -> (Self, Vec<Action>) {
+        Self::with_rng(config, state, Box::new(rand_core::OsRng))
+    }
+
+    /// As [`DeviceSession::new`], drawing every random value (ephemeral keys, nonces) from `rng`:
+    /// the constructor of `no_std` builds, where the board's hardware RNG (or a CSPRNG seeded
+    /// from it) is passed in.
+    pub fn with_rng(
+        config: DeviceConfig,
+        state: DeviceState,
+        rng: Box<dyn CryptoRngCore + Send>,
+    ) -> (Self, Vec<Action>) {
         let mut state = state;
         if state
             .transfer
@@ -496,6 +517,7 @@ impl DeviceSession {
             window_timeout: DEFAULT_WINDOW_TIMEOUT,
             image_complete: false,
             key_log: None,
+            rng,
         };
         let actions = vec![s.base_subscribe()];
         (s, actions)
@@ -664,9 +686,9 @@ impl DeviceSession {
         let mut out = DeviceOutput::default();
         self.end_session(&mut out);
 
-        let eph = p256::SecretKey::random(&mut rand_core::OsRng);
+        let eph = p256::SecretKey::random(&mut self.rng);
         let eph_pub = crypto::public_bytes(&eph.public_key());
-        let nonce: [u8; 32] = crypto::random();
+        let nonce: [u8; 32] = crypto::random_with(&mut *self.rng);
         let (csr_key, csr) = if body.kind == PayloadKind::CredentialsCsr {
             let (k, c) = generate_csr(Role::Device, &me)?;
             (Some(k), Some(c))
@@ -844,7 +866,7 @@ impl DeviceSession {
         hs.seq += 1;
         let aad = crypto::session_aad(STATUS_AAD_LABEL, &hs.transcript, &hs.seq.to_be_bytes());
         let plain = Zeroizing::new(wire::encode_msg(body));
-        let (nonce, ct) = crypto::seal(&hs.keys.d2m, &aad, &plain);
+        let (nonce, ct) = crypto::seal_with_rng(&mut *self.rng, &hs.keys.d2m, &aad, &plain);
         let sm = StatusMsg {
             v: WIRE_VERSION,
             session_id: hs.session_id,
@@ -1325,17 +1347,7 @@ impl DeviceSession {
         if t.received.get(c.index) {
             return Ok(DeviceOutput::default()); // duplicate
         }
-        if !verify_proof(
-            &t.manifest.merkle_root,
-            c.index,
-            count,
-            leaf_hash(c.index, &c.ct),
-            &c.proof,
-        ) {
-            return Err(ProtocolError::BadProof { index: c.index });
-        }
-        let plain = crypto::decrypt_chunk(key, &c.campaign_id, c.index, count, &c.ct)
-            .ok_or(ProtocolError::Decrypt { message: "chunk" })?;
+        let plain = c.open(key, &t.manifest.merkle_root)?;
         let expected = t.manifest.chunk_len(c.index).unwrap_or(0);
         if plain.len() as u64 != expected {
             return Err(ProtocolError::ChunkOutOfRange {
@@ -1651,7 +1663,18 @@ mod tests {
         update: Inbound,
     }
 
-    fn setup(image_len: usize, chunk: u32) -> Setup {
+    /// A manager session that published its notify, and the configuration of the device it
+    /// notified.
+    struct Notified {
+        manager_id: Arc<Identity>,
+        campaign: Arc<PreparedCampaign>,
+        topics: Arc<TopicTree>,
+        manager: ManagerSession,
+        notify: Inbound,
+        device_config: DeviceConfig,
+    }
+
+    fn notified(image_len: usize, chunk: u32) -> Notified {
         let ca = CertificateAuthority::generate("ca", NOW, 10).unwrap();
         let trust = Arc::new(ca.trust_anchor());
         let topics = Arc::new(TopicTree::new("iot", "p1").unwrap());
@@ -1679,23 +1702,40 @@ mod tests {
             pinned_fingerprint: None,
             allow_downgrade: false,
         };
-        let (mut ms, a) = ManagerSession::start(&cfg, campaign.clone(), target, NOW).unwrap();
-        let (mut dev, _) = DeviceSession::new(
-            DeviceConfig {
-                identity: Arc::new(ca.issue(Role::Device, "s1", NOW, 10).unwrap()),
-                trust,
-                topics: topics.clone(),
-                manager_id: "p1".into(),
-                max_packet_size: 0,
-                window: 2,
-                release_keys: Vec::new(),
-            },
-            DeviceState::new("1.0.0"),
-        );
+        let (manager, a) = ManagerSession::start(&cfg, campaign.clone(), target, NOW).unwrap();
         let Action::Publish(notify) = &a[0] else {
             panic!("notify")
         };
-        let out = dev.handle(&notify.to_inbound(), NOW).unwrap();
+        let device_config = DeviceConfig {
+            identity: Arc::new(ca.issue(Role::Device, "s1", NOW, 10).unwrap()),
+            trust,
+            topics: topics.clone(),
+            manager_id: "p1".into(),
+            max_packet_size: 0,
+            window: 2,
+            release_keys: Vec::new(),
+        };
+        Notified {
+            manager_id,
+            campaign,
+            topics,
+            manager,
+            notify: notify.to_inbound(),
+            device_config,
+        }
+    }
+
+    fn setup(image_len: usize, chunk: u32) -> Setup {
+        let Notified {
+            manager_id,
+            campaign,
+            topics,
+            manager: mut ms,
+            notify,
+            device_config,
+        } = notified(image_len, chunk);
+        let (mut dev, _) = DeviceSession::new(device_config, DeviceState::new("1.0.0"));
+        let out = dev.handle(&notify, NOW).unwrap();
         let Action::Publish(ready) = &out.actions[0] else {
             panic!("ready")
         };
@@ -1710,6 +1750,34 @@ mod tests {
             dev,
             update: update.to_inbound(),
         }
+    }
+
+    #[test]
+    fn with_rng_draws_the_handshake_randomness_from_the_rng_passed_in() {
+        // What a no_std board relies on: the session takes its ephemeral key and nonce from the
+        // RNG it was given, not from the OS. Equally seeded RNGs answer a notify with the same
+        // ready (ECDSA signatures are deterministic), another seed with another one.
+        use rand::SeedableRng;
+        let Notified {
+            notify,
+            device_config,
+            ..
+        } = notified(100, 64);
+        let ready_with_seed = |seed: u64| {
+            let rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let (mut dev, _) = DeviceSession::with_rng(
+                device_config.clone(),
+                DeviceState::new("1.0.0"),
+                Box::new(rng),
+            );
+            let out = dev.handle(&notify, NOW).unwrap();
+            let Action::Publish(ready) = &out.actions[0] else {
+                panic!("ready")
+            };
+            ready.payload.clone()
+        };
+        assert_eq!(ready_with_seed(1), ready_with_seed(1));
+        assert_ne!(ready_with_seed(1), ready_with_seed(2));
     }
 
     fn craft(dev: &DeviceSession, body: &UpdateBody) -> Inbound {

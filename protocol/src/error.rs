@@ -1,6 +1,8 @@
 //! Error types of the crate boundary. Every rejection path returns one of these typed errors; none
 //! panics. Decryption failures are deliberately opaque (no detail that could serve as an oracle).
 
+use crate::prelude::*;
+
 use crate::manifest::RejectReason;
 
 /// Errors about topic names and identifiers.

@@ -1,25 +1,37 @@
 //! Identities: the CA, own identities (certificate + P-256 key) and validation of a peer's
-//! certificate. Owns certificate issuance (rcgen), chain and EKU validation (rustls-webpki) and
-//! reading names, SAN and validity (x509-parser). It must not hand-roll any X.509 logic.
+//! certificate. Owns certificate issuance and CSRs (rcgen, `std` only), chain and EKU validation
+//! (rustls-webpki, with the signatures checked by RustCrypto's p256 so that it needs no ring and
+//! builds for `no_std`) and reading names, SAN, validity and key (x509-cert). It must not
+//! hand-roll any X.509 logic.
 //!
 //! Certificates: P-256, CN = name, SAN URI `urn:sealed-ota:<manager|device>:<name>`, EKU
 //! clientAuth. The role is taken from the SAN URI only, so a device certificate can never be
 //! accepted where a manager is expected.
 
-use std::fmt;
-use std::time::Duration;
+use crate::prelude::*;
+
+use core::fmt;
+use core::time::Duration;
 
 use p256::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, LineEnding};
+#[cfg(feature = "std")]
 use rand_core::{OsRng, RngCore};
+#[cfg(feature = "std")]
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, UnixTime};
+#[cfg(feature = "std")]
+use rustls_pki_types::CertificateSigningRequestDer;
+use rustls_pki_types::{
+    alg_id, AlgorithmIdentifier, CertificateDer, InvalidSignature, SignatureVerificationAlgorithm,
+    UnixTime,
+};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::error::IdentityError;
+#[cfg(feature = "std")]
 use crate::topics::validate_id;
 
 /// Which side a certificate belongs to, read from its SAN URI.
@@ -52,15 +64,18 @@ fn parse_err(what: &'static str, e: impl fmt::Display) -> IdentityError {
     }
 }
 
+#[cfg(feature = "std")]
 fn issue_err(e: impl fmt::Display) -> IdentityError {
     IdentityError::Issue(e.to_string())
 }
 
+#[cfg(feature = "std")]
 fn offset_time(secs: u64) -> Result<time::OffsetDateTime, IdentityError> {
     let secs = i64::try_from(secs).map_err(issue_err)?;
     time::OffsetDateTime::from_unix_timestamp(secs).map_err(issue_err)
 }
 
+#[cfg(feature = "std")]
 fn random_serial() -> SerialNumber {
     let mut s = [0u8; 16];
     OsRng.fill_bytes(&mut s);
@@ -69,11 +84,13 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&s)
 }
 
+#[cfg(feature = "std")]
 fn rcgen_key(secret: &p256::SecretKey) -> Result<KeyPair, IdentityError> {
     let der = secret.to_pkcs8_der().map_err(issue_err)?;
     KeyPair::try_from(der.as_bytes()).map_err(issue_err)
 }
 
+#[cfg(feature = "std")]
 fn leaf_params(
     role: Role,
     name: &str,
@@ -109,29 +126,43 @@ struct CertFacts {
 }
 
 fn read_cert(der: &[u8]) -> Result<CertFacts, IdentityError> {
-    use x509_parser::extensions::GeneralName;
-    let (rest, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|e| parse_err("certificate", e))?;
-    if !rest.is_empty() {
-        return Err(parse_err(
-            "certificate",
-            "trailing bytes after the certificate",
-        ));
-    }
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|a| a.as_str().ok())
-        .ok_or_else(|| IdentityError::MissingIdentity("no common name".into()))?
-        .to_string();
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| parse_err("subjectAltName", e))?
+    use x509_cert::der::asn1::{Ia5StringRef, PrintableStringRef, Utf8StringRef};
+    use x509_cert::der::oid::db::{rfc4519::CN, rfc5280::ID_CE_SUBJECT_ALT_NAME};
+    use x509_cert::der::{Decode, Encode};
+    use x509_cert::ext::pkix::{name::GeneralName, SubjectAltName};
+    // `from_der` refuses trailing bytes after the certificate.
+    let cert = x509_cert::Certificate::from_der(der).map_err(|e| parse_err("certificate", e))?;
+    let tbs = &cert.tbs_certificate;
+    let cn = tbs
+        .subject
+        .0
+        .iter()
+        .flat_map(|rdn| rdn.0.iter())
+        .find(|atv| atv.oid == CN)
+        .and_then(|atv| {
+            let v = &atv.value;
+            v.decode_as::<Utf8StringRef<'_>>()
+                .map(|s| s.as_str().to_string())
+                .or_else(|_| {
+                    v.decode_as::<PrintableStringRef<'_>>()
+                        .map(|s| s.to_string())
+                })
+                .or_else(|_| v.decode_as::<Ia5StringRef<'_>>().map(|s| s.to_string()))
+                .ok()
+        })
+        .ok_or_else(|| IdentityError::MissingIdentity("no common name".into()))?;
+    let san_ext = tbs
+        .extensions
+        .iter()
+        .flatten()
+        .find(|e| e.extn_id == ID_CE_SUBJECT_ALT_NAME)
         .ok_or_else(|| IdentityError::MissingIdentity("no subjectAltName".into()))?;
+    let san = SubjectAltName::from_der(san_ext.extn_value.as_bytes())
+        .map_err(|e| parse_err("subjectAltName", e))?;
     let mut found: Option<(Role, String)> = None;
-    for gn in &san.value.general_names {
-        if let GeneralName::URI(uri) = gn {
+    for gn in &san.0 {
+        if let GeneralName::UniformResourceIdentifier(uri) = gn {
+            let uri = uri.as_str();
             if let Some(rest) = uri.strip_prefix("urn:sealed-ota:") {
                 let (role, name) = rest
                     .split_once(':')
@@ -157,9 +188,13 @@ fn read_cert(der: &[u8]) -> Result<CertFacts, IdentityError> {
             "CN {cn:?} differs from URI {name:?}"
         )));
     }
-    let not_after = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
-    let public_key = p256::PublicKey::from_public_key_der(cert.public_key().raw)
-        .map_err(|_| IdentityError::UnsupportedKey)?;
+    let not_after = tbs.validity.not_after.to_unix_duration().as_secs();
+    let spki = tbs
+        .subject_public_key_info
+        .to_der()
+        .map_err(|e| parse_err("subjectPublicKeyInfo", e))?;
+    let public_key =
+        p256::PublicKey::from_public_key_der(&spki).map_err(|_| IdentityError::UnsupportedKey)?;
     Ok(CertFacts {
         name,
         role,
@@ -168,6 +203,7 @@ fn read_cert(der: &[u8]) -> Result<CertFacts, IdentityError> {
     })
 }
 
+#[cfg(feature = "manager")]
 /// Expiry (Unix seconds) of a certificate this crate can read (not a trust decision).
 pub(crate) fn cert_not_after(der: &[u8]) -> Result<u64, IdentityError> {
     read_cert(der).map(|f| f.not_after)
@@ -178,6 +214,7 @@ pub(crate) fn cert_public_key(der: &[u8]) -> Result<p256::PublicKey, IdentityErr
     read_cert(der).map(|f| f.public_key)
 }
 
+#[cfg(feature = "std")]
 fn decode_pem_cert(pem: &str) -> Result<Vec<u8>, IdentityError> {
     let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
         .map_err(|e| parse_err("certificate PEM", e))?;
@@ -202,13 +239,14 @@ fn der_to_pem(der: &[u8]) -> String {
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
     for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push_str(core::str::from_utf8(line).unwrap_or_default());
         out.push('\n');
     }
     out.push_str("-----END CERTIFICATE-----\n");
     out
 }
 
+#[cfg(feature = "std")]
 fn parse_secret_pem(key_pem: &str) -> Result<p256::SecretKey, IdentityError> {
     p256::SecretKey::from_pkcs8_pem(key_pem)
         .or_else(|_| p256::SecretKey::from_sec1_pem(key_pem))
@@ -222,7 +260,8 @@ fn fingerprint(der: &[u8]) -> [u8; 32] {
     Sha256::digest(der).into()
 }
 
-/// The certificate authority: issues manager and device certificates.
+/// The certificate authority: issues manager and device certificates (`std` only: rcgen).
+#[cfg(feature = "std")]
 pub struct CertificateAuthority {
     issuer: rcgen::Certificate,
     key: KeyPair,
@@ -230,6 +269,7 @@ pub struct CertificateAuthority {
     cert_der: Vec<u8>,
 }
 
+#[cfg(feature = "std")]
 impl fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CertificateAuthority")
@@ -238,6 +278,7 @@ impl fmt::Debug for CertificateAuthority {
     }
 }
 
+#[cfg(feature = "std")]
 impl CertificateAuthority {
     /// Generate a new self-signed P-256 CA.
     pub fn generate(
@@ -403,6 +444,7 @@ impl Identity {
     }
 
     /// Load from a PEM certificate and a PKCS#8 or SEC1 PEM key.
+    #[cfg(feature = "std")]
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, IdentityError> {
         let der = decode_pem_cert(cert_pem)?;
         let secret = parse_secret_pem(key_pem)?;
@@ -456,6 +498,21 @@ impl Identity {
     pub fn not_after(&self) -> u64 {
         self.not_after
     }
+    /// Seal `secret` so that only a holder of this identity's private key opens it, bound to
+    /// `context` (ECIES, see [`crate::crypto::seal_to`]): for material the replicas of one manager
+    /// share through a store they do not fully trust, such as a campaign's content seed.
+    #[cfg(feature = "std")]
+    pub fn seal_to_self(&self, context: &[u8], secret: &[u8]) -> Vec<u8> {
+        crate::crypto::seal_to(&self.secret.public_key(), context, secret)
+    }
+
+    /// Open what [`Identity::seal_to_self`] sealed with this identity and the same `context`;
+    /// `None` otherwise.
+    pub fn open_sealed(&self, context: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        crate::crypto::open_sealed(&self.secret, context, sealed)
+    }
+
+    #[cfg(any(feature = "device", feature = "manager"))]
     pub(crate) fn secret(&self) -> &p256::SecretKey {
         &self.secret
     }
@@ -509,6 +566,7 @@ impl PeerCertificate {
 
 impl TrustAnchor {
     /// From the CA certificate PEM.
+    #[cfg(feature = "std")]
     pub fn from_pem(ca_pem: &str) -> Result<Self, IdentityError> {
         Self::from_der(&decode_pem_cert(ca_pem)?)
     }
@@ -535,7 +593,7 @@ impl TrustAnchor {
         let leaf = CertificateDer::from(cert_der);
         let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| parse_err("certificate", e))?;
         ee.verify_for_usage(
-            &[webpki::ring::ECDSA_P256_SHA256],
+            &[&P256Sha256],
             &[anchor],
             &[],
             UnixTime::since_unix_epoch(Duration::from_secs(now)),
@@ -567,7 +625,52 @@ impl TrustAnchor {
     }
 }
 
+/// ECDSA P-256 with SHA-256 for rustls-webpki's chain validation, checked by RustCrypto's p256
+/// (the algorithm the CA signs with; webpki's own implementations need ring, which does not
+/// build for every microcontroller).
+#[derive(Debug)]
+struct P256Sha256;
+
+impl SignatureVerificationAlgorithm for P256Sha256 {
+    fn verify_signature(
+        &self,
+        public_key: &[u8],
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), InvalidSignature> {
+        use p256::ecdsa::signature::Verifier;
+        let key =
+            p256::ecdsa::VerifyingKey::from_sec1_bytes(public_key).map_err(|_| InvalidSignature)?;
+        let signature =
+            p256::ecdsa::Signature::from_der(signature).map_err(|_| InvalidSignature)?;
+        key.verify(message, &signature)
+            .map_err(|_| InvalidSignature)
+    }
+
+    fn public_key_alg_id(&self) -> AlgorithmIdentifier {
+        alg_id::ECDSA_P256
+    }
+
+    fn signature_alg_id(&self) -> AlgorithmIdentifier {
+        alg_id::ECDSA_SHA256
+    }
+}
+
 /// A fresh key and its PKCS#10 CSR naming `name` in `role` (device side of the CSR rotation mode).
+/// Without `std` (no rcgen) this returns [`IdentityError::Csr`]: such a device rotates with
+/// delivered keys only.
+#[cfg(not(feature = "std"))]
+pub fn generate_csr(
+    _role: Role,
+    _name: &str,
+) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), IdentityError> {
+    Err(IdentityError::Csr(
+        "generating a CSR needs the `std` feature (rcgen)".into(),
+    ))
+}
+
+/// A fresh key and its PKCS#10 CSR naming `name` in `role` (device side of the CSR rotation mode).
+#[cfg(feature = "std")]
 pub fn generate_csr(
     role: Role,
     name: &str,
@@ -594,6 +697,46 @@ mod tests {
     use super::*;
 
     const NOW: u64 = 1_800_000_000;
+
+    #[test]
+    fn a_secret_sealed_to_an_identity_opens_only_with_its_key_and_context() {
+        let ca = CertificateAuthority::generate("ca", NOW, 10).unwrap();
+        let manager = ca.issue(Role::Manager, "m1", NOW, 1).unwrap();
+        let sealed = manager.seal_to_self(b"campaign-uid-1", b"thirty-two bytes of seed material");
+        assert_eq!(
+            manager
+                .open_sealed(b"campaign-uid-1", &sealed)
+                .as_deref()
+                .map(Vec::as_slice),
+            Some(&b"thirty-two bytes of seed material"[..])
+        );
+        assert_ne!(
+            sealed,
+            manager.seal_to_self(b"campaign-uid-1", b"thirty-two bytes of seed material"),
+            "fresh ephemeral key and nonce each time"
+        );
+        assert!(
+            manager.open_sealed(b"campaign-uid-2", &sealed).is_none(),
+            "bound to its context"
+        );
+        let other = ca.issue(Role::Manager, "m2", NOW, 1).unwrap();
+        assert!(
+            other.open_sealed(b"campaign-uid-1", &sealed).is_none(),
+            "another key"
+        );
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 0x40;
+            assert!(
+                manager.open_sealed(b"campaign-uid-1", &bad).is_none(),
+                "byte {i} changed"
+            );
+        }
+        assert!(manager
+            .open_sealed(b"campaign-uid-1", &sealed[..sealed.len() - 1])
+            .is_none());
+        assert!(manager.open_sealed(b"campaign-uid-1", &[]).is_none());
+    }
 
     #[test]
     fn issue_and_verify() {
@@ -653,6 +796,37 @@ mod tests {
                 .verify(b"garbage", Role::Device, "s1", NOW),
             Err(IdentityError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn a_certificate_altered_after_issuance_fails_the_chain() {
+        // The CA's signature binds the names: a certificate whose CN and SAN URI were rewritten
+        // to another device (same length, consistent, so only the signature can tell) must not
+        // verify, nor one whose signature was altered.
+        let ca = CertificateAuthority::generate("ca", NOW, 10).unwrap();
+        let dev = ca.issue(Role::Device, "victim", NOW, 1).unwrap();
+        let der = dev.cert_der().to_vec();
+        let forged =
+            hex::decode(hex::encode(&der).replace(&hex::encode("victim"), &hex::encode("attack")))
+                .unwrap();
+        assert_ne!(forged, der);
+        assert_eq!(cert_public_key(&forged).unwrap(), dev.secret().public_key());
+        assert!(matches!(
+            ca.trust_anchor()
+                .verify(&forged, Role::Device, "attack", NOW),
+            Err(IdentityError::Chain(_))
+        ));
+        let mut bad_signature = der.clone();
+        let n = bad_signature.len();
+        bad_signature[n - 3] ^= 1;
+        assert!(matches!(
+            ca.trust_anchor()
+                .verify(&bad_signature, Role::Device, "victim", NOW),
+            Err(IdentityError::Chain(_))
+        ));
+        ca.trust_anchor()
+            .verify(&der, Role::Device, "victim", NOW)
+            .unwrap();
     }
 
     #[test]

@@ -19,31 +19,49 @@
 //! [`DeviceEvent::ImageComplete`] [`DeviceSession::stage_install`], the switch, then
 //! [`DeviceSession::report_final`] (or [`DeviceSession::finish_install`] in one step); persist
 //! [`DeviceSession::state`]. Release keys: [`release`] (`sealed-ota release keygen/sign` use it).
+//!
+//! Features: `std` (default) adds what needs an operating system (OsRng, PEM, CSR generation,
+//! certificate issuance); `manager` (default, needs `std`) the update manager; `device` (default)
+//! the device session, which builds for `no_std` + `alloc` (`--no-default-features --features
+//! device`, checked by `make no-std`), where the caller passes its RNG in
+//! ([`DeviceSession::with_rng`]).
+#![cfg_attr(not(feature = "std"), no_std)]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+extern crate alloc;
+
 mod codec;
 pub mod crypto;
+#[cfg(feature = "device")]
 pub mod device;
 pub mod error;
 pub mod identity;
+#[cfg(feature = "manager")]
 pub mod manager;
 pub mod manifest;
 pub mod merkle;
 pub mod mqtt;
+mod prelude;
 pub mod release;
+#[cfg(feature = "manager")]
 pub mod sealer;
 pub mod topics;
+#[cfg(feature = "manager")]
 pub mod vectors;
 pub mod wire;
 
+#[cfg(feature = "device")]
 pub use device::{
     AbortRecord, Bitmap, Completion, DeviceConfig, DeviceEvent, DeviceOutput, DeviceSession,
     DeviceState, FinalOutcome, InstalledImage, KeyLog, PendingInstall, RolledBackImage,
     SessionBinding, TransferState,
 };
 pub use error::{IdentityError, ProtocolError, TopicError};
-pub use identity::{CertificateAuthority, Identity, PeerCertificate, Role, TrustAnchor};
+#[cfg(feature = "std")]
+pub use identity::CertificateAuthority;
+pub use identity::{Identity, PeerCertificate, Role, TrustAnchor};
+#[cfg(feature = "manager")]
 pub use manager::{
     abort_publish, CampaignPayload, CampaignSpec, DeviceTarget, HealthReport, HealthVerifier,
     IssuedCertificate, ManagerConfig, ManagerEvent, ManagerOutput, ManagerSession, ManagerState,
@@ -52,9 +70,13 @@ pub use manager::{
 pub use manifest::{bounded_text, Manifest, PayloadKind, RejectReason};
 pub use mqtt::{Action, Inbound, Outbound, Properties};
 pub use release::{ReleaseKey, ReleaseSignature, ReleaseSigner};
+#[cfg(feature = "manager")]
 pub use sealer::{ChunkSealer, SealedFirmware, MAX_PREPARE_THREADS};
 pub use topics::{TopicKind, TopicTree};
 pub use wire::{verify_receipt, Claim, HealthBody, ReceiptBody};
+
+/// The RNG traits of [`DeviceSession::with_rng`] (the version this crate is built with).
+pub use rand_core;
 
 /// Version of the wire format spoken by this crate (2: receipts, signed abort, release signatures).
 pub const WIRE_VERSION: u8 = 2;

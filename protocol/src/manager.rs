@@ -4,7 +4,9 @@
 //! manager to republish, and the signed abort. It performs no I/O: actions are returned to the
 //! caller.
 
-use std::sync::Arc;
+use crate::prelude::*;
+
+use alloc::sync::Arc;
 
 use crate::crypto::{self, SessionKeys, Transcript};
 use crate::error::ProtocolError;
@@ -13,7 +15,9 @@ use crate::manifest::{
     bounded_text, check_version, Manifest, PayloadKind, RejectReason, MAX_REASON_TEXT,
     MAX_VERSION_TEXT,
 };
-use crate::mqtt::{Action, Inbound, Outbound, Properties, CONTENT_TYPE, VERSION_PROPERTY};
+use crate::mqtt::{
+    check_hints, Action, Inbound, Outbound, Properties, CONTENT_TYPE, VERSION_PROPERTY,
+};
 use crate::release::ReleaseSignature;
 use crate::sealer::SealedFirmware;
 use crate::topics::{validate_id, TopicKind, TopicTree};
@@ -22,13 +26,7 @@ use crate::wire::{
 };
 use crate::WIRE_VERSION;
 
-/// AAD label of the update message.
-pub const UPDATE_AAD_LABEL: &[u8] = b"sealed-ota/v2/update";
-/// AAD label of status messages.
-pub const STATUS_AAD_LABEL: &[u8] = b"sealed-ota/v2/status";
-/// Bytes an MQTT 5 PUBLISH adds around topic and payload, at most: fixed header (1) + remaining
-/// length (4) + topic length (2) + packet id (2) + property length (1) + our properties.
-pub const PUBLISH_OVERHEAD: usize = 10;
+pub use crate::wire::{PUBLISH_OVERHEAD, STATUS_AAD_LABEL, UPDATE_AAD_LABEL};
 /// Validity of certificates issued by rotations when the spec says 0.
 pub const DEFAULT_VALIDITY_DAYS: u32 = 365;
 /// Most chunk indices one `ChunksRequested` republishes (the rest of the request is ignored; a
@@ -64,8 +62,8 @@ pub enum CampaignPayload {
     },
 }
 
-impl std::fmt::Debug for CampaignPayload {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for CampaignPayload {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             CampaignPayload::Firmware { image } => write!(f, "Firmware({} bytes)", image.len()),
             CampaignPayload::Sealed(sealed) => write!(f, "Sealed({} bytes)", sealed.size()),
@@ -128,8 +126,8 @@ pub struct PreparedCampaign {
     pull: bool,
 }
 
-impl std::fmt::Debug for PreparedCampaign {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for PreparedCampaign {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("PreparedCampaign")
             .field("campaign_id", &self.campaign_id)
             .field("target_version", &self.target_version)
@@ -579,8 +577,8 @@ pub struct HealthVerifier {
     sha256: [u8; 32],
 }
 
-impl std::fmt::Debug for HealthVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for HealthVerifier {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("HealthVerifier")
             .field("device", &self.device_id)
             .field("campaign", &self.campaign_id)
@@ -650,8 +648,8 @@ pub struct IssuedCertificate {
     pub not_after: u64,
 }
 
-impl std::fmt::Debug for ManagerSession {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for ManagerSession {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("ManagerSession")
             .field("device", &self.target.device_id)
             .field("campaign", &self.campaign.campaign_id)
@@ -668,37 +666,6 @@ fn hint_properties(response_topic: Option<String>, session_id: &[u8; 16]) -> Pro
         user_properties: vec![(VERSION_PROPERTY.to_string(), WIRE_VERSION.to_string())],
         content_type: Some(CONTENT_TYPE.to_string()),
     }
-}
-
-/// Compare broker-alterable hints with authenticated values; a present but different hint is a
-/// typed error. Absent hints are fine (a broker may strip properties).
-pub(crate) fn check_hints(
-    props: &Properties,
-    expected_response_topic: Option<&str>,
-    session_id: &[u8; 16],
-) -> Result<(), ProtocolError> {
-    if let (Some(got), Some(exp)) = (props.response_topic.as_deref(), expected_response_topic) {
-        if got != exp {
-            return Err(ProtocolError::HintMismatch {
-                field: "response_topic",
-            });
-        }
-    }
-    if let Some(cd) = &props.correlation_data {
-        if cd.as_slice() != session_id {
-            return Err(ProtocolError::HintMismatch {
-                field: "correlation_data",
-            });
-        }
-    }
-    for (k, v) in &props.user_properties {
-        if k == VERSION_PROPERTY && v != &WIRE_VERSION.to_string() {
-            return Err(ProtocolError::HintMismatch {
-                field: "user_property sealed-ota-version",
-            });
-        }
-    }
-    Ok(())
 }
 
 /// The signed abort of `campaign_id` for `device_id` (retained, on the device's notify topic, in

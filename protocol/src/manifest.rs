@@ -2,6 +2,8 @@
 //! update. Owns anti-rollback (SemVer precedence) and expiry rules, and the bounding of the
 //! device-controlled text a reason may carry; signing and transport live elsewhere.
 
+use crate::prelude::*;
+
 use serde::{Deserialize, Serialize};
 
 use crate::release::ReleaseSignature;
@@ -73,7 +75,7 @@ pub struct Manifest {
     /// retained (large images): the device requests each window as it subscribes to it. Absent
     /// (false): every chunk is retained from the start and a device asks only for what did not
     /// arrive in time.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
     pub pull: bool,
 }
 
@@ -113,8 +115,8 @@ pub enum RejectReason {
     ReleaseSignature(String),
 }
 
-impl std::fmt::Display for RejectReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             RejectReason::NotNewer { running, offered } => {
                 write!(

@@ -6,6 +6,8 @@
 //! A node without a sibling at some level is promoted unchanged (no duplication, so no
 //! CVE-2012-2459-style ambiguity; the count is fixed by the signed manifest).
 
+use crate::prelude::*;
+
 use sha2::{Digest, Sha256};
 
 /// Longest proof accepted (a u32 count needs at most 32 levels).

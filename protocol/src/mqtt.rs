@@ -1,6 +1,11 @@
 //! Plain-data view of MQTT 5 messages: what the sessions consume and produce. No client library and
 //! no I/O here; the operator and the emulator map these to their MQTT client. QoS is always 1.
 
+use crate::prelude::*;
+
+use crate::error::ProtocolError;
+use crate::WIRE_VERSION;
+
 /// The MQTT 5 properties the protocol uses. All of them are broker-alterable hints.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Properties {
@@ -38,8 +43,8 @@ pub struct Outbound {
     pub properties: Properties,
 }
 
-impl std::fmt::Debug for Outbound {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         // Payloads are ciphertext or signed public data, but can be large: print the length only.
         f.debug_struct("Outbound")
             .field("topic", &self.topic)
@@ -76,3 +81,35 @@ pub enum Action {
 pub const VERSION_PROPERTY: &str = "sealed-ota-version";
 /// Content type of every protocol payload.
 pub const CONTENT_TYPE: &str = "application/vnd.sealed-ota.v2+cbor";
+
+/// Compare broker-alterable hints with authenticated values; a present but different hint is a
+/// typed error. Absent hints are fine (a broker may strip properties).
+#[cfg(any(feature = "device", feature = "manager"))]
+pub(crate) fn check_hints(
+    props: &Properties,
+    expected_response_topic: Option<&str>,
+    session_id: &[u8; 16],
+) -> Result<(), ProtocolError> {
+    if let (Some(got), Some(exp)) = (props.response_topic.as_deref(), expected_response_topic) {
+        if got != exp {
+            return Err(ProtocolError::HintMismatch {
+                field: "response_topic",
+            });
+        }
+    }
+    if let Some(cd) = &props.correlation_data {
+        if cd.as_slice() != session_id {
+            return Err(ProtocolError::HintMismatch {
+                field: "correlation_data",
+            });
+        }
+    }
+    for (k, v) in &props.user_properties {
+        if k == VERSION_PROPERTY && v != &WIRE_VERSION.to_string() {
+            return Err(ProtocolError::HintMismatch {
+                field: "user_property sealed-ota-version",
+            });
+        }
+    }
+    Ok(())
+}

@@ -9,7 +9,9 @@
 //! Statement: `"sealed-ota/v2/release" || lp(version) || size u64 BE || sha256`, with `lp(x) = len(x)
 //! u32 BE || x`. Signature: ECDSA P-256 / SHA-256 over the statement, 64 bytes r||s, low S.
 
-use std::fmt;
+use crate::prelude::*;
+
+use core::fmt;
 
 use p256::pkcs8::{
     DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding,
@@ -121,13 +123,15 @@ impl fmt::Debug for ReleaseSigner {
 }
 
 impl ReleaseSigner {
-    /// A fresh random key.
+    /// A fresh random key from the operating system's RNG.
+    #[cfg(feature = "std")]
     pub fn generate() -> Self {
         Self {
             secret: p256::SecretKey::random(&mut rand_core::OsRng),
         }
     }
 
+    #[cfg(feature = "manager")]
     /// From a secret scalar (test vectors).
     pub(crate) fn from_secret(secret: p256::SecretKey) -> Self {
         Self { secret }
@@ -248,7 +252,7 @@ mod tests {
         let sha = [7u8; 32];
         let sig = signer.sign("1.2.0", 1000, &sha);
         assert_eq!(
-            ReleaseSignature::check(Some(&sig), std::slice::from_ref(&key), "1.2.0", 1000, &sha),
+            ReleaseSignature::check(Some(&sig), core::slice::from_ref(&key), "1.2.0", 1000, &sha),
             Ok(key.id())
         );
         assert!(sig.verifies_for("1.2.0", 1000, &sha));
@@ -258,7 +262,7 @@ mod tests {
             ("1.2.0", 1000, [8u8; 32]),
         ] {
             assert!(
-                ReleaseSignature::check(Some(&sig), std::slice::from_ref(&key), v, size, &h)
+                ReleaseSignature::check(Some(&sig), core::slice::from_ref(&key), v, size, &h)
                     .is_err()
             );
         }

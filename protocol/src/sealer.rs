@@ -7,7 +7,9 @@
 //! ([`SealedFirmware::chunk_payload`]). Neither holds the image or its ciphertext, so preparing
 //! and serving a 1 GiB image costs the manager about 1 MiB of memory (leaves and tree). No I/O.
 
-use std::sync::Arc;
+use crate::prelude::*;
+
+use alloc::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -39,8 +41,8 @@ pub struct ChunkSealer {
     threads: usize,
 }
 
-impl std::fmt::Debug for ChunkSealer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for ChunkSealer {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("ChunkSealer")
             .field("stream_id", &self.stream_id)
             .field("chunk_size", &self.chunk_size)
@@ -92,6 +94,17 @@ impl ChunkSealer {
         })
     }
 
+    /// Seal under `content_key` instead of the fresh one drawn by [`ChunkSealer::new`]: several
+    /// manager replicas that must publish the same chunks derive it from the campaign's secret seed
+    /// with [`crypto::seeded_content_key`], bound to this exact image's SHA-256, so that one key
+    /// never encrypts two images (index-derived nonces). The caller checks after
+    /// [`ChunkSealer::finish`] that the image it sealed has that digest.
+    pub fn with_content_key(mut self, content_key: Zeroizing<[u8; 32]>) -> Self {
+        self.cipher = ChunkCipher::new(&content_key);
+        self.content_key = content_key;
+        self
+    }
+
     /// Seal on at most `threads` threads (at least 1); the output does not depend on it.
     pub fn with_threads(mut self, threads: usize) -> Self {
         self.threads = threads.max(1);
@@ -133,7 +146,7 @@ impl ChunkSealer {
         let first = self.next;
         let count = self.count;
         let (cipher, id) = (&self.cipher, self.stream_id.as_str());
-        let seal_range = |range: std::ops::Range<usize>| {
+        let seal_range = |range: core::ops::Range<usize>| {
             let mut cts = Vec::with_capacity(
                 chunks[range.clone()]
                     .iter()
@@ -222,8 +235,8 @@ pub struct SealedFirmware {
     tree: Arc<MerkleTree>,
 }
 
-impl std::fmt::Debug for SealedFirmware {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for SealedFirmware {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("SealedFirmware")
             .field("stream_id", &self.stream_id)
             .field("size", &self.size)
@@ -311,6 +324,30 @@ impl SealedFirmware {
         payload.extend_from_slice(ct);
         ChunkMsg::encode_tail(&mut payload, &self.tree.proof(index));
         Some(payload)
+    }
+
+    /// Opens one of this image's chunk messages as a device does (decode, proof, decrypt):
+    /// `(index, plaintext)`. For checks and benchmarks on the manager's side, which holds the
+    /// content key anyway.
+    pub fn open_chunk_payload(
+        &self,
+        payload: &[u8],
+    ) -> Result<(u32, Zeroizing<Vec<u8>>), ProtocolError> {
+        let c = wire::decode_chunk(payload)?;
+        if c.campaign_id != self.stream_id {
+            return Err(ProtocolError::WrongCampaign {
+                expected: self.stream_id.clone(),
+                got: c.campaign_id,
+            });
+        }
+        if c.index >= self.count || c.count != self.count {
+            return Err(ProtocolError::ChunkOutOfRange {
+                index: c.index,
+                count: self.count,
+            });
+        }
+        c.open(&self.content_key, &self.merkle_root())
+            .map(|plain| (c.index, plain))
     }
 
     /// Bytes of chunk `index`'s message (what publishing it once costs), without building it.
@@ -441,5 +478,34 @@ mod tests {
         let a = ChunkSealer::new("c", 10, 25).unwrap();
         let b = ChunkSealer::new("c", 10, 25).unwrap();
         assert_ne!(*a.content_key, *b.content_key);
+    }
+
+    #[test]
+    fn chunk_messages_open_to_the_image_and_a_changed_byte_is_refused() {
+        let image: Vec<u8> = (0..2500u32).map(|i| (i * 7) as u8).collect();
+        let (sealed, cts) = SealedFirmware::seal_all("c", 1000, &image).unwrap();
+        let mut opened = Vec::new();
+        for index in 0..sealed.chunk_count() {
+            let start = sealed.ciphertext_offset(index) as usize;
+            let ct = &cts[start..start + sealed.ciphertext_len(index)];
+            let payload = sealed.chunk_payload(index, ct).unwrap();
+            let (i, plain) = sealed.open_chunk_payload(&payload).unwrap();
+            assert_eq!(i, index);
+            opened.extend_from_slice(&plain);
+            // Any changed ciphertext byte fails the proof before any decryption.
+            let mut changed = payload.clone();
+            let at = payload.len() / 2;
+            changed[at] ^= 1;
+            assert!(sealed.open_chunk_payload(&changed).is_err());
+        }
+        assert_eq!(opened, image);
+        let (other, other_cts) = SealedFirmware::seal_all("d", 1000, &image).unwrap();
+        let foreign = other
+            .chunk_payload(0, &other_cts[..other.ciphertext_len(0)])
+            .unwrap();
+        assert!(matches!(
+            sealed.open_chunk_payload(&foreign),
+            Err(ProtocolError::WrongCampaign { .. })
+        ));
     }
 }

@@ -6,6 +6,8 @@
 //! is accepted, but MQTT 5 section 4.7.2 reserves topics starting with `$` for the broker, and
 //! Mosquitto's persistence does not keep retained `$` topics: prefer `iot`.
 
+use crate::prelude::*;
+
 use crate::error::TopicError;
 
 /// Default topic prefix.

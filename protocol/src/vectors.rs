@@ -4,6 +4,8 @@
 //! `SEALED_OTA_REGEN_VECTORS=1 cargo test -p sealed-ota-protocol --test vectors`).
 //! Only fixed, public test keys appear here.
 
+use crate::prelude::*;
+
 use serde_json::{json, Value};
 
 use crate::crypto::{self, Transcript};
@@ -41,7 +43,7 @@ pub fn key_schedule() -> Value {
     let ss = crypto::ecdh(&ms, &ds.public_key());
     let keys = crypto::derive_session_keys(&th, &ee, &ss);
     let update_nonce = [0x36u8; 12];
-    let aad = crypto::session_aad(crate::manager::UPDATE_AAD_LABEL, &th, &[]);
+    let aad = crypto::session_aad(crate::wire::UPDATE_AAD_LABEL, &th, &[]);
     let ct = crypto::seal_with_nonce(&keys.m2d, &update_nonce, &aad, b"sealed-ota update body");
     json!({
         "description": "Transcript hash, ECDH and HKDF-SHA256 session keys (salt = transcript hash, ikm = ECDH(eph,eph) || ECDH(static,static))",

@@ -5,17 +5,26 @@
 //! delivered private key (the update body) are encoded and decoded without leaving copies behind
 //! (exact-size encoding, a zeroized decode scratch).
 
+use crate::prelude::*;
+
 use serde::{Deserialize, Serialize};
 
 use zeroize::Zeroizing;
 
-use crate::codec::{
-    decode, decode_secret, encode, encode_secret, write_head, write_text, MAJOR_ARRAY, MAJOR_BYTES,
-    MAJOR_MAP, MAJOR_UINT,
-};
+use crate::codec::{decode, decode_secret, encode, encode_secret};
+#[cfg(feature = "manager")]
+use crate::codec::{write_head, write_text, MAJOR_ARRAY, MAJOR_BYTES, MAJOR_MAP, MAJOR_UINT};
 use crate::error::ProtocolError;
 use crate::manifest::{PayloadKind, RejectReason};
 use crate::WIRE_VERSION;
+
+/// AAD label of the update message.
+pub const UPDATE_AAD_LABEL: &[u8] = b"sealed-ota/v2/update";
+/// AAD label of status messages.
+pub const STATUS_AAD_LABEL: &[u8] = b"sealed-ota/v2/status";
+/// Bytes an MQTT 5 PUBLISH adds around topic and payload, at most: fixed header (1) + remaining
+/// length (4) + topic length (2) + packet id (2) + property length (1) + our properties.
+pub const PUBLISH_OVERHEAD: usize = 10;
 
 /// Message type byte: notify (manager → device, signed).
 pub const TYPE_NOTIFY: u8 = 1;
@@ -266,8 +275,8 @@ pub enum UpdateBody {
     },
 }
 
-impl std::fmt::Debug for UpdateBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for UpdateBody {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             UpdateBody::Firmware { .. } => f.write_str("UpdateBody::Firmware(<redacted>)"),
             UpdateBody::Credentials { .. } => f.write_str("UpdateBody::Credentials(<redacted>)"),
@@ -456,6 +465,29 @@ pub struct ChunkMsg {
 }
 
 impl ChunkMsg {
+    /// The plaintext of this chunk of the image whose chunks hash to `merkle_root`, sealed under
+    /// `content_key`: its Merkle proof first, then AES-GCM (what a device does with every chunk
+    /// it receives). The caller checks index and count against the manifest first.
+    pub fn open(
+        &self,
+        content_key: &[u8; 32],
+        merkle_root: &[u8; 32],
+    ) -> Result<Zeroizing<Vec<u8>>, ProtocolError> {
+        let leaf = crate::merkle::leaf_hash(self.index, &self.ct);
+        if !crate::merkle::verify_proof(merkle_root, self.index, self.count, leaf, &self.proof) {
+            return Err(ProtocolError::BadProof { index: self.index });
+        }
+        crate::crypto::decrypt_chunk(
+            content_key,
+            &self.campaign_id,
+            self.index,
+            self.count,
+            &self.ct,
+        )
+        .ok_or(ProtocolError::Decrypt { message: "chunk" })
+    }
+
+    #[cfg(feature = "manager")]
     /// Append the CBOR encoding of a chunk message up to and including the head of its `ct` byte
     /// string of `ct_len` bytes; the ciphertext follows, then [`ChunkMsg::encode_tail`]. Together
     /// they write exactly what `encode_msg(&ChunkMsg { .. })` writes (a test pins it), without a
@@ -480,6 +512,7 @@ impl ChunkMsg {
         write_head(out, MAJOR_BYTES, ct_len as u64);
     }
 
+    #[cfg(feature = "manager")]
     /// Append the rest of a chunk message after its ciphertext: the Merkle proof.
     pub(crate) fn encode_tail(out: &mut Vec<u8>, proof: &[[u8; 32]]) {
         write_text(out, "proof");
@@ -506,7 +539,7 @@ pub(crate) fn chunk_payload_bound(campaign_id: &str, plaintext_len: u64, chunk_c
 /// Upper bound of the MQTT PUBLISH packet carrying any chunk of a campaign, computed from the
 /// manifest alone: ciphertext (chunk size + 16-byte tag), Merkle proof (34 bytes per level), campaign
 /// id, 64 bytes of CBOR framing, the longest chunk topic and the PUBLISH header
-/// ([`crate::manager::PUBLISH_OVERHEAD`]). Manager and device compare the same value with the
+/// ([`PUBLISH_OVERHEAD`]). Manager and device compare the same value with the
 /// device's Maximum Packet Size.
 pub fn chunk_packet_bound(
     topics: &crate::topics::TopicTree,
@@ -518,7 +551,7 @@ pub fn chunk_packet_bound(
     let topic = topics
         .chunk(campaign_id, chunk_count.saturating_sub(1))
         .len() as u64;
-    (payload + topic + crate::manager::PUBLISH_OVERHEAD as u64).min(u64::from(u32::MAX)) as u32
+    (payload + topic + PUBLISH_OVERHEAD as u64).min(u64::from(u32::MAX)) as u32
 }
 
 fn check_v(v: u8) -> Result<(), ProtocolError> {

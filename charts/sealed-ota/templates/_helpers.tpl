@@ -76,10 +76,24 @@ events.k8s.io Recorder (create, patch). No wildcards, no delete, no update.
 - apiGroups: ["ota.sealed-ota.dev"]
   resources: ["updatecampaigns/status"]
   verbs: ["patch"]
-# Devices: a reflector and the controller watch them to find the ones a campaign selects.
+# Devices: a reflector per held shard watches them (label-selected) to find the ones a campaign
+# selects.
 - apiGroups: ["ota.sealed-ota.dev"]
   resources: ["devices"]
   verbs: ["list", "watch"]
+{{- if gt (int .Values.shards) 1 }}
+# Devices, sharded: the coordinator labels a Device without its bucket label
+# (ota.sealed-ota.dev/bucket, a merge patch of that one label) so that its shard's reflector sees it.
+- apiGroups: ["ota.sealed-ota.dev"]
+  resources: ["devices"]
+  verbs: ["patch"]
+{{- end }}
+# Shard reports: the replica holding a shard writes its CampaignShard by server-side apply (create
+# or patch); the coordinator watches them (list, watch) to add the shards up. They go with their
+# campaign (owner reference), so no delete.
+- apiGroups: ["ota.sealed-ota.dev"]
+  resources: ["campaignshards"]
+  verbs: ["list", "watch", "create", "patch"]
 # Device status: the device-status writer records each device's campaign progress (server-side apply).
 - apiGroups: ["ota.sealed-ota.dev"]
   resources: ["devices/status"]

@@ -217,6 +217,7 @@ pub fn apply_crds(kubeconfig: &Path) -> Result<()> {
     let names = [
         "crd/devices.ota.sealed-ota.dev",
         "crd/updatecampaigns.ota.sealed-ota.dev",
+        "crd/campaignshards.ota.sealed-ota.dev",
     ];
     let missing = names
         .iter()
