@@ -1,10 +1,26 @@
-# scripts/lib.sh: shell helpers shared by the project's scripts (images, node image, test
-# dependencies; sourced, not run): root commands, Debian packages, and the input hashes that let a
-# build step be skipped. The caller defines log and die; the image helpers also docker (its client)
+# scripts/lib.sh: shell helpers shared by the project's scripts (images, node image, test bed,
+# kind, test dependencies; sourced, not run): processes by pid file, root commands, Debian
+# packages, and the input hashes that let a build step be skipped. The caller defines log and die; the image helpers also docker (its client)
 # and LABEL (the image label holding the hash).
 # shellcheck shell=bash
 
 sudo_() { if [[ "$(id -u)" == 0 ]]; then "$@"; else sudo "$@"; fi; }
+
+# Whether the process whose pid a file holds runs.
+pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# Stops the process whose pid a file holds (TERM, then KILL after 5 s) and removes the file.
+stop_pid() { # pidfile
+  local f=$1 pid
+  [[ -f "$f" ]] || return 0
+  pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$f"
+}
 
 # Installs Debian packages that are missing, updating the package lists once if apt-get needs it.
 # APT_INSTALL_OPTS (an array, optional) adds apt-get options.

@@ -12,7 +12,8 @@
 #                              campaign, an evicted operator and a killed emulator resuming
 #   e2e/kind/kind.sh test      the e2e suite (every crate's tests/) against this cluster
 #   e2e/kind/kind.sh all       up, devices, campaign, check, test
-#   e2e/kind/kind.sh down      delete the cluster and its network; stop what `up` started
+#   e2e/kind/kind.sh down      delete the cluster and its network; stop what `up` started (the
+#                              daemon, the OCI registry the suite uses)
 #
 # Offline by default: every image is built here (SEALED_OTA_KIND_IMAGES=offline). With registry
 # access, SEALED_OTA_KIND_IMAGES=registry uses kind's default node image, the Dockerfiles as they
@@ -41,6 +42,11 @@ TIMEOUT="${SEALED_OTA_KIND_TIMEOUT:-600}"
 # free loopback ports of this machine.
 NODEPORT_MQTT=30883
 NODEPORT_MQTTS=30884
+
+# shellcheck source=scripts/lib.sh
+source "$REPO/scripts/lib.sh"
+# shellcheck source=e2e/registry/registry.sh
+source "$REPO/e2e/registry/registry.sh"
 
 log() { echo "kind: $*" >&2; }
 die() { echo "kind: error: $*" >&2; exit 1; }
@@ -221,14 +227,31 @@ cmd_up() {
 
 # The e2e suite finds its cluster through `e2e/testbed env`, which reads $SEALED_OTA_TESTBED_DIR:
 # this fills such a directory for the kind cluster (kubeconfig, the PKI above, Mosquitto's test
-# listeners on their loopback ports). The node container's init process stands for the test bed's
-# server processes: `e2e/testbed env` reports the cluster up while it runs.
+# listeners on their loopback ports, the test bed's OCI registry). The node container's init process
+# stands for the test bed's server processes: `e2e/testbed env` reports the cluster up while it runs.
 write_testbed() {
   local t="$STATE/testbed" pid
   cp "$STATE/mqtt.hostport" "$t/mqtt.port"
   cp "$STATE/mqtts.hostport" "$t/mqtts.port"
   pid=$("$DOCKER" inspect --format '{{.State.Pid}}' "$CLUSTER-control-plane")
   for name in etcd apiserver mosquitto; do echo "$pid" >"$t/$name.pid"; done
+  testbed_registry up
+}
+
+# The test bed's OCI registry (e2e/registry/registry.sh) with its state in the test-bed directory,
+# on this machine's loopback as on the test bed: the suite's operators run here, not in the cluster.
+testbed_registry() { # up|down
+  local STATE="$STATE/testbed"
+  case $1 in
+    up)
+      pid_alive "$STATE/registry.pid" && return
+      registry_install
+      registry_start
+      registry_wait
+      log "OCI registry $(cat "$STATE/registry.addr") (pid $(cat "$STATE/registry.pid"))"
+      ;;
+    down) registry_stop ;;
+  esac
 }
 
 # --- devices -------------------------------------------------------------------------------------
@@ -313,6 +336,7 @@ cmd_down() {
     left+=$("$DOCKER" network ls --filter name='^kind$' --format ' network {{.Name}}')
     [[ -z "$left" ]] || log "warning: left behind: $left"
   fi
+  testbed_registry down
   rm -f "$STATE/testbed/"*.pid
   "$REPO/scripts/docker.sh" down "$STATE"
   if [[ -f "$STATE/created-lib-modules" ]]; then

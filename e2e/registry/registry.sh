@@ -4,7 +4,8 @@
 # ~/.cache/sealed-ota (flock-protected), the registry started on a free loopback port with
 # htpasswd basic auth (user and password generated per test bed), stopped by pid. Plain HTTP on
 # loopback: campaigns reach it with spec.payload.firmware.oci.insecure, oras with --plain-http.
-# Needs: $STATE, $REPO, log, die, free_port, pid_alive from e2e/testbed.
+# Needs: $STATE, $REPO, log, die, free_port from the caller (e2e/testbed, e2e/kind/kind.sh), and
+# pid_alive, stop_pid from scripts/lib.sh.
 
 REGISTRY_MODULE=github.com/distribution/distribution/v3/cmd/registry
 REGISTRY_VERSION=v3.0.0
@@ -90,4 +91,10 @@ export SEALED_OTA_REGISTRY_USER='$(cat "$STATE/registry/user")'
 export SEALED_OTA_REGISTRY_PASSWORD='$(cat "$STATE/registry/password")'
 export SEALED_OTA_ORAS='$ORAS_BIN'
 ENV
+}
+
+# Stops the registry by pid and removes what registry_start made (data, credentials, address).
+registry_stop() {
+  stop_pid "$STATE/registry.pid"
+  rm -rf "$STATE/registry" "$STATE/registry.addr" "$STATE/registry.log"
 }

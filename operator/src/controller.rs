@@ -578,6 +578,9 @@ fn error_policy(c: Arc<UpdateCampaign>, e: &Error, ctx: Arc<Ctx>) -> Requeue {
 }
 
 async fn reconcile(c: Arc<UpdateCampaign>, ctx: Arc<Ctx>) -> Result<Requeue, Error> {
+    // A pass reads the campaign cache (rivals): before its initial list is in it holds too few
+    // campaigns, so no pass runs before. (The Devices of a shard wait for theirs: `shard_view`.)
+    synced(&ctx.campaigns, "UpdateCampaign").await?;
     ctx.engine.metrics.reconciliations.inc();
     let ns = c.namespace().ok_or(Error::MissingMetadata("namespace"))?;
     let key = key_of(&c)?;
@@ -604,6 +607,19 @@ async fn reconcile(c: Arc<UpdateCampaign>, ctx: Arc<Ctx>) -> Result<Requeue, Err
         ctx.memo(&key, |m| m.errors = 0);
     }
     result
+}
+
+/// Returns once `store` holds its watch's initial list (at once after that); the reflector filling
+/// it runs beside the controller (`run`).
+async fn synced<K>(store: &Store<K>, kind: &'static str) -> Result<(), Error>
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::CacheStopped(kind))
 }
 
 fn key_of(c: &UpdateCampaign) -> Result<CampaignKey, Error> {
@@ -2038,6 +2054,30 @@ mod tests {
                 .collect(),
         );
         d
+    }
+
+    /// A pass on a cache whose initial list is not in yet would see too few objects: `synced`
+    /// holds the pass back until the list is complete, and fails once the cache's writer is gone.
+    #[test]
+    fn no_pass_before_the_initial_list() {
+        use futures::FutureExt;
+        let (store, mut writer) = reflector::store::<Device>();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitApply(device(&[("fleet", "a")], "ns")));
+        assert!(store.state().is_empty());
+        assert!(synced(&store, "Device").now_or_never().is_none());
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        assert!(matches!(
+            synced(&store, "Device").now_or_never(),
+            Some(Ok(()))
+        ));
+        assert_eq!(store.state().len(), 1);
+        let (unfilled, writer) = reflector::store::<Device>();
+        drop(writer);
+        assert!(matches!(
+            synced(&unfilled, "Device").now_or_never(),
+            Some(Err(Error::CacheStopped("Device")))
+        ));
     }
 
     #[test]

@@ -73,6 +73,9 @@ pub enum Error {
     /// An object has no namespace or name (should not happen for namespaced resources).
     #[error("object without {0}")]
     MissingMetadata(&'static str),
+    /// A watch cache stopped before its initial list was in (the operator is shutting down).
+    #[error("the {0} cache stopped before its initial list")]
+    CacheStopped(&'static str),
     /// `--shards` is not a power of two from 1 to 64.
     #[error("{0}")]
     Shards(#[from] crate::shards::ShardCountError),
@@ -106,6 +109,7 @@ impl Error {
             Error::Cache(_) => "cache",
             Error::BrokerUnavailable(_) => "broker_unavailable",
             Error::MissingMetadata(_) => "metadata",
+            Error::CacheStopped(_) => "cache_stopped",
             Error::Shards(_) => "config",
         }
     }
