@@ -231,6 +231,8 @@ cmd_up() {
 # stands for the test bed's server processes: `e2e/testbed env` reports the cluster up while it runs.
 write_testbed() {
   local t="$STATE/testbed" pid
+  # Marks the directory as kind's: `e2e/testbed up|down` refuse it (their pid files name the node).
+  echo "$CLUSTER" >"$t/kind.cluster"
   cp "$STATE/mqtt.hostport" "$t/mqtt.port"
   cp "$STATE/mqtts.hostport" "$t/mqtts.port"
   pid=$("$DOCKER" inspect --format '{{.State.Pid}}' "$CLUSTER-control-plane")
