@@ -195,13 +195,10 @@ impl Round {
                 index.and_then(|index| {
                     let cipher = ChunkCipher::new(&paper.key(i));
                     let plain = cipher.decrypt(&paper.tag, index, paper.chunk_count, payload)?;
-                    Some((index, plain.to_vec()))
+                    Some((index, plain))
                 })
             }
-            Work::OpenChunk(sealed) => sealed
-                .open_chunk_payload(payload)
-                .ok()
-                .map(|(index, plain)| (index, plain.to_vec())),
+            Work::OpenChunk(sealed) => sealed.open_chunk_payload(payload).ok(),
         };
         let Some((index, plain)) = opened else {
             return false;
