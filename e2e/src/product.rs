@@ -300,6 +300,9 @@ pub struct Product {
     /// Whether the emulator logs the devices' secrets (`run --key-log`) for the leak scans; the
     /// benchmark turns it off.
     pub log_keys: bool,
+    /// Whether each emulator process writes its counters to `<summary name>.prom` every second
+    /// (`run --metrics-file`; `emulator_metrics_files`), for benchmarks that follow a run live.
+    pub emulator_metrics: bool,
     /// Extra arguments of every operator replica (for example `--shards 4`,
     /// `--retained-chunk-bytes N`).
     pub operator_args: Vec<String>,
@@ -369,6 +372,7 @@ impl Product {
             metrics_addr: format!("127.0.0.1:{}", free_port()?),
             window_timeout_seconds: 3,
             log_keys: true,
+            emulator_metrics: false,
             operator_args: Vec::new(),
             operators: std::collections::BTreeMap::new(),
             replica_addrs: std::collections::BTreeMap::new(),
@@ -595,6 +599,16 @@ impl Product {
             .collect()
     }
 
+    /// The metrics files of the emulator run started last (with `emulator_metrics`), one per part.
+    pub fn emulator_metrics_files(&self) -> Vec<PathBuf> {
+        (1..=self.emulator_parts)
+            .map(|k| {
+                self.dir
+                    .join(format!("{}.prom", self.emulator_part_name(k)))
+            })
+            .collect()
+    }
+
     fn emulator_part_name(&self, k: usize) -> String {
         let n = self.emulator_starts;
         if k == 1 {
@@ -613,6 +627,7 @@ impl Product {
             let stdout = std::fs::File::create(self.dir.join(format!("{name}.json")))?;
             let stderr = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
             let part = format!("{k}/{parts}");
+            let metrics_file = self.dir.join(format!("{name}.prom"));
             let child = Command::new(binary("sealed-ota-device-emulator"))
                 .args(["run", "--broker", &self.device_broker_urls])
                 .arg("--broker-ca")
@@ -630,6 +645,12 @@ impl Product {
                 .args(
                     (parts > 1)
                         .then_some(["--part", part.as_str()])
+                        .into_iter()
+                        .flatten(),
+                )
+                .args(
+                    self.emulator_metrics
+                        .then(|| ["--metrics-file".into(), metrics_file.into_os_string()])
                         .into_iter()
                         .flatten(),
                 )
