@@ -81,14 +81,20 @@ async fn a_delta_campaign_rebuilds_on_the_base_and_is_refused_elsewhere() -> Res
     let (summary, reports) = running.stop().await;
     for i in [0, 1] {
         assert!(manager.installed.contains(&ids[i]), "{}", ids[i]);
-        assert!(firmware_of(i).as_ref() == Some(&target), "device {i} runs 1.2.0");
+        assert!(
+            firmware_of(i).as_ref() == Some(&target),
+            "device {i} runs 1.2.0"
+        );
     }
     assert_eq!(
         manager.rejected.get(&ids[2]),
         Some(&RejectReason::ImageHashMismatch),
         "a delta corrupted on storage rebuilds another image"
     );
-    assert!(firmware_of(2).as_ref() == Some(&base), "device 2 still runs the base");
+    assert!(
+        firmware_of(2).as_ref() == Some(&base),
+        "device 2 still runs the base"
+    );
     assert_eq!(
         manager.rejected.get(&ids[3]),
         Some(&RejectReason::DeltaBaseMismatch),
@@ -124,7 +130,11 @@ async fn a_delta_campaign_rebuilds_on_the_base_and_is_refused_elsewhere() -> Res
         })
         .await?;
     let _ = running.stop().await;
-    assert!(manager.installed.contains(&ids[3]), "{:?}", manager.rejected);
+    assert!(
+        manager.installed.contains(&ids[3]),
+        "{:?}",
+        manager.rejected
+    );
     assert!(firmware_of(3).as_ref() == Some(&target));
     manager.clean_up().await
 }

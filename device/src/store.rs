@@ -308,7 +308,11 @@ impl Download {
     /// is written beside the download, fsynced, checked, and only then renamed over the received
     /// delta. A download that already is the full image (a restart after that rename) is only
     /// checked. On an error nothing is renamed: the caller discards the download.
-    pub fn complete(&self, manifest: &Manifest, installed: Option<&Path>) -> Result<(), ImageError> {
+    pub fn complete(
+        &self,
+        manifest: &Manifest,
+        installed: Option<&Path>,
+    ) -> Result<(), ImageError> {
         let Some(delta) = &manifest.delta else {
             return self.check(manifest.size, &manifest.sha256);
         };

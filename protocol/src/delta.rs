@@ -73,8 +73,8 @@ pub fn apply(
     limit: u64,
 ) -> Result<u64, DeltaError> {
     let log = window_log(base.len().max(1) as u64)?.max(window_log(limit)?);
-    let mut decoder = zstd::stream::read::Decoder::with_ref_prefix(delta, base)
-        .map_err(DeltaError::Corrupt)?;
+    let mut decoder =
+        zstd::stream::read::Decoder::with_ref_prefix(delta, base).map_err(DeltaError::Corrupt)?;
     decoder.window_log_max(log).map_err(DeltaError::Corrupt)?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut written = 0u64;

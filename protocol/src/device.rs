@@ -500,11 +500,9 @@ impl DeviceSession {
         rng: Box<dyn CryptoRngCore + Send>,
     ) -> (Self, Vec<Action>) {
         let mut state = state;
-        if state
-            .transfer
-            .as_ref()
-            .is_some_and(|t| !t.received.consistent() || t.received.len() != t.manifest.transfer().chunk_count)
-        {
+        if state.transfer.as_ref().is_some_and(|t| {
+            !t.received.consistent() || t.received.len() != t.manifest.transfer().chunk_count
+        }) {
             state.transfer = None; // corrupt persisted bitmap: start over
         }
         let s = Self {
@@ -2003,7 +2001,11 @@ mod tests {
                 }
             }
         }
-        assert_eq!(complete.as_ref(), Some(&mf), "complete after the delta's 3 chunks");
+        assert_eq!(
+            complete.as_ref(),
+            Some(&mf),
+            "complete after the delta's 3 chunks"
+        );
 
         let mut s = setup(300, 100);
         let (_, _, key) = genuine(&s);

@@ -39,7 +39,10 @@ fn the_signature_covers_every_delta_field() {
     let env = SignedEnvelope::sign(&secret, TYPE_MANIFEST, wire::encode_msg(&genuine));
     let (decoded_env, decoded) = wire::decode_manifest(&env.encode()).unwrap();
     decoded_env.verify(&public, "manifest").unwrap();
-    assert_eq!(decoded, genuine, "every field round-trips through the signed bytes");
+    assert_eq!(
+        decoded, genuine,
+        "every field round-trips through the signed bytes"
+    );
 
     let swaps: [(&str, fn(&mut DeltaManifest)); 3] = [
         ("base_version", |d| d.base_version = "1.0.1".into()),
@@ -77,7 +80,10 @@ fn the_signature_covers_every_delta_field() {
 fn a_delta_manifest_transfers_the_delta_and_describes_the_full_image() {
     let m = delta_manifest();
     let t = m.transfer();
-    assert_eq!((t.size, t.chunk_count, t.merkle_root), (1500, 2, [0xbb; 32]));
+    assert_eq!(
+        (t.size, t.chunk_count, t.merkle_root),
+        (1500, 2, [0xbb; 32])
+    );
     assert_eq!(m.chunk_len(1), Some(500));
     assert_eq!(m.chunk_len(2), None);
     assert!(m.chunking_consistent(wire::MAX_CHUNK_SIZE, wire::MAX_CHUNK_COUNT));
@@ -98,7 +104,9 @@ fn a_delta_of_a_real_binary_rebuilds_it() {
     base.truncate(8 << 20);
     let mut target = base.clone();
     let at = target.len() / 3;
-    target[at..at + 4096].iter_mut().for_each(|b| *b = b.wrapping_mul(3));
+    target[at..at + 4096]
+        .iter_mut()
+        .for_each(|b| *b = b.wrapping_mul(3));
     target.extend_from_slice(b"release 2");
     let delta = sealed_ota_protocol::delta::make(&base, &target).unwrap();
     let mut rebuilt = Vec::new();
