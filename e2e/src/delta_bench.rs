@@ -38,47 +38,66 @@ pub struct DeltaFigures {
 
 /// Measures both codecs on `base` → `target`; fails when either does not rebuild `target`.
 pub fn measure(base: &[u8], target: &[u8]) -> Result<DeltaFigures> {
-    let started = Instant::now();
-    let delta = sealed_ota_protocol::delta::make(base, target)?;
-    let make_seconds = started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    let mut rebuilt = Vec::with_capacity(target.len());
-    sealed_ota_protocol::delta::apply(base, &delta[..], &mut rebuilt, target.len() as u64)?;
-    let apply_seconds = started.elapsed().as_secs_f64();
-    ensure!(
-        rebuilt == target,
-        "the zstd delta did not rebuild the target"
-    );
-    let zstd = CodecFigures {
-        delta_bytes: delta.len() as u64,
-        make_seconds,
-        apply_seconds,
-    };
-
-    let started = Instant::now();
-    let mut raw = Vec::new();
-    bsdiff::diff(base, target, &mut raw)?;
-    let patch = zstd::bulk::compress(&raw, sealed_ota_protocol::delta::LEVEL)?;
-    let make_seconds = started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    let raw = zstd::bulk::decompress(&patch, raw.len())?;
-    let mut rebuilt = Vec::with_capacity(target.len());
-    bsdiff::patch(base, &mut &raw[..], &mut rebuilt)?;
-    let apply_seconds = started.elapsed().as_secs_f64();
-    ensure!(
-        rebuilt == target,
-        "the bsdiff patch did not rebuild the target"
-    );
-    let bsdiff = CodecFigures {
-        delta_bytes: patch.len() as u64,
-        make_seconds,
-        apply_seconds,
-    };
+    let zstd = codec(
+        "zstd",
+        target,
+        || Ok(sealed_ota_protocol::delta::make(base, target)?),
+        |delta| {
+            let mut rebuilt = Vec::with_capacity(target.len());
+            sealed_ota_protocol::delta::apply(base, delta, &mut rebuilt, target.len() as u64)?;
+            Ok(rebuilt)
+        },
+    )?;
+    // The raw patch's length, for decompression (a patch file would carry it in a header).
+    let raw_len = std::cell::Cell::new(0);
+    let bsdiff = codec(
+        "bsdiff",
+        target,
+        || {
+            let mut raw = Vec::new();
+            bsdiff::diff(base, target, &mut raw)?;
+            raw_len.set(raw.len());
+            Ok(zstd::bulk::compress(
+                &raw,
+                sealed_ota_protocol::delta::LEVEL,
+            )?)
+        },
+        |patch| {
+            let raw = zstd::bulk::decompress(patch, raw_len.get())?;
+            let mut rebuilt = Vec::with_capacity(target.len());
+            bsdiff::patch(base, &mut &raw[..], &mut rebuilt)?;
+            Ok(rebuilt)
+        },
+    )?;
     Ok(DeltaFigures {
         base_bytes: base.len() as u64,
         full_bytes: target.len() as u64,
         zstd,
         bsdiff,
+    })
+}
+
+/// Times `make` and `apply` of one codec and checks that the delta rebuilds `target`.
+fn codec(
+    name: &str,
+    target: &[u8],
+    make: impl FnOnce() -> Result<Vec<u8>>,
+    apply: impl FnOnce(&[u8]) -> Result<Vec<u8>>,
+) -> Result<CodecFigures> {
+    let started = Instant::now();
+    let delta = make()?;
+    let make_seconds = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let rebuilt = apply(&delta)?;
+    let apply_seconds = started.elapsed().as_secs_f64();
+    ensure!(
+        rebuilt == target,
+        "the {name} delta did not rebuild the target"
+    );
+    Ok(CodecFigures {
+        delta_bytes: delta.len() as u64,
+        make_seconds,
+        apply_seconds,
     })
 }
 

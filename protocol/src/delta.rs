@@ -100,15 +100,9 @@ mod tests {
     /// A base and a target that shares most of it (an inserted, a changed and a removed range),
     /// like two builds of one program.
     fn pair() -> (Vec<u8>, Vec<u8>) {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let base: Vec<u8> = (0..300_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        use rand::{RngCore, SeedableRng};
+        let mut base = vec![0u8; 300_000];
+        rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut base);
         let mut target = base[..100_000].to_vec();
         target.extend_from_slice(b"a new function in the new release");
         target.extend(base[100_000..200_000].iter().map(|b| b.wrapping_add(1)));

@@ -5,6 +5,9 @@
 use sealed_ota_protocol::manifest::{DeltaManifest, Manifest, PayloadKind};
 use sealed_ota_protocol::wire::{self, SignedEnvelope, TYPE_MANIFEST};
 
+/// A delta field's name and a change to it.
+type Swap = (&'static str, fn(&mut DeltaManifest));
+
 fn delta_manifest() -> Manifest {
     Manifest {
         campaign_id: "c1".into(),
@@ -44,7 +47,7 @@ fn the_signature_covers_every_delta_field() {
         "every field round-trips through the signed bytes"
     );
 
-    let swaps: [(&str, fn(&mut DeltaManifest)); 3] = [
+    let swaps: [Swap; 3] = [
         ("base_version", |d| d.base_version = "1.0.1".into()),
         ("base_sha256", |d| d.base_sha256[31] ^= 1),
         ("size", |d| d.size += 1),

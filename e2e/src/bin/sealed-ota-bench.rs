@@ -60,8 +60,8 @@ struct Args {
     /// scripts/delta-pair.sh); the figures are skipped when it is absent.
     #[arg(long, default_value = "target/bench/delta/base")]
     delta_base: PathBuf,
-    /// Target of the delta figures: the same binary at this commit.
-    #[arg(long, default_value = "target/release/sealed-ota-agent")]
+    /// Target of the delta figures: the same binary at this commit, stripped (make bench).
+    #[arg(long, default_value = "target/bench/delta/target")]
     delta_target: PathBuf,
     /// Measure only the delta figures (no test bed needed) and print them.
     #[arg(long)]
