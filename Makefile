@@ -67,6 +67,8 @@ bench:
 	SEALED_OTA_BENCH_RATIOS_ONLY=1 SEALED_OTA_BENCH_JSON=$(CURDIR)/target/bench/protocol.json \
 	  $(CARGO) bench --locked -p sealed-ota-protocol --bench protocol
 	$(CARGO) build --release --locked --workspace --bins
+	test -x target/bench/delta/base || scripts/delta-pair.sh
+	strip -o target/bench/delta/target target/release/sealed-ota-agent
 	SEALED_OTA_TESTBED_DIR=$(BENCH_BED) $(TESTBED) up
 	export SEALED_OTA_TESTBED_DIR=$(BENCH_BED); eval "$$($(TESTBED) env)"; \
 	  target/release/sealed-ota-bench --out target/bench --protocol-json target/bench/protocol.json $(BENCH_ARGS); \
@@ -79,6 +81,7 @@ bench:
 ## than about 14,000 devices), on a test bed of its own (target/bench/scale/testbed). Writes
 ## target/bench/scale/{scale.json,scale.md,completed.svg,cpu.svg}: per run wall time, devices a
 ## minute, CPU seconds and peak RSS per process, apiserver writes, etcd growth, devices lost; and
+## rmqtt's queue limits raised (with its defaults it drops what thousands of devices send at once);
 ## the cost model fitted to the runs with its prediction for 1,000,000 devices (docs/scale.md).
 SCALE_DEVICES ?= 10000,30000,100000
 SCALE_NODES ?= 7
@@ -87,7 +90,9 @@ SCALE_ARGS ?=
 SCALE_BED := $(CURDIR)/target/bench/scale/testbed
 bench-scale:
 	$(CARGO) build --release --locked --workspace --bins
-	SEALED_OTA_TESTBED_DIR=$(SCALE_BED) SEALED_OTA_RMQTT_NODES=$(SCALE_NODES) $(TESTBED) up --broker $(SCALE_BROKER)
+	SEALED_OTA_TESTBED_DIR=$(SCALE_BED) SEALED_OTA_RMQTT_NODES=$(SCALE_NODES) \
+	  SEALED_OTA_RMQTT_MAX_INFLIGHT=4096 SEALED_OTA_RMQTT_MAX_MQUEUE_LEN=1000000 \
+	  $(TESTBED) up --broker $(SCALE_BROKER)
 	export SEALED_OTA_TESTBED_DIR=$(SCALE_BED); eval "$$($(TESTBED) env)"; \
 	  target/release/sealed-ota-scale-bench --devices $(SCALE_DEVICES) --out target/bench/scale $(SCALE_ARGS); \
 	  rc=$$?; $(TESTBED) down; exit $$rc

@@ -217,6 +217,8 @@ rmqtt_cluster_start() {
         -e "s|@MQTT_PORT@|$(rmqtt_port "$n" 2)|g" -e "s|@MQTTS_PORT@|$(rmqtt_port "$n" 3)|g" \
         -e "s|@RPC_PORT@|$(rmqtt_port "$n" 4)|g" -e "s|@HTTP_PORT@|$(rmqtt_port "$n" 6)|g" \
         -e "s|@GRPC_ADDRS@|$grpc|g" -e "s|@RAFT_ADDRS@|$raft|g" \
+        -e "s|@MAX_INFLIGHT@|${SEALED_OTA_RMQTT_MAX_INFLIGHT:-16}|g" \
+        -e "s|@MAX_MQUEUE_LEN@|${SEALED_OTA_RMQTT_MAX_MQUEUE_LEN:-1000}|g" \
         "$REPO/e2e/brokers/rmqtt/$f.in" >"$nd/$f"
     done
   done

@@ -39,6 +39,12 @@ pub struct ScaleRun {
     pub apiserver_writes: f64,
     /// The operator's own status writes during the campaign, by kind (campaign, device, shard).
     pub operator_writes: BTreeMap<String, f64>,
+    /// Device failures the operator counted during the campaign, by reason (a `Timeout` is
+    /// retried: a message lost on the way costs one).
+    pub device_failures: BTreeMap<String, f64>,
+    /// Messages the broker dropped during the campaign (rmqtt's own counter; `None` for a broker
+    /// that does not say).
+    pub broker_dropped: Option<f64>,
     /// etcd's database size after the campaign (bytes).
     pub etcd_db_bytes: f64,
     /// Devices that installed the image (the emulators' summaries).
@@ -72,6 +78,8 @@ impl ScaleRun {
             "operator_rss_idle_bytes": self.operator_rss_idle_bytes,
             "apiserver_writes": self.apiserver_writes,
             "operator_writes": self.operator_writes,
+            "device_failures": self.device_failures,
+            "broker_dropped": self.broker_dropped,
             "etcd_db_bytes": self.etcd_db_bytes,
             "installed": self.installed,
             "lost": self.lost(),
@@ -184,13 +192,13 @@ pub fn model_table(rows: &[ModelRow], predict_devices: f64) -> String {
 /// The measured runs as a Markdown table.
 pub fn runs_table(runs: &[ScaleRun]) -> String {
     let mut out = String::from(
-        "| devices | replicas / shards | broker nodes | emulators | wall s | devices/min | lost | CPU s (operator, emulator, broker, apiserver, etcd) | peak RSS MiB (operator, broker) | apiserver writes | etcd MiB |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| devices | replicas / shards | broker nodes | emulators | wall s | devices/min | lost | timeouts (retried) | broker dropped | CPU s (operator, emulator, broker, apiserver, etcd) | peak RSS MiB (operator, broker) | apiserver writes | etcd MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in runs {
         let cpu = |k: &str| r.cpu_seconds.get(k).copied().unwrap_or(0.0);
         let rss = |k: &str| r.rss_peak_bytes.get(k).copied().unwrap_or(0) as f64 / 1048576.0;
         out.push_str(&format!(
-            "| {} | {} / {} | {} | {} | {:.0} | {:.0} | {} | {:.0}, {:.0}, {:.0}, {:.0}, {:.0} | {:.0}, {:.0} | {:.0} | {:.1} |\n",
+            "| {} | {} / {} | {} | {} | {:.0} | {:.0} | {} | {:.0} | {} | {:.0}, {:.0}, {:.0}, {:.0}, {:.0} | {:.0}, {:.0} | {:.0} | {:.1} |\n",
             r.devices,
             r.replicas,
             r.shards,
@@ -199,6 +207,9 @@ pub fn runs_table(runs: &[ScaleRun]) -> String {
             r.wall_seconds,
             r.devices_per_minute(),
             r.lost(),
+            r.device_failures.get("Timeout").copied().unwrap_or(0.0),
+            r.broker_dropped
+                .map_or_else(|| "-".to_owned(), |d| format!("{d:.0}")),
             cpu("operator"),
             cpu("emulator"),
             cpu("broker"),
@@ -367,6 +378,8 @@ mod tests {
             operator_rss_idle_bytes: 80 << 20,
             apiserver_writes: f64::from(devices) * 1.5 + 20.0,
             operator_writes: BTreeMap::new(),
+            device_failures: BTreeMap::new(),
+            broker_dropped: Some(0.0),
             etcd_db_bytes: 4.0 * 1048576.0,
             installed: u64::from(devices) - 1,
         }
@@ -397,7 +410,11 @@ mod tests {
             "{table}"
         );
         assert_eq!(runs[0].lost(), 1);
-        assert!(runs_table(&runs).contains("| 3000 | 2 / 4 | 3 | 1 |"));
+        assert!(
+            runs_table(&runs).contains("| 3000 | 2 / 4 | 3 | 1 | 40 | 4500 | 1 | 0 | 0 |"),
+            "{}",
+            runs_table(&runs)
+        );
     }
 
     #[test]

@@ -152,13 +152,17 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
     ];
     let cpu_before = cpu_of(&groups)?;
     let apiserver_before = apiserver_writes(&product).await?;
-    let operator_before = operator_writes(&mut product, args.replicas).await?;
+    let operator_before = operator_counters(&mut product, args.replicas, WRITES).await?;
+    let failures_before = operator_counters(&mut product, args.replicas, FAILURES).await?;
+    let dropped_before = broker_dropped(&bed.state_dir).await?;
     product.apply_campaign(
         "fw",
         product.firmware_spec(
             "2.0.0",
             "fw",
-            json!({"rollout": {"maxInFlight": devices, "deviceTimeoutSeconds": 1800,
+            // A message the broker drops costs its device a timeout and a retry: short enough
+            // that the run ends, counted in `device_failures`.
+            json!({"rollout": {"maxInFlight": devices, "deviceTimeoutSeconds": 300,
                 "retries": 2, "retryBackoffSeconds": 5}}),
         ),
     )?;
@@ -192,7 +196,9 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
         })
         .collect::<Result<BTreeMap<_, _>>>()?;
     let apiserver_after = apiserver_writes(&product).await?;
-    let operator_after = operator_writes(&mut product, args.replicas).await?;
+    let operator_after = operator_counters(&mut product, args.replicas, WRITES).await?;
+    let failures_after = operator_counters(&mut product, args.replicas, FAILURES).await?;
+    let dropped_after = broker_dropped(&bed.state_dir).await?;
     let status = campaign.status.context("campaign status")?;
     if status.phase != CampaignPhase::Succeeded {
         bail!("campaign ended {:?}: {:?}", status.phase, status.failures);
@@ -211,9 +217,12 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
     for i in 0..args.replicas as usize {
         product.kill_replica(i);
     }
-    // The namespace is only marked for deletion (the test bed runs no namespace controller), so
-    // its objects stay and cost the next run nothing.
-    product.pass();
+    // The namespace and the logs are kept (not `pass()`): the runs' objects stay in etcd as the
+    // next run's starting point, and the operator, emulator and broker logs can be read after.
+    eprintln!(
+        "scale: logs of the {devices}-device run in {}",
+        product.dir.display()
+    );
     // The devices' stores (keys, state, images) are not kept: 100,000 devices write GBs.
     std::fs::remove_dir_all(product.dir.join("fleet"))
         .with_context(|| format!("removing {}", product.dir.join("fleet").display()))?;
@@ -232,15 +241,9 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
         rss_peak_bytes,
         operator_rss_idle_bytes,
         apiserver_writes: apiserver_after - apiserver_before,
-        operator_writes: operator_after
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    v - operator_before.get(k).copied().unwrap_or(0.0),
-                )
-            })
-            .collect(),
+        operator_writes: difference(&operator_after, &operator_before),
+        device_failures: difference(&failures_after, &failures_before),
+        broker_dropped: dropped_after.zip(dropped_before).map(|(a, b)| a - b),
         etcd_db_bytes: etcd_db,
         installed,
     })
@@ -311,22 +314,64 @@ async fn apiserver_writes(product: &Product) -> Result<f64> {
         .sum())
 }
 
-/// The operator replicas' status writes so far, by kind, summed over the replicas.
-async fn operator_writes(product: &mut Product, replicas: u32) -> Result<BTreeMap<String, f64>> {
-    let mut writes = BTreeMap::new();
+/// The operator's status writes, by kind.
+const WRITES: &str = "sealed_ota_operator_status_writes_total{kind=\"";
+/// The operator's device failures (a timeout is retried), by reason.
+const FAILURES: &str = "sealed_ota_operator_device_failures_total{reason=\"";
+
+/// One labelled operator counter so far (`series` up to the label's value), by label value,
+/// summed over the replicas.
+async fn operator_counters(
+    product: &mut Product,
+    replicas: u32,
+    series: &str,
+) -> Result<BTreeMap<String, f64>> {
+    let mut counts = BTreeMap::new();
     for i in 0..replicas as usize {
         let addr = product.replica_metrics_addr(i)?;
         let metrics = sealed_ota_e2e::bench::scrape_metrics(&addr).await?;
-        for (series, v) in metrics {
-            if let Some(kind) = series
-                .strip_prefix("sealed_ota_operator_status_writes_total{kind=\"")
+        for (name, v) in metrics {
+            if let Some(label) = name
+                .strip_prefix(series)
                 .and_then(|rest| rest.strip_suffix("\"}"))
             {
-                *writes.entry(kind.to_owned()).or_insert(0.0) += v;
+                *counts.entry(label.to_owned()).or_insert(0.0) += v;
             }
         }
     }
-    Ok(writes)
+    Ok(counts)
+}
+
+fn difference(
+    after: &BTreeMap<String, f64>,
+    before: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .collect()
+}
+
+/// Messages the rmqtt cluster dropped so far (its HTTP API's `messages.dropped`, summed over the
+/// nodes); `None` for another broker.
+async fn broker_dropped(state_dir: &Path) -> Result<Option<f64>> {
+    let Ok(ports) = std::fs::read_to_string(state_dir.join("rmqtt/ports")) else {
+        return Ok(None);
+    };
+    let http_port = ports
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(5))
+        .context("rmqtt/ports: node 1's HTTP port")?;
+    let text =
+        sealed_ota_e2e::http::get(&format!("http://127.0.0.1:{http_port}/api/v1/metrics/sum"))
+            .await?;
+    let sum: serde_json::Value = serde_json::from_str(&text).context("rmqtt metrics JSON")?;
+    let sum = if sum.is_array() { &sum[0] } else { &sum };
+    sum["messages.dropped"]
+        .as_f64()
+        .map(Some)
+        .context("messages.dropped in rmqtt's /api/v1/metrics/sum")
 }
 
 /// etcd's database size (its own `etcd_mvcc_db_total_size_in_bytes`).
