@@ -10,7 +10,9 @@
 #   e2e/kind/kind.sh check     the in-cluster checks (e2e/tests/kind_cluster.rs): probes, metrics
 #                              through the Service, Events, printer columns, leader failover mid-
 #                              campaign, an evicted operator and a killed emulator resuming
-#   e2e/kind/kind.sh test      the e2e suite (every crate's tests/) against this cluster
+#   e2e/kind/kind.sh test      the e2e suite (every crate's tests/) against this cluster;
+#                              KIND_SUITE=all (default), none, or test target names
+#                              (KIND_SUITE="smoke product_firmware") picks what runs
 #   e2e/kind/kind.sh all       up, devices, campaign, check, test
 #   e2e/kind/kind.sh down      delete the cluster and its network; stop what `up` started (the
 #                              daemon, the OCI registry the suite uses)
@@ -38,6 +40,8 @@ MQTT_NS=mqtt
 CAMPAIGN=firmware-1-1-0
 ROTATION=rotate-credentials-2027
 TIMEOUT="${SEALED_OTA_KIND_TIMEOUT:-600}"
+# What `test` runs: all (every crate's tests/), none, or test target names separated by spaces.
+SUITE="${KIND_SUITE:-all}"
 # Mosquitto's test listeners (plain 1883, TLS without ACL 8884) as NodePorts, mapped by kind to
 # free loopback ports of this machine.
 NODEPORT_MQTT=30883
@@ -307,16 +311,28 @@ cmd_check() {
 
 # --- test ----------------------------------------------------------------------------------------
 cmd_test() {
+  if [[ "$SUITE" == none ]]; then
+    log "KIND_SUITE=none: the e2e suite is not run against the cluster"
+    return
+  fi
+  local targets=(--test '*') name
+  if [[ "$SUITE" != all ]]; then
+    targets=()
+    for name in $SUITE; do targets+=(--test "$name"); done
+  fi
   need cargo
   docker_up
+  # The agent's tests drive real RAUC and Mender update modules (as `make e2e` installs them).
+  "$REPO/scripts/install-agent-test-deps.sh"
   write_testbed
   export SEALED_OTA_TESTBED_DIR="$STATE/testbed"
   eval "$("$REPO/e2e/testbed" env)"
-  log "running the e2e suite against kind cluster $CLUSTER (KUBECONFIG=$KUBECONFIG)"
+  log "running the e2e suite ($SUITE) against kind cluster $CLUSTER (KUBECONFIG=$KUBECONFIG)"
   cd "$REPO"
   cargo build --locked -p sealed-ota-operator -p sealed-ota-device-emulator --bins
-  # Every crate's integration tests (tests/ directories), as `make e2e` runs them on the test bed.
-  cargo test --workspace --locked --no-fail-fast --test '*' -- --test-threads=2
+  # Every crate's integration tests (tests/ directories), as `make e2e` runs them on the test bed,
+  # or the ones KIND_SUITE names.
+  cargo test --workspace --locked --no-fail-fast "${targets[@]}" -- --test-threads=2
 }
 
 # --- down ----------------------------------------------------------------------------------------
