@@ -1711,25 +1711,20 @@ async fn shard_pass(
     report.waiting = policy.status.waiting.clone();
     report.held_by = policy.status.held_by.clone();
     // The shard's devices in the campaign's waves (its share of each), as the coordinator
-    // apportions them; its own cut until the coordinator has counted every shard.
+    // apportions them: only once the coordinator has counted every shard as they are now (before,
+    // no plan: the campaign's shows none rather than one cut wrong).
     let sizes: Vec<u32> = status.shards.iter().map(|a| a.selected).collect();
     let counted = sizes.len() == ctx.role.shards.get() as usize
         && sizes.get(shard as usize) == Some(&(selected.len() as u32));
-    let cutoffs = if counted {
-        shard_cutoffs(
+    report.plan = counted.then(|| {
+        let cutoffs = shard_cutoffs(
             &wave_cutoffs(sizes.iter().sum(), &campaign_params),
             &sizes,
             shard,
-        )
-    } else {
-        wave_cutoffs(selected.len() as u32, &campaign_params)
-    };
-    report.plan = Some(preview::plan_in_waves(
-        &selected,
-        &policy.exclusions,
-        &cutoffs,
-        None,
-    ));
+        );
+        preview::plan_in_waves(&selected, &policy.exclusions, &cutoffs, None)
+    });
+    report.plan_sizes = if counted { sizes } else { Vec::new() };
     // The health of its devices of the current wave, for the gate after it.
     if c.spec.rollout.gate.is_some() {
         let wave = assignment.map_or(0..0, |a| {

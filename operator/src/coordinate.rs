@@ -427,8 +427,16 @@ pub fn merge_policy(
             .then_with(|| a.campaign.cmp(&b.campaign))
     });
     held_by.truncate(8);
-    let every_plan =
-        !reports.is_empty() && reports.iter().all(|r| r.is_some_and(|r| r.plan.is_some()));
+    // Every shard's plan, cut by the sizes every shard reports now (else a plan cut by older
+    // sizes would show waves that add up wrong).
+    let sizes: Vec<u32> = reports
+        .iter()
+        .map(|r| r.map_or(0, |r| r.devices.selected))
+        .collect();
+    let every_plan = !reports.is_empty()
+        && reports
+            .iter()
+            .all(|r| r.is_some_and(|r| r.plan.is_some() && r.plan_sizes == sizes));
     let plan = every_plan.then(|| {
         let parts: Vec<&PlanStatus> = reported.iter().filter_map(|r| r.plan.as_ref()).collect();
         crate::preview::merge_plans(&parts, chunk_bytes)
@@ -811,6 +819,14 @@ mod tests {
             healthy: 0,
             reported: 1,
         });
+        a.plan_sizes = vec![4, 2];
+        b.plan_sizes = vec![4, 1];
+        assert_eq!(
+            merge_policy(&[Some(&a), Some(&b)], Some(0), None).plan,
+            None,
+            "a plan cut by other sizes"
+        );
+        b.plan_sizes = vec![4, 2];
         let m = merge_policy(&[Some(&a), Some(&b)], Some(0), Some(1000));
         let plan = m.plan.clone().unwrap();
         assert_eq!(plan.devices, 5);

@@ -121,6 +121,11 @@ pub struct CampaignShardSpec {
     /// The plan of this shard's devices, in the campaign's waves (its share of each).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<PlanStatus>,
+    /// The shards' sizes (selected devices, by shard) the plan's waves were apportioned by: the
+    /// coordinator adds the plans up only when every shard's were cut by the sizes it sees.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub plan_sizes: Vec<u32>,
     /// Health reports of this shard's devices of the current wave (the gate's device-health check).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<WaveHealth>,
