@@ -67,6 +67,8 @@ bench:
 	SEALED_OTA_BENCH_RATIOS_ONLY=1 SEALED_OTA_BENCH_JSON=$(CURDIR)/target/bench/protocol.json \
 	  $(CARGO) bench --locked -p sealed-ota-protocol --bench protocol
 	$(CARGO) build --release --locked --workspace --bins
+	test -x target/bench/delta/base || scripts/delta-pair.sh
+	strip -o target/bench/delta/target target/release/sealed-ota-agent
 	SEALED_OTA_TESTBED_DIR=$(BENCH_BED) $(TESTBED) up
 	export SEALED_OTA_TESTBED_DIR=$(BENCH_BED); eval "$$($(TESTBED) env)"; \
 	  target/release/sealed-ota-bench --out target/bench --protocol-json target/bench/protocol.json $(BENCH_ARGS); \

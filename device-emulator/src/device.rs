@@ -72,6 +72,10 @@ impl Installer for EmulatedInstaller {
         self.slots.download_path()
     }
 
+    fn installed_image_path(&self) -> Option<PathBuf> {
+        Some(self.slots.firmware_path())
+    }
+
     fn on_boot(&mut self) -> Result<()> {
         Ok(self.slots.recover_after_crash()?)
     }

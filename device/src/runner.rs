@@ -718,7 +718,8 @@ impl<I: Installer> Device<I> {
         Ok((actions, end))
     }
 
-    /// Every chunk is stored: check the image against the signed manifest, stage the install
+    /// Every chunk is stored: check the image against the signed manifest (a delta rebuilt against
+    /// the installed image first), stage the install
     /// (refused past the campaign's expiry), save it as pending, then hand it to the installer.
     fn on_image_complete(
         &mut self,
@@ -727,12 +728,13 @@ impl<I: Installer> Device<I> {
         now: u64,
     ) -> Result<(Vec<Action>, Option<ConnectionEnd>)> {
         let download = self.download(&manifest.campaign_id);
-        if let Err(e) = download.check(manifest.size, &manifest.sha256) {
+        let installed = self.installer.installed_image_path();
+        if let Err(e) = download.complete(manifest, installed.as_deref()) {
             warn!(device = %self.id, campaign = %manifest.campaign_id, error = %e, "received image refused");
             self.set_outcome(Outcome::Failed);
             download.discard()?;
             self.receiving = None;
-            let actions = session.finish_install(Err(e.to_string()), now);
+            let actions = session.refuse_image(e.reject_reason(), now);
             self.save(session)?;
             return Ok((actions, None));
         }

@@ -108,6 +108,12 @@ pub trait Installer: Send {
         None
     }
 
+    /// The installed image, the base a delta update is applied to (`None`: the device keeps no
+    /// readable copy, and a delta offered to it is refused with `DeltaBaseMismatch`).
+    fn installed_image_path(&self) -> Option<PathBuf> {
+        None
+    }
+
     /// A reason to decline a new offer now (the agent: a local update is under way).
     fn busy(&self) -> Option<String> {
         None

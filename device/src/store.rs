@@ -3,7 +3,8 @@
 //! (write, fsync, rename, fsync of the directory); the key and certificate switch together with one
 //! rename (a generation directory behind a symbolic link), so a crash never leaves a key beside a
 //! certificate it does not match; a received image is flushed before the state that counts its
-//! chunks is saved, and is only ever used after its size and SHA-256 match the signed manifest. It
+//! chunks is saved, and is only ever used after its size and SHA-256 match the signed manifest (a
+//! received delta is first rebuilt against the installed image, see [`Download::complete`]). It
 //! makes no protocol decision and installs nothing.
 //!
 //! Layout of a device directory:
@@ -25,6 +26,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use sealed_ota_protocol::manifest::{bounded_text, Manifest, RejectReason, MAX_REASON_TEXT};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -201,9 +203,36 @@ pub enum ImageError {
         /// Size received.
         actual: u64,
     },
+    /// A delta was received but the installed image is not its base (another image, or none):
+    /// nothing is rebuilt or installed.
+    #[error("the delta's base image is not the installed image: delta base {expected}, installed {actual}")]
+    DeltaBase {
+        /// Hex SHA-256 of the base the signed delta manifest names.
+        expected: String,
+        /// Hex SHA-256 of the installed image ("none" when there is none).
+        actual: String,
+    },
+    /// The received delta does not rebuild an image of the declared size.
+    #[error(transparent)]
+    Delta(#[from] sealed_ota_protocol::delta::DeltaError),
     /// The disk failed.
     #[error(transparent)]
     Storage(#[from] FileError),
+}
+
+impl ImageError {
+    /// The reason the device signs in its refusal.
+    pub fn reject_reason(&self) -> RejectReason {
+        match self {
+            ImageError::HashMismatch { .. } | ImageError::Delta(_) => {
+                RejectReason::ImageHashMismatch
+            }
+            ImageError::DeltaBase { .. } => RejectReason::DeltaBaseMismatch,
+            ImageError::SizeMismatch { .. } | ImageError::Storage(_) => {
+                RejectReason::InstallFailed(bounded_text(&self.to_string(), MAX_REASON_TEXT))
+            }
+        }
+    }
 }
 
 /// An image being received: plaintext chunks written at their offsets, in any order, duplicates
@@ -272,6 +301,69 @@ impl Download {
         check_image(&self.path, expected_size, expected_sha256)
     }
 
+    /// Makes what was received for `manifest` the image it describes, and checks it (size and
+    /// SHA-256 of the signed manifest). A full-image transfer is only checked. A delta
+    /// ([`Manifest::delta`]) is applied to the installed image at `installed` (refused as
+    /// [`ImageError::DeltaBase`] unless it hashes to the delta's base SHA-256); the rebuilt image
+    /// is written beside the download, fsynced, checked, and only then renamed over the received
+    /// delta. A download that already is the full image (a restart after that rename) is only
+    /// checked. On an error nothing is renamed: the caller discards the download.
+    pub fn complete(
+        &self,
+        manifest: &Manifest,
+        installed: Option<&Path>,
+    ) -> Result<(), ImageError> {
+        let Some(delta) = &manifest.delta else {
+            return self.check(manifest.size, &manifest.sha256);
+        };
+        if self.matches(&manifest.sha256)? {
+            return self.check(manifest.size, &manifest.sha256);
+        }
+        check_size(&self.path, delta.size)?;
+        let base = match installed {
+            Some(path) if path.exists() => {
+                fs::read(path).map_err(|e| FileError::new("reading", path, e))?
+            }
+            _ => Vec::new(),
+        };
+        let base_sha256: [u8; 32] = Sha256::digest(&base).into();
+        if base_sha256 != delta.base_sha256 || installed.is_none() {
+            return Err(ImageError::DeltaBase {
+                expected: hex::encode(delta.base_sha256),
+                actual: if base.is_empty() {
+                    "none".into()
+                } else {
+                    hex::encode(base_sha256)
+                },
+            });
+        }
+        let rebuilt = self.path.with_extension("rebuilt");
+        let received =
+            File::open(&self.path).map_err(|e| FileError::new("opening", &self.path, e))?;
+        let out = File::create(&rebuilt).map_err(|e| FileError::new("creating", &rebuilt, e))?;
+        let mut out = io::BufWriter::new(out);
+        let applied = sealed_ota_protocol::delta::apply(
+            &base,
+            io::BufReader::new(received),
+            &mut out,
+            manifest.size,
+        );
+        let synced = out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_data())
+            .map_err(|e| FileError::new("writing", &rebuilt, e));
+        let checked = applied
+            .map_err(ImageError::from)
+            .and(synced.map_err(ImageError::from))
+            .and_then(|_| check_image(&rebuilt, manifest.size, &manifest.sha256));
+        if let Err(e) = checked {
+            durable::remove_all(&rebuilt)?;
+            return Err(e);
+        }
+        Ok(durable::rename_durable(&rebuilt, &self.path)?)
+    }
+
     /// Whether the file is there and hashes to `sha256`.
     pub fn matches(&self, sha256: &[u8; 32]) -> Result<bool, FileError> {
         if !self.path.exists() {
@@ -279,6 +371,17 @@ impl Download {
         }
         hash_file(&self.path).map(|(_, sha)| &sha == sha256)
     }
+}
+
+/// Checks that the file at `path` has `expected` bytes.
+fn check_size(path: &Path, expected: u64) -> Result<(), ImageError> {
+    let actual = fs::metadata(path)
+        .map_err(|e| FileError::new("reading the size of", path, e))?
+        .len();
+    if actual != expected {
+        return Err(ImageError::SizeMismatch { expected, actual });
+    }
+    Ok(())
 }
 
 /// Checks the file at `path` against an expected size and SHA-256.
@@ -399,6 +502,87 @@ mod tests {
         assert!(matches!(err, ImageError::HashMismatch { .. }), "{err}");
         download.discard().unwrap();
         assert!(!download.matches(&sha256(&image)).unwrap());
+    }
+
+    /// A base image, a release that shares most of it, the delta between them and a manifest
+    /// describing the release with that delta.
+    fn delta_release() -> (Vec<u8>, Vec<u8>, Vec<u8>, Manifest) {
+        let base: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let mut target = base.clone();
+        target[70_000..72_000].fill(0x5a);
+        target.extend_from_slice(b"2.0.0");
+        let delta = sealed_ota_protocol::delta::make(&base, &target).unwrap();
+        let manifest = Manifest {
+            campaign_id: "c1".into(),
+            device_id: "d1".into(),
+            version: "2.0.0".into(),
+            size: target.len() as u64,
+            sha256: sha256(&target),
+            chunk_size: 4096,
+            chunk_count: delta.len().div_ceil(4096) as u32,
+            merkle_root: [0; 32],
+            expires_at: u64::MAX,
+            allow_downgrade: false,
+            kind: sealed_ota_protocol::PayloadKind::Firmware,
+            release: None,
+            pull: false,
+            delta: Some(sealed_ota_protocol::DeltaManifest {
+                base_version: "1.0.0".into(),
+                base_sha256: sha256(&base),
+                size: delta.len() as u64,
+            }),
+        };
+        (base, target, delta, manifest)
+    }
+
+    /// A received delta becomes the full image, checked against the manifest's SHA-256, and a
+    /// second completion (a restart after the rename) finds the image already rebuilt.
+    #[test]
+    fn a_received_delta_is_rebuilt_against_the_installed_image() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (base, target, delta, manifest) = delta_release();
+        let installed = tmp.path().join("firmware.bin");
+        fs::write(&installed, &base).unwrap();
+        let download = Download::at(tmp.path().join("download.part"), true);
+        download.write_chunk(0, &delta).unwrap();
+        download.complete(&manifest, Some(&installed)).unwrap();
+        assert_eq!(fs::read(download.path()).unwrap(), target);
+        assert!(!tmp.path().join("download.rebuilt").exists());
+        download.complete(&manifest, Some(&installed)).unwrap();
+        assert_eq!(fs::read(download.path()).unwrap(), target);
+    }
+
+    /// Another installed image, none, or a delta that rebuilds another image: a typed refusal,
+    /// the received delta left as it was (the caller discards it), no rebuilt file.
+    #[test]
+    fn a_delta_for_another_base_or_a_tampered_delta_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (base, _, delta, manifest) = delta_release();
+        let installed = tmp.path().join("firmware.bin");
+        let mut other = base.clone();
+        other[0] ^= 1;
+        fs::write(&installed, &other).unwrap();
+        let download = Download::at(tmp.path().join("download.part"), true);
+        download.write_chunk(0, &delta).unwrap();
+        let err = download.complete(&manifest, Some(&installed)).unwrap_err();
+        assert!(matches!(err, ImageError::DeltaBase { .. }), "{err}");
+        assert_eq!(err.reject_reason(), RejectReason::DeltaBaseMismatch);
+        let err = download.complete(&manifest, None).unwrap_err();
+        assert!(matches!(err, ImageError::DeltaBase { .. }), "{err}");
+        assert_eq!(fs::read(download.path()).unwrap(), delta);
+
+        fs::write(&installed, &base).unwrap();
+        // The manifest signs another full image than the delta rebuilds (a delta swapped for
+        // another one of the same size): the rebuilt image's SHA-256 refuses it.
+        let mut swapped = manifest.clone();
+        swapped.sha256[0] ^= 1;
+        let err = download.complete(&swapped, Some(&installed)).unwrap_err();
+        assert!(matches!(err, ImageError::HashMismatch { .. }), "{err}");
+        assert_eq!(err.reject_reason(), RejectReason::ImageHashMismatch);
+        assert!(!tmp.path().join("download.rebuilt").exists());
+        assert_eq!(fs::read(download.path()).unwrap(), delta);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! `e2e/testbed` script owns every process, so `e2e/testbed down` stops them all.
 
 pub mod bench;
+pub mod delta_bench;
 pub mod http;
 pub mod interop;
 pub mod oci;

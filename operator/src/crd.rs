@@ -224,7 +224,7 @@ pub struct DeviceCampaignStatus {
     pub phase: DevicePhase,
     /// Attempts made so far (1 for the first).
     pub attempts: u32,
-    /// Why the device failed: Timeout, RolledBack, NotNewer, Expired, ImageHashMismatch, PacketTooLarge, DeclinedByDevice, InstallFailed, InvalidVersion, BadCredentials, ManifestMismatch or ReleaseSignature (see docs/reasons.md).
+    /// Why the device failed: Timeout, RolledBack, NotNewer, Expired, ImageHashMismatch, PacketTooLarge, DeclinedByDevice, InstallFailed, InvalidVersion, BadCredentials, ManifestMismatch, ReleaseSignature or DeltaBaseMismatch (see docs/reasons.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub reason: Option<String>,
@@ -1081,7 +1081,7 @@ pub struct DeviceFailure {
     /// Device resource name.
     #[schemars(length(max = 253))]
     pub device: String,
-    /// Why the device failed: Timeout, RolledBack, NotNewer, Expired, ImageHashMismatch, PacketTooLarge, DeclinedByDevice, InstallFailed, InvalidVersion, BadCredentials, ManifestMismatch or ReleaseSignature (see docs/reasons.md).
+    /// Why the device failed: Timeout, RolledBack, NotNewer, Expired, ImageHashMismatch, PacketTooLarge, DeclinedByDevice, InstallFailed, InvalidVersion, BadCredentials, ManifestMismatch, ReleaseSignature or DeltaBaseMismatch (see docs/reasons.md).
     #[schemars(length(max = 64))]
     pub reason: String,
     /// Detail.

@@ -33,11 +33,13 @@ pub enum FailureReason {
     ManifestMismatch,
     /// The image's release signature does not verify against the keys the device trusts.
     ReleaseSignature,
+    /// The device was offered a delta for a base image it does not hold.
+    DeltaBaseMismatch,
 }
 
 impl FailureReason {
     /// Every reason, in documentation order.
-    pub const ALL: [FailureReason; 12] = [
+    pub const ALL: [FailureReason; 13] = [
         FailureReason::Timeout,
         FailureReason::RolledBack,
         FailureReason::NotNewer,
@@ -50,6 +52,7 @@ impl FailureReason {
         FailureReason::BadCredentials,
         FailureReason::ManifestMismatch,
         FailureReason::ReleaseSignature,
+        FailureReason::DeltaBaseMismatch,
     ];
 
     /// The CamelCase spelling stored in statuses and used as the metric label.
@@ -67,6 +70,7 @@ impl FailureReason {
             FailureReason::BadCredentials => "BadCredentials",
             FailureReason::ManifestMismatch => "ManifestMismatch",
             FailureReason::ReleaseSignature => "ReleaseSignature",
+            FailureReason::DeltaBaseMismatch => "DeltaBaseMismatch",
         }
     }
 
@@ -84,6 +88,7 @@ impl FailureReason {
             "bad_credentials" => Some(FailureReason::BadCredentials),
             "manifest_mismatch" => Some(FailureReason::ManifestMismatch),
             "release_signature" => Some(FailureReason::ReleaseSignature),
+            "delta_base_mismatch" => Some(FailureReason::DeltaBaseMismatch),
             _ => None,
         };
         legacy.or_else(|| Self::ALL.into_iter().find(|r| r.as_str() == text))
@@ -102,6 +107,7 @@ impl FailureReason {
             RejectReason::BadCredentials(_) => FailureReason::BadCredentials,
             RejectReason::ManifestMismatch(_) => FailureReason::ManifestMismatch,
             RejectReason::ReleaseSignature(_) => FailureReason::ReleaseSignature,
+            RejectReason::DeltaBaseMismatch => FailureReason::DeltaBaseMismatch,
         }
     }
 }
@@ -122,6 +128,7 @@ impl FailureReason {
             FailureReason::BadCredentials => "the device refused the delivered credentials",
             FailureReason::ManifestMismatch => "the device's receipt does not match what the manager sent",
             FailureReason::ReleaseSignature => "the image's release signature does not verify against the release keys the device trusts",
+            FailureReason::DeltaBaseMismatch => "the device was offered a delta whose base image is not the image it has installed (nothing installed; the full image fits it)",
         }
     }
 }
@@ -333,6 +340,7 @@ mod tests {
             RejectReason::BadCredentials("x".into()),
             RejectReason::ManifestMismatch("x".into()),
             RejectReason::ReleaseSignature("x".into()),
+            RejectReason::DeltaBaseMismatch,
         ];
         for r in &refusals {
             // The protocol's own label (what older records hold) reads back as the same reason.

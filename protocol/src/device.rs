@@ -500,11 +500,9 @@ impl DeviceSession {
         rng: Box<dyn CryptoRngCore + Send>,
     ) -> (Self, Vec<Action>) {
         let mut state = state;
-        if state
-            .transfer
-            .as_ref()
-            .is_some_and(|t| !t.received.consistent() || t.received.len() != t.manifest.chunk_count)
-        {
+        if state.transfer.as_ref().is_some_and(|t| {
+            !t.received.consistent() || t.received.len() != t.manifest.transfer().chunk_count
+        }) {
             state.transfer = None; // corrupt persisted bitmap: start over
         }
         let s = Self {
@@ -702,7 +700,7 @@ impl DeviceSession {
             .filter(|t| t.campaign_id == body.campaign_id)
             .map(|t| Have {
                 campaign_id: t.campaign_id.clone(),
-                merkle_root: t.manifest.merkle_root,
+                merkle_root: t.manifest.transfer().merkle_root,
                 received: t.received.count(),
             });
         let ready_body = ReadyBody {
@@ -993,12 +991,7 @@ impl DeviceSession {
             });
         }
         if manifest.kind == PayloadKind::Firmware
-            && (manifest.chunk_count == 0
-                || manifest.chunk_size == 0
-                || manifest.chunk_size > wire::MAX_CHUNK_SIZE
-                || manifest.chunk_count > wire::MAX_CHUNK_COUNT
-                || u64::from(manifest.chunk_count)
-                    != manifest.size.div_ceil(u64::from(manifest.chunk_size)))
+            && !manifest.chunking_consistent(wire::MAX_CHUNK_SIZE, wire::MAX_CHUNK_COUNT)
         {
             return Err(ProtocolError::Decode {
                 message: "manifest",
@@ -1062,7 +1055,7 @@ impl DeviceSession {
                     self.state.transfer = Some(TransferState {
                         campaign_id: manifest.campaign_id.clone(),
                         manifest: manifest.clone(),
-                        received: Bitmap::new(manifest.chunk_count),
+                        received: Bitmap::new(manifest.transfer().chunk_count),
                     });
                 }
                 let received = self
@@ -1234,7 +1227,7 @@ impl DeviceSession {
             &self.config.topics,
             &m.campaign_id,
             m.chunk_size,
-            m.chunk_count,
+            m.transfer().chunk_count,
         )
     }
 
@@ -1267,7 +1260,7 @@ impl DeviceSession {
             out.actions.push(a);
         }
         let n = self.config.window.max(1) as usize;
-        let next: Vec<u32> = (0..t.manifest.chunk_count)
+        let next: Vec<u32> = (0..t.manifest.transfer().chunk_count)
             .filter(|&i| !t.received.get(i))
             .take(n)
             .collect();
@@ -1337,7 +1330,7 @@ impl DeviceSession {
                 got: c.campaign_id,
             });
         }
-        let count = t.manifest.chunk_count;
+        let count = t.manifest.transfer().chunk_count;
         if c.index >= count || c.count != count {
             return Err(ProtocolError::ChunkOutOfRange {
                 index: c.index,
@@ -1347,7 +1340,7 @@ impl DeviceSession {
         if t.received.get(c.index) {
             return Ok(DeviceOutput::default()); // duplicate
         }
-        let plain = c.open(key, &t.manifest.merkle_root)?;
+        let plain = c.open(key, &t.manifest.transfer().merkle_root)?;
         let expected = t.manifest.chunk_len(c.index).unwrap_or(0);
         if plain.len() as u64 != expected {
             return Err(ProtocolError::ChunkOutOfRange {
@@ -1502,11 +1495,22 @@ impl DeviceSession {
                     } else {
                         RejectReason::InstallFailed(bounded_text(&msg, MAX_REASON_TEXT))
                     };
-                let mut out = DeviceOutput::default();
-                self.reject(reason, &mut out);
-                out.actions
+                self.refuse_image(reason, now)
             }
         }
+    }
+
+    /// After `ImageComplete`, when the caller's check of what it stored failed (the image's hash,
+    /// a delta whose base is not the installed image): a signed `Rejected(reason)`, the transfer
+    /// dropped, nothing installed. Does nothing when no image is complete.
+    pub fn refuse_image(&mut self, reason: RejectReason, now: u64) -> Vec<Action> {
+        let _ = now;
+        if !self.image_complete || self.state.transfer.is_none() {
+            return Vec::new();
+        }
+        let mut out = DeviceOutput::default();
+        self.reject(reason, &mut out);
+        out.actions
     }
 
     /// The signed post-install health report of the firmware the device installed last (its
@@ -1942,6 +1946,75 @@ mod tests {
             &s.dev,
             &UpdateBody::Firmware {
                 manifest: env.encode(),
+                content_key: key,
+            },
+        );
+        assert!(matches!(
+            s.dev.handle(&msg, NOW),
+            Err(ProtocolError::Decode {
+                message: "manifest",
+                ..
+            })
+        ));
+    }
+
+    /// A delta manifest: the chunks carry the delta (its size; the manifest's count and root), the
+    /// manifest's size and SHA-256 stay the full image's. Here the campaign's 300-byte sealed
+    /// payload stands for the delta of a 1000-byte image: the device takes its 3 chunks and
+    /// completes; read as a full-image transfer (1000 bytes in 3 chunks of 100) the manifest would
+    /// be refused as inconsistent. A delta whose size the chunks do not cover is refused up front.
+    #[test]
+    fn a_delta_manifest_transfers_the_delta_s_chunks() {
+        let mut s = setup(300, 100);
+        let (_, mut mf, key) = genuine(&s);
+        mf.delta = Some(crate::manifest::DeltaManifest {
+            base_version: "1.0.0".into(),
+            base_sha256: [3; 32],
+            size: mf.size,
+        });
+        mf.size = 1000;
+        mf.sha256 = [0x24; 32];
+        let signed = |s: &Setup, mf: &Manifest| {
+            SignedEnvelope::sign(
+                s.manager_id.secret(),
+                wire::TYPE_MANIFEST,
+                wire::encode_msg(mf),
+            )
+            .encode()
+        };
+        let msg = craft(
+            &s.dev,
+            &UpdateBody::Firmware {
+                manifest: signed(&s, &mf),
+                content_key: key,
+            },
+        );
+        let out = s.dev.handle(&msg, NOW).unwrap();
+        assert!(matches!(out.events[0], DeviceEvent::UpdateOffered { .. }));
+        let mut complete = None;
+        for i in 0..3 {
+            let chunk = s.campaign.chunk_publish(&s.topics, i).to_inbound();
+            let out = s.dev.handle(&chunk, NOW).unwrap();
+            for e in out.events {
+                if let DeviceEvent::ImageComplete { manifest } = e {
+                    complete = Some(manifest);
+                }
+            }
+        }
+        assert_eq!(
+            complete.as_ref(),
+            Some(&mf),
+            "complete after the delta's 3 chunks"
+        );
+
+        let mut s = setup(300, 100);
+        let (_, _, key) = genuine(&s);
+        let mut bad = mf.clone();
+        bad.delta.as_mut().unwrap().size = 301;
+        let msg = craft(
+            &s.dev,
+            &UpdateBody::Firmware {
+                manifest: signed(&s, &bad),
                 content_key: key,
             },
         );

@@ -24,7 +24,7 @@
 //! certificate issuance); `manager` (default, needs `std`) the update manager; `device` (default)
 //! the device session, which builds for `no_std` + `alloc` (`--no-default-features --features
 //! device`, checked by `make no-std`), where the caller passes its RNG in
-//! ([`DeviceSession::with_rng`]).
+//! ([`DeviceSession::with_rng`]); `delta` (default, needs `std`) the binary-delta codec ([`delta`]).
 #![cfg_attr(not(feature = "std"), no_std)]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -33,6 +33,8 @@ extern crate alloc;
 
 mod codec;
 pub mod crypto;
+#[cfg(feature = "delta")]
+pub mod delta;
 #[cfg(feature = "device")]
 pub mod device;
 pub mod error;
@@ -67,7 +69,7 @@ pub use manager::{
     IssuedCertificate, ManagerConfig, ManagerEvent, ManagerOutput, ManagerSession, ManagerState,
     PreparedCampaign, RotationMode,
 };
-pub use manifest::{bounded_text, Manifest, PayloadKind, RejectReason};
+pub use manifest::{bounded_text, DeltaManifest, Manifest, PayloadKind, RejectReason, Transfer};
 pub use mqtt::{Action, Inbound, Outbound, Properties};
 pub use release::{ReleaseKey, ReleaseSignature, ReleaseSigner};
 #[cfg(feature = "manager")]

@@ -51,6 +51,19 @@ pub enum CampaignPayload {
     /// A firmware image the caller sealed chunk by chunk ([`crate::ChunkSealer`]) and whose
     /// ciphertext it keeps (the operator's cache directory).
     Sealed(SealedFirmware),
+    /// A binary delta from `base` (the image the devices of `base_version` run) to `image`, made
+    /// by `prepare` ([`crate::delta`]) and sealed in place of the image (its ciphertext kept in
+    /// memory): the chunks carry the delta, the manifests describe `image` (size, SHA-256,
+    /// release signature) and name the base ([`crate::manifest::DeltaManifest`]).
+    #[cfg(feature = "delta")]
+    Delta {
+        /// Version of the base image.
+        base_version: String,
+        /// The base image.
+        base: Vec<u8>,
+        /// The image the devices rebuild and install.
+        image: Vec<u8>,
+    },
     /// New credentials issued by `ca`.
     RotateCredentials {
         /// Key delivery mode.
@@ -67,6 +80,12 @@ impl core::fmt::Debug for CampaignPayload {
         match self {
             CampaignPayload::Firmware { image } => write!(f, "Firmware({} bytes)", image.len()),
             CampaignPayload::Sealed(sealed) => write!(f, "Sealed({} bytes)", sealed.size()),
+            #[cfg(feature = "delta")]
+            CampaignPayload::Delta {
+                base_version,
+                image,
+                ..
+            } => write!(f, "Delta(from {base_version}, {} bytes)", image.len()),
             CampaignPayload::RotateCredentials {
                 mode,
                 validity_days,
@@ -124,6 +143,16 @@ pub struct PreparedCampaign {
     release: Option<ReleaseSignature>,
     /// Chunks are served on request (the manifest's `pull`).
     pull: bool,
+    /// The full image when the sealed payload is a delta to it.
+    delta_of: Option<DeltaOf>,
+}
+
+/// The full image a delta campaign's sealed delta rebuilds, and the base it applies to.
+#[derive(Debug, Clone)]
+struct DeltaOf {
+    manifest: crate::manifest::DeltaManifest,
+    size: u64,
+    sha256: [u8; 32],
 }
 
 impl core::fmt::Debug for PreparedCampaign {
@@ -167,11 +196,33 @@ impl PreparedCampaign {
             rotation: None,
             release: None,
             pull: false,
+            delta_of: None,
         };
         let sealed = match spec.payload {
             CampaignPayload::Firmware { image } => {
                 let (sealed, cts) = SealedFirmware::seal_all(&c.campaign_id, c.chunk_size, &image)?;
                 c.held = Some(cts);
+                Some(sealed)
+            }
+            #[cfg(feature = "delta")]
+            CampaignPayload::Delta {
+                base_version,
+                base,
+                image,
+            } => {
+                let delta = crate::delta::make(&base, &image)
+                    .map_err(|e| invalid(format!("the delta cannot be made: {e}")))?;
+                let (sealed, cts) = SealedFirmware::seal_all(&c.campaign_id, c.chunk_size, &delta)?;
+                c.held = Some(cts);
+                c.delta_of = Some(DeltaOf {
+                    manifest: crate::manifest::DeltaManifest {
+                        base_version,
+                        base_sha256: crypto::sha256(&base),
+                        size: delta.len() as u64,
+                    },
+                    size: image.len() as u64,
+                    sha256: crypto::sha256(&image),
+                });
                 Some(sealed)
             }
             CampaignPayload::Sealed(sealed) => {
@@ -211,13 +262,18 @@ impl PreparedCampaign {
         };
         if let Some(sealed) = sealed {
             if let Some(sig) = spec.release {
-                if !sig.verifies_for(&c.target_version, sealed.size(), &sealed.sha256()) {
+                // What the release key signed: the full image (a delta's rebuilt image).
+                let (size, sha256) = c
+                    .delta_of
+                    .as_ref()
+                    .map_or((sealed.size(), sealed.sha256()), |d| (d.size, d.sha256));
+                if !sig.verifies_for(&c.target_version, size, &sha256) {
                     return Err(invalid(format!(
                         "release signature by key {} does not verify for this image (version {}, {} bytes, SHA-256 {}): sign exactly this image and version with `sealed-ota release sign`",
                         hex::encode(sig.key_id()),
                         c.target_version,
-                        sealed.size(),
-                        hex::encode(sealed.sha256())
+                        size,
+                        hex::encode(sha256)
                     )));
                 }
                 c.release = Some(sig);
@@ -260,15 +316,30 @@ impl PreparedCampaign {
             .as_ref()
             .map_or(0, SealedFirmware::chunk_count)
     }
-    /// SHA-256 of the plaintext image.
+    /// SHA-256 of the plaintext image (of the full image a delta rebuilds).
     pub fn image_sha256(&self) -> [u8; 32] {
-        self.firmware
-            .as_ref()
-            .map_or([0; 32], SealedFirmware::sha256)
+        match &self.delta_of {
+            Some(d) => d.sha256,
+            None => self
+                .firmware
+                .as_ref()
+                .map_or([0; 32], SealedFirmware::sha256),
+        }
     }
-    /// Image size.
+    /// Image size (of the full image a delta rebuilds).
     pub fn image_size(&self) -> u64 {
+        match &self.delta_of {
+            Some(d) => d.size,
+            None => self.firmware.as_ref().map_or(0, SealedFirmware::size),
+        }
+    }
+    /// Bytes the chunks carry: the image, or the delta of a delta campaign.
+    pub fn transfer_size(&self) -> u64 {
         self.firmware.as_ref().map_or(0, SealedFirmware::size)
+    }
+    /// The base a delta campaign's chunks apply to (`None`: the chunks carry the full image).
+    pub fn delta(&self) -> Option<&crate::manifest::DeltaManifest> {
+        self.delta_of.as_ref().map(|d| &d.manifest)
     }
     /// Merkle root over the encrypted chunks.
     pub fn merkle_root(&self) -> [u8; 32] {
@@ -380,6 +451,7 @@ impl PreparedCampaign {
             kind: self.kind,
             release: self.release.clone(),
             pull: self.pull,
+            delta: self.delta().cloned(),
         }
     }
 }
@@ -1109,9 +1181,11 @@ impl ManagerSession {
                 let Some(firmware) = &self.campaign.firmware else {
                     return Err(ProtocolError::InvalidCampaign("no sealed image".into()));
                 };
-                let m =
-                    self.campaign
-                        .manifest_for(&self.target, firmware.size(), firmware.sha256());
+                let m = self.campaign.manifest_for(
+                    &self.target,
+                    self.campaign.image_size(),
+                    self.campaign.image_sha256(),
+                );
                 Ok(UpdateBody::Firmware {
                     manifest: sign_manifest(&m),
                     content_key: *firmware.content_key(),

@@ -55,9 +55,9 @@ pub struct Manifest {
     pub sha256: [u8; 32],
     /// Chunk size in bytes (plaintext).
     pub chunk_size: u32,
-    /// Number of chunks (0 for rotations).
+    /// Number of chunks transferred (0 for rotations): of the image, or of the delta.
     pub chunk_count: u32,
-    /// Merkle root over the encrypted chunks (zero for rotations).
+    /// Merkle root over the encrypted chunks transferred (zero for rotations).
     #[serde(with = "crate::codec::array")]
     pub merkle_root: [u8; 32],
     /// Expiry, Unix seconds.
@@ -77,6 +77,40 @@ pub struct Manifest {
     /// arrive in time.
     #[serde(default, skip_serializing_if = "core::ops::Not::not")]
     pub pull: bool,
+    /// A binary delta from the image the device runs, sent instead of the full image: the chunks
+    /// (`chunk_count`, `merkle_root`) carry the delta ([`DeltaManifest`]); `size`, `sha256` and
+    /// `release` still describe the full image the device rebuilds, checks and installs. Absent:
+    /// the chunks are the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaManifest>,
+}
+
+/// What a delta manifest adds: the base image the delta applies to, and the delta's size. The
+/// manifest's `chunk_count` and `merkle_root` then describe the delta's chunks (what is
+/// transferred), its `size`, `sha256` and `release` the full image the device rebuilds, checks and
+/// installs. The device takes it only when its installed image hashes to `base_sha256`, and
+/// installs the rebuilt image only when it hashes to the manifest's `sha256` (and the release
+/// signature over that full image verifies).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaManifest {
+    /// Version of the base image (what `status.runningVersion` said).
+    pub base_version: String,
+    /// SHA-256 of the base image the delta was computed from.
+    #[serde(with = "crate::codec::array")]
+    pub base_sha256: [u8; 32],
+    /// Size of the delta in bytes (what is transferred).
+    pub size: u64,
+}
+
+/// The bytes a transfer moves: the full image, or the delta of a delta manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transfer {
+    /// Plaintext bytes transferred.
+    pub size: u64,
+    /// Chunks transferred.
+    pub chunk_count: u32,
+    /// Merkle root the chunks are checked against.
+    pub merkle_root: [u8; 32],
 }
 
 /// Why a device refused or failed an update. Sent signed in a status report.
@@ -93,6 +127,9 @@ pub enum RejectReason {
     Expired,
     /// The reassembled image does not hash to the manifest's SHA-256.
     ImageHashMismatch,
+    /// A delta was offered for a base image the device does not hold (its installed image does not
+    /// hash to the delta's base SHA-256): nothing was installed; the full image is what fits.
+    DeltaBaseMismatch,
     /// Chunk messages would exceed the device's Maximum Packet Size.
     PacketTooLarge {
         /// Device's Maximum Packet Size.
@@ -126,6 +163,9 @@ impl core::fmt::Display for RejectReason {
             }
             RejectReason::Expired => f.write_str("expired"),
             RejectReason::ImageHashMismatch => f.write_str("image SHA-256 mismatch"),
+            RejectReason::DeltaBaseMismatch => {
+                f.write_str("the delta's base image is not the installed image")
+            }
             RejectReason::PacketTooLarge {
                 max_packet_size,
                 needed,
@@ -150,6 +190,7 @@ impl RejectReason {
             RejectReason::NotNewer { .. } => "not_newer",
             RejectReason::Expired => "expired",
             RejectReason::ImageHashMismatch => "image_hash_mismatch",
+            RejectReason::DeltaBaseMismatch => "delta_base_mismatch",
             RejectReason::PacketTooLarge { .. } => "packet_too_large",
             RejectReason::DeclinedByDevice(_) => "declined",
             RejectReason::InstallFailed(_) => "install_failed",
@@ -172,6 +213,7 @@ impl RejectReason {
             },
             RejectReason::Expired => RejectReason::Expired,
             RejectReason::ImageHashMismatch => RejectReason::ImageHashMismatch,
+            RejectReason::DeltaBaseMismatch => RejectReason::DeltaBaseMismatch,
             RejectReason::PacketTooLarge {
                 max_packet_size,
                 needed,
@@ -242,17 +284,34 @@ impl Manifest {
         Ok(())
     }
 
-    /// Plaintext length of chunk `index` (`None` beyond the declared count).
+    /// What the chunks carry: the delta of a delta manifest, the full image otherwise.
+    pub fn transfer(&self) -> Transfer {
+        Transfer {
+            size: self.delta.as_ref().map_or(self.size, |d| d.size),
+            chunk_count: self.chunk_count,
+            merkle_root: self.merkle_root,
+        }
+    }
+
+    /// Whether the chunking is consistent: a count of whole chunks of `chunk_size` covering what
+    /// is transferred, within the wire bounds.
+    pub fn chunking_consistent(&self, max_chunk_size: u32, max_chunk_count: u32) -> bool {
+        let t = self.transfer();
+        self.chunk_size != 0
+            && self.chunk_size <= max_chunk_size
+            && t.chunk_count != 0
+            && t.chunk_count <= max_chunk_count
+            && u64::from(t.chunk_count) == t.size.div_ceil(u64::from(self.chunk_size))
+    }
+
+    /// Plaintext length of transferred chunk `index` (`None` beyond the declared count).
     pub fn chunk_len(&self, index: u32) -> Option<u64> {
-        if index >= self.chunk_count {
+        let t = self.transfer();
+        if index >= t.chunk_count {
             return None;
         }
         let start = u64::from(index) * u64::from(self.chunk_size);
-        Some(
-            self.size
-                .saturating_sub(start)
-                .min(u64::from(self.chunk_size)),
-        )
+        Some(t.size.saturating_sub(start).min(u64::from(self.chunk_size)))
     }
 }
 

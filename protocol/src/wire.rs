@@ -801,6 +801,7 @@ pub fn sample(decoder: Decoder) -> Vec<u8> {
             signature: [0xdd; 64],
         }),
         pull: false,
+        delta: None,
     };
     let signed_manifest = SignedEnvelope::sign(&secret, TYPE_MANIFEST, encode(&manifest)).encode();
     match decoder {

@@ -56,6 +56,16 @@ struct Args {
     /// Where summary.json goes.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Base of the delta figures: a release binary of ours at an earlier commit (made by
+    /// scripts/delta-pair.sh); the figures are skipped when it is absent.
+    #[arg(long, default_value = "target/bench/delta/base")]
+    delta_base: PathBuf,
+    /// Target of the delta figures: the same binary at this commit, stripped (make bench).
+    #[arg(long, default_value = "target/bench/delta/target")]
+    delta_target: PathBuf,
+    /// Measure only the delta figures (no test bed needed) and print them.
+    #[arg(long)]
+    delta_only: bool,
 }
 
 /// What a product campaign measured.
@@ -88,6 +98,13 @@ async fn main() -> Result<()> {
     sealed_ota_device_emulator::install_crypto_provider();
     let args = Args::parse();
     let started = Instant::now();
+    if args.delta_only {
+        let mut rows = Vec::new();
+        let delta = delta_rows(&args, &mut rows)?;
+        println!("{}", render_table(&rows));
+        println!("{}", serde_json::to_string_pretty(&delta)?);
+        return Ok(());
+    }
     let bed = TestBed::get()?;
     let protocol: Value = match std::fs::read(&args.protocol_json) {
         Ok(bytes) => serde_json::from_slice(&bytes)
@@ -334,6 +351,8 @@ async fn main() -> Result<()> {
         ),
     ));
 
+    let delta = delta_rows(&args, &mut rows)?;
+
     println!("{}", render_table(&rows));
     let mut summary = json!({
         "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)},
@@ -364,6 +383,7 @@ async fn main() -> Result<()> {
         "scale": scale.as_ref().map(campaign_json),
         "scale_mode": if scale.is_some() { "full: every device connected over TLS" } else { "skipped" },
         "protocol": protocol,
+        "delta": delta,
         "budgets": rows.iter().map(|r| json!({
             "key": r.key, "value": r.value, "budget": r.budget, "met": r.met, "how": r.how,
         })).collect::<Vec<_>>(),
@@ -561,6 +581,54 @@ fn cpu_of(processes: &[(&'static str, u32)]) -> Result<BTreeMap<&'static str, f6
         .iter()
         .map(|(name, pid)| Ok((*name, process_cpu_seconds(*pid)?)))
         .collect()
+}
+
+/// The delta figures on the pair of release binaries (zstd, the product's codec, and bsdiff), as
+/// table rows; their JSON for the summary (`null` when the base binary is absent).
+fn delta_rows(args: &Args, rows: &mut Vec<Budget>) -> Result<Value> {
+    let (Ok(base), Ok(target)) = (
+        std::fs::read(&args.delta_base),
+        std::fs::read(&args.delta_target),
+    ) else {
+        eprintln!(
+            "bench: no delta figures ({} or {} missing; scripts/delta-pair.sh makes the base)",
+            args.delta_base.display(),
+            args.delta_target.display()
+        );
+        return Ok(Value::Null);
+    };
+    eprintln!("bench: delta codecs on two release builds of the device agent");
+    let f = sealed_ota_e2e::delta_bench::measure(&base, &target)?;
+    let pair = format!(
+        "{} -> {} ({} -> {} bytes)",
+        args.delta_base.display(),
+        args.delta_target.display(),
+        f.base_bytes,
+        f.full_bytes
+    );
+    rows.push(Budget::report(
+        "delta_zstd_ratio",
+        f.zstd_ratio(),
+        format!(
+            "zstd --patch-from delta {} bytes / full image {}, made in {:.2} s, applied in {:.2} s: {pair}",
+            f.zstd.delta_bytes, f.full_bytes, f.zstd.make_seconds, f.zstd.apply_seconds
+        ),
+    ));
+    rows.push(Budget::report(
+        "delta_bsdiff_ratio",
+        f.bsdiff_ratio(),
+        format!(
+            "bsdiff delta {} bytes / full image {}, made in {:.2} s, applied in {:.2} s",
+            f.bsdiff.delta_bytes, f.full_bytes, f.bsdiff.make_seconds, f.bsdiff.apply_seconds
+        ),
+    ));
+    let codec = |c: &sealed_ota_e2e::delta_bench::CodecFigures| json!({"delta_bytes": c.delta_bytes, "make_seconds": c.make_seconds, "apply_seconds": c.apply_seconds});
+    Ok(json!({
+        "base_bytes": f.base_bytes,
+        "full_bytes": f.full_bytes,
+        "zstd": codec(&f.zstd),
+        "bsdiff": codec(&f.bsdiff),
+    }))
 }
 
 fn campaign_json(run: &CampaignRun) -> Value {
