@@ -70,7 +70,21 @@ async fn start_two_replicas(product: &mut Product) -> Result<()> {
             }
         },
     )
-    .await
+    .await?;
+    // And until both replicas hold shards (a state that lasts): before, the first replica may
+    // hold every shard and run a short campaign alone.
+    for _ in 0..300 {
+        let mut both = true;
+        for i in 0..2 {
+            let held = metric_of(product, i, "sealed_ota_operator_shards_held").await;
+            both &= held.is_ok_and(|h| h >= 1.0);
+        }
+        if both {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("both replicas did not hold shards within 60 s")
 }
 
 /// The replicas that reported a shard of the campaign, as its status names them.
