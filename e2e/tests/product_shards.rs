@@ -5,7 +5,9 @@
 //! holds the image, none that was done before the kill installs again, and the surviving replica
 //! ends up holding every shard's Lease. Runs on whatever broker the test bed
 //! runs (on the rmqtt cluster each replica starts at another node). And two replicas sharing a
-//! campaign keep its rollout policy: no shard starts a device before its maintenance window.
+//! campaign keep its rollout policy: no shard starts a device before its maintenance window, a
+//! gate holds the next wave on every shard until it passes, a dry run plans every shard's devices,
+//! and devices that leave the selection are released.
 
 use std::time::Duration;
 
@@ -13,7 +15,7 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use sealed_ota_e2e::product::{random_image, unix_now, utc_clock, Product};
-use sealed_ota_operator::crd::CampaignPhase;
+use sealed_ota_operator::crd::{CampaignPhase, UpdateCampaignStatus};
 use sealed_ota_operator::shards::{bucket_of, BUCKET_LABEL};
 
 const DEVICES: u32 = 24;
@@ -68,7 +70,21 @@ async fn start_two_replicas(product: &mut Product) -> Result<()> {
             }
         },
     )
-    .await
+    .await?;
+    // And until both replicas hold shards (a state that lasts): before, the first replica may
+    // hold every shard and run a short campaign alone.
+    for _ in 0..300 {
+        let mut both = true;
+        for i in 0..2 {
+            let held = metric_of(product, i, "sealed_ota_operator_shards_held").await;
+            both &= held.is_ok_and(|h| h >= 1.0);
+        }
+        if both {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("both replicas did not hold shards within 60 s")
 }
 
 /// The replicas that reported a shard of the campaign, as its status names them.
@@ -249,6 +265,256 @@ async fn two_replicas_start_no_device_before_the_maintenance_window() -> Result<
         unix_now() >= open,
         "the campaign finished before its window opened"
     );
+    product.pass();
+    Ok(())
+}
+
+fn status_of(c: &sealed_ota_operator::crd::UpdateCampaign) -> UpdateCampaignStatus {
+    c.status.clone().unwrap_or_default()
+}
+
+/// Issue 16 with issue 15's gates: two replicas share a campaign whose canary (2 devices, spread
+/// over the shards by the coordinator) is followed by a gate (device health, then a manual
+/// promotion). The coordinator judges the gate on every shard's health reports and holds the next
+/// wave on every shard: nothing but the canary is touched while it waits (a state that lasts until
+/// the promotion, so the check cannot race), and the promotion lets every shard finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gate_holds_the_next_wave_on_every_shard_until_promoted() -> Result<()> {
+    const FLEET: u32 = 8;
+    let mut product = Product::new("shardgate", FLEET).await?;
+    product
+        .firmware_configmap("fw", &random_image(8 * 1024))
+        .await?;
+    start_two_replicas(&mut product).await?;
+    product.start_emulator(&["--health-report-after", "1s"])?;
+    product.apply_campaign(
+        "fw",
+        product.firmware_spec(
+            "1.1.0",
+            "fw",
+            serde_json::json!({"rollout": {
+                "canary": "2", "maxInFlight": FLEET, "deviceTimeoutSeconds": 60,
+                "gate": {"soakSeconds": 6, "manual": true,
+                         "deviceHealth": {"minHealthyPercent": 100}}}}),
+        ),
+    )?;
+    let waiting = product
+        .wait_campaign(
+            "fw",
+            "the gate waits for the promotion",
+            Duration::from_secs(120),
+            |c| {
+                status_of(c)
+                    .gate
+                    .is_some_and(|g| g.state == "WaitingForPromotion")
+            },
+        )
+        .await?;
+    let s = status_of(&waiting);
+    let gate = s.gate.clone().context("gate")?;
+    assert_eq!(gate.wave, 0, "{gate:?}");
+    assert_eq!(
+        gate.healthy.as_deref(),
+        Some("2/2"),
+        "health over every shard: {gate:?}"
+    );
+    assert_eq!(s.waiting.as_ref().map(|w| w.reason.as_str()), Some("Gate"));
+    assert_eq!((s.current_wave, s.devices.succeeded), (0, 2), "{s:?}");
+    assert_eq!(s.phase, CampaignPhase::Progressing);
+    // The gate holds for as long as nobody promotes: still only the canary, seconds later.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let touched = product.touched("fw").await?;
+    assert_eq!(touched.len(), 2, "only the canary: {touched:?}");
+    let held = status_of(&product.campaign("fw").await?);
+    assert_eq!(
+        (
+            held.current_wave,
+            held.devices.succeeded,
+            held.devices.in_progress
+        ),
+        (0, 2, 0),
+        "{held:?}"
+    );
+    assert!(
+        held.shards.iter().all(|a| a.max_in_flight == 0),
+        "no shard may start: {:?}",
+        held.shards
+    );
+    product.patch_spec("fw", serde_json::json!({"promoteThroughWave": 0}))?;
+    let done = product.finished("fw", Duration::from_secs(120)).await?;
+    assert_eq!(done.phase, CampaignPhase::Succeeded, "{done:?}");
+    assert_eq!(done.devices.succeeded, FLEET, "{done:?}");
+    assert_eq!(
+        done.gate.map(|g| g.passed_waves),
+        Some(1),
+        "promoted past the canary"
+    );
+    product.pass();
+    Ok(())
+}
+
+/// Issue 16 with issue 15's dry run: with two replicas the plan in the campaign's status counts
+/// every shard's devices (the coordinator adds up the shards' plans, cut by the campaign's
+/// waves), names the device the policy leaves out, and nothing starts; turning the dry run off
+/// runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dry_run_with_two_replicas_plans_every_shard_s_devices() -> Result<()> {
+    const FLEET: u32 = 8;
+    let mut product = Product::new("sharddry", FLEET).await?;
+    let image = random_image(16 * 1024);
+    product.firmware_configmap("fw", &image).await?;
+    let unpinned = product.device_ids[5].clone();
+    product.kubectl(&[
+        "patch",
+        "device",
+        &unpinned,
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/certificateFingerprint"}]"#,
+    ])?;
+    start_two_replicas(&mut product).await?;
+    product.start_emulator(&[])?;
+    product.apply_campaign(
+        "fw",
+        product.firmware_spec(
+            "1.1.0",
+            "fw",
+            serde_json::json!({"dryRun": true, "requireCertificatePin": true,
+                "rollout": {"canary": "2", "waveSize": "3",
+                            "maxInFlight": FLEET, "deviceTimeoutSeconds": 60}}),
+        ),
+    )?;
+    let planned = product
+        .wait_campaign(
+            "fw",
+            "planned over every shard",
+            Duration::from_secs(90),
+            |c| {
+                let s = status_of(c);
+                s.phase == CampaignPhase::Planned
+                    && s.plan.as_ref().is_some_and(|p| {
+                        p.devices == FLEET - 1
+                            && p.estimated_broker_bytes.is_some()
+                            && p.waves.iter().map(|w| w.size).sum::<u32>() == FLEET - 1
+                    })
+            },
+        )
+        .await?;
+    let s = status_of(&planned);
+    let plan = s.plan.clone().context("plan")?;
+    assert_eq!(plan.waves.len(), 3, "canary 2, then waves of 3: {plan:?}");
+    assert_eq!(plan.excluded.len(), 1, "{plan:?}");
+    assert_eq!(
+        (plan.excluded[0].reason.as_str(), plan.excluded[0].count),
+        ("NoCertificatePin", 1)
+    );
+    assert_eq!(plan.excluded[0].devices, vec![unpinned.clone()]);
+    assert!(
+        plan.estimated_broker_bytes.context("estimate")? > image.len() as u64,
+        "{plan:?}"
+    );
+    assert_eq!(s.devices.selected, FLEET, "{s:?}");
+    assert_eq!(
+        s.shards.iter().map(|a| a.selected).sum::<u32>(),
+        FLEET,
+        "{:?}",
+        s.shards
+    );
+    assert_eq!(
+        s.expires_at, None,
+        "a dry run does not start the manifests' clock"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        product.touched("fw").await?.is_empty(),
+        "a dry run touched a device"
+    );
+    let still = status_of(&product.campaign("fw").await?);
+    assert_eq!(
+        (still.phase, still.devices.in_progress),
+        (CampaignPhase::Planned, 0)
+    );
+
+    product.patch_spec("fw", serde_json::json!({"dryRun": false}))?;
+    let done = product.finished("fw", Duration::from_secs(120)).await?;
+    assert_eq!(done.phase, CampaignPhase::Completed, "{done:?}");
+    assert_eq!(
+        (done.devices.succeeded, done.devices.excluded),
+        (FLEET - 1, 1),
+        "{done:?}"
+    );
+    assert!(!product.touched("fw").await?.contains(&unpinned));
+    product.pass();
+    Ok(())
+}
+
+/// Issue 16 with issue 15's joiners and leavers: with two replicas, a device that stops matching
+/// the selector while its shard updates it is released (its session ended with the signed abort,
+/// its Device status says Released) and one that starts matching joins; the coordinator adds the
+/// shards' counts up. One device in flight at a time over a slow link (about 16 s a device) keeps
+/// the first device in flight long after the test has seen it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_two_replicas_leavers_are_released_and_joiners_join() -> Result<()> {
+    let mut product = Product::new("shardmembers", 5).await?;
+    product
+        .firmware_configmap("fw", &random_image(32 * 1024))
+        .await?;
+    let ids = product.device_ids.clone();
+    for id in &ids[..4] {
+        product.kubectl(&["label", "device", id, "ring=a"])?;
+    }
+    start_two_replicas(&mut product).await?;
+    product.start_emulator(&["--fault", "slow:rate=2k"])?;
+    let mut spec = product.firmware_spec(
+        "1.1.0",
+        "fw",
+        serde_json::json!({"rollout": {"maxInFlight": 1, "deviceTimeoutSeconds": 120}}),
+    );
+    spec["selector"] = serde_json::json!({"matchLabels": {"ring": "a"}});
+    product.apply_campaign("fw", spec)?;
+    let flying = product
+        .wait_campaign(
+            "fw",
+            "the first device in flight",
+            Duration::from_secs(60),
+            |c| status_of(c).devices.in_progress == 1,
+        )
+        .await?;
+    // The device in flight: the first (by name) of the shard allowed one in flight.
+    let shards = sealed_ota_operator::shards::ShardCount::new(4)?;
+    let shard = status_of(&flying)
+        .shards
+        .iter()
+        .find(|a| a.max_in_flight == 1)
+        .map(|a| a.shard)
+        .context("a shard with a device in flight")?;
+    let mut candidates: Vec<&String> = ids[..4]
+        .iter()
+        .filter(|id| shards.of_device(id) == shard)
+        .collect();
+    candidates.sort();
+    let leaver = candidates[0].clone();
+    product.kubectl(&["label", "device", &leaver, "ring-"])?;
+    product.kubectl(&["label", "device", &ids[4], "ring=a"])?;
+    let done = product.finished("fw", Duration::from_secs(240)).await?;
+    assert_eq!(done.phase, CampaignPhase::Succeeded, "{done:?}");
+    assert_eq!(done.devices.selected, 4, "{done:?}");
+    assert_eq!((done.devices.joined, done.devices.left), (1, 1), "{done:?}");
+    let record = product
+        .devices()
+        .await?
+        .into_iter()
+        .find(|d| d.metadata.name.as_deref() == Some(leaver.as_str()))
+        .and_then(|d| d.status)
+        .and_then(|s| s.campaign)
+        .context("the leaver's campaign record")?;
+    assert_eq!(
+        record.phase,
+        sealed_ota_operator::crd::DevicePhase::Released,
+        "{record:?}"
+    );
+    assert!(product.touched("fw").await?.contains(&ids[4]));
     product.pass();
     Ok(())
 }

@@ -5,15 +5,19 @@
 //!   (a reflector per shard, label-selected, so a replica watches only its own devices): fetch and
 //!   validate, prepare the campaign once with the campaign's seed, weigh the rollout policy over
 //!   the shard's devices (`policy_of`, the step one replica takes too: windows, deadline, rate
-//!   share, arbitration), decide which of them start or time out (`rollout::decide` within the
-//!   shard's assignment), let the engine
-//!   act, and report the shard's progress in its `CampaignShard` (at most once a second, only when
-//!   it changed);
+//!   share, arbitration), release the shard's devices that left the selection and count joiners
+//!   and leavers (`follow_members`, as one replica does), decide which of them start or time out
+//!   (`rollout::decide` within the shard's assignment), let the engine act, and report the
+//!   shard's progress, its plan, what its devices wait for and the health of its devices of the
+//!   current wave in its `CampaignShard` (at most once a second, only when it changed);
 //! - as **coordinator** (holder of the leader Lease): fix the expiry and the campaign's seed before
-//!   any shard starts, add the shards' reports up (`coordinate`, pure) into the campaign's phase,
-//!   counts, wave and each shard's assignment, write the status by server-side apply at most once a
-//!   second and only when it changed, publish Events, label Devices that carry no bucket label, and
-//!   on delete clear the campaign's retained MQTT messages (finalizer).
+//!   any shard starts (a dry run only learns the payload's size), add the shards' reports up
+//!   (`coordinate`, pure) into the campaign's phase, counts, wave (held by the gate, judged on
+//!   every shard's health reports with the step one replica takes, `judge_gate`), policy status
+//!   and each shard's assignment (its share of the wave, of `maxInFlight` and of the rate), write
+//!   the status by server-side apply at most once a second and only when it changed, publish
+//!   Events, label Devices that carry no bucket label, and on delete clear the campaign's
+//!   retained MQTT messages (finalizer).
 //!
 //! Passes are woken by the campaign, its shards' reports, the shards' Devices and the engine (a
 //! device finished), at most four times a second per campaign (`throttle`).
@@ -40,10 +44,13 @@ use tokio::sync::{mpsc, watch};
 use zeroize::Zeroizing;
 
 use crate::arbitration::{Contender, Standing};
-use crate::coordinate::{coordinate, rate_share, shard_params, shard_report, CoordinateInput};
+use crate::coordinate::{
+    coordinate, hold_for_gate, merge_policy, shard_cutoffs, shard_params, shard_report,
+    wave_health, CoordinateInput,
+};
 use crate::crd::{
-    CampaignPhase, Device, DeviceCampaignStatus, DeviceFailure, DevicePhase, RotationModeSpec,
-    UpdateCampaign, UpdateCampaignStatus, WaitingStatus, FINALIZER,
+    CampaignPhase, Device, DeviceCampaignStatus, DeviceCounts, DeviceFailure, DevicePhase,
+    RotationModeSpec, UpdateCampaign, UpdateCampaignStatus, WaitingStatus, FINALIZER,
 };
 use crate::engine::{Engine, FIELD_MANAGER};
 use crate::error::Error;
@@ -59,7 +66,7 @@ use crate::runs::{clear_retained, CampaignKey, CampaignRun, Plan};
 use crate::schedule::Calendar;
 use crate::shard_crd::{report_name, CampaignShard, CampaignShardSpec, CAMPAIGN_LABEL};
 use crate::shards::{relabel, unlabelled_selector, ShardCount, BUCKET_LABEL};
-use crate::status::{compute, Blocker, StatusInput};
+use crate::status::{compute, Blocker, PolicyStatus, StatusInput};
 use crate::throttle::{Offer, Throttle};
 use crate::time::{k8s_time, unix_now, unix_secs};
 use crate::AbortOnDrop;
@@ -96,10 +103,6 @@ struct Memo {
     errors: u32,
     /// Consecutive passes blocked by the same transient blocker (its retry backoff).
     blocked_retries: u32,
-    /// The devices selected at the last pass (late joiners and leavers are told apart by it) and
-    /// the running totals of both: kept here, not added to the last written status, so a pass whose
-    /// status write is held back by the rate limit loses no count.
-    members: Option<Members>,
     /// A dry run's prepared payload size: (uid, bytes of the encrypted chunks).
     planned: Option<(String, u64)>,
 }
@@ -116,6 +119,12 @@ struct ShardMemo {
     cleaned: Option<String>,
     /// The shard's starts of the last minute (its share of the rate).
     starts: StartLog,
+    /// When this process last started one of the shard's devices (unix seconds).
+    last_start: Option<u64>,
+    /// The devices selected at the last pass (late joiners and leavers are told apart by it) and
+    /// the running totals of both: kept here, not added to the last written status or report, so
+    /// a pass whose write is held back by the rate limit loses no count.
+    members: Option<Members>,
 }
 
 /// The Devices of a shard a campaign selects, sorted by name (the wave order).
@@ -156,7 +165,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Late joiners and leavers of one campaign, as this process saw them.
+/// Late joiners and leavers of one campaign (or one shard of it), as this process saw them.
 #[derive(Debug, Default)]
 struct Members {
     /// The devices selected at the last pass (`None` before the first).
@@ -166,6 +175,27 @@ struct Members {
     joined: u32,
     /// Devices that stopped matching or were deleted while it ran, in total.
     left: u32,
+}
+
+impl Members {
+    /// Count this pass's selection (`names`; `released`: devices the run let go of) against the
+    /// last pass's while the campaign `running`; returns the totals (joined, left).
+    fn step(&mut self, names: &HashSet<&str>, running: bool, released: usize) -> (u32, u32) {
+        let (joined, left) = match (&self.names, running) {
+            (Some(before), true) => (
+                names.iter().filter(|n| !before.contains(**n)).count() as u32,
+                before
+                    .iter()
+                    .filter(|n| !names.contains(n.as_str()))
+                    .count() as u32,
+            ),
+            _ => (0, 0),
+        };
+        self.names = Some(names.iter().map(|n| n.to_string()).collect());
+        self.joined += joined;
+        self.left += left.max(released as u32);
+        (self.joined, self.left)
+    }
 }
 
 impl Ctx {
@@ -820,6 +850,116 @@ pub fn rivals(
         .collect()
 }
 
+/// Release the run's devices of shard `shard` that left the campaign's `selected` (stopped
+/// matching, or were deleted: a session in flight ends with the signed abort) and count the
+/// joiners and leavers while it runs (`Members::step`), for one shard or several; `before` is the
+/// phase and counts as last written (the totals a new process starts from). Returns the totals.
+async fn follow_members(
+    key: &CampaignKey,
+    shard: u32,
+    selected: &[Arc<Device>],
+    (store, ns): (&Store<Device>, &str),
+    (phase, before): (CampaignPhase, &DeviceCounts),
+    ctx: &Ctx,
+) -> Result<(u32, u32), Error> {
+    let names: HashSet<&str> = selected
+        .iter()
+        .filter_map(|d| d.metadata.name.as_deref())
+        .collect();
+    let shards = ctx.role.shards;
+    let released = ctx
+        .engine
+        .release(
+            key,
+            &names,
+            |id| shards.get() == 1 || shards.of_device(id) == shard,
+            |n| store.get(&ObjectRef::new(n).within(ns)).is_some(),
+        )
+        .await?;
+    let running = matches!(phase, CampaignPhase::Progressing | CampaignPhase::Paused);
+    Ok(ctx.shard_memo(key, shard, |m| {
+        m.members
+            .get_or_insert_with(|| Members {
+                names: None,
+                joined: before.joined,
+                left: before.left,
+            })
+            .step(&names, running, released.len())
+    }))
+}
+
+/// The gate after a finished wave, for one replica or the coordinator of several: run the
+/// metric query when the gate judges now, then `gates::step` with the wave's `health`.
+async fn judge_gate(
+    c: &UpdateCampaign,
+    previous: &UpdateCampaignStatus,
+    awaiting: Option<u32>,
+    health: impl FnOnce(u32) -> HealthTally,
+    now: u64,
+) -> Option<gates::GateOutcome> {
+    let spec = c.spec.rollout.gate.as_ref()?;
+    if previous.phase.is_terminal() {
+        return None;
+    }
+    let metric = match (
+        &spec.metrics,
+        gates::needs_metric(spec, previous.gate.as_ref(), awaiting, now),
+    ) {
+        (Some(m), true) => Some(prometheus::instant_query(&m.prometheus_url, &m.query).await),
+        _ => None,
+    };
+    Some(gates::step(&GateInput {
+        spec,
+        previous: previous.gate.as_ref(),
+        promoted_through: c.spec.promote_through_wave,
+        awaiting,
+        now,
+        health: awaiting.map(health).unwrap_or_default(),
+        metric,
+    }))
+}
+
+/// What the policy status says about the gate (pure): its state, why it failed, and the wait
+/// for it while a finished wave awaits it.
+fn show_gate(
+    policy_status: &mut PolicyStatus,
+    gate: Option<&gates::GateOutcome>,
+    awaiting: Option<u32>,
+    previous: &UpdateCampaignStatus,
+) {
+    let Some(g) = gate else {
+        policy_status.gate = previous.gate.clone();
+        return;
+    };
+    policy_status.gate = g.status.clone();
+    policy_status.gate_failed = g.failed.as_ref().map(|f| f.1.clone());
+    if policy_status.waiting.is_none() && awaiting.is_some() && g.failed.is_none() {
+        policy_status.waiting = g.status.as_ref().map(|s| WaitingStatus {
+            reason: "Gate".into(),
+            message: s.message.clone(),
+            until: s.soak_until.clone().filter(|_| s.state == gates::SOAKING),
+        });
+    }
+}
+
+/// When to look at the gate again: at the soak's end, or right away when it just opened a wave.
+fn gate_wake(
+    gate: Option<&gates::GateOutcome>,
+    previous: &UpdateCampaignStatus,
+    now: u64,
+) -> Option<u64> {
+    let g = gate?;
+    let opened = g
+        .status
+        .as_ref()
+        .is_some_and(|s| s.passed_waves > previous.gate.as_ref().map_or(0, |p| p.passed_waves));
+    if opened {
+        Some(now)
+    } else {
+        g.due
+    }
+}
+
 /// The devices one pass decides for (the whole fleet with one shard, a held shard's with
 /// several) and what the policy weighs them against.
 struct PolicyScope<'a> {
@@ -833,7 +973,8 @@ struct PolicyScope<'a> {
     calendar: &'a Calendar,
     /// The campaign's status as stored (with several shards: as the coordinator wrote it).
     previous: &'a UpdateCampaignStatus,
-    /// The scope's share of the rate when it is one shard of several (`coordinate::rate_share`).
+    /// The scope's share of the rate when it is one shard of several (the coordinator's
+    /// assignment, `coordinate::rate_shares`).
     rate_share: Option<u32>,
 }
 
@@ -933,26 +1074,17 @@ pub fn recorded_standing(o: &UpdateCampaign, device: &Device) -> Standing {
     }
 }
 
-/// How many of the devices of `wave` the campaign updated, and of them how many sent a healthy
-/// report (the gate's device-health check).
+/// How many of a wave's devices (`devices`, with their `progress`) the campaign updated, and of
+/// them how many sent a healthy report (the gate's device-health check).
 fn health_tally(
     key: &CampaignKey,
     uid: &str,
-    selected: &[Arc<Device>],
+    devices: &[Arc<Device>],
     progress: &[Progress],
-    params: &RolloutParams,
-    wave: u32,
     engine: &Engine,
 ) -> HealthTally {
-    let cutoffs = wave_cutoffs(selected.len() as u32, params);
-    let end = cutoffs.get(wave as usize).copied().unwrap_or(0) as usize;
-    let start = wave
-        .checked_sub(1)
-        .and_then(|w| cutoffs.get(w as usize))
-        .copied()
-        .unwrap_or(0) as usize;
     let mut tally = HealthTally::default();
-    for (d, p) in selected[start..end].iter().zip(&progress[start..end]) {
+    for (d, p) in devices.iter().zip(progress) {
         if *p == Progress::Succeeded {
             tally.updated += 1;
             match engine.health(key, uid, &d.name_any()) {
@@ -1168,6 +1300,45 @@ async fn open_seed(
     }))
 }
 
+/// A dry run's payload, prepared once per campaign uid only to learn what it weighs (the plan's
+/// broker estimate): nothing is kept or published. Returns what blocks it, if anything.
+async fn plan_payload(
+    c: &UpdateCampaign,
+    ctx: &Ctx,
+    key: &CampaignKey,
+    uid: &str,
+    expires_at: u64,
+    previous: &UpdateCampaignStatus,
+) -> Result<Option<Blocker>, Error> {
+    if ctx.memo(key, |m| m.planned.as_ref().is_some_and(|(u, _)| u == uid)) {
+        return Ok(None);
+    }
+    let seed = Zeroizing::new(sealed_ota_protocol::crypto::random::<32>());
+    Ok(
+        match prepare_run(c, ctx, expires_at, seed, previous.oci_digest.as_deref()).await? {
+            Ok(Prepared { run, .. }) => {
+                let bytes = run.facts().chunk_bytes;
+                ctx.memo(key, |m| m.planned = Some((uid.to_owned(), bytes)));
+                None
+            }
+            Err(b) => Some(b),
+        },
+    )
+}
+
+/// The size of the campaign's encrypted chunks: its run's, or what its dry run learned.
+fn chunk_bytes(ctx: &Ctx, key: &CampaignKey, uid: &str) -> Option<u64> {
+    let facts = ctx
+        .engine
+        .run_facts(key)
+        .filter(|_| ctx.engine.has_run(key, uid));
+    facts.map(|f| f.chunk_bytes).or_else(|| {
+        ctx.memo(key, |m| {
+            m.planned.as_ref().filter(|(u, _)| u == uid).map(|p| p.1)
+        })
+    })
+}
+
 /// The reports of this campaign (this uid, this shard count), by shard index.
 fn reports_of(ctx: &Ctx, c: &UpdateCampaign, uid: &str) -> Vec<Option<CampaignShardSpec>> {
     let shards = ctx.role.shards;
@@ -1195,6 +1366,7 @@ async fn coordinator_pass(
     let uid = c.uid().ok_or(Error::MissingMetadata("uid"))?;
     let now = unix_now();
     let previous = c.status.clone().unwrap_or_default();
+    let dry_run = c.spec.dry_run;
     let (params, calendar, mut blocker) = validate_spec(c);
     // The expiry is fixed the first time the campaign is prepared and recorded on its status
     // before any device starts; every replica then prepares with the recorded one.
@@ -1203,10 +1375,12 @@ async fn coordinator_pass(
         .as_ref()
         .and_then(unix_secs)
         .unwrap_or_else(|| now + u64::from(c.spec.expires_after_seconds));
-    let expired = now >= expires_at;
+    let expired = now >= expires_at && !dry_run;
     let stopping = previous.phase.is_terminal() || c.spec.abort;
     let mut recorded = previous.clone();
-    if blocker.is_none() && !stopping && !expired && previous.expires_at.is_none() {
+    if blocker.is_none() && !stopping && dry_run {
+        blocker = plan_payload(c, ctx, &key, &uid, expires_at, &previous).await?;
+    } else if blocker.is_none() && !stopping && !expired && previous.expires_at.is_none() {
         // First preparation: a fresh content seed, sealed to the manager key for the other
         // replicas, and the inputs fetched and checked (the image encrypted once) before the
         // expiry is fixed and any shard starts.
@@ -1236,9 +1410,28 @@ async fn coordinator_pass(
             }
         }
     }
+    // The campaign-wide part of the policy: its calendar (the shards weigh their own devices).
+    let campaign_policy = policy::assess(
+        &PolicyInput {
+            now,
+            spec: &c.spec,
+            me: contender(c),
+            devices: &[],
+            progress: &[],
+            rivals: &[],
+            calendar: &calendar,
+            previous: &recorded,
+            rate_share: None,
+        },
+        &mut StartLog::default(),
+    );
+    if blocker.is_none() {
+        blocker = campaign_policy.blocker.clone();
+    }
     let reports = reports_of(ctx, c, &uid);
     let refs: Vec<Option<&CampaignShardSpec>> = reports.iter().map(Option::as_ref).collect();
-    let co = coordinate(&CoordinateInput {
+    let rate = Rate::from_spec(&c.spec.rollout);
+    let mut co = coordinate(&CoordinateInput {
         shards: ctx.role.shards,
         reports: &refs,
         params: &params,
@@ -1247,9 +1440,33 @@ async fn coordinator_pass(
         blocker: blocker.as_ref(),
         previous: &recorded,
         expired,
-        deadline_passed: calendar.deadline().is_some_and(|d| d <= now),
+        deadline_passed: campaign_policy.deadline_passed,
+        now,
+        wave_limit: campaign_policy.wave_limit,
+        dry_run,
+        rate: &rate,
     });
-    tracing::debug!(phase = ?co.phase, counts = ?co.counts, wave = co.current_wave, unreported = ?co.unreported, "coordinated");
+    // The gate after a finished wave, judged over every shard's devices of it.
+    let merged = merge_policy(&refs, co.awaiting_gate, chunk_bytes(ctx, &key, &uid));
+    let gate = judge_gate(c, &recorded, co.awaiting_gate, |_| merged.health, now).await;
+    hold_for_gate(
+        &mut co,
+        gate.as_ref().and_then(|g| g.failed.as_ref()).map(|f| f.0),
+    );
+    tracing::debug!(phase = ?co.phase, counts = ?co.counts, wave = co.current_wave, unreported = ?co.unreported, awaiting_gate = ?co.awaiting_gate, "coordinated");
+    let mut policy_status = campaign_policy.status;
+    policy_status.waiting = merged.waiting.clone();
+    policy_status.held_by = merged.held_by.clone();
+    policy_status.plan = merged.plan.clone();
+    policy_status.rate_per_minute = co.rate_per_minute.filter(|_| rate.is_limited());
+    policy_status.warnings =
+        preview::warnings(&c.spec, &params, co.counts.selected, Some(&calendar), now);
+    show_gate(
+        &mut policy_status,
+        gate.as_ref(),
+        co.awaiting_gate,
+        &recorded,
+    );
     let mut status = compute(StatusInput {
         generation: c.metadata.generation,
         phase: co.phase,
@@ -1264,8 +1481,7 @@ async fn coordinator_pass(
         blocker: co.blocker.clone(),
         previous: Some(&recorded),
         now: k8s_time(now),
-        // Not yet with several shards: the rollout policy of issue 15 (README, unfinished).
-        policy: Default::default(),
+        policy: policy_status,
     });
     status.shards = co.assignments.clone();
     // Nothing prepares an ended campaign any more: its seed goes.
@@ -1286,13 +1502,26 @@ async fn coordinator_pass(
         };
         m.blocked_retries
     });
+    // The policy's next change (a window, the deadline), a rate share handed on, the gate.
+    let due = [
+        campaign_policy.due,
+        co.due,
+        gate_wake(gate.as_ref(), &recorded, now),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+    .map(|t| Duration::from_secs(t.saturating_sub(now).max(1)));
     let wake = if status.phase.is_terminal() {
         held_back
     } else if let Some(b) = co.blocker.as_ref().filter(|b| b.reason.is_transient()) {
         let _ = b;
         Some(plan::backoff(blocked_retries).min(held_back.unwrap_or(Duration::MAX)))
     } else {
-        Some(SAFETY_WAKE.min(held_back.unwrap_or(Duration::MAX)))
+        [Some(SAFETY_WAKE), held_back, due]
+            .into_iter()
+            .flatten()
+            .min()
     };
     Ok((status, wake))
 }
@@ -1320,14 +1549,18 @@ async fn shard_pass(
     let key = key_of(c)?;
     let uid = c.uid().ok_or(Error::MissingMetadata("uid"))?;
     let now = unix_now();
-    let Some(expires_at) = status.expires_at.as_ref().and_then(unix_secs) else {
+    let dry_run = c.spec.dry_run;
+    let expires_at = status.expires_at.as_ref().and_then(unix_secs);
+    if expires_at.is_none() && !dry_run {
         // The coordinator fixes the expiry (and the seed) first; its status write wakes us.
         return Ok(None);
-    };
-    let expired = now >= expires_at;
+    }
+    let expired = expires_at.is_some_and(|e| now >= e) && !dry_run;
     let terminal = status.phase.is_terminal() || c.spec.abort;
-    let (params, calendar, mut blocker) = validate_spec(c);
-    if blocker.is_none() && !terminal && !expired && !ctx.engine.has_run(&key, &uid) {
+    let (campaign_params, calendar, mut blocker) = validate_spec(c);
+    if let Some(expires_at) = expires_at.filter(|_| {
+        blocker.is_none() && !terminal && !expired && !dry_run && !ctx.engine.has_run(&key, &uid)
+    }) {
         let Some(sealed) = status.sealed_seed.as_deref() else {
             // The coordinator records the seed with the expiry; its status write wakes us.
             return Ok(None);
@@ -1350,18 +1583,38 @@ async fn shard_pass(
         }
     }
     let has_run = ctx.engine.has_run(&key, &uid);
-    if blocker.is_none() && !terminal {
+    if blocker.is_none() && !terminal && !dry_run {
         if let ConnState::Down(e) = ctx.engine.mqtt.state() {
             blocker = Some(plan::broker_blocker(&e));
         }
     }
     let selected = selection(c, &key, shard, (&store, epoch), ctx);
+    let before = reports_of(ctx, c, &uid)
+        .into_iter()
+        .nth(shard as usize)
+        .flatten();
+    // Devices of the shard that stopped matching (or were deleted) leave the run; new ones join.
+    let (joined, left) = follow_members(
+        &key,
+        shard,
+        &selected,
+        (&store, &key.0),
+        (
+            status.phase,
+            &before
+                .as_ref()
+                .map(|r| r.devices.clone())
+                .unwrap_or_default(),
+        ),
+        ctx,
+    )
+    .await?;
     let progress = ctx.engine.progress(&key, &uid, &selected);
     let assignment = status.shards.iter().find(|a| a.shard == shard);
-    // The shard's share of the campaign's rate, ramped by the successes of every shard.
+    // The shard's share of the campaign's rate, as the coordinator assigned it.
     let rate_share = Rate::from_spec(&c.spec.rollout)
-        .per_minute(status.devices.succeeded)
-        .map(|r| rate_share(r, &status.shards, shard));
+        .is_limited()
+        .then(|| assignment.and_then(|a| a.rate_per_minute).unwrap_or(0));
     let policy = policy_of(
         c,
         &key,
@@ -1379,26 +1632,29 @@ async fn shard_pass(
     if blocker.is_none() {
         blocker = policy.blocker.clone();
     }
-    let params = shard_params(&params, assignment);
+    let params = shard_params(&campaign_params, assignment);
     let decision = decide(&DecideInput {
         now,
         devices: &progress,
         params: &params,
         paused: c.spec.paused,
         abort: c.spec.abort,
-        blocked: blocker.is_some() || expired,
+        blocked: blocker.is_some() || expired || dry_run,
         previous_phase: status.phase,
         previous_wave: 0,
         eligible_limit: Some(assignment.map_or(0, |a| a.wave_end)),
         holds: &policy.holds,
         start_cap: policy.start_cap,
-        // Not yet with several shards: the gates of issue 15 (README, unfinished).
+        // The coordinator holds the waves for the gates (`wave_end` of the assignment).
         wave_limit: None,
         deadline_passed: policy.deadline_passed,
         policy_due: policy.due,
     });
-    let starts =
-        decision.phase == CampaignPhase::Progressing && blocker.is_none() && !terminal && !expired;
+    let starts = decision.phase == CampaignPhase::Progressing
+        && blocker.is_none()
+        && !terminal
+        && !expired
+        && !dry_run;
     let plan = Plan {
         timed_out: decision.timed_out.clone(),
         start: if starts {
@@ -1410,7 +1666,13 @@ async fn shard_pass(
         end: (terminal || expired) && has_run,
     };
     ctx.engine.apply(&key, &uid, &selected, &plan).await?;
-    ctx.shard_memo(&key, shard, |m| m.starts.record(now, plan.start.len()));
+    let last_start = ctx.shard_memo(&key, shard, |m| {
+        m.starts.record(now, plan.start.len());
+        if !plan.start.is_empty() {
+            m.last_start = Some(now);
+        }
+        m.last_start
+    });
     if terminal && !has_run {
         // Ended under an earlier process (or before a restart): clear what the resources say the
         // shard may have left retained, once per process.
@@ -1427,7 +1689,7 @@ async fn shard_pass(
                 .await?;
         }
     }
-    let report = shard_report(
+    let mut report = shard_report(
         &key.1,
         &uid,
         shard,
@@ -1438,9 +1700,48 @@ async fn shard_pass(
         &policy.holds,
         failures(&selected, &progress, &uid, &store),
         ctx.engine.device_writes_pending_in(shard) as u32,
-        has_run || terminal,
+        has_run || terminal || dry_run,
         blocker.as_ref(),
     );
+    report.devices.joined = joined;
+    report.devices.left = left;
+    report.last_start = last_start
+        .map(k8s_time)
+        .or_else(|| before.and_then(|r| r.last_start));
+    report.waiting = policy.status.waiting.clone();
+    report.held_by = policy.status.held_by.clone();
+    // The shard's devices in the campaign's waves (its share of each), as the coordinator
+    // apportions them: only once the coordinator has counted every shard as they are now (before,
+    // no plan: the campaign's shows none rather than one cut wrong).
+    let sizes: Vec<u32> = status.shards.iter().map(|a| a.selected).collect();
+    let counted = sizes.len() == ctx.role.shards.get() as usize
+        && sizes.get(shard as usize) == Some(&(selected.len() as u32));
+    report.plan = counted.then(|| {
+        let cutoffs = shard_cutoffs(
+            &wave_cutoffs(sizes.iter().sum(), &campaign_params),
+            &sizes,
+            shard,
+        );
+        preview::plan_in_waves(&selected, &policy.exclusions, &cutoffs, None)
+    });
+    report.plan_sizes = if counted { sizes } else { Vec::new() };
+    // The health of its devices of the current wave, for the gate after it.
+    if c.spec.rollout.gate.is_some() {
+        let wave = assignment.map_or(0..0, |a| {
+            let end = (a.wave_end as usize).min(selected.len());
+            (a.wave_start as usize).min(end)..end
+        });
+        report.health = Some(wave_health(
+            status.current_wave,
+            health_tally(
+                &key,
+                &uid,
+                &selected[wave.clone()],
+                &progress[wave],
+                &ctx.engine,
+            ),
+        ));
+    }
     let held_back = write_report(c, &key, shard, report, ctx).await?;
     let due = decision
         .next_due
@@ -1491,39 +1792,33 @@ async fn single_pass(
     let expired = now >= expires_at && !dry_run;
     let stopping = previous.phase.is_terminal() || c.spec.abort;
     let mut oci_digest = previous.oci_digest.clone();
-    if blocker.is_none() && !stopping && !expired && !ctx.engine.has_run(&key, &uid) {
-        let planned = ctx.memo(&key, |m| m.planned.as_ref().is_some_and(|(u, _)| *u == uid));
-        if !(dry_run && planned) {
-            match prepare_run(
-                c,
-                ctx,
-                expires_at,
-                Zeroizing::new(sealed_ota_protocol::crypto::random::<32>()),
-                previous.oci_digest.as_deref(),
-            )
-            .await?
-            {
-                // A dry run only learns what the payload weighs; nothing is kept or published.
-                Ok(Prepared { run, .. }) if dry_run => {
-                    let bytes = run.facts().chunk_bytes;
-                    ctx.memo(&key, |m| m.planned = Some((uid.clone(), bytes)));
+    if blocker.is_none() && !stopping && dry_run {
+        blocker = plan_payload(c, ctx, &key, &uid, expires_at, &previous).await?;
+    } else if blocker.is_none() && !stopping && !expired && !ctx.engine.has_run(&key, &uid) {
+        match prepare_run(
+            c,
+            ctx,
+            expires_at,
+            Zeroizing::new(sealed_ota_protocol::crypto::random::<32>()),
+            previous.oci_digest.as_deref(),
+        )
+        .await?
+        {
+            Ok(Prepared {
+                run,
+                oci_digest: resolved,
+            }) => {
+                tracing::info!(chunks = run.chunk_count(), expires_at, "campaign prepared");
+                ctx.engine.insert_run(key.clone(), run);
+                oci_digest = oci_digest.or(resolved);
+                if previous.expires_at.is_none() || previous.oci_digest != oci_digest {
+                    let mut recorded = previous.clone();
+                    recorded.expires_at = Some(k8s_time(expires_at));
+                    recorded.oci_digest = oci_digest.clone();
+                    write_status(c, &key, &recorded, ctx).await?;
                 }
-                Ok(Prepared {
-                    run,
-                    oci_digest: resolved,
-                }) => {
-                    tracing::info!(chunks = run.chunk_count(), expires_at, "campaign prepared");
-                    ctx.engine.insert_run(key.clone(), run);
-                    oci_digest = oci_digest.or(resolved);
-                    if previous.expires_at.is_none() || previous.oci_digest != oci_digest {
-                        let mut recorded = previous.clone();
-                        recorded.expires_at = Some(k8s_time(expires_at));
-                        recorded.oci_digest = oci_digest.clone();
-                        write_status(c, &key, &recorded, ctx).await?;
-                    }
-                }
-                Err(b) => blocker = Some(b),
             }
+            Err(b) => blocker = Some(b),
         }
     }
     if blocker.is_none() && !stopping && !dry_run {
@@ -1533,41 +1828,15 @@ async fn single_pass(
     }
 
     // Devices that stopped matching (or were deleted) leave the run; new ones join it.
-    let names: HashSet<&str> = selected
-        .iter()
-        .filter_map(|d| d.metadata.name.as_deref())
-        .collect();
-    let released = ctx
-        .engine
-        .release(&key, &names, |n| {
-            store.get(&ObjectRef::new(n).within(&ns)).is_some()
-        })
-        .await?;
-    let running = matches!(
-        previous.phase,
-        CampaignPhase::Progressing | CampaignPhase::Paused
-    );
-    let (joined, left) = ctx.memo(&key, |m| {
-        let members = m.members.get_or_insert_with(|| Members {
-            names: None,
-            joined: previous.devices.joined,
-            left: previous.devices.left,
-        });
-        let (joined, left) = match (&members.names, running) {
-            (Some(before), true) => (
-                names.iter().filter(|n| !before.contains(**n)).count() as u32,
-                before
-                    .iter()
-                    .filter(|n| !names.contains(n.as_str()))
-                    .count() as u32,
-            ),
-            _ => (0, 0),
-        };
-        members.names = Some(names.iter().map(|n| n.to_string()).collect());
-        members.joined += joined;
-        members.left += left.max(released.len() as u32);
-        (members.joined, members.left)
-    });
+    let (joined, left) = follow_members(
+        &key,
+        0,
+        &selected,
+        (store, &ns),
+        (previous.phase, &previous.devices),
+        ctx,
+    )
+    .await?;
 
     // policy
     let progress = ctx.engine.progress(&key, &uid, &selected);
@@ -1615,43 +1884,29 @@ async fn single_pass(
     tracing::debug!(phase = ?decision.phase, counts = ?decision.counts, starts = decision.start.len(), blocked = ?blocker.as_ref().map(|b| b.reason), "decided");
 
     // the gate after a finished wave
-    let gate = match &c.spec.rollout.gate {
-        Some(spec) if !previous.phase.is_terminal() => {
-            let metric = match (
-                &spec.metrics,
-                gates::needs_metric(spec, previous.gate.as_ref(), decision.awaiting_gate, now),
-            ) {
-                (Some(m), true) => {
-                    Some(prometheus::instant_query(&m.prometheus_url, &m.query).await)
-                }
-                _ => None,
-            };
-            let health = decision
-                .awaiting_gate
-                .map(|w| {
-                    health_tally(
-                        &key,
-                        &uid,
-                        &selected,
-                        &decision.progress,
-                        &params,
-                        w,
-                        &ctx.engine,
-                    )
-                })
-                .unwrap_or_default();
-            Some(gates::step(&GateInput {
-                spec,
-                previous: previous.gate.as_ref(),
-                promoted_through: c.spec.promote_through_wave,
-                awaiting: decision.awaiting_gate,
-                now,
-                health,
-                metric,
-            }))
-        }
-        _ => None,
-    };
+    let gate = judge_gate(
+        c,
+        &previous,
+        decision.awaiting_gate,
+        |w| {
+            let cutoffs = wave_cutoffs(selected.len() as u32, &params);
+            let end = cutoffs.get(w as usize).copied().unwrap_or(0) as usize;
+            let start = w
+                .checked_sub(1)
+                .and_then(|w| cutoffs.get(w as usize))
+                .copied()
+                .unwrap_or(0) as usize;
+            health_tally(
+                &key,
+                &uid,
+                &selected[start..end],
+                &decision.progress[start..end],
+                &ctx.engine,
+            )
+        },
+        now,
+    )
+    .await;
 
     // plan
     let has_run = ctx.engine.has_run(&key, &uid);
@@ -1668,17 +1923,12 @@ async fn single_pass(
         gate_failed: gate.as_ref().and_then(|g| g.failed.as_ref()).map(|f| f.0),
     });
     let facts = ctx.engine.run_facts(&key).filter(|_| has_run);
-    let chunk_bytes = facts.map(|f| f.chunk_bytes).or_else(|| {
-        ctx.memo(&key, |m| {
-            m.planned.as_ref().filter(|(u, _)| *u == uid).map(|p| p.1)
-        })
-    });
     let mut policy_status = policy.status;
     policy_status.plan = Some(preview::plan(
         &selected,
         &policy.exclusions,
         &params,
-        chunk_bytes,
+        chunk_bytes(ctx, &key, &uid),
     ));
     policy_status.warnings = preview::warnings(
         &c.spec,
@@ -1687,20 +1937,12 @@ async fn single_pass(
         Some(&calendar),
         now,
     );
-    if let Some(g) = &gate {
-        policy_status.gate = g.status.clone();
-        policy_status.gate_failed = g.failed.as_ref().map(|f| f.1.clone());
-        if policy_status.waiting.is_none() && decision.awaiting_gate.is_some() && g.failed.is_none()
-        {
-            policy_status.waiting = g.status.as_ref().map(|s| WaitingStatus {
-                reason: "Gate".into(),
-                message: s.message.clone(),
-                until: s.soak_until.clone().filter(|_| s.state == gates::SOAKING),
-            });
-        }
-    } else {
-        policy_status.gate = previous.gate.clone();
-    }
+    show_gate(
+        &mut policy_status,
+        gate.as_ref(),
+        decision.awaiting_gate,
+        &previous,
+    );
     let mut counts = decision.counts.clone();
     counts.joined = joined;
     counts.left = left;
@@ -1759,16 +2001,9 @@ async fn single_pass(
         m.blocked_retries
     });
     let mut decision = decision;
-    if let Some(due) = gate.as_ref().and_then(|g| g.due) {
+    // The soak's end; a gate that just passed opens the next wave on the very next pass.
+    if let Some(due) = gate_wake(gate.as_ref(), &previous, now) {
         decision.next_due = Some(decision.next_due.map_or(due, |d| d.min(due)));
-    }
-    // A gate that just passed opens the next wave on the very next pass.
-    let gate_opened = gate
-        .as_ref()
-        .and_then(|g| g.status.as_ref())
-        .is_some_and(|g| g.passed_waves > previous.gate.as_ref().map_or(0, |p| p.passed_waves));
-    if gate_opened {
-        decision.next_due = Some(now);
     }
     Ok(
         match plan::wake(

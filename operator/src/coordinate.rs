@@ -3,18 +3,23 @@
 //! assignment); the coordinator (the holder of the leader Lease) adds every shard's report up and
 //! decides what is campaign-wide: the phase, the wave (a wave starts when every shard finished its
 //! share of the one before), the failure threshold over all shards, and each shard's assignment —
-//! its share of the current wave and of `maxInFlight`, apportioned to the shards' sizes
-//! (`shards::apportion`), so a canary of 3 devices is 3 devices whatever the shard count. The
+//! its share of the current wave, of `maxInFlight` and of the start rate, apportioned to the
+//! shards' sizes (`shards::apportion`), so a canary of 3 devices is 3 devices whatever the shard
+//! count. The gates hold the next wave over all shards (the coordinator judges them on the
+//! shards' health reports), a dry run's plan is the shards' plans added up ([`merge_policy`]),
+//! and the campaign's policy status (waiting, heldBy, plan) is the shards' put together. The
 //! assignments travel in the campaign's status (`status.shards`), which every replica watches.
 //! No I/O here.
 
 use crate::crd::{
-    CampaignPhase, DeviceCounts, DeviceFailure, ShardAssignment, UpdateCampaignStatus,
-    MAX_LISTED_FAILURES,
+    CampaignPhase, DeviceCounts, DeviceFailure, GateFailureAction, HolderStatus, PlanStatus,
+    ShardAssignment, UpdateCampaignStatus, WaitingStatus, MAX_LISTED_FAILURES,
 };
+use crate::gates::HealthTally;
+use crate::ramp::{Rate, WINDOW_SECS};
 use crate::reasons::{BlockerReason, FailureReason};
 use crate::rollout::{done, wave_cutoffs, Decision, Hold, Progress, RolloutParams};
-use crate::shard_crd::CampaignShardSpec;
+use crate::shard_crd::{CampaignShardSpec, WaveHealth};
 use crate::shards::{apportion, ShardCount};
 use crate::status::Blocker;
 
@@ -40,6 +45,14 @@ pub struct CoordinateInput<'a> {
     /// Whether spec.schedule.deadline passed: no shard starts any more, the campaign ends
     /// (`Completed`) once nothing is in flight.
     pub deadline_passed: bool,
+    /// Unix seconds.
+    pub now: u64,
+    /// The highest wave the gates let open (`gates::wave_limit`), if a gate is set.
+    pub wave_limit: Option<u32>,
+    /// spec.dryRun: plan over every shard, start nothing.
+    pub dry_run: bool,
+    /// The campaign's start rate (ramped by every shard's successes).
+    pub rate: &'a Rate,
 }
 
 /// The coordinator's decision for one pass.
@@ -66,6 +79,12 @@ pub struct Coordination {
     pub settling: bool,
     /// Shards that have not reported on this campaign yet.
     pub unreported: Vec<u32>,
+    /// Every shard finished its share of this wave and the next is held by the gate after it.
+    pub awaiting_gate: Option<u32>,
+    /// The campaign-wide start rate in force, if one is set.
+    pub rate_per_minute: Option<u32>,
+    /// When the assignments change by themselves (a finished shard's rate share is handed on).
+    pub due: Option<u64>,
 }
 
 fn shard_blocker(r: &CampaignShardSpec) -> Option<Blocker> {
@@ -95,6 +114,8 @@ fn add(total: &mut DeviceCounts, c: &DeviceCounts) {
     total.waiting += c.waiting;
     total.outside_window += c.outside_window;
     total.excluded += c.excluded;
+    total.joined += c.joined;
+    total.left += c.left;
 }
 
 /// Decide the campaign-wide state from the shards' reports (pure).
@@ -131,13 +152,22 @@ pub fn coordinate(input: &CoordinateInput<'_>) -> Coordination {
         .previous
         .current_wave
         .min(total_waves.saturating_sub(1));
+    let wave_done = |w: u32| share(w).iter().zip(&done).all(|(s, d)| d >= s);
+    let gate_holds = |w: u32| input.wave_limit.is_some_and(|l| w >= l);
     while complete
         && !threshold_exceeded
         && current_wave + 1 < total_waves
-        && share(current_wave).iter().zip(&done).all(|(s, d)| d >= s)
+        && wave_done(current_wave)
+        && !gate_holds(current_wave)
     {
         current_wave += 1;
     }
+    let awaiting = (complete
+        && !threshold_exceeded
+        && current_wave + 1 < total_waves
+        && wave_done(current_wave)
+        && gate_holds(current_wave))
+    .then_some(current_wave);
 
     // Up to date and left out (by the policy of the shard's replica) are done as well.
     let finished = counts.succeeded + counts.failed + counts.up_to_date + counts.excluded;
@@ -183,9 +213,12 @@ pub fn coordinate(input: &CoordinateInput<'_>) -> Coordination {
         // Finished (or out of time), but not every device runs the target version: never called
         // a success (as `rollout::decide` says for one shard).
         CampaignPhase::Completed
+    } else if input.dry_run && complete {
+        // A dry run plans and touches nothing (spec.abort still ends it).
+        CampaignPhase::Planned
     } else if input.paused {
         CampaignPhase::Paused
-    } else if !complete || total == 0 || blocker.is_some() {
+    } else if !complete || total == 0 || blocker.is_some() || input.dry_run {
         CampaignPhase::Pending
     } else {
         CampaignPhase::Progressing
@@ -207,17 +240,38 @@ pub fn coordinate(input: &CoordinateInput<'_>) -> Coordination {
     } else {
         vec![0; n]
     };
+    let wave_start = match current_wave.checked_sub(1) {
+        Some(w) if complete => share(w),
+        _ => vec![0; n],
+    };
+    let rate_per_minute = input.rate.per_minute(counts.succeeded);
+    let last_starts: Vec<Option<u64>> = (0..n)
+        .map(|k| {
+            report(k)
+                .and_then(|r| r.last_start.as_ref())
+                .and_then(crate::time::unix_secs)
+        })
+        .collect();
+    let finished_of = |k: usize| {
+        report(k).map_or(0, |r| {
+            let d = &r.devices;
+            d.succeeded + d.failed + d.up_to_date + d.excluded
+        })
+    };
+    let rate = rate_per_minute.map(|r| {
+        let left: Vec<bool> = (0..n).map(|k| finished_of(k) < sizes[k]).collect();
+        rate_shares(r, &sizes, &left, &last_starts, input.now)
+    });
     let assignments = (0..n)
         .map(|k| ShardAssignment {
             shard: k as u32,
             holder: report(k).map(|r| r.holder.clone()),
             selected: sizes[k],
-            finished: report(k).map_or(0, |r| {
-                let d = &r.devices;
-                d.succeeded + d.failed + d.up_to_date + d.excluded
-            }),
+            finished: finished_of(k),
             wave_end: wave_end[k],
             max_in_flight: in_flight[k],
+            wave_start: wave_start[k].min(wave_end[k]),
+            rate_per_minute: rate.as_ref().map(|r| r.shares[k]),
             blocker: report(k).and_then(|r| r.blocker_reason.clone()),
         })
         .collect();
@@ -232,6 +286,186 @@ pub fn coordinate(input: &CoordinateInput<'_>) -> Coordination {
         blocker,
         settling,
         unreported,
+        awaiting_gate: awaiting.filter(|_| phase == CampaignPhase::Progressing),
+        rate_per_minute,
+        due: rate.and_then(|r| r.due),
+    }
+}
+
+/// Apply a failed gate to the coordinator's decision (pure): the campaign pauses or aborts as
+/// `onFailure` says (`plan::gate_phase`, as with one replica) and no shard starts any more.
+pub fn hold_for_gate(co: &mut Coordination, failed: Option<GateFailureAction>) {
+    co.phase = crate::plan::gate_phase(co.phase, failed);
+    if co.phase != CampaignPhase::Progressing {
+        co.awaiting_gate = None;
+        for a in &mut co.assignments {
+            a.max_in_flight = 0;
+        }
+    }
+}
+
+/// The shards' shares of a campaign-wide rate of `per_minute` starts a minute, and when they
+/// change by themselves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateShares {
+    /// Per shard, the starts a minute it may make.
+    pub shares: Vec<u32>,
+    /// When a shard's last start leaves the minute and its share goes to the others.
+    pub due: Option<u64>,
+}
+
+/// Share a campaign-wide rate among the shards (pure): `per_minute` apportioned to the sizes of
+/// the shards that hold a share — those with devices `left`, and those whose `last_start` is less
+/// than a minute ago (a shard that just finished keeps its share until its starts leave the
+/// sliding minute). Every shard counts its own starts over the last minute against its share, so
+/// the campaign starts at most `per_minute` in any minute: a share moves only from a shard with
+/// no start in the minute, and the apportionment (a divisor method: one shard dropping out and
+/// the rate rising never lower another's share) never takes from a shard that has started.
+pub fn rate_shares(
+    per_minute: u32,
+    sizes: &[u32],
+    left: &[bool],
+    last_starts: &[Option<u64>],
+    now: u64,
+) -> RateShares {
+    let recent = |k: usize| {
+        last_starts
+            .get(k)
+            .copied()
+            .flatten()
+            .filter(|t| t.saturating_add(WINDOW_SECS) > now)
+    };
+    let has_left = |k: usize| left.get(k).copied().unwrap_or(false);
+    let holding: Vec<u32> = sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &size)| {
+            if has_left(k) || recent(k).is_some() {
+                size
+            } else {
+                0
+            }
+        })
+        .collect();
+    let due = (0..sizes.len())
+        .filter(|&k| !has_left(k))
+        .filter_map(recent)
+        .map(|t| t + WINDOW_SECS)
+        .min();
+    RateShares {
+        shares: apportion(per_minute, &holding),
+        due,
+    }
+}
+
+/// Shard `shard`'s share of each of the campaign's wave ends (pure): `cutoffs` (over every
+/// shard's devices, `rollout::wave_cutoffs`) apportioned to the shards' `sizes`, as the
+/// coordinator assigns them; the shard's own plan is cut by these.
+pub fn shard_cutoffs(cutoffs: &[u32], sizes: &[u32], shard: u32) -> Vec<u32> {
+    let mut end = 0;
+    cutoffs
+        .iter()
+        .map(|&c| {
+            end = apportion(c, sizes)
+                .get(shard as usize)
+                .copied()
+                .unwrap_or(0)
+                .max(end);
+            end
+        })
+        .collect()
+}
+
+/// The campaign's policy status put together from the shards' (pure).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MergedPolicy {
+    /// What the campaign waits for: a shard's, when every shard with devices left waits.
+    pub waiting: Option<WaitingStatus>,
+    /// The campaigns holding selected devices, over every shard (at most 8, most devices first).
+    pub held_by: Vec<HolderStatus>,
+    /// The plan over every shard's devices (`None` until every shard reported one).
+    pub plan: Option<PlanStatus>,
+    /// The health of the `wave`'s devices over every shard.
+    pub health: HealthTally,
+}
+
+/// Put the shards' policy reports together (pure); `wave` is the wave whose health counts and
+/// `chunk_bytes` the prepared payload's size (for the plan's broker estimate).
+pub fn merge_policy(
+    reports: &[Option<&CampaignShardSpec>],
+    wave: Option<u32>,
+    chunk_bytes: Option<u64>,
+) -> MergedPolicy {
+    let reported: Vec<&CampaignShardSpec> = reports.iter().flatten().copied().collect();
+    let with_work: Vec<&CampaignShardSpec> = reported
+        .iter()
+        .copied()
+        .filter(|r| {
+            let d = &r.devices;
+            d.succeeded + d.failed + d.up_to_date + d.excluded < d.selected
+        })
+        .collect();
+    let waiting = if with_work.iter().all(|r| r.waiting.is_some()) {
+        with_work.first().and_then(|r| r.waiting.clone())
+    } else {
+        None
+    };
+    let mut holders: std::collections::BTreeMap<&str, u32> = Default::default();
+    for h in reported.iter().flat_map(|r| &r.held_by) {
+        *holders.entry(h.campaign.as_str()).or_default() += h.devices;
+    }
+    let mut held_by: Vec<HolderStatus> = holders
+        .into_iter()
+        .map(|(campaign, devices)| HolderStatus {
+            campaign: campaign.to_owned(),
+            devices,
+        })
+        .collect();
+    held_by.sort_by(|a, b| {
+        b.devices
+            .cmp(&a.devices)
+            .then_with(|| a.campaign.cmp(&b.campaign))
+    });
+    held_by.truncate(8);
+    // Every shard's plan, cut by the sizes every shard reports now (else a plan cut by older
+    // sizes would show waves that add up wrong).
+    let sizes: Vec<u32> = reports
+        .iter()
+        .map(|r| r.map_or(0, |r| r.devices.selected))
+        .collect();
+    let every_plan = !reports.is_empty()
+        && reports
+            .iter()
+            .all(|r| r.is_some_and(|r| r.plan.is_some() && r.plan_sizes == sizes));
+    let plan = every_plan.then(|| {
+        let parts: Vec<&PlanStatus> = reported.iter().filter_map(|r| r.plan.as_ref()).collect();
+        crate::preview::merge_plans(&parts, chunk_bytes)
+    });
+    let mut health = HealthTally::default();
+    for h in reported
+        .iter()
+        .filter_map(|r| r.health)
+        .filter(|h| Some(h.wave) == wave)
+    {
+        health.updated += h.updated;
+        health.healthy += h.healthy;
+        health.reported += h.reported;
+    }
+    MergedPolicy {
+        waiting,
+        held_by,
+        plan,
+        health,
+    }
+}
+
+/// A shard's health report on `wave` from its tally.
+pub fn wave_health(wave: u32, tally: HealthTally) -> WaveHealth {
+    WaveHealth {
+        wave,
+        updated: tally.updated,
+        healthy: tally.healthy,
+        reported: tally.reported,
     }
 }
 
@@ -243,29 +477,6 @@ pub fn shard_params(params: &RolloutParams, assignment: Option<&ShardAssignment>
         failure_threshold: None,
         ..params.clone()
     }
-}
-
-/// Shard `shard`'s share of a campaign-wide rate of `per_minute` starts a minute (pure): the rate
-/// apportioned to the sizes of the shards with devices left (`status.shards` as the coordinator
-/// last wrote it). The shares add up to the rate and change only when the ramp raises it or a
-/// shard finishes its last device and hands its share to the others (for the minute after that
-/// the campaign may start up to that share more than its rate: README, unfinished). Before the
-/// coordinator assigned anything the share is 0.
-pub fn rate_share(per_minute: u32, assignments: &[ShardAssignment], shard: u32) -> u32 {
-    let remaining: Vec<u32> = assignments
-        .iter()
-        .map(|a| {
-            if a.finished < a.selected {
-                a.selected
-            } else {
-                0
-            }
-        })
-        .collect();
-    assignments
-        .iter()
-        .position(|a| a.shard == shard)
-        .map_or(0, |k| apportion(per_minute, &remaining)[k])
 }
 
 /// How many of the shard's devices, in wave order, are done (finished, up to date or left out by
@@ -310,6 +521,8 @@ pub fn shard_report(
         failures,
         blocker_reason: blocker.map(|b| b.reason.as_str().to_owned()),
         blocker_message: blocker.map(|b| crate::status::bounded(&b.message, 1024)),
+        // The policy's part is the controller's to add (the shard's plan, waits and health).
+        ..CampaignShardSpec::default()
     }
 }
 
@@ -323,36 +536,6 @@ mod tests {
             max_in_flight,
             ..RolloutParams::defaults()
         }
-    }
-
-    #[test]
-    fn the_rate_is_shared_by_the_devices_left_and_never_exceeded() {
-        let assign = |shard, selected, finished| ShardAssignment {
-            shard,
-            holder: None,
-            selected,
-            finished,
-            wave_end: selected,
-            max_in_flight: 1,
-            blocker: None,
-        };
-        let a = [assign(0, 10, 0), assign(1, 10, 0)];
-        let shares: Vec<u32> = (0..2).map(|k| rate_share(4, &a, k)).collect();
-        assert_eq!(shares, vec![2, 2]);
-        // Devices finishing do not move the shares (the starts of the last minute stay bounded).
-        let a = [assign(0, 10, 7), assign(1, 10, 1)];
-        let shares: Vec<u32> = (0..2).map(|k| rate_share(4, &a, k)).collect();
-        assert_eq!(shares, vec![2, 2]);
-        // A shard with nothing left gives its share to the others.
-        let a = [assign(0, 10, 10), assign(1, 10, 3)];
-        let shares: Vec<u32> = (0..2).map(|k| rate_share(4, &a, k)).collect();
-        assert_eq!(shares, vec![0, 4]);
-        // An odd rate: the shares add up to it, not more.
-        let a = [assign(0, 5, 0), assign(1, 5, 0), assign(2, 5, 0)];
-        let shares: Vec<u32> = (0..3).map(|k| rate_share(2, &a, k)).collect();
-        assert_eq!(shares.iter().sum::<u32>(), 2, "{shares:?}");
-        // Not assigned yet: nothing starts.
-        assert_eq!(rate_share(4, &[], 0), 0);
     }
 
     fn report(shard: u32, selected: u32, succeeded: u32, done_through: u32) -> CampaignShardSpec {
@@ -379,8 +562,34 @@ mod tests {
         params: &RolloutParams,
         previous: &UpdateCampaignStatus,
     ) -> Coordination {
+        run_with(reports, params, previous, |_| {})
+    }
+
+    fn run_with(
+        reports: &[CampaignShardSpec],
+        params: &RolloutParams,
+        previous: &UpdateCampaignStatus,
+        change: impl FnOnce(&mut CoordinateInput<'_>),
+    ) -> Coordination {
+        run_rated(
+            reports,
+            params,
+            previous,
+            &crate::crd::RolloutSpec::default(),
+            change,
+        )
+    }
+
+    fn run_rated(
+        reports: &[CampaignShardSpec],
+        params: &RolloutParams,
+        previous: &UpdateCampaignStatus,
+        rollout: &crate::crd::RolloutSpec,
+        change: impl FnOnce(&mut CoordinateInput<'_>),
+    ) -> Coordination {
         let refs: Vec<Option<&CampaignShardSpec>> = reports.iter().map(Some).collect();
-        coordinate(&CoordinateInput {
+        let rate = Rate::from_spec(rollout);
+        let mut input = CoordinateInput {
             shards: ShardCount::new(4).unwrap(),
             reports: &refs,
             params,
@@ -390,7 +599,264 @@ mod tests {
             previous,
             expired: false,
             deadline_passed: false,
-        })
+            now: 1000,
+            wave_limit: None,
+            dry_run: false,
+            rate: &rate,
+        };
+        change(&mut input);
+        coordinate(&input)
+    }
+
+    /// Campaign-wide starts over time with `shards` sharing a rate of `per_minute`, each shard
+    /// keeping its share by its own sliding minute (as `policy::assess` does) and every device
+    /// done 5 s after it starts; `hand_over` passes the shards' last starts to `rate_shares`
+    /// (without them a finished shard's share goes to the others at once). Returns the most
+    /// starts seen in any 60 s.
+    fn busiest_minute(per_minute: u32, sizes: &[u32], hand_over: bool) -> u32 {
+        let n = sizes.len();
+        let mut logs = vec![crate::ramp::StartLog::default(); n];
+        let mut started: Vec<Vec<u64>> = vec![Vec::new(); n];
+        let mut all: Vec<u64> = Vec::new();
+        for t in 0..1200u64 {
+            let finished = |k: usize| started[k].iter().filter(|s| **s + 5 <= t).count() as u32;
+            let left: Vec<bool> = (0..n).map(|k| finished(k) < sizes[k]).collect();
+            let last: Vec<Option<u64>> = (0..n)
+                .map(|k| started[k].last().copied().filter(|_| hand_over))
+                .collect();
+            let shares = rate_shares(per_minute, sizes, &left, &last, t).shares;
+            for k in 0..n {
+                let waiting = sizes[k] - started[k].len() as u32;
+                let go = logs[k].allowance(shares[k], t).starts.min(waiting);
+                logs[k].record(t, go as usize);
+                started[k].extend(std::iter::repeat_n(t, go as usize));
+                all.extend(std::iter::repeat_n(t, go as usize));
+            }
+        }
+        assert_eq!(
+            all.len() as u32,
+            sizes.iter().sum::<u32>(),
+            "every device started"
+        );
+        all.iter()
+            .map(|&t| all.iter().filter(|&&s| s >= t && s < t + 60).count() as u32)
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn the_campaign_never_starts_more_than_its_rate_in_any_minute_when_a_shard_finishes() {
+        for (rate, sizes) in [
+            (6, vec![2, 10]),
+            (6, vec![2, 30]),
+            (4, vec![1, 3, 9, 9]),
+            (10, vec![5, 5, 30, 2]),
+            (3, vec![1, 1, 1, 20]),
+        ] {
+            assert!(
+                busiest_minute(rate, &sizes, true) <= rate,
+                "rate {rate}, shards {sizes:?}"
+            );
+        }
+        // Handing a finished shard's share on at once overshoots (the bug this guards against).
+        assert!(busiest_minute(6, &[2, 30], false) > 6);
+    }
+
+    #[test]
+    fn a_finished_shard_keeps_its_rate_share_for_a_minute_after_its_last_start() {
+        let sizes = [10, 10];
+        let shares = rate_shares(4, &sizes, &[true, true], &[None, None], 100);
+        assert_eq!(shares.shares, vec![2, 2]);
+        // Shard 0 finished, its last start 30 s ago: it keeps its share until 130.
+        let kept = rate_shares(4, &sizes, &[false, true], &[Some(70), Some(95)], 100);
+        assert_eq!((kept.shares, kept.due), (vec![2, 2], Some(130)));
+        let handed = rate_shares(4, &sizes, &[false, true], &[Some(70), Some(95)], 130);
+        assert_eq!((handed.shares, handed.due), (vec![0, 4], None));
+        // An odd rate: the shares add up to it, not more.
+        let odd = rate_shares(2, &[5, 5, 5], &[true; 3], &[None; 3], 0);
+        assert_eq!(odd.shares.iter().sum::<u32>(), 2, "{odd:?}");
+        // The coordinator assigns the shares with the ramp of every shard's successes.
+        let p = params(8);
+        let mut reports: Vec<_> = (0..4).map(|k| report(k, 10, 0, 0)).collect();
+        reports[0] = report(0, 10, 10, 10);
+        reports[0].last_start = Some(crate::time::k8s_time(990));
+        let rollout = crate::crd::RolloutSpec {
+            max_per_minute: Some(8),
+            ..crate::crd::RolloutSpec::default()
+        };
+        let c = run_rated(
+            &reports,
+            &p,
+            &UpdateCampaignStatus::default(),
+            &rollout,
+            |_| {},
+        );
+        let shares: Vec<u32> = c
+            .assignments
+            .iter()
+            .filter_map(|a| a.rate_per_minute)
+            .collect();
+        assert_eq!(shares, vec![2, 2, 2, 2]);
+        assert_eq!((c.rate_per_minute, c.due), (Some(8), Some(1050)));
+    }
+
+    #[test]
+    fn a_gate_holds_the_next_wave_over_every_shard_until_it_passes() {
+        let mut p = params(100);
+        p.canary = Some(Amount::Count(3));
+        let previous = UpdateCampaignStatus::default();
+        let fresh: Vec<_> = (0..4).map(|k| report(k, 10, 0, 0)).collect();
+        let ends: Vec<u32> = run(&fresh, &p, &previous)
+            .assignments
+            .iter()
+            .map(|a| a.wave_end)
+            .collect();
+        let mut canary_done = fresh.clone();
+        for (k, r) in canary_done.iter_mut().enumerate() {
+            r.done_through = ends[k];
+        }
+        // The gate after wave 0 has not passed: wave 0 stays, nothing more may start.
+        let held = run_with(&canary_done, &p, &previous, |i| i.wave_limit = Some(0));
+        assert_eq!((held.current_wave, held.awaiting_gate), (0, Some(0)));
+        assert_eq!(held.phase, CampaignPhase::Progressing);
+        assert!(held.assignments.iter().all(|a| a.max_in_flight == 0));
+        // Before every shard finished its canary share, no gate is awaited yet.
+        let partly = run_with(&fresh, &p, &previous, |i| i.wave_limit = Some(0));
+        assert_eq!(partly.awaiting_gate, None);
+        // Passed (or promoted): wave 1 opens on every shard; its health range starts after the
+        // canary share.
+        let open = run_with(&canary_done, &p, &previous, |i| i.wave_limit = Some(1));
+        assert_eq!((open.current_wave, open.awaiting_gate), (1, None));
+        let starts: Vec<u32> = open.assignments.iter().map(|a| a.wave_start).collect();
+        assert_eq!(starts, ends);
+        // A failed gate pauses (or aborts) the campaign: no shard starts.
+        let mut failed = held.clone();
+        hold_for_gate(&mut failed, Some(GateFailureAction::Pause));
+        assert_eq!(failed.phase, CampaignPhase::Paused);
+        let mut aborted = run_with(&fresh, &p, &previous, |_| {});
+        hold_for_gate(&mut aborted, Some(GateFailureAction::Abort));
+        assert_eq!(aborted.phase, CampaignPhase::Aborted);
+        assert!(aborted.assignments.iter().all(|a| a.max_in_flight == 0));
+    }
+
+    #[test]
+    fn a_dry_run_is_planned_once_every_shard_reported_and_starts_nothing() {
+        let previous = UpdateCampaignStatus::default();
+        let reports: Vec<_> = (0..4).map(|k| report(k, 5, 0, 0)).collect();
+        let c = run_with(&reports, &params(10), &previous, |i| i.dry_run = true);
+        assert_eq!(c.phase, CampaignPhase::Planned);
+        assert!(c.assignments.iter().all(|a| a.max_in_flight == 0));
+    }
+
+    #[test]
+    fn the_policy_status_is_every_shard_s_put_together() {
+        use crate::crd::{PlanExclusion, PlannedWave};
+        let wave = |wave, size, first: &[&str]| PlannedWave {
+            wave,
+            size,
+            first_devices: first.iter().map(|s| s.to_string()).collect(),
+        };
+        let waiting = |reason: &str| WaitingStatus {
+            reason: reason.into(),
+            message: "m".into(),
+            until: None,
+        };
+        let mut a = report(0, 4, 0, 0);
+        a.plan = Some(PlanStatus {
+            devices: 3,
+            waves: vec![wave(0, 1, &["a0"]), wave(1, 2, &["a1", "a2"])],
+            excluded: vec![PlanExclusion {
+                reason: "UpToDate".into(),
+                count: 1,
+                devices: vec!["a3".into()],
+            }],
+            estimated_broker_bytes: None,
+        });
+        a.held_by = vec![HolderStatus {
+            campaign: "other".into(),
+            devices: 2,
+        }];
+        a.waiting = Some(waiting("OutsideWindow"));
+        a.health = Some(WaveHealth {
+            wave: 0,
+            updated: 1,
+            healthy: 1,
+            reported: 1,
+        });
+        let mut b = report(1, 2, 0, 0);
+        b.plan = Some(PlanStatus {
+            devices: 2,
+            waves: vec![wave(0, 1, &["b0"]), wave(1, 1, &["b1"])],
+            excluded: vec![],
+            estimated_broker_bytes: None,
+        });
+        b.held_by = vec![HolderStatus {
+            campaign: "other".into(),
+            devices: 1,
+        }];
+        b.health = Some(WaveHealth {
+            wave: 0,
+            updated: 1,
+            healthy: 0,
+            reported: 1,
+        });
+        a.plan_sizes = vec![4, 2];
+        b.plan_sizes = vec![4, 1];
+        assert_eq!(
+            merge_policy(&[Some(&a), Some(&b)], Some(0), None).plan,
+            None,
+            "a plan cut by other sizes"
+        );
+        b.plan_sizes = vec![4, 2];
+        let m = merge_policy(&[Some(&a), Some(&b)], Some(0), Some(1000));
+        let plan = m.plan.clone().unwrap();
+        assert_eq!(plan.devices, 5);
+        let sizes: Vec<u32> = plan.waves.iter().map(|w| w.size).collect();
+        assert_eq!(sizes, vec![2, 3]);
+        assert_eq!(plan.waves[0].first_devices, vec!["a0", "b0"]);
+        assert_eq!((plan.excluded[0].count, plan.excluded.len()), (1, 1));
+        assert_eq!(
+            plan.estimated_broker_bytes,
+            Some(1000 + 5 * crate::preview::PER_DEVICE_BYTES)
+        );
+        assert_eq!(
+            m.held_by,
+            vec![HolderStatus {
+                campaign: "other".into(),
+                devices: 3
+            }]
+        );
+        assert_eq!(
+            m.health,
+            HealthTally {
+                updated: 2,
+                healthy: 1,
+                reported: 2
+            }
+        );
+        // One shard with devices left does not wait: neither does the campaign.
+        assert_eq!(m.waiting, None);
+        b.waiting = Some(waiting("RateLimited"));
+        let m = merge_policy(&[Some(&a), Some(&b)], Some(1), None);
+        assert_eq!(m.waiting.map(|w| w.reason), Some("OutsideWindow".into()));
+        assert_eq!(m.health, HealthTally::default(), "another wave's reports");
+        // A shard without a plan yet: no plan.
+        assert_eq!(merge_policy(&[Some(&a), None], None, None).plan, None);
+    }
+
+    #[test]
+    fn a_shard_s_wave_ends_add_up_to_the_campaign_s() {
+        let sizes = [7, 0, 12, 5];
+        let cutoffs = [3, 13, 24];
+        let per_shard: Vec<Vec<u32>> = (0..4).map(|k| shard_cutoffs(&cutoffs, &sizes, k)).collect();
+        for (w, &c) in cutoffs.iter().enumerate() {
+            assert_eq!(
+                per_shard.iter().map(|s| s[w]).sum::<u32>(),
+                c,
+                "{per_shard:?}"
+            );
+        }
+        assert_eq!(per_shard[1], vec![0, 0, 0]);
     }
 
     #[test]
@@ -443,6 +909,10 @@ mod tests {
             previous: &previous,
             expired: false,
             deadline_passed: false,
+            now: 1000,
+            wave_limit: None,
+            dry_run: false,
+            rate: &Rate::from_spec(&crate::crd::RolloutSpec::default()),
         };
         assert_eq!(coordinate(&input).phase, CampaignPhase::Progressing);
         input.deadline_passed = true;
@@ -454,7 +924,7 @@ mod tests {
         let reports = [report(0, 10, 0, 0), report(1, 10, 0, 0)];
         let refs: Vec<Option<&CampaignShardSpec>> =
             vec![Some(&reports[0]), None, Some(&reports[1]), None];
-        let c = coordinate(&CoordinateInput {
+        let mut input = CoordinateInput {
             shards: ShardCount::new(4).unwrap(),
             reports: &refs,
             params: &params(100),
@@ -464,11 +934,19 @@ mod tests {
             previous: &UpdateCampaignStatus::default(),
             expired: false,
             deadline_passed: false,
-        });
+            now: 1000,
+            wave_limit: None,
+            dry_run: false,
+            rate: &Rate::from_spec(&crate::crd::RolloutSpec::default()),
+        };
+        let c = coordinate(&input);
         assert_eq!(c.phase, CampaignPhase::Pending);
         assert_eq!(c.unreported, vec![1, 3]);
         assert!(c.assignments.iter().all(|a| a.max_in_flight == 0));
         assert_eq!(c.counts.selected, 20);
+        // A dry run's plan is not whole yet either: not Planned.
+        input.dry_run = true;
+        assert_eq!(coordinate(&input).phase, CampaignPhase::Pending);
     }
 
     #[test]
@@ -597,6 +1075,8 @@ mod tests {
             finished: 0,
             wave_end: 2,
             max_in_flight: 3,
+            wave_start: 0,
+            rate_per_minute: None,
             blocker: None,
         };
         let sp = shard_params(&p, Some(&a));

@@ -1018,6 +1018,15 @@ pub struct ShardAssignment {
     pub wave_end: u32,
     /// How many of its devices may be in flight at once: its share of spec.rollout.maxInFlight.
     pub max_in_flight: u32,
+    /// Where its share of the current wave begins (its share of the waves before): the devices
+    /// whose health the gate after the wave judges are `waveStart..waveEnd`.
+    #[serde(default)]
+    pub wave_start: u32,
+    /// Its share of the campaign's start rate (spec.rollout.maxPerMinute and the ramp), if one is
+    /// set. A shard keeps its share for a minute after its last start, so the campaign never
+    /// starts more than the rate in any minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_minute: Option<u32>,
     /// What keeps this shard's replica from running the campaign, if anything (docs/reasons.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]

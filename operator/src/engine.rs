@@ -140,9 +140,10 @@ impl Engine {
         &self,
         key: &CampaignKey,
         selected: &std::collections::HashSet<&str>,
+        in_scope: impl Fn(&str) -> bool,
         exists: impl Fn(&str) -> bool,
     ) -> Result<Vec<String>, Error> {
-        let (fx, released) = lock(&self.runs).release(key, selected, exists, unix_now());
+        let (fx, released) = lock(&self.runs).release(key, selected, in_scope, exists, unix_now());
         self.perform(fx).await?;
         Ok(released)
     }

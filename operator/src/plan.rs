@@ -54,17 +54,22 @@ pub struct PassPlan {
     pub settling: bool,
 }
 
+/// The phase after a failed gate (pure): `onFailure: Abort` ends the campaign, `Pause` pauses a
+/// progressing one (one replica or the coordinator of several).
+pub fn gate_phase(phase: CampaignPhase, gate_failed: Option<GateFailureAction>) -> CampaignPhase {
+    match gate_failed {
+        Some(GateFailureAction::Abort) if !phase.is_terminal() => CampaignPhase::Aborted,
+        Some(GateFailureAction::Pause) if phase == CampaignPhase::Progressing => {
+            CampaignPhase::Paused
+        }
+        _ => phase,
+    }
+}
+
 /// Plan the pass (pure).
 pub fn plan_pass(input: &PassInput<'_>) -> PassPlan {
     let d = input.decision;
-    let mut phase = d.phase;
-    match input.gate_failed {
-        Some(GateFailureAction::Abort) if !phase.is_terminal() => phase = CampaignPhase::Aborted,
-        Some(GateFailureAction::Pause) if phase == CampaignPhase::Progressing => {
-            phase = CampaignPhase::Paused
-        }
-        _ => {}
-    }
+    let mut phase = gate_phase(d.phase, input.gate_failed);
     if input.blocker.is_some() && phase == CampaignPhase::Progressing {
         phase = CampaignPhase::Pending;
     }

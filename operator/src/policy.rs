@@ -68,7 +68,7 @@ pub struct PolicyInput<'a> {
     /// The status as stored.
     pub previous: &'a UpdateCampaignStatus,
     /// The starts a minute this pass may make when the campaign's rate is shared among shards
-    /// (`coordinate::rate_share`: the coordinator's count of successes drives the ramp); `None`:
+    /// (`coordinate::rate_shares`: the coordinator's count of successes drives the ramp); `None`:
     /// the whole rate, ramped by the successes of `progress`.
     pub rate_share: Option<u32>,
 }

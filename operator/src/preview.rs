@@ -42,12 +42,23 @@ pub fn plan(
     params: &RolloutParams,
     chunk_bytes: Option<u64>,
 ) -> PlanStatus {
-    let name = |d: &Arc<Device>| d.metadata.name.clone().unwrap_or_default();
     let cutoffs = wave_cutoffs(devices.len() as u32, params);
+    plan_in_waves(devices, exclusions, &cutoffs, chunk_bytes)
+}
+
+/// [`plan`] with the wave ends given: one shard's devices cut by its share of the campaign's
+/// waves (`coordinate::shard_cutoffs`).
+pub fn plan_in_waves(
+    devices: &[Arc<Device>],
+    exclusions: &[Option<Exclusion>],
+    cutoffs: &[u32],
+    chunk_bytes: Option<u64>,
+) -> PlanStatus {
+    let name = |d: &Arc<Device>| d.metadata.name.clone().unwrap_or_default();
     let mut waves = Vec::new();
     let mut start = 0usize;
     for (wave, end) in cutoffs.iter().enumerate() {
-        let end = *end as usize;
+        let end = (*end as usize).clamp(start, devices.len());
         let members: Vec<&Arc<Device>> = devices[start..end]
             .iter()
             .zip(&exclusions[start..end])
@@ -91,6 +102,51 @@ pub fn plan(
             .collect(),
         estimated_broker_bytes: chunk_bytes
             .map(|c| c.saturating_add(u64::from(updated) * PER_DEVICE_BYTES)),
+    }
+}
+
+/// The plans of several shards as one (pure): wave by wave the sizes added and the first devices
+/// of the first shards, the exclusions by reason, the devices; the broker estimate from the
+/// prepared chunks (`chunk_bytes`, carried once) and every device's messages.
+pub fn merge_plans(parts: &[&PlanStatus], chunk_bytes: Option<u64>) -> PlanStatus {
+    let mut waves: Vec<PlannedWave> = Vec::new();
+    let mut excluded: BTreeMap<String, (u32, Vec<String>)> = BTreeMap::new();
+    let mut devices = 0u32;
+    for part in parts {
+        devices += part.devices;
+        for w in &part.waves {
+            match waves.iter_mut().find(|m| m.wave == w.wave) {
+                Some(m) => {
+                    m.size += w.size;
+                    let room = FIRST_DEVICES.saturating_sub(m.first_devices.len());
+                    m.first_devices
+                        .extend(w.first_devices.iter().take(room).cloned());
+                }
+                None => waves.push(w.clone()),
+            }
+        }
+        for e in &part.excluded {
+            let entry = excluded.entry(e.reason.clone()).or_default();
+            entry.0 += e.count;
+            let room = FIRST_DEVICES.saturating_sub(entry.1.len());
+            entry.1.extend(e.devices.iter().take(room).cloned());
+        }
+    }
+    waves.sort_by_key(|w| w.wave);
+    waves.truncate(MAX_PLANNED_WAVES);
+    PlanStatus {
+        devices,
+        waves,
+        excluded: excluded
+            .into_iter()
+            .map(|(reason, (count, devices))| PlanExclusion {
+                reason,
+                count,
+                devices,
+            })
+            .collect(),
+        estimated_broker_bytes: chunk_bytes
+            .map(|c| c.saturating_add(u64::from(devices) * PER_DEVICE_BYTES)),
     }
 }
 

@@ -686,12 +686,14 @@ impl Runs {
     /// Release the devices of a run that are no longer selected (they stopped matching the
     /// selector, or were deleted): a session in flight ends with the signed abort, its route goes,
     /// and the run forgets the device (a device that matches again starts afresh). A device not
-    /// finished here that still `exists` gets a `Released` record on its status. Returns the
-    /// effects and the names released.
+    /// finished here that still `exists` gets a `Released` record on its status. Only devices
+    /// `in_scope` (by device id: the shard of the pass) are looked at. Returns the effects and the
+    /// names released.
     pub fn release(
         &mut self,
         key: &CampaignKey,
         selected: &std::collections::HashSet<&str>,
+        in_scope: impl Fn(&str) -> bool,
         exists: impl Fn(&str) -> bool,
         now: u64,
     ) -> (Effects, Vec<String>) {
@@ -705,9 +707,9 @@ impl Runs {
         }
         let gone: Vec<String> = run
             .devices
-            .keys()
-            .filter(|name| !selected.contains(name.as_str()))
-            .cloned()
+            .iter()
+            .filter(|(name, dr)| !selected.contains(name.as_str()) && in_scope(&dr.device_id))
+            .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
             let Some(mut dr) = run.devices.remove(&name) else {
@@ -821,6 +823,9 @@ impl Runs {
                 if dr.health.is_none_or(|(at, _)| report.reported_at >= at) {
                     dr.health = Some((report.reported_at, report.healthy));
                 }
+                // The gate's device-health check counts it: the campaign's pass (with shards, the
+                // shard's report to the coordinator) looks again.
+                fx.wake = Some(key.clone());
                 fx.notes.push(Note::Health {
                     campaign: key.1,
                     device: name,
@@ -1756,7 +1761,7 @@ mod tests {
             Some(Progress::InFlight { .. })
         ));
         let keep: std::collections::HashSet<&str> = ["d2"].into_iter().collect();
-        let (fx, released) = w.runs.release(&key, &keep, |_| true, NOW);
+        let (fx, released) = w.runs.release(&key, &keep, |_| true, |_| true, NOW);
         assert_eq!(released, vec!["d1".to_owned()]);
         assert_eq!(w.runs.sessions(), 0, "its route is gone");
         assert_eq!(last_write_phase(&fx, "d1"), Some(DevicePhase::Released));
@@ -1765,7 +1770,7 @@ mod tests {
         assert!(!abort.payload.is_empty(), "d1 holds the signed abort");
         assert_eq!(w.runs.standing(&key, "uid-1", "d1"), None);
         // A deleted device is released without a write; nothing twice.
-        let (fx, released) = w.runs.release(&key, &keep, |_| false, NOW);
+        let (fx, released) = w.runs.release(&key, &keep, |_| true, |_| false, NOW);
         assert!(released.is_empty() && fx.writes.is_empty() && fx.actions.is_empty());
     }
 

@@ -11,7 +11,9 @@
 use kube::CustomResource;
 use serde::{Deserialize, Serialize};
 
-use crate::crd::{DeviceCounts, DeviceFailure};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::crd::{DeviceCounts, DeviceFailure, HolderStatus, PlanStatus, WaitingStatus};
 
 /// Label of a CampaignShard naming its campaign.
 pub const CAMPAIGN_LABEL: &str = "ota.sealed-ota.dev/campaign";
@@ -106,6 +108,43 @@ pub struct CampaignShardSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub blocker_message: Option<String>,
+    /// When this shard last started a device (its share of the rate is kept for a minute after).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_start: Option<Time>,
+    /// What this shard's devices wait for (the rollout policy), if every one that may start waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<WaitingStatus>,
+    /// Other campaigns holding this shard's selected devices (at most 8).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub held_by: Vec<HolderStatus>,
+    /// The plan of this shard's devices, in the campaign's waves (its share of each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanStatus>,
+    /// The shards' sizes (selected devices, by shard) the plan's waves were apportioned by: the
+    /// coordinator adds the plans up only when every shard's were cut by the sizes it sees.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub plan_sizes: Vec<u32>,
+    /// Health reports of this shard's devices of the current wave (the gate's device-health check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<WaveHealth>,
+}
+
+/// Health reports of one shard's devices of one wave.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WaveHealth {
+    /// The wave.
+    pub wave: u32,
+    /// Devices of the wave that installed the update.
+    pub updated: u32,
+    /// Of them, those whose latest signed health report says healthy.
+    pub healthy: u32,
+    /// Of them, those that sent any report.
+    pub reported: u32,
 }
 
 /// Name of the report of `shard` (of `shards`) on campaign `campaign` with uid `uid`: the campaign's
