@@ -23,6 +23,49 @@ use crate::pacing::ConnectPacer;
 use crate::stats::{FleetStats, Summary};
 use crate::store::FleetDir;
 
+/// Part K of N of a fleet (`run --part K/N`, K counted from 1): the devices whose position in
+/// the sorted list is K-1 modulo N, so the parts are disjoint, cover the fleet and differ in size
+/// by at most one device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    index: usize,
+    of: usize,
+}
+
+impl Part {
+    /// The devices of this part, in their order.
+    pub fn select<T>(self, ids: Vec<T>) -> Vec<T> {
+        ids.into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % self.of == self.index)
+            .map(|(_, id)| id)
+            .collect()
+    }
+}
+
+impl std::str::FromStr for Part {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        let (k, n) = text
+            .split_once('/')
+            .ok_or_else(|| format!("'{text}': expected K/N, for example 2/4"))?;
+        let number = |v: &str, what: &str| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("'{text}': {what} '{v}' is not a whole number"))
+        };
+        let (k, n) = (number(k, "K")?, number(n, "N")?);
+        if n == 0 || k == 0 || k > n {
+            return Err(format!("'{text}': K must be 1..N and N at least 1"));
+        }
+        Ok(Part {
+            index: k - 1,
+            of: n,
+        })
+    }
+}
+
 /// What the fleet's devices report as they run: the counters, and the transfer barrier of
 /// `run --transfer-barrier`.
 #[derive(Debug)]
@@ -86,6 +129,9 @@ pub struct FleetOptions {
     pub topic_prefix: Option<String>,
     /// Run only the first N devices (sorted by id).
     pub device_limit: Option<usize>,
+    /// Run only one part of the fleet (`run --part K/N`), after `device_limit`: several
+    /// processes share a fleet larger than one process's file descriptors allow.
+    pub part: Option<Part>,
     /// Connection attempts per second.
     pub connect_rate: f64,
     /// Concurrent TLS/MQTT handshakes.
@@ -123,6 +169,7 @@ impl FleetOptions {
             manager_id: None,
             topic_prefix: None,
             device_limit: None,
+            part: None,
             connect_rate: 500.0,
             max_connecting: 64,
             faults: Vec::new(),
@@ -175,6 +222,9 @@ impl RunningFleet {
                 )));
             }
             ids.truncate(limit);
+        }
+        if let Some(part) = options.part {
+            ids = part.select(ids);
         }
         if ids.is_empty() {
             return Err(Error::Config(format!(
@@ -292,13 +342,48 @@ fn ensure_open_file_limit(devices: usize) -> Result<()> {
     }
     Err(Error::Config(format!(
         "{devices} devices need about {needed} open files but the limit is {soft} (hard {hard}): \
-         raise it (`ulimit -n {needed}`) or run fewer devices"
+         raise it (`ulimit -n {needed}`), run fewer devices, or split the fleet over processes (`run --part K/N`)"
     )))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_are_disjoint_cover_the_fleet_and_are_balanced() {
+        let ids: Vec<u32> = (0..10).collect();
+        let parts: Vec<Vec<u32>> = (1..=3)
+            .map(|k| {
+                format!("{k}/3")
+                    .parse::<Part>()
+                    .unwrap()
+                    .select(ids.clone())
+            })
+            .collect();
+        assert_eq!(parts[0], [0, 3, 6, 9]);
+        assert_eq!(parts[1], [1, 4, 7]);
+        assert_eq!(parts[2], [2, 5, 8]);
+        let mut all: Vec<u32> = parts.concat();
+        all.sort_unstable();
+        assert_eq!(all, ids);
+        assert_eq!("1/1".parse::<Part>().unwrap().select(ids.clone()), ids);
+    }
+
+    #[test]
+    fn a_bad_part_names_what_is_wrong() {
+        for (text, says) in [
+            ("3", "expected K/N"),
+            ("0/2", "K must be 1..N"),
+            ("3/2", "K must be 1..N"),
+            ("1/0", "K must be 1..N"),
+            ("a/2", "K 'a' is not a whole number"),
+            ("1/x", "N 'x' is not a whole number"),
+        ] {
+            let err = text.parse::<Part>().unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
+    }
 
     #[test]
     fn the_open_file_limit_is_raised_when_needed_and_a_hopeless_one_explained() {

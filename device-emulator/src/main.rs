@@ -18,7 +18,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sealed_ota_device_emulator::enroll_cmd;
 use sealed_ota_device_emulator::faults::{parse_duration, FaultSpec};
-use sealed_ota_device_emulator::fleet::{FleetOptions, RunningFleet};
+use sealed_ota_device_emulator::fleet::{FleetOptions, Part, RunningFleet};
 use sealed_ota_device_emulator::mqtt_io::BrokerEndpoint;
 use sealed_ota_device_emulator::stats::{self, Outcome};
 use sealed_ota_device_emulator::store::FleetDir;
@@ -71,6 +71,10 @@ struct RunArgs {
     /// Run only the first N enrolled devices.
     #[arg(long)]
     devices: Option<usize>,
+    /// Run part K of N of the fleet (every Nth device from the Kth): several processes share a
+    /// fleet larger than one process's file descriptor limit, e.g. `--part 1/4` ... `--part 4/4`.
+    #[arg(long)]
+    part: Option<Part>,
     /// Connection attempts per second (first connects and reconnects).
     #[arg(long, default_value_t = 500.0)]
     connect_rate: f64,
@@ -193,6 +197,7 @@ async fn run(args: RunArgs) -> Result<()> {
     options.manager_id = args.manager_id;
     options.topic_prefix = args.topic_prefix;
     options.device_limit = args.devices;
+    options.part = args.part;
     options.connect_rate = args.connect_rate;
     options.max_connecting = args.max_connecting;
     options.faults = faults;

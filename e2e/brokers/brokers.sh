@@ -16,7 +16,7 @@
 #   mosquitto      Debian's package (the default)
 #   mochi          mochi-mqtt (Go module github.com/mochi-mqtt/server/v2) with our small main in
 #                  e2e/brokers/mochi, built once into ~/.cache/sealed-ota/mochi-<version>
-#   rmqtt-cluster  three rmqtt nodes (crates.io rmqttd) in one Raft cluster, built once into
+#   rmqtt-cluster  three rmqtt nodes (crates.io rmqttd; SEALED_OTA_RMQTT_NODES) in one Raft cluster, built once into
 #                  ~/.cache/sealed-ota/rmqtt-<version> (about 27 minutes on 2 cores)
 
 BROKER_KINDS="mosquitto mochi rmqtt-cluster"
@@ -25,7 +25,14 @@ RMQTT_VERSION=0.24.0
 SEALED_OTA_CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/sealed-ota"
 MOCHI_CACHE="${SEALED_OTA_MOCHI_CACHE:-$SEALED_OTA_CACHE_ROOT/mochi-$MOCHI_VERSION}"
 RMQTT_CACHE="${SEALED_OTA_RMQTT_CACHE:-$SEALED_OTA_CACHE_ROOT/rmqtt-$RMQTT_VERSION}"
-RMQTT_NODES=3
+# Nodes of the rmqtt cluster: SEALED_OTA_RMQTT_NODES (1..9, default 3) when the test bed comes up
+# (`make bench-scale` runs more: each node holds fewer connections than this machine's per-process
+# open-file limit); afterwards the count the running test bed recorded in $STATE/rmqtt/ports.
+if [[ -f "$STATE/rmqtt/ports" ]]; then
+  RMQTT_NODES=$(wc -l <"$STATE/rmqtt/ports")
+else
+  RMQTT_NODES=${SEALED_OTA_RMQTT_NODES:-3}
+fi
 
 broker_known() { [[ " $BROKER_KINDS " == *" $1 "* ]]; }
 
@@ -188,6 +195,8 @@ rmqtt_port() { awk -v n="$1" -v c="$2" '$1 == n { print $c }' "$STATE/rmqtt/port
 
 rmqtt_cluster_start() {
   local d="$STATE/rmqtt" n grpc="" raft="" plains=() tlss=()
+  RMQTT_NODES=${SEALED_OTA_RMQTT_NODES:-3}
+  [[ "$RMQTT_NODES" =~ ^[1-9]$ ]] || die "SEALED_OTA_RMQTT_NODES: 1 to 9 rmqtt nodes, not '$RMQTT_NODES'"
   mkdir -p "$d"
   : >"$d/ports"
   for n in $(seq 1 $RMQTT_NODES); do

@@ -10,6 +10,7 @@ pub mod oci;
 pub mod product;
 pub mod prometheus;
 pub mod rogue;
+pub mod scale;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

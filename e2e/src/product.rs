@@ -300,6 +300,9 @@ pub struct Product {
     /// Whether the emulator logs the devices' secrets (`run --key-log`) for the leak scans; the
     /// benchmark turns it off.
     pub log_keys: bool,
+    /// Whether each emulator process writes its counters to `<summary name>.prom` every second
+    /// (`run --metrics-file`; `emulator_metrics_files`), for benchmarks that follow a run live.
+    pub emulator_metrics: bool,
     /// Extra arguments of every operator replica (for example `--shards 4`,
     /// `--retained-chunk-bytes N`).
     pub operator_args: Vec<String>,
@@ -307,9 +310,12 @@ pub struct Product {
     operators: std::collections::BTreeMap<usize, Child>,
     /// Metrics addresses of replicas other than 0 (fixed for the product's life).
     replica_addrs: std::collections::BTreeMap<usize, String>,
-    emulator: Option<Child>,
+    /// The running emulator processes (several with `start_emulators`: parts of the fleet).
+    emulators: Vec<Child>,
     operator_starts: u32,
     emulator_starts: u32,
+    /// Processes of the emulator run started last.
+    emulator_parts: usize,
 }
 
 impl std::fmt::Debug for Product {
@@ -366,12 +372,14 @@ impl Product {
             metrics_addr: format!("127.0.0.1:{}", free_port()?),
             window_timeout_seconds: 3,
             log_keys: true,
+            emulator_metrics: false,
             operator_args: Vec::new(),
             operators: std::collections::BTreeMap::new(),
             replica_addrs: std::collections::BTreeMap::new(),
-            emulator: None,
+            emulators: Vec::new(),
             operator_starts: 0,
             emulator_starts: 0,
+            emulator_parts: 0,
         };
         let ca = [
             "--ca-cert",
@@ -531,9 +539,14 @@ impl Product {
         self.operators.get(&i).map(Child::id)
     }
 
-    /// Process id of the running emulator, if one runs.
+    /// Process id of the running emulator (the first part's), if one runs.
     pub fn emulator_pid(&self) -> Option<u32> {
-        self.emulator.as_ref().map(Child::id)
+        self.emulators.first().map(Child::id)
+    }
+
+    /// Process ids of every running emulator process.
+    pub fn emulator_pids(&self) -> Vec<u32> {
+        self.emulators.iter().map(Child::id).collect()
     }
 
     /// Kills the operator (replica 0) at once (SIGKILL), as a crash would.
@@ -565,32 +578,90 @@ impl Product {
     /// Like `start_emulator`, running the devices of another fleet directory (for example a copy
     /// of this fleet's old credentials, as a thief would hold them).
     pub fn start_emulator_with_fleet(&mut self, fleet: &Path, extra: &[&str]) -> Result<()> {
+        self.start_emulator_parts(fleet, 1, extra)
+    }
+
+    /// Starts the fleet as `parts` emulator processes, each running part K of N (`run --part
+    /// K/N`): what a fleet larger than one process's open-file limit needs. Part 1's summary goes
+    /// to `emulator-N.json`, part K's to `emulator-N.partK.json` (`emulator_summaries`).
+    pub fn start_emulators(&mut self, parts: usize, extra: &[&str]) -> Result<()> {
+        let fleet = self.dir.join("fleet");
+        self.start_emulator_parts(&fleet, parts, extra)
+    }
+
+    /// The JSON summaries of the emulator run started last, one per part.
+    pub fn emulator_summaries(&self) -> Vec<PathBuf> {
+        (1..=self.emulator_parts)
+            .map(|k| {
+                self.dir
+                    .join(format!("{}.json", self.emulator_part_name(k)))
+            })
+            .collect()
+    }
+
+    /// The metrics files of the emulator run started last (with `emulator_metrics`), one per part.
+    pub fn emulator_metrics_files(&self) -> Vec<PathBuf> {
+        (1..=self.emulator_parts)
+            .map(|k| {
+                self.dir
+                    .join(format!("{}.prom", self.emulator_part_name(k)))
+            })
+            .collect()
+    }
+
+    fn emulator_part_name(&self, k: usize) -> String {
+        let n = self.emulator_starts;
+        if k == 1 {
+            format!("emulator-{n}")
+        } else {
+            format!("emulator-{n}.part{k}")
+        }
+    }
+
+    fn start_emulator_parts(&mut self, fleet: &Path, parts: usize, extra: &[&str]) -> Result<()> {
         self.stop_emulator();
         self.emulator_starts += 1;
-        let n = self.emulator_starts;
-        let stdout = std::fs::File::create(self.dir.join(format!("emulator-{n}.json")))?;
-        let stderr = std::fs::File::create(self.dir.join(format!("emulator-{n}.log")))?;
-        let child = Command::new(binary("sealed-ota-device-emulator"))
-            .args(["run", "--broker", &self.device_broker_urls])
-            .arg("--broker-ca")
-            .arg(&self.bed.ca_file)
-            .arg("--fleet")
-            .arg(fleet)
-            .args(["--no-progress", "--json", "--window-timeout"])
-            .arg(self.window_timeout_seconds.to_string())
-            .args(
-                self.log_keys
-                    .then(|| ["--key-log".into(), self.key_log().into_os_string()])
-                    .into_iter()
-                    .flatten(),
-            )
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .context("starting sealed-ota-device-emulator")?;
-        self.emulator = Some(child);
+        self.emulator_parts = parts;
+        for k in 1..=parts {
+            let name = self.emulator_part_name(k);
+            let stdout = std::fs::File::create(self.dir.join(format!("{name}.json")))?;
+            let stderr = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+            let part = format!("{k}/{parts}");
+            let metrics_file = self.dir.join(format!("{name}.prom"));
+            let child = Command::new(binary("sealed-ota-device-emulator"))
+                .args(["run", "--broker", &self.device_broker_urls])
+                .arg("--broker-ca")
+                .arg(&self.bed.ca_file)
+                .arg("--fleet")
+                .arg(fleet)
+                .args(["--no-progress", "--json", "--window-timeout"])
+                .arg(self.window_timeout_seconds.to_string())
+                .args(
+                    self.log_keys
+                        .then(|| ["--key-log".into(), self.key_log().into_os_string()])
+                        .into_iter()
+                        .flatten(),
+                )
+                .args(
+                    (parts > 1)
+                        .then_some(["--part", part.as_str()])
+                        .into_iter()
+                        .flatten(),
+                )
+                .args(
+                    self.emulator_metrics
+                        .then(|| ["--metrics-file".into(), metrics_file.into_os_string()])
+                        .into_iter()
+                        .flatten(),
+                )
+                .args(extra)
+                .env("RUST_LOG", "info")
+                .stdout(stdout)
+                .stderr(stderr)
+                .spawn()
+                .context("starting sealed-ota-device-emulator")?;
+            self.emulators.push(child);
+        }
         Ok(())
     }
 
@@ -603,9 +674,14 @@ impl Product {
     /// Stops the emulated fleet (SIGINT, as Ctrl-C: devices save their state and the JSON
     /// summary is written).
     pub fn stop_emulator(&mut self) {
-        if let Some(child) = self.emulator.take() {
-            // Thousands of devices take a while to save their state and say goodbye.
-            terminate(child, "-INT", Duration::from_secs(120));
+        let children = std::mem::take(&mut self.emulators);
+        // Every part at once: thousands of devices take a while to save their state and say
+        // goodbye.
+        for child in &children {
+            send_signal(child, "-INT");
+        }
+        for child in children {
+            wait_or_kill(child, Duration::from_secs(120));
         }
     }
 
@@ -866,10 +942,19 @@ impl Drop for Product {
 }
 
 /// `signal` (e.g. "-TERM"), then SIGKILL when the process is still there after `grace`.
-fn terminate(mut child: Child, signal: &str, grace: Duration) {
+fn terminate(child: Child, signal: &str, grace: Duration) {
+    send_signal(&child, signal);
+    wait_or_kill(child, grace);
+}
+
+fn send_signal(child: &Child, signal: &str) {
     let _ = Command::new("kill")
         .args([signal, &child.id().to_string()])
         .status();
+}
+
+/// Waits up to `grace` for `child` to exit, then kills it.
+fn wait_or_kill(mut child: Child, grace: Duration) {
     for _ in 0..grace.as_millis() / 100 {
         if let Ok(Some(_)) = child.try_wait() {
             return;

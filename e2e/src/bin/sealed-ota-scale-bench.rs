@@ -1,0 +1,380 @@
+//! `make bench-scale` (issue 16): sharded campaigns at several fleet sizes on the running test bed
+//! (`e2e/testbed up --broker rmqtt-cluster` with `SEALED_OTA_RMQTT_NODES` nodes, or any broker),
+//! with `--replicas` operator replicas sharing `--shards` shards and the fleet split over emulator
+//! processes (`run --part K/N`: one process may not hold more connections than its open-file
+//! limit). Per run it records devices completed over time, CPU seconds and peak RSS per process
+//! group, the apiserver's write requests, the operator's status writes and etcd's growth; then
+//! it fits the cost model (`sealed_ota_e2e::scale`) and writes `scale.json`, `scale.md` (tables)
+//! and two SVG plots to `--out`, after every run (a long series keeps what it measured).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use kube::api::ListParams;
+use kube::Api;
+use sealed_ota_e2e::bench::{parse_metrics, process_cpu_seconds, process_memory};
+use sealed_ota_e2e::product::{random_image, Product};
+use sealed_ota_e2e::scale::{
+    completion_svg, cost_model, cpu_svg, model_table, runs_table, ScaleRun,
+};
+use sealed_ota_e2e::TestBed;
+use sealed_ota_operator::crd::{CampaignPhase, Device};
+use sealed_ota_operator::shards::BUCKET_LABEL;
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sealed-ota-scale-bench",
+    about = "Sharded campaigns at several fleet sizes, and the cost model fitted to them"
+)]
+struct Args {
+    /// Fleet sizes, one campaign each (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "10000,30000,100000")]
+    devices: Vec<u32>,
+    /// Operator replicas.
+    #[arg(long, default_value_t = 2)]
+    replicas: u32,
+    /// Shards (`--shards`, a power of two).
+    #[arg(long, default_value_t = 4)]
+    shards: u32,
+    /// Devices per emulator process at most (each holds a connection and files per device
+    /// under the per-process open-file limit, 20,000 here).
+    #[arg(long, default_value_t = 12_000)]
+    devices_per_emulator: u32,
+    /// Image size, bytes.
+    #[arg(long, default_value_t = 16 * 1024)]
+    image_bytes: usize,
+    /// The fleet size the cost model predicts.
+    #[arg(long, default_value_t = 1_000_000.0)]
+    predict: f64,
+    /// Where scale.json, scale.md and the plots go.
+    #[arg(long, default_value = "target/bench/scale")]
+    out: PathBuf,
+}
+
+/// Processes of one group (`operator`, `emulator`, `broker`, `kube-apiserver`, `etcd`).
+type Groups = Vec<(&'static str, Vec<u32>)>;
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let bed = TestBed::get()?;
+    std::fs::create_dir_all(&args.out)?;
+    let mut runs = Vec::new();
+    for &devices in &args.devices {
+        eprintln!(
+            "scale: {devices} devices, {} replicas, {} shards, broker {} ({} nodes)",
+            args.replicas,
+            args.shards,
+            bed.broker,
+            bed.mqtts_urls.len()
+        );
+        let run = run_campaign(bed, &args, devices).await?;
+        eprintln!(
+            "scale: {devices} devices in {:.0} s ({:.0} a minute), {} lost",
+            run.wall_seconds,
+            run.devices_per_minute(),
+            run.lost()
+        );
+        runs.push(run);
+        write_outputs(&args, &runs)?;
+    }
+    println!("{}", std::fs::read_to_string(args.out.join("scale.md"))?);
+    Ok(())
+}
+
+fn write_outputs(args: &Args, runs: &[ScaleRun]) -> Result<()> {
+    let model = cost_model(runs, args.predict);
+    let summary = json!({
+        "runs": runs.iter().map(ScaleRun::to_json).collect::<Vec<_>>(),
+        "model": model.iter().map(|r| json!({
+            "figure": r.figure, "fixed": r.line.fixed, "per_device": r.line.per_device,
+            "predicted": r.predicted})).collect::<Vec<_>>(),
+        "predict_devices": args.predict,
+    });
+    std::fs::write(
+        args.out.join("scale.json"),
+        serde_json::to_vec_pretty(&summary)?,
+    )?;
+    let mut md = format!("## Runs\n\n{}\n", runs_table(runs));
+    if model.is_empty() {
+        md.push_str("No cost model: it needs runs at two fleet sizes at least.\n");
+    } else {
+        md.push_str(&format!(
+            "## Cost model\n\n{}",
+            model_table(&model, args.predict)
+        ));
+    }
+    std::fs::write(args.out.join("scale.md"), md)?;
+    std::fs::write(args.out.join("completed.svg"), completion_svg(runs)?)?;
+    std::fs::write(args.out.join("cpu.svg"), cpu_svg(runs)?)?;
+    Ok(())
+}
+
+async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleRun> {
+    let etcd_before = etcd_db_bytes(bed).await?;
+    let mut product = Product::new(&format!("scale{devices}"), devices).await?;
+    product.window_timeout_seconds = 30;
+    product.log_keys = false;
+    product.emulator_metrics = true;
+    product.operator_args = vec!["--shards".into(), args.shards.to_string()];
+    product
+        .firmware_configmap("fw", &random_image(args.image_bytes))
+        .await?;
+    for i in 0..args.replicas as usize {
+        product.start_replica(i)?;
+    }
+    wait_labelled(&product, Duration::from_secs(3600)).await?;
+    // Idle: leases held, caches synced, no campaign.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let replicas: Vec<u32> = (0..args.replicas as usize)
+        .map(|i| product.replica_pid(i).context("a replica exited"))
+        .collect::<Result<_>>()?;
+    let operator_rss_idle_bytes = replicas
+        .iter()
+        .map(|&pid| process_memory(pid, "VmRSS"))
+        .sum::<Result<u64>>()?;
+    let parts = devices.div_ceil(args.devices_per_emulator).max(1) as usize;
+    product.start_emulators(parts, &["--no-state-fsync"])?;
+    wait_connected(&product, devices, Duration::from_secs(3600)).await?;
+    let groups: Groups = vec![
+        ("operator", replicas.clone()),
+        ("emulator", product.emulator_pids()),
+        ("broker", broker_pids(&bed.state_dir)?),
+        (
+            "kube-apiserver",
+            vec![state_pid(&bed.state_dir, "apiserver")?],
+        ),
+        ("etcd", vec![state_pid(&bed.state_dir, "etcd")?]),
+    ];
+    let cpu_before = cpu_of(&groups)?;
+    let apiserver_before = apiserver_writes(&product).await?;
+    let operator_before = operator_writes(&mut product, args.replicas).await?;
+    product.apply_campaign(
+        "fw",
+        product.firmware_spec(
+            "2.0.0",
+            "fw",
+            json!({"rollout": {"maxInFlight": devices, "deviceTimeoutSeconds": 1800,
+                "retries": 2, "retryBackoffSeconds": 5}}),
+        ),
+    )?;
+    let applied = Instant::now();
+    let mut completed = vec![(0.0, 0)];
+    let campaign = loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        completed.push((applied.elapsed().as_secs_f64(), installed_now(&product)));
+        let campaign = product.campaign("fw").await?;
+        if campaign
+            .status
+            .as_ref()
+            .is_some_and(|s| s.phase.is_terminal())
+        {
+            break campaign;
+        }
+        if applied.elapsed() > Duration::from_secs(4 * 3600) {
+            bail!("the {devices}-device campaign did not end within 4 hours");
+        }
+    };
+    let wall_seconds = applied.elapsed().as_secs_f64();
+    let cpu_after = cpu_of(&groups)?;
+    let rss_peak_bytes = groups
+        .iter()
+        .map(|(name, pids)| {
+            let peak = pids
+                .iter()
+                .map(|&pid| process_memory(pid, "VmHWM"))
+                .sum::<Result<u64>>()?;
+            Ok(((*name).to_owned(), peak))
+        })
+        .collect::<Result<BTreeMap<_, _>>>()?;
+    let apiserver_after = apiserver_writes(&product).await?;
+    let operator_after = operator_writes(&mut product, args.replicas).await?;
+    let status = campaign.status.context("campaign status")?;
+    if status.phase != CampaignPhase::Succeeded {
+        bail!("campaign ended {:?}: {:?}", status.phase, status.failures);
+    }
+    product.stop_emulator();
+    let mut installed = 0;
+    for path in product.emulator_summaries() {
+        let summary: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        )
+        .with_context(|| format!("emulator summary {}", path.display()))?;
+        installed += summary["outcomes"]["installed"].as_u64().unwrap_or(0);
+    }
+    completed.push((wall_seconds, installed));
+    let etcd_db = etcd_db_bytes(bed).await? - etcd_before;
+    for i in 0..args.replicas as usize {
+        product.kill_replica(i);
+    }
+    // The namespace is only marked for deletion (the test bed runs no namespace controller), so
+    // its objects stay and cost the next run nothing.
+    product.pass();
+    // The devices' stores (keys, state, images) are not kept: 100,000 devices write GBs.
+    std::fs::remove_dir_all(product.dir.join("fleet"))
+        .with_context(|| format!("removing {}", product.dir.join("fleet").display()))?;
+    Ok(ScaleRun {
+        devices,
+        replicas: args.replicas,
+        shards: args.shards,
+        broker_nodes: bed.mqtts_urls.len() as u32,
+        emulators: parts as u32,
+        wall_seconds,
+        completed,
+        cpu_seconds: cpu_after
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v - cpu_before[k]))
+            .collect(),
+        rss_peak_bytes,
+        operator_rss_idle_bytes,
+        apiserver_writes: apiserver_after - apiserver_before,
+        operator_writes: operator_after
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v - operator_before.get(k).copied().unwrap_or(0.0),
+                )
+            })
+            .collect(),
+        etcd_db_bytes: etcd_db,
+        installed,
+    })
+}
+
+/// Waits until the coordinator labelled every Device with its bucket (a shard's replica sees
+/// only labelled Devices): no Device without the label is left.
+async fn wait_labelled(product: &Product, limit: Duration) -> Result<()> {
+    let api: Api<Device> = Api::namespaced(product.ns.client.clone(), &product.ns.name);
+    let unlabelled = ListParams::default()
+        .labels(&format!("!{BUCKET_LABEL}"))
+        .limit(1);
+    sealed_ota_e2e::wait_for("every Device labelled with its bucket", limit, || {
+        let api = &api;
+        let unlabelled = &unlabelled;
+        async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok(api.list(unlabelled).await?.items.is_empty().then_some(()))
+        }
+    })
+    .await
+}
+
+/// Sum of one emulator counter over every part's metrics file (a part not written yet: 0).
+fn emulator_sum(product: &Product, series: &str) -> u64 {
+    product
+        .emulator_metrics_files()
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .map(|text| parse_metrics(&text).get(series).copied().unwrap_or(0.0) as u64)
+        .sum()
+}
+
+fn installed_now(product: &Product) -> u64 {
+    emulator_sum(
+        product,
+        "sealed_ota_emulator_device_outcomes{outcome=\"installed\"}",
+    )
+}
+
+async fn wait_connected(product: &Product, devices: u32, limit: Duration) -> Result<()> {
+    sealed_ota_e2e::wait_for("every device connected", limit, || async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let connected = emulator_sum(product, "sealed_ota_emulator_connected_devices");
+        Ok((connected >= u64::from(devices)).then_some(()))
+    })
+    .await
+}
+
+/// Write requests the apiserver served so far (its own `apiserver_request_total`).
+async fn apiserver_writes(product: &Product) -> Result<f64> {
+    let request = hyper::Request::get("/metrics").body(Vec::new())?;
+    let text = product
+        .ns
+        .client
+        .request_text(request)
+        .await
+        .context("reading the apiserver's /metrics")?;
+    Ok(parse_metrics(&text)
+        .iter()
+        .filter(|(series, _)| series.starts_with("apiserver_request_total{"))
+        .filter(|(series, _)| {
+            ["POST", "PUT", "PATCH", "DELETE", "APPLY"]
+                .iter()
+                .any(|verb| series.contains(&format!("verb=\"{verb}\"")))
+        })
+        .map(|(_, v)| v)
+        .sum())
+}
+
+/// The operator replicas' status writes so far, by kind, summed over the replicas.
+async fn operator_writes(product: &mut Product, replicas: u32) -> Result<BTreeMap<String, f64>> {
+    let mut writes = BTreeMap::new();
+    for i in 0..replicas as usize {
+        let addr = product.replica_metrics_addr(i)?;
+        let metrics = sealed_ota_e2e::bench::scrape_metrics(&addr).await?;
+        for (series, v) in metrics {
+            if let Some(kind) = series
+                .strip_prefix("sealed_ota_operator_status_writes_total{kind=\"")
+                .and_then(|rest| rest.strip_suffix("\"}"))
+            {
+                *writes.entry(kind.to_owned()).or_insert(0.0) += v;
+            }
+        }
+    }
+    Ok(writes)
+}
+
+/// etcd's database size (its own `etcd_mvcc_db_total_size_in_bytes`).
+async fn etcd_db_bytes(bed: &TestBed) -> Result<f64> {
+    let url = std::fs::read_to_string(bed.state_dir.join("etcd.url"))?;
+    let text = sealed_ota_e2e::http::get(&format!("{}/metrics", url.trim())).await?;
+    parse_metrics(&text)
+        .get("etcd_mvcc_db_total_size_in_bytes")
+        .copied()
+        .context("etcd_mvcc_db_total_size_in_bytes in etcd's /metrics")
+}
+
+/// Process id of a test-bed server (`<state dir>/<name>.pid`).
+fn state_pid(state_dir: &Path, name: &str) -> Result<u32> {
+    let path = state_dir.join(format!("{name}.pid"));
+    std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("pid in {}", path.display()))
+}
+
+/// The broker's processes: `mosquitto.pid`, `mochi.pid` or `rmqtt-N.pid` per node.
+fn broker_pids(state_dir: &Path) -> Result<Vec<u32>> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir(state_dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".pid") {
+            if stem == "mosquitto" || stem == "mochi" || stem.starts_with("rmqtt-") {
+                pids.push(state_pid(state_dir, stem)?);
+            }
+        }
+    }
+    if pids.is_empty() {
+        bail!("no broker pid file in {}", state_dir.display());
+    }
+    Ok(pids)
+}
+
+fn cpu_of(groups: &Groups) -> Result<BTreeMap<&'static str, f64>> {
+    groups
+        .iter()
+        .map(|(name, pids)| {
+            let s = pids
+                .iter()
+                .map(|&pid| process_cpu_seconds(pid))
+                .sum::<Result<f64>>()?;
+            Ok((*name, s))
+        })
+        .collect()
+}

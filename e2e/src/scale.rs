@@ -1,0 +1,418 @@
+//! The scale run of `make bench-scale` (issue 16), its pure parts: what one sharded campaign
+//! measured (`ScaleRun`), the cost model fitted to several runs (a straight line per figure over
+//! the device count, least squares, and its prediction for a larger fleet), and the SVG plots
+//! (`plotters`): devices completed over time per run, CPU seconds per process per run. The
+//! binary `sealed-ota-scale-bench` drives the processes and feeds these; nothing here does I/O.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use serde_json::{json, Value};
+
+/// What one sharded campaign to `devices` devices measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScaleRun {
+    /// Devices of the campaign.
+    pub devices: u32,
+    /// Operator replicas and shards.
+    pub replicas: u32,
+    /// Shards (`--shards`).
+    pub shards: u32,
+    /// Broker nodes the devices spread over.
+    pub broker_nodes: u32,
+    /// Emulator processes (`run --part K/N`).
+    pub emulators: u32,
+    /// Seconds from the campaign's apply to its terminal phase.
+    pub wall_seconds: f64,
+    /// Devices installed (the emulators' count) over seconds since the apply.
+    pub completed: Vec<(f64, u64)>,
+    /// CPU seconds each process group used from the apply to the end (`operator`, `emulator`,
+    /// `broker`, `kube-apiserver`, `etcd`), summed over a group's processes.
+    pub cpu_seconds: BTreeMap<String, f64>,
+    /// Peak resident memory of each process group (bytes, summed over its processes).
+    pub rss_peak_bytes: BTreeMap<String, u64>,
+    /// Resident memory of the operator replicas before the campaign (bytes, summed).
+    pub operator_rss_idle_bytes: u64,
+    /// Write requests the apiserver served during the campaign (its own
+    /// `apiserver_request_total`, verbs that change objects).
+    pub apiserver_writes: f64,
+    /// The operator's own status writes during the campaign, by kind (campaign, device, shard).
+    pub operator_writes: BTreeMap<String, f64>,
+    /// etcd's database size after the campaign (bytes).
+    pub etcd_db_bytes: f64,
+    /// Devices that installed the image (the emulators' summaries).
+    pub installed: u64,
+}
+
+impl ScaleRun {
+    /// Devices that did not install.
+    pub fn lost(&self) -> u64 {
+        u64::from(self.devices).saturating_sub(self.installed)
+    }
+
+    /// Devices completed a minute, over the whole campaign.
+    pub fn devices_per_minute(&self) -> f64 {
+        f64::from(self.devices) * 60.0 / self.wall_seconds.max(f64::EPSILON)
+    }
+
+    /// The run as JSON (`target/bench/scale/scale.json`).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "devices": self.devices,
+            "replicas": self.replicas,
+            "shards": self.shards,
+            "broker_nodes": self.broker_nodes,
+            "emulators": self.emulators,
+            "wall_seconds": self.wall_seconds,
+            "devices_per_minute": self.devices_per_minute(),
+            "completed": self.completed,
+            "cpu_seconds": self.cpu_seconds,
+            "rss_peak_bytes": self.rss_peak_bytes,
+            "operator_rss_idle_bytes": self.operator_rss_idle_bytes,
+            "apiserver_writes": self.apiserver_writes,
+            "operator_writes": self.operator_writes,
+            "etcd_db_bytes": self.etcd_db_bytes,
+            "installed": self.installed,
+            "lost": self.lost(),
+        })
+    }
+
+    /// The figures the cost model fits, by name.
+    fn figures(&self) -> Vec<(String, f64)> {
+        let mut figures = vec![("wall seconds".to_owned(), self.wall_seconds)];
+        for (process, s) in &self.cpu_seconds {
+            figures.push((format!("{process} CPU seconds"), *s));
+        }
+        for (process, b) in &self.rss_peak_bytes {
+            figures.push((format!("{process} peak RSS MiB"), *b as f64 / 1048576.0));
+        }
+        figures.push(("apiserver writes".to_owned(), self.apiserver_writes));
+        figures.push(("etcd MiB".to_owned(), self.etcd_db_bytes / 1048576.0));
+        figures
+    }
+}
+
+/// `y = fixed + per_device * n`, fitted by least squares; `None` with fewer than two distinct
+/// device counts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Line {
+    /// The intercept (what the figure costs with no device).
+    pub fixed: f64,
+    /// The slope (what each device adds).
+    pub per_device: f64,
+}
+
+impl Line {
+    /// The line's value at `devices`.
+    pub fn at(&self, devices: f64) -> f64 {
+        self.fixed + self.per_device * devices
+    }
+}
+
+/// Least-squares line through `(devices, value)` points.
+pub fn fit(points: &[(f64, f64)]) -> Option<Line> {
+    let n = points.len() as f64;
+    let mean_x = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mean_x).powi(2)).sum();
+    if points.len() < 2 || sxx <= f64::EPSILON {
+        return None;
+    }
+    let sxy: f64 = points.iter().map(|p| (p.0 - mean_x) * (p.1 - mean_y)).sum();
+    let per_device = sxy / sxx;
+    Some(Line {
+        fixed: mean_y - per_device * mean_x,
+        per_device,
+    })
+}
+
+/// One figure of the cost model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelRow {
+    /// What is modelled (`operator CPU seconds`, ...).
+    pub figure: String,
+    /// The fitted line.
+    pub line: Line,
+    /// Its value at the predicted fleet size.
+    pub predicted: f64,
+}
+
+/// The cost model of `runs` (each figure a line over the device count) with each figure's
+/// value at `predict_devices`. Figures that not every run measured are left out.
+pub fn cost_model(runs: &[ScaleRun], predict_devices: f64) -> Vec<ModelRow> {
+    let mut points: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for run in runs {
+        for (figure, value) in run.figures() {
+            points
+                .entry(figure)
+                .or_default()
+                .push((f64::from(run.devices), value));
+        }
+    }
+    points
+        .into_iter()
+        .filter(|(_, p)| p.len() == runs.len())
+        .filter_map(|(figure, p)| {
+            let line = fit(&p)?;
+            Some(ModelRow {
+                figure,
+                predicted: line.at(predict_devices),
+                line,
+            })
+        })
+        .collect()
+}
+
+/// The cost model as a Markdown table (`scale.md`, pasted into docs/scale.md).
+pub fn model_table(rows: &[ModelRow], predict_devices: f64) -> String {
+    let mut out = format!(
+        "| figure | fixed | per 1,000 devices | at {predict_devices:.0} devices |\n|---|---|---|---|\n"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {:.1} | {:.3} | {:.0} |\n",
+            r.figure,
+            r.line.fixed,
+            r.line.per_device * 1000.0,
+            r.predicted
+        ));
+    }
+    out
+}
+
+/// The measured runs as a Markdown table.
+pub fn runs_table(runs: &[ScaleRun]) -> String {
+    let mut out = String::from(
+        "| devices | replicas / shards | broker nodes | emulators | wall s | devices/min | lost | CPU s (operator, emulator, broker, apiserver, etcd) | peak RSS MiB (operator, broker) | apiserver writes | etcd MiB |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in runs {
+        let cpu = |k: &str| r.cpu_seconds.get(k).copied().unwrap_or(0.0);
+        let rss = |k: &str| r.rss_peak_bytes.get(k).copied().unwrap_or(0) as f64 / 1048576.0;
+        out.push_str(&format!(
+            "| {} | {} / {} | {} | {} | {:.0} | {:.0} | {} | {:.0}, {:.0}, {:.0}, {:.0}, {:.0} | {:.0}, {:.0} | {:.0} | {:.1} |\n",
+            r.devices,
+            r.replicas,
+            r.shards,
+            r.broker_nodes,
+            r.emulators,
+            r.wall_seconds,
+            r.devices_per_minute(),
+            r.lost(),
+            cpu("operator"),
+            cpu("emulator"),
+            cpu("broker"),
+            cpu("kube-apiserver"),
+            cpu("etcd"),
+            rss("operator"),
+            rss("broker"),
+            r.apiserver_writes,
+            r.etcd_db_bytes / 1048576.0,
+        ));
+    }
+    out
+}
+
+fn plot_error<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("drawing the plot: {e:?}")
+}
+
+/// Devices completed over time, one line per run (SVG).
+pub fn completion_svg(runs: &[ScaleRun]) -> Result<String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (800, 480)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        let max_t = runs
+            .iter()
+            .flat_map(|r| r.completed.iter().map(|p| p.0))
+            .fold(1.0, f64::max);
+        let max_n = runs
+            .iter()
+            .map(|r| f64::from(r.devices))
+            .fold(1.0, f64::max);
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Devices updated over time", ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..max_t * 1.02, 0.0..max_n * 1.05)
+            .map_err(plot_error)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds since the campaign was applied")
+            .y_desc("devices installed")
+            .draw()
+            .map_err(plot_error)?;
+        for (i, run) in runs.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(
+                    run.completed.iter().map(|&(t, n)| (t, n as f64)),
+                    color.stroke_width(2),
+                ))
+                .map_err(plot_error)?
+                .label(format!(
+                    "{} devices, {} replicas, {} broker nodes",
+                    run.devices, run.replicas, run.broker_nodes
+                ))
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(plot_error)?;
+        root.present().map_err(plot_error)?;
+    }
+    Ok(svg)
+}
+
+/// CPU seconds per process group, one group of bars per run (SVG).
+pub fn cpu_svg(runs: &[ScaleRun]) -> Result<String> {
+    let processes: Vec<String> = runs
+        .iter()
+        .flat_map(|r| r.cpu_seconds.keys().cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (800, 480)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        let max_cpu = runs
+            .iter()
+            .flat_map(|r| r.cpu_seconds.values().copied())
+            .fold(1.0, f64::max);
+        let slots = runs.len() * (processes.len() + 1);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "CPU seconds per process during the campaign",
+                ("sans-serif", 22),
+            )
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..slots.max(1) as f64, 0.0..max_cpu * 1.1)
+            .map_err(plot_error)?;
+        let width = processes.len() + 1;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .y_desc("CPU seconds")
+            .draw()
+            .map_err(plot_error)?;
+        // Each run's name above its group of bars.
+        chart
+            .draw_series(runs.iter().enumerate().map(|(r, run)| {
+                Text::new(
+                    format!("{} devices", run.devices),
+                    ((r * width) as f64, max_cpu * 1.05),
+                    ("sans-serif", 14),
+                )
+            }))
+            .map_err(plot_error)?;
+        for (p, process) in processes.iter().enumerate() {
+            let color = Palette99::pick(p).to_rgba();
+            chart
+                .draw_series(runs.iter().enumerate().map(|(r, run)| {
+                    let x = (r * width + p) as f64;
+                    let y = run.cpu_seconds.get(process).copied().unwrap_or(0.0);
+                    Rectangle::new([(x + 0.1, 0.0), (x + 0.9, y)], color.filled())
+                }))
+                .map_err(plot_error)?
+                .label(process.clone())
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(plot_error)?;
+        root.present().map_err(plot_error)?;
+    }
+    Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(devices: u32, operator_cpu: f64) -> ScaleRun {
+        ScaleRun {
+            devices,
+            replicas: 2,
+            shards: 4,
+            broker_nodes: 3,
+            emulators: 1,
+            wall_seconds: 10.0 + f64::from(devices) / 100.0,
+            completed: vec![
+                (0.0, 0),
+                (5.0, u64::from(devices) / 2),
+                (9.0, u64::from(devices)),
+            ],
+            cpu_seconds: [
+                ("operator".to_owned(), operator_cpu),
+                ("broker".to_owned(), 2.0),
+            ]
+            .into(),
+            rss_peak_bytes: [("operator".to_owned(), 100 << 20)].into(),
+            operator_rss_idle_bytes: 80 << 20,
+            apiserver_writes: f64::from(devices) * 1.5 + 20.0,
+            operator_writes: BTreeMap::new(),
+            etcd_db_bytes: 4.0 * 1048576.0,
+            installed: u64::from(devices) - 1,
+        }
+    }
+
+    #[test]
+    fn a_line_through_exact_points_is_found_and_one_count_fits_nothing() {
+        let line = fit(&[(1000.0, 12.0), (3000.0, 32.0), (10_000.0, 102.0)]).unwrap();
+        assert!((line.per_device - 0.01).abs() < 1e-9, "{line:?}");
+        assert!((line.fixed - 2.0).abs() < 1e-6, "{line:?}");
+        assert!((line.at(1_000_000.0) - 10_002.0).abs() < 1e-3);
+        assert_eq!(fit(&[(1000.0, 1.0), (1000.0, 2.0)]), None);
+        assert_eq!(fit(&[(1000.0, 1.0)]), None);
+    }
+
+    #[test]
+    fn the_cost_model_predicts_each_figure_from_the_runs() {
+        let runs = [run(1000, 11.0), run(3000, 31.0)];
+        let model = cost_model(&runs, 1_000_000.0);
+        let row = |name: &str| model.iter().find(|r| r.figure == name).unwrap();
+        assert!((row("operator CPU seconds").predicted - 10_001.0).abs() < 1e-6);
+        assert!((row("apiserver writes").line.per_device - 1.5).abs() < 1e-9);
+        // Measured the same at every size: no per-device cost.
+        assert!(row("broker CPU seconds").line.per_device.abs() < 1e-12);
+        let table = model_table(&model, 1_000_000.0);
+        assert!(
+            table.contains("| operator CPU seconds | 1.0 | 10.000 | 10001 |"),
+            "{table}"
+        );
+        assert_eq!(runs[0].lost(), 1);
+        assert!(runs_table(&runs).contains("| 3000 | 2 / 4 | 3 | 1 |"));
+    }
+
+    #[test]
+    fn the_plots_draw_every_run_and_process() {
+        let runs = [run(1000, 11.0), run(3000, 31.0)];
+        let svg = completion_svg(&runs).unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..40.min(svg.len())]);
+        assert!(svg.matches("<polyline").count() >= 2, "one line per run");
+        assert!(svg.contains("3000 devices, 2 replicas, 3 broker nodes"));
+        let svg = cpu_svg(&runs).unwrap();
+        // plotters writes each text element's content on a line of its own.
+        assert!(
+            svg.contains("\noperator\n") && svg.contains("\nbroker\n"),
+            "legend"
+        );
+        assert!(svg.contains("\n1000 devices\n"), "run labels");
+    }
+}
