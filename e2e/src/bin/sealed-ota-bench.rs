@@ -493,7 +493,10 @@ async fn run_campaign(
         ("etcd", testbed_pid("etcd")?),
     ];
     let cpu_before = cpu_of(&processes)?;
-    let timeline = std::sync::Arc::new(std::sync::Mutex::new(CpuTimeline::default()));
+    // Samples from before the apply to after the end, so they always cover the data phase.
+    let mut first = CpuTimeline::default();
+    first.push(unix_seconds(), cpu_before.clone());
+    let timeline = std::sync::Arc::new(std::sync::Mutex::new(first));
     let sampler = {
         let timeline = std::sync::Arc::clone(&timeline);
         tokio::spawn(async move {
@@ -530,7 +533,14 @@ async fn run_campaign(
     let wall_seconds = applied.elapsed().as_secs_f64();
     let rss_peak = process_memory(pid, "VmHWM")?;
     sampler.abort();
-    let cpu_seconds = cpu_of(&processes)?
+    // Cancelled, so no sample lands after the last one.
+    let _ = sampler.await;
+    let cpu_after = cpu_of(&processes)?;
+    timeline
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(unix_seconds(), cpu_after.clone());
+    let cpu_seconds = cpu_after
         .into_iter()
         .map(|(name, after)| (name, after - cpu_before[name]))
         .collect();
