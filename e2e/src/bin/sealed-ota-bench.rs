@@ -171,7 +171,13 @@ async fn main() -> Result<()> {
         cpu_line(&fanout.cpu_seconds),
         cpu_line(&fanout.data_phase_cpu_seconds)
     );
-    let data_phase_cpu: f64 = fanout.data_phase_cpu_seconds.values().sum();
+    // CPU time is counted in clock ticks (10 ms): a tiny run's figure is at least one tick.
+    let data_phase_cpu: f64 = fanout
+        .data_phase_cpu_seconds
+        .values()
+        .sum::<f64>()
+        .max(0.01);
+    let pull_work_cpu = pull_work_cpu.max(0.01);
 
     let relay = RelayFleet::connect(bed, n).await?;
     let baseline_after = relay.shared_round("relay baseline", &payloads).await?;
