@@ -17,6 +17,8 @@ pub use sealed_ota_device::Outcome;
 #[derive(Debug)]
 pub struct FleetStats {
     started: Instant,
+    /// `started` as Unix seconds (the summary reports when the data phase started).
+    started_unix_seconds: f64,
     devices: u64,
     connected: AtomicU64,
     ever_connected: AtomicU64,
@@ -43,6 +45,9 @@ impl FleetStats {
         outcomes[Outcome::Idle.index()].store(devices, Ordering::Relaxed);
         FleetStats {
             started: Instant::now(),
+            started_unix_seconds: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
             devices,
             connected: AtomicU64::new(0),
             ever_connected: AtomicU64::new(0),
@@ -106,6 +111,12 @@ impl FleetStats {
         let first = self.first_chunk_micros.load(Ordering::Relaxed);
         let last = self.last_chunk_micros.load(Ordering::Relaxed);
         (first <= last).then(|| (last - first) as f64 / 1e6)
+    }
+
+    /// The Unix time of the first chunk any device accepted.
+    fn data_phase_started_unix_seconds(&self) -> Option<f64> {
+        let first = self.first_chunk_micros.load(Ordering::Relaxed);
+        (first != u64::MAX).then(|| self.started_unix_seconds + first as f64 / 1e6)
     }
 
     /// A device sent its signed post-install health report.
@@ -256,6 +267,7 @@ impl FleetStats {
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
             messages_rejected: self.messages_rejected(),
             data_phase_seconds: self.data_phase_seconds(),
+            data_phase_started_unix_seconds: self.data_phase_started_unix_seconds(),
             rss_before_devices_bytes: self.rss_before_devices,
             rss_all_connected_bytes: (rss_all_connected > 0).then_some(rss_all_connected),
             memory_per_device_bytes: per_device,
@@ -292,6 +304,9 @@ pub struct Summary {
     /// Seconds from the first chunk any device accepted to the last chunk any device accepted
     /// (absent when no chunk arrived).
     pub data_phase_seconds: Option<f64>,
+    /// When the data phase started (the first chunk any device accepted), Unix seconds, so a
+    /// benchmark can charge what each process spent to it (absent when no chunk arrived).
+    pub data_phase_started_unix_seconds: Option<f64>,
     /// Resident memory before any device started.
     pub rss_before_devices_bytes: u64,
     /// Resident memory when the last device connected.
@@ -456,6 +471,12 @@ mod tests {
     async fn the_data_phase_spans_the_first_to_the_last_chunk() {
         let stats = FleetStats::new(2);
         assert_eq!(stats.summary(BTreeMap::new()).data_phase_seconds, None);
+        assert_eq!(
+            stats
+                .summary(BTreeMap::new())
+                .data_phase_started_unix_seconds,
+            None
+        );
         tokio::time::advance(Duration::from_secs(5)).await;
         stats.chunk();
         tokio::time::advance(Duration::from_millis(1500)).await;
@@ -466,6 +487,9 @@ mod tests {
         assert_eq!(summary.chunks_received, 3);
         let json = serde_json::to_value(&summary).unwrap();
         assert_eq!(json["dataPhaseSeconds"], 1.5);
+        // The first chunk came 5 s after the fleet started.
+        let started = json["dataPhaseStartedUnixSeconds"].as_f64().unwrap();
+        assert!((started - stats.started_unix_seconds - 5.0).abs() < 1e-3);
     }
 
     #[test]

@@ -294,6 +294,14 @@ impl<I: Installer> Device<I> {
     /// Persists the session state (fsynced). The chunks it says are stored are flushed first, so
     /// after a power loss the state never claims data the disk lost.
     fn save(&mut self, session: &DeviceSession) -> Result<()> {
+        if self.dir.durable_state() {
+            off_the_workers(|| self.save_now(session))
+        } else {
+            self.save_now(session)
+        }
+    }
+
+    fn save_now(&mut self, session: &DeviceSession) -> Result<()> {
         if self.chunks_since_save > 0 {
             if let Some(campaign) = &self.receiving {
                 self.download(campaign).sync()?;
@@ -687,7 +695,9 @@ impl<I: Installer> Device<I> {
                 }
             }
             DeviceEvent::ImageComplete { manifest } => {
-                return self.on_image_complete(session, &manifest, now);
+                // Hashing the image and the install's fsyncs take milliseconds of disk time: off
+                // the worker thread, so the other devices of a fleet keep receiving meanwhile.
+                return off_the_workers(|| self.on_image_complete(session, &manifest, now));
             }
             DeviceEvent::CredentialsDelivered { cert_pem, key_pem } => {
                 // Validated by the session (chain, name, key match); the signed Installed status
@@ -872,6 +882,21 @@ impl<I: Installer> Device<I> {
     }
 }
 
+/// Runs `work`, which blocks on the disk (fsyncs, hashing a whole image), without stalling the
+/// other tasks of a multi-threaded runtime: the emulator runs a thousand devices on two worker
+/// threads, where one device's install would otherwise hold up every device queued on that
+/// thread (a real device has its own CPU and disk). On a current-thread runtime, or outside one
+/// (unit tests), `work` just runs.
+fn off_the_workers<R>(work: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 /// Drives rumqttc's event loop and forwards what the device needs. Holds the pacing permit
 /// until the handshake ends. Ends at the first error: the device decides when to reconnect.
 /// Once the device stops listening it keeps polling, so a queued DISCONNECT still goes out.
@@ -908,4 +933,41 @@ async fn finish_connection(client: &AsyncClient, mut pump: JoinHandle<()>, crash
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut pump).await;
     }
     pump.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::off_the_workers;
+
+    /// Blocking work waits for a message that only another task of the same one-worker runtime
+    /// can send: it arrives only if the work left the worker thread to the other tasks.
+    #[test]
+    fn blocking_work_leaves_the_worker_to_the_other_tasks() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let got = runtime.block_on(async {
+            let (tx, rx) = mpsc::channel::<()>();
+            let blocked = tokio::spawn(async move {
+                off_the_workers(|| rx.recv_timeout(Duration::from_secs(20)).is_ok())
+            });
+            // Spawned after, so it can only run on the one worker once the first task let go.
+            tokio::spawn(async move { tx.send(()).unwrap() });
+            blocked.await.unwrap()
+        });
+        assert!(got, "the other task never ran while the work blocked");
+    }
+
+    #[test]
+    fn on_a_current_thread_runtime_or_none_the_work_just_runs() {
+        assert_eq!(off_the_workers(|| 7), 7);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(runtime.block_on(async { off_the_workers(|| 8) }), 8);
+    }
 }

@@ -752,6 +752,44 @@ fn clock_ticks_per_second() -> f64 {
     })
 }
 
+/// CPU seconds of a set of processes sampled over time, so the CPU each used can be charged to
+/// a window known only afterwards (the campaign's data phase, from the emulator's summary). On a
+/// machine shared with other work the wall-clock time of a phase depends on the load; the CPU
+/// seconds it took do much less.
+#[derive(Debug, Default, Clone)]
+pub struct CpuTimeline {
+    /// (Unix seconds, CPU seconds per process so far), in time order.
+    samples: Vec<(f64, BTreeMap<&'static str, f64>)>,
+}
+
+impl CpuTimeline {
+    /// Records the processes' CPU seconds so far at `at` (Unix seconds, after every earlier one).
+    pub fn push(&mut self, at: f64, cpu: BTreeMap<&'static str, f64>) {
+        self.samples.push((at, cpu));
+    }
+
+    /// CPU seconds each process used from `from` to `to` (Unix seconds), measured from the last
+    /// sample at or before `from` to the first at or after `to` (so a little more than the window,
+    /// never less); `None` when the samples do not cover the window.
+    pub fn between(&self, from: f64, to: f64) -> Option<BTreeMap<&'static str, f64>> {
+        let start = self.samples.iter().rev().find(|(at, _)| *at <= from)?;
+        let end = self.samples.iter().find(|(at, _)| *at >= to)?;
+        Some(
+            end.1
+                .iter()
+                .map(|(name, after)| (*name, after - start.1.get(name).copied().unwrap_or(0.0)))
+                .collect(),
+        )
+    }
+}
+
+/// The current time in Unix seconds.
+pub fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// One row of the budget table.
 #[derive(Debug, Clone)]
 pub struct Budget {
@@ -884,6 +922,32 @@ mod tests {
         assert_eq!(cpu_seconds(stat, 100.0), Some(3.0));
         assert_eq!(cpu_seconds("42 (x) S 1", 100.0), None);
         assert!(process_cpu_seconds(std::process::id()).unwrap() >= 0.0);
+    }
+
+    #[test]
+    fn cpu_is_charged_to_a_window_from_the_samples_around_it() {
+        let mut timeline = CpuTimeline::default();
+        for (at, emu, op) in [
+            (10.0, 1.0, 0.5),
+            (11.0, 2.0, 0.5),
+            (12.0, 4.0, 1.0),
+            (13.0, 5.0, 1.0),
+        ] {
+            timeline.push(at, BTreeMap::from([("emu", emu), ("op", op)]));
+        }
+        let cpu = timeline.between(10.5, 12.0).unwrap();
+        assert_eq!(cpu, BTreeMap::from([("emu", 3.0), ("op", 0.5)]));
+        assert_eq!(timeline.between(10.0, 13.0).unwrap()["emu"], 4.0);
+        assert_eq!(
+            timeline.between(9.0, 12.0),
+            None,
+            "starts before the first sample"
+        );
+        assert_eq!(
+            timeline.between(11.0, 13.5),
+            None,
+            "ends after the last sample"
+        );
     }
 
     #[test]

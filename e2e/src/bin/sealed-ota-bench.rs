@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use sealed_ota_e2e::bench::{
-    drained_metrics, process_cpu_seconds, process_memory, render_table, wrap_bytes, write_json,
-    Budget, RelayFleet,
+    drained_metrics, process_cpu_seconds, process_memory, render_table, unix_seconds, wrap_bytes,
+    write_json, Budget, CpuTimeline, RelayFleet,
 };
 use sealed_ota_e2e::product::{random_image, Product};
 use sealed_ota_e2e::TestBed;
@@ -90,6 +90,9 @@ struct CampaignRun {
     wrap_bytes: u64,
     /// CPU seconds each process used from the campaign's apply to its end.
     cpu_seconds: BTreeMap<&'static str, f64>,
+    /// CPU seconds each process used in the data phase (first to last chunk), sampled every
+    /// 200 ms (a sample either side of the window).
+    data_phase_cpu_seconds: BTreeMap<&'static str, f64>,
     emulator: Value,
 }
 
@@ -124,29 +127,45 @@ async fn main() -> Result<()> {
 
     eprintln!("bench: relay baseline: connecting {n} plain subscribers");
     let relay = RelayFleet::connect(bed, n).await?;
+    // The baselines' CPU: this process (publisher and subscribers) and the broker, per round.
+    let baseline_processes = [
+        ("bench", std::process::id()),
+        ("mosquitto", testbed_pid("mosquitto")?),
+    ];
+    let cpu_total = || -> Result<f64> { Ok(cpu_of(&baseline_processes)?.values().sum()) };
+    let cpu = cpu_total()?;
     let baseline_before = relay.shared_round("relay baseline", &payloads).await?;
+    let relay_cpu = cpu_total()? - cpu;
     eprintln!("bench: relay baseline {:.3} s", baseline_before.seconds);
+    let cpu = cpu_total()?;
     let pull = relay.pull_round(&payloads, PULL_WINDOW).await?;
+    let pull_cpu = cpu_total()? - cpu;
     eprintln!("bench: windowed-pull baseline {:.3} s", pull.seconds);
+    let cpu = cpu_total()?;
     let pull_work = relay
         .pull_round_with_device_work(&sealed, &payloads, PULL_WINDOW)
         .await?;
+    let pull_work_cpu = cpu_total()? - cpu;
     eprintln!(
-        "bench: windowed pull with the device-side work {:.3} s ({} corrupt)",
+        "bench: windowed pull with the device-side work {:.3} s, {pull_work_cpu:.1} CPU-s ({} corrupt)",
         pull_work.seconds, pull_work.corrupt_messages
     );
+    let cpu = cpu_total()?;
     let paper = relay
         .paper_round(&image, args.chunk_bytes as usize, false)
         .await?;
+    let paper_cpu = cpu_total()? - cpu;
     eprintln!(
         "bench: paper baseline {:.3} s, {} bytes published",
         paper.seconds, paper.published_bytes
     );
+    let cpu = cpu_total()?;
     let paper_stored = relay
         .paper_round(&image, args.chunk_bytes as usize, true)
         .await?;
+    let paper_stored_cpu = cpu_total()? - cpu;
     eprintln!(
-        "bench: paper baseline storing and checking the image {:.3} s ({} corrupt)",
+        "bench: paper baseline storing and checking the image {:.3} s, {paper_stored_cpu:.1} CPU-s ({} corrupt)",
         paper_stored.seconds, paper_stored.corrupt_messages
     );
     drop(relay);
@@ -163,11 +182,19 @@ async fn main() -> Result<()> {
     )
     .await?;
     eprintln!(
-        "bench: campaign {:.1} s, data phase {:.3} s; CPU seconds during the campaign: {}",
+        "bench: campaign {:.1} s, data phase {:.3} s; CPU seconds during the campaign: {}; in the data phase: {}",
         fanout.wall_seconds,
         fanout.data_phase_seconds,
-        cpu_line(&fanout.cpu_seconds)
+        cpu_line(&fanout.cpu_seconds),
+        cpu_line(&fanout.data_phase_cpu_seconds)
     );
+    // CPU time is counted in clock ticks (10 ms): a tiny run's figure is at least one tick.
+    let data_phase_cpu: f64 = fanout
+        .data_phase_cpu_seconds
+        .values()
+        .sum::<f64>()
+        .max(0.01);
+    let pull_work_cpu = pull_work_cpu.max(0.01);
 
     let relay = RelayFleet::connect(bed, n).await?;
     let baseline_after = relay.shared_round("relay baseline", &payloads).await?;
@@ -326,6 +353,21 @@ async fn main() -> Result<()> {
         ),
     ));
     rows.push(Budget::report(
+        "data_phase_cpu_ratio",
+        data_phase_cpu / pull_work_cpu,
+        format!(
+            "CPU seconds of our data phase {data_phase_cpu:.1} ({}) / the pull with the device-side work {pull_work_cpu:.1} (bench process and Mosquitto): the same comparison as device_work_ratio, much less sensitive to other load on the machine",
+            cpu_line(&fanout.data_phase_cpu_seconds)
+        ),
+    ));
+    rows.push(Budget::report(
+        "paper_stored_cpu_ratio",
+        paper_stored_cpu / data_phase_cpu,
+        format!(
+            "CPU seconds of the paper's scheme with the devices storing and checking {paper_stored_cpu:.1} (its per-device encryption included) / ours {data_phase_cpu:.1}"
+        ),
+    ));
+    rows.push(Budget::report(
         "paper_egress_ratio",
         paper.published_bytes as f64 / fanout.published_bytes,
         format!(
@@ -362,6 +404,10 @@ async fn main() -> Result<()> {
         },
         "fanout": campaign_json(&fanout),
         "relay_baseline_seconds": [baseline_before.seconds, baseline_after.seconds],
+        "baseline_cpu_seconds": {
+            "relay": relay_cpu, "pull": pull_cpu, "pull_device_work": pull_work_cpu,
+            "paper": paper_cpu, "paper_stored": paper_stored_cpu,
+        },
         "relay_baseline_lost_messages": baseline_before.lost_messages + baseline_after.lost_messages,
         "pull_baseline": {"seconds": pull.seconds, "lost_messages": pull.lost_messages, "window": PULL_WINDOW},
         "pull_device_work_baseline": {
@@ -473,6 +519,24 @@ async fn run_campaign(
         ("etcd", testbed_pid("etcd")?),
     ];
     let cpu_before = cpu_of(&processes)?;
+    // Samples from before the apply to after the end, so they always cover the data phase.
+    let mut first = CpuTimeline::default();
+    first.push(unix_seconds(), cpu_before.clone());
+    let timeline = std::sync::Arc::new(std::sync::Mutex::new(first));
+    let sampler = {
+        let timeline = std::sync::Arc::clone(&timeline);
+        tokio::spawn(async move {
+            loop {
+                if let Ok(cpu) = cpu_of(&processes) {
+                    timeline
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(unix_seconds(), cpu);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
     let name = "bench-2-0-0";
     product.apply_campaign(
         name,
@@ -494,7 +558,15 @@ async fn run_campaign(
         .await?;
     let wall_seconds = applied.elapsed().as_secs_f64();
     let rss_peak = process_memory(pid, "VmHWM")?;
-    let cpu_seconds = cpu_of(&processes)?
+    sampler.abort();
+    // Cancelled, so no sample lands after the last one.
+    let _ = sampler.await;
+    let cpu_after = cpu_of(&processes)?;
+    timeline
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(unix_seconds(), cpu_after.clone());
+    let cpu_seconds = cpu_after
         .into_iter()
         .map(|(name, after)| (name, after - cpu_before[name]))
         .collect();
@@ -534,12 +606,21 @@ async fn run_campaign(
     std::fs::remove_dir_all(product.dir.join("fleet"))
         .with_context(|| format!("removing {}", product.dir.join("fleet").display()))?;
     let chunk_count = image.len().div_ceil(chunk_bytes as usize) as u64;
+    let data_phase_seconds = emulator["dataPhaseSeconds"]
+        .as_f64()
+        .context("the emulator saw no chunk")?;
+    let data_phase_started = emulator["dataPhaseStartedUnixSeconds"]
+        .as_f64()
+        .context("the emulator saw no chunk")?;
+    let data_phase_cpu_seconds = timeline
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .between(data_phase_started, data_phase_started + data_phase_seconds)
+        .context("the CPU samples do not cover the data phase")?;
     Ok(CampaignRun {
         devices,
         wall_seconds,
-        data_phase_seconds: emulator["dataPhaseSeconds"]
-            .as_f64()
-            .context("the emulator saw no chunk")?,
+        data_phase_seconds,
         published_bytes: metric("sealed_ota_operator_mqtt_published_bytes_total"),
         device_status_writes: metric("sealed_ota_operator_status_writes_total{kind=\"device\"}"),
         campaign_status_writes: metric(
@@ -555,6 +636,7 @@ async fn run_campaign(
         device_writes_lag_seconds,
         wrap_bytes,
         cpu_seconds,
+        data_phase_cpu_seconds,
         emulator,
     })
 }
@@ -649,6 +731,7 @@ fn campaign_json(run: &CampaignRun) -> Value {
         "device_writes_lag_seconds": run.device_writes_lag_seconds,
         "wrap_bytes": run.wrap_bytes,
         "cpu_seconds": run.cpu_seconds,
+        "data_phase_cpu_seconds": run.data_phase_cpu_seconds,
         "emulator": run.emulator,
     })
 }
