@@ -705,6 +705,16 @@ pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// Process id of a test-bed server (`<state dir>/<name>.pid`).
+pub fn testbed_pid(state_dir: &std::path::Path, name: &str) -> Result<u32> {
+    let path = state_dir.join(format!("{name}.pid"));
+    std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .parse()
+        .with_context(|| format!("pid in {}", path.display()))
+}
+
 /// A field of `/proc/<pid>/status` in bytes (`VmRSS`, `VmHWM`).
 pub fn process_memory(pid: u32, field: &str) -> Result<u64> {
     let path = format!("/proc/{pid}/status");

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use sealed_ota_e2e::bench::{
-    drained_metrics, process_cpu_seconds, process_memory, render_table, unix_seconds, wrap_bytes,
-    write_json, Budget, CpuTimeline, RelayFleet,
+    drained_metrics, process_cpu_seconds, process_memory, render_table, testbed_pid, unix_seconds,
+    wrap_bytes, write_json, Budget, CpuTimeline, RelayFleet,
 };
 use sealed_ota_e2e::product::{random_image, Product};
 use sealed_ota_e2e::TestBed;
@@ -130,7 +130,10 @@ async fn main() -> Result<()> {
     // The baselines' CPU: this process (publisher and subscribers) and the broker, per round.
     let baseline_processes = [
         ("bench", std::process::id()),
-        ("mosquitto", testbed_pid("mosquitto")?),
+        (
+            "mosquitto",
+            testbed_pid(&TestBed::get()?.state_dir, "mosquitto")?,
+        ),
     ];
     let cpu_total = || -> Result<f64> { Ok(cpu_of(&baseline_processes)?.values().sum()) };
     let cpu = cpu_total()?;
@@ -514,9 +517,15 @@ async fn run_campaign(
             "device-emulator",
             product.emulator_pid().context("emulator not running")?,
         ),
-        ("mosquitto", testbed_pid("mosquitto")?),
-        ("kube-apiserver", testbed_pid("apiserver")?),
-        ("etcd", testbed_pid("etcd")?),
+        (
+            "mosquitto",
+            testbed_pid(&product.bed.state_dir, "mosquitto")?,
+        ),
+        (
+            "kube-apiserver",
+            testbed_pid(&product.bed.state_dir, "apiserver")?,
+        ),
+        ("etcd", testbed_pid(&product.bed.state_dir, "etcd")?),
     ];
     let cpu_before = cpu_of(&processes)?;
     // Samples from before the apply to after the end, so they always cover the data phase.
@@ -646,16 +655,6 @@ fn cpu_line(cpu: &BTreeMap<&'static str, f64>) -> String {
         .map(|(name, s)| format!("{name} {s:.1}"))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Process id of a test-bed server (`<state dir>/<name>.pid`).
-fn testbed_pid(name: &str) -> Result<u32> {
-    let path = TestBed::get()?.state_dir.join(format!("{name}.pid"));
-    std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .trim()
-        .parse()
-        .with_context(|| format!("pid in {}", path.display()))
 }
 
 fn cpu_of(processes: &[(&'static str, u32)]) -> Result<BTreeMap<&'static str, f64>> {

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kube::api::ListParams;
 use kube::Api;
-use sealed_ota_e2e::bench::{parse_metrics, process_cpu_seconds, process_memory};
+use sealed_ota_e2e::bench::{parse_metrics, process_cpu_seconds, process_memory, testbed_pid};
 use sealed_ota_e2e::product::{random_image, Product};
 use sealed_ota_e2e::scale::{
     completion_svg, cost_model, cpu_svg, model_table, runs_table, ScaleRun,
@@ -146,9 +146,9 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
         ("broker", broker_pids(&bed.state_dir)?),
         (
             "kube-apiserver",
-            vec![state_pid(&bed.state_dir, "apiserver")?],
+            vec![testbed_pid(&bed.state_dir, "apiserver")?],
         ),
-        ("etcd", vec![state_pid(&bed.state_dir, "etcd")?]),
+        ("etcd", vec![testbed_pid(&bed.state_dir, "etcd")?]),
     ];
     let cpu_before = cpu_of(&groups)?;
     let apiserver_before = apiserver_writes(&product).await?;
@@ -384,16 +384,6 @@ async fn etcd_db_bytes(bed: &TestBed) -> Result<f64> {
         .context("etcd_mvcc_db_total_size_in_bytes in etcd's /metrics")
 }
 
-/// Process id of a test-bed server (`<state dir>/<name>.pid`).
-fn state_pid(state_dir: &Path, name: &str) -> Result<u32> {
-    let path = state_dir.join(format!("{name}.pid"));
-    std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .trim()
-        .parse()
-        .with_context(|| format!("pid in {}", path.display()))
-}
-
 /// The broker's processes: `mosquitto.pid`, `mochi.pid` or `rmqtt-N.pid` per node.
 fn broker_pids(state_dir: &Path) -> Result<Vec<u32>> {
     let mut pids = Vec::new();
@@ -401,7 +391,7 @@ fn broker_pids(state_dir: &Path) -> Result<Vec<u32>> {
         let name = entry?.file_name().to_string_lossy().into_owned();
         if let Some(stem) = name.strip_suffix(".pid") {
             if stem == "mosquitto" || stem == "mochi" || stem.starts_with("rmqtt-") {
-                pids.push(state_pid(state_dir, stem)?);
+                pids.push(testbed_pid(state_dir, stem)?);
             }
         }
     }
