@@ -233,19 +233,20 @@ async fn measure(
     let started = Instant::now();
     let digest = registry.push(source, &repository, "2.0.0")?;
     let push_seconds = started.elapsed().as_secs_f64();
-    // The registry's copy: the repository and the layer blob (digest = the image's SHA-256).
+    // The registry's copy: the namespace's repositories, the layer blob (its digest is the
+    // image's SHA-256) and the manifest blob (the shared empty config blob stays).
     let data = product
         .bed
         .state_dir
         .join("registry/data/docker/registry/v2");
     cleanup
         .paths
-        .push(data.join("repositories").join(&repository));
-    cleanup.paths.push(
-        data.join("blobs/sha256")
-            .join(&image_sha256[..2])
-            .join(&image_sha256),
-    );
+        .push(data.join("repositories").join(&product.ns.name));
+    for blob in [image_sha256.as_str(), digest.trim_start_matches("sha256:")] {
+        cleanup
+            .paths
+            .push(data.join("blobs/sha256").join(&blob[..2]).join(blob));
+    }
     eprintln!("bench-large: pushed {digest} in {push_seconds:.1} s");
     // The relay below reads the source again; the registry holds the campaign's copy.
     registry
