@@ -561,26 +561,33 @@ async fn large_rows(args: &Args, rows: &mut Vec<Budget>) -> Result<Value> {
         "{} MiB OCI image to {n} devices, {} in flight",
         args.large_image_mib, config.in_flight
     );
-    rows.push(Budget::at_most(
-        "large_operator_rss_growth_mib",
-        mib(run.operator_rss_peak.saturating_sub(run.operator_rss_idle)),
-        128.0,
-        format!(
-            "operator peak RSS {:.0} MiB - idle {:.0} MiB ({size})",
-            mib(run.operator_rss_peak),
-            mib(run.operator_rss_idle)
+    for (key, who, peak, idle, limit) in [
+        (
+            "large_operator_rss_growth_mib",
+            "operator peak RSS",
+            run.operator_rss_peak,
+            run.operator_rss_idle,
+            128.0,
         ),
-    ));
-    rows.push(Budget::at_most(
-        "large_broker_rss_growth_mib",
-        mib(run.broker_rss_peak.saturating_sub(run.broker_rss_idle)),
-        256.0,
-        format!(
-            "Mosquitto peak RSS during the campaign {:.0} MiB - before it {:.0} MiB ({size})",
-            mib(run.broker_rss_peak),
-            mib(run.broker_rss_idle)
+        (
+            "large_broker_rss_growth_mib",
+            "Mosquitto peak RSS during the campaign",
+            run.broker_rss_peak,
+            run.broker_rss_idle,
+            256.0,
         ),
-    ));
+    ] {
+        rows.push(Budget::at_most(
+            key,
+            mib(peak.saturating_sub(idle)),
+            limit,
+            format!(
+                "{who} {:.0} MiB - idle before it {:.0} MiB ({size})",
+                mib(peak),
+                mib(idle)
+            ),
+        ));
+    }
     let delivered = run.succeeded.min(run.hashes_matching);
     rows.push(Budget::at_most(
         "large_devices_lost",
