@@ -247,12 +247,11 @@ fn selects(c: &UpdateCampaign, d: &Device) -> bool {
 
 fn references_secret(c: &UpdateCampaign, name: &str) -> bool {
     c.spec.manager_secret_name == name
-        || c.spec
-            .payload
-            .firmware
-            .as_ref()
-            .and_then(|f| f.secret_key_ref.as_ref())
-            .is_some_and(|r| r.name == name)
+        || c.spec.payload.firmware.as_ref().is_some_and(|f| {
+            std::iter::once(&f.secret_key_ref)
+                .chain(f.deltas.iter().map(|d| &d.secret_key_ref))
+                .any(|r| r.as_ref().is_some_and(|r| r.name == name))
+        })
         || c.spec
             .payload
             .rotate_credentials
@@ -261,12 +260,11 @@ fn references_secret(c: &UpdateCampaign, name: &str) -> bool {
 }
 
 fn references_config_map(c: &UpdateCampaign, name: &str) -> bool {
-    c.spec
-        .payload
-        .firmware
-        .as_ref()
-        .and_then(|f| f.config_map_key_ref.as_ref())
-        .is_some_and(|r| r.name == name)
+    c.spec.payload.firmware.as_ref().is_some_and(|f| {
+        std::iter::once(&f.config_map_key_ref)
+            .chain(f.deltas.iter().map(|d| &d.config_map_key_ref))
+            .any(|r| r.as_ref().is_some_and(|r| r.name == name))
+    })
 }
 
 /// Device objects as the shard reflectors keep them: without managed fields and without the
@@ -718,6 +716,15 @@ fn validate_spec(c: &UpdateCampaign) -> (RolloutParams, Calendar, Option<Blocker
         });
         Calendar::always()
     });
+    if let Some(Err(b)) = c
+        .spec
+        .payload
+        .firmware
+        .as_ref()
+        .map(|fw| crate::deltas::validate(fw, &c.spec.target_version))
+    {
+        blocker.get_or_insert(b);
+    }
     (params, calendar, blocker)
 }
 
@@ -2336,6 +2343,7 @@ mod tests {
                 oci: None,
                 sha256: None,
                 release_signature: None,
+                deltas: Vec::new(),
             }),
             rotate_credentials: None,
         };
