@@ -1148,6 +1148,8 @@ async fn prepare_run(
     };
     let mut release = None;
     let mut chunks = None;
+    let mut deltas = Vec::new();
+    let mut full_image = (0, [0; 32]);
     let mut oci_digest = None;
     let payload = if let Some(fw) = &spec.payload.firmware {
         let settings = &ctx.engine.firmware;
@@ -1178,6 +1180,8 @@ async fn prepare_run(
         }
         oci_digest = image.resolved_digest;
         chunks = Some(image.chunks);
+        deltas = image.deltas;
+        full_image = (image.sealed.size(), image.sealed.sha256());
         CampaignPayload::Sealed(image.sealed)
     } else if let Some(rot) = &spec.payload.rotate_credentials {
         let Some(ca_secret) = get_opt::<Secret>(&ctx.client, &ns, &rot.ca_secret_name).await?
@@ -1205,6 +1209,7 @@ async fn prepare_run(
             message: "spec.payload sets neither firmware nor rotateCredentials".into(),
         }));
     };
+    let delta_release = release.clone();
     let cspec = CampaignSpec {
         campaign_id: uid.clone(),
         target_version: spec.target_version.clone(),
@@ -1246,6 +1251,39 @@ async fn prepare_run(
     );
     if let Some(chunks) = chunks {
         run = run.with_chunks(Arc::new(chunks), capacity);
+    }
+    // Each delta: its own prepared campaign (its stream id), sealed like the image.
+    for d in deltas {
+        let base_version = d.manifest.base_version.clone();
+        let dspec = CampaignSpec {
+            campaign_id: d.stream_id,
+            target_version: spec.target_version.clone(),
+            payload: CampaignPayload::SealedDelta {
+                sealed: d.sealed,
+                delta: d.manifest,
+                image_size: full_image.0,
+                image_sha256: full_image.1,
+            },
+            expires_at,
+            chunk_size: spec.chunk_size,
+            release: delta_release.clone(),
+        };
+        let prepared = match PreparedCampaign::prepare(dspec) {
+            Ok(p) if p.chunk_count() > capacity => p.served_on_request(),
+            Ok(p) => p,
+            Err(e) => {
+                return Ok(Err(Blocker {
+                    reason: BlockerReason::PayloadInvalid,
+                    message: format!("the delta from {base_version} (spec.payload.firmware.deltas) cannot be prepared: {e}"),
+                }))
+            }
+        };
+        run = run.with_delta(
+            base_version,
+            Arc::new(prepared),
+            Arc::new(d.chunks),
+            capacity,
+        );
     }
     Ok(Ok(Prepared { run, oci_digest }))
 }
@@ -1491,6 +1529,7 @@ async fn coordinator_pass(
         policy: policy_status,
     });
     status.shards = co.assignments.clone();
+    status.delta = co.delta.or(recorded.delta);
     // Nothing prepares an ended campaign any more: its seed goes.
     status.sealed_seed = recorded
         .sealed_seed
@@ -1712,6 +1751,11 @@ async fn shard_pass(
     );
     report.devices.joined = joined;
     report.devices.left = left;
+    report.delta = ctx
+        .engine
+        .delta_tally(&key)
+        .filter(|_| has_run)
+        .or_else(|| before.as_ref().and_then(|r| r.delta));
     report.last_start = last_start
         .map(k8s_time)
         .or_else(|| before.and_then(|r| r.last_start));
@@ -1975,6 +2019,11 @@ async fn single_pass(
     });
     let mut status = status;
     status.oci_digest = oci_digest;
+    status.delta = ctx
+        .engine
+        .delta_tally(&key)
+        .filter(|_| has_run)
+        .or(previous.delta);
     let events = plan::events(&previous, &status, blocker.as_ref());
 
     // act

@@ -85,6 +85,8 @@ pub struct Coordination {
     pub rate_per_minute: Option<u32>,
     /// When the assignments change by themselves (a finished shard's rate share is handed on).
     pub due: Option<u64>,
+    /// The shards' delta tallies added up (`None`: no shard reported one).
+    pub delta: Option<crate::crd::DeltaStatus>,
 }
 
 fn shard_blocker(r: &CampaignShardSpec) -> Option<Blocker> {
@@ -289,6 +291,10 @@ pub fn coordinate(input: &CoordinateInput<'_>) -> Coordination {
         awaiting_gate: awaiting.filter(|_| phase == CampaignPhase::Progressing),
         rate_per_minute,
         due: rate.and_then(|r| r.due),
+        delta: (0..n)
+            .filter_map(report)
+            .filter_map(|r| r.delta)
+            .reduce(crate::crd::DeltaStatus::add),
     }
 }
 

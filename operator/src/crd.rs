@@ -538,6 +538,34 @@ impl DeltaSource {
     }
 }
 
+/// What a campaign's deltas saved, over the devices that installed the target version in it
+/// (added up over the shards): devices that rebuilt it from a delta, the bytes their transfers
+/// carried and the bytes full images would have. Counted by the operator that served them since
+/// it last prepared the campaign.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DeltaStatus {
+    /// Devices that installed from a delta.
+    pub devices: u32,
+    /// Bytes the installed devices' transfers carried (deltas, and full images to the others).
+    pub bytes_sent: u64,
+    /// Bytes full images to the same devices would have carried.
+    pub bytes_full: u64,
+}
+
+impl DeltaStatus {
+    /// Two tallies added up (two shards').
+    pub fn add(self, other: Self) -> Self {
+        Self {
+            devices: self.devices + other.devices,
+            bytes_sent: self.bytes_sent + other.bytes_sent,
+            bytes_full: self.bytes_full + other.bytes_full,
+        }
+    }
+}
+
 /// A release signature of a firmware image.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -887,6 +915,9 @@ pub struct UpdateCampaignStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 128))]
     pub oci_digest: Option<String>,
+    /// What the deltas of spec.payload.firmware.deltas saved (set when the campaign offers one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaStatus>,
     /// Some failed devices with their reasons (at most 20; devices.failed counts them all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]

@@ -333,6 +333,16 @@ pub struct Effects {
     pub wake: Option<CampaignKey>,
 }
 
+impl From<DeltaTally> for crate::crd::DeltaStatus {
+    fn from(t: DeltaTally) -> Self {
+        Self {
+            devices: t.devices,
+            bytes_sent: t.bytes_sent,
+            bytes_full: t.bytes_full,
+        }
+    }
+}
+
 impl Effects {
     fn extend(&mut self, other: Effects) {
         debug_assert!(self.gate.is_none() || other.gate.is_none());
