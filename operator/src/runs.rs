@@ -130,7 +130,8 @@ pub struct CampaignRun {
     retained: RetainedChunks,
     /// The deltas offered to devices on their base versions.
     deltas: Vec<DeltaPayload>,
-    delta_tally: DeltaTally,
+    /// What the deltas saved (`None`: the run offers none); kept after the run ends.
+    delta_tally: Option<DeltaTally>,
     ended: bool,
 }
 
@@ -163,7 +164,7 @@ impl CampaignRun {
             source: None,
             retained: RetainedChunks::new(prepared_count, u32::MAX),
             deltas: Vec::new(),
-            delta_tally: DeltaTally::default(),
+            delta_tally: None,
             ended: false,
         }
     }
@@ -178,6 +179,7 @@ impl CampaignRun {
         retained_capacity: u32,
     ) -> Self {
         let retained = RetainedChunks::new(prepared.chunk_count(), retained_capacity);
+        self.delta_tally.get_or_insert_with(DeltaTally::default);
         self.deltas.push(DeltaPayload {
             base_version,
             prepared,
@@ -479,10 +481,7 @@ impl Runs {
 
     /// What the run's deltas saved so far (`None`: the run offers no delta).
     pub fn delta_tally(&self, key: &CampaignKey) -> Option<DeltaTally> {
-        self.runs
-            .get(key)
-            .filter(|r| !r.deltas.is_empty())
-            .map(|r| r.delta_tally)
+        self.runs.get(key).and_then(|r| r.delta_tally)
     }
 
     /// Devices in flight over every run (the ones with a live session).
@@ -1062,10 +1061,11 @@ impl Runs {
                         version: version.clone(),
                     });
                     dr.progress = Progress::Succeeded;
-                    let tally = &mut run.delta_tally;
-                    tally.bytes_sent += prepared.transfer_size();
-                    tally.bytes_full += prepared.image_size();
-                    tally.devices += u32::from(which.is_some());
+                    if let Some(tally) = run.delta_tally.as_mut() {
+                        tally.bytes_sent += prepared.transfer_size();
+                        tally.bytes_full += prepared.image_size();
+                        tally.devices += u32::from(which.is_some());
+                    }
                     outcome = Some(Outcome {
                         version: Some(version),
                         settles: issued,
@@ -1645,6 +1645,11 @@ mod tests {
         assert!(
             !w.retained.keys().any(|t| t.contains("/_chunks/")),
             "the delta's chunks are cleared with the image's"
+        );
+        assert_eq!(
+            w.runs.delta_tally(&w.key),
+            Some(tally),
+            "the tally outlives the run's end (the final status reads it)"
         );
     }
 
