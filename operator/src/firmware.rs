@@ -1,7 +1,9 @@
 //! A campaign's firmware image, from its source to sealed chunks on disk: reads the source that
 //! `spec.payload.firmware` names (a ConfigMap or Secret key, an HTTP(S) URL, an OCI artifact),
 //! stores it in the campaign's cache directory (downloads streamed, never held whole in memory),
-//! checks its digest, and seals it chunk by chunk ([`crate::chunk_cache`]). Every problem with the
+//! checks its digest, and seals it chunk by chunk ([`crate::chunk_cache`]); likewise each base
+//! image of `spec.payload.firmware.deltas`, replaced by the delta from it to the image and
+//! sealed under its own stream id ([`delta_stream_id`]). Every problem with the
 //! input becomes a [`Blocker`] naming the field and the fix; nothing is published before this
 //! returns. The rest of the campaign's preparation (manager identity, release signature, the
 //! protocol's `PreparedCampaign`) is the controller's.
