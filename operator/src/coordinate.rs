@@ -294,7 +294,7 @@ pub fn coordinate(input: &CoordinateInput<'_>) -> Coordination {
         delta: (0..n)
             .filter_map(report)
             .filter_map(|r| r.delta)
-            .reduce(crate::crd::DeltaStatus::add),
+            .reduce(std::ops::Add::add),
     }
 }
 

@@ -555,9 +555,11 @@ pub struct DeltaStatus {
     pub bytes_full: u64,
 }
 
-impl DeltaStatus {
+impl std::ops::Add for DeltaStatus {
+    type Output = Self;
+
     /// Two tallies added up (two shards').
-    pub fn add(self, other: Self) -> Self {
+    fn add(self, other: Self) -> Self {
         Self {
             devices: self.devices + other.devices,
             bytes_sent: self.bytes_sent + other.bytes_sent,

@@ -67,6 +67,9 @@ struct DeltaPayload {
     retained: RetainedChunks,
 }
 
+/// Where a payload's chunk ciphertexts are (`None`: held by its prepared campaign).
+type ChunkSourceRef = Option<Arc<dyn ChunkSource>>;
+
 /// The retained window of the payload `which` (`None`: the full image's).
 fn window<'a>(
     full: &'a mut RetainedChunks,
@@ -190,10 +193,7 @@ impl CampaignRun {
     }
 
     /// The prepared payload `which` and where its ciphertexts are (`None`: the full image).
-    fn payload(
-        &self,
-        which: Option<usize>,
-    ) -> Option<(Arc<PreparedCampaign>, Option<Arc<dyn ChunkSource>>)> {
+    fn payload(&self, which: Option<usize>) -> Option<(Arc<PreparedCampaign>, ChunkSourceRef)> {
         match which {
             Some(i) => self
                 .deltas
