@@ -1022,6 +1022,24 @@ mod tests {
         let c = run(&done, &params(10), &previous);
         assert_eq!(c.phase, CampaignPhase::Succeeded);
         assert_eq!(c.counts.succeeded, 20);
+        assert_eq!(c.delta, None, "no shard offered a delta");
+        // The deltas' tallies of the shards that report one, added up.
+        let tally = |devices: u32, sent: u64| crate::crd::DeltaStatus {
+            devices,
+            bytes_sent: sent,
+            bytes_full: 500,
+        };
+        done[0].delta = Some(tally(2, 100));
+        done[3].delta = Some(tally(1, 300));
+        let c = run(&done, &params(10), &previous);
+        assert_eq!(
+            c.delta,
+            Some(crate::crd::DeltaStatus {
+                devices: 3,
+                bytes_sent: 400,
+                bytes_full: 1000
+            })
+        );
     }
 
     #[test]
