@@ -11,17 +11,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sealed_ota_e2e::product::{random_image, Product};
-use sealed_ota_operator::crd::{CampaignPhase, DevicePhase, UpdateCampaign, UpdateCampaignStatus};
-
-fn condition(c: &UpdateCampaign, kind: &str) -> Option<(String, String, String)> {
-    c.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|x| x.type_ == kind)
-        .map(|x| (x.status.clone(), x.reason.clone(), x.message.clone()))
-}
+use sealed_ota_e2e::product::{condition, random_image, Product};
+use sealed_ota_operator::crd::{CampaignPhase, DevicePhase, UpdateCampaignStatus};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_delta_campaign_through_the_operator() -> Result<()> {
