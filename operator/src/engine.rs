@@ -8,7 +8,7 @@
 //! the cache directory one at a time, just before each is published, so serving a large image
 //! holds one chunk in memory per publish. A device's final-outcome write yields to the transfers
 //! still in flight on this replica (see [`write_held`]): it waits until none is left or for at
-//! most [`MAX_WRITE_HOLD`], so the apiserver's work does not compete with the data phase; a gating
+//! most the hold (`--device-write-hold-seconds`), so the apiserver's work does not compete with the data phase; a gating
 //! write is never held and ends every hold queued before it.
 
 use std::collections::BTreeSet;
@@ -34,10 +34,6 @@ use crate::time::unix_now;
 
 /// Field manager of every status the operator writes.
 pub const FIELD_MANAGER: &str = "sealed-ota-operator";
-
-/// Longest a Device status write waits for the transfers in flight to end (see [`write_held`]):
-/// how far a Device's record may lag its outcome while other devices still transfer.
-pub const MAX_WRITE_HOLD: Duration = Duration::from_secs(10);
 
 /// The shared engine of one leader term.
 #[derive(Debug)]
@@ -331,6 +327,8 @@ pub struct DeviceWrites {
     pending: Arc<Vec<AtomicUsize>>,
     /// What the writers yield to: sessions in flight and gating writes queued.
     traffic: Arc<watch::Sender<Traffic>>,
+    /// Longest a write is held (see [`write_held`]).
+    hold: Duration,
 }
 
 /// What a held Device status write waits on.
@@ -342,7 +340,7 @@ struct Traffic {
     gates: usize,
 }
 
-/// Whether a write queued with `deadline` (queue time + [`MAX_WRITE_HOLD`]) still waits at `now`
+/// Whether a write queued with `deadline` (queue time + the hold) still waits at `now`
 /// (pure): while devices are in flight its apiserver work would compete with their transfers, so
 /// it waits until none is, for at most the hold; a gating write queued (a rotation's update waits
 /// for it, behind the held writes of its lane) ends every hold.
@@ -351,14 +349,15 @@ fn write_held(traffic: Traffic, now: Instant, deadline: Instant) -> bool {
 }
 
 impl DeviceWrites {
-    /// Start `lanes` writer tasks that write a device's status while `held` holds its shard;
-    /// returns the senders and tasks.
+    /// Start `lanes` writer tasks that write a device's status while `held` holds its shard,
+    /// each write held at most `hold` while devices transfer; returns the senders and tasks.
     pub fn spawn(
         client: &Client,
         metrics: &Metrics,
         lanes: usize,
         shards: ShardCount,
         held: watch::Receiver<BTreeSet<u32>>,
+        hold: Duration,
     ) -> (Self, Vec<tokio::task::JoinHandle<()>>) {
         let pending: Arc<Vec<AtomicUsize>> =
             Arc::new(shards.all().map(|_| AtomicUsize::new(0)).collect());
@@ -383,6 +382,7 @@ impl DeviceWrites {
                 shards,
                 pending,
                 traffic,
+                hold,
             },
             tasks,
         )
@@ -436,7 +436,7 @@ impl DeviceWrites {
             write,
             done,
             shard,
-            deadline: Instant::now() + MAX_WRITE_HOLD,
+            deadline: Instant::now() + self.hold,
         };
         if self.lanes[lane].send(queued).is_err() {
             // The writer is gone (shutting down): nothing will finish this write.
