@@ -55,6 +55,7 @@ fn the_benchmark_measures_a_small_fleet() -> Result<()> {
         "paper_stored_wall_ratio",
         "data_phase_cpu_ratio",
         "paper_stored_cpu_ratio",
+        "paper_settled_cpu_ratio",
     ] {
         ensure!(summary[key].is_number(), "summary lacks {key}: {summary:#}");
     }
