@@ -912,6 +912,21 @@ impl Product {
         Ok(done)
     }
 
+    /// The namespace's Events (reason, message) once `check` holds for them: the operator
+    /// records an Event after the status write a test waited for, so a single read can miss it.
+    pub async fn wait_events(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&[(String, String)]) -> bool,
+    ) -> Result<Vec<(String, String)>> {
+        crate::wait_for(what, timeout, || async {
+            let events = self.events().await?;
+            Ok(check(&events).then_some(events))
+        })
+        .await
+    }
+
     /// Reasons of the Events recorded in this namespace, with their messages.
     pub async fn events(&self) -> Result<Vec<(String, String)>> {
         Ok(
@@ -1025,6 +1040,25 @@ pub fn build_binaries() -> Result<()> {
                 .args(["build", "--locked", "--workspace", "--bins"]);
             if profile() == "release" {
                 build.arg("--release");
+            }
+            // `cargo test` gives this process its package's CARGO_MANIFEST_DIR and CARGO_PKG_*:
+            // build scripts that watch them (ring's) would rerun, and every crate above them
+            // would rebuild (minutes) each time this build and a plain `cargo build` alternate.
+            for (name, _) in std::env::vars_os() {
+                let per_package = name.to_str().is_some_and(|n| {
+                    n.starts_with("CARGO_PKG_")
+                        || matches!(
+                            n,
+                            "CARGO_MANIFEST_DIR"
+                                | "CARGO_MANIFEST_PATH"
+                                | "CARGO_CRATE_NAME"
+                                | "CARGO_PRIMARY_PACKAGE"
+                                | "CARGO_TARGET_TMPDIR"
+                        )
+                });
+                if per_package {
+                    build.env_remove(name);
+                }
             }
             let status = build
                 .status()

@@ -401,7 +401,11 @@ async fn failed_self_tests_are_reported_as_rolled_back_at_scale() -> Result<()> 
         );
         assert!(record.message.as_deref().unwrap_or("").contains("watchdog"));
     }
-    let events = product.events().await?;
+    let events = product
+        .wait_events("a DeviceRolledBack Event", Duration::from_secs(30), |ev| {
+            ev.iter().any(|(r, _)| r == "DeviceRolledBack")
+        })
+        .await?;
     assert!(
         events.iter().any(|(r, _)| r == "DeviceRolledBack"),
         "{events:?}"

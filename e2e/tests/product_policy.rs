@@ -10,6 +10,9 @@ use anyhow::{Context, Result};
 use sealed_ota_e2e::product::{random_image, unix_now as now, utc_clock, Product};
 use sealed_ota_operator::crd::{CampaignPhase, UpdateCampaign};
 
+/// How long an Event may follow the status write a test waited for.
+const WAIT_EVENTS: Duration = Duration::from_secs(30);
+
 fn condition<'a>(c: &'a UpdateCampaign, kind: &str) -> Option<(&'a str, &'a str)> {
     c.status
         .as_ref()?
@@ -77,13 +80,19 @@ async fn a_campaign_whose_devices_all_timed_out_completes_degraded_never_succeed
     assert_eq!(column("FAILED"), Some("5"), "{table}");
     assert_eq!(column("TOTAL"), Some("5"), "{table}");
     // A Warning Event says the campaign ended with failed devices.
-    let events = product.events().await?;
-    assert!(
+    let completed = |events: &[(String, String)]| {
         events
             .iter()
-            .any(|(reason, note)| reason == "Completed" && note.contains("5 failed")),
-        "{events:?}"
-    );
+            .any(|(reason, note)| reason == "Completed" && note.contains("5 failed"))
+    };
+    let events = product
+        .wait_events(
+            "a Completed Event counting 5 failed",
+            WAIT_EVENTS,
+            completed,
+        )
+        .await?;
+    assert!(completed(&events), "{events:?}");
     product.pass();
     Ok(())
 }
@@ -365,7 +374,11 @@ async fn an_unhealthy_canary_fails_the_gate_and_a_promotion_field_goes_on() -> R
     assert_eq!((gate.wave, gate.state.as_str()), (0, "Failed"), "{gate:?}");
     assert_eq!(gate.healthy.as_deref(), Some("0/1"), "{gate:?}");
     assert!(gate.message.contains("fewer than 100%"), "{gate:?}");
-    let events = product.events().await?;
+    let events = product
+        .wait_events("a GateFailed Event", WAIT_EVENTS, |ev| {
+            ev.iter().any(|(r, _)| r == "GateFailed")
+        })
+        .await?;
     assert!(events.iter().any(|(r, _)| r == "GateFailed"), "{events:?}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
@@ -698,7 +711,13 @@ async fn late_joiners_join_and_leavers_are_released() -> Result<()> {
     assert_eq!(done.phase, CampaignPhase::Succeeded, "{done:?}");
     assert_eq!(done.devices.selected, 3, "{done:?}");
     assert_eq!((done.devices.joined, done.devices.left), (1, 1), "{done:?}");
-    let events = product.events().await?;
+    let events = product
+        .wait_events("DevicesJoined and DevicesLeft Events", WAIT_EVENTS, |ev| {
+            ["DevicesJoined", "DevicesLeft"]
+                .iter()
+                .all(|want| ev.iter().any(|(r, _)| r == want))
+        })
+        .await?;
     for reason in ["DevicesJoined", "DevicesLeft"] {
         assert!(
             events.iter().any(|(r, _)| r == reason),
