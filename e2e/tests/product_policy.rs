@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sealed_ota_e2e::product::{random_image, unix_now as now, utc_clock, Product};
+use sealed_ota_e2e::wait_for;
 use sealed_ota_operator::crd::{CampaignPhase, UpdateCampaign};
 
 fn condition<'a>(c: &'a UpdateCampaign, kind: &str) -> Option<(&'a str, &'a str)> {
@@ -365,8 +366,12 @@ async fn an_unhealthy_canary_fails_the_gate_and_a_promotion_field_goes_on() -> R
     assert_eq!((gate.wave, gate.state.as_str()), (0, "Failed"), "{gate:?}");
     assert_eq!(gate.healthy.as_deref(), Some("0/1"), "{gate:?}");
     assert!(gate.message.contains("fewer than 100%"), "{gate:?}");
-    let events = product.events().await?;
-    assert!(events.iter().any(|(r, _)| r == "GateFailed"), "{events:?}");
+    // The operator writes the status first and records its Events after: wait for the Warning.
+    wait_for("the GateFailed Event", Duration::from_secs(60), || async {
+        let events = product.events().await?;
+        Ok(events.iter().any(|(r, _)| r == "GateFailed").then_some(()))
+    })
+    .await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         product.touched("fw").await?,
