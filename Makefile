@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TESTBED := e2e/testbed
 
-.PHONY: test lint unit e2e interop testbed testbed-down demo bench bench-scale crds chart images kind kind-down agent-deb no-std
+.PHONY: test lint unit e2e interop testbed testbed-down demo bench bench-large bench-scale crds chart images kind kind-down agent-deb no-std
 
 ## make test: formatting, lints, the no_std check (about 2 s warm, 2.5 min cold), unit tests,
 ## then the e2e tests on a test bed this target brings up and takes down itself (a failure still
@@ -72,6 +72,23 @@ bench:
 	SEALED_OTA_TESTBED_DIR=$(BENCH_BED) $(TESTBED) up
 	export SEALED_OTA_TESTBED_DIR=$(BENCH_BED); eval "$$($(TESTBED) env)"; \
 	  target/release/sealed-ota-bench --out target/bench --protocol-json target/bench/protocol.json $(BENCH_ARGS); \
+	  rc=$$?; $(TESTBED) down; exit $$rc
+
+## make bench-large: issue 17's large-image row, not part of `make bench`: a LARGE_MIB MiB random
+## image pushed with oras to the test bed's registry, an OCI campaign to LARGE_DEVICES devices
+## (LARGE_IN_FLIGHT at once, each dropping its image once checked), the operator's and
+## Mosquitto's memory budgets and the campaign beside a plain relay of the same bytes; writes
+## target/bench/large/summary.{json,md} and removes the image, registry blob, cache and fleet.
+LARGE_MIB ?= 1024
+LARGE_DEVICES ?= 20
+LARGE_IN_FLIGHT ?= 4
+LARGE_BED := $(CURDIR)/target/bench/large/testbed
+bench-large:
+	$(CARGO) build --release --locked --workspace --bins
+	SEALED_OTA_TESTBED_DIR=$(LARGE_BED) $(TESTBED) up
+	export SEALED_OTA_TESTBED_DIR=$(LARGE_BED); eval "$$($(TESTBED) env)"; \
+	  target/release/sealed-ota-bench --large-only --large-image-mib $(LARGE_MIB) \
+	    --large-devices $(LARGE_DEVICES) --large-in-flight $(LARGE_IN_FLIGHT) --out target/bench/large; \
 	  rc=$$?; $(TESTBED) down; exit $$rc
 
 ## make bench-scale: issue 16's scale run, not part of `make bench` (100,000 devices take about an

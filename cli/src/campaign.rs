@@ -430,6 +430,21 @@ pub fn table(name: &str, status: &UpdateCampaignStatus) -> String {
     if let Some(key) = &status.release_key_id {
         rows.push(vec!["release key".into(), key.clone()]);
     }
+    if let Some(d) = &status.delta {
+        rows.push(vec!["delta devices".into(), d.devices.to_string()]);
+        let ratio = if d.bytes_full == 0 {
+            String::new()
+        } else {
+            format!(
+                " ({:.3} of full)",
+                d.bytes_sent as f64 / d.bytes_full as f64
+            )
+        };
+        rows.push(vec![
+            "bytes sent".into(),
+            format!("{} of {} full{ratio}", d.bytes_sent, d.bytes_full),
+        ]);
+    }
     let mut out = output::columns(&rows);
     if !status.conditions.is_empty() {
         let mut c = vec![vec![
@@ -563,12 +578,19 @@ mod tests {
     fn the_table_names_every_count_and_the_recorded_digest() {
         let mut s = status(CampaignPhase::Succeeded, 4, 4, 0);
         s.oci_digest = Some("sha256:ab".into());
+        s.delta = Some(sealed_ota_operator::crd::DeltaStatus {
+            devices: 3,
+            bytes_sent: 250,
+            bytes_full: 1000,
+        });
         let t = table("fw", &s);
         for needle in [
-            "campaign     fw",
-            "phase        Succeeded",
-            "succeeded    4",
-            "OCI digest   sha256:ab",
+            "campaign       fw",
+            "phase          Succeeded",
+            "succeeded      4",
+            "OCI digest     sha256:ab",
+            "delta devices  3",
+            "bytes sent     250 of 1000 full (0.250 of full)",
         ] {
             assert!(t.contains(needle), "{needle}:\n{t}");
         }

@@ -26,6 +26,8 @@ pub struct EmulatedInstaller {
     device_id: String,
     slots: ImageSlots,
     faults: DeviceFaults,
+    /// Benchmarks only: remove each committed image (`ImageSlots::drop_installed_image`).
+    drop_installed: bool,
 }
 
 impl EmulatedInstaller {
@@ -35,7 +37,15 @@ impl EmulatedInstaller {
             device_id: device_id.to_string(),
             slots: ImageSlots::in_dir(dir),
             faults,
+            drop_installed: false,
         }
+    }
+
+    /// Benchmarks only: each committed image is hashed on disk and removed (`run
+    /// --drop-installed-images`), after the runner checked its SHA-256 and signature.
+    pub fn dropping_installed_images(mut self) -> Self {
+        self.drop_installed = true;
+        self
     }
 
     /// The image slots.
@@ -61,6 +71,9 @@ impl EmulatedInstaller {
             }
             None => {
                 self.slots.commit_image()?;
+                if self.drop_installed {
+                    self.slots.drop_installed_image()?;
+                }
                 Ok(FinalOutcome::Committed)
             }
         }

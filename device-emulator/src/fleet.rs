@@ -155,6 +155,8 @@ pub struct FleetOptions {
     pub key_log: Option<std::path::PathBuf>,
     /// Benchmarks only: do not fsync the protocol-state saves (see `DeviceDir::without_state_fsync`).
     pub no_state_fsync: bool,
+    /// Benchmarks only: remove each committed image after hashing it (`ImageSlots::drop_installed_image`).
+    pub drop_installed_images: bool,
     /// How long after a committed install a device sends its signed health report (`None`: no
     /// report).
     pub health_report_after: Option<Duration>,
@@ -181,6 +183,7 @@ impl FleetOptions {
             transfer_barrier: false,
             key_log: None,
             no_state_fsync: false,
+            drop_installed_images: false,
             health_report_after: Some(Duration::from_secs(2)),
         }
     }
@@ -278,7 +281,10 @@ impl RunningFleet {
             if options.no_state_fsync {
                 dir = dir.without_state_fsync();
             }
-            let installer = EmulatedInstaller::new(&id, dir.root(), faults.clone());
+            let mut installer = EmulatedInstaller::new(&id, dir.root(), faults.clone());
+            if options.drop_installed_images {
+                installer = installer.dropping_installed_images();
+            }
             let device = EmulatedDevice::new(
                 Arc::clone(&settings),
                 id,

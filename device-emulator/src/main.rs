@@ -121,6 +121,11 @@ struct RunArgs {
     /// regardless.
     #[arg(long)]
     no_state_fsync: bool,
+    /// Benchmarks only: after an image was checked (SHA-256, signature) and committed, hash it
+    /// on disk into `firmware.dropped` and remove it, so many devices with a large image do not
+    /// fill one disk (`make bench-large`). The device's record and version stay.
+    #[arg(long)]
+    drop_installed_images: bool,
     /// Seconds after a committed install a device sends its signed post-install health report
     /// (healthy unless the `unhealthy` fault hits it); "off" sends none.
     #[arg(long, default_value = "2s", value_parser = parse_optional_duration)]
@@ -208,6 +213,7 @@ async fn run(args: RunArgs) -> Result<()> {
     options.save_every_chunks = args.save_every_chunks;
     options.key_log = args.key_log;
     options.no_state_fsync = args.no_state_fsync;
+    options.drop_installed_images = args.drop_installed_images;
     options.health_report_after = args.health_report_after.0;
     let running = RunningFleet::start(options)?;
     let stats = std::sync::Arc::clone(running.stats());

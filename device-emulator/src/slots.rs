@@ -11,6 +11,8 @@
 //! <dir>/firmware.json       version and SHA-256 of firmware.bin
 //! <dir>/firmware.prev       the image before the last switch, until commit or rollback
 //! <dir>/firmware.staging    half an image: what a power loss during the install leaves
+//! <dir>/firmware.dropped     benchmarks only (`run --drop-installed-images`): the SHA-256 of
+//!                            the committed image as hashed on disk before it was removed
 //! ```
 
 use std::fs::{self, File, OpenOptions};
@@ -177,6 +179,25 @@ impl ImageSlots {
         Ok(record)
     }
 
+    /// Benchmarks only (`run --drop-installed-images`): hashes the committed image on disk,
+    /// writes that hash (hex) to `firmware.dropped` and removes the image, so a run of many
+    /// devices with a large image does not keep N copies on one disk. The record stays.
+    pub fn drop_installed_image(&self) -> Result<(), FileError> {
+        let path = self.firmware_path();
+        let (_, sha) = hash_file(&path)?;
+        durable::write_atomic(
+            &self.dropped_path(),
+            hex::encode(sha).as_bytes(),
+            Mode::Public,
+        )?;
+        durable::remove_all(&path)
+    }
+
+    /// Where [`Self::drop_installed_image`] writes the hash of the image it removed.
+    pub fn dropped_path(&self) -> PathBuf {
+        self.root.join("firmware.dropped")
+    }
+
     /// The installed image's record, if any.
     pub fn installed_image(&self) -> Result<Option<InstalledImage>, FileError> {
         durable::read_json(&self.firmware_record_path())
@@ -286,5 +307,22 @@ mod tests {
             !slots.download_matches(&sha256(&new)).unwrap(),
             "moved, not copied"
         );
+    }
+
+    #[test]
+    fn a_dropped_image_leaves_its_hash_as_stored_and_its_record() {
+        let (_tmp, slots, old) = slots_running_old_firmware();
+        let mut stored = fs::read(slots.firmware_path()).unwrap();
+        stored[0] ^= 1;
+        fs::write(slots.firmware_path(), &stored).unwrap();
+        slots.drop_installed_image().unwrap();
+        assert!(!slots.firmware_path().exists());
+        assert_eq!(
+            fs::read_to_string(slots.dropped_path()).unwrap(),
+            hex::encode(sha256(&stored)),
+            "the hash of the bytes on disk, not of the record"
+        );
+        assert_ne!(stored, old);
+        assert_eq!(slots.installed_image().unwrap().unwrap().version, "1.0.0");
     }
 }

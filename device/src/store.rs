@@ -316,10 +316,13 @@ impl Download {
         let Some(delta) = &manifest.delta else {
             return self.check(manifest.size, &manifest.sha256);
         };
-        if self.matches(&manifest.sha256)? {
+        // Already rebuilt (a restart after the rename)? Only a file of the image's size can be;
+        // the hash decides only when the delta happens to have that size too.
+        let len = file_len(&self.path)?;
+        if len == manifest.size && (len != delta.size || self.matches(&manifest.sha256)?) {
             return self.check(manifest.size, &manifest.sha256);
         }
-        check_size(&self.path, delta.size)?;
+        expect_size(delta.size, len)?;
         let base = match installed {
             Some(path) if path.exists() => {
                 fs::read(path).map_err(|e| FileError::new("reading", path, e))?
@@ -373,11 +376,15 @@ impl Download {
     }
 }
 
-/// Checks that the file at `path` has `expected` bytes.
-fn check_size(path: &Path, expected: u64) -> Result<(), ImageError> {
-    let actual = fs::metadata(path)
+/// The length of the file at `path`.
+fn file_len(path: &Path) -> Result<u64, FileError> {
+    Ok(fs::metadata(path)
         .map_err(|e| FileError::new("reading the size of", path, e))?
-        .len();
+        .len())
+}
+
+/// Refuses a file of `actual` bytes where `expected` were declared.
+fn expect_size(expected: u64, actual: u64) -> Result<(), ImageError> {
     if actual != expected {
         return Err(ImageError::SizeMismatch { expected, actual });
     }
@@ -391,12 +398,7 @@ pub fn check_image(
     expected_sha256: &[u8; 32],
 ) -> Result<(), ImageError> {
     let (actual_size, actual_sha256) = hash_file(path)?;
-    if actual_size != expected_size {
-        return Err(ImageError::SizeMismatch {
-            expected: expected_size,
-            actual: actual_size,
-        });
-    }
+    expect_size(expected_size, actual_size)?;
     if &actual_sha256 != expected_sha256 {
         return Err(ImageError::HashMismatch {
             expected: hex::encode(expected_sha256),
@@ -583,6 +585,25 @@ mod tests {
         assert_eq!(err.reject_reason(), RejectReason::ImageHashMismatch);
         assert!(!tmp.path().join("download.rebuilt").exists());
         assert_eq!(fs::read(download.path()).unwrap(), delta);
+    }
+
+    /// A received delta of another length than the manifest declares for the delta is refused
+    /// before anything is decoded (the size check, no rebuilt file).
+    #[test]
+    fn a_short_delta_is_a_size_mismatch_of_the_delta() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (base, _, delta, manifest) = delta_release();
+        let installed = tmp.path().join("firmware.bin");
+        fs::write(&installed, &base).unwrap();
+        let download = Download::at(tmp.path().join("download.part"), true);
+        download.write_chunk(0, &delta[..delta.len() - 1]).unwrap();
+        let err = download.complete(&manifest, Some(&installed)).unwrap_err();
+        let expected = delta.len() as u64;
+        assert!(
+            matches!(err, ImageError::SizeMismatch { expected: e, .. } if e == expected),
+            "{err}"
+        );
+        assert!(!tmp.path().join("download.rebuilt").exists());
     }
 
     #[test]

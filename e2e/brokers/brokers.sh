@@ -219,6 +219,7 @@ rmqtt_cluster_start() {
         -e "s|@GRPC_ADDRS@|$grpc|g" -e "s|@RAFT_ADDRS@|$raft|g" \
         -e "s|@MAX_INFLIGHT@|${SEALED_OTA_RMQTT_MAX_INFLIGHT:-16}|g" \
         -e "s|@MAX_MQUEUE_LEN@|${SEALED_OTA_RMQTT_MAX_MQUEUE_LEN:-1000}|g" \
+        -e "s|@LOG_LEVEL@|${SEALED_OTA_RMQTT_LOG_LEVEL:-info}|g" \
         "$REPO/e2e/brokers/rmqtt/$f.in" >"$nd/$f"
     done
   done

@@ -483,10 +483,21 @@ impl RelayFleet {
         from: Option<Instant>,
         published_bytes: u64,
     ) -> Result<RelayRound> {
+        self.finish_within(round, from, published_bytes, ROUND_TIMEOUT)
+            .await
+    }
+
+    async fn finish_within(
+        &self,
+        round: Arc<Round>,
+        from: Option<Instant>,
+        published_bytes: u64,
+        timeout: Duration,
+    ) -> Result<RelayRound> {
         let wait = round.done.notified();
         if round.completed.load(Ordering::Relaxed) < self.subscribers as u64 {
             // A timeout is a result (messages lost), not an error.
-            let _ = tokio::time::timeout(ROUND_TIMEOUT, wait).await;
+            let _ = tokio::time::timeout(timeout, wait).await;
         }
         *self.round.write().unwrap_or_else(|e| e.into_inner()) = None;
         let first = from.or(round.first.get().copied());
@@ -501,6 +512,44 @@ impl RelayFleet {
             lost_messages: round.lost(),
             corrupt_messages: round.corrupt.load(Ordering::Relaxed),
         })
+    }
+}
+
+// The large-image row (`large_bench`): the plain relay of a file too large to hold in memory.
+impl RelayFleet {
+    /// [`RelayFleet::shared_round`] of the file at `path`, read and published `chunk` bytes at a
+    /// time (QoS 1, one topic each), so a 1 GiB image is never in memory; timed the same way,
+    /// missing messages counted as lost after `timeout`.
+    pub async fn file_round(
+        &self,
+        name: &str,
+        path: &Path,
+        chunk: usize,
+        timeout: Duration,
+    ) -> Result<RelayRound> {
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("{name}: reading {}", path.display()))?
+            .len();
+        let prefix = format!("{}/shared/", self.tag);
+        let round = self.begin(prefix.clone(), len.div_ceil(chunk as u64));
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .with_context(|| format!("{name}: opening {}", path.display()))?;
+        let mut published = 0u64;
+        let mut index = 0u64;
+        while published < len {
+            let mut payload = vec![0u8; chunk.min((len - published) as usize)];
+            file.read_exact(&mut payload)
+                .await
+                .with_context(|| format!("{name}: reading {}", path.display()))?;
+            published += payload.len() as u64;
+            self.publisher
+                .publish(format!("{prefix}{index}"), QoS::AtLeastOnce, false, payload)
+                .await
+                .with_context(|| format!("{name}: publishing"))?;
+            index += 1;
+        }
+        self.finish_within(round, None, published, timeout).await
     }
 }
 
@@ -874,6 +923,26 @@ pub fn render_table(rows: &[Budget]) -> String {
     out
 }
 
+/// The same rows as a Markdown table (the summary's `.md` beside its JSON).
+pub fn render_markdown(rows: &[Budget]) -> String {
+    let mut out = String::from("| figure | value | budget | met | how |\n|---|---|---|---|---|\n");
+    for row in rows {
+        let met = match row.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "-",
+        };
+        out += &format!(
+            "| {} | {} | {} | {met} | {} |\n",
+            row.key,
+            format_value(row.value),
+            row.budget,
+            row.how.replace('|', "\\|")
+        );
+    }
+    out
+}
+
 fn format_value(v: f64) -> String {
     if v.fract() == 0.0 && v.abs() < 1e15 {
         format!("{v:.0}")
@@ -973,6 +1042,11 @@ mod tests {
         assert!(table.contains("fanout_ratio"));
         assert!(table.contains("NO"));
         assert!(table.contains("1000000000"));
+        let markdown = render_markdown(&[Budget::at_most("broker_rss", 3.0, 2.0, "a | b".into())]);
+        assert_eq!(
+            markdown.lines().nth(2),
+            Some("| broker_rss | 3 | <= 2 | **no** | a \\| b |")
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod delta_bench;
 pub mod http;
 pub mod interop;
+pub mod large_bench;
 pub mod oci;
 pub mod product;
 pub mod prometheus;

@@ -1060,6 +1060,19 @@ pub fn random_image(len: usize) -> Vec<u8> {
     image
 }
 
+/// (status, reason, message) of the campaign's condition `kind` (for example `Ready`).
+pub fn condition(
+    c: &sealed_ota_operator::crd::UpdateCampaign,
+    kind: &str,
+) -> Option<(String, String, String)> {
+    c.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|x| x.type_ == kind)
+        .map(|x| (x.status.clone(), x.reason.clone(), x.message.clone()))
+}
+
 /// SHA-256 (lowercase hex) of the DER of the first certificate in `pem`.
 pub fn certificate_fingerprint(pem: &str) -> Result<String> {
     use base64::Engine;

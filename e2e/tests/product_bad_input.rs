@@ -14,9 +14,9 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Event as KubeEvent;
 use kube::api::ListParams;
 use kube::Api;
-use sealed_ota_e2e::product::{random_image, Product};
+use sealed_ota_e2e::product::{condition, random_image, Product};
 use sealed_ota_e2e::wait_for;
-use sealed_ota_operator::crd::{CampaignPhase, DevicePhase, UpdateCampaign};
+use sealed_ota_operator::crd::{CampaignPhase, DevicePhase};
 
 /// Applies `manifest` with `kubectl apply -f FILE`; the error carries kubectl's stderr.
 fn apply(product: &Product, file: &str, manifest: &serde_json::Value) -> Result<()> {
@@ -52,15 +52,6 @@ fn with(mut spec: serde_json::Value, patch: serde_json::Value) -> serde_json::Va
         }
     }
     spec
-}
-
-fn condition(c: &UpdateCampaign, kind: &str) -> Option<(String, String, String)> {
-    c.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|x| x.type_ == kind)
-        .map(|x| (x.status.clone(), x.reason.clone(), x.message.clone()))
 }
 
 /// (type, reason, message) of the Events about the campaign `name`.

@@ -34,6 +34,9 @@ pub enum CacheError {
     /// The image cannot be sealed (empty, too many chunks, ...).
     #[error("{0}")]
     Seal(#[from] ProtocolError),
+    /// The delta from a base image could not be made.
+    #[error("{0}")]
+    Delta(#[from] sealed_ota_protocol::delta::DeltaError),
     /// The image file is shorter than its size said (it changed while being read).
     #[error("the image ended after {read} of {expected} bytes")]
     Truncated {
@@ -108,6 +111,34 @@ impl CampaignFiles {
         std::fs::write(&path, bytes).map_err(io("writing", &path))
     }
 
+    /// Replace the stored image (the base of a delta) with the delta from it to the image at
+    /// `target` (zstd `--patch-from`, [`sealed_ota_protocol::delta`]): the base is read whole (the
+    /// codec's reference), the target and the delta stream. Returns the delta's size and SHA-256.
+    pub fn replace_with_delta(&self, target: &Path) -> Result<(u64, [u8; 32]), CacheError> {
+        let path = self.image_path();
+        let base = std::fs::read(&path).map_err(io("reading", &path))?;
+        let target_file = File::open(target).map_err(io("opening", target))?;
+        let target_len = target_file
+            .metadata()
+            .map_err(io("reading the size of", target))?
+            .len();
+        let out = File::create(&path).map_err(io("creating", &path))?;
+        let mut out = HashingWriter {
+            inner: BufWriter::new(out),
+            hasher: sha2::Sha256::default(),
+            written: 0,
+        };
+        sealed_ota_protocol::delta::make_to(
+            &base,
+            std::io::BufReader::new(target_file),
+            target_len,
+            &mut out,
+        )?;
+        out.inner.flush().map_err(io("writing", &path))?;
+        use sha2::Digest as _;
+        Ok((out.written, out.hasher.finalize().into()))
+    }
+
     /// Seal the stored image chunk by chunk under `stream_id` (the campaign id) into the chunk
     /// file, then remove the plaintext, under `content_key` (derived from the campaign's seed for
     /// this image: every replica seals the same chunks) or a fresh random key. Returns the sealed
@@ -174,6 +205,27 @@ impl CampaignFiles {
                 sealed,
             },
         ))
+    }
+}
+
+/// Counts and hashes what passes to `inner`.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: sha2::Sha256,
+    written: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest as _;
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -306,6 +358,35 @@ mod tests {
         other[0] ^= 1;
         let c = seal(&other, key(&other));
         assert_ne!(c.1[4], a.1[4], "another image is sealed under another key");
+    }
+
+    /// A base's directory holds the delta to the image afterwards: it rebuilds the image
+    /// against the base, and the size and SHA-256 returned are the delta file's.
+    #[test]
+    fn a_base_is_replaced_by_the_delta_to_the_image() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = CacheDir::open(tmp.path()).unwrap();
+        let base: Vec<u8> = (0..300_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let mut image = base.clone();
+        image[100_000..100_500].fill(7);
+        let target = cache.campaign("uid-1").unwrap();
+        target.write_image(&image).unwrap();
+        let files = cache.campaign("uid-1-d0").unwrap();
+        files.write_image(&base).unwrap();
+        let (size, sha) = files.replace_with_delta(&target.image_path()).unwrap();
+        let delta = std::fs::read(files.image_path()).unwrap();
+        assert_eq!(
+            (size, sha),
+            (
+                delta.len() as u64,
+                sealed_ota_protocol::crypto::sha256(&delta)
+            )
+        );
+        assert!(delta.len() < 10_000, "{} bytes", delta.len());
+        let mut rebuilt = Vec::new();
+        sealed_ota_protocol::delta::apply(&base, &delta[..], &mut rebuilt, image.len() as u64)
+            .unwrap();
+        assert!(rebuilt == image, "the delta rebuilds the image");
     }
 
     #[test]

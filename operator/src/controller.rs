@@ -247,12 +247,11 @@ fn selects(c: &UpdateCampaign, d: &Device) -> bool {
 
 fn references_secret(c: &UpdateCampaign, name: &str) -> bool {
     c.spec.manager_secret_name == name
-        || c.spec
-            .payload
-            .firmware
-            .as_ref()
-            .and_then(|f| f.secret_key_ref.as_ref())
-            .is_some_and(|r| r.name == name)
+        || c.spec.payload.firmware.as_ref().is_some_and(|f| {
+            std::iter::once(&f.secret_key_ref)
+                .chain(f.deltas.iter().map(|d| &d.secret_key_ref))
+                .any(|r| r.as_ref().is_some_and(|r| r.name == name))
+        })
         || c.spec
             .payload
             .rotate_credentials
@@ -261,12 +260,11 @@ fn references_secret(c: &UpdateCampaign, name: &str) -> bool {
 }
 
 fn references_config_map(c: &UpdateCampaign, name: &str) -> bool {
-    c.spec
-        .payload
-        .firmware
-        .as_ref()
-        .and_then(|f| f.config_map_key_ref.as_ref())
-        .is_some_and(|r| r.name == name)
+    c.spec.payload.firmware.as_ref().is_some_and(|f| {
+        std::iter::once(&f.config_map_key_ref)
+            .chain(f.deltas.iter().map(|d| &d.config_map_key_ref))
+            .any(|r| r.as_ref().is_some_and(|r| r.name == name))
+    })
 }
 
 /// Device objects as the shard reflectors keep them: without managed fields and without the
@@ -718,6 +716,15 @@ fn validate_spec(c: &UpdateCampaign) -> (RolloutParams, Calendar, Option<Blocker
         });
         Calendar::always()
     });
+    if let Some(Err(b)) = c
+        .spec
+        .payload
+        .firmware
+        .as_ref()
+        .map(|fw| crate::deltas::validate(fw, &c.spec.target_version))
+    {
+        blocker.get_or_insert(b);
+    }
     (params, calendar, blocker)
 }
 
@@ -1141,6 +1148,8 @@ async fn prepare_run(
     };
     let mut release = None;
     let mut chunks = None;
+    let mut deltas = Vec::new();
+    let mut full_image = (0, [0; 32]);
     let mut oci_digest = None;
     let payload = if let Some(fw) = &spec.payload.firmware {
         let settings = &ctx.engine.firmware;
@@ -1171,6 +1180,8 @@ async fn prepare_run(
         }
         oci_digest = image.resolved_digest;
         chunks = Some(image.chunks);
+        deltas = image.deltas;
+        full_image = (image.sealed.size(), image.sealed.sha256());
         CampaignPayload::Sealed(image.sealed)
     } else if let Some(rot) = &spec.payload.rotate_credentials {
         let Some(ca_secret) = get_opt::<Secret>(&ctx.client, &ns, &rot.ca_secret_name).await?
@@ -1198,6 +1209,7 @@ async fn prepare_run(
             message: "spec.payload sets neither firmware nor rotateCredentials".into(),
         }));
     };
+    let delta_release = release.clone();
     let cspec = CampaignSpec {
         campaign_id: uid.clone(),
         target_version: spec.target_version.clone(),
@@ -1239,6 +1251,39 @@ async fn prepare_run(
     );
     if let Some(chunks) = chunks {
         run = run.with_chunks(Arc::new(chunks), capacity);
+    }
+    // Each delta: its own prepared campaign (its stream id), sealed like the image.
+    for d in deltas {
+        let base_version = d.manifest.base_version.clone();
+        let dspec = CampaignSpec {
+            campaign_id: d.stream_id,
+            target_version: spec.target_version.clone(),
+            payload: CampaignPayload::SealedDelta {
+                sealed: d.sealed,
+                delta: d.manifest,
+                image_size: full_image.0,
+                image_sha256: full_image.1,
+            },
+            expires_at,
+            chunk_size: spec.chunk_size,
+            release: delta_release.clone(),
+        };
+        let prepared = match PreparedCampaign::prepare(dspec) {
+            Ok(p) if p.chunk_count() > capacity => p.served_on_request(),
+            Ok(p) => p,
+            Err(e) => {
+                return Ok(Err(Blocker {
+                    reason: BlockerReason::PayloadInvalid,
+                    message: format!("the delta from {base_version} (spec.payload.firmware.deltas) cannot be prepared: {e}"),
+                }))
+            }
+        };
+        run = run.with_delta(
+            base_version,
+            Arc::new(prepared),
+            Arc::new(d.chunks),
+            capacity,
+        );
     }
     Ok(Ok(Prepared { run, oci_digest }))
 }
@@ -1484,6 +1529,7 @@ async fn coordinator_pass(
         policy: policy_status,
     });
     status.shards = co.assignments.clone();
+    status.delta = co.delta.or(recorded.delta);
     // Nothing prepares an ended campaign any more: its seed goes.
     status.sealed_seed = recorded
         .sealed_seed
@@ -1705,6 +1751,11 @@ async fn shard_pass(
     );
     report.devices.joined = joined;
     report.devices.left = left;
+    report.delta = ctx
+        .engine
+        .delta_tally(&key)
+        .filter(|_| has_run)
+        .or_else(|| before.as_ref().and_then(|r| r.delta));
     report.last_start = last_start
         .map(k8s_time)
         .or_else(|| before.and_then(|r| r.last_start));
@@ -1968,6 +2019,11 @@ async fn single_pass(
     });
     let mut status = status;
     status.oci_digest = oci_digest;
+    status.delta = ctx
+        .engine
+        .delta_tally(&key)
+        .filter(|_| has_run)
+        .or(previous.delta);
     let events = plan::events(&previous, &status, blocker.as_ref());
 
     // act
@@ -2336,6 +2392,7 @@ mod tests {
                 oci: None,
                 sha256: None,
                 release_signature: None,
+                deltas: Vec::new(),
             }),
             rotate_credentials: None,
         };

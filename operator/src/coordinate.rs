@@ -85,6 +85,8 @@ pub struct Coordination {
     pub rate_per_minute: Option<u32>,
     /// When the assignments change by themselves (a finished shard's rate share is handed on).
     pub due: Option<u64>,
+    /// The shards' delta tallies added up (`None`: no shard reported one).
+    pub delta: Option<crate::crd::DeltaStatus>,
 }
 
 fn shard_blocker(r: &CampaignShardSpec) -> Option<Blocker> {
@@ -289,6 +291,10 @@ pub fn coordinate(input: &CoordinateInput<'_>) -> Coordination {
         awaiting_gate: awaiting.filter(|_| phase == CampaignPhase::Progressing),
         rate_per_minute,
         due: rate.and_then(|r| r.due),
+        delta: (0..n)
+            .filter_map(report)
+            .filter_map(|r| r.delta)
+            .reduce(std::ops::Add::add),
     }
 }
 
@@ -1016,6 +1022,24 @@ mod tests {
         let c = run(&done, &params(10), &previous);
         assert_eq!(c.phase, CampaignPhase::Succeeded);
         assert_eq!(c.counts.succeeded, 20);
+        assert_eq!(c.delta, None, "no shard offered a delta");
+        // The deltas' tallies of the shards that report one, added up.
+        let tally = |devices: u32, sent: u64| crate::crd::DeltaStatus {
+            devices,
+            bytes_sent: sent,
+            bytes_full: 500,
+        };
+        done[0].delta = Some(tally(2, 100));
+        done[3].delta = Some(tally(1, 300));
+        let c = run(&done, &params(10), &previous);
+        assert_eq!(
+            c.delta,
+            Some(crate::crd::DeltaStatus {
+                devices: 3,
+                bytes_sent: 400,
+                bytes_full: 1000
+            })
+        );
     }
 
     #[test]

@@ -483,6 +483,89 @@ pub struct FirmwareSource {
     /// verifies; the operator checks it against the image and version before anything is published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_signature: Option<ReleaseSignatureSpec>,
+    /// Binary deltas offered to the devices that run an earlier release: per entry the release
+    /// a device must run (`fromVersion`, compared with its status.runningVersion) and where that
+    /// release's image is (the same sources as the image). The operator computes each delta
+    /// itself (zstd --patch-from, once per base version) and seals it once; a device on that
+    /// version receives only the delta and rebuilds this image, every other device the full
+    /// image, and a device whose installed image is not that base refuses the delta and gets
+    /// the full image next (docs/protocol.md, "Delta updates").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub deltas: Vec<DeltaSource>,
+}
+
+/// A release devices may run, and where its image is: the base of a delta to the campaign's
+/// image.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("(has(self.configMapKeyRef) ? 1 : 0) + (has(self.secretKeyRef) ? 1 : 0) + (has(self.url) ? 1 : 0) + (has(self.oci) ? 1 : 0) == 1").message("each of spec.payload.firmware.deltas must set exactly one of configMapKeyRef, secretKeyRef, url or oci (where the fromVersion image is)"))]
+#[serde(rename_all = "camelCase")]
+pub struct DeltaSource {
+    /// The version (semver) the devices that get this delta run: their status.runningVersion.
+    #[schemars(length(min = 1, max = 64))]
+    pub from_version: String,
+    /// A key of a ConfigMap in this namespace holding the base image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<KeyRef>,
+    /// A key of a Secret in this namespace holding the base image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<KeyRef>,
+    /// An HTTP(S) URL of the base image with its SHA-256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<UrlSource>,
+    /// The base image as an OCI artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<OciSource>,
+    /// Expected SHA-256 (hex) of the base image; required for url, optional for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(equal = 64))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9a-f]{64}$')").message("spec.payload.firmware.deltas[].sha256 must be 64 lowercase hex characters"))]
+    pub sha256: Option<String>,
+}
+
+impl DeltaSource {
+    /// The base image's source in the shape of an image source (what the firmware fetch reads).
+    pub fn image_source(&self) -> FirmwareSource {
+        FirmwareSource {
+            config_map_key_ref: self.config_map_key_ref.clone(),
+            secret_key_ref: self.secret_key_ref.clone(),
+            url: self.url.clone(),
+            oci: self.oci.clone(),
+            sha256: self.sha256.clone(),
+            release_signature: None,
+            deltas: Vec::new(),
+        }
+    }
+}
+
+/// What a campaign's deltas saved, over the devices that installed the target version in it
+/// (added up over the shards): devices that rebuilt it from a delta, the bytes their transfers
+/// carried and the bytes full images would have. Counted by the operator that served them since
+/// it last prepared the campaign.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DeltaStatus {
+    /// Devices that installed from a delta.
+    pub devices: u32,
+    /// Bytes the installed devices' transfers carried (deltas, and full images to the others).
+    pub bytes_sent: u64,
+    /// Bytes full images to the same devices would have carried.
+    pub bytes_full: u64,
+}
+
+impl std::ops::Add for DeltaStatus {
+    type Output = Self;
+
+    /// Two tallies added up (two shards').
+    fn add(self, other: Self) -> Self {
+        Self {
+            devices: self.devices + other.devices,
+            bytes_sent: self.bytes_sent + other.bytes_sent,
+            bytes_full: self.bytes_full + other.bytes_full,
+        }
+    }
 }
 
 /// A release signature of a firmware image.
@@ -834,6 +917,9 @@ pub struct UpdateCampaignStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 128))]
     pub oci_digest: Option<String>,
+    /// What the deltas of spec.payload.firmware.deltas saved (set when the campaign offers one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaStatus>,
     /// Some failed devices with their reasons (at most 20; devices.failed counts them all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]

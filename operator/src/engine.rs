@@ -119,6 +119,11 @@ impl Engine {
         lock(&self.runs).facts(key)
     }
 
+    /// What the run's deltas saved (see [`crate::runs::Runs::delta_tally`]).
+    pub fn delta_tally(&self, key: &CampaignKey) -> Option<crate::crd::DeltaStatus> {
+        lock(&self.runs).delta_tally(key).map(Into::into)
+    }
+
     /// Progress of each selected device (see [`Runs::progress`]).
     pub fn progress(&self, key: &CampaignKey, uid: &str, devices: &[Arc<Device>]) -> Vec<Progress> {
         lock(&self.runs).progress(key, uid, devices)

@@ -1,7 +1,9 @@
 //! A campaign's firmware image, from its source to sealed chunks on disk: reads the source that
 //! `spec.payload.firmware` names (a ConfigMap or Secret key, an HTTP(S) URL, an OCI artifact),
 //! stores it in the campaign's cache directory (downloads streamed, never held whole in memory),
-//! checks its digest, and seals it chunk by chunk ([`crate::chunk_cache`]). Every problem with the
+//! checks its digest, and seals it chunk by chunk ([`crate::chunk_cache`]); likewise each base
+//! image of `spec.payload.firmware.deltas`, replaced by the delta from it to the image and
+//! sealed under its own stream id ([`delta_stream_id`]). Every problem with the
 //! input becomes a [`Blocker`] naming the field and the fix; nothing is published before this
 //! returns. The rest of the campaign's preparation (manager identity, release signature, the
 //! protocol's `PreparedCampaign`) is the controller's.
@@ -10,9 +12,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, Client};
-use sealed_ota_protocol::SealedFirmware;
+use sealed_ota_protocol::{DeltaManifest, SealedFirmware};
 
-use crate::chunk_cache::{CacheError, ChunkFile};
+use crate::chunk_cache::{CacheError, CampaignFiles, ChunkFile};
 use crate::crd::FirmwareSource;
 use crate::engine::FirmwareSettings;
 use crate::error::Error;
@@ -32,6 +34,8 @@ pub struct PreparedImage {
     pub chunks: ChunkFile,
     /// The OCI manifest digest the reference resolved to (recorded on the campaign status).
     pub resolved_digest: Option<String>,
+    /// The deltas of `spec.payload.firmware.deltas`, in its order.
+    pub deltas: Vec<PreparedDelta>,
 }
 
 fn blocker(reason: BlockerReason, message: String) -> Blocker {
@@ -106,9 +110,38 @@ impl std::fmt::Debug for Seed<'_> {
     }
 }
 
+/// A delta prepared for the devices of one base version: made from the base image to the
+/// campaign's image and sealed once, like the image, in its own cache directory.
+#[derive(Debug)]
+pub struct PreparedDelta {
+    /// Its campaign id on the wire ([`delta_stream_id`]): its chunks have their own topics.
+    pub stream_id: String,
+    /// The base it applies to and its size.
+    pub manifest: DeltaManifest,
+    /// What the manifests say about the delta's chunks.
+    pub sealed: SealedFirmware,
+    /// Its chunk ciphertexts in the cache directory.
+    pub chunks: ChunkFile,
+}
+
+/// The wire campaign id of delta `index` of campaign `uid` (`spec.payload.firmware.deltas`
+/// order): every replica names it alike, and its chunk topics differ from the image's.
+pub fn delta_stream_id(uid: &str, index: usize) -> String {
+    format!("{uid}-d{index}")
+}
+
+/// An image fetched into its cache directory and its SHA-256.
+struct Fetched {
+    files: CampaignFiles,
+    digest: [u8; 32],
+    resolved_digest: Option<String>,
+}
+
 /// Fetch, check and seal the image of `fw` for campaign `uid` in chunks of `chunk_size` under the
 /// content key of `seed`; an OCI reference is pinned to `recorded_digest` (what an earlier
-/// preparation resolved it to).
+/// preparation resolved it to). Each of `fw.deltas` is fetched, made into the delta to the image
+/// and sealed under its own stream id before the image is sealed (the image's plaintext is
+/// removed once sealed).
 #[allow(clippy::too_many_arguments)]
 pub async fn prepare(
     settings: &FirmwareSettings,
@@ -120,9 +153,85 @@ pub async fn prepare(
     recorded_digest: Option<&str>,
     seed: Seed<'_>,
 ) -> Result<Result<PreparedImage, Blocker>, Error> {
+    let target = match fetch(settings, client, ns, uid, fw, recorded_digest).await? {
+        Ok(t) => t,
+        Err(b) => return Ok(Err(b)),
+    };
+    let mut deltas = Vec::with_capacity(fw.deltas.len());
+    for (index, d) in fw.deltas.iter().enumerate() {
+        let stream = delta_stream_id(uid, index);
+        let base = match fetch(settings, client, ns, &stream, &d.image_source(), None).await? {
+            Ok(b) => b,
+            Err(b) => return Ok(Err(of_delta(b, index))),
+        };
+        let target_path = target.files.image_path();
+        let files = base.files;
+        let (files, made) = tokio::task::spawn_blocking(move || {
+            let made = files.replace_with_delta(&target_path);
+            (files, made)
+        })
+        .await
+        .map_err(|e| Error::Join(e.to_string()))?;
+        let (size, digest) = match made {
+            Ok(made) => made,
+            Err(CacheError::Delta(e)) => {
+                return Ok(Err(blocker(
+                    BlockerReason::PayloadInvalid,
+                    format!("the delta from spec.payload.firmware.deltas[{index}] (fromVersion {}) cannot be made: {e}", d.from_version),
+                )))
+            }
+            Err(e) => return Err(Error::Cache(e.to_string())),
+        };
+        let (sealed, chunks) = match seal(files, &stream, chunk_size, &seed, digest).await? {
+            Ok(sealed) => sealed,
+            Err(b) => return Ok(Err(of_delta(b, index))),
+        };
+        deltas.push(PreparedDelta {
+            stream_id: stream,
+            manifest: DeltaManifest {
+                base_version: d.from_version.clone(),
+                base_sha256: base.digest,
+                size,
+            },
+            sealed,
+            chunks,
+        });
+    }
+    let (sealed, chunks) = match seal(target.files, uid, chunk_size, &seed, target.digest).await? {
+        Ok(sealed) => sealed,
+        Err(b) => return Ok(Err(b)),
+    };
+    Ok(Ok(PreparedImage {
+        sealed,
+        chunks,
+        resolved_digest: target.resolved_digest,
+        deltas,
+    }))
+}
+
+/// A blocker of a delta's base: its fields are under spec.payload.firmware.deltas[index].
+fn of_delta(b: Blocker, index: usize) -> Blocker {
+    Blocker {
+        reason: b.reason,
+        message: b.message.replace(
+            "spec.payload.firmware.",
+            &format!("spec.payload.firmware.deltas[{index}]."),
+        ),
+    }
+}
+
+/// Fetch and check the image of `fw` into the cache directory `dir`.
+async fn fetch(
+    settings: &FirmwareSettings,
+    client: &Client,
+    ns: &str,
+    dir: &str,
+    fw: &FirmwareSource,
+    recorded_digest: Option<&str>,
+) -> Result<Result<Fetched, Blocker>, Error> {
     let cache = settings.cache.clone();
-    let uid_owned = uid.to_owned();
-    let files = tokio::task::spawn_blocking(move || cache.campaign(&uid_owned))
+    let dir_owned = dir.to_owned();
+    let files = tokio::task::spawn_blocking(move || cache.campaign(&dir_owned))
         .await
         .map_err(|e| Error::Join(e.to_string()))?
         .map_err(|e| Error::Cache(e.to_string()))?;
@@ -187,28 +296,40 @@ pub async fn prepare(
                 .into(),
         )));
     }
+    Ok(Ok(Fetched {
+        files,
+        digest,
+        resolved_digest,
+    }))
+}
+
+/// Seal the fetched file of SHA-256 `digest` under `stream` with the content key of `seed`.
+async fn seal(
+    files: CampaignFiles,
+    stream: &str,
+    chunk_size: u32,
+    seed: &Seed<'_>,
+    digest: [u8; 32],
+) -> Result<Result<(SealedFirmware, ChunkFile), Blocker>, Error> {
     let key = sealed_ota_protocol::crypto::seeded_content_key(
         seed.seed,
-        uid,
+        stream,
         seed.target_version,
         chunk_size,
         &digest,
     );
-    let stream = uid.to_owned();
-    let sealed = tokio::task::spawn_blocking(move || files.seal(&stream, chunk_size, Some(key)))
-        .await
-        .map_err(|e| Error::Join(e.to_string()))?;
+    let stream_owned = stream.to_owned();
+    let sealed =
+        tokio::task::spawn_blocking(move || files.seal(&stream_owned, chunk_size, Some(key)))
+            .await
+            .map_err(|e| Error::Join(e.to_string()))?;
     match sealed {
         // The key is bound to the digest read before sealing: a file changed in between would
         // put two images under one key.
         Ok((sealed, _)) if sealed.sha256() != digest => Err(Error::Cache(format!(
-            "the cached image of campaign {uid} changed while it was sealed"
+            "the cached image of {stream} changed while it was sealed"
         ))),
-        Ok((sealed, chunks)) => Ok(Ok(PreparedImage {
-            sealed,
-            chunks,
-            resolved_digest,
-        })),
+        Ok(sealed) => Ok(Ok(sealed)),
         Err(CacheError::Seal(e)) => Ok(Err(blocker(
             BlockerReason::PayloadInvalid,
             format!("the payload cannot be prepared: {e}"),

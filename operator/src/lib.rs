@@ -11,6 +11,7 @@ pub mod coordinate;
 pub mod crd;
 pub mod crdgen;
 pub mod credentials;
+pub mod deltas;
 pub mod device_status;
 pub mod engine;
 pub mod error;

@@ -95,6 +95,9 @@ pub struct CampaignShardSpec {
     /// Whether the replica holds a prepared run of the campaign (or found it ended).
     #[serde(default)]
     pub prepared: bool,
+    /// What the deltas saved on this shard's devices (when the campaign offers one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<crate::crd::DeltaStatus>,
     /// Some failed devices of this shard (at most 20).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]

@@ -350,6 +350,7 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         release_key_id,
         // Recorded by the controller from the campaign's first preparation.
         oci_digest: None,
+        delta: None,
         failures,
         conditions,
         // Set by the coordinator from the shards' reports (`coordinate`) and its seed.

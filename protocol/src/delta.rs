@@ -48,16 +48,33 @@ fn window_log(len: u64) -> Result<u32, DeltaError> {
 
 /// The delta that turns `base` into `target`.
 pub fn make(base: &[u8], target: &[u8]) -> Result<Vec<u8>, DeltaError> {
-    let len = base.len().max(target.len()) as u64;
-    let log = window_log(len)?;
     let mut out = Vec::new();
+    make_to(base, target, target.len() as u64, &mut out)?;
+    Ok(out)
+}
+
+/// Writes the delta that turns `base` into the `target_len` bytes read from `target` to `out`
+/// (the target and the delta as streams: the operator reads both from its cache directory).
+pub fn make_to(
+    base: &[u8],
+    mut target: impl Read,
+    target_len: u64,
+    out: impl Write,
+) -> Result<(), DeltaError> {
+    let log = window_log((base.len() as u64).max(target_len))?;
     let mut encoder =
-        zstd::stream::write::Encoder::with_ref_prefix(&mut out, LEVEL, base).map_err(write)?;
+        zstd::stream::write::Encoder::with_ref_prefix(out, LEVEL, base).map_err(write)?;
     encoder.window_log(log).map_err(write)?;
     encoder.long_distance_matching(true).map_err(write)?;
-    encoder.write_all(target).map_err(write)?;
+    let copied = std::io::copy(&mut target, &mut encoder).map_err(write)?;
+    if copied != target_len {
+        return Err(write(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("the target image has {copied} bytes, not {target_len}"),
+        )));
+    }
     encoder.finish().map_err(write)?;
-    Ok(out)
+    Ok(())
 }
 
 fn write(e: std::io::Error) -> DeltaError {

@@ -64,6 +64,19 @@ pub enum CampaignPayload {
         /// The image the devices rebuild and install.
         image: Vec<u8>,
     },
+    /// A delta the caller made ([`crate::delta::make_to`]) and sealed chunk by chunk like
+    /// [`CampaignPayload::Sealed`] (its ciphertext kept by the caller): `sealed` is the delta,
+    /// `delta` names its base, `image_size` and `image_sha256` describe the image it rebuilds.
+    SealedDelta {
+        /// The sealed delta.
+        sealed: SealedFirmware,
+        /// The base it applies to (its `size` is the delta's).
+        delta: crate::manifest::DeltaManifest,
+        /// Size of the image the delta rebuilds.
+        image_size: u64,
+        /// SHA-256 of the image the delta rebuilds.
+        image_sha256: [u8; 32],
+    },
     /// New credentials issued by `ca`.
     RotateCredentials {
         /// Key delivery mode.
@@ -86,6 +99,13 @@ impl core::fmt::Debug for CampaignPayload {
                 image,
                 ..
             } => write!(f, "Delta(from {base_version}, {} bytes)", image.len()),
+            CampaignPayload::SealedDelta {
+                delta, image_size, ..
+            } => write!(
+                f,
+                "SealedDelta(from {}, {image_size} bytes)",
+                delta.base_version
+            ),
             CampaignPayload::RotateCredentials {
                 mode,
                 validity_days,
@@ -226,15 +246,28 @@ impl PreparedCampaign {
                 Some(sealed)
             }
             CampaignPayload::Sealed(sealed) => {
-                if sealed.stream_id() != c.campaign_id || sealed.chunk_size() != c.chunk_size {
+                c.check_sealed_as_this(&sealed)?;
+                Some(sealed)
+            }
+            CampaignPayload::SealedDelta {
+                sealed,
+                delta,
+                image_size,
+                image_sha256,
+            } => {
+                c.check_sealed_as_this(&sealed)?;
+                if delta.size != sealed.size() {
                     return Err(invalid(format!(
-                        "the image was sealed as {:?} in chunks of {} bytes, not as campaign {:?} in chunks of {}",
-                        sealed.stream_id(),
-                        sealed.chunk_size(),
-                        c.campaign_id,
-                        c.chunk_size
+                        "the delta manifest says {} bytes but {} were sealed",
+                        delta.size,
+                        sealed.size()
                     )));
                 }
+                c.delta_of = Some(DeltaOf {
+                    manifest: delta,
+                    size: image_size,
+                    sha256: image_sha256,
+                });
                 Some(sealed)
             }
             CampaignPayload::RotateCredentials {
@@ -281,6 +314,20 @@ impl PreparedCampaign {
             c.firmware = Some(sealed);
         }
         Ok(c)
+    }
+
+    /// Refuses chunks sealed under another stream id or chunk size than this campaign's.
+    fn check_sealed_as_this(&self, sealed: &SealedFirmware) -> Result<(), ProtocolError> {
+        if sealed.stream_id() != self.campaign_id || sealed.chunk_size() != self.chunk_size {
+            return Err(ProtocolError::InvalidCampaign(format!(
+                "the image was sealed as {:?} in chunks of {} bytes, not as campaign {:?} in chunks of {}",
+                sealed.stream_id(),
+                sealed.chunk_size(),
+                self.campaign_id,
+                self.chunk_size
+            )));
+        }
+        Ok(())
     }
 
     /// Serve chunks on request: every device's manifest says `pull`, so devices ask for each

@@ -118,3 +118,63 @@ fn a_delta_of_a_real_binary_rebuilds_it() {
     assert!(rebuilt == target, "rebuilt image differs");
     assert!(delta.len() < target.len() / 20, "{} bytes", delta.len());
 }
+
+/// A delta the caller made and sealed ([`CampaignPayload::SealedDelta`], the operator's cache
+/// path) prepares the campaign the in-memory `Delta` does: the chunks carry the delta, the
+/// manifest describes the full image and names the base. A delta manifest whose size is not what
+/// was sealed is refused.
+#[test]
+fn a_delta_sealed_by_the_caller_prepares_like_one_made_in_memory() {
+    use sealed_ota_protocol::{
+        crypto::sha256, CampaignPayload, CampaignSpec, PreparedCampaign, SealedFirmware,
+    };
+    let base: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut image = base.clone();
+    image[1000..1100].fill(9);
+    let mut delta = Vec::new();
+    sealed_ota_protocol::delta::make_to(&base, &image[..], image.len() as u64, &mut delta).unwrap();
+    assert_eq!(
+        delta,
+        sealed_ota_protocol::delta::make(&base, &image).unwrap()
+    );
+    let spec = |payload| CampaignSpec {
+        campaign_id: "c1-d0".into(),
+        target_version: "2.0.0".into(),
+        payload,
+        expires_at: u64::MAX,
+        chunk_size: 1024,
+        release: None,
+    };
+    let made = PreparedCampaign::prepare(spec(CampaignPayload::Delta {
+        base_version: "1.0.0".into(),
+        base: base.clone(),
+        image: image.clone(),
+    }))
+    .unwrap();
+    let (sealed, _) = SealedFirmware::seal_all("c1-d0", 1024, &delta).unwrap();
+    let manifest = DeltaManifest {
+        base_version: "1.0.0".into(),
+        base_sha256: sha256(&base),
+        size: delta.len() as u64,
+    };
+    let sealed_delta = |manifest: DeltaManifest| CampaignPayload::SealedDelta {
+        sealed: sealed.clone(),
+        delta: manifest,
+        image_size: image.len() as u64,
+        image_sha256: sha256(&image),
+    };
+    let prepared = PreparedCampaign::prepare(spec(sealed_delta(manifest.clone()))).unwrap();
+    assert_eq!(prepared.delta(), made.delta());
+    assert_eq!(prepared.delta(), Some(&manifest));
+    assert_eq!(
+        (prepared.image_size(), prepared.image_sha256()),
+        (image.len() as u64, sha256(&image))
+    );
+    assert_eq!(prepared.transfer_size(), made.transfer_size());
+    assert_eq!(prepared.chunk_count(), made.chunk_count());
+    let wrong = DeltaManifest {
+        size: manifest.size + 1,
+        ..manifest
+    };
+    assert!(PreparedCampaign::prepare(spec(sealed_delta(wrong))).is_err());
+}

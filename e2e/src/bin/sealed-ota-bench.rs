@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use sealed_ota_e2e::bench::{
-    drained_metrics, process_cpu_seconds, process_memory, render_table, testbed_pid, unix_seconds,
-    wrap_bytes, write_json, Budget, CpuTimeline, RelayFleet,
+    drained_metrics, process_cpu_seconds, process_memory, render_markdown, render_table,
+    testbed_pid, unix_seconds, wrap_bytes, write_json, Budget, CpuTimeline, RelayFleet,
 };
+use sealed_ota_e2e::large_bench::{self, LargeConfig};
 use sealed_ota_e2e::product::{random_image, Product};
 use sealed_ota_e2e::TestBed;
 use sealed_ota_operator::crd::CampaignPhase;
@@ -66,6 +67,23 @@ struct Args {
     /// Measure only the delta figures (no test bed needed) and print them.
     #[arg(long)]
     delta_only: bool,
+    /// The large-image row (issue 17, `make bench-large`): an image of this many MiB pushed to
+    /// the test bed's registry and sent by an OCI campaign; 0 skips it.
+    #[arg(long, default_value_t = 0)]
+    large_image_mib: u64,
+    /// Devices of the large-image campaign (and subscribers of its relay baseline).
+    #[arg(long, default_value_t = 20)]
+    large_devices: u32,
+    /// The large campaign's rollout.maxInFlight: devices holding the image on this one disk at
+    /// once (each drops it once checked: `run --drop-installed-images`).
+    #[arg(long, default_value_t = 4)]
+    large_in_flight: u32,
+    /// How long the large campaign (and its relay) may take, seconds.
+    #[arg(long, default_value_t = 5400)]
+    large_timeout_seconds: u64,
+    /// Run only the large-image row (needs --large-image-mib).
+    #[arg(long)]
+    large_only: bool,
 }
 
 /// What a product campaign measured.
@@ -107,6 +125,23 @@ async fn main() -> Result<()> {
         println!("{}", render_table(&rows));
         println!("{}", serde_json::to_string_pretty(&delta)?);
         return Ok(());
+    }
+    if args.large_only {
+        anyhow::ensure!(
+            args.large_image_mib > 0,
+            "--large-only needs --large-image-mib (e.g. 1024)"
+        );
+        let mut rows = Vec::new();
+        let large = large_rows(&args, &mut rows).await?;
+        println!("{}", render_table(&rows));
+        let summary = json!({
+            "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)},
+            "large": large,
+            "budgets": budgets_json(&rows),
+            "seconds": started.elapsed().as_secs_f64(),
+            "reproduce": "make bench-large",
+        });
+        return write_summary(&args, &rows, summary, started);
     }
     let bed = TestBed::get()?;
     let protocol: Value = match std::fs::read(&args.protocol_json) {
@@ -397,9 +432,14 @@ async fn main() -> Result<()> {
     ));
 
     let delta = delta_rows(&args, &mut rows)?;
+    let large = if args.large_image_mib > 0 {
+        large_rows(&args, &mut rows).await?
+    } else {
+        Value::Null
+    };
 
     println!("{}", render_table(&rows));
-    let mut summary = json!({
+    let summary = json!({
         "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)},
         "config": {
             "devices": n, "image_bytes": image.len(), "chunk_bytes": args.chunk_bytes,
@@ -433,17 +473,30 @@ async fn main() -> Result<()> {
         "scale_mode": if scale.is_some() { "full: every device connected over TLS" } else { "skipped" },
         "protocol": protocol,
         "delta": delta,
-        "budgets": rows.iter().map(|r| json!({
-            "key": r.key, "value": r.value, "budget": r.budget, "met": r.met, "how": r.how,
-        })).collect::<Vec<_>>(),
+        "large": large,
+        "budgets": budgets_json(&rows),
         "seconds": started.elapsed().as_secs_f64(),
         "reproduce": "make bench (BENCH_ARGS='--devices N --image-bytes B ...' to change the sizes)",
     });
-    for row in &rows {
+    write_summary(&args, &rows, summary, started)
+}
+
+fn budgets_json(rows: &[Budget]) -> Vec<Value> {
+    rows.iter()
+        .map(|r| json!({"key": r.key, "value": r.value, "budget": r.budget, "met": r.met, "how": r.how}))
+        .collect()
+}
+
+/// Writes `summary.json` (with every row's value under its key) and `summary.md` (the table)
+/// to `--out` and prints which budgets were not met.
+fn write_summary(args: &Args, rows: &[Budget], mut summary: Value, started: Instant) -> Result<()> {
+    for row in rows {
         summary[row.key] = json!(row.value);
     }
     let path = args.out.join("summary.json");
     write_json(&path, &summary)?;
+    std::fs::write(args.out.join("summary.md"), render_markdown(rows))
+        .with_context(|| format!("writing {}", args.out.join("summary.md").display()))?;
     let unmet: Vec<&str> = rows
         .iter()
         .filter(|r| r.met == Some(false))
@@ -488,6 +541,100 @@ fn chunk_payloads(image: &[u8], chunk_bytes: u32) -> Result<(SealedFirmware, Vec
         .map(|o| o.payload)
         .collect();
     Ok((sealed, payloads))
+}
+
+/// The large-image row (`sealed_ota_e2e::large_bench`): the operator's and the broker's memory
+/// budgets (DESIGN.md section 5, docs/protocol.md "Large images"), nothing lost, and the
+/// campaign's time beside a plain relay of the same bytes; its JSON for the summary.
+async fn large_rows(args: &Args, rows: &mut Vec<Budget>) -> Result<Value> {
+    let config = LargeConfig {
+        image_bytes: args.large_image_mib << 20,
+        devices: args.large_devices,
+        in_flight: args.large_in_flight,
+        chunk_bytes: args.chunk_bytes,
+        timeout: Duration::from_secs(args.large_timeout_seconds),
+    };
+    let run = large_bench::run(&config).await?;
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    let n = config.devices;
+    let size = format!(
+        "{} MiB OCI image to {n} devices, {} in flight",
+        args.large_image_mib, config.in_flight
+    );
+    for (key, who, peak, idle, limit) in [
+        (
+            "large_operator_rss_growth_mib",
+            "operator peak RSS",
+            run.operator_rss_peak,
+            run.operator_rss_idle,
+            128.0,
+        ),
+        (
+            "large_broker_rss_growth_mib",
+            "Mosquitto peak RSS during the campaign",
+            run.broker_rss_peak,
+            run.broker_rss_idle,
+            256.0,
+        ),
+    ] {
+        rows.push(Budget::at_most(
+            key,
+            mib(peak.saturating_sub(idle)),
+            limit,
+            format!(
+                "{who} {:.0} MiB - idle before it {:.0} MiB ({size})",
+                mib(peak),
+                mib(idle)
+            ),
+        ));
+    }
+    let delivered = run.succeeded.min(run.hashes_matching);
+    rows.push(Budget::at_most(
+        "large_devices_lost",
+        f64::from(n.saturating_sub(delivered)),
+        0.0,
+        format!(
+            "{} of {n} Succeeded, {} with the image's SHA-256 as hashed on the device's disk",
+            run.succeeded, run.hashes_matching
+        ),
+    ));
+    rows.push(Budget::report(
+        "large_campaign_relay_ratio",
+        run.campaign_seconds / run.relay.seconds,
+        format!(
+            "campaign {:.1} s (apply to Succeeded: registry pull, sealing, {n} devices {} at a time) / plain relay of the same bytes to {n} subscribers {:.1} s ({} messages lost)",
+            run.campaign_seconds, config.in_flight, run.relay.seconds, run.relay.lost_messages
+        ),
+    ));
+    rows.push(Budget::report(
+        "large_relay_broker_rss_growth_mib",
+        mib(run
+            .relay_broker_rss_peak
+            .saturating_sub(run.broker_rss_idle)),
+        "Mosquitto peak RSS during the plain relay - before the campaign (MiB)".into(),
+    ));
+    Ok(json!({
+        "image_bytes": config.image_bytes,
+        "devices": n,
+        "in_flight": config.in_flight,
+        "chunk_bytes": config.chunk_bytes,
+        "campaign_seconds": run.campaign_seconds,
+        "succeeded": run.succeeded,
+        "hashes_matching": run.hashes_matching,
+        "operator_rss_idle_bytes": run.operator_rss_idle,
+        "operator_rss_peak_bytes": run.operator_rss_peak,
+        "broker_rss_idle_bytes": run.broker_rss_idle,
+        "broker_rss_peak_bytes": run.broker_rss_peak,
+        "relay_seconds": run.relay.seconds,
+        "relay_lost_messages": run.relay.lost_messages,
+        "relay_published_bytes": run.relay.published_bytes,
+        "relay_broker_rss_peak_bytes": run.relay_broker_rss_peak,
+        "operator_published_bytes": run.published_bytes,
+        "chunks_served": run.chunks_served,
+        "min_free_disk_bytes": run.min_free_disk,
+        "write_seconds": run.write_seconds,
+        "push_seconds": run.push_seconds,
+    }))
 }
 
 /// One firmware campaign to `devices` emulated devices, from an image served over HTTP.
