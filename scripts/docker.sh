@@ -64,6 +64,9 @@ cmd_up() {
   mkdir -p "$DATA_ROOT"
   # dockerd leaves its default bridge behind when it stops: remember to remove it if it made it.
   ip link show docker0 >/dev/null 2>&1 || touch "$state/created-docker0"
+  # dockerd bind-mounts its data root onto itself (to set mount propagation) and leaves that mount
+  # behind when it stops: remember to unmount it if it was not a mount point before.
+  mountpoint -q "$DATA_ROOT" || touch "$state/created-data-root-mount"
   log "starting dockerd (data root $DATA_ROOT)"
   # setsid: the daemon outlives the make target that started it until `down` stops it by pid.
   setsid /usr/sbin/dockerd --data-root "$DATA_ROOT" --pidfile "$state/dockerd.pidfile" \
@@ -95,6 +98,10 @@ cmd_down() {
   if [[ -f "$state/created-docker0" ]]; then
     ip link delete docker0 2>/dev/null || true
     rm -f "$state/created-docker0"
+  fi
+  if [[ -f "$state/created-data-root-mount" ]]; then
+    while mountpoint -q "$DATA_ROOT"; do umount "$DATA_ROOT" || break; done
+    rm -f "$state/created-data-root-mount"
   fi
 }
 
