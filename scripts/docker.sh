@@ -95,6 +95,11 @@ cmd_down() {
     fi
   fi
   rm -f "$state/dockerd.pid" "$state/dockerd.pidfile"
+  # It also leaves the mounts of its network namespaces (netns/default, the host's) behind.
+  local ns
+  for ns in /run/docker/netns/*; do
+    if mountpoint -q "$ns"; then umount "$ns" || true; fi
+  done
   if [[ -f "$state/created-docker0" ]]; then
     ip link delete docker0 2>/dev/null || true
     rm -f "$state/created-docker0"

@@ -5,7 +5,8 @@
 //! enrolled 1.0.0 gets the full image; a device that reports 1.1.0 but lost its installed image
 //! refuses the delta (signed `DeltaBaseMismatch`) and installs the full image next; a device whose
 //! storage corrupts every received chunk rebuilds another image and refuses it, nothing installed.
-//! The campaign status counts the bytes sent against full images. A second test: bad
+//! The campaign status counts the bytes sent against full images; run twice, the second time with
+//! the fleet in two shards. Another test: bad
 //! `deltas` entries block the campaign with a condition naming the field, nothing started.
 
 use std::time::Duration;
@@ -16,7 +17,19 @@ use sealed_ota_operator::crd::{CampaignPhase, DevicePhase, UpdateCampaignStatus}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_delta_campaign_through_the_operator() -> Result<()> {
-    let mut product = Product::new("delta", 4).await?;
+    delta_campaign("delta", &[]).await
+}
+
+/// The same with the fleet in two shards (the coordinator's status path and the shards'
+/// preparation of the delta from the recorded seed), one replica holding both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delta_campaign_through_a_sharded_operator() -> Result<()> {
+    delta_campaign("delta-shards", &["--shards", "2"]).await
+}
+
+async fn delta_campaign(name: &str, operator_args: &[&str]) -> Result<()> {
+    let mut product = Product::new(name, 4).await?;
+    product.operator_args = operator_args.iter().map(|a| a.to_string()).collect();
     let ids = product.device_ids.clone();
     let names: Vec<String> = {
         let devices = product.devices().await?;
@@ -145,6 +158,9 @@ async fn a_delta_campaign_through_the_operator() -> Result<()> {
     ])?;
     let shown: UpdateCampaignStatus = serde_json::from_str(&json).context("status JSON")?;
     assert_eq!(shown.delta, Some(delta));
+    // The delta's chunks are recorded beside the image's, for a restarted operator to clear.
+    assert_eq!(status.delta_chunk_counts.len(), 1, "{status:?}");
+    assert!(status.delta_chunk_counts[0] >= 1, "{status:?}");
     product.pass();
     Ok(())
 }

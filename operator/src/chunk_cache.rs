@@ -112,29 +112,25 @@ impl CampaignFiles {
     }
 
     /// Replace the stored image (the base of a delta) with the delta from it to the image at
-    /// `target` (zstd `--patch-from`, [`sealed_ota_protocol::delta`]): the base is read whole (the
-    /// codec's reference), the target and the delta stream. Returns the delta's size and SHA-256.
+    /// `target` (zstd `--patch-from`, [`sealed_ota_protocol::delta`]). Both images are mapped
+    /// from their files, not read: their pages are the kernel's page cache (evictable, shared),
+    /// so the operator's own memory grows by zstd's bounded tables, not by the images. The delta
+    /// is written beside the base and then takes its name. Returns the delta's size and SHA-256.
     pub fn replace_with_delta(&self, target: &Path) -> Result<(u64, [u8; 32]), CacheError> {
         let path = self.image_path();
-        let base = std::fs::read(&path).map_err(io("reading", &path))?;
-        let target_file = File::open(target).map_err(io("opening", target))?;
-        let target_len = target_file
-            .metadata()
-            .map_err(io("reading the size of", target))?
-            .len();
-        let out = File::create(&path).map_err(io("creating", &path))?;
+        let delta_path = self.dir.join("delta");
+        let base = map(&path)?;
+        let target_map = map(target)?;
+        let out = File::create(&delta_path).map_err(io("creating", &delta_path))?;
         let mut out = HashingWriter {
             inner: BufWriter::new(out),
             hasher: sha2::Sha256::default(),
             written: 0,
         };
-        sealed_ota_protocol::delta::make_to(
-            &base,
-            std::io::BufReader::new(target_file),
-            target_len,
-            &mut out,
-        )?;
-        out.inner.flush().map_err(io("writing", &path))?;
+        sealed_ota_protocol::delta::make_to(&base, &target_map, &mut out)?;
+        out.inner.flush().map_err(io("writing", &delta_path))?;
+        drop((base, target_map));
+        std::fs::rename(&delta_path, &path).map_err(io("renaming", &delta_path))?;
         use sha2::Digest as _;
         Ok((out.written, out.hasher.finalize().into()))
     }
@@ -232,6 +228,16 @@ impl<W: Write> Write for HashingWriter<W> {
 enum ReadFull {
     Io(std::io::Error),
     Short(usize),
+}
+
+/// Maps a cached image read-only. The cache directory is the operator's own (no other process
+/// writes its files while a campaign is prepared), which is what makes the mapping sound.
+#[allow(unsafe_code)]
+fn map(path: &Path) -> Result<memmap2::Mmap, CacheError> {
+    let file = File::open(path).map_err(io("opening", path))?;
+    // SAFETY: the file is in this operator's private cache directory and is neither truncated nor
+    // written while mapped (the delta goes to another file and is renamed after the maps drop).
+    unsafe { memmap2::Mmap::map(&file) }.map_err(io("mapping", path))
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<(), ReadFull> {

@@ -1438,12 +1438,14 @@ async fn coordinator_pass(
                 match prepare_run(c, ctx, expires_at, seed, previous.oci_digest.as_deref()).await? {
                     Ok(Prepared { run, oci_digest }) => {
                         let facts = run.facts();
+                        let delta_chunk_counts = run.delta_chunk_counts();
                         tracing::info!(chunks = facts.chunk_count, expires_at, "campaign prepared");
                         if !ctx.engine.has_run(&key, &uid) {
                             ctx.engine.insert_run(key.clone(), run);
                         }
                         recorded.expires_at = Some(k8s_time(expires_at));
                         recorded.chunk_count = Some(facts.chunk_count);
+                        recorded.delta_chunk_counts = delta_chunk_counts;
                         recorded.release_key_id = facts.release_key_id.map(hex::encode);
                         recorded.sealed_seed =
                             Some(base64::engine::general_purpose::STANDARD.encode(sealed));
@@ -1530,6 +1532,10 @@ async fn coordinator_pass(
     });
     status.shards = co.assignments.clone();
     status.delta = co.delta.or(recorded.delta);
+    // Recorded at the first preparation; every later write carries them on (a server-side apply
+    // that left them out would remove them).
+    status.oci_digest = recorded.oci_digest.clone();
+    status.delta_chunk_counts = recorded.delta_chunk_counts.clone();
     // Nothing prepares an ended campaign any more: its seed goes.
     status.sealed_seed = recorded
         .sealed_seed
@@ -1751,10 +1757,14 @@ async fn shard_pass(
     );
     report.devices.joined = joined;
     report.devices.left = left;
+    // This replica's run tallies every device it served, over all the shards it holds: the
+    // lowest of them reports it, the others keep what an earlier holder reported (the
+    // coordinator adds the reports up; reporting the run's tally from each would count it twice).
+    let reports_run_tally = ctx.role.held.borrow().first() == Some(&shard);
     report.delta = ctx
         .engine
         .delta_tally(&key)
-        .filter(|_| has_run)
+        .filter(|_| has_run && reports_run_tally)
         .or_else(|| before.as_ref().and_then(|r| r.delta));
     report.last_start = last_start
         .map(k8s_time)
@@ -1860,12 +1870,17 @@ async fn single_pass(
                 oci_digest: resolved,
             }) => {
                 tracing::info!(chunks = run.chunk_count(), expires_at, "campaign prepared");
+                let delta_chunk_counts = run.delta_chunk_counts();
                 ctx.engine.insert_run(key.clone(), run);
                 oci_digest = oci_digest.or(resolved);
-                if previous.expires_at.is_none() || previous.oci_digest != oci_digest {
+                if previous.expires_at.is_none()
+                    || previous.oci_digest != oci_digest
+                    || previous.delta_chunk_counts != delta_chunk_counts
+                {
                     let mut recorded = previous.clone();
                     recorded.expires_at = Some(k8s_time(expires_at));
                     recorded.oci_digest = oci_digest.clone();
+                    recorded.delta_chunk_counts = delta_chunk_counts;
                     write_status(c, &key, &recorded, ctx).await?;
                 }
             }
@@ -2019,6 +2034,11 @@ async fn single_pass(
     });
     let mut status = status;
     status.oci_digest = oci_digest;
+    status.delta_chunk_counts = ctx
+        .engine
+        .delta_chunk_counts(&key)
+        .filter(|_| has_run)
+        .unwrap_or_else(|| previous.delta_chunk_counts.clone());
     status.delta = ctx
         .engine
         .delta_tally(&key)
@@ -2230,7 +2250,8 @@ async fn publish_event(ctx: &Ctx, c: &UpdateCampaign, ev: plan::PlannedEvent) {
 }
 
 /// Clears of whatever a campaign may have left retained in one shard, from what the resources
-/// record: chunks by index (status.chunkCount; shard 0 only, they are shared) and, with
+/// record: the image's and the deltas' chunks by index (status.chunkCount and
+/// status.deltaChunkCounts, [`recorded_chunk_clears`]; shard 0 only, they are shared) and, with
 /// `notifies`, the notify topic of the shard's devices that recorded this campaign. Clearing an
 /// absent retained message is harmless.
 fn recorded_clears(
@@ -2244,8 +2265,8 @@ fn recorded_clears(
     let topics = &ctx.engine.topics;
     let mut actions = Vec::new();
     if shard == 0 {
-        if let Some(n) = c.status.as_ref().and_then(|s| s.chunk_count) {
-            actions.extend((0..n).map(|i| Action::Publish(clear_retained(topics.chunk(uid, i)))));
+        if let Some(status) = &c.status {
+            actions.extend(recorded_chunk_clears(status, uid, topics));
         }
     }
     if notifies {
@@ -2257,6 +2278,26 @@ fn recorded_clears(
         );
     }
     actions
+}
+
+/// Clears of every chunk the status says campaign `uid` sealed: the image's (`chunkCount`) and
+/// each delta's (`deltaChunkCounts`, on the delta's own stream id).
+fn recorded_chunk_clears<'t>(
+    status: &UpdateCampaignStatus,
+    uid: &str,
+    topics: &'t sealed_ota_protocol::topics::TopicTree,
+) -> impl Iterator<Item = Action> + 't {
+    let image = status.chunk_count.map(|n| (uid.to_owned(), n));
+    let deltas = status
+        .delta_chunk_counts
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (crate::firmware::delta_stream_id(uid, i), n));
+    image
+        .into_iter()
+        .chain(deltas.collect::<Vec<_>>())
+        .flat_map(move |(stream, n)| (0..n).map(move |i| topics.chunk(&stream, i)))
+        .map(|topic| Action::Publish(clear_retained(topic)))
 }
 
 fn recorded_uid(d: &Device) -> Option<&str> {
@@ -2285,12 +2326,7 @@ async fn cleanup(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
     let mut actions: Vec<Action> = c
         .status
         .as_ref()
-        .and_then(|s| s.chunk_count)
-        .map(|n| {
-            (0..n)
-                .map(|i| Action::Publish(clear_retained(topics.chunk(&uid, i))))
-                .collect()
-        })
+        .map(|s| recorded_chunk_clears(s, &uid, topics).collect())
         .unwrap_or_default();
     let devices: Api<Device> = Api::namespaced(ctx.client.clone(), &key.0);
     let mut page = ListParams::default().limit(500);
@@ -2321,6 +2357,30 @@ async fn cleanup(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
 mod tests {
     use super::*;
     use crate::crd::{CampaignPayloadSpec, FirmwareSource, KeyRef, UpdateCampaignSpec};
+
+    /// A restarted operator clears every chunk the status recorded: the image's and each
+    /// delta's, on the delta's own stream id (`<uid>-d<i>`), nothing else.
+    #[test]
+    fn recorded_clears_cover_the_image_s_and_every_delta_s_chunks() {
+        let topics = sealed_ota_protocol::topics::TopicTree::new("iot", "m").unwrap();
+        let status = UpdateCampaignStatus {
+            chunk_count: Some(3),
+            delta_chunk_counts: vec![2, 1],
+            ..Default::default()
+        };
+        let cleared: Vec<(String, bool, usize)> = recorded_chunk_clears(&status, "u1", &topics)
+            .map(|a| match a {
+                Action::Publish(o) => (o.topic, o.retain, o.payload.len()),
+                other => panic!("not a publish: {other:?}"),
+            })
+            .collect();
+        let topics = &topics;
+        let expected: Vec<(String, bool, usize)> = [("u1", 3), ("u1-d0", 2), ("u1-d1", 1)]
+            .into_iter()
+            .flat_map(|(stream, n)| (0..n).map(move |i| (topics.chunk(stream, i), true, 0)))
+            .collect();
+        assert_eq!(cleared, expected);
+    }
 
     fn campaign() -> UpdateCampaign {
         let spec: UpdateCampaignSpec = serde_json::from_value(serde_json::json!({

@@ -903,6 +903,11 @@ pub struct UpdateCampaignStatus {
     /// Chunks of the prepared image (kept so that a restarted operator can clear them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_count: Option<u32>,
+    /// Chunks of each delta of spec.payload.firmware.deltas, in that order (kept, like
+    /// chunkCount, so that a restarted operator can clear them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub delta_chunk_counts: Vec<u32>,
     /// When the signed manifests expire: fixed when the operator first prepares the campaign
     /// (spec.expiresAfterSeconds later) and kept across operator restarts. Past it devices refuse
     /// every chunk and install of this campaign and the campaign fails with reason Expired.

@@ -128,6 +128,11 @@ impl Engine {
         lock(&self.runs).facts(key)
     }
 
+    /// Chunks of each delta of the run (see [`crate::runs::Runs::delta_chunk_counts`]).
+    pub fn delta_chunk_counts(&self, key: &CampaignKey) -> Option<Vec<u32>> {
+        lock(&self.runs).delta_chunk_counts(key)
+    }
+
     /// What the run's deltas saved (see [`crate::runs::Runs::delta_tally`]).
     pub fn delta_tally(&self, key: &CampaignKey) -> Option<crate::crd::DeltaStatus> {
         lock(&self.runs).delta_tally(key).map(Into::into)

@@ -137,6 +137,8 @@ pub struct CampaignRun {
     deltas: Vec<DeltaPayload>,
     /// What the deltas saved (`None`: the run offers none); kept after the run ends.
     delta_tally: Option<DeltaTally>,
+    /// Chunks of each delta, in `deltas` order; kept after the run ends (the status records it).
+    delta_chunk_counts: Vec<u32>,
     ended: bool,
 }
 
@@ -170,6 +172,7 @@ impl CampaignRun {
             retained: RetainedChunks::new(prepared_count, u32::MAX),
             deltas: Vec::new(),
             delta_tally: None,
+            delta_chunk_counts: Vec::new(),
             ended: false,
         }
     }
@@ -185,6 +188,7 @@ impl CampaignRun {
     ) -> Self {
         let retained = RetainedChunks::new(prepared.chunk_count(), retained_capacity);
         self.delta_tally.get_or_insert_with(DeltaTally::default);
+        self.delta_chunk_counts.push(prepared.chunk_count());
         self.deltas.push(DeltaPayload {
             base_version,
             prepared,
@@ -221,6 +225,12 @@ impl CampaignRun {
     /// What the campaign status reports about the prepared payload.
     pub fn facts(&self) -> RunFacts {
         self.facts
+    }
+
+    /// Chunks of each delta payload (`spec.payload.firmware.deltas` order), also after the run
+    /// ended.
+    pub fn delta_chunk_counts(&self) -> Vec<u32> {
+        self.delta_chunk_counts.clone()
     }
 }
 
@@ -479,6 +489,11 @@ impl Runs {
     /// What the campaign status reports about the run's prepared payload.
     pub fn facts(&self, key: &CampaignKey) -> Option<RunFacts> {
         self.runs.get(key).map(|r| r.facts)
+    }
+
+    /// Chunks of each delta payload of the run (see [`CampaignRun::delta_chunk_counts`]).
+    pub fn delta_chunk_counts(&self, key: &CampaignKey) -> Option<Vec<u32>> {
+        self.runs.get(key).map(CampaignRun::delta_chunk_counts)
     }
 
     /// What the run's deltas saved so far (`None`: the run offers no delta).
@@ -1565,6 +1580,7 @@ mod tests {
             )
         };
         let full = prepare("uid-1", CampaignPayload::Sealed(full_sealed.clone()));
+        let delta_chunks = delta_sealed.chunk_count();
         let delta_prepared = prepare(
             "uid-1-d0",
             CampaignPayload::SealedDelta {
@@ -1656,6 +1672,11 @@ mod tests {
             w.runs.delta_tally(&w.key),
             Some(tally),
             "the tally outlives the run's end (the final status reads it)"
+        );
+        assert_eq!(
+            w.runs.delta_chunk_counts(&w.key),
+            Some(vec![delta_chunks]),
+            "the delta's chunk count outlives the run's end (a restarted operator clears them)"
         );
     }
 

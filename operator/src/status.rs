@@ -350,6 +350,7 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         release_key_id,
         // Recorded by the controller from the campaign's first preparation.
         oci_digest: None,
+        delta_chunk_counts: Vec::new(),
         delta: None,
         failures,
         conditions,

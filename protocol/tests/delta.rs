@@ -132,7 +132,7 @@ fn a_delta_sealed_by_the_caller_prepares_like_one_made_in_memory() {
     let mut image = base.clone();
     image[1000..1100].fill(9);
     let mut delta = Vec::new();
-    sealed_ota_protocol::delta::make_to(&base, &image[..], image.len() as u64, &mut delta).unwrap();
+    sealed_ota_protocol::delta::make_to(&base, &image, &mut delta).unwrap();
     assert_eq!(
         delta,
         sealed_ota_protocol::delta::make(&base, &image).unwrap()
