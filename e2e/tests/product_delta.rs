@@ -77,22 +77,8 @@ async fn delta_campaign(name: &str, operator_args: &[&str]) -> Result<()> {
     product.start_emulator(&["--fault", &fault])?;
     // The base release is also in the registry, by tag: the operator pulls it from there and
     // records the digest the tag resolved to.
-    let reg = product
-        .bed
-        .registry
-        .as_ref()
-        .context("the test bed runs no OCI registry (e2e/testbed up starts one)")?;
-    let base_file = product.dir.join("firmware-1.1.0.bin");
-    std::fs::write(&base_file, &base)?;
-    let repository = format!("{}/firmware", product.ns.name);
-    let base_digest = reg.push(&base_file, &repository, "1.1.0")?;
-    reg.pull_secret(
-        &product.ns.client,
-        &product.ns.name,
-        "regcred",
-        &reg.password,
-    )
-    .await?;
+    let reg = product.registry()?;
+    let (repository, base_digest) = product.push_firmware(&base, "1.1.0").await?;
     let spec = product.firmware_spec(
         "1.2.0",
         "fw-1-2-0",
