@@ -721,6 +721,27 @@ impl Product {
         Ok(())
     }
 
+    /// The test bed's OCI registry (`e2e/testbed up` starts one).
+    pub fn registry(&self) -> Result<&'static crate::Registry> {
+        self.bed
+            .registry
+            .as_ref()
+            .context("the test bed runs no OCI registry (e2e/testbed up starts one)")
+    }
+
+    /// Pushes `image` to the test bed's registry as `<namespace>/firmware:<tag>` and creates the
+    /// pull Secret `regcred` for it; returns the repository and the manifest digest.
+    pub async fn push_firmware(&self, image: &[u8], tag: &str) -> Result<(String, String)> {
+        let reg = self.registry()?;
+        let file = self.dir.join(format!("firmware-{tag}.bin"));
+        std::fs::write(&file, image)?;
+        let repository = format!("{}/firmware", self.ns.name);
+        let digest = reg.push(&file, &repository, tag)?;
+        reg.pull_secret(&self.ns.client, &self.ns.name, "regcred", &reg.password)
+            .await?;
+        Ok((repository, digest))
+    }
+
     /// A firmware campaign spec over this fleet, from ConfigMap `configmap`, merged with `extra`
     /// (a JSON object whose keys replace the defaults, e.g. `{"rollout": {...}}`).
     pub fn firmware_spec(

@@ -1,7 +1,7 @@
 //! End to end, as real processes: delta updates through the operator
 //! (`spec.payload.firmware.deltas`). Release 1.1.0 goes to three of four emulated devices as a
 //! full image; release 1.2.0 then offers a delta from 1.1.0, computed by the operator from the
-//! 1.1.0 image. The device on 1.1.0 rebuilds 1.2.0 from the delta; the device still on its
+//! 1.1.0 image, pulled by tag from the test bed's OCI registry (the digest recorded). The device on 1.1.0 rebuilds 1.2.0 from the delta; the device still on its
 //! enrolled 1.0.0 gets the full image; a device that reports 1.1.0 but lost its installed image
 //! refuses the delta (signed `DeltaBaseMismatch`) and installs the full image next; a device whose
 //! storage corrupts every received chunk rebuilds another image and refuses it, nothing installed.
@@ -75,6 +75,10 @@ async fn delta_campaign(name: &str, operator_args: &[&str]) -> Result<()> {
     std::fs::remove_file(product.device_dir(&ids[1]).join("firmware.bin"))?;
     let fault = format!("bitflip:p=1,where=storage@devices={}", ids[2]);
     product.start_emulator(&["--fault", &fault])?;
+    // The base release is also in the registry, by tag: the operator pulls it from there and
+    // records the digest the tag resolved to.
+    let reg = product.registry()?;
+    let (repository, base_digest) = product.push_firmware(&base, "1.1.0").await?;
     let spec = product.firmware_spec(
         "1.2.0",
         "fw-1-2-0",
@@ -82,7 +86,8 @@ async fn delta_campaign(name: &str, operator_args: &[&str]) -> Result<()> {
             "payload": {"firmware": {
                 "configMapKeyRef": {"name": "fw-1-2-0", "key": "image.bin"},
                 "deltas": [{"fromVersion": "1.1.0",
-                            "configMapKeyRef": {"name": "fw-1-1-0", "key": "image.bin"}}],
+                            "oci": {"reference": format!("{}/{repository}:1.1.0", reg.addr),
+                                    "pullSecretName": "regcred", "insecure": true}}],
             }},
             "rollout": {"maxInFlight": 50, "deviceTimeoutSeconds": 60, "retries": 2,
                         "retryBackoffSeconds": 1, "failureThreshold": "2"},
@@ -158,6 +163,13 @@ async fn delta_campaign(name: &str, operator_args: &[&str]) -> Result<()> {
     ])?;
     let shown: UpdateCampaignStatus = serde_json::from_str(&json).context("status JSON")?;
     assert_eq!(shown.delta, Some(delta));
+    // The tag the base was given by is recorded as the digest it resolved to (a restarted
+    // operator or another replica makes the delta from that very base).
+    assert_eq!(
+        status.delta_oci_digests,
+        std::collections::BTreeMap::from([("1.1.0".to_string(), base_digest)]),
+        "{status:?}"
+    );
     // The delta's chunks are recorded beside the image's, for a restarted operator to clear.
     assert_eq!(status.delta_chunk_counts.len(), 1, "{status:?}");
     assert!(status.delta_chunk_counts[0] >= 1, "{status:?}");

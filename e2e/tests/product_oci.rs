@@ -11,43 +11,13 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use base64::Engine as _;
 use sealed_ota_e2e::product::{metric, random_image, Product};
-use sealed_ota_e2e::Registry;
 use sealed_ota_operator::crd::{CampaignPhase, UpdateCampaign, UpdateCampaignStatus};
 use sha2::Digest as _;
-
-fn registry(product: &Product) -> Result<&'static Registry> {
-    product
-        .bed
-        .registry
-        .as_ref()
-        .context("the test bed runs no OCI registry (e2e/testbed up starts one)")
-}
 
 fn oci_spec(product: &Product, version: &str, oci: serde_json::Value) -> serde_json::Value {
     let mut spec = product.firmware_spec(version, "unused", serde_json::json!({}));
     spec["payload"] = serde_json::json!({"firmware": {"oci": oci}});
     spec
-}
-
-/// Push `image` as `<namespace>/firmware:1.1.0` and create the pull Secret `regcred` for it;
-/// returns the repository and the manifest digest.
-async fn push_with_pull_secret(
-    product: &Product,
-    reg: &Registry,
-    image: &[u8],
-) -> Result<(String, String)> {
-    let file = product.dir.join("firmware-1.1.0.bin");
-    std::fs::write(&file, image)?;
-    let repository = format!("{}/firmware", product.ns.name);
-    let digest = reg.push(&file, &repository, "1.1.0")?;
-    reg.pull_secret(
-        &product.ns.client,
-        &product.ns.name,
-        "regcred",
-        &reg.password,
-    )
-    .await?;
-    Ok((repository, digest))
 }
 
 fn ready(c: &UpdateCampaign) -> Option<(String, String, String)> {
@@ -63,10 +33,10 @@ fn ready(c: &UpdateCampaign) -> Option<(String, String, String)> {
 async fn an_oci_artifact_reaches_every_device_pulled_through_a_bounded_retained_window(
 ) -> Result<()> {
     let mut product = Product::new("oci", 4).await?;
-    let reg = registry(&product)?;
+    let reg = product.registry()?;
     // 1 MiB in 16 KiB chunks (64), at most 256 KiB (16 chunks) retained: served on request.
     let image = random_image(1024 * 1024);
-    let (repository, digest) = push_with_pull_secret(&product, reg, &image).await?;
+    let (repository, digest) = product.push_firmware(&image, "1.1.0").await?;
     product.operator_args = vec!["--retained-chunk-bytes".into(), (256 * 1024).to_string()];
     product.start_operator()?;
     product.start_emulator(&[])?;
@@ -218,8 +188,8 @@ async fn an_oci_artifact_reaches_every_device_pulled_through_a_bounded_retained_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_oci_input_gets_a_condition_naming_the_field_and_starts_nothing() -> Result<()> {
     let mut product = Product::new("ocibad", 1).await?;
-    let reg = registry(&product)?;
-    let (repository, _) = push_with_pull_secret(&product, reg, &random_image(8192)).await?;
+    let reg = product.registry()?;
+    let (repository, _) = product.push_firmware(&random_image(8192), "1.1.0").await?;
     reg.pull_secret(
         &product.ns.client,
         &product.ns.name,

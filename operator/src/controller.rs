@@ -54,6 +54,7 @@ use crate::crd::{
 };
 use crate::engine::{Engine, FIELD_MANAGER};
 use crate::error::Error;
+use crate::firmware::RecordedDigests;
 use crate::gates::{self, GateInput, HealthTally};
 use crate::inputs;
 use crate::mqtt::ConnState;
@@ -1121,23 +1122,25 @@ where
         .map_err(Error::kube("reading a campaign input"))
 }
 
-/// A campaign prepared for its run, and the OCI digest its reference resolved to.
+/// A campaign prepared for its run, and the OCI digests its references resolved to.
 struct Prepared {
     run: CampaignRun,
     oci_digest: Option<String>,
+    /// Each OCI delta base's, by fromVersion.
+    delta_oci_digests: BTreeMap<String, String>,
 }
 
 /// Fetch and validate everything the campaign needs, and prepare it (encrypt once, chunk by
 /// chunk into the cache directory: `firmware::prepare`) with its manifests expiring at
 /// `expires_at` (fixed when the campaign was first prepared) and its content key from the
 /// campaign's `seed` (every replica prepares the same chunks). An OCI reference is pinned to
-/// `recorded_digest`, what the first preparation resolved it to.
+/// what the first preparation resolved it to (`recorded`), the image's and every delta base's.
 async fn prepare_run(
     c: &UpdateCampaign,
     ctx: &Ctx,
     expires_at: u64,
     seed: Zeroizing<[u8; 32]>,
-    recorded_digest: Option<&str>,
+    recorded: RecordedDigests<'_>,
 ) -> Result<Result<Prepared, Blocker>, Error> {
     let ns = c.namespace().unwrap_or_default();
     let uid = c.uid().ok_or(Error::MissingMetadata("uid"))?;
@@ -1151,6 +1154,7 @@ async fn prepare_run(
     let mut deltas = Vec::new();
     let mut full_image = (0, [0; 32]);
     let mut oci_digest = None;
+    let mut delta_oci_digests = BTreeMap::new();
     let payload = if let Some(fw) = &spec.payload.firmware {
         let settings = &ctx.engine.firmware;
         let image = match crate::firmware::prepare(
@@ -1160,7 +1164,7 @@ async fn prepare_run(
             &uid,
             fw,
             spec.chunk_size,
-            recorded_digest,
+            recorded,
             crate::firmware::Seed {
                 seed: &seed,
                 target_version: &spec.target_version,
@@ -1179,6 +1183,7 @@ async fn prepare_run(
             }
         }
         oci_digest = image.resolved_digest;
+        delta_oci_digests = image.delta_resolved_digests;
         chunks = Some(image.chunks);
         deltas = image.deltas;
         full_image = (image.sealed.size(), image.sealed.sha256());
@@ -1285,7 +1290,11 @@ async fn prepare_run(
             capacity,
         );
     }
-    Ok(Ok(Prepared { run, oci_digest }))
+    Ok(Ok(Prepared {
+        run,
+        oci_digest,
+        delta_oci_digests,
+    }))
 }
 
 /// The manager identity (and the CA it trusts) of the campaign's manager Secret, or what is wrong
@@ -1360,7 +1369,7 @@ async fn plan_payload(
     }
     let seed = Zeroizing::new(sealed_ota_protocol::crypto::random::<32>());
     Ok(
-        match prepare_run(c, ctx, expires_at, seed, previous.oci_digest.as_deref()).await? {
+        match prepare_run(c, ctx, expires_at, seed, RecordedDigests::of(previous)).await? {
             Ok(Prepared { run, .. }) => {
                 let bytes = run.facts().chunk_bytes;
                 ctx.memo(key, |m| m.planned = Some((uid.to_owned(), bytes)));
@@ -1435,8 +1444,12 @@ async fn coordinator_pass(
                 use base64::Engine as _;
                 let seed = Zeroizing::new(sealed_ota_protocol::crypto::random::<32>());
                 let sealed = identity.seal_to_self(uid.as_bytes(), &seed[..]);
-                match prepare_run(c, ctx, expires_at, seed, previous.oci_digest.as_deref()).await? {
-                    Ok(Prepared { run, oci_digest }) => {
+                match prepare_run(c, ctx, expires_at, seed, RecordedDigests::of(&previous)).await? {
+                    Ok(Prepared {
+                        run,
+                        oci_digest,
+                        delta_oci_digests,
+                    }) => {
                         let facts = run.facts();
                         let delta_chunk_counts = run.delta_chunk_counts();
                         tracing::info!(chunks = facts.chunk_count, expires_at, "campaign prepared");
@@ -1450,6 +1463,7 @@ async fn coordinator_pass(
                         recorded.sealed_seed =
                             Some(base64::engine::general_purpose::STANDARD.encode(sealed));
                         recorded.oci_digest = oci_digest;
+                        recorded.delta_oci_digests = delta_oci_digests;
                         write_status(c, &key, &recorded, ctx).await?;
                     }
                     Err(b) => blocker = Some(b),
@@ -1535,6 +1549,7 @@ async fn coordinator_pass(
     // Recorded at the first preparation; every later write carries them on (a server-side apply
     // that left them out would remove them).
     status.oci_digest = recorded.oci_digest.clone();
+    status.delta_oci_digests = recorded.delta_oci_digests.clone();
     status.delta_chunk_counts = recorded.delta_chunk_counts.clone();
     // Nothing prepares an ended campaign any more: its seed goes.
     status.sealed_seed = recorded
@@ -1619,7 +1634,7 @@ async fn shard_pass(
         };
         match open_seed(c, ctx, &uid, sealed).await? {
             Ok(seed) => {
-                match prepare_run(c, ctx, expires_at, seed, status.oci_digest.as_deref()).await? {
+                match prepare_run(c, ctx, expires_at, seed, RecordedDigests::of(status)).await? {
                     Ok(Prepared { run, .. }) => {
                         tracing::info!(
                             shard,
@@ -1853,6 +1868,7 @@ async fn single_pass(
     let expired = now >= expires_at && !dry_run;
     let stopping = previous.phase.is_terminal() || c.spec.abort;
     let mut oci_digest = previous.oci_digest.clone();
+    let mut delta_oci_digests = previous.delta_oci_digests.clone();
     if blocker.is_none() && !stopping && dry_run {
         blocker = plan_payload(c, ctx, &key, &uid, expires_at, &previous).await?;
     } else if blocker.is_none() && !stopping && !expired && !ctx.engine.has_run(&key, &uid) {
@@ -1861,25 +1877,31 @@ async fn single_pass(
             ctx,
             expires_at,
             Zeroizing::new(sealed_ota_protocol::crypto::random::<32>()),
-            previous.oci_digest.as_deref(),
+            RecordedDigests::of(&previous),
         )
         .await?
         {
             Ok(Prepared {
                 run,
                 oci_digest: resolved,
+                delta_oci_digests: resolved_bases,
             }) => {
                 tracing::info!(chunks = run.chunk_count(), expires_at, "campaign prepared");
                 let delta_chunk_counts = run.delta_chunk_counts();
                 ctx.engine.insert_run(key.clone(), run);
                 oci_digest = oci_digest.or(resolved);
+                for (from_version, digest) in resolved_bases {
+                    delta_oci_digests.entry(from_version).or_insert(digest);
+                }
                 if previous.expires_at.is_none()
                     || previous.oci_digest != oci_digest
+                    || previous.delta_oci_digests != delta_oci_digests
                     || previous.delta_chunk_counts != delta_chunk_counts
                 {
                     let mut recorded = previous.clone();
                     recorded.expires_at = Some(k8s_time(expires_at));
                     recorded.oci_digest = oci_digest.clone();
+                    recorded.delta_oci_digests = delta_oci_digests.clone();
                     recorded.delta_chunk_counts = delta_chunk_counts;
                     write_status(c, &key, &recorded, ctx).await?;
                 }
@@ -2034,6 +2056,7 @@ async fn single_pass(
     });
     let mut status = status;
     status.oci_digest = oci_digest;
+    status.delta_oci_digests = delta_oci_digests;
     status.delta_chunk_counts = ctx
         .engine
         .delta_chunk_counts(&key)

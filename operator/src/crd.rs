@@ -922,6 +922,11 @@ pub struct UpdateCampaignStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 128))]
     pub oci_digest: Option<String>,
+    /// The manifest digest (sha256:...) each OCI base of spec.payload.firmware.deltas resolved to
+    /// when the campaign was first prepared, by fromVersion: a restarted operator or another
+    /// replica pulls these digests, never the tags again, so every delta is made from one base.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub delta_oci_digests: BTreeMap<String, String>,
     /// What the deltas of spec.payload.firmware.deltas saved (set when the campaign offers one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<DeltaStatus>,

@@ -8,6 +8,7 @@
 //! returns. The rest of the campaign's preparation (manager identity, release signature, the
 //! protocol's `PreparedCampaign`) is the controller's.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -36,6 +37,33 @@ pub struct PreparedImage {
     pub resolved_digest: Option<String>,
     /// The deltas of `spec.payload.firmware.deltas`, in its order.
     pub deltas: Vec<PreparedDelta>,
+    /// The OCI manifest digest each OCI base resolved to, by fromVersion (recorded on the
+    /// campaign status like `resolved_digest`).
+    pub delta_resolved_digests: BTreeMap<String, String>,
+}
+
+/// OCI digests an earlier preparation of the campaign resolved its references to (the campaign
+/// status's `ociDigest` and `deltaOciDigests`): a later preparation pulls these, not the tags.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RecordedDigests<'a> {
+    /// The image's.
+    pub image: Option<&'a str>,
+    /// Each delta base's, by fromVersion.
+    pub deltas: Option<&'a BTreeMap<String, String>>,
+}
+
+impl<'a> RecordedDigests<'a> {
+    /// What the campaign `status` recorded.
+    pub fn of(status: &'a crate::crd::UpdateCampaignStatus) -> Self {
+        Self {
+            image: status.oci_digest.as_deref(),
+            deltas: Some(&status.delta_oci_digests),
+        }
+    }
+
+    fn delta(&self, from_version: &str) -> Option<&'a str> {
+        self.deltas?.get(from_version).map(String::as_str)
+    }
 }
 
 fn blocker(reason: BlockerReason, message: String) -> Blocker {
@@ -138,8 +166,8 @@ struct Fetched {
 }
 
 /// Fetch, check and seal the image of `fw` for campaign `uid` in chunks of `chunk_size` under the
-/// content key of `seed`; an OCI reference is pinned to `recorded_digest` (what an earlier
-/// preparation resolved it to). Each of `fw.deltas` is fetched, made into the delta to the image
+/// content key of `seed`; an OCI reference (the image's or a base's) is pinned to what an earlier
+/// preparation resolved it to (`recorded`). Each of `fw.deltas` is fetched, made into the delta to the image
 /// and sealed under its own stream id before the image is sealed (the image's plaintext is
 /// removed once sealed).
 #[allow(clippy::too_many_arguments)]
@@ -150,20 +178,25 @@ pub async fn prepare(
     uid: &str,
     fw: &FirmwareSource,
     chunk_size: u32,
-    recorded_digest: Option<&str>,
+    recorded: RecordedDigests<'_>,
     seed: Seed<'_>,
 ) -> Result<Result<PreparedImage, Blocker>, Error> {
-    let target = match fetch(settings, client, ns, uid, fw, recorded_digest).await? {
+    let target = match fetch(settings, client, ns, uid, fw, recorded.image).await? {
         Ok(t) => t,
         Err(b) => return Ok(Err(b)),
     };
     let mut deltas = Vec::with_capacity(fw.deltas.len());
+    let mut delta_resolved_digests = BTreeMap::new();
     for (index, d) in fw.deltas.iter().enumerate() {
         let stream = delta_stream_id(uid, index);
-        let base = match fetch(settings, client, ns, &stream, &d.image_source(), None).await? {
+        let pinned = recorded.delta(&d.from_version);
+        let base = match fetch(settings, client, ns, &stream, &d.image_source(), pinned).await? {
             Ok(b) => b,
             Err(b) => return Ok(Err(of_delta(b, index))),
         };
+        if let Some(digest) = &base.resolved_digest {
+            delta_resolved_digests.insert(d.from_version.clone(), digest.clone());
+        }
         let target_path = target.files.image_path();
         let files = base.files;
         let (files, made) = tokio::task::spawn_blocking(move || {
@@ -206,6 +239,7 @@ pub async fn prepare(
         chunks,
         resolved_digest: target.resolved_digest,
         deltas,
+        delta_resolved_digests,
     }))
 }
 

@@ -351,6 +351,7 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         // Recorded by the controller from the campaign's first preparation.
         oci_digest: None,
         delta_chunk_counts: Vec::new(),
+        delta_oci_digests: Default::default(),
         delta: None,
         failures,
         conditions,
