@@ -1546,11 +1546,6 @@ async fn coordinator_pass(
     });
     status.shards = co.assignments.clone();
     status.delta = co.delta.or(recorded.delta);
-    // Recorded at the first preparation; every later write carries them on (a server-side apply
-    // that left them out would remove them).
-    status.oci_digest = recorded.oci_digest.clone();
-    status.delta_oci_digests = recorded.delta_oci_digests.clone();
-    status.delta_chunk_counts = recorded.delta_chunk_counts.clone();
     // Nothing prepares an ended campaign any more: its seed goes.
     status.sealed_seed = recorded
         .sealed_seed

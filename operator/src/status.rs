@@ -348,10 +348,15 @@ pub fn compute(input: StatusInput<'_>) -> UpdateCampaignStatus {
         chunk_count,
         expires_at,
         release_key_id,
-        // Recorded by the controller from the campaign's first preparation.
-        oci_digest: None,
-        delta_chunk_counts: Vec::new(),
-        delta_oci_digests: Default::default(),
+        // Recorded by the controller at the campaign's first preparation and carried by every
+        // later status (a server-side apply that left them out would remove them).
+        oci_digest: previous.and_then(|p| p.oci_digest.clone()),
+        delta_chunk_counts: previous
+            .map(|p| p.delta_chunk_counts.clone())
+            .unwrap_or_default(),
+        delta_oci_digests: previous
+            .map(|p| p.delta_oci_digests.clone())
+            .unwrap_or_default(),
         delta: None,
         failures,
         conditions,
@@ -428,6 +433,27 @@ mod tests {
 
     fn cond<'a>(s: &'a UpdateCampaignStatus, t: &str) -> &'a Condition {
         s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    /// What the first preparation recorded (the OCI digests the tags resolved to, the deltas'
+    /// chunk counts) stays in every later status, whoever computes it.
+    #[test]
+    fn what_the_first_preparation_recorded_is_carried_on() {
+        let previous = UpdateCampaignStatus {
+            oci_digest: Some("sha256:aa".into()),
+            delta_chunk_counts: vec![7],
+            delta_oci_digests: [("1.0.0".to_string(), "sha256:bb".to_string())].into(),
+            ..UpdateCampaignStatus::default()
+        };
+        let s = compute(base(Some(&previous), 100));
+        assert_eq!(
+            (&s.oci_digest, &s.delta_chunk_counts, &s.delta_oci_digests),
+            (
+                &previous.oci_digest,
+                &previous.delta_chunk_counts,
+                &previous.delta_oci_digests
+            )
+        );
     }
 
     #[test]
