@@ -44,12 +44,12 @@ pub struct PreparedImage {
 
 /// OCI digests an earlier preparation of the campaign resolved its references to (the campaign
 /// status's `ociDigest` and `deltaOciDigests`): a later preparation pulls these, not the tags.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct RecordedDigests<'a> {
     /// The image's.
     pub image: Option<&'a str>,
     /// Each delta base's, by fromVersion.
-    pub deltas: Option<&'a BTreeMap<String, String>>,
+    pub deltas: &'a BTreeMap<String, String>,
 }
 
 impl<'a> RecordedDigests<'a> {
@@ -57,12 +57,12 @@ impl<'a> RecordedDigests<'a> {
     pub fn of(status: &'a crate::crd::UpdateCampaignStatus) -> Self {
         Self {
             image: status.oci_digest.as_deref(),
-            deltas: Some(&status.delta_oci_digests),
+            deltas: &status.delta_oci_digests,
         }
     }
 
     fn delta(&self, from_version: &str) -> Option<&'a str> {
-        self.deltas?.get(from_version).map(String::as_str)
+        self.deltas.get(from_version).map(String::as_str)
     }
 }
 
@@ -166,10 +166,10 @@ struct Fetched {
 }
 
 /// Fetch, check and seal the image of `fw` for campaign `uid` in chunks of `chunk_size` under the
-/// content key of `seed`; an OCI reference (the image's or a base's) is pinned to what an earlier
-/// preparation resolved it to (`recorded`). Each of `fw.deltas` is fetched, made into the delta to the image
-/// and sealed under its own stream id before the image is sealed (the image's plaintext is
-/// removed once sealed).
+/// content key of `seed`; an OCI reference (the image's or a base's) is pinned to what an
+/// earlier preparation resolved it to (`recorded`). Each of `fw.deltas` is fetched, made into the
+/// delta to the image and sealed under its own stream id before the image is sealed (the image's
+/// plaintext is removed once sealed).
 #[allow(clippy::too_many_arguments)]
 pub async fn prepare(
     settings: &FirmwareSettings,
