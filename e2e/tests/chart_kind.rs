@@ -487,7 +487,7 @@ async fn kind_mosquitto_config_runs_and_its_acl_isolates_devices() -> Result<()>
     let mut manager = connect(bed, tls_acl, "manager", &mc, &mk).await?;
     let mut dev_a = connect(bed, tls_acl, "dev-00000", &ac, &ak).await?;
     let mut dev_b = connect(bed, tls_acl, "dev-00001", &bc, &bk).await?;
-    subscribe(&mut manager, "iot/manager/+/ready").await?;
+    subscribe(&mut manager, "iot/manager/+/ready/+").await?;
     subscribe(&mut dev_a, "iot/manager/dev-00000/notify").await?;
     subscribe(&mut dev_b, "iot/manager/dev-00000/notify").await?; // not its own: the ACL hides it
 

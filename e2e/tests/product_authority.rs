@@ -30,10 +30,10 @@ use sealed_ota_operator::crd::{CampaignPhase, DevicePhase};
 fn acl(drop_statuses: bool) -> String {
     let mut acl = String::from(
         "pattern readwrite iot/%u/#\npattern read iot/+/%u/notify\npattern read iot/+/%u/update\n\
-         pattern write iot/+/%u/ready\npattern read iot/+/_chunks/#\n",
+         pattern write iot/+/%u/ready/+\npattern read iot/+/_chunks/#\n",
     );
     if !drop_statuses {
-        acl.push_str("pattern write iot/+/%u/update/status\n");
+        acl.push_str("pattern write iot/+/%u/update/status/+\n");
     }
     acl
 }

@@ -22,6 +22,7 @@ use sealed_ota_e2e::product::{certificate_fingerprint, metric, random_image, Pro
 use sealed_ota_e2e::rogue::{retained, Msg, Rogue};
 use sealed_ota_e2e::wait_for;
 use sealed_ota_operator::crd::{CampaignPhase, Device, DevicePhase};
+use sealed_ota_protocol::TopicTree;
 
 // ---------------------------------------------------------------------------------------------
 // Small readers of what the product exposes (the rogue is `sealed_ota_e2e::rogue`).
@@ -222,6 +223,7 @@ async fn an_older_campaign_replayed_into_a_newer_one_is_refused() -> Result<()> 
     assert_all_hold(&product, &image_a, "image A")?;
     let uid_a = product.campaign("a").await?.metadata.uid.context("uid")?;
     let recorded = rogue.seen();
+    let topics = TopicTree::new("iot", &m)?;
     let last = |topic: &str| {
         recorded
             .iter()
@@ -236,7 +238,7 @@ async fn an_older_campaign_replayed_into_a_newer_one_is_refused() -> Result<()> 
     for id in &product.device_ids {
         a_notify.insert(id.clone(), last(&format!("iot/{m}/{id}/notify"))?);
         a_update.insert(id.clone(), last(&format!("iot/{m}/{id}/update"))?);
-        a_ready.insert(id.clone(), last(&format!("iot/{m}/{id}/ready"))?);
+        a_ready.insert(id.clone(), last(&topics.ready(id))?);
     }
     let a_prefix = format!("iot/{m}/_chunks/{uid_a}/");
     let a_chunks: BTreeMap<u32, Vec<u8>> = recorded
@@ -430,7 +432,7 @@ async fn another_devices_ready_on_a_devices_topic_is_refused() -> Result<()> {
     let mut product = Product::new("mitm-cert", 5).await?;
     let m = product.manager_id.clone();
     let (y, x) = (product.device_ids[0].clone(), product.device_ids[4].clone());
-    let rogue = Rogue::start(product.bed, &product.ns.name, &format!("iot/{m}/+/ready")).await?;
+    let rogue = Rogue::start(product.bed, &product.ns.name, &format!("iot/{m}/+/ready/+")).await?;
     let image = random_image(32 * 1024);
     product.firmware_configmap("fw", &image).await?;
     product.start_operator()?;
@@ -455,7 +457,8 @@ async fn another_devices_ready_on_a_devices_topic_is_refused() -> Result<()> {
         .status
         .context("status")?;
     assert_eq!(status.devices.failed, 0, "{status:?}");
-    let y_topic = format!("iot/{m}/{y}/ready");
+    let topics = TopicTree::new("iot", &m)?;
+    let y_topic = topics.ready(&y);
     let y_ready = rogue
         .until("Y's signed ready", Duration::from_secs(10), |seen| {
             seen.iter()
@@ -471,7 +474,8 @@ async fn another_devices_ready_on_a_devices_topic_is_refused() -> Result<()> {
     let wrong_device = metric(&series, errors, Some("reason=\"wrong_device\""));
     let handshakes = metric(&series, "sealed_ota_operator_handshakes_total", None);
     assert_eq!(handshakes, 4.0, "one handshake per online device");
-    let x_topic = format!("iot/{m}/{x}/ready");
+    // On X's own topic (its bucket), or the manager would not even read it as X's.
+    let x_topic = topics.ready(&x);
     rogue
         .publish(
             &x_topic,

@@ -43,6 +43,20 @@ async fn metric_of(product: &mut Product, i: usize, name: &str) -> Result<f64> {
     Ok(sealed_ota_e2e::http::metric_sum(&text, name))
 }
 
+/// Devices' messages replica `i` received of the shards it holds (`held`) or does not.
+async fn inbound_of(product: &mut Product, i: usize, held: bool) -> Result<f64> {
+    let addr = product.replica_metrics_addr(i)?;
+    let text = sealed_ota_e2e::http::get(&format!("http://{addr}/metrics")).await?;
+    let series =
+        format!("sealed_ota_operator_mqtt_inbound_messages_total{{shard_held=\"{held}\"}}");
+    let samples = sealed_ota_e2e::http::samples(&text);
+    Ok(samples
+        .iter()
+        .filter(|(k, _)| *k == series)
+        .map(|(_, v)| v)
+        .sum())
+}
+
 /// Start two replicas sharing `--shards 4` and wait until the coordinator labelled every Device
 /// with its bucket (so that its shard's reflector sees it).
 async fn start_two_replicas(product: &mut Product) -> Result<()> {
@@ -133,6 +147,18 @@ async fn a_killed_replica_s_shards_and_coordination_are_taken_over_mid_campaign(
     for i in 0..2 {
         let held = metric_of(&mut product, i, "sealed_ota_operator_shards_held").await?;
         assert!(held >= 1.0, "replica {i} holds {held} shards");
+    }
+    // Per-shard subscriptions: the broker delivers each replica its own shards' devices' messages
+    // only (every replica subscribed to every device's before).
+    for i in 0..2 {
+        let (mine, others) = (
+            inbound_of(&mut product, i, true).await?,
+            inbound_of(&mut product, i, false).await?,
+        );
+        assert!(
+            mine > 0.0 && others == 0.0,
+            "replica {i} received {mine} messages of its shards and {others} of others'"
+        );
     }
     let done_before = product.done_devices().await?;
     let victim = leader_of(&mut product).await?;

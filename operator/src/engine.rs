@@ -185,11 +185,18 @@ impl Engine {
         self.perform(fx).await
     }
 
+    /// The device a `ready` or status message comes from (by its topic, a hint), if it is one.
+    pub fn device_of(&self, msg: &Inbound) -> Option<String> {
+        match self.topics.parse(&msg.topic) {
+            Ok(TopicKind::Ready { device }) | Ok(TopicKind::Status { device }) => Some(device),
+            _ => None,
+        }
+    }
+
     /// Feed one inbound message to the session it belongs to and carry out what follows.
     pub async fn handle_inbound(&self, msg: Inbound) {
-        let device = match self.topics.parse(&msg.topic) {
-            Ok(TopicKind::Ready { device }) | Ok(TopicKind::Status { device }) => device,
-            _ => return,
+        let Some(device) = self.device_of(&msg) else {
+            return;
         };
         let fx = lock(&self.runs).dispatch(&device, &msg, &self.topics, unix_now());
         if let Err(e) = self.perform(fx).await {

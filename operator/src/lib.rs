@@ -310,12 +310,18 @@ async fn active(
     let settings = broker_settings(config, client).await?;
     tracing::info!(broker = ?settings, manager = %config.manager_id, "starting MQTT session");
     let (inbound_tx, mut inbound_rx) = mpsc::channel(16 * 1024);
-    let (mqtt, mqtt_task) = MqttSession::start(
-        settings,
-        vec![topics.ready_filter(), topics.status_filter()],
-        inbound_tx,
-        metrics.clone(),
-    );
+    // The devices' messages of the shards held: the broker delivers each replica only its own.
+    let (filters_tx, filters) = watch::channel(shards.filters(&held.borrow(), &topics));
+    let _follow_shards = {
+        let (mut held, topics) = (held.clone(), topics.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            while held.changed().await.is_ok() {
+                let now = shards.filters(&held.borrow_and_update(), &topics);
+                filters_tx.send_if_modified(|f| std::mem::replace(f, now) != *f);
+            }
+        }))
+    };
+    let (mqtt, mqtt_task) = MqttSession::start(settings, filters, inbound_tx, metrics.clone());
     let _mqtt_task = AbortOnDrop(mqtt_task);
     // Device status writes: 8 ordered lanes, so 10,000 devices do not queue behind one writer.
     let hold = std::time::Duration::from_secs(config.device_write_hold_seconds);
@@ -341,9 +347,18 @@ async fn active(
         },
     ));
     let dispatcher = {
-        let engine = engine.clone();
+        let (engine, held) = (engine.clone(), held.clone());
         AbortOnDrop(tokio::spawn(async move {
             while let Some(msg) = inbound_rx.recv().await {
+                if let Some(device) = engine.device_of(&msg) {
+                    let mine = held.borrow().contains(&shards.of_device(&device));
+                    let label = if mine { "true" } else { "false" };
+                    engine
+                        .metrics
+                        .inbound_messages
+                        .with_label_values(&[label])
+                        .inc();
+                }
                 engine.handle_inbound(msg).await;
             }
         }))

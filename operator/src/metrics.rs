@@ -49,6 +49,9 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// Shards whose Lease this replica holds.
     pub shards_held: IntGauge,
+    /// Devices' messages received, by whether their shard is held here (`false`: a message the
+    /// broker need not have sent this replica; per-shard subscriptions keep it near 0).
+    pub inbound_messages: IntCounterVec,
     ready: Arc<AtomicBool>,
 }
 
@@ -127,6 +130,11 @@ impl Metrics {
             ),
             leader: gauge("leader", "1 while this replica holds the leader Lease"),
             shards_held: gauge("shards_held", "Shards whose Lease this replica holds"),
+            inbound_messages: counter_vec(
+                "mqtt_inbound_messages_total",
+                "Devices' ready and status messages received, by whether this replica holds their shard",
+                &["shard_held"],
+            ),
             ready: Arc::new(AtomicBool::new(false)),
             registry,
         }

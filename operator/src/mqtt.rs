@@ -1,16 +1,17 @@
 //! The one shared MQTT 5 session of the manager (rumqttc `v5`).
 //!
 //! A task drives the rumqttc event loop: it reconnects with exponential backoff (moving to the
-//! next node of a clustered broker when a connection is lost), resubscribes the manager's `ready`
-//! and `status` filters on every CONNACK, and forwards inbound PUBLISHes to the engine over a
-//! channel. Everything the broker says is a hint; this module only moves bytes and
+//! next node of a clustered broker when a connection is lost), subscribes the manager's current
+//! `ready` and `status` filters on every CONNACK, and forwards inbound PUBLISHes to the engine
+//! over a channel. A second task follows the filters as they change (a replica's shards come and
+//! go): it subscribes what was added and unsubscribes what was removed. Everything the broker says is a hint; this module only moves bytes and
 //! reports the connection state. It never logs payloads or credentials.
 
 use std::time::Duration;
 
 use std::sync::Arc;
 
-use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use sealed_ota_protocol::{Action, Inbound, Outbound};
 use tokio::sync::{mpsc, watch};
@@ -69,6 +70,47 @@ impl BrokerSettings {
     }
 }
 
+/// Filters per SUBSCRIBE packet (a replica holding shards has two per bucket, up to 512).
+const FILTERS_PER_SUBSCRIBE: usize = 64;
+
+/// `filters` at the protocol's QoS, in SUBSCRIBE-sized batches.
+fn subscribe_batches(filters: &[String]) -> impl Iterator<Item = Vec<Filter>> + '_ {
+    filters.chunks(FILTERS_PER_SUBSCRIBE).map(|batch| {
+        batch
+            .iter()
+            .map(|f| Filter::new(f.clone(), sealed_ota_mqtt::QOS))
+            .collect()
+    })
+}
+
+/// Subscribe the filters added and unsubscribe those removed, each time `filters` changes. (A
+/// new connection subscribes the whole current set itself.)
+async fn follow_filters(client: AsyncClient, mut filters: watch::Receiver<Vec<String>>) {
+    use std::collections::BTreeSet;
+    let mut before: BTreeSet<String> = filters.borrow_and_update().iter().cloned().collect();
+    while filters.changed().await.is_ok() {
+        let now: BTreeSet<String> = filters.borrow_and_update().iter().cloned().collect();
+        let added: Vec<String> = now.difference(&before).cloned().collect();
+        for batch in subscribe_batches(&added) {
+            if let Err(e) = client.subscribe_many(batch).await {
+                tracing::warn!(error = %e, "subscribe request failed");
+            }
+        }
+        for f in before.difference(&now) {
+            if let Err(e) = client.unsubscribe(f.clone()).await {
+                tracing::warn!(filter = %f, error = %e, "unsubscribe request failed");
+            }
+        }
+        tracing::info!(
+            filters = now.len(),
+            added = added.len(),
+            removed = before.len() + added.len() - now.len(),
+            "subscriptions follow the shards held"
+        );
+        before = now;
+    }
+}
+
 /// State of the broker connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConnState {
@@ -100,11 +142,11 @@ pub fn client_id(manager_id: &str, identity: &str) -> String {
 pub const MANAGER_RECEIVE_MAXIMUM: u16 = u16::MAX;
 
 impl MqttSession {
-    /// Start the session task. Inbound PUBLISHes go to `inbound`; `filters` are (re)subscribed on
-    /// every connection.
+    /// Start the session task. Inbound PUBLISHes go to `inbound`; the current `filters` are
+    /// subscribed on every connection and followed as they change (until their sender is dropped).
     pub fn start(
         settings: BrokerSettings,
-        filters: Vec<String>,
+        filters: watch::Receiver<Vec<String>>,
         inbound: mpsc::Sender<Inbound>,
         metrics: Metrics,
     ) -> (Self, JoinHandle<()>) {
@@ -114,6 +156,7 @@ impl MqttSession {
         let (state_tx, state) = watch::channel(ConnState::Connecting);
         let task_client = client.clone();
         let task_metrics = metrics.clone();
+        tokio::spawn(follow_filters(client.clone(), filters.clone()));
         let task = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(500);
             loop {
@@ -123,11 +166,11 @@ impl MqttSession {
                         task_metrics.mqtt_connected.set(1);
                         let (host, port) = &settings.nodes[node % settings.nodes.len()];
                         tracing::info!(%host, port, "connected to broker");
-                        for f in &filters {
-                            if let Err(e) =
-                                task_client.try_subscribe(f.clone(), sealed_ota_mqtt::QOS)
-                            {
-                                tracing::warn!(filter = %f, error = %e, "subscribe request failed");
+                        // Not awaited: this task drains the client's request channel.
+                        let current = filters.borrow().clone();
+                        for batch in subscribe_batches(&current) {
+                            if let Err(e) = task_client.try_subscribe_many(batch) {
+                                tracing::warn!(error = %e, "subscribe request failed");
                             }
                         }
                         let _ = state_tx.send(ConnState::Connected);

@@ -11,19 +11,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
+/// A device's bucket, the protocol's (its topics to the manager end with it).
+pub use sealed_ota_protocol::topics::{bucket_of, BUCKETS};
+use sealed_ota_protocol::TopicTree;
 use sha2::{Digest, Sha256};
 
 /// The label that records a device's bucket.
 pub const BUCKET_LABEL: &str = "ota.sealed-ota.dev/bucket";
-/// Buckets a device id hashes to.
-pub const BUCKETS: u32 = 256;
 /// Most shards a deployment may have (bounds `status.shards` of a campaign).
 pub const MAX_SHARDS: u32 = 64;
-
-/// The bucket of a device id: the first byte of its SHA-256.
-pub fn bucket_of(device_id: &str) -> u32 {
-    u32::from(Sha256::digest(device_id.as_bytes())[0])
-}
 
 /// The number of shards of a deployment: a power of two from 1 to [`MAX_SHARDS`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -65,6 +61,23 @@ impl ShardCount {
     /// The shard of a device id.
     pub fn of_device(self, device_id: &str) -> u32 {
         self.of_bucket(bucket_of(device_id))
+    }
+
+    /// The MQTT filters of the devices' messages (`ready` and status) of the shards in `held`:
+    /// the two every-device filters with one shard, else two per bucket of a held shard, so the
+    /// broker delivers this replica only its own devices' messages. Empty when nothing is held.
+    pub fn filters(self, held: &BTreeSet<u32>, topics: &TopicTree) -> Vec<String> {
+        if self.0 == 1 {
+            return if held.contains(&0) {
+                vec![topics.ready_filter(), topics.status_filter()]
+            } else {
+                Vec::new()
+            };
+        }
+        (0..BUCKETS)
+            .filter(|b| held.contains(&self.of_bucket(*b)))
+            .flat_map(|b| topics.bucket_filters(b))
+            .collect()
     }
 
     /// The label selector of shard `shard`'s Devices, `None` with one shard (every Device, labelled
@@ -206,6 +219,39 @@ pub fn apportion(total: u32, sizes: &[u32]) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_subscribes_to_the_buckets_of_the_shards_it_holds_only() {
+        let topics = TopicTree::new("iot", "m").unwrap();
+        let none = BTreeSet::new();
+        assert!(ShardCount::ONE.filters(&none, &topics).is_empty());
+        assert_eq!(
+            ShardCount::ONE.filters(&BTreeSet::from([0]), &topics),
+            ["iot/m/+/ready/+", "iot/m/+/update/status/+"]
+        );
+        let four = ShardCount::new(4).unwrap();
+        let held = BTreeSet::from([1, 2]);
+        let filters = four.filters(&held, &topics);
+        // Half the buckets, two filters each.
+        assert_eq!(filters.len(), 256);
+        for i in 0..400 {
+            let id = format!("dev-{i:05}");
+            let mine = held.contains(&four.of_device(&id));
+            let received = [topics.ready(&id), topics.status(&id)]
+                .iter()
+                .all(|t| filters.iter().any(|f| matches(f, t)));
+            let none_received = [topics.ready(&id), topics.status(&id)]
+                .iter()
+                .all(|t| !filters.iter().any(|f| matches(f, t)));
+            assert!(if mine { received } else { none_received }, "{id}");
+        }
+    }
+
+    /// MQTT topic matching for filters with `+` only (what `filters` builds).
+    fn matches(filter: &str, topic: &str) -> bool {
+        let (f, t): (Vec<_>, Vec<_>) = (filter.split('/').collect(), topic.split('/').collect());
+        f.len() == t.len() && f.iter().zip(&t).all(|(f, t)| *f == "+" || f == t)
+    }
 
     #[test]
     fn buckets_are_stable_and_spread() {

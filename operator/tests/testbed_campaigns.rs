@@ -437,7 +437,7 @@ async fn device_loop(
                                     session.set_identity(Arc::new(Identity::from_pem(&cert_pem, &key_pem)?));
                                     if receipts_lost == 0 {
                                         receipts_lost += 1;
-                                        a.retain(|x| !matches!(x, Action::Publish(o) if o.topic.ends_with("/update/status")));
+                                        a.retain(|x| !matches!(x, Action::Publish(o) if o.topic.contains("/update/status/")));
                                     }
                                 }
                             }

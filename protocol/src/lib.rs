@@ -74,7 +74,7 @@ pub use mqtt::{Action, Inbound, Outbound, Properties};
 pub use release::{ReleaseKey, ReleaseSignature, ReleaseSigner};
 #[cfg(feature = "manager")]
 pub use sealer::{ChunkSealer, SealedFirmware, MAX_PREPARE_THREADS};
-pub use topics::{TopicKind, TopicTree};
+pub use topics::{bucket_of, TopicKind, TopicTree};
 pub use wire::{verify_receipt, Claim, HealthBody, ReceiptBody};
 
 /// The RNG traits of [`DeviceSession::with_rng`] (the version this crate is built with).

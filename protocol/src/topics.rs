@@ -1,10 +1,17 @@
 //! MQTT topic tree of the paper's Figure 5, with a configurable prefix. Owns topic construction and
 //! parsing only; a topic is a broker-alterable hint and never proves anything by itself.
 //!
-//! Layout: `<prefix>/<manager>/<device>/{notify,ready,update,update/status}` and
+//! Layout: `<prefix>/<manager>/<device>/{notify,update}` (manager to device),
+//! `<prefix>/<manager>/<device>/{ready,update/status}/<bucket>` (device to manager) and
 //! `<prefix>/<manager>/_chunks/<campaign>/<index>`. The default prefix is `iot`. The paper's `$iot`
 //! is accepted, but MQTT 5 section 4.7.2 reserves topics starting with `$` for the broker, and
 //! Mosquitto's persistence does not keep retained `$` topics: prefer `iot`.
+//!
+//! A device's **bucket** ([`bucket_of`]: the first byte of the SHA-256 of its id, in decimal) ends
+//! the topics it publishes to, so that a manager split over replicas subscribes only to the
+//! buckets of the shards it holds (`<prefix>/<manager>/+/ready/<bucket>`) and the broker delivers
+//! each replica only its own devices' messages; one manager takes every bucket with
+//! [`TopicTree::ready_filter`]. A topic whose bucket is not its device's is not in the tree.
 
 use crate::prelude::*;
 
@@ -14,6 +21,15 @@ use crate::error::TopicError;
 pub const DEFAULT_PREFIX: &str = "iot";
 /// Topic level holding published chunks; ids cannot start with `_`, so it never collides.
 pub const CHUNKS_LEVEL: &str = "_chunks";
+
+/// Buckets a device id hashes to ([`bucket_of`]).
+pub const BUCKETS: u32 = 256;
+
+/// The bucket of a device id: the first byte of its SHA-256. Fixed for ever for an id.
+pub fn bucket_of(device_id: &str) -> u32 {
+    use sha2::Digest;
+    u32::from(sha2::Sha256::digest(device_id.as_bytes())[0])
+}
 
 /// Check an id (manager, device or campaign): 1-63 chars of `[a-z0-9-]`.
 pub fn validate_id(id: &str) -> Result<(), TopicError> {
@@ -44,7 +60,7 @@ pub enum TopicKind {
         /// Device id.
         device: String,
     },
-    /// `<prefix>/<manager>/<device>/ready`
+    /// `<prefix>/<manager>/<device>/ready/<bucket>`
     Ready {
         /// Device id.
         device: String,
@@ -54,7 +70,7 @@ pub enum TopicKind {
         /// Device id.
         device: String,
     },
-    /// `<prefix>/<manager>/<device>/update/status`
+    /// `<prefix>/<manager>/<device>/update/status/<bucket>`
     Status {
         /// Device id.
         device: String,
@@ -105,25 +121,33 @@ impl TopicTree {
     pub fn notify(&self, device: &str) -> String {
         self.dev(device, "notify")
     }
-    /// `<prefix>/<manager>/<device>/ready`
+    /// `<prefix>/<manager>/<device>/ready/<bucket>`
     pub fn ready(&self, device: &str) -> String {
-        self.dev(device, "ready")
+        self.dev(device, &format!("ready/{}", bucket_of(device)))
     }
     /// `<prefix>/<manager>/<device>/update`
     pub fn update(&self, device: &str) -> String {
         self.dev(device, "update")
     }
-    /// `<prefix>/<manager>/<device>/update/status`
+    /// `<prefix>/<manager>/<device>/update/status/<bucket>`
     pub fn status(&self, device: &str) -> String {
-        self.dev(device, "update/status")
+        self.dev(device, &format!("update/status/{}", bucket_of(device)))
     }
-    /// `<prefix>/<manager>/+/ready`
+    /// `<prefix>/<manager>/+/ready/+`: every device's `ready`.
     pub fn ready_filter(&self) -> String {
-        self.dev("+", "ready")
+        self.dev("+", "ready/+")
     }
-    /// `<prefix>/<manager>/+/update/status`
+    /// `<prefix>/<manager>/+/update/status/+`: every device's status.
     pub fn status_filter(&self) -> String {
-        self.dev("+", "update/status")
+        self.dev("+", "update/status/+")
+    }
+    /// The two filters of one bucket's devices, `ready` and status:
+    /// `<prefix>/<manager>/+/ready/<bucket>` and `<prefix>/<manager>/+/update/status/<bucket>`.
+    pub fn bucket_filters(&self, bucket: u32) -> [String; 2] {
+        [
+            self.dev("+", &format!("ready/{bucket}")),
+            self.dev("+", &format!("update/status/{bucket}")),
+        ]
     }
     /// `<prefix>/<manager>/_chunks/<campaign>/<index>`
     pub fn chunk(&self, campaign: &str, index: u32) -> String {
@@ -168,12 +192,13 @@ impl TopicTree {
             }
             [device, leaf @ ..] => {
                 validate_id(device).map_err(|_| not_in())?;
+                let own_bucket = |b: &str| *b == bucket_of(device).to_string();
                 let device = device.to_string();
                 match leaf {
                     ["notify"] => Ok(TopicKind::Notify { device }),
-                    ["ready"] => Ok(TopicKind::Ready { device }),
+                    ["ready", b] if own_bucket(b) => Ok(TopicKind::Ready { device }),
                     ["update"] => Ok(TopicKind::Update { device }),
-                    ["update", "status"] => Ok(TopicKind::Status { device }),
+                    ["update", "status", b] if own_bucket(b) => Ok(TopicKind::Status { device }),
                     _ => Err(not_in()),
                 }
             }
@@ -190,9 +215,16 @@ mod tests {
     fn build_and_parse_round_trip() {
         let t = TopicTree::new(DEFAULT_PREFIX, "p1").unwrap();
         assert_eq!(t.notify("s1"), "iot/p1/s1/notify");
-        assert_eq!(t.status("s1"), "iot/p1/s1/update/status");
-        assert_eq!(t.ready_filter(), "iot/p1/+/ready");
-        assert_eq!(t.status_filter(), "iot/p1/+/update/status");
+        // SHA-256("s1") starts with 0xe8 (232).
+        assert_eq!(bucket_of("s1"), 0xe8);
+        assert_eq!(t.ready("s1"), "iot/p1/s1/ready/232");
+        assert_eq!(t.status("s1"), "iot/p1/s1/update/status/232");
+        assert_eq!(t.ready_filter(), "iot/p1/+/ready/+");
+        assert_eq!(t.status_filter(), "iot/p1/+/update/status/+");
+        assert_eq!(
+            t.bucket_filters(232),
+            ["iot/p1/+/ready/232", "iot/p1/+/update/status/232"]
+        );
         assert_eq!(t.chunk("c1", 7), "iot/p1/_chunks/c1/7");
         for (topic, kind) in [
             (
@@ -235,7 +267,7 @@ mod tests {
     fn dollar_prefix_allowed_and_multi_level() {
         let t = TopicTree::new("$iot", "p1").unwrap();
         assert_eq!(
-            t.parse("$iot/p1/s1/ready").unwrap(),
+            t.parse("$iot/p1/s1/ready/232").unwrap(),
             TopicKind::Ready {
                 device: "s1".into()
             }
@@ -269,9 +301,15 @@ mod tests {
     fn rejects_foreign_topics() {
         let t = TopicTree::new("iot", "p1").unwrap();
         for topic in [
-            "iot/p2/s1/ready",
+            "iot/p2/s1/ready/232",
             "iot/p1/s1/other",
             "iot/p1/s1/update/status/x",
+            // Without its bucket, or with another device's.
+            "iot/p1/s1/ready",
+            "iot/p1/s1/update/status",
+            "iot/p1/s1/ready/231",
+            "iot/p1/s1/update/status/0232",
+            "iot/p1/s1/ready/232/x",
             "iot/p1/_chunks/c1/01",
             "iot/p1/_chunks/c1/-1",
             "iot/p1/_chunks/c1/99999999999",

@@ -119,7 +119,7 @@ fn cert_der_of(w: &World, device: &str) -> Vec<u8> {
         .broker
         .published
         .iter()
-        .find(|(from, o)| from == device && o.topic.ends_with("/ready"))
+        .find(|(from, o)| from == device && sans_bucket(&o.topic).ends_with("/ready"))
         .unwrap();
     let (_, body) = wire::decode_ready(&ready.1.payload).unwrap();
     body.device_cert

@@ -38,7 +38,7 @@ fn a_device_reports_its_health_and_the_manager_verifies_it_after_the_session() {
             .health_report(true, "service up", w.now + 60)
             .unwrap(),
     );
-    assert_eq!(healthy.topic, "iot/p1/s1/update/status");
+    assert_eq!(healthy.topic, "iot/p1/s1/update/status/232");
     assert!(!healthy.retain);
     let report = verifier.verify(&healthy.payload).unwrap();
     assert_eq!(

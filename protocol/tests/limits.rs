@@ -64,7 +64,7 @@ impl Insider {
             ct,
         };
         Inbound {
-            topic: "iot/p1/s1/update/status".into(),
+            topic: "iot/p1/s1/update/status/232".into(),
             payload: sign_as(&self.id, wire::TYPE_STATUS, &sm),
             properties: Properties::default(),
         }

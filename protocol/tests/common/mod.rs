@@ -273,7 +273,7 @@ impl World {
         self.broker
             .published
             .iter()
-            .filter(|(f, o)| f == from && o.topic.ends_with(suffix))
+            .filter(|(f, o)| f == from && sans_bucket(&o.topic).ends_with(suffix))
             .map(|(_, o)| o.to_inbound())
             .collect()
     }
@@ -284,7 +284,7 @@ impl World {
             .published
             .iter()
             .rev()
-            .find(|(f, o)| f == from && o.topic.ends_with(suffix))
+            .find(|(f, o)| f == from && sans_bucket(&o.topic).ends_with(suffix))
             .expect("published")
             .1
             .to_inbound()
@@ -481,7 +481,7 @@ pub fn receipt_as(
         claim,
     };
     Inbound {
-        topic: format!("iot/p1/{device}/update/status"),
+        topic: TopicTree::new("iot", "p1").unwrap().status(device),
         payload: sign_as(id, wire::TYPE_RECEIPT, &body),
         properties: Properties::default(),
     }
@@ -513,5 +513,20 @@ impl Secrets {
             .filter(|(l, _, _)| l == label)
             .map(|(_, _, s)| s.clone())
             .collect()
+    }
+}
+
+/// A topic without the bucket that ends a device's `ready` and status topics (so tests can match
+/// on their leaf: `sans_bucket(t).ends_with("/ready")`).
+pub fn sans_bucket(topic: &str) -> &str {
+    match topic.rsplit_once('/') {
+        Some((head, bucket))
+            if !bucket.is_empty()
+                && bucket.bytes().all(|b| b.is_ascii_digit())
+                && !head.contains("/_chunks/") =>
+        {
+            head
+        }
+        _ => topic,
     }
 }
