@@ -730,7 +730,7 @@ async fn chart_rbac_is_enough_for_a_campaign_and_nothing_more() -> Result<()> {
     settled.with_context(|| std::fs::read_to_string(&emulator_log).unwrap_or_default())?;
 
     // Fail-over under the same RBAC: replica 0 dies without releasing the Lease; replica 1 takes it
-    // over once it expires (15 s), reading and patching the Lease by name.
+    // over once it expires (20 s), reading and patching the Lease by name.
     drop(replica0);
     wait_for(
         "replica 1 to take over the Lease",

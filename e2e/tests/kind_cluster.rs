@@ -654,7 +654,7 @@ fn deleting_the_leader_mid_campaign_hands_over_without_redoing_devices() -> Resu
         let pods: Api<Pod> = Api::namespaced(client.clone(), OPERATOR_NS);
         pods.delete(&leader, &DeleteParams::default()).await?;
         // Another replica takes the Lease: the deleted leader released it on SIGTERM. Which one is
-        // a race: the standby wakes when the Lease it last saw would expire (up to 15 s), the
+        // a race: the standby wakes when the Lease it last saw would expire (up to 20 s), the
         // replacement pod tries at once when it starts.
         let holder = wait_for(
             "another replica to take the Lease",

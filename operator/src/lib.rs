@@ -223,7 +223,7 @@ async fn run_with_metrics(
             .with_namespace(config.operator_namespace.clone())
             .with_identity(identity.clone())
             .with_duration(membership::LEASE_SECONDS)
-            .with_grace(5)
+            .with_grace(membership::GRACE_SECONDS)
             .build()
             .await
             .map_err(|e| Error::Lease(e.to_string()))?;

@@ -19,10 +19,13 @@ use tokio::sync::watch;
 
 use crate::shards::{wanted_shards, ShardCount};
 
-/// Seconds a Lease (member or shard) lasts without renewal.
-pub const LEASE_SECONDS: u64 = 15;
-/// Seconds before expiry a holder renews.
-const GRACE_SECONDS: u64 = 5;
+/// Seconds a Lease (member, shard or leader) lasts without renewal.
+pub const LEASE_SECONDS: u64 = 20;
+/// Seconds before expiry a holder renews: every 5 s, so a holder survives 15 s in which its
+/// renewals do not land. With 15 s Leases renewed 5 s before expiry, a 30,000-device campaign on
+/// this 2-core machine (apiserver queued behind the Device writes, every core busy) let both
+/// replicas' Leases lapse mid-campaign and the shards moved back and forth (docs/scale.md).
+pub const GRACE_SECONDS: u64 = 15;
 /// How often the member list is read.
 const POLL: Duration = Duration::from_secs(2);
 
