@@ -193,12 +193,10 @@ impl Engine {
         }
     }
 
-    /// Feed one inbound message to the session it belongs to and carry out what follows.
-    pub async fn handle_inbound(&self, msg: Inbound) {
-        let Some(device) = self.device_of(&msg) else {
-            return;
-        };
-        let fx = lock(&self.runs).dispatch(&device, &msg, &self.topics, unix_now());
+    /// Feed one inbound message from `device` (see [`Engine::device_of`]) to the session it
+    /// belongs to and carry out what follows.
+    pub async fn handle_inbound(&self, device: &str, msg: Inbound) {
+        let fx = lock(&self.runs).dispatch(device, &msg, &self.topics, unix_now());
         if let Err(e) = self.perform(fx).await {
             tracing::warn!(device = %device, error = %e, "publishing session output failed");
         }

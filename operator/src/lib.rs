@@ -350,16 +350,17 @@ async fn active(
         let (engine, held) = (engine.clone(), held.clone());
         AbortOnDrop(tokio::spawn(async move {
             while let Some(msg) = inbound_rx.recv().await {
-                if let Some(device) = engine.device_of(&msg) {
-                    let mine = held.borrow().contains(&shards.of_device(&device));
-                    let label = if mine { "true" } else { "false" };
-                    engine
-                        .metrics
-                        .inbound_messages
-                        .with_label_values(&[label])
-                        .inc();
-                }
-                engine.handle_inbound(msg).await;
+                let Some(device) = engine.device_of(&msg) else {
+                    continue;
+                };
+                let mine = held.borrow().contains(&shards.of_device(&device));
+                let label = if mine { "true" } else { "false" };
+                engine
+                    .metrics
+                    .inbound_messages
+                    .with_label_values(&[label])
+                    .inc();
+                engine.handle_inbound(&device, msg).await;
             }
         }))
     };
