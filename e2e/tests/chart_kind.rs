@@ -16,6 +16,7 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use sealed_ota_e2e::{repo_root, wait_for, TestBed};
+use sealed_ota_protocol::TopicTree;
 
 fn kind_dir() -> PathBuf {
     repo_root().join("e2e/kind")
@@ -487,7 +488,8 @@ async fn kind_mosquitto_config_runs_and_its_acl_isolates_devices() -> Result<()>
     let mut manager = connect(bed, tls_acl, "manager", &mc, &mk).await?;
     let mut dev_a = connect(bed, tls_acl, "dev-00000", &ac, &ak).await?;
     let mut dev_b = connect(bed, tls_acl, "dev-00001", &bc, &bk).await?;
-    subscribe(&mut manager, "iot/manager/+/ready/+").await?;
+    let topics = TopicTree::new("iot", "manager")?;
+    subscribe(&mut manager, &topics.ready_filter()).await?;
     subscribe(&mut dev_a, "iot/manager/dev-00000/notify").await?;
     subscribe(&mut dev_b, "iot/manager/dev-00000/notify").await?; // not its own: the ACL hides it
 
@@ -517,7 +519,7 @@ async fn kind_mosquitto_config_runs_and_its_acl_isolates_devices() -> Result<()>
     dev_a
         .client
         .publish(
-            "iot/manager/dev-00000/ready",
+            topics.ready("dev-00000"),
             QoS::AtLeastOnce,
             false,
             b"a-ready".to_vec(),
@@ -526,7 +528,7 @@ async fn kind_mosquitto_config_runs_and_its_acl_isolates_devices() -> Result<()>
     dev_b
         .client
         .publish(
-            "iot/manager/dev-00000/ready",
+            topics.ready("dev-00000"),
             QoS::AtLeastOnce,
             false,
             b"b-spoof".to_vec(),
@@ -540,10 +542,7 @@ async fn kind_mosquitto_config_runs_and_its_acl_isolates_devices() -> Result<()>
     .await;
     assert_eq!(
         got_m,
-        vec![(
-            "iot/manager/dev-00000/ready".to_string(),
-            b"a-ready".to_vec()
-        )],
+        vec![(topics.ready("dev-00000"), b"a-ready".to_vec())],
         "the manager saw a spoofed ready"
     );
     Ok(())
