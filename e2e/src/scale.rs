@@ -42,6 +42,8 @@ pub struct ScaleRun {
     /// Device failures the operator counted during the campaign, by reason (a `Timeout` is
     /// retried: a message lost on the way costs one).
     pub device_failures: BTreeMap<String, f64>,
+    /// Device attempts that timed out and were retried (the operator's `device_retries_total`).
+    pub device_retries: f64,
     /// Messages the broker dropped during the campaign (rmqtt's own counter; `None` for a broker
     /// that does not say).
     pub broker_dropped: Option<f64>,
@@ -79,6 +81,7 @@ impl ScaleRun {
             "apiserver_writes": self.apiserver_writes,
             "operator_writes": self.operator_writes,
             "device_failures": self.device_failures,
+            "device_retries": self.device_retries,
             "broker_dropped": self.broker_dropped,
             "etcd_db_bytes": self.etcd_db_bytes,
             "installed": self.installed,
@@ -192,7 +195,7 @@ pub fn model_table(rows: &[ModelRow], predict_devices: f64) -> String {
 /// The measured runs as a Markdown table.
 pub fn runs_table(runs: &[ScaleRun]) -> String {
     let mut out = String::from(
-        "| devices | replicas / shards | broker nodes | emulators | wall s | devices/min | lost | timeouts (retried) | broker dropped | CPU s (operator, emulator, broker, apiserver, etcd) | peak RSS MiB (operator, broker) | apiserver writes | etcd MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| devices | replicas / shards | broker nodes | emulators | wall s | devices/min | lost | attempts retried (timeouts) | broker dropped | CPU s (operator, emulator, broker, apiserver, etcd) | peak RSS MiB (operator, broker) | apiserver writes | etcd MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in runs {
         let cpu = |k: &str| r.cpu_seconds.get(k).copied().unwrap_or(0.0);
@@ -207,7 +210,7 @@ pub fn runs_table(runs: &[ScaleRun]) -> String {
             r.wall_seconds,
             r.devices_per_minute(),
             r.lost(),
-            r.device_failures.get("Timeout").copied().unwrap_or(0.0),
+            r.device_retries,
             r.broker_dropped
                 .map_or_else(|| "-".to_owned(), |d| format!("{d:.0}")),
             cpu("operator"),
@@ -379,6 +382,7 @@ mod tests {
             apiserver_writes: f64::from(devices) * 1.5 + 20.0,
             operator_writes: BTreeMap::new(),
             device_failures: BTreeMap::new(),
+            device_retries: 0.0,
             broker_dropped: Some(0.0),
             etcd_db_bytes: 4.0 * 1048576.0,
             installed: u64::from(devices) - 1,

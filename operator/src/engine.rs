@@ -308,6 +308,7 @@ impl Engine {
                 device,
                 attempt,
             } => {
+                m.device_retries.inc();
                 tracing::info!(%campaign, %device, attempt, "device attempt timed out, retrying after backoff");
             }
             Note::Health {

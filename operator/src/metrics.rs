@@ -29,6 +29,9 @@ pub struct Metrics {
     pub installs: IntCounter,
     /// Device failures by reason.
     pub device_failures: IntCounterVec,
+    /// Device attempts that timed out and were retried (a broker that drops messages shows here
+    /// before any device fails).
+    pub device_retries: IntCounter,
     /// Signed post-install health reports by result (`healthy` = "true" or "false").
     pub health_reports: IntCounterVec,
     /// Invalid inbound protocol messages by reason.
@@ -105,6 +108,10 @@ impl Metrics {
             handshakes: counter("handshakes_total", "Completed manager-side handshakes"),
             installs: counter("installs_total", "Signed install receipts received"),
             device_failures: counter_vec("device_failures_total", "Device failures", &["reason"]),
+            device_retries: counter(
+                "device_retries_total",
+                "Device attempts that timed out and were retried after a backoff",
+            ),
             health_reports: counter_vec(
                 "health_reports_total",
                 "Signed post-install health reports from devices",

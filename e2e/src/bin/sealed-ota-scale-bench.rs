@@ -154,6 +154,7 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
     let apiserver_before = apiserver_writes(&product).await?;
     let operator_before = operator_counters(&mut product, args.replicas, WRITES).await?;
     let failures_before = operator_counters(&mut product, args.replicas, FAILURES).await?;
+    let retries_before = operator_counter(&mut product, args.replicas, RETRIES).await?;
     let dropped_before = broker_dropped(&bed.state_dir).await?;
     product.apply_campaign(
         "fw",
@@ -161,7 +162,7 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
             "2.0.0",
             "fw",
             // A message the broker drops costs its device a timeout and a retry: short enough
-            // that the run ends, counted in `device_failures`.
+            // that the run ends, counted in `device_retries`.
             json!({"rollout": {"maxInFlight": devices, "deviceTimeoutSeconds": 300,
                 "retries": 2, "retryBackoffSeconds": 5}}),
         ),
@@ -198,6 +199,7 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
     let apiserver_after = apiserver_writes(&product).await?;
     let operator_after = operator_counters(&mut product, args.replicas, WRITES).await?;
     let failures_after = operator_counters(&mut product, args.replicas, FAILURES).await?;
+    let retries_after = operator_counter(&mut product, args.replicas, RETRIES).await?;
     let dropped_after = broker_dropped(&bed.state_dir).await?;
     let status = campaign.status.context("campaign status")?;
     if status.phase != CampaignPhase::Succeeded {
@@ -243,6 +245,7 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
         apiserver_writes: apiserver_after - apiserver_before,
         operator_writes: difference(&operator_after, &operator_before),
         device_failures: difference(&failures_after, &failures_before),
+        device_retries: retries_after - retries_before,
         broker_dropped: dropped_after.zip(dropped_before).map(|(a, b)| a - b),
         etcd_db_bytes: etcd_db,
         installed,
@@ -316,8 +319,10 @@ async fn apiserver_writes(product: &Product) -> Result<f64> {
 
 /// The operator's status writes, by kind.
 const WRITES: &str = "sealed_ota_operator_status_writes_total{kind=\"";
-/// The operator's device failures (a timeout is retried), by reason.
+/// The operator's device failures (after the last retry), by reason.
 const FAILURES: &str = "sealed_ota_operator_device_failures_total{reason=\"";
+/// The operator's timed-out device attempts that were retried.
+const RETRIES: &str = "sealed_ota_operator_device_retries_total";
 
 /// One labelled operator counter so far (`series` up to the label's value), by label value,
 /// summed over the replicas.
@@ -340,6 +345,17 @@ async fn operator_counters(
         }
     }
     Ok(counts)
+}
+
+/// One unlabelled operator counter so far, summed over the replicas.
+async fn operator_counter(product: &mut Product, replicas: u32, series: &str) -> Result<f64> {
+    let mut sum = 0.0;
+    for i in 0..replicas as usize {
+        let addr = product.replica_metrics_addr(i)?;
+        let metrics = sealed_ota_e2e::bench::scrape_metrics(&addr).await?;
+        sum += metrics.get(series).copied().unwrap_or(0.0);
+    }
+    Ok(sum)
 }
 
 fn difference(
