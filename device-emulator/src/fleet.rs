@@ -100,6 +100,9 @@ impl Observer for FleetObserver {
     fn message_rejected(&self) {
         self.stats.message_rejected();
     }
+    fn subscriptions_refused(&self, filters: usize) {
+        self.stats.subscriptions_refused(filters);
+    }
     fn chunk_stored(&self) {
         self.stats.chunk();
     }

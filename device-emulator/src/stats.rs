@@ -27,6 +27,7 @@ pub struct FleetStats {
     chunks_received: AtomicU64,
     bytes_received: AtomicU64,
     messages_rejected: AtomicU64,
+    subscriptions_refused: AtomicU64,
     outcomes: [AtomicU64; 6],
     /// Health reports sent: [healthy, unhealthy].
     health_reports: [AtomicU64; 2],
@@ -56,6 +57,7 @@ impl FleetStats {
             chunks_received: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             messages_rejected: AtomicU64::new(0),
+            subscriptions_refused: AtomicU64::new(0),
             health_reports: [AtomicU64::new(0), AtomicU64::new(0)],
             outcomes,
             all_connected_after: Mutex::new(None),
@@ -176,6 +178,15 @@ impl FleetStats {
             ],
         );
         metric(
+            "subscriptions_refused_total",
+            "counter",
+            "Subscriptions the broker refused in a SUBACK (subscribed again)",
+            &[(
+                String::new(),
+                self.subscriptions_refused.load(Ordering::Relaxed),
+            )],
+        );
+        metric(
             "chunks_received_total",
             "counter",
             "Firmware chunks accepted",
@@ -187,6 +198,12 @@ impl FleetStats {
     /// The protocol rejected a message (forged, tampered, replayed, stale).
     pub fn message_rejected(&self) {
         self.messages_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The broker refused `filters` subscriptions in a SUBACK (the device subscribes again).
+    pub fn subscriptions_refused(&self, filters: usize) {
+        self.subscriptions_refused
+            .fetch_add(filters as u64, Ordering::Relaxed);
     }
 
     /// A device moved from one outcome to another.
@@ -266,6 +283,7 @@ impl FleetStats {
             chunks_received: self.chunks_received.load(Ordering::Relaxed),
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
             messages_rejected: self.messages_rejected(),
+            subscriptions_refused: self.subscriptions_refused.load(Ordering::Relaxed),
             data_phase_seconds: self.data_phase_seconds(),
             data_phase_started_unix_seconds: self.data_phase_started_unix_seconds(),
             rss_before_devices_bytes: self.rss_before_devices,
@@ -301,6 +319,8 @@ pub struct Summary {
     pub bytes_received: u64,
     /// Messages the protocol rejected (tampered, forged, replayed).
     pub messages_rejected: u64,
+    /// Subscriptions the broker refused in a SUBACK (each was subscribed again).
+    pub subscriptions_refused: u64,
     /// Seconds from the first chunk any device accepted to the last chunk any device accepted
     /// (absent when no chunk arrived).
     pub data_phase_seconds: Option<f64>,
@@ -343,10 +363,12 @@ impl Summary {
             .collect();
         text += &format!("running versions: {}\n", versions.join(", "));
         text += &format!(
-            "received: {} chunks, {:.2} MiB; messages rejected by the protocol: {}\n",
+            "received: {} chunks, {:.2} MiB; messages rejected by the protocol: {}; \
+             subscriptions refused by the broker: {}\n",
             self.chunks_received,
             self.bytes_received as f64 / (1024.0 * 1024.0),
-            self.messages_rejected
+            self.messages_rejected,
+            self.subscriptions_refused
         );
         text += &format!(
             "memory: RSS {:.1} MiB before devices, {} when all connected, {} per device\n",

@@ -16,7 +16,7 @@ use sealed_ota_mqtt::{tls, BrokerUrl};
 
 use crate::error::{Error, Result};
 
-pub use sealed_ota_mqtt::{inbound_from, perform};
+pub use sealed_ota_mqtt::{inbound_from, perform, refused, resubscribe};
 
 /// Where the broker is and how to reach it.
 #[derive(Debug, Clone)]

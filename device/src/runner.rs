@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
 use sealed_ota_protocol::{
     Action, DeviceConfig, DeviceEvent, DeviceSession, DeviceState, FinalOutcome, Identity, Inbound,
@@ -132,6 +132,8 @@ pub struct Step {
 enum Link {
     Connected,
     Message(Publish),
+    /// A SUBACK refused some filters (their reason codes): they must be subscribed again.
+    Refused(Vec<SubscribeReasonCode>),
     Lost(String),
 }
 
@@ -502,6 +504,9 @@ impl<I: Installer> Device<I> {
         }
         let mut timers = tokio::time::interval(self.settings.poll_interval);
         timers.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the filters a SUBACK refused are subscribed again (at the next timer tick after).
+        let mut resubscribe_at: Option<tokio::time::Instant> = None;
+        let mut refusals: u32 = 0;
         loop {
             tokio::select! {
                 link = link_rx.recv() => match link {
@@ -509,6 +514,13 @@ impl<I: Installer> Device<I> {
                         if let Some(end) = self.on_message(session, client, publish).await? {
                             return Ok(end);
                         }
+                    }
+                    Some(Link::Refused(codes)) => {
+                        refusals = refusals.saturating_add(1);
+                        let wait = Duration::from_secs(1 << refusals.min(5));
+                        warn!(device = %self.id, ?codes, retry_in = ?wait, "the broker refused subscriptions; subscribing again");
+                        self.settings.observer.subscriptions_refused(codes.len());
+                        resubscribe_at.get_or_insert(tokio::time::Instant::now() + wait);
                     }
                     Some(Link::Connected) => {}
                     Some(Link::Lost(reason)) => {
@@ -524,6 +536,12 @@ impl<I: Installer> Device<I> {
                     }
                 }
                 _ = timers.tick() => {
+                    if resubscribe_at.is_some_and(|at| at <= tokio::time::Instant::now()) {
+                        resubscribe_at = None;
+                        if link::resubscribe(client, &session.subscriptions()).await.is_err() {
+                            return Ok(ConnectionEnd::Lost);
+                        }
+                    }
                     let now = self.now();
                     let output = session.poll_output(now);
                     let mut actions = output.actions;
@@ -909,6 +927,13 @@ async fn pump(mut eventloop: EventLoop, link: mpsc::Sender<Link>, permit: Option
                 Link::Connected
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => Link::Message(publish),
+            Ok(Event::Incoming(Packet::SubAck(suback))) => {
+                let codes = link::refused(&suback);
+                if codes.is_empty() {
+                    continue;
+                }
+                Link::Refused(codes)
+            }
             Ok(Event::Incoming(Packet::Disconnect(disconnect))) => {
                 let reason = format!("broker disconnected: {:?}", disconnect.reason_code);
                 let _ = link.send(Link::Lost(reason)).await;

@@ -221,6 +221,10 @@ pub trait Observer: Send + Sync + Debug {
     }
     /// The protocol refused a message.
     fn message_rejected(&self) {}
+    /// The broker refused `filters` subscriptions in a SUBACK (they are subscribed again).
+    fn subscriptions_refused(&self, filters: usize) {
+        let _ = filters;
+    }
     /// A chunk was stored.
     fn chunk_stored(&self) {}
     /// A device sent its signed post-install health report.

@@ -520,7 +520,7 @@ impl Product {
             }))
             .args(&self.operator_args)
             .env("KUBECONFIG", &self.bed.kubeconfig)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_filter("SEALED_OTA_OPERATOR_LOG"))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -655,7 +655,7 @@ impl Product {
                         .flatten(),
                 )
                 .args(extra)
-                .env("RUST_LOG", "info")
+                .env("RUST_LOG", log_filter("SEALED_OTA_EMULATOR_LOG"))
                 .stdout(stdout)
                 .stderr(stderr)
                 .spawn()
@@ -1144,4 +1144,11 @@ pub fn certificate_fingerprint(pem: &str) -> Result<String> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect())
+}
+
+/// The log filter (`RUST_LOG` syntax) for the product's processes: `info`, or the filter in the
+/// environment variable `var` (`SEALED_OTA_OPERATOR_LOG`, `SEALED_OTA_EMULATOR_LOG`), e.g.
+/// `info,sealed_ota_device=debug` to see why devices reject messages.
+fn log_filter(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| "info".to_owned())
 }

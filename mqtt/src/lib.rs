@@ -2,7 +2,8 @@
 //! [`Action`], [`Properties`]) and rumqttc's v5 client, shared by the operator, the device
 //! emulator, the device agent and the tests. It owns broker URL parsing ([`BrokerUrl`]), the
 //! rustls client configuration ([`tls`]), property conversion both ways and the execution of a
-//! session's actions ([`perform`]), and the broker probe ([`probe`]) that checks a broker for
+//! session's actions ([`perform`]), the reading of a SUBACK's refusals and the subscription that
+//! makes up for them ([`refused`], [`resubscribe`]), and the broker probe ([`probe`]) that checks a broker for
 //! every MQTT 5 feature and limit the product relies on. It holds no protocol logic and no connection policy (client
 //! ids, keep-alive, Receive Maximum are the caller's), and it never logs payloads or keys.
 #![forbid(unsafe_code)]
@@ -12,7 +13,9 @@ pub mod probe;
 pub mod tls;
 mod url;
 
-use rumqttc::v5::mqttbytes::v5::{Filter, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{
+    Filter, Publish, PublishProperties, RetainForwardRule, SubAck, SubscribeReasonCode,
+};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ClientError};
 use sealed_ota_protocol::{Action, Inbound, Outbound, Properties};
@@ -86,6 +89,40 @@ pub async fn perform(client: &AsyncClient, actions: Vec<Action>) -> Result<(), C
     Ok(())
 }
 
+/// The reason codes of the filters a SUBACK refused (empty: every filter is in place). A broker
+/// may refuse a filter for a passing reason (a clustered broker under load answers
+/// `Unspecified` when its replicated routing table did not take the filter in time); the
+/// client must subscribe again, or it silently never receives that filter's messages.
+pub fn refused(suback: &SubAck) -> Vec<SubscribeReasonCode> {
+    suback
+        .return_codes
+        .iter()
+        .filter(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+        .copied()
+        .collect()
+}
+
+/// Subscribe `filters` again after a refusal, in one SUBSCRIBE: the filters already in place
+/// stay as they are and send no retained message twice (MQTT 5 Retain Handling 1, "only for a
+/// new subscription"); the refused ones get theirs.
+pub async fn resubscribe(client: &AsyncClient, filters: &[String]) -> Result<(), ClientError> {
+    if filters.is_empty() {
+        return Ok(());
+    }
+    client.subscribe_many(resubscription(filters)).await
+}
+
+/// The filters of [`resubscribe`].
+fn resubscription(filters: &[String]) -> Vec<Filter> {
+    filters
+        .iter()
+        .map(|f| Filter {
+            retain_forward_rule: RetainForwardRule::OnNewSubscribe,
+            ..Filter::new(f.clone(), QOS)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +152,41 @@ mod tests {
         assert_eq!(inbound.payload, [1, 2, 3]);
         assert_eq!(inbound.properties.correlation_data, Some(vec![7]));
         assert_eq!(inbound.properties.response_topic, None);
+    }
+
+    #[test]
+    fn a_suback_refusal_is_read_per_filter() {
+        let suback = SubAck {
+            pkid: 4,
+            return_codes: vec![
+                SubscribeReasonCode::Success(QOS),
+                SubscribeReasonCode::Unspecified,
+                SubscribeReasonCode::Success(QoS::AtMostOnce),
+                SubscribeReasonCode::QuotaExceeded,
+            ],
+            properties: None,
+        };
+        assert_eq!(
+            refused(&suback),
+            vec![
+                SubscribeReasonCode::Unspecified,
+                SubscribeReasonCode::QuotaExceeded
+            ]
+        );
+        let all_in = SubAck {
+            return_codes: vec![SubscribeReasonCode::Success(QOS)],
+            ..suback
+        };
+        assert!(refused(&all_in).is_empty());
+    }
+
+    #[test]
+    fn a_resubscription_asks_retained_messages_only_for_new_filters() {
+        let filters = resubscription(&["a/b".to_owned(), "c/+".to_owned()]);
+        assert_eq!(filters.len(), 2);
+        assert!(filters
+            .iter()
+            .all(|f| f.retain_forward_rule == RetainForwardRule::OnNewSubscribe && f.qos == QOS));
+        assert_eq!(filters[1].path, "c/+");
     }
 }

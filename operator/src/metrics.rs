@@ -46,6 +46,9 @@ pub struct Metrics {
     pub mqtt_connected: IntGauge,
     /// Broker connection losses.
     pub mqtt_disconnects: IntCounter,
+    /// Subscriptions the broker refused in a SUBACK (each refusal is followed by a
+    /// resubscription of the current filters).
+    pub mqtt_subscriptions_refused: IntCounter,
     /// Status writes to the apiserver by kind (campaign, device, shard report).
     pub status_writes: IntCounterVec,
     /// 1 while this replica holds the leader Lease (it coordinates campaigns).
@@ -130,6 +133,10 @@ impl Metrics {
             ),
             mqtt_connected: gauge("mqtt_connected", "1 while the broker connection is up"),
             mqtt_disconnects: counter("mqtt_disconnects_total", "Broker connection losses"),
+            mqtt_subscriptions_refused: counter(
+                "mqtt_subscriptions_refused_total",
+                "Subscriptions the broker refused in a SUBACK (subscribed again)",
+            ),
             status_writes: counter_vec(
                 "status_writes_total",
                 "Status writes to the apiserver",

@@ -4,11 +4,15 @@
 //! next node of a clustered broker when a connection is lost), subscribes the manager's current
 //! `ready` and `status` filters on every CONNACK, and forwards inbound PUBLISHes to the engine
 //! over a channel. A second task follows the filters as they change (a replica's shards come and
-//! go): it subscribes what was added and unsubscribes what was removed. Everything the broker says is a hint; this module only moves bytes and
+//! go): it subscribes what was added and unsubscribes what was removed. A SUBACK that refuses
+//! filters (a clustered broker under load answers `Unspecified`) is counted and the current
+//! filters are subscribed again after a backoff: a refused filter would otherwise silently cut a
+//! bucket of devices off. Everything the broker says is a hint; this module only moves bytes and
 //! reports the connection state. It never logs payloads or credentials.
 
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
@@ -111,6 +115,26 @@ async fn follow_filters(client: AsyncClient, mut filters: watch::Receiver<Vec<St
     }
 }
 
+/// Subscribe the current `filters` again after `wait` (a SUBACK refused some); `pending` is
+/// cleared when done, so refusals arriving meanwhile share this one resubscription.
+fn resubscribe_later(
+    client: AsyncClient,
+    filters: watch::Receiver<Vec<String>>,
+    pending: Arc<AtomicBool>,
+    wait: Duration,
+) {
+    tokio::spawn(async move {
+        tokio::time::sleep(wait).await;
+        pending.store(false, Ordering::SeqCst);
+        let current = filters.borrow().clone();
+        for batch in current.chunks(FILTERS_PER_SUBSCRIBE) {
+            if let Err(e) = sealed_ota_mqtt::resubscribe(&client, batch).await {
+                tracing::warn!(error = %e, "subscribe request failed");
+            }
+        }
+    });
+}
+
 /// State of the broker connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConnState {
@@ -159,10 +183,13 @@ impl MqttSession {
         tokio::spawn(follow_filters(client.clone(), filters.clone()));
         let task = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(500);
+            let resubscribing = Arc::new(AtomicBool::new(false));
+            let mut refusals: u32 = 0;
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff = Duration::from_millis(500);
+                        refusals = 0;
                         task_metrics.mqtt_connected.set(1);
                         let (host, port) = &settings.nodes[node % settings.nodes.len()];
                         tracing::info!(%host, port, "connected to broker");
@@ -182,6 +209,26 @@ impl MqttSession {
                             .is_err()
                         {
                             return;
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(suback))) => {
+                        let codes = sealed_ota_mqtt::refused(&suback);
+                        if codes.is_empty() {
+                            continue;
+                        }
+                        task_metrics
+                            .mqtt_subscriptions_refused
+                            .inc_by(codes.len() as u64);
+                        refusals = refusals.saturating_add(1);
+                        let wait = Duration::from_secs(1 << refusals.min(5));
+                        tracing::warn!(?codes, retry_in = ?wait, "the broker refused subscriptions; subscribing again");
+                        if !resubscribing.swap(true, Ordering::SeqCst) {
+                            resubscribe_later(
+                                task_client.clone(),
+                                filters.clone(),
+                                resubscribing.clone(),
+                                wait,
+                            );
                         }
                     }
                     Ok(Event::Incoming(Packet::Disconnect(d))) => {

@@ -105,6 +105,10 @@ struct DeviceRun {
     health: Option<(u64, bool)>,
     /// After a signed install receipt: what checks the device's health reports.
     health_verifier: Option<Box<HealthVerifier>>,
+    /// A health report that arrived while the session was still live: a clustered broker may
+    /// deliver it before the receipt it follows (rmqtt does, across nodes). Read once the
+    /// receipt ends the session.
+    early_health: Option<Box<Inbound>>,
 }
 
 impl DeviceRun {
@@ -560,6 +564,7 @@ impl Runs {
                                 issued_recorded: None,
                                 health: None,
                                 health_verifier: None,
+                                early_health: None,
                             },
                         );
                     }
@@ -680,6 +685,7 @@ impl Runs {
                 issued_recorded: None,
                 health: None,
                 health_verifier: None,
+                early_health: None,
             },
         );
         self.routes.insert(device_id, key.clone());
@@ -926,6 +932,11 @@ impl Runs {
             label,
         };
         let Some((key, name)) = self.health_routes.get(device_id).cloned() else {
+            // Its session still live: the report overtook the receipt; kept for it.
+            if let Some(dr) = self.live_device(device_id) {
+                dr.early_health = Some(Box::new(msg.clone()));
+                return fx;
+            }
             fx.notes.push(ignored("no_session"));
             return fx;
         };
@@ -972,6 +983,25 @@ impl Runs {
         }
     }
 
+    /// The run record of a device whose session is live here.
+    fn live_device(&mut self, device_id: &str) -> Option<&mut DeviceRun> {
+        let key = self.routes.get(device_id)?;
+        let run = self.runs.get_mut(key)?;
+        let name = run.by_id.get(device_id)?;
+        run.devices.get_mut(name).filter(|dr| dr.session.is_some())
+    }
+
+    /// A health report kept while the session was live, once the receipt ended the session.
+    fn take_early_health(&mut self, device_id: &str) -> Option<Box<Inbound>> {
+        let (key, name) = self.health_routes.get(device_id)?;
+        self.runs
+            .get_mut(key)?
+            .devices
+            .get_mut(name)?
+            .early_health
+            .take()
+    }
+
     /// Feed one inbound message (from the device's `ready` or `status` topic) to its session.
     pub fn dispatch(
         &mut self,
@@ -980,17 +1010,26 @@ impl Runs {
         topics: &TopicTree,
         now: u64,
     ) -> Effects {
-        let mut fx = Effects::default();
-        let ignored = |label| Note::Ignored {
-            device: device_id.to_owned(),
-            label,
-        };
         let health = msg.topic == topics.status(device_id)
             && SignedEnvelope::peek_type(&msg.payload, "status", wire::MAX_STATUS)
                 == Ok(wire::TYPE_HEALTH);
         if health {
             return self.health_report(device_id, msg);
         }
+        let mut fx = self.session_message(device_id, msg, now);
+        if let Some(early) = self.take_early_health(device_id) {
+            fx.extend(self.health_report(device_id, &early));
+        }
+        fx
+    }
+
+    /// A `ready` or status message (not a health report) for the device's live session.
+    fn session_message(&mut self, device_id: &str, msg: &Inbound, now: u64) -> Effects {
+        let mut fx = Effects::default();
+        let ignored = |label| Note::Ignored {
+            device: device_id.to_owned(),
+            label,
+        };
         // A device with no session here: finished, another replica's, or a stale retained.
         let Some(key) = self.routes.get(device_id).cloned() else {
             fx.notes.push(ignored("no_session"));
@@ -2040,6 +2079,54 @@ mod tests {
                 ..
             }]
         ));
+    }
+
+    /// A clustered broker may deliver the health report before the receipt it follows (rmqtt
+    /// does across nodes): the report is kept while the session is live and read once the
+    /// receipt ends it, so the gate still sees it.
+    #[test]
+    fn a_health_report_that_overtakes_the_receipt_is_kept_for_it() {
+        let mut w = World::new(firmware(), &["d1"]);
+        w.apply(start(0, 1));
+        let topics = w.topics.clone();
+        let is_receipt = |m: &Inbound| {
+            SignedEnvelope::peek_type(&m.payload, "status", wire::MAX_STATUS)
+                == Ok(wire::TYPE_RECEIPT)
+        };
+        // Everything but the receipt, which the broker holds back.
+        let mut receipt = None;
+        while !w.to_manager.is_empty() {
+            for m in std::mem::take(&mut w.to_manager) {
+                if is_receipt(&m) {
+                    receipt = Some(m);
+                    continue;
+                }
+                let mut fx = w.runs.dispatch("d1", &m, &topics, w.now);
+                w.relay(&mut fx);
+            }
+        }
+        let receipt = receipt.expect("the device sent its receipt");
+        let report = match w.sessions["d1"]
+            .health_report(true, "checked", NOW + 20)
+            .unwrap()
+        {
+            Action::Publish(o) => o.to_inbound(),
+            other => panic!("{other:?}"),
+        };
+        let fx = w.runs.dispatch("d1", &report, &topics, NOW + 20);
+        assert!(fx.notes.is_empty(), "kept, not ignored: {:?}", fx.notes);
+        let key = w.key.clone();
+        assert_eq!(w.runs.health(&key, "uid-1", "d1"), None, "not read yet");
+        let fx = w.runs.dispatch("d1", &receipt, &topics, NOW + 21);
+        assert!(
+            fx.notes
+                .iter()
+                .any(|n| matches!(n, Note::Health { healthy: true, .. })),
+            "{:?}",
+            fx.notes
+        );
+        assert_eq!(w.progress(), vec![Progress::Succeeded]);
+        assert_eq!(w.runs.health(&key, "uid-1", "d1"), Some(true));
     }
 
     #[test]

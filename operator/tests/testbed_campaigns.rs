@@ -1231,7 +1231,9 @@ async fn a_timed_out_device_is_retried_with_backoff() -> Result<()> {
     assert_eq!(rec.phase, DevicePhase::Succeeded);
     assert!(rec.attempts >= 2, "the success came on a retry: {rec:?}");
     assert_eq!(sim.installs.load(Ordering::SeqCst), 1);
-    let retries = op.metric("sealed_ota_operator_device_retries_total").await?;
+    let retries = op
+        .metric("sealed_ota_operator_device_retries_total")
+        .await?;
     assert_eq!(
         retries,
         f64::from(rec.attempts - 1),

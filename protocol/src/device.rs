@@ -542,11 +542,35 @@ impl DeviceSession {
     }
 
     fn base_subscribe(&self) -> Action {
+        Action::Subscribe(self.base_filters())
+    }
+
+    /// The device's own notify and update topics.
+    fn base_filters(&self) -> Vec<String> {
         let me = self.me();
-        Action::Subscribe(vec![
-            self.config.topics.notify(me),
-            self.config.topics.update(me),
-        ])
+        vec![self.config.topics.notify(me), self.config.topics.update(me)]
+    }
+
+    /// The chunk topics of the current window (empty when no window is open or the content key
+    /// is not known yet).
+    fn window_filters(&self) -> Vec<String> {
+        match &self.state.transfer {
+            Some(t) if !self.window.is_empty() && self.content_key.is_some() => self
+                .window
+                .iter()
+                .map(|&i| self.config.topics.chunk(&t.campaign_id, i))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Every filter the session wants subscribed now: its notify and update topics and the
+    /// current window's chunks. A client subscribes them again when the broker refused some in a
+    /// SUBACK (the session cannot see a SUBACK: it would wait for messages that never come).
+    pub fn subscriptions(&self) -> Vec<String> {
+        let mut filters = self.base_filters();
+        filters.extend(self.window_filters());
+        filters
     }
 
     /// Persistable state.
@@ -1558,24 +1582,18 @@ impl DeviceSession {
     pub fn on_reconnect(&mut self, now: u64) -> Vec<Action> {
         let mut actions = vec![self.base_subscribe()];
         let mut ask = None;
-        if let Some(t) = &self.state.transfer {
-            if !self.window.is_empty() && self.content_key.is_some() {
-                actions.push(Action::Subscribe(
+        let window = self.window_filters();
+        if let Some(t) = self.state.transfer.as_ref().filter(|_| !window.is_empty()) {
+            actions.push(Action::Subscribe(window));
+            self.window_deadline = now.saturating_add(self.window_timeout);
+            if t.manifest.pull {
+                ask = Some(
                     self.window
                         .iter()
-                        .map(|&i| self.config.topics.chunk(&t.campaign_id, i))
-                        .collect(),
-                ));
-                self.window_deadline = now.saturating_add(self.window_timeout);
-                if t.manifest.pull {
-                    ask = Some(
-                        self.window
-                            .iter()
-                            .copied()
-                            .filter(|&i| !t.received.get(i))
-                            .collect::<Vec<u32>>(),
-                    );
-                }
+                        .copied()
+                        .filter(|&i| !t.received.get(i))
+                        .collect::<Vec<u32>>(),
+                );
             }
         }
         if let Some(indices) = ask.filter(|i| !i.is_empty()) {

@@ -262,6 +262,47 @@ fn reconnect_resubscribes_window() {
     assert_eq!(w.devices["s1"].image, image);
 }
 
+/// A broker that refuses some filters of a SUBACK (a clustered broker under load answers
+/// `Unspecified`) leaves the window without its chunks; the session itself cannot see a SUBACK,
+/// so the client subscribes `subscriptions()` again and the transfer completes.
+#[test]
+fn refused_subscriptions_are_taken_again_from_the_session() {
+    let image = firmware(3000);
+    let mut w = World::new(Pki::new(), campaign(image.clone(), 500));
+    w.publish_chunks();
+    w.add_device("s1", "1.0.0", 3);
+    w.start(target("s1"));
+    // The broker refuses the window's last filter: its chunk never arrives.
+    w.hook = Some(Box::new(|client, msg| {
+        if client == "s1" && msg.topic.ends_with("/_chunks/c1/2") {
+            Verdict::Drop
+        } else {
+            Verdict::Deliver
+        }
+    }));
+    w.run();
+    let refused = w.pki.topics.chunk("c1", 2);
+    w.broker
+        .subs
+        .get_mut("s1")
+        .unwrap()
+        .retain(|f| *f != refused);
+    let session = &w.devices["s1"].session;
+    assert_eq!(session.window(), &[0, 1, 2]);
+    assert!(!w.devices["s1"].installed);
+    let wanted = session.subscriptions();
+    let chunks: Vec<&String> = wanted.iter().filter(|f| f.contains("/_chunks/")).collect();
+    assert_eq!(chunks.len(), 3, "the window's chunks: {wanted:?}");
+    assert!(
+        wanted.contains(&w.pki.topics.notify("s1")) && wanted.contains(&w.pki.topics.update("s1"))
+    );
+    w.hook = None;
+    w.broker.apply("s1", vec![Action::Subscribe(wanted)]);
+    w.run();
+    assert!(w.devices["s1"].installed);
+    assert_eq!(w.devices["s1"].image, image);
+}
+
 #[test]
 fn retained_notify_after_completion_is_ignored_and_declines_are_signed() {
     let mut w = World::new(Pki::new(), campaign(firmware(600), 256));
