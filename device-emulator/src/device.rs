@@ -423,6 +423,11 @@ mod tests {
             self.stats.summary(Default::default()).chunks_received
         }
 
+        /// Messages delivered on chunk topics, accepted or not.
+        fn chunk_deliveries(&self) -> u64 {
+            self.stats.summary(Default::default()).chunk_deliveries
+        }
+
         fn installed(&self) -> bool {
             self.manager_events
                 .iter()
@@ -546,6 +551,11 @@ mod tests {
             .any(|e| matches!(e, ManagerEvent::ChunksRequested { indices } if indices.len() == 4)));
         world.run();
         assert_eq!(world.stats.messages_rejected(), 8);
+        assert_eq!(
+            world.chunk_deliveries(),
+            8,
+            "refused chunks are deliveries all the same"
+        );
         assert!(!world.installed());
     }
 
@@ -561,6 +571,11 @@ mod tests {
         assert_eq!(world.run(), None, "offline fires once");
         assert!(world.installed());
         assert_eq!(world.chunks(), u64::from(CHUNKS));
+        assert_eq!(
+            world.chunk_deliveries(),
+            u64::from(CHUNKS),
+            "the window subscribed again after the reconnect holds only the chunks still missing"
+        );
     }
 
     #[test]

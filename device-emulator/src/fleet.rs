@@ -103,6 +103,9 @@ impl Observer for FleetObserver {
     fn subscriptions_refused(&self, filters: usize) {
         self.stats.subscriptions_refused(filters);
     }
+    fn chunk_delivered(&self) {
+        self.stats.chunk_delivered();
+    }
     fn chunk_stored(&self) {
         self.stats.chunk();
     }

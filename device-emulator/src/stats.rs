@@ -25,6 +25,7 @@ pub struct FleetStats {
     connect_attempts: AtomicU64,
     connect_failures: AtomicU64,
     chunks_received: AtomicU64,
+    chunk_deliveries: AtomicU64,
     bytes_received: AtomicU64,
     messages_rejected: AtomicU64,
     subscriptions_refused: AtomicU64,
@@ -55,6 +56,7 @@ impl FleetStats {
             connect_attempts: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
             chunks_received: AtomicU64::new(0),
+            chunk_deliveries: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             messages_rejected: AtomicU64::new(0),
             subscriptions_refused: AtomicU64::new(0),
@@ -106,6 +108,11 @@ impl FleetStats {
         let now = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
         self.first_chunk_micros.fetch_min(now, Ordering::Relaxed);
         self.last_chunk_micros.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// A message arrived on a chunk topic (accepted, duplicate or rejected).
+    pub fn chunk_delivered(&self) {
+        self.chunk_deliveries.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Seconds from the first chunk any device accepted to the last one: the fleet's data phase.
@@ -191,6 +198,13 @@ impl FleetStats {
             "counter",
             "Firmware chunks accepted",
             &[(String::new(), self.chunks_received.load(Ordering::Relaxed))],
+        );
+        metric(
+            "chunk_deliveries_total",
+            "counter",
+            "Messages received on chunk topics (accepted, duplicate or rejected): against \
+             chunks_received_total, what the broker delivered more than once",
+            &[(String::new(), self.chunk_deliveries.load(Ordering::Relaxed))],
         );
         out
     }
@@ -281,6 +295,7 @@ impl FleetStats {
                 .collect(),
             running_versions: versions,
             chunks_received: self.chunks_received.load(Ordering::Relaxed),
+            chunk_deliveries: self.chunk_deliveries.load(Ordering::Relaxed),
             bytes_received: self.bytes_received.load(Ordering::Relaxed),
             messages_rejected: self.messages_rejected(),
             subscriptions_refused: self.subscriptions_refused.load(Ordering::Relaxed),
@@ -315,6 +330,10 @@ pub struct Summary {
     pub running_versions: BTreeMap<String, u64>,
     /// Firmware chunks accepted.
     pub chunks_received: u64,
+    /// Messages received on chunk topics, accepted or not: more than `chunks_received` when the
+    /// broker delivered chunks more than once (retained chunks again after a reconnect, a
+    /// republished chunk the device already held).
+    pub chunk_deliveries: u64,
     /// Payload bytes received from the broker.
     pub bytes_received: u64,
     /// Messages the protocol rejected (tampered, forged, replayed).
@@ -363,9 +382,10 @@ impl Summary {
             .collect();
         text += &format!("running versions: {}\n", versions.join(", "));
         text += &format!(
-            "received: {} chunks, {:.2} MiB; messages rejected by the protocol: {}; \
-             subscriptions refused by the broker: {}\n",
+            "received: {} chunks ({} chunk messages), {:.2} MiB; messages rejected by the \
+             protocol: {}; subscriptions refused by the broker: {}\n",
             self.chunks_received,
+            self.chunk_deliveries,
             self.bytes_received as f64 / (1024.0 * 1024.0),
             self.messages_rejected,
             self.subscriptions_refused

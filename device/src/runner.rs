@@ -616,6 +616,9 @@ impl<I: Installer> Device<I> {
             self.settings.topics.parse(&inbound.topic),
             Ok(TopicKind::Chunk { .. })
         );
+        if is_chunk {
+            self.settings.observer.chunk_delivered();
+        }
         if is_chunk && self.faults.tamper_received(&mut inbound.payload) {
             debug!(device = %self.id, topic = %inbound.topic, "flipped a bit of a received chunk (fault switch)");
         }

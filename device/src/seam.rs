@@ -225,6 +225,9 @@ pub trait Observer: Send + Sync + Debug {
     fn subscriptions_refused(&self, filters: usize) {
         let _ = filters;
     }
+    /// A message arrived on a chunk topic (before the protocol reads it: duplicates and rejected
+    /// chunks count too, so deliveries against chunks stored is the broker's redelivery).
+    fn chunk_delivered(&self) {}
     /// A chunk was stored.
     fn chunk_stored(&self) {}
     /// A device sent its signed post-install health report.

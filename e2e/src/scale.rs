@@ -51,6 +51,56 @@ pub struct ScaleRun {
     pub etcd_db_bytes: f64,
     /// Devices that installed the image (the emulators' summaries).
     pub installed: u64,
+    /// What the devices received, added up over the emulators' summaries.
+    pub deliveries: Deliveries,
+}
+
+/// What the devices of a run received, from the emulators' summaries (`--json`, camelCase):
+/// how often the broker delivered each chunk, how often devices connected, what was refused.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Deliveries {
+    /// Connection attempts (first connections and reconnects).
+    pub connect_attempts: u64,
+    /// Messages on chunk topics, accepted or not.
+    pub chunk_deliveries: u64,
+    /// Chunks the devices accepted and stored.
+    pub chunks_stored: u64,
+    /// Subscriptions the broker refused in a SUBACK.
+    pub subscriptions_refused: u64,
+    /// Messages the protocol rejected.
+    pub messages_rejected: u64,
+    /// Payload bytes the devices received.
+    pub bytes_received: u64,
+}
+
+impl Deliveries {
+    /// Adds one emulator's summary; a field it lacks counts 0.
+    pub fn add_summary(&mut self, summary: &Value) {
+        let field = |name: &str| summary[name].as_u64().unwrap_or(0);
+        self.connect_attempts += field("connectAttempts");
+        self.chunk_deliveries += field("chunkDeliveries");
+        self.chunks_stored += field("chunksReceived");
+        self.subscriptions_refused += field("subscriptionsRefused");
+        self.messages_rejected += field("messagesRejected");
+        self.bytes_received += field("bytesReceived");
+    }
+
+    /// Chunk messages delivered per chunk stored (1.0: no chunk was delivered twice).
+    pub fn deliveries_per_chunk(&self) -> Option<f64> {
+        (self.chunks_stored > 0).then(|| self.chunk_deliveries as f64 / self.chunks_stored as f64)
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "connect_attempts": self.connect_attempts,
+            "chunk_deliveries": self.chunk_deliveries,
+            "chunks_stored": self.chunks_stored,
+            "deliveries_per_chunk": self.deliveries_per_chunk(),
+            "subscriptions_refused": self.subscriptions_refused,
+            "messages_rejected": self.messages_rejected,
+            "bytes_received": self.bytes_received,
+        })
+    }
 }
 
 impl ScaleRun {
@@ -86,6 +136,7 @@ impl ScaleRun {
             "etcd_db_bytes": self.etcd_db_bytes,
             "installed": self.installed,
             "lost": self.lost(),
+            "deliveries": self.deliveries.to_json(),
         })
     }
 
@@ -222,6 +273,31 @@ pub fn runs_table(runs: &[ScaleRun]) -> String {
             rss("broker"),
             r.apiserver_writes,
             r.etcd_db_bytes / 1048576.0,
+        ));
+    }
+    out
+}
+
+/// What the devices received in each run, as a Markdown table: connections and chunk
+/// deliveries per device, deliveries per chunk stored, refusals and rejections.
+pub fn deliveries_table(runs: &[ScaleRun]) -> String {
+    let mut out = String::from(
+        "| devices | connect attempts per device | chunks stored | chunk messages delivered | deliveries per chunk | subscriptions refused | messages rejected | MiB received per device |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in runs {
+        let d = &r.deliveries;
+        let per_device = |n: u64| n as f64 / f64::from(r.devices.max(1));
+        out.push_str(&format!(
+            "| {} | {:.2} | {} | {} | {} | {} | {} | {:.3} |\n",
+            r.devices,
+            per_device(d.connect_attempts),
+            d.chunks_stored,
+            d.chunk_deliveries,
+            d.deliveries_per_chunk()
+                .map_or_else(|| "-".to_owned(), |x| format!("{x:.2}")),
+            d.subscriptions_refused,
+            d.messages_rejected,
+            per_device(d.bytes_received) / 1048576.0,
         ));
     }
     out
@@ -386,7 +462,41 @@ mod tests {
             broker_dropped: Some(0.0),
             etcd_db_bytes: 4.0 * 1048576.0,
             installed: u64::from(devices) - 1,
+            deliveries: Deliveries {
+                connect_attempts: u64::from(devices),
+                chunk_deliveries: u64::from(devices) * 3,
+                chunks_stored: u64::from(devices) * 2,
+                ..Deliveries::default()
+            },
         }
+    }
+
+    #[test]
+    fn deliveries_are_added_up_over_emulators_and_shown_per_device_and_chunk() {
+        let mut deliveries = Deliveries::default();
+        assert_eq!(deliveries.deliveries_per_chunk(), None);
+        deliveries.add_summary(&json!({
+            "connectAttempts": 120, "chunkDeliveries": 300, "chunksReceived": 200,
+            "subscriptionsRefused": 2, "messagesRejected": 5, "bytesReceived": 1048576
+        }));
+        // An older emulator's summary without chunkDeliveries adds 0 to it.
+        deliveries.add_summary(&json!({"connectAttempts": 80, "chunksReceived": 100}));
+        assert_eq!(deliveries.connect_attempts, 200);
+        assert_eq!(deliveries.chunks_stored, 300);
+        assert_eq!(deliveries.deliveries_per_chunk(), Some(1.0));
+        assert_eq!(deliveries.subscriptions_refused, 2);
+        assert_eq!(deliveries.messages_rejected, 5);
+        let mut r = run(100, 1.0);
+        r.deliveries = deliveries;
+        assert_eq!(r.to_json()["deliveries"]["chunk_deliveries"], 300);
+        let table = deliveries_table(&[r]);
+        assert!(
+            table.contains("| 100 | 2.00 | 300 | 300 | 1.00 | 2 | 5 | 0.010 |"),
+            "{table}"
+        );
+        assert!(
+            deliveries_table(&[run(1000, 1.0)]).contains("| 1000 | 1.00 | 2000 | 3000 | 1.50 |")
+        );
     }
 
     #[test]

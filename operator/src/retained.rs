@@ -5,9 +5,18 @@
 //! than `capacity` chunks are retained the ones published longest ago are cleared. So the broker
 //! never holds more than `capacity` chunks of a campaign, whatever the image size, and 20 devices
 //! moving through a 1 GiB image together cost one publish per chunk. Nothing here does I/O: the
-//! caller publishes and clears what [`Serve`] says.
+//! caller publishes and clears what [`Serve`] says. Retries are coalesced: a chunk still retained
+//! that a retry republished less than [`REPUBLISH_COALESCE_SECONDS`] ago is not republished for
+//! the next device that asks (every device subscribed to it then got that publish, and one that
+//! subscribes later gets the retained copy), so a thousand devices timing out on one chunk under
+//! load cost one republish, not a thousand each delivered to every subscriber.
 
 use std::collections::{HashMap, VecDeque};
+
+/// Seconds during which a chunk a retry republished (and still retained) is not republished
+/// again for another retry: a third of the devices' default window timeout, so a device whose
+/// copy was lost again gets a new publish on its next retry.
+pub const REPUBLISH_COALESCE_SECONDS: u64 = 10;
 
 /// Chunks to publish (retained) and to clear (an empty retained publish), in that order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -38,6 +47,8 @@ pub struct RetainedChunks {
     seq: u64,
     /// Chunks published over the campaign (first publishes and republishes).
     published: u64,
+    /// Index → when (Unix seconds) a retry last republished it.
+    retried_at: HashMap<u32, u64>,
 }
 
 impl RetainedChunks {
@@ -50,6 +61,7 @@ impl RetainedChunks {
             order: VecDeque::new(),
             seq: 0,
             published: 0,
+            retried_at: HashMap::new(),
         }
     }
 
@@ -89,9 +101,26 @@ impl RetainedChunks {
         self.publish(indices, false)
     }
 
-    /// A device's retry (it did not get these in time): publish them again, retained or not.
-    pub fn retry(&mut self, indices: &[u32]) -> Serve {
-        self.publish(indices, true)
+    /// A device's retry at `now` (Unix seconds; it did not get these in time): publish them
+    /// again, retained or not, except those still retained that a retry republished less than
+    /// [`REPUBLISH_COALESCE_SECONDS`] ago.
+    pub fn retry(&mut self, indices: &[u32], now: u64) -> Serve {
+        let due: Vec<u32> = indices
+            .iter()
+            .copied()
+            .filter(|i| {
+                !self.retained.contains_key(i)
+                    || self
+                        .retried_at
+                        .get(i)
+                        .is_none_or(|&at| now >= at.saturating_add(REPUBLISH_COALESCE_SECONDS))
+            })
+            .collect();
+        let serve = self.publish(&due, true);
+        for &i in &serve.publish {
+            self.retried_at.insert(i, now);
+        }
+        serve
     }
 
     /// The campaign ended: clear whatever is retained (the caller also clears every index a
@@ -148,7 +177,7 @@ mod tests {
         assert!(r.start().is_empty(), "published once");
         // Pulls of retained chunks cost nothing; a retry republishes.
         assert!(r.pull(&[1, 2]).is_empty());
-        assert_eq!(r.retry(&[2]).publish, vec![2]);
+        assert_eq!(r.retry(&[2], 1000).publish, vec![2]);
         assert_eq!(r.published(), 6);
         assert_eq!(r.end().clear, vec![0, 1, 2, 3, 4]);
         assert!(r.is_empty());
@@ -184,11 +213,32 @@ mod tests {
     }
 
     #[test]
+    fn retries_of_a_retained_chunk_are_coalesced_for_a_while() {
+        let mut r = RetainedChunks::new(4, 8);
+        r.start();
+        assert_eq!(r.retry(&[1, 2], 1000).publish, vec![1, 2]);
+        // Other devices ask for the same chunks soon after: served by that publish.
+        assert!(r.retry(&[1], 1001).is_empty());
+        assert_eq!(r.retry(&[1, 3], 1009).publish, vec![3]);
+        // Once the interval passed, a retry publishes again.
+        assert_eq!(
+            r.retry(&[1, 2], 1000 + REPUBLISH_COALESCE_SECONDS).publish,
+            vec![1, 2]
+        );
+        assert_eq!(r.published(), 4 + 2 + 1 + 2);
+        // A chunk no longer retained is published at once, however recent its last retry.
+        let mut small = RetainedChunks::new(10, 1);
+        small.retry(&[0], 1000);
+        small.pull(&[1]);
+        assert_eq!(small.retry(&[0], 1001).publish, vec![0]);
+    }
+
+    #[test]
     fn a_republished_chunk_counts_from_its_latest_publish() {
         let mut r = RetainedChunks::new(10, 2);
         r.pull(&[0, 1]);
         // 0 again (a retry): now 1 is the oldest.
-        assert!(r.retry(&[0]).clear.is_empty());
+        assert!(r.retry(&[0], 1000).clear.is_empty());
         assert_eq!(r.pull(&[2]).clear, vec![1]);
         assert_eq!(r.pull(&[3]).clear, vec![0]);
         assert_eq!(r.len(), 2);

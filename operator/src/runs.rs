@@ -1093,7 +1093,8 @@ impl Runs {
                 }
                 ManagerEvent::Progress { .. } => {}
                 ManagerEvent::ChunksRequested { indices } => {
-                    let serve = window(&mut run.retained, &mut run.deltas, which).retry(&indices);
+                    let serve =
+                        window(&mut run.retained, &mut run.deltas, which).retry(&indices, now);
                     fx.chunks.push(ChunkServe {
                         prepared: prepared.clone(),
                         source: source.clone(),

@@ -551,13 +551,16 @@ impl DeviceSession {
         vec![self.config.topics.notify(me), self.config.topics.update(me)]
     }
 
-    /// The chunk topics of the current window (empty when no window is open or the content key
-    /// is not known yet).
+    /// The chunk topics of the current window still missing (empty when no window is open or the
+    /// content key is not known yet). A chunk already stored is not subscribed again: on a new
+    /// connection the broker would deliver its retained copy again, and while subscribed every
+    /// republish of it for another device would reach this one too.
     fn window_filters(&self) -> Vec<String> {
         match &self.state.transfer {
             Some(t) if !self.window.is_empty() && self.content_key.is_some() => self
                 .window
                 .iter()
+                .filter(|&&i| !t.received.get(i))
                 .map(|&i| self.config.topics.chunk(&t.campaign_id, i))
                 .collect(),
             _ => Vec::new(),

@@ -18,7 +18,8 @@ use kube::Api;
 use sealed_ota_e2e::bench::{parse_metrics, process_cpu_seconds, process_memory, testbed_pid};
 use sealed_ota_e2e::product::{random_image, Product};
 use sealed_ota_e2e::scale::{
-    completion_svg, cost_model, cpu_svg, model_table, runs_table, ScaleRun,
+    completion_svg, cost_model, cpu_svg, deliveries_table, model_table, runs_table, Deliveries,
+    ScaleRun,
 };
 use sealed_ota_e2e::TestBed;
 use sealed_ota_operator::crd::{CampaignPhase, Device};
@@ -99,7 +100,11 @@ fn write_outputs(args: &Args, runs: &[ScaleRun]) -> Result<()> {
         args.out.join("scale.json"),
         serde_json::to_vec_pretty(&summary)?,
     )?;
-    let mut md = format!("## Runs\n\n{}\n", runs_table(runs));
+    let mut md = format!(
+        "## Runs\n\n{}\n## What the devices received\n\n{}\n",
+        runs_table(runs),
+        deliveries_table(runs)
+    );
     if model.is_empty() {
         md.push_str("No cost model: it needs runs at two fleet sizes at least.\n");
     } else {
@@ -207,12 +212,14 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
     }
     product.stop_emulator();
     let mut installed = 0;
+    let mut deliveries = Deliveries::default();
     for path in product.emulator_summaries() {
         let summary: serde_json::Value = serde_json::from_slice(
             &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
         )
         .with_context(|| format!("emulator summary {}", path.display()))?;
         installed += summary["outcomes"]["installed"].as_u64().unwrap_or(0);
+        deliveries.add_summary(&summary);
     }
     completed.push((wall_seconds, installed));
     let etcd_db = etcd_db_bytes(bed).await? - etcd_before;
@@ -249,6 +256,7 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
         broker_dropped: dropped_after.zip(dropped_before).map(|(a, b)| a - b),
         etcd_db_bytes: etcd_db,
         installed,
+        deliveries,
     })
 }
 
