@@ -1581,7 +1581,8 @@ impl DeviceSession {
         out.actions
     }
 
-    /// Reconnected: resubscribe and re-request the current chunk window.
+    /// Reconnected: resubscribe (of the current chunk window, the chunks still missing) and
+    /// re-request the missing chunks.
     pub fn on_reconnect(&mut self, now: u64) -> Vec<Action> {
         let mut actions = vec![self.base_subscribe()];
         let mut ask = None;
