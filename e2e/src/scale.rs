@@ -475,10 +475,15 @@ mod tests {
     fn deliveries_are_added_up_over_emulators_and_shown_per_device_and_chunk() {
         let mut deliveries = Deliveries::default();
         assert_eq!(deliveries.deliveries_per_chunk(), None);
-        deliveries.add_summary(&json!({
-            "connectAttempts": 120, "chunkDeliveries": 300, "chunksReceived": 200,
-            "subscriptionsRefused": 2, "messagesRejected": 5, "bytesReceived": 1048576
-        }));
+        // A real emulator summary, so a field renamed there fails here.
+        let stats = sealed_ota_device_emulator::stats::FleetStats::new(100);
+        (0..120).for_each(|_| stats.connect_attempt());
+        (0..300).for_each(|_| stats.chunk_delivered());
+        (0..200).for_each(|_| stats.chunk());
+        stats.subscriptions_refused(2);
+        (0..5).for_each(|_| stats.message_rejected());
+        stats.received(1048576);
+        deliveries.add_summary(&serde_json::to_value(stats.summary(BTreeMap::new())).unwrap());
         // An older emulator's summary without chunkDeliveries adds 0 to it.
         deliveries.add_summary(&json!({"connectAttempts": 80, "chunksReceived": 100}));
         assert_eq!(deliveries.connect_attempts, 200);

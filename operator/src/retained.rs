@@ -129,6 +129,7 @@ impl RetainedChunks {
         let mut clear: Vec<u32> = self.retained.drain().map(|(i, _)| i).collect();
         clear.sort_unstable();
         self.order.clear();
+        self.retried_at.clear();
         Serve {
             publish: Vec::new(),
             clear,
