@@ -533,7 +533,7 @@ mod tests {
     }
 
     #[test]
-    fn wire_bitflip_chunks_are_refused_and_requested_again() {
+    fn wire_bitflip_chunks_are_refused_then_subscribed_and_requested_again() {
         let mut world = World::new(&["bitflip:p=1,where=wire"]);
         world.run();
         assert_eq!(world.chunks(), 0, "no tampered chunk is accepted");
@@ -542,18 +542,29 @@ mod tests {
             4,
             "the whole window refused"
         );
-        // After the window timeout the device asks for the chunks again.
+        let asked = |world: &World| {
+            world
+                .manager_events
+                .iter()
+                .filter(|e| matches!(e, ManagerEvent::ChunksRequested { indices } if indices.len() == 4))
+                .count()
+        };
+        // At the window timeout the device subscribes the missing chunks again: the broker sends
+        // their retained copies once more (flipped again on this wire).
         let actions = world.session.poll(unix_now() + 31);
         world.route_device_actions(actions);
-        assert!(world
-            .manager_events
-            .iter()
-            .any(|e| matches!(e, ManagerEvent::ChunksRequested { indices } if indices.len() == 4)));
         world.run();
+        assert_eq!(asked(&world), 0, "the manager is not asked yet");
         assert_eq!(world.stats.messages_rejected(), 8);
+        // At the next timeout it asks the manager, whose republish is refused as well.
+        let actions = world.session.poll(unix_now() + 62);
+        world.route_device_actions(actions);
+        assert_eq!(asked(&world), 1, "then the manager is asked");
+        world.run();
+        assert_eq!(world.stats.messages_rejected(), 12);
         assert_eq!(
             world.chunk_deliveries(),
-            8,
+            12,
             "refused chunks are deliveries all the same"
         );
         assert!(!world.installed());

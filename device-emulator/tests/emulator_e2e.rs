@@ -123,7 +123,10 @@ async fn fault_switches_show_end_to_end() -> Result<()> {
     options.faults = [
         format!("refuse:reason=maintenance@devices={}", ids[0]),
         format!("bitflip:p=1,where=storage@devices={}", ids[1]),
-        format!("bitflip:p=0.25,where=wire@devices={}", ids[2]),
+        // Each of the 16 chunk deliveries is flipped with p = 0.5: no flip at all has
+        // probability 0.5^16 (1.5e-5; at 0.25 it was 1 %, and a CI run hit it), and each chunk
+        // still arrives intact after 2 deliveries on average.
+        format!("bitflip:p=0.5,where=wire@devices={}", ids[2]),
         format!("offline:after=3,for=2s@devices={}", ids[3]),
         format!("crash-install:restart-after=1s@devices={}", ids[4]),
         format!("max-packet:bytes=2048@devices={}", ids[5]),
@@ -181,10 +184,10 @@ async fn fault_switches_show_end_to_end() -> Result<()> {
         summary.messages_rejected > 0,
         "tampered chunks were refused by the protocol"
     );
-    assert!(
-        manager.republished > 0,
-        "refused chunks were requested again"
-    );
+    // How a refused chunk came again (the device's own SUBSCRIBE fetching the retained copy, or
+    // the manager's republish when that was refused too) is random here; both paths are tested
+    // deterministically in the device's unit tests (`wire_bitflip_chunks_are_refused_then_
+    // subscribed_and_requested_again`) and the protocol's (`resilience::a_timed_out_window_...`).
     let report = |i: usize| {
         reports
             .iter()

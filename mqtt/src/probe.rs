@@ -191,6 +191,9 @@ pub enum Feature {
     RetainedSize,
     /// A retained message is still delivered after its publisher left and the subscriber reconnected.
     RetainedAfterReconnect,
+    /// Subscribing a filter again on the same connection (Retain Handling 0) sends its retained
+    /// message again: a device fetches a retained chunk the broker failed to deliver this way.
+    RetainedOnResubscribe,
     /// An empty retained publish clears the retained message.
     RetainedClear,
     /// A message above the client's Maximum Packet Size is dropped for that client alone, which
@@ -216,6 +219,7 @@ impl Feature {
             Feature::Retained => "retained messages",
             Feature::RetainedSize => "retained message size",
             Feature::RetainedAfterReconnect => "retained after a reconnect",
+            Feature::RetainedOnResubscribe => "retained again on a new SUBSCRIBE",
             Feature::RetainedClear => "clearing a retained message",
             Feature::ClientMaximumPacketSize => "client Maximum Packet Size honoured",
             Feature::SharedSubscriptions => "shared subscriptions",
@@ -500,6 +504,33 @@ pub fn judge_shared(sent: u32, suback_ok: bool, member_a: &[u32], member_b: &[u3
             Verdict::Works,
             format!("each of {sent} messages reached one member ({split})"),
         )
+    }
+}
+
+/// A second SUBSCRIBE of a filter on the connection that already got its retained message:
+/// `None` when that connection did not get it in the first place. A broker that does not send it
+/// again limits recovery (a device whose chunk delivery the broker dropped must ask the manager,
+/// whose republish reaches every device on that chunk) but breaks nothing.
+pub fn judge_resubscribe(again: Option<bool>) -> Check {
+    let f = Feature::RetainedOnResubscribe;
+    match again {
+        Some(true) => Check::new(
+            f,
+            Verdict::Works,
+            "sent again to the subscribing connection",
+        ),
+        Some(false) => Check::new(
+            f,
+            Verdict::Limited,
+            "not sent again (MQTT 5 3.8.3.1, Retain Handling 0, says it is): a device asks the \
+             manager for each chunk the broker failed to deliver, and the republish reaches every \
+             device subscribed to it",
+        ),
+        None => Check::new(
+            f,
+            Verdict::NotTested,
+            "the retained message was not delivered after the reconnect",
+        ),
     }
 }
 
@@ -806,6 +837,18 @@ impl Conn {
                 None => return (got, None),
             }
         }
+    }
+
+    /// Subscribes `topic` (Retain Handling 0) and says whether its retained `payload` came,
+    /// flagged retained.
+    async fn retained_on_subscribe(&mut self, topic: &str, payload: &[u8]) -> Result<bool, String> {
+        self.subscribe(vec![qos1_filter(topic.to_owned())]).await?;
+        let (got, _) = self
+            .collect(Duration::from_secs(3), |g| !g.is_empty())
+            .await;
+        Ok(got
+            .iter()
+            .any(|m| m.retain && m.payload.as_ref() == payload))
     }
 
     /// True when the server or the network closed this connection.
@@ -1210,19 +1253,19 @@ async fn retained_steps(config: &ProbeConfig, publisher: &mut Conn, report: &mut
             .await?;
         once.close().await;
         let mut got_twice = 0;
+        let mut again = None;
         for round in 0..2 {
             let mut sub = Conn::open(config, last, &format!("ret-sub{round}"), |_| {}).await?;
-            sub.subscribe(vec![qos1_filter(topic.clone())]).await?;
-            let (got, _) = sub.collect(Duration::from_secs(3), |g| !g.is_empty()).await;
-            if got
-                .iter()
-                .any(|m| m.retain && m.payload.as_ref() == payload.as_slice())
-            {
+            if sub.retained_on_subscribe(&topic, &payload).await? {
                 got_twice += 1;
+                if round == 1 {
+                    // The same filter once more on the same connection.
+                    again = Some(sub.retained_on_subscribe(&topic, &payload).await?);
+                }
             }
             sub.close().await;
         }
-        Ok::<_, String>(if got_twice == 2 {
+        let reconnect = if got_twice == 2 {
             Check::new(
                 Feature::RetainedAfterReconnect,
                 Verdict::Works,
@@ -1234,14 +1277,21 @@ async fn retained_steps(config: &ProbeConfig, publisher: &mut Conn, report: &mut
                 Verdict::Broken,
                 format!("delivered on {got_twice} of 2 connections after the publisher left"),
             )
-        })
+        };
+        Ok::<_, String>((reconnect, judge_resubscribe(again)))
     }
     .await;
-    report.checks.push(
-        check.unwrap_or_else(|why| {
-            Check::new(Feature::RetainedAfterReconnect, Verdict::Broken, why)
-        }),
-    );
+    match check {
+        Ok((reconnect, resubscribe)) => report.checks.extend([reconnect, resubscribe]),
+        Err(why) => report.checks.extend([
+            Check::new(Feature::RetainedAfterReconnect, Verdict::Broken, why),
+            Check::new(
+                Feature::RetainedOnResubscribe,
+                Verdict::NotTested,
+                "the reconnect step failed",
+            ),
+        ]),
+    }
 
     // Clearing: an empty retained publish on every topic used; a fresh subscriber gets nothing.
     let mut cleared = true;
@@ -1381,6 +1431,13 @@ mod tests {
             Verdict::Limited
         );
         assert_eq!(judge_shared(3, false, &[], &[]).verdict, Verdict::Broken);
+    }
+
+    #[test]
+    fn resubscribe_verdicts() {
+        assert_eq!(judge_resubscribe(Some(true)).verdict, Verdict::Works);
+        assert_eq!(judge_resubscribe(Some(false)).verdict, Verdict::Limited);
+        assert_eq!(judge_resubscribe(None).verdict, Verdict::NotTested);
     }
 
     #[test]

@@ -34,21 +34,28 @@ impl Serve {
     }
 }
 
+/// One retained chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Held {
+    /// The publish that made it retained (its sequence number in `RetainedChunks::order`).
+    seq: u64,
+    /// When (Unix seconds) a retry last republished it, if one did.
+    retried_at: Option<u64>,
+}
+
 /// The retained window of one campaign.
 #[derive(Clone, Debug)]
 pub struct RetainedChunks {
     count: u32,
     capacity: u32,
-    /// Retained index → the publish that made it retained (its sequence number).
-    retained: HashMap<u32, u64>,
+    /// Retained index → how it came to be retained.
+    retained: HashMap<u32, Held>,
     /// Publishes in order (index, sequence); an entry whose sequence is no longer the index's is
     /// stale (the index was published again since) and skipped.
     order: VecDeque<(u32, u64)>,
     seq: u64,
     /// Chunks published over the campaign (first publishes and republishes).
     published: u64,
-    /// Index → when (Unix seconds) a retry last republished it.
-    retried_at: HashMap<u32, u64>,
 }
 
 impl RetainedChunks {
@@ -61,7 +68,6 @@ impl RetainedChunks {
             order: VecDeque::new(),
             seq: 0,
             published: 0,
-            retried_at: HashMap::new(),
         }
     }
 
@@ -109,16 +115,17 @@ impl RetainedChunks {
             .iter()
             .copied()
             .filter(|i| {
-                !self.retained.contains_key(i)
-                    || self
-                        .retried_at
-                        .get(i)
-                        .is_none_or(|&at| now >= at.saturating_add(REPUBLISH_COALESCE_SECONDS))
+                self.retained
+                    .get(i)
+                    .and_then(|held| held.retried_at)
+                    .is_none_or(|at| now >= at.saturating_add(REPUBLISH_COALESCE_SECONDS))
             })
             .collect();
         let serve = self.publish(&due, true);
-        for &i in &serve.publish {
-            self.retried_at.insert(i, now);
+        for i in &serve.publish {
+            if let Some(held) = self.retained.get_mut(i) {
+                held.retried_at = Some(now);
+            }
         }
         serve
     }
@@ -129,7 +136,6 @@ impl RetainedChunks {
         let mut clear: Vec<u32> = self.retained.drain().map(|(i, _)| i).collect();
         clear.sort_unstable();
         self.order.clear();
-        self.retried_at.clear();
         Serve {
             publish: Vec::new(),
             clear,
@@ -146,7 +152,13 @@ impl RetainedChunks {
                 continue;
             }
             self.seq += 1;
-            self.retained.insert(i, self.seq);
+            self.retained.insert(
+                i,
+                Held {
+                    seq: self.seq,
+                    retried_at: None,
+                },
+            );
             self.order.push_back((i, self.seq));
             self.published += 1;
             serve.publish.push(i);
@@ -155,7 +167,7 @@ impl RetainedChunks {
             let Some((i, seq)) = self.order.pop_front() else {
                 break;
             };
-            if self.retained.get(&i) == Some(&seq) {
+            if self.retained.get(&i).is_some_and(|held| held.seq == seq) {
                 self.retained.remove(&i);
                 // Published and cleared in one go: only the clear is worth sending... but a
                 // device subscribed right now gets the publish, so send both, in order.

@@ -467,6 +467,8 @@ pub struct DeviceSession {
     window: Vec<u32>,
     window_deadline: u64,
     window_timeout: u64,
+    /// What the next window timeout does: see [`WindowRecovery`].
+    window_recovery: WindowRecovery,
     image_complete: bool,
     key_log: Option<Arc<dyn KeyLog>>,
     /// Ephemeral keys, nonces and AES-GCM nonces of status messages.
@@ -513,6 +515,7 @@ impl DeviceSession {
             window: Vec::new(),
             window_deadline: 0,
             window_timeout: DEFAULT_WINDOW_TIMEOUT,
+            window_recovery: WindowRecovery::Resubscribe,
             image_complete: false,
             key_log: None,
             rng,
@@ -1311,6 +1314,7 @@ impl DeviceSession {
         let ask = t.manifest.pull.then(|| next.clone());
         self.window = next;
         self.window_deadline = now.saturating_add(self.window_timeout);
+        self.window_recovery = WindowRecovery::Resubscribe;
         if let Some(indices) = ask {
             out.actions
                 .extend(self.status(&StatusBody::ChunksRequested { indices }));
@@ -1590,6 +1594,9 @@ impl DeviceSession {
         if let Some(t) = self.state.transfer.as_ref().filter(|_| !window.is_empty()) {
             actions.push(Action::Subscribe(window));
             self.window_deadline = now.saturating_add(self.window_timeout);
+            // The subscription just made fetches the retained chunks again: what is still missing
+            // at the next timeout is asked of the manager.
+            self.window_recovery = WindowRecovery::Ask;
             if t.manifest.pull {
                 ask = Some(
                     self.window
@@ -1662,10 +1669,41 @@ impl DeviceSession {
             return Vec::new();
         }
         self.window_deadline = now.saturating_add(timeout);
-        self.status(&StatusBody::ChunksRequested { indices: missing })
-            .into_iter()
-            .collect()
+        match self.window_recovery {
+            WindowRecovery::Resubscribe if !t.manifest.pull => {
+                self.window_recovery = WindowRecovery::Ask;
+                let campaign = &t.campaign_id;
+                vec![Action::Subscribe(
+                    missing
+                        .iter()
+                        .map(|&i| self.config.topics.chunk(campaign, i))
+                        .collect(),
+                )]
+            }
+            _ => {
+                self.window_recovery = WindowRecovery::Resubscribe;
+                self.status(&StatusBody::ChunksRequested { indices: missing })
+                    .into_iter()
+                    .collect()
+            }
+        }
     }
+}
+
+/// How a device recovers chunks of its window that did not arrive before the window timed out.
+/// In a campaign whose chunks are all retained (not `pull`), the first timeout subscribes the
+/// missing chunk topics again: MQTT 5 sends the retained messages of a filter at every SUBSCRIBE
+/// (Retain Handling 0), to this device alone, so a delivery the broker dropped (a full session
+/// queue, a lost connection) costs one device one message. Only when that did not bring them does
+/// the next timeout ask the manager (`ChunksRequested`), whose republish reaches every device
+/// subscribed to those chunks; then the two alternate. A `pull` campaign asks at every timeout:
+/// its chunks are retained only while devices ask for them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WindowRecovery {
+    /// Subscribe the missing chunks again (retained campaigns).
+    Resubscribe,
+    /// Ask the manager to publish the missing chunks again.
+    Ask,
 }
 
 #[cfg(test)]

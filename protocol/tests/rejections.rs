@@ -257,15 +257,19 @@ fn tampered_chunk_fails_merkle_proof_before_decryption() {
         vec![ProtocolError::BadProof { index: 2 }]
     );
     assert!(!w.devices["s1"].installed);
-    // The device asks again after the window timeout; the manager republishes; it completes.
+    // After the window timeout the device subscribes chunk 2 again: the broker, honest this
+    // time, sends its retained copy and the device completes without asking the manager (the
+    // path through `ChunksRequested` is `resilience::a_timed_out_window_...`).
     w.hook = None;
     w.now += 31;
     w.poll_devices();
     w.run();
     assert!(w.devices["s1"].installed);
-    assert!(w.manager.events.iter().any(
-        |(_, e)| matches!(e, ManagerEvent::ChunksRequested { indices } if indices == &vec![2])
-    ));
+    assert!(!w
+        .manager
+        .events
+        .iter()
+        .any(|(_, e)| matches!(e, ManagerEvent::ChunksRequested { .. })));
     assert_eq!(w.manager_state("s1"), &ManagerState::Installed);
 }
 

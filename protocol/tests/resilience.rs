@@ -56,6 +56,89 @@ fn lost_chunks_are_requested_and_republished() {
     assert!(requests >= 4, "{requests}");
 }
 
+/// Deliveries of retained chunks the broker dropped for one device (a full session queue) come
+/// back through that device's own SUBSCRIBE at the window timeout, without asking the manager
+/// (whose republish would reach every device on those chunk topics); what that does not bring is
+/// asked of the manager at the next timeout.
+#[test]
+fn a_timed_out_window_subscribes_its_retained_chunks_again_before_asking_the_manager() {
+    use std::collections::HashMap;
+    let image = firmware(3000); // 6 chunks
+    let requests = |w: &World| {
+        w.manager
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, ManagerEvent::ChunksRequested { .. }))
+            .count()
+    };
+    let delivered = |w: &World| {
+        w.broker
+            .published
+            .iter()
+            .filter(|(from, o)| from == "manager" && o.topic.contains("/_chunks/"))
+            .count()
+    };
+    // `drops` first deliveries of every chunk to s1 are lost.
+    let world = |drops: u32| {
+        let mut w = World::new(Pki::new(), campaign(image.clone(), 500));
+        w.publish_chunks();
+        w.add_device("s1", "1.0.0", 3);
+        w.start(target("s1"));
+        let mut seen: HashMap<String, u32> = HashMap::new();
+        w.hook = Some(Box::new(move |client, msg| {
+            if client != "s1" || !msg.topic.contains("/_chunks/") {
+                return Verdict::Deliver;
+            }
+            let n = seen.entry(msg.topic.clone()).or_default();
+            *n += 1;
+            if *n <= drops {
+                Verdict::Drop
+            } else {
+                Verdict::Deliver
+            }
+        }));
+        w.run();
+        w
+    };
+
+    // One lost delivery per chunk: each window's timeout subscribes it again, the broker sends the
+    // retained copies to s1, and the manager is never asked.
+    let mut w = world(1);
+    let published = delivered(&w);
+    for _ in 0..2 {
+        assert!(!w.devices["s1"].installed);
+        w.now += 31;
+        w.poll_devices();
+        w.run();
+    }
+    assert!(w.devices["s1"].installed);
+    assert_eq!(w.devices["s1"].image, image);
+    assert_eq!(requests(&w), 0, "no chunk was asked of the manager");
+    assert_eq!(
+        delivered(&w),
+        published,
+        "the manager published nothing again"
+    );
+
+    // Two lost deliveries per chunk: the subscription again does not bring them, the next
+    // timeout asks the manager, and its republish does.
+    let mut w = world(2);
+    w.now += 31;
+    w.poll_devices();
+    w.run();
+    assert_eq!(requests(&w), 0, "the first timeout only subscribes again");
+    assert_eq!(w.devices["s1"].session.window(), &[0, 1, 2]);
+    w.now += 31;
+    w.poll_devices();
+    w.run();
+    assert_eq!(requests(&w), 1, "the second timeout asks the manager");
+    assert_eq!(
+        w.devices["s1"].session.window(),
+        &[3, 4, 5],
+        "window 1 complete"
+    );
+}
+
 #[test]
 fn lost_update_is_recovered_by_ready_retry() {
     let mut w = World::new(Pki::new(), campaign(firmware(1000), 256));
