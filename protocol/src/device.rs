@@ -1349,6 +1349,12 @@ impl DeviceSession {
             self.reject(RejectReason::Expired, &mut out);
             return Ok(out);
         }
+        if self.state.transfer.is_none() && self.state.completed_campaigns.contains(&c.campaign_id)
+        {
+            // A late copy of a chunk of a campaign this device completed (the broker's queue for
+            // it still held republishes): nothing is stored, so it is a duplicate, not a fault.
+            return Ok(DeviceOutput::default());
+        }
         let (Some(t), Some(key)) = (self.state.transfer.as_mut(), self.content_key.as_ref()) else {
             return Err(ProtocolError::UnexpectedMessage {
                 message: "chunk",

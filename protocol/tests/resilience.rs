@@ -139,6 +139,46 @@ fn a_timed_out_window_subscribes_its_retained_chunks_again_before_asking_the_man
     );
 }
 
+/// Copies of chunks that reach a device after it completed the campaign (republishes for other
+/// devices still queued for it at the broker) are duplicates: ignored, not protocol errors.
+#[test]
+fn chunks_arriving_after_the_campaign_completed_are_duplicates_not_errors() {
+    let image = firmware(3000);
+    let mut w = World::new(Pki::new(), campaign(image.clone(), 500));
+    w.publish_chunks();
+    w.add_device("s1", "1.0.0", 3);
+    w.start(target("s1"));
+    w.run();
+    assert!(w.devices["s1"].installed);
+    let late = w.broker.retained[&w.pki.topics.chunk("c1", 4)].clone();
+    w.deliver("s1", late);
+    assert_eq!(
+        w.devices["s1"].errors,
+        vec![],
+        "a late duplicate is no error"
+    );
+    // A chunk of a campaign the device never took part in is still refused.
+    let other = PreparedCampaign::prepare(CampaignSpec {
+        campaign_id: "c9".into(),
+        target_version: "2.0.0".into(),
+        payload: CampaignPayload::Firmware { image },
+        expires_at: NOW + 3600,
+        chunk_size: 500,
+        release: None,
+    })
+    .unwrap();
+    let foreign = other.chunk_publish(&w.pki.topics, 0).to_inbound();
+    w.deliver("s1", foreign);
+    assert!(
+        matches!(
+            w.devices["s1"].errors[..],
+            [ProtocolError::UnexpectedMessage { .. }]
+        ),
+        "{:?}",
+        w.devices["s1"].errors
+    );
+}
+
 #[test]
 fn lost_update_is_recovered_by_ready_retry() {
     let mut w = World::new(Pki::new(), campaign(firmware(1000), 256));
