@@ -72,11 +72,42 @@ pub fn live_holders(leases: &[Lease], prefix: &str, now: i64) -> BTreeSet<String
         .collect()
 }
 
+/// The names of the Leases nobody holds at `now` (Unix seconds): released (no holder) or expired
+/// (pure).
+pub fn free_leases(leases: &[Lease], now: i64) -> BTreeSet<String> {
+    leases
+        .iter()
+        .filter(|l| {
+            let Some(spec) = l.spec.as_ref() else {
+                return true;
+            };
+            let renewed = spec.renew_time.as_ref().map(|t| t.0.as_second());
+            let lasts = i64::from(spec.lease_duration_seconds.unwrap_or(LEASE_SECONDS as i32));
+            spec.holder_identity.as_deref().is_none_or(str::is_empty)
+                || renewed.is_none_or(|r| r + lasts <= now)
+        })
+        .filter_map(|l| l.metadata.name.clone())
+        .collect()
+}
+
 /// One shard Lease this replica tries to hold: its holding flag. Dropping it closes the channel,
 /// and kube-lease-manager's task then releases the Lease and ends (it is not aborted, so that the
 /// release happens).
 struct ShardLease {
     holding: watch::Receiver<bool>,
+    /// When this manager started trying.
+    since: tokio::time::Instant,
+    task: tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+}
+
+impl ShardLease {
+    /// Stop trying for the Lease and wait (at most `POLL`) until the manager's task has ended: a
+    /// manager of the same identity started afterwards must not have its fresh lock released by
+    /// this one's way out.
+    async fn stop(self) {
+        drop(self.holding);
+        let _ = tokio::time::timeout(POLL, self.task).await;
+    }
 }
 
 /// Hold this replica's member Lease and the shard Leases it should hold, publishing the set of
@@ -117,6 +148,27 @@ pub async fn run(
                 let now = crate::time::unix_now() as i64;
                 let members = live_holders(&list.items, &member_prefix, now);
                 let wanted = wanted_shards(&identity, &members, shards);
+                // kube-lease-manager (0.13) waiting for a Lease held by another replica sleeps
+                // until that holder's last renewal would expire, even when the holder released
+                // it at once (two replicas starting together hand shards over this way): a
+                // wanted shard whose Lease is free now gets a fresh manager, which takes it at
+                // once, instead of up to LEASE_SECONDS later.
+                let free = free_leases(&list.items, now);
+                let waiting_on_free: Vec<u32> = leases
+                    .iter()
+                    .filter(|(k, l)| {
+                        // A manager just built is still taking its free Lease: leave it be.
+                        !*l.holding.borrow()
+                            && l.since.elapsed() >= 2 * POLL
+                            && free.contains(&shard_lease(&lease, **k, shards))
+                    })
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in waiting_on_free {
+                    if let Some(waiting) = leases.remove(&k) {
+                        waiting.stop().await;
+                    }
+                }
                 leases.retain(|k, _| wanted.contains(k));
                 for k in wanted {
                     if leases.contains_key(&k) {
@@ -132,8 +184,16 @@ pub async fn run(
                         .await
                     {
                         Ok(m) => {
-                            let (holding, _task) = m.watch().await;
-                            leases.insert(k, ShardLease { holding });
+                            let (holding, task) = m.watch().await;
+                            let since = tokio::time::Instant::now();
+                            leases.insert(
+                                k,
+                                ShardLease {
+                                    holding,
+                                    since,
+                                    task,
+                                },
+                            );
                         }
                         Err(e) => {
                             tracing::warn!(lease = %name, error = %e, "cannot create a shard Lease")
@@ -193,6 +253,27 @@ mod tests {
         ];
         let live = live_holders(&leases, "op-member", 105);
         assert_eq!(live, ["a".to_string()].into());
+    }
+
+    #[test]
+    fn free_leases_are_the_released_and_the_expired() {
+        let mut released = lease("op-shard-1-of-4", None, 100);
+        released.spec.as_mut().unwrap().renew_time = None;
+        let leases = [
+            lease("op-shard-0-of-4", Some("a"), 100),
+            released,
+            lease("op-shard-2-of-4", Some("b"), 80),
+            lease("op-shard-3-of-4", Some(""), 100),
+        ];
+        assert_eq!(
+            free_leases(&leases, 105),
+            [
+                "op-shard-1-of-4".to_string(),
+                "op-shard-2-of-4".to_string(),
+                "op-shard-3-of-4".to_string()
+            ]
+            .into()
+        );
     }
 
     #[test]
