@@ -163,7 +163,7 @@ impl Engine {
         exists: impl Fn(&str) -> bool,
     ) -> Result<Vec<String>, Error> {
         let (fx, released) = lock(&self.runs).release(key, selected, in_scope, exists, unix_now());
-        self.perform(fx).await?;
+        self.perform(fx, Publishing::Await).await?;
         Ok(released)
     }
 
@@ -176,13 +176,13 @@ impl Engine {
         plan: &Plan,
     ) -> Result<(), Error> {
         let fx = lock(&self.runs).apply(key, uid, devices, plan, &self.topics, unix_now());
-        self.perform(fx).await
+        self.perform(fx, Publishing::Await).await
     }
 
     /// Forget a run (campaign deleted) and clear what it left retained.
     pub async fn remove_run(&self, key: &CampaignKey) -> Result<(), Error> {
         let fx = lock(&self.runs).remove(key, &self.topics, unix_now());
-        self.perform(fx).await
+        self.perform(fx, Publishing::Await).await
     }
 
     /// The device a `ready` or status message comes from (by its topic, a hint), if it is one.
@@ -194,16 +194,17 @@ impl Engine {
     }
 
     /// Feed one inbound message from `device` (see [`Engine::device_of`]) to the session it
-    /// belongs to and carry out what follows.
+    /// belongs to and carry out what follows. Its publishes are detached: the caller reads the
+    /// inbound channel, which the MQTT event loop may be waiting to write to.
     pub async fn handle_inbound(&self, device: &str, msg: Inbound) {
         let fx = lock(&self.runs).dispatch(device, &msg, &self.topics, unix_now());
-        if let Err(e) = self.perform(fx).await {
+        if let Err(e) = self.perform(fx, Publishing::Detached).await {
             tracing::warn!(device = %device, error = %e, "publishing session output failed");
         }
     }
 
     /// Carry out effects: the gate, the writes, the MQTT actions; notes to metrics and logs.
-    async fn perform(&self, fx: Effects) -> Result<(), Error> {
+    async fn perform(&self, fx: Effects, publishing: Publishing) -> Result<(), Error> {
         let Effects {
             gate,
             writes,
@@ -230,13 +231,20 @@ impl Engine {
             self.writes.send(w);
         }
         for serve in chunks {
-            self.serve_chunks(serve).await?;
+            self.serve_chunks(serve, publishing).await?;
         }
-        self.mqtt.execute(actions).await
+        self.publish(actions, publishing).await
+    }
+
+    async fn publish(&self, actions: Vec<Action>, publishing: Publishing) -> Result<(), Error> {
+        match publishing {
+            Publishing::Await => self.mqtt.execute(actions).await,
+            Publishing::Detached => self.mqtt.execute_detached(actions),
+        }
     }
 
     /// Publish and clear chunks, reading each ciphertext just before its publish.
-    async fn serve_chunks(&self, serve: ChunkServe) -> Result<(), Error> {
+    async fn serve_chunks(&self, serve: ChunkServe, publishing: Publishing) -> Result<(), Error> {
         let serve = Arc::new(serve);
         for &index in &serve.serve.publish {
             let (s, topics) = (serve.clone(), self.topics.clone());
@@ -246,7 +254,7 @@ impl Engine {
             match publish {
                 Ok(o) => {
                     self.metrics.chunks_served.inc();
-                    self.mqtt.execute(vec![Action::Publish(o)]).await?;
+                    self.publish(vec![Action::Publish(o)], publishing).await?;
                 }
                 Err(e) => {
                     tracing::warn!(campaign = %serve.prepared.campaign_id(), index, error = %e, "reading a chunk from the cache failed");
@@ -254,9 +262,11 @@ impl Engine {
             }
         }
         let clears = serve.clears(&self.topics);
-        self.mqtt
-            .execute(clears.into_iter().map(Action::Publish).collect())
-            .await
+        self.publish(
+            clears.into_iter().map(Action::Publish).collect(),
+            publishing,
+        )
+        .await
     }
 
     fn note(&self, note: &Note) {
@@ -538,6 +548,16 @@ async fn run_device_writer(
         }
         pending[shard as usize].fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// How the engine hands its MQTT actions to the session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Publishing {
+    /// Wait for room in the client's request channel (reconcile passes: back-pressure).
+    Await,
+    /// Queue without waiting (the inbound dispatcher: see
+    /// [`crate::mqtt::MqttSession::execute_detached`]).
+    Detached,
 }
 
 #[cfg(test)]

@@ -21,6 +21,9 @@ pub enum Error {
     /// The MQTT client refused a request (its request queue is closed).
     #[error("MQTT client: {0}")]
     Mqtt(#[source] Box<rumqttc::v5::ClientError>),
+    /// The MQTT session's tasks have ended (the operator is shutting down).
+    #[error("the MQTT session has ended")]
+    MqttSessionEnded,
     /// The broker connection could not be configured.
     #[error("MQTT configuration: {0}")]
     MqttConfig(String),
@@ -92,7 +95,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube { .. } => "kube",
-            Error::Mqtt(_) => "mqtt",
+            Error::Mqtt(_) | Error::MqttSessionEnded => "mqtt",
             Error::MqttConfig(_) | Error::BrokerUrl(_) | Error::BrokerTls(_) => "mqtt_config",
             Error::Topics(_) => "topics",
             Error::Identity(_) => "identity",

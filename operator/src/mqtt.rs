@@ -9,6 +9,12 @@
 //! filters are subscribed again after a backoff: a refused filter would otherwise silently cut a
 //! bucket of devices off. Everything the broker says is a hint; this module only moves bytes and
 //! reports the connection state. It never logs payloads or credentials.
+//!
+//! The event loop task waits for room in the inbound channel (back-pressure on the broker), so
+//! the task that reads that channel must never wait for the event loop: it hands its actions to
+//! [`MqttSession::execute_detached`], a FIFO that a third task feeds to the client. Had it waited
+//! for room in the client's request channel, which only the event loop drains, each would wait
+//! for the other: at 30,000 devices both replicas stopped reading from the broker this way.
 
 use std::time::Duration;
 
@@ -152,6 +158,8 @@ pub struct MqttSession {
     client: AsyncClient,
     state: watch::Receiver<ConnState>,
     metrics: Metrics,
+    /// Actions carried out in order by the forwarding task, without the caller waiting.
+    detached: mpsc::UnboundedSender<Vec<Action>>,
 }
 
 /// The MQTT client id of replica `identity` of manager `manager_id`: one per replica, because a
@@ -161,6 +169,9 @@ pub fn client_id(manager_id: &str, identity: &str) -> String {
     let replica = sha2::Sha256::digest(identity.as_bytes());
     format!("sealed-ota-{manager_id}-{}", hex::encode(&replica[..4]))
 }
+
+/// Requests (publishes, subscriptions) the client queues for the event loop.
+pub const REQUEST_CHANNEL_CAPACITY: usize = 4096;
 
 /// Receive Maximum the manager announces in CONNECT (the protocol's largest).
 pub const MANAGER_RECEIVE_MAXIMUM: u16 = u16::MAX;
@@ -176,8 +187,18 @@ impl MqttSession {
     ) -> (Self, JoinHandle<()>) {
         let mut node = 0;
         let opts = settings.options(node);
-        let (client, mut eventloop) = AsyncClient::new(opts, 4096);
+        let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CHANNEL_CAPACITY);
         let (state_tx, state) = watch::channel(ConnState::Connecting);
+        let (detached, mut detached_rx) = mpsc::unbounded_channel::<Vec<Action>>();
+        let forward_client = client.clone();
+        tokio::spawn(async move {
+            while let Some(actions) = detached_rx.recv().await {
+                if let Err(e) = sealed_ota_mqtt::perform(&forward_client, actions).await {
+                    tracing::warn!(error = %e, "the MQTT client is gone; detached actions dropped");
+                    return;
+                }
+            }
+        });
         let task_client = client.clone();
         let task_metrics = metrics.clone();
         tokio::spawn(follow_filters(client.clone(), filters.clone()));
@@ -264,6 +285,7 @@ impl MqttSession {
                 client,
                 state,
                 metrics,
+                detached,
             },
             task,
         )
@@ -287,9 +309,31 @@ impl MqttSession {
         self.execute(vec![Action::Publish(out)]).await
     }
 
-    /// Carry out a protocol session's actions in order.
+    /// Carry out a protocol session's actions in order, waiting for room in the client's
+    /// request channel (back-pressure on a caller that publishes a lot, such as a campaign's
+    /// start). Never from the task that reads the inbound channel: see
+    /// [`MqttSession::execute_detached`].
     pub async fn execute(&self, actions: Vec<Action>) -> Result<(), Error> {
-        for a in &actions {
+        self.count(&actions);
+        sealed_ota_mqtt::perform(&self.client, actions).await?;
+        Ok(())
+    }
+
+    /// Queue a protocol session's actions, in order with the other detached ones, without
+    /// waiting: for the task that reads the inbound channel (the module's doc says why). What it
+    /// queues is bounded by what it reads, which the event loop bounds.
+    pub fn execute_detached(&self, actions: Vec<Action>) -> Result<(), Error> {
+        if actions.is_empty() {
+            return Ok(());
+        }
+        self.count(&actions);
+        self.detached
+            .send(actions)
+            .map_err(|_| Error::MqttSessionEnded)
+    }
+
+    fn count(&self, actions: &[Action]) {
+        for a in actions {
             if let Action::Publish(out) = a {
                 self.metrics.messages_published.inc();
                 self.metrics
@@ -297,8 +341,6 @@ impl MqttSession {
                     .inc_by(out.payload.len() as u64);
             }
         }
-        sealed_ota_mqtt::perform(&self.client, actions).await?;
-        Ok(())
     }
 
     /// Disconnect politely (best effort).
