@@ -52,6 +52,16 @@ pub fn shard_lease(lease: &str, shard: u32, shards: ShardCount) -> String {
     format!("{lease}-shard-{shard}-of-{shards}")
 }
 
+/// The holder of `lease` at `now` (Unix seconds), if one holds it: named, and its last renewal
+/// not expired (pure).
+fn live_holder(lease: &Lease, now: i64) -> Option<&str> {
+    let spec = lease.spec.as_ref()?;
+    let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty())?;
+    let renewed = spec.renew_time.as_ref()?.0.as_second();
+    let lasts = i64::from(spec.lease_duration_seconds.unwrap_or(LEASE_SECONDS as i32));
+    (renewed + lasts > now).then_some(holder)
+}
+
 /// The holders of unexpired Leases named `<prefix>...` at `now` (Unix seconds): live members (pure).
 pub fn live_holders(leases: &[Lease], prefix: &str, now: i64) -> BTreeSet<String> {
     leases
@@ -62,13 +72,7 @@ pub fn live_holders(leases: &[Lease], prefix: &str, now: i64) -> BTreeSet<String
                 .as_deref()
                 .is_some_and(|n| n.starts_with(prefix))
         })
-        .filter_map(|l| {
-            let spec = l.spec.as_ref()?;
-            let holder = spec.holder_identity.clone()?;
-            let renewed = spec.renew_time.as_ref()?.0.as_second();
-            let lasts = i64::from(spec.lease_duration_seconds.unwrap_or(LEASE_SECONDS as i32));
-            (renewed + lasts > now).then_some(holder)
-        })
+        .filter_map(|l| live_holder(l, now).map(str::to_owned))
         .collect()
 }
 
@@ -77,15 +81,7 @@ pub fn live_holders(leases: &[Lease], prefix: &str, now: i64) -> BTreeSet<String
 pub fn free_leases(leases: &[Lease], now: i64) -> BTreeSet<String> {
     leases
         .iter()
-        .filter(|l| {
-            let Some(spec) = l.spec.as_ref() else {
-                return true;
-            };
-            let renewed = spec.renew_time.as_ref().map(|t| t.0.as_second());
-            let lasts = i64::from(spec.lease_duration_seconds.unwrap_or(LEASE_SECONDS as i32));
-            spec.holder_identity.as_deref().is_none_or(str::is_empty)
-                || renewed.is_none_or(|r| r + lasts <= now)
-        })
+        .filter(|l| live_holder(l, now).is_none())
         .filter_map(|l| l.metadata.name.clone())
         .collect()
 }

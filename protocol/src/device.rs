@@ -1678,13 +1678,7 @@ impl DeviceSession {
         match self.window_recovery {
             WindowRecovery::Resubscribe if !t.manifest.pull => {
                 self.window_recovery = WindowRecovery::Ask;
-                let campaign = &t.campaign_id;
-                vec![Action::Subscribe(
-                    missing
-                        .iter()
-                        .map(|&i| self.config.topics.chunk(campaign, i))
-                        .collect(),
-                )]
+                vec![Action::Subscribe(self.window_filters())]
             }
             _ => {
                 self.window_recovery = WindowRecovery::Resubscribe;
