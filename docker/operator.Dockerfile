@@ -2,7 +2,7 @@
 #
 # With a registry, from the repository root:
 #   docker build -f docker/operator.Dockerfile -t sealed-ota/sealed-ota-operator:dev .
-# compiles one release binary in the official Rust image (locked dependency set; BuildKit cache
+# compiles one release binary (CARGO_PROFILE) in the official Rust image (locked dependency set; BuildKit cache
 # mounts keep the registry and target directory between builds) and ends on distroless (glibc, CA
 # bundle, no shell, no package manager).
 #
@@ -15,15 +15,20 @@
 ARG BUILDER_IMAGE=docker.io/library/rust:1.95-slim-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 ARG BINARY=compiled
+# The compile stage's cargo profile: release, or dev for a quicker build of the same Dockerfile
+# (`scripts/images.sh dockerfile --profile debug`, as `make test` checks it).
+ARG CARGO_PROFILE=release
 
 FROM ${BUILDER_IMAGE} AS compiled
+ARG CARGO_PROFILE
 WORKDIR /src
 # Only what cargo needs to build the workspace (see operator.Dockerfile.dockerignore).
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked -p sealed-ota-operator --bin sealed-ota-operator \
- && install -D -m 0755 target/release/sealed-ota-operator /out/sealed-ota-operator
+    cargo build --profile "$CARGO_PROFILE" --locked -p sealed-ota-operator --bin sealed-ota-operator \
+ && dir=$(if [ "$CARGO_PROFILE" = dev ]; then echo debug; else echo "$CARGO_PROFILE"; fi) \
+ && install -D -m 0755 "target/$dir/sealed-ota-operator" /out/sealed-ota-operator
 
 FROM scratch AS prebuilt
 COPY sealed-ota-operator /out/sealed-ota-operator

@@ -6,7 +6,7 @@
 #       final stage of docker/<name>.Dockerfile on sealed-ota/runtime-base (BINARY=prebuilt)
 #   scripts/images.sh mosquitto [--tag TAG]
 #       sealed-ota/mosquitto: Debian's mosquitto and the libraries it links, nothing else
-#   scripts/images.sh dockerfile [--tag TAG]
+#   scripts/images.sh dockerfile [--profile release|debug] [--tag TAG]
 #       the Dockerfiles exactly as a user with a registry runs them (compile stage included), with
 #       local stand-ins for their two base images (see `bases`)
 #   scripts/images.sh bases
@@ -224,6 +224,9 @@ cmd_build() {
   done
 }
 
+# cargo's name of the profile --profile picks.
+cargo_profile() { if [[ "$PROFILE" == debug ]]; then echo dev; else echo release; fi; }
+
 # The registry path: the Dockerfiles as they are, compile stage included, against local stand-ins
 # for docker.io/library/rust and gcr.io/distroless/cc (nothing else differs).
 cmd_dockerfile() {
@@ -234,10 +237,11 @@ cmd_dockerfile() {
   local entry name package bin old
   for entry in "${PRODUCTS[@]}"; do
     read -r name package bin <<<"$entry"
-    log "sealed-ota/$package:$TAG (docker/$name.Dockerfile, compiled in $(builder_image))"
+    log "sealed-ota/$package:$TAG (docker/$name.Dockerfile, $PROFILE build in $(builder_image))"
     old=$(image_id "sealed-ota/$package:$TAG")
     docker build -f "$REPO/docker/$name.Dockerfile" --build-arg "BUILDER_IMAGE=$(builder_image)" \
-      --build-arg "RUNTIME_IMAGE=$RUNTIME_BASE" -t "sealed-ota/$package:$TAG" "$REPO" >&2
+      --build-arg "RUNTIME_IMAGE=$RUNTIME_BASE" --build-arg "CARGO_PROFILE=$(cargo_profile)" \
+      -t "sealed-ota/$package:$TAG" "$REPO" >&2
     drop_replaced "$old" "sealed-ota/$package:$TAG"
   done
 }

@@ -131,9 +131,8 @@ struct ShardMemo {
 /// The Devices of a shard a campaign selects, sorted by name (the wave order).
 #[derive(Debug)]
 struct Selection {
-    epoch: u64,
-    generation: Option<i64>,
-    devices: Arc<Vec<Arc<Device>>>,
+    stamp: SelectionStamp,
+    devices: Selected,
 }
 
 /// The Devices of one held shard: a reflector selecting the shard's buckets.
@@ -166,11 +165,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The Devices one pass decides for, sorted by name (the wave order).
+type Selected = Arc<Vec<Arc<Device>>>;
+
+/// What a selection was made from: the shard's Device epoch (bumped when a Device comes, goes,
+/// or changes labels or spec) and the campaign's generation. Two passes with the same stamp
+/// select the same Devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SelectionStamp {
+    epoch: u64,
+    generation: Option<i64>,
+}
+
 /// Late joiners and leavers of one campaign (or one shard of it), as this process saw them.
 #[derive(Debug, Default)]
 struct Members {
-    /// The devices selected at the last pass (`None` before the first).
-    names: Option<HashSet<String>>,
+    /// The selection the last pass counted and its stamp (`None` before the first). It shares
+    /// the Devices with the reflector's store: no name is copied.
+    last: Option<(SelectionStamp, Selected)>,
     /// Devices that started matching while the campaign ran, in total (from the status on the
     /// first pass of this process).
     joined: u32,
@@ -179,24 +191,53 @@ struct Members {
 }
 
 impl Members {
-    /// Count this pass's selection (`names`; `released`: devices the run let go of) against the
-    /// last pass's while the campaign `running`; returns the totals (joined, left).
-    fn step(&mut self, names: &HashSet<&str>, running: bool, released: usize) -> (u32, u32) {
-        let (joined, left) = match (&self.names, running) {
-            (Some(before), true) => (
-                names.iter().filter(|n| !before.contains(**n)).count() as u32,
-                before
-                    .iter()
-                    .filter(|n| !names.contains(n.as_str()))
-                    .count() as u32,
-            ),
-            _ => (0, 0),
-        };
-        self.names = Some(names.iter().map(|n| n.to_string()).collect());
-        self.joined += joined;
-        self.left += left.max(released as u32);
+    /// Whether the last pass counted a selection with this `stamp`: then no device joined or
+    /// left since, and the run has no device outside the selection to release.
+    fn counted(&self, stamp: SelectionStamp) -> bool {
+        self.last.as_ref().is_some_and(|(l, _)| *l == stamp)
+    }
+
+    /// The running totals (joined, left).
+    fn totals(&self) -> (u32, u32) {
         (self.joined, self.left)
     }
+
+    /// Count this pass's selection (`selected`, made as `stamp` says; `released`: devices the
+    /// run let go of) against the last pass's while the campaign is `running`; returns the
+    /// totals (joined, left).
+    fn step(
+        &mut self,
+        (stamp, selected): (SelectionStamp, &Selected),
+        running: bool,
+        released: usize,
+    ) -> (u32, u32) {
+        if self.counted(stamp) {
+            return self.totals();
+        }
+        let (joined, left) = match (&self.last, running) {
+            (Some((_, before)), true) => {
+                let before = names_of(before);
+                let now = names_of(selected);
+                (
+                    now.difference(&before).count() as u32,
+                    before.difference(&now).count() as u32,
+                )
+            }
+            _ => (0, 0),
+        };
+        self.last = Some((stamp, selected.clone()));
+        self.joined += joined;
+        self.left += left.max(released as u32);
+        self.totals()
+    }
+}
+
+/// The names of `devices`, borrowed.
+fn names_of(devices: &[Arc<Device>]) -> HashSet<&str> {
+    devices
+        .iter()
+        .filter_map(|d| d.metadata.name.as_deref())
+        .collect()
 }
 
 impl Ctx {
@@ -674,7 +715,7 @@ async fn apply(c: Arc<UpdateCampaign>, ctx: &Ctx) -> Result<Requeue, Error> {
     if ctx.role.shards == ShardCount::ONE {
         // One shard: the coordinator holds it too (see `run` in lib.rs) and runs the whole pass.
         return match shard_view(ctx, 0) {
-            Some((store, _)) if ctx.coordinating() => single_pass(&c, &store, ctx).await,
+            Some(view) if ctx.coordinating() => single_pass(&c, view, ctx).await,
             // Its Devices are still being listed: the reflector wakes the campaign when they are in.
             _ => Ok(Requeue::await_change()),
         };
@@ -737,42 +778,54 @@ fn selection(
     shard: u32,
     view: (&Store<Device>, u64),
     ctx: &Ctx,
-) -> Arc<Vec<Arc<Device>>> {
+) -> (SelectionStamp, Selected) {
     let (store, epoch) = view;
-    let generation = c.metadata.generation;
+    let stamp = SelectionStamp {
+        epoch,
+        generation: c.metadata.generation,
+    };
     if let Some(cached) = ctx.shard_memo(key, shard, |m| {
         m.selection
             .as_ref()
-            .filter(|s| s.epoch == epoch && s.generation == generation)
+            .filter(|s| s.stamp == stamp)
             .map(|s| s.devices.clone())
     }) {
-        return cached;
+        return (stamp, cached);
     }
-    let devices = match Selector::try_from(c.spec.selector.clone()) {
-        Ok(selector) => {
-            let shards = ctx.role.shards;
-            let mut devices: Vec<_> = store
-                .state()
-                .into_iter()
-                .filter(|d| {
-                    d.metadata.namespace == c.metadata.namespace
-                        && selector.matches(ResourceExt::labels(&**d))
-                        && (shards.get() == 1 || shards.of_device(&d.device_id()) == shard)
-                })
-                .collect();
-            devices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-            Arc::new(devices)
-        }
-        Err(_) => Arc::new(Vec::new()),
-    };
+    let shards = ctx.role.shards;
+    let devices = Arc::new(select(c, store.state(), |d| {
+        shards.get() == 1 || shards.of_device(&d.device_id()) == shard
+    }));
     ctx.shard_memo(key, shard, |m| {
         m.selection = Some(Selection {
-            epoch,
-            generation,
+            stamp,
             devices: devices.clone(),
         })
     });
-    devices
+    (stamp, devices)
+}
+
+/// The `devices` the campaign's selector picks in its namespace (and `keep` keeps), sorted by
+/// name: the wave order. None when the selector does not parse (`validate_spec` names the
+/// problem). Pure; selecting compares and sorts in place rather than cloning names and labels.
+fn select(
+    c: &UpdateCampaign,
+    devices: Vec<Arc<Device>>,
+    keep: impl Fn(&Device) -> bool,
+) -> Vec<Arc<Device>> {
+    let Ok(selector) = Selector::try_from(c.spec.selector.clone()) else {
+        return Vec::new();
+    };
+    let mut selected: Vec<_> = devices
+        .into_iter()
+        .filter(|d| {
+            d.metadata.namespace == c.metadata.namespace
+                && selector.matches(ResourceExt::labels(&**d))
+                && keep(d)
+        })
+        .collect();
+    selected.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    selected
 }
 
 /// What validation of a campaign found in the single-replica mode (pure).
@@ -793,21 +846,7 @@ pub struct Validated {
 /// rather than cloning names and labels: it runs on every pass.
 pub fn validate(c: &UpdateCampaign, devices: Vec<Arc<Device>>) -> Validated {
     let (params, calendar, blocker) = validate_spec(c);
-    let selected = match Selector::try_from(c.spec.selector.clone()) {
-        Ok(selector) => {
-            let ns = &c.metadata.namespace;
-            let mut devices: Vec<_> = devices
-                .into_iter()
-                .filter(|d| {
-                    &d.metadata.namespace == ns && selector.matches(ResourceExt::labels(&**d))
-                })
-                .collect();
-            devices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-            devices
-        }
-        // validate_spec names the selector's problem.
-        Err(_) => Vec::new(),
-    };
+    let selected = select(c, devices, |_| true);
     Validated {
         selected,
         params,
@@ -862,24 +901,32 @@ pub fn rivals(
 /// matching, or were deleted: a session in flight ends with the signed abort) and count the
 /// joiners and leavers while it runs (`Members::step`), for one shard or several; `before` is the
 /// phase and counts as last written (the totals a new process starts from). Returns the totals.
+/// A pass over the selection the last pass counted costs nothing here: it is the common case
+/// (a pass woken by a device's message), and looking at every device of a large fleet on each
+/// such pass made the operator's cost per device grow with the fleet (docs/scale.md).
 async fn follow_members(
     key: &CampaignKey,
     shard: u32,
-    selected: &[Arc<Device>],
+    (stamp, selected): (SelectionStamp, &Selected),
     (store, ns): (&Store<Device>, &str),
     (phase, before): (CampaignPhase, &DeviceCounts),
     ctx: &Ctx,
 ) -> Result<(u32, u32), Error> {
-    let names: HashSet<&str> = selected
-        .iter()
-        .filter_map(|d| d.metadata.name.as_deref())
-        .collect();
+    let counted = ctx.shard_memo(key, shard, |m| {
+        m.members
+            .as_ref()
+            .filter(|members| members.counted(stamp))
+            .map(Members::totals)
+    });
+    if let Some(totals) = counted {
+        return Ok(totals);
+    }
     let shards = ctx.role.shards;
     let released = ctx
         .engine
         .release(
             key,
-            &names,
+            &names_of(selected),
             |id| shards.get() == 1 || shards.of_device(id) == shard,
             |n| store.get(&ObjectRef::new(n).within(ns)).is_some(),
         )
@@ -888,11 +935,11 @@ async fn follow_members(
     Ok(ctx.shard_memo(key, shard, |m| {
         m.members
             .get_or_insert_with(|| Members {
-                names: None,
+                last: None,
                 joined: before.joined,
                 left: before.left,
             })
-            .step(&names, running, released.len())
+            .step((stamp, selected), running, released.len())
     }))
 }
 
@@ -1650,7 +1697,7 @@ async fn shard_pass(
             blocker = Some(plan::broker_blocker(&e));
         }
     }
-    let selected = selection(c, &key, shard, (&store, epoch), ctx);
+    let (stamp, selected) = selection(c, &key, shard, (&store, epoch), ctx);
     let before = reports_of(ctx, c, &uid)
         .into_iter()
         .nth(shard as usize)
@@ -1659,7 +1706,7 @@ async fn shard_pass(
     let (joined, left) = follow_members(
         &key,
         shard,
-        &selected,
+        (stamp, &selected),
         (&store, &key.0),
         (
             status.phase,
@@ -1836,9 +1883,10 @@ async fn shard_pass(
 /// Devices of its one shard, and writes the status itself.
 async fn single_pass(
     c: &UpdateCampaign,
-    store: &Store<Device>,
+    (store, epoch): (Store<Device>, u64),
     ctx: &Ctx,
 ) -> Result<Requeue, Error> {
+    let store = &store;
     let key = key_of(c)?;
     let uid = c.uid().ok_or(Error::MissingMetadata("uid"))?;
     let ns = key.0.clone();
@@ -1846,13 +1894,19 @@ async fn single_pass(
     let previous = c.status.clone().unwrap_or_default();
     let dry_run = c.spec.dry_run;
 
-    // fetch + validate
+    // fetch + validate (fresh Devices on every pass: a device's status, read when it starts, may
+    // have changed since the last pass without changing the selection)
+    let stamp = SelectionStamp {
+        epoch,
+        generation: c.metadata.generation,
+    };
     let Validated {
         selected,
         params,
         calendar,
         mut blocker,
     } = validate(c, store.state());
+    let selected = Arc::new(selected);
     // The expiry is fixed the first time the campaign is prepared and recorded on its status
     // before any device starts; a restarted operator prepares again with the recorded one.
     let expires_at = previous
@@ -1914,7 +1968,7 @@ async fn single_pass(
     let (joined, left) = follow_members(
         &key,
         0,
-        &selected,
+        (stamp, &selected),
         (store, &ns),
         (previous.phase, &previous.devices),
         ctx,
@@ -2475,5 +2529,53 @@ mod tests {
             rotate_credentials: None,
         };
         assert!(references_secret(&s, "fw-secret"));
+    }
+
+    fn named(names: &[&str]) -> Selected {
+        Arc::new(
+            names
+                .iter()
+                .map(|n| {
+                    let mut d = device(&[("fleet", "a")], "ns");
+                    d.metadata.name = Some((*n).into());
+                    Arc::new(d)
+                })
+                .collect(),
+        )
+    }
+
+    fn stamp(epoch: u64) -> SelectionStamp {
+        SelectionStamp {
+            epoch,
+            generation: Some(1),
+        }
+    }
+
+    /// Joiners and leavers are counted while the campaign runs, from the totals a new process
+    /// starts with; a pass with the stamp already counted changes nothing, even when handed a
+    /// different list (it is not looked at: the stamp says the Devices did not change), and
+    /// released devices count as leavers when the selection did not show them leaving.
+    #[test]
+    fn members_count_joiners_and_leavers_once_per_selection() {
+        let mut m = Members {
+            last: None,
+            joined: 2,
+            left: 1,
+        };
+        assert!(!m.counted(stamp(1)));
+        assert_eq!(m.step((stamp(1), &named(&["a", "b"])), true, 0), (2, 1));
+        assert!(m.counted(stamp(1)));
+        assert!(!m.counted(SelectionStamp {
+            epoch: 1,
+            generation: Some(2)
+        }));
+        // b left, c and d joined.
+        assert_eq!(m.step((stamp(2), &named(&["a", "c", "d"])), true, 0), (4, 2));
+        // Same stamp: counted already.
+        assert_eq!(m.step((stamp(2), &named(&["x"])), true, 5), (4, 2));
+        // Not running (e.g. before the start): the selection is recorded, nothing counted.
+        assert_eq!(m.step((stamp(3), &named(&["a"])), false, 0), (4, 2));
+        // The run released three devices (deleted between passes) the selection shows as one.
+        assert_eq!(m.step((stamp(4), &named(&[])), true, 3), (4, 5));
     }
 }
