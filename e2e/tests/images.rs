@@ -209,7 +209,13 @@ fn offline_images_are_hardened_and_run() -> Result<()> {
 /// which has a 45-minute budget; `make images` and a user's `docker build` build release.
 #[test]
 fn dockerfile_images_are_hardened_and_run() -> Result<()> {
-    images_sh(&["dockerfile", "--profile", "debug", "--tag", "e2e-dockerfile"])?;
+    images_sh(&[
+        "dockerfile",
+        "--profile",
+        "debug",
+        "--tag",
+        "e2e-dockerfile",
+    ])?;
     check_products("e2e-dockerfile")
 }
 

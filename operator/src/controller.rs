@@ -934,7 +934,7 @@ async fn follow_members(
     let running = matches!(phase, CampaignPhase::Progressing | CampaignPhase::Paused);
     Ok(ctx.shard_memo(key, shard, |m| {
         m.members
-            .get_or_insert_with(|| Members {
+            .get_or_insert(Members {
                 last: None,
                 joined: before.joined,
                 left: before.left,
@@ -2570,7 +2570,10 @@ mod tests {
             generation: Some(2)
         }));
         // b left, c and d joined.
-        assert_eq!(m.step((stamp(2), &named(&["a", "c", "d"])), true, 0), (4, 2));
+        assert_eq!(
+            m.step((stamp(2), &named(&["a", "c", "d"])), true, 0),
+            (4, 2)
+        );
         // Same stamp: counted already.
         assert_eq!(m.step((stamp(2), &named(&["x"])), true, 5), (4, 2));
         // Not running (e.g. before the start): the selection is recorded, nothing counted.
