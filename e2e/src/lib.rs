@@ -202,6 +202,7 @@ impl TestBed {
             client,
             kubeconfig: self.kubeconfig.clone(),
             passed: AtomicBool::new(false),
+            kept: AtomicBool::new(false),
         })
     }
 
@@ -246,12 +247,20 @@ pub struct TestNamespace {
     pub client: Client,
     kubeconfig: PathBuf,
     passed: AtomicBool,
+    /// Kept on purpose (a benchmark's objects), not because the test failed.
+    kept: AtomicBool,
 }
 
 impl TestNamespace {
     /// The test passed: delete the namespace when the guard drops.
     pub fn pass(&self) {
         self.passed.store(true, Ordering::SeqCst);
+    }
+
+    /// Keep the namespace when the guard drops, on purpose (a benchmark keeps its objects for
+    /// the next run and for inspection): dropping says so, not that the test failed.
+    pub fn keep(&self) {
+        self.kept.store(true, Ordering::SeqCst);
     }
 
     /// Whether the test said it passed.
@@ -294,6 +303,14 @@ impl std::fmt::Debug for TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
+        if self.kept.load(Ordering::SeqCst) {
+            eprintln!(
+                "e2e: namespace {} kept (KUBECONFIG={})",
+                self.name,
+                self.kubeconfig.display()
+            );
+            return;
+        }
         if !self.passed() {
             eprintln!(
                 "e2e: test did not pass; namespace {} kept for inspection (KUBECONFIG={})",

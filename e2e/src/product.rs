@@ -849,6 +849,12 @@ impl Product {
             .with_context(|| format!("logs in {}", self.dir.display()))
     }
 
+    /// Keep the namespace and the files when the product drops, on purpose (see
+    /// [`TestNamespace::keep`]).
+    pub fn keep(&self) {
+        self.ns.keep();
+    }
+
     /// The test passed: its namespace is deleted and its files removed when the product drops
     /// (otherwise both are kept for inspection).
     pub fn pass(&self) {

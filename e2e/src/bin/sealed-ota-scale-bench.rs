@@ -228,6 +228,7 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
     }
     // The namespace and the logs are kept (not `pass()`): the runs' objects stay in etcd as the
     // next run's starting point, and the operator, emulator and broker logs can be read after.
+    product.keep();
     eprintln!(
         "scale: logs of the {devices}-device run in {}",
         product.dir.display()
