@@ -749,7 +749,7 @@ impl DeviceSession {
             have,
         };
         let env_r = SignedEnvelope::sign(
-            self.config.identity.secret(),
+            self.config.identity.signing_key(),
             wire::TYPE_READY,
             wire::encode_msg(&ready_body),
         );
@@ -904,7 +904,7 @@ impl DeviceSession {
         };
         let session_id = hs.session_id;
         let env = SignedEnvelope::sign(
-            self.config.identity.secret(),
+            self.config.identity.signing_key(),
             wire::TYPE_STATUS,
             wire::encode_msg(&sm),
         );
@@ -923,7 +923,7 @@ impl DeviceSession {
             claim,
         };
         let env = SignedEnvelope::sign(
-            self.config.identity.secret(),
+            self.config.identity.signing_key(),
             wire::TYPE_RECEIPT,
             wire::encode_msg(&body),
         );
@@ -1570,7 +1570,7 @@ impl DeviceSession {
             reported_at: now,
         };
         let env = SignedEnvelope::sign(
-            self.config.identity.secret(),
+            self.config.identity.signing_key(),
             wire::TYPE_HEALTH,
             wire::encode_msg(&body),
         );
@@ -1906,7 +1906,7 @@ mod tests {
         let (_, mut mf, key) = genuine(&s);
         mf.device_id = "s2".into();
         let env = SignedEnvelope::sign(
-            s.manager_id.secret(),
+            s.manager_id.signing_key(),
             wire::TYPE_MANIFEST,
             wire::encode_msg(&mf),
         );
@@ -1976,7 +1976,7 @@ mod tests {
         let (_, mut mf, key) = genuine(&s);
         mf.size = 250; // last chunk should be 50 bytes, the published one has 100
         let env = SignedEnvelope::sign(
-            s.manager_id.secret(),
+            s.manager_id.signing_key(),
             wire::TYPE_MANIFEST,
             wire::encode_msg(&mf),
         );
@@ -1998,7 +1998,7 @@ mod tests {
         let (_, mut mf, key) = genuine(&s);
         mf.size = 10_000;
         let env = SignedEnvelope::sign(
-            s.manager_id.secret(),
+            s.manager_id.signing_key(),
             wire::TYPE_MANIFEST,
             wire::encode_msg(&mf),
         );
@@ -2036,7 +2036,7 @@ mod tests {
         mf.sha256 = [0x24; 32];
         let signed = |s: &Setup, mf: &Manifest| {
             SignedEnvelope::sign(
-                s.manager_id.secret(),
+                s.manager_id.signing_key(),
                 wire::TYPE_MANIFEST,
                 wire::encode_msg(mf),
             )

@@ -407,6 +407,8 @@ impl CertificateAuthority {
 pub struct Identity {
     cert_der: Vec<u8>,
     secret: p256::SecretKey,
+    /// The same key, ready to sign (see [`crate::crypto::sign`]).
+    signing: p256::ecdsa::SigningKey,
     name: String,
     role: Role,
     not_after: u64,
@@ -436,6 +438,7 @@ impl Identity {
         Ok(Self {
             fingerprint: fingerprint(&cert_der),
             cert_der,
+            signing: p256::ecdsa::SigningKey::from(&secret),
             secret,
             name: facts.name,
             role: facts.role,
@@ -515,6 +518,12 @@ impl Identity {
     #[cfg(any(feature = "device", feature = "manager"))]
     pub(crate) fn secret(&self) -> &p256::SecretKey {
         &self.secret
+    }
+
+    /// The secret key, ready to sign (made once, with the identity).
+    #[cfg(any(feature = "device", feature = "manager"))]
+    pub(crate) fn signing_key(&self) -> &p256::ecdsa::SigningKey {
+        &self.signing
     }
 }
 

@@ -807,7 +807,11 @@ pub fn abort_publish(
         manager_cert: identity.cert_der().to_vec(),
         issued_at: now,
     };
-    let env = SignedEnvelope::sign(identity.secret(), wire::TYPE_ABORT, wire::encode_msg(&body));
+    let env = SignedEnvelope::sign(
+        identity.signing_key(),
+        wire::TYPE_ABORT,
+        wire::encode_msg(&body),
+    );
     Outbound {
         topic: topics.notify(device_id),
         payload: env.encode(),
@@ -887,7 +891,7 @@ impl ManagerSession {
             kind: self.campaign.kind,
         };
         let env = SignedEnvelope::sign(
-            self.identity.secret(),
+            self.identity.signing_key(),
             wire::TYPE_NOTIFY,
             wire::encode_msg(&body),
         );
@@ -1217,7 +1221,7 @@ impl ManagerSession {
     ) -> Result<UpdateBody, ProtocolError> {
         let sign_manifest = |m: &Manifest| {
             SignedEnvelope::sign(
-                self.identity.secret(),
+                self.identity.signing_key(),
                 wire::TYPE_MANIFEST,
                 wire::encode_msg(m),
             )

@@ -162,7 +162,10 @@ impl ReleaseSigner {
     pub fn sign(&self, version: &str, size: u64, sha256: &[u8; 32]) -> ReleaseSignature {
         ReleaseSignature {
             public_key: self.public().sec1(),
-            signature: crypto::sign_message(&self.secret, &statement(version, size, sha256)),
+            signature: crypto::sign_message(
+                &p256::ecdsa::SigningKey::from(&self.secret),
+                &statement(version, size, sha256),
+            ),
         }
     }
 }

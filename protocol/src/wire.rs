@@ -86,8 +86,8 @@ pub struct SignedEnvelope {
 
 impl SignedEnvelope {
     /// Sign `body` as message type `t`.
-    pub fn sign(secret: &p256::SecretKey, t: u8, body: Vec<u8>) -> Self {
-        let sig = crate::crypto::sign(secret, t, &body).to_vec();
+    pub fn sign(key: &p256::ecdsa::SigningKey, t: u8, body: Vec<u8>) -> Self {
+        let sig = crate::crypto::sign(key, t, &body).to_vec();
         Self {
             v: WIRE_VERSION,
             t,
@@ -784,6 +784,7 @@ pub fn sample(decoder: Decoder) -> Vec<u8> {
     use crate::manifest::Manifest;
     let secret = p256::SecretKey::from_bytes(&[0x11; 32].into()).expect("valid scalar");
     let eph = crate::crypto::public_bytes(&secret.public_key());
+    let secret = p256::ecdsa::SigningKey::from(&secret);
     let manifest = Manifest {
         campaign_id: "c1".into(),
         device_id: "s1".into(),

@@ -39,7 +39,11 @@ fn the_signature_covers_every_delta_field() {
     let secret = p256::SecretKey::from_bytes(&[0x11; 32].into()).unwrap();
     let public = secret.public_key();
     let genuine = delta_manifest();
-    let env = SignedEnvelope::sign(&secret, TYPE_MANIFEST, wire::encode_msg(&genuine));
+    let env = SignedEnvelope::sign(
+        &p256::ecdsa::SigningKey::from(&secret),
+        TYPE_MANIFEST,
+        wire::encode_msg(&genuine),
+    );
     let (decoded_env, decoded) = wire::decode_manifest(&env.encode()).unwrap();
     decoded_env.verify(&public, "manifest").unwrap();
     assert_eq!(

@@ -459,7 +459,12 @@ pub fn secret_of(id: &Identity) -> p256::SecretKey {
 
 /// Sign a body as message type `t` with an identity's key: what a holder of that key can send.
 pub fn sign_as<T: serde::Serialize>(id: &Identity, t: u8, body: &T) -> Vec<u8> {
-    wire::SignedEnvelope::sign(&secret_of(id), t, wire::encode_msg(body)).encode()
+    wire::SignedEnvelope::sign(
+        &p256::ecdsa::SigningKey::from(&secret_of(id)),
+        t,
+        wire::encode_msg(body),
+    )
+    .encode()
 }
 
 /// A receipt of `claim` signed with `id`, bound to `session_id` and `transcript`.
