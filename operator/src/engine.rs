@@ -286,6 +286,7 @@ impl Engine {
             } => {
                 tracing::warn!(%campaign, %device, %error, "cannot start a session for the device");
             }
+            Note::ReadyRepeated => m.repeated_readies.inc(),
             Note::HandshakeCompleted {
                 campaign,
                 device,

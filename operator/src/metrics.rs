@@ -25,6 +25,9 @@ pub struct Metrics {
     pub campaign_devices: IntGaugeVec,
     /// Completed manager-side handshakes.
     pub handshakes: IntCounter,
+    /// Readies that came again byte for byte (QoS 1 duplicates, or re-sent while their update
+    /// was on the way), answered with the same update without verifying them again.
+    pub repeated_readies: IntCounter,
     /// Signed install receipts.
     pub installs: IntCounter,
     /// Device failures by reason.
@@ -109,6 +112,10 @@ impl Metrics {
             reconcile_errors: counter_vec("reconcile_errors_total", "Reconcile errors", &["error"]),
             campaign_devices,
             handshakes: counter("handshakes_total", "Completed manager-side handshakes"),
+            repeated_readies: counter(
+                "repeated_readies_total",
+                "Readies that came again byte for byte, answered without verifying them again",
+            ),
             installs: counter("installs_total", "Signed install receipts received"),
             device_failures: counter_vec("device_failures_total", "Device failures", &["reason"]),
             device_retries: counter(

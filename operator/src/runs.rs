@@ -259,6 +259,8 @@ pub enum Note {
         /// The protocol's error.
         error: String,
     },
+    /// A device's ready came again, byte for byte: its update was sent again unverified.
+    ReadyRepeated,
     /// A device completed the handshake.
     HandshakeCompleted {
         /// Campaign name.
@@ -1091,6 +1093,7 @@ impl Runs {
                     // No Device write here: the handshake's facts go into the one write of the
                     // device's final outcome (issue 16: one write per device per campaign).
                 }
+                ManagerEvent::ReadyRepeated => fx.notes.push(Note::ReadyRepeated),
                 ManagerEvent::Progress { .. } => {}
                 ManagerEvent::ChunksRequested { indices } => {
                     let serve =

@@ -654,3 +654,63 @@ fn new_session_with_a_different_image_is_not_answered_with_a_receipt() {
     ));
     assert_eq!(w.installed_events(), 1);
 }
+
+/// A ready that comes again byte for byte (a device re-sending it while its update is on the
+/// way) is answered with the same update without verifying it again; a ready that differs in any
+/// byte (here its signature) is verified in full and refused, so the shortcut answers nothing the
+/// full check would not.
+#[test]
+fn a_repeated_ready_skips_verification_only_when_byte_identical() {
+    let mut w = World::new(Pki::new(), campaign(firmware(1000), 256));
+    w.publish_chunks();
+    w.add_device("s1", "1.0.0", 4);
+    w.start(target("s1"));
+    // The device's updates are lost: it waits for one, as while its update sits in a queue.
+    w.hook = Some(Box::new(|client, msg| {
+        if client == "s1" && msg.topic.ends_with("/update") {
+            Verdict::Drop
+        } else {
+            Verdict::Deliver
+        }
+    }));
+    w.run();
+    let ready = w.last_from("s1", "/ready");
+    let repeated = |w: &World| {
+        w.manager
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, ManagerEvent::ReadyRepeated))
+            .count()
+    };
+    let updates = |w: &World| w.published_by("manager", "/s1/update");
+    let first_update = updates(&w)
+        .last()
+        .expect("an update was sent")
+        .payload
+        .clone();
+    assert_eq!(repeated(&w), 0);
+
+    w.deliver("manager", ready.clone());
+    assert_eq!(repeated(&w), 1, "errors: {:?}", w.manager.errors);
+    assert!(w.manager.errors.is_empty(), "{:?}", w.manager.errors);
+    assert_eq!(
+        updates(&w).last().unwrap().payload,
+        first_update,
+        "the same update again"
+    );
+
+    let mut tampered = ready.clone();
+    let last = tampered.payload.len() - 1;
+    tampered.payload[last] ^= 0x01;
+    w.deliver("manager", tampered);
+    assert_eq!(repeated(&w), 1, "a changed ready is not a repeat");
+    assert_eq!(
+        w.manager.errors.len(),
+        1,
+        "a changed ready is verified and refused"
+    );
+
+    w.deliver("manager", ready);
+    assert_eq!(repeated(&w), 2);
+    assert_eq!(w.manager.errors.len(), 1);
+}

@@ -300,6 +300,7 @@ impl TestManager {
                     }
                 }
                 ManagerEvent::HandshakeCompleted { .. }
+                | ManagerEvent::ReadyRepeated
                 | ManagerEvent::Progress { .. }
                 | ManagerEvent::RolledBack { .. } => {}
             }
