@@ -643,6 +643,8 @@ struct Established {
     device_nonce: [u8; 32],
     /// SHA-256 of the ready's payload as it arrived (see [`ManagerSession::repeated_ready`]).
     ready_digest: [u8; 32],
+    /// When its update was last sent (unix seconds; see [`ManagerSession::answer_again`]).
+    update_sent_at: u64,
     transcript: [u8; 32],
     keys: SessionKeys,
     update_payload: Vec<u8>,
@@ -652,6 +654,10 @@ struct Established {
 }
 
 const MAX_SEEN_NONCES: usize = 16;
+
+/// Shortest time between two sends of one handshake's update (see
+/// [`ManagerSession::answer_again`]), in seconds.
+pub const UPDATE_RESEND_SECS: u64 = 2;
 
 /// Handshakes kept after a newer ready replaced them (see [`ManagerSession::superseded`]).
 const MAX_SUPERSEDED: usize = 3;
@@ -1036,7 +1042,7 @@ impl ManagerSession {
             });
         }
         let ready_digest: [u8; 32] = Sha256::digest(&msg.payload).into();
-        if let Some(out) = self.repeated_ready(&ready_digest, msg)? {
+        if let Some(out) = self.repeated_ready(&ready_digest, msg, now)? {
             return Ok(out);
         }
         let (env, body) = wire::decode_ready(&msg.payload)?;
@@ -1070,13 +1076,9 @@ impl ManagerSession {
         // Same ready again (QoS 1 duplicate, or the device re-sent it because the update was
         // lost): send the same update again (of a superseded handshake too: the device may wait on
         // that one; it becomes the established one when the device's status proves it).
-        let repeated = self
-            .handshakes()
-            .find(|e| e.device_nonce == body.nonce)
-            .map(|e| e.update_payload.clone());
-        if let Some(payload) = repeated {
+        if let Some(actions) = self.answer_again(|e| e.device_nonce == body.nonce, now) {
             return Ok(ManagerOutput {
-                actions: vec![Action::Publish(self.update_publish(payload))],
+                actions,
                 events: vec![],
             });
         }
@@ -1190,6 +1192,7 @@ impl ManagerSession {
             device,
             device_nonce: body.nonce,
             ready_digest,
+            update_sent_at: now,
             transcript,
             keys,
             update_payload: payload,
@@ -1311,26 +1314,50 @@ impl ManagerSession {
     /// the readies devices re-sent while their update waited in the manager's queue were verified
     /// about three times per device, which made the operator's cost per device grow with the fleet.
     fn repeated_ready(
-        &self,
+        &mut self,
         digest: &[u8; 32],
         msg: &Inbound,
+        now: u64,
     ) -> Result<Option<ManagerOutput>, ProtocolError> {
-        let Some(payload) = self
-            .handshakes()
-            .find(|e| e.ready_digest == *digest)
-            .map(|e| e.update_payload.clone())
-        else {
+        if !self.handshakes().any(|e| e.ready_digest == *digest) {
             return Ok(None);
-        };
+        }
         check_hints(
             &msg.properties,
             Some(&self.topics.update(&self.target.device_id)),
             &self.session_id,
         )?;
+        let actions = self
+            .answer_again(|e| e.ready_digest == *digest, now)
+            .unwrap_or_default();
         Ok(Some(ManagerOutput {
-            actions: vec![Action::Publish(self.update_publish(payload))],
+            actions,
             events: vec![ManagerEvent::ReadyRepeated],
         }))
+    }
+
+    /// The update of the handshake that `answered` (its ready came again) once more, unless it
+    /// went out less than [`UPDATE_RESEND_SECS`] ago: a device re-sends its ready when no update
+    /// came within its window timeout (30 s by default), and when the manager's queue is long
+    /// the first ready and its re-sends are answered back to back; each answer after the first
+    /// would only add a duplicate update to the broker's load. An update lost on the way is sent
+    /// again at the device's next re-send. `None` when no handshake matches.
+    fn answer_again(
+        &mut self,
+        answered: impl Fn(&Established) -> bool,
+        now: u64,
+    ) -> Option<Vec<Action>> {
+        let e = self
+            .established
+            .iter_mut()
+            .chain(self.superseded.iter_mut().rev())
+            .find(|e| answered(e))?;
+        if now < e.update_sent_at.saturating_add(UPDATE_RESEND_SECS) {
+            return Some(Vec::new());
+        }
+        e.update_sent_at = now;
+        let payload = e.update_payload.clone();
+        Some(vec![Action::Publish(self.update_publish(payload))])
     }
 
     /// This session's handshakes: the established one, then the superseded ones, newest first.

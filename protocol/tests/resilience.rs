@@ -690,9 +690,21 @@ fn a_repeated_ready_skips_verification_only_when_byte_identical() {
         .clone();
     assert_eq!(repeated(&w), 0);
 
+    let sent = updates(&w).len();
+    // Right after the update went out: counted, not sent again (it is likely still on its way).
     w.deliver("manager", ready.clone());
     assert_eq!(repeated(&w), 1, "errors: {:?}", w.manager.errors);
     assert!(w.manager.errors.is_empty(), "{:?}", w.manager.errors);
+    assert_eq!(
+        updates(&w).len(),
+        sent,
+        "no second update within the resend interval"
+    );
+    // Later: the same update again.
+    w.now += sealed_ota_protocol::manager::UPDATE_RESEND_SECS;
+    w.deliver("manager", ready.clone());
+    assert_eq!(repeated(&w), 2);
+    assert_eq!(updates(&w).len(), sent + 1);
     assert_eq!(
         updates(&w).last().unwrap().payload,
         first_update,
@@ -703,7 +715,7 @@ fn a_repeated_ready_skips_verification_only_when_byte_identical() {
     let last = tampered.payload.len() - 1;
     tampered.payload[last] ^= 0x01;
     w.deliver("manager", tampered);
-    assert_eq!(repeated(&w), 1, "a changed ready is not a repeat");
+    assert_eq!(repeated(&w), 2, "a changed ready is not a repeat");
     assert_eq!(
         w.manager.errors.len(),
         1,
@@ -711,6 +723,6 @@ fn a_repeated_ready_skips_verification_only_when_byte_identical() {
     );
 
     w.deliver("manager", ready);
-    assert_eq!(repeated(&w), 2);
+    assert_eq!(repeated(&w), 3);
     assert_eq!(w.manager.errors.len(), 1);
 }
