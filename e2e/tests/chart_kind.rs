@@ -245,13 +245,14 @@ fn dockerfiles_default_to_the_registry_bases() -> Result<()> {
             "{file}"
         );
         assert_eq!(default("BINARY")?, "compiled", "{file}");
+        assert_eq!(default("CARGO_PROFILE")?, "release", "{file}");
         let compiled = stages
             .iter()
             .find(|(from, _)| from == "${BUILDER_IMAGE} AS compiled")
             .with_context(|| format!("{file}: no compiled stage"))?;
         assert!(
             compiled.1.join("\n").contains(&format!(
-                "cargo build --release --locked -p {package} --bin {bin}"
+                "cargo build --profile \"$CARGO_PROFILE\" --locked -p {package} --bin {bin}"
             )),
             "{file}: {compiled:?}"
         );
