@@ -167,6 +167,8 @@ pub async fn broker_settings(config: &Config, client: &Client) -> Result<BrokerS
         tls,
         credentials,
         client_id: mqtt::client_id(&config.manager_id, &config.replica_identity()),
+        keep_alive: mqtt::KEEP_ALIVE,
+        receive_maximum: mqtt::MANAGER_RECEIVE_MAXIMUM,
     })
 }
 
@@ -309,7 +311,6 @@ async fn active(
     let topics = Arc::new(TopicTree::new(&config.topic_prefix, &config.manager_id)?);
     let settings = broker_settings(config, client).await?;
     tracing::info!(broker = ?settings, manager = %config.manager_id, "starting MQTT session");
-    let (inbound_tx, mut inbound_rx) = mpsc::channel(16 * 1024);
     // The devices' messages of the shards held: the broker delivers each replica only its own.
     let (filters_tx, filters) = watch::channel(shards.filters(&held.borrow(), &topics));
     let _follow_shards = {
@@ -321,7 +322,7 @@ async fn active(
             }
         }))
     };
-    let (mqtt, mqtt_task) = MqttSession::start(settings, filters, inbound_tx, metrics.clone());
+    let (mqtt, mut inbound, mqtt_task) = MqttSession::start(settings, filters, metrics.clone());
     let _mqtt_task = AbortOnDrop(mqtt_task);
     // Device status writes: 8 ordered lanes, so 10,000 devices do not queue behind one writer.
     let hold = std::time::Duration::from_secs(config.device_write_hold_seconds);
@@ -349,7 +350,7 @@ async fn active(
     let dispatcher = {
         let (engine, held) = (engine.clone(), held.clone());
         AbortOnDrop(tokio::spawn(async move {
-            while let Some(msg) = inbound_rx.recv().await {
+            while let Some(msg) = inbound.recv().await {
                 let Some(device) = engine.device_of(&msg) else {
                     continue;
                 };

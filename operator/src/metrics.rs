@@ -52,6 +52,9 @@ pub struct Metrics {
     /// Subscriptions the broker refused in a SUBACK (each refusal is followed by a
     /// resubscription of the current filters).
     pub mqtt_subscriptions_refused: IntCounter,
+    /// Messages read from the broker and not yet taken by the dispatcher (unacknowledged, so at
+    /// most the Receive Maximum the manager announces).
+    pub mqtt_inbound_queued: IntGauge,
     /// Status writes to the apiserver by kind (campaign, device, shard report).
     pub status_writes: IntCounterVec,
     /// 1 while this replica holds the leader Lease (it coordinates campaigns).
@@ -143,6 +146,10 @@ impl Metrics {
             mqtt_subscriptions_refused: counter(
                 "mqtt_subscriptions_refused_total",
                 "Subscriptions the broker refused in a SUBACK (subscribed again)",
+            ),
+            mqtt_inbound_queued: gauge(
+                "mqtt_inbound_queued",
+                "Messages read from the broker, not yet taken by the dispatcher nor acknowledged",
             ),
             status_writes: counter_vec(
                 "status_writes_total",

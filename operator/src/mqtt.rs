@@ -10,10 +10,18 @@
 //! bucket of devices off. Everything the broker says is a hint; this module only moves bytes and
 //! reports the connection state. It never logs payloads or credentials.
 //!
-//! The event loop task waits for room in the inbound channel (back-pressure on the broker), so
-//! the task that reads that channel must never wait for the event loop: it hands its actions to
+//! The event loop task never waits for the dispatcher: it keeps reading the broker (and sending
+//! the keep-alive's PINGREQ, and reading its PINGRESP) however far behind the dispatcher is.
+//! Back-pressure is MQTT 5's own flow control instead: the manager acknowledges a message only
+//! when the dispatcher takes it from the [`InboundQueue`] (in the order received, as MQTT
+//! requires), so the broker has at most [`MANAGER_RECEIVE_MAXIMUM`] messages in flight towards
+//! the manager and the queue never holds more. (It used to wait for room in a bounded channel;
+//! behind a long burst it then stopped reading for longer than the keep-alive, and rumqttc called
+//! the connection dead on "Last pingreq isn't acked": once per 30,000-device run.)
+//!
+//! The dispatcher must never wait for the event loop either: it hands its actions to
 //! [`MqttSession::execute_detached`], a FIFO that a third task feeds to the client. Had it waited
-//! for room in the client's request channel, which only the event loop drains, each would wait
+//! for room in the client's request channel while the event loop waited for it, each would wait
 //! for the other: at 30,000 devices both replicas stopped reading from the broker this way.
 
 use std::time::Duration;
@@ -21,7 +29,8 @@ use std::time::Duration;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
+use prometheus::IntGauge;
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use sealed_ota_protocol::{Action, Inbound, Outbound};
 use tokio::sync::{mpsc, watch};
@@ -43,7 +52,16 @@ pub struct BrokerSettings {
     pub credentials: Option<(String, String)>,
     /// MQTT client id (unique per replica: a broker disconnects an older session of the same id).
     pub client_id: String,
+    /// MQTT keep-alive ([`KEEP_ALIVE`] in the operator; tests shorten it).
+    pub keep_alive: Duration,
+    /// MQTT 5 Receive Maximum announced in CONNECT ([`MANAGER_RECEIVE_MAXIMUM`] in the operator):
+    /// the broker's in-flight window towards the manager, so the most the [`InboundQueue`] holds.
+    pub receive_maximum: u16,
 }
+
+/// The manager's MQTT keep-alive: a PINGREQ at least this often, and the connection is called
+/// dead when its PINGRESP has not been read by the next one.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for BrokerSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -52,6 +70,8 @@ impl std::fmt::Debug for BrokerSettings {
             .field("tls", &self.tls.is_some())
             .field("username", &self.credentials.as_ref().map(|c| &c.0))
             .field("client_id", &self.client_id)
+            .field("keep_alive", &self.keep_alive)
+            .field("receive_maximum", &self.receive_maximum)
             .finish()
     }
 }
@@ -61,15 +81,17 @@ impl BrokerSettings {
     fn options(&self, n: usize) -> MqttOptions {
         let (host, port) = &self.nodes[n % self.nodes.len()];
         let mut opts = MqttOptions::new(self.client_id.clone(), host.clone(), *port);
-        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_keep_alive(self.keep_alive);
         opts.set_clean_start(true);
+        // Acknowledged when the dispatcher takes a message (`InboundQueue::recv`): flow control.
+        opts.set_manual_acks(true);
         opts.set_max_packet_size(Some(16 * 1024 * 1024));
         // MQTT 5 Receive Maximum: the broker may have this many QoS 1 messages in flight towards
         // the manager. Thousands of devices answer at once; with the broker's default window
         // (Mosquitto: 20) the rest wait in the manager's queue there, and past
         // max_queued_messages (1,000) Mosquitto silently drops them (a lost receipt then costs a
         // device timeout). In-flight messages do not count towards that queue.
-        opts.set_receive_maximum(Some(MANAGER_RECEIVE_MAXIMUM));
+        opts.set_receive_maximum(Some(self.receive_maximum));
         if let Some((user, pass)) = &self.credentials {
             opts.set_credentials(user.clone(), pass.clone());
         }
@@ -152,6 +174,30 @@ pub enum ConnState {
     Down(String),
 }
 
+/// The devices' messages read from the broker, in the order received, until the dispatcher takes
+/// them. Each is acknowledged to the broker as it is taken, so the broker's in-flight window (the
+/// manager's Receive Maximum) bounds what waits here; the event loop never waits for this queue.
+#[derive(Debug)]
+pub struct InboundQueue {
+    messages: mpsc::UnboundedReceiver<Publish>,
+    client: AsyncClient,
+    queued: IntGauge,
+}
+
+impl InboundQueue {
+    /// The next message, acknowledged to the broker (which may then send one more); `None` when
+    /// the session has ended.
+    pub async fn recv(&mut self) -> Option<Inbound> {
+        let publish = self.messages.recv().await?;
+        self.queued.dec();
+        // Waits for room in the client's request channel, which the event loop always drains.
+        if let Err(e) = self.client.ack(&publish).await {
+            tracing::debug!(error = %e, "the MQTT client is gone; acknowledgement dropped");
+        }
+        Some(sealed_ota_mqtt::inbound_from(&publish))
+    }
+}
+
 /// Handle to the shared session: publish and observe the connection.
 #[derive(Clone, Debug)]
 pub struct MqttSession {
@@ -177,17 +223,23 @@ pub const REQUEST_CHANNEL_CAPACITY: usize = 4096;
 pub const MANAGER_RECEIVE_MAXIMUM: u16 = u16::MAX;
 
 impl MqttSession {
-    /// Start the session task. Inbound PUBLISHes go to `inbound`; the current `filters` are
-    /// subscribed on every connection and followed as they change (until their sender is dropped).
+    /// Start the session task. Inbound PUBLISHes go to the returned [`InboundQueue`] (the task
+    /// ends when it is dropped); the current `filters` are subscribed on every connection and
+    /// followed as they change (until their sender is dropped).
     pub fn start(
         settings: BrokerSettings,
         filters: watch::Receiver<Vec<String>>,
-        inbound: mpsc::Sender<Inbound>,
         metrics: Metrics,
-    ) -> (Self, JoinHandle<()>) {
+    ) -> (Self, InboundQueue, JoinHandle<()>) {
         let mut node = 0;
         let opts = settings.options(node);
         let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CHANNEL_CAPACITY);
+        let (inbound, messages) = mpsc::unbounded_channel::<Publish>();
+        let queue = InboundQueue {
+            messages,
+            client: client.clone(),
+            queued: metrics.mqtt_inbound_queued.clone(),
+        };
         let (state_tx, state) = watch::channel(ConnState::Connecting);
         let (detached, mut detached_rx) = mpsc::unbounded_channel::<Vec<Action>>();
         let forward_client = client.clone();
@@ -224,11 +276,8 @@ impl MqttSession {
                         let _ = state_tx.send(ConnState::Connected);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if inbound
-                            .send(sealed_ota_mqtt::inbound_from(&p))
-                            .await
-                            .is_err()
-                        {
+                        task_metrics.mqtt_inbound_queued.inc();
+                        if inbound.send(p).is_err() {
                             return;
                         }
                     }
@@ -287,6 +336,7 @@ impl MqttSession {
                 metrics,
                 detached,
             },
+            queue,
             task,
         )
     }
@@ -321,7 +371,7 @@ impl MqttSession {
 
     /// Queue a protocol session's actions, in order with the other detached ones, without
     /// waiting: for the task that reads the inbound channel (the module's doc says why). What it
-    /// queues is bounded by what it reads, which the event loop bounds.
+    /// queues is bounded by what it reads, which the broker's in-flight window bounds.
     pub fn execute_detached(&self, actions: Vec<Action>) -> Result<(), Error> {
         if actions.is_empty() {
             return Ok(());
