@@ -127,16 +127,6 @@ pub struct Config {
     /// Largest firmware image accepted from a URL or an OCI registry, in bytes.
     #[arg(long, env = "SEALED_OTA_MAX_IMAGE_BYTES", default_value_t = 4 * 1024 * 1024 * 1024)]
     pub max_image_bytes: u64,
-    /// Longest a Device status write waits for the transfers in flight on this replica to end, in
-    /// seconds (its apiserver work then does not compete with them); 0 (the default) writes at
-    /// once. Off by default: an operator killed while writes are held loses those devices'
-    /// recorded outcomes, and its successor starts them again.
-    #[arg(
-        long,
-        env = "SEALED_OTA_DEVICE_WRITE_HOLD_SECONDS",
-        default_value_t = 0
-    )]
-    pub device_write_hold_seconds: u64,
 }
 
 impl Config {

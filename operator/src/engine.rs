@@ -6,10 +6,9 @@
 //! Decisions are the registry's and the rollout's; a device's writes stop the moment this replica
 //! loses its shard's Lease, and `forget_shards` drops the shard's sessions. Chunks are read from
 //! the cache directory one at a time, just before each is published, so serving a large image
-//! holds one chunk in memory per publish. A device's final-outcome write yields to the transfers
-//! still in flight on this replica (see [`write_held`]): it waits until none is left or for at
-//! most the hold (`--device-write-hold-seconds`), so the apiserver's work does not compete with the data phase; a gating
-//! write is never held and ends every hold queued before it.
+//! holds one chunk in memory per publish. A device's status write is sent to the apiserver as
+//! soon as it is decided (a write held back until the transfers ended was tried and removed: an
+//! operator killed while holding writes lost the outcomes they recorded).
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,7 +19,6 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use sealed_ota_protocol::{Action, Inbound, TopicKind, TopicTree};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::Instant;
 
 use crate::crd::Device;
 use crate::device_status::DeviceWrite;
@@ -102,12 +100,7 @@ impl Engine {
 
     /// Forget the devices of shards this replica no longer holds (see [`Runs::forget_devices`]).
     pub fn forget_shards(&self, lost: &BTreeSet<u32>, shards: ShardCount) {
-        let (n, sessions) = {
-            let mut runs = lock(&self.runs);
-            let n = runs.forget_devices(|id| lost.contains(&shards.of_device(id)));
-            (n, runs.sessions())
-        };
-        self.writes.set_sessions(sessions);
+        let n = lock(&self.runs).forget_devices(|id| lost.contains(&shards.of_device(id)));
         if n > 0 {
             tracing::info!(shards = ?lost, devices = n, "shards handed over: their devices' sessions dropped");
         }
@@ -216,7 +209,6 @@ impl Engine {
         if let Some(key) = wake {
             let _ = self.wake.send(key);
         }
-        self.writes.set_sessions(lock(&self.runs).sessions());
         for note in &notes {
             self.note(note);
         }
@@ -352,43 +344,20 @@ pub struct DeviceWrites {
     shards: ShardCount,
     /// Writes sent and not yet finished (written, dropped, or given up after the retries), per shard.
     pending: Arc<Vec<AtomicUsize>>,
-    /// What the writers yield to: sessions in flight and gating writes queued.
-    traffic: Arc<watch::Sender<Traffic>>,
-    /// Longest a write is held (see [`write_held`]).
-    hold: Duration,
-}
-
-/// What a held Device status write waits on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Traffic {
-    /// Devices with a live session on this replica (over every run).
-    sessions: usize,
-    /// Gating writes queued and not yet finished.
-    gates: usize,
-}
-
-/// Whether a write queued with `deadline` (queue time + the hold) still waits at `now`
-/// (pure): while devices are in flight its apiserver work would compete with their transfers, so
-/// it waits until none is, for at most the hold; a gating write queued (a rotation's update waits
-/// for it, behind the held writes of its lane) ends every hold.
-fn write_held(traffic: Traffic, now: Instant, deadline: Instant) -> bool {
-    traffic.sessions > 0 && traffic.gates == 0 && now < deadline
 }
 
 impl DeviceWrites {
-    /// Start `lanes` writer tasks that write a device's status while `held` holds its shard,
-    /// each write held at most `hold` while devices transfer; returns the senders and tasks.
+    /// Start `lanes` writer tasks that write a device's status while `held` holds its shard;
+    /// returns the senders and tasks.
     pub fn spawn(
         client: &Client,
         metrics: &Metrics,
         lanes: usize,
         shards: ShardCount,
         held: watch::Receiver<BTreeSet<u32>>,
-        hold: Duration,
     ) -> (Self, Vec<tokio::task::JoinHandle<()>>) {
         let pending: Arc<Vec<AtomicUsize>> =
             Arc::new(shards.all().map(|_| AtomicUsize::new(0)).collect());
-        let traffic = Arc::new(watch::Sender::new(Traffic::default()));
         let (senders, tasks): (Vec<_>, Vec<_>) = (0..lanes.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -398,7 +367,6 @@ impl DeviceWrites {
                     metrics.clone(),
                     Arc::clone(&pending),
                     held.clone(),
-                    traffic.subscribe(),
                 ));
                 (tx, task)
             })
@@ -408,20 +376,9 @@ impl DeviceWrites {
                 lanes: senders,
                 shards,
                 pending,
-                traffic,
-                hold,
             },
             tasks,
         )
-    }
-
-    /// Say how many devices have a live session on this replica (held writes wait for none).
-    pub fn set_sessions(&self, sessions: usize) {
-        self.traffic.send_if_modified(|t| {
-            let changed = t.sessions != sessions;
-            t.sessions = sessions;
-            changed
-        });
     }
 
     /// Writes sent and not yet finished, over every shard.
@@ -445,11 +402,8 @@ impl DeviceWrites {
     /// landed: `false` when it could not be written.
     pub async fn send_confirmed(&self, w: DeviceWrite) -> bool {
         let (done, landed) = oneshot::channel();
-        self.traffic.send_modify(|t| t.gates += 1);
         self.queue(w, Some(done));
-        let landed = landed.await.unwrap_or(false);
-        self.traffic.send_modify(|t| t.gates -= 1);
-        landed
+        landed.await.unwrap_or(false)
     }
 
     fn queue(&self, write: DeviceWrite, done: Option<oneshot::Sender<bool>>) {
@@ -459,12 +413,7 @@ impl DeviceWrites {
         let lane = (h.finish() % self.lanes.len() as u64) as usize;
         let shard = self.shards.of_device(&write.device_id);
         self.pending[shard as usize].fetch_add(1, Ordering::AcqRel);
-        let queued = QueuedWrite {
-            write,
-            done,
-            shard,
-            deadline: Instant::now() + self.hold,
-        };
+        let queued = QueuedWrite { write, done, shard };
         if self.lanes[lane].send(queued).is_err() {
             // The writer is gone (shutting down): nothing will finish this write.
             self.pending[shard as usize].fetch_sub(1, Ordering::AcqRel);
@@ -472,31 +421,12 @@ impl DeviceWrites {
     }
 }
 
-/// A write, its shard, until when it may be held and, when the sender waits for it, where to say
-/// whether it landed.
+/// A write, its shard and, when the sender waits for it, where to say whether it landed.
 #[derive(Debug)]
 struct QueuedWrite {
     write: DeviceWrite,
     done: Option<oneshot::Sender<bool>>,
     shard: u32,
-    deadline: Instant,
-}
-
-/// Wait while [`write_held`] says so (a gating write, `confirmed`, is never held).
-async fn yield_to_transfers(
-    traffic: &mut watch::Receiver<Traffic>,
-    deadline: Instant,
-    confirmed: bool,
-) {
-    if confirmed {
-        return;
-    }
-    while write_held(*traffic.borrow_and_update(), Instant::now(), deadline) {
-        tokio::select! {
-            changed = traffic.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep_until(deadline) => return,
-        }
-    }
 }
 
 /// Write Device statuses in order for the devices of one lane, while their shard is held.
@@ -506,16 +436,13 @@ async fn run_device_writer(
     metrics: Metrics,
     pending: Arc<Vec<AtomicUsize>>,
     held: watch::Receiver<BTreeSet<u32>>,
-    mut traffic: watch::Receiver<Traffic>,
 ) {
     while let Some(QueuedWrite {
         write: w,
         done,
         shard,
-        deadline,
     }) = rx.recv().await
     {
-        yield_to_transfers(&mut traffic, deadline, done.is_some()).await;
         let api: Api<Device> = Api::namespaced(client.clone(), &w.namespace);
         let patch = serde_json::json!({
             "apiVersion": "ota.sealed-ota.dev/v1alpha1",
@@ -559,76 +486,4 @@ enum Publishing {
     /// Queue without waiting (the inbound dispatcher: see
     /// [`crate::mqtt::MqttSession::execute_detached`]).
     Detached,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_write_waits_only_while_devices_transfer_no_gate_is_queued_and_the_hold_lasts() {
-        let now = Instant::now();
-        let later = now + Duration::from_secs(1);
-        let busy = Traffic {
-            sessions: 3,
-            gates: 0,
-        };
-        assert!(write_held(busy, now, later));
-        assert!(
-            !write_held(busy, later, later),
-            "held no longer than the hold"
-        );
-        assert!(
-            !write_held(Traffic::default(), now, later),
-            "no device in flight: written at once"
-        );
-        assert!(
-            !write_held(Traffic { gates: 1, ..busy }, now, later),
-            "a gating write queued behind it is not held back"
-        );
-    }
-
-    /// Waits for `yield_to_transfers` with a generous bound: these cases end at once or on the
-    /// change the test makes, never on a clock.
-    async fn yielded(
-        traffic: &mut watch::Receiver<Traffic>,
-        deadline: Instant,
-        confirmed: bool,
-    ) -> bool {
-        tokio::time::timeout(
-            Duration::from_secs(60),
-            yield_to_transfers(traffic, deadline, confirmed),
-        )
-        .await
-        .is_ok()
-    }
-
-    #[tokio::test]
-    async fn a_held_write_goes_when_the_last_transfer_ends_and_a_gate_is_never_held() {
-        let hour = Instant::now() + Duration::from_secs(3600);
-        let (tx, mut rx) = watch::channel(Traffic {
-            sessions: 2,
-            gates: 0,
-        });
-        let held = tokio::spawn(async move { yielded(&mut rx, hour, false).await });
-        tx.send_modify(|t| t.sessions = 1);
-        tokio::task::yield_now().await;
-        assert!(!held.is_finished(), "a device still transfers: still held");
-        tx.send_modify(|t| t.sessions = 0);
-        assert!(held.await.unwrap(), "the last transfer ended: written");
-
-        tx.send_modify(|t| t.sessions = 5);
-        let mut rx = tx.subscribe();
-        assert!(
-            yielded(&mut rx, hour, true).await,
-            "a gating write is never held"
-        );
-        assert!(
-            yielded(&mut rx, Instant::now(), false).await,
-            "a write whose hold ran out goes"
-        );
-        let waiting = tokio::spawn(async move { yielded(&mut rx, hour, false).await });
-        tx.send_modify(|t| t.gates = 1);
-        assert!(waiting.await.unwrap(), "a gate queued ends the hold");
-    }
 }

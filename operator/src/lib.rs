@@ -325,9 +325,8 @@ async fn active(
     let (mqtt, mut inbound, mqtt_task) = MqttSession::start(settings, filters, metrics.clone());
     let _mqtt_task = AbortOnDrop(mqtt_task);
     // Device status writes: 8 ordered lanes, so 10,000 devices do not queue behind one writer.
-    let hold = std::time::Duration::from_secs(config.device_write_hold_seconds);
     let (writes, writer_tasks) =
-        engine::DeviceWrites::spawn(client, metrics, 8, shards, held.clone(), hold);
+        engine::DeviceWrites::spawn(client, metrics, 8, shards, held.clone());
     let mut writers: Vec<_> = writer_tasks.into_iter().map(AbortOnDrop).collect();
     let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<runs::CampaignKey>();
     let cache_root = config.cache_dir.clone();

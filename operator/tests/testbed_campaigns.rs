@@ -179,7 +179,6 @@ impl Harness {
             )),
             retained_chunk_bytes: 64 * 1024 * 1024,
             max_image_bytes: 256 * 1024 * 1024,
-            device_write_hold_seconds: 10,
         };
         edit(&mut config);
         let (tx, rx) = oneshot::channel();
