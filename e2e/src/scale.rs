@@ -23,6 +23,8 @@ pub struct ScaleRun {
     pub broker_nodes: u32,
     /// Emulator processes (`run --part K/N`).
     pub emulators: u32,
+    /// The campaign's `maxInFlight` (the fleet: every device at once).
+    pub max_in_flight: u32,
     /// Seconds from the campaign's apply to its terminal phase.
     pub wall_seconds: f64,
     /// Devices installed (the emulators' count) over seconds since the apply.
@@ -119,6 +121,7 @@ impl ScaleRun {
         json!({
             "devices": self.devices,
             "replicas": self.replicas,
+            "max_in_flight": self.max_in_flight,
             "shards": self.shards,
             "broker_nodes": self.broker_nodes,
             "emulators": self.emulators,
@@ -246,14 +249,15 @@ pub fn model_table(rows: &[ModelRow], predict_devices: f64) -> String {
 /// The measured runs as a Markdown table.
 pub fn runs_table(runs: &[ScaleRun]) -> String {
     let mut out = String::from(
-        "| devices | replicas / shards | broker nodes | emulators | wall s | devices/min | lost | attempts retried (timeouts) | broker dropped | CPU s (operator, emulator, broker, apiserver, etcd) | peak RSS MiB (operator, broker) | apiserver writes | etcd MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| devices | in flight at most | replicas / shards | broker nodes | emulators | wall s | devices/min | lost | attempts retried (timeouts) | broker dropped | CPU s (operator, emulator, broker, apiserver, etcd) | peak RSS MiB (operator, broker) | apiserver writes | etcd MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in runs {
         let cpu = |k: &str| r.cpu_seconds.get(k).copied().unwrap_or(0.0);
         let rss = |k: &str| r.rss_peak_bytes.get(k).copied().unwrap_or(0) as f64 / 1048576.0;
         out.push_str(&format!(
-            "| {} | {} / {} | {} | {} | {:.0} | {:.0} | {} | {:.0} | {} | {:.0}, {:.0}, {:.0}, {:.0}, {:.0} | {:.0}, {:.0} | {:.0} | {:.1} |\n",
+            "| {} | {} | {} / {} | {} | {} | {:.0} | {:.0} | {} | {:.0} | {} | {:.0}, {:.0}, {:.0}, {:.0}, {:.0} | {:.0}, {:.0} | {:.0} | {:.1} |\n",
             r.devices,
+            r.max_in_flight,
             r.replicas,
             r.shards,
             r.broker_nodes,
@@ -439,6 +443,7 @@ mod tests {
         ScaleRun {
             devices,
             replicas: 2,
+            max_in_flight: devices,
             shards: 4,
             broker_nodes: 3,
             emulators: 1,
