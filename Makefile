@@ -93,7 +93,8 @@ bench-large:
 
 ## make bench-scale: issue 16's scale run, not part of `make bench` (100,000 devices: about 10 min
 ## to enrol and connect, 15 min to install with SCALE_ARGS="--max-in-flight 20000", then the Device
-## writes; on this 23 GB machine the apiserver ran out of memory during them, docs/scale.md): sharded campaigns (2 operator replicas, 4 shards, 16 KiB image) at each of
+## writes; on this 23 GB machine the apiserver ran out of memory during them, docs/scale.md):
+## sharded campaigns (2 operator replicas, 4 shards, 16 KiB image) at each of
 ## SCALE_DEVICES devices through an rmqtt cluster of SCALE_NODES nodes, the fleet split over
 ## emulator processes (a process may hold 20,000 open files here, so no node or emulator holds more
 ## than about 14,000 devices), on a test bed of its own (target/bench/scale/testbed). Writes

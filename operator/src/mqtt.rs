@@ -26,7 +26,7 @@
 
 use std::time::Duration;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus::IntGauge;
@@ -182,8 +182,13 @@ pub enum ConnState {
 /// manager's Receive Maximum) bounds what waits here; the event loop never waits for this queue.
 #[derive(Debug)]
 pub struct InboundQueue {
-    messages: mpsc::UnboundedReceiver<Publish>,
+    /// Each message with the connection it came on (see `connection`).
+    messages: mpsc::UnboundedReceiver<(u64, Publish)>,
     client: AsyncClient,
+    /// The current connection, counted up at each CONNACK: a message read on an earlier one is
+    /// not acknowledged, because its packet id means nothing on (or names another message of)
+    /// the new clean-start connection.
+    connection: Arc<AtomicU64>,
     queued: IntGauge,
 }
 
@@ -191,11 +196,13 @@ impl InboundQueue {
     /// The next message, acknowledged to the broker (which may then send one more); `None` when
     /// the session has ended.
     pub async fn recv(&mut self) -> Option<Inbound> {
-        let publish = self.messages.recv().await?;
+        let (connection, publish) = self.messages.recv().await?;
         self.queued.dec();
         // Waits for room in the client's request channel, which the event loop always drains.
-        if let Err(e) = self.client.ack(&publish).await {
-            tracing::debug!(error = %e, "the MQTT client is gone; acknowledgement dropped");
+        if connection == self.connection.load(Ordering::Acquire) {
+            if let Err(e) = self.client.ack(&publish).await {
+                tracing::debug!(error = %e, "the MQTT client is gone; acknowledgement dropped");
+            }
         }
         Some(sealed_ota_mqtt::inbound_from(&publish))
     }
@@ -237,10 +244,12 @@ impl MqttSession {
         let mut node = 0;
         let opts = settings.options(node);
         let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CHANNEL_CAPACITY);
-        let (inbound, messages) = mpsc::unbounded_channel::<Publish>();
+        let (inbound, messages) = mpsc::unbounded_channel::<(u64, Publish)>();
+        let connection = Arc::new(AtomicU64::new(0));
         let queue = InboundQueue {
             messages,
             client: client.clone(),
+            connection: connection.clone(),
             queued: metrics.mqtt_inbound_queued.clone(),
         };
         let (state_tx, state) = watch::channel(ConnState::Connecting);
@@ -266,6 +275,7 @@ impl MqttSession {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff = Duration::from_millis(500);
                         refusals = 0;
+                        connection.fetch_add(1, Ordering::AcqRel);
                         task_metrics.mqtt_connected.set(1);
                         let (host, port) = &settings.nodes[node % settings.nodes.len()];
                         tracing::info!(%host, port, "connected to broker");
@@ -280,7 +290,10 @@ impl MqttSession {
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         task_metrics.mqtt_inbound_queued.inc();
-                        if inbound.send(p).is_err() {
+                        if inbound
+                            .send((connection.load(Ordering::Acquire), p))
+                            .is_err()
+                        {
                             return;
                         }
                     }
