@@ -98,8 +98,9 @@ bench-large:
 ## SCALE_DEVICES devices through an rmqtt cluster of SCALE_NODES nodes, the fleet split over
 ## emulator processes (a process may hold 20,000 open files here, so no node or emulator holds more
 ## than about 14,000 devices), on a test bed of its own (target/bench/scale/testbed). Writes
-## target/bench/scale/{scale.json,scale.md,completed.svg,cpu.svg}: per run wall time, devices a
-## minute, CPU seconds and peak RSS per process, apiserver writes, etcd growth, devices lost; and
+## target/bench/scale/{scale.json,scale.md,completed.svg,cpu.svg,memory.svg}: per run wall time,
+## devices a minute, CPU seconds and peak RSS per process (memory sampled every second; a run a
+## test-bed process died in is written up to then), apiserver writes, etcd growth, devices lost;
 ## rmqtt's queue limits raised (with its defaults it drops what thousands of devices send at once);
 ## the cost model fitted to the runs with its prediction for 1,000,000 devices (docs/scale.md).
 SCALE_DEVICES ?= 10000,30000,100000

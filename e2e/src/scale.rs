@@ -1,7 +1,9 @@
 //! The scale run of `make bench-scale` (issue 16), its pure parts: what one sharded campaign
 //! measured (`ScaleRun`), the cost model fitted to several runs (a straight line per figure over
 //! the device count, least squares, and its prediction for a larger fleet), and the SVG plots
-//! (`plotters`): devices completed over time per run, CPU seconds per process per run. The
+//! (`plotters`): devices completed over time per run, CPU seconds per process per run, resident
+//! memory per process over the largest run. A run a test-bed process died in is kept as what it
+//! measured up to then (`ended_early`), shown in the tables and left out of the cost model. The
 //! binary `sealed-ota-scale-bench` drives the processes and feeds these; nothing here does I/O.
 
 use std::collections::BTreeMap;
@@ -34,6 +36,12 @@ pub struct ScaleRun {
     pub cpu_seconds: BTreeMap<String, f64>,
     /// Peak resident memory of each process group (bytes, summed over its processes).
     pub rss_peak_bytes: BTreeMap<String, u64>,
+    /// Resident memory of each process group (bytes, summed over its processes) over seconds
+    /// since the apply, sampled every second.
+    pub memory: Vec<(f64, BTreeMap<String, u64>)>,
+    /// Why the run stopped before its campaign's terminal phase (a test-bed process died):
+    /// its figures are what was measured up to then; `None` for a run that ended.
+    pub ended_early: Option<String>,
     /// Resident memory of the operator replicas before the campaign (bytes, summed).
     pub operator_rss_idle_bytes: u64,
     /// Write requests the apiserver served during the campaign (its own
@@ -130,6 +138,8 @@ impl ScaleRun {
             "completed": self.completed,
             "cpu_seconds": self.cpu_seconds,
             "rss_peak_bytes": self.rss_peak_bytes,
+            "memory": self.memory,
+            "ended_early": self.ended_early,
             "operator_rss_idle_bytes": self.operator_rss_idle_bytes,
             "apiserver_writes": self.apiserver_writes,
             "operator_writes": self.operator_writes,
@@ -204,10 +214,12 @@ pub struct ModelRow {
 }
 
 /// The cost model of `runs` (each figure a line over the device count) with each figure's
-/// value at `predict_devices`. Figures that not every run measured are left out.
+/// value at `predict_devices`. Runs that ended early, and figures that not every other run
+/// measured, are left out.
 pub fn cost_model(runs: &[ScaleRun], predict_devices: f64) -> Vec<ModelRow> {
+    let runs: Vec<&ScaleRun> = runs.iter().filter(|r| r.ended_early.is_none()).collect();
     let mut points: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-    for run in runs {
+    for run in &runs {
         for (figure, value) in run.figures() {
             points
                 .entry(figure)
@@ -279,7 +291,27 @@ pub fn runs_table(runs: &[ScaleRun]) -> String {
             r.etcd_db_bytes / 1048576.0,
         ));
     }
+    for r in runs.iter().filter(|r| r.ended_early.is_some()) {
+        out.push_str(&format!(
+            "\nThe {}-device run ended early: {}. Its figures are what was measured up to then \
+             (NaN: not measurable after it), and it is not in the cost model.\n",
+            r.devices,
+            r.ended_early.as_deref().unwrap_or_default()
+        ));
+    }
     out
+}
+
+/// The highest sampled resident memory of each process group.
+pub fn sampled_peaks(memory: &[(f64, BTreeMap<String, u64>)]) -> BTreeMap<String, u64> {
+    let mut peaks = BTreeMap::new();
+    for (_, sample) in memory {
+        for (group, &bytes) in sample {
+            let peak = peaks.entry(group.clone()).or_insert(0);
+            *peak = bytes.max(*peak);
+        }
+    }
+    peaks
 }
 
 /// What the devices received in each run, as a Markdown table: connections and chunk
@@ -357,6 +389,72 @@ pub fn completion_svg(runs: &[ScaleRun]) -> Result<String> {
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(plot_error)?;
+        root.present().map_err(plot_error)?;
+    }
+    Ok(svg)
+}
+
+/// Resident memory of each process group over the largest run, one line per group (SVG).
+pub fn memory_svg(runs: &[ScaleRun]) -> Result<String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (800, 480)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        let Some(run) = runs.iter().max_by_key(|r| r.devices) else {
+            root.present().map_err(plot_error)?;
+            drop(root);
+            return Ok(svg);
+        };
+        let groups: Vec<&String> = run
+            .memory
+            .iter()
+            .flat_map(|(_, sample)| sample.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let max_t = run.memory.iter().map(|p| p.0).fold(1.0, f64::max);
+        let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+        let max_gib = run
+            .memory
+            .iter()
+            .flat_map(|(_, sample)| sample.values().map(|&b| gib(b)))
+            .fold(0.1, f64::max);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!("Resident memory per process, {}-device run", run.devices),
+                ("sans-serif", 22),
+            )
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..max_t * 1.02, 0.0..max_gib * 1.1)
+            .map_err(plot_error)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds since the campaign was applied")
+            .y_desc("GiB resident")
+            .draw()
+            .map_err(plot_error)?;
+        for (i, group) in groups.into_iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(
+                    run.memory
+                        .iter()
+                        .filter_map(|(t, sample)| Some((*t, gib(*sample.get(group)?)))),
+                    color.stroke_width(2),
+                ))
+                .map_err(plot_error)?
+                .label(group.clone())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
             .draw()
             .map_err(plot_error)?;
         root.present().map_err(plot_error)?;
@@ -459,6 +557,25 @@ mod tests {
             ]
             .into(),
             rss_peak_bytes: [("operator".to_owned(), 100 << 20)].into(),
+            memory: vec![
+                (
+                    1.0,
+                    [
+                        ("operator".to_owned(), 90 << 20),
+                        ("broker".to_owned(), 1 << 30),
+                    ]
+                    .into(),
+                ),
+                (
+                    2.0,
+                    [
+                        ("operator".to_owned(), 100 << 20),
+                        ("broker".to_owned(), 2 << 30),
+                    ]
+                    .into(),
+                ),
+            ],
+            ended_early: None,
             operator_rss_idle_bytes: 80 << 20,
             apiserver_writes: f64::from(devices) * 1.5 + 20.0,
             operator_writes: BTreeMap::new(),
@@ -542,6 +659,37 @@ mod tests {
     }
 
     #[test]
+    fn a_run_that_ended_early_is_shown_and_kept_out_of_the_model() {
+        let mut broken = run(10_000, 500.0);
+        broken.ended_early = Some("kube-apiserver (pid 42) exited 900 s after the apply".into());
+        broken.apiserver_writes = f64::NAN;
+        let runs = [run(1000, 11.0), run(3000, 31.0), broken];
+        let model = cost_model(&runs, 1_000_000.0);
+        let row = |name: &str| model.iter().find(|r| r.figure == name).unwrap();
+        // The line through the two complete runs only (the third would bend it and NaN it).
+        assert!((row("operator CPU seconds").predicted - 10_001.0).abs() < 1e-6);
+        assert!((row("apiserver writes").line.per_device - 1.5).abs() < 1e-9);
+        let table = runs_table(&runs);
+        assert!(
+            table.contains("The 10000-device run ended early: kube-apiserver (pid 42) exited"),
+            "{table}"
+        );
+        assert_eq!(
+            runs[2].to_json()["ended_early"],
+            "kube-apiserver (pid 42) exited 900 s after the apply"
+        );
+        assert!(runs[2].to_json()["apiserver_writes"].is_null());
+    }
+
+    #[test]
+    fn sampled_peaks_are_each_groups_highest_sample() {
+        let peaks = sampled_peaks(&run(1000, 1.0).memory);
+        assert_eq!(peaks["operator"], 100 << 20);
+        assert_eq!(peaks["broker"], 2 << 30);
+        assert!(sampled_peaks(&[]).is_empty());
+    }
+
+    #[test]
     fn the_plots_draw_every_run_and_process() {
         let runs = [run(1000, 11.0), run(3000, 31.0)];
         let svg = completion_svg(&runs).unwrap();
@@ -555,5 +703,12 @@ mod tests {
             "legend"
         );
         assert!(svg.contains("\n1000 devices\n"), "run labels");
+        let svg = memory_svg(&runs).unwrap();
+        assert!(svg.contains("3000-device run"), "the largest run");
+        assert!(
+            svg.matches("<polyline").count() >= 2,
+            "one line per process"
+        );
+        assert!(memory_svg(&[]).unwrap().starts_with("<svg"));
     }
 }

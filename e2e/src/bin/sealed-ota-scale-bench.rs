@@ -5,7 +5,9 @@
 //! limit). Per run it records devices completed over time, CPU seconds and peak RSS per process
 //! group, the apiserver's write requests, the operator's status writes and etcd's growth; then
 //! it fits the cost model (`sealed_ota_e2e::scale`) and writes `scale.json`, `scale.md` (tables)
-//! and two SVG plots to `--out`, after every run (a long series keeps what it measured).
+//! and three SVG plots to `--out`, after every run (a long series keeps what it measured). CPU
+//! and memory are sampled every second, so a run a test-bed process dies in (the OOM killer)
+//! is written with what it measured up to then, and the series stops there.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,8 +20,8 @@ use kube::Api;
 use sealed_ota_e2e::bench::{parse_metrics, process_cpu_seconds, process_memory, testbed_pid};
 use sealed_ota_e2e::product::{random_image, Product};
 use sealed_ota_e2e::scale::{
-    completion_svg, cost_model, cpu_svg, deliveries_table, model_table, runs_table, Deliveries,
-    ScaleRun,
+    completion_svg, cost_model, cpu_svg, deliveries_table, memory_svg, model_table, runs_table,
+    sampled_peaks, Deliveries, ScaleRun,
 };
 use sealed_ota_e2e::TestBed;
 use sealed_ota_operator::crd::{CampaignPhase, Device};
@@ -85,8 +87,15 @@ async fn main() -> Result<()> {
             run.devices_per_minute(),
             run.lost()
         );
+        let ended_early = run.ended_early.clone();
         runs.push(run);
         write_outputs(&args, &runs)?;
+        if let Some(why) = ended_early {
+            bail!(
+                "the {devices}-device run ended early ({why}); what it measured is in {}",
+                args.out.display()
+            );
+        }
     }
     println!("{}", std::fs::read_to_string(args.out.join("scale.md"))?);
     Ok(())
@@ -121,6 +130,7 @@ fn write_outputs(args: &Args, runs: &[ScaleRun]) -> Result<()> {
     std::fs::write(args.out.join("scale.md"), md)?;
     std::fs::write(args.out.join("completed.svg"), completion_svg(runs)?)?;
     std::fs::write(args.out.join("cpu.svg"), cpu_svg(runs)?)?;
+    std::fs::write(args.out.join("memory.svg"), memory_svg(runs)?)?;
     Ok(())
 }
 
@@ -183,23 +193,82 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
     )?;
     let applied = Instant::now();
     let mut completed = vec![(0.0, 0)];
-    let campaign = loop {
+    let mut memory = Vec::new();
+    let mut cpu_last = cpu_before.clone();
+    // Every second: devices installed, every process's CPU and memory, the campaign's phase. A
+    // test-bed process that died (the kernel's OOM killer, a crash) ends the run with what it
+    // measured up to then.
+    let ended = loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        completed.push((applied.elapsed().as_secs_f64(), installed_now(&product)));
-        let campaign = product.campaign("fw").await?;
+        let t = applied.elapsed().as_secs_f64();
+        completed.push((t, installed_now(&product)));
+        match sample(&groups) {
+            Ok((cpu, rss)) => {
+                cpu_last = cpu;
+                memory.push((t, rss));
+            }
+            Err(died) => break Err(format!("{died} {t:.0} s after the campaign was applied")),
+        }
+        let campaign = match product.campaign("fw").await {
+            Ok(campaign) => campaign,
+            Err(e) => match sample(&groups) {
+                Err(died) => break Err(format!("{died} {t:.0} s after the campaign was applied")),
+                Ok(_) => return Err(e),
+            },
+        };
         if campaign
             .status
             .as_ref()
             .is_some_and(|s| s.phase.is_terminal())
         {
-            break campaign;
+            break Ok(campaign);
         }
         if applied.elapsed() > Duration::from_secs(4 * 3600) {
             bail!("the {devices}-device campaign did not end within 4 hours");
         }
     };
     let wall_seconds = applied.elapsed().as_secs_f64();
-    let cpu_after = cpu_of(&groups)?;
+    let cpu_seconds = cpu_last
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v - cpu_before[k]))
+        .collect();
+    let campaign = match ended {
+        Ok(campaign) => campaign,
+        Err(ended_early) => {
+            eprintln!("scale: the {devices}-device run ended early: {ended_early}");
+            // What can still be read is; what died with the process is NaN.
+            let installed = installed_now(&product);
+            let run = ScaleRun {
+                devices,
+                replicas: args.replicas,
+                shards: args.shards,
+                broker_nodes: bed.mqtts_urls.len() as u32,
+                emulators: parts as u32,
+                max_in_flight,
+                wall_seconds,
+                completed,
+                cpu_seconds,
+                rss_peak_bytes: sampled_peaks(&memory),
+                memory,
+                ended_early: Some(ended_early),
+                operator_rss_idle_bytes,
+                apiserver_writes: apiserver_writes(&product)
+                    .await
+                    .map_or(f64::NAN, |w| w - apiserver_before),
+                operator_writes: BTreeMap::new(),
+                device_failures: BTreeMap::new(),
+                device_retries: f64::NAN,
+                broker_dropped: None,
+                etcd_db_bytes: etcd_db_bytes(bed)
+                    .await
+                    .map_or(f64::NAN, |b| b - etcd_before),
+                installed,
+                deliveries: Deliveries::default(),
+            };
+            product.keep();
+            return Ok(run);
+        }
+    };
     let rss_peak_bytes = groups
         .iter()
         .map(|(name, pids)| {
@@ -254,11 +323,10 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
         max_in_flight,
         wall_seconds,
         completed,
-        cpu_seconds: cpu_after
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), v - cpu_before[k]))
-            .collect(),
+        cpu_seconds,
         rss_peak_bytes,
+        memory,
+        ended_early: None,
         operator_rss_idle_bytes,
         apiserver_writes: apiserver_after - apiserver_before,
         operator_writes: difference(&operator_after, &operator_before),
@@ -434,6 +502,24 @@ fn broker_pids(state_dir: &Path) -> Result<Vec<u32>> {
         bail!("no broker pid file in {}", state_dir.display());
     }
     Ok(pids)
+}
+
+/// Every group's CPU seconds so far and resident memory now, or which process has died (its
+/// `/proc` entry gone, or a zombie without memory).
+fn sample(groups: &Groups) -> Result<(BTreeMap<&'static str, f64>, BTreeMap<String, u64>), String> {
+    let died = |name: &str, pid: u32| format!("{name} (pid {pid}) exited");
+    let mut cpu = BTreeMap::new();
+    let mut rss = BTreeMap::new();
+    for (name, pids) in groups {
+        let (mut seconds, mut bytes) = (0.0, 0);
+        for &pid in pids {
+            seconds += process_cpu_seconds(pid).map_err(|_| died(name, pid))?;
+            bytes += process_memory(pid, "VmRSS").map_err(|_| died(name, pid))?;
+        }
+        cpu.insert(*name, seconds);
+        rss.insert((*name).to_owned(), bytes);
+    }
+    Ok((cpu, rss))
 }
 
 fn cpu_of(groups: &Groups) -> Result<BTreeMap<&'static str, f64>> {
