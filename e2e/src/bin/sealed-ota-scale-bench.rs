@@ -504,9 +504,12 @@ fn broker_pids(state_dir: &Path) -> Result<Vec<u32>> {
     Ok(pids)
 }
 
+/// CPU seconds so far and resident bytes now, by process group.
+type Sample = (BTreeMap<&'static str, f64>, BTreeMap<String, u64>);
+
 /// Every group's CPU seconds so far and resident memory now, or which process has died (its
 /// `/proc` entry gone, or a zombie without memory).
-fn sample(groups: &Groups) -> Result<(BTreeMap<&'static str, f64>, BTreeMap<String, u64>), String> {
+fn sample(groups: &Groups) -> Result<Sample, String> {
     let died = |name: &str, pid: u32| format!("{name} (pid {pid}) exited");
     let mut cpu = BTreeMap::new();
     let mut rss = BTreeMap::new();
