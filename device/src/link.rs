@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::v5::MqttOptions;
+use rumqttc::v5::{AsyncClient, EventLoop, MqttOptions};
 use rustls::{ClientConfig, RootCertStore};
 use sealed_ota_mqtt::{tls, BrokerUrl};
 
@@ -127,6 +127,23 @@ pub fn device_options_on(
     options
 }
 
+/// Requests (publishes, subscriptions) a device may queue for its event loop.
+const REQUEST_CAPACITY: usize = 32;
+
+/// Events rumqttc's event loop holds for the device at first; the queue grows when needed.
+pub const EVENT_QUEUE_START: usize = 4;
+
+/// The client and event loop of one device connection. rumqttc preallocates room for 100
+/// events a connection (about 38 KiB), which becomes resident as its ring buffer turns over
+/// during a campaign: the emulator grew by about that much per device once every device had
+/// installed. A device has a few events waiting at most, so the queue starts at
+/// [`EVENT_QUEUE_START`] and grows on demand.
+pub fn device_client(options: MqttOptions) -> (AsyncClient, EventLoop) {
+    let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+    eventloop.state.events.shrink_to(EVENT_QUEUE_START);
+    (client, eventloop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +199,12 @@ mod tests {
             options.transport(),
             rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(_))
         ));
+        let (_client, eventloop) = device_client(options);
+        assert!(
+            eventloop.state.events.capacity() < 2 * EVENT_QUEUE_START,
+            "rumqttc's 100-event queue is not trimmed: {}",
+            eventloop.state.events.capacity()
+        );
         let err = endpoint
             .device_tls("dev-00001", &device.cert_pem(), "not a key")
             .unwrap_err();

@@ -131,7 +131,9 @@ pub struct Step {
 /// What the connection task reports.
 enum Link {
     Connected,
-    Message(Publish),
+    /// Boxed: the channel allocates its slots 32 at a time, so each slot costs a
+    /// `Link` (a pointer here, 200 bytes unboxed) per connection.
+    Message(Box<Publish>),
     /// A SUBACK refused some filters (their reason codes): they must be subscribed again.
     Refused(Vec<SubscribeReasonCode>),
     Lost(String),
@@ -464,7 +466,7 @@ impl<I: Installer> Device<I> {
             max_packet_size,
             self.settings.keep_alive,
         );
-        let (client, eventloop) = AsyncClient::new(options, 32);
+        let (client, eventloop) = link::device_client(options);
         let (link_tx, mut link_rx) = mpsc::channel(4);
         let pump = tokio::spawn(pump(eventloop, link_tx, permit));
         let connected = tokio::select! {
@@ -511,7 +513,7 @@ impl<I: Installer> Device<I> {
             tokio::select! {
                 link = link_rx.recv() => match link {
                     Some(Link::Message(publish)) => {
-                        if let Some(end) = self.on_message(session, client, publish).await? {
+                        if let Some(end) = self.on_message(session, client, *publish).await? {
                             return Ok(end);
                         }
                     }
@@ -929,7 +931,7 @@ async fn pump(mut eventloop: EventLoop, link: mpsc::Sender<Link>, permit: Option
                 permit.take();
                 Link::Connected
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => Link::Message(publish),
+            Ok(Event::Incoming(Packet::Publish(publish))) => Link::Message(Box::new(publish)),
             Ok(Event::Incoming(Packet::SubAck(suback))) => {
                 let codes = link::refused(&suback);
                 if codes.is_empty() {
