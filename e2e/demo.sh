@@ -91,7 +91,7 @@ s = json.load(open(sys.argv[1]))["releaseSignature"]
 print(s["publicKey"], s["signature"])' "$WORK/firmware-$VERSION.sig.json")
 
 say "starting the operator"
-METRICS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+METRICS_PORT=$("$REPO/scripts/free-ports")
 "$BIN/sealed-ota-operator" run --broker-url "$SEALED_OTA_MQTTS_URL" --broker-ca-file "$SEALED_OTA_CA_FILE" \
   --broker-cert-file "$WORK/pki/manager.crt" --broker-key-file "$WORK/pki/manager.key" \
   --operator-namespace "$NS" --namespace "$NS" --metrics-addr "127.0.0.1:$METRICS_PORT" \

@@ -41,7 +41,7 @@ probe() {
 # mochi with its default configuration (PUBACKs inherit the PUBLISH's properties), probed once.
 probe_mochi_defaults() {
   local dir=$1 port pid
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
+  port=$("$REPO/scripts/free-ports")
   "$SEALED_OTA_BROKER_BIN" -inherit-ack-properties -tls "127.0.0.1:$port" -ca "$SEALED_OTA_CA_FILE" \
     -cert "$SEALED_OTA_TESTBED_DIR/pki/mosquitto.crt" -key "$SEALED_OTA_TESTBED_DIR/pki/mosquitto.key" \
     >"$dir/mochi-defaults.log" 2>&1 &

@@ -6,6 +6,10 @@
 
 sudo_() { if [[ "$(id -u)" == 0 ]]; then "$@"; else sudo "$@"; fi; }
 
+# N distinct free loopback TCP ports (default 1), one a line, below the ephemeral range (see
+# scripts/free-ports). Needs REPO.
+free_port() { "$REPO/scripts/free-ports" "$@"; }
+
 # Whether the process whose pid a file holds runs.
 pid_alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 

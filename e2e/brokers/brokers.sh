@@ -90,7 +90,7 @@ mosquitto_version() { { "$(mosquitto_bin)" -h 2>&1 || true; } | sed -n 's/^mosqu
 mosquitto_start() {
   local plain tls p="$STATE/pki" d="$STATE/mosquitto" bin
   bin=$(mosquitto_bin)
-  plain=$(free_port); tls=$(free_port)
+  { read -r plain; read -r tls; } < <(free_port 2)
   mkdir -p "$d"
   write_urls "$plain" -- "$tls"
   cat >"$d/mosquitto.conf" <<EOF
@@ -153,7 +153,7 @@ mochi_version() { "$(mochi_bin)" -version; }
 
 mochi_start() {
   local plain tls p="$STATE/pki" d="$STATE/mochi"
-  plain=$(free_port); tls=$(free_port)
+  { read -r plain; read -r tls; } < <(free_port 2)
   mkdir -p "$d"
   write_urls "$plain" -- "$tls"
   (ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -199,8 +199,11 @@ rmqtt_cluster_start() {
   [[ "$RMQTT_NODES" =~ ^[1-9]$ ]] || die "SEALED_OTA_RMQTT_NODES: 1 to 9 rmqtt nodes, not '$RMQTT_NODES'"
   mkdir -p "$d"
   : >"$d/ports"
+  local ports
+  mapfile -t ports < <(free_port $((5 * RMQTT_NODES)))
+  ((${#ports[@]} == 5 * RMQTT_NODES)) || die "no $((5 * RMQTT_NODES)) free ports for the rmqtt nodes"
   for n in $(seq 1 $RMQTT_NODES); do
-    echo "$n $(free_port) $(free_port) $(free_port) $(free_port) $(free_port)" >>"$d/ports"
+    echo "$n ${ports[*]:$((5 * (n - 1))):5}" >>"$d/ports"
   done
   for n in $(seq 1 $RMQTT_NODES); do
     grpc+="${grpc:+, }\"$n@127.0.0.1:$(rmqtt_port "$n" 4)\""

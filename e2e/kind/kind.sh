@@ -59,7 +59,6 @@ timed() { local t0=$SECONDS; "$@"; log "$1 took $((SECONDS - t0)) s"; }
 
 kctl() { kubectl --kubeconfig "$STATE/kubeconfig" "$@"; }
 helm_bin() { "$REPO/scripts/helm-install.sh"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 
 # --- Docker and kind -----------------------------------------------------------------------------
 docker_up() {
@@ -85,7 +84,7 @@ cluster_exists() { kind_ get clusters 2>/dev/null | grep -qx "$CLUSTER"; }
 # listeners (chosen free once, kept in $STATE for later steps).
 write_kind_config() {
   local mqtt mqtts
-  mqtt=$(free_port); mqtts=$(free_port)
+  { read -r mqtt; read -r mqtts; } < <(free_port 2)
   echo "$mqtt" >"$STATE/mqtt.hostport"; echo "$mqtts" >"$STATE/mqtts.hostport"
   {
     cat "$HERE/kind-config.yaml"
