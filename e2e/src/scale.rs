@@ -124,6 +124,54 @@ impl ScaleRun {
         f64::from(self.devices) * 60.0 / self.wall_seconds.max(f64::EPSILON)
     }
 
+    /// A run as [`ScaleRun::to_json`] wrote it (`scale.json`'s `runs`), so runs measured by an
+    /// earlier invocation join the cost model (`--previous-runs`).
+    pub fn from_json(run: &Value) -> Result<Self> {
+        let u64_of = |field: &str| {
+            run[field]
+                .as_u64()
+                .ok_or_else(|| anyhow!("scale.json run: `{field}` is not a count"))
+        };
+        let u32_of = |field: &str| -> Result<u32> { Ok(u32::try_from(u64_of(field)?)?) };
+        // A figure that died with its process was written as null: NaN again.
+        let f64_of = |field: &str| run[field].as_f64().unwrap_or(f64::NAN);
+        let map = |field: &str| -> Result<BTreeMap<String, f64>> {
+            Ok(serde_json::from_value(run[field].clone()).unwrap_or_default())
+        };
+        let deliveries = &run["deliveries"];
+        let delivered = |field: &str| deliveries[field].as_u64().unwrap_or(0);
+        Ok(ScaleRun {
+            devices: u32_of("devices")?,
+            replicas: u32_of("replicas")?,
+            shards: u32_of("shards")?,
+            broker_nodes: u32_of("broker_nodes")?,
+            emulators: u32_of("emulators")?,
+            max_in_flight: u32_of("max_in_flight")?,
+            wall_seconds: f64_of("wall_seconds"),
+            completed: serde_json::from_value(run["completed"].clone())?,
+            cpu_seconds: map("cpu_seconds")?,
+            rss_peak_bytes: serde_json::from_value(run["rss_peak_bytes"].clone())?,
+            memory: serde_json::from_value(run["memory"].clone()).unwrap_or_default(),
+            ended_early: run["ended_early"].as_str().map(str::to_owned),
+            operator_rss_idle_bytes: u64_of("operator_rss_idle_bytes")?,
+            apiserver_writes: f64_of("apiserver_writes"),
+            operator_writes: map("operator_writes")?,
+            device_failures: map("device_failures")?,
+            device_retries: f64_of("device_retries"),
+            broker_dropped: run["broker_dropped"].as_f64(),
+            etcd_db_bytes: f64_of("etcd_db_bytes"),
+            installed: u64_of("installed")?,
+            deliveries: Deliveries {
+                connect_attempts: delivered("connect_attempts"),
+                chunk_deliveries: delivered("chunk_deliveries"),
+                chunks_stored: delivered("chunks_stored"),
+                subscriptions_refused: delivered("subscriptions_refused"),
+                messages_rejected: delivered("messages_rejected"),
+                bytes_received: delivered("bytes_received"),
+            },
+        })
+    }
+
     /// The run as JSON (`target/bench/scale/scale.json`).
     pub fn to_json(&self) -> Value {
         json!({
@@ -679,6 +727,18 @@ mod tests {
             "kube-apiserver (pid 42) exited 900 s after the apply"
         );
         assert!(runs[2].to_json()["apiserver_writes"].is_null());
+    }
+
+    #[test]
+    fn a_run_read_back_from_its_json_is_the_same_run() {
+        let mut r = run(3000, 31.0);
+        assert_eq!(ScaleRun::from_json(&r.to_json()).unwrap(), r);
+        r.ended_early = Some("etcd (pid 7) exited".into());
+        r.device_retries = 4.0;
+        r.broker_dropped = None;
+        assert_eq!(ScaleRun::from_json(&r.to_json()).unwrap(), r);
+        let err = ScaleRun::from_json(&json!({"devices": "many"})).unwrap_err();
+        assert!(err.to_string().contains("`devices`"), "{err}");
     }
 
     #[test]

@@ -61,6 +61,10 @@ struct Args {
     /// Where scale.json, scale.md and the plots go.
     #[arg(long, default_value = "target/bench/scale")]
     out: PathBuf,
+    /// A `scale.json` an earlier invocation wrote: its runs come first in the tables, plots and
+    /// cost model (a long run measured once is fitted with shorter ones measured later).
+    #[arg(long)]
+    previous_runs: Option<PathBuf>,
 }
 
 /// Processes of one group (`operator`, `emulator`, `broker`, `kube-apiserver`, `etcd`).
@@ -71,7 +75,10 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let bed = TestBed::get()?;
     std::fs::create_dir_all(&args.out)?;
-    let mut runs = Vec::new();
+    let mut runs = match &args.previous_runs {
+        Some(path) => previous_runs(path)?,
+        None => Vec::new(),
+    };
     for &devices in &args.devices {
         eprintln!(
             "scale: {devices} devices, {} replicas, {} shards, broker {} ({} nodes)",
@@ -99,6 +106,20 @@ async fn main() -> Result<()> {
     }
     println!("{}", std::fs::read_to_string(args.out.join("scale.md"))?);
     Ok(())
+}
+
+fn previous_runs(path: &Path) -> Result<Vec<ScaleRun>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--previous-runs {}", path.display()))?;
+    let summary: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("--previous-runs {}: not JSON", path.display()))?;
+    summary["runs"]
+        .as_array()
+        .with_context(|| format!("--previous-runs {}: no `runs` list", path.display()))?
+        .iter()
+        .map(ScaleRun::from_json)
+        .collect::<Result<_>>()
+        .with_context(|| format!("--previous-runs {}", path.display()))
 }
 
 fn write_outputs(args: &Args, runs: &[ScaleRun]) -> Result<()> {
