@@ -391,52 +391,52 @@ fn plot_error<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing the plot: {e:?}")
 }
 
-/// Devices completed over time, one line per run (SVG).
-pub fn completion_svg(runs: &[ScaleRun]) -> Result<String> {
+/// A line chart over seconds since the campaign was applied: one named line per series.
+struct Lines<'a> {
+    caption: String,
+    y_desc: &'a str,
+    /// Top of the y axis (before a 5 % margin).
+    y_max: f64,
+    legend: SeriesLabelPosition,
+    series: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+fn lines_svg(lines: Lines) -> Result<String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (800, 480)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_error)?;
-        let max_t = runs
+        let max_t = lines
+            .series
             .iter()
-            .flat_map(|r| r.completed.iter().map(|p| p.0))
-            .fold(1.0, f64::max);
-        let max_n = runs
-            .iter()
-            .map(|r| f64::from(r.devices))
+            .flat_map(|(_, points)| points.iter().map(|p| p.0))
             .fold(1.0, f64::max);
         let mut chart = ChartBuilder::on(&root)
-            .caption("Devices updated over time", ("sans-serif", 22))
+            .caption(&lines.caption, ("sans-serif", 22))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(70)
-            .build_cartesian_2d(0.0..max_t * 1.02, 0.0..max_n * 1.05)
+            .build_cartesian_2d(0.0..max_t * 1.02, 0.0..lines.y_max * 1.05)
             .map_err(plot_error)?;
         chart
             .configure_mesh()
             .x_desc("seconds since the campaign was applied")
-            .y_desc("devices installed")
+            .y_desc(lines.y_desc)
             .draw()
             .map_err(plot_error)?;
-        for (i, run) in runs.iter().enumerate() {
+        for (i, (name, points)) in lines.series.into_iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
-                .draw_series(LineSeries::new(
-                    run.completed.iter().map(|&(t, n)| (t, n as f64)),
-                    color.stroke_width(2),
-                ))
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))
                 .map_err(plot_error)?
-                .label(format!(
-                    "{} devices, {} replicas, {} broker nodes",
-                    run.devices, run.replicas, run.broker_nodes
-                ))
+                .label(name)
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
         }
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
+            .position(lines.legend)
             .draw()
             .map_err(plot_error)?;
         root.present().map_err(plot_error)?;
@@ -444,70 +444,62 @@ pub fn completion_svg(runs: &[ScaleRun]) -> Result<String> {
     Ok(svg)
 }
 
+/// Devices completed over time, one line per run (SVG).
+pub fn completion_svg(runs: &[ScaleRun]) -> Result<String> {
+    lines_svg(Lines {
+        caption: "Devices updated over time".to_owned(),
+        y_desc: "devices installed",
+        y_max: runs
+            .iter()
+            .map(|r| f64::from(r.devices))
+            .fold(1.0, f64::max),
+        legend: SeriesLabelPosition::LowerRight,
+        series: runs
+            .iter()
+            .map(|run| {
+                (
+                    format!(
+                        "{} devices, {} replicas, {} broker nodes",
+                        run.devices, run.replicas, run.broker_nodes
+                    ),
+                    run.completed.iter().map(|&(t, n)| (t, n as f64)).collect(),
+                )
+            })
+            .collect(),
+    })
+}
+
 /// Resident memory of each process group over the largest run, one line per group (SVG).
 pub fn memory_svg(runs: &[ScaleRun]) -> Result<String> {
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (800, 480)).into_drawing_area();
-        root.fill(&WHITE).map_err(plot_error)?;
-        let Some(run) = runs.iter().max_by_key(|r| r.devices) else {
-            root.present().map_err(plot_error)?;
-            drop(root);
-            return Ok(svg);
-        };
-        let groups: Vec<&String> = run
-            .memory
-            .iter()
-            .flat_map(|(_, sample)| sample.keys())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let max_t = run.memory.iter().map(|p| p.0).fold(1.0, f64::max);
-        let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
-        let max_gib = run
-            .memory
+    let run = runs.iter().max_by_key(|r| r.devices);
+    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+    let memory = run.map_or(&[][..], |r| &r.memory[..]);
+    let groups: std::collections::BTreeSet<&String> = memory
+        .iter()
+        .flat_map(|(_, sample)| sample.keys())
+        .collect();
+    lines_svg(Lines {
+        caption: format!(
+            "Resident memory per process, {}-device run",
+            run.map_or(0, |r| r.devices)
+        ),
+        y_desc: "GiB resident",
+        y_max: memory
             .iter()
             .flat_map(|(_, sample)| sample.values().map(|&b| gib(b)))
-            .fold(0.1, f64::max);
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                format!("Resident memory per process, {}-device run", run.devices),
-                ("sans-serif", 22),
-            )
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0.0..max_t * 1.02, 0.0..max_gib * 1.1)
-            .map_err(plot_error)?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds since the campaign was applied")
-            .y_desc("GiB resident")
-            .draw()
-            .map_err(plot_error)?;
-        for (i, group) in groups.into_iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            chart
-                .draw_series(LineSeries::new(
-                    run.memory
-                        .iter()
-                        .filter_map(|(t, sample)| Some((*t, gib(*sample.get(group)?)))),
-                    color.stroke_width(2),
-                ))
-                .map_err(plot_error)?
-                .label(group.clone())
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(plot_error)?;
-        root.present().map_err(plot_error)?;
-    }
-    Ok(svg)
+            .fold(0.1, f64::max),
+        legend: SeriesLabelPosition::UpperLeft,
+        series: groups
+            .into_iter()
+            .map(|group| {
+                let points = memory
+                    .iter()
+                    .filter_map(|(t, sample)| Some((*t, gib(*sample.get(group)?))))
+                    .collect();
+                (group.clone(), points)
+            })
+            .collect(),
+    })
 }
 
 /// CPU seconds per process group, one group of bars per run (SVG).

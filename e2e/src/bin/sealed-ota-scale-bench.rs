@@ -253,44 +253,47 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
         .iter()
         .map(|(k, v)| ((*k).to_owned(), v - cpu_before[k]))
         .collect();
+    // What the samples measured; the rest is NaN (or empty) until read below: for a run that
+    // ended early, what died with its process stays so.
+    let mut run = ScaleRun {
+        devices,
+        replicas: args.replicas,
+        shards: args.shards,
+        broker_nodes: bed.mqtts_urls.len() as u32,
+        emulators: parts as u32,
+        max_in_flight,
+        wall_seconds,
+        completed,
+        cpu_seconds,
+        rss_peak_bytes: sampled_peaks(&memory),
+        memory,
+        ended_early: None,
+        operator_rss_idle_bytes,
+        apiserver_writes: f64::NAN,
+        operator_writes: BTreeMap::new(),
+        device_failures: BTreeMap::new(),
+        device_retries: f64::NAN,
+        broker_dropped: None,
+        etcd_db_bytes: f64::NAN,
+        installed: installed_now(&product),
+        deliveries: Deliveries::default(),
+    };
     let campaign = match ended {
         Ok(campaign) => campaign,
         Err(ended_early) => {
             eprintln!("scale: the {devices}-device run ended early: {ended_early}");
-            // What can still be read is; what died with the process is NaN.
-            let installed = installed_now(&product);
-            let run = ScaleRun {
-                devices,
-                replicas: args.replicas,
-                shards: args.shards,
-                broker_nodes: bed.mqtts_urls.len() as u32,
-                emulators: parts as u32,
-                max_in_flight,
-                wall_seconds,
-                completed,
-                cpu_seconds,
-                rss_peak_bytes: sampled_peaks(&memory),
-                memory,
-                ended_early: Some(ended_early),
-                operator_rss_idle_bytes,
-                apiserver_writes: apiserver_writes(&product)
-                    .await
-                    .map_or(f64::NAN, |w| w - apiserver_before),
-                operator_writes: BTreeMap::new(),
-                device_failures: BTreeMap::new(),
-                device_retries: f64::NAN,
-                broker_dropped: None,
-                etcd_db_bytes: etcd_db_bytes(bed)
-                    .await
-                    .map_or(f64::NAN, |b| b - etcd_before),
-                installed,
-                deliveries: Deliveries::default(),
-            };
+            run.ended_early = Some(ended_early);
+            if let Ok(writes) = apiserver_writes(&product).await {
+                run.apiserver_writes = writes - apiserver_before;
+            }
+            if let Ok(bytes) = etcd_db_bytes(bed).await {
+                run.etcd_db_bytes = bytes - etcd_before;
+            }
             product.keep();
             return Ok(run);
         }
     };
-    let rss_peak_bytes = groups
+    run.rss_peak_bytes = groups
         .iter()
         .map(|(name, pids)| {
             let peak = pids
@@ -300,28 +303,33 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
             Ok(((*name).to_owned(), peak))
         })
         .collect::<Result<BTreeMap<_, _>>>()?;
-    let apiserver_after = apiserver_writes(&product).await?;
+    run.apiserver_writes = apiserver_writes(&product).await? - apiserver_before;
     let operator_after = operator_counters(&mut product, args.replicas, WRITES).await?;
+    run.operator_writes = difference(&operator_after, &operator_before);
     let failures_after = operator_counters(&mut product, args.replicas, FAILURES).await?;
-    let retries_after = operator_counter(&mut product, args.replicas, RETRIES).await?;
-    let dropped_after = broker_dropped(&bed.state_dir).await?;
+    run.device_failures = difference(&failures_after, &failures_before);
+    run.device_retries =
+        operator_counter(&mut product, args.replicas, RETRIES).await? - retries_before;
+    run.broker_dropped = broker_dropped(&bed.state_dir)
+        .await?
+        .zip(dropped_before)
+        .map(|(a, b)| a - b);
     let status = campaign.status.context("campaign status")?;
     if status.phase != CampaignPhase::Succeeded {
         bail!("campaign ended {:?}: {:?}", status.phase, status.failures);
     }
     product.stop_emulator();
-    let mut installed = 0;
-    let mut deliveries = Deliveries::default();
+    run.installed = 0;
     for path in product.emulator_summaries() {
         let summary: serde_json::Value = serde_json::from_slice(
             &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
         )
         .with_context(|| format!("emulator summary {}", path.display()))?;
-        installed += summary["outcomes"]["installed"].as_u64().unwrap_or(0);
-        deliveries.add_summary(&summary);
+        run.installed += summary["outcomes"]["installed"].as_u64().unwrap_or(0);
+        run.deliveries.add_summary(&summary);
     }
-    completed.push((wall_seconds, installed));
-    let etcd_db = etcd_db_bytes(bed).await? - etcd_before;
+    run.completed.push((wall_seconds, run.installed));
+    run.etcd_db_bytes = etcd_db_bytes(bed).await? - etcd_before;
     for i in 0..args.replicas as usize {
         product.kill_replica(i);
     }
@@ -335,29 +343,7 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
     // The devices' stores (keys, state, images) are not kept: 100,000 devices write GBs.
     std::fs::remove_dir_all(product.dir.join("fleet"))
         .with_context(|| format!("removing {}", product.dir.join("fleet").display()))?;
-    Ok(ScaleRun {
-        devices,
-        replicas: args.replicas,
-        shards: args.shards,
-        broker_nodes: bed.mqtts_urls.len() as u32,
-        emulators: parts as u32,
-        max_in_flight,
-        wall_seconds,
-        completed,
-        cpu_seconds,
-        rss_peak_bytes,
-        memory,
-        ended_early: None,
-        operator_rss_idle_bytes,
-        apiserver_writes: apiserver_after - apiserver_before,
-        operator_writes: difference(&operator_after, &operator_before),
-        device_failures: difference(&failures_after, &failures_before),
-        device_retries: retries_after - retries_before,
-        broker_dropped: dropped_after.zip(dropped_before).map(|(a, b)| a - b),
-        etcd_db_bytes: etcd_db,
-        installed,
-        deliveries,
-    })
+    Ok(run)
 }
 
 /// Waits until the coordinator labelled every Device with its bucket (a shard's replica sees
