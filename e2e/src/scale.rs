@@ -135,8 +135,8 @@ impl ScaleRun {
         let u32_of = |field: &str| -> Result<u32> { Ok(u32::try_from(u64_of(field)?)?) };
         // A figure that died with its process was written as null: NaN again.
         let f64_of = |field: &str| run[field].as_f64().unwrap_or(f64::NAN);
-        let map = |field: &str| -> Result<BTreeMap<String, f64>> {
-            Ok(serde_json::from_value(run[field].clone()).unwrap_or_default())
+        let map = |field: &str| -> BTreeMap<String, f64> {
+            serde_json::from_value(run[field].clone()).unwrap_or_default()
         };
         let deliveries = &run["deliveries"];
         let delivered = |field: &str| deliveries[field].as_u64().unwrap_or(0);
@@ -149,14 +149,14 @@ impl ScaleRun {
             max_in_flight: u32_of("max_in_flight")?,
             wall_seconds: f64_of("wall_seconds"),
             completed: serde_json::from_value(run["completed"].clone())?,
-            cpu_seconds: map("cpu_seconds")?,
+            cpu_seconds: map("cpu_seconds"),
             rss_peak_bytes: serde_json::from_value(run["rss_peak_bytes"].clone())?,
             memory: serde_json::from_value(run["memory"].clone()).unwrap_or_default(),
             ended_early: run["ended_early"].as_str().map(str::to_owned),
             operator_rss_idle_bytes: u64_of("operator_rss_idle_bytes")?,
             apiserver_writes: f64_of("apiserver_writes"),
-            operator_writes: map("operator_writes")?,
-            device_failures: map("device_failures")?,
+            operator_writes: map("operator_writes"),
+            device_failures: map("device_failures"),
             device_retries: f64_of("device_retries"),
             broker_dropped: run["broker_dropped"].as_f64(),
             etcd_db_bytes: f64_of("etcd_db_bytes"),

@@ -191,7 +191,7 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
         ),
         ("etcd", vec![testbed_pid(&bed.state_dir, "etcd")?]),
     ];
-    let cpu_before = cpu_of(&groups)?;
+    let cpu_before = sample(&groups).map_err(anyhow::Error::msg)?.0;
     let apiserver_before = apiserver_writes(&product).await?;
     let operator_before = operator_counters(&mut product, args.replicas, WRITES).await?;
     let failures_before = operator_counters(&mut product, args.replicas, FAILURES).await?;
@@ -530,17 +530,4 @@ fn sample(groups: &Groups) -> Result<Sample, String> {
         rss.insert((*name).to_owned(), bytes);
     }
     Ok((cpu, rss))
-}
-
-fn cpu_of(groups: &Groups) -> Result<BTreeMap<&'static str, f64>> {
-    groups
-        .iter()
-        .map(|(name, pids)| {
-            let s = pids
-                .iter()
-                .map(|&pid| process_cpu_seconds(pid))
-                .sum::<Result<f64>>()?;
-            Ok((*name, s))
-        })
-        .collect()
 }
