@@ -10,7 +10,7 @@
 #
 #   SEALED_OTA_INTEROP_BROKERS="mochi"  e2e/interop.sh     only some brokers (the table then has only those)
 #
-# The first run builds mochi (seconds) and rmqtt (about 27 minutes on 2 cores), cached in
+# The first run builds mochi (seconds) and rmqtt's release profile (about 14 minutes on 2 cores), cached in
 # ~/.cache/sealed-ota. Every process a test bed started is stopped by pid (e2e/testbed down).
 set -euo pipefail
 

@@ -16,15 +16,20 @@
 #   mosquitto      Debian's package (the default)
 #   mochi          mochi-mqtt (Go module github.com/mochi-mqtt/server/v2) with our small main in
 #                  e2e/brokers/mochi, built once into ~/.cache/sealed-ota/mochi-<version>
-#   rmqtt-cluster  three rmqtt nodes (crates.io rmqttd; SEALED_OTA_RMQTT_NODES) in one Raft cluster, built once into
-#                  ~/.cache/sealed-ota/rmqtt-<version> (about 27 minutes on 2 cores)
+#   rmqtt-cluster  three rmqtt nodes (SEALED_OTA_RMQTT_NODES) in one Raft cluster: rmqttd from crates.io
+#                  with the plugins the test bed starts (e2e/brokers/rmqtt/rmqttd), built once per
+#                  profile into ~/.cache/sealed-ota/rmqtt-<version>-<manifest hash>/<profile>:
+#                  SEALED_OTA_RMQTT_PROFILE=release (the default; about 14 minutes cold on 2 cores)
+#                  or testbed (unoptimised, about 7 minutes: `make test`'s node-loss tests)
 
 BROKER_KINDS="mosquitto mochi rmqtt-cluster"
 MOCHI_VERSION=2.7.9
 RMQTT_VERSION=0.24.0
 SEALED_OTA_CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/sealed-ota"
 MOCHI_CACHE="${SEALED_OTA_MOCHI_CACHE:-$SEALED_OTA_CACHE_ROOT/mochi-$MOCHI_VERSION}"
-RMQTT_CACHE="${SEALED_OTA_RMQTT_CACHE:-$SEALED_OTA_CACHE_ROOT/rmqtt-$RMQTT_VERSION}"
+RMQTT_SOURCE="$REPO/e2e/brokers/rmqtt/rmqttd"
+RMQTT_CACHE="${SEALED_OTA_RMQTT_CACHE:-$SEALED_OTA_CACHE_ROOT/rmqtt-$RMQTT_VERSION-$(cat "$RMQTT_SOURCE/Cargo.toml" \
+  "$RMQTT_SOURCE/Cargo.lock" "$RMQTT_SOURCE"/build.rs "$RMQTT_SOURCE"/src/*.rs | sha256sum | cut -c1-12)}"
 # Nodes of the rmqtt cluster: SEALED_OTA_RMQTT_NODES (1..9, default 3) when the test bed comes up
 # (`make bench-scale` runs more: each node holds fewer connections than this machine's per-process
 # open-file limit); afterwards the count the running test bed recorded in $STATE/rmqtt/ports.
@@ -32,6 +37,13 @@ if [[ -f "$STATE/rmqtt/ports" ]]; then
   RMQTT_NODES=$(wc -l <"$STATE/rmqtt/ports")
 else
   RMQTT_NODES=${SEALED_OTA_RMQTT_NODES:-3}
+fi
+# rmqttd's Cargo profile (its Cargo.toml): SEALED_OTA_RMQTT_PROFILE when the test bed comes up,
+# afterwards the one it recorded in $STATE/rmqtt/profile (a node restarted later runs the same binary).
+if [[ -f "$STATE/rmqtt/profile" ]]; then
+  RMQTT_PROFILE=$(<"$STATE/rmqtt/profile")
+else
+  RMQTT_PROFILE=${SEALED_OTA_RMQTT_PROFILE:-release}
 fi
 
 broker_known() { [[ " $BROKER_KINDS " == *" $1 "* ]]; }
@@ -167,23 +179,25 @@ mochi_wait() {
 }
 
 # --- rmqtt cluster -----------------------------------------------------------------------------
-rmqtt_bin() { echo "$RMQTT_CACHE/bin/rmqttd"; }
+rmqtt_bin() { echo "$RMQTT_CACHE/$RMQTT_PROFILE/rmqttd"; }
 
 rmqtt_version() { echo "$RMQTT_VERSION"; }
 
 rmqtt_cluster_install() {
+  [[ "$RMQTT_PROFILE" == release || "$RMQTT_PROFILE" == testbed ]] ||
+    die "SEALED_OTA_RMQTT_PROFILE: release or testbed, not '$RMQTT_PROFILE'"
   mkdir -p "$RMQTT_CACHE"
-  exec 8>"$RMQTT_CACHE/.build.lock"
+  exec 8>"$RMQTT_CACHE/.build-$RMQTT_PROFILE.lock"
   flock 8
   if [[ ! -x "$(rmqtt_bin)" ]]; then
     command -v protoc >/dev/null || apt_install protobuf-compiler
-    log "building rmqttd $RMQTT_VERSION from crates.io (first run only, about 27 minutes on 2 cores)"
+    log "building rmqttd $RMQTT_VERSION ($RMQTT_PROFILE profile) from crates.io (first run only: about 7 minutes on 2 cores for testbed, 14 for release)"
     # Its own target directory, removed afterwards: the build tree is several GiB, only the binary is kept.
-    CARGO_TARGET_DIR="$RMQTT_CACHE/build-target" cargo install --locked --quiet rmqttd --version "$RMQTT_VERSION" \
-      --root "$RMQTT_CACHE/install.tmp" || die "cargo install rmqttd $RMQTT_VERSION failed (output above)"
-    mkdir -p "$RMQTT_CACHE/bin"
-    mv "$RMQTT_CACHE/install.tmp/bin/rmqttd" "$(rmqtt_bin)"
-    rm -rf "$RMQTT_CACHE/install.tmp" "$RMQTT_CACHE/build-target"
+    CARGO_TARGET_DIR="$RMQTT_CACHE/build-$RMQTT_PROFILE" cargo build --locked --quiet --profile "$RMQTT_PROFILE" \
+      --manifest-path "$RMQTT_SOURCE/Cargo.toml" || die "building rmqttd $RMQTT_VERSION failed (output above)"
+    mkdir -p "$RMQTT_CACHE/$RMQTT_PROFILE"
+    mv "$RMQTT_CACHE/build-$RMQTT_PROFILE/$RMQTT_PROFILE/rmqttd" "$(rmqtt_bin)"
+    rm -rf "$RMQTT_CACHE/build-$RMQTT_PROFILE"
   fi
   exec 8>&-
 }
@@ -198,6 +212,7 @@ rmqtt_cluster_start() {
   RMQTT_NODES=${SEALED_OTA_RMQTT_NODES:-3}
   [[ "$RMQTT_NODES" =~ ^[1-9]$ ]] || die "SEALED_OTA_RMQTT_NODES: 1 to 9 rmqtt nodes, not '$RMQTT_NODES'"
   mkdir -p "$d"
+  echo "$RMQTT_PROFILE" >"$d/profile"
   : >"$d/ports"
   local ports
   mapfile -t ports < <(free_port $((5 * RMQTT_NODES)))

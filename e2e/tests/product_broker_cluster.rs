@@ -1,9 +1,10 @@
 //! End to end, as real processes, on the rmqtt Raft cluster of the test bed (`e2e/testbed up
-//! --broker rmqtt-cluster`; `make interop` runs these): the devices spread over the three nodes, the
-//! operator on node 1, and a broker node is killed (SIGKILL) in the middle of a campaign. The
-//! campaign still finishes, every device holds the source image, and no device that was done before
-//! the kill installs again. The tests are `#[ignore]`d so that `make test` (on Mosquitto) does not
-//! count them as passed; on any other broker they fail, saying why.
+//! --broker rmqtt-cluster`; `make e2e-cluster`, part of `make test`, and `make interop` run these):
+//! the devices spread over the three nodes, the operator on node 1 first, and a broker node is
+//! killed (SIGKILL) in the middle of a campaign. The campaign still finishes, every device holds the
+//! source image, and no device that was done before the kill installs again. The tests are
+//! `#[ignore]`d so that the e2e run on Mosquitto does not count them as passed; on any other broker
+//! they fail, saying why.
 
 use std::time::Duration;
 
@@ -106,16 +107,16 @@ async fn campaign_survives_losing_node(node: &str, restart_after: Option<Duratio
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs the rmqtt cluster: make interop (e2e/testbed up --broker rmqtt-cluster)"]
+#[ignore = "needs the rmqtt cluster: make e2e-cluster (e2e/testbed up --broker rmqtt-cluster)"]
 async fn a_device_node_killed_mid_campaign_its_devices_move_on() -> Result<()> {
     // Node 2 serves a third of the devices and not the operator; it stays down until the end.
     campaign_survives_losing_node("2", None).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs the rmqtt cluster: make interop (e2e/testbed up --broker rmqtt-cluster)"]
+#[ignore = "needs the rmqtt cluster: make e2e-cluster (e2e/testbed up --broker rmqtt-cluster)"]
 async fn the_leader_and_operator_node_killed_and_restarted_mid_campaign() -> Result<()> {
-    // Node 1 is the first Raft leader and the operator's node: the operator waits for it (it takes
-    // one URL), its devices move to node 2.
+    // Node 1 is the first Raft leader and the first node of the operator's list: the operator and
+    // node 1's devices move on to the next node.
     campaign_survives_losing_node("1", Some(Duration::from_secs(5))).await
 }
