@@ -44,6 +44,10 @@ pub struct ScaleRun {
     pub ended_early: Option<String>,
     /// Resident memory of the operator replicas before the campaign (bytes, summed).
     pub operator_rss_idle_bytes: u64,
+    /// Resident memory of the operator replicas after the campaign (bytes, summed): read
+    /// [`AFTER_CAMPAIGN_SECS`] after its terminal phase, once its runs ended (`None`: not read,
+    /// a run that ended early or one written before this was measured).
+    pub operator_rss_after_bytes: Option<u64>,
     /// Write requests the apiserver served during the campaign (its own
     /// `apiserver_request_total`, verbs that change objects).
     pub apiserver_writes: f64,
@@ -154,6 +158,7 @@ impl ScaleRun {
             memory: serde_json::from_value(run["memory"].clone()).unwrap_or_default(),
             ended_early: run["ended_early"].as_str().map(str::to_owned),
             operator_rss_idle_bytes: u64_of("operator_rss_idle_bytes")?,
+            operator_rss_after_bytes: run["operator_rss_after_bytes"].as_u64(),
             apiserver_writes: f64_of("apiserver_writes"),
             operator_writes: map("operator_writes"),
             device_failures: map("device_failures"),
@@ -189,6 +194,7 @@ impl ScaleRun {
             "memory": self.memory,
             "ended_early": self.ended_early,
             "operator_rss_idle_bytes": self.operator_rss_idle_bytes,
+            "operator_rss_after_bytes": self.operator_rss_after_bytes,
             "apiserver_writes": self.apiserver_writes,
             "operator_writes": self.operator_writes,
             "device_failures": self.device_failures,
@@ -345,6 +351,36 @@ pub fn runs_table(runs: &[ScaleRun]) -> String {
              (NaN: not measurable after it), and it is not in the cost model.\n",
             r.devices,
             r.ended_early.as_deref().unwrap_or_default()
+        ));
+    }
+    out
+}
+
+/// Seconds after a campaign's terminal phase at which the operator's memory is read again: its
+/// runs have ended and the last Device writes landed by then.
+pub const AFTER_CAMPAIGN_SECS: u64 = 15;
+
+/// The operator replicas' memory per run (issue 16's budget: idle + 2 KiB per device in flight,
+/// back near idle after the campaign), as a Markdown table.
+pub fn operator_memory_table(runs: &[ScaleRun]) -> String {
+    let mut out = String::from(
+        "| devices | in flight at most | idle MiB | peak MiB | (peak - idle) per device KiB | after the campaign MiB | (after - idle) per device KiB |\n|---|---|---|---|---|---|---|\n",
+    );
+    let mib = |b: u64| b as f64 / 1048576.0;
+    for r in runs {
+        let idle = r.operator_rss_idle_bytes;
+        let per_device = |b: u64| (b as f64 - idle as f64) / 1024.0 / f64::from(r.devices.max(1));
+        let peak = r.rss_peak_bytes.get("operator").copied().unwrap_or(0);
+        let after = r.operator_rss_after_bytes;
+        out.push_str(&format!(
+            "| {} | {} | {:.0} | {:.0} | {:.1} | {} | {} |\n",
+            r.devices,
+            r.max_in_flight,
+            mib(idle),
+            mib(peak),
+            per_device(peak),
+            after.map_or_else(|| "-".to_owned(), |a| format!("{:.0}", mib(a))),
+            after.map_or_else(|| "-".to_owned(), |a| format!("{:.1}", per_device(a))),
         ));
     }
     out
@@ -617,6 +653,7 @@ mod tests {
             ],
             ended_early: None,
             operator_rss_idle_bytes: 80 << 20,
+            operator_rss_after_bytes: Some(90 << 20),
             apiserver_writes: f64::from(devices) * 1.5 + 20.0,
             operator_writes: BTreeMap::new(),
             device_failures: BTreeMap::new(),
@@ -631,6 +668,26 @@ mod tests {
                 ..Deliveries::default()
             },
         }
+    }
+
+    #[test]
+    fn the_operator_memory_table_shows_peak_and_after_per_device_over_idle() {
+        // 1,024 devices: idle 80 MiB, peak 100 MiB (20 KiB each), after 90 MiB (10 KiB each).
+        let measured = run(1024, 1.0);
+        let mut unread = run(2048, 1.0);
+        unread.operator_rss_after_bytes = None;
+        let table = operator_memory_table(&[measured.clone(), unread]);
+        assert!(
+            table.contains("| 1024 | 1024 | 80 | 100 | 20.0 | 90 | 10.0 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| 2048 | 2048 | 80 | 100 | 10.0 | - | - |"),
+            "{table}"
+        );
+        // Written and read back as it was.
+        let back = ScaleRun::from_json(&measured.to_json()).unwrap();
+        assert_eq!(back.operator_rss_after_bytes, Some(90 << 20));
     }
 
     #[test]

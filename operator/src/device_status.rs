@@ -3,6 +3,8 @@
 //! receipt, the `Ready` condition). Every write carries every owned field, because server-side
 //! apply removes owned fields a later apply leaves out. No I/O here.
 
+use std::sync::Arc;
+
 use base64::Engine as _;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
@@ -30,8 +32,9 @@ pub struct DeviceWrite {
     pub name: String,
     /// Its device id (which shard it belongs to: only the shard's holder writes it).
     pub device_id: String,
-    /// The complete status owned by the operator.
-    pub status: DeviceStatus,
+    /// The complete status owned by the operator, shared with the registry's record of what was
+    /// written last (one copy per device while the write waits in its lane).
+    pub status: Arc<DeviceStatus>,
 }
 
 /// Build a Device status (pure): the fields we own are always all present, because server-side apply

@@ -447,7 +447,7 @@ async fn run_device_writer(
         let patch = serde_json::json!({
             "apiVersion": "ota.sealed-ota.dev/v1alpha1",
             "kind": "Device",
-            "status": w.status,
+            "status": &*w.status,
         });
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         let mut delay = Duration::from_millis(200);

@@ -20,8 +20,8 @@ use kube::Api;
 use sealed_ota_e2e::bench::{parse_metrics, process_cpu_seconds, process_memory, testbed_pid};
 use sealed_ota_e2e::product::{random_image, Product};
 use sealed_ota_e2e::scale::{
-    completion_svg, cost_model, cpu_svg, deliveries_table, memory_svg, model_table, runs_table,
-    sampled_peaks, Deliveries, ScaleRun,
+    completion_svg, cost_model, cpu_svg, deliveries_table, memory_svg, model_table,
+    operator_memory_table, runs_table, sampled_peaks, Deliveries, ScaleRun, AFTER_CAMPAIGN_SECS,
 };
 use sealed_ota_e2e::TestBed;
 use sealed_ota_operator::crd::{CampaignPhase, Device};
@@ -136,9 +136,10 @@ fn write_outputs(args: &Args, runs: &[ScaleRun]) -> Result<()> {
         serde_json::to_vec_pretty(&summary)?,
     )?;
     let mut md = format!(
-        "## Runs\n\n{}\n## What the devices received\n\n{}\n",
+        "## Runs\n\n{}\n## What the devices received\n\n{}\n## Operator memory (budget: idle + 2 KiB per device in flight, back near idle after the campaign)\n\n{}\n",
         runs_table(runs),
-        deliveries_table(runs)
+        deliveries_table(runs),
+        operator_memory_table(runs)
     );
     if model.is_empty() {
         md.push_str("No cost model: it needs runs at two fleet sizes at least.\n");
@@ -269,6 +270,7 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
         memory,
         ended_early: None,
         operator_rss_idle_bytes,
+        operator_rss_after_bytes: None,
         apiserver_writes: f64::NAN,
         operator_writes: BTreeMap::new(),
         device_failures: BTreeMap::new(),
@@ -318,6 +320,15 @@ async fn run_campaign(bed: &TestBed, args: &Args, devices: u32) -> Result<ScaleR
     if status.phase != CampaignPhase::Succeeded {
         bail!("campaign ended {:?}: {:?}", status.phase, status.failures);
     }
+    // Back near idle after the campaign? Its runs end with the terminal phase; the replicas'
+    // memory once they have, and once the last Device writes landed.
+    tokio::time::sleep(Duration::from_secs(AFTER_CAMPAIGN_SECS)).await;
+    run.operator_rss_after_bytes = Some(
+        replicas
+            .iter()
+            .map(|&pid| process_memory(pid, "VmRSS"))
+            .sum::<Result<u64>>()?,
+    );
     product.stop_emulator();
     run.installed = 0;
     for path in product.emulator_summaries() {
