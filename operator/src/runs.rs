@@ -895,8 +895,16 @@ impl Runs {
             }
             self.routes.remove(&dr.device_id);
             self.health_routes.remove(&dr.device_id);
+            // An ended run reports its devices' progress and nothing more: what the sessions,
+            // writes and health gates needed goes (kept until the campaign is deleted, the run
+            // holds a record per device, not a device's worth of state).
+            dr.base = None;
+            dr.handshake = None;
+            dr.health_verifier = None;
+            dr.early_health = None;
+            dr.pin = None;
         }
-        run.by_id.clear();
+        run.by_id = HashMap::new();
         run.retained.end();
         // The encrypted image (and its cache directory, with the source) is no longer needed.
         run.source = None;
@@ -2221,6 +2229,8 @@ mod tests {
         Transferring,
         /// Every device installed (signed receipt), run still open.
         Installed,
+        /// Every device installed and the run ended (the campaign's terminal phase), not removed.
+        Ended,
         /// The run ended and was removed.
         Removed,
     }
@@ -2246,14 +2256,16 @@ mod tests {
                 // What the devices answered (their receipts among it) stays with the broker.
                 w.to_manager.clear();
             }
-            Stage::Installed | Stage::Removed => {
+            Stage::Installed | Stage::Ended | Stage::Removed => {
                 w.settle();
                 assert!(w.progress().iter().all(|p| *p == Progress::Succeeded));
             }
         }
-        if stage == Stage::Removed {
-            let key = w.key.clone();
+        let key = w.key.clone();
+        if matches!(stage, Stage::Ended | Stage::Removed) {
             w.runs.end(&key, &topics, NOW);
+        }
+        if stage == Stage::Removed {
             w.runs.remove(&key, &topics, NOW);
         }
         w
@@ -2319,6 +2331,7 @@ mod tests {
             Stage::Notified,
             Stage::Transferring,
             Stage::Installed,
+            Stage::Ended,
             Stage::Removed,
         ] {
             let (bytes, allocations) = registry_bytes_per_device(stage);
@@ -2343,6 +2356,12 @@ mod tests {
         assert!(
             installed < 1200.0,
             "an installed device's record holds {installed:.0} B\n{report}"
+        );
+        // An ended run (kept until its campaign is deleted) holds its devices' progress only.
+        let ended = per_stage[3].1;
+        assert!(
+            ended < 600.0,
+            "an ended run holds {ended:.0} B per device\n{report}"
         );
         let removed = per_stage.last().unwrap().1;
         assert!(
