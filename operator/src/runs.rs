@@ -19,7 +19,7 @@ use sealed_ota_protocol::{
     ManagerSession, Outbound, PreparedCampaign, Properties, RejectReason, TopicTree,
 };
 
-use crate::crd::{Device, DevicePhase, DeviceStatus};
+use crate::crd::{Device, DeviceCampaignStatus, DevicePhase, DeviceStatus};
 use crate::credentials;
 use crate::device_status::{
     campaign_record, device_status, kept_receipt, DeviceWrite, Handshake, RunIds,
@@ -118,6 +118,29 @@ impl DeviceRun {
         match self.progress {
             Progress::InFlight { attempt, .. } | Progress::Backoff { attempt, .. } => attempt,
             _ => 1,
+        }
+    }
+
+    /// The write of a campaign record that installed nothing (a timeout, a release), on top of
+    /// the status last written.
+    fn record_write(
+        &self,
+        namespace: &str,
+        name: &str,
+        record: DeviceCampaignStatus,
+        now: u64,
+    ) -> DeviceWrite {
+        DeviceWrite {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            device_id: self.device_id.clone(),
+            status: Arc::new(device_status(
+                self.base.as_deref(),
+                self.handshake.as_ref(),
+                None,
+                record,
+                now,
+            )),
         }
     }
 }
@@ -758,20 +781,9 @@ impl Runs {
                 Some(FailureReason::Timeout),
                 Some(detail.clone()),
             );
-            let status = Arc::new(device_status(
-                dr.base.as_deref(),
-                dr.handshake.as_ref(),
-                None,
-                record,
-                now,
-            ));
-            dr.base = Some(Arc::clone(&status));
-            fx.writes.push(DeviceWrite {
-                namespace: key.0.clone(),
-                name: name.clone(),
-                device_id: dr.device_id.clone(),
-                status,
-            });
+            fx.writes.push(dr.record_write(&key.0, &name, record, now));
+            // Its outcome: its last write in the run (see `base`).
+            dr.base = None;
             fx.wake = Some(key.clone());
             fx.notes.push(Note::Failed {
                 campaign: key.1.clone(),
@@ -859,19 +871,7 @@ impl Runs {
                     None,
                     Some("no longer selected by the campaign".to_owned()),
                 );
-                let status = Arc::new(device_status(
-                    dr.base.as_deref(),
-                    dr.handshake.as_ref(),
-                    None,
-                    record,
-                    now,
-                ));
-                fx.writes.push(DeviceWrite {
-                    namespace: key.0.clone(),
-                    name: name.clone(),
-                    device_id: dr.device_id.clone(),
-                    status,
-                });
+                fx.writes.push(dr.record_write(&key.0, &name, record, now));
             }
             released.push(name);
         }
