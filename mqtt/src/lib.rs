@@ -26,6 +26,13 @@ pub use url::{BrokerUrl, UrlError};
 /// receipts, QoS 1 only spares a retransmission round on a flaky link.
 pub const QOS: QoS = QoS::AtLeastOnce;
 
+/// Most QoS 1 publishes the manager keeps in flight on its connection (fewer when the broker's
+/// Receive Maximum is lower). rumqttc sizes its outgoing slots for this many when the session is
+/// created, about 217 bytes each: unset, it sized them for the protocol's 65,535 (14 MiB of every
+/// replica's idle memory, docs/scale.md). 4,096 is what the rmqtt cluster of the scale runs grants
+/// (`max_inflight`), far above what 100,000 devices kept in flight (Mosquitto grants 20).
+pub const MANAGER_OUTGOING_INFLIGHT: u16 = 4096;
+
 /// The MQTT 5 publish properties the protocol sets (everything else stays unset).
 pub fn publish_properties(p: &Properties) -> PublishProperties {
     PublishProperties {

@@ -290,7 +290,8 @@ pub struct CampaignFit {
     /// The largest chunk window (chunk topics a device subscribes at once) the server queues
     /// without dropping, when a limit was found.
     pub max_window: Option<u32>,
-    /// QoS 1 publishes the operator may have in flight (the server's Receive Maximum).
+    /// QoS 1 publishes the operator may have in flight (the server's Receive Maximum, at most
+    /// [`crate::MANAGER_OUTGOING_INFLIGHT`]).
     pub operator_inflight: u16,
     /// What the operator must respect on this broker, in words.
     pub notes: Vec<String>,
@@ -626,7 +627,10 @@ pub fn campaign_fit(
             "a stalled client received {w} of {QUEUE_PROBE_MESSAGES} messages: keep a device's chunk window (and anything else published to one device before it answers) below {w}"
         ));
     }
-    let operator_inflight = server.receive_maximum.unwrap_or(u16::MAX);
+    let operator_inflight = server
+        .receive_maximum
+        .unwrap_or(u16::MAX)
+        .min(crate::MANAGER_OUTGOING_INFLIGHT);
     if operator_inflight < 64 {
         notes.push(format!(
             "Receive Maximum {operator_inflight}: the operator has at most {operator_inflight} QoS 1 publishes in flight per connection"
@@ -1468,7 +1472,7 @@ mod tests {
         );
         assert!(chunk > 200 * 1024, "{chunk}");
         assert_eq!(open.max_window, None);
-        assert_eq!(open.operator_inflight, u16::MAX);
+        assert_eq!(open.operator_inflight, crate::MANAGER_OUTGOING_INFLIGHT);
 
         let server = ServerLimits {
             receive_maximum: Some(16),

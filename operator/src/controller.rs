@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::{Selector, SelectorExt};
@@ -309,12 +309,21 @@ fn references_config_map(c: &UpdateCampaign, name: &str) -> bool {
     })
 }
 
-/// Device objects as the shard reflectors keep them: without managed fields and without the
-/// receipt (a kilobyte and a half of base64 that no decision reads; the apiserver keeps it).
+/// Device objects as the shard reflectors keep them: without what no decision and no status write
+/// reads (the apiserver keeps it all): the managed fields, the annotations (kubectl's and GitOps
+/// tools' last-applied copy of the object among them), the receipt (a kilobyte and a half of
+/// base64) and the conditions' messages (a write reads only a condition's type, status and
+/// transition time, see `device_status::device_status`).
 fn slim(d: &mut Device) {
     d.managed_fields_mut().clear();
-    if let Some(c) = d.status.as_mut().and_then(|s| s.campaign.as_mut()) {
-        c.receipt = None;
+    d.metadata.annotations = None;
+    if let Some(s) = d.status.as_mut() {
+        if let Some(c) = s.campaign.as_mut() {
+            c.receipt = None;
+        }
+        for c in &mut s.conditions {
+            c.message = String::new();
+        }
     }
 }
 
@@ -337,6 +346,20 @@ async fn label_bucket(client: &Client, d: &Device, bucket: &str) {
     }
 }
 
+/// Whether a watch event changes what selection reads from `known` (the store before the event is
+/// applied): a Device new or gone, its generation (its spec) or its labels; a relist.
+fn changes_selection_of(known: &Store<Device>, event: &watcher::Event<Device>) -> bool {
+    match event {
+        watcher::Event::Apply(d) | watcher::Event::InitApply(d) => {
+            known.get(&ObjectRef::from_obj(d)).is_none_or(|old| {
+                old.metadata.generation != d.metadata.generation
+                    || old.metadata.labels != d.metadata.labels
+            })
+        }
+        watcher::Event::Delete(_) | watcher::Event::Init | watcher::Event::InitDone => true,
+    }
+}
+
 /// Keep shard `shard`'s Devices: a reflector over its buckets, whose events bump the shard's epoch
 /// (a Device came, went, or changed labels or spec), relabel Devices whose bucket label is wrong,
 /// and wake the campaigns that select the Device.
@@ -348,32 +371,36 @@ fn shard_reflector(ctx: &Arc<Ctx>, shard: u32) -> ShardDevices {
     if let Some(selector) = ctx.role.shards.selector(shard) {
         config = config.labels(&selector);
     }
+    // The epoch moves when what selection reads (a Device's generation and labels) changed: the
+    // event is compared with the store before the reflector applies it, and the epoch moved
+    // after (a selection read under the new epoch sees the change). A relist is applied at its
+    // end, which moves the epoch too.
+    let changes_selection = Arc::new(AtomicBool::new(false));
+    let compare = {
+        let (known, changes_selection) = (store.clone(), changes_selection.clone());
+        move |event: &watcher::Event<Device>| {
+            changes_selection.store(changes_selection_of(&known, event), Ordering::Release);
+        }
+    };
     let stream = reflector(
         writer,
-        watcher(api::<Device>(&ctx.client, ctx.namespace.as_deref()), config).modify(slim),
+        watcher(api::<Device>(&ctx.client, ctx.namespace.as_deref()), config)
+            .modify(slim)
+            .inspect_ok(compare),
     )
     .default_backoff();
     let task = {
         let (ctx, epoch, ready) = (Arc::downgrade(ctx), epoch.clone(), ready.clone());
         tokio::spawn(async move {
-            // What the epoch depends on, per Device: its generation and labels.
-            let mut seen: HashMap<String, (Option<i64>, u64)> = HashMap::new();
-            let fingerprint = |d: &Device| {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                d.metadata.labels.hash(&mut h);
-                (d.metadata.generation, h.finish())
-            };
             futures::pin_mut!(stream);
             while let Some(event) = stream.next().await {
+                // The store holds this event now.
+                if changes_selection.swap(false, Ordering::AcqRel) {
+                    epoch.fetch_add(1, Ordering::Release);
+                }
                 let Some(ctx) = ctx.upgrade() else { return };
                 match event {
                     Ok(watcher::Event::Apply(d)) | Ok(watcher::Event::InitApply(d)) => {
-                        let key = d.name_any();
-                        let now = fingerprint(&d);
-                        if seen.insert(key, now) != Some(now) {
-                            epoch.fetch_add(1, Ordering::Release);
-                        }
                         if ctx.role.shards.get() > 1 {
                             if let Some(bucket) =
                                 relabel(&d.device_id(), d.metadata.labels.as_ref())
@@ -389,17 +416,9 @@ fn shard_reflector(ctx: &Arc<Ctx>, shard: u32) -> ShardDevices {
                             ctx.wake_selecting(Some(&d));
                         }
                     }
-                    Ok(watcher::Event::Delete(d)) => {
-                        seen.remove(&d.name_any());
-                        epoch.fetch_add(1, Ordering::Release);
-                        ctx.wake_selecting(Some(&d));
-                    }
-                    Ok(watcher::Event::Init) => {
-                        seen.clear();
-                        epoch.fetch_add(1, Ordering::Release);
-                    }
+                    Ok(watcher::Event::Delete(d)) => ctx.wake_selecting(Some(&d)),
+                    Ok(watcher::Event::Init) => {}
                     Ok(watcher::Event::InitDone) => {
-                        epoch.fetch_add(1, Ordering::Release);
                         ready.store(true, Ordering::Release);
                         ctx.wake_selecting(None);
                     }
@@ -2452,6 +2471,123 @@ mod tests {
             .flat_map(|(stream, n)| (0..n).map(move |i| (topics.chunk(stream, i), true, 0)))
             .collect();
         assert_eq!(cleared, expected);
+    }
+
+    /// A shard's epoch (what cached selections are keyed by) moves when a Device comes, goes, or
+    /// changes its spec or labels, and not for a status write (one per device per campaign).
+    #[test]
+    fn only_what_selection_reads_moves_the_epoch() {
+        use kube::runtime::watcher::Event;
+        let (known, mut writer) = reflector::store::<Device>();
+        let mut d = device(&[("fleet", "a")], "ns");
+        d.metadata.generation = Some(1);
+        assert!(
+            changes_selection_of(&known, &Event::Apply(d.clone())),
+            "new"
+        );
+        writer.apply_watcher_event(&Event::Apply(d.clone()));
+        let mut written = d.clone();
+        written.status = Some(Default::default());
+        assert!(
+            !changes_selection_of(&known, &Event::Apply(written)),
+            "status"
+        );
+        let mut relabelled = d.clone();
+        relabelled
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("fleet".into(), "b".into());
+        assert!(
+            changes_selection_of(&known, &Event::Apply(relabelled)),
+            "labels"
+        );
+        let mut respecced = d.clone();
+        respecced.metadata.generation = Some(2);
+        assert!(
+            changes_selection_of(&known, &Event::InitApply(respecced)),
+            "spec"
+        );
+        assert!(changes_selection_of(&known, &Event::Delete(d)), "gone");
+        assert!(changes_selection_of(&known, &Event::InitDone), "relisted");
+    }
+
+    /// What the shard reflectors drop is nothing a status write reads: the next write built from
+    /// a slimmed Device is the one built from the Device as the apiserver holds it.
+    #[test]
+    fn a_slimmed_device_builds_the_same_status_write() {
+        use crate::device_status::{device_status, kept_receipt, Handshake};
+        use crate::time::k8s_time;
+        let record = |phase, attempts| crate::crd::DeviceCampaignStatus {
+            name: "c".into(),
+            uid: "u".into(),
+            target_version: "2.0.0".into(),
+            phase,
+            attempts,
+            reason: None,
+            message: None,
+            receipt: None,
+            receipt_certificate_fingerprint: None,
+            release_key_id: None,
+        };
+        let handshake = Handshake {
+            fingerprint: [7; 32],
+            not_after: 9_000,
+            running_version: "1.0.0".into(),
+        };
+        let installed = device_status(
+            None,
+            Some(&handshake),
+            Some("2.0.0"),
+            kept_receipt(
+                record(DevicePhase::Succeeded, 1),
+                &[5; 900],
+                Some([7; 32]),
+                None,
+            ),
+            600,
+        );
+        let mut stored = device(&[("fleet", "a")], "ns");
+        stored.status = Some(installed);
+        stored.metadata.annotations = Some(
+            [(
+                "kubectl.kubernetes.io/last-applied-configuration".to_owned(),
+                "{\"spec\":{}}".to_owned(),
+            )]
+            .into(),
+        );
+        let mut slimmed = stored.clone();
+        slim(&mut slimmed);
+        assert!(slimmed.metadata.annotations.is_none());
+        let kept = slimmed.status.as_ref().unwrap();
+        assert!(kept.campaign.as_ref().unwrap().receipt.is_none());
+        assert!(kept.conditions[0].message.is_empty());
+        // The next campaign: a timeout (nothing new seen), then a success with a new handshake.
+        for (handshake, version, phase) in [
+            (None, None, DevicePhase::Failed),
+            (Some(&handshake), Some("3.0.0"), DevicePhase::Succeeded),
+        ] {
+            let next = |d: &Device| {
+                device_status(
+                    d.status.as_ref(),
+                    handshake,
+                    version,
+                    record(phase, 2),
+                    1_200,
+                )
+            };
+            assert_eq!(next(&slimmed), next(&stored), "{phase:?}");
+        }
+        // A write that keeps the Ready condition keeps its transition time.
+        let again = device_status(
+            slimmed.status.as_ref(),
+            None,
+            None,
+            record(DevicePhase::Succeeded, 1),
+            1_200,
+        );
+        assert_eq!(again.conditions[0].last_transition_time, k8s_time(600));
     }
 
     fn campaign() -> UpdateCampaign {

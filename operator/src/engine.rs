@@ -6,8 +6,9 @@
 //! Decisions are the registry's and the rollout's; a device's writes stop the moment this replica
 //! loses its shard's Lease, and `forget_shards` drops the shard's sessions. Chunks are read from
 //! the cache directory one at a time, just before each is published, so serving a large image
-//! holds one chunk in memory per publish. A device's status write is sent to the apiserver as
-//! soon as it is decided (a write held back until the transfers ended was tried and removed: an
+//! holds one chunk in memory per publish. When the registry releases a run, the heap's free
+//! pages go back to the system once its writes drained ([`crate::heap`]). A device's status write
+//! is sent to the apiserver as soon as it is decided (a write held back until the transfers ended was tried and removed: an
 //! operator killed while holding writes lost the outcomes they recorded).
 
 use std::collections::BTreeSet;
@@ -23,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::crd::Device;
 use crate::device_status::DeviceWrite;
 use crate::error::Error;
+use crate::heap::Trimmer;
 use crate::metrics::Metrics;
 use crate::mqtt::MqttSession;
 use crate::rollout::Progress;
@@ -46,6 +48,8 @@ pub struct Engine {
     pub firmware: FirmwareSettings,
     runs: Mutex<Runs>,
     writes: DeviceWrites,
+    /// Gives the heap's free pages back once a run is released.
+    heap: Trimmer,
     /// Where a campaign whose device finished is sent to be reconciled again.
     wake: mpsc::UnboundedSender<CampaignKey>,
 }
@@ -84,6 +88,7 @@ impl Engine {
             firmware,
             runs: Mutex::new(Runs::new()),
             writes,
+            heap: Trimmer::default(),
             wake,
         }
     }
@@ -205,7 +210,12 @@ impl Engine {
             actions,
             notes,
             wake,
+            released,
         } = fx;
+        if released {
+            let writes = self.writes.clone();
+            self.heap.after_release(move || writes.pending());
+        }
         if let Some(key) = wake {
             let _ = self.wake.send(key);
         }

@@ -95,6 +95,8 @@ impl BrokerSettings {
         // max_queued_messages (1,000) Mosquitto silently drops them (a lost receipt then costs a
         // device timeout). In-flight messages do not count towards that queue.
         opts.set_receive_maximum(Some(self.receive_maximum));
+        // And the other way: rumqttc allocates a slot per publish it may have in flight.
+        opts.set_outgoing_inflight_upper_limit(sealed_ota_mqtt::MANAGER_OUTGOING_INFLIGHT);
         if let Some((user, pass)) = &self.credentials {
             opts.set_credentials(user.clone(), pass.clone());
         }
@@ -412,5 +414,34 @@ impl MqttSession {
     /// Disconnect politely (best effort).
     pub async fn disconnect(&self) {
         let _ = self.client.disconnect().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manager_bounds_its_publishes_in_flight_and_opens_its_receive_window() {
+        let settings = BrokerSettings {
+            nodes: vec![("broker-a".into(), 1883), ("broker-b".into(), 1884)],
+            tls: None,
+            credentials: None,
+            client_id: "sealed-ota-m-1".into(),
+            keep_alive: KEEP_ALIVE,
+            receive_maximum: MANAGER_RECEIVE_MAXIMUM,
+        };
+        let opts = settings.options(1);
+        assert_eq!(opts.broker_address(), ("broker-b".to_owned(), 1884));
+        // Unset, rumqttc allocates 65,535 outgoing slots (14 MiB) per session.
+        assert_eq!(
+            opts.get_outgoing_inflight_upper_limit(),
+            Some(sealed_ota_mqtt::MANAGER_OUTGOING_INFLIGHT)
+        );
+        assert_eq!(
+            opts.connect_properties().and_then(|p| p.receive_maximum),
+            Some(MANAGER_RECEIVE_MAXIMUM)
+        );
+        assert!(opts.manual_acks());
     }
 }

@@ -376,6 +376,9 @@ pub struct Effects {
     pub notes: Vec<Note>,
     /// A device of this campaign finished: its next pass may start another one.
     pub wake: Option<CampaignKey>,
+    /// A run ended or was removed: the memory its devices' sessions and records took is free
+    /// (the shell may give the heap's free pages back, see [`crate::heap`]).
+    pub released: bool,
 }
 
 impl From<DeltaTally> for crate::crd::DeltaStatus {
@@ -393,6 +396,7 @@ impl Effects {
         debug_assert!(self.gate.is_none() || other.gate.is_none());
         self.gate = self.gate.take().or(other.gate);
         self.wake = self.wake.take().or(other.wake);
+        self.released |= other.released;
         self.writes.extend(other.writes);
         self.chunks.extend(other.chunks);
         self.actions.extend(other.actions);
@@ -889,6 +893,7 @@ impl Runs {
             return fx;
         }
         run.ended = true;
+        fx.released = true;
         for dr in run.devices.values_mut() {
             if let Some(s) = dr.session.take() {
                 fx.actions.push(Action::Publish(s.abort_publish(now)));
@@ -933,6 +938,7 @@ impl Runs {
     pub fn remove(&mut self, key: &CampaignKey, topics: &TopicTree, now: u64) -> Effects {
         let mut fx = self.end(key, topics, now);
         if let Some(run) = self.runs.remove(key) {
+            fx.released = true;
             fx.actions.extend(
                 run.devices
                     .values()
@@ -2047,13 +2053,19 @@ mod tests {
             ..Plan::default()
         });
         assert!(fx.actions.is_empty(), "relayed");
+        assert!(fx.released, "the end releases the run's memory");
         assert!(!w.retained.keys().any(|t| t.contains("/_chunks/")));
         let abort = &w.retained[&w.topics.notify("d2")];
         assert!(!abort.payload.is_empty(), "d2 holds the signed abort");
         assert_eq!(w.runs.sessions(), 0);
         let topics = w.topics.clone();
-        assert!(w.runs.end(&w.key.clone(), &topics, NOW).actions.is_empty());
+        let again = w.runs.end(&w.key.clone(), &topics, NOW);
+        assert!(
+            again.actions.is_empty() && !again.released,
+            "an ended run ends once"
+        );
         let fx = w.runs.remove(&w.key.clone(), &topics, NOW);
+        assert!(fx.released, "removing the run releases its records");
         w.manager_actions(fx.actions);
         assert!(!w.retained.contains_key(&w.topics.notify("d2")));
         assert!(!w.runs.has(&w.key, "uid-1"));
