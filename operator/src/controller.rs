@@ -197,6 +197,14 @@ impl Members {
         self.last.as_ref().is_some_and(|(l, _)| *l == stamp)
     }
 
+    /// The selection counted with `stamp` is now `current` (the same Devices, newer versions):
+    /// keep that, not the versions it was counted with.
+    fn follow_versions(&mut self, stamp: SelectionStamp, current: &Selected) {
+        if let Some((_, selected)) = self.last.as_mut().filter(|(s, _)| *s == stamp) {
+            *selected = current.clone();
+        }
+    }
+
     /// The running totals (joined, left).
     fn totals(&self) -> (u32, u32) {
         (self.joined, self.left)
@@ -809,7 +817,19 @@ fn selection(
             .filter(|s| s.stamp == stamp)
             .map(|s| s.devices.clone())
     }) {
-        return (stamp, cached);
+        // A status write replaces a Device without moving the epoch: the same Devices, each as
+        // the store holds it now, so that the memo does not keep the version the selection was
+        // made from alive beside the store's (a second copy of every selected Device).
+        let current = current_versions(&cached, store);
+        ctx.shard_memo(key, shard, |m| {
+            if let Some(s) = m.selection.as_mut().filter(|s| s.stamp == stamp) {
+                s.devices = current.clone();
+            }
+            if let Some(members) = m.members.as_mut() {
+                members.follow_versions(stamp, &current);
+            }
+        });
+        return (stamp, current);
     }
     let shards = ctx.role.shards;
     let devices = Arc::new(select(c, store.state(), |d| {
@@ -822,6 +842,36 @@ fn selection(
         })
     });
     (stamp, devices)
+}
+
+/// `selected` with each Device as `store` holds it now (same Devices, same order; one the store no
+/// longer holds stays as it was).
+fn current_versions(selected: &Selected, store: &Store<Device>) -> Selected {
+    if selected.is_empty() {
+        return selected.clone();
+    }
+    let state = store.state();
+    let now: HashMap<(Option<&str>, &str), &Arc<Device>> = state
+        .iter()
+        .filter_map(|d| {
+            Some((
+                (d.metadata.namespace.as_deref(), d.metadata.name.as_deref()?),
+                d,
+            ))
+        })
+        .collect();
+    Arc::new(
+        selected
+            .iter()
+            .map(|d| {
+                d.metadata
+                    .name
+                    .as_deref()
+                    .and_then(|name| now.get(&(d.metadata.namespace.as_deref(), name)))
+                    .map_or_else(|| d.clone(), |&current| current.clone())
+            })
+            .collect(),
+    )
 }
 
 /// The `devices` the campaign's selector picks in its namespace (and `keep` keeps), sorted by
@@ -2471,6 +2521,57 @@ mod tests {
             .flat_map(|(stream, n)| (0..n).map(move |i| (topics.chunk(stream, i), true, 0)))
             .collect();
         assert_eq!(cleared, expected);
+    }
+
+    /// A cached selection follows the store's versions of its Devices (a status write replaces
+    /// a Device without moving the epoch): the memo holds no second copy of them.
+    #[test]
+    fn a_cached_selection_follows_the_store_s_versions_of_its_devices() {
+        use kube::runtime::watcher::Event;
+        let (store, mut writer) = reflector::store::<Device>();
+        let named = |name: &str, ns: &str| {
+            let mut d = device(&[("fleet", "a")], ns);
+            d.metadata.name = Some(name.into());
+            d
+        };
+        let (a, b) = (named("a", "ns"), named("b", "ns"));
+        let other_namespace_a = named("a", "other");
+        for d in [&a, &b, &other_namespace_a] {
+            writer.apply_watcher_event(&Event::Apply(d.clone()));
+        }
+        let selected: Selected = Arc::new(vec![
+            store.get(&ObjectRef::from_obj(&b)).unwrap(),
+            store.get(&ObjectRef::from_obj(&a)).unwrap(),
+        ]);
+        let mut written = a.clone();
+        written.status = Some(Default::default());
+        writer.apply_watcher_event(&Event::Apply(written));
+        let mut members = Members {
+            last: Some((stamp(3), selected.clone())),
+            joined: 0,
+            left: 0,
+        };
+        let current = current_versions(&selected, &store);
+        let names: Vec<_> = current.iter().map(|d| d.name_any()).collect();
+        assert_eq!(names, ["b", "a"], "same Devices, same order");
+        assert!(current[1].status.is_some(), "a as written");
+        assert!(Arc::ptr_eq(
+            &current[1],
+            &store.get(&ObjectRef::from_obj(&a)).unwrap()
+        ));
+        assert!(Arc::ptr_eq(&current[0], &selected[0]), "b unchanged");
+        assert_eq!(
+            Arc::strong_count(&selected[1]),
+            1,
+            "the old version is held only here"
+        );
+        members.follow_versions(stamp(3), &current);
+        assert!(Arc::ptr_eq(&members.last.as_ref().unwrap().1, &current));
+        members.follow_versions(stamp(4), &selected);
+        assert!(
+            Arc::ptr_eq(&members.last.as_ref().unwrap().1, &current),
+            "another stamp's selection is not this one"
+        );
     }
 
     /// A shard's epoch (what cached selections are keyed by) moves when a Device comes, goes, or

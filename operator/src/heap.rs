@@ -43,9 +43,14 @@ impl Trimmer {
             // Releases from here on schedule a trim of their own.
             scheduled.store(false, Ordering::Release);
             match tokio::task::spawn_blocking(trim).await {
-                Ok(Trimmed::Done { before, after }) => tracing::info!(
+                Ok(Trimmed::Done {
+                    before,
+                    after,
+                    in_use,
+                }) => tracing::info!(
                     resident_before = before,
                     resident_after = after,
+                    heap_in_use = in_use,
                     "runs released: freed heap pages given back"
                 ),
                 Ok(Trimmed::Unsupported) => {
@@ -60,12 +65,15 @@ impl Trimmer {
 /// What a trim did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Trimmed {
-    /// The resident set size in bytes before and after (0 when /proc could not be read).
+    /// The resident set size in bytes before and after (0 when /proc could not be read), and
+    /// the heap bytes the program holds (allocated and not freed: what no trim can give back).
     Done {
         /// Before the trim.
         before: u64,
         /// After it.
         after: u64,
+        /// Heap bytes in use.
+        in_use: u64,
     },
     /// Not glibc on Linux: nothing to call.
     Unsupported,
@@ -78,7 +86,11 @@ pub fn trim() -> Trimmed {
         let before = resident_bytes().unwrap_or(0);
         malloc_trim();
         let after = resident_bytes().unwrap_or(0);
-        Trimmed::Done { before, after }
+        Trimmed::Done {
+            before,
+            after,
+            in_use: heap_in_use(),
+        }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
@@ -94,6 +106,16 @@ fn malloc_trim() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Heap bytes the program holds, in every arena and in mmapped blocks (glibc's `mallinfo2`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub fn heap_in_use() -> u64 {
+    // SAFETY: mallinfo2 reads the allocator's counters (under its arena locks) and returns them
+    // by value.
+    let info = unsafe { libc::mallinfo2() };
+    (info.uordblks + info.hblkhd) as u64
 }
 
 /// This process's resident set size in bytes (VmRSS in /proc/self/status).
