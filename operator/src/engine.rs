@@ -8,8 +8,9 @@
 //! the cache directory one at a time, just before each is published, so serving a large image
 //! holds one chunk in memory per publish. When the registry releases a run, the heap's free
 //! pages go back to the system once its writes drained ([`crate::heap`]). A device's status write
-//! is sent to the apiserver as soon as it is decided (a write held back until the transfers ended was tried and removed: an
-//! operator killed while holding writes lost the outcomes they recorded).
+//! is sent to the apiserver as soon as it is decided (a write held back until the transfers ended
+//! was tried and removed: an operator killed while holding writes lost the outcomes they
+//! recorded).
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
