@@ -14,12 +14,14 @@ BIN="$ROOT/bin/cargo-deb"
 
 log() { echo "cargo-deb-install: $*" >&2; }
 die() { echo "cargo-deb-install: error: $*" >&2; exit 1; }
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 if [[ -x "$BIN" ]]; then echo "$BIN"; exit 0; fi
 command -v cargo >/dev/null || die "cargo is needed to build cargo-deb"
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.cargo-deb.lock"
-flock 9
+wait_lock 9 "the build of cargo-deb $VERSION"
 if [[ -x "$BIN" ]]; then echo "$BIN"; exit 0; fi
 
 log "building cargo-deb $VERSION with cargo install (first run only, a few minutes)"

@@ -48,8 +48,8 @@ install_docker() {
     $sudo chmod +x /usr/sbin/policy-rc.d
     placed=1
   fi
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io >/dev/null 2>&1 ||
-    { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io >/dev/null; } ||
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 docker.io >/dev/null 2>&1 ||
+    { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 docker.io >/dev/null; } ||
     die "could not install docker.io with apt-get"
   if ((placed)); then $sudo rm -f /usr/sbin/policy-rc.d; fi
   [[ -x /usr/sbin/dockerd ]] || die "docker.io installed but /usr/sbin/dockerd is missing"

@@ -26,10 +26,19 @@ stop_pid() { # pidfile
   rm -f "$f"
 }
 
-# Installs Debian packages that are missing, updating the package lists once if apt-get needs it.
-# APT_INSTALL_OPTS (an array, optional) adds apt-get options.
+# wait_lock FD WHAT: flock FD, and say so first when another process holds it (`make test` builds
+# the test beds' servers in the background while it compiles: a step that needs one waits here).
+wait_lock() { # fd what
+  flock -n "$1" && return 0
+  log "waiting for $2 in another process (make test's background build logs to target/prebuild/log)"
+  flock "$1"
+}
+
+# Installs Debian packages that are missing, updating the package lists once if apt-get needs it,
+# and waiting up to 10 minutes for another apt-get to finish (make test's background build may
+# install one at the same time). APT_INSTALL_OPTS (an array, optional) adds apt-get options.
 apt_install() { # packages...
-  local missing=() p opts=(-y -q "${APT_INSTALL_OPTS[@]}")
+  local missing=() p opts=(-y -q -o DPkg::Lock::Timeout=600 "${APT_INSTALL_OPTS[@]}")
   for p in "$@"; do [[ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" == installed ]] || missing+=("$p"); done
   ((${#missing[@]})) || return 0
   command -v apt-get >/dev/null || die "apt-get not found: install ${missing[*]} by hand"

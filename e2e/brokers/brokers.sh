@@ -48,21 +48,6 @@ fi
 
 broker_known() { [[ " $BROKER_KINDS " == *" $1 "* ]]; }
 
-# apt_install PACKAGE: Debian's package, without letting its init script start a system service.
-apt_install() {
-  local package=$1 sudo=""
-  log "installing Debian's $package"
-  [[ "$(id -u)" == 0 ]] || sudo="sudo"
-  printf '#!/bin/sh\nexit 101\n' >/tmp/sealed-ota-policy-rc.d
-  chmod +x /tmp/sealed-ota-policy-rc.d
-  local placed=0
-  if [[ ! -e /usr/sbin/policy-rc.d ]]; then $sudo cp /tmp/sealed-ota-policy-rc.d /usr/sbin/policy-rc.d; placed=1; fi
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$package" >/dev/null 2>&1 ||
-    { $sudo apt-get update -q >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$package" >/dev/null; } ||
-    die "could not install $package with apt-get"
-  if [[ "$placed" == 1 ]]; then $sudo rm -f /usr/sbin/policy-rc.d; fi
-}
-
 # wait_listening PORT PIDFILE LOG WHAT: until 127.0.0.1:PORT accepts, or die when the process exits.
 wait_listening() {
   local port=$1 pidfile=$2 logfile=$3 what=$4 deadline=$((SECONDS + 60))
@@ -93,7 +78,7 @@ mosquitto_bin() {
 
 mosquitto_install() {
   mosquitto_bin >/dev/null && return
-  apt_install mosquitto
+  apt_install_dormant "mosquitto.service" mosquitto
   mosquitto_bin >/dev/null || die "mosquitto installed but not found on PATH or /usr/sbin"
 }
 
@@ -188,7 +173,7 @@ rmqtt_cluster_install() {
     die "SEALED_OTA_RMQTT_PROFILE: release or testbed, not '$RMQTT_PROFILE'"
   mkdir -p "$RMQTT_CACHE"
   exec 8>"$RMQTT_CACHE/.build-$RMQTT_PROFILE.lock"
-  flock 8
+  wait_lock 8 "the build of rmqttd ($RMQTT_PROFILE)"
   if [[ ! -x "$(rmqtt_bin)" ]]; then
     command -v protoc >/dev/null || apt_install protobuf-compiler
     log "building rmqttd $RMQTT_VERSION ($RMQTT_PROFILE profile) from crates.io (first run only: about 7 minutes on 2 cores for testbed, 14 for release)"

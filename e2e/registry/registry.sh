@@ -5,7 +5,7 @@
 # htpasswd basic auth (user and password generated per test bed), stopped by pid. Plain HTTP on
 # loopback: campaigns reach it with spec.payload.firmware.oci.insecure, oras with --plain-http.
 # Needs: $STATE, $REPO, log, die, free_port from the caller (e2e/testbed, e2e/kind/kind.sh), and
-# pid_alive, stop_pid from scripts/lib.sh.
+# pid_alive, stop_pid, wait_lock and apt_install from scripts/lib.sh.
 
 REGISTRY_MODULE=github.com/distribution/distribution/v3/cmd/registry
 REGISTRY_VERSION=v3.0.0
@@ -21,7 +21,7 @@ go_tool() {
   dir=$(dirname "$bin")
   mkdir -p "$dir"
   exec 8>"$dir/.build.lock"
-  flock 8
+  wait_lock 8 "the build of $module"
   if [[ ! -x "$bin" ]]; then
     command -v go >/dev/null || die "go is not installed; it is needed once to build $module"
     log "building $module@$version from its Go module (first run only)"
@@ -37,10 +37,7 @@ registry_install() {
   go_tool "$REGISTRY_BIN" "$REGISTRY_MODULE" "$REGISTRY_VERSION"
   go_tool "$ORAS_BIN" "$ORAS_MODULE" "$ORAS_VERSION"
   if ! command -v htpasswd >/dev/null; then
-    log "installing Debian's apache2-utils (htpasswd, for the registry's basic auth)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q apache2-utils >/dev/null ||
-      { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q apache2-utils >/dev/null; } ||
-      die "cannot install apache2-utils (htpasswd)"
+    apt_install apache2-utils # htpasswd, for the registry's basic auth
   fi
 }
 

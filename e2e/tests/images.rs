@@ -17,6 +17,7 @@ mod chart_support;
 
 use anyhow::{ensure, Context, Result};
 use rumqttc::v5::{AsyncClient, MqttOptions};
+use sealed_ota_e2e::product::without_package_env;
 use sealed_ota_e2e::repo_root;
 
 /// The docker client `scripts/docker.sh` picks for the running daemon.
@@ -62,7 +63,9 @@ fn docker(args: &[&str]) -> Result<String> {
 /// Runs `scripts/images.sh` with `args`.
 fn images_sh(args: &[&str]) -> Result<()> {
     docker_cli()?;
-    run(Command::new(repo_root().join("scripts/images.sh")).args(args))?;
+    // Its `build` mode runs `cargo build`: with this test's package environment, ring's build
+    // script would rerun and the workspace's binaries rebuild, here and again in the next test.
+    run(without_package_env(&mut Command::new(repo_root().join("scripts/images.sh"))).args(args))?;
     Ok(())
 }
 
