@@ -21,6 +21,10 @@ ARG CARGO_PROFILE=release
 
 FROM ${BUILDER_IMAGE} AS compiled
 ARG CARGO_PROFILE
+# jemalloc, the operator's allocator, builds with make, which the slim Rust image lacks (the
+# local builder image has it: no network needed there).
+RUN command -v make >/dev/null || { apt-get update && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/*; }
 WORKDIR /src
 # Only what cargo needs to build the workspace (see operator.Dockerfile.dockerignore).
 COPY . .

@@ -156,11 +156,12 @@ build_builder() {
   sysroot=$(rustc --print sysroot)
   want=$(inputs_hash "$SELF" <(rustc -vV))
   [[ "$(image_label "$ref")" == "$want" ]] && return
-  if [[ ! -x "$rootfs/usr/bin/gcc" ]]; then
+  # make: jemalloc, the operator's allocator, builds with it.
+  if [[ ! -x "$rootfs/usr/bin/gcc" || ! -x "$rootfs/usr/bin/make" ]]; then
     apt_install debootstrap
-    log "debootstrap $SUITE (gcc, libc6-dev) for $ref (first run only)"
-    rm -rf "$rootfs.tmp"
-    sudo_ debootstrap --variant=minbase --include=gcc,libc6-dev,ca-certificates "$SUITE" "$rootfs.tmp" "$MIRROR" \
+    log "debootstrap $SUITE (gcc, libc6-dev, make) for $ref (first run only)"
+    sudo_ rm -rf "$rootfs" "$rootfs.tmp"
+    sudo_ debootstrap --variant=minbase --include=gcc,libc6-dev,make,ca-certificates "$SUITE" "$rootfs.tmp" "$MIRROR" \
       >"$CACHE/debootstrap-builder.log" 2>&1 || { tail -n 20 "$CACHE/debootstrap-builder.log" >&2; die "debootstrap failed"; }
     rm -rf "$rootfs.tmp"/var/cache/apt/archives/*.deb "$rootfs.tmp"/var/lib/apt/lists/*
     mv "$rootfs.tmp" "$rootfs"

@@ -133,6 +133,27 @@ struct ShardMemo {
 struct Selection {
     stamp: SelectionStamp,
     devices: Selected,
+    /// The shard's count of applied watch events when `devices` were taken from its store:
+    /// while it has not moved, they are the store's versions.
+    applied: u64,
+}
+
+impl Selection {
+    /// This selection for a pass made as `stamp` says, reading `view`: `None` when it was made
+    /// under another stamp. A status write replaces a Device without moving the epoch, so when
+    /// the store applied events since, the same Devices are taken as the store holds them now
+    /// (kept here too), and the memo keeps no second copy of each beside the store's; when it
+    /// applied none, they are returned as they are (no pass over the shard).
+    fn reuse(&mut self, stamp: SelectionStamp, view: &ShardView) -> Option<Selected> {
+        if self.stamp != stamp {
+            return None;
+        }
+        if self.applied != view.applied {
+            self.devices = current_versions(&self.devices, &view.store);
+            self.applied = view.applied;
+        }
+        Some(self.devices.clone())
+    }
 }
 
 /// The Devices of one held shard: a reflector selecting the shard's buckets.
@@ -140,6 +161,8 @@ struct ShardDevices {
     store: Store<Device>,
     /// Bumped when a Device of the shard comes, goes, or changes its labels or spec.
     epoch: Arc<AtomicU64>,
+    /// Bumped for every watch event the store applied (a status write too).
+    applied: Arc<AtomicU64>,
     /// The first list is in.
     ready: Arc<AtomicBool>,
     _reflector: AbortOnDrop<()>,
@@ -374,6 +397,7 @@ fn changes_selection_of(known: &Store<Device>, event: &watcher::Event<Device>) -
 fn shard_reflector(ctx: &Arc<Ctx>, shard: u32) -> ShardDevices {
     let (store, writer) = reflector::store();
     let epoch = Arc::new(AtomicU64::new(0));
+    let applied = Arc::new(AtomicU64::new(0));
     let ready = Arc::new(AtomicBool::new(false));
     let mut config = watcher::Config::default();
     if let Some(selector) = ctx.role.shards.selector(shard) {
@@ -399,12 +423,16 @@ fn shard_reflector(ctx: &Arc<Ctx>, shard: u32) -> ShardDevices {
     .default_backoff();
     let task = {
         let (ctx, epoch, ready) = (Arc::downgrade(ctx), epoch.clone(), ready.clone());
+        let applied = applied.clone();
         tokio::spawn(async move {
             futures::pin_mut!(stream);
             while let Some(event) = stream.next().await {
                 // The store holds this event now.
                 if changes_selection.swap(false, Ordering::AcqRel) {
                     epoch.fetch_add(1, Ordering::Release);
+                }
+                if event.is_ok() {
+                    applied.fetch_add(1, Ordering::Release);
                 }
                 let Some(ctx) = ctx.upgrade() else { return };
                 match event {
@@ -438,6 +466,7 @@ fn shard_reflector(ctx: &Arc<Ctx>, shard: u32) -> ShardDevices {
     ShardDevices {
         store,
         epoch,
+        applied,
         ready,
         _reflector: AbortOnDrop(task),
     }
@@ -803,32 +832,21 @@ fn selection(
     c: &UpdateCampaign,
     key: &CampaignKey,
     shard: u32,
-    view: (&Store<Device>, u64),
+    view: &ShardView,
     ctx: &Ctx,
 ) -> (SelectionStamp, Selected) {
-    let (store, epoch) = view;
+    let store = &view.store;
     let stamp = SelectionStamp {
-        epoch,
+        epoch: view.epoch,
         generation: c.metadata.generation,
     };
-    if let Some(cached) = ctx.shard_memo(key, shard, |m| {
-        m.selection
-            .as_ref()
-            .filter(|s| s.stamp == stamp)
-            .map(|s| s.devices.clone())
+    if let Some(current) = ctx.shard_memo(key, shard, |m| {
+        let current = m.selection.as_mut()?.reuse(stamp, view)?;
+        if let Some(members) = m.members.as_mut() {
+            members.follow_versions(stamp, &current);
+        }
+        Some(current)
     }) {
-        // A status write replaces a Device without moving the epoch: the same Devices, each as
-        // the store holds it now, so that the memo does not keep the version the selection was
-        // made from alive beside the store's (a second copy of every selected Device).
-        let current = current_versions(&cached, store);
-        ctx.shard_memo(key, shard, |m| {
-            if let Some(s) = m.selection.as_mut().filter(|s| s.stamp == stamp) {
-                s.devices = current.clone();
-            }
-            if let Some(members) = m.members.as_mut() {
-                members.follow_versions(stamp, &current);
-            }
-        });
         return (stamp, current);
     }
     let shards = ctx.role.shards;
@@ -839,6 +857,7 @@ fn selection(
         m.selection = Some(Selection {
             stamp,
             devices: devices.clone(),
+            applied: view.applied,
         })
     });
     (stamp, devices)
@@ -1704,12 +1723,25 @@ async fn coordinator_pass(
     Ok((status, wake))
 }
 
-/// The Devices of a held shard (its reflector's store and epoch), once its first list is in.
-fn shard_view(ctx: &Ctx, shard: u32) -> Option<(Store<Device>, u64)> {
+/// A held shard's Devices as one pass reads them: its reflector's store and its two counters.
+struct ShardView {
+    store: Store<Device>,
+    /// Changes of what selection reads (see [`ShardDevices::epoch`]).
+    epoch: u64,
+    /// Watch events applied (see [`ShardDevices::applied`]), read before the store is.
+    applied: u64,
+}
+
+/// The Devices of a held shard, once its first list is in.
+fn shard_view(ctx: &Ctx, shard: u32) -> Option<ShardView> {
     lock(&ctx.shard_devices)
         .get(&shard)
         .filter(|v| v.ready.load(Ordering::Acquire))
-        .map(|v| (v.store.clone(), v.epoch.load(Ordering::Acquire)))
+        .map(|v| ShardView {
+            epoch: v.epoch.load(Ordering::Acquire),
+            applied: v.applied.load(Ordering::Acquire),
+            store: v.store.clone(),
+        })
 }
 
 /// One held shard's pass over the campaign: prepare (with the recorded expiry and the seed),
@@ -1720,7 +1752,7 @@ async fn shard_pass(
     shard: u32,
     ctx: &Ctx,
 ) -> Result<Option<Duration>, Error> {
-    let Some((store, epoch)) = shard_view(ctx, shard) else {
+    let Some(view) = shard_view(ctx, shard) else {
         // Its Devices are still being listed: the reflector wakes the campaign when they are in.
         return Ok(None);
     };
@@ -1766,7 +1798,7 @@ async fn shard_pass(
             blocker = Some(plan::broker_blocker(&e));
         }
     }
-    let (stamp, selected) = selection(c, &key, shard, (&store, epoch), ctx);
+    let (stamp, selected) = selection(c, &key, shard, &view, ctx);
     let before = reports_of(ctx, c, &uid)
         .into_iter()
         .nth(shard as usize)
@@ -1776,7 +1808,7 @@ async fn shard_pass(
         &key,
         shard,
         (stamp, &selected),
-        (&store, &key.0),
+        (&view.store, &key.0),
         (
             status.phase,
             &before
@@ -1876,7 +1908,7 @@ async fn shard_pass(
         &decision,
         &progress,
         &policy.holds,
-        failures(&selected, &progress, &uid, &store),
+        failures(&selected, &progress, &uid, &view.store),
         ctx.engine.device_writes_pending_in(shard) as u32,
         has_run || terminal || dry_run,
         blocker.as_ref(),
@@ -1952,7 +1984,7 @@ async fn shard_pass(
 /// Devices of its one shard, and writes the status itself.
 async fn single_pass(
     c: &UpdateCampaign,
-    (store, epoch): (Store<Device>, u64),
+    ShardView { store, epoch, .. }: ShardView,
     ctx: &Ctx,
 ) -> Result<Requeue, Error> {
     let store = &store;
@@ -2572,6 +2604,42 @@ mod tests {
             Arc::ptr_eq(&members.last.as_ref().unwrap().1, &current),
             "another stamp's selection is not this one"
         );
+    }
+
+    /// A cached selection is returned as it is while its shard's store applied no watch event
+    /// (no pass over the shard), and its Devices taken again from the store once it applied one.
+    #[test]
+    fn a_cached_selection_is_refreshed_only_when_its_store_moved() {
+        use kube::runtime::watcher::Event;
+        let (store, mut writer) = reflector::store::<Device>();
+        let mut a = device(&[("fleet", "a")], "ns");
+        a.metadata.name = Some("a".into());
+        writer.apply_watcher_event(&Event::Apply(a.clone()));
+        let devices: Selected = Arc::new(vec![store.get(&ObjectRef::from_obj(&a)).unwrap()]);
+        let mut selection = Selection {
+            stamp: stamp(1),
+            devices: devices.clone(),
+            applied: 1,
+        };
+        let view = |applied| ShardView {
+            store: store.clone(),
+            epoch: 1,
+            applied,
+        };
+        let same = selection.reuse(stamp(1), &view(1)).unwrap();
+        assert!(Arc::ptr_eq(&same, &devices), "nothing applied: as it was");
+        assert!(
+            selection.reuse(stamp(2), &view(1)).is_none(),
+            "another stamp"
+        );
+
+        let mut written = a.clone();
+        written.status = Some(Default::default());
+        writer.apply_watcher_event(&Event::Apply(written));
+        let current = selection.reuse(stamp(1), &view(2)).unwrap();
+        assert!(current[0].status.is_some(), "a as the store holds it now");
+        let again = selection.reuse(stamp(1), &view(2)).unwrap();
+        assert!(Arc::ptr_eq(&again, &current), "kept: no second pass");
     }
 
     /// A shard's epoch (what cached selections are keyed by) moves when a Device comes, goes, or

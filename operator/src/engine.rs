@@ -20,7 +20,7 @@ use std::time::Duration;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use sealed_ota_protocol::{Action, Inbound, TopicKind, TopicTree};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::crd::Device;
 use crate::device_status::DeviceWrite;
@@ -215,7 +215,8 @@ impl Engine {
         } = fx;
         if released {
             let writes = self.writes.clone();
-            self.heap.after_release(move || writes.pending());
+            self.heap
+                .after_release(async move { writes.pending.drained().await });
         }
         if let Some(key) = wake {
             let _ = self.wake.send(key);
@@ -353,8 +354,62 @@ impl Engine {
 pub struct DeviceWrites {
     lanes: Vec<mpsc::UnboundedSender<QueuedWrite>>,
     shards: ShardCount,
-    /// Writes sent and not yet finished (written, dropped, or given up after the retries), per shard.
-    pending: Arc<Vec<AtomicUsize>>,
+    pending: Arc<PendingWrites>,
+}
+
+/// Device status writes sent and not yet finished (written, dropped, or given up after the
+/// retries), per shard, and a signal when none is left.
+#[derive(Debug)]
+struct PendingWrites {
+    per_shard: Vec<AtomicUsize>,
+    none_left: Notify,
+}
+
+impl PendingWrites {
+    fn new(shards: ShardCount) -> Self {
+        Self {
+            per_shard: shards.all().map(|_| AtomicUsize::new(0)).collect(),
+            none_left: Notify::new(),
+        }
+    }
+
+    fn started(&self, shard: u32) {
+        self.per_shard[shard as usize].fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn finished(&self, shard: u32) {
+        self.per_shard[shard as usize].fetch_sub(1, Ordering::AcqRel);
+        if self.total() == 0 {
+            self.none_left.notify_waiters();
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.per_shard
+            .iter()
+            .map(|p| p.load(Ordering::Acquire))
+            .sum()
+    }
+
+    fn of(&self, shard: u32) -> usize {
+        self.per_shard
+            .get(shard as usize)
+            .map_or(0, |p| p.load(Ordering::Acquire))
+    }
+
+    /// Returns once no write is pending (at once when none is).
+    async fn drained(&self) {
+        loop {
+            let none_left = self.none_left.notified();
+            tokio::pin!(none_left);
+            // Registered before the count is read: a last write finishing in between wakes it.
+            none_left.as_mut().enable();
+            if self.total() == 0 {
+                return;
+            }
+            none_left.await;
+        }
+    }
 }
 
 impl DeviceWrites {
@@ -367,8 +422,7 @@ impl DeviceWrites {
         shards: ShardCount,
         held: watch::Receiver<BTreeSet<u32>>,
     ) -> (Self, Vec<tokio::task::JoinHandle<()>>) {
-        let pending: Arc<Vec<AtomicUsize>> =
-            Arc::new(shards.all().map(|_| AtomicUsize::new(0)).collect());
+        let pending = Arc::new(PendingWrites::new(shards));
         let (senders, tasks): (Vec<_>, Vec<_>) = (0..lanes.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -394,14 +448,12 @@ impl DeviceWrites {
 
     /// Writes sent and not yet finished, over every shard.
     pub fn pending(&self) -> usize {
-        self.pending.iter().map(|p| p.load(Ordering::Acquire)).sum()
+        self.pending.total()
     }
 
     /// Writes of devices of `shard` sent and not yet finished.
     pub fn pending_in(&self, shard: u32) -> usize {
-        self.pending
-            .get(shard as usize)
-            .map_or(0, |p| p.load(Ordering::Acquire))
+        self.pending.of(shard)
     }
 
     /// Queue a write on the device's lane.
@@ -423,11 +475,11 @@ impl DeviceWrites {
         (&write.namespace, &write.name).hash(&mut h);
         let lane = (h.finish() % self.lanes.len() as u64) as usize;
         let shard = self.shards.of_device(&write.device_id);
-        self.pending[shard as usize].fetch_add(1, Ordering::AcqRel);
+        self.pending.started(shard);
         let queued = QueuedWrite { write, done, shard };
         if self.lanes[lane].send(queued).is_err() {
             // The writer is gone (shutting down): nothing will finish this write.
-            self.pending[shard as usize].fetch_sub(1, Ordering::AcqRel);
+            self.pending.finished(shard);
         }
     }
 }
@@ -445,7 +497,7 @@ async fn run_device_writer(
     client: Client,
     mut rx: mpsc::UnboundedReceiver<QueuedWrite>,
     metrics: Metrics,
-    pending: Arc<Vec<AtomicUsize>>,
+    pending: Arc<PendingWrites>,
     held: watch::Receiver<BTreeSet<u32>>,
 ) {
     while let Some(QueuedWrite {
@@ -485,7 +537,7 @@ async fn run_device_writer(
         if let Some(done) = done {
             let _ = done.send(landed);
         }
-        pending[shard as usize].fetch_sub(1, Ordering::AcqRel);
+        pending.finished(shard);
     }
 }
 
@@ -497,4 +549,32 @@ enum Publishing {
     /// Queue without waiting (the inbound dispatcher: see
     /// [`crate::mqtt::MqttSession::execute_detached`]).
     Detached,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The heap trim waits for the queued Device status writes (they hold the last statuses):
+    /// `drained` returns once the last pending write of any shard finished, and not before.
+    #[tokio::test]
+    async fn pending_writes_drain_when_the_last_one_finishes() {
+        let pending = Arc::new(PendingWrites::new(ShardCount::new(2).unwrap()));
+        pending.drained().await; // none pending: at once
+        pending.started(0);
+        pending.started(1);
+        let waiter = tokio::spawn({
+            let pending = pending.clone();
+            async move { pending.drained().await }
+        });
+        pending.finished(0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "shard 1 still has a write pending");
+        assert_eq!((pending.of(0), pending.of(1), pending.total()), (0, 1, 1));
+        pending.finished(1);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("drained once the last write finished")
+            .unwrap();
+    }
 }

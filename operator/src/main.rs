@@ -6,6 +6,12 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use sealed_ota_operator::config::{Config, LogFormat};
 
+/// jemalloc (feature `jemalloc`, default): after a campaign it gives back what the campaign freed,
+/// where glibc's malloc kept the pages shared with live objects (docs/scale.md, twelfth change).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "sealed-ota-operator", version, about)]
 struct Cli {
@@ -73,6 +79,7 @@ fn main() {
         Command::Reasons => print!("{}", sealed_ota_operator::reasons::render_markdown()),
         Command::Run(config) => {
             init_logging(config.log_format);
+            sealed_ota_operator::heap::configure();
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(r) => r,
                 Err(e) => {
