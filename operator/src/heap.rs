@@ -103,12 +103,6 @@ pub fn configure() {
     allocator::configure();
 }
 
-/// Heap bytes the program holds (allocated and not freed), as the allocator counts them; 0 when
-/// it cannot say.
-pub fn heap_in_use() -> u64 {
-    allocator::in_use()
-}
-
 /// The binary's allocator with the feature `jemalloc` (main.rs makes it the global allocator).
 #[cfg(feature = "jemalloc")]
 #[allow(unsafe_code)]
@@ -121,14 +115,13 @@ mod allocator {
 
     /// Purges every arena's unused pages ("arena.<MALLCTL_ARENAS_ALL>.purge").
     pub fn give_back() -> bool {
-        // MALLCTL_ARENAS_ALL in jemalloc 5's jemalloc.h: every arena.
-        const ARENAS_ALL: u32 = 4096;
-        let name = format!("arena.{ARENAS_ALL}.purge\0");
+        // 4096: MALLCTL_ARENAS_ALL in jemalloc 5's jemalloc.h, every arena.
+        const PURGE_ALL: &std::ffi::CStr = c"arena.4096.purge";
         // SAFETY: a NUL-terminated control name, and no old or new value (the purge control
         // takes neither): jemalloc reads only the name, under its own locks.
         let rc = unsafe {
             tikv_jemalloc_sys::mallctl(
-                name.as_ptr().cast(),
+                PURGE_ALL.as_ptr(),
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),

@@ -1,7 +1,7 @@
 //! The Sealed OTA operator: custom resources, the campaign controller and
 //! the MQTT side of the manager. The binary in `main.rs` only wires these
 //! together; tests run the same [`run`] in-process.
-#![deny(unsafe_code)] // allowed in chunk_cache::map (a read-only file map) and heap (glibc calls)
+#![deny(unsafe_code)] // allowed in chunk_cache::map (a read-only file map) and heap (allocator calls)
 
 pub mod arbitration;
 pub mod chunk_cache;
